@@ -1,0 +1,681 @@
+#!/usr/bin/env python3
+"""Builds katz model bundles from diffusers models, and the parity references of the tiny ones.
+
+    tools/export.sh                                   # tiny bundles + LoRAs + parity references
+    tools/export.sh --config sdxl --random-init --out bundles/sdxl      # full size, seeded
+    tools/export.sh --config sdxl --checkpoint DIR --out bundles/sdxl   # a diffusers checkpoint
+
+(`tools/export.sh` makes the pinned venv and calls this file.)
+
+Data flow:
+
+    configs (tiny | models/sdxl.json) ─▶ diffusers modules (seeded random or checkpoint)
+        ├─▶ text_encoder[_2].onnx          (penultimate hidden states, pooled/projected)
+        ├─▶ unet_encoder.onnx / unet_decoder.onnx   split after the mid block; the
+        │      LoRA-targetable Linear weights become graph inputs ─▶ weights.safetensors
+        ├─▶ vae_decoder.onnx
+        ├─▶ controlnet.onnx               ControlNetModel.from_unet(unet)
+        └─▶ parity references: StableDiffusionXL[ControlNet]Pipeline on the same weights,
+               explicit noise, per-step latents and the final image ─▶ tests/data/parity/
+
+Every exported graph is checked against its PyTorch module with ONNX Runtime on fresh random
+inputs before the bundle is written; the exporter fails if the relative error exceeds 1e-4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_LEN = 77
+
+# LoRA-targetable Linear layers of the UNet's transformer blocks (see docs/bundles.md).
+TARGET_RE = re.compile(
+    r"\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$|\.ff\.net\.(0\.proj|2)$|\.attentions\.\d+\.(proj_in|proj_out)$"
+)
+
+
+# ───────────────────────────── configurations ─────────────────────────────
+
+
+def tiny_config() -> dict:
+    """SDXL's block structure (3 levels, DownBlock2D first, transformer depths growing, text-time
+    embedding, two text encoders) with small widths."""
+    hidden, hidden2, proj = 16, 16, 16
+    time_dim = 8
+    return {
+        "name": "tiny-sdxl",
+        "unet": dict(
+            sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            mid_block_type="UNetMidBlock2DCrossAttn",
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32, 32), layers_per_block=2,
+            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 2, 2),
+            cross_attention_dim=hidden + hidden2, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=proj + 6 * time_dim,
+            norm_num_groups=8, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+        ),
+        "controlnet": dict(conditioning_embedding_out_channels=(8, 8, 16, 16)),
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=4,
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
+            sample_size=128, scaling_factor=0.13025,
+        ),
+        "text_encoder": dict(hidden_size=hidden, intermediate_size=32, num_hidden_layers=3,
+                             num_attention_heads=2, hidden_act="quick_gelu", projection_dim=proj),
+        "text_encoder_2": dict(hidden_size=hidden2, intermediate_size=32, num_hidden_layers=3,
+                               num_attention_heads=2, hidden_act="gelu", projection_dim=proj),
+        "vocab_size": 1000,
+        "default_size": [128, 128], "default_steps": 20, "default_guidance": 5.0,
+    }
+
+
+def sdxl_config() -> dict:
+    src = json.loads((REPO / "tools" / "configs" / "sdxl.json").read_text())
+    unet = {k: v for k, v in src["unet"].items() if k != "parameters"}
+    for k in ("down_block_types", "up_block_types", "block_out_channels", "transformer_layers_per_block",
+              "attention_head_dim"):
+        unet[k] = tuple(unet[k])
+    vae = {k: v for k, v in src["vae"].items() if k not in ("note",)}
+    vae.update(in_channels=3, out_channels=3)
+    te = {k: v for k, v in src["text_encoder"].items() if k not in ("class",)}
+    te2 = {k: v for k, v in src["text_encoder_2"].items() if k not in ("class",)}
+    return {
+        "name": "sdxl",
+        "unet": unet,
+        "controlnet": {},
+        "vae": vae,
+        "text_encoder": te,
+        "text_encoder_2": te2,
+        "vocab_size": 49408,
+        "default_size": [1024, 1024], "default_steps": 50, "default_guidance": 7.5,
+    }
+
+
+SCHEDULER = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1,
+    "interpolation_type": "linear", "use_karras_sigmas": False,
+    # SDXL base 1.0 scheduler_config.json also carries these (they matter for DDIM):
+    "set_alpha_to_one": False, "clip_sample": False, "skip_prk_steps": True, "sample_max_value": 1.0,
+}
+
+
+# ───────────────────────────── tokenizer ─────────────────────────────
+
+COLOURS = "red green blue yellow orange purple pink brown black white grey cyan magenta gold silver".split()
+SHAPES = "circle square triangle star hexagon ring cross diamond heart moon cube sphere".split()
+WORDS = ("a an the of on in at above below left right of and with next to small large big tiny photo "
+         "painting drawing picture background foreground centre center top bottom corner bright dark "
+         "pastel striped dotted style cat dog house tree mountain river city car flower sky sea sun "
+         "portrait landscape detailed high quality blurry ugly lowres watermark").split()
+
+
+def build_tokenizer(vocab_size: int):
+    """A small CLIP-like BPE vocabulary in the HF tokenizers format (lower-cased, `</w>` word
+    ends, <|startoftext|> … <|endoftext|>, padded with <|endoftext|> to 77)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<|unk|>", end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-:;()")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, min_frequency=1,
+                                  end_of_word_suffix="</w>", initial_alphabet=alphabet, show_progress=False)
+    rng = np.random.default_rng(0)
+    vocab = COLOURS + SHAPES + WORDS
+    corpus = [" ".join(rng.choice(vocab, size=8)) for _ in range(4000)] + vocab
+    tok.train_from_iterator(corpus, trainer)
+    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    tok.enable_truncation(MAX_LEN)
+    tok.enable_padding(length=MAX_LEN, pad_id=eos, pad_token="<|endoftext|>")
+    return tok
+
+
+def hf_tokenizer(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path), bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", unk_token="<|unk|>", model_max_length=MAX_LEN)
+
+
+# ───────────────────────────── models ─────────────────────────────
+
+
+def build_models(cfg: dict, seed: int, checkpoint: Path | None, tok_ids: dict):
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if checkpoint is not None:
+        te = CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder")
+        te2 = CLIPTextModelWithProjection.from_pretrained(checkpoint, subfolder="text_encoder_2")
+        unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae")
+    else:
+        torch.manual_seed(seed)
+        common = dict(vocab_size=cfg["vocab_size"], max_position_embeddings=MAX_LEN, **tok_ids)
+        te = CLIPTextModel(CLIPTextConfig(**{**cfg["text_encoder"], **common}))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**cfg["text_encoder_2"], **common}))
+        unet = UNet2DConditionModel(**cfg["unet"])
+        vae = AutoencoderKL(**cfg["vae"])
+    torch.manual_seed(seed + 1)
+    cn = ControlNetModel.from_unet(unet, conditioning_channels=3, **cfg["controlnet"])
+    # from_unet zero-initialises the residual convolutions (a trained ControlNet has learnt them);
+    # seeded random values make the residuals real and the parity test meaningful.
+    for m in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
+        m.reset_parameters()
+    for m in (te, te2, unet, vae, cn):
+        m.eval().requires_grad_(False)
+    return te, te2, unet, vae, cn
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, te, projected: bool):
+        super().__init__()
+        self.te, self.projected = te, projected
+
+    def forward(self, input_ids):
+        out = self.te(input_ids, output_hidden_states=True)
+        pooled = out.text_embeds if self.projected else out.pooler_output
+        return out.hidden_states[-2], pooled
+
+
+class UNetEncoder(nn.Module):
+    """conv_in, time + text-time embedding, down blocks, mid block (diffusers' forward, verbatim
+    in the parts SDXL uses)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        u = self.unet
+        t_emb = u.get_time_embed(sample=sample, timestep=timestep)
+        emb = u.time_embedding(t_emb, None)
+        aug = u.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+        emb = emb + aug
+        if u.time_embed_act is not None:
+            emb = u.time_embed_act(emb)
+        sample = u.conv_in(sample)
+        skips = (sample,)
+        for blk in u.down_blocks:
+            if getattr(blk, "has_cross_attention", False):
+                sample, res = blk(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                sample, res = blk(hidden_states=sample, temb=emb)
+            skips += res
+        sample = u.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
+        return (emb, sample, *skips)
+
+
+class UNetDecoder(nn.Module):
+    """Up blocks and conv_out. The skips already hold the ControlNet residuals. Upsampling is
+    always given the skip's size, so latents of any size (image a multiple of 8) work."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, emb, encoder_hidden_states, mid, *skips):
+        u = self.unet
+        sample, skips = mid, tuple(skips)
+        for i, blk in enumerate(u.up_blocks):
+            n = len(blk.resnets)
+            res, skips = skips[-n:], skips[:-n]
+            size = skips[-1].shape[2:] if i < len(u.up_blocks) - 1 else None
+            if getattr(blk, "has_cross_attention", False):
+                sample = blk(hidden_states=sample, temb=emb, res_hidden_states_tuple=res,
+                             encoder_hidden_states=encoder_hidden_states, upsample_size=size)
+            else:
+                sample = blk(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, upsample_size=size)
+        if u.conv_norm_out is not None:
+            sample = u.conv_act(u.conv_norm_out(sample))
+        return u.conv_out(sample)
+
+
+class WeightInputs(nn.Module):
+    """Runs `core` with some of its parameters taken from trailing forward arguments, so the
+    exported graph has them as inputs instead of initializers."""
+
+    def __init__(self, core: nn.Module, names: list[str], prefix: str):
+        super().__init__()
+        self.core, self.names, self.prefix = core, names, prefix
+
+    def forward(self, *args):
+        n = len(args) - len(self.names)
+        saved = []
+        try:
+            # torch.func.functional_call refuses traced modules: shadow the parameters by hand
+            for name, t in zip(self.names, args[n:]):
+                mod_name, attr = (self.prefix + name).rsplit(".", 1)
+                m = self.core.get_submodule(mod_name)
+                object.__setattr__(m, attr, t)  # an instance attribute shadows the parameter
+                saved.append((m, attr))
+            return self.core(*args[:n])
+        finally:
+            for m, attr in saved:
+                del m.__dict__[attr]
+
+
+class ControlNet(nn.Module):
+    def __init__(self, cn):
+        super().__init__()
+        self.cn = cn
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, controlnet_cond):
+        down, mid = self.cn(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                            controlnet_cond=controlnet_cond, conditioning_scale=1.0,
+                            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+                            return_dict=False)
+        return (*down, mid)
+
+
+class VaeDecoder(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+def targeted_weights(unet) -> dict[str, list[str]]:
+    """diffusers names of the LoRA-targetable weights, by the graph that takes them."""
+    out = {"unet_encoder": [], "unet_decoder": []}
+    for name, m in unet.named_modules():
+        if isinstance(m, nn.Linear) and TARGET_RE.search(name):
+            graph = "unet_decoder" if name.startswith("up_blocks.") else "unet_encoder"
+            out[graph].append(name + ".weight")
+    return out
+
+
+# ───────────────────────────── ONNX export ─────────────────────────────
+
+
+def export(module, args, path: Path, input_names, output_names, dynamic_axes, external=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(module, tuple(args), str(path), input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes, opset_version=17, do_constant_folding=True, dynamo=False,
+                          external_data=external)
+    if external:
+        import onnx
+
+        m = onnx.load(str(path))
+        for f in path.parent.glob(path.name + "*.data"):
+            f.unlink()
+        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.stem + ".onnx.data", size_threshold=1024)
+
+
+def check_graph(path: Path, module, args, input_names, output_names, tol=1e-4):
+    """ONNX Runtime vs PyTorch on the same (random) inputs."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {n: a.detach().numpy() for n, a in zip(input_names, args)}
+    got = sess.run(output_names, feeds)
+    with torch.no_grad():
+        want = module(*args)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    worst = 0.0
+    for name, g, w in zip(output_names, got, want):
+        w = w.numpy()
+        assert g.shape == w.shape, f"{path.name}:{name} shape {g.shape} != {w.shape}"
+        err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
+        worst = max(worst, err)
+        if err > tol:
+            raise SystemExit(f"{path.name}: output {name} differs from PyTorch (relative error {err:.2e})")
+    print(f"  {path.name}: ONNX Runtime vs PyTorch, worst relative error {worst:.1e}")
+
+
+def bs(*dims):  # dynamic axis names for batch/latent/image dims
+    return {i: d for i, d in enumerate(dims) if d}
+
+
+def spatial(name):  # a 4-D tensor whose batch and spatial dims vary (named per tensor: they differ)
+    return bs("batch", None, f"{name}_h", f"{name}_w")
+
+
+def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Path, check_size: int):
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(cfg["vocab_size"])
+    tok.save(str(out / "tokenizer.json"))
+    shutil.copy(out / "tokenizer.json", out / "tokenizer_2.json")
+    ids = dict(bos_token_id=tok.token_to_id("<|startoftext|>"), eos_token_id=tok.token_to_id("<|endoftext|>"),
+               pad_token_id=tok.token_to_id("<|endoftext|>"))
+    te, te2, unet, vae, cn = build_models(cfg, seed, checkpoint, ids)
+    big = sum(p.numel() for p in unet.parameters()) > 200_000_000
+
+    g = torch.Generator().manual_seed(seed + 7)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    B, h = 2, check_size // 8
+    ids_in = torch.randint(3, min(cfg["vocab_size"], len(tok.get_vocab())), (B, MAX_LEN), generator=g)
+    ids_in[:, 0], ids_in[:, 20:] = ids["bos_token_id"], ids["eos_token_id"]
+
+    print(f"exporting {cfg['name']} into {out}")
+    for fname, mod in (("text_encoder.onnx", TextEncoder(te, False)), ("text_encoder_2.onnx", TextEncoder(te2, True))):
+        io = (["input_ids"], ["hidden_states", "pooled"])
+        export(mod, [ids_in], out / fname, *io, {"input_ids": bs("batch"), "hidden_states": bs("batch"),
+                                                   "pooled": bs("batch")}, external=big)
+        check_graph(out / fname, mod, [ids_in], *io)
+
+    ucfg = unet.config
+    C, P = ucfg.cross_attention_dim, te2.config.projection_dim
+    weights = targeted_weights(unet)
+    params = dict(unet.named_parameters())
+    enc_in = [rnd(B, 4, h, h), torch.tensor([999.0, 1.0]), rnd(B, MAX_LEN, C), rnd(B, P),
+              torch.tensor([[check_size, check_size, 0, 0, check_size, check_size]] * B, dtype=torch.float32)]
+    enc = UNetEncoder(unet)
+    with torch.no_grad():
+        enc_out = enc(*enc_in)
+    n_skips = len(enc_out) - 2
+    skip_names = [f"skip_{i}" for i in range(n_skips)]
+    lat = bs("batch", None, "height", "width")
+    enc_inputs = ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    wmod = WeightInputs(enc, weights["unet_encoder"], "unet.")
+    wargs = [params[n].detach().clone() for n in weights["unet_encoder"]]
+    dyn = {"sample": lat, "timestep": bs("batch"), "encoder_hidden_states": bs("batch"), "text_embeds": bs("batch"),
+           "time_ids": bs("batch"), "emb": bs("batch"), "mid": spatial("mid"), **{s: spatial(s) for s in skip_names}}
+    export(wmod, enc_in + wargs, out / "unet_encoder.onnx", enc_inputs + weights["unet_encoder"],
+           ["emb", "mid", *skip_names], dyn, external=big)
+    check_graph(out / "unet_encoder.onnx", wmod, enc_in + wargs, enc_inputs + weights["unet_encoder"],
+                ["emb", "mid", *skip_names])
+
+    dec = UNetDecoder(unet)
+    dec_in = [enc_out[0], enc_in[2], enc_out[1], *enc_out[2:]]
+    dec_inputs = ["emb", "encoder_hidden_states", "mid", *skip_names]
+    wmod = WeightInputs(dec, weights["unet_decoder"], "unet.")
+    wargs = [params[n].detach().clone() for n in weights["unet_decoder"]]
+    dyn = {"emb": bs("batch"), "encoder_hidden_states": bs("batch"), "mid": spatial("mid"), "noise_pred": lat,
+           **{s: spatial(s) for s in skip_names}}
+    export(wmod, dec_in + wargs, out / "unet_decoder.onnx", dec_inputs + weights["unet_decoder"], ["noise_pred"],
+           dyn, external=big)
+    check_graph(out / "unet_decoder.onnx", wmod, dec_in + wargs, dec_inputs + weights["unet_decoder"], ["noise_pred"])
+    # the split graphs compose to the whole UNet
+    with torch.no_grad():
+        whole = unet(enc_in[0], enc_in[1], enc_in[2], added_cond_kwargs={"text_embeds": enc_in[3],
+                                                                         "time_ids": enc_in[4]}).sample
+        split = dec(*dec_in)
+    err = float((split - whole).norm() / whole.norm())
+    assert err < 1e-5, f"split UNet differs from the whole UNet: {err}"
+    print(f"  encoder+decoder vs UNet2DConditionModel: relative error {err:.1e}")
+
+    vmod = VaeDecoder(vae)
+    vin = [rnd(1, 4, h, h)]
+    export(vmod, vin, out / "vae_decoder.onnx", ["latent"], ["image"],
+           {"latent": lat, "image": spatial("image")}, external=big)
+    check_graph(out / "vae_decoder.onnx", vmod, vin, ["latent"], ["image"])
+
+    from safetensors.torch import save_file
+
+    all_w = weights["unet_encoder"] + weights["unet_decoder"]
+    save_file({n: params[n].detach().contiguous() for n in all_w}, str(out / "weights.safetensors"))
+    signature = f"sdxl:c{C}:b{'-'.join(map(str, ucfg.block_out_channels))}"
+    manifest = {
+        "format": 1, "kind": "base", "name": cfg["name"], "architecture": "sdxl", "signature": signature,
+        "dtype": "float32", "latent_channels": ucfg.in_channels, "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+        "scaling_factor": vae.config.scaling_factor, "prediction_type": "epsilon",
+        "default_size": cfg["default_size"], "default_steps": cfg["default_steps"],
+        "default_guidance": cfg["default_guidance"], "force_zeros_for_empty_prompt": True,
+        "scheduler": {k: SCHEDULER[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                                "timestep_spacing", "steps_offset", "prediction_type")},
+        "text_encoders": [
+            {"graph": "text_encoder.onnx", "tokenizer": "tokenizer.json", "max_length": MAX_LEN,
+             "hidden_size": te.config.hidden_size, "pooled_size": te.config.hidden_size},
+            {"graph": "text_encoder_2.onnx", "tokenizer": "tokenizer_2.json", "max_length": MAX_LEN,
+             "hidden_size": te2.config.hidden_size, "pooled_size": P},
+        ],
+        "unet": {"encoder": "unet_encoder.onnx", "decoder": "unet_decoder.onnx", "cross_attention_dim": C,
+                 "pooled_dim": P, "skips": n_skips, "emb_dim": int(enc_out[0].shape[1])},
+        "vae_decoder": "vae_decoder.onnx",
+        "weights": {"file": "weights.safetensors", "map": {
+            n: {"graph": gname, "shape": list(params[n].shape)} for gname in ("unet_encoder", "unet_decoder")
+            for n in weights[gname]}},
+    }
+    (out / "bundle.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+    # ControlNet bundle
+    cn_out.mkdir(parents=True, exist_ok=True)
+    cmod = ControlNet(cn)
+    cin = enc_in + [torch.rand(B, 3, check_size, check_size, generator=g)]
+    cn_inputs = enc_inputs + ["controlnet_cond"]
+    cn_outputs = [f"down_{i}" for i in range(n_skips)] + ["mid"]
+    dyn = {"sample": lat, "timestep": bs("batch"), "encoder_hidden_states": bs("batch"), "text_embeds": bs("batch"),
+           "time_ids": bs("batch"), "controlnet_cond": bs("batch", None, "image_height", "image_width"),
+           **{o: spatial(o) for o in cn_outputs}}
+    export(cmod, cin, cn_out / "controlnet.onnx", cn_inputs, cn_outputs, dyn, external=big)
+    check_graph(cn_out / "controlnet.onnx", cmod, cin, cn_inputs, cn_outputs)
+    (cn_out / "bundle.json").write_text(json.dumps({
+        "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
+        "dtype": "float32", "graph": "controlnet.onnx", "conditioning_channels": 3, "residuals": n_skips,
+    }, indent=1) + "\n")
+    return tok, (te, te2, unet, vae, cn), weights
+
+
+# ───────────────────────────── LoRAs ─────────────────────────────
+
+
+def make_lora(unet, path: Path, rank: int, alpha: float, seed: int, every: int = 1):
+    """A LoRA in the diffusers/peft layout (`unet.<module>.lora_A/B.weight`, alpha in the
+    safetensors metadata) with seeded random A and B (peft would zero B: no effect to test)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and TARGET_RE.search(n)][::every]
+    sd = {}
+    for n in names:
+        m = unet.get_submodule(n)
+        sd[f"unet.{n}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) / math.sqrt(m.in_features)
+        sd[f"unet.{n}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.5
+    targets = sorted({n.split(".")[-1] if not n.endswith("to_out.0") else "to_out.0" for n in names})
+    # diffusers' save_lora_weights writes the peft LoraConfig with the component prefix
+    meta = {"unet.r": rank, "unet.lora_alpha": alpha, "unet.target_modules": targets}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)})
+    return path
+
+
+# ───────────────────────────── parity references ─────────────────────────────
+
+
+def conditioning_image(size: tuple[int, int], kind: str, seed: int):
+    """An edge-map-like RGB image: white outlines of shapes on black."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (w, h), (0, 0, 0))
+    d = ImageDraw.Draw(img)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
+        x1, y1 = x0 + rng.integers(w // 6, w // 2), y0 + rng.integers(h // 6, h // 2)
+        if kind == "circle":
+            d.ellipse([x0, y0, x1, y1], outline=(255, 255, 255), width=max(1, w // 32))
+        else:
+            d.rectangle([x0, y0, x1, y1], outline=(255, 255, 255), width=max(1, w // 32))
+        kind = "square" if kind == "circle" else "circle"
+    return img
+
+
+def run_references(models, bundle: Path, cn_bundle: Path, loras: dict, images: dict, out: Path, seed: int):
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline)
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea_mod
+    from safetensors.torch import save_file
+
+    te, te2, unet, vae, cn = models
+    tokenizer = hf_tokenizer(bundle / "tokenizer.json")
+    tokenizer_2 = hf_tokenizer(bundle / "tokenizer_2.json")
+    base_sched = EulerDiscreteScheduler(**{k: v for k, v in SCHEDULER.items()
+                                           if k not in ("set_alpha_to_one", "clip_sample", "skip_prk_steps",
+                                                        "sample_max_value")})
+    base_sched.register_to_config(set_alpha_to_one=False, clip_sample=False, skip_prk_steps=True,
+                                  sample_max_value=1.0)
+
+    def scheduler(kind: str):
+        karras = kind.endswith("-karras")
+        kind = kind.removesuffix("-karras")
+        cls = {"euler": EulerDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler, "ddim": DDIMScheduler,
+               "dpm++2m": DPMSolverMultistepScheduler}[kind]
+        extra = {"use_karras_sigmas": True} if karras else {}
+        if kind == "dpm++2m":
+            extra.update(algorithm_type="dpmsolver++", solver_order=2)
+        return cls.from_config(base_sched.config, **extra)
+
+    cases = [
+        dict(name="euler", scheduler="euler", prompt="a red circle above a blue square", steps=4),
+        dict(name="euler_karras_negative", scheduler="euler-karras", prompt="a green star on a white background",
+             negative_prompt="blurry lowres", steps=4),
+        dict(name="euler_a", scheduler="euler-a", prompt="a yellow triangle left of a purple ring", steps=4),
+        dict(name="ddim", scheduler="ddim", prompt="a pink heart in the centre", negative_prompt="ugly", steps=4),
+        dict(name="dpmpp_2m", scheduler="dpm++2m", prompt="an orange moon above a dark sea", steps=5),
+        dict(name="dpmpp_2m_karras_wide", scheduler="dpm++2m-karras", prompt="a small cube next to a sphere",
+             steps=4, width=96, height=64),
+        dict(name="controlnet", scheduler="euler", prompt="a white circle on a black background", steps=4,
+             controlnets=[dict(image="bundles/examples/cond_a.png", scale=0.8, start=0.0, end=1.0)]),
+        dict(name="lora", scheduler="euler", prompt="a striped blue square", steps=4,
+             loras=[dict(file="bundles/loras/tiny-lora-a.safetensors", scale=0.8)]),
+        dict(name="two_controlnets_two_loras", scheduler="euler-a", prompt="a pastel flower and a tree", steps=4,
+             negative_prompt="watermark",
+             controlnets=[dict(image="bundles/examples/cond_a.png", scale=0.7, start=0.0, end=1.0),
+                          dict(image="bundles/examples/cond_b.png", scale=0.5, start=0.25, end=0.75)],
+             loras=[dict(file="bundles/loras/tiny-lora-a.safetensors", scale=0.6), dict(file="bundles/loras/tiny-lora-b.safetensors", scale=-0.4)]),
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed + 100)
+    records = []
+    for case in cases:
+        case.setdefault("negative_prompt", None)
+        case.setdefault("guidance", 5.0)
+        case.setdefault("width", 64)
+        case.setdefault("height", 64)
+        case.setdefault("controlnets", [])
+        case.setdefault("loras", [])
+        h, w = case["height"] // 8, case["width"] // 8
+        init = torch.randn(1, 4, h, w, generator=g)
+        noises = [torch.randn(1, 4, h, w, generator=g) for _ in range(case["steps"])]
+        tensors = {"init_noise": init}
+        sched = scheduler(case["scheduler"])
+        common = dict(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                      unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True, add_watermarker=False)
+        if case["controlnets"]:
+            cnm = cn if len(case["controlnets"]) == 1 else MultiControlNetModel([cn] * len(case["controlnets"]))
+            pipe = StableDiffusionXLControlNetPipeline(controlnet=cnm, **common)
+        else:
+            pipe = StableDiffusionXLPipeline(**common)
+        pipe.set_progress_bar_config(disable=True)
+        names = []
+        for i, lo in enumerate(case["loras"]):
+            pipe.load_lora_weights(str(loras[lo["file"]]), adapter_name=f"l{i}")
+            names.append(f"l{i}")
+        if names:
+            pipe.set_adapters(names, adapter_weights=[lo["scale"] for lo in case["loras"]])
+        latents_seen = []
+
+        def on_step(p, i, t, kw):
+            latents_seen.append(kw["latents"].detach().clone())
+            return kw
+
+        queue = list(noises)
+        orig = ea_mod.randn_tensor
+        ea_mod.randn_tensor = lambda *a, **k: queue.pop(0).clone()
+        kwargs = dict(prompt=case["prompt"], negative_prompt=case["negative_prompt"], height=case["height"],
+                      width=case["width"], num_inference_steps=case["steps"], guidance_scale=case["guidance"],
+                      latents=init.clone(), output_type="pt", callback_on_step_end=on_step)
+        if case["controlnets"]:
+            from PIL import Image
+
+            imgs = [Image.open(images[c["image"]]).convert("RGB") for c in case["controlnets"]]
+            one = len(imgs) == 1
+            kwargs.update(image=imgs[0] if one else imgs,
+                          controlnet_conditioning_scale=case["controlnets"][0]["scale"] if one else [c["scale"] for c in case["controlnets"]],
+                          control_guidance_start=case["controlnets"][0]["start"] if one else [c["start"] for c in case["controlnets"]],
+                          control_guidance_end=case["controlnets"][0]["end"] if one else [c["end"] for c in case["controlnets"]])
+        try:
+            with torch.no_grad():
+                image = pipe(**kwargs).images
+        finally:
+            ea_mod.randn_tensor = orig
+        if names:
+            pipe.unload_lora_weights()
+        if case["scheduler"].startswith("euler-a"):
+            assert not queue, "ancestral sampler did not draw one noise tensor per step"
+            tensors.update({f"step_noise_{i}": n for i, n in enumerate(noises)})
+        tensors.update({f"latents_{i}": l for i, l in enumerate(latents_seen)})
+        tensors["image"] = image.float()
+        tok_ids = [tokenizer(case["prompt"], padding="max_length", max_length=MAX_LEN, truncation=True,
+                             return_tensors="pt").input_ids]
+        tensors["input_ids"] = tok_ids[0].to(torch.int64)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{case['name']}.safetensors"))
+        case["tensors"] = f"{case['name']}.safetensors"
+        records.append(case)
+        print(f"  reference {case['name']}: {case['steps']} steps, image {tuple(image.shape)}, "
+              f"|latents| {latents_seen[-1].abs().mean():.3f}")
+    (out / "cases.json").write_text(json.dumps({
+        "about": "diffusers reference runs on the tiny bundles (tools/export_bundle.py); latents_<i> after step i",
+        "bundle": "bundles/tiny-sdxl", "controlnet": "bundles/tiny-sdxl-controlnet",
+        "cases": records}, indent=1) + "\n")
+
+
+# ───────────────────────────── main ─────────────────────────────
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=["tiny", "sdxl"], default="tiny")
+    ap.add_argument("--random-init", action="store_true", help="seeded random weights (no checkpoint needed)")
+    ap.add_argument("--checkpoint", type=Path, help="a diffusers SDXL checkpoint directory")
+    ap.add_argument("--out", type=Path, help="bundle directory (default bundles/tiny-sdxl or bundles/sdxl)")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--no-references", action="store_true", help="skip the diffusers parity references")
+    a = ap.parse_args(argv)
+    if a.config == "sdxl" and not (a.random_init or a.checkpoint):
+        ap.error("--config sdxl needs --random-init or --checkpoint DIR")
+    if a.checkpoint and not (a.checkpoint / "unet" / "config.json").exists():
+        ap.error(f"{a.checkpoint} is not a diffusers checkpoint directory (no unet/config.json)")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = tiny_config() if a.config == "tiny" else sdxl_config()
+    out = a.out or REPO / "bundles" / cfg["name"]
+    cn_out = out.parent / (out.name + "-controlnet")
+    check = 64 if a.config == "tiny" else 256
+    tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check)
+    if a.config != "tiny" or a.no_references:
+        return
+    loras = {
+        "bundles/loras/tiny-lora-a.safetensors": make_lora(models[2], REPO / "bundles" / "loras" / "tiny-lora-a.safetensors",
+                                             rank=4, alpha=8.0, seed=a.seed + 11),
+        "bundles/loras/tiny-lora-b.safetensors": make_lora(models[2], REPO / "bundles" / "loras" / "tiny-lora-b.safetensors",
+                                             rank=2, alpha=2.0, seed=a.seed + 12, every=2),
+    }
+    images = {}
+    ex = REPO / "bundles" / "examples"
+    ex.mkdir(parents=True, exist_ok=True)
+    for name, kind, size, s in (("cond_a.png", "circle", (64, 64), 1), ("cond_b.png", "square", (64, 64), 2),
+                                ("edges-128.png", "circle", (128, 128), 3)):
+        conditioning_image(size, kind, s).save(ex / name)
+        images[f"bundles/examples/{name}"] = ex / name
+    run_references(models, out, cn_out, loras, images, REPO / "tests" / "data" / "parity", a.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
