@@ -1,1 +1,47 @@
-fn main(){}
+//! `katz`: serves diffusion-model workflows with many adapters.
+//!
+//! ```text
+//! katz demo        the embedded demo: tiny bundles, one ControlNet, one LoRA, on the CPU
+//! katz generate    one image from any bundle, with ControlNets and LoRAs
+//! ```
+//! Each subcommand lives in `src/cmd/`; this file only parses and dispatches.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "katz", version, about = "Serves diffusion-model workflows with many adapters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the embedded demo: a full workflow (prompt, ControlNet, LoRA) on the bundled tiny models.
+    Demo(cmd::demo::DemoArgs),
+    /// Generate one image from a bundle.
+    Generate(cmd::generate::GenerateArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KATZ_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(a) => cmd::demo::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -485,7 +485,7 @@ def make_lora(unet, path: Path, rank: int, alpha: float, seed: int, every: int =
     for n in names:
         m = unet.get_submodule(n)
         sd[f"unet.{n}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) / math.sqrt(m.in_features)
-        sd[f"unet.{n}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.5
+        sd[f"unet.{n}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.1
     targets = sorted({n.split(".")[-1] if not n.endswith("to_out.0") else "to_out.0" for n in names})
     # diffusers' save_lora_weights writes the peft LoraConfig with the component prefix
     meta = {"unet.r": rank, "unet.lora_alpha": alpha, "unet.target_modules": targets}

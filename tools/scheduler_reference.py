@@ -10,7 +10,9 @@ It writes `onnx/src/scheduler/testdata/reference.json`, which the unit tests of
 way an SDXL pipeline does (`XScheduler.from_config(<SDXL base 1.0 scheduler_config.json>)` plus
 per-case overrides), then runs the denoising loop of the pipeline on fixed pseudo-random data of 16
 values: `scale_model_input`, a stand-in model output, `step`. Euler ancestral's noise is injected by
-replacing the `randn_tensor` of its diffusers module so that step `i` draws `noise[i]`.
+replacing the `randn_tensor` of its diffusers module so that step `i` draws `noise[i]`. The
+`schedule_tables` section holds, without stepping, the timesteps (and Euler input scales) of many
+more step counts.
 """
 
 import json
@@ -128,6 +130,50 @@ def run_case(
     }
 
 
+def schedule_table(name, steps, spacing, karras):
+    """Timesteps, init_noise_sigma and (Euler kinds) input scales for one setting, without stepping."""
+    overrides = {"timestep_spacing": spacing}
+    if karras:
+        overrides["use_karras_sigmas"] = True
+    sched = CLASSES[name].from_config(SDXL_CONFIG, **overrides)
+    sched.set_timesteps(steps)
+    row = {
+        "scheduler": name,
+        "steps": steps,
+        "timestep_spacing": spacing,
+        "use_karras_sigmas": karras,
+        "timesteps": [float(t) for t in sched.timesteps],
+        "init_noise_sigma": float(sched.init_noise_sigma),
+    }
+    if name in ("euler", "euler-a"):
+        ones = torch.ones(1, dtype=torch.float32)
+        row["input_scales"] = [float(ones / ((s**2 + 1) ** 0.5)) for s in sched.sigmas[:-1]]
+    return row
+
+
+def schedule_tables():
+    tables = []
+    settings = [
+        ("euler", "leading", False),
+        ("euler", "trailing", False),
+        ("euler", "linspace", False),
+        ("euler", "leading", True),
+        ("euler", "trailing", True),
+        ("euler-a", "leading", False),
+        ("ddim", "leading", False),
+        ("ddim", "trailing", False),
+        ("ddim", "linspace", False),
+        ("dpm++2m", "leading", False),
+        ("dpm++2m", "trailing", False),
+        ("dpm++2m", "linspace", False),
+        ("dpm++2m", "leading", True),
+    ]
+    for name, spacing, karras in settings:
+        for steps in list(range(1, 33)) + [50]:
+            tables.append(schedule_table(name, steps, spacing, karras))
+    return tables
+
+
 def main():
     inputs = make_inputs()
     cases = []
@@ -156,6 +202,7 @@ def main():
         "model_outputs": [[float(v) for v in row] for row in model_outputs],
         "noise": [[float(v) for v in row] for row in noise],
         "cases": cases,
+        "schedule_tables": schedule_tables(),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(doc, separators=(",", ":")) + "\n")

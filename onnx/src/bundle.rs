@@ -1,0 +1,210 @@
+//! Model bundles on disk (docs/bundles.md): the manifest, and its check against the graphs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::scheduler::SchedulerConfig;
+use crate::{Error, Result};
+
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextEncoderSpec {
+    pub graph: String,
+    pub tokenizer: String,
+    pub max_length: usize,
+    pub hidden_size: usize,
+    pub pooled_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnetSpec {
+    pub encoder: String,
+    pub decoder: String,
+    pub cross_attention_dim: usize,
+    pub pooled_dim: usize,
+    /// Number of skip tensors between encoder and decoder (= ControlNet down residuals).
+    pub skips: usize,
+    pub emb_dim: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightEntry {
+    /// `unet_encoder` or `unet_decoder`.
+    pub graph: String,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsSpec {
+    pub file: String,
+    /// diffusers parameter name (= graph input name) → graph and shape.
+    pub map: BTreeMap<String, WeightEntry>,
+}
+
+/// `bundle.json` of a base-model bundle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseManifest {
+    pub format: u32,
+    pub kind: String,
+    pub name: String,
+    pub architecture: String,
+    pub signature: String,
+    pub dtype: String,
+    pub latent_channels: usize,
+    pub vae_scale_factor: usize,
+    pub scaling_factor: f32,
+    pub prediction_type: String,
+    pub default_size: [usize; 2],
+    pub default_steps: usize,
+    pub default_guidance: f32,
+    pub force_zeros_for_empty_prompt: bool,
+    pub scheduler: SchedulerConfig,
+    pub text_encoders: Vec<TextEncoderSpec>,
+    pub unet: UnetSpec,
+    pub vae_decoder: String,
+    pub weights: WeightsSpec,
+}
+
+/// `bundle.json` of a ControlNet bundle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlNetManifest {
+    pub format: u32,
+    pub kind: String,
+    pub name: String,
+    pub architecture: String,
+    pub signature: String,
+    pub dtype: String,
+    pub graph: String,
+    pub conditioning_channels: usize,
+    pub residuals: usize,
+}
+
+fn read_manifest<T: serde::de::DeserializeOwned>(dir: &Path, kind: &str) -> Result<T> {
+    if !dir.is_dir() {
+        return Err(Error::bundle(dir, "no such bundle directory"));
+    }
+    let path = dir.join("bundle.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::bundle(&path, format!("not valid JSON: {e}")))?;
+    let found = v.get("kind").and_then(|k| k.as_str()).unwrap_or("<none>");
+    if found != kind {
+        return Err(Error::bundle(dir, format!("is a `{found}` bundle where a `{kind}` bundle was expected")));
+    }
+    let format = v.get("format").and_then(|k| k.as_u64()).unwrap_or(0);
+    if format != FORMAT as u64 {
+        return Err(Error::bundle(&path, format!("format {format} is not supported (this katz reads {FORMAT})")));
+    }
+    serde_json::from_value(v).map_err(|e| Error::bundle(&path, format!("manifest does not parse: {e}")))
+}
+
+/// A base-model bundle: its directory and manifest.
+#[derive(Debug, Clone)]
+pub struct BaseBundle {
+    pub dir: PathBuf,
+    pub manifest: BaseManifest,
+}
+
+impl BaseBundle {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest: BaseManifest = read_manifest(&dir, "base")?;
+        if manifest.architecture != "sdxl" {
+            return Err(Error::bundle(&dir, format!("architecture `{}` is not supported", manifest.architecture)));
+        }
+        if manifest.dtype != "float32" {
+            return Err(Error::bundle(&dir, format!("dtype `{}` needs a GPU device", manifest.dtype)));
+        }
+        if manifest.text_encoders.len() != 2 {
+            return Err(Error::bundle(&dir, "an SDXL bundle has two text encoders"));
+        }
+        let b = BaseBundle { dir, manifest };
+        for f in b.files() {
+            if !b.dir.join(&f).is_file() {
+                return Err(Error::bundle(&b.dir, format!("manifest names `{f}`, which is missing")));
+            }
+        }
+        Ok(b)
+    }
+
+    fn files(&self) -> Vec<String> {
+        let m = &self.manifest;
+        let mut f = vec![m.unet.encoder.clone(), m.unet.decoder.clone(), m.vae_decoder.clone(), m.weights.file.clone()];
+        for t in &m.text_encoders {
+            f.push(t.graph.clone());
+            f.push(t.tokenizer.clone());
+        }
+        f
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+}
+
+/// A ControlNet bundle.
+#[derive(Debug, Clone)]
+pub struct ControlNetBundle {
+    pub dir: PathBuf,
+    pub manifest: ControlNetManifest,
+}
+
+impl ControlNetBundle {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest: ControlNetManifest = read_manifest(&dir, "controlnet")?;
+        if !dir.join(&manifest.graph).is_file() {
+            return Err(Error::bundle(&dir, format!("manifest names `{}`, which is missing", manifest.graph)));
+        }
+        Ok(ControlNetBundle { dir, manifest })
+    }
+
+    /// Refuses a ControlNet made for another base model.
+    pub fn check_fits(&self, base: &BaseBundle) -> Result<()> {
+        let (mine, theirs) = (&self.manifest.signature, &base.manifest.signature);
+        if mine != theirs || self.manifest.residuals != base.manifest.unet.skips {
+            return Err(Error::InvalidRequest(format!(
+                "ControlNet `{}` (signature {mine}, {} residuals) does not fit base model `{}` (signature {theirs}, {} skips)",
+                self.manifest.name, self.manifest.residuals, base.manifest.name, base.manifest.unet.skips
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that a session's inputs and outputs are the ones the manifest promises.
+pub(crate) fn check_io(
+    path: &Path,
+    session: &ort::session::Session,
+    inputs: &[String],
+    outputs: &[String],
+) -> Result<()> {
+    let have_in: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
+    let have_out: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    let missing_in: Vec<&String> = inputs.iter().filter(|n| !have_in.contains(&n.as_str())).collect();
+    let extra_in: Vec<&&str> = have_in.iter().filter(|n| !inputs.iter().any(|i| i == **n)).collect();
+    let missing_out: Vec<&String> = outputs.iter().filter(|n| !have_out.contains(&n.as_str())).collect();
+    if !missing_in.is_empty() || !extra_in.is_empty() || !missing_out.is_empty() {
+        let show = |v: Vec<String>| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+        return Err(Error::bundle(
+            path,
+            format!(
+                "graph does not match the manifest: inputs missing from the graph: {}; graph inputs the manifest \
+                 does not know: {}; outputs missing: {}",
+                show(missing_in.iter().take(5).map(|s| s.to_string()).collect()),
+                show(extra_in.iter().take(5).map(|s| s.to_string()).collect()),
+                show(missing_out.iter().take(5).map(|s| s.to_string()).collect()),
+            ),
+        ));
+    }
+    Ok(())
+}

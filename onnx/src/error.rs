@@ -1,0 +1,87 @@
+//! One error type for the model side, and what a job consumer should do with a job that failed.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to do with a job that failed with this error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// The job can never succeed (bad input, unknown model): reject it to the dead-letter queue.
+    DeadLetter,
+    /// The failure belongs to this worker or a transient resource: requeue for another try.
+    Requeue,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "ONNX Runtime {version} not found (looked in: {searched}). Run `tools/fetch-onnxruntime.sh`, which \
+         downloads the pinned onnxruntime wheel from PyPI into .katz/ort/, or set ORT_DYLIB_PATH to a \
+         libonnxruntime.so of version {version} or later"
+    )]
+    RuntimeMissing { version: &'static str, searched: String },
+    #[error("could not load ONNX Runtime from {path}: {message}")]
+    RuntimeLoad { path: PathBuf, message: String },
+    #[error("ONNX Runtime: {0}")]
+    Ort(#[from] ort::Error),
+    #[error("bundle {path}: {message}")]
+    Bundle { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("LoRA {path}: {message}")]
+    Lora { path: PathBuf, message: String },
+    #[error("image {path}: {message}")]
+    Image { path: PathBuf, message: String },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Scheduler(#[from] crate::scheduler::SchedulerError),
+    #[error("cancelled at step {step}")]
+    Cancelled { step: usize },
+}
+
+impl Error {
+    pub(crate) fn bundle(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Bundle { path: path.into(), message: message.into() }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    /// Whether a job that failed with this error should be dead-lettered or retried.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            Error::Lora { .. }
+            | Error::Image { .. }
+            | Error::InvalidRequest(_)
+            | Error::Scheduler(_)
+            | Error::Tokenizer { .. }
+            | Error::Cancelled { .. } => Disposition::DeadLetter,
+            Error::RuntimeMissing { .. }
+            | Error::RuntimeLoad { .. }
+            | Error::Ort(_)
+            | Error::Bundle { .. }
+            | Error::Io { .. } => Disposition::Requeue,
+        }
+    }
+
+    /// A short stable label, for metrics and job status.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::RuntimeMissing { .. } | Error::RuntimeLoad { .. } => "runtime",
+            Error::Ort(_) => "onnxruntime",
+            Error::Bundle { .. } => "bundle",
+            Error::Io { .. } => "io",
+            Error::Tokenizer { .. } => "tokenizer",
+            Error::Lora { .. } => "lora",
+            Error::Image { .. } => "image",
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::Scheduler(_) => "scheduler",
+            Error::Cancelled { .. } => "cancelled",
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! PNG in and out: conditioning images in, generated images out.
+//!
+//! Images are `[1, 3, H, W]` tensors in [0, 1]. Writing quantises as diffusers' `numpy_to_pil`
+//! does (`round(x · 255)`), so the same latents give byte-identical files.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use crate::tensor::Tensor;
+use crate::{Error, Result};
+
+fn err(path: &Path, message: impl Into<String>) -> Error {
+    Error::Image { path: path.into(), message: message.into() }
+}
+
+/// Decodes a PNG (grey, grey+alpha, RGB or RGBA; 8 or 16 bit) into `[1,3,H,W]` in [0,1].
+pub fn decode_png(bytes: &[u8], path: &Path) -> Result<Tensor> {
+    let mut dec = png::Decoder::new(Cursor::new(bytes));
+    dec.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = dec.read_info().map_err(|e| err(path, format!("not a readable PNG: {e}")))?;
+    let mut buf = vec![0u8; reader.output_buffer_size().ok_or_else(|| err(path, "PNG too large"))?];
+    let info = reader.next_frame(&mut buf).map_err(|e| err(path, format!("PNG data is corrupt: {e}")))?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let channels = match info.color_type {
+        png::ColorType::Grayscale => 1,
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        png::ColorType::Indexed => return Err(err(path, "indexed PNG was not expanded")),
+    };
+    let mut data = vec![0f32; 3 * h * w];
+    for y in 0..h {
+        let row = &buf[y * info.line_size..];
+        for x in 0..w {
+            let px = &row[x * channels..x * channels + channels];
+            let rgb = if channels < 3 { [px[0]; 3] } else { [px[0], px[1], px[2]] };
+            for c in 0..3 {
+                data[c * h * w + y * w + x] = rgb[c] as f32 / 255.0;
+            }
+        }
+    }
+    Ok(Tensor::new(vec![1, 3, h, w], data))
+}
+
+/// Reads a conditioning image that must be exactly `width × height`.
+pub fn read_conditioning(path: &Path, (width, height): (usize, usize)) -> Result<Tensor> {
+    let bytes = std::fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    let t = decode_png(&bytes, path)?;
+    let (h, w) = (t.shape[2], t.shape[3]);
+    if (w, h) != (width, height) {
+        return Err(err(path, format!("is {w}×{h}; the request's size is {width}×{height}")));
+    }
+    Ok(t)
+}
+
+/// Encodes a `[1,3,H,W]` image in [0,1] as an 8-bit RGB PNG.
+pub fn encode_png(image: &Tensor) -> Result<Vec<u8>> {
+    let [_, c, h, w] = image.shape[..] else {
+        return Err(Error::InvalidRequest(format!("image tensor has shape {:?}", image.shape)));
+    };
+    assert_eq!(c, 3, "encode_png: 3 channels");
+    let mut px = vec![0u8; h * w * 3];
+    for y in 0..h {
+        for x in 0..w {
+            for ch in 0..3 {
+                let v = image.data[ch * h * w + y * w + x].clamp(0.0, 1.0);
+                px[(y * w + x) * 3 + ch] = (v * 255.0).round() as u8;
+            }
+        }
+    }
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut wr = enc.write_header().map_err(|e| Error::InvalidRequest(format!("PNG encoder: {e}")))?;
+        wr.write_image_data(&px).map_err(|e| Error::InvalidRequest(format!("PNG encoder: {e}")))?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn png_round_trip_is_exact_on_8_bit_values() {
+        let (h, w) = (5, 7);
+        let data: Vec<f32> = (0..3 * h * w).map(|i| ((i * 37) % 256) as f32 / 255.0).collect();
+        let t = Tensor::new(vec![1, 3, h, w], data);
+        let bytes = encode_png(&t).unwrap();
+        let back = decode_png(&bytes, Path::new("mem")).unwrap();
+        assert_eq!(back, t);
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        let e = decode_png(b"not a png at all", Path::new("x.png")).unwrap_err();
+        assert!(e.to_string().contains("not a readable PNG"), "{e}");
+    }
+}

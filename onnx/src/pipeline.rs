@@ -1,0 +1,407 @@
+//! The SDXL text-to-image pipeline with ControlNets and LoRAs, in-process on one device.
+//!
+//! Per step (diffusers' `StableDiffusionXL[ControlNet]Pipeline`, classifier-free guidance on):
+//!
+//! ```text
+//! latent_in = [latents; latents] · input_scale(i)          t = timesteps[i]
+//! emb, mid, skips  = unet_encoder(latent_in, t, embeds, bound weights)
+//! for each ControlNet j active at step i (start ≤ i/n, (i+1)/n ≤ end):
+//!     skips += scaleⱼ · downⱼ ;  mid += scaleⱼ · midⱼ
+//! pred    = unet_decoder(emb, embeds, mid, skips, bound weights)
+//! guided  = pred_uncond + g · (pred_cond − pred_uncond)
+//! latents = scheduler.step(i, guided, latents)
+//! ```
+//!
+//! LoRAs are merged (`W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ`) into a second weight set before step 0 and bound
+//! instead of the pristine weights; the pristine set is left as it was for the next job.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use katz_kernels::{guidance, residual};
+use ort::session::{Session, SessionInputValue};
+
+use crate::bundle::{check_io, BaseBundle, ControlNetBundle};
+use crate::controlnet::ControlNet;
+use crate::lora::LoraAdapter;
+use crate::noise::SeededNoise;
+use crate::runtime::{self, SessionOptions};
+use crate::scheduler::{self, NoiseSource, SchedulerKind};
+use crate::tensor::Tensor;
+use crate::text::{Conditioning, TextEncoders};
+use crate::weights::{MergedWeights, Weights};
+use crate::{Error, Result};
+
+/// Largest image side accepted, in pixels.
+pub const MAX_SIDE: usize = 4096;
+/// Most denoising steps accepted.
+pub const MAX_STEPS: usize = 1000;
+
+/// One ControlNet of a request.
+#[derive(Debug, Clone)]
+pub struct ControlRequest {
+    /// Index returned by [`Pipeline::controlnet`].
+    pub model: usize,
+    /// `[1, 3, H, W]` in [0, 1], the request's size.
+    pub image: Tensor,
+    pub scale: f32,
+    /// Fraction of the steps at which it starts and ends (diffusers' control_guidance_start/end).
+    pub start: f32,
+    pub end: f32,
+}
+
+/// Everything a generation needs besides the models.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: String,
+    /// `None`: zero embeddings as the unconditional half (SDXL's force_zeros_for_empty_prompt).
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub scheduler: SchedulerKind,
+    pub karras: bool,
+    pub seed: u64,
+    pub controlnets: Vec<ControlRequest>,
+    pub loras: Vec<(Arc<LoraAdapter>, f32)>,
+}
+
+/// Wall time per stage of one generation.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub text_encode: Duration,
+    pub lora_merge: Duration,
+    pub controlnet: Duration,
+    pub unet_encoder: Duration,
+    pub unet_decoder: Duration,
+    pub scheduler: Duration,
+    pub vae_decode: Duration,
+    pub total: Duration,
+    pub steps: usize,
+}
+
+impl Timings {
+    /// Mean wall time of one denoising step (ControlNets, UNet halves, guidance, scheduler).
+    pub fn per_step(&self) -> Duration {
+        let loop_time = self.controlnet + self.unet_encoder + self.unet_decoder + self.scheduler;
+        loop_time.checked_div(self.steps.max(1) as u32).unwrap_or_default()
+    }
+
+    pub fn rows(&self) -> Vec<(&'static str, Duration)> {
+        vec![
+            ("text encoders", self.text_encode),
+            ("LoRA merge", self.lora_merge),
+            ("ControlNets", self.controlnet),
+            ("UNet encoder", self.unet_encoder),
+            ("UNet decoder", self.unet_decoder),
+            ("guidance + scheduler", self.scheduler),
+            ("VAE decode", self.vae_decode),
+            ("per step (mean)", self.per_step()),
+            ("total", self.total),
+        ]
+    }
+}
+
+/// Hooks into a running generation: progress, cancellation, intermediate latents.
+pub trait Observer {
+    /// Called after each step with the new latents; an error (e.g. [`Error::Cancelled`]) stops the job.
+    fn on_step(&mut self, _step: usize, _total: usize, _latents: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An observer that does nothing.
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
+/// The output of a generation.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// `[1, 3, H, W]` in [0, 1].
+    pub image: Tensor,
+    pub timings: Timings,
+}
+
+pub struct Pipeline {
+    pub bundle: BaseBundle,
+    opts: SessionOptions,
+    text: TextEncoders,
+    unet_encoder: Session,
+    unet_decoder: Session,
+    vae: Session,
+    weights: Weights,
+    controlnets: Vec<ControlNet>,
+}
+
+fn skip_names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("skip_{i}")).collect()
+}
+
+impl Pipeline {
+    /// Opens a base bundle: sessions for every graph, checked against the manifest.
+    pub fn load(dir: impl AsRef<Path>, opts: SessionOptions) -> Result<Self> {
+        let bundle = BaseBundle::open(dir)?;
+        runtime::init()?;
+        let m = &bundle.manifest;
+        let weights = Weights::load(&bundle)?;
+        let text = TextEncoders::load(&bundle, &opts)?;
+        let skips = skip_names(m.unet.skips);
+
+        let enc_path = bundle.path(&m.unet.encoder);
+        let unet_encoder = runtime::session(&enc_path, &opts)?;
+        let mut enc_in: Vec<String> =
+            ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"].map(String::from).to_vec();
+        enc_in.extend(weights.inputs_of("unet_encoder").iter().cloned());
+        let mut enc_out: Vec<String> = vec!["emb".into(), "mid".into()];
+        enc_out.extend(skips.iter().cloned());
+        check_io(&enc_path, &unet_encoder, &enc_in, &enc_out)?;
+
+        let dec_path = bundle.path(&m.unet.decoder);
+        let unet_decoder = runtime::session(&dec_path, &opts)?;
+        let mut dec_in: Vec<String> = vec!["emb".into(), "encoder_hidden_states".into(), "mid".into()];
+        dec_in.extend(skips.iter().cloned());
+        dec_in.extend(weights.inputs_of("unet_decoder").iter().cloned());
+        check_io(&dec_path, &unet_decoder, &dec_in, &["noise_pred".into()])?;
+
+        let vae_path = bundle.path(&m.vae_decoder);
+        let vae = runtime::session(&vae_path, &opts)?;
+        check_io(&vae_path, &vae, &["latent".into()], &["image".into()])?;
+
+        Ok(Pipeline { bundle, opts, text, unet_encoder, unet_decoder, vae, weights, controlnets: Vec::new() })
+    }
+
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    pub fn text_encoders(&self) -> &TextEncoders {
+        &self.text
+    }
+
+    /// Loads a ControlNet bundle (once per directory) and returns its index for [`ControlRequest`].
+    pub fn controlnet(&mut self, dir: impl AsRef<Path>) -> Result<usize> {
+        let dir = dir.as_ref();
+        if let Some(i) = self.controlnets.iter().position(|c| c.bundle.dir == dir) {
+            return Ok(i);
+        }
+        let cn = ControlNet::load(ControlNetBundle::open(dir)?, &self.bundle, &self.opts)?;
+        self.controlnets.push(cn);
+        Ok(self.controlnets.len() - 1)
+    }
+
+    /// Reads a LoRA file against this bundle's weights.
+    pub fn lora(&self, path: impl AsRef<Path>) -> Result<Arc<LoraAdapter>> {
+        Ok(Arc::new(LoraAdapter::load(path.as_ref(), self.weights.map())?))
+    }
+
+    /// Checks a request before any model work; every problem is an [`Error::InvalidRequest`].
+    pub fn validate(&self, req: &Request) -> Result<()> {
+        let f = self.bundle.manifest.vae_scale_factor;
+        let bad = |m: String| Err(Error::InvalidRequest(m));
+        if req.steps == 0 {
+            return bad("steps must be at least 1".into());
+        }
+        if req.steps > MAX_STEPS {
+            return bad(format!("steps must be at most {MAX_STEPS}, got {}", req.steps));
+        }
+        for (what, v) in [("width", req.width), ("height", req.height)] {
+            if v == 0 || v % f != 0 {
+                return bad(format!("{what} must be a positive multiple of {f}, got {v}"));
+            }
+            if v > MAX_SIDE {
+                return bad(format!("{what} must be at most {MAX_SIDE}, got {v}"));
+            }
+        }
+        if !req.guidance.is_finite() || req.guidance < 0.0 {
+            return bad(format!("guidance must be a finite number ≥ 0, got {}", req.guidance));
+        }
+        for (i, c) in req.controlnets.iter().enumerate() {
+            if c.model >= self.controlnets.len() {
+                return bad(format!("ControlNet #{i} refers to a model that is not loaded"));
+            }
+            if !c.scale.is_finite() {
+                return bad(format!("ControlNet #{i}: scale must be finite"));
+            }
+            if !(0.0..=1.0).contains(&c.start) || !(0.0..=1.0).contains(&c.end) || c.start >= c.end {
+                return bad(format!("ControlNet #{i}: need 0 ≤ start < end ≤ 1, got {}..{}", c.start, c.end));
+            }
+            if c.image.shape != [1, 3, req.height, req.width] {
+                return bad(format!(
+                    "ControlNet #{i}: conditioning image is {}×{}, the request is {}×{}",
+                    c.image.shape.get(3).unwrap_or(&0),
+                    c.image.shape.get(2).unwrap_or(&0),
+                    req.width,
+                    req.height
+                ));
+            }
+        }
+        for (lora, scale) in &req.loras {
+            if !scale.is_finite() {
+                return bad(format!("LoRA {}: scale must be finite", lora.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a request with its seeded noise.
+    pub fn generate(&mut self, req: &Request, obs: &mut dyn Observer) -> Result<Generated> {
+        let mut noise = SeededNoise::new(req.seed);
+        self.generate_with_noise(req, &mut noise, obs)
+    }
+
+    /// Runs a request drawing the initial latents (and any ancestral noise) from `noise`.
+    pub fn generate_with_noise(
+        &mut self,
+        req: &Request,
+        noise: &mut dyn NoiseSource,
+        obs: &mut dyn Observer,
+    ) -> Result<Generated> {
+        self.validate(req)?;
+        let started = Instant::now();
+        let mut t = Timings { steps: req.steps, ..Timings::default() };
+        let m = &self.bundle.manifest;
+        let (f, lc) = (m.vae_scale_factor, m.latent_channels);
+        let (h, w) = (req.height / f, req.width / f);
+        let cfg = req.guidance > 1.0;
+        let b = if cfg { 2 } else { 1 };
+
+        let mut sched_cfg = m.scheduler.clone();
+        sched_cfg.use_karras_sigmas = req.karras;
+        let mut sched = scheduler::build(req.scheduler, &sched_cfg, req.steps)?;
+
+        let t0 = Instant::now();
+        let cond = self.text.condition(&req.prompt, req.negative_prompt.as_deref(), cfg, (req.height, req.width))?;
+        t.text_encode = t0.elapsed();
+
+        let t0 = Instant::now();
+        let merged = if req.loras.is_empty() { MergedWeights::default() } else { self.weights.merge(&req.loras)? };
+        t.lora_merge = t0.elapsed();
+
+        let images: Vec<Tensor> = req
+            .controlnets
+            .iter()
+            .map(|c| if cfg { Tensor::concat0(&[&c.image, &c.image]) } else { c.image.clone() })
+            .collect();
+
+        let mut latents = Tensor::zeros(vec![1, lc, h, w]);
+        noise.fill(&mut latents.data);
+        let sigma0 = sched.init_noise_sigma();
+        latents.data.iter_mut().for_each(|v| *v *= sigma0);
+
+        let n = req.steps;
+        let timesteps = sched.timesteps().to_vec();
+        let mut guided = Tensor::zeros(latents.shape.clone());
+        for (i, &ts) in timesteps.iter().enumerate() {
+            let scale_in = sched.input_scale(i);
+            let mut latent_in = if cfg { Tensor::concat0(&[&latents, &latents]) } else { latents.clone() };
+            latent_in.data.iter_mut().for_each(|v| *v *= scale_in);
+            let timestep = Tensor::new(vec![b], vec![ts; b]);
+
+            let t0 = Instant::now();
+            let (emb, mut mid, mut skips) = self.run_encoder(&latent_in, &timestep, &cond, &merged)?;
+            t.unet_encoder += t0.elapsed();
+
+            let t0 = Instant::now();
+            for (c, image) in req.controlnets.iter().zip(&images) {
+                let (lo, hi) = (i as f32 / n as f32, (i + 1) as f32 / n as f32);
+                if lo < c.start || hi > c.end {
+                    continue; // diffusers' controlnet_keep = 0 for this step
+                }
+                let res = self.controlnets[c.model].residuals(&latent_in, &timestep, &cond, image)?;
+                let (res_mid, res_down) = res.split_last().expect("ControlNet returns residuals");
+                for (s, r) in skips.iter_mut().zip(res_down) {
+                    residual::axpy(&mut s.data, &r.data, c.scale);
+                }
+                residual::axpy(&mut mid.data, &res_mid.data, c.scale);
+            }
+            t.controlnet += t0.elapsed();
+
+            let t0 = Instant::now();
+            let pred = self.run_decoder(&emb, &cond, &mid, &skips, &merged)?;
+            t.unet_decoder += t0.elapsed();
+
+            let t0 = Instant::now();
+            if cfg {
+                guidance::combine(&pred.data, req.guidance, &mut guided.data);
+            } else {
+                guided.data.copy_from_slice(&pred.data);
+            }
+            sched.step(i, &guided.data, &mut latents.data, noise);
+            t.scheduler += t0.elapsed();
+            obs.on_step(i, n, &latents)?;
+        }
+
+        let t0 = Instant::now();
+        let image = self.decode(&latents)?;
+        t.vae_decode = t0.elapsed();
+        t.total = started.elapsed();
+        Ok(Generated { image, timings: t })
+    }
+
+    /// Latents → image in [0, 1] (diffusers: `vae.decode(latents / scaling_factor)`, `x/2 + 0.5`, clamp).
+    pub fn decode(&mut self, latents: &Tensor) -> Result<Tensor> {
+        let s = self.bundle.manifest.scaling_factor;
+        let scaled = Tensor::new(latents.shape.clone(), latents.data.iter().map(|v| v / s).collect());
+        let out = self.vae.run(ort::inputs!["latent" => scaled.view()?])?;
+        let mut image = Tensor::from_output(&out, "image")?;
+        image.data.iter_mut().for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
+        Ok(image)
+    }
+
+    fn run_encoder(
+        &mut self,
+        latent_in: &Tensor,
+        timestep: &Tensor,
+        cond: &Conditioning,
+        merged: &MergedWeights,
+    ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+            ("sample".into(), latent_in.view()?.into()),
+            ("timestep".into(), timestep.view()?.into()),
+            ("encoder_hidden_states".into(), cond.prompt_embeds.view()?.into()),
+            ("text_embeds".into(), cond.pooled.view()?.into()),
+            ("time_ids".into(), cond.time_ids.view()?.into()),
+        ];
+        // sessions and weights are disjoint fields: borrow them apart
+        let Pipeline { unet_encoder, weights, bundle, .. } = self;
+        for name in weights.inputs_of("unet_encoder") {
+            inputs.push((Cow::Borrowed(name.as_str()), merged.get(weights, name).into()));
+        }
+        let out = unet_encoder.run(inputs)?;
+        let emb = Tensor::from_output(&out, "emb")?;
+        let mid = Tensor::from_output(&out, "mid")?;
+        let skips = skip_names(bundle.manifest.unet.skips)
+            .iter()
+            .map(|n| Tensor::from_output(&out, n))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((emb, mid, skips))
+    }
+
+    fn run_decoder(
+        &mut self,
+        emb: &Tensor,
+        cond: &Conditioning,
+        mid: &Tensor,
+        skips: &[Tensor],
+        merged: &MergedWeights,
+    ) -> Result<Tensor> {
+        let names = skip_names(skips.len());
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+            ("emb".into(), emb.view()?.into()),
+            ("encoder_hidden_states".into(), cond.prompt_embeds.view()?.into()),
+            ("mid".into(), mid.view()?.into()),
+        ];
+        for (n, s) in names.iter().zip(skips) {
+            inputs.push((Cow::Borrowed(n.as_str()), s.view()?.into()));
+        }
+        let Pipeline { unet_decoder, weights, .. } = self;
+        for name in weights.inputs_of("unet_decoder") {
+            inputs.push((Cow::Borrowed(name.as_str()), merged.get(weights, name).into()));
+        }
+        let out = unet_decoder.run(inputs)?;
+        Tensor::from_output(&out, "noise_pred")
+    }
+}

@@ -1,0 +1,104 @@
+//! Loading ONNX Runtime and making sessions.
+//!
+//! ONNX Runtime is a shared library loaded at run time (`ort`'s `load-dynamic`): the pinned
+//! version comes from the `onnxruntime` wheel on PyPI, unpacked by `tools/fetch-onnxruntime.sh`
+//! into `.katz/ort/` of the repository. [`init`] finds it (`ORT_DYLIB_PATH` first, then
+//! `.katz/ort/` above the executable or the working directory) and fails with the fix when it
+//! is missing.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::{builder::GraphOptimizationLevel, Session};
+
+use crate::{Error, Result};
+
+/// The ONNX Runtime release katz is built and tested against.
+pub const ORT_VERSION: &str = "1.31.1";
+
+static ENV: OnceLock<std::result::Result<(Environment, PathBuf), String>> = OnceLock::new();
+
+fn candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        out.push(PathBuf::from(p));
+        return out;
+    }
+    let lib = format!("libonnxruntime.so.{ORT_VERSION}");
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    for r in roots {
+        let p = r.join(".katz").join("ort").join(&lib);
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Loads ONNX Runtime once per process; returns the library's path.
+pub fn init() -> Result<PathBuf> {
+    let state = ENV.get_or_init(|| {
+        let cands = candidates();
+        let Some(path) = cands.iter().find(|p| p.is_file()).cloned() else {
+            let searched = cands.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+            return Err(Error::RuntimeMissing { version: ORT_VERSION, searched }.to_string());
+        };
+        let env = ort::init_from(&path)
+            .map_err(|e| Error::RuntimeLoad { path: path.clone(), message: e.to_string() }.to_string())?
+            .with_name("katz")
+            .build()
+            .map_err(|e| Error::RuntimeLoad { path: path.clone(), message: e.to_string() }.to_string())?;
+        tracing::debug!(path = %path.display(), "loaded ONNX Runtime");
+        Ok((env, path))
+    });
+    match state {
+        Ok((_, p)) => Ok(p.clone()),
+        Err(msg) if msg.starts_with("ONNX Runtime") && msg.contains("not found") => {
+            Err(Error::RuntimeMissing { version: ORT_VERSION, searched: msg.clone() })
+        }
+        Err(msg) => Err(Error::RuntimeLoad { path: PathBuf::new(), message: msg.clone() }),
+    }
+}
+
+fn environment() -> Result<&'static Environment> {
+    init()?;
+    match ENV.get() {
+        Some(Ok((env, _))) => Ok(env),
+        _ => unreachable!("init succeeded"),
+    }
+}
+
+/// Where sessions run and with how many threads.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Threads per operator (0: ONNX Runtime's default, all cores).
+    pub intra_threads: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions { intra_threads: 0 }
+    }
+}
+
+/// Opens one graph of a bundle.
+pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
+    if !path.is_file() {
+        return Err(Error::bundle(path, "graph file is missing"));
+    }
+    let env = environment()?;
+    let mut b = Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(ort::Error::from)?;
+    if opts.intra_threads > 0 {
+        b = b.with_intra_threads(opts.intra_threads).map_err(ort::Error::from)?;
+    }
+    b.commit_from_file(path).map_err(|e| Error::bundle(path, format!("ONNX Runtime cannot load it: {e}")))
+}

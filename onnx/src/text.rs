@@ -1,0 +1,125 @@
+//! Prompt conditioning of SDXL: two tokenizers and text encoders, concatenated hidden states,
+//! pooled projection, time ids — diffusers' `StableDiffusionXLPipeline.encode_prompt`.
+
+use std::path::Path;
+
+use ort::session::Session;
+use ort::value::TensorRef;
+use tokenizers::Tokenizer;
+
+use crate::bundle::{check_io, BaseBundle, TextEncoderSpec};
+use crate::runtime::{self, SessionOptions};
+use crate::tensor::Tensor;
+use crate::{Error, Result};
+
+struct Encoder {
+    spec: TextEncoderSpec,
+    tokenizer: Tokenizer,
+    session: Session,
+}
+
+/// The conditioning of one request: `[uncond; cond]` when guidance is on, `[cond]` otherwise.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// `[B, 77, C]`
+    pub prompt_embeds: Tensor,
+    /// `[B, P]`
+    pub pooled: Tensor,
+    /// `[B, 6]`
+    pub time_ids: Tensor,
+}
+
+pub struct TextEncoders {
+    encoders: Vec<Encoder>,
+    force_zeros_for_empty_prompt: bool,
+}
+
+fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    Tokenizer::from_file(path).map_err(|e| Error::Tokenizer { path: path.into(), message: e.to_string() })
+}
+
+impl TextEncoders {
+    pub fn load(bundle: &BaseBundle, opts: &SessionOptions) -> Result<Self> {
+        let mut encoders = Vec::new();
+        for spec in &bundle.manifest.text_encoders {
+            let path = bundle.path(&spec.graph);
+            let session = runtime::session(&path, opts)?;
+            check_io(&path, &session, &["input_ids".into()], &["hidden_states".into(), "pooled".into()])?;
+            let tokenizer = load_tokenizer(&bundle.path(&spec.tokenizer))?;
+            encoders.push(Encoder { spec: spec.clone(), tokenizer, session });
+        }
+        Ok(TextEncoders { encoders, force_zeros_for_empty_prompt: bundle.manifest.force_zeros_for_empty_prompt })
+    }
+
+    /// Token ids of `text` for encoder `index`, padded/truncated to its max length.
+    pub fn tokenize(&self, index: usize, text: &str) -> Result<Vec<i64>> {
+        let enc = &self.encoders[index];
+        let e = enc.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer {
+            path: enc.spec.tokenizer.clone().into(),
+            message: e.to_string(),
+        })?;
+        let mut ids: Vec<i64> = e.get_ids().iter().map(|&i| i as i64).collect();
+        let n = enc.spec.max_length;
+        if ids.len() != n {
+            // tokenizer.json normally pads and truncates itself; enforce the graph's fixed length
+            let pad = enc.tokenizer.get_padding().map(|p| p.pad_id as i64).unwrap_or(0);
+            ids.resize(n, pad);
+        }
+        Ok(ids)
+    }
+
+    /// Hidden states `[B,77,C]` (concatenated over encoders) and pooled `[B,P]` of the last encoder.
+    fn encode(&mut self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
+        let b = texts.len();
+        let mut hidden: Vec<Tensor> = Vec::new();
+        let mut pooled = None;
+        for idx in 0..self.encoders.len() {
+            let n = self.encoders[idx].spec.max_length;
+            let mut ids = Vec::with_capacity(b * n);
+            for t in texts {
+                ids.extend(self.tokenize(idx, t)?);
+            }
+            let enc = &mut self.encoders[idx];
+            let input = TensorRef::from_array_view(([b, n], ids.as_slice()))?;
+            let out = enc.session.run(ort::inputs!["input_ids" => input])?;
+            hidden.push(Tensor::from_output(&out, "hidden_states")?);
+            pooled = Some(Tensor::from_output(&out, "pooled")?);
+        }
+        // concat on the channel axis
+        let n = hidden[0].shape[1];
+        let widths: Vec<usize> = hidden.iter().map(|h| h.shape[2]).collect();
+        let c: usize = widths.iter().sum();
+        let mut data = Vec::with_capacity(b * n * c);
+        for row in 0..b * n {
+            for (h, &w) in hidden.iter().zip(&widths) {
+                data.extend_from_slice(&h.data[row * w..(row + 1) * w]);
+            }
+        }
+        let pooled = pooled.ok_or_else(|| Error::InvalidRequest("bundle has no text encoder".into()))?;
+        Ok((Tensor::new(vec![b, n, c], data), pooled))
+    }
+
+    /// diffusers' SDXL conditioning for a request; `cfg` adds the unconditional half in front.
+    pub fn condition(
+        &mut self,
+        prompt: &str,
+        negative_prompt: Option<&str>,
+        cfg: bool,
+        (height, width): (usize, usize),
+    ) -> Result<Conditioning> {
+        let (embeds, pooled) = if !cfg {
+            self.encode(&[prompt])?
+        } else if negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
+            let (e, p) = self.encode(&[prompt])?;
+            let ze = Tensor::zeros(e.shape.clone());
+            let zp = Tensor::zeros(p.shape.clone());
+            (Tensor::concat0(&[&ze, &e]), Tensor::concat0(&[&zp, &p]))
+        } else {
+            self.encode(&[negative_prompt.unwrap_or(""), prompt])?
+        };
+        let b = embeds.shape[0];
+        let ids = [height as f32, width as f32, 0.0, 0.0, height as f32, width as f32];
+        let time_ids = Tensor::new(vec![b, 6], ids.iter().copied().cycle().take(6 * b).collect());
+        Ok(Conditioning { prompt_embeds: embeds, pooled, time_ids })
+    }
+}

@@ -1,0 +1,145 @@
+//! LoRA-targetable weights: graph inputs bound from buffers katz owns.
+//!
+//! The pristine set is read once from the bundle's `weights.safetensors`; a job with LoRAs gets a
+//! [`MergedWeights`] set holding `W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ` for the layers its LoRAs touch, and the
+//! pristine tensors for the rest. Sessions are never rebuilt and the pristine set never changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use katz_kernels::lora::{merge_into, Factor};
+use ort::value::Tensor as OrtTensor;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::bundle::{BaseBundle, WeightEntry};
+use crate::lora::LoraAdapter;
+use crate::{Error, Result};
+
+/// Converts a safetensors tensor to f32 (f32, f16 and bf16 are read).
+pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    match dtype {
+        Dtype::F32 => Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        Dtype::F16 => {
+            Some(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+        }
+        Dtype::BF16 => {
+            Some(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+        }
+        _ => None,
+    }
+}
+
+/// The bundle's pristine weights, by graph input name.
+pub struct Weights {
+    map: BTreeMap<String, WeightEntry>,
+    values: HashMap<String, OrtTensor<f32>>,
+    /// Input names per graph, in manifest order.
+    by_graph: HashMap<String, Vec<String>>,
+}
+
+impl Weights {
+    pub fn load(bundle: &BaseBundle) -> Result<Self> {
+        crate::runtime::init()?;
+        let spec = &bundle.manifest.weights;
+        let path = bundle.path(&spec.file);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::bundle(&path, format!("not a safetensors file: {e}")))?;
+        let mut values = HashMap::new();
+        let mut by_graph: HashMap<String, Vec<String>> = HashMap::new();
+        for (name, entry) in &spec.map {
+            let t = st
+                .tensor(name)
+                .map_err(|_| Error::bundle(&path, format!("manifest names weight `{name}`, which the file lacks")))?;
+            if t.shape() != entry.shape.as_slice() {
+                return Err(Error::bundle(
+                    &path,
+                    format!("weight `{name}` has shape {:?}, the manifest says {:?}", t.shape(), entry.shape),
+                ));
+            }
+            let data = to_f32(t.dtype(), t.data())
+                .ok_or_else(|| Error::bundle(&path, format!("weight `{name}` has unsupported dtype {:?}", t.dtype())))?;
+            values.insert(name.clone(), OrtTensor::from_array((entry.shape.clone(), data))?);
+            by_graph.entry(entry.graph.clone()).or_default().push(name.clone());
+        }
+        let extra: Vec<String> = st.names().into_iter().filter(|n| !spec.map.contains_key(*n)).map(String::from).collect();
+        if !extra.is_empty() {
+            return Err(Error::bundle(
+                &path,
+                format!("{} weights are not in the manifest's map (first: {})", extra.len(), extra[0]),
+            ));
+        }
+        Ok(Weights { map: spec.map.clone(), values, by_graph })
+    }
+
+    pub fn map(&self) -> &BTreeMap<String, WeightEntry> {
+        &self.map
+    }
+
+    /// Input names that graph `graph` takes as weights.
+    pub fn inputs_of(&self, graph: &str) -> &[String] {
+        self.by_graph.get(graph).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn pristine(&self, name: &str) -> &OrtTensor<f32> {
+        &self.values[name]
+    }
+
+    /// The host data of a pristine weight.
+    pub fn data(&self, name: &str) -> Result<&[f32]> {
+        Ok(self.values[name].try_extract_tensor::<f32>()?.1)
+    }
+
+    /// Merges LoRAs (each with its scale) into a new set of the touched weights.
+    pub fn merge(&self, loras: &[(Arc<LoraAdapter>, f32)]) -> Result<MergedWeights> {
+        let mut touched: BTreeMap<&str, Vec<Factor<'_>>> = BTreeMap::new();
+        for (lora, scale) in loras {
+            for (name, layer) in &lora.layers {
+                touched.entry(name.as_str()).or_default().push(Factor {
+                    b: &layer.b,
+                    a: &layer.a,
+                    rank: layer.rank,
+                    coeff: scale * layer.alpha / layer.rank as f32,
+                });
+            }
+        }
+        let mut merged = HashMap::new();
+        for (name, factors) in touched {
+            let entry = self.map.get(name).ok_or_else(|| {
+                Error::InvalidRequest(format!("LoRA layer `{name}` is not a weight of this bundle"))
+            })?;
+            let (rows, cols) = (entry.shape[0], entry.shape[1]);
+            let mut out = vec![0f32; rows * cols];
+            merge_into(self.data(name)?, rows, cols, &factors, &mut out);
+            merged.insert(name.to_string(), OrtTensor::from_array((entry.shape.clone(), out))?);
+        }
+        Ok(MergedWeights { merged })
+    }
+}
+
+/// Weights changed by a job's LoRAs; the rest are bound from the pristine set.
+#[derive(Default)]
+pub struct MergedWeights {
+    merged: HashMap<String, OrtTensor<f32>>,
+}
+
+impl MergedWeights {
+    pub fn len(&self) -> usize {
+        self.merged.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.merged.is_empty()
+    }
+
+    /// The tensor to bind for input `name`: merged if a LoRA touched it, pristine otherwise.
+    pub fn get<'a>(&'a self, pristine: &'a Weights, name: &str) -> &'a OrtTensor<f32> {
+        self.merged.get(name).unwrap_or_else(|| pristine.pristine(name))
+    }
+
+    /// The merged host data of `name`, if a LoRA touched it.
+    pub fn data(&self, name: &str) -> Option<Result<&[f32]>> {
+        self.merged.get(name).map(|t| Ok(t.try_extract_tensor::<f32>()?.1))
+    }
+}
+

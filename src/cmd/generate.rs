@@ -1,0 +1,183 @@
+//! `katz generate`: one image from a bundle, with any number of ControlNets and LoRAs.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use katz_onnx::image::read_conditioning;
+use katz_onnx::pipeline::{ControlRequest, Pipeline, Request};
+use katz_onnx::scheduler::SchedulerKind;
+
+use super::{finish, DeviceArgs, Progress};
+
+/// `BUNDLE=IMAGE[:SCALE[:START:END]]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlNetSpec {
+    pub bundle: PathBuf,
+    pub image: PathBuf,
+    pub scale: f32,
+    pub start: f32,
+    pub end: f32,
+}
+
+impl FromStr for ControlNetSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (bundle, rest) =
+            s.split_once('=').ok_or_else(|| format!("`{s}`: expected BUNDLE=IMAGE[:SCALE[:START:END]]"))?;
+        let mut parts: Vec<&str> = rest.split(':').collect();
+        // trailing numbers are options; whatever is left is the image path (which may hold ':')
+        let mut nums = Vec::new();
+        while parts.len() > 1 && nums.len() < 3 {
+            match parts.last().and_then(|p| p.parse::<f32>().ok()) {
+                Some(v) => {
+                    nums.insert(0, v);
+                    parts.pop();
+                }
+                None => break,
+            }
+        }
+        let (scale, start, end) = match nums[..] {
+            [] => (1.0, 0.0, 1.0),
+            [s] => (s, 0.0, 1.0),
+            [s, a, b] => (s, a, b),
+            _ => return Err(format!("`{s}`: give SCALE, or SCALE:START:END")),
+        };
+        Ok(ControlNetSpec { bundle: bundle.into(), image: parts.join(":").into(), scale, start, end })
+    }
+}
+
+/// `FILE[:SCALE]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub file: PathBuf,
+    pub scale: f32,
+}
+
+impl FromStr for LoraSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.rsplit_once(':').and_then(|(f, v)| v.parse::<f32>().ok().map(|v| (f, v))) {
+            Some((f, v)) => Ok(LoraSpec { file: f.into(), scale: v }),
+            None => Ok(LoraSpec { file: s.into(), scale: 1.0 }),
+        }
+    }
+}
+
+/// `WIDTHxHEIGHT`
+pub fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let (w, h) = s.split_once(['x', 'X', '×']).ok_or_else(|| format!("`{s}`: expected WIDTHxHEIGHT"))?;
+    let p = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("`{s}`: `{v}` is not a number"));
+    Ok((p(w)?, p(h)?))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Base-model bundle directory.
+    #[arg(long, env = "KATZ_BUNDLE")]
+    pub bundle: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    /// Without one, the unconditional half uses zero embeddings (SDXL's default).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps (default: the bundle's).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale; ≤ 1 turns guidance off (default: the bundle's).
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Image size WIDTHxHEIGHT, multiples of 8 (default: the bundle's).
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<(usize, usize)>,
+    /// euler, euler-a, ddim or dpm++2m.
+    #[arg(long, default_value = "euler")]
+    pub scheduler: SchedulerKind,
+    /// Karras sigmas (euler, dpm++2m).
+    #[arg(long)]
+    pub karras: bool,
+    /// A ControlNet: BUNDLE=IMAGE[:SCALE[:START:END]] (repeatable; the image must have the request's size).
+    #[arg(long = "controlnet")]
+    pub controlnets: Vec<ControlNetSpec>,
+    /// A LoRA in the diffusers/peft safetensors layout: FILE[:SCALE] (repeatable).
+    #[arg(long = "lora")]
+    pub loras: Vec<LoraSpec>,
+    #[arg(long, short)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Loads what a request names and builds it (shared with `katz demo`).
+pub fn build_request(pipe: &mut Pipeline, a: &GenerateArgs) -> anyhow::Result<Request> {
+    let m = &pipe.bundle.manifest;
+    let (width, height) = a.size.unwrap_or((m.default_size[0], m.default_size[1]));
+    let steps = a.steps.unwrap_or(m.default_steps);
+    let guidance = a.guidance.unwrap_or(m.default_guidance);
+    let f = m.vae_scale_factor;
+    if width % f != 0 || height % f != 0 || width == 0 || height == 0 {
+        bail!("size {width}x{height}: width and height must be positive multiples of {f}");
+    }
+    let mut controlnets = Vec::new();
+    for c in &a.controlnets {
+        let model = pipe.controlnet(&c.bundle).with_context(|| format!("ControlNet {}", c.bundle.display()))?;
+        let image = read_conditioning(&c.image, (width, height))?;
+        controlnets.push(ControlRequest { model, image, scale: c.scale, start: c.start, end: c.end });
+    }
+    let mut loras = Vec::new();
+    for l in &a.loras {
+        loras.push((pipe.lora(&l.file)?, l.scale));
+    }
+    Ok(Request {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        width,
+        height,
+        steps,
+        guidance,
+        scheduler: a.scheduler,
+        karras: a.karras,
+        seed: a.seed,
+        controlnets,
+        loras,
+    })
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let mut pipe = Pipeline::load(&a.bundle, a.device.session_options())
+        .map_err(|e| anyhow!(e))
+        .with_context(|| format!("loading bundle {}", a.bundle.display()))?;
+    let req = build_request(&mut pipe, &a)?;
+    pipe.validate(&req)?;
+    let mut progress = Progress::new(req.steps);
+    let out = pipe.generate(&req, &mut progress);
+    progress.finish();
+    finish(&out?, &a.output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controlnet_spec_forms() {
+        let c: ControlNetSpec = "cn=img.png".parse().unwrap();
+        assert_eq!((c.scale, c.start, c.end), (1.0, 0.0, 1.0));
+        let c: ControlNetSpec = "cn=a:b.png:0.5".parse().unwrap();
+        assert_eq!((c.image.to_str().unwrap(), c.scale), ("a:b.png", 0.5));
+        let c: ControlNetSpec = "cn=img.png:0.7:0.1:0.9".parse().unwrap();
+        assert_eq!((c.scale, c.start, c.end), (0.7, 0.1, 0.9));
+        assert!("no-equals".parse::<ControlNetSpec>().is_err());
+    }
+
+    #[test]
+    fn lora_and_size_forms() {
+        assert_eq!("x.safetensors:0.5".parse::<LoraSpec>().unwrap().scale, 0.5);
+        assert_eq!("x.safetensors".parse::<LoraSpec>().unwrap().scale, 1.0);
+        assert_eq!(parse_size("128x96").unwrap(), (128, 96));
+        assert!(parse_size("128").is_err());
+    }
+}

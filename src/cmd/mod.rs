@@ -1,0 +1,97 @@
+//! One module per subcommand, plus the flags and helpers they share.
+
+pub mod demo;
+pub mod generate;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use katz_onnx::pipeline::{Generated, Observer};
+use katz_onnx::runtime::SessionOptions;
+use katz_onnx::tensor::Tensor;
+
+/// Where models run.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Threads per ONNX Runtime operator (0: all cores).
+    #[arg(long, env = "KATZ_THREADS", default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl DeviceArgs {
+    pub fn session_options(&self) -> SessionOptions {
+        SessionOptions { intra_threads: self.threads }
+    }
+}
+
+/// The repository's `bundles/` directory: `$KATZ_BUNDLES`, else the first `bundles/` with the
+/// tiny base bundle above the executable or the working directory.
+pub fn bundles_dir() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KATZ_BUNDLES") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    for r in roots {
+        let b = r.join("bundles");
+        if b.join("tiny-sdxl").join("bundle.json").is_file() {
+            return Ok(b);
+        }
+    }
+    bail!("cannot find the bundled tiny models (bundles/tiny-sdxl); run from the repository or set KATZ_BUNDLES")
+}
+
+/// A progress bar on the terminal (hidden when stderr is not one).
+pub struct Progress(ProgressBar);
+
+impl Progress {
+    pub fn new(steps: usize) -> Self {
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>10} [{bar:32}] {pos}/{len} steps  {elapsed_precise}  {per_sec}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar.set_message("denoising");
+        Progress(bar)
+    }
+
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+impl Observer for Progress {
+    fn on_step(&mut self, step: usize, _total: usize, _latents: &Tensor) -> katz_onnx::Result<()> {
+        self.0.set_position(step as u64 + 1);
+        Ok(())
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:>10.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Writes the PNG and prints the per-stage timings.
+pub fn finish(out: &Generated, path: &Path) -> anyhow::Result<()> {
+    let png = katz_onnx::image::encode_png(&out.image)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, &png).with_context(|| format!("writing {}", path.display()))?;
+    println!("timings ({} steps):", out.timings.steps);
+    for (stage, d) in out.timings.rows() {
+        println!("  {stage:<22}{}", ms(d));
+    }
+    let (h, w) = (out.image.shape[2], out.image.shape[3]);
+    println!("wrote {} ({w}×{h} PNG, {} bytes)", path.display(), png.len());
+    Ok(())
+}
