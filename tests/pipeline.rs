@@ -1,0 +1,117 @@
+//! Pipeline behaviour beyond parity: adapters change the image, pristine weights stay pristine,
+//! cancellation stops at a step boundary, validation refuses bad requests.
+
+use std::path::PathBuf;
+
+use katz_kernels::rel_err;
+use katz_onnx::image::read_conditioning;
+use katz_onnx::pipeline::{ControlRequest, NoObserver, Observer, Pipeline, Request};
+use katz_onnx::runtime::SessionOptions;
+use katz_onnx::scheduler::SchedulerKind;
+use katz_onnx::tensor::Tensor;
+use katz_onnx::Error;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn pipeline() -> Pipeline {
+    Pipeline::load(root().join("bundles/tiny-sdxl"), SessionOptions { intra_threads: 1 }).unwrap()
+}
+
+fn request() -> Request {
+    Request {
+        prompt: "a red circle".into(),
+        negative_prompt: None,
+        width: 64,
+        height: 64,
+        steps: 3,
+        guidance: 5.0,
+        scheduler: SchedulerKind::Euler,
+        karras: false,
+        seed: 3,
+        controlnets: vec![],
+        loras: vec![],
+    }
+}
+
+#[test]
+fn adapters_change_the_image_and_pristine_weights_survive() {
+    let mut p = pipeline();
+    let plain = p.generate(&request(), &mut NoObserver).unwrap().image;
+
+    let mut with_lora = request();
+    with_lora.loras = vec![(p.lora(root().join("bundles/loras/tiny-lora-a.safetensors")).unwrap(), 1.0)];
+    let lora_img = p.generate(&with_lora, &mut NoObserver).unwrap().image;
+    let d = rel_err(&lora_img.data, &plain.data);
+    assert!(d > 1e-3, "the LoRA changed nothing ({d:.1e})");
+
+    let mut with_cn = request();
+    let model = p.controlnet(root().join("bundles/tiny-sdxl-controlnet")).unwrap();
+    let image = read_conditioning(&root().join("bundles/examples/cond_a.png"), (64, 64)).unwrap();
+    with_cn.controlnets = vec![ControlRequest { model, image, scale: 1.0, start: 0.0, end: 1.0 }];
+    let cn_img = p.generate(&with_cn, &mut NoObserver).unwrap().image;
+    let d = rel_err(&cn_img.data, &plain.data);
+    assert!(d > 1e-3, "the ControlNet changed nothing ({d:.1e})");
+
+    // after jobs with adapters, a plain job gives exactly the first image
+    let again = p.generate(&request(), &mut NoObserver).unwrap().image;
+    assert_eq!(again, plain);
+}
+
+#[test]
+fn lora_scale_zero_is_the_base_model() {
+    let mut p = pipeline();
+    let plain = p.generate(&request(), &mut NoObserver).unwrap().image;
+    let mut r = request();
+    r.loras = vec![(p.lora(root().join("bundles/loras/tiny-lora-a.safetensors")).unwrap(), 0.0)];
+    let zero = p.generate(&r, &mut NoObserver).unwrap().image;
+    assert!(rel_err(&zero.data, &plain.data) < 1e-6);
+}
+
+struct CancelAt(usize);
+impl Observer for CancelAt {
+    fn on_step(&mut self, step: usize, _: usize, _: &Tensor) -> katz_onnx::Result<()> {
+        if step == self.0 {
+            return Err(Error::Cancelled { step });
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn an_observer_can_cancel_between_steps() {
+    let mut p = pipeline();
+    let e = p.generate(&request(), &mut CancelAt(1)).unwrap_err();
+    assert!(matches!(e, Error::Cancelled { step: 1 }), "{e}");
+}
+
+#[test]
+fn validation_names_the_problem() {
+    let p = pipeline();
+    let cases: Vec<(Box<dyn Fn(&mut Request)>, &str)> = vec![
+        (Box::new(|r| r.steps = 0), "steps must be at least 1"),
+        (Box::new(|r| r.steps = 5000), "at most"),
+        (Box::new(|r| r.width = 100), "width must be a positive multiple of 8"),
+        (Box::new(|r| r.height = 0), "height must be a positive multiple of 8"),
+        (Box::new(|r| r.guidance = f32::NAN), "guidance"),
+        (Box::new(|r| r.width = 8192), "at most 4096"),
+    ];
+    for (edit, needle) in cases {
+        let mut r = request();
+        edit(&mut r);
+        let e = p.validate(&r).unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest(_)), "{e}");
+        assert!(e.to_string().contains(needle), "`{e}` does not say `{needle}`");
+        assert_eq!(e.disposition(), katz_onnx::Disposition::DeadLetter);
+    }
+}
+
+#[test]
+fn guidance_off_runs_one_half() {
+    let mut p = pipeline();
+    let mut r = request();
+    r.guidance = 1.0;
+    let out = p.generate(&r, &mut NoObserver).unwrap();
+    assert_eq!(out.image.shape, vec![1, 3, 64, 64]);
+}
