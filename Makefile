@@ -1,0 +1,27 @@
+# The two commands of the README, and what they need.
+#   make demo    the embedded demo (tiny bundles, one ControlNet, one LoRA, CPU)
+#   make test    every test (unit, parity against diffusers, CLI, integration)
+ORT_VERSION ?= 1.31.1
+ORT_LIB := .katz/ort/libonnxruntime.so.$(ORT_VERSION)
+CARGO ?= cargo
+
+.PHONY: demo test build services export
+
+$(ORT_LIB): tools/fetch-onnxruntime.sh
+	ORT_VERSION=$(ORT_VERSION) tools/fetch-onnxruntime.sh
+
+build: $(ORT_LIB)
+	$(CARGO) build --release
+
+demo: build
+	./target/release/katz demo --output demo.png
+
+services:
+	tools/services.sh
+
+test: $(ORT_LIB) services
+	$(CARGO) test --release --workspace
+
+# Rebuilds the committed tiny bundles and parity references (torch + diffusers, in .venv-tools).
+export:
+	tools/export.sh
