@@ -20,7 +20,7 @@ services:
 	tools/services.sh
 
 test: $(ORT_LIB) services
-	$(CARGO) test --release --workspace
+	$(CARGO) test --release --workspace --all-targets
 
 # Rebuilds the committed tiny bundles and parity references (torch + diffusers, in .venv-tools).
 export:

@@ -29,6 +29,7 @@ import math
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -125,21 +126,42 @@ WORDS = ("a an the of on in at above below left right of and with next to small 
 
 def build_tokenizer(vocab_size: int):
     """A small CLIP-like BPE vocabulary in the HF tokenizers format (lower-cased, `</w>` word
-    ends, <|startoftext|> … <|endoftext|>, padded with <|endoftext|> to 77)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    ends, <|startoftext|> … <|endoftext|>, padded with <|endoftext|> to 77). The merges are built
+    deterministically (each known word assembled left to right), so every export writes the same
+    file; unknown words fall back to shorter pieces and single characters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = Tokenizer(models.BPE(unk_token="<|unk|>", end_of_word_suffix="</w>"))
+    special = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
+    alphabet = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-:;()"))
+    vocab = {t: i for i, t in enumerate(special)}
+    for ch in alphabet:
+        for piece in (ch, ch + "</w>"):
+            vocab.setdefault(piece, len(vocab))
+    # classic BPE training over the known words, ties broken by the pair's text: deterministic,
+    # and every known word ends as one token
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in sorted(set(COLOURS + SHAPES + WORDS))]
+    merges = []
+    while len(vocab) < vocab_size:
+        counts = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == best:
+                    w[i:i + 2] = [w[i] + w[i + 1]]
+                i += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<|unk|>", end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    special = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
-    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-:;()")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, min_frequency=1,
-                                  end_of_word_suffix="</w>", initial_alphabet=alphabet, show_progress=False)
-    rng = np.random.default_rng(0)
-    vocab = COLOURS + SHAPES + WORDS
-    corpus = [" ".join(rng.choice(vocab, size=8)) for _ in range(4000)] + vocab
-    tok.train_from_iterator(corpus, trainer)
-    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.add_special_tokens(special)
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     tok.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
@@ -311,19 +333,26 @@ def targeted_weights(unet) -> dict[str, list[str]]:
 
 
 def export(module, args, path: Path, input_names, output_names, dynamic_axes, external=False):
+    """Exports one graph. Large graphs (> 2 GB) keep their initializers in one `<graph>.onnx.data`
+    file beside the graph: the TorchScript exporter writes one file per tensor, so it writes into a
+    scratch directory first (graphs share tensor names) and the result is re-saved."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    target = path
+    if external:
+        scratch = Path(tempfile.mkdtemp(prefix=path.stem + "-", dir=path.parent))
+        target = scratch / path.name
     with torch.no_grad():
-        torch.onnx.export(module, tuple(args), str(path), input_names=input_names, output_names=output_names,
-                          dynamic_axes=dynamic_axes, opset_version=17, do_constant_folding=True, dynamo=False,
-                          external_data=external)
+        torch.onnx.export(module, tuple(args), str(target), input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes, opset_version=17, do_constant_folding=True, dynamo=False)
     if external:
         import onnx
 
-        m = onnx.load(str(path))
-        for f in path.parent.glob(path.name + "*.data"):
-            f.unlink()
+        m = onnx.load(str(target))  # pulls in the per-tensor files
+        data = path.parent / (path.name + ".data")
+        data.unlink(missing_ok=True)
         onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.stem + ".onnx.data", size_threshold=1024)
+                        location=data.name, size_threshold=1024)
+        shutil.rmtree(scratch)
 
 
 def check_graph(path: Path, module, args, input_names, output_names, tol=1e-4):
@@ -657,7 +686,7 @@ def main(argv=None):
     cfg = tiny_config() if a.config == "tiny" else sdxl_config()
     out = a.out or REPO / "bundles" / cfg["name"]
     cn_out = out.parent / (out.name + "-controlnet")
-    check = 64 if a.config == "tiny" else 256
+    check = 64 if a.config == "tiny" else 128
     tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check)
     if a.config != "tiny" or a.no_references:
         return
