@@ -677,6 +677,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, help="bundle directory (default bundles/tiny-sdxl or bundles/sdxl)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--no-references", action="store_true", help="skip the diffusers parity references")
+    ap.add_argument("--example-lora", type=Path, metavar="FILE",
+                    help="also write a seeded rank-8 LoRA (diffusers/peft layout) for this bundle's UNet")
     a = ap.parse_args(argv)
     if a.config == "sdxl" and not (a.random_init or a.checkpoint):
         ap.error("--config sdxl needs --random-init or --checkpoint DIR")
@@ -688,6 +690,9 @@ def main(argv=None):
     cn_out = out.parent / (out.name + "-controlnet")
     check = 64 if a.config == "tiny" else 128
     tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check)
+    if a.example_lora:
+        make_lora(models[2], a.example_lora, rank=8, alpha=8.0, seed=a.seed + 13)
+        print(f"  example LoRA: {a.example_lora}")
     if a.config != "tiny" or a.no_references:
         return
     loras = {
