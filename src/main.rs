@@ -11,7 +11,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "katz", version, about = "Serves diffusion-model workflows with many adapters")]
+#[command(
+    name = "katz",
+    version,
+    about = "Serves diffusion-model workflows with many adapters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -15,11 +15,18 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn katz(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_katz")).args(args).current_dir(root()).output().expect("katz runs")
+    Command::new(env!("CARGO_BIN_EXE_katz"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("katz runs")
 }
 
 fn ok(out: &Output) -> String {
-    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
     assert!(out.status.success(), "katz failed:\n{so}\n{se}");
     so.into_owned()
 }
@@ -27,13 +34,18 @@ fn ok(out: &Output) -> String {
 /// Fails with a message containing `needle`, and without a panic.
 fn fails_with(out: &Output, needle: &str) {
     let se = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "katz succeeded where it should fail ({needle})");
+    assert!(
+        !out.status.success(),
+        "katz succeeded where it should fail ({needle})"
+    );
     assert!(!se.contains("panicked"), "katz panicked:\n{se}");
     assert!(se.contains(needle), "error does not say `{needle}`:\n{se}");
 }
 
 fn is_png(p: &Path) -> bool {
-    std::fs::read(p).map(|b| b.starts_with(b"\x89PNG\r\n\x1a\n") && b.len() > 100).unwrap_or(false)
+    std::fs::read(p)
+        .map(|b| b.starts_with(b"\x89PNG\r\n\x1a\n") && b.len() > 100)
+        .unwrap_or(false)
 }
 
 #[test]
@@ -41,16 +53,41 @@ fn demo_is_reproducible_and_seeded() {
     let d = tmp("demo");
     let (a, b, c) = (d.join("a.png"), d.join("b.png"), d.join("c.png"));
     let out = ok(&katz(&["demo", "--steps", "4", "--output", a.to_str().unwrap()]));
-    assert!(out.contains("UNet encoder") && out.contains("VAE decode") && out.contains("total"), "{out}");
+    assert!(
+        out.contains("UNet encoder") && out.contains("VAE decode") && out.contains("total"),
+        "{out}"
+    );
     ok(&katz(&["demo", "--steps", "4", "--output", b.to_str().unwrap()]));
-    ok(&katz(&["demo", "--steps", "4", "--seed", "7", "--output", c.to_str().unwrap()]));
+    ok(&katz(&[
+        "demo",
+        "--steps",
+        "4",
+        "--seed",
+        "7",
+        "--output",
+        c.to_str().unwrap(),
+    ]));
     assert!(is_png(&a));
-    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "same seed, different bytes");
-    assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap(), "other seed, same image");
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "same seed, different bytes"
+    );
+    assert_ne!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&c).unwrap(),
+        "other seed, same image"
+    );
 }
 
 fn generate(extra: &[&str], output: &Path) -> Output {
-    let mut args = vec!["generate", "--bundle", "bundles/tiny-sdxl", "--prompt", "a blue star"];
+    let mut args = vec![
+        "generate",
+        "--bundle",
+        "bundles/tiny-sdxl",
+        "--prompt",
+        "a blue star",
+    ];
     args.extend(["--output", output.to_str().unwrap()]);
     // defaults unless the test gives its own
     for (flag, value) in [("--size", "64x64"), ("--steps", "3")] {
@@ -93,13 +130,29 @@ fn bad_input_is_a_clear_error() {
     let o = d.join("x.png");
     let o = o.as_path();
     fails_with(
-        &katz(&["generate", "--bundle", "no/such/bundle", "--prompt", "x", "--output", o.to_str().unwrap()]),
+        &katz(&[
+            "generate",
+            "--bundle",
+            "no/such/bundle",
+            "--prompt",
+            "x",
+            "--output",
+            o.to_str().unwrap(),
+        ]),
         "no such bundle directory",
     );
     fails_with(&generate(&["--steps", "0"], o), "steps must be at least 1");
     fails_with(&generate(&["--size", "60x64"], o), "multiples of 8");
     fails_with(
-        &generate(&["--size", "128x128", "--controlnet", "bundles/tiny-sdxl-controlnet=bundles/examples/cond_a.png"], o),
+        &generate(
+            &[
+                "--size",
+                "128x128",
+                "--controlnet",
+                "bundles/tiny-sdxl-controlnet=bundles/examples/cond_a.png",
+            ],
+            o,
+        ),
         "is 64×64; the request's size is 128×128",
     );
     let not_png = d.join("not.png");
@@ -107,7 +160,10 @@ fn bad_input_is_a_clear_error() {
     let spec = format!("bundles/tiny-sdxl-controlnet={}", not_png.display());
     fails_with(&generate(&["--controlnet", &spec], o), "not a readable PNG");
     fails_with(
-        &generate(&["--controlnet", "bundles/tiny-sdxl=bundles/examples/cond_a.png"], o),
+        &generate(
+            &["--controlnet", "bundles/tiny-sdxl=bundles/examples/cond_a.png"],
+            o,
+        ),
         "is a `base` bundle where a `controlnet` bundle was expected",
     );
     fails_with(&generate(&["--lora", "no/such.safetensors"], o), "no such file");
@@ -122,12 +178,21 @@ fn lora_whose_keys_match_nothing_is_refused() {
     let p = d.join("foreign.safetensors");
     let a = vec![0u8; 4 * 4 * 4];
     let views = vec![
-        ("lora_unet_foo_bar.lora_down.weight".to_string(), TensorView::new(Dtype::F32, vec![4, 4], &a).unwrap()),
-        ("text_model.encoder.layers.0.q_proj.lora_A.weight".to_string(), TensorView::new(Dtype::F32, vec![4, 4], &a).unwrap()),
+        (
+            "lora_unet_foo_bar.lora_down.weight".to_string(),
+            TensorView::new(Dtype::F32, vec![4, 4], &a).unwrap(),
+        ),
+        (
+            "text_model.encoder.layers.0.q_proj.lora_A.weight".to_string(),
+            TensorView::new(Dtype::F32, vec![4, 4], &a).unwrap(),
+        ),
     ];
     safetensors::serialize_to_file(views, None, &p).unwrap();
     let spec = format!("{}:1.0", p.display());
-    fails_with(&generate(&["--lora", &spec], &d.join("x.png")), "keys match no weight of the bundle");
+    fails_with(
+        &generate(&["--lora", &spec], &d.join("x.png")),
+        "keys match no weight of the bundle",
+    );
 }
 
 #[test]
@@ -144,13 +209,33 @@ fn manifest_that_does_not_match_its_graphs_is_refused() {
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["unet"]["skips"] = serde_json::json!(8);
     std::fs::write(b.join("bundle.json"), serde_json::to_string(&v).unwrap()).unwrap();
-    let out = katz(&["generate", "--bundle", b.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--output", "/dev/null"]);
+    let out = katz(&[
+        "generate",
+        "--bundle",
+        b.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--output",
+        "/dev/null",
+    ]);
     fails_with(&out, "graph does not match the manifest");
     // a file the manifest names is missing
     v["unet"]["skips"] = serde_json::json!(9);
     v["vae_decoder"] = serde_json::json!("vae.onnx");
     std::fs::write(b.join("bundle.json"), serde_json::to_string(&v).unwrap()).unwrap();
-    let out = katz(&["generate", "--bundle", b.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--output", "/dev/null"]);
+    let out = katz(&[
+        "generate",
+        "--bundle",
+        b.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--output",
+        "/dev/null",
+    ]);
     fails_with(&out, "manifest names `vae.onnx`, which is missing");
 }
 

@@ -74,12 +74,20 @@ impl Recorded {
     fn get(&self, name: &str) -> Option<Vec<f32>> {
         let st = SafeTensors::deserialize(&self.bytes).expect("reference tensors");
         let t = st.tensor(name).ok()?;
-        Some(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Some(
+            t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
     }
     fn ids(&self, name: &str) -> Vec<i64> {
         let st = SafeTensors::deserialize(&self.bytes).expect("reference tensors");
         let t = st.tensor(name).expect("ids");
-        t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+        t.data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
 }
 
@@ -93,14 +101,25 @@ impl Observer for Collect {
 
 fn run_case(name: &str) {
     let all = cases();
-    let case = all.cases.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}")).clone();
-    let rec = Recorded { bytes: std::fs::read(root().join("tests/data/parity").join(&case.tensors)).unwrap() };
+    let case = all
+        .cases
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+        .clone();
+    let rec = Recorded {
+        bytes: std::fs::read(root().join("tests/data/parity").join(&case.tensors)).unwrap(),
+    };
     let opts = SessionOptions { intra_threads: 1 };
     let mut pipe = Pipeline::load(root().join(&all.bundle), opts).expect("bundle loads");
 
     // the tokenizer gives diffusers' ids
     let ids = pipe.text_encoders().tokenize(0, &case.prompt).unwrap();
-    assert_eq!(ids, rec.ids("input_ids"), "{name}: token ids differ from the HF tokenizer's");
+    assert_eq!(
+        ids,
+        rec.ids("input_ids"),
+        "{name}: token ids differ from the HF tokenizer's"
+    );
 
     let (kind, karras) = match case.scheduler.strip_suffix("-karras") {
         Some(k) => (k.parse().unwrap(), true),
@@ -110,9 +129,19 @@ fn run_case(name: &str) {
     for c in &case.controlnets {
         let model = pipe.controlnet(root().join(&all.controlnet)).unwrap();
         let image = read_conditioning(&root().join(&c.image), (case.width, case.height)).unwrap();
-        controlnets.push(ControlRequest { model, image, scale: c.scale, start: c.start, end: c.end });
+        controlnets.push(ControlRequest {
+            model,
+            image,
+            scale: c.scale,
+            start: c.start,
+            end: c.end,
+        });
     }
-    let loras = case.loras.iter().map(|l| (pipe.lora(root().join(&l.file)).unwrap(), l.scale)).collect();
+    let loras = case
+        .loras
+        .iter()
+        .map(|l| (pipe.lora(root().join(&l.file)).unwrap(), l.scale))
+        .collect();
     let req = Request {
         prompt: case.prompt.clone(),
         negative_prompt: case.negative_prompt.clone(),
@@ -134,17 +163,25 @@ fn run_case(name: &str) {
         }
     }
     let mut seen = Collect(Vec::new());
-    let out = pipe.generate_with_noise(&req, &mut RecordedNoise(noise), &mut seen).expect("generation runs");
+    let out = pipe
+        .generate_with_noise(&req, &mut RecordedNoise(noise), &mut seen)
+        .expect("generation runs");
     assert_eq!(seen.0.len(), case.steps);
     for (i, got) in seen.0.iter().enumerate() {
         let want = rec.get(&format!("latents_{i}")).unwrap();
         let err = rel_err(&got.data, &want);
         eprintln!("{name}: step {i} relative error {err:.2e}");
-        assert!(err <= TOL, "{name}: latents after step {i}: relative error {err:.2e} > {TOL:.0e}");
+        assert!(
+            err <= TOL,
+            "{name}: latents after step {i}: relative error {err:.2e} > {TOL:.0e}"
+        );
     }
     let want = rec.get("image").unwrap();
     let err = rel_err(&out.image.data, &want);
-    assert!(err <= TOL, "{name}: final image: relative error {err:.2e} > {TOL:.0e}");
+    assert!(
+        err <= TOL,
+        "{name}: final image: relative error {err:.2e} > {TOL:.0e}"
+    );
     // the reference is no trivial image
     let mean = want.iter().map(|v| *v as f64).sum::<f64>() / want.len() as f64;
     let var = want.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / want.len() as f64;

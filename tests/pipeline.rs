@@ -16,7 +16,11 @@ fn root() -> PathBuf {
 }
 
 fn pipeline() -> Pipeline {
-    Pipeline::load(root().join("bundles/tiny-sdxl"), SessionOptions { intra_threads: 1 }).unwrap()
+    Pipeline::load(
+        root().join("bundles/tiny-sdxl"),
+        SessionOptions { intra_threads: 1 },
+    )
+    .unwrap()
 }
 
 fn request() -> Request {
@@ -41,7 +45,11 @@ fn adapters_change_the_image_and_pristine_weights_survive() {
     let plain = p.generate(&request(), &mut NoObserver).unwrap().image;
 
     let mut with_lora = request();
-    with_lora.loras = vec![(p.lora(root().join("bundles/loras/tiny-lora-a.safetensors")).unwrap(), 1.0)];
+    with_lora.loras = vec![(
+        p.lora(root().join("bundles/loras/tiny-lora-a.safetensors"))
+            .unwrap(),
+        1.0,
+    )];
     let lora_img = p.generate(&with_lora, &mut NoObserver).unwrap().image;
     let d = rel_err(&lora_img.data, &plain.data);
     assert!(d > 1e-3, "the LoRA changed nothing ({d:.1e})");
@@ -49,7 +57,13 @@ fn adapters_change_the_image_and_pristine_weights_survive() {
     let mut with_cn = request();
     let model = p.controlnet(root().join("bundles/tiny-sdxl-controlnet")).unwrap();
     let image = read_conditioning(&root().join("bundles/examples/cond_a.png"), (64, 64)).unwrap();
-    with_cn.controlnets = vec![ControlRequest { model, image, scale: 1.0, start: 0.0, end: 1.0 }];
+    with_cn.controlnets = vec![ControlRequest {
+        model,
+        image,
+        scale: 1.0,
+        start: 0.0,
+        end: 1.0,
+    }];
     let cn_img = p.generate(&with_cn, &mut NoObserver).unwrap().image;
     let d = rel_err(&cn_img.data, &plain.data);
     assert!(d > 1e-3, "the ControlNet changed nothing ({d:.1e})");
@@ -64,7 +78,11 @@ fn lora_scale_zero_is_the_base_model() {
     let mut p = pipeline();
     let plain = p.generate(&request(), &mut NoObserver).unwrap().image;
     let mut r = request();
-    r.loras = vec![(p.lora(root().join("bundles/loras/tiny-lora-a.safetensors")).unwrap(), 0.0)];
+    r.loras = vec![(
+        p.lora(root().join("bundles/loras/tiny-lora-a.safetensors"))
+            .unwrap(),
+        0.0,
+    )];
     let zero = p.generate(&r, &mut NoObserver).unwrap().image;
     assert!(rel_err(&zero.data, &plain.data) < 1e-6);
 }
@@ -89,11 +107,18 @@ fn an_observer_can_cancel_between_steps() {
 #[test]
 fn validation_names_the_problem() {
     let p = pipeline();
-    let cases: Vec<(Box<dyn Fn(&mut Request)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut Request)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|r| r.steps = 0), "steps must be at least 1"),
         (Box::new(|r| r.steps = 5000), "at most"),
-        (Box::new(|r| r.width = 100), "width must be a positive multiple of 8"),
-        (Box::new(|r| r.height = 0), "height must be a positive multiple of 8"),
+        (
+            Box::new(|r| r.width = 100),
+            "width must be a positive multiple of 8",
+        ),
+        (
+            Box::new(|r| r.height = 0),
+            "height must be a positive multiple of 8",
+        ),
         (Box::new(|r| r.guidance = f32::NAN), "guidance"),
         (Box::new(|r| r.width = 8192), "at most 4096"),
     ];

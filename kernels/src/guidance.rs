@@ -5,7 +5,11 @@
 /// `pred` holds both halves back to back; `out` receives one half.
 pub fn combine(pred: &[f32], guidance: f32, out: &mut [f32]) {
     let n = out.len();
-    assert_eq!(pred.len(), 2 * n, "guidance::combine: prediction must hold two halves");
+    assert_eq!(
+        pred.len(),
+        2 * n,
+        "guidance::combine: prediction must hold two halves"
+    );
     let (uncond, cond) = pred.split_at(n);
     for ((o, &u), &c) in out.iter_mut().zip(uncond).zip(cond) {
         *o = u + guidance * (c - u);

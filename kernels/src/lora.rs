@@ -32,23 +32,25 @@ pub fn merge_into(base: &[f32], rows: usize, cols: usize, factors: &[Factor<'_>]
         assert_eq!(f.b.len(), rows * f.rank, "lora::merge_into: B shape");
         assert_eq!(f.a.len(), f.rank * cols, "lora::merge_into: A shape");
     }
-    out.par_chunks_mut(ROW_BLOCK * cols).enumerate().for_each(|(blk, out_rows)| {
-        let row0 = blk * ROW_BLOCK;
-        out_rows.copy_from_slice(&base[row0 * cols..row0 * cols + out_rows.len()]);
-        for (i, out_row) in out_rows.chunks_mut(cols).enumerate() {
-            let row = row0 + i;
-            for f in factors {
-                let b_row = &f.b[row * f.rank..(row + 1) * f.rank];
-                for (k, &bk) in b_row.iter().enumerate() {
-                    let c = f.coeff * bk;
-                    let a_row = &f.a[k * cols..(k + 1) * cols];
-                    for (o, &a) in out_row.iter_mut().zip(a_row) {
-                        *o += c * a;
+    out.par_chunks_mut(ROW_BLOCK * cols)
+        .enumerate()
+        .for_each(|(blk, out_rows)| {
+            let row0 = blk * ROW_BLOCK;
+            out_rows.copy_from_slice(&base[row0 * cols..row0 * cols + out_rows.len()]);
+            for (i, out_row) in out_rows.chunks_mut(cols).enumerate() {
+                let row = row0 + i;
+                for f in factors {
+                    let b_row = &f.b[row * f.rank..(row + 1) * f.rank];
+                    for (k, &bk) in b_row.iter().enumerate() {
+                        let c = f.coeff * bk;
+                        let a_row = &f.a[k * cols..(k + 1) * cols];
+                        for (o, &a) in out_row.iter_mut().zip(a_row) {
+                            *o += c * a;
+                        }
                     }
                 }
             }
-        }
-    });
+        });
 }
 
 #[cfg(test)]
@@ -79,8 +81,18 @@ mod tests {
         let (b1, a1) = (random(rows * 4, 2), random(4 * cols, 3));
         let (b2, a2) = (random(rows * 8, 4), random(8 * cols, 5));
         let factors = [
-            Factor { b: &b1, a: &a1, rank: 4, coeff: 0.8 * 8.0 / 4.0 },
-            Factor { b: &b2, a: &a2, rank: 8, coeff: -0.5 },
+            Factor {
+                b: &b1,
+                a: &a1,
+                rank: 4,
+                coeff: 0.8 * 8.0 / 4.0,
+            },
+            Factor {
+                b: &b2,
+                a: &a2,
+                rank: 8,
+                coeff: -0.5,
+            },
         ];
         let mut out = vec![0f32; rows * cols];
         merge_into(&base, rows, cols, &factors, &mut out);

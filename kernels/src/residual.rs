@@ -19,8 +19,9 @@ mod tests {
         let n = 1000;
         let mut dst = random(n, 1);
         let (a, b) = (random(n, 2), random(n, 3));
-        let reference: Vec<f32> =
-            (0..n).map(|i| (dst[i] as f64 + 0.5 * a[i] as f64 - 1.25 * b[i] as f64) as f32).collect();
+        let reference: Vec<f32> = (0..n)
+            .map(|i| (dst[i] as f64 + 0.5 * a[i] as f64 - 1.25 * b[i] as f64) as f32)
+            .collect();
         axpy(&mut dst, &a, 0.5);
         axpy(&mut dst, &b, -1.25);
         assert!(rel_err(&dst, &reference) < 1e-6);

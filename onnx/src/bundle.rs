@@ -98,11 +98,17 @@ fn read_manifest<T: serde::de::DeserializeOwned>(dir: &Path, kind: &str) -> Resu
         serde_json::from_str(&text).map_err(|e| Error::bundle(&path, format!("not valid JSON: {e}")))?;
     let found = v.get("kind").and_then(|k| k.as_str()).unwrap_or("<none>");
     if found != kind {
-        return Err(Error::bundle(dir, format!("is a `{found}` bundle where a `{kind}` bundle was expected")));
+        return Err(Error::bundle(
+            dir,
+            format!("is a `{found}` bundle where a `{kind}` bundle was expected"),
+        ));
     }
     let format = v.get("format").and_then(|k| k.as_u64()).unwrap_or(0);
     if format != FORMAT as u64 {
-        return Err(Error::bundle(&path, format!("format {format} is not supported (this katz reads {FORMAT})")));
+        return Err(Error::bundle(
+            &path,
+            format!("format {format} is not supported (this katz reads {FORMAT})"),
+        ));
     }
     serde_json::from_value(v).map_err(|e| Error::bundle(&path, format!("manifest does not parse: {e}")))
 }
@@ -119,10 +125,16 @@ impl BaseBundle {
         let dir = dir.as_ref().to_path_buf();
         let manifest: BaseManifest = read_manifest(&dir, "base")?;
         if manifest.architecture != "sdxl" {
-            return Err(Error::bundle(&dir, format!("architecture `{}` is not supported", manifest.architecture)));
+            return Err(Error::bundle(
+                &dir,
+                format!("architecture `{}` is not supported", manifest.architecture),
+            ));
         }
         if manifest.dtype != "float32" {
-            return Err(Error::bundle(&dir, format!("dtype `{}` needs a GPU device", manifest.dtype)));
+            return Err(Error::bundle(
+                &dir,
+                format!("dtype `{}` needs a GPU device", manifest.dtype),
+            ));
         }
         if manifest.text_encoders.len() != 2 {
             return Err(Error::bundle(&dir, "an SDXL bundle has two text encoders"));
@@ -130,7 +142,10 @@ impl BaseBundle {
         let b = BaseBundle { dir, manifest };
         for f in b.files() {
             if !b.dir.join(&f).is_file() {
-                return Err(Error::bundle(&b.dir, format!("manifest names `{f}`, which is missing")));
+                return Err(Error::bundle(
+                    &b.dir,
+                    format!("manifest names `{f}`, which is missing"),
+                ));
             }
         }
         Ok(b)
@@ -138,7 +153,12 @@ impl BaseBundle {
 
     fn files(&self) -> Vec<String> {
         let m = &self.manifest;
-        let mut f = vec![m.unet.encoder.clone(), m.unet.decoder.clone(), m.vae_decoder.clone(), m.weights.file.clone()];
+        let mut f = vec![
+            m.unet.encoder.clone(),
+            m.unet.decoder.clone(),
+            m.vae_decoder.clone(),
+            m.weights.file.clone(),
+        ];
         for t in &m.text_encoders {
             f.push(t.graph.clone());
             f.push(t.tokenizer.clone());
@@ -163,7 +183,10 @@ impl ControlNetBundle {
         let dir = dir.as_ref().to_path_buf();
         let manifest: ControlNetManifest = read_manifest(&dir, "controlnet")?;
         if !dir.join(&manifest.graph).is_file() {
-            return Err(Error::bundle(&dir, format!("manifest names `{}`, which is missing", manifest.graph)));
+            return Err(Error::bundle(
+                &dir,
+                format!("manifest names `{}`, which is missing", manifest.graph),
+            ));
         }
         Ok(ControlNetBundle { dir, manifest })
     }
@@ -191,10 +214,22 @@ pub(crate) fn check_io(
     let have_in: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
     let have_out: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
     let missing_in: Vec<&String> = inputs.iter().filter(|n| !have_in.contains(&n.as_str())).collect();
-    let extra_in: Vec<&&str> = have_in.iter().filter(|n| !inputs.iter().any(|i| i == **n)).collect();
-    let missing_out: Vec<&String> = outputs.iter().filter(|n| !have_out.contains(&n.as_str())).collect();
+    let extra_in: Vec<&&str> = have_in
+        .iter()
+        .filter(|n| !inputs.iter().any(|i| i == **n))
+        .collect();
+    let missing_out: Vec<&String> = outputs
+        .iter()
+        .filter(|n| !have_out.contains(&n.as_str()))
+        .collect();
     if !missing_in.is_empty() || !extra_in.is_empty() || !missing_out.is_empty() {
-        let show = |v: Vec<String>| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+        let show = |v: Vec<String>| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
         return Err(Error::bundle(
             path,
             format!(

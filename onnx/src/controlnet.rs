@@ -22,13 +22,26 @@ impl ControlNet {
         bundle.check_fits(base)?;
         let path = bundle.dir.join(&bundle.manifest.graph);
         let session = runtime::session(&path, opts)?;
-        let mut outputs: Vec<String> = (0..bundle.manifest.residuals).map(|i| format!("down_{i}")).collect();
+        let mut outputs: Vec<String> = (0..bundle.manifest.residuals)
+            .map(|i| format!("down_{i}"))
+            .collect();
         outputs.push("mid".into());
-        let inputs: Vec<String> = ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "controlnet_cond"]
-            .map(String::from)
-            .to_vec();
+        let inputs: Vec<String> = [
+            "sample",
+            "timestep",
+            "encoder_hidden_states",
+            "text_embeds",
+            "time_ids",
+            "controlnet_cond",
+        ]
+        .map(String::from)
+        .to_vec();
         check_io(&path, &session, &inputs, &outputs)?;
-        Ok(ControlNet { bundle, session, outputs })
+        Ok(ControlNet {
+            bundle,
+            session,
+            outputs,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -36,7 +49,13 @@ impl ControlNet {
     }
 
     /// Down residuals in skip order, then the mid residual.
-    pub fn residuals(&mut self, sample: &Tensor, timestep: &Tensor, cond: &Conditioning, image: &Tensor) -> Result<Vec<Tensor>> {
+    pub fn residuals(
+        &mut self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        cond: &Conditioning,
+        image: &Tensor,
+    ) -> Result<Vec<Tensor>> {
         let out = self.session.run(ort::inputs![
             "sample" => sample.view()?,
             "timestep" => timestep.view()?,
@@ -45,6 +64,9 @@ impl ControlNet {
             "time_ids" => cond.time_ids.view()?,
             "controlnet_cond" => image.view()?,
         ])?;
-        self.outputs.iter().map(|n| Tensor::from_output(&out, n)).collect()
+        self.outputs
+            .iter()
+            .map(|n| Tensor::from_output(&out, n))
+            .collect()
     }
 }

@@ -45,11 +45,17 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn bundle(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Bundle { path: path.into(), message: message.into() }
+        Error::Bundle {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// Whether a job that failed with this error should be dead-lettered or retried.

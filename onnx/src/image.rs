@@ -10,16 +10,28 @@ use crate::tensor::Tensor;
 use crate::{Error, Result};
 
 fn err(path: &Path, message: impl Into<String>) -> Error {
-    Error::Image { path: path.into(), message: message.into() }
+    Error::Image {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
 /// Decodes a PNG (grey, grey+alpha, RGB or RGBA; 8 or 16 bit) into `[1,3,H,W]` in [0,1].
 pub fn decode_png(bytes: &[u8], path: &Path) -> Result<Tensor> {
     let mut dec = png::Decoder::new(Cursor::new(bytes));
     dec.set_transformations(png::Transformations::normalize_to_color8());
-    let mut reader = dec.read_info().map_err(|e| err(path, format!("not a readable PNG: {e}")))?;
-    let mut buf = vec![0u8; reader.output_buffer_size().ok_or_else(|| err(path, "PNG too large"))?];
-    let info = reader.next_frame(&mut buf).map_err(|e| err(path, format!("PNG data is corrupt: {e}")))?;
+    let mut reader = dec
+        .read_info()
+        .map_err(|e| err(path, format!("not a readable PNG: {e}")))?;
+    let mut buf = vec![
+        0u8;
+        reader
+            .output_buffer_size()
+            .ok_or_else(|| err(path, "PNG too large"))?
+    ];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| err(path, format!("PNG data is corrupt: {e}")))?;
     let (w, h) = (info.width as usize, info.height as usize);
     let channels = match info.color_type {
         png::ColorType::Grayscale => 1,
@@ -33,7 +45,11 @@ pub fn decode_png(bytes: &[u8], path: &Path) -> Result<Tensor> {
         let row = &buf[y * info.line_size..];
         for x in 0..w {
             let px = &row[x * channels..x * channels + channels];
-            let rgb = if channels < 3 { [px[0]; 3] } else { [px[0], px[1], px[2]] };
+            let rgb = if channels < 3 {
+                [px[0]; 3]
+            } else {
+                [px[0], px[1], px[2]]
+            };
             for c in 0..3 {
                 data[c * h * w + y * w + x] = rgb[c] as f32 / 255.0;
             }
@@ -48,7 +64,10 @@ pub fn read_conditioning(path: &Path, (width, height): (usize, usize)) -> Result
     let t = decode_png(&bytes, path)?;
     let (h, w) = (t.shape[2], t.shape[3]);
     if (w, h) != (width, height) {
-        return Err(err(path, format!("is {w}×{h}; the request's size is {width}×{height}")));
+        return Err(err(
+            path,
+            format!("is {w}×{h}; the request's size is {width}×{height}"),
+        ));
     }
     Ok(t)
 }
@@ -56,7 +75,10 @@ pub fn read_conditioning(path: &Path, (width, height): (usize, usize)) -> Result
 /// Encodes a `[1,3,H,W]` image in [0,1] as an 8-bit RGB PNG.
 pub fn encode_png(image: &Tensor) -> Result<Vec<u8>> {
     let [_, c, h, w] = image.shape[..] else {
-        return Err(Error::InvalidRequest(format!("image tensor has shape {:?}", image.shape)));
+        return Err(Error::InvalidRequest(format!(
+            "image tensor has shape {:?}",
+            image.shape
+        )));
     };
     assert_eq!(c, 3, "encode_png: 3 channels");
     let mut px = vec![0u8; h * w * 3];
@@ -73,8 +95,11 @@ pub fn encode_png(image: &Tensor) -> Result<Vec<u8>> {
         let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let mut wr = enc.write_header().map_err(|e| Error::InvalidRequest(format!("PNG encoder: {e}")))?;
-        wr.write_image_data(&px).map_err(|e| Error::InvalidRequest(format!("PNG encoder: {e}")))?;
+        let mut wr = enc
+            .write_header()
+            .map_err(|e| Error::InvalidRequest(format!("PNG encoder: {e}")))?;
+        wr.write_image_data(&px)
+            .map_err(|e| Error::InvalidRequest(format!("PNG encoder: {e}")))?;
     }
     Ok(out)
 }

@@ -32,7 +32,10 @@ pub struct LoraAdapter {
 }
 
 fn err(path: &Path, message: impl Into<String>) -> Error {
-    Error::Lora { path: path.into(), message: message.into() }
+    Error::Lora {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
 fn metadata_alpha(st_meta: Option<&std::collections::HashMap<String, String>>) -> Option<f32> {
@@ -53,8 +56,10 @@ impl LoraAdapter {
             return Err(err(path, "no such file"));
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| err(path, format!("not a safetensors file: {e}")))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| err(path, format!("not a safetensors file: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| err(path, format!("not a safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| err(path, format!("not a safetensors file: {e}")))?;
         let file_alpha = metadata_alpha(meta.metadata().as_ref());
 
         let mut a_of: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
@@ -64,7 +69,8 @@ impl LoraAdapter {
         for (key, t) in st.tensors() {
             let k = key.strip_prefix("unet.").unwrap_or(&key);
             let data = || {
-                to_f32(t.dtype(), t.data()).ok_or_else(|| err(path, format!("`{key}` has unsupported dtype {:?}", t.dtype())))
+                to_f32(t.dtype(), t.data())
+                    .ok_or_else(|| err(path, format!("`{key}` has unsupported dtype {:?}", t.dtype())))
             };
             let (module, slot) = if let Some(m) = k.strip_suffix(".lora_A.weight") {
                 (m, 'A')
@@ -90,7 +96,10 @@ impl LoraAdapter {
                 }
                 _ => {
                     let v = data()?;
-                    alpha_of.insert(weight, *v.first().ok_or_else(|| err(path, format!("`{key}` is empty")))?);
+                    alpha_of.insert(
+                        weight,
+                        *v.first().ok_or_else(|| err(path, format!("`{key}` is empty")))?,
+                    );
                 }
             }
         }
@@ -136,13 +145,24 @@ impl LoraAdapter {
                 ));
             }
             let rank = ashape[0];
-            let alpha = alpha_of.get(&weight).copied().or(file_alpha).unwrap_or(rank as f32);
+            let alpha = alpha_of
+                .get(&weight)
+                .copied()
+                .or(file_alpha)
+                .unwrap_or(rank as f32);
             layers.insert(weight, LoraLayer { a, b, rank, alpha });
         }
         if let Some(w) = b_of.keys().next() {
             return Err(err(path, format!("`{w}` has lora_B but no lora_A")));
         }
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(LoraAdapter { path: path.to_path_buf(), name, layers })
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(LoraAdapter {
+            path: path.to_path_buf(),
+            name,
+            layers,
+        })
     }
 }

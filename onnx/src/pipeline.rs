@@ -87,7 +87,9 @@ impl Timings {
     /// Mean wall time of one denoising step (ControlNets, UNet halves, guidance, scheduler).
     pub fn per_step(&self) -> Duration {
         let loop_time = self.controlnet + self.unet_encoder + self.unet_decoder + self.scheduler;
-        loop_time.checked_div(self.steps.max(1) as u32).unwrap_or_default()
+        loop_time
+            .checked_div(self.steps.max(1) as u32)
+            .unwrap_or_default()
     }
 
     pub fn rows(&self) -> Vec<(&'static str, Duration)> {
@@ -152,8 +154,15 @@ impl Pipeline {
 
         let enc_path = bundle.path(&m.unet.encoder);
         let unet_encoder = runtime::session(&enc_path, &opts)?;
-        let mut enc_in: Vec<String> =
-            ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"].map(String::from).to_vec();
+        let mut enc_in: Vec<String> = [
+            "sample",
+            "timestep",
+            "encoder_hidden_states",
+            "text_embeds",
+            "time_ids",
+        ]
+        .map(String::from)
+        .to_vec();
         enc_in.extend(weights.inputs_of("unet_encoder").iter().cloned());
         let mut enc_out: Vec<String> = vec!["emb".into(), "mid".into()];
         enc_out.extend(skips.iter().cloned());
@@ -170,7 +179,16 @@ impl Pipeline {
         let vae = runtime::session(&vae_path, &opts)?;
         check_io(&vae_path, &vae, &["latent".into()], &["image".into()])?;
 
-        Ok(Pipeline { bundle, opts, text, unet_encoder, unet_decoder, vae, weights, controlnets: Vec::new() })
+        Ok(Pipeline {
+            bundle,
+            opts,
+            text,
+            unet_encoder,
+            unet_decoder,
+            vae,
+            weights,
+            controlnets: Vec::new(),
+        })
     }
 
     pub fn weights(&self) -> &Weights {
@@ -216,7 +234,10 @@ impl Pipeline {
             }
         }
         if !req.guidance.is_finite() || req.guidance < 0.0 {
-            return bad(format!("guidance must be a finite number ≥ 0, got {}", req.guidance));
+            return bad(format!(
+                "guidance must be a finite number ≥ 0, got {}",
+                req.guidance
+            ));
         }
         for (i, c) in req.controlnets.iter().enumerate() {
             if c.model >= self.controlnets.len() {
@@ -226,7 +247,10 @@ impl Pipeline {
                 return bad(format!("ControlNet #{i}: scale must be finite"));
             }
             if !(0.0..=1.0).contains(&c.start) || !(0.0..=1.0).contains(&c.end) || c.start >= c.end {
-                return bad(format!("ControlNet #{i}: need 0 ≤ start < end ≤ 1, got {}..{}", c.start, c.end));
+                return bad(format!(
+                    "ControlNet #{i}: need 0 ≤ start < end ≤ 1, got {}..{}",
+                    c.start, c.end
+                ));
             }
             if c.image.shape != [1, 3, req.height, req.width] {
                 return bad(format!(
@@ -261,7 +285,10 @@ impl Pipeline {
     ) -> Result<Generated> {
         self.validate(req)?;
         let started = Instant::now();
-        let mut t = Timings { steps: req.steps, ..Timings::default() };
+        let mut t = Timings {
+            steps: req.steps,
+            ..Timings::default()
+        };
         let m = &self.bundle.manifest;
         let (f, lc) = (m.vae_scale_factor, m.latent_channels);
         let (h, w) = (req.height / f, req.width / f);
@@ -273,17 +300,32 @@ impl Pipeline {
         let mut sched = scheduler::build(req.scheduler, &sched_cfg, req.steps)?;
 
         let t0 = Instant::now();
-        let cond = self.text.condition(&req.prompt, req.negative_prompt.as_deref(), cfg, (req.height, req.width))?;
+        let cond = self.text.condition(
+            &req.prompt,
+            req.negative_prompt.as_deref(),
+            cfg,
+            (req.height, req.width),
+        )?;
         t.text_encode = t0.elapsed();
 
         let t0 = Instant::now();
-        let merged = if req.loras.is_empty() { MergedWeights::default() } else { self.weights.merge(&req.loras)? };
+        let merged = if req.loras.is_empty() {
+            MergedWeights::default()
+        } else {
+            self.weights.merge(&req.loras)?
+        };
         t.lora_merge = t0.elapsed();
 
         let images: Vec<Tensor> = req
             .controlnets
             .iter()
-            .map(|c| if cfg { Tensor::concat0(&[&c.image, &c.image]) } else { c.image.clone() })
+            .map(|c| {
+                if cfg {
+                    Tensor::concat0(&[&c.image, &c.image])
+                } else {
+                    c.image.clone()
+                }
+            })
             .collect();
 
         let mut latents = Tensor::zeros(vec![1, lc, h, w]);
@@ -296,7 +338,11 @@ impl Pipeline {
         let mut guided = Tensor::zeros(latents.shape.clone());
         for (i, &ts) in timesteps.iter().enumerate() {
             let scale_in = sched.input_scale(i);
-            let mut latent_in = if cfg { Tensor::concat0(&[&latents, &latents]) } else { latents.clone() };
+            let mut latent_in = if cfg {
+                Tensor::concat0(&[&latents, &latents])
+            } else {
+                latents.clone()
+            };
             latent_in.data.iter_mut().for_each(|v| *v *= scale_in);
             let timestep = Tensor::new(vec![b], vec![ts; b]);
 
@@ -344,10 +390,16 @@ impl Pipeline {
     /// Latents → image in [0, 1] (diffusers: `vae.decode(latents / scaling_factor)`, `x/2 + 0.5`, clamp).
     pub fn decode(&mut self, latents: &Tensor) -> Result<Tensor> {
         let s = self.bundle.manifest.scaling_factor;
-        let scaled = Tensor::new(latents.shape.clone(), latents.data.iter().map(|v| v / s).collect());
+        let scaled = Tensor::new(
+            latents.shape.clone(),
+            latents.data.iter().map(|v| v / s).collect(),
+        );
         let out = self.vae.run(ort::inputs!["latent" => scaled.view()?])?;
         let mut image = Tensor::from_output(&out, "image")?;
-        image.data.iter_mut().for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
+        image
+            .data
+            .iter_mut()
+            .for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
         Ok(image)
     }
 
@@ -366,7 +418,12 @@ impl Pipeline {
             ("time_ids".into(), cond.time_ids.view()?.into()),
         ];
         // sessions and weights are disjoint fields: borrow them apart
-        let Pipeline { unet_encoder, weights, bundle, .. } = self;
+        let Pipeline {
+            unet_encoder,
+            weights,
+            bundle,
+            ..
+        } = self;
         for name in weights.inputs_of("unet_encoder") {
             inputs.push((Cow::Borrowed(name.as_str()), merged.get(weights, name).into()));
         }
@@ -397,7 +454,11 @@ impl Pipeline {
         for (n, s) in names.iter().zip(skips) {
             inputs.push((Cow::Borrowed(n.as_str()), s.view()?.into()));
         }
-        let Pipeline { unet_decoder, weights, .. } = self;
+        let Pipeline {
+            unet_decoder,
+            weights,
+            ..
+        } = self;
         for name in weights.inputs_of("unet_decoder") {
             inputs.push((Cow::Borrowed(name.as_str()), merged.get(weights, name).into()));
         }

@@ -47,23 +47,49 @@ pub fn init() -> Result<PathBuf> {
     let state = ENV.get_or_init(|| {
         let cands = candidates();
         let Some(path) = cands.iter().find(|p| p.is_file()).cloned() else {
-            let searched = cands.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-            return Err(Error::RuntimeMissing { version: ORT_VERSION, searched }.to_string());
+            let searched = cands
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(Error::RuntimeMissing {
+                version: ORT_VERSION,
+                searched,
+            }
+            .to_string());
         };
         let env = ort::init_from(&path)
-            .map_err(|e| Error::RuntimeLoad { path: path.clone(), message: e.to_string() }.to_string())?
+            .map_err(|e| {
+                Error::RuntimeLoad {
+                    path: path.clone(),
+                    message: e.to_string(),
+                }
+                .to_string()
+            })?
             .with_name("katz")
             .build()
-            .map_err(|e| Error::RuntimeLoad { path: path.clone(), message: e.to_string() }.to_string())?;
+            .map_err(|e| {
+                Error::RuntimeLoad {
+                    path: path.clone(),
+                    message: e.to_string(),
+                }
+                .to_string()
+            })?;
         tracing::debug!(path = %path.display(), "loaded ONNX Runtime");
         Ok((env, path))
     });
     match state {
         Ok((_, p)) => Ok(p.clone()),
         Err(msg) if msg.starts_with("ONNX Runtime") && msg.contains("not found") => {
-            Err(Error::RuntimeMissing { version: ORT_VERSION, searched: msg.clone() })
+            Err(Error::RuntimeMissing {
+                version: ORT_VERSION,
+                searched: msg.clone(),
+            })
         }
-        Err(msg) => Err(Error::RuntimeLoad { path: PathBuf::new(), message: msg.clone() }),
+        Err(msg) => Err(Error::RuntimeLoad {
+            path: PathBuf::new(),
+            message: msg.clone(),
+        }),
     }
 }
 
@@ -76,16 +102,10 @@ fn environment() -> Result<&'static Environment> {
 }
 
 /// Where sessions run and with how many threads.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
     /// Threads per operator (0: ONNX Runtime's default, all cores).
     pub intra_threads: usize,
-}
-
-impl Default for SessionOptions {
-    fn default() -> Self {
-        SessionOptions { intra_threads: 0 }
-    }
 }
 
 /// Opens one graph of a bundle.
@@ -98,7 +118,10 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(ort::Error::from)?;
     if opts.intra_threads > 0 {
-        b = b.with_intra_threads(opts.intra_threads).map_err(ort::Error::from)?;
+        b = b
+            .with_intra_threads(opts.intra_threads)
+            .map_err(ort::Error::from)?;
     }
-    b.commit_from_file(path).map_err(|e| Error::bundle(path, format!("ONNX Runtime cannot load it: {e}")))
+    b.commit_from_file(path)
+        .map_err(|e| Error::bundle(path, format!("ONNX Runtime cannot load it: {e}")))
 }

@@ -13,13 +13,20 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not fit shape {shape:?}");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "tensor data does not fit shape {shape:?}"
+        );
         Tensor { shape, data }
     }
 
     pub fn zeros(shape: Vec<usize>) -> Self {
         let n = shape.iter().product();
-        Tensor { shape, data: vec![0.0; n] }
+        Tensor {
+            shape,
+            data: vec![0.0; n],
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -32,7 +39,10 @@ impl Tensor {
 
     /// A borrowed ONNX Runtime view of this tensor (no copy).
     pub fn view(&self) -> Result<TensorRef<'_, f32>> {
-        Ok(TensorRef::from_array_view((self.shape.as_slice(), self.data.as_slice()))?)
+        Ok(TensorRef::from_array_view((
+            self.shape.as_slice(),
+            self.data.as_slice(),
+        ))?)
     }
 
     /// An owned ONNX Runtime value holding this tensor's buffer (no copy).
@@ -59,6 +69,9 @@ impl Tensor {
             .get(name)
             .ok_or_else(|| Error::InvalidRequest(format!("graph produced no output `{name}`")))?;
         let (shape, data) = value.try_extract_tensor::<f32>()?;
-        Ok(Tensor { shape: shape.iter().map(|&d| d as usize).collect(), data: data.to_vec() })
+        Ok(Tensor {
+            shape: shape.iter().map(|&d| d as usize).collect(),
+            data: data.to_vec(),
+        })
     }
 }

@@ -35,7 +35,10 @@ pub struct TextEncoders {
 }
 
 fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path).map_err(|e| Error::Tokenizer { path: path.into(), message: e.to_string() })
+    Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        path: path.into(),
+        message: e.to_string(),
+    })
 }
 
 impl TextEncoders {
@@ -44,11 +47,23 @@ impl TextEncoders {
         for spec in &bundle.manifest.text_encoders {
             let path = bundle.path(&spec.graph);
             let session = runtime::session(&path, opts)?;
-            check_io(&path, &session, &["input_ids".into()], &["hidden_states".into(), "pooled".into()])?;
+            check_io(
+                &path,
+                &session,
+                &["input_ids".into()],
+                &["hidden_states".into(), "pooled".into()],
+            )?;
             let tokenizer = load_tokenizer(&bundle.path(&spec.tokenizer))?;
-            encoders.push(Encoder { spec: spec.clone(), tokenizer, session });
+            encoders.push(Encoder {
+                spec: spec.clone(),
+                tokenizer,
+                session,
+            });
         }
-        Ok(TextEncoders { encoders, force_zeros_for_empty_prompt: bundle.manifest.force_zeros_for_empty_prompt })
+        Ok(TextEncoders {
+            encoders,
+            force_zeros_for_empty_prompt: bundle.manifest.force_zeros_for_empty_prompt,
+        })
     }
 
     /// Token ids of `text` for encoder `index`, padded/truncated to its max length.
@@ -120,6 +135,10 @@ impl TextEncoders {
         let b = embeds.shape[0];
         let ids = [height as f32, width as f32, 0.0, 0.0, height as f32, width as f32];
         let time_ids = Tensor::new(vec![b, 6], ids.iter().copied().cycle().take(6 * b).collect());
-        Ok(Conditioning { prompt_embeds: embeds, pooled, time_ids })
+        Ok(Conditioning {
+            prompt_embeds: embeds,
+            pooled,
+            time_ids,
+        })
     }
 }

@@ -18,13 +18,24 @@ use crate::{Error, Result};
 /// Converts a safetensors tensor to f32 (f32, f16 and bf16 are read).
 pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     match dtype {
-        Dtype::F32 => Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        Dtype::F16 => {
-            Some(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
-        }
-        Dtype::BF16 => {
-            Some(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
-        }
+        Dtype::F32 => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        Dtype::F16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        Dtype::BF16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
         _ => None,
     }
 }
@@ -48,28 +59,55 @@ impl Weights {
         let mut values = HashMap::new();
         let mut by_graph: HashMap<String, Vec<String>> = HashMap::new();
         for (name, entry) in &spec.map {
-            let t = st
-                .tensor(name)
-                .map_err(|_| Error::bundle(&path, format!("manifest names weight `{name}`, which the file lacks")))?;
+            let t = st.tensor(name).map_err(|_| {
+                Error::bundle(
+                    &path,
+                    format!("manifest names weight `{name}`, which the file lacks"),
+                )
+            })?;
             if t.shape() != entry.shape.as_slice() {
                 return Err(Error::bundle(
                     &path,
-                    format!("weight `{name}` has shape {:?}, the manifest says {:?}", t.shape(), entry.shape),
+                    format!(
+                        "weight `{name}` has shape {:?}, the manifest says {:?}",
+                        t.shape(),
+                        entry.shape
+                    ),
                 ));
             }
-            let data = to_f32(t.dtype(), t.data())
-                .ok_or_else(|| Error::bundle(&path, format!("weight `{name}` has unsupported dtype {:?}", t.dtype())))?;
+            let data = to_f32(t.dtype(), t.data()).ok_or_else(|| {
+                Error::bundle(
+                    &path,
+                    format!("weight `{name}` has unsupported dtype {:?}", t.dtype()),
+                )
+            })?;
             values.insert(name.clone(), OrtTensor::from_array((entry.shape.clone(), data))?);
-            by_graph.entry(entry.graph.clone()).or_default().push(name.clone());
+            by_graph
+                .entry(entry.graph.clone())
+                .or_default()
+                .push(name.clone());
         }
-        let extra: Vec<String> = st.names().into_iter().filter(|n| !spec.map.contains_key(*n)).map(String::from).collect();
+        let extra: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| !spec.map.contains_key(*n))
+            .map(String::from)
+            .collect();
         if !extra.is_empty() {
             return Err(Error::bundle(
                 &path,
-                format!("{} weights are not in the manifest's map (first: {})", extra.len(), extra[0]),
+                format!(
+                    "{} weights are not in the manifest's map (first: {})",
+                    extra.len(),
+                    extra[0]
+                ),
             ));
         }
-        Ok(Weights { map: spec.map.clone(), values, by_graph })
+        Ok(Weights {
+            map: spec.map.clone(),
+            values,
+            by_graph,
+        })
     }
 
     pub fn map(&self) -> &BTreeMap<String, WeightEntry> {
@@ -111,7 +149,10 @@ impl Weights {
             let (rows, cols) = (entry.shape[0], entry.shape[1]);
             let mut out = vec![0f32; rows * cols];
             merge_into(self.data(name)?, rows, cols, &factors, &mut out);
-            merged.insert(name.to_string(), OrtTensor::from_array((entry.shape.clone(), out))?);
+            merged.insert(
+                name.to_string(),
+                OrtTensor::from_array((entry.shape.clone(), out))?,
+            );
         }
         Ok(MergedWeights { merged })
     }
@@ -139,7 +180,8 @@ impl MergedWeights {
 
     /// The merged host data of `name`, if a LoRA touched it.
     pub fn data(&self, name: &str) -> Option<Result<&[f32]>> {
-        self.merged.get(name).map(|t| Ok(t.try_extract_tensor::<f32>()?.1))
+        self.merged
+            .get(name)
+            .map(|t| Ok(t.try_extract_tensor::<f32>()?.1))
     }
 }
-

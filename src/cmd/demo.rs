@@ -13,7 +13,10 @@ use katz_onnx::scheduler::SchedulerKind;
 pub struct DemoArgs {
     #[arg(long, short, default_value = "demo.png")]
     pub output: PathBuf,
-    #[arg(long, default_value = "a red circle above a blue square on a white background")]
+    #[arg(
+        long,
+        default_value = "a red circle above a blue square on a white background"
+    )]
     pub prompt: String,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -25,7 +28,10 @@ pub struct DemoArgs {
 
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let bundles = super::bundles_dir()?;
-    println!("katz demo: tiny SDXL-structured bundles in {} (seeded random weights)", bundles.display());
+    println!(
+        "katz demo: tiny SDXL-structured bundles in {} (seeded random weights)",
+        bundles.display()
+    );
     let args = GenerateArgs {
         bundle: bundles.join("tiny-sdxl"),
         prompt: a.prompt.clone(),
@@ -43,13 +49,19 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             start: 0.0,
             end: 1.0,
         }],
-        loras: vec![LoraSpec { file: bundles.join("loras").join("tiny-lora-a.safetensors"), scale: 0.8 }],
+        loras: vec![LoraSpec {
+            file: bundles.join("loras").join("tiny-lora-a.safetensors"),
+            scale: 0.8,
+        }],
         output: a.output,
         device: a.device,
     };
     println!("  prompt     {:?}", args.prompt);
     println!("  ControlNet tiny-sdxl-controlnet  image examples/edges-128.png  scale 0.8");
     println!("  LoRA       tiny-lora-a  scale 0.8");
-    println!("  128×128, {} Euler steps, guidance 5.0, seed {}", a.steps, a.seed);
+    println!(
+        "  128×128, {} Euler steps, guidance 5.0, seed {}",
+        a.steps, a.seed
+    );
     generate::run(args)
 }

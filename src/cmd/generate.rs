@@ -24,8 +24,9 @@ pub struct ControlNetSpec {
 impl FromStr for ControlNetSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (bundle, rest) =
-            s.split_once('=').ok_or_else(|| format!("`{s}`: expected BUNDLE=IMAGE[:SCALE[:START:END]]"))?;
+        let (bundle, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: expected BUNDLE=IMAGE[:SCALE[:START:END]]"))?;
         let mut parts: Vec<&str> = rest.split(':').collect();
         // trailing numbers are options; whatever is left is the image path (which may hold ':')
         let mut nums = Vec::new();
@@ -44,7 +45,13 @@ impl FromStr for ControlNetSpec {
             [s, a, b] => (s, a, b),
             _ => return Err(format!("`{s}`: give SCALE, or SCALE:START:END")),
         };
-        Ok(ControlNetSpec { bundle: bundle.into(), image: parts.join(":").into(), scale, start, end })
+        Ok(ControlNetSpec {
+            bundle: bundle.into(),
+            image: parts.join(":").into(),
+            scale,
+            start,
+            end,
+        })
     }
 }
 
@@ -58,17 +65,32 @@ pub struct LoraSpec {
 impl FromStr for LoraSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.rsplit_once(':').and_then(|(f, v)| v.parse::<f32>().ok().map(|v| (f, v))) {
-            Some((f, v)) => Ok(LoraSpec { file: f.into(), scale: v }),
-            None => Ok(LoraSpec { file: s.into(), scale: 1.0 }),
+        match s
+            .rsplit_once(':')
+            .and_then(|(f, v)| v.parse::<f32>().ok().map(|v| (f, v)))
+        {
+            Some((f, v)) => Ok(LoraSpec {
+                file: f.into(),
+                scale: v,
+            }),
+            None => Ok(LoraSpec {
+                file: s.into(),
+                scale: 1.0,
+            }),
         }
     }
 }
 
 /// `WIDTHxHEIGHT`
 pub fn parse_size(s: &str) -> Result<(usize, usize), String> {
-    let (w, h) = s.split_once(['x', 'X', '×']).ok_or_else(|| format!("`{s}`: expected WIDTHxHEIGHT"))?;
-    let p = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("`{s}`: `{v}` is not a number"));
+    let (w, h) = s
+        .split_once(['x', 'X', '×'])
+        .ok_or_else(|| format!("`{s}`: expected WIDTHxHEIGHT"))?;
+    let p = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("`{s}`: `{v}` is not a number"))
+    };
     Ok((p(w)?, p(h)?))
 }
 
@@ -123,9 +145,17 @@ pub fn build_request(pipe: &mut Pipeline, a: &GenerateArgs) -> anyhow::Result<Re
     }
     let mut controlnets = Vec::new();
     for c in &a.controlnets {
-        let model = pipe.controlnet(&c.bundle).with_context(|| format!("ControlNet {}", c.bundle.display()))?;
+        let model = pipe
+            .controlnet(&c.bundle)
+            .with_context(|| format!("ControlNet {}", c.bundle.display()))?;
         let image = read_conditioning(&c.image, (width, height))?;
-        controlnets.push(ControlRequest { model, image, scale: c.scale, start: c.start, end: c.end });
+        controlnets.push(ControlRequest {
+            model,
+            image,
+            scale: c.scale,
+            start: c.start,
+            end: c.end,
+        });
     }
     let mut loras = Vec::new();
     for l in &a.loras {

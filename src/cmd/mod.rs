@@ -23,7 +23,9 @@ pub struct DeviceArgs {
 
 impl DeviceArgs {
     pub fn session_options(&self) -> SessionOptions {
-        SessionOptions { intra_threads: self.threads }
+        SessionOptions {
+            intra_threads: self.threads,
+        }
     }
 }
 
@@ -56,9 +58,11 @@ impl Progress {
     pub fn new(steps: usize) -> Self {
         let bar = ProgressBar::new(steps as u64);
         bar.set_style(
-            ProgressStyle::with_template("{msg:>10} [{bar:32}] {pos}/{len} steps  {elapsed_precise}  {per_sec}")
-                .expect("static template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg:>10} [{bar:32}] {pos}/{len} steps  {elapsed_precise}  {per_sec}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
         );
         bar.set_message("denoising");
         Progress(bar)
