@@ -3,6 +3,9 @@
 //! ```text
 //! katz demo        the embedded demo: tiny bundles, one ControlNet, one LoRA, on the CPU
 //! katz generate    one image from any bundle, with ControlNets and LoRAs
+//! katz worker      the service: RabbitMQ jobs → pipeline → Redis results
+//! katz submit      publish a job; --wait follows it and writes the image
+//! katz status ID   a job's record;   katz cancel ID   stop it
 //! ```
 //! Each subcommand lives in `src/cmd/`; this file only parses and dispatches.
 
@@ -27,12 +30,20 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Generate one image from a bundle.
     Generate(cmd::generate::GenerateArgs),
+    /// Serve jobs from RabbitMQ, results to Redis.
+    Worker(cmd::worker::WorkerArgs),
+    /// Publish a job (and with --wait, follow it and write its image).
+    Submit(cmd::submit::SubmitArgs),
+    /// Print a job's status record.
+    Status(cmd::status::StatusArgs),
+    /// Ask a job to stop (before it starts, or at its next step).
+    Cancel(cmd::cancel::CancelArgs),
 }
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KATZ_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("KATZ_LOG").unwrap_or_else(|_| "warn,katz_actors=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -40,6 +51,10 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Worker(a) => cmd::worker::run(a),
+        Command::Submit(a) => cmd::submit::run(a),
+        Command::Status(a) => cmd::status::run(a),
+        Command::Cancel(a) => cmd::cancel::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

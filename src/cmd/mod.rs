@@ -1,7 +1,11 @@
 //! One module per subcommand, plus the flags and helpers they share.
 
+pub mod cancel;
 pub mod demo;
 pub mod generate;
+pub mod status;
+pub mod submit;
+pub mod worker;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,6 +16,37 @@ use indicatif::{ProgressBar, ProgressStyle};
 use katz_onnx::pipeline::{Generated, Observer};
 use katz_onnx::runtime::SessionOptions;
 use katz_onnx::tensor::Tensor;
+
+/// RabbitMQ.
+#[derive(Args, Debug, Clone)]
+pub struct AmqpArgs {
+    /// AMQP URI of RabbitMQ.
+    #[arg(long, env = "KATZ_AMQP", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp: String,
+}
+
+/// Redis.
+#[derive(Args, Debug, Clone)]
+pub struct RedisArgs {
+    /// Redis URL.
+    #[arg(long, env = "KATZ_REDIS", default_value = "redis://127.0.0.1:6379/")]
+    pub redis: String,
+}
+
+impl RedisArgs {
+    pub async fn connect(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.redis.as_str()).with_context(|| format!("redis URL {}", self.redis))?;
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .with_context(|| format!("connecting to Redis at {}", self.redis))
+    }
+}
+
+/// A small tokio runtime for the client commands.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime").block_on(f)
+}
 
 /// Where models run.
 #[derive(Args, Debug, Clone)]

@@ -1,0 +1,37 @@
+//! Messages of the Pipeline actor.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use actix::Message;
+use katz_onnx::pipeline::Timings;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::error::JobError;
+use crate::protocol::Job;
+
+/// A step finished (sent from the model thread to the job's forwarder).
+#[derive(Debug, Clone, Copy)]
+pub struct StepDone {
+    pub step: u32,
+    pub total: u32,
+    pub step_ms: f64,
+}
+
+/// Runs one job to a PNG. `images[i]` holds the PNG bytes of ControlNet `i` (resolved by the
+/// consumer, inline or from Redis).
+#[derive(Message)]
+#[rtype(result = "Result<JobOutput, JobError>")]
+pub struct RunJob {
+    pub job: Job,
+    pub images: Vec<Vec<u8>>,
+    pub progress: UnboundedSender<StepDone>,
+    pub cancel: Arc<AtomicBool>,
+    pub span: tracing::Span,
+}
+
+#[derive(Debug)]
+pub struct JobOutput {
+    pub png: Vec<u8>,
+    pub timings: Timings,
+}

@@ -1,0 +1,384 @@
+//! The wire protocol between producers, workers and result readers (docs/protocol.md).
+//!
+//! A job is a msgpack map (named fields) published to exchange [`JOBS_EXCHANGE`] with routing key
+//! = the base model's name; its queue is `katz.jobs.<base>`. Results and progress live in Redis
+//! under `katz:job:<id>`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// The job schema version this worker reads.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Direct exchange that jobs are published to (routing key: base model name).
+pub const JOBS_EXCHANGE: &str = "katz.jobs";
+/// Dead-letter exchange and the queue that collects rejected jobs.
+pub const DEAD_EXCHANGE: &str = "katz.dlx";
+pub const DEAD_QUEUE: &str = "katz.jobs.dead";
+/// Highest message priority the job queues honour (`x-max-priority`).
+pub const MAX_PRIORITY: u8 = 10;
+/// Result TTL when a job gives none: one day.
+pub const DEFAULT_RESULT_TTL_S: u64 = 86_400;
+
+/// The queue of a base model.
+pub fn jobs_queue(base: &str) -> String {
+    format!("katz.jobs.{base}")
+}
+/// Hash with the job's status, progress, timings and error.
+pub fn job_key(id: &str) -> String {
+    format!("katz:job:{id}")
+}
+/// The PNG bytes of a finished job.
+pub fn image_key(id: &str) -> String {
+    format!("katz:job:{id}:image")
+}
+/// Set (to anything) to ask for cancellation.
+pub fn cancel_key(id: &str) -> String {
+    format!("katz:job:{id}:cancel")
+}
+/// Pub/sub channel of the job's progress events (JSON [`Event`]).
+pub fn events_channel(id: &str) -> String {
+    format!("katz:events:{id}")
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A conditioning image: inline PNG bytes, or the Redis key of a string holding them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageRef {
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    RedisKey(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlNetJob {
+    /// ControlNet model name (its bundle's `name`).
+    pub model: String,
+    pub image: ImageRef,
+    #[serde(default = "one")]
+    pub scale: f32,
+    #[serde(default)]
+    pub start: f32,
+    #[serde(default = "one")]
+    pub end: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraJob {
+    /// LoRA name: `<name>.safetensors` in the worker's LoRA store.
+    pub name: String,
+    #[serde(default = "one")]
+    pub scale: f32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+fn default_scheduler() -> String {
+    "euler".into()
+}
+fn default_ttl() -> u64 {
+    DEFAULT_RESULT_TTL_S
+}
+
+/// One text-to-image job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Schema version: [`SCHEMA_VERSION`].
+    pub v: u32,
+    /// Unique job id chosen by the producer (a UUID is a good choice); at most 128 bytes of
+    /// `[A-Za-z0-9_.:-]`.
+    pub id: String,
+    /// Base model name (the bundle's `name`), also the routing key.
+    pub base: String,
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance: f32,
+    pub seed: u64,
+    #[serde(default = "default_scheduler")]
+    pub scheduler: String,
+    #[serde(default)]
+    pub karras: bool,
+    #[serde(default)]
+    pub controlnets: Vec<ControlNetJob>,
+    #[serde(default)]
+    pub loras: Vec<LoraJob>,
+    /// 0 (lowest) to [`MAX_PRIORITY`]; also set it as the AMQP message priority.
+    #[serde(default)]
+    pub priority: u8,
+    /// Unix milliseconds after which the job is not started.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    /// Seconds the status and image stay in Redis after the job ends.
+    #[serde(default = "default_ttl")]
+    pub result_ttl_s: u64,
+    /// Unix milliseconds when the producer submitted it (for queue-wait metrics).
+    #[serde(default)]
+    pub submitted_ms: Option<u64>,
+}
+
+impl Job {
+    /// A job with the defaults a producer would fill in.
+    pub fn new(id: impl Into<String>, base: impl Into<String>, prompt: impl Into<String>) -> Self {
+        Job {
+            v: SCHEMA_VERSION,
+            id: id.into(),
+            base: base.into(),
+            prompt: prompt.into(),
+            negative_prompt: None,
+            width: 64,
+            height: 64,
+            steps: 4,
+            guidance: 5.0,
+            seed: 0,
+            scheduler: default_scheduler(),
+            karras: false,
+            controlnets: vec![],
+            loras: vec![],
+            priority: 0,
+            deadline_ms: None,
+            result_ttl_s: DEFAULT_RESULT_TTL_S,
+            submitted_ms: Some(now_ms()),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a job always encodes")
+    }
+
+    /// FNV-1a over the job's content (everything but `submitted_ms` and `priority`): two
+    /// deliveries of one job have the same digest; a reused id with other content does not.
+    pub fn digest(&self) -> String {
+        let mut canon = self.clone();
+        canon.submitted_ms = None;
+        canon.priority = 0;
+        let bytes = canon.encode();
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        format!("{h:016x}")
+    }
+}
+
+/// Why a message could not become a job. `id` is set where the message's id could be read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    pub id: Option<String>,
+    pub message: String,
+}
+
+/// Limits a worker enforces on every job before any model work.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_side: u32,
+    pub max_steps: u32,
+    pub max_controlnets: usize,
+    pub max_loras: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_message_bytes: 32 << 20, max_side: 2048, max_steps: 1000, max_controlnets: 8, max_loras: 8 }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    v: Option<u32>,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// Decodes and checks a message; every failure names the problem.
+pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
+    let env: Option<Envelope> = rmp_serde::from_slice(bytes).ok();
+    let id = env.as_ref().and_then(|e| e.id.clone()).filter(|i| valid_id(i));
+    let fail = |message: String| DecodeError { id: id.clone(), message };
+    if bytes.len() > limits.max_message_bytes {
+        return Err(fail(format!(
+            "message is {} bytes, over the limit of {} (send large conditioning images by Redis key)",
+            bytes.len(),
+            limits.max_message_bytes
+        )));
+    }
+    let Some(env) = env else {
+        return Err(fail("message is not a msgpack map (see docs/protocol.md)".into()));
+    };
+    match env.v {
+        None => return Err(fail("message has no schema version `v`".into())),
+        Some(v) if v != SCHEMA_VERSION => {
+            return Err(fail(format!("schema version {v} is not supported (this worker reads {SCHEMA_VERSION})")))
+        }
+        _ => {}
+    }
+    match &env.id {
+        None => return Err(fail("message has no job `id`".into())),
+        Some(i) if !valid_id(i) => {
+            return Err(fail(format!("job id {i:?} is not 1-128 characters of [A-Za-z0-9_.:-]")))
+        }
+        _ => {}
+    }
+    let job: Job = rmp_serde::from_slice(bytes).map_err(|e| fail(format!("job does not decode: {e}")))?;
+    check(&job, limits).map_err(fail)?;
+    Ok(job)
+}
+
+/// Range checks that need no model.
+pub fn check(job: &Job, l: &Limits) -> Result<(), String> {
+    if job.width == 0 || job.height == 0 || job.width % 8 != 0 || job.height % 8 != 0 {
+        return Err(format!("size {}x{}: width and height must be positive multiples of 8", job.width, job.height));
+    }
+    if job.width > l.max_side || job.height > l.max_side {
+        return Err(format!("size {}x{} exceeds the limit of {} per side", job.width, job.height, l.max_side));
+    }
+    if job.steps == 0 || job.steps > l.max_steps {
+        return Err(format!("steps {} is outside 1..={}", job.steps, l.max_steps));
+    }
+    if !job.guidance.is_finite() || job.guidance < 0.0 || job.guidance > 100.0 {
+        return Err(format!("guidance {} is outside 0..=100", job.guidance));
+    }
+    if job.priority > MAX_PRIORITY {
+        return Err(format!("priority {} is over {MAX_PRIORITY}", job.priority));
+    }
+    if job.controlnets.len() > l.max_controlnets {
+        return Err(format!("{} ControlNets, the limit is {}", job.controlnets.len(), l.max_controlnets));
+    }
+    if job.loras.len() > l.max_loras {
+        return Err(format!("{} LoRAs, the limit is {}", job.loras.len(), l.max_loras));
+    }
+    for c in &job.controlnets {
+        if !c.scale.is_finite() || !(0.0..=1.0).contains(&c.start) || !(0.0..=1.0).contains(&c.end) || c.start >= c.end
+        {
+            return Err(format!("ControlNet {}: need a finite scale and 0 ≤ start < end ≤ 1", c.model));
+        }
+    }
+    for lo in &job.loras {
+        if !lo.scale.is_finite() {
+            return Err(format!("LoRA {}: scale must be finite", lo.name));
+        }
+        if lo.name.is_empty() || lo.name.contains('/') || lo.name.contains("..") {
+            return Err(format!("LoRA name {:?} is not a plain name", lo.name));
+        }
+    }
+    Ok(())
+}
+
+/// Job status in `katz:job:<id>` field `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Some(match s {
+            "queued" => Status::Queued,
+            "running" => Status::Running,
+            "done" => Status::Done,
+            "failed" => Status::Failed,
+            "cancelled" => Status::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Done | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// A progress event on `katz:events:<id>` (JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    pub status: Status,
+    #[serde(default)]
+    pub step: u32,
+    #[serde(default)]
+    pub total: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_digest() {
+        let mut j = Job::new("j-1", "tiny-sdxl", "a cat");
+        j.controlnets.push(ControlNetJob {
+            model: "cn".into(),
+            image: ImageRef::Inline(vec![1, 2, 3]),
+            scale: 0.5,
+            start: 0.0,
+            end: 1.0,
+        });
+        let back = decode(&j.encode(), &Limits::default()).unwrap();
+        assert_eq!(back, j);
+        let mut later = j.clone();
+        later.submitted_ms = Some(1);
+        assert_eq!(later.digest(), j.digest());
+        let mut other = j.clone();
+        other.prompt = "a dog".into();
+        assert_ne!(other.digest(), j.digest());
+    }
+
+    #[test]
+    fn bad_messages_name_the_problem() {
+        let l = Limits::default();
+        assert!(decode(b"\xc1garbage", &l).unwrap_err().message.contains("not a msgpack map"));
+        let mut j = Job::new("j-2", "b", "p");
+        j.v = 7;
+        let e = decode(&j.encode(), &l).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("j-2"));
+        assert!(e.message.contains("schema version 7"), "{}", e.message);
+        let mut j = Job::new("j-3", "b", "p");
+        j.width = 100_000;
+        j.height = 100_000;
+        assert!(decode(&j.encode(), &l).unwrap_err().message.contains("exceeds the limit"));
+        let mut j = Job::new("j-4", "b", "p");
+        j.steps = 1_000_000;
+        assert!(decode(&j.encode(), &l).unwrap_err().message.contains("steps 1000000"));
+        // a map without `prompt`
+        #[derive(Serialize)]
+        struct Partial<'a> {
+            v: u32,
+            id: &'a str,
+        }
+        let e = decode(&rmp_serde::to_vec_named(&Partial { v: 1, id: "j-5" }).unwrap(), &l).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("j-5"));
+        assert!(e.message.contains("missing field"), "{}", e.message);
+    }
+}

@@ -1,0 +1,129 @@
+//! `katz worker`: consumes jobs for one base model and stores results in Redis.
+//!
+//! Options come from flags, then environment variables, then `--config FILE` (TOML with the
+//! same names, `snake_case`), then defaults that serve the committed tiny bundles on localhost.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use katz_actors::pipeline::Models;
+use katz_actors::protocol::Limits;
+use katz_actors::worker::{self, WorkerConfig};
+use serde::Deserialize;
+
+use super::{bundles_dir, DeviceArgs};
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// TOML file with any of the options below (flags and environment win over it).
+    #[arg(long, env = "KATZ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// AMQP URI [default: amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[arg(long, env = "KATZ_AMQP")]
+    pub amqp: Option<String>,
+    /// Redis URL [default: redis://127.0.0.1:6379/]
+    #[arg(long, env = "KATZ_REDIS")]
+    pub redis: Option<String>,
+    /// Base-model bundle [default: bundles/tiny-sdxl]
+    #[arg(long, env = "KATZ_BUNDLE")]
+    pub bundle: Option<PathBuf>,
+    /// ControlNet bundles this worker hosts (repeatable) [default: bundles/tiny-sdxl-controlnet]
+    #[arg(long = "controlnet", env = "KATZ_CONTROLNETS", value_delimiter = ',')]
+    pub controlnets: Vec<PathBuf>,
+    /// LoRA store: a job's LoRA NAME is NAME.safetensors here [default: bundles/loras]
+    #[arg(long, env = "KATZ_LORA_DIR")]
+    pub lora_dir: Option<PathBuf>,
+    /// Queue to consume [default: katz.jobs.<base model name>]
+    #[arg(long, env = "KATZ_QUEUE")]
+    pub queue: Option<String>,
+    /// Jobs run at once (pipeline threads and AMQP prefetch) [default: 1]
+    #[arg(long, env = "KATZ_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187).
+    #[arg(long, env = "KATZ_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Name written into each job's status [default: <hostname>-<pid>]
+    #[arg(long, env = "KATZ_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Largest message accepted; larger ones are dead-lettered [default: 33554432]
+    #[arg(long, env = "KATZ_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Largest width or height accepted [default: 2048]
+    #[arg(long, env = "KATZ_MAX_SIDE")]
+    pub max_side: Option<u32>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// The TOML form of the options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerFile {
+    pub amqp: Option<String>,
+    pub redis: Option<String>,
+    pub bundle: Option<PathBuf>,
+    #[serde(default)]
+    pub controlnets: Vec<PathBuf>,
+    pub lora_dir: Option<PathBuf>,
+    pub queue: Option<String>,
+    pub concurrency: Option<usize>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub name: Option<String>,
+    pub max_message_bytes: Option<usize>,
+    pub max_side: Option<u32>,
+    pub threads: Option<usize>,
+}
+
+pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
+    let file: WorkerFile = match &a.config {
+        Some(p) => toml::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+            .with_context(|| format!("parsing {}", p.display()))?,
+        None => WorkerFile::default(),
+    };
+    let need_bundles = a.bundle.is_none() && file.bundle.is_none()
+        || a.controlnets.is_empty() && file.controlnets.is_empty()
+        || a.lora_dir.is_none() && file.lora_dir.is_none();
+    let bundles = if need_bundles { Some(bundles_dir()?) } else { None };
+    let default = |sub: &str| bundles.as_ref().map(|b| b.join(sub)).unwrap_or_default();
+    let controlnets = if !a.controlnets.is_empty() {
+        a.controlnets
+    } else if !file.controlnets.is_empty() {
+        file.controlnets
+    } else {
+        vec![default("tiny-sdxl-controlnet")]
+    };
+    let mut limits = Limits::default();
+    if let Some(m) = a.max_message_bytes.or(file.max_message_bytes) {
+        limits.max_message_bytes = m;
+    }
+    if let Some(m) = a.max_side.or(file.max_side) {
+        limits.max_side = m;
+    }
+    let threads = if a.device.threads > 0 { a.device.threads } else { file.threads.unwrap_or(0) };
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
+    Ok(WorkerConfig {
+        amqp: a.amqp.or(file.amqp).unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        redis: a.redis.or(file.redis).unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
+        models: Models {
+            base: a.bundle.or(file.bundle).unwrap_or_else(|| default("tiny-sdxl")),
+            controlnets,
+            lora_dir: a.lora_dir.or(file.lora_dir).unwrap_or_else(|| default("loras")),
+            session: katz_onnx::runtime::SessionOptions { intra_threads: threads },
+        },
+        queue: a.queue.or(file.queue),
+        concurrency: a.concurrency.or(file.concurrency).unwrap_or(1),
+        limits,
+        worker_name: a.name.or(file.name).unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        metrics_addr: a.metrics_addr.or(file.metrics_addr),
+        store_retry: Duration::from_secs(120),
+    })
+}
+
+pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
+    let cfg = config(a)?;
+    worker::run(cfg)?;
+    Ok(())
+}
