@@ -43,7 +43,8 @@ enum Command {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KATZ_LOG").unwrap_or_else(|_| "warn,katz_actors=info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("KATZ_LOG")
+                .unwrap_or_else(|_| "warn,katz_actors=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

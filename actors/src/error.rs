@@ -38,9 +38,10 @@ pub enum JobError {
 impl JobError {
     pub fn action(&self) -> Action {
         match self {
-            JobError::Decode(_) | JobError::Invalid(_) | JobError::Conflict { .. } | JobError::Deadline { .. } => {
-                Action::DeadLetter
-            }
+            JobError::Decode(_)
+            | JobError::Invalid(_)
+            | JobError::Conflict { .. }
+            | JobError::Deadline { .. } => Action::DeadLetter,
             JobError::Cancelled => Action::Ack,
             JobError::Model(e) => match e {
                 katz_onnx::Error::Cancelled { .. } => Action::Ack,
@@ -69,6 +70,9 @@ impl JobError {
     }
 
     pub fn is_cancel(&self) -> bool {
-        matches!(self, JobError::Cancelled | JobError::Model(katz_onnx::Error::Cancelled { .. }))
+        matches!(
+            self,
+            JobError::Cancelled | JobError::Model(katz_onnx::Error::Cancelled { .. })
+        )
     }
 }

@@ -35,7 +35,8 @@ impl Histogram {
                 c.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.sum_micros.fetch_add((seconds.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds.max(0.0) * 1e6) as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -46,12 +47,18 @@ impl Histogram {
         }
         let n = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count {n}");
     }
 }
 
-const SECONDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+const SECONDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 const STEP_SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 pub struct Metrics {
@@ -72,18 +79,41 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        self.queue_wait.render("katz_queue_wait_seconds", "Time from submission to a worker taking the job.", &mut out);
-        self.job_latency.render("katz_job_latency_seconds", "Time from delivery to the result stored.", &mut out);
-        self.pipeline.render("katz_pipeline_seconds", "Time in the model pipeline per job.", &mut out);
-        self.step.render("katz_step_seconds", "Time of one denoising step.", &mut out);
-        let _ = writeln!(out, "# HELP katz_jobs_total Jobs by outcome.\n# TYPE katz_jobs_total counter");
+        self.queue_wait.render(
+            "katz_queue_wait_seconds",
+            "Time from submission to a worker taking the job.",
+            &mut out,
+        );
+        self.job_latency.render(
+            "katz_job_latency_seconds",
+            "Time from delivery to the result stored.",
+            &mut out,
+        );
+        self.pipeline.render(
+            "katz_pipeline_seconds",
+            "Time in the model pipeline per job.",
+            &mut out,
+        );
+        self.step
+            .render("katz_step_seconds", "Time of one denoising step.", &mut out);
+        let _ = writeln!(
+            out,
+            "# HELP katz_jobs_total Jobs by outcome.\n# TYPE katz_jobs_total counter"
+        );
         if let Ok(m) = self.outcomes.lock() {
             for (k, v) in m.iter() {
                 let _ = writeln!(out, "katz_jobs_total{{outcome=\"{k}\"}} {v}");
             }
         }
-        let _ = writeln!(out, "# HELP katz_jobs_in_flight Jobs being worked on.\n# TYPE katz_jobs_in_flight gauge");
-        let _ = writeln!(out, "katz_jobs_in_flight {}", self.in_flight.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP katz_jobs_in_flight Jobs being worked on.\n# TYPE katz_jobs_in_flight gauge"
+        );
+        let _ = writeln!(
+            out,
+            "katz_jobs_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
         out
     }
 }
@@ -103,7 +133,9 @@ pub fn metrics() -> &'static Metrics {
 /// Serves `GET /metrics` until the runtime stops.
 pub async fn serve(listener: TcpListener) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n = sock.read(&mut buf).await.unwrap_or(0);

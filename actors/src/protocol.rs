@@ -42,7 +42,10 @@ pub fn events_channel(id: &str) -> String {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A conditioning image: inline PNG bytes, or the Redis key of a string holding them.
@@ -188,7 +191,13 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_message_bytes: 32 << 20, max_side: 2048, max_steps: 1000, max_controlnets: 8, max_loras: 8 }
+        Limits {
+            max_message_bytes: 32 << 20,
+            max_side: 2048,
+            max_steps: 1000,
+            max_controlnets: 8,
+            max_loras: 8,
+        }
     }
 }
 
@@ -203,14 +212,19 @@ struct Envelope {
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 /// Decodes and checks a message; every failure names the problem.
 pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
     let env: Option<Envelope> = rmp_serde::from_slice(bytes).ok();
     let id = env.as_ref().and_then(|e| e.id.clone()).filter(|i| valid_id(i));
-    let fail = |message: String| DecodeError { id: id.clone(), message };
+    let fail = |message: String| DecodeError {
+        id: id.clone(),
+        message,
+    };
     if bytes.len() > limits.max_message_bytes {
         return Err(fail(format!(
             "message is {} bytes, over the limit of {} (send large conditioning images by Redis key)",
@@ -224,14 +238,18 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
     match env.v {
         None => return Err(fail("message has no schema version `v`".into())),
         Some(v) if v != SCHEMA_VERSION => {
-            return Err(fail(format!("schema version {v} is not supported (this worker reads {SCHEMA_VERSION})")))
+            return Err(fail(format!(
+                "schema version {v} is not supported (this worker reads {SCHEMA_VERSION})"
+            )))
         }
         _ => {}
     }
     match &env.id {
         None => return Err(fail("message has no job `id`".into())),
         Some(i) if !valid_id(i) => {
-            return Err(fail(format!("job id {i:?} is not 1-128 characters of [A-Za-z0-9_.:-]")))
+            return Err(fail(format!(
+                "job id {i:?} is not 1-128 characters of [A-Za-z0-9_.:-]"
+            )))
         }
         _ => {}
     }
@@ -243,10 +261,16 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
 /// Range checks that need no model.
 pub fn check(job: &Job, l: &Limits) -> Result<(), String> {
     if job.width == 0 || job.height == 0 || job.width % 8 != 0 || job.height % 8 != 0 {
-        return Err(format!("size {}x{}: width and height must be positive multiples of 8", job.width, job.height));
+        return Err(format!(
+            "size {}x{}: width and height must be positive multiples of 8",
+            job.width, job.height
+        ));
     }
     if job.width > l.max_side || job.height > l.max_side {
-        return Err(format!("size {}x{} exceeds the limit of {} per side", job.width, job.height, l.max_side));
+        return Err(format!(
+            "size {}x{} exceeds the limit of {} per side",
+            job.width, job.height, l.max_side
+        ));
     }
     if job.steps == 0 || job.steps > l.max_steps {
         return Err(format!("steps {} is outside 1..={}", job.steps, l.max_steps));
@@ -258,15 +282,25 @@ pub fn check(job: &Job, l: &Limits) -> Result<(), String> {
         return Err(format!("priority {} is over {MAX_PRIORITY}", job.priority));
     }
     if job.controlnets.len() > l.max_controlnets {
-        return Err(format!("{} ControlNets, the limit is {}", job.controlnets.len(), l.max_controlnets));
+        return Err(format!(
+            "{} ControlNets, the limit is {}",
+            job.controlnets.len(),
+            l.max_controlnets
+        ));
     }
     if job.loras.len() > l.max_loras {
         return Err(format!("{} LoRAs, the limit is {}", job.loras.len(), l.max_loras));
     }
     for c in &job.controlnets {
-        if !c.scale.is_finite() || !(0.0..=1.0).contains(&c.start) || !(0.0..=1.0).contains(&c.end) || c.start >= c.end
+        if !c.scale.is_finite()
+            || !(0.0..=1.0).contains(&c.start)
+            || !(0.0..=1.0).contains(&c.end)
+            || c.start >= c.end
         {
-            return Err(format!("ControlNet {}: need a finite scale and 0 ≤ start < end ≤ 1", c.model));
+            return Err(format!(
+                "ControlNet {}: need a finite scale and 0 ≤ start < end ≤ 1",
+                c.model
+            ));
         }
     }
     for lo in &job.loras {
@@ -358,7 +392,10 @@ mod tests {
     #[test]
     fn bad_messages_name_the_problem() {
         let l = Limits::default();
-        assert!(decode(b"\xc1garbage", &l).unwrap_err().message.contains("not a msgpack map"));
+        assert!(decode(b"\xc1garbage", &l)
+            .unwrap_err()
+            .message
+            .contains("not a msgpack map"));
         let mut j = Job::new("j-2", "b", "p");
         j.v = 7;
         let e = decode(&j.encode(), &l).unwrap_err();
@@ -367,17 +404,27 @@ mod tests {
         let mut j = Job::new("j-3", "b", "p");
         j.width = 100_000;
         j.height = 100_000;
-        assert!(decode(&j.encode(), &l).unwrap_err().message.contains("exceeds the limit"));
+        assert!(decode(&j.encode(), &l)
+            .unwrap_err()
+            .message
+            .contains("exceeds the limit"));
         let mut j = Job::new("j-4", "b", "p");
         j.steps = 1_000_000;
-        assert!(decode(&j.encode(), &l).unwrap_err().message.contains("steps 1000000"));
+        assert!(decode(&j.encode(), &l)
+            .unwrap_err()
+            .message
+            .contains("steps 1000000"));
         // a map without `prompt`
         #[derive(Serialize)]
         struct Partial<'a> {
             v: u32,
             id: &'a str,
         }
-        let e = decode(&rmp_serde::to_vec_named(&Partial { v: 1, id: "j-5" }).unwrap(), &l).unwrap_err();
+        let e = decode(
+            &rmp_serde::to_vec_named(&Partial { v: 1, id: "j-5" }).unwrap(),
+            &l,
+        )
+        .unwrap_err();
         assert_eq!(e.id.as_deref(), Some("j-5"));
         assert!(e.message.contains("missing field"), "{}", e.message);
     }

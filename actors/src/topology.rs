@@ -21,28 +21,69 @@ pub fn dead_queue(queue: &str) -> String {
 }
 
 pub async fn connect(uri: &str, name: &str) -> Result<Connection, lapin::Error> {
-    let props = ConnectionProperties::default().with_client_property("connection_name".into(), LongString::from(name));
+    let props = ConnectionProperties::default()
+        .with_client_property("connection_name".into(), LongString::from(name));
     Connection::connect(uri, props).await
 }
 
 /// Declares both exchanges, the job queue and its dead-letter queue.
 pub async fn declare(channel: &Channel, queue: &str) -> Result<(), lapin::Error> {
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    channel.exchange_declare(JOBS_EXCHANGE.into(), ExchangeKind::Direct, durable, FieldTable::default()).await?;
-    channel.exchange_declare(DEAD_EXCHANGE.into(), ExchangeKind::Direct, durable, FieldTable::default()).await?;
-    let dead = dead_queue(queue);
-    let qopts = QueueDeclareOptions { durable: true, ..Default::default() };
-    channel.queue_declare(dead.as_str().into(), qopts, FieldTable::default()).await?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     channel
-        .queue_bind(dead.as_str().into(), DEAD_EXCHANGE.into(), dead.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+        .exchange_declare(
+            JOBS_EXCHANGE.into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            DEAD_EXCHANGE.into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let dead = dead_queue(queue);
+    let qopts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(dead.as_str().into(), qopts, FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            dead.as_str().into(),
+            DEAD_EXCHANGE.into(),
+            dead.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     let mut args = FieldTable::default();
     args.insert("x-max-priority".into(), AMQPValue::LongInt(MAX_PRIORITY as i32));
-    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from(DEAD_EXCHANGE)));
-    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(LongString::from(dead.as_str())));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(DEAD_EXCHANGE)),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(dead.as_str())),
+    );
     channel.queue_declare(queue.into(), qopts, args).await?;
     channel
-        .queue_bind(queue.into(), JOBS_EXCHANGE.into(), queue.into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            queue.into(),
+            JOBS_EXCHANGE.into(),
+            queue.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     Ok(())
 }
@@ -71,7 +112,13 @@ pub async fn publish(
         .with_content_type("application/msgpack".into())
         .with_timestamp(crate::protocol::now_ms() / 1000);
     let confirm = channel
-        .basic_publish(JOBS_EXCHANGE.into(), queue.into(), BasicPublishOptions::default(), payload, props)
+        .basic_publish(
+            JOBS_EXCHANGE.into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            payload,
+            props,
+        )
         .await?
         .await?;
     if confirm.is_nack() {

@@ -35,7 +35,10 @@ pub enum WorkerError {
     #[error("redis at {url}: {source}")]
     Redis { url: String, source: redis::RedisError },
     #[error("metrics endpoint {addr}: {source}")]
-    Metrics { addr: SocketAddr, source: std::io::Error },
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("runtime: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -53,15 +56,24 @@ pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
     let pool = Mutex::new(actors);
 
     let sys = actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
     });
     let result: Result<(), WorkerError> = sys.block_on(async move {
         let store = connect_redis(&cfg.redis).await?.start();
         let pipeline = SyncArbiter::start(n, move || {
-            pool.lock().ok().and_then(|mut p| p.pop()).expect("one preloaded pipeline per thread")
+            pool.lock()
+                .ok()
+                .and_then(|mut p| p.pop())
+                .expect("one preloaded pipeline per thread")
         });
         if let Some(addr) = cfg.metrics_addr {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| WorkerError::Metrics { addr, source })?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| WorkerError::Metrics { addr, source })?;
             tracing::info!(%addr, "metrics on /metrics");
             actix::spawn(crate::metrics::serve(listener));
         }
@@ -106,7 +118,12 @@ async fn connect_redis(url: &str) -> Result<ResultStore, WorkerError> {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(3));
             }
-            Err(source) => return Err(WorkerError::Redis { url: url.into(), source }),
+            Err(source) => {
+                return Err(WorkerError::Redis {
+                    url: url.into(),
+                    source,
+                })
+            }
         }
     }
 }

@@ -24,8 +24,12 @@ pub struct CancelArgs {
 pub fn run(a: CancelArgs) -> anyhow::Result<()> {
     block_on(async {
         let mut conn = a.redis.connect().await?;
-        let before: String =
-            redis::Script::new(CANCEL_LUA).key(job_key(&a.id)).key(cancel_key(&a.id)).arg(now_ms()).invoke_async(&mut conn).await?;
+        let before: String = redis::Script::new(CANCEL_LUA)
+            .key(job_key(&a.id))
+            .key(cancel_key(&a.id))
+            .arg(now_ms())
+            .invoke_async(&mut conn)
+            .await?;
         match before.as_str() {
             "" => println!("cancel recorded for `{}` (no status yet: it will not run)", a.id),
             "queued" => println!("`{}` was queued: cancelled", a.id),

@@ -21,7 +21,11 @@ use katz_onnx::tensor::Tensor;
 #[derive(Args, Debug, Clone)]
 pub struct AmqpArgs {
     /// AMQP URI of RabbitMQ.
-    #[arg(long, env = "KATZ_AMQP", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "KATZ_AMQP",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp: String,
 }
 
@@ -35,7 +39,8 @@ pub struct RedisArgs {
 
 impl RedisArgs {
     pub async fn connect(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        let client = redis::Client::open(self.redis.as_str()).with_context(|| format!("redis URL {}", self.redis))?;
+        let client =
+            redis::Client::open(self.redis.as_str()).with_context(|| format!("redis URL {}", self.redis))?;
         client
             .get_multiplexed_async_connection()
             .await
@@ -45,7 +50,11 @@ impl RedisArgs {
 
 /// A small tokio runtime for the client commands.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime").block_on(f)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
 }
 
 /// Where models run.

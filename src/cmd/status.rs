@@ -21,7 +21,10 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
         let mut conn = a.redis.connect().await?;
         let rec: BTreeMap<String, String> = conn.hgetall(job_key(&a.id)).await?;
         if rec.is_empty() {
-            bail!("no job `{}` in Redis (never submitted, or its result TTL passed)", a.id);
+            bail!(
+                "no job `{}` in Redis (never submitted, or its result TTL passed)",
+                a.id
+            );
         }
         println!("{}", serde_json::to_string_pretty(&rec)?);
         Ok(())

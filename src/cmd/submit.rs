@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use katz_actors::protocol::{image_key, job_key, jobs_queue, now_ms, ControlNetJob, ImageRef, Job, LoraJob, Status};
+use katz_actors::protocol::{
+    image_key, job_key, jobs_queue, now_ms, ControlNetJob, ImageRef, Job, LoraJob, Status,
+};
 use katz_actors::topology;
 use redis::AsyncCommands;
 
@@ -76,7 +78,10 @@ pub struct SubmitArgs {
 }
 
 fn new_id() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("job-{:x}-{:x}", nanos, std::process::id())
 }
 
@@ -112,25 +117,42 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
             ImageRef::Inline(bytes)
         };
         let model = c.bundle.to_string_lossy().into_owned();
-        job.controlnets.push(ControlNetJob { model, image, scale: c.scale, start: c.start, end: c.end });
+        job.controlnets.push(ControlNetJob {
+            model,
+            image,
+            scale: c.scale,
+            start: c.start,
+            end: c.end,
+        });
     }
     for l in &a.loras {
-        job.loras.push(LoraJob { name: l.file.to_string_lossy().into_owned(), scale: l.scale });
+        job.loras.push(LoraJob {
+            name: l.file.to_string_lossy().into_owned(),
+            scale: l.scale,
+        });
     }
-    katz_actors::protocol::check(&job, &katz_actors::protocol::Limits::default()).map_err(anyhow::Error::msg)?;
+    katz_actors::protocol::check(&job, &katz_actors::protocol::Limits::default())
+        .map_err(anyhow::Error::msg)?;
 
     // status `queued` first, so a reader never sees a published job without a record
-    let created: bool = redis.hset_nx(job_key(&id), "status", Status::Queued.as_str()).await?;
+    let created: bool = redis
+        .hset_nx(job_key(&id), "status", Status::Queued.as_str())
+        .await?;
     if !created {
         bail!("job id `{id}` is already in use (katz status {id})");
     }
     let _: () = redis
-        .hset_multiple(job_key(&id), &[("digest", job.digest()), ("submitted_ms", now_ms().to_string())])
+        .hset_multiple(
+            job_key(&id),
+            &[("digest", job.digest()), ("submitted_ms", now_ms().to_string())],
+        )
         .await?;
     let _: () = redis.expire(job_key(&id), a.ttl_s as i64).await?;
 
     let queue = a.queue.clone().unwrap_or_else(|| jobs_queue(&a.base));
-    let conn = topology::connect(&a.amqp.amqp, "katz-submit").await.with_context(|| format!("connecting to {}", a.amqp.amqp))?;
+    let conn = topology::connect(&a.amqp.amqp, "katz-submit")
+        .await
+        .with_context(|| format!("connecting to {}", a.amqp.amqp))?;
     let channel = conn.create_channel().await?;
     topology::declare(&channel, &queue).await?;
     topology::publish(&channel, &queue, &job.encode(), job.priority, &id).await?;
@@ -142,9 +164,17 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     follow(&mut redis, &id, &a).await
 }
 
-async fn follow(redis: &mut redis::aio::MultiplexedConnection, id: &str, a: &SubmitArgs) -> anyhow::Result<()> {
+async fn follow(
+    redis: &mut redis::aio::MultiplexedConnection,
+    id: &str,
+    a: &SubmitArgs,
+) -> anyhow::Result<()> {
     let bar = ProgressBar::new(a.steps as u64);
-    bar.set_style(ProgressStyle::with_template("{msg:>9} [{bar:32}] {pos}/{len}").expect("template").progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>9} [{bar:32}] {pos}/{len}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
     let started = Instant::now();
     loop {
         let rec: HashMap<String, String> = redis.hgetall(job_key(id)).await?;
@@ -173,7 +203,10 @@ async fn follow(redis: &mut redis::aio::MultiplexedConnection, id: &str, a: &Sub
             }
             Some(Status::Failed) => {
                 bar.finish_and_clear();
-                bail!("job {id} failed: {}", rec.get("error").cloned().unwrap_or_default());
+                bail!(
+                    "job {id} failed: {}",
+                    rec.get("error").cloned().unwrap_or_default()
+                );
             }
             Some(Status::Cancelled) => {
                 bar.finish_and_clear();
@@ -182,7 +215,11 @@ async fn follow(redis: &mut redis::aio::MultiplexedConnection, id: &str, a: &Sub
             _ => {}
         }
         if started.elapsed() > Duration::from_secs(a.timeout_s) {
-            bail!("job {id} did not end within {} s (status {:?}); it is still queued or running", a.timeout_s, status);
+            bail!(
+                "job {id} did not end within {} s (status {:?}); it is still queued or running",
+                a.timeout_s,
+                status
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

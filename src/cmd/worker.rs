@@ -79,8 +79,10 @@ pub struct WorkerFile {
 
 pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     let file: WorkerFile = match &a.config {
-        Some(p) => toml::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-            .with_context(|| format!("parsing {}", p.display()))?,
+        Some(p) => {
+            toml::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+                .with_context(|| format!("parsing {}", p.display()))?
+        }
         None => WorkerFile::default(),
     };
     let need_bundles = a.bundle.is_none() && file.bundle.is_none()
@@ -102,21 +104,38 @@ pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     if let Some(m) = a.max_side.or(file.max_side) {
         limits.max_side = m;
     }
-    let threads = if a.device.threads > 0 { a.device.threads } else { file.threads.unwrap_or(0) };
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
+    let threads = if a.device.threads > 0 {
+        a.device.threads
+    } else {
+        file.threads.unwrap_or(0)
+    };
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "worker".into());
     Ok(WorkerConfig {
-        amqp: a.amqp.or(file.amqp).unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        redis: a.redis.or(file.redis).unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
+        amqp: a
+            .amqp
+            .or(file.amqp)
+            .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        redis: a
+            .redis
+            .or(file.redis)
+            .unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
         models: Models {
             base: a.bundle.or(file.bundle).unwrap_or_else(|| default("tiny-sdxl")),
             controlnets,
             lora_dir: a.lora_dir.or(file.lora_dir).unwrap_or_else(|| default("loras")),
-            session: katz_onnx::runtime::SessionOptions { intra_threads: threads },
+            session: katz_onnx::runtime::SessionOptions {
+                intra_threads: threads,
+            },
         },
         queue: a.queue.or(file.queue),
         concurrency: a.concurrency.or(file.concurrency).unwrap_or(1),
         limits,
-        worker_name: a.name.or(file.name).unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        worker_name: a
+            .name
+            .or(file.name)
+            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
         metrics_addr: a.metrics_addr.or(file.metrics_addr),
         store_retry: Duration::from_secs(120),
     })

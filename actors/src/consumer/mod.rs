@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::oneshot;
@@ -31,7 +34,9 @@ use crate::error::{Action, JobError};
 use crate::metrics::metrics;
 use crate::pipeline::{PipelineActor, RunJob};
 use crate::protocol::{decode, now_ms, ImageRef, Job, Limits, Status, DEFAULT_RESULT_TTL_S};
-use crate::store::{Begin, BeginJob, CancelRequested, FetchBytes, Finish, NoteConflict, Progress, ResultStore};
+use crate::store::{
+    Begin, BeginJob, CancelRequested, FetchBytes, Finish, NoteConflict, Progress, ResultStore,
+};
 use crate::topology;
 pub use messages::*;
 
@@ -76,7 +81,11 @@ impl JobConsumer {
     ) -> Self {
         let tag = format!("{}-{}", cfg.worker, std::process::id());
         JobConsumer {
-            deps: Deps { cfg: Arc::new(cfg), pipeline, store },
+            deps: Deps {
+                cfg: Arc::new(cfg),
+                pipeline,
+                store,
+            },
             conn: None,
             channel: None,
             tag,
@@ -97,9 +106,16 @@ impl JobConsumer {
             let conn = topology::connect(&cfg.amqp, &cfg.worker).await?;
             let channel = conn.create_channel().await?;
             topology::declare(&channel, &cfg.queue).await?;
-            channel.basic_qos(cfg.prefetch, BasicQosOptions::default()).await?;
+            channel
+                .basic_qos(cfg.prefetch, BasicQosOptions::default())
+                .await?;
             let consumer = channel
-                .basic_consume(cfg.queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+                .basic_consume(
+                    cfg.queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
             Ok::<_, lapin::Error>((conn, channel, consumer))
         };
@@ -170,11 +186,13 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for JobConsumer {
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
-        self.conn = None;
-        self.channel = None;
         if self.draining {
+            // our own basic_cancel ended the stream: keep the channel, in-flight jobs still ack on it
             self.maybe_finish(ctx);
         } else {
+            // dropping the last handles closes them; unacked deliveries return to the queue
+            self.conn = None;
+            self.channel = None;
             tracing::warn!("lost the RabbitMQ consumer; reconnecting");
             let wait = self.backoff;
             ctx.run_later(wait, |act, ctx| act.connect(ctx));
@@ -189,13 +207,18 @@ impl Handler<Shutdown> for JobConsumer {
         if self.draining {
             return;
         }
-        tracing::info!(in_flight = self.in_flight, "shutdown: no new jobs; finishing those in flight");
+        tracing::info!(
+            in_flight = self.in_flight,
+            "shutdown: no new jobs; finishing those in flight"
+        );
         self.draining = true;
         if let Some(ch) = self.channel.clone() {
             let tag = self.tag.clone();
             ctx.spawn(
                 async move {
-                    let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    let _ = ch
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await;
                 }
                 .into_actor(self),
             );
@@ -215,19 +238,30 @@ impl Handler<InFlight> for JobConsumer {
 // ───────────────────────────── one delivery ─────────────────────────────
 
 async fn ack(d: &Delivery) {
-    if let Err(e) = d.ack(BasicAckOptions::default()).await {
-        tracing::warn!(error = %e, "ack failed; the broker will redeliver (idempotent)");
-    }
+    settle(d, Action::Ack).await
 }
 
 async fn settle(d: &Delivery, action: Action) {
     let res = match action {
         Action::Ack => d.ack(BasicAckOptions::default()).await,
         Action::DeadLetter => d.reject(BasicRejectOptions { requeue: false }).await,
-        Action::Requeue => d.nack(BasicNackOptions { requeue: true, multiple: false }).await,
+        Action::Requeue => {
+            d.nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+        }
     };
-    if let Err(e) = res {
-        tracing::warn!(error = %e, ?action, "settling the delivery failed; the broker will redeliver");
+    match res {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            ?action,
+            "delivery not settled: its channel is gone; the broker will redeliver"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, ?action, "settling the delivery failed; the broker will redeliver")
+        }
     }
 }
 
@@ -263,7 +297,11 @@ impl<T> IsStoreResult for Result<T, JobError> {
 }
 
 fn finish_failed(id: &str, err: &JobError, ttl: u64) -> Finish {
-    let status = if err.is_cancel() { Status::Cancelled } else { Status::Failed };
+    let status = if err.is_cancel() {
+        Status::Cancelled
+    } else {
+        Status::Failed
+    };
     Finish {
         id: id.into(),
         status,
@@ -302,7 +340,9 @@ async fn run(d: Delivery, job: Job, deps: Deps) -> &'static str {
         if let Some(deadline) = job.deadline_ms {
             let now = now_ms();
             if now > deadline {
-                return Err(JobError::Deadline { late_ms: now - deadline });
+                return Err(JobError::Deadline {
+                    late_ms: now - deadline,
+                });
             }
         }
         let begin = deps
@@ -319,7 +359,12 @@ async fn run(d: Delivery, job: Job, deps: Deps) -> &'static str {
         match begin {
             Begin::AlreadyDone => return Ok("duplicate"),
             Begin::Cancelled => return Ok("cancelled"),
-            Begin::Conflict { stored } => return Err(JobError::Conflict { stored, this: job.digest() }),
+            Begin::Conflict { stored } => {
+                return Err(JobError::Conflict {
+                    stored,
+                    this: job.digest(),
+                })
+            }
             Begin::Run { attempts } => tracing::info!(attempts, "running"),
         }
         // conditioning images, inline or from Redis
@@ -329,7 +374,9 @@ async fn run(d: Delivery, job: Job, deps: Deps) -> &'static str {
                 ImageRef::Inline(b) => b.clone(),
                 ImageRef::RedisKey(k) => store_retry(&deps, || FetchBytes { key: k.clone() })
                     .await??
-                    .ok_or_else(|| JobError::Invalid(format!("conditioning image key `{k}` is not in Redis")))?,
+                    .ok_or_else(|| {
+                        JobError::Invalid(format!("conditioning image key `{k}` is not in Redis"))
+                    })?,
             });
         }
         // progress forwarder: model thread → Redis; Redis cancel flag → model thread
@@ -341,7 +388,13 @@ async fn run(d: Delivery, job: Job, deps: Deps) -> &'static str {
                 async move {
                     while let Some(s) = rx.recv().await {
                         metrics().step.observe(s.step_ms / 1e3);
-                        let _ = store.send(Progress { id: id.clone(), step: s.step, total: s.total }).await;
+                        let _ = store
+                            .send(Progress {
+                                id: id.clone(),
+                                step: s.step,
+                                total: s.total,
+                            })
+                            .await;
                         if let Ok(Ok(true)) = store.send(CancelRequested { id: id.clone() }).await {
                             cancel.store(true, Ordering::Relaxed);
                         }
@@ -353,7 +406,13 @@ async fn run(d: Delivery, job: Job, deps: Deps) -> &'static str {
         let t0 = Instant::now();
         let out = deps
             .pipeline
-            .send(RunJob { job: job.clone(), images, progress: tx, cancel, span: tracing::Span::current() })
+            .send(RunJob {
+                job: job.clone(),
+                images,
+                progress: tx,
+                cancel,
+                span: tracing::Span::current(),
+            })
             .await
             .map_err(|e| JobError::Mailbox(e.to_string()))?;
         let _ = fwd.await;
@@ -367,7 +426,10 @@ async fn run(d: Delivery, job: Job, deps: Deps) -> &'static str {
             ("step".into(), job.steps.to_string()),
             ("total".into(), job.steps.to_string()),
             ("pipeline_ms".into(), format!("{pipeline_ms:.3}")),
-            ("service_ms".into(), format!("{:.3}", started.elapsed().as_secs_f64() * 1e3)),
+            (
+                "service_ms".into(),
+                format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
+            ),
             ("text_encode_ms".into(), ms(t.text_encode)),
             ("lora_merge_ms".into(), ms(t.lora_merge)),
             ("controlnet_ms".into(), ms(t.controlnet)),
@@ -399,12 +461,20 @@ async fn run(d: Delivery, job: Job, deps: Deps) -> &'static str {
             tracing::warn!(error = %e, ?action, "job did not complete");
             match (&e, action) {
                 (JobError::Conflict { .. }, _) => {
-                    let _ = store_retry(&deps, || NoteConflict { id: job.id.clone(), error: e.to_string() }).await;
+                    let _ = store_retry(&deps, || NoteConflict {
+                        id: job.id.clone(),
+                        error: e.to_string(),
+                    })
+                    .await;
                 }
                 (_, Action::Requeue) => {}
                 _ => {
                     let _ = store_retry(&deps, || finish_failed(&job.id, &e, ttl)).await;
                 }
+            }
+            if action == Action::Requeue {
+                // a resource is away (Redis, the model thread): do not spin on redeliveries
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             settle(&d, action).await;
             match action {
@@ -417,4 +487,3 @@ async fn run(d: Delivery, job: Job, deps: Deps) -> &'static str {
     metrics().job_latency.observe(started.elapsed().as_secs_f64());
     outcome
 }
-

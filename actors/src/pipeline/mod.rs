@@ -53,7 +53,11 @@ impl PipelineActor {
             let name = pipe_controlnet_name(dir)?;
             controlnets.insert(name, idx);
         }
-        Ok(PipelineActor { pipe, controlnets, lora_dir: models.lora_dir.clone() })
+        Ok(PipelineActor {
+            pipe,
+            controlnets,
+            lora_dir: models.lora_dir.clone(),
+        })
     }
 
     /// The base model's name: jobs must name it, and it names the queue.
@@ -69,22 +73,37 @@ impl PipelineActor {
                 self.base_name()
             )));
         }
-        let scheduler: SchedulerKind = job.scheduler.parse().map_err(|e| JobError::Invalid(format!("{e}")))?;
+        let scheduler: SchedulerKind = job
+            .scheduler
+            .parse()
+            .map_err(|e| JobError::Invalid(format!("{e}")))?;
         let mut controlnets = Vec::new();
         for (c, png) in job.controlnets.iter().zip(images) {
             let model = *self.controlnets.get(&c.model).ok_or_else(|| {
                 let mut known: Vec<&String> = self.controlnets.keys().collect();
                 known.sort();
-                JobError::Invalid(format!("unknown ControlNet `{}` (this worker serves {known:?})", c.model))
+                JobError::Invalid(format!(
+                    "unknown ControlNet `{}` (this worker serves {known:?})",
+                    c.model
+                ))
             })?;
             let image = decode_png(png, Path::new(&format!("controlnet {} image", c.model)))?;
-            controlnets.push(ControlRequest { model, image, scale: c.scale, start: c.start, end: c.end });
+            controlnets.push(ControlRequest {
+                model,
+                image,
+                scale: c.scale,
+                start: c.start,
+                end: c.end,
+            });
         }
         let mut loras = Vec::new();
         for l in &job.loras {
             let path = self.lora_dir.join(format!("{}.safetensors", l.name));
             if !path.is_file() {
-                return Err(JobError::Invalid(format!("unknown LoRA `{}` (not in the LoRA store)", l.name)));
+                return Err(JobError::Invalid(format!(
+                    "unknown LoRA `{}` (not in the LoRA store)",
+                    l.name
+                )));
             }
             loras.push((self.pipe.lora(&path)?, l.scale));
         }
@@ -123,7 +142,11 @@ impl Observer for JobObserver {
     fn on_step(&mut self, step: usize, total: usize, _latents: &Tensor) -> katz_onnx::Result<()> {
         let step_ms = self.last.elapsed().as_secs_f64() * 1e3;
         self.last = Instant::now();
-        let _ = self.tx.send(StepDone { step: step as u32 + 1, total: total as u32, step_ms });
+        let _ = self.tx.send(StepDone {
+            step: step as u32 + 1,
+            total: total as u32,
+            step_ms,
+        });
         if self.cancel.load(Ordering::Relaxed) && step + 1 < total {
             return Err(katz_onnx::Error::Cancelled { step: step + 1 });
         }
@@ -138,10 +161,17 @@ impl Handler<RunJob> for PipelineActor {
         let _guard = m.span.enter();
         let req = self.request(&m.job, &m.images)?;
         self.pipe.validate(&req)?;
-        let mut obs = JobObserver { tx: m.progress, cancel: m.cancel, last: Instant::now() };
+        let mut obs = JobObserver {
+            tx: m.progress,
+            cancel: m.cancel,
+            last: Instant::now(),
+        };
         let out = self.pipe.generate(&req, &mut obs)?;
         let png = encode_png(&out.image)?;
         tracing::debug!(ms = out.timings.total.as_secs_f64() * 1e3, "job generated");
-        Ok(JobOutput { png, timings: out.timings })
+        Ok(JobOutput {
+            png,
+            timings: out.timings,
+        })
     }
 }

@@ -46,7 +46,10 @@ impl ResultStore {
     pub async fn connect(url: &str) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let conn = ConnectionManager::new(client).await?;
-        Ok(ResultStore { conn, begin: redis::Script::new(BEGIN_LUA) })
+        Ok(ResultStore {
+            conn,
+            begin: redis::Script::new(BEGIN_LUA),
+        })
     }
 }
 
@@ -55,7 +58,14 @@ impl Actor for ResultStore {
 }
 
 fn event(id: &str, status: Status, step: u32, total: u32, error: Option<String>) -> String {
-    serde_json::to_string(&Event { id: id.into(), status, step, total, error }).unwrap_or_default()
+    serde_json::to_string(&Event {
+        id: id.into(),
+        status,
+        step,
+        total,
+        error,
+    })
+    .unwrap_or_default()
 }
 
 impl Handler<BeginJob> for ResultStore {
@@ -79,13 +89,21 @@ impl Handler<BeginJob> for ResultStore {
                 "conflict" => Begin::Conflict { stored: arg },
                 "done" => Begin::AlreadyDone,
                 "cancelled" => {
-                    let _: () = conn.publish(events_channel(&m.id), event(&m.id, Status::Cancelled, 0, 0, None)).await?;
+                    let _: () = conn
+                        .publish(events_channel(&m.id), event(&m.id, Status::Cancelled, 0, 0, None))
+                        .await?;
                     Begin::Cancelled
                 }
                 _ => {
-                    let _: () =
-                        conn.publish(events_channel(&m.id), event(&m.id, Status::Running, 0, m.total_steps, None)).await?;
-                    Begin::Run { attempts: arg.parse().unwrap_or(1) }
+                    let _: () = conn
+                        .publish(
+                            events_channel(&m.id),
+                            event(&m.id, Status::Running, 0, m.total_steps, None),
+                        )
+                        .await?;
+                    Begin::Run {
+                        attempts: arg.parse().unwrap_or(1),
+                    }
                 }
             })
         })
@@ -101,7 +119,10 @@ impl Handler<Progress> for ResultStore {
             let _: () = redis::pipe()
                 .hset_multiple(job_key(&m.id), &[("step", m.step), ("total", m.total)])
                 .ignore()
-                .publish(events_channel(&m.id), event(&m.id, Status::Running, m.step, m.total, None))
+                .publish(
+                    events_channel(&m.id),
+                    event(&m.id, Status::Running, m.step, m.total, None),
+                )
                 .ignore()
                 .query_async(&mut conn)
                 .await?;
@@ -134,8 +155,16 @@ impl Handler<Finish> for ResultStore {
             pipe.hset_multiple(&key, &fields).ignore();
             pipe.expire(&key, m.ttl_s as i64).ignore();
             pipe.del(cancel_key(&m.id)).ignore();
-            let total: u32 = fields.iter().find(|(k, _)| k == "total").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
-            pipe.publish(events_channel(&m.id), event(&m.id, m.status, total, total, m.error.map(|e| e.1))).ignore();
+            let total: u32 = fields
+                .iter()
+                .find(|(k, _)| k == "total")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            pipe.publish(
+                events_channel(&m.id),
+                event(&m.id, m.status, total, total, m.error.map(|e| e.1)),
+            )
+            .ignore();
             let _: () = pipe.query_async(&mut conn).await?;
             Ok(())
         })

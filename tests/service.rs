@@ -1,0 +1,675 @@
+//! The service against the real RabbitMQ and Redis on localhost (`tools/services.sh` starts them):
+//! workers are `katz worker` processes, each test on its own queue; tests run one at a time
+//! (some restart the brokers).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use katz_actors::protocol::{image_key, job_key, ControlNetJob, ImageRef, Job, LoraJob};
+use katz_actors::topology;
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use redis::AsyncCommands;
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const REDIS: &str = "redis://127.0.0.1:6379/";
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A `katz worker` process, killed when dropped.
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(queue: &str, name: &str, extra: &[&str]) -> Worker {
+        let log = std::env::temp_dir().join(format!("katz-test-{}-{name}.log", std::process::id()));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_katz"))
+            .args(["worker", "--queue", queue, "--name", name, "--threads", "1"])
+            .args(extra)
+            .env("KATZ_LOG", "info,ort=warn")
+            .current_dir(root())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("worker starts");
+        Worker { child, log }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        while t0.elapsed() < within {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Bus {
+    conn: lapin::Connection,
+    channel: lapin::Channel,
+    redis: redis::aio::MultiplexedConnection,
+    queue: String,
+}
+
+impl Bus {
+    async fn new(test: &str) -> Bus {
+        let queue = format!("katz.test.{test}.{}", std::process::id());
+        let conn = topology::connect(AMQP, "katz-test")
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672");
+        let channel = conn.create_channel().await.unwrap();
+        topology::declare(&channel, &queue).await.unwrap();
+        let redis = redis::Client::open(REDIS)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis");
+        Bus {
+            conn,
+            channel,
+            redis,
+            queue,
+        }
+    }
+
+    async fn reconnect(&mut self) {
+        let t0 = Instant::now();
+        loop {
+            match topology::connect(AMQP, "katz-test").await {
+                Ok(c) => {
+                    self.channel = c.create_channel().await.unwrap();
+                    self.conn = c;
+                    return;
+                }
+                Err(_) if t0.elapsed() < Duration::from_secs(60) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                Err(e) => panic!("RabbitMQ did not come back: {e}"),
+            }
+        }
+    }
+
+    async fn publish_raw(&self, bytes: &[u8]) {
+        topology::publish(&self.channel, &self.queue, bytes, 0, "raw")
+            .await
+            .expect("publish");
+    }
+
+    async fn publish(&self, job: &Job) {
+        topology::publish(&self.channel, &self.queue, &job.encode(), job.priority, &job.id)
+            .await
+            .expect("publish");
+    }
+
+    async fn count(&self, queue: &str) -> u32 {
+        let opts = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(queue.into(), opts, FieldTable::default())
+            .await
+            .unwrap();
+        let _ = ch.close(200, "".into()).await;
+        q.message_count()
+    }
+
+    async fn record(&mut self, id: &str) -> HashMap<String, String> {
+        self.redis.hgetall(job_key(id)).await.unwrap_or_default()
+    }
+
+    /// Waits until `id`'s status is final; returns the record.
+    async fn wait_final(&mut self, id: &str, within: Duration) -> HashMap<String, String> {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(r) = self
+                .redis
+                .hgetall::<_, HashMap<String, String>>(job_key(id))
+                .await
+            {
+                if matches!(
+                    r.get("status").map(String::as_str),
+                    Some("done" | "failed" | "cancelled")
+                ) {
+                    return r;
+                }
+            }
+            if t0.elapsed() > within {
+                panic!(
+                    "job {id} did not end within {within:?}: {:?}",
+                    self.record(id).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_until(
+        &mut self,
+        id: &str,
+        within: Duration,
+        pred: impl Fn(&HashMap<String, String>) -> bool,
+    ) {
+        let t0 = Instant::now();
+        while t0.elapsed() < within {
+            if let Ok(r) = self
+                .redis
+                .hgetall::<_, HashMap<String, String>>(job_key(id))
+                .await
+            {
+                if pred(&r) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "job {id}: condition not met within {within:?}: {:?}",
+            self.record(id).await
+        );
+    }
+
+    async fn cleanup(self) {
+        for q in [self.queue.clone(), topology::dead_queue(&self.queue)] {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = self.conn.close(200, "".into()).await;
+    }
+}
+
+fn uid(tag: &str) -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("t-{tag}-{n:x}")
+}
+
+fn job(tag: &str) -> Job {
+    let mut j = Job::new(uid(tag), "tiny-sdxl", "a red circle above a blue square");
+    j.steps = 2;
+    j
+}
+
+/// A job that runs for a few seconds on this machine's CPU.
+fn long_job(tag: &str) -> Job {
+    let mut j = job(tag);
+    j.width = 128;
+    j.height = 128;
+    j.steps = 400;
+    j
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_job_with_controlnet_and_lora_runs_and_a_duplicate_runs_once() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("basic").await;
+        let _w = Worker::start(&bus.queue, "w-basic", &[]);
+        let mut j = job("basic");
+        j.controlnets.push(ControlNetJob {
+            model: "tiny-sdxl-controlnet".into(),
+            image: ImageRef::Inline(std::fs::read(root().join("bundles/examples/cond_a.png")).unwrap()),
+            scale: 0.8,
+            start: 0.0,
+            end: 1.0,
+        });
+        j.loras.push(LoraJob {
+            name: "tiny-lora-a".into(),
+            scale: 0.8,
+        });
+        bus.publish(&j).await;
+        let r = bus.wait_final(&j.id, Duration::from_secs(60)).await;
+        assert_eq!(r["status"], "done", "{r:?}");
+        assert_eq!(r["worker"], "w-basic");
+        let png: Vec<u8> = bus.redis.get(image_key(&j.id)).await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"));
+        for k in [
+            "pipeline_ms",
+            "service_ms",
+            "unet_encoder_ms",
+            "controlnet_ms",
+            "step_ms",
+            "queue_wait_ms",
+        ] {
+            assert!(r.contains_key(k), "record lacks {k}: {r:?}");
+        }
+        // the same job again: acked without running (attempts stays 1)
+        bus.publish(&j).await;
+        let t0 = Instant::now();
+        while bus.count(&bus.queue).await > 0 && t0.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = bus.record(&j.id).await;
+        assert_eq!(r["attempts"], "1", "the duplicate ran again: {r:?}");
+        bus.cleanup().await;
+    });
+}
+
+#[test]
+fn sigkill_mid_job_leaves_it_to_another_worker_exactly_once() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("kill").await;
+        let j = long_job("kill");
+        bus.publish(&j).await;
+        let a = Worker::start(&bus.queue, "w-kill-a", &[]);
+        bus.wait_until(&j.id, Duration::from_secs(60), |r| {
+            r.get("status").map(String::as_str) == Some("running")
+                && r.get("step").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0) >= 3
+        })
+        .await;
+        a.signal(libc::SIGKILL);
+        drop(a);
+        assert_ne!(bus.record(&j.id).await["status"], "done");
+        let b = Worker::start(&bus.queue, "w-kill-b", &[]);
+        let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
+        assert_eq!(r["status"], "done", "{r:?}\n{}", b.log());
+        assert_eq!(r["worker"], "w-kill-b");
+        assert_eq!(r["attempts"], "2");
+        assert_eq!(bus.count(&bus.queue).await, 0);
+        assert_eq!(bus.count(&topology::dead_queue(&bus.queue)).await, 0);
+        bus.cleanup().await;
+    });
+}
+
+#[test]
+fn sigterm_finishes_the_job_in_flight_and_exits_0() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("term").await;
+        let (first, second) = (long_job("term1"), job("term2"));
+        bus.publish(&first).await;
+        bus.publish(&second).await;
+        let mut w = Worker::start(&bus.queue, "w-term", &[]);
+        bus.wait_until(&first.id, Duration::from_secs(60), |r| {
+            r.get("status").map(String::as_str) == Some("running")
+        })
+        .await;
+        w.signal(libc::SIGTERM);
+        let status = w
+            .wait_exit(Duration::from_secs(120))
+            .expect("worker exits after SIGTERM");
+        assert!(status.success(), "exit status {status:?}\n{}", w.log());
+        let r = bus.record(&first.id).await;
+        assert_eq!(r["status"], "done", "{r:?}");
+        // the second job was not taken: it waits in the queue for the next worker
+        assert!(bus.record(&second.id).await.is_empty());
+        assert_eq!(bus.count(&bus.queue).await, 1);
+        bus.cleanup().await;
+    });
+}
+
+#[test]
+fn cancel_stops_a_running_job_at_a_step_boundary() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("cancel").await;
+        let j = long_job("cancel");
+        bus.publish(&j).await;
+        let _w = Worker::start(&bus.queue, "w-cancel", &[]);
+        bus.wait_until(&j.id, Duration::from_secs(60), |r| {
+            r.get("status").map(String::as_str) == Some("running")
+        })
+        .await;
+        let out = Command::new(env!("CARGO_BIN_EXE_katz"))
+            .args(["cancel", &j.id])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let r = bus.wait_final(&j.id, Duration::from_secs(30)).await;
+        assert_eq!(r["status"], "cancelled", "{r:?}");
+        let step: u32 = r["step"].parse().unwrap();
+        assert!(step < 400, "it ran to the end");
+        assert_eq!(bus.count(&bus.queue).await, 0);
+        bus.cleanup().await;
+    });
+}
+
+#[test]
+fn bad_input_is_dead_lettered_with_a_failed_status_and_the_worker_stays_healthy() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("bad").await;
+        let _w = Worker::start(&bus.queue, "w-bad", &[]);
+        let mut expect: Vec<(String, &str)> = Vec::new();
+
+        bus.publish_raw(b"\xc1 this is not msgpack").await; // no id to report on
+        #[derive(serde::Serialize)]
+        struct NoPrompt<'a> {
+            v: u32,
+            id: &'a str,
+            base: &'a str,
+        }
+        let id = uid("missing");
+        bus.publish_raw(
+            &rmp_serde::to_vec_named(&NoPrompt {
+                v: 1,
+                id: &id,
+                base: "tiny-sdxl",
+            })
+            .unwrap(),
+        )
+        .await;
+        expect.push((id, "missing field"));
+
+        let mut cases: Vec<(Job, &str)> = Vec::new();
+        let mut j = job("version");
+        j.v = 99;
+        cases.push((j, "schema version 99"));
+        let mut j = job("huge");
+        j.width = 100_000;
+        j.height = 100_000;
+        cases.push((j, "exceeds the limit"));
+        let mut j = job("steps");
+        j.steps = 1_000_000;
+        cases.push((j, "steps 1000000"));
+        let mut j = job("base");
+        j.base = "sd15".into();
+        cases.push((j, "unknown base model `sd15`"));
+        let mut j = job("cn");
+        j.controlnets.push(ControlNetJob {
+            model: "canny".into(),
+            image: ImageRef::Inline(vec![1, 2, 3]),
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+        });
+        cases.push((j, "unknown ControlNet `canny`"));
+        let mut j = job("lora");
+        j.loras.push(LoraJob {
+            name: "no-such-lora".into(),
+            scale: 1.0,
+        });
+        cases.push((j, "unknown LoRA `no-such-lora`"));
+        let mut j = job("image");
+        j.controlnets.push(ControlNetJob {
+            model: "tiny-sdxl-controlnet".into(),
+            image: ImageRef::Inline(b"\x89PNG\r\n\x1a\ncorrupt".to_vec()),
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+        });
+        cases.push((j, "PNG"));
+        let mut j = job("big");
+        j.negative_prompt = Some("x".repeat(100 << 20));
+        cases.push((j, "over the limit"));
+        for (j, needle) in cases {
+            bus.publish(&j).await;
+            expect.push((j.id.clone(), needle));
+        }
+        // an id reused with other content: the first result stays
+        let first = job("reuse");
+        bus.publish(&first).await;
+        let r = bus.wait_final(&first.id, Duration::from_secs(60)).await;
+        assert_eq!(r["status"], "done");
+        let mut again = first.clone();
+        again.prompt = "something else".into();
+        bus.publish(&again).await;
+
+        for (id, needle) in &expect {
+            let r = bus.wait_final(id, Duration::from_secs(60)).await;
+            assert_eq!(r["status"], "failed", "{id}: {r:?}");
+            assert!(
+                r["error"].contains(needle),
+                "{id}: error `{}` does not say `{needle}`",
+                r["error"]
+            );
+        }
+        let dead = topology::dead_queue(&bus.queue);
+        let want = expect.len() as u32 + 2; // + the undecodable bytes + the reused id
+        let t0 = Instant::now();
+        while bus.count(&dead).await < want && t0.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(bus.count(&dead).await, want, "dead-letter queue");
+        let r = bus.record(&first.id).await;
+        assert_eq!(
+            r["status"], "done",
+            "the reused id overwrote the first job: {r:?}"
+        );
+        assert!(
+            r.get("conflict").is_some_and(|c| c.contains("different job")),
+            "{r:?}"
+        );
+
+        // still healthy
+        let ok = job("after");
+        bus.publish(&ok).await;
+        assert_eq!(
+            bus.wait_final(&ok.id, Duration::from_secs(60)).await["status"],
+            "done"
+        );
+        bus.cleanup().await;
+    });
+}
+
+#[test]
+fn metrics_endpoint_reports_jobs() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("metrics").await;
+        let port = 20000 + (std::process::id() % 20000) as u16;
+        let addr = format!("127.0.0.1:{port}");
+        let _w = Worker::start(&bus.queue, "w-metrics", &["--metrics-addr", &addr]);
+        let j = job("metrics");
+        bus.publish(&j).await;
+        assert_eq!(
+            bus.wait_final(&j.id, Duration::from_secs(60)).await["status"],
+            "done"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        assert!(body.contains("katz_jobs_total{outcome=\"done\"} 1"), "{body}");
+        for m in [
+            "katz_queue_wait_seconds_count 1",
+            "katz_job_latency_seconds_count 1",
+            "katz_step_seconds_count 2",
+        ] {
+            assert!(body.contains(m), "no `{m}` in\n{body}");
+        }
+        bus.cleanup().await;
+    });
+}
+
+#[test]
+fn higher_priority_jobs_run_first() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("prio").await;
+        let mut low = job("low");
+        low.priority = 0;
+        let mut high = job("high");
+        high.priority = 9;
+        bus.publish(&low).await;
+        bus.publish(&high).await;
+        let _w = Worker::start(&bus.queue, "w-prio", &[]);
+        let l = bus.wait_final(&low.id, Duration::from_secs(60)).await;
+        let h = bus.wait_final(&high.id, Duration::from_secs(60)).await;
+        let started = |r: &HashMap<String, String>| r["started_ms"].parse::<u64>().unwrap();
+        assert!(started(&h) <= started(&l), "high {h:?} low {l:?}");
+        bus.cleanup().await;
+    });
+}
+
+fn sh(cmd: &str) {
+    let st = Command::new("bash")
+        .args(["-c", cmd])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "`{cmd}` failed");
+}
+
+#[test]
+fn rabbitmq_and_redis_restarts_lose_no_job() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("restart").await;
+        let w = Worker::start(&bus.queue, "w-restart", &[]);
+        let warm = job("warm");
+        bus.publish(&warm).await;
+        assert_eq!(
+            bus.wait_final(&warm.id, Duration::from_secs(60)).await["status"],
+            "done"
+        );
+
+        // RabbitMQ goes away with jobs queued, comes back; more jobs follow
+        let before: Vec<Job> = (0..3).map(|i| job(&format!("rb{i}"))).collect();
+        sh("rabbitmqctl stop_app");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        sh("rabbitmqctl start_app && rabbitmqctl await_startup");
+        bus.reconnect().await;
+        for j in &before {
+            bus.publish(j).await;
+        }
+        for j in &before {
+            let r = bus.wait_final(&j.id, Duration::from_secs(90)).await;
+            assert_eq!(r["status"], "done", "{r:?}\n{}", w.log());
+        }
+
+        // Redis goes away in the middle of a job and comes back (empty: it keeps nothing on disk)
+        let j = long_job("redis");
+        bus.publish(&j).await;
+        bus.wait_until(&j.id, Duration::from_secs(60), |r| {
+            r.get("status").map(String::as_str) == Some("running")
+        })
+        .await;
+        sh("redis-cli -p 6379 shutdown nosave || true");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        sh(&format!("{}/tools/services.sh", root().display()));
+        bus.redis = redis::Client::open(REDIS)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
+        assert_eq!(r["status"], "done", "{r:?}\n{}", w.log());
+        let png: Vec<u8> = bus.redis.get(image_key(&j.id)).await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"));
+        let after = job("after-redis");
+        bus.publish(&after).await;
+        assert_eq!(
+            bus.wait_final(&after.id, Duration::from_secs(60)).await["status"],
+            "done"
+        );
+        bus.cleanup().await;
+    });
+}
+
+#[test]
+fn five_hundred_jobs_two_workers_none_lost_none_duplicated() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("load").await;
+        let jobs: Vec<Job> = (0..500).map(|i| job(&format!("load{i}"))).collect();
+        for j in &jobs {
+            bus.publish(j).await;
+        }
+        let a = Worker::start(&bus.queue, "w-load-a", &[]);
+        let b = Worker::start(&bus.queue, "w-load-b", &[]);
+        let t0 = Instant::now();
+        let mut max_rss = 0;
+        loop {
+            max_rss = max_rss.max(a.rss_kib()).max(b.rss_kib());
+            let mut pipe = redis::pipe();
+            for j in &jobs {
+                pipe.hget(job_key(&j.id), "status");
+            }
+            let st: Vec<Option<String>> = pipe.query_async(&mut bus.redis).await.unwrap();
+            let done = st.iter().filter(|s| s.as_deref() == Some("done")).count();
+            if done == jobs.len() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "{done}/500 done after 300 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut by_worker: HashMap<String, usize> = HashMap::new();
+        for j in &jobs {
+            let r = bus.record(&j.id).await;
+            assert_eq!(r["attempts"], "1", "{} ran twice", j.id);
+            *by_worker.entry(r["worker"].clone()).or_default() += 1;
+            let n: bool = bus.redis.exists(image_key(&j.id)).await.unwrap();
+            assert!(n);
+        }
+        assert_eq!(by_worker.len(), 2, "both workers took jobs: {by_worker:?}");
+        assert!(max_rss < 1_500_000, "worker RSS grew to {max_rss} KiB");
+        eprintln!(
+            "500 jobs in {:.1} s, by worker {by_worker:?}, max RSS {} MiB",
+            t0.elapsed().as_secs_f64(),
+            max_rss / 1024
+        );
+        assert_eq!(bus.count(&bus.queue).await, 0);
+        bus.cleanup().await;
+    });
+}
