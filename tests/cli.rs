@@ -240,6 +240,22 @@ fn manifest_that_does_not_match_its_graphs_is_refused() {
 }
 
 #[test]
+fn a_gpu_that_cannot_be_used_is_an_error_not_a_cpu_fallback() {
+    let d = tmp("gpu");
+    for dev in ["cuda:0", "tensorrt:0"] {
+        fails_with(
+            &generate(&["--device", dev], &d.join("x.png")),
+            &format!("device {dev} cannot be used"),
+        );
+    }
+    fails_with(
+        &generate(&["--device", "tpu:0"], &d.join("x.png")),
+        "expected cpu, cuda:N or tensorrt:N",
+    );
+    assert!(!d.join("x.png").exists());
+}
+
+#[test]
 fn missing_onnx_runtime_names_the_fix() {
     let out = Command::new(env!("CARGO_BIN_EXE_katz"))
         .args(["demo", "--steps", "1", "--output", "/dev/null"])

@@ -110,7 +110,10 @@ fn run_case(name: &str) {
     let rec = Recorded {
         bytes: std::fs::read(root().join("tests/data/parity").join(&case.tensors)).unwrap(),
     };
-    let opts = SessionOptions { intra_threads: 1 };
+    let opts = SessionOptions {
+        intra_threads: 1,
+        ..Default::default()
+    };
     let mut pipe = Pipeline::load(root().join(&all.bundle), opts).expect("bundle loads");
 
     // the tokenizer gives diffusers' ids

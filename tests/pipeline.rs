@@ -18,7 +18,10 @@ fn root() -> PathBuf {
 fn pipeline() -> Pipeline {
     Pipeline::load(
         root().join("bundles/tiny-sdxl"),
-        SessionOptions { intra_threads: 1 },
+        SessionOptions {
+            intra_threads: 1,
+            ..Default::default()
+        },
     )
     .unwrap()
 }

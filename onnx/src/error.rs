@@ -25,6 +25,11 @@ pub enum Error {
     RuntimeLoad { path: PathBuf, message: String },
     #[error("ONNX Runtime: {0}")]
     Ort(#[from] ort::Error),
+    #[error(
+        "device {device} cannot be used: {message} (katz does not fall back to the CPU; the ONNX Runtime \
+         library must be a GPU build, e.g. onnxruntime-gpu, with CUDA and cuDNN on the library path)"
+    )]
+    DeviceUnavailable { device: String, message: String },
     #[error("bundle {path}: {message}")]
     Bundle { path: PathBuf, message: String },
     #[error("{path}: {source}")]
@@ -70,6 +75,7 @@ impl Error {
             Error::RuntimeMissing { .. }
             | Error::RuntimeLoad { .. }
             | Error::Ort(_)
+            | Error::DeviceUnavailable { .. }
             | Error::Bundle { .. }
             | Error::Io { .. } => Disposition::Requeue,
         }
@@ -80,6 +86,7 @@ impl Error {
         match self {
             Error::RuntimeMissing { .. } | Error::RuntimeLoad { .. } => "runtime",
             Error::Ort(_) => "onnxruntime",
+            Error::DeviceUnavailable { .. } => "device",
             Error::Bundle { .. } => "bundle",
             Error::Io { .. } => "io",
             Error::Tokenizer { .. } => "tokenizer",

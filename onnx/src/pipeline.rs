@@ -337,6 +337,7 @@ impl Pipeline {
         let timesteps = sched.timesteps().to_vec();
         let mut guided = Tensor::zeros(latents.shape.clone());
         for (i, &ts) in timesteps.iter().enumerate() {
+            let _step = tracing::debug_span!("step", i, t = ts).entered();
             let scale_in = sched.input_scale(i);
             let mut latent_in = if cfg {
                 Tensor::concat0(&[&latents, &latents])

@@ -101,14 +101,53 @@ fn environment() -> Result<&'static Environment> {
     }
 }
 
+/// The execution provider sessions run on. A GPU request that cannot be honoured is an error at
+/// start-up, never a silent fall-back to the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// ONNX Runtime's CUDA execution provider on GPU N.
+    Cuda(i32),
+    /// TensorRT on GPU N (CUDA for what TensorRT does not take).
+    TensorRt(i32),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (kind, id) = s.split_once(':').unwrap_or((s, "0"));
+        let id: i32 = id
+            .parse()
+            .map_err(|_| format!("`{s}`: device index `{id}` is not a number"))?;
+        match kind {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(id)),
+            "tensorrt" | "trt" => Ok(Device::TensorRt(id)),
+            _ => Err(format!("`{s}`: expected cpu, cuda:N or tensorrt:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::TensorRt(i) => write!(f, "tensorrt:{i}"),
+        }
+    }
+}
+
 /// Where sessions run and with how many threads.
 #[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
     /// Threads per operator (0: ONNX Runtime's default, all cores).
     pub intra_threads: usize,
+    pub device: Device,
 }
 
-/// Opens one graph of a bundle.
+/// Opens one graph of a bundle on the requested device.
 pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
     if !path.is_file() {
         return Err(Error::bundle(path, "graph file is missing"));
@@ -121,6 +160,31 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
         b = b
             .with_intra_threads(opts.intra_threads)
             .map_err(ort::Error::from)?;
+    }
+    let providers = match opts.device {
+        Device::Cpu => vec![],
+        Device::Cuda(id) => vec![ort::ep::CUDA::default()
+            .with_device_id(id)
+            .build()
+            .error_on_failure()],
+        Device::TensorRt(id) => vec![
+            ort::ep::TensorRT::default()
+                .with_device_id(id)
+                .build()
+                .error_on_failure(),
+            ort::ep::CUDA::default()
+                .with_device_id(id)
+                .build()
+                .error_on_failure(),
+        ],
+    };
+    if !providers.is_empty() {
+        b = b
+            .with_execution_providers(providers)
+            .map_err(|e| Error::DeviceUnavailable {
+                device: opts.device.to_string(),
+                message: e.to_string(),
+            })?;
     }
     b.commit_from_file(path)
         .map_err(|e| Error::bundle(path, format!("ONNX Runtime cannot load it: {e}")))

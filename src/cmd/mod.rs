@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use katz_onnx::pipeline::{Generated, Observer};
-use katz_onnx::runtime::SessionOptions;
+use katz_onnx::runtime::{Device, SessionOptions};
 use katz_onnx::tensor::Tensor;
 
 /// RabbitMQ.
@@ -63,12 +63,16 @@ pub struct DeviceArgs {
     /// Threads per ONNX Runtime operator (0: all cores).
     #[arg(long, env = "KATZ_THREADS", default_value_t = 0)]
     pub threads: usize,
+    /// cpu, cuda:N or tensorrt:N; a GPU that cannot be used is an error, never a CPU fall-back.
+    #[arg(long, env = "KATZ_DEVICE", default_value = "cpu")]
+    pub device: Device,
 }
 
 impl DeviceArgs {
     pub fn session_options(&self) -> SessionOptions {
         SessionOptions {
             intra_threads: self.threads,
+            device: self.device,
         }
     }
 }

@@ -127,6 +127,7 @@ pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
             lora_dir: a.lora_dir.or(file.lora_dir).unwrap_or_else(|| default("loras")),
             session: katz_onnx::runtime::SessionOptions {
                 intra_threads: threads,
+                device: a.device.device,
             },
         },
         queue: a.queue.or(file.queue),
