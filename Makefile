@@ -5,7 +5,7 @@ ORT_VERSION ?= 1.31.1
 ORT_LIB := .katz/ort/libonnxruntime.so.$(ORT_VERSION)
 CARGO ?= cargo
 
-.PHONY: demo test build services export
+.PHONY: demo test build services export pyenv
 
 $(ORT_LIB): tools/fetch-onnxruntime.sh
 	ORT_VERSION=$(ORT_VERSION) tools/fetch-onnxruntime.sh
@@ -19,8 +19,12 @@ demo: build
 services:
 	tools/services.sh
 
-test: $(ORT_LIB) services
+pyenv:
+	tools/py-env.sh >/dev/null
+
+test: $(ORT_LIB) services pyenv
 	$(CARGO) test --release --workspace --all-targets
+	.katz/py/bin/python -m pytest -q tools/test_producer.py tools/test_compose.py
 
 # Rebuilds the committed tiny bundles and parity references (torch + diffusers, in .venv-tools).
 export:
