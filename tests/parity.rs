@@ -19,7 +19,7 @@ use katz_onnx::tensor::Tensor;
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
-const TOL: f64 = 1e-3;
+const TOL: f64 = 1e-3; // fp32, CPU or CUDA
 
 #[derive(Deserialize)]
 struct Cases {
@@ -58,7 +58,14 @@ struct Case {
 }
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // KATZ_REPO: where the repository is when the test binary runs elsewhere (the GPU host)
+    std::env::var_os("KATZ_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// One test body for every device: KATZ_TEST_DEVICE=cuda:0 runs it on the GPU.
+fn test_options() -> SessionOptions {
+    let device = std::env::var("KATZ_TEST_DEVICE").ok().map(|d| d.parse().expect("KATZ_TEST_DEVICE")).unwrap_or_default();
+    SessionOptions { intra_threads: 1, device }
 }
 
 fn cases() -> Cases {
@@ -110,10 +117,7 @@ fn run_case(name: &str) {
     let rec = Recorded {
         bytes: std::fs::read(root().join("tests/data/parity").join(&case.tensors)).unwrap(),
     };
-    let opts = SessionOptions {
-        intra_threads: 1,
-        ..Default::default()
-    };
+    let opts = test_options();
     let mut pipe = Pipeline::load(root().join(&all.bundle), opts).expect("bundle loads");
 
     // the tokenizer gives diffusers' ids
