@@ -13,21 +13,25 @@ use katz_onnx::Error;
 
 fn root() -> PathBuf {
     // KATZ_REPO: where the repository is when the test binary runs elsewhere (the GPU host)
-    std::env::var_os("KATZ_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    std::env::var_os("KATZ_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// One test body for every device: KATZ_TEST_DEVICE=cuda:0 runs it on the GPU.
 fn test_options() -> SessionOptions {
-    let device = std::env::var("KATZ_TEST_DEVICE").ok().map(|d| d.parse().expect("KATZ_TEST_DEVICE")).unwrap_or_default();
-    SessionOptions { intra_threads: 1, device }
+    let device = std::env::var("KATZ_TEST_DEVICE")
+        .ok()
+        .map(|d| d.parse().expect("KATZ_TEST_DEVICE"))
+        .unwrap_or_default();
+    SessionOptions {
+        intra_threads: 1,
+        device,
+    }
 }
 
 fn pipeline() -> Pipeline {
-    Pipeline::load(
-        root().join("bundles/tiny-sdxl"),
-        test_options(),
-    )
-    .unwrap()
+    Pipeline::load(root().join("bundles/tiny-sdxl"), test_options()).unwrap()
 }
 
 fn request() -> Request {

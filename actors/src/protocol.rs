@@ -260,7 +260,7 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
 
 /// Range checks that need no model.
 pub fn check(job: &Job, l: &Limits) -> Result<(), String> {
-    if job.width == 0 || job.height == 0 || job.width % 8 != 0 || job.height % 8 != 0 {
+    if job.width == 0 || job.height == 0 || !job.width.is_multiple_of(8) || !job.height.is_multiple_of(8) {
         return Err(format!(
             "size {}x{}: width and height must be positive multiples of 8",
             job.width, job.height

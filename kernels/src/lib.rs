@@ -10,6 +10,7 @@
 //! by relative error on fresh random inputs. The CUDA twins of these kernels (cudarc + NVRTC)
 //! arrive with the GPU path and are tested against these.
 
+pub mod cuda;
 pub mod guidance;
 pub mod lora;
 pub mod residual;
