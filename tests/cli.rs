@@ -1,12 +1,11 @@
 //! The `katz` binary as a user runs it: the demo, `generate` with several adapters, and a clear
 //! error (never a panic) for each kind of bad input.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("katz-cli-{}-{name}", std::process::id()));

@@ -7,14 +7,16 @@
 //! (`tests/data/parity/`). Each test feeds the same noise to the Rust pipeline and compares by
 //! relative error (≤ 1e-3, fp32, CPU).
 
+mod common;
+use common::*;
+
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use katz_kernels::rel_err;
 use katz_onnx::image::read_conditioning;
 use katz_onnx::noise::RecordedNoise;
 use katz_onnx::pipeline::{ControlRequest, Observer, Pipeline, Request};
-use katz_onnx::runtime::SessionOptions;
 use katz_onnx::tensor::Tensor;
 use safetensors::SafeTensors;
 use serde::Deserialize;
@@ -55,25 +57,6 @@ struct Case {
     controlnets: Vec<CnCase>,
     loras: Vec<LoraCase>,
     tensors: String,
-}
-
-fn root() -> PathBuf {
-    // KATZ_REPO: where the repository is when the test binary runs elsewhere (the GPU host)
-    std::env::var_os("KATZ_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-}
-
-/// One test body for every device: KATZ_TEST_DEVICE=cuda:0 runs it on the GPU.
-fn test_options() -> SessionOptions {
-    let device = std::env::var("KATZ_TEST_DEVICE")
-        .ok()
-        .map(|d| d.parse().expect("KATZ_TEST_DEVICE"))
-        .unwrap_or_default();
-    SessionOptions {
-        intra_threads: 1,
-        device,
-    }
 }
 
 fn cases() -> Cases {

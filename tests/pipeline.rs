@@ -1,34 +1,15 @@
 //! Pipeline behaviour beyond parity: adapters change the image, pristine weights stay pristine,
 //! cancellation stops at a step boundary, validation refuses bad requests.
 
-use std::path::PathBuf;
+mod common;
+use common::*;
 
 use katz_kernels::rel_err;
 use katz_onnx::image::read_conditioning;
 use katz_onnx::pipeline::{ControlRequest, NoObserver, Observer, Pipeline, Request};
-use katz_onnx::runtime::SessionOptions;
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
 use katz_onnx::Error;
-
-fn root() -> PathBuf {
-    // KATZ_REPO: where the repository is when the test binary runs elsewhere (the GPU host)
-    std::env::var_os("KATZ_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-}
-
-/// One test body for every device: KATZ_TEST_DEVICE=cuda:0 runs it on the GPU.
-fn test_options() -> SessionOptions {
-    let device = std::env::var("KATZ_TEST_DEVICE")
-        .ok()
-        .map(|d| d.parse().expect("KATZ_TEST_DEVICE"))
-        .unwrap_or_default();
-    SessionOptions {
-        intra_threads: 1,
-        device,
-    }
-}
 
 fn pipeline() -> Pipeline {
     Pipeline::load(root().join("bundles/tiny-sdxl"), test_options()).unwrap()
