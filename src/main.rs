@@ -41,14 +41,18 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // the worker logs its jobs; the one-shot commands only warnings (KATZ_LOG overrides both)
+    let default_filter = match cli.command {
+        Command::Worker(_) => "warn,katz_actors=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KATZ_LOG")
-                .unwrap_or_else(|_| "warn,katz_actors=info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("KATZ_LOG").unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Generate(a) => cmd::generate::run(a),

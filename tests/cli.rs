@@ -77,6 +77,35 @@ fn demo_is_reproducible_and_seeded() {
         std::fs::read(&c).unwrap(),
         "other seed, same image"
     );
+    // the demo runs through the worker's actors; the direct pipeline gives the same bytes
+    let g = d.join("g.png");
+    let prompt = "a red circle above a blue square on a white background";
+    ok(&katz(&[
+        "generate",
+        "--bundle",
+        "bundles/tiny-sdxl",
+        "--prompt",
+        prompt,
+        "--size",
+        "128x128",
+        "--steps",
+        "4",
+        "--guidance",
+        "5",
+        "--seed",
+        "42",
+        "--controlnet",
+        "bundles/tiny-sdxl-controlnet=bundles/examples/edges-128.png:0.8",
+        "--lora",
+        "bundles/loras/tiny-lora-a.safetensors:0.8",
+        "--output",
+        g.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&g).unwrap(),
+        "embedded demo != direct generate"
+    );
 }
 
 fn generate(extra: &[&str], output: &Path) -> Output {

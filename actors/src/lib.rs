@@ -19,7 +19,9 @@
 //! running again (idempotent by job id and content digest). See docs/protocol.md.
 
 pub mod consumer;
+pub mod embedded;
 pub mod error;
+pub mod job;
 pub mod metrics;
 pub mod pipeline;
 pub mod protocol;

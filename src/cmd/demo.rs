@@ -1,13 +1,17 @@
 //! `katz demo`: the one-command workflow on the committed tiny bundles — a prompt, one
-//! ControlNet with its conditioning image, one LoRA — on the CPU, no broker needed.
+//! ControlNet with its conditioning image, one LoRA — on the CPU, with no broker: the job goes
+//! through the service's own actors in embedded mode (in-process source, in-memory store).
 
 use std::path::PathBuf;
+use std::time::Instant;
 
+use anyhow::{bail, Context};
 use clap::Args;
+use katz_actors::embedded;
+use katz_actors::pipeline::Models;
+use katz_actors::protocol::{ControlNetJob, ImageRef, Job, LoraJob};
 
-use super::generate::{self, ControlNetSpec, GenerateArgs, LoraSpec};
-use super::DeviceArgs;
-use katz_onnx::scheduler::SchedulerKind;
+use super::{bundles_dir, DeviceArgs, Progress};
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -19,7 +23,7 @@ pub struct DemoArgs {
     )]
     pub prompt: String,
     #[arg(long, default_value_t = 20)]
-    pub steps: usize,
+    pub steps: u32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     #[command(flatten)]
@@ -27,41 +31,77 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
-    let bundles = super::bundles_dir()?;
+    let bundles = bundles_dir()?;
     println!(
         "katz demo: tiny SDXL-structured bundles in {} (seeded random weights)",
         bundles.display()
     );
-    let args = GenerateArgs {
-        bundle: bundles.join("tiny-sdxl"),
-        prompt: a.prompt.clone(),
-        negative_prompt: None,
-        steps: Some(a.steps),
-        guidance: Some(5.0),
-        seed: a.seed,
-        size: Some((128, 128)),
-        scheduler: SchedulerKind::Euler,
-        karras: false,
-        controlnets: vec![ControlNetSpec {
-            bundle: bundles.join("tiny-sdxl-controlnet"),
-            image: bundles.join("examples").join("edges-128.png"),
-            scale: 0.8,
-            start: 0.0,
-            end: 1.0,
-        }],
-        loras: vec![LoraSpec {
-            file: bundles.join("loras").join("tiny-lora-a.safetensors"),
-            scale: 0.8,
-        }],
-        output: a.output,
-        device: a.device,
-    };
-    println!("  prompt     {:?}", args.prompt);
+    let image = bundles.join("examples").join("edges-128.png");
+    let mut job = Job::new("demo", "tiny-sdxl", &a.prompt);
+    job.width = 128;
+    job.height = 128;
+    job.steps = a.steps;
+    job.guidance = 5.0;
+    job.seed = a.seed;
+    job.controlnets.push(ControlNetJob {
+        model: "tiny-sdxl-controlnet".into(),
+        image: ImageRef::Inline(
+            std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?,
+        ),
+        scale: 0.8,
+        start: 0.0,
+        end: 1.0,
+    });
+    job.loras.push(LoraJob {
+        name: "tiny-lora-a".into(),
+        scale: 0.8,
+    });
+    println!("  prompt     {:?}", a.prompt);
     println!("  ControlNet tiny-sdxl-controlnet  image examples/edges-128.png  scale 0.8");
     println!("  LoRA       tiny-lora-a  scale 0.8");
     println!(
-        "  128×128, {} Euler steps, guidance 5.0, seed {}",
+        "  128×128, {} Euler steps, guidance 5.0, seed {}  (embedded mode: the worker's actors, no broker)",
         a.steps, a.seed
     );
-    generate::run(args)
+
+    let models = Models {
+        base: bundles.join("tiny-sdxl"),
+        controlnets: vec![bundles.join("tiny-sdxl-controlnet")],
+        lora_dir: bundles.join("loras"),
+        session: a.device.session_options(),
+    };
+    let started = Instant::now();
+    let progress = Progress::new(a.steps as usize);
+    let results = embedded::run_jobs(&models, vec![job], |e| progress.set(e.step as usize));
+    progress.finish();
+    let r = results?.pop().context("the embedded run returned no result")?;
+    let f = |k: &str| r.record.get(k).cloned().unwrap_or_default();
+    if f("status") != "done" {
+        bail!("demo job {}: {}", f("status"), f("error"));
+    }
+    let png = r.png.context("the demo job stored no image")?;
+    std::fs::write(&a.output, &png).with_context(|| format!("writing {}", a.output.display()))?;
+    println!("timings ({} steps):", a.steps);
+    for (stage, key) in [
+        ("text encoders", "text_encode_ms"),
+        ("LoRA merge", "lora_merge_ms"),
+        ("ControlNets", "controlnet_ms"),
+        ("UNet encoder", "unet_encoder_ms"),
+        ("UNet decoder", "unet_decoder_ms"),
+        ("guidance + scheduler", "scheduler_ms"),
+        ("VAE decode", "vae_decode_ms"),
+        ("per step (mean)", "step_ms"),
+        ("pipeline total", "pipeline_ms"),
+        ("job total (actors)", "service_ms"),
+    ] {
+        let ms: f64 = f(key).parse().unwrap_or(f64::NAN);
+        println!("  {stage:<22}{ms:>10.1} ms");
+    }
+    println!(
+        "  {:<22}{:>10.1} ms",
+        "wall (models loaded)",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    println!("wrote {} (128×128 PNG, {} bytes)", a.output.display(), png.len());
+    Ok(())
 }

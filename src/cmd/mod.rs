@@ -119,6 +119,10 @@ impl Progress {
     pub fn finish(&self) {
         self.0.finish_and_clear();
     }
+
+    pub fn set(&self, steps_done: usize) {
+        self.0.set_position(steps_done as u64);
+    }
 }
 
 impl Observer for Progress {

@@ -15,11 +15,12 @@
 
 pub mod messages;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
+use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -28,15 +29,13 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::oneshot;
-use tracing::Instrument;
 
-use crate::error::{Action, JobError};
+use crate::error::Action;
+use crate::job::{process, Delivered, JobDeps};
 use crate::metrics::metrics;
-use crate::pipeline::{PipelineActor, RunJob};
-use crate::protocol::{decode, now_ms, ImageRef, Job, Limits, Status, DEFAULT_RESULT_TTL_S};
-use crate::store::{
-    Begin, BeginJob, CancelRequested, FetchBytes, Finish, NoteConflict, Progress, ResultStore,
-};
+use crate::pipeline::PipelineActor;
+use crate::protocol::Limits;
+use crate::store::ResultStore;
 use crate::topology;
 pub use messages::*;
 
@@ -53,15 +52,9 @@ pub struct ConsumerConfig {
     pub store_retry: Duration,
 }
 
-#[derive(Clone)]
-struct Deps {
-    cfg: Arc<ConsumerConfig>,
-    pipeline: Addr<PipelineActor>,
-    store: Addr<ResultStore>,
-}
-
 pub struct JobConsumer {
-    deps: Deps,
+    cfg: Arc<ConsumerConfig>,
+    deps: JobDeps,
     conn: Option<Connection>,
     channel: Option<Channel>,
     tag: String,
@@ -80,12 +73,16 @@ impl JobConsumer {
         stopped: oneshot::Sender<()>,
     ) -> Self {
         let tag = format!("{}-{}", cfg.worker, std::process::id());
+        let deps = JobDeps {
+            limits: cfg.limits.clone(),
+            worker: cfg.worker.clone(),
+            store_retry: cfg.store_retry,
+            pipeline,
+            store,
+        };
         JobConsumer {
-            deps: Deps {
-                cfg: Arc::new(cfg),
-                pipeline,
-                store,
-            },
+            cfg: Arc::new(cfg),
+            deps,
             conn: None,
             channel: None,
             tag,
@@ -100,7 +97,7 @@ impl JobConsumer {
         if self.draining {
             return;
         }
-        let cfg = self.deps.cfg.clone();
+        let cfg = self.cfg.clone();
         let tag = self.tag.clone();
         let fut = async move {
             let conn = topology::connect(&cfg.amqp, &cfg.worker).await?;
@@ -121,7 +118,7 @@ impl JobConsumer {
         };
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| match res {
             Ok((conn, channel, consumer)) => {
-                tracing::info!(queue = %act.deps.cfg.queue, prefetch = act.deps.cfg.prefetch, "consuming");
+                tracing::info!(queue = %act.cfg.queue, prefetch = act.cfg.prefetch, "consuming");
                 act.conn = Some(conn);
                 act.channel = Some(channel);
                 act.backoff = Duration::from_millis(200);
@@ -174,7 +171,8 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for JobConsumer {
                 self.in_flight += 1;
                 metrics().in_flight.fetch_add(1, Ordering::Relaxed);
                 let deps = self.deps.clone();
-                ctx.spawn(process(d, deps).into_actor(self).map(|outcome, act, ctx| {
+                let job = async move { process(&d, &deps).await };
+                ctx.spawn(job.into_actor(self).map(|outcome, act, ctx| {
                     act.in_flight -= 1;
                     metrics().in_flight.fetch_sub(1, Ordering::Relaxed);
                     metrics().outcome(outcome);
@@ -235,255 +233,36 @@ impl Handler<InFlight> for JobConsumer {
     }
 }
 
-// ───────────────────────────── one delivery ─────────────────────────────
+// ───────────────────────────── RabbitMQ deliveries ─────────────────────────────
 
-async fn ack(d: &Delivery) {
-    settle(d, Action::Ack).await
-}
-
-async fn settle(d: &Delivery, action: Action) {
-    let res = match action {
-        Action::Ack => d.ack(BasicAckOptions::default()).await,
-        Action::DeadLetter => d.reject(BasicRejectOptions { requeue: false }).await,
-        Action::Requeue => {
-            d.nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await
-        }
-    };
-    match res {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(
-            ?action,
-            "delivery not settled: its channel is gone; the broker will redeliver"
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, ?action, "settling the delivery failed; the broker will redeliver")
-        }
+impl Delivered for Delivery {
+    fn body(&self) -> &[u8] {
+        &self.data
     }
-}
 
-/// Sends a store message, retrying while Redis is away (up to `store_retry`).
-async fn store_retry<M>(deps: &Deps, make: impl Fn() -> M) -> Result<M::Result, JobError>
-where
-    M: Message + Send + 'static,
-    M::Result: Send,
-    ResultStore: Handler<M>,
-    M::Result: IsStoreResult,
-{
-    let deadline = Instant::now() + deps.cfg.store_retry;
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match deps.store.send(make()).await {
-            Ok(r) if r.ok() || Instant::now() >= deadline => return Ok(r),
-            Ok(_) => {}
-            Err(e) => return Err(JobError::Mailbox(e.to_string())),
-        }
-        tracing::warn!(retry_in = ?wait, "redis unavailable; retrying");
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(2));
-    }
-}
-
-trait IsStoreResult {
-    fn ok(&self) -> bool;
-}
-impl<T> IsStoreResult for Result<T, JobError> {
-    fn ok(&self) -> bool {
-        self.is_ok()
-    }
-}
-
-fn finish_failed(id: &str, err: &JobError, ttl: u64) -> Finish {
-    let status = if err.is_cancel() {
-        Status::Cancelled
-    } else {
-        Status::Failed
-    };
-    Finish {
-        id: id.into(),
-        status,
-        png: None,
-        error: Some((err.kind().into(), err.to_string())),
-        fields: vec![],
-        ttl_s: ttl,
-    }
-}
-
-async fn process(d: Delivery, deps: Deps) -> &'static str {
-    let job = match decode(&d.data, &deps.cfg.limits) {
-        Ok(j) => j,
-        Err(e) => {
-            tracing::warn!(id = ?e.id, error = %e.message, "rejecting a message");
-            let err = JobError::Decode(e.clone());
-            if let Some(id) = &e.id {
-                let _ = store_retry(&deps, || finish_failed(id, &err, DEFAULT_RESULT_TTL_S)).await;
-            }
-            settle(&d, Action::DeadLetter).await;
-            return "rejected";
-        }
-    };
-    let span = tracing::info_span!("job", id = %job.id, base = %job.base, steps = job.steps);
-    run(d, job, deps).instrument(span).await
-}
-
-async fn run(d: Delivery, job: Job, deps: Deps) -> &'static str {
-    let started = Instant::now();
-    let ttl = job.result_ttl_s;
-    let queue_wait_ms = job.submitted_ms.map(|s| now_ms().saturating_sub(s));
-    if let Some(w) = queue_wait_ms {
-        metrics().queue_wait.observe(w as f64 / 1e3);
-    }
-    let outcome = async {
-        if let Some(deadline) = job.deadline_ms {
-            let now = now_ms();
-            if now > deadline {
-                return Err(JobError::Deadline {
-                    late_ms: now - deadline,
-                });
-            }
-        }
-        let begin = deps
-            .store
-            .send(BeginJob {
-                id: job.id.clone(),
-                digest: job.digest(),
-                worker: deps.cfg.worker.clone(),
-                total_steps: job.steps,
-                queue_wait_ms,
-            })
-            .await
-            .map_err(|e| JobError::Mailbox(e.to_string()))??;
-        match begin {
-            Begin::AlreadyDone => return Ok("duplicate"),
-            Begin::Cancelled => return Ok("cancelled"),
-            Begin::Conflict { stored } => {
-                return Err(JobError::Conflict {
-                    stored,
-                    this: job.digest(),
-                })
-            }
-            Begin::Run { attempts } => tracing::info!(attempts, "running"),
-        }
-        // conditioning images, inline or from Redis
-        let mut images = Vec::with_capacity(job.controlnets.len());
-        for c in &job.controlnets {
-            images.push(match &c.image {
-                ImageRef::Inline(b) => b.clone(),
-                ImageRef::RedisKey(k) => store_retry(&deps, || FetchBytes { key: k.clone() })
-                    .await??
-                    .ok_or_else(|| {
-                        JobError::Invalid(format!("conditioning image key `{k}` is not in Redis"))
-                    })?,
-            });
-        }
-        // progress forwarder: model thread → Redis; Redis cancel flag → model thread
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::pipeline::StepDone>();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let fwd = {
-            let (store, id, cancel) = (deps.store.clone(), job.id.clone(), cancel.clone());
-            tokio::spawn(
-                async move {
-                    while let Some(s) = rx.recv().await {
-                        metrics().step.observe(s.step_ms / 1e3);
-                        let _ = store
-                            .send(Progress {
-                                id: id.clone(),
-                                step: s.step,
-                                total: s.total,
-                            })
-                            .await;
-                        if let Ok(Ok(true)) = store.send(CancelRequested { id: id.clone() }).await {
-                            cancel.store(true, Ordering::Relaxed);
-                        }
-                    }
-                }
-                .in_current_span(),
-            )
-        };
-        let t0 = Instant::now();
-        let out = deps
-            .pipeline
-            .send(RunJob {
-                job: job.clone(),
-                images,
-                progress: tx,
-                cancel,
-                span: tracing::Span::current(),
-            })
-            .await
-            .map_err(|e| JobError::Mailbox(e.to_string()))?;
-        let _ = fwd.await;
-        let out = out?;
-        let pipeline_ms = t0.elapsed().as_secs_f64() * 1e3;
-        metrics().pipeline.observe(pipeline_ms / 1e3);
-        let t = &out.timings;
-        let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
-        let fields = vec![
-            ("worker".to_string(), deps.cfg.worker.clone()),
-            ("step".into(), job.steps.to_string()),
-            ("total".into(), job.steps.to_string()),
-            ("pipeline_ms".into(), format!("{pipeline_ms:.3}")),
-            (
-                "service_ms".into(),
-                format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
-            ),
-            ("text_encode_ms".into(), ms(t.text_encode)),
-            ("lora_merge_ms".into(), ms(t.lora_merge)),
-            ("controlnet_ms".into(), ms(t.controlnet)),
-            ("unet_encoder_ms".into(), ms(t.unet_encoder)),
-            ("unet_decoder_ms".into(), ms(t.unet_decoder)),
-            ("vae_decode_ms".into(), ms(t.vae_decode)),
-            ("step_ms".into(), ms(t.per_step())),
-        ];
-        store_retry(&deps, || Finish {
-            id: job.id.clone(),
-            status: Status::Done,
-            png: Some(out.png.clone()),
-            error: None,
-            fields: fields.clone(),
-            ttl_s: ttl,
-        })
-        .await??;
-        Ok("done")
-    }
-    .await;
-
-    let outcome = match outcome {
-        Ok(o) => {
-            ack(&d).await;
-            o
-        }
-        Err(e) => {
-            let action = e.action();
-            tracing::warn!(error = %e, ?action, "job did not complete");
-            match (&e, action) {
-                (JobError::Conflict { .. }, _) => {
-                    let _ = store_retry(&deps, || NoteConflict {
-                        id: job.id.clone(),
-                        error: e.to_string(),
+    fn settle(&self, action: Action) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let res = match action {
+                Action::Ack => self.ack(BasicAckOptions::default()).await,
+                Action::DeadLetter => self.reject(BasicRejectOptions { requeue: false }).await,
+                Action::Requeue => {
+                    self.nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
                     })
-                    .await;
+                    .await
                 }
-                (_, Action::Requeue) => {}
-                _ => {
-                    let _ = store_retry(&deps, || finish_failed(&job.id, &e, ttl)).await;
+            };
+            match res {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    ?action,
+                    "delivery not settled: its channel is gone; the broker will redeliver"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, ?action, "settling the delivery failed; the broker will redeliver")
                 }
             }
-            if action == Action::Requeue {
-                // a resource is away (Redis, the model thread): do not spin on redeliveries
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            settle(&d, action).await;
-            match action {
-                Action::Ack => "cancelled",
-                Action::DeadLetter => "failed",
-                Action::Requeue => "requeued",
-            }
-        }
-    };
-    metrics().job_latency.observe(started.elapsed().as_secs_f64());
-    outcome
+        })
+    }
 }

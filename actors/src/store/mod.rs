@@ -1,17 +1,22 @@
-//! ResultStore: the job records in Redis (status, progress, timings, error, the PNG), through a
-//! redis-rs `ConnectionManager`, which reconnects by itself after Redis restarts.
+//! ResultStore: the job records (status, progress, timings, error, the PNG) — in Redis through a
+//! redis-rs `ConnectionManager`, which reconnects by itself after Redis restarts, or in memory for
+//! the embedded mode (same messages and decisions; `BEGIN_LUA` has a Rust twin, [`Memory::begin`]).
 //!
 //! ```text
-//! JobConsumer ──BeginJob──▶ ResultStore ──EVAL begin.lua──▶ katz:job:<id> (digest, status, attempts)
-//! forwarder  ──Progress──▶             ──HSET step/total + PUBLISH katz:events:<id>
-//! JobConsumer ──Finish───▶             ──SET katz:job:<id>:image, HSET status, EXPIRE, PUBLISH
+//! job ──BeginJob──▶ ResultStore ──EVAL begin.lua──▶ katz:job:<id> (digest, status, attempts)
+//! forwarder ─Progress─▶         ──HSET step/total + PUBLISH katz:events:<id>
+//! job ──Finish───▶              ──SET katz:job:<id>:image, HSET status, EXPIRE, PUBLISH
 //! ```
 
 pub mod messages;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use actix::prelude::*;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::JobError;
 use crate::protocol::{cancel_key, events_channel, image_key, job_key, now_ms, Event, Status};
@@ -37,9 +42,73 @@ local n = redis.call('HINCRBY', k, 'attempts', 1)
 return {'run', tostring(n)}
 "#;
 
+/// Records and blobs of the in-memory store (embedded mode), by their Redis keys.
+#[derive(Default)]
+pub struct Memory {
+    pub records: HashMap<String, HashMap<String, String>>,
+    pub blobs: HashMap<String, Vec<u8>>,
+    /// Receives what Redis would publish on `katz:events:<id>`.
+    pub events: Option<UnboundedSender<Event>>,
+}
+
+impl Memory {
+    fn publish(&self, e: Event) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(e);
+        }
+    }
+
+    /// The Rust twin of `BEGIN_LUA`.
+    fn begin(&mut self, m: &BeginJob) -> Begin {
+        let cancelled = self.blobs.contains_key(&cancel_key(&m.id));
+        let rec = self.records.entry(job_key(&m.id)).or_default();
+        if let Some(d) = rec.get("digest").filter(|d| **d != m.digest) {
+            return Begin::Conflict { stored: d.clone() };
+        }
+        if rec.get("status").map(String::as_str) == Some("done") {
+            return Begin::AlreadyDone;
+        }
+        if cancelled || rec.get("status").map(String::as_str) == Some("cancelled") {
+            rec.insert("status".into(), "cancelled".into());
+            rec.insert("finished_ms".into(), now_ms().to_string());
+            return Begin::Cancelled;
+        }
+        let attempts = rec
+            .get("attempts")
+            .and_then(|a| a.parse::<u64>().ok())
+            .unwrap_or(0)
+            + 1;
+        let fields = [
+            ("status", "running".to_string()),
+            ("digest", m.digest.clone()),
+            ("worker", m.worker.clone()),
+            ("started_ms", now_ms().to_string()),
+            ("step", "0".into()),
+            ("total", m.total_steps.to_string()),
+            ("attempts", attempts.to_string()),
+        ];
+        for (k, v) in fields {
+            rec.insert(k.into(), v);
+        }
+        if let Some(w) = m.queue_wait_ms {
+            rec.insert("queue_wait_ms".into(), w.to_string());
+        }
+        rec.remove("error");
+        rec.remove("error_kind");
+        Begin::Run { attempts }
+    }
+}
+
+enum Backend {
+    Redis {
+        conn: ConnectionManager,
+        begin: redis::Script,
+    },
+    Memory(Arc<Mutex<Memory>>),
+}
+
 pub struct ResultStore {
-    conn: ConnectionManager,
-    begin: redis::Script,
+    backend: Backend,
 }
 
 impl ResultStore {
@@ -47,9 +116,25 @@ impl ResultStore {
         let client = redis::Client::open(url)?;
         let conn = ConnectionManager::new(client).await?;
         Ok(ResultStore {
-            conn,
-            begin: redis::Script::new(BEGIN_LUA),
+            backend: Backend::Redis {
+                conn,
+                begin: redis::Script::new(BEGIN_LUA),
+            },
         })
+    }
+
+    /// An in-memory store; the returned handle reads what the jobs stored.
+    pub fn memory(events: Option<UnboundedSender<Event>>) -> (Self, Arc<Mutex<Memory>>) {
+        let mem = Arc::new(Mutex::new(Memory {
+            events,
+            ..Memory::default()
+        }));
+        (
+            ResultStore {
+                backend: Backend::Memory(mem.clone()),
+            },
+            mem,
+        )
     }
 }
 
@@ -57,23 +142,49 @@ impl Actor for ResultStore {
     type Context = Context<Self>;
 }
 
-fn event(id: &str, status: Status, step: u32, total: u32, error: Option<String>) -> String {
-    serde_json::to_string(&Event {
+fn event(id: &str, status: Status, step: u32, total: u32, error: Option<String>) -> Event {
+    Event {
         id: id.into(),
         status,
         step,
         total,
         error,
-    })
-    .unwrap_or_default()
+    }
 }
 
+fn json(e: &Event) -> String {
+    serde_json::to_string(e).unwrap_or_default()
+}
+
+/// Runs `f` on the in-memory store, or returns the Redis connection to work with.
+fn with_memory<T>(
+    backend: &Backend,
+    f: impl FnOnce(&mut Memory) -> T,
+) -> Result<T, (ConnectionManager, redis::Script)> {
+    match backend {
+        Backend::Memory(m) => Ok(f(&mut m.lock().unwrap_or_else(|e| e.into_inner()))),
+        Backend::Redis { conn, begin } => Err((conn.clone(), begin.clone())),
+    }
+}
+
+type Reply<T> = ResponseFuture<Result<T, JobError>>;
+
 impl Handler<BeginJob> for ResultStore {
-    type Result = ResponseFuture<Result<Begin, JobError>>;
+    type Result = Reply<Begin>;
 
     fn handle(&mut self, m: BeginJob, _: &mut Context<Self>) -> Self::Result {
-        let mut conn = self.conn.clone();
-        let script = self.begin.clone();
+        let (mut conn, script) = match with_memory(&self.backend, |mem| {
+            let v = mem.begin(&m);
+            match v {
+                Begin::Run { .. } => mem.publish(event(&m.id, Status::Running, 0, m.total_steps, None)),
+                Begin::Cancelled => mem.publish(event(&m.id, Status::Cancelled, 0, 0, None)),
+                _ => {}
+            }
+            v
+        }) {
+            Ok(v) => return Box::pin(async move { Ok(v) }),
+            Err(redis) => redis,
+        };
         Box::pin(async move {
             let (verdict, arg): (String, String) = script
                 .key(job_key(&m.id))
@@ -89,18 +200,13 @@ impl Handler<BeginJob> for ResultStore {
                 "conflict" => Begin::Conflict { stored: arg },
                 "done" => Begin::AlreadyDone,
                 "cancelled" => {
-                    let _: () = conn
-                        .publish(events_channel(&m.id), event(&m.id, Status::Cancelled, 0, 0, None))
-                        .await?;
+                    let e = event(&m.id, Status::Cancelled, 0, 0, None);
+                    let _: () = conn.publish(events_channel(&m.id), json(&e)).await?;
                     Begin::Cancelled
                 }
                 _ => {
-                    let _: () = conn
-                        .publish(
-                            events_channel(&m.id),
-                            event(&m.id, Status::Running, 0, m.total_steps, None),
-                        )
-                        .await?;
+                    let e = event(&m.id, Status::Running, 0, m.total_steps, None);
+                    let _: () = conn.publish(events_channel(&m.id), json(&e)).await?;
                     Begin::Run {
                         attempts: arg.parse().unwrap_or(1),
                     }
@@ -111,18 +217,24 @@ impl Handler<BeginJob> for ResultStore {
 }
 
 impl Handler<Progress> for ResultStore {
-    type Result = ResponseFuture<Result<(), JobError>>;
+    type Result = Reply<()>;
 
     fn handle(&mut self, m: Progress, _: &mut Context<Self>) -> Self::Result {
-        let mut conn = self.conn.clone();
+        let e = event(&m.id, Status::Running, m.step, m.total, None);
+        let (mut conn, _) = match with_memory(&self.backend, |mem| {
+            let rec = mem.records.entry(job_key(&m.id)).or_default();
+            rec.insert("step".into(), m.step.to_string());
+            rec.insert("total".into(), m.total.to_string());
+            mem.publish(e.clone());
+        }) {
+            Ok(()) => return Box::pin(async { Ok(()) }),
+            Err(redis) => redis,
+        };
         Box::pin(async move {
             let _: () = redis::pipe()
                 .hset_multiple(job_key(&m.id), &[("step", m.step), ("total", m.total)])
                 .ignore()
-                .publish(
-                    events_channel(&m.id),
-                    event(&m.id, Status::Running, m.step, m.total, None),
-                )
+                .publish(events_channel(&m.id), json(&e))
                 .ignore()
                 .query_async(&mut conn)
                 .await?;
@@ -132,39 +244,57 @@ impl Handler<Progress> for ResultStore {
 }
 
 impl Handler<Finish> for ResultStore {
-    type Result = ResponseFuture<Result<(), JobError>>;
+    type Result = Reply<()>;
 
     fn handle(&mut self, m: Finish, _: &mut Context<Self>) -> Self::Result {
-        let mut conn = self.conn.clone();
+        let key = job_key(&m.id);
+        let mut fields = m.fields.clone();
+        fields.push(("status".into(), m.status.as_str().into()));
+        fields.push(("finished_ms".into(), now_ms().to_string()));
+        if let Some(png) = &m.png {
+            fields.push(("image_key".into(), image_key(&m.id)));
+            fields.push(("image_bytes".into(), png.len().to_string()));
+        }
+        if let Some((kind, msg)) = &m.error {
+            fields.push(("error".into(), msg.clone()));
+            fields.push(("error_kind".into(), kind.clone()));
+        }
+        let total: u32 = fields
+            .iter()
+            .find(|(k, _)| k == "total")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let e = event(
+            &m.id,
+            m.status,
+            total,
+            total,
+            m.error.as_ref().map(|e| e.1.clone()),
+        );
+        let (mut conn, _) = match with_memory(&self.backend, |mem| {
+            if let Some(png) = &m.png {
+                mem.blobs.insert(image_key(&m.id), png.clone());
+            }
+            mem.blobs.remove(&cancel_key(&m.id));
+            mem.records
+                .entry(key.clone())
+                .or_default()
+                .extend(fields.iter().cloned());
+            mem.publish(e.clone());
+        }) {
+            Ok(()) => return Box::pin(async { Ok(()) }),
+            Err(redis) => redis,
+        };
         Box::pin(async move {
-            let key = job_key(&m.id);
-            let mut fields = m.fields.clone();
-            fields.push(("status".into(), m.status.as_str().into()));
-            fields.push(("finished_ms".into(), now_ms().to_string()));
             let mut pipe = redis::pipe();
             pipe.atomic();
             if let Some(png) = &m.png {
                 pipe.set_ex(image_key(&m.id), png.as_slice(), m.ttl_s).ignore();
-                fields.push(("image_key".into(), image_key(&m.id)));
-                fields.push(("image_bytes".into(), png.len().to_string()));
-            }
-            if let Some((kind, msg)) = &m.error {
-                fields.push(("error".into(), msg.clone()));
-                fields.push(("error_kind".into(), kind.clone()));
             }
             pipe.hset_multiple(&key, &fields).ignore();
             pipe.expire(&key, m.ttl_s as i64).ignore();
             pipe.del(cancel_key(&m.id)).ignore();
-            let total: u32 = fields
-                .iter()
-                .find(|(k, _)| k == "total")
-                .and_then(|(_, v)| v.parse().ok())
-                .unwrap_or(0);
-            pipe.publish(
-                events_channel(&m.id),
-                event(&m.id, m.status, total, total, m.error.map(|e| e.1)),
-            )
-            .ignore();
+            pipe.publish(events_channel(&m.id), json(&e)).ignore();
             let _: () = pipe.query_async(&mut conn).await?;
             Ok(())
         })
@@ -172,10 +302,18 @@ impl Handler<Finish> for ResultStore {
 }
 
 impl Handler<NoteConflict> for ResultStore {
-    type Result = ResponseFuture<Result<(), JobError>>;
+    type Result = Reply<()>;
 
     fn handle(&mut self, m: NoteConflict, _: &mut Context<Self>) -> Self::Result {
-        let mut conn = self.conn.clone();
+        let (mut conn, _) = match with_memory(&self.backend, |mem| {
+            mem.records
+                .entry(job_key(&m.id))
+                .or_default()
+                .insert("conflict".into(), m.error.clone());
+        }) {
+            Ok(()) => return Box::pin(async { Ok(()) }),
+            Err(redis) => redis,
+        };
         Box::pin(async move {
             let _: () = conn.hset(job_key(&m.id), "conflict", m.error).await?;
             Ok(())
@@ -184,19 +322,26 @@ impl Handler<NoteConflict> for ResultStore {
 }
 
 impl Handler<CancelRequested> for ResultStore {
-    type Result = ResponseFuture<Result<bool, JobError>>;
+    type Result = Reply<bool>;
 
     fn handle(&mut self, m: CancelRequested, _: &mut Context<Self>) -> Self::Result {
-        let mut conn = self.conn.clone();
+        let (mut conn, _) = match with_memory(&self.backend, |mem| mem.blobs.contains_key(&cancel_key(&m.id)))
+        {
+            Ok(v) => return Box::pin(async move { Ok(v) }),
+            Err(redis) => redis,
+        };
         Box::pin(async move { Ok(conn.exists(cancel_key(&m.id)).await?) })
     }
 }
 
 impl Handler<FetchBytes> for ResultStore {
-    type Result = ResponseFuture<Result<Option<Vec<u8>>, JobError>>;
+    type Result = Reply<Option<Vec<u8>>>;
 
     fn handle(&mut self, m: FetchBytes, _: &mut Context<Self>) -> Self::Result {
-        let mut conn = self.conn.clone();
+        let (mut conn, _) = match with_memory(&self.backend, |mem| mem.blobs.get(&m.key).cloned()) {
+            Ok(v) => return Box::pin(async move { Ok(v) }),
+            Err(redis) => redis,
+        };
         Box::pin(async move { Ok(conn.get(m.key).await?) })
     }
 }

@@ -1,0 +1,109 @@
+//! Embedded mode: the service's own actors without a broker — jobs come from an in-process
+//! source and results go to the in-memory [`ResultStore`]; each job takes exactly the path it
+//! takes in a worker ([`crate::job::process`]). `katz demo` runs through it, and so can tests
+//! that need no RabbitMQ or Redis.
+//!
+//! ```text
+//! Job ─encode─▶ InProcess delivery ─▶ job::process ─▶ PipelineActor (model thread)
+//!                                          └────────▶ ResultStore::memory ─▶ record + PNG, events
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::future::BoxFuture;
+
+use crate::error::Action;
+use crate::job::{process, Delivered, JobDeps};
+use crate::pipeline::{Models, PipelineActor};
+use crate::protocol::{image_key, job_key, Event, Job, Limits};
+use crate::store::ResultStore;
+
+/// A message handed over in process; remembers how it was settled.
+struct InProcess {
+    body: Vec<u8>,
+    settled: Mutex<Option<Action>>,
+}
+
+impl Delivered for InProcess {
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    fn settle(&self, action: Action) -> BoxFuture<'_, ()> {
+        *self.settled.lock().unwrap_or_else(|e| e.into_inner()) = Some(action);
+        Box::pin(async {})
+    }
+}
+
+/// What a job left behind.
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    /// The fields of its `katz:job:<id>` record.
+    pub record: HashMap<String, String>,
+    pub png: Option<Vec<u8>>,
+    /// How the delivery was settled.
+    pub action: Option<Action>,
+}
+
+/// Runs `jobs` one after another through the actors; `on_event` sees every progress event.
+pub fn run_jobs(
+    models: &Models,
+    jobs: Vec<Job>,
+    mut on_event: impl FnMut(&Event),
+) -> Result<Vec<JobResult>, katz_onnx::Error> {
+    let actor = Mutex::new(Some(PipelineActor::load(models)?));
+    let sys = actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    });
+    let results = sys.block_on(async move {
+        let pipeline = SyncArbiter::start(1, move || {
+            actor
+                .lock()
+                .ok()
+                .and_then(|mut a| a.take())
+                .expect("the embedded pipeline starts once")
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (store, mem) = ResultStore::memory(Some(tx));
+        let deps = JobDeps {
+            limits: Limits::default(),
+            worker: "embedded".into(),
+            store_retry: Duration::from_secs(1),
+            pipeline,
+            store: store.start(),
+        };
+        let mut results = Vec::new();
+        for job in jobs {
+            let d = InProcess {
+                body: job.encode(),
+                settled: Mutex::new(None),
+            };
+            let run = process(&d, &deps);
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    _ = &mut run => break,
+                    Some(e) = rx.recv() => on_event(&e),
+                }
+            }
+            while let Ok(e) = rx.try_recv() {
+                on_event(&e);
+            }
+            let m = mem.lock().unwrap_or_else(|e| e.into_inner());
+            results.push(JobResult {
+                record: m.records.get(&job_key(&job.id)).cloned().unwrap_or_default(),
+                png: m.blobs.get(&image_key(&job.id)).cloned(),
+                action: *d.settled.lock().unwrap_or_else(|e| e.into_inner()),
+            });
+        }
+        results
+    });
+    Ok(results)
+}

@@ -1,0 +1,268 @@
+//! One job's journey, whatever brought it: decode → idempotency → images → pipeline → store →
+//! settle. The RabbitMQ consumer and the embedded mode both run jobs through [`process`].
+//!
+//! ```text
+//! bytes ─decode+limits─▶ Job ─BeginJob─▶ run | already done | cancelled | conflict
+//!   images (inline | Redis key) ─▶ RunJob ─▶ PipelineActor ── StepDone ─▶ Progress (+ cancel flag)
+//!   Finish(done, PNG) with retries ─▶ settle(Ack)        failure ─▶ Finish(failed) ─▶ settle(action)
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures_util::future::BoxFuture;
+use tracing::Instrument;
+
+use crate::error::{Action, JobError};
+use crate::metrics::metrics;
+use crate::pipeline::{PipelineActor, RunJob};
+use crate::protocol::{decode, now_ms, ImageRef, Job, Limits, Status, DEFAULT_RESULT_TTL_S};
+use crate::store::{
+    Begin, BeginJob, CancelRequested, FetchBytes, Finish, NoteConflict, Progress, ResultStore,
+};
+
+/// A delivered message: its bytes, and how to tell the source what became of it.
+pub trait Delivered: Send + Sync {
+    fn body(&self) -> &[u8];
+    /// Ack, dead-letter or requeue. Called once, after the result (or failure) is stored.
+    fn settle(&self, action: Action) -> BoxFuture<'_, ()>;
+}
+
+/// What a job needs from its worker.
+#[derive(Clone)]
+pub struct JobDeps {
+    pub limits: Limits,
+    /// Written into each job's status as `worker`.
+    pub worker: String,
+    /// How long to keep retrying a result store while Redis is away before requeueing.
+    pub store_retry: Duration,
+    pub pipeline: Addr<PipelineActor>,
+    pub store: Addr<ResultStore>,
+}
+
+/// Sends a store message, retrying while Redis is away (up to `store_retry`).
+async fn store_retry<M>(deps: &JobDeps, make: impl Fn() -> M) -> Result<M::Result, JobError>
+where
+    M: Message + Send + 'static,
+    M::Result: Send,
+    ResultStore: Handler<M>,
+    M::Result: IsStoreResult,
+{
+    let deadline = Instant::now() + deps.store_retry;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match deps.store.send(make()).await {
+            Ok(r) if r.ok() || Instant::now() >= deadline => return Ok(r),
+            Ok(_) => {}
+            Err(e) => return Err(JobError::Mailbox(e.to_string())),
+        }
+        tracing::warn!(retry_in = ?wait, "redis unavailable; retrying");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+trait IsStoreResult {
+    fn ok(&self) -> bool;
+}
+impl<T> IsStoreResult for Result<T, JobError> {
+    fn ok(&self) -> bool {
+        self.is_ok()
+    }
+}
+
+fn finish_failed(id: &str, err: &JobError, ttl: u64) -> Finish {
+    let status = if err.is_cancel() {
+        Status::Cancelled
+    } else {
+        Status::Failed
+    };
+    Finish {
+        id: id.into(),
+        status,
+        png: None,
+        error: Some((err.kind().into(), err.to_string())),
+        fields: vec![],
+        ttl_s: ttl,
+    }
+}
+
+/// Runs one delivered message to its end; returns the outcome label (for metrics).
+pub async fn process(d: &dyn Delivered, deps: &JobDeps) -> &'static str {
+    let job = match decode(d.body(), &deps.limits) {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!(id = ?e.id, error = %e.message, "rejecting a message");
+            let err = JobError::Decode(e.clone());
+            if let Some(id) = &e.id {
+                let _ = store_retry(deps, || finish_failed(id, &err, DEFAULT_RESULT_TTL_S)).await;
+            }
+            d.settle(Action::DeadLetter).await;
+            return "rejected";
+        }
+    };
+    let span = tracing::info_span!("job", id = %job.id, base = %job.base, steps = job.steps);
+    run(d, job, deps).instrument(span).await
+}
+
+async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
+    let started = Instant::now();
+    let ttl = job.result_ttl_s;
+    let queue_wait_ms = job.submitted_ms.map(|s| now_ms().saturating_sub(s));
+    if let Some(w) = queue_wait_ms {
+        metrics().queue_wait.observe(w as f64 / 1e3);
+    }
+    let outcome = async {
+        if let Some(deadline) = job.deadline_ms {
+            let now = now_ms();
+            if now > deadline {
+                return Err(JobError::Deadline {
+                    late_ms: now - deadline,
+                });
+            }
+        }
+        let begin = deps
+            .store
+            .send(BeginJob {
+                id: job.id.clone(),
+                digest: job.digest(),
+                worker: deps.worker.clone(),
+                total_steps: job.steps,
+                queue_wait_ms,
+            })
+            .await
+            .map_err(|e| JobError::Mailbox(e.to_string()))??;
+        match begin {
+            Begin::AlreadyDone => return Ok("duplicate"),
+            Begin::Cancelled => return Ok("cancelled"),
+            Begin::Conflict { stored } => {
+                return Err(JobError::Conflict {
+                    stored,
+                    this: job.digest(),
+                })
+            }
+            Begin::Run { attempts } => tracing::info!(attempts, "running"),
+        }
+        // conditioning images, inline or from Redis
+        let mut images = Vec::with_capacity(job.controlnets.len());
+        for c in &job.controlnets {
+            images.push(match &c.image {
+                ImageRef::Inline(b) => b.clone(),
+                ImageRef::RedisKey(k) => store_retry(deps, || FetchBytes { key: k.clone() })
+                    .await??
+                    .ok_or_else(|| {
+                        JobError::Invalid(format!("conditioning image key `{k}` is not in Redis"))
+                    })?,
+            });
+        }
+        // progress forwarder: model thread → Redis; Redis cancel flag → model thread
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::pipeline::StepDone>();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let fwd = {
+            let (store, id, cancel) = (deps.store.clone(), job.id.clone(), cancel.clone());
+            tokio::spawn(
+                async move {
+                    while let Some(s) = rx.recv().await {
+                        metrics().step.observe(s.step_ms / 1e3);
+                        let _ = store
+                            .send(Progress {
+                                id: id.clone(),
+                                step: s.step,
+                                total: s.total,
+                            })
+                            .await;
+                        if let Ok(Ok(true)) = store.send(CancelRequested { id: id.clone() }).await {
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                .in_current_span(),
+            )
+        };
+        let t0 = Instant::now();
+        let out = deps
+            .pipeline
+            .send(RunJob {
+                job: job.clone(),
+                images,
+                progress: tx,
+                cancel,
+                span: tracing::Span::current(),
+            })
+            .await
+            .map_err(|e| JobError::Mailbox(e.to_string()))?;
+        let _ = fwd.await;
+        let out = out?;
+        let pipeline_ms = t0.elapsed().as_secs_f64() * 1e3;
+        metrics().pipeline.observe(pipeline_ms / 1e3);
+        let t = &out.timings;
+        let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
+        let fields = vec![
+            ("worker".to_string(), deps.worker.clone()),
+            ("step".into(), job.steps.to_string()),
+            ("total".into(), job.steps.to_string()),
+            ("pipeline_ms".into(), format!("{pipeline_ms:.3}")),
+            (
+                "service_ms".into(),
+                format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
+            ),
+            ("text_encode_ms".into(), ms(t.text_encode)),
+            ("lora_merge_ms".into(), ms(t.lora_merge)),
+            ("controlnet_ms".into(), ms(t.controlnet)),
+            ("unet_encoder_ms".into(), ms(t.unet_encoder)),
+            ("unet_decoder_ms".into(), ms(t.unet_decoder)),
+            ("vae_decode_ms".into(), ms(t.vae_decode)),
+            ("scheduler_ms".into(), ms(t.scheduler)),
+            ("step_ms".into(), ms(t.per_step())),
+        ];
+        store_retry(deps, || Finish {
+            id: job.id.clone(),
+            status: Status::Done,
+            png: Some(out.png.clone()),
+            error: None,
+            fields: fields.clone(),
+            ttl_s: ttl,
+        })
+        .await??;
+        Ok("done")
+    }
+    .await;
+
+    let outcome = match outcome {
+        Ok(o) => {
+            d.settle(Action::Ack).await;
+            o
+        }
+        Err(e) => {
+            let action = e.action();
+            tracing::warn!(error = %e, ?action, "job did not complete");
+            match (&e, action) {
+                (JobError::Conflict { .. }, _) => {
+                    let _ = store_retry(deps, || NoteConflict {
+                        id: job.id.clone(),
+                        error: e.to_string(),
+                    })
+                    .await;
+                }
+                (_, Action::Requeue) => {}
+                _ => {
+                    let _ = store_retry(deps, || finish_failed(&job.id, &e, ttl)).await;
+                }
+            }
+            if action == Action::Requeue {
+                // a resource is away (Redis, the model thread): do not spin on redeliveries
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            d.settle(action).await;
+            match action {
+                Action::Ack => "cancelled",
+                Action::DeadLetter => "failed",
+                Action::Requeue => "requeued",
+            }
+        }
+    };
+    metrics().job_latency.observe(started.elapsed().as_secs_f64());
+    outcome
+}
