@@ -17,7 +17,29 @@ use crate::{Error, Result};
 /// The ONNX Runtime release katz is built and tested against.
 pub const ORT_VERSION: &str = "1.31.1";
 
-static ENV: OnceLock<std::result::Result<(Environment, PathBuf), String>> = OnceLock::new();
+/// Why ONNX Runtime could not be loaded (kept, so every later call reports the same cause).
+#[derive(Debug, Clone)]
+enum InitError {
+    Missing { searched: String },
+    Load { path: PathBuf, message: String },
+}
+
+impl From<&InitError> for Error {
+    fn from(e: &InitError) -> Self {
+        match e {
+            InitError::Missing { searched } => Error::RuntimeMissing {
+                version: ORT_VERSION,
+                searched: searched.clone(),
+            },
+            InitError::Load { path, message } => Error::RuntimeLoad {
+                path: path.clone(),
+                message: message.clone(),
+            },
+        }
+    }
+}
+
+static ENV: OnceLock<std::result::Result<(Environment, PathBuf), InitError>> = OnceLock::new();
 
 fn candidates() -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -52,44 +74,23 @@ pub fn init() -> Result<PathBuf> {
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ");
-            return Err(Error::RuntimeMissing {
-                version: ORT_VERSION,
-                searched,
-            }
-            .to_string());
+            return Err(InitError::Missing { searched });
+        };
+        let load_err = |e: &dyn std::fmt::Display| InitError::Load {
+            path: path.clone(),
+            message: e.to_string(),
         };
         let env = ort::init_from(&path)
-            .map_err(|e| {
-                Error::RuntimeLoad {
-                    path: path.clone(),
-                    message: e.to_string(),
-                }
-                .to_string()
-            })?
+            .map_err(|e| load_err(&e))?
             .with_name("katz")
             .build()
-            .map_err(|e| {
-                Error::RuntimeLoad {
-                    path: path.clone(),
-                    message: e.to_string(),
-                }
-                .to_string()
-            })?;
+            .map_err(|e| load_err(&e))?;
         tracing::debug!(path = %path.display(), "loaded ONNX Runtime");
         Ok((env, path))
     });
     match state {
         Ok((_, p)) => Ok(p.clone()),
-        Err(msg) if msg.starts_with("ONNX Runtime") && msg.contains("not found") => {
-            Err(Error::RuntimeMissing {
-                version: ORT_VERSION,
-                searched: msg.clone(),
-            })
-        }
-        Err(msg) => Err(Error::RuntimeLoad {
-            path: PathBuf::new(),
-            message: msg.clone(),
-        }),
+        Err(e) => Err(e.into()),
     }
 }
 
