@@ -580,19 +580,37 @@ fn rabbitmq_and_redis_restarts_lose_no_job() {
             "done"
         );
 
-        // RabbitMQ goes away with jobs queued, comes back; more jobs follow
-        let before: Vec<Job> = (0..3).map(|i| job(&format!("rb{i}"))).collect();
+        // RabbitMQ goes away with a job running and jobs queued, comes back; more jobs follow
+        let running = long_job("rb-running");
+        bus.publish(&running).await;
+        let queued: Vec<Job> = (0..2).map(|i| job(&format!("rb-queued{i}"))).collect();
+        for j in &queued {
+            bus.publish(j).await;
+        }
+        bus.wait_until(&running.id, Duration::from_secs(60), |r| {
+            r.get("status").map(String::as_str) == Some("running")
+        })
+        .await;
         sh("rabbitmqctl stop_app");
         tokio::time::sleep(Duration::from_secs(1)).await;
         sh("rabbitmqctl start_app && rabbitmqctl await_startup");
         bus.reconnect().await;
-        for j in &before {
+        let after: Vec<Job> = (0..3).map(|i| job(&format!("rb-after{i}"))).collect();
+        for j in &after {
             bus.publish(j).await;
         }
-        for j in &before {
-            let r = bus.wait_final(&j.id, Duration::from_secs(90)).await;
+        for j in std::iter::once(&running).chain(&queued).chain(&after) {
+            let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
             assert_eq!(r["status"], "done", "{r:?}\n{}", w.log());
         }
+        // the job whose channel died was redelivered to the same worker: it waited for the first
+        // run and was acked as done, so one result and one run
+        assert_eq!(bus.record(&running.id).await["attempts"], "1");
+        let t0 = Instant::now();
+        while bus.count(&bus.queue).await > 0 && t0.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(bus.count(&bus.queue).await, 0);
 
         // Redis goes away in the middle of a job and comes back (empty: it keeps nothing on disk)
         let j = long_job("redis");

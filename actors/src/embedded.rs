@@ -78,6 +78,7 @@ pub fn run_jobs(
             store_retry: Duration::from_secs(1),
             pipeline,
             store: store.start(),
+            running: Default::default(),
         };
         let mut results = Vec::new();
         for job in jobs {

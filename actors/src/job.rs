@@ -7,8 +7,9 @@
 //!   Finish(done, PNG) with retries ─▶ settle(Ack)        failure ─▶ Finish(failed) ─▶ settle(action)
 //! ```
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -40,6 +41,41 @@ pub struct JobDeps {
     pub store_retry: Duration,
     pub pipeline: Addr<PipelineActor>,
     pub store: Addr<ResultStore>,
+    /// Job ids running in this process: a redelivery of one of them (after a reconnect) waits for
+    /// it and is then acked as already done instead of running twice.
+    pub running: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Marks a job id as running in this process until dropped.
+struct RunningGuard<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Waits while another delivery of `id` runs here, then claims it.
+async fn claim<'a>(set: &'a Mutex<HashSet<String>>, id: &str) -> RunningGuard<'a> {
+    loop {
+        if set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string())
+        {
+            return RunningGuard {
+                set,
+                id: id.to_string(),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Sends a store message, retrying while Redis is away (up to `store_retry`).
@@ -108,6 +144,7 @@ pub async fn process(d: &dyn Delivered, deps: &JobDeps) -> &'static str {
 }
 
 async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
+    let _claim = claim(&deps.running, &job.id).await;
     let started = Instant::now();
     let ttl = job.result_ttl_s;
     let queue_wait_ms = job.submitted_ms.map(|s| now_ms().saturating_sub(s));

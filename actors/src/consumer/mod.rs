@@ -79,6 +79,7 @@ impl JobConsumer {
             store_retry: cfg.store_retry,
             pipeline,
             store,
+            running: Default::default(),
         };
         JobConsumer {
             cfg: Arc::new(cfg),
