@@ -21,13 +21,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use katz_kernels::{guidance, residual};
-use ort::session::{Session, SessionInputValue};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session, SessionInputValue};
+use ort::value::{DynTensorValueType, DynValue};
 
 use crate::bundle::{check_io, BaseBundle, ControlNetBundle};
 use crate::controlnet::ControlNet;
 use crate::lora::LoraAdapter;
 use crate::noise::SeededNoise;
-use crate::runtime::{self, SessionOptions};
+use crate::runtime::{self, Device, SessionOptions};
 use crate::scheduler::{self, NoiseSource, SchedulerKind};
 use crate::tensor::Tensor;
 use crate::text::{Conditioning, TextEncoders};
@@ -335,6 +337,11 @@ impl Pipeline {
 
         let n = req.steps;
         let timesteps = sched.timesteps().to_vec();
+        // on a GPU the UNet's weights and conditioning go to the device once per job
+        let mut bound = match self.opts.device {
+            Device::Cpu => None,
+            Device::Cuda(id) | Device::TensorRt(id) => Some(self.bind_unet(&cond, &merged, id)?),
+        };
         let mut guided = Tensor::zeros(latents.shape.clone());
         for (i, &ts) in timesteps.iter().enumerate() {
             let _step = tracing::debug_span!("step", i, t = ts).entered();
@@ -347,28 +354,20 @@ impl Pipeline {
             latent_in.data.iter_mut().for_each(|v| *v *= scale_in);
             let timestep = Tensor::new(vec![b], vec![ts; b]);
 
-            let t0 = Instant::now();
-            let (emb, mut mid, mut skips) = self.run_encoder(&latent_in, &timestep, &cond, &merged)?;
-            t.unet_encoder += t0.elapsed();
-
-            let t0 = Instant::now();
-            for (c, image) in req.controlnets.iter().zip(&images) {
-                let (lo, hi) = (i as f32 / n as f32, (i + 1) as f32 / n as f32);
-                if lo < c.start || hi > c.end {
-                    continue; // diffusers' controlnet_keep = 0 for this step
-                }
-                let res = self.controlnets[c.model].residuals(&latent_in, &timestep, &cond, image)?;
-                let (res_mid, res_down) = res.split_last().expect("ControlNet returns residuals");
-                for (s, r) in skips.iter_mut().zip(res_down) {
-                    residual::axpy(&mut s.data, &r.data, c.scale);
-                }
-                residual::axpy(&mut mid.data, &res_mid.data, c.scale);
-            }
-            t.controlnet += t0.elapsed();
-
-            let t0 = Instant::now();
-            let pred = self.run_decoder(&emb, &cond, &mid, &skips, &merged)?;
-            t.unet_decoder += t0.elapsed();
+            let active: Vec<(&ControlRequest, &Tensor)> = req
+                .controlnets
+                .iter()
+                .zip(&images)
+                .filter(|(c, _)| {
+                    // diffusers' controlnet_keep: a ControlNet acts while start ≤ i/n and (i+1)/n ≤ end
+                    let (lo, hi) = (i as f32 / n as f32, (i + 1) as f32 / n as f32);
+                    lo >= c.start && hi <= c.end
+                })
+                .collect();
+            let pred = match bound.as_mut() {
+                None => self.host_unet_step(&latent_in, &timestep, &cond, &merged, &active, &mut t)?,
+                Some(bu) => self.bound_unet_step(bu, &latent_in, &timestep, &cond, &active, &mut t)?,
+            };
 
             let t0 = Instant::now();
             if cfg {
@@ -402,6 +401,96 @@ impl Pipeline {
             .iter_mut()
             .for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
         Ok(image)
+    }
+
+    /// One UNet step with host tensors: encoder, ControlNet residuals, decoder.
+    fn host_unet_step(
+        &mut self,
+        latent_in: &Tensor,
+        timestep: &Tensor,
+        cond: &Conditioning,
+        merged: &MergedWeights,
+        active: &[(&ControlRequest, &Tensor)],
+        t: &mut Timings,
+    ) -> Result<Tensor> {
+        let t0 = Instant::now();
+        let (emb, mut mid, mut skips) = self.run_encoder(latent_in, timestep, cond, merged)?;
+        t.unet_encoder += t0.elapsed();
+        let t0 = Instant::now();
+        add_residuals(&mut self.controlnets, latent_in, timestep, cond, active, &mut mid, &mut skips)?;
+        t.controlnet += t0.elapsed();
+        let t0 = Instant::now();
+        let pred = self.run_decoder(&emb, cond, &mid, &skips, merged)?;
+        t.unet_decoder += t0.elapsed();
+        Ok(pred)
+    }
+
+    /// Binds the UNet graphs for a job on GPU `device_id`: weights and conditioning are copied to
+    /// the device once; the encoder's outputs stay there.
+    fn bind_unet(&mut self, cond: &Conditioning, merged: &MergedWeights, device_id: i32) -> Result<BoundUnet> {
+        let dev = MemoryInfo::new(AllocationDevice::CUDA, device_id, AllocatorType::Device, MemoryType::Default)?;
+        let mut enc = self.unet_encoder.create_binding()?;
+        let mut dec = self.unet_decoder.create_binding()?;
+        for b in [&mut enc, &mut dec] {
+            b.bind_input("encoder_hidden_states", &*cond.prompt_embeds.view()?)?;
+        }
+        enc.bind_input("text_embeds", &*cond.pooled.view()?)?;
+        enc.bind_input("time_ids", &*cond.time_ids.view()?)?;
+        for (b, graph) in [(&mut enc, "unet_encoder"), (&mut dec, "unet_decoder")] {
+            for name in self.weights.inputs_of(graph) {
+                b.bind_input(name.as_str(), merged.get(&self.weights, name))?;
+            }
+        }
+        let mut outs = vec!["emb".to_string(), "mid".to_string()];
+        outs.extend(skip_names(self.bundle.manifest.unet.skips));
+        for o in &outs {
+            enc.bind_output_to_device(o.as_str(), &dev)?;
+        }
+        dec.bind_output_to_device("noise_pred", &dev)?;
+        Ok(BoundUnet { enc, dec, enc_outputs: outs })
+    }
+
+    /// One UNet step on bound graphs: only the latent and timestep go up, the noise prediction
+    /// comes down; with ControlNets active the skips take a host round trip for the residual sum
+    /// (device kernels for it are issue #6's).
+    fn bound_unet_step(
+        &mut self,
+        bu: &mut BoundUnet,
+        latent_in: &Tensor,
+        timestep: &Tensor,
+        cond: &Conditioning,
+        active: &[(&ControlRequest, &Tensor)],
+        t: &mut Timings,
+    ) -> Result<Tensor> {
+        let BoundUnet { enc, dec, enc_outputs } = bu;
+        let t0 = Instant::now();
+        enc.bind_input("sample", &*latent_in.view()?)?;
+        enc.bind_input("timestep", &*timestep.view()?)?;
+        let out = self.unet_encoder.run_binding(enc)?;
+        enc.synchronize_outputs()?;
+        t.unet_encoder += t0.elapsed();
+        let t0 = Instant::now();
+        if active.is_empty() {
+            for name in enc_outputs.iter() {
+                dec.bind_input(name.as_str(), &out[name.as_str()])?;
+            }
+        } else {
+            dec.bind_input("emb", &out["emb"])?;
+            let mut mid = to_host(&out["mid"])?;
+            let mut skips = enc_outputs[2..].iter().map(|n| to_host(&out[n.as_str()])).collect::<Result<Vec<_>>>()?;
+            add_residuals(&mut self.controlnets, latent_in, timestep, cond, active, &mut mid, &mut skips)?;
+            dec.bind_input("mid", &*mid.view()?)?;
+            for (name, s) in enc_outputs[2..].iter().zip(&skips) {
+                dec.bind_input(name.as_str(), &*s.view()?)?;
+            }
+        }
+        t.controlnet += t0.elapsed();
+        let t0 = Instant::now();
+        let pred = self.unet_decoder.run_binding(dec)?;
+        let pred = to_host(&pred["noise_pred"])?;
+        drop(out);
+        t.unet_decoder += t0.elapsed();
+        Ok(pred)
     }
 
     fn run_encoder(
@@ -466,4 +555,42 @@ impl Pipeline {
         let out = unet_decoder.run(inputs)?;
         Tensor::from_output(&out, "noise_pred")
     }
+}
+
+/// The UNet graphs of one job bound on a GPU.
+struct BoundUnet {
+    enc: IoBinding,
+    dec: IoBinding,
+    /// `emb`, `mid`, `skip_0` … in that order.
+    enc_outputs: Vec<String>,
+}
+
+/// Copies a tensor output (on any device) into a host tensor.
+fn to_host(v: &DynValue) -> Result<Tensor> {
+    let t = v.downcast_ref::<DynTensorValueType>()?;
+    let host = t.to(AllocationDevice::CPU, 0)?;
+    let (shape, data) = host.try_extract_tensor::<f32>()?;
+    Ok(Tensor::new(shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+}
+
+/// `skips += Σ scaleⱼ·downⱼ`, `mid += Σ scaleⱼ·midⱼ` over the active ControlNets (diffusers'
+/// MultiControlNet sum), on host tensors.
+fn add_residuals(
+    controlnets: &mut [ControlNet],
+    latent_in: &Tensor,
+    timestep: &Tensor,
+    cond: &Conditioning,
+    active: &[(&ControlRequest, &Tensor)],
+    mid: &mut Tensor,
+    skips: &mut [Tensor],
+) -> Result<()> {
+    for (c, image) in active {
+        let res = controlnets[c.model].residuals(latent_in, timestep, cond, image)?;
+        let (res_mid, res_down) = res.split_last().expect("ControlNet returns residuals");
+        for (s, r) in skips.iter_mut().zip(res_down) {
+            residual::axpy(&mut s.data, &r.data, c.scale);
+        }
+        residual::axpy(&mut mid.data, &res_mid.data, c.scale);
+    }
+    Ok(())
 }
