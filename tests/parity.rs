@@ -11,7 +11,7 @@ mod common;
 use common::*;
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use katz_kernels::rel_err;
 use katz_onnx::image::read_conditioning;
@@ -109,7 +109,15 @@ fn run_case(name: &str) {
         bytes: std::fs::read(root().join("tests/data/parity").join(&case.tensors)).unwrap(),
     };
     let opts = test_options();
-    let mut pipe = Pipeline::load(root().join(&all.bundle), opts).expect("bundle loads");
+    // KATZ_PARITY_BUNDLE / KATZ_PARITY_CONTROLNET: the same weights exported another way
+    // (e.g. `export_bundle.py --attention mha`) must give the same images
+    let bundle = std::env::var_os("KATZ_PARITY_BUNDLE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(&all.bundle));
+    let cn_bundle = std::env::var_os("KATZ_PARITY_CONTROLNET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(&all.controlnet));
+    let mut pipe = Pipeline::load(bundle, opts).expect("bundle loads");
 
     // the tokenizer gives diffusers' ids
     let ids = pipe.text_encoders().tokenize(0, &case.prompt).unwrap();
@@ -125,7 +133,7 @@ fn run_case(name: &str) {
     };
     let mut controlnets = Vec::new();
     for c in &case.controlnets {
-        let model = pipe.controlnet(root().join(&all.controlnet)).unwrap();
+        let model = pipe.controlnet(&cn_bundle).unwrap();
         let image = read_conditioning(&root().join(&c.image), (case.width, case.height)).unwrap();
         controlnets.push(ControlRequest {
             model,

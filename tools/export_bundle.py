@@ -45,6 +45,41 @@ TARGET_RE = re.compile(
 )
 
 
+class _MultiHeadAttention(torch.autograd.Function):
+    """Attention over [B, S, H·D] projections. In PyTorch: scaled dot-product attention; in the
+    exported graph: ONNX Runtime's fused `com.microsoft.MultiHeadAttention` (what its fusion tool
+    and CUDA kernels expect; the PyTorch 2.11 export pattern is not one the fusion tool matches)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, heads: int):
+        b, s, hd = q.shape
+        d = hd // heads
+        split = lambda x: x.view(b, -1, heads, d).transpose(1, 2)  # noqa: E731
+        out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+        return out.transpose(1, 2).reshape(b, s, hd)
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads: int):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
+        return out.setType(q.type())
+
+
+class MhaProcessor:
+    """diffusers' AttnProcessor2_0 for SDXL's transformer blocks (3-D input, no norms, no mask),
+    with the attention itself as one `MultiHeadAttention` node."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **kw):
+        assert attention_mask is None and attn.spatial_norm is None and attn.group_norm is None
+        assert hidden_states.ndim == 3 and attn.norm_q is None and attn.norm_k is None and not attn.norm_cross
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
+        out = _MultiHeadAttention.apply(q, k, v, attn.heads)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
 # ───────────────────────────── configurations ─────────────────────────────
 
 
@@ -343,7 +378,8 @@ def export(module, args, path: Path, input_names, output_names, dynamic_axes, ex
         target = scratch / path.name
     with torch.no_grad():
         torch.onnx.export(module, tuple(args), str(target), input_names=input_names, output_names=output_names,
-                          dynamic_axes=dynamic_axes, opset_version=17, do_constant_folding=True, dynamo=False)
+                          dynamic_axes=dynamic_axes, opset_version=17, do_constant_folding=True, dynamo=False,
+                          custom_opsets={"com.microsoft": 1})
     if external:
         import onnx
 
@@ -353,6 +389,40 @@ def export(module, args, path: Path, input_names, output_names, dynamic_axes, ex
         onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
         shutil.rmtree(scratch)
+
+
+def fuse_fp16(path: Path, external: bool) -> dict:
+    """The GPU recipe after the MultiHeadAttention export: ONNX Runtime's fusion tool for UNets
+    (GroupNorm, SkipGroupNorm, BiasSplitGelu, NhwcConv, SkipLayerNorm …), then fp16 compute with
+    the graph's inputs and outputs kept fp32 (the converter keeps Resize scales and GroupNorm
+    parameters fp32). The result runs on the CUDA execution provider only (CUDA-only fused ops)."""
+    import collections
+
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    import onnx
+
+    model = onnx.load(str(path))
+    # graph outputs that other nodes also read (the skips) break the fp16 converter's output casts
+    # ("graph is not a DAG"): give every graph output its own Identity
+    outs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        node.input[:] = [i + "__int" if i in outs else i for i in node.input]
+        node.output[:] = [o + "__int" if o in outs else o for o in node.output]
+    for o in model.graph.output:
+        model.graph.node.append(onnx.helper.make_node("Identity", [o.name + "__int"], [o.name], name=o.name + "__out"))
+    m = optimize_model(model, model_type="unet", num_heads=0, hidden_size=0, opt_level=0, use_gpu=True,
+                       optimization_options=FusionOptions("unet"))
+    m.convert_float_to_float16(keep_io_types=True)
+    for f in path.parent.glob(path.name + "*.data"):
+        f.unlink()
+    m.save_model_to_file(str(path), use_external_data_format=external)
+    counts = collections.Counter(n.op_type for n in m.model.graph.node)
+    fused = {k: counts[k] for k in ("MultiHeadAttention", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "NhwcConv",
+                                    "SkipLayerNormalization", "BiasAdd") if counts[k]}
+    print(f"  {path.name}: fused for CUDA, fp16 inside, fp32 at the edges: {fused}")
+    return fused
 
 
 def check_graph(path: Path, module, args, input_names, output_names, tol=1e-4):
@@ -384,7 +454,8 @@ def spatial(name):  # a 4-D tensor whose batch and spatial dims vary (named per 
     return bs("batch", None, f"{name}_h", f"{name}_w")
 
 
-def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Path, check_size: int):
+def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Path, check_size: int,
+                  attention: str = "sdpa", gpu: bool = False):
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(cfg["vocab_size"])
     tok.save(str(out / "tokenizer.json"))
@@ -392,6 +463,9 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     ids = dict(bos_token_id=tok.token_to_id("<|startoftext|>"), eos_token_id=tok.token_to_id("<|endoftext|>"),
                pad_token_id=tok.token_to_id("<|endoftext|>"))
     te, te2, unet, vae, cn = build_models(cfg, seed, checkpoint, ids)
+    if attention == "mha" or gpu:
+        unet.set_attn_processor(MhaProcessor())
+        cn.set_attn_processor(MhaProcessor())
     big = sum(p.numel() for p in unet.parameters()) > 200_000_000
 
     g = torch.Generator().manual_seed(seed + 7)
@@ -447,6 +521,10 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     err = float((split - whole).norm() / whole.norm())
     assert err < 1e-5, f"split UNet differs from the whole UNet: {err}"
     print(f"  encoder+decoder vs UNet2DConditionModel: relative error {err:.1e}")
+    fusions = {}
+    if gpu:  # after the fp32 graphs were checked against PyTorch on the CPU
+        for graph in ("unet_encoder", "unet_decoder"):
+            fusions[graph] = fuse_fp16(out / f"{graph}.onnx", big)
 
     vmod = VaeDecoder(vae)
     vin = [rnd(1, 4, h, h)]
@@ -461,7 +539,7 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     signature = f"sdxl:c{C}:b{'-'.join(map(str, ucfg.block_out_channels))}"
     manifest = {
         "format": 1, "kind": "base", "name": cfg["name"], "architecture": "sdxl", "signature": signature,
-        "dtype": "float32", "latent_channels": ucfg.in_channels, "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+        "dtype": "float32", "compute": "fp16-cuda" if gpu else "fp32", "latent_channels": ucfg.in_channels, "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1),
         "scaling_factor": vae.config.scaling_factor, "prediction_type": "epsilon",
         "default_size": cfg["default_size"], "default_steps": cfg["default_steps"],
         "default_guidance": cfg["default_guidance"], "force_zeros_for_empty_prompt": True,
@@ -493,9 +571,12 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
            **{o: spatial(o) for o in cn_outputs}}
     export(cmod, cin, cn_out / "controlnet.onnx", cn_inputs, cn_outputs, dyn, external=big)
     check_graph(cn_out / "controlnet.onnx", cmod, cin, cn_inputs, cn_outputs)
+    if gpu:
+        fuse_fp16(cn_out / "controlnet.onnx", big)
     (cn_out / "bundle.json").write_text(json.dumps({
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
-        "dtype": "float32", "graph": "controlnet.onnx", "conditioning_channels": 3, "residuals": n_skips,
+        "dtype": "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",
+        "conditioning_channels": 3, "residuals": n_skips,
     }, indent=1) + "\n")
     return tok, (te, te2, unet, vae, cn), weights
 
@@ -677,6 +758,10 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, help="bundle directory (default bundles/tiny-sdxl or bundles/sdxl)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--no-references", action="store_true", help="skip the diffusers parity references")
+    ap.add_argument("--attention", choices=["sdpa", "mha"], default="sdpa",
+                    help="mha: UNet/ControlNet attention as com.microsoft.MultiHeadAttention (the GPU recipe's first step)")
+    ap.add_argument("--gpu", action="store_true",
+                    help="GPU bundle: MultiHeadAttention export + ONNX Runtime fusions + fp16 compute (CUDA only)")
     ap.add_argument("--example-lora", type=Path, metavar="FILE",
                     help="also write a seeded rank-8 LoRA (diffusers/peft layout) for this bundle's UNet")
     a = ap.parse_args(argv)
@@ -689,7 +774,9 @@ def main(argv=None):
     out = a.out or REPO / "bundles" / cfg["name"]
     cn_out = out.parent / (out.name + "-controlnet")
     check = 64 if a.config == "tiny" else 128
-    tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check)
+    if a.gpu and a.config == "tiny" and not a.no_references and a.out is None:
+        ap.error("--gpu writes a CUDA-only bundle: give --out (the committed tiny bundles stay fp32)")
+    tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check, a.attention, a.gpu)
     if a.example_lora:
         make_lora(models[2], a.example_lora, rank=8, alpha=8.0, seed=a.seed + 13)
         print(f"  example LoRA: {a.example_lora}")

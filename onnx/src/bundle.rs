@@ -48,6 +48,10 @@ pub struct WeightsSpec {
     pub map: BTreeMap<String, WeightEntry>,
 }
 
+fn fp32() -> String {
+    "fp32".into()
+}
+
 /// `bundle.json` of a base-model bundle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +62,9 @@ pub struct BaseManifest {
     pub architecture: String,
     pub signature: String,
     pub dtype: String,
+    /// `fp32`, or `fp16-cuda`: fused fp16 graphs that only ONNX Runtime's CUDA provider runs.
+    #[serde(default = "fp32")]
+    pub compute: String,
     pub latent_channels: usize,
     pub vae_scale_factor: usize,
     pub scaling_factor: f32,
@@ -83,6 +90,8 @@ pub struct ControlNetManifest {
     pub architecture: String,
     pub signature: String,
     pub dtype: String,
+    #[serde(default = "fp32")]
+    pub compute: String,
     pub graph: String,
     pub conditioning_channels: usize,
     pub residuals: usize,

@@ -148,6 +148,16 @@ impl Pipeline {
     /// Opens a base bundle: sessions for every graph, checked against the manifest.
     pub fn load(dir: impl AsRef<Path>, opts: SessionOptions) -> Result<Self> {
         let bundle = BaseBundle::open(dir)?;
+        if bundle.manifest.compute != "fp32" && !matches!(opts.device, Device::Cuda(_) | Device::TensorRt(_))
+        {
+            return Err(Error::bundle(
+                &bundle.dir,
+                format!(
+                    "its graphs are `{}`: they run on --device cuda:N only",
+                    bundle.manifest.compute
+                ),
+            ));
+        }
         runtime::init()?;
         let m = &bundle.manifest;
         let weights = Weights::load(&bundle)?;
@@ -417,7 +427,15 @@ impl Pipeline {
         let (emb, mut mid, mut skips) = self.run_encoder(latent_in, timestep, cond, merged)?;
         t.unet_encoder += t0.elapsed();
         let t0 = Instant::now();
-        add_residuals(&mut self.controlnets, latent_in, timestep, cond, active, &mut mid, &mut skips)?;
+        add_residuals(
+            &mut self.controlnets,
+            latent_in,
+            timestep,
+            cond,
+            active,
+            &mut mid,
+            &mut skips,
+        )?;
         t.controlnet += t0.elapsed();
         let t0 = Instant::now();
         let pred = self.run_decoder(&emb, cond, &mid, &skips, merged)?;
@@ -427,8 +445,18 @@ impl Pipeline {
 
     /// Binds the UNet graphs for a job on GPU `device_id`: weights and conditioning are copied to
     /// the device once; the encoder's outputs stay there.
-    fn bind_unet(&mut self, cond: &Conditioning, merged: &MergedWeights, device_id: i32) -> Result<BoundUnet> {
-        let dev = MemoryInfo::new(AllocationDevice::CUDA, device_id, AllocatorType::Device, MemoryType::Default)?;
+    fn bind_unet(
+        &mut self,
+        cond: &Conditioning,
+        merged: &MergedWeights,
+        device_id: i32,
+    ) -> Result<BoundUnet> {
+        let dev = MemoryInfo::new(
+            AllocationDevice::CUDA,
+            device_id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?;
         let mut enc = self.unet_encoder.create_binding()?;
         let mut dec = self.unet_decoder.create_binding()?;
         for b in [&mut enc, &mut dec] {
@@ -447,7 +475,11 @@ impl Pipeline {
             enc.bind_output_to_device(o.as_str(), &dev)?;
         }
         dec.bind_output_to_device("noise_pred", &dev)?;
-        Ok(BoundUnet { enc, dec, enc_outputs: outs })
+        Ok(BoundUnet {
+            enc,
+            dec,
+            enc_outputs: outs,
+        })
     }
 
     /// One UNet step on bound graphs: only the latent and timestep go up, the noise prediction
@@ -462,7 +494,11 @@ impl Pipeline {
         active: &[(&ControlRequest, &Tensor)],
         t: &mut Timings,
     ) -> Result<Tensor> {
-        let BoundUnet { enc, dec, enc_outputs } = bu;
+        let BoundUnet {
+            enc,
+            dec,
+            enc_outputs,
+        } = bu;
         let t0 = Instant::now();
         enc.bind_input("sample", &*latent_in.view()?)?;
         enc.bind_input("timestep", &*timestep.view()?)?;
@@ -477,8 +513,19 @@ impl Pipeline {
         } else {
             dec.bind_input("emb", &out["emb"])?;
             let mut mid = to_host(&out["mid"])?;
-            let mut skips = enc_outputs[2..].iter().map(|n| to_host(&out[n.as_str()])).collect::<Result<Vec<_>>>()?;
-            add_residuals(&mut self.controlnets, latent_in, timestep, cond, active, &mut mid, &mut skips)?;
+            let mut skips = enc_outputs[2..]
+                .iter()
+                .map(|n| to_host(&out[n.as_str()]))
+                .collect::<Result<Vec<_>>>()?;
+            add_residuals(
+                &mut self.controlnets,
+                latent_in,
+                timestep,
+                cond,
+                active,
+                &mut mid,
+                &mut skips,
+            )?;
             dec.bind_input("mid", &*mid.view()?)?;
             for (name, s) in enc_outputs[2..].iter().zip(&skips) {
                 dec.bind_input(name.as_str(), &*s.view()?)?;
@@ -570,7 +617,10 @@ fn to_host(v: &DynValue) -> Result<Tensor> {
     let t = v.downcast_ref::<DynTensorValueType>()?;
     let host = t.to(AllocationDevice::CPU, 0)?;
     let (shape, data) = host.try_extract_tensor::<f32>()?;
-    Ok(Tensor::new(shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+    Ok(Tensor::new(
+        shape.iter().map(|&d| d as usize).collect(),
+        data.to_vec(),
+    ))
 }
 
 /// `skips += Σ scaleⱼ·downⱼ`, `mid += Σ scaleⱼ·midⱼ` over the active ControlNets (diffusers'
