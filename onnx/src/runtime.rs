@@ -162,6 +162,15 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
             .with_intra_threads(opts.intra_threads)
             .map_err(ort::Error::from)?;
     }
+    // KATZ_ORT_PROFILE=PREFIX: ONNX Runtime writes a per-node profile PREFIX-<graph>_<time>.json
+    if let Some(prefix) = std::env::var_os("KATZ_ORT_PROFILE") {
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = format!("{}-{stem}", prefix.to_string_lossy());
+        b = b.with_profiling(file).map_err(ort::Error::from)?;
+    }
     let providers = match opts.device {
         Device::Cpu => vec![],
         Device::Cuda(id) => vec![ort::ep::CUDA::default()

@@ -1,0 +1,24 @@
+#!/usr/bin/env python3
+"""Summarises ONNX Runtime profiles (KATZ_ORT_PROFILE=PREFIX katz …): time by operator type, per
+graph, over all runs after the first (the first pays kernel selection).
+
+    python3 tools/ort_profile_summary.py PREFIX-unet_encoder_*.json [...]
+"""
+import collections
+import json
+import sys
+
+for path in sys.argv[1:]:
+    events = json.load(open(path))
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    first_end = runs[0]["ts"] + runs[0]["dur"] if runs else 0
+    by_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_end:
+            by_op[e["args"].get("op_name", "?")] += e["dur"]
+    n = max(len(runs) - 1, 1)
+    total = sum(by_op.values())
+    run_ms = sum(r["dur"] for r in runs[1:]) / n / 1e3 if len(runs) > 1 else 0
+    print(f"{path}: {len(runs)} runs; after the first: {run_ms:.1f} ms per run, kernels {total / n / 1e3:.1f} ms per run")
+    for op, us in by_op.most_common(12):
+        print(f"  {op:<28}{us / n / 1e3:>9.2f} ms per run  {100 * us / max(total, 1):5.1f}%")
