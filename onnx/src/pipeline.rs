@@ -16,6 +16,7 @@
 //! instead of the pristine weights; the pristine set is left as it was for the next job.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use katz_kernels::{guidance, residual};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, SessionInputValue};
+use ort::value::TensorElementType;
 use ort::value::{DynTensorValueType, DynValue};
 
 use crate::bundle::{check_io, BaseBundle, ControlNetBundle};
@@ -160,8 +162,15 @@ impl Pipeline {
         }
         runtime::init()?;
         let m = &bundle.manifest;
-        let weights = Weights::load(&bundle)?;
         let text = TextEncoders::load(&bundle, &opts)?;
+        let weight_inputs = |graph: &str| -> Vec<String> {
+            m.weights
+                .map
+                .iter()
+                .filter(|(_, e)| e.graph == graph)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
         let skips = skip_names(m.unet.skips);
 
         let enc_path = bundle.path(&m.unet.encoder);
@@ -175,7 +184,7 @@ impl Pipeline {
         ]
         .map(String::from)
         .to_vec();
-        enc_in.extend(weights.inputs_of("unet_encoder").iter().cloned());
+        enc_in.extend(weight_inputs("unet_encoder"));
         let mut enc_out: Vec<String> = vec!["emb".into(), "mid".into()];
         enc_out.extend(skips.iter().cloned());
         check_io(&enc_path, &unet_encoder, &enc_in, &enc_out)?;
@@ -184,8 +193,18 @@ impl Pipeline {
         let unet_decoder = runtime::session(&dec_path, &opts)?;
         let mut dec_in: Vec<String> = vec!["emb".into(), "encoder_hidden_states".into(), "mid".into()];
         dec_in.extend(skips.iter().cloned());
-        dec_in.extend(weights.inputs_of("unet_decoder").iter().cloned());
+        dec_in.extend(weight_inputs("unet_decoder"));
         check_io(&dec_path, &unet_decoder, &dec_in, &["noise_pred".into()])?;
+
+        // weights are bound as the graphs take them: f32, or f16 in fp16 GPU bundles
+        let half: HashSet<String> = [&unet_encoder, &unet_decoder]
+            .iter()
+            .flat_map(|s| s.inputs())
+            .filter(|o| m.weights.map.contains_key(o.name()))
+            .filter(|o| o.dtype().tensor_type() == Some(TensorElementType::Float16))
+            .map(|o| o.name().to_string())
+            .collect();
+        let weights = Weights::load(&bundle, half)?;
 
         let vae_path = bundle.path(&m.vae_decoder);
         let vae = runtime::session(&vae_path, &opts)?;

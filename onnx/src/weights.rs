@@ -4,11 +4,12 @@
 //! [`MergedWeights`] set holding `W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ` for the layers its LoRAs touch, and the
 //! pristine tensors for the rest. Sessions are never rebuilt and the pristine set never changes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use katz_kernels::lora::{merge_into, Factor};
-use ort::value::Tensor as OrtTensor;
+use ort::value::{DynValue, Tensor as OrtTensor};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::bundle::{BaseBundle, WeightEntry};
@@ -43,13 +44,16 @@ pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 /// The bundle's pristine weights, by graph input name.
 pub struct Weights {
     map: BTreeMap<String, WeightEntry>,
-    values: HashMap<String, OrtTensor<f32>>,
+    /// Bound as the graph input wants them: f32, or f16 for the inputs named in `half`.
+    values: HashMap<String, DynValue>,
+    half: HashSet<String>,
     /// Input names per graph, in manifest order.
     by_graph: HashMap<String, Vec<String>>,
 }
 
 impl Weights {
-    pub fn load(bundle: &BaseBundle) -> Result<Self> {
+    /// Reads the weights; those named in `half` (fp16 graph inputs) are bound as f16.
+    pub fn load(bundle: &BaseBundle, half: HashSet<String>) -> Result<Self> {
         crate::runtime::init()?;
         let spec = &bundle.manifest.weights;
         let path = bundle.path(&spec.file);
@@ -81,7 +85,7 @@ impl Weights {
                     format!("weight `{name}` has unsupported dtype {:?}", t.dtype()),
                 )
             })?;
-            values.insert(name.clone(), OrtTensor::from_array((entry.shape.clone(), data))?);
+            values.insert(name.clone(), make_value(&entry.shape, data, half.contains(name))?);
             by_graph
                 .entry(entry.graph.clone())
                 .or_default()
@@ -106,6 +110,7 @@ impl Weights {
         Ok(Weights {
             map: spec.map.clone(),
             values,
+            half,
             by_graph,
         })
     }
@@ -119,13 +124,19 @@ impl Weights {
         self.by_graph.get(graph).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    pub fn pristine(&self, name: &str) -> &OrtTensor<f32> {
+    pub fn pristine(&self, name: &str) -> &DynValue {
         &self.values[name]
     }
 
-    /// The host data of a pristine weight.
-    pub fn data(&self, name: &str) -> Result<&[f32]> {
-        Ok(self.values[name].try_extract_tensor::<f32>()?.1)
+    /// The host data of a pristine weight, as f32.
+    pub fn data(&self, name: &str) -> Result<Cow<'_, [f32]>> {
+        let v = &self.values[name];
+        if self.half.contains(name) {
+            let (_, d) = v.try_extract_tensor::<half::f16>()?;
+            Ok(Cow::Owned(d.iter().map(|x| x.to_f32()).collect()))
+        } else {
+            Ok(Cow::Borrowed(v.try_extract_tensor::<f32>()?.1))
+        }
     }
 
     /// Merges LoRAs (each with its scale) into a new set of the touched weights.
@@ -148,10 +159,10 @@ impl Weights {
             })?;
             let (rows, cols) = (entry.shape[0], entry.shape[1]);
             let mut out = vec![0f32; rows * cols];
-            merge_into(self.data(name)?, rows, cols, &factors, &mut out);
+            merge_into(&self.data(name)?, rows, cols, &factors, &mut out);
             merged.insert(
                 name.to_string(),
-                OrtTensor::from_array((entry.shape.clone(), out))?,
+                make_value(&entry.shape, out, self.half.contains(name))?,
             );
         }
         Ok(MergedWeights { merged })
@@ -161,7 +172,7 @@ impl Weights {
 /// Weights changed by a job's LoRAs; the rest are bound from the pristine set.
 #[derive(Default)]
 pub struct MergedWeights {
-    merged: HashMap<String, OrtTensor<f32>>,
+    merged: HashMap<String, DynValue>,
 }
 
 impl MergedWeights {
@@ -174,14 +185,17 @@ impl MergedWeights {
     }
 
     /// The tensor to bind for input `name`: merged if a LoRA touched it, pristine otherwise.
-    pub fn get<'a>(&'a self, pristine: &'a Weights, name: &str) -> &'a OrtTensor<f32> {
+    pub fn get<'a>(&'a self, pristine: &'a Weights, name: &str) -> &'a DynValue {
         self.merged.get(name).unwrap_or_else(|| pristine.pristine(name))
     }
+}
 
-    /// The merged host data of `name`, if a LoRA touched it.
-    pub fn data(&self, name: &str) -> Option<Result<&[f32]>> {
-        self.merged
-            .get(name)
-            .map(|t| Ok(t.try_extract_tensor::<f32>()?.1))
-    }
+/// An ONNX Runtime value for a weight, f32 or converted to f16 (for fp16 graph inputs).
+fn make_value(shape: &[usize], data: Vec<f32>, half: bool) -> Result<DynValue> {
+    Ok(if half {
+        let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+        OrtTensor::from_array((shape.to_vec(), h))?.into_dyn()
+    } else {
+        OrtTensor::from_array((shape.to_vec(), data))?.into_dyn()
+    })
 }
