@@ -690,3 +690,61 @@ fn five_hundred_jobs_two_workers_none_lost_none_duplicated() {
         bus.cleanup().await;
     });
 }
+
+#[test]
+fn the_readme_service_path_submit_wait_status() {
+    let _g = serial();
+    rt().block_on(async {
+        let bus = Bus::new("cli").await;
+        let _w = Worker::start(&bus.queue, "w-cli", &[]);
+        let dir = std::env::temp_dir().join(format!("katz-submit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out.png");
+        let katz = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_katz"))
+                .args(args)
+                .current_dir(root())
+                .output()
+                .unwrap()
+        };
+        let r = katz(&[
+            "submit",
+            "--queue",
+            &bus.queue,
+            "--prompt",
+            "a red circle above a blue square",
+            "--size",
+            "64x64",
+            "--steps",
+            "3",
+            "--controlnet",
+            "tiny-sdxl-controlnet=bundles/examples/cond_a.png:0.8",
+            "--lora",
+            "tiny-lora-a:0.8",
+            "--wait",
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&r.stdout).to_string();
+        assert!(
+            r.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert!(std::fs::read(&out).unwrap().starts_with(b"\x89PNG"));
+        let id = stdout.lines().next().unwrap().trim().to_string();
+        let st = katz(&["status", &id]);
+        let rec: HashMap<String, String> = serde_json::from_slice(&st.stdout).unwrap();
+        assert_eq!(rec["status"], "done");
+        assert_eq!(rec["worker"], "w-cli");
+        // a job that fails: --wait exits non-zero with the reason
+        let r = katz(&[
+            "submit", "--queue", &bus.queue, "--prompt", "x", "--size", "64x64", "--steps", "2", "--lora",
+            "nope", "--wait",
+        ]);
+        assert!(!r.status.success());
+        assert!(String::from_utf8_lossy(&r.stderr).contains("unknown LoRA `nope`"));
+        assert!(katz(&["status", "no-such-job-id"]).status.code() == Some(1));
+        bus.cleanup().await;
+    });
+}
