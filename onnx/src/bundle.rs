@@ -213,6 +213,17 @@ impl ControlNetBundle {
     }
 }
 
+/// Refuses graphs the device cannot run: `fp16-cuda` bundles need ONNX Runtime's CUDA provider.
+pub(crate) fn check_compute(dir: &Path, compute: &str, device: crate::runtime::Device) -> Result<()> {
+    if compute != "fp32" && !device.is_gpu() {
+        return Err(Error::bundle(
+            dir,
+            format!("its graphs are `{compute}`: they run on --device cuda:N only"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that a session's inputs and outputs are the ones the manifest promises.
 pub(crate) fn check_io(
     path: &Path,

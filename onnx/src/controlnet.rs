@@ -5,7 +5,7 @@
 
 use ort::session::Session;
 
-use crate::bundle::{check_io, BaseBundle, ControlNetBundle};
+use crate::bundle::{check_compute, check_io, BaseBundle, ControlNetBundle};
 use crate::runtime::{self, SessionOptions};
 use crate::tensor::Tensor;
 use crate::text::Conditioning;
@@ -20,20 +20,7 @@ pub struct ControlNet {
 impl ControlNet {
     pub fn load(bundle: ControlNetBundle, base: &BaseBundle, opts: &SessionOptions) -> Result<Self> {
         bundle.check_fits(base)?;
-        if bundle.manifest.compute != "fp32"
-            && !matches!(
-                opts.device,
-                crate::runtime::Device::Cuda(_) | crate::runtime::Device::TensorRt(_)
-            )
-        {
-            return Err(crate::Error::bundle(
-                &bundle.dir,
-                format!(
-                    "its graph is `{}`: it runs on --device cuda:N only",
-                    bundle.manifest.compute
-                ),
-            ));
-        }
+        check_compute(&bundle.dir, &bundle.manifest.compute, opts.device)?;
         let path = bundle.dir.join(&bundle.manifest.graph);
         let session = runtime::session(&path, opts)?;
         let mut outputs: Vec<String> = (0..bundle.manifest.residuals)

@@ -27,11 +27,11 @@ use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::TensorElementType;
 use ort::value::{DynTensorValueType, DynValue};
 
-use crate::bundle::{check_io, BaseBundle, ControlNetBundle};
+use crate::bundle::{check_compute, check_io, BaseBundle, ControlNetBundle};
 use crate::controlnet::ControlNet;
 use crate::lora::LoraAdapter;
 use crate::noise::SeededNoise;
-use crate::runtime::{self, Device, SessionOptions};
+use crate::runtime::{self, SessionOptions};
 use crate::scheduler::{self, NoiseSource, SchedulerKind};
 use crate::tensor::Tensor;
 use crate::text::{Conditioning, TextEncoders};
@@ -150,16 +150,7 @@ impl Pipeline {
     /// Opens a base bundle: sessions for every graph, checked against the manifest.
     pub fn load(dir: impl AsRef<Path>, opts: SessionOptions) -> Result<Self> {
         let bundle = BaseBundle::open(dir)?;
-        if bundle.manifest.compute != "fp32" && !matches!(opts.device, Device::Cuda(_) | Device::TensorRt(_))
-        {
-            return Err(Error::bundle(
-                &bundle.dir,
-                format!(
-                    "its graphs are `{}`: they run on --device cuda:N only",
-                    bundle.manifest.compute
-                ),
-            ));
-        }
+        check_compute(&bundle.dir, &bundle.manifest.compute, opts.device)?;
         runtime::init()?;
         let m = &bundle.manifest;
         let text = TextEncoders::load(&bundle, &opts)?;
@@ -367,9 +358,9 @@ impl Pipeline {
         let n = req.steps;
         let timesteps = sched.timesteps().to_vec();
         // on a GPU the UNet's weights and conditioning go to the device once per job
-        let mut bound = match self.opts.device {
-            Device::Cpu => None,
-            Device::Cuda(id) | Device::TensorRt(id) => Some(self.bind_unet(&cond, &merged, id)?),
+        let mut bound = match self.opts.device.gpu() {
+            None => None,
+            Some(id) => Some(self.bind_unet(&cond, &merged, id)?),
         };
         let mut guided = Tensor::zeros(latents.shape.clone());
         for (i, &ts) in timesteps.iter().enumerate() {

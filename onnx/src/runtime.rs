@@ -130,6 +130,20 @@ impl std::str::FromStr for Device {
     }
 }
 
+impl Device {
+    /// The GPU ordinal, or `None` for the CPU.
+    pub fn gpu(&self) -> Option<i32> {
+        match self {
+            Device::Cpu => None,
+            Device::Cuda(id) | Device::TensorRt(id) => Some(*id),
+        }
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        self.gpu().is_some()
+    }
+}
+
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -6,8 +6,3 @@ use actix::Message;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;
-
-/// How many jobs are in flight (for tests and health checks).
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct InFlight;

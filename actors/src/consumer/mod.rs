@@ -226,14 +226,6 @@ impl Handler<Shutdown> for JobConsumer {
     }
 }
 
-impl Handler<InFlight> for JobConsumer {
-    type Result = usize;
-
-    fn handle(&mut self, _: InFlight, _: &mut Context<Self>) -> usize {
-        self.in_flight
-    }
-}
-
 // ───────────────────────────── RabbitMQ deliveries ─────────────────────────────
 
 impl Delivered for Delivery {
