@@ -22,6 +22,7 @@ pub mod consumer;
 pub mod embedded;
 pub mod error;
 pub mod job;
+pub mod lora;
 pub mod metrics;
 pub mod pipeline;
 pub mod protocol;
