@@ -26,6 +26,7 @@ pub mod image;
 pub mod lora;
 pub mod noise;
 pub mod pipeline;
+pub mod quality;
 pub mod runtime;
 pub mod scheduler;
 pub mod tensor;
