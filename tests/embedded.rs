@@ -13,7 +13,7 @@ fn models() -> Models {
     Models {
         base: root().join("bundles/tiny-sdxl"),
         controlnets: vec![root().join("bundles/tiny-sdxl-controlnet")],
-        lora_dir: root().join("bundles/loras"),
+        lora: katz_actors::lora::LoraConfig::new(root().join("bundles/loras")),
         session: test_options(),
     }
 }

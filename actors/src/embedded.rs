@@ -9,7 +9,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -17,6 +17,7 @@ use futures_util::future::BoxFuture;
 
 use crate::error::Action;
 use crate::job::{process, Delivered, JobDeps};
+use crate::lora::{LoraManager, LoraStore};
 use crate::pipeline::{Models, PipelineActor};
 use crate::protocol::{image_key, job_key, Event, Job, Limits};
 use crate::store::ResultStore;
@@ -54,7 +55,9 @@ pub fn run_jobs(
     jobs: Vec<Job>,
     mut on_event: impl FnMut(&Event),
 ) -> Result<Vec<JobResult>, katz_onnx::Error> {
-    let actor = Mutex::new(Some(PipelineActor::load(models)?));
+    let actor = PipelineActor::load(models, None)?;
+    let weights = actor.shared_weights();
+    let actor = Mutex::new(Some(actor));
     let sys = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -72,6 +75,8 @@ pub fn run_jobs(
         });
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let (store, mem) = ResultStore::memory(Some(tx));
+        let lora_store = LoraStore::new(models.lora.dir.clone(), None, models.lora.fetch_delay);
+        let (_shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let deps = JobDeps {
             limits: Limits::default(),
             worker: "embedded".into(),
@@ -79,6 +84,10 @@ pub fn run_jobs(
             pipeline,
             store: store.start(),
             running: Default::default(),
+            lora: LoraManager::new(&models.lora, lora_store, weights).start(),
+            lora_cfg: Arc::new(models.lora.clone()),
+            slots: Arc::new(tokio::sync::Semaphore::new(1)),
+            shutdown,
         };
         let mut results = Vec::new();
         for job in jobs {

@@ -2,8 +2,11 @@
 //! settle. The RabbitMQ consumer and the embedded mode both run jobs through [`process`].
 //!
 //! ```text
-//! bytes ─decode+limits─▶ Job ─BeginJob─▶ run | already done | cancelled | conflict
-//!   images (inline | Redis key) ─▶ RunJob ─▶ PipelineActor ── StepDone ─▶ Progress (+ cancel flag)
+//! bytes ─decode+limits─▶ Job ─Prefetch(LoRAs)─▶ wait for a pipeline slot (shutdown: requeue)
+//!   ─BeginJob─▶ run | already done | cancelled | conflict
+//!   Admit(LoRAs: check, bounded pending loads) ─▶ Merge(LoRAs) ─▶ PendingMerge ─┐
+//!   images (inline | Redis key) ─▶ RunJob ◀─────────────────────────────────────┘
+//!   RunJob ─▶ PipelineActor ── StepDone ─▶ Progress (+ cancel flag)
 //!   Finish(done, PNG) with retries ─▶ settle(Ack)        failure ─▶ Finish(failed) ─▶ settle(action)
 //! ```
 
@@ -17,7 +20,9 @@ use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
 use crate::error::{Action, JobError};
+use crate::lora::{Admit, LoraConfig, LoraManager, Merge, Prefetch};
 use crate::metrics::metrics;
+use crate::pipeline::JobLoras;
 use crate::pipeline::{PipelineActor, RunJob};
 use crate::protocol::{decode, now_ms, ImageRef, Job, Limits, Status, DEFAULT_RESULT_TTL_S};
 use crate::store::{
@@ -44,6 +49,13 @@ pub struct JobDeps {
     /// Job ids running in this process: a redelivery of one of them (after a reconnect) waits for
     /// it and is then acked as already done instead of running twice.
     pub running: Arc<Mutex<HashSet<String>>>,
+    pub lora: Addr<LoraManager>,
+    pub lora_cfg: Arc<LoraConfig>,
+    /// One permit per pipeline thread: deliveries beyond them (the prefetch lookahead) wait here
+    /// with their LoRAs prefetching, and go back to the queue on shutdown.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the worker stops taking jobs.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Marks a job id as running in this process until dropped.
@@ -146,6 +158,26 @@ pub async fn process(d: &dyn Delivered, deps: &JobDeps) -> &'static str {
 async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
     let _claim = claim(&deps.running, &job.id).await;
     let started = Instant::now();
+    let names: Vec<String> = job.loras.iter().map(|l| l.name.clone()).collect();
+    if !names.is_empty() {
+        deps.lora.do_send(Prefetch { names: names.clone() });
+    }
+    // wait for a pipeline; a stopping worker gives the job back instead
+    let mut shutdown = deps.shutdown.clone();
+    let _slot = tokio::select! {
+        p = deps.slots.clone().acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => {
+                d.settle(Action::Requeue).await;
+                return "requeued";
+            }
+        },
+        _ = shutdown.wait_for(|s| *s) => {
+            tracing::info!("stopping: the job goes back to the queue");
+            d.settle(Action::Requeue).await;
+            return "requeued";
+        }
+    };
     let ttl = job.result_ttl_s;
     let queue_wait_ms = job.submitted_ms.map(|s| now_ms().saturating_sub(s));
     if let Some(w) = queue_wait_ms {
@@ -182,6 +214,15 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             }
             Begin::Run { attempts } => tracing::info!(attempts, "running"),
         }
+        // LoRAs: known, fetching (a full queue of pending loads holds the job here), merging
+        let admitted = if names.is_empty() {
+            Default::default()
+        } else {
+            deps.lora
+                .send(Admit { names: names.clone() })
+                .await
+                .map_err(|e| JobError::Mailbox(e.to_string()))??
+        };
         // conditioning images, inline or from Redis
         let mut images = Vec::with_capacity(job.controlnets.len());
         for c in &job.controlnets {
@@ -218,12 +259,34 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                 .in_current_span(),
             )
         };
+        let bound = deps.lora_cfg.bound_step(job.steps as usize);
+        let (loras, lora_stats) = if names.is_empty() {
+            (None, None)
+        } else {
+            let started = deps
+                .lora
+                .send(Merge {
+                    loras: job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect(),
+                })
+                .await
+                .map_err(|e| JobError::Mailbox(e.to_string()))?;
+            (
+                Some(JobLoras {
+                    pending: started.pending,
+                    bound,
+                    early: deps.lora_cfg.switch_early,
+                    timeout: deps.lora_cfg.timeout,
+                }),
+                Some(started.stats),
+            )
+        };
         let t0 = Instant::now();
         let out = deps
             .pipeline
             .send(RunJob {
                 job: job.clone(),
                 images,
+                loras,
                 progress: tx,
                 cancel,
                 span: tracing::Span::current(),
@@ -236,7 +299,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         metrics().pipeline.observe(pipeline_ms / 1e3);
         let t = &out.timings;
         let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
-        let fields = vec![
+        let mut fields = vec![
             ("worker".to_string(), deps.worker.clone()),
             ("step".into(), job.steps.to_string()),
             ("total".into(), job.steps.to_string()),
@@ -253,7 +316,24 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             ("vae_decode_ms".into(), ms(t.vae_decode)),
             ("scheduler_ms".into(), ms(t.scheduler)),
             ("step_ms".into(), ms(t.per_step())),
+            ("first_step_ms".into(), ms(t.first_step)),
         ];
+        if let Some(st) = lora_stats {
+            let st = st.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            fields.extend([
+                ("lora_mode".to_string(), deps.lora_cfg.mode.to_string()),
+                ("lora_bound_step".into(), bound.to_string()),
+                (
+                    "lora_switch_step".into(),
+                    t.lora_switch_step.map(|s| s.to_string()).unwrap_or_default(),
+                ),
+                ("lora_wait_ms".into(), ms(t.lora_wait)),
+                ("lora_cache_hits".into(), admitted.hits.to_string()),
+                ("lora_loads".into(), admitted.loads.to_string()),
+                ("lora_load_ms".into(), format!("{:.3}", st.load_ms)),
+                ("lora_ready_ms".into(), format!("{:.3}", st.ready_ms)),
+            ]);
+        }
         store_retry(deps, || Finish {
             id: job.id.clone(),
             status: Status::Done,

@@ -2,13 +2,15 @@
 //! SIGTERM/SIGINT (no new jobs; those in flight finish, are stored and acked; exit 0).
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use crate::consumer::{ConsumerConfig, JobConsumer, Shutdown};
+use crate::job::JobDeps;
+use crate::lora::{LoraManager, LoraStore};
 use crate::pipeline::{Models, PipelineActor};
 use crate::protocol::{jobs_queue, Limits};
 use crate::store::ResultStore;
@@ -20,8 +22,11 @@ pub struct WorkerConfig {
     pub models: Models,
     /// Queue to consume (default `katz.jobs.<base>`).
     pub queue: Option<String>,
-    /// Jobs run at once: pipeline threads, each with its own sessions, and the AMQP prefetch.
+    /// Jobs run at once: pipeline threads, each with its own sessions (weights are shared).
     pub concurrency: usize,
+    /// Deliveries taken beyond `concurrency` (AMQP prefetch = concurrency + lookahead): they wait
+    /// for a pipeline with their LoRAs prefetching, and go back to the queue on shutdown.
+    pub lookahead: usize,
     pub limits: Limits,
     pub worker_name: String,
     pub metrics_addr: Option<SocketAddr>,
@@ -39,6 +44,8 @@ pub enum WorkerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("LoRA store: {0}")]
+    Lora(String),
     #[error("runtime: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -47,10 +54,12 @@ pub enum WorkerError {
 pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
     // Load every pipeline before taking any job: a bad bundle fails the start, loudly.
     let n = cfg.concurrency.max(1);
-    let mut actors = Vec::with_capacity(n);
+    let mut actors: Vec<PipelineActor> = Vec::with_capacity(n);
     for _ in 0..n {
-        actors.push(PipelineActor::load(&cfg.models)?);
+        let shared = actors.first().map(|a| a.shared_weights());
+        actors.push(PipelineActor::load(&cfg.models, shared)?);
     }
+    let weights = actors[0].shared_weights();
     let base = actors[0].base_name().to_string();
     let queue = cfg.queue.clone().unwrap_or_else(|| jobs_queue(&base));
     let pool = Mutex::new(actors);
@@ -77,18 +86,35 @@ pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
             tracing::info!(%addr, "metrics on /metrics");
             actix::spawn(crate::metrics::serve(listener));
         }
+        let lora_store = LoraStore::open(&cfg.models.lora)
+            .await
+            .map_err(|e| WorkerError::Lora(e.to_string()))?;
+        let lora = LoraManager::new(&cfg.models.lora, lora_store, weights).start();
         let (stopped_tx, stopped_rx) = oneshot::channel();
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let deps = JobDeps {
+            limits: cfg.limits.clone(),
+            worker: cfg.worker_name.clone(),
+            store_retry: cfg.store_retry,
+            pipeline,
+            store,
+            running: Default::default(),
+            lora,
+            lora_cfg: Arc::new(cfg.models.lora.clone()),
+            slots: Arc::new(tokio::sync::Semaphore::new(n)),
+            shutdown: shutdown_rx,
+        };
         let consumer = JobConsumer::new(
             ConsumerConfig {
                 amqp: cfg.amqp.clone(),
                 queue: queue.clone(),
-                prefetch: n as u16,
+                prefetch: (n + cfg.lookahead) as u16,
                 limits: cfg.limits.clone(),
                 worker: cfg.worker_name.clone(),
                 store_retry: cfg.store_retry,
             },
-            pipeline,
-            store,
+            deps,
+            shutdown_tx,
             stopped_tx,
         )
         .start();

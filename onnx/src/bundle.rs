@@ -32,7 +32,7 @@ pub struct UnetSpec {
     pub emb_dim: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WeightEntry {
     /// `unet_encoder` or `unet_decoder`.

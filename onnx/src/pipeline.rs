@@ -12,8 +12,18 @@
 //! latents = scheduler.step(i, guided, latents)
 //! ```
 //!
-//! LoRAs are merged (`W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ`) into a second weight set before step 0 and bound
-//! instead of the pristine weights; the pristine set is left as it was for the next job.
+//! LoRAs are merged (`W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ`) into a second weight set and bound instead of the
+//! pristine weights; the pristine set is left as it was for the next job. [`LoraPlan::Sync`]
+//! merges before step 0; [`LoraPlan::Async`] starts denoising with the pristine weights at once,
+//! polls the merge running elsewhere at every step boundary, switches to the merged set at the
+//! first boundary where it is ready, and waits for it at step `bound` at the latest (Katz's
+//! bounded asynchronous LoRA loading):
+//!
+//! ```text
+//! step:     0   1   2   …   r   …   K   …   n-1
+//! weights:  W   W   W   W   W'  W'  W'  W'  W'      (ready at r ≤ K: switch at r, no wait)
+//!           W   W   …   W  [wait] W'  W'  …  W'     (not ready at K: wait, timings.lora_wait)
+//! ```
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -35,13 +45,112 @@ use crate::runtime::{self, SessionOptions};
 use crate::scheduler::{self, NoiseSource, SchedulerKind};
 use crate::tensor::Tensor;
 use crate::text::{Conditioning, TextEncoders};
-use crate::weights::{MergedWeights, Weights};
+use crate::weights::{MergedWeights, PendingMerge, Weights};
 use crate::{Error, Result};
 
 /// Largest image side accepted, in pixels.
 pub const MAX_SIDE: usize = 4096;
 /// Most denoising steps accepted.
 pub const MAX_STEPS: usize = 1000;
+
+/// When a job's LoRAs are merged: before step 0, or while the job denoises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraMode {
+    Sync,
+    Async,
+}
+
+impl std::str::FromStr for LoraMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "sync" => Ok(LoraMode::Sync),
+            "async" => Ok(LoraMode::Async),
+            _ => Err(format!("LoRA mode must be `sync` or `async`, got `{s}`")),
+        }
+    }
+}
+
+impl std::fmt::Display for LoraMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LoraMode::Sync => "sync",
+            LoraMode::Async => "async",
+        })
+    }
+}
+
+/// The step by which an asynchronous merge must be in: a step count (`10`) or a fraction of the
+/// job's steps (`0.2`, `20%`). Katz profiled 10 of 50 steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoraBound {
+    Steps(usize),
+    Fraction(f32),
+}
+
+impl LoraBound {
+    /// The bound step of a job of `steps` steps (at most its last step, so a LoRA always acts).
+    pub fn step_for(&self, steps: usize) -> usize {
+        let k = match *self {
+            LoraBound::Steps(k) => k,
+            LoraBound::Fraction(f) => (f as f64 * steps as f64).round() as usize,
+        };
+        k.min(steps.saturating_sub(1))
+    }
+}
+
+impl std::str::FromStr for LoraBound {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!("LoRA bound must be a step count (10), a fraction (0.2) or a percentage (20%), got `{s}`")
+        };
+        if let Some(p) = s.strip_suffix('%') {
+            let v: f32 = p.trim().parse().map_err(|_| bad())?;
+            return if (0.0..=100.0).contains(&v) {
+                Ok(LoraBound::Fraction(v / 100.0))
+            } else {
+                Err(bad())
+            };
+        }
+        if s.contains('.') {
+            let v: f32 = s.parse().map_err(|_| bad())?;
+            return if (0.0..=1.0).contains(&v) {
+                Ok(LoraBound::Fraction(v))
+            } else {
+                Err(bad())
+            };
+        }
+        s.parse().map(LoraBound::Steps).map_err(|_| bad())
+    }
+}
+
+impl std::fmt::Display for LoraBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoraBound::Steps(k) => write!(f, "{k}"),
+            LoraBound::Fraction(v) => write!(f, "{}%", v * 100.0),
+        }
+    }
+}
+
+/// How a job's LoRAs reach the UNet's weights.
+pub enum LoraPlan<'a> {
+    /// `Request::loras` merged before step 0.
+    Sync,
+    /// Merged elsewhere while the job denoises with the pristine weights; switched in at the first
+    /// step boundary where it is ready, waited for (at most `timeout`) before step `bound`.
+    /// `Request::loras` is not used.
+    Async {
+        pending: &'a mut PendingMerge,
+        bound: usize,
+        timeout: Duration,
+        /// Switch at the first boundary where the merge is ready (lower latency of the LoRA's
+        /// effect, but the image depends on timing); `false`: always exactly at `bound`, so the
+        /// same job gives the same image whatever the load.
+        early: bool,
+    },
+}
 
 /// One ControlNet of a request.
 #[derive(Debug, Clone)]
@@ -85,6 +194,12 @@ pub struct Timings {
     pub vae_decode: Duration,
     pub total: Duration,
     pub steps: usize,
+    /// Time the denoising loop stood still waiting for an asynchronous LoRA merge.
+    pub lora_wait: Duration,
+    /// The first step run with the merged weights (`None`: no LoRA).
+    pub lora_switch_step: Option<usize>,
+    /// From the start of the generation to the end of its first step.
+    pub first_step: Duration,
 }
 
 impl Timings {
@@ -100,6 +215,7 @@ impl Timings {
         vec![
             ("text encoders", self.text_encode),
             ("LoRA merge", self.lora_merge),
+            ("LoRA wait", self.lora_wait),
             ("ControlNets", self.controlnet),
             ("UNet encoder", self.unet_encoder),
             ("UNet decoder", self.unet_decoder),
@@ -138,7 +254,7 @@ pub struct Pipeline {
     unet_encoder: Session,
     unet_decoder: Session,
     vae: Session,
-    weights: Weights,
+    weights: Arc<Weights>,
     controlnets: Vec<ControlNet>,
 }
 
@@ -149,6 +265,16 @@ fn skip_names(n: usize) -> Vec<String> {
 impl Pipeline {
     /// Opens a base bundle: sessions for every graph, checked against the manifest.
     pub fn load(dir: impl AsRef<Path>, opts: SessionOptions) -> Result<Self> {
+        Self::load_sharing(dir, opts, None)
+    }
+
+    /// Like [`Pipeline::load`], reusing the pristine weights of another pipeline of the same
+    /// bundle (the worker's pipeline threads and its LoRA merges share one copy).
+    pub fn load_sharing(
+        dir: impl AsRef<Path>,
+        opts: SessionOptions,
+        shared: Option<Arc<Weights>>,
+    ) -> Result<Self> {
         let bundle = BaseBundle::open(dir)?;
         check_compute(&bundle.dir, &bundle.manifest.compute, opts.device)?;
         runtime::init()?;
@@ -195,7 +321,16 @@ impl Pipeline {
             .filter(|o| o.dtype().tensor_type() == Some(TensorElementType::Float16))
             .map(|o| o.name().to_string())
             .collect();
-        let weights = Weights::load(&bundle, half)?;
+        let weights = match shared {
+            Some(w) if w.map() == &m.weights.map => w,
+            Some(_) => {
+                return Err(Error::bundle(
+                    &bundle.dir,
+                    "shared weights belong to another bundle",
+                ))
+            }
+            None => Arc::new(Weights::load(&bundle, half)?),
+        };
 
         let vae_path = bundle.path(&m.vae_decoder);
         let vae = runtime::session(&vae_path, &opts)?;
@@ -215,6 +350,11 @@ impl Pipeline {
 
     pub fn weights(&self) -> &Weights {
         &self.weights
+    }
+
+    /// The pristine weights, to share with other pipelines and with LoRA merges.
+    pub fn shared_weights(&self) -> Arc<Weights> {
+        self.weights.clone()
     }
 
     pub fn text_encoders(&self) -> &TextEncoders {
@@ -305,6 +445,17 @@ impl Pipeline {
         noise: &mut dyn NoiseSource,
         obs: &mut dyn Observer,
     ) -> Result<Generated> {
+        self.generate_planned(req, noise, obs, LoraPlan::Sync)
+    }
+
+    /// Runs a request with its LoRAs arriving as `plan` says.
+    pub fn generate_planned(
+        &mut self,
+        req: &Request,
+        noise: &mut dyn NoiseSource,
+        obs: &mut dyn Observer,
+        plan: LoraPlan<'_>,
+    ) -> Result<Generated> {
         self.validate(req)?;
         let started = Instant::now();
         let mut t = Timings {
@@ -331,10 +482,22 @@ impl Pipeline {
         t.text_encode = t0.elapsed();
 
         let t0 = Instant::now();
-        let merged = if req.loras.is_empty() {
-            MergedWeights::default()
-        } else {
-            self.weights.merge(&req.loras)?
+        // `pending`: an asynchronous merge not switched in yet, and its bound step
+        let (mut merged, mut pending) = match plan {
+            LoraPlan::Sync if req.loras.is_empty() => (Arc::new(MergedWeights::default()), None),
+            LoraPlan::Sync => {
+                t.lora_switch_step = Some(0);
+                (Arc::new(self.weights.merge(&req.loras)?), None)
+            }
+            LoraPlan::Async {
+                pending,
+                bound,
+                timeout,
+                early,
+            } => (
+                Arc::new(MergedWeights::default()),
+                Some((pending, bound.min(req.steps - 1), timeout, early)),
+            ),
         };
         t.lora_merge = t0.elapsed();
 
@@ -365,6 +528,35 @@ impl Pipeline {
         let mut guided = Tensor::zeros(latents.shape.clone());
         for (i, &ts) in timesteps.iter().enumerate() {
             let _step = tracing::debug_span!("step", i, t = ts).entered();
+            if let Some((p, k, timeout, early)) = pending.as_mut() {
+                let t0 = Instant::now();
+                let ready = if i >= *k {
+                    let r = p.poll(Some(*timeout)).unwrap_or_else(|| {
+                        Err(Error::Lora {
+                            path: "<merge>".into(),
+                            message: format!(
+                                "the LoRA merge was not ready {timeout:?} after step {i} (bound {k})"
+                            ),
+                        })
+                    });
+                    t.lora_wait += t0.elapsed();
+                    Some(r)
+                } else if *early {
+                    p.poll(None)
+                } else {
+                    None
+                };
+                if let Some(r) = ready {
+                    merged = r?;
+                    t.lora_merge = merged.merge_time;
+                    t.lora_switch_step = Some(i);
+                    pending = None;
+                    if let Some(bu) = bound.as_mut() {
+                        self.rebind_weights(bu, &merged)?;
+                    }
+                    tracing::debug!(step = i, layers = merged.len(), "LoRA weights switched in");
+                }
+            }
             let scale_in = sched.input_scale(i);
             let mut latent_in = if cfg {
                 Tensor::concat0(&[&latents, &latents])
@@ -397,6 +589,9 @@ impl Pipeline {
             }
             sched.step(i, &guided.data, &mut latents.data, noise);
             t.scheduler += t0.elapsed();
+            if i == 0 {
+                t.first_step = started.elapsed();
+            }
             obs.on_step(i, n, &latents)?;
         }
 
@@ -490,6 +685,18 @@ impl Pipeline {
             dec,
             enc_outputs: outs,
         })
+    }
+
+    /// Binds the weights a LoRA merge touched in place of the pristine ones (at a step boundary).
+    fn rebind_weights(&self, bu: &mut BoundUnet, merged: &MergedWeights) -> Result<()> {
+        for name in merged.names() {
+            let b = match self.weights.map()[name].graph.as_str() {
+                "unet_encoder" => &mut bu.enc,
+                _ => &mut bu.dec,
+            };
+            b.bind_input(name, merged.get(&self.weights, name))?;
+        }
+        Ok(())
     }
 
     /// One UNet step on bound graphs: only the latent and timestep go up, the noise prediction
@@ -653,4 +860,21 @@ fn add_residuals(
         residual::axpy(&mut mid.data, &res_mid.data, c.scale);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod lora_plan_tests {
+    use super::*;
+
+    #[test]
+    fn bounds_parse_and_clamp() {
+        assert_eq!("10".parse::<LoraBound>().unwrap().step_for(50), 10);
+        assert_eq!("0.2".parse::<LoraBound>().unwrap().step_for(50), 10);
+        assert_eq!("20%".parse::<LoraBound>().unwrap().step_for(20), 4);
+        assert_eq!("10".parse::<LoraBound>().unwrap().step_for(4), 3);
+        assert_eq!("0".parse::<LoraBound>().unwrap().step_for(4), 0);
+        assert!("1.5".parse::<LoraBound>().is_err());
+        assert!("x".parse::<LoraBound>().is_err());
+        assert!("sync".parse::<LoraMode>().is_ok() && "later".parse::<LoraMode>().is_err());
+    }
 }

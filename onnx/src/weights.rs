@@ -6,7 +6,9 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use katz_kernels::lora::{merge_into, Factor};
 use ort::value::{DynValue, Tensor as OrtTensor};
@@ -141,6 +143,7 @@ impl Weights {
 
     /// Merges LoRAs (each with its scale) into a new set of the touched weights.
     pub fn merge(&self, loras: &[(Arc<LoraAdapter>, f32)]) -> Result<MergedWeights> {
+        let started = Instant::now();
         let mut touched: BTreeMap<&str, Vec<Factor<'_>>> = BTreeMap::new();
         for (lora, scale) in loras {
             for (name, layer) in &lora.layers {
@@ -165,7 +168,15 @@ impl Weights {
                 make_value(&entry.shape, out, self.half.contains(name))?,
             );
         }
-        Ok(MergedWeights { merged })
+        Ok(MergedWeights {
+            merged,
+            merge_time: started.elapsed(),
+        })
+    }
+
+    /// Whether `other` holds the same weight map (same bundle).
+    pub fn same_map(&self, other: &Weights) -> bool {
+        self.map == other.map && self.half == other.half
     }
 }
 
@@ -173,9 +184,16 @@ impl Weights {
 #[derive(Default)]
 pub struct MergedWeights {
     merged: HashMap<String, DynValue>,
+    /// Wall time of the merge that made this set.
+    pub merge_time: Duration,
 }
 
 impl MergedWeights {
+    /// Names of the weights a LoRA touched.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.merged.keys().map(String::as_str)
+    }
+
     pub fn len(&self) -> usize {
         self.merged.len()
     }
@@ -198,4 +216,68 @@ fn make_value(shape: &[usize], data: Vec<f32>, half: bool) -> Result<DynValue> {
     } else {
         OrtTensor::from_array((shape.to_vec(), data))?.into_dyn()
     })
+}
+
+/// A merge that finishes while a job runs (asynchronous LoRA loading): the merging side holds a
+/// [`MergeSender`], the pipeline polls this at step boundaries and waits at the bound step.
+pub struct PendingMerge {
+    rx: Receiver<Result<Arc<MergedWeights>>>,
+}
+
+/// The merging side of a [`PendingMerge`]; dropping it unsent fails the pending merge.
+pub struct MergeSender {
+    tx: Sender<Result<Arc<MergedWeights>>>,
+}
+
+impl MergeSender {
+    pub fn send(self, result: Result<Arc<MergedWeights>>) {
+        // the job may be gone (cancelled, failed): nobody to tell
+        let _ = self.tx.send(result);
+    }
+}
+
+impl PendingMerge {
+    pub fn channel() -> (MergeSender, PendingMerge) {
+        let (tx, rx) = mpsc::channel();
+        (MergeSender { tx }, PendingMerge { rx })
+    }
+
+    /// A merge that is already done (or failed).
+    pub fn ready(result: Result<Arc<MergedWeights>>) -> PendingMerge {
+        let (tx, rx) = PendingMerge::channel();
+        tx.send(result);
+        rx
+    }
+
+    /// Merges on a thread of its own (`katz generate --lora-mode async` without the service).
+    pub fn spawn(weights: Arc<Weights>, loras: Vec<(Arc<LoraAdapter>, f32)>) -> PendingMerge {
+        let (tx, rx) = PendingMerge::channel();
+        std::thread::Builder::new()
+            .name("lora-merge".into())
+            .spawn(move || tx.send(weights.merge(&loras).map(Arc::new)))
+            .expect("spawning the LoRA merge thread");
+        rx
+    }
+
+    /// The merged set once it is ready; with `wait`, blocks until it is (at most `limit`).
+    pub fn poll(&mut self, wait: Option<Duration>) -> Option<Result<Arc<MergedWeights>>> {
+        let gone = || {
+            Some(Err(Error::Lora {
+                path: "<merge>".into(),
+                message: "the LoRA merge was abandoned before it finished".into(),
+            }))
+        };
+        match wait {
+            None => match self.rx.try_recv() {
+                Ok(r) => Some(r),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => gone(),
+            },
+            Some(limit) => match self.rx.recv_timeout(limit) {
+                Ok(r) => Some(r),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => gone(),
+            },
+        }
+    }
 }

@@ -11,6 +11,7 @@ use katz_actors::embedded;
 use katz_actors::pipeline::Models;
 use katz_actors::protocol::{ControlNetJob, ImageRef, Job, LoraJob};
 
+use super::lora_args::{self, LoraArgs};
 use super::{bundles_dir, DeviceArgs, Progress};
 
 #[derive(Args, Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct DemoArgs {
     pub steps: u32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -67,7 +70,12 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let models = Models {
         base: bundles.join("tiny-sdxl"),
         controlnets: vec![bundles.join("tiny-sdxl-controlnet")],
-        lora_dir: bundles.join("loras"),
+        lora: lora_args::config(
+            bundles.join("loras"),
+            &a.lora,
+            &Default::default(),
+            &Default::default(),
+        )?,
         session: a.device.session_options(),
     };
     let started = Instant::now();
@@ -85,6 +93,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     for (stage, key) in [
         ("text encoders", "text_encode_ms"),
         ("LoRA merge", "lora_merge_ms"),
+        ("LoRA wait", "lora_wait_ms"),
         ("ControlNets", "controlnet_ms"),
         ("UNet encoder", "unet_encoder_ms"),
         ("UNet decoder", "unet_decoder_ms"),

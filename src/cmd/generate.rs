@@ -6,9 +6,13 @@ use std::str::FromStr;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use katz_onnx::image::read_conditioning;
-use katz_onnx::pipeline::{ControlRequest, Pipeline, Request};
+use katz_onnx::lora::LoraAdapter;
+use katz_onnx::noise::SeededNoise;
+use katz_onnx::pipeline::{ControlRequest, LoraMode, LoraPlan, Pipeline, Request};
 use katz_onnx::scheduler::SchedulerKind;
+use katz_onnx::weights::PendingMerge;
 
+use super::lora_args::{self, LoraArgs};
 use super::{finish, DeviceArgs, Progress};
 
 /// `BUNDLE=IMAGE[:SCALE[:START:END]]`
@@ -127,6 +131,8 @@ pub struct GenerateArgs {
     /// A LoRA in the diffusers/peft safetensors layout: FILE[:SCALE] (repeatable).
     #[arg(long = "lora")]
     pub loras: Vec<LoraSpec>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     #[arg(long, short)]
     pub output: PathBuf,
     #[command(flatten)]
@@ -157,9 +163,12 @@ pub fn build_request(pipe: &mut Pipeline, a: &GenerateArgs) -> anyhow::Result<Re
             end: c.end,
         });
     }
+    // async mode reads and merges the LoRA files while the job denoises (see `run`)
     let mut loras = Vec::new();
-    for l in &a.loras {
-        loras.push((pipe.lora(&l.file)?, l.scale));
+    if lora_mode(a)? == LoraMode::Sync {
+        for l in &a.loras {
+            loras.push((pipe.lora(&l.file)?, l.scale));
+        }
     }
     Ok(Request {
         prompt: a.prompt.clone(),
@@ -182,10 +191,49 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading bundle {}", a.bundle.display()))?;
     let req = build_request(&mut pipe, &a)?;
     pipe.validate(&req)?;
+    let cfg = lora_args::config(PathBuf::new(), &a.lora, &Default::default(), &Default::default())?;
     let mut progress = Progress::new(req.steps);
-    let out = pipe.generate(&req, &mut progress);
+    let out = if cfg.mode == LoraMode::Async && !a.loras.is_empty() {
+        for l in &a.loras {
+            if !l.file.is_file() {
+                bail!("LoRA {}: no such file", l.file.display());
+            }
+        }
+        // read and merge on a thread of its own; the pipeline switches the result in by the bound
+        let (tx, mut pending) = PendingMerge::channel();
+        let (weights, files) = (pipe.shared_weights(), a.loras.clone());
+        std::thread::spawn(move || {
+            let loras = files
+                .iter()
+                .map(|l| {
+                    Ok((
+                        std::sync::Arc::new(LoraAdapter::load(&l.file, weights.map())?),
+                        l.scale,
+                    ))
+                })
+                .collect::<katz_onnx::Result<Vec<_>>>();
+            tx.send(loras.and_then(|l| weights.merge(&l)).map(std::sync::Arc::new));
+        });
+        pipe.generate_planned(
+            &req,
+            &mut SeededNoise::new(req.seed),
+            &mut progress,
+            LoraPlan::Async {
+                pending: &mut pending,
+                bound: cfg.bound_step(req.steps),
+                timeout: cfg.timeout,
+                early: cfg.switch_early,
+            },
+        )
+    } else {
+        pipe.generate(&req, &mut progress)
+    };
     progress.finish();
     finish(&out?, &a.output)
+}
+
+fn lora_mode(a: &GenerateArgs) -> anyhow::Result<LoraMode> {
+    Ok(lora_args::config(PathBuf::new(), &a.lora, &Default::default(), &Default::default())?.mode)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod cancel;
 pub mod demo;
 pub mod generate;
+pub mod lora_args;
 pub mod status;
 pub mod submit;
 pub mod worker;
@@ -146,6 +147,9 @@ pub fn finish(out: &Generated, path: &Path) -> anyhow::Result<()> {
     println!("timings ({} steps):", out.timings.steps);
     for (stage, d) in out.timings.rows() {
         println!("  {stage:<22}{}", ms(d));
+    }
+    if let Some(k) = out.timings.lora_switch_step {
+        println!("  LoRA weights from step {k}");
     }
     let (h, w) = (out.image.shape[2], out.image.shape[3]);
     println!("wrote {} ({w}×{h} PNG, {} bytes)", path.display(), png.len());

@@ -14,6 +14,7 @@ use katz_actors::protocol::Limits;
 use katz_actors::worker::{self, WorkerConfig};
 use serde::Deserialize;
 
+use super::lora_args::{self, LoraArgs, LoraFile, LoraStoreArgs};
 use super::{bundles_dir, DeviceArgs};
 
 #[derive(Args, Debug, Clone)]
@@ -39,9 +40,13 @@ pub struct WorkerArgs {
     /// Queue to consume [default: katz.jobs.<base model name>]
     #[arg(long, env = "KATZ_QUEUE")]
     pub queue: Option<String>,
-    /// Jobs run at once (pipeline threads and AMQP prefetch) [default: 1]
+    /// Jobs run at once (pipeline threads sharing one copy of the weights) [default: 1]
     #[arg(long, env = "KATZ_CONCURRENCY")]
     pub concurrency: Option<usize>,
+    /// Jobs taken beyond those running (AMQP prefetch = concurrency + lookahead); they wait with
+    /// their LoRAs prefetching and go back to the queue on shutdown [default: 1]
+    #[arg(long, env = "KATZ_LOOKAHEAD")]
+    pub lookahead: Option<usize>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187).
     #[arg(long, env = "KATZ_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -54,6 +59,10 @@ pub struct WorkerArgs {
     /// Largest width or height accepted [default: 2048]
     #[arg(long, env = "KATZ_MAX_SIDE")]
     pub max_side: Option<u32>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    pub lora_store: LoraStoreArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -70,11 +79,14 @@ pub struct WorkerFile {
     pub lora_dir: Option<PathBuf>,
     pub queue: Option<String>,
     pub concurrency: Option<usize>,
+    pub lookahead: Option<usize>,
     pub metrics_addr: Option<SocketAddr>,
     pub name: Option<String>,
     pub max_message_bytes: Option<usize>,
     pub max_side: Option<u32>,
     pub threads: Option<usize>,
+    #[serde(flatten)]
+    pub lora: LoraFile,
 }
 
 pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
@@ -124,7 +136,12 @@ pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         models: Models {
             base: a.bundle.or(file.bundle).unwrap_or_else(|| default("tiny-sdxl")),
             controlnets,
-            lora_dir: a.lora_dir.or(file.lora_dir).unwrap_or_else(|| default("loras")),
+            lora: lora_args::config(
+                a.lora_dir.or(file.lora_dir).unwrap_or_else(|| default("loras")),
+                &a.lora,
+                &a.lora_store,
+                &file.lora,
+            )?,
             session: katz_onnx::runtime::SessionOptions {
                 intra_threads: threads,
                 device: a.device.device,
@@ -132,6 +149,7 @@ pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         },
         queue: a.queue.or(file.queue),
         concurrency: a.concurrency.or(file.concurrency).unwrap_or(1),
+        lookahead: a.lookahead.or(file.lookahead).unwrap_or(1),
         limits,
         worker_name: a
             .name

@@ -23,3 +23,68 @@ pub fn test_options() -> SessionOptions {
         device,
     }
 }
+
+/// Writes a LoRA in the kohya layout (`lora_unet_<module>.lora_down/lora_up/alpha`) with seeded
+/// random factors of rank `rank` for every weight of the tiny base bundle; returns its path.
+pub fn write_kohya_lora(path: &std::path::Path, rank: usize, seed: u64) -> PathBuf {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root().join("bundles/tiny-sdxl/bundle.json")).unwrap())
+            .unwrap();
+    let map = manifest["weights"]["map"].as_object().unwrap();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut rand = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5
+    };
+    let bytes = |v: Vec<f32>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, e) in map {
+        let shape: Vec<usize> = e["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let module = name.strip_suffix(".weight").unwrap().replace('.', "_");
+        let key = format!("lora_unet_{module}");
+        let down: Vec<f32> = (0..rank * shape[1]).map(|_| rand()).collect();
+        let up: Vec<f32> = (0..shape[0] * rank).map(|_| rand()).collect();
+        tensors.push((
+            format!("{key}.lora_down.weight"),
+            vec![rank, shape[1]],
+            bytes(down),
+        ));
+        tensors.push((format!("{key}.lora_up.weight"), vec![shape[0], rank], bytes(up)));
+        tensors.push((format!("{key}.alpha"), vec![], bytes(vec![rank as f32 / 2.0])));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    path.to_path_buf()
+}
+
+/// A LoRA store for tests: the committed tiny LoRAs a and b, and a kohya-layout `tiny-lora-c`.
+pub fn test_lora_store(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("katz-loras-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for n in ["tiny-lora-a", "tiny-lora-b"] {
+        std::fs::copy(
+            root().join(format!("bundles/loras/{n}.safetensors")),
+            dir.join(format!("{n}.safetensors")),
+        )
+        .unwrap();
+    }
+    write_kohya_lora(&dir.join("tiny-lora-c.safetensors"), 4, 7);
+    dir
+}

@@ -2,7 +2,7 @@
 //! acks a delivery only after its result is stored.
 //!
 //! ```text
-//! RabbitMQ katz.jobs.<base> ──Delivery──▶ JobConsumer (prefetch = jobs in flight)
+//! RabbitMQ katz.jobs.<base> ──Delivery──▶ JobConsumer (prefetch = pipeline threads + lookahead)
 //!   decode + limits ──bad──▶ Finish(failed) ─▶ reject ─▶ katz.jobs.<base>.dead
 //!   BeginJob (idempotency by id + digest) ──done──▶ ack        ──conflict──▶ dead letter
 //!   images (inline | Redis key) ─▶ RunJob ─▶ PipelineActor ─StepDone─▶ forwarder ─▶ Progress
@@ -33,9 +33,7 @@ use tokio::sync::oneshot;
 use crate::error::Action;
 use crate::job::{process, Delivered, JobDeps};
 use crate::metrics::metrics;
-use crate::pipeline::PipelineActor;
 use crate::protocol::Limits;
-use crate::store::ResultStore;
 use crate::topology;
 pub use messages::*;
 
@@ -62,25 +60,19 @@ pub struct JobConsumer {
     draining: bool,
     backoff: Duration,
     stopped: Option<oneshot::Sender<()>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl JobConsumer {
-    /// `stopped` fires once the consumer has drained after [`Shutdown`].
+    /// `stopped` fires once the consumer has drained after [`Shutdown`]; `shutdown` is the
+    /// sender of `deps.shutdown` (jobs waiting for a pipeline go back to the queue).
     pub fn new(
         cfg: ConsumerConfig,
-        pipeline: Addr<PipelineActor>,
-        store: Addr<ResultStore>,
+        deps: JobDeps,
+        shutdown: tokio::sync::watch::Sender<bool>,
         stopped: oneshot::Sender<()>,
     ) -> Self {
         let tag = format!("{}-{}", cfg.worker, std::process::id());
-        let deps = JobDeps {
-            limits: cfg.limits.clone(),
-            worker: cfg.worker.clone(),
-            store_retry: cfg.store_retry,
-            pipeline,
-            store,
-            running: Default::default(),
-        };
         JobConsumer {
             cfg: Arc::new(cfg),
             deps,
@@ -91,6 +83,7 @@ impl JobConsumer {
             draining: false,
             backoff: Duration::from_millis(200),
             stopped: Some(stopped),
+            shutdown,
         }
     }
 
@@ -211,6 +204,7 @@ impl Handler<Shutdown> for JobConsumer {
             "shutdown: no new jobs; finishing those in flight"
         );
         self.draining = true;
+        let _ = self.shutdown.send(true);
         if let Some(ch) = self.channel.clone() {
             let tag = self.tag.clone();
             ctx.spawn(

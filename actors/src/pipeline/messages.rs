@@ -2,9 +2,11 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Message;
 use katz_onnx::pipeline::Timings;
+use katz_onnx::weights::PendingMerge;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::JobError;
@@ -25,6 +27,8 @@ pub struct StepDone {
 pub struct RunJob {
     pub job: Job,
     pub images: Vec<Vec<u8>>,
+    /// The job's LoRAs, being merged by the LoraManager (`None`: the job has none).
+    pub loras: Option<JobLoras>,
     pub progress: UnboundedSender<StepDone>,
     pub cancel: Arc<AtomicBool>,
     pub span: tracing::Span,
@@ -34,4 +38,15 @@ pub struct RunJob {
 pub struct JobOutput {
     pub png: Vec<u8>,
     pub timings: Timings,
+}
+
+/// A job's LoRA merge and when to switch it in.
+pub struct JobLoras {
+    pub pending: PendingMerge,
+    /// Step at which the merged weights must be in (0: before the first step, sync mode).
+    pub bound: usize,
+    /// Switch at the first ready step boundary instead of exactly at `bound`.
+    pub early: bool,
+    /// Longest wait at `bound`.
+    pub timeout: Duration,
 }

@@ -2,11 +2,14 @@
 //! and its ControlNets) on a thread of its own — a `SyncArbiter` thread, never the event loop.
 //!
 //! ```text
-//! JobConsumer ──RunJob{job, images, progress, cancel}──▶ PipelineActor (model thread)
-//!      ▲                                                     │ resolve base / ControlNets / LoRAs
+//! JobConsumer ──RunJob{job, images, loras, progress, cancel}──▶ PipelineActor (model thread)
+//!      ▲                                                     │ resolve base / ControlNets
 //!      └──────────── JobOutput{png, timings} ◀───────────────┘ generate → encode PNG
 //!                    StepDone ──▶ progress channel (forwarded to Redis by the consumer)
 //! ```
+//!
+//! A job's LoRAs arrive as a [`katz_onnx::weights::PendingMerge`] from the LoraManager
+//! ([`crate::lora`]); the pipeline switches them in at the job's bound step (0 in sync mode).
 
 pub mod messages;
 
@@ -18,10 +21,12 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use katz_onnx::image::{decode_png, encode_png};
-use katz_onnx::pipeline::{ControlRequest, Observer, Pipeline, Request};
+use katz_onnx::noise::SeededNoise;
+use katz_onnx::pipeline::{ControlRequest, LoraPlan, Observer, Pipeline, Request};
 use katz_onnx::runtime::SessionOptions;
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
+use katz_onnx::weights::Weights;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::JobError;
@@ -32,32 +37,32 @@ pub use messages::*;
 pub struct Models {
     pub base: PathBuf,
     pub controlnets: Vec<PathBuf>,
-    /// LoRA store: a job's LoRA `name` is `<lora_dir>/<name>.safetensors`.
-    pub lora_dir: PathBuf,
+    /// The LoRA store, caches and switching policy.
+    pub lora: crate::lora::LoraConfig,
     pub session: SessionOptions,
 }
 
 pub struct PipelineActor {
     pipe: Pipeline,
     controlnets: HashMap<String, usize>,
-    lora_dir: PathBuf,
 }
 
 impl PipelineActor {
     /// Loads the base bundle and every ControlNet bundle (errors name the bundle).
-    pub fn load(models: &Models) -> katz_onnx::Result<Self> {
-        let mut pipe = Pipeline::load(&models.base, models.session.clone())?;
+    pub fn load(models: &Models, shared: Option<Arc<Weights>>) -> katz_onnx::Result<Self> {
+        let mut pipe = Pipeline::load_sharing(&models.base, models.session.clone(), shared)?;
         let mut controlnets = HashMap::new();
         for dir in &models.controlnets {
             let idx = pipe.controlnet(dir)?;
             let name = pipe_controlnet_name(dir)?;
             controlnets.insert(name, idx);
         }
-        Ok(PipelineActor {
-            pipe,
-            controlnets,
-            lora_dir: models.lora_dir.clone(),
-        })
+        Ok(PipelineActor { pipe, controlnets })
+    }
+
+    /// The pristine weights (shared with other pipeline threads and the LoraManager).
+    pub fn shared_weights(&self) -> Arc<Weights> {
+        self.pipe.shared_weights()
     }
 
     /// The base model's name: jobs must name it, and it names the queue.
@@ -96,17 +101,6 @@ impl PipelineActor {
                 end: c.end,
             });
         }
-        let mut loras = Vec::new();
-        for l in &job.loras {
-            let path = self.lora_dir.join(format!("{}.safetensors", l.name));
-            if !path.is_file() {
-                return Err(JobError::Invalid(format!(
-                    "unknown LoRA `{}` (not in the LoRA store)",
-                    l.name
-                )));
-            }
-            loras.push((self.pipe.lora(&path)?, l.scale));
-        }
         Ok(Request {
             prompt: job.prompt.clone(),
             negative_prompt: job.negative_prompt.clone(),
@@ -118,7 +112,7 @@ impl PipelineActor {
             karras: job.karras,
             seed: job.seed,
             controlnets,
-            loras,
+            loras: Vec::new(),
         })
     }
 }
@@ -166,7 +160,21 @@ impl Handler<RunJob> for PipelineActor {
             cancel: m.cancel,
             last: Instant::now(),
         };
-        let out = self.pipe.generate(&req, &mut obs)?;
+        let mut noise = SeededNoise::new(req.seed);
+        let out = match m.loras {
+            None => self.pipe.generate(&req, &mut obs)?,
+            Some(mut l) => self.pipe.generate_planned(
+                &req,
+                &mut noise,
+                &mut obs,
+                LoraPlan::Async {
+                    pending: &mut l.pending,
+                    bound: l.bound,
+                    timeout: l.timeout,
+                    early: l.early,
+                },
+            )?,
+        };
         let png = encode_png(&out.image)?;
         tracing::debug!(ms = out.timings.total.as_secs_f64() * 1e3, "job generated");
         Ok(JobOutput {
