@@ -748,3 +748,147 @@ fn the_readme_service_path_submit_wait_status() {
         bus.cleanup().await;
     });
 }
+
+/// Runs `katz generate` for a job's parameters (LoRAs from `store`); returns the PNG.
+fn generate_png(j: &Job, store: &std::path::Path, extra: &[&str]) -> Vec<u8> {
+    let out = std::env::temp_dir().join(format!("katz-gen-{}-{}.png", j.id, std::process::id()));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_katz"));
+    cmd.current_dir(root()).args([
+        "generate",
+        "--bundle",
+        "bundles/tiny-sdxl",
+        "--prompt",
+        &j.prompt,
+        "--steps",
+        &j.steps.to_string(),
+        "--size",
+        &format!("{}x{}", j.width, j.height),
+        "--guidance",
+        &j.guidance.to_string(),
+        "--seed",
+        &j.seed.to_string(),
+        "--threads",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    for l in &j.loras {
+        cmd.arg("--lora").arg(format!(
+            "{}:{}",
+            store.join(format!("{}.safetensors", l.name)).display(),
+            l.scale
+        ));
+    }
+    let o = cmd.args(extra).stdout(Stdio::null()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(&out).unwrap()
+}
+
+#[test]
+fn jobs_with_0_to_3_loras_run_in_both_modes_and_match_katz_generate() {
+    let _g = serial();
+    let store = test_lora_store("modes");
+    let names = ["tiny-lora-a", "tiny-lora-b", "tiny-lora-c"]; // c: kohya layout
+    rt().block_on(async {
+        for (mode, bound) in [("sync", 0usize), ("async", 4)] {
+            let mut bus = Bus::new(&format!("lora-{mode}")).await;
+            let _w = Worker::start(
+                &bus.queue,
+                &format!("w-lora-{mode}"),
+                &[
+                    "--lora-dir",
+                    store.to_str().unwrap(),
+                    "--lora-mode",
+                    mode,
+                    "--lora-bound",
+                    "4",
+                ],
+            );
+            let mut jobs = Vec::new();
+            for n in 0..=3 {
+                let mut j = job(&format!("{mode}{n}"));
+                j.steps = 8;
+                j.seed = 5;
+                for (i, name) in names.iter().take(n).enumerate() {
+                    j.loras.push(LoraJob {
+                        name: name.to_string(),
+                        scale: [0.8, -0.5, 0.6][i],
+                    });
+                }
+                bus.publish(&j).await;
+                jobs.push(j);
+            }
+            let mut pngs = Vec::new();
+            for j in &jobs {
+                let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
+                assert_eq!(r["status"], "done", "{mode} {r:?}");
+                if !j.loras.is_empty() {
+                    assert_eq!(r["lora_mode"], mode);
+                    assert_eq!(r["lora_switch_step"], bound.to_string(), "{r:?}");
+                    let (h, l): (u32, u32) = (
+                        r["lora_cache_hits"].parse().unwrap(),
+                        r["lora_loads"].parse().unwrap(),
+                    );
+                    assert_eq!((h + l) as usize, j.loras.len(), "{r:?}");
+                }
+                let png: Vec<u8> = bus.redis.get(image_key(&j.id)).await.unwrap();
+                pngs.push(png);
+            }
+            // every LoRA count gives another image
+            for a in 0..pngs.len() {
+                for b in a + 1..pngs.len() {
+                    assert_ne!(pngs[a], pngs[b], "{mode}: {a} and {b} LoRAs gave the same image");
+                }
+            }
+            // the worker's image is `katz generate`'s in the same mode
+            let want = generate_png(&jobs[3], &store, &["--lora-mode", mode, "--lora-bound", "4"]);
+            assert_eq!(pngs[3], want, "{mode}: the worker and katz generate differ");
+            bus.cleanup().await;
+        }
+    });
+}
+
+#[test]
+fn a_slow_lora_store_delays_the_first_step_in_sync_mode_only() {
+    let _g = serial();
+    let store = test_lora_store("slow");
+    rt().block_on(async {
+        for mode in ["async", "sync"] {
+            let mut bus = Bus::new(&format!("slow-{mode}")).await;
+            let _w = Worker::start(
+                &bus.queue,
+                &format!("w-slow-{mode}"),
+                &[
+                    "--lora-dir",
+                    store.to_str().unwrap(),
+                    "--lora-mode",
+                    mode,
+                    "--lora-bound",
+                    "0.5",
+                    "--lora-fetch-delay-ms",
+                    "2000",
+                ],
+            );
+            let mut j = job(&format!("slow-{mode}"));
+            j.steps = 10;
+            j.loras.push(LoraJob {
+                name: "tiny-lora-b".into(),
+                scale: 0.7,
+            });
+            bus.publish(&j).await;
+            let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
+            assert_eq!(r["status"], "done", "{r:?}");
+            let f = |k: &str| r[k].parse::<f64>().unwrap();
+            assert!(f("lora_ready_ms") >= 2000.0, "{r:?}");
+            if mode == "async" {
+                // denoising started at once; the job waited at step 5 for the LoRA
+                assert!(f("first_step_ms") < f("lora_ready_ms"), "{r:?}");
+                assert_eq!(r["lora_switch_step"], "5");
+            } else {
+                assert!(f("first_step_ms") >= 2000.0, "{r:?}");
+                assert_eq!(r["lora_switch_step"], "0");
+            }
+            bus.cleanup().await;
+        }
+    });
+}
