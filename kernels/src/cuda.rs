@@ -8,7 +8,8 @@
 //!   euler      sample ← sample + (sample − (sample − σ·ε))/σ · (σ' − σ)   (diffusers' Euler, ε-prediction)
 //!   lora_merge every layer of a LoRA set in ONE launch:  out = W + Σ cᵢ · Bᵢ·Aᵢ
 //!              W/out f32 ([`GpuKernels::lora_merge`]) or fp16 ([`GpuKernels::lora_merge_f16`],
-//!              bit patterns in u16); factors f32; f32 accumulation; tiled (default) or naive
+//!              bit patterns in u16); factors f32; f32 accumulation; tiled (default), naive, or
+//!              mma (tensor cores, 3×TF32, sm_80+)
 //! ```
 //!
 //! cudarc loads libcuda and libnvrtc at run time, so this module builds everywhere; where no
@@ -33,6 +34,8 @@ pub enum GpuError {
     Compile(#[from] cudarc::nvrtc::CompileError),
     #[error("{0}")]
     Shape(String),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 const SOURCE: &str = r#"
@@ -224,6 +227,142 @@ __device__ __forceinline__ void merge_tiled(const unsigned long long* layer_ptrs
     }
 }
 
+// Tensor cores (sm_80+): the same tiles, multiplied with mma.sync m16n8k8 TF32 in the 3×TF32 split
+// (x = hi + lo, both TF32; hi·hi + hi·lo + lo·hi keeps about f32 accuracy), f32 accumulation.
+// 8 warps as 2×4, each a 64×32 sub-tile of 4×4 mma tiles. The staged chunks are split once into
+// hi/lo parts in shared memory; row strides are padded so that fragment reads are conflict-free.
+// MK = 8 keeps it at 128 registers without spills (sm_90), two blocks per SM.
+#define MK 8
+#define MBS (MK + 4)
+#define MAS (TN + 8)
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void split_tf32(float x, unsigned int& hi, unsigned int& lo) {
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(x));
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(lo) : "f"(x - __uint_as_float(hi)));
+}
+__device__ __forceinline__ void mma_tf32(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// two consecutive elements from i (even; the pointer aligned to 2 elements)
+__device__ __forceinline__ float2 load2(const float* p, unsigned long long i) { return *(const float2*)(p + i); }
+__device__ __forceinline__ float2 load2(const unsigned short* p, unsigned long long i) {
+    unsigned int u = *(const unsigned int*)(p + i);
+    return make_float2(h2f((unsigned short)(u & 0xffffu)), h2f((unsigned short)(u >> 16)));
+}
+__device__ __forceinline__ void store2(float* p, unsigned long long i, float2 v) { *(float2*)(p + i) = v; }
+__device__ __forceinline__ void store2(unsigned short* p, unsigned long long i, float2 v) {
+    *(unsigned int*)(p + i) = (unsigned int)f2h(v.x) | ((unsigned int)f2h(v.y) << 16);
+}
+#endif
+
+template <typename T>
+__device__ __forceinline__ void merge_mma(const unsigned long long* layer_ptrs, const unsigned int* dims,
+                                          const unsigned long long* offsets, int n_layers,
+                                          const unsigned long long* factor_ptrs, const unsigned int* ranks,
+                                          const float* coeffs) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ unsigned int Bh[TM][MBS], Bl[TM][MBS];
+    __shared__ unsigned int Ah[MK][MAS], Al[MK][MAS];
+    const unsigned long long tile = blockIdx.x;
+    const int l = find_layer(offsets, n_layers, tile);
+    const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
+    const unsigned int t = (unsigned int)(tile - offsets[l]);
+    const unsigned int tiles_c = (cols + TN - 1) / TN;
+    const unsigned int r0 = (t / tiles_c) * TM, c0 = (t % tiles_c) * TN;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 2, wn = warp & 3, g = lane >> 2, t4 = lane & 3;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+
+    for (unsigned int f = f0; f < f0 + nf; f++) {
+        const float* B = (const float*)factor_ptrs[2 * f];
+        const float* A = (const float*)factor_ptrs[2 * f + 1];
+        const unsigned int rank = ranks[f];
+        const float coeff = coeffs[f];
+        for (unsigned int k0 = 0; k0 < rank; k0 += MK) {
+#pragma unroll
+            for (int u = 0; u < (TM * MK) / 256; u++) {
+                const int e = tid + 256 * u, i = e / MK, kk = e % MK;
+                const unsigned int r = r0 + i, k = k0 + kk;
+                const float x = (r < rows && k < rank) ? coeff * B[(unsigned long long)r * rank + k] : 0.0f;
+                split_tf32(x, Bh[i][kk], Bl[i][kk]);
+            }
+#pragma unroll
+            for (int u = 0; u < (TN * MK) / 256; u++) {
+                const int e = tid + 256 * u, kk = e / TN, j = e % TN;
+                const unsigned int k = k0 + kk, c = c0 + j;
+                const float x = (c < cols && k < rank) ? A[(unsigned long long)k * cols + c] : 0.0f;
+                split_tf32(x, Ah[kk][j], Al[kk][j]);
+            }
+            __syncthreads();
+#pragma unroll
+            for (int kb = 0; kb < MK; kb += 8) {
+                unsigned int bh[4][2], bl[4][2];
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) {
+                    const int col = wn * 32 + nt * 8 + g;
+                    bh[nt][0] = Ah[kb + t4][col]; bh[nt][1] = Ah[kb + t4 + 4][col];
+                    bl[nt][0] = Al[kb + t4][col]; bl[nt][1] = Al[kb + t4 + 4][col];
+                }
+#pragma unroll
+                for (int mt = 0; mt < 4; mt++) {
+                    const int row = wm * 64 + mt * 16 + g;
+                    const unsigned int ah[4] = {Bh[row][kb + t4], Bh[row + 8][kb + t4], Bh[row][kb + t4 + 4],
+                                                Bh[row + 8][kb + t4 + 4]};
+                    const unsigned int al[4] = {Bl[row][kb + t4], Bl[row + 8][kb + t4], Bl[row][kb + t4 + 4],
+                                                Bl[row + 8][kb + t4 + 4]};
+#pragma unroll
+                    for (int nt = 0; nt < 4; nt++) {
+                        mma_tf32(acc[mt][nt], al, bh[nt][0], bh[nt][1]);
+                        mma_tf32(acc[mt][nt], ah, bl[nt][0], bl[nt][1]);
+                        mma_tf32(acc[mt][nt], ah, bh[nt][0], bh[nt][1]);
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+
+    const T* W = (const T*)layer_ptrs[2 * l];
+    T* O = (T*)layer_ptrs[2 * l + 1];
+    const bool vec = (cols % 2 == 0) &&
+                     (((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % (2 * sizeof(T))) == 0);
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const unsigned int r = r0 + wm * 64 + mt * 16 + g + 8 * h;
+            if (r >= rows) continue;
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const unsigned int c = c0 + wn * 32 + nt * 8 + 2 * t4;
+                if (c >= cols) continue;
+                const unsigned long long e = (unsigned long long)r * cols + c;
+                const float d0 = acc[mt][nt][2 * h], d1 = acc[mt][nt][2 * h + 1];
+                if (vec) {
+                    float2 w = load2(W, e);
+                    w.x += d0; w.y += d1;
+                    store2(O, e, w);
+                } else {
+                    store1(O, e, load1(W, e) + d0);
+                    if (c + 1 < cols) store1(O, e + 1, load1(W, e + 1) + d1);
+                }
+            }
+        }
+    }
+#else
+    __trap();  // the host launches this kernel only on sm_80 and newer
+#endif
+}
+
 #define MERGE_ARGS const unsigned long long* layer_ptrs, const unsigned int* dims, \
     const unsigned long long* offsets, int n_layers, const unsigned long long* factor_ptrs, \
     const unsigned int* ranks, const float* coeffs, unsigned long long total
@@ -238,6 +377,12 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_tiled_f32(MERGE_
 }
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_tiled_f16(MERGE_ARGS) {
     merge_tiled<unsigned short>(layer_ptrs, dims, offsets, n_layers, factor_ptrs, ranks, coeffs);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_mma_f32(MERGE_ARGS) {
+    merge_mma<float>(layer_ptrs, dims, offsets, n_layers, factor_ptrs, ranks, coeffs);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_mma_f16(MERGE_ARGS) {
+    merge_mma<unsigned short>(layer_ptrs, dims, offsets, n_layers, factor_ptrs, ranks, coeffs);
 }
 "#;
 
@@ -292,6 +437,9 @@ pub enum MergeKernel {
     Tiled,
     /// One thread per element, each a rank-long dot product (the first version; kept to compare).
     Naive,
+    /// The tiles of `Tiled` on tensor cores: TF32 `mma.sync` in the 3×TF32 split (about f32
+    /// accuracy), f32 accumulation. Needs compute capability 8.0 or newer.
+    Mma,
 }
 
 impl std::str::FromStr for MergeKernel {
@@ -300,7 +448,8 @@ impl std::str::FromStr for MergeKernel {
         match s {
             "tiled" => Ok(MergeKernel::Tiled),
             "naive" => Ok(MergeKernel::Naive),
-            _ => Err(format!("`{s}`: expected tiled or naive")),
+            "mma" => Ok(MergeKernel::Mma),
+            _ => Err(format!("`{s}`: expected tiled, naive or mma")),
         }
     }
 }
@@ -310,6 +459,7 @@ impl std::fmt::Display for MergeKernel {
         f.write_str(match self {
             MergeKernel::Tiled => "tiled",
             MergeKernel::Naive => "naive",
+            MergeKernel::Mma => "mma",
         })
     }
 }
@@ -324,8 +474,10 @@ pub struct GpuKernels {
     axpy: CudaFunction,
     scale: CudaFunction,
     euler: CudaFunction,
-    /// `[naive f32, naive f16, tiled f32, tiled f16]`
-    lora_merge: [CudaFunction; 4],
+    /// `[naive f32, naive f16, tiled f32, tiled f16, mma f32, mma f16]`
+    lora_merge: [CudaFunction; 6],
+    /// Compute capability 8.0 or newer: the tensor-core merge runs.
+    has_mma: bool,
 }
 
 fn cfg(n: usize) -> LaunchConfig {
@@ -347,7 +499,14 @@ impl GpuKernels {
         }
         let ctx = CudaContext::new(ordinal)?;
         let stream = ctx.new_stream()?;
-        let ptx = cudarc::nvrtc::compile_ptx(SOURCE)?;
+        let (major, _) = ctx.compute_capability()?;
+        let has_mma = major >= 8;
+        // compute_80 PTX (JIT-compiled by the driver for the device) enables the mma kernels
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: has_mma.then_some("compute_80"),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)?;
         let m = ctx.load_module(ptx)?;
         Ok(GpuKernels {
             combine: m.load_function("combine")?,
@@ -359,7 +518,10 @@ impl GpuKernels {
                 m.load_function("lora_merge_naive_f16")?,
                 m.load_function("lora_merge_tiled_f32")?,
                 m.load_function("lora_merge_tiled_f16")?,
+                m.load_function("lora_merge_mma_f32")?,
+                m.load_function("lora_merge_mma_f16")?,
             ],
+            has_mma,
             ctx,
             stream,
         })
@@ -458,6 +620,11 @@ impl GpuKernels {
         if layers.is_empty() {
             return Ok(());
         }
+        if kernel == MergeKernel::Mma && !self.has_mma {
+            return Err(GpuError::Unsupported(
+                "lora_merge: the mma kernel needs compute capability 8.0 or newer".into(),
+            ));
+        }
         let s = &self.stream;
         let shape = |m: String| GpuError::Shape(format!("lora_merge: {m}"));
         let mut guards = Vec::new();
@@ -517,7 +684,9 @@ impl GpuKernels {
             offsets.push(total);
             total += match kernel {
                 MergeKernel::Naive => n as u64,
-                MergeKernel::Tiled => (l.rows.div_ceil(MERGE_TILE) * l.cols.div_ceil(MERGE_TILE)) as u64,
+                MergeKernel::Tiled | MergeKernel::Mma => {
+                    (l.rows.div_ceil(MERGE_TILE) * l.cols.div_ceil(MERGE_TILE)) as u64
+                }
             };
         }
         if total == 0 {
@@ -534,11 +703,12 @@ impl GpuKernels {
                 (total.div_ceil(256)).min(65_535 * 8),
                 &self.lora_merge[T::F16 as usize],
             ),
-            MergeKernel::Tiled => {
+            MergeKernel::Tiled | MergeKernel::Mma => {
                 if total > i32::MAX as u64 {
                     return Err(shape(format!("{total} tiles are more than one launch takes")));
                 }
-                (total, &self.lora_merge[2 + T::F16 as usize])
+                let first = if kernel == MergeKernel::Tiled { 2 } else { 4 };
+                (total, &self.lora_merge[first + T::F16 as usize])
             }
         };
         let d_layer_ptrs = s.clone_htod(&layer_ptrs)?;

@@ -159,16 +159,29 @@ fn the_kernels_compile_where_nvrtc_is_present() {
         eprintln!("skipped: libnvrtc is not loadable here");
         return;
     }
-    let ptx = cudarc::nvrtc::compile_ptx(SOURCE).unwrap_or_else(|e| panic!("NVRTC: {e}"));
+    // the default target (no tensor cores: the mma kernels trap) and compute_80 (GpuKernels::new
+    // on sm_80 and newer)
+    let _ = cudarc::nvrtc::compile_ptx(SOURCE).unwrap_or_else(|e| panic!("NVRTC: {e}"));
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some("compute_80"),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).unwrap_or_else(|e| panic!("NVRTC: {e}"));
     let text = ptx.to_src();
     for name in [
         "lora_merge_naive_f32",
         "lora_merge_naive_f16",
         "lora_merge_tiled_f32",
         "lora_merge_tiled_f16",
+        "lora_merge_mma_f32",
+        "lora_merge_mma_f16",
     ] {
         assert!(text.contains(name), "{name} missing from the PTX");
     }
+    assert!(
+        text.contains("mma.sync.aligned.m16n8k8"),
+        "no tensor-core instruction"
+    );
     if let Some(path) = std::env::var_os("KATZ_DUMP_PTX") {
         std::fs::write(path, text).unwrap();
     }
@@ -337,7 +350,7 @@ fn f16_merge_kernels_match_the_f64_reference() {
             *x = f16::from_f32(*x).to_f32();
         }
     }
-    for kernel in [MergeKernel::Tiled, MergeKernel::Naive] {
+    for kernel in [MergeKernel::Tiled, MergeKernel::Naive, MergeKernel::Mma] {
         let got = gpu_merge::<u16>(
             &k,
             &cases,

@@ -77,7 +77,7 @@ pub struct LoraMergeArgs {
     /// Weight type on the GPU (factors and accumulation are f32 either way); the CPU merges f32.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Dtype,
-    /// Merge kernel on the GPU.
+    /// Merge kernel on the GPU: tiled (CUDA cores), mma (tensor cores, 3×TF32) or naive.
     #[arg(long, default_value = "tiled")]
     pub kernel: MergeKernel,
     /// Timed merges (after one warm-up).

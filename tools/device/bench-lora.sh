@@ -5,8 +5,8 @@
 #   1. katz-kernels' GPU tests (the merge kernels against an f64 reference), when carried
 #   2. tools/bench_lora_merge.py: full-size SDXL in fp16 with seeded random weights, LoRA files of
 #      rank 64 and 128 on the attention + feed-forward layers, shapes.json, diffusers' timings
-#   3. katz bench lora-merge --shapes shapes.json for each rank × {1, 2} LoRAs × {f16, f32}, plus
-#      the naive kernel for comparison
+#   3. katz bench lora-merge --shapes shapes.json for each rank × {1, 2} LoRAs × {f16, f32} ×
+#      {tiled, mma} kernels, plus the naive kernel for comparison
 #   4. one JSON with everything ($OUT/lora-merge-<GPU>.json) and a summary table
 #
 # Here (the carry dir C, default .gpu-carry, must be ignored by git):
@@ -79,7 +79,9 @@ bench() { # dtype rank n kernel repeat
 }
 for dtype in $DTYPES; do
   for r in $RANKS; do
-    for n in 1 2; do bench $dtype "$r" $n tiled 10; done
+    for n in 1 2; do
+      for kernel in ${KERNELS:-tiled mma}; do bench "$dtype" "$r" $n "$kernel" 10; done
+    done
   done
 done
 r0=${RANKS%% *}
