@@ -6,6 +6,7 @@
 //! katz worker      the service: RabbitMQ jobs → pipeline → Redis results
 //! katz submit      publish a job; --wait follows it and writes the image
 //! katz status ID   a job's record;   katz cancel ID   stop it
+//! katz bench …     measurements (lora-merge: LoRA merge time vs the memory-bound floor)
 //! ```
 //! Each subcommand lives in `src/cmd/`; this file only parses and dispatches.
 
@@ -38,6 +39,8 @@ enum Command {
     Status(cmd::status::StatusArgs),
     /// Ask a job to stop (before it starts, or at its next step).
     Cancel(cmd::cancel::CancelArgs),
+    /// Measure one building block (katz bench lora-merge …).
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Submit(a) => cmd::submit::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Cancel(a) => cmd::cancel::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -293,3 +293,66 @@ fn missing_onnx_runtime_names_the_fix() {
         .unwrap();
     fails_with(&out, "tools/fetch-onnxruntime.sh");
 }
+
+#[test]
+fn bench_lora_merge_times_the_cpu_merge_and_refuses_bad_input() {
+    let d = tmp("bench");
+    let json = d.join("bench.json");
+    let lora = "bundles/loras/tiny-lora-a.safetensors:0.8";
+    let so = ok(&katz(&[
+        "bench",
+        "lora-merge",
+        "--bundle",
+        "bundles/tiny-sdxl",
+        "--lora",
+        lora,
+        "--lora",
+        "bundles/loras/tiny-lora-b.safetensors",
+        "--repeat",
+        "3",
+        "--bandwidth-mib",
+        "16",
+        "--out",
+        json.to_str().unwrap(),
+    ]));
+    assert!(so.contains("merge, median"), "{so}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["device"], "cpu");
+    assert_eq!(r["loras"].as_array().unwrap().len(), 2);
+    assert!(r["layers"].as_u64().unwrap() > 0);
+    assert!(r["timings_ms"]["merge_median"].as_f64().unwrap() > 0.0);
+    assert!(r["floor_ms"].as_f64().unwrap() > 0.0);
+
+    let shapes = d.join("shapes.json");
+    std::fs::write(&shapes, r#"{"a.weight": [4, 4]}"#).unwrap();
+    let base = ["bench", "lora-merge", "--lora", lora];
+    let with = |extra: &[&str]| katz(&[&base[..], extra].concat());
+    fails_with(
+        &with(&["--shapes", shapes.to_str().unwrap(), "--device", "cpu"]),
+        "pass --bundle",
+    );
+    fails_with(
+        &with(&["--bundle", "bundles/tiny-sdxl", "--dtype", "f16"]),
+        "--dtype f16 is for GPUs",
+    );
+    fails_with(
+        &with(&["--bundle", "bundles/tiny-sdxl", "--repeat", "0"]),
+        "--repeat must be at least 1",
+    );
+    // an error either way: no CUDA (here), or the LoRA's layers are not in this map (on a GPU)
+    fails_with(
+        &with(&["--shapes", shapes.to_str().unwrap(), "--device", "cuda:0"]),
+        "error:",
+    );
+    fails_with(
+        &katz(&[
+            "bench",
+            "lora-merge",
+            "--bundle",
+            "bundles/tiny-sdxl",
+            "--lora",
+            "/nonexistent.safetensors",
+        ]),
+        "no such file",
+    );
+}

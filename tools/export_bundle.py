@@ -588,18 +588,24 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
 # ───────────────────────────── LoRAs ─────────────────────────────
 
 
-def make_lora(unet, path: Path, rank: int, alpha: float, seed: int, every: int = 1):
+def make_lora(unet, path: Path, rank: int, alpha: float, seed: int, every: int = 1, names=None,
+              dtype=torch.float32):
     """A LoRA in the diffusers/peft layout (`unet.<module>.lora_A/B.weight`, alpha in the
-    safetensors metadata) with seeded random A and B (peft would zero B: no effect to test)."""
+    safetensors metadata) with seeded random A and B (peft would zero B: no effect to test).
+    `names`: the UNet modules to adapt (default: every katz-targetable Linear, `every` n-th);
+    `dtype`: the tensors' type in the file (values drawn in f32 either way)."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
-    names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and TARGET_RE.search(n)][::every]
+    if names is None:
+        names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and TARGET_RE.search(n)][::every]
     sd = {}
     for n in names:
         m = unet.get_submodule(n)
-        sd[f"unet.{n}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) / math.sqrt(m.in_features)
-        sd[f"unet.{n}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.1
+        a = torch.randn(rank, m.in_features, generator=g) / math.sqrt(m.in_features)
+        b = torch.randn(m.out_features, rank, generator=g) * 0.1
+        sd[f"unet.{n}.lora_A.weight"] = a.to(dtype)
+        sd[f"unet.{n}.lora_B.weight"] = b.to(dtype)
     targets = sorted({n.split(".")[-1] if not n.endswith("to_out.0") else "to_out.0" for n in names})
     # diffusers' save_lora_weights writes the peft LoraConfig with the component prefix
     meta = {"unet.r": rank, "unet.lora_alpha": alpha, "unet.target_modules": targets}

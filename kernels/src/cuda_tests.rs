@@ -149,3 +149,242 @@ fn one_launch_merges_many_layers_like_the_cpu() {
         assert!(err < 1e-6, "{rows}×{cols}: relative error {err:.2e}");
     }
 }
+
+/// The CUDA source compiles (NVRTC only, no driver or device needed): runs wherever libnvrtc
+/// loads, and says so and passes where it does not (CI has no CUDA).
+#[test]
+fn the_kernels_compile_where_nvrtc_is_present() {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("skipped: libnvrtc is not loadable here");
+        return;
+    }
+    // the default target (no tensor cores: the mma kernels trap) and compute_80 (GpuKernels::new
+    // on sm_80 and newer)
+    let _ = cudarc::nvrtc::compile_ptx(SOURCE).unwrap_or_else(|e| panic!("NVRTC: {e}"));
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some("compute_80"),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).unwrap_or_else(|e| panic!("NVRTC: {e}"));
+    let text = ptx.to_src();
+    for name in [
+        "lora_merge_naive_f32",
+        "lora_merge_naive_f16",
+        "lora_merge_tiled_f32",
+        "lora_merge_tiled_f16",
+        "lora_merge_mma_f32",
+        "lora_merge_mma_f16",
+    ] {
+        assert!(text.contains(name), "{name} missing from the PTX");
+    }
+    assert!(
+        text.contains("mma.sync.aligned.m16n8k8"),
+        "no tensor-core instruction"
+    );
+    if let Some(path) = std::env::var_os("KATZ_DUMP_PTX") {
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+/// One layer of a merge test: shape and `(rank, coeff)` of each factor.
+struct Case {
+    rows: usize,
+    cols: usize,
+    factors: Vec<(usize, f32)>,
+}
+
+/// Layers of odd sizes (partial tiles, columns not a multiple of 4, ranks not a multiple of the
+/// chunk) and one of SDXL's shapes, two factors each.
+fn merge_cases() -> Vec<Case> {
+    let case = |rows, cols, f: [(usize, f32); 2]| Case {
+        rows,
+        cols,
+        factors: f.to_vec(),
+    };
+    vec![
+        case(300, 260, [(16, 0.8), (7, -0.5)]),
+        case(129, 7, [(4, 1.25), (33, 0.3)]),
+        case(5, 1000, [(3, -1.0), (64, 0.125)]),
+        case(70, 333, [(1, 2.0), (17, 0.7)]),
+        case(17, 9, [(2, 0.5), (5, -0.25)]),
+        case(640, 2048, [(64, 0.9), (128, -0.6)]),
+    ]
+}
+
+/// Host data of one layer: base, and (B, A) per factor, fresh random values.
+type HostLayer = (Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>);
+
+fn host_layers(cases: &[Case], seed: u64) -> Vec<HostLayer> {
+    cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let s = seed + 100 * i as u64;
+            let base = random(c.rows * c.cols, s);
+            let fs = c
+                .factors
+                .iter()
+                .enumerate()
+                .map(|(j, &(r, _))| {
+                    let s = s + 10 * (j as u64 + 1);
+                    (random(c.rows * r, s), random(r * c.cols, s + 1))
+                })
+                .collect();
+            (base, fs)
+        })
+        .collect()
+}
+
+/// `base + Σ coeff·B·A` in f64.
+fn reference(c: &Case, base: &[f32], fs: &[(Vec<f32>, Vec<f32>)]) -> Vec<f64> {
+    let mut out: Vec<f64> = base.iter().map(|&x| x as f64).collect();
+    for ((b, a), &(rank, coeff)) in fs.iter().zip(&c.factors) {
+        for r in 0..c.rows {
+            for k in 0..rank {
+                let bk = coeff as f64 * b[r * rank + k] as f64;
+                let a_row = &a[k * c.cols..(k + 1) * c.cols];
+                for (o, &x) in out[r * c.cols..(r + 1) * c.cols].iter_mut().zip(a_row) {
+                    *o += bk * x as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Uploads the cases with the weights as `T` (`to_t` converts), merges with `kernel`, and
+/// returns each layer's output converted back to f32.
+fn gpu_merge<T: MergeElem + Copy>(
+    k: &GpuKernels,
+    cases: &[Case],
+    host: &[HostLayer],
+    kernel: MergeKernel,
+    to_t: impl Fn(f32) -> T,
+    from_t: impl Fn(T) -> f32,
+) -> Vec<Vec<f32>> {
+    let s = &k.stream;
+    type Dev<T> = (CudaSlice<T>, CudaSlice<T>, Vec<(CudaSlice<f32>, CudaSlice<f32>)>);
+    let dev: Vec<Dev<T>> = host
+        .iter()
+        .map(|(base, fs)| {
+            let b: Vec<T> = base.iter().map(|&x| to_t(x)).collect();
+            (
+                s.clone_htod(&b).unwrap(),
+                s.alloc_zeros::<T>(base.len()).unwrap(),
+                fs.iter()
+                    .map(|(b, a)| (s.clone_htod(b).unwrap(), s.clone_htod(a).unwrap()))
+                    .collect(),
+            )
+        })
+        .collect();
+    let layers: Vec<GpuMergeLayer<'_, T>> = cases
+        .iter()
+        .zip(&dev)
+        .map(|(c, (base, out, fs))| GpuMergeLayer {
+            base,
+            out,
+            rows: c.rows,
+            cols: c.cols,
+            factors: fs
+                .iter()
+                .zip(&c.factors)
+                .map(|((b, a), &(rank, coeff))| GpuFactor { b, a, rank, coeff })
+                .collect(),
+        })
+        .collect();
+    k.lora_merge_with(&layers, kernel).unwrap();
+    k.synchronize().unwrap();
+    dev.iter()
+        .map(|(_, out, _)| s.clone_dtoh(out).unwrap().into_iter().map(&from_t).collect())
+        .collect()
+}
+
+fn rel_err64(a: &[f32], reference: &[f64]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &r) in a.iter().zip(reference) {
+        num += (x as f64 - r).powi(2);
+        den += r * r;
+    }
+    (num / den).sqrt()
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/device/gpu-tests.sh"]
+fn f32_merge_kernels_match_the_f64_reference() {
+    let k = gpu();
+    let cases = merge_cases();
+    let host = host_layers(&cases, 7);
+    for kernel in [MergeKernel::Tiled, MergeKernel::Naive] {
+        let got = gpu_merge::<f32>(&k, &cases, &host, kernel, |x| x, |x| x);
+        for ((c, (base, fs)), out) in cases.iter().zip(&host).zip(&got) {
+            let want = reference(c, base, fs);
+            let err = rel_err64(out, &want);
+            assert!(
+                err < 1e-6,
+                "{kernel} f32 {}×{}: relative error {err:.2e}",
+                c.rows,
+                c.cols
+            );
+            // the merge changed W
+            assert!(
+                rel_err(out, base) > 1e-2,
+                "{kernel} {}×{}: output is the base",
+                c.rows,
+                c.cols
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/device/gpu-tests.sh"]
+fn f16_merge_kernels_match_the_f64_reference() {
+    use half::f16;
+    let k = gpu();
+    let cases = merge_cases();
+    let mut host = host_layers(&cases, 8);
+    // the reference starts from the fp16 weights the GPU sees
+    for (base, _) in &mut host {
+        for x in base.iter_mut() {
+            *x = f16::from_f32(*x).to_f32();
+        }
+    }
+    for kernel in [MergeKernel::Tiled, MergeKernel::Naive, MergeKernel::Mma] {
+        let got = gpu_merge::<u16>(
+            &k,
+            &cases,
+            &host,
+            kernel,
+            |x| f16::from_f32(x).to_bits(),
+            |h| f16::from_bits(h).to_f32(),
+        );
+        for ((c, (base, fs)), out) in cases.iter().zip(&host).zip(&got) {
+            let want = reference(c, base, fs);
+            let err = rel_err64(out, &want);
+            assert!(
+                err < 1e-3,
+                "{kernel} f16 {}×{}: relative error {err:.2e}",
+                c.rows,
+                c.cols
+            );
+            // every element is the reference rounded to fp16, give or take one fp16 step
+            for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
+                let rounded = f16::from_f64(w);
+                let step = (f16::from_bits(rounded.to_bits() + 1).to_f64() - rounded.to_f64()).abs();
+                assert!(
+                    (o as f64 - w).abs() <= step,
+                    "{kernel} f16 {}×{} element {i}: {o} vs {w}",
+                    c.rows,
+                    c.cols
+                );
+            }
+            assert!(
+                rel_err(out, base) > 1e-2,
+                "{kernel} {}×{}: output is the base",
+                c.rows,
+                c.cols
+            );
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the flags and helpers they share.
 
+pub mod bench;
 pub mod cancel;
 pub mod demo;
 pub mod generate;
