@@ -45,11 +45,17 @@ pub struct BenchArgs {
 pub enum Bench {
     /// Time merging a LoRA set into the weights it targets, on the CPU or one GPU.
     LoraMerge(LoraMergeArgs),
+    /// Image quality of asynchronous LoRA loading: async at bound K vs sync (relative difference, SSIM).
+    LoraBound(super::bench_lora::LoraBoundArgs),
+    /// LoRA cache loads per request under the Katz trace's statistics (LRU, LFU, 1…N entries).
+    LoraCache(super::bench_lora::LoraCacheArgs),
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.bench {
         Bench::LoraMerge(a) => lora_merge(a),
+        Bench::LoraBound(a) => super::bench_lora::lora_bound(a),
+        Bench::LoraCache(a) => super::bench_lora::lora_cache(a),
     }
 }
 

@@ -169,6 +169,9 @@ pub struct LoraCacheArgs {
     /// paper's loads per request (a fit, not a validation: LFU is the check).
     #[arg(long)]
     pub zipf_s: Option<f64>,
+    /// Popularity drift (new LoRAs replacing popular ones per request; 0: stationary popularity).
+    #[arg(long, default_value_t = 0.0)]
+    pub drift: f64,
     /// Largest cache size (entries) to replay.
     #[arg(long, default_value_t = 10)]
     pub max_entries: usize,
@@ -185,7 +188,8 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", path.display()))?;
     let svc = stats
         .service(&a.service)
-        .with_context(|| format!("no service {} in {}", a.service, path.display()))?;
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("service {} in {}", a.service, path.display()))?;
     let target = svc.lora_cache_loads_per_request_10_entries.clone();
     let s = match (a.zipf_s, &target) {
         (Some(s), _) => s,
@@ -197,7 +201,7 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
         requests: a.requests,
         zipf_s: s,
         seed: a.seed,
-        ..sim::WorkloadSpec::default()
+        drift: a.drift,
     };
     let reqs = sim::draw(&stats, &spec);
     let pop = sim::popularity(&reqs);
@@ -227,7 +231,7 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
     if let Some(out) = &a.out {
         write_json(out, &json!({
             "bench": "lora-cache", "stats": path.display().to_string(), "service": a.service,
-            "requests": a.requests, "seed": a.seed, "zipf_s": s, "fitted": a.zipf_s.is_none(),
+            "requests": a.requests, "seed": a.seed, "zipf_s": s, "drift": a.drift, "fitted": a.zipf_s.is_none(),
             "popularity": pop, "paper_10_entries": target, "rows": rows,
         }))?;
     }
