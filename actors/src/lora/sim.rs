@@ -5,12 +5,12 @@
 //! [`TraceStats::load`]). So the workload is drawn from them:
 //!
 //! ```text
-//! TraceStats ─(service, requests, zipf_s, seed)─▶ draw ─▶ per request: LoRA ids (ranks)
-//!   loras_per_request {0,1,2}: how many LoRAs             │
-//!   distinct_loras: catalog size N                        ▼
+//! TraceStats ─(service, requests, zipf_s, drift, seed)─▶ draw ─▶ per request: LoRA ids
+//!   loras_per_request {0,1,2}: how many LoRAs                    │
+//!   distinct_loras: catalog size N                               ▼
 //!   popularity: Zipf(s) over ranks 1..=N     replay(requests, entries, policy) ─▶ SimResult
 //!   (s is a free parameter)                     cache::Cache::with_entries       (loads/request,
-//!                                                                                 popularity facts)
+//!   drift: rank → id table changes over time                                      popularity facts)
 //! calibrate: bisection on s ∈ [0.3, 2.0] until replay matches a target loads/request
 //! calibrate2: (s, drift) so that LRU and LFU both match it (s by bisection inside a drift search)
 //! ```
