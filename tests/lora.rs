@@ -236,10 +236,12 @@ fn merged_weights_equal_the_f64_reference() {
             }
         }
         let want: Vec<f32> = want.into_iter().map(|x| x as f32).collect();
-        let (_, got) = merged.get(p.weights(), name).try_extract_tensor::<f32>().unwrap();
-        let e = rel_err(got, &want);
-        assert!(e < 1e-6, "{name}: relative error {e:.2e}");
-        assert!(rel_err(got, &base) > 1e-4, "{name}: the merge changed nothing");
+        let got = merged.host_data(p.weights(), name).unwrap();
+        let e = rel_err(&got, &want);
+        // f32 on the CPU; fp16 GPU bundles store the merged weight in fp16
+        let tol = if p.weights().device().is_some() { 1e-3 } else { 1e-6 };
+        assert!(e < tol, "{name}: relative error {e:.2e}");
+        assert!(rel_err(&got, &base) > 1e-4, "{name}: the merge changed nothing");
     }
 }
 
@@ -320,9 +322,8 @@ fn the_manager_bounds_pending_loads_caches_adapters_and_merges_kohya_files() {
             .collect();
         let want = weights.merge(&files).unwrap();
         for name in want.names() {
-            let (_, a) = merged.get(&weights, name).try_extract_tensor::<f32>().unwrap();
-            let (_, b) = want.get(&weights, name).try_extract_tensor::<f32>().unwrap();
-            assert_eq!(a, b, "{name}");
+            let (a, b) = (merged.host_data(&weights, name).unwrap(), want.host_data(&weights, name).unwrap());
+            assert!(rel_err(&a, &b) < 1e-6, "{name}");
         }
         // now all three are cached: admission counts hits
         let again = addr

@@ -46,6 +46,8 @@ pub enum Error {
     Scheduler(#[from] crate::scheduler::SchedulerError),
     #[error("cancelled at step {step}")]
     Cancelled { step: usize },
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 impl Error {
@@ -76,6 +78,7 @@ impl Error {
             | Error::RuntimeLoad { .. }
             | Error::Ort(_)
             | Error::DeviceUnavailable { .. }
+            | Error::Gpu(_)
             | Error::Bundle { .. }
             | Error::Io { .. } => Disposition::Requeue,
         }
@@ -95,6 +98,7 @@ impl Error {
             Error::InvalidRequest(_) => "invalid_request",
             Error::Scheduler(_) => "scheduler",
             Error::Cancelled { .. } => "cancelled",
+            Error::Gpu(_) => "gpu",
         }
     }
 }

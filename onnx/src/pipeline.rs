@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use katz_kernels::{guidance, residual};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, SessionInputValue};
-use ort::value::TensorElementType;
+use ort::value::{TensorElementType, TensorRefMut};
 use ort::value::{DynTensorValueType, DynValue};
 
 use crate::bundle::{check_compute, check_io, BaseBundle, ControlNetBundle};
@@ -45,7 +45,7 @@ use crate::runtime::{self, SessionOptions};
 use crate::scheduler::{self, NoiseSource, SchedulerKind};
 use crate::tensor::Tensor;
 use crate::text::{Conditioning, TextEncoders};
-use crate::weights::{MergedWeights, PendingMerge, Weights};
+use crate::weights::{DevBuf, MergedWeights, PendingMerge, Weights};
 use crate::{Error, Result};
 
 /// Largest image side accepted, in pixels.
@@ -329,7 +329,14 @@ impl Pipeline {
                     "shared weights belong to another bundle",
                 ))
             }
-            None => Arc::new(Weights::load(&bundle, half)?),
+            None => {
+                let mut w = Weights::load(&bundle, half)?;
+                if let Some(id) = opts.device.gpu() {
+                    // uploaded once: every job binds them in place, merges run on the device
+                    w.to_device(id)?;
+                }
+                Arc::new(w)
+            }
         };
 
         let vae_path = bundle.path(&m.vae_decoder);
@@ -671,7 +678,7 @@ impl Pipeline {
         enc.bind_input("time_ids", &*cond.time_ids.view()?)?;
         for (b, graph) in [(&mut enc, "unet_encoder"), (&mut dec, "unet_decoder")] {
             for name in self.weights.inputs_of(graph) {
-                b.bind_input(name.as_str(), merged.get(&self.weights, name))?;
+                self.bind_weight(b, name, merged, device_id)?;
             }
         }
         let mut outs = vec!["emb".to_string(), "mid".to_string()];
@@ -684,6 +691,7 @@ impl Pipeline {
             enc,
             dec,
             enc_outputs: outs,
+            device_id,
         })
     }
 
@@ -694,7 +702,52 @@ impl Pipeline {
                 "unet_encoder" => &mut bu.enc,
                 _ => &mut bu.dec,
             };
+            self.bind_weight(b, name, merged, bu.device_id)?;
+        }
+        Ok(())
+    }
+
+    /// Binds weight `name`: merged if a LoRA touched it, else pristine — in place from device
+    /// memory when the weights live on the GPU (no copy), else from the host.
+    fn bind_weight(
+        &self,
+        b: &mut IoBinding,
+        name: &str,
+        merged: &MergedWeights,
+        device_id: i32,
+    ) -> Result<()> {
+        let Some(dev) = self.weights.device() else {
             b.bind_input(name, merged.get(&self.weights, name))?;
+            return Ok(());
+        };
+        let buf = match merged.device(name) {
+            Some(m) => m,
+            None if merged.names().any(|n| n == name) => {
+                // merged on the host (not expected with device weights): bind it with a copy
+                b.bind_input(name, merged.get(&self.weights, name))?;
+                return Ok(());
+            }
+            None => dev.get(name),
+        };
+        let ptr = buf.ptr(&dev.kernels) as usize as *mut std::ffi::c_void;
+        let mem = MemoryInfo::new(
+            AllocationDevice::CUDA,
+            device_id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?;
+        let shape = ort::value::Shape::from(self.weights.map()[name].shape.as_slice());
+        // SAFETY: the buffer is owned by the pristine set or by `merged`, both kept alive for the
+        // whole job (the bound UNet is dropped before them), and it matches shape and type.
+        match buf {
+            DevBuf::F16(_) => {
+                let t = unsafe { TensorRefMut::<half::f16>::from_raw(mem, ptr, shape)? };
+                b.bind_input(name, &*t)?;
+            }
+            DevBuf::F32(_) => {
+                let t = unsafe { TensorRefMut::<f32>::from_raw(mem, ptr, shape)? };
+                b.bind_input(name, &*t)?;
+            }
         }
         Ok(())
     }
@@ -715,6 +768,7 @@ impl Pipeline {
             enc,
             dec,
             enc_outputs,
+            ..
         } = bu;
         let t0 = Instant::now();
         enc.bind_input("sample", &*latent_in.view()?)?;
@@ -827,6 +881,8 @@ struct BoundUnet {
     dec: IoBinding,
     /// `emb`, `mid`, `skip_0` … in that order.
     enc_outputs: Vec<String>,
+    /// The GPU it is bound on.
+    device_id: i32,
 }
 
 /// Copies a tensor output (on any device) into a host tensor.

@@ -3,6 +3,16 @@
 //! The pristine set is read once from the bundle's `weights.safetensors`; a job with LoRAs gets a
 //! [`MergedWeights`] set holding `W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ` for the layers its LoRAs touch, and the
 //! pristine tensors for the rest. Sessions are never rebuilt and the pristine set never changes.
+//!
+//! On a GPU ([`Weights::to_device`]) the pristine set is also uploaded once into device buffers
+//! ([`DeviceWeights`]) that every job binds without a copy, and merges run there: each LoRA's
+//! factors go up once ([`DeviceFactors`], cached by the LoraManager) and one kernel launch writes
+//! every touched layer into fresh device buffers (`katz_kernels::cuda::GpuKernels::lora_merge_*`).
+//!
+//! ```text
+//! host: weights.safetensors ─▶ values (f32 | f16 DynValue) ──merge (CPU)──▶ MergedWeights::host
+//! GPU:  values ─upload once─▶ DeviceWeights ──factors (DeviceFactors) + one launch──▶ MergedWeights::device
+//! ```
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -10,6 +20,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cudarc::driver::{CudaSlice, DevicePtr};
+use katz_kernels::cuda::{GpuFactor, GpuKernels, GpuMergeLayer};
 use katz_kernels::lora::{merge_into, Factor};
 use ort::value::{DynValue, Tensor as OrtTensor};
 use safetensors::{Dtype, SafeTensors};
@@ -51,6 +63,74 @@ pub struct Weights {
     half: HashSet<String>,
     /// Input names per graph, in manifest order.
     by_graph: HashMap<String, Vec<String>>,
+    /// The same weights in device memory (GPU pipelines).
+    device: Option<DeviceWeights>,
+}
+
+/// A weight in device memory: f32, or fp16 bit patterns.
+pub enum DevBuf {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<u16>),
+}
+
+impl DevBuf {
+    /// The device address (valid while the buffer lives).
+    pub fn ptr(&self, k: &GpuKernels) -> u64 {
+        match self {
+            DevBuf::F32(b) => b.device_ptr(&k.stream).0,
+            DevBuf::F16(b) => b.device_ptr(&k.stream).0,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            DevBuf::F32(b) => b.len() * 4,
+            DevBuf::F16(b) => b.len() * 2,
+        }
+    }
+
+    fn to_host(&self, k: &GpuKernels) -> Result<Vec<f32>> {
+        let g = |e: cudarc::driver::DriverError| Error::Gpu(e.to_string());
+        Ok(match self {
+            DevBuf::F32(b) => k.stream.clone_dtoh(b).map_err(g)?,
+            DevBuf::F16(b) => k
+                .stream
+                .clone_dtoh(b)
+                .map_err(g)?
+                .into_iter()
+                .map(|h| half::f16::from_bits(h).to_f32())
+                .collect(),
+        })
+    }
+}
+
+/// The pristine weights in device memory, with the kernels (context, stream) that own them.
+pub struct DeviceWeights {
+    pub kernels: Arc<GpuKernels>,
+    pub ordinal: i32,
+    values: HashMap<String, DevBuf>,
+}
+
+impl DeviceWeights {
+    pub fn get(&self, name: &str) -> &DevBuf {
+        &self.values[name]
+    }
+}
+
+/// One LoRA's factors in device memory (f32), by weight name: `(B, A)`.
+pub struct DeviceFactors {
+    layers: HashMap<String, (CudaSlice<f32>, CudaSlice<f32>)>,
+    bytes: usize,
+}
+
+impl DeviceFactors {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+fn gpu_err(e: impl std::fmt::Display) -> Error {
+    Error::Gpu(e.to_string())
 }
 
 impl Weights {
@@ -114,6 +194,132 @@ impl Weights {
             values,
             half,
             by_graph,
+            device: None,
+        })
+    }
+
+    /// Uploads the pristine weights to GPU `ordinal` (once; every job then binds them in place).
+    pub fn to_device(&mut self, ordinal: i32) -> Result<()> {
+        let kernels = Arc::new(GpuKernels::new(ordinal as usize).map_err(|e| Error::DeviceUnavailable {
+            device: format!("cuda:{ordinal}"),
+            message: format!("the LoRA merge kernels cannot start: {e}"),
+        })?);
+        let mut values = HashMap::new();
+        for name in self.map.keys() {
+            let v = &self.values[name];
+            let buf = if self.half.contains(name) {
+                let (_, d) = v.try_extract_tensor::<half::f16>()?;
+                let bits: Vec<u16> = d.iter().map(|x| x.to_bits()).collect();
+                DevBuf::F16(kernels.stream.clone_htod(&bits).map_err(gpu_err)?)
+            } else {
+                let (_, d) = v.try_extract_tensor::<f32>()?;
+                DevBuf::F32(kernels.stream.clone_htod(d).map_err(gpu_err)?)
+            };
+            values.insert(name.clone(), buf);
+        }
+        kernels.synchronize().map_err(gpu_err)?;
+        self.device = Some(DeviceWeights {
+            kernels,
+            ordinal,
+            values,
+        });
+        Ok(())
+    }
+
+    /// The device copy, on GPU pipelines.
+    pub fn device(&self) -> Option<&DeviceWeights> {
+        self.device.as_ref()
+    }
+
+    /// Uploads a LoRA's factors for [`Weights::merge_on_device`].
+    pub fn upload_factors(&self, lora: &LoraAdapter) -> Result<DeviceFactors> {
+        let dev = self
+            .device
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("these weights are not on a GPU".into()))?;
+        let s = &dev.kernels.stream;
+        let mut layers = HashMap::new();
+        let mut bytes = 0;
+        for (name, l) in &lora.layers {
+            bytes += 4 * (l.a.len() + l.b.len());
+            layers.insert(
+                name.clone(),
+                (
+                    s.clone_htod(&l.b).map_err(gpu_err)?,
+                    s.clone_htod(&l.a).map_err(gpu_err)?,
+                ),
+            );
+        }
+        Ok(DeviceFactors { layers, bytes })
+    }
+
+    /// Merges on the GPU: every touched layer in one launch into fresh device buffers; returns
+    /// once the kernel has finished.
+    pub fn merge_on_device(
+        &self,
+        loras: &[(Arc<LoraAdapter>, Arc<DeviceFactors>, f32)],
+    ) -> Result<MergedWeights> {
+        let started = Instant::now();
+        let dev = self
+            .device
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("these weights are not on a GPU".into()))?;
+        let k = &dev.kernels;
+        let mut touched: BTreeMap<&str, Vec<GpuFactor<'_>>> = BTreeMap::new();
+        for (lora, factors, scale) in loras {
+            for (name, layer) in &lora.layers {
+                let (b, a) = factors.layers.get(name).ok_or_else(|| {
+                    Error::Gpu(format!("device factors of `{name}` are missing"))
+                })?;
+                touched.entry(name.as_str()).or_default().push(GpuFactor {
+                    b,
+                    a,
+                    rank: layer.rank,
+                    coeff: scale * layer.alpha / layer.rank as f32,
+                });
+            }
+        }
+        let mut outs: Vec<(&str, DevBuf)> = Vec::new();
+        for name in touched.keys() {
+            let n = self.map[*name].shape.iter().product::<usize>();
+            outs.push((
+                name,
+                match dev.values[*name] {
+                    DevBuf::F16(_) => DevBuf::F16(k.stream.alloc_zeros::<u16>(n).map_err(gpu_err)?),
+                    DevBuf::F32(_) => DevBuf::F32(k.stream.alloc_zeros::<f32>(n).map_err(gpu_err)?),
+                },
+            ));
+        }
+        let (mut l16, mut l32) = (Vec::new(), Vec::new());
+        for ((name, factors), (_, out)) in touched.into_iter().zip(&outs) {
+            let shape = &self.map[name].shape;
+            let (rows, cols) = (shape[0], shape[1]);
+            match (&dev.values[name], out) {
+                (DevBuf::F16(base), DevBuf::F16(out)) => l16.push(GpuMergeLayer {
+                    base,
+                    out,
+                    rows,
+                    cols,
+                    factors,
+                }),
+                (DevBuf::F32(base), DevBuf::F32(out)) => l32.push(GpuMergeLayer {
+                    base,
+                    out,
+                    rows,
+                    cols,
+                    factors,
+                }),
+                _ => unreachable!("outputs take their base's type"),
+            }
+        }
+        k.lora_merge_f16(&l16).map_err(gpu_err)?;
+        k.lora_merge(&l32).map_err(gpu_err)?;
+        k.synchronize().map_err(gpu_err)?;
+        drop((l16, l32));
+        Ok(MergedWeights {
+            merged: HashMap::new(),
+            device: outs.into_iter().map(|(n, b)| (n.to_string(), b)).collect(),
+            merge_time: started.elapsed(),
         })
     }
 
@@ -141,8 +347,16 @@ impl Weights {
         }
     }
 
-    /// Merges LoRAs (each with its scale) into a new set of the touched weights.
+    /// Merges LoRAs (each with its scale) into a new set of the touched weights (on the GPU
+    /// when the weights are there, uploading the factors first).
     pub fn merge(&self, loras: &[(Arc<LoraAdapter>, f32)]) -> Result<MergedWeights> {
+        if self.device.is_some() {
+            let mut with = Vec::new();
+            for (l, s) in loras {
+                with.push((l.clone(), Arc::new(self.upload_factors(l)?), *s));
+            }
+            return self.merge_on_device(&with);
+        }
         let started = Instant::now();
         let mut touched: BTreeMap<&str, Vec<Factor<'_>>> = BTreeMap::new();
         for (lora, scale) in loras {
@@ -170,6 +384,7 @@ impl Weights {
         }
         Ok(MergedWeights {
             merged,
+            device: HashMap::new(),
             merge_time: started.elapsed(),
         })
     }
@@ -184,6 +399,8 @@ impl Weights {
 #[derive(Default)]
 pub struct MergedWeights {
     merged: HashMap<String, DynValue>,
+    /// Merged on the GPU (then `merged` is empty).
+    device: HashMap<String, DevBuf>,
     /// Wall time of the merge that made this set.
     pub merge_time: Duration,
 }
@@ -191,15 +408,33 @@ pub struct MergedWeights {
 impl MergedWeights {
     /// Names of the weights a LoRA touched.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.merged.keys().map(String::as_str)
+        self.merged.keys().chain(self.device.keys()).map(String::as_str)
+    }
+
+    /// The device buffer of a weight merged on the GPU.
+    pub fn device(&self, name: &str) -> Option<&DevBuf> {
+        self.device.get(name)
+    }
+
+    /// The merged (or pristine) values of `name` as f32 on the host (for checks).
+    pub fn host_data(&self, pristine: &Weights, name: &str) -> Result<Vec<f32>> {
+        if let (Some(b), Some(dev)) = (self.device.get(name), pristine.device.as_ref()) {
+            return b.to_host(&dev.kernels);
+        }
+        let v = self.get(pristine, name);
+        if pristine.half.contains(name) {
+            Ok(v.try_extract_tensor::<half::f16>()?.1.iter().map(|x| x.to_f32()).collect())
+        } else {
+            Ok(v.try_extract_tensor::<f32>()?.1.to_vec())
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.merged.len()
+        self.merged.len() + self.device.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.merged.is_empty()
+        self.len() == 0
     }
 
     /// The tensor to bind for input `name`: merged if a LoRA touched it, pristine otherwise.

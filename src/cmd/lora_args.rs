@@ -30,6 +30,9 @@ pub struct LoraStoreArgs {
     /// Byte budget of the host-memory LoRA cache, in MiB [default: 1024]
     #[arg(long, env = "KATZ_LORA_CACHE_MB")]
     pub lora_cache_mb: Option<u64>,
+    /// Byte budget of the device (GPU) cache of LoRA factors, in MiB [default: 2048]
+    #[arg(long, env = "KATZ_LORA_DEVICE_CACHE_MB")]
+    pub lora_device_cache_mb: Option<u64>,
     /// Eviction policy of the LoRA caches: lru or lfu [default: lru]
     #[arg(long, env = "KATZ_LORA_CACHE_POLICY")]
     pub lora_cache_policy: Option<Policy>,
@@ -55,6 +58,7 @@ pub struct LoraFile {
     pub lora_bound: Option<String>,
     pub lora_switch: Option<String>,
     pub lora_cache_mb: Option<u64>,
+    pub lora_device_cache_mb: Option<u64>,
     pub lora_cache_policy: Option<String>,
     pub lora_max_pending: Option<usize>,
     pub lora_redis: Option<String>,
@@ -86,6 +90,9 @@ pub fn config(dir: PathBuf, a: &LoraArgs, s: &LoraStoreArgs, f: &LoraFile) -> an
     }
     if let Some(mb) = s.lora_cache_mb.or(f.lora_cache_mb) {
         c.host_cache_bytes = mb << 20;
+    }
+    if let Some(mb) = s.lora_device_cache_mb.or(f.lora_device_cache_mb) {
+        c.device_cache_bytes = mb << 20;
     }
     if let Some(p) = s
         .lora_cache_policy

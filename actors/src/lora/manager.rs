@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use katz_onnx::lora::LoraAdapter;
-use katz_onnx::weights::{PendingMerge, Weights};
+use katz_onnx::weights::{DeviceFactors, PendingMerge, Weights};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -32,6 +32,8 @@ struct Inner {
     store: LoraStore,
     weights: Arc<Weights>,
     host: Mutex<Cache<Arc<LoraAdapter>>>,
+    /// Factors uploaded to the GPU (GPU workers only).
+    device: Mutex<Cache<Arc<DeviceFactors>>>,
     fetching: Mutex<HashMap<String, Fetch>>,
     pending_loads: Arc<Semaphore>,
     max_pending: usize,
@@ -51,6 +53,7 @@ struct LoadCounters {
 #[derive(Debug, Clone, Serialize)]
 pub struct LoraStats {
     pub host_cache: CacheStats,
+    pub device_cache: CacheStats,
     pub fetches: u64,
     pub fetch_errors: u64,
     pub fetch_ms_total: f64,
@@ -88,6 +91,7 @@ impl LoraManager {
                 store,
                 weights,
                 host: Mutex::new(Cache::new(cfg.host_cache_bytes, cfg.policy)),
+                device: Mutex::new(Cache::new(cfg.device_cache_bytes, cfg.policy)),
                 fetching: Mutex::default(),
                 pending_loads: Arc::new(Semaphore::new(max_pending)),
                 max_pending,
@@ -101,6 +105,7 @@ impl LoraManager {
         let l = i.loads.lock().unwrap_or_else(|e| e.into_inner()).clone();
         LoraStats {
             host_cache: i.host.lock().unwrap_or_else(|e| e.into_inner()).stats(),
+            device_cache: i.device.lock().unwrap_or_else(|e| e.into_inner()).stats(),
             fetches: l.fetches,
             fetch_errors: l.fetch_errors,
             fetch_ms_total: l.fetch_ms_total,
@@ -313,8 +318,28 @@ impl Handler<Merge> for LoraManager {
                 }
             }
             let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-            let weights = inner.weights.clone();
-            let merged = tokio::task::spawn_blocking(move || weights.merge(&loras))
+            let (weights, me) = (inner.weights.clone(), inner.clone());
+            let merged = tokio::task::spawn_blocking(move || {
+                if weights.device().is_none() {
+                    return weights.merge(&loras);
+                }
+                // GPU: factors from the device cache (or uploaded into it), one merge launch
+                let mut with = Vec::with_capacity(loras.len());
+                for (a, scale) in &loras {
+                    let cached = me.device.lock().unwrap_or_else(|e| e.into_inner()).get(&a.name);
+                    let f = match cached {
+                        Some(f) => f,
+                        None => {
+                            let f = Arc::new(weights.upload_factors(a)?);
+                            let mut dc = me.device.lock().unwrap_or_else(|e| e.into_inner());
+                            dc.insert(a.name.clone(), f.clone(), f.bytes() as u64);
+                            f
+                        }
+                    };
+                    with.push((a.clone(), f, *scale));
+                }
+                weights.merge_on_device(&with)
+            })
                 .await
                 .unwrap_or_else(|e| {
                     Err(katz_onnx::Error::Lora {

@@ -45,6 +45,8 @@ pub struct LoraConfig {
     pub switch_early: bool,
     /// Byte budget of the host-memory cache of parsed adapters.
     pub host_cache_bytes: u64,
+    /// Byte budget of the device cache of uploaded factors (GPU workers).
+    pub device_cache_bytes: u64,
     pub policy: Policy,
     /// Fetches pending at once; a job whose adapters would exceed it waits before it is admitted.
     pub max_pending_loads: usize,
@@ -54,7 +56,7 @@ pub struct LoraConfig {
 
 impl LoraConfig {
     /// Defaults for a store directory: async, bound 10 of 50 steps (20%), switch at the bound,
-    /// 1 GiB LRU host cache, 4 pending loads, 10 minutes.
+    /// 1 GiB LRU host cache, 2 GiB device cache, 4 pending loads, 10 minutes.
     pub fn new(dir: PathBuf) -> Self {
         LoraConfig {
             dir,
@@ -64,6 +66,7 @@ impl LoraConfig {
             bound: LoraBound::Fraction(0.2),
             switch_early: false,
             host_cache_bytes: 1 << 30,
+            device_cache_bytes: 2 << 30,
             policy: Policy::Lru,
             max_pending_loads: 4,
             timeout: Duration::from_secs(600),
