@@ -94,10 +94,18 @@ __device__ __forceinline__ float4 load4(const unsigned short* p, unsigned long l
                        h2f((unsigned short)(u.y & 0xffffu)), h2f((unsigned short)(u.y >> 16)));
 }
 __device__ __forceinline__ void store4(float* p, unsigned long long i, float4 v) { *(float4*)(p + i) = v; }
+// two floats → packed fp16 pair, `lo` at the lower address (one instruction on sm_80+)
+__device__ __forceinline__ unsigned int f2h2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    unsigned int u; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(u) : "f"(hi), "f"(lo)); return u;
+#else
+    return (unsigned int)f2h(lo) | ((unsigned int)f2h(hi) << 16);
+#endif
+}
 __device__ __forceinline__ void store4(unsigned short* p, unsigned long long i, float4 v) {
     uint2 u;
-    u.x = (unsigned int)f2h(v.x) | ((unsigned int)f2h(v.y) << 16);
-    u.y = (unsigned int)f2h(v.z) | ((unsigned int)f2h(v.w) << 16);
+    u.x = f2h2(v.x, v.y);
+    u.y = f2h2(v.z, v.w);
     *(uint2*)(p + i) = u;
 }
 
@@ -135,10 +143,12 @@ __device__ __forceinline__ void merge_naive(const unsigned long long* layer_ptrs
     }
 }
 
-// Tiled: a block of 256 threads computes a TM×TN tile of one layer. Per chunk of KC ranks it
-// stages c·B[tile rows, chunk] and A[chunk, tile cols] in shared memory; each thread accumulates
-// an 8×8 register tile (rows ty·4+{0..3}, 64+ty·4+{0..3}; columns tx·4+{0..3}, 64+tx·4+{0..3})
-// over all factors of the layer, then reads W once and writes out once (4-wide where aligned).
+// Tiled: a block of 256 threads computes a TM×TN tile of one layer. Chunks of KC ranks of B
+// (tile rows) and A (tile columns) are staged in shared memory, double-buffered: on sm_80+ the
+// next chunk arrives by cp.async while the current one is multiplied, so the factor loads' latency
+// hides behind arithmetic. Each thread accumulates an 8×8 register tile (rows ty·4+{0..3},
+// 64+ty·4+{0..3}; columns tx·4+{0..3}, 64+tx·4+{0..3}) over all factors of the layer (scaled by
+// their coefficients as B is read), then reads W once and writes out once (4-wide where aligned).
 // 128 registers, no spills at two blocks per SM (sm_90): one block's W/out traffic overlaps the
 // other's arithmetic.
 #define TM 128
@@ -146,13 +156,61 @@ __device__ __forceinline__ void merge_naive(const unsigned long long* layer_ptrs
 #define KC 8
 #define SLD (TM + 4)
 
+// 4-byte copy global → shared, zero-filled where !ok: asynchronous (cp.async) on sm_80+
+__device__ __forceinline__ void stage4(float* dst, const float* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+    unsigned int d;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(d) : "l"(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(d), "l"(src), "r"(ok ? 4 : 0) : "memory");
+#else
+    *dst = ok ? *src : 0.0f;
+#endif
+}
+__device__ __forceinline__ void stage_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// waits for this thread's copies, all of them (all = true) or all but the last committed group
+__device__ __forceinline__ void stage_wait(bool all) {
+#if __CUDA_ARCH__ >= 800
+    if (all) asm volatile("cp.async.wait_group 0;" ::: "memory");
+    else asm volatile("cp.async.wait_group 1;" ::: "memory");
+#endif
+}
+
+// Bs[kk][i] = B[r0+i, k0+kk], As[kk][j] = A[k0+kk, c0+j] of factor f (zeros outside)
+__device__ __forceinline__ void stage_chunk(float (*Bs)[SLD], float (*As)[SLD], const unsigned long long* factor_ptrs,
+                                            const unsigned int* ranks, unsigned int f, unsigned int k0,
+                                            unsigned int r0, unsigned int c0, unsigned int rows,
+                                            unsigned int cols, int tid) {
+    const float* B = (const float*)factor_ptrs[2 * f];
+    const float* A = (const float*)factor_ptrs[2 * f + 1];
+    const unsigned int rank = ranks[f];
+#pragma unroll
+    for (int u = 0; u < (TM * KC) / 256; u++) {
+        const int e = tid + 256 * u;
+        const unsigned int r = r0 + e / KC, k = k0 + e % KC;
+        const bool ok = r < rows && k < rank;
+        stage4(&Bs[e % KC][e / KC], ok ? B + (unsigned long long)r * rank + k : B, ok);
+    }
+#pragma unroll
+    for (int u = 0; u < (TN * KC) / 256; u++) {
+        const int e = tid + 256 * u;
+        const unsigned int k = k0 + e / TN, c = c0 + e % TN;
+        const bool ok = c < cols && k < rank;
+        stage4(&As[e / TN][e % TN], ok ? A + (unsigned long long)k * cols + c : A, ok);
+    }
+    stage_commit();
+}
+
 template <typename T>
 __device__ __forceinline__ void merge_tiled(const unsigned long long* layer_ptrs, const unsigned int* dims,
                                             const unsigned long long* offsets, int n_layers,
                                             const unsigned long long* factor_ptrs, const unsigned int* ranks,
                                             const float* coeffs) {
-    __shared__ __align__(16) float Bs[KC][SLD];
-    __shared__ __align__(16) float As[KC][SLD];
+    __shared__ __align__(16) float Bs[2][KC][SLD];
+    __shared__ __align__(16) float As[2][KC][SLD];
     const unsigned long long tile = blockIdx.x;
     const int l = find_layer(offsets, n_layers, tile);
     const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
@@ -167,38 +225,35 @@ __device__ __forceinline__ void merge_tiled(const unsigned long long* layer_ptrs
 #pragma unroll
         for (int j = 0; j < 8; j++) acc[i][j] = 0.0f;
 
-    for (unsigned int f = f0; f < f0 + nf; f++) {
-        const float* B = (const float*)factor_ptrs[2 * f];
-        const float* A = (const float*)factor_ptrs[2 * f + 1];
-        const unsigned int rank = ranks[f];
+    // chunks in order: factor f, ranks k0..k0+KC; buffer `cur` holds the current one
+    unsigned int f = f0, k0 = 0;
+    int cur = 0;
+    if (nf > 0) stage_chunk(Bs[0], As[0], factor_ptrs, ranks, f, k0, r0, c0, rows, cols, tid);
+    while (f < f0 + nf) {
         const float coeff = coeffs[f];
-        for (unsigned int k0 = 0; k0 < rank; k0 += KC) {
+        unsigned int nf_next = f, k_next = k0 + KC;
+        if (k_next >= ranks[f]) { nf_next = f + 1; k_next = 0; }
+        const bool more = nf_next < f0 + nf;
+        if (more)
+            stage_chunk(Bs[cur ^ 1], As[cur ^ 1], factor_ptrs, ranks, nf_next, k_next, r0, c0, rows, cols, tid);
+        stage_wait(!more);
+        __syncthreads();
 #pragma unroll
-            for (int u = 0; u < (TM * KC) / 256; u++) {
-                const int e = tid + 256 * u;
-                const unsigned int r = r0 + e / KC, k = k0 + e % KC;
-                Bs[e % KC][e / KC] = (r < rows && k < rank) ? coeff * B[(unsigned long long)r * rank + k] : 0.0f;
-            }
+        for (int kk = 0; kk < KC; kk++) {
+            const float4 b0 = *(const float4*)&Bs[cur][kk][ty * 4], b1 = *(const float4*)&Bs[cur][kk][64 + ty * 4];
+            const float4 a0 = *(const float4*)&As[cur][kk][tx * 4], a1 = *(const float4*)&As[cur][kk][64 + tx * 4];
+            const float b[8] = {coeff * b0.x, coeff * b0.y, coeff * b0.z, coeff * b0.w,
+                                coeff * b1.x, coeff * b1.y, coeff * b1.z, coeff * b1.w};
+            const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
 #pragma unroll
-            for (int u = 0; u < (TN * KC) / 256; u++) {
-                const int e = tid + 256 * u;
-                const unsigned int k = k0 + e / TN, c = c0 + e % TN;
-                As[e / TN][e % TN] = (c < cols && k < rank) ? A[(unsigned long long)k * cols + c] : 0.0f;
-            }
-            __syncthreads();
+            for (int i = 0; i < 8; i++)
 #pragma unroll
-            for (int kk = 0; kk < KC; kk++) {
-                const float4 b0 = *(const float4*)&Bs[kk][ty * 4], b1 = *(const float4*)&Bs[kk][64 + ty * 4];
-                const float4 a0 = *(const float4*)&As[kk][tx * 4], a1 = *(const float4*)&As[kk][64 + tx * 4];
-                const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-                const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-#pragma unroll
-                for (int i = 0; i < 8; i++)
-#pragma unroll
-                    for (int j = 0; j < 8; j++) acc[i][j] = fmaf(b[i], a[j], acc[i][j]);
-            }
-            __syncthreads();
+                for (int j = 0; j < 8; j++) acc[i][j] = fmaf(b[i], a[j], acc[i][j]);
         }
+        __syncthreads();  // everyone is done with `cur` before it is staged into again
+        cur ^= 1;
+        f = nf_next;
+        k0 = k_next;
     }
 
     const T* W = (const T*)layer_ptrs[2 * l];
@@ -253,9 +308,34 @@ __device__ __forceinline__ float2 load2(const unsigned short* p, unsigned long l
 }
 __device__ __forceinline__ void store2(float* p, unsigned long long i, float2 v) { *(float2*)(p + i) = v; }
 __device__ __forceinline__ void store2(unsigned short* p, unsigned long long i, float2 v) {
-    *(unsigned int*)(p + i) = (unsigned int)f2h(v.x) | ((unsigned int)f2h(v.y) << 16);
+    *(unsigned int*)(p + i) = f2h2(v.x, v.y);
 }
 #endif
+
+// Lb[i][kk] = B[r0+i, k0+kk], La[kk][j] = A[k0+kk, c0+j] of factor f (zeros outside)
+__device__ __forceinline__ void stage_mma_chunk(float (*Lb)[MK], float (*La)[TN], const unsigned long long* factor_ptrs,
+                                                const unsigned int* ranks, unsigned int f, unsigned int k0,
+                                                unsigned int r0, unsigned int c0, unsigned int rows,
+                                                unsigned int cols, int tid) {
+    const float* B = (const float*)factor_ptrs[2 * f];
+    const float* A = (const float*)factor_ptrs[2 * f + 1];
+    const unsigned int rank = ranks[f];
+#pragma unroll
+    for (int u = 0; u < (TM * MK) / 256; u++) {
+        const int e = tid + 256 * u;
+        const unsigned int r = r0 + e / MK, k = k0 + e % MK;
+        const bool ok = r < rows && k < rank;
+        stage4(&Lb[e / MK][e % MK], ok ? B + (unsigned long long)r * rank + k : B, ok);
+    }
+#pragma unroll
+    for (int u = 0; u < (TN * MK) / 256; u++) {
+        const int e = tid + 256 * u;
+        const unsigned int k = k0 + e / TN, c = c0 + e % TN;
+        const bool ok = c < cols && k < rank;
+        stage4(&La[e / TN][e % TN], ok ? A + (unsigned long long)k * cols + c : A, ok);
+    }
+    stage_commit();
+}
 
 template <typename T>
 __device__ __forceinline__ void merge_mma(const unsigned long long* layer_ptrs, const unsigned int* dims,
@@ -265,6 +345,7 @@ __device__ __forceinline__ void merge_mma(const unsigned long long* layer_ptrs, 
 #if __CUDA_ARCH__ >= 800
     __shared__ unsigned int Bh[TM][MBS], Bl[TM][MBS];
     __shared__ unsigned int Ah[MK][MAS], Al[MK][MAS];
+    __shared__ float Lb[TM][MK], La[MK][TN];
     const unsigned long long tile = blockIdx.x;
     const int l = find_layer(offsets, n_layers, tile);
     const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
@@ -282,52 +363,51 @@ __device__ __forceinline__ void merge_mma(const unsigned long long* layer_ptrs, 
 #pragma unroll
             for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
 
-    for (unsigned int f = f0; f < f0 + nf; f++) {
-        const float* B = (const float*)factor_ptrs[2 * f];
-        const float* A = (const float*)factor_ptrs[2 * f + 1];
-        const unsigned int rank = ranks[f];
+    // the next chunk lands (raw, by cp.async on sm_80+) in Lb/La while the current one is
+    // multiplied; each thread splits the elements it staged into the hi/lo buffers
+    unsigned int f = f0, k0 = 0;
+    if (nf > 0) stage_mma_chunk(Lb, La, factor_ptrs, ranks, f, k0, r0, c0, rows, cols, tid);
+    while (f < f0 + nf) {
         const float coeff = coeffs[f];
-        for (unsigned int k0 = 0; k0 < rank; k0 += MK) {
+        stage_wait(true);
+        __syncthreads();  // every warp is done with the hi/lo buffers of the previous chunk
 #pragma unroll
-            for (int u = 0; u < (TM * MK) / 256; u++) {
-                const int e = tid + 256 * u, i = e / MK, kk = e % MK;
-                const unsigned int r = r0 + i, k = k0 + kk;
-                const float x = (r < rows && k < rank) ? coeff * B[(unsigned long long)r * rank + k] : 0.0f;
-                split_tf32(x, Bh[i][kk], Bl[i][kk]);
+        for (int u = 0; u < (TM * MK) / 256; u++) {
+            const int e = tid + 256 * u;
+            split_tf32(coeff * Lb[e / MK][e % MK], Bh[e / MK][e % MK], Bl[e / MK][e % MK]);
+        }
+#pragma unroll
+        for (int u = 0; u < (TN * MK) / 256; u++) {
+            const int e = tid + 256 * u;
+            split_tf32(La[e / TN][e % TN], Ah[e / TN][e % TN], Al[e / TN][e % TN]);
+        }
+        __syncthreads();  // hi/lo complete, the landing buffers free
+        k0 += MK;
+        if (k0 >= ranks[f]) { f++; k0 = 0; }
+        if (f < f0 + nf) stage_mma_chunk(Lb, La, factor_ptrs, ranks, f, k0, r0, c0, rows, cols, tid);
+#pragma unroll
+        for (int kb = 0; kb < MK; kb += 8) {
+            unsigned int bh[4][2], bl[4][2];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const int col = wn * 32 + nt * 8 + g;
+                bh[nt][0] = Ah[kb + t4][col]; bh[nt][1] = Ah[kb + t4 + 4][col];
+                bl[nt][0] = Al[kb + t4][col]; bl[nt][1] = Al[kb + t4 + 4][col];
             }
 #pragma unroll
-            for (int u = 0; u < (TN * MK) / 256; u++) {
-                const int e = tid + 256 * u, kk = e / TN, j = e % TN;
-                const unsigned int k = k0 + kk, c = c0 + j;
-                const float x = (c < cols && k < rank) ? A[(unsigned long long)k * cols + c] : 0.0f;
-                split_tf32(x, Ah[kk][j], Al[kk][j]);
-            }
-            __syncthreads();
-#pragma unroll
-            for (int kb = 0; kb < MK; kb += 8) {
-                unsigned int bh[4][2], bl[4][2];
+            for (int mt = 0; mt < 4; mt++) {
+                const int row = wm * 64 + mt * 16 + g;
+                const unsigned int ah[4] = {Bh[row][kb + t4], Bh[row + 8][kb + t4], Bh[row][kb + t4 + 4],
+                                            Bh[row + 8][kb + t4 + 4]};
+                const unsigned int al[4] = {Bl[row][kb + t4], Bl[row + 8][kb + t4], Bl[row][kb + t4 + 4],
+                                            Bl[row + 8][kb + t4 + 4]};
 #pragma unroll
                 for (int nt = 0; nt < 4; nt++) {
-                    const int col = wn * 32 + nt * 8 + g;
-                    bh[nt][0] = Ah[kb + t4][col]; bh[nt][1] = Ah[kb + t4 + 4][col];
-                    bl[nt][0] = Al[kb + t4][col]; bl[nt][1] = Al[kb + t4 + 4][col];
-                }
-#pragma unroll
-                for (int mt = 0; mt < 4; mt++) {
-                    const int row = wm * 64 + mt * 16 + g;
-                    const unsigned int ah[4] = {Bh[row][kb + t4], Bh[row + 8][kb + t4], Bh[row][kb + t4 + 4],
-                                                Bh[row + 8][kb + t4 + 4]};
-                    const unsigned int al[4] = {Bl[row][kb + t4], Bl[row + 8][kb + t4], Bl[row][kb + t4 + 4],
-                                                Bl[row + 8][kb + t4 + 4]};
-#pragma unroll
-                    for (int nt = 0; nt < 4; nt++) {
-                        mma_tf32(acc[mt][nt], al, bh[nt][0], bh[nt][1]);
-                        mma_tf32(acc[mt][nt], ah, bl[nt][0], bl[nt][1]);
-                        mma_tf32(acc[mt][nt], ah, bh[nt][0], bh[nt][1]);
-                    }
+                    mma_tf32(acc[mt][nt], al, bh[nt][0], bh[nt][1]);
+                    mma_tf32(acc[mt][nt], ah, bl[nt][0], bl[nt][1]);
+                    mma_tf32(acc[mt][nt], ah, bh[nt][0], bh[nt][1]);
                 }
             }
-            __syncthreads();
         }
     }
 

@@ -236,21 +236,25 @@ fn host_layers(cases: &[Case], seed: u64) -> Vec<HostLayer> {
         .collect()
 }
 
-/// `base + Σ coeff·B·A` in f64.
-fn reference(c: &Case, base: &[f32], fs: &[(Vec<f32>, Vec<f32>)]) -> Vec<f64> {
+/// `base + Σ coeff·B·A` in f64, and beside it each element's magnitude `|base| + Σ |coeff·b·a|`
+/// (what the f32 rounding errors of a GPU sum scale with).
+fn reference(c: &Case, base: &[f32], fs: &[(Vec<f32>, Vec<f32>)]) -> (Vec<f64>, Vec<f64>) {
     let mut out: Vec<f64> = base.iter().map(|&x| x as f64).collect();
+    let mut mag: Vec<f64> = base.iter().map(|&x| (x as f64).abs()).collect();
     for ((b, a), &(rank, coeff)) in fs.iter().zip(&c.factors) {
         for r in 0..c.rows {
             for k in 0..rank {
                 let bk = coeff as f64 * b[r * rank + k] as f64;
                 let a_row = &a[k * c.cols..(k + 1) * c.cols];
-                for (o, &x) in out[r * c.cols..(r + 1) * c.cols].iter_mut().zip(a_row) {
+                let row = r * c.cols..(r + 1) * c.cols;
+                for ((o, m), &x) in out[row.clone()].iter_mut().zip(&mut mag[row]).zip(a_row) {
                     *o += bk * x as f64;
+                    *m += (bk * x as f64).abs();
                 }
             }
         }
     }
-    out
+    (out, mag)
 }
 
 /// Uploads the cases with the weights as `T` (`to_t` converts), merges with `kernel`, and
@@ -315,13 +319,19 @@ fn f32_merge_kernels_match_the_f64_reference() {
     let k = gpu();
     let cases = merge_cases();
     let host = host_layers(&cases, 7);
-    for kernel in [MergeKernel::Tiled, MergeKernel::Naive] {
+    // 3×TF32 drops the lo·lo products: about f32 accuracy, not quite
+    for (kernel, tol) in [
+        (MergeKernel::Tiled, 1e-6),
+        (MergeKernel::Naive, 1e-6),
+        (MergeKernel::Mma, 1e-5),
+    ] {
         let got = gpu_merge::<f32>(&k, &cases, &host, kernel, |x| x, |x| x);
         for ((c, (base, fs)), out) in cases.iter().zip(&host).zip(&got) {
-            let want = reference(c, base, fs);
+            let (want, _) = reference(c, base, fs);
             let err = rel_err64(out, &want);
+            eprintln!("{kernel} f32 {}×{}: relative error {err:.2e}", c.rows, c.cols);
             assert!(
-                err < 1e-6,
+                err < tol,
                 "{kernel} f32 {}×{}: relative error {err:.2e}",
                 c.rows,
                 c.cols
@@ -360,21 +370,24 @@ fn f16_merge_kernels_match_the_f64_reference() {
             |h| f16::from_bits(h).to_f32(),
         );
         for ((c, (base, fs)), out) in cases.iter().zip(&host).zip(&got) {
-            let want = reference(c, base, fs);
+            let (want, mag) = reference(c, base, fs);
             let err = rel_err64(out, &want);
+            eprintln!("{kernel} f16 {}×{}: relative error {err:.2e}", c.rows, c.cols);
             assert!(
                 err < 1e-3,
                 "{kernel} f16 {}×{}: relative error {err:.2e}",
                 c.rows,
                 c.cols
             );
-            // every element is the reference rounded to fp16, give or take one fp16 step
-            for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
+            // every element is the reference rounded to fp16, give or take one fp16 step, plus
+            // the f32 summation error (it matters where W and ΔW nearly cancel and the fp16 step
+            // is tiny)
+            for (i, ((&o, &w), &m)) in out.iter().zip(&want).zip(&mag).enumerate() {
                 let rounded = f16::from_f64(w);
                 let step = (f16::from_bits(rounded.to_bits() + 1).to_f64() - rounded.to_f64()).abs();
                 assert!(
-                    (o as f64 - w).abs() <= step,
-                    "{kernel} f16 {}×{} element {i}: {o} vs {w}",
+                    (o as f64 - w).abs() <= step + 1e-5 * m,
+                    "{kernel} f16 {}×{} element {i}: {o} vs {w} (magnitude {m})",
                     c.rows,
                     c.cols
                 );
