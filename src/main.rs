@@ -4,6 +4,7 @@
 //! katz demo        the embedded demo: tiny bundles, one ControlNet, one LoRA, on the CPU
 //! katz generate    one image from any bundle, with ControlNets and LoRAs
 //! katz worker      the service: RabbitMQ jobs → pipeline → Redis results
+//! katz controlnet-worker   one ControlNet model's sessions for base workers (ControlNet-as-a-Service)
 //! katz submit      publish a job; --wait follows it and writes the image
 //! katz status ID   a job's record;   katz cancel ID   stop it
 //! katz bench …     measurements (lora-merge: LoRA merge time vs the memory-bound floor)
@@ -33,6 +34,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Serve jobs from RabbitMQ, results to Redis.
     Worker(cmd::worker::WorkerArgs),
+    /// Serve one ControlNet model's sessions for base workers (queue katz.controlnet.<model>).
+    ControlnetWorker(cmd::controlnet_worker::ControlNetWorkerArgs),
     /// Publish a job (and with --wait, follow it and write its image).
     Submit(cmd::submit::SubmitArgs),
     /// Print a job's status record.
@@ -47,7 +50,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // the worker logs its jobs; the one-shot commands only warnings (KATZ_LOG overrides both)
     let default_filter = match cli.command {
-        Command::Worker(_) => "warn,katz_actors=info",
+        Command::Worker(_) | Command::ControlnetWorker(_) => "warn,katz_actors=info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -60,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Worker(a) => cmd::worker::run(a),
+        Command::ControlnetWorker(a) => cmd::controlnet_worker::run(a),
         Command::Submit(a) => cmd::submit::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Cancel(a) => cmd::cancel::run(a),

@@ -203,23 +203,52 @@ fn bad_input_is_a_clear_error() {
 fn lora_whose_keys_match_nothing_is_refused() {
     use safetensors::tensor::{Dtype, TensorView};
     let d = tmp("lora");
-    let p = d.join("foreign.safetensors");
     let a = vec![0u8; 4 * 4 * 4];
-    let views = vec![
-        (
-            "lora_unet_foo_bar.lora_down.weight".to_string(),
-            TensorView::new(Dtype::F32, vec![4, 4], &a).unwrap(),
-        ),
-        (
-            "text_model.encoder.layers.0.q_proj.lora_A.weight".to_string(),
-            TensorView::new(Dtype::F32, vec![4, 4], &a).unwrap(),
-        ),
-    ];
-    safetensors::serialize_to_file(views, None, &p).unwrap();
-    let spec = format!("{}:1.0", p.display());
+    let write = |name: &str, keys: &[&str]| {
+        let p = d.join(name);
+        let views: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                (
+                    k.to_string(),
+                    TensorView::new(Dtype::F32, vec![4, 4], &a).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &p).unwrap();
+        format!("{}:1.0", p.display())
+    };
+    // kohya keys of another model, peft keys of a text encoder: both name what matched nothing
+    let kohya = write(
+        "foreign-kohya.safetensors",
+        &[
+            "lora_unet_foo_bar.lora_down.weight",
+            "lora_unet_foo_bar.lora_up.weight",
+        ],
+    );
     fails_with(
-        &generate(&["--lora", &spec], &d.join("x.png")),
+        &generate(&["--lora", &kohya], &d.join("x.png")),
         "keys match no weight of the bundle",
+    );
+    let peft = write(
+        "foreign-peft.safetensors",
+        &["text_model.encoder.layers.0.q_proj.lora_A.weight"],
+    );
+    fails_with(
+        &generate(&["--lora", &peft], &d.join("x.png")),
+        "keys match no weight of the bundle",
+    );
+    // and a file mixing both layouts says so
+    let mixed = write(
+        "mixed.safetensors",
+        &[
+            "lora_unet_foo_bar.lora_down.weight",
+            "text_model.encoder.layers.0.q_proj.lora_A.weight",
+        ],
+    );
+    fails_with(
+        &generate(&["--lora", &mixed], &d.join("x.png")),
+        "a file must be in one layout",
     );
 }
 

@@ -10,12 +10,12 @@ use katz_actors::protocol::{Job, LoraJob};
 use katz_actors::Action;
 
 fn models() -> Models {
-    Models {
-        base: root().join("bundles/tiny-sdxl"),
-        controlnets: vec![root().join("bundles/tiny-sdxl-controlnet")],
-        lora: katz_actors::lora::LoraConfig::new(root().join("bundles/loras")),
-        session: test_options(),
-    }
+    Models::local(
+        root().join("bundles/tiny-sdxl"),
+        vec![root().join("bundles/tiny-sdxl-controlnet")],
+        katz_actors::lora::LoraConfig::new(root().join("bundles/loras")),
+        test_options(),
+    )
 }
 
 #[test]

@@ -239,7 +239,11 @@ fn merged_weights_equal_the_f64_reference() {
         let got = merged.host_data(p.weights(), name).unwrap();
         let e = rel_err(&got, &want);
         // f32 on the CPU; fp16 GPU bundles store the merged weight in fp16
-        let tol = if p.weights().device().is_some() { 1e-3 } else { 1e-6 };
+        let tol = if p.weights().device().is_some() {
+            1e-3
+        } else {
+            1e-6
+        };
         assert!(e < tol, "{name}: relative error {e:.2e}");
         assert!(rel_err(&got, &base) > 1e-4, "{name}: the merge changed nothing");
     }
@@ -322,7 +326,10 @@ fn the_manager_bounds_pending_loads_caches_adapters_and_merges_kohya_files() {
             .collect();
         let want = weights.merge(&files).unwrap();
         for name in want.names() {
-            let (a, b) = (merged.host_data(&weights, name).unwrap(), want.host_data(&weights, name).unwrap());
+            let (a, b) = (
+                merged.host_data(&weights, name).unwrap(),
+                want.host_data(&weights, name).unwrap(),
+            );
             assert!(rel_err(&a, &b) < 1e-6, "{name}");
         }
         // now all three are cached: admission counts hits

@@ -318,6 +318,9 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             ("step_ms".into(), ms(t.per_step())),
             ("first_step_ms".into(), ms(t.first_step)),
         ];
+        if !job.controlnets.is_empty() {
+            fields.push(("controlnet_retries".into(), out.controlnet_retries.to_string()));
+        }
         if let Some(st) = lora_stats {
             let st = st.lock().unwrap_or_else(|e| e.into_inner()).clone();
             fields.extend([

@@ -19,6 +19,7 @@
 //! running again (idempotent by job id and content digest). See docs/protocol.md.
 
 pub mod consumer;
+pub mod controlnet;
 pub mod embedded;
 pub mod error;
 pub mod job;

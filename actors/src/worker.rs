@@ -73,11 +73,13 @@ pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
     });
     let result: Result<(), WorkerError> = sys.block_on(async move {
         let store = connect_redis(&cfg.redis).await?.start();
+        let rt = tokio::runtime::Handle::current();
         let pipeline = SyncArbiter::start(n, move || {
             pool.lock()
                 .ok()
                 .and_then(|mut p| p.pop())
                 .expect("one preloaded pipeline per thread")
+                .with_runtime(rt.clone())
         });
         if let Some(addr) = cfg.metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)

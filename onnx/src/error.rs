@@ -48,6 +48,8 @@ pub enum Error {
     Cancelled { step: usize },
     #[error("GPU: {0}")]
     Gpu(String),
+    #[error("{0}")]
+    ControlNet(String),
 }
 
 impl Error {
@@ -73,6 +75,7 @@ impl Error {
             | Error::InvalidRequest(_)
             | Error::Scheduler(_)
             | Error::Tokenizer { .. }
+            | Error::ControlNet(_)
             | Error::Cancelled { .. } => Disposition::DeadLetter,
             Error::RuntimeMissing { .. }
             | Error::RuntimeLoad { .. }
@@ -99,6 +102,7 @@ impl Error {
             Error::Scheduler(_) => "scheduler",
             Error::Cancelled { .. } => "cancelled",
             Error::Gpu(_) => "gpu",
+            Error::ControlNet(_) => "controlnet",
         }
     }
 }

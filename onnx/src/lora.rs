@@ -27,8 +27,8 @@ use safetensors::SafeTensors;
 
 use crate::bundle::WeightEntry;
 use crate::weights::to_f32;
-use rayon::prelude::*;
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// One adapted weight: `ΔW = (alpha / rank) · B · A`.
 #[derive(Debug, Clone, PartialEq)]

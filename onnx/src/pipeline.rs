@@ -28,17 +28,19 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use katz_kernels::{guidance, residual};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, SessionInputValue};
-use ort::value::{TensorElementType, TensorRefMut};
 use ort::value::{DynTensorValueType, DynValue};
+use ort::value::{TensorElementType, TensorRefMut};
 
 use crate::bundle::{check_compute, check_io, BaseBundle, ControlNetBundle};
-use crate::controlnet::ControlNet;
+use crate::controlnet::{
+    ControlNet, ControlService, ControlSession, InlineControlNets, SessionInit, ThreadedControlNets,
+};
 use crate::lora::LoraAdapter;
 use crate::noise::SeededNoise;
 use crate::runtime::{self, SessionOptions};
@@ -255,7 +257,7 @@ pub struct Pipeline {
     unet_decoder: Session,
     vae: Session,
     weights: Arc<Weights>,
-    controlnets: Vec<ControlNet>,
+    controlnets: Vec<Arc<Mutex<ControlNet>>>,
 }
 
 fn skip_names(n: usize) -> Vec<String> {
@@ -371,12 +373,31 @@ impl Pipeline {
     /// Loads a ControlNet bundle (once per directory) and returns its index for [`ControlRequest`].
     pub fn controlnet(&mut self, dir: impl AsRef<Path>) -> Result<usize> {
         let dir = dir.as_ref();
-        if let Some(i) = self.controlnets.iter().position(|c| c.bundle.dir == dir) {
+        if let Some(i) = self
+            .controlnets
+            .iter()
+            .position(|c| c.lock().unwrap_or_else(|e| e.into_inner()).bundle.dir == dir)
+        {
             return Ok(i);
         }
         let cn = ControlNet::load(ControlNetBundle::open(dir)?, &self.bundle, &self.opts)?;
-        self.controlnets.push(cn);
+        self.controlnets.push(Arc::new(Mutex::new(cn)));
         Ok(self.controlnets.len() - 1)
+    }
+
+    /// This pipeline's ControlNets as a [`ControlService`] computing in the caller's thread.
+    pub fn inline_controlnets(&self) -> InlineControlNets {
+        InlineControlNets {
+            models: self.controlnets.clone(),
+        }
+    }
+
+    /// This pipeline's ControlNets as a [`ControlService`] whose sessions run on threads of
+    /// their own, overlapping the UNet encoder.
+    pub fn threaded_controlnets(&self) -> ThreadedControlNets {
+        ThreadedControlNets {
+            models: self.controlnets.clone(),
+        }
     }
 
     /// Reads a LoRA file against this bundle's weights.
@@ -386,6 +407,11 @@ impl Pipeline {
 
     /// Checks a request before any model work; every problem is an [`Error::InvalidRequest`].
     pub fn validate(&self, req: &Request) -> Result<()> {
+        self.validate_for(req, false)
+    }
+
+    /// [`Pipeline::validate`]; with `remote`, ControlNets run elsewhere (no loaded model needed).
+    pub fn validate_for(&self, req: &Request, remote: bool) -> Result<()> {
         let f = self.bundle.manifest.vae_scale_factor;
         let bad = |m: String| Err(Error::InvalidRequest(m));
         if req.steps == 0 {
@@ -409,7 +435,7 @@ impl Pipeline {
             ));
         }
         for (i, c) in req.controlnets.iter().enumerate() {
-            if c.model >= self.controlnets.len() {
+            if !remote && c.model >= self.controlnets.len() {
                 return bad(format!("ControlNet #{i} refers to a model that is not loaded"));
             }
             if !c.scale.is_finite() {
@@ -463,7 +489,22 @@ impl Pipeline {
         obs: &mut dyn Observer,
         plan: LoraPlan<'_>,
     ) -> Result<Generated> {
-        self.validate(req)?;
+        self.generate_with(req, noise, obs, plan, None)
+    }
+
+    /// Runs a request with its LoRAs arriving as `plan` says and, with `control`, its ControlNets
+    /// in sessions of that service: each step's input goes to every active session before the UNet
+    /// encoder runs, the residuals are collected after it (overlap). Without `control` the
+    /// pipeline's own ControlNets run one after another after the encoder (in-process serial).
+    pub fn generate_with(
+        &mut self,
+        req: &Request,
+        noise: &mut dyn NoiseSource,
+        obs: &mut dyn Observer,
+        plan: LoraPlan<'_>,
+        control: Option<&mut dyn ControlService>,
+    ) -> Result<Generated> {
+        self.validate_for(req, control.is_some())?;
         let started = Instant::now();
         let mut t = Timings {
             steps: req.steps,
@@ -520,6 +561,14 @@ impl Pipeline {
             })
             .collect();
 
+        let mut sessions: Vec<Box<dyn ControlSession>> = Vec::new();
+        if let Some(svc) = control {
+            let t0 = Instant::now();
+            for (j, (c, image)) in req.controlnets.iter().zip(&images).enumerate() {
+                sessions.push(svc.open(j, c, SessionInit { cond: &cond, image })?);
+            }
+            t.controlnet += t0.elapsed();
+        }
         let mut latents = Tensor::zeros(vec![1, lc, h, w]);
         noise.fill(&mut latents.data);
         let sigma0 = sched.init_noise_sigma();
@@ -573,19 +622,35 @@ impl Pipeline {
             latent_in.data.iter_mut().for_each(|v| *v *= scale_in);
             let timestep = Tensor::new(vec![b], vec![ts; b]);
 
-            let active: Vec<(&ControlRequest, &Tensor)> = req
+            let active: Vec<usize> = req
                 .controlnets
                 .iter()
-                .zip(&images)
-                .filter(|(c, _)| {
+                .enumerate()
+                .filter(|(_, c)| {
                     // diffusers' controlnet_keep: a ControlNet acts while start ≤ i/n and (i+1)/n ≤ end
                     let (lo, hi) = (i as f32 / n as f32, (i + 1) as f32 / n as f32);
                     lo >= c.start && hi <= c.end
                 })
+                .map(|(j, _)| j)
                 .collect();
+            // sessions start on this step's residuals now: they overlap the UNet encoder
+            let t0 = Instant::now();
+            for &j in &active {
+                if let Some(s) = sessions.get_mut(j) {
+                    s.send(i, &latent_in, &timestep)?;
+                }
+            }
+            t.controlnet += t0.elapsed();
+            let mut sc = StepControl {
+                req,
+                images: &images,
+                active: &active,
+                sessions: &mut sessions,
+                step: i,
+            };
             let pred = match bound.as_mut() {
-                None => self.host_unet_step(&latent_in, &timestep, &cond, &merged, &active, &mut t)?,
-                Some(bu) => self.bound_unet_step(bu, &latent_in, &timestep, &cond, &active, &mut t)?,
+                None => self.host_unet_step(&latent_in, &timestep, &cond, &merged, &mut sc, &mut t)?,
+                Some(bu) => self.bound_unet_step(bu, &latent_in, &timestep, &cond, &mut sc, &mut t)?,
             };
 
             let t0 = Instant::now();
@@ -602,6 +667,9 @@ impl Pipeline {
             obs.on_step(i, n, &latents)?;
         }
 
+        for s in sessions.iter_mut() {
+            s.close();
+        }
         let t0 = Instant::now();
         let image = self.decode(&latents)?;
         t.vae_decode = t0.elapsed();
@@ -632,7 +700,7 @@ impl Pipeline {
         timestep: &Tensor,
         cond: &Conditioning,
         merged: &MergedWeights,
-        active: &[(&ControlRequest, &Tensor)],
+        sc: &mut StepControl<'_>,
         t: &mut Timings,
     ) -> Result<Tensor> {
         let t0 = Instant::now();
@@ -640,11 +708,11 @@ impl Pipeline {
         t.unet_encoder += t0.elapsed();
         let t0 = Instant::now();
         add_residuals(
-            &mut self.controlnets,
+            &self.controlnets,
+            sc,
             latent_in,
             timestep,
             cond,
-            active,
             &mut mid,
             &mut skips,
         )?;
@@ -761,7 +829,7 @@ impl Pipeline {
         latent_in: &Tensor,
         timestep: &Tensor,
         cond: &Conditioning,
-        active: &[(&ControlRequest, &Tensor)],
+        sc: &mut StepControl<'_>,
         t: &mut Timings,
     ) -> Result<Tensor> {
         let BoundUnet {
@@ -777,7 +845,7 @@ impl Pipeline {
         enc.synchronize_outputs()?;
         t.unet_encoder += t0.elapsed();
         let t0 = Instant::now();
-        if active.is_empty() {
+        if sc.active.is_empty() {
             for name in enc_outputs.iter() {
                 dec.bind_input(name.as_str(), &out[name.as_str()])?;
             }
@@ -789,11 +857,11 @@ impl Pipeline {
                 .map(|n| to_host(&out[n.as_str()]))
                 .collect::<Result<Vec<_>>>()?;
             add_residuals(
-                &mut self.controlnets,
+                &self.controlnets,
+                sc,
                 latent_in,
                 timestep,
                 cond,
-                active,
                 &mut mid,
                 &mut skips,
             )?;
@@ -896,21 +964,55 @@ fn to_host(v: &DynValue) -> Result<Tensor> {
     ))
 }
 
+/// The ControlNets of one step: which act, and where their residuals come from.
+struct StepControl<'a> {
+    req: &'a Request,
+    /// Conditioning images, batched like the latents.
+    images: &'a [Tensor],
+    /// Indices into `req.controlnets` active at this step.
+    active: &'a [usize],
+    /// Sessions (already sent this step's input), or none: the pipeline's own, serially.
+    sessions: &'a mut Vec<Box<dyn ControlSession>>,
+    step: usize,
+}
+
 /// `skips += Σ scaleⱼ·downⱼ`, `mid += Σ scaleⱼ·midⱼ` over the active ControlNets (diffusers'
-/// MultiControlNet sum), on host tensors.
+/// MultiControlNet sum), on host tensors: from the sessions when there are, else computed here.
 fn add_residuals(
-    controlnets: &mut [ControlNet],
+    controlnets: &[Arc<Mutex<ControlNet>>],
+    sc: &mut StepControl<'_>,
     latent_in: &Tensor,
     timestep: &Tensor,
     cond: &Conditioning,
-    active: &[(&ControlRequest, &Tensor)],
     mid: &mut Tensor,
     skips: &mut [Tensor],
 ) -> Result<()> {
-    for (c, image) in active {
-        let res = controlnets[c.model].residuals(latent_in, timestep, cond, image)?;
-        let (res_mid, res_down) = res.split_last().expect("ControlNet returns residuals");
+    for &j in sc.active {
+        let c = &sc.req.controlnets[j];
+        let res = match sc.sessions.get_mut(j) {
+            Some(s) => s.recv(sc.step)?,
+            None => controlnets[c.model]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .residuals(latent_in, timestep, cond, &sc.images[j])?,
+        };
+        let (res_mid, res_down) = res
+            .split_last()
+            .ok_or_else(|| Error::InvalidRequest(format!("ControlNet #{j} returned no residuals")))?;
+        if res_down.len() != skips.len() {
+            return Err(Error::InvalidRequest(format!(
+                "ControlNet #{j} returned {} down residuals, the UNet has {} skips",
+                res_down.len(),
+                skips.len()
+            )));
+        }
         for (s, r) in skips.iter_mut().zip(res_down) {
+            if s.shape != r.shape {
+                return Err(Error::InvalidRequest(format!(
+                    "ControlNet #{j}: residual {:?} does not fit the skip {:?}",
+                    r.shape, s.shape
+                )));
+            }
             residual::axpy(&mut s.data, &r.data, c.scale);
         }
         residual::axpy(&mut mid.data, &res_mid.data, c.scale);

@@ -57,9 +57,11 @@ pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
                 &owned
             };
             if dtype == Dtype::F16 {
-                bits.reinterpret_cast::<half::f16>().convert_to_f32_slice(&mut out);
+                bits.reinterpret_cast::<half::f16>()
+                    .convert_to_f32_slice(&mut out);
             } else {
-                bits.reinterpret_cast::<half::bf16>().convert_to_f32_slice(&mut out);
+                bits.reinterpret_cast::<half::bf16>()
+                    .convert_to_f32_slice(&mut out);
             }
             Some(out)
         }
@@ -74,10 +76,16 @@ mod to_f32_tests {
     #[test]
     fn half_and_bfloat_convert_exactly() {
         let vals = [0.0f32, -1.5, 3.140625, 65504.0, 1e-4, -0.0];
-        let f16: Vec<u8> = vals.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        let f16: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
         let want: Vec<f32> = vals.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
         assert_eq!(to_f32(Dtype::F16, &f16).unwrap(), want);
-        let bf: Vec<u8> = vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let bf: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
         let want: Vec<f32> = vals.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
         assert_eq!(to_f32(Dtype::BF16, &bf).unwrap(), want);
         let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -88,12 +96,17 @@ mod to_f32_tests {
     #[ignore = "a timing, not a check: cargo test --release -p katz-onnx -- --ignored --nocapture to_f32"]
     fn to_f32_speed() {
         let n = 50_000_000;
-        let bytes: Vec<u8> = (0..n).flat_map(|i| half::f16::from_f32((i % 977) as f32 * 0.01).to_le_bytes()).collect();
+        let bytes: Vec<u8> = (0..n)
+            .flat_map(|i| half::f16::from_f32((i % 977) as f32 * 0.01).to_le_bytes())
+            .collect();
         let t0 = std::time::Instant::now();
         let a = to_f32(Dtype::F16, &bytes).unwrap();
         let slice = t0.elapsed();
         let t0 = std::time::Instant::now();
-        let b: Vec<f32> = bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+        let b: Vec<f32> = bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
         let scalar = t0.elapsed();
         assert_eq!(a, b);
         eprintln!("{n} fp16 values: slice conversion {slice:?}, per element {scalar:?}");
@@ -245,10 +258,12 @@ impl Weights {
 
     /// Uploads the pristine weights to GPU `ordinal` (once; every job then binds them in place).
     pub fn to_device(&mut self, ordinal: i32) -> Result<()> {
-        let kernels = Arc::new(GpuKernels::new(ordinal as usize).map_err(|e| Error::DeviceUnavailable {
-            device: format!("cuda:{ordinal}"),
-            message: format!("the LoRA merge kernels cannot start: {e}"),
-        })?);
+        let kernels = Arc::new(
+            GpuKernels::new(ordinal as usize).map_err(|e| Error::DeviceUnavailable {
+                device: format!("cuda:{ordinal}"),
+                message: format!("the LoRA merge kernels cannot start: {e}"),
+            })?,
+        );
         let mut values = HashMap::new();
         for name in self.map.keys() {
             let v = &self.values[name];
@@ -313,9 +328,10 @@ impl Weights {
         let mut touched: BTreeMap<&str, Vec<GpuFactor<'_>>> = BTreeMap::new();
         for (lora, factors, scale) in loras {
             for (name, layer) in &lora.layers {
-                let (b, a) = factors.layers.get(name).ok_or_else(|| {
-                    Error::Gpu(format!("device factors of `{name}` are missing"))
-                })?;
+                let (b, a) = factors
+                    .layers
+                    .get(name)
+                    .ok_or_else(|| Error::Gpu(format!("device factors of `{name}` are missing")))?;
                 touched.entry(name.as_str()).or_default().push(GpuFactor {
                     b,
                     a,
@@ -468,7 +484,11 @@ impl MergedWeights {
         }
         let v = self.get(pristine, name);
         if pristine.half.contains(name) {
-            Ok(v.try_extract_tensor::<half::f16>()?.1.iter().map(|x| x.to_f32()).collect())
+            Ok(v.try_extract_tensor::<half::f16>()?
+                .1
+                .iter()
+                .map(|x| x.to_f32())
+                .collect())
         } else {
             Ok(v.try_extract_tensor::<f32>()?.1.to_vec())
         }

@@ -41,7 +41,10 @@ pub struct LoraBoundArgs {
     pub bounds: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     pub seeds: Vec<u64>,
-    #[arg(long, default_value = "a red circle above a blue square on a white background")]
+    #[arg(
+        long,
+        default_value = "a red circle above a blue square on a white background"
+    )]
     pub prompt: String,
     #[arg(long, default_value_t = 128)]
     pub size: usize,
@@ -60,7 +63,11 @@ pub fn lora_bound(a: LoraBoundArgs) -> anyhow::Result<()> {
     let mut pipe = Pipeline::load(&bundle, a.device.session_options())
         .with_context(|| format!("loading {}", bundle.display()))?;
     let specs = if a.loras.is_empty() {
-        vec![format!("{}:0.8", bundles.join("loras/tiny-lora-a.safetensors").display()).parse::<LoraSpec>().map_err(anyhow::Error::msg)?]
+        vec![
+            format!("{}:0.8", bundles.join("loras/tiny-lora-a.safetensors").display())
+                .parse::<LoraSpec>()
+                .map_err(anyhow::Error::msg)?,
+        ]
     } else {
         a.loras.clone()
     };
@@ -100,16 +107,18 @@ pub fn lora_bound(a: LoraBoundArgs) -> anyhow::Result<()> {
             "rel_diff": rel_diff(&plain.data, &sync.data),
             "ssim": ssim(&plain, &sync)?,
         })];
-        let mut push = |label: String, rd: f64, ss: f64| {
-            match rows.iter_mut().find(|r| r.0 == label) {
-                Some(r) => {
-                    r.1.push(rd);
-                    r.2.push(ss);
-                }
-                None => rows.push((label, vec![rd], vec![ss])),
+        let mut push = |label: String, rd: f64, ss: f64| match rows.iter_mut().find(|r| r.0 == label) {
+            Some(r) => {
+                r.1.push(rd);
+                r.2.push(ss);
             }
+            None => rows.push((label, vec![rd], vec![ss])),
         };
-        push("no LoRA".into(), rel_diff(&plain.data, &sync.data), ssim(&plain, &sync)?);
+        push(
+            "no LoRA".into(),
+            rel_diff(&plain.data, &sync.data),
+            ssim(&plain, &sync)?,
+        );
         for &k in &a.bounds {
             let mut pending = PendingMerge::spawn(pipe.shared_weights(), loras.clone());
             let req = request(seed, false);
@@ -135,8 +144,14 @@ pub fn lora_bound(a: LoraBoundArgs) -> anyhow::Result<()> {
     let mut summary = Vec::new();
     for (label, rd, ss) in &rows {
         let min_ssim = ss.iter().cloned().fold(f64::INFINITY, f64::min);
-        println!("  {label:<14}{:>22.3e}{:>16.4}   (min SSIM {min_ssim:.4})", mean(rd), mean(ss));
-        summary.push(json!({"variant": label, "rel_diff_mean": mean(rd), "ssim_mean": mean(ss), "ssim_min": min_ssim}));
+        println!(
+            "  {label:<14}{:>22.3e}{:>16.4}   (min SSIM {min_ssim:.4})",
+            mean(rd),
+            mean(ss)
+        );
+        summary.push(
+            json!({"variant": label, "rel_diff_mean": mean(rd), "ssim_mean": mean(ss), "ssim_min": min_ssim}),
+        );
     }
     if let Some(out) = &a.out {
         let doc = json!({
@@ -188,7 +203,8 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => bundles_dir()?.join("../../shared/workload/katz-trace-stats.json"),
     };
-    let stats = sim::TraceStats::load(&path).map_err(anyhow::Error::msg)
+    let stats = sim::TraceStats::load(&path)
+        .map_err(anyhow::Error::msg)
         .with_context(|| format!("reading {}", path.display()))?;
     let svc = stats
         .service(&a.service)
@@ -203,8 +219,22 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
             drift = d;
             s
         }
-        (None, Some(t)) => sim::calibrate_with_drift(&stats, &a.service, a.requests, a.seed, a.drift, t.lru, Policy::Lru).0,
-        (None, None) => anyhow::bail!("service {} has no published cache result to fit; give --zipf-s", a.service),
+        (None, Some(t)) => {
+            sim::calibrate_with_drift(
+                &stats,
+                &a.service,
+                a.requests,
+                a.seed,
+                a.drift,
+                t.lru,
+                Policy::Lru,
+            )
+            .0
+        }
+        (None, None) => anyhow::bail!(
+            "service {} has no published cache result to fit; give --zipf-s",
+            a.service
+        ),
     };
     let spec = sim::WorkloadSpec {
         service: a.service.clone(),
@@ -231,19 +261,28 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
     println!("  {:>8}{:>16}{:>16}", "entries", "LRU loads/req", "LFU loads/req");
     let mut rows = Vec::new();
     for e in 1..=a.max_entries {
-        let (l, f) = (sim::replay(&reqs, e, Policy::Lru), sim::replay(&reqs, e, Policy::Lfu));
-        println!("  {e:>8}{:>16.3}{:>16.3}", l.loads_per_request, f.loads_per_request);
+        let (l, f) = (
+            sim::replay(&reqs, e, Policy::Lru),
+            sim::replay(&reqs, e, Policy::Lfu),
+        );
+        println!(
+            "  {e:>8}{:>16.3}{:>16.3}",
+            l.loads_per_request, f.loads_per_request
+        );
         rows.push(json!({"entries": e, "lru": l, "lfu": f}));
     }
     if let Some(t) = &target {
         println!("  paper (10 entries): LRU {:.2}, LFU {:.2}", t.lru, t.lfu);
     }
     if let Some(out) = &a.out {
-        write_json(out, &json!({
-            "bench": "lora-cache", "stats": path.display().to_string(), "service": a.service,
-            "requests": a.requests, "seed": a.seed, "zipf_s": s, "drift": drift, "fitted": if a.fit_both { "s and drift" } else if a.zipf_s.is_none() { "s" } else { "none" },
-            "popularity": pop, "paper_10_entries": target, "rows": rows,
-        }))?;
+        write_json(
+            out,
+            &json!({
+                "bench": "lora-cache", "stats": path.display().to_string(), "service": a.service,
+                "requests": a.requests, "seed": a.seed, "zipf_s": s, "drift": drift, "fitted": if a.fit_both { "s and drift" } else if a.zipf_s.is_none() { "s" } else { "none" },
+                "popularity": pop, "paper_10_entries": target, "rows": rows,
+            }),
+        )?;
     }
     Ok(())
 }

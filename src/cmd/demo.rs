@@ -67,17 +67,17 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         a.steps, a.seed
     );
 
-    let models = Models {
-        base: bundles.join("tiny-sdxl"),
-        controlnets: vec![bundles.join("tiny-sdxl-controlnet")],
-        lora: lora_args::config(
+    let models = Models::local(
+        bundles.join("tiny-sdxl"),
+        vec![bundles.join("tiny-sdxl-controlnet")],
+        lora_args::config(
             bundles.join("loras"),
             &a.lora,
             &Default::default(),
             &Default::default(),
         )?,
-        session: a.device.session_options(),
-    };
+        a.device.session_options(),
+    );
     let started = Instant::now();
     let progress = Progress::new(a.steps as usize);
     let results = embedded::run_jobs(&models, vec![job], |e| progress.set(e.step as usize));

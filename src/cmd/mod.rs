@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_lora;
 pub mod cancel;
+pub mod controlnet_worker;
 pub mod demo;
 pub mod generate;
 pub mod lora_args;

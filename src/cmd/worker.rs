@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use katz_actors::controlnet::{LocalMode, RemoteConfig};
 use katz_actors::pipeline::Models;
 use katz_actors::protocol::Limits;
 use katz_actors::worker::{self, WorkerConfig};
@@ -34,6 +35,23 @@ pub struct WorkerArgs {
     /// ControlNet bundles this worker hosts (repeatable) [default: bundles/tiny-sdxl-controlnet]
     #[arg(long = "controlnet", env = "KATZ_CONTROLNETS", value_delimiter = ',')]
     pub controlnets: Vec<PathBuf>,
+    /// ControlNet models served by `katz controlnet-worker`s (repeatable): their sessions go over
+    /// RabbitMQ (katz.controlnet.<model>) and Redis, overlapping the UNet encoder.
+    #[arg(
+        long = "controlnet-service",
+        env = "KATZ_CONTROLNET_SERVICES",
+        value_delimiter = ','
+    )]
+    pub controlnet_services: Vec<String>,
+    /// How hosted ControlNets run: serial, or parallel (a thread each, overlapping the UNet) [default: parallel]
+    #[arg(long, env = "KATZ_CONTROLNET_MODE")]
+    pub controlnet_mode: Option<LocalMode>,
+    /// Longest wait for one step of a remote ControlNet before its session moves to another worker [default: 30000]
+    #[arg(long, env = "KATZ_CONTROLNET_STEP_TIMEOUT_MS")]
+    pub controlnet_step_timeout_ms: Option<u64>,
+    /// Remote ControlNet sessions opened again after a timeout before the job fails [default: 2]
+    #[arg(long, env = "KATZ_CONTROLNET_RETRIES")]
+    pub controlnet_retries: Option<u32>,
     /// LoRA store: a job's LoRA NAME is NAME.safetensors here [default: bundles/loras]
     #[arg(long, env = "KATZ_LORA_DIR")]
     pub lora_dir: Option<PathBuf>,
@@ -77,6 +95,11 @@ pub struct WorkerFile {
     #[serde(default)]
     pub controlnets: Vec<PathBuf>,
     pub lora_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub controlnet_services: Vec<String>,
+    pub controlnet_mode: Option<String>,
+    pub controlnet_step_timeout_ms: Option<u64>,
+    pub controlnet_retries: Option<u32>,
     pub queue: Option<String>,
     pub concurrency: Option<usize>,
     pub lookahead: Option<usize>,
@@ -102,10 +125,13 @@ pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         || a.lora_dir.is_none() && file.lora_dir.is_none();
     let bundles = if need_bundles { Some(bundles_dir()?) } else { None };
     let default = |sub: &str| bundles.as_ref().map(|b| b.join(sub)).unwrap_or_default();
+    let services_given = !a.controlnet_services.is_empty() || !file.controlnet_services.is_empty();
     let controlnets = if !a.controlnets.is_empty() {
         a.controlnets
     } else if !file.controlnets.is_empty() {
         file.controlnets
+    } else if services_given {
+        vec![] // the ControlNets are served elsewhere
     } else {
         vec![default("tiny-sdxl-controlnet")]
     };
@@ -121,18 +147,42 @@ pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     } else {
         file.threads.unwrap_or(0)
     };
+    let amqp = a
+        .amqp
+        .or(file.amqp)
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let redis = a
+        .redis
+        .or(file.redis)
+        .unwrap_or_else(|| "redis://127.0.0.1:6379/".into());
+    let mut remote = RemoteConfig::new(amqp.clone(), redis.clone());
+    if let Some(ms) = a.controlnet_step_timeout_ms.or(file.controlnet_step_timeout_ms) {
+        remote.step_timeout = Duration::from_millis(ms);
+    }
+    if let Some(r) = a.controlnet_retries.or(file.controlnet_retries) {
+        remote.retries = r;
+    }
+    let controlnet_mode = match a.controlnet_mode {
+        Some(m) => m,
+        None => file
+            .controlnet_mode
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?
+            .unwrap_or_default(),
+    };
+    let controlnet_services = if a.controlnet_services.is_empty() {
+        file.controlnet_services
+    } else {
+        a.controlnet_services
+    };
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "worker".into());
     Ok(WorkerConfig {
-        amqp: a
-            .amqp
-            .or(file.amqp)
-            .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        redis: a
-            .redis
-            .or(file.redis)
-            .unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
+        amqp,
+        redis,
         models: Models {
             base: a.bundle.or(file.bundle).unwrap_or_else(|| default("tiny-sdxl")),
             controlnets,
@@ -146,6 +196,9 @@ pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
                 intra_threads: threads,
                 device: a.device.device,
             },
+            controlnet_mode,
+            controlnet_services,
+            remote: Some(remote),
         },
         queue: a.queue.or(file.queue),
         concurrency: a.concurrency.or(file.concurrency).unwrap_or(1),

@@ -340,13 +340,13 @@ impl Handler<Merge> for LoraManager {
                 }
                 weights.merge_on_device(&with)
             })
-                .await
-                .unwrap_or_else(|e| {
-                    Err(katz_onnx::Error::Lora {
-                        path: "<merge>".into(),
-                        message: format!("the merge thread failed: {e}"),
-                    })
-                });
+            .await
+            .unwrap_or_else(|e| {
+                Err(katz_onnx::Error::Lora {
+                    path: "<merge>".into(),
+                    message: format!("the merge thread failed: {e}"),
+                })
+            });
             {
                 let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
                 s.load_ms = load_ms;

@@ -38,6 +38,8 @@ pub struct RunJob {
 pub struct JobOutput {
     pub png: Vec<u8>,
     pub timings: Timings,
+    /// ControlNet sessions opened again on another worker after a timeout.
+    pub controlnet_retries: u32,
 }
 
 /// A job's LoRA merge and when to switch it in.

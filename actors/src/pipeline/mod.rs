@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
+use katz_onnx::controlnet::ControlService;
 use katz_onnx::image::{decode_png, encode_png};
 use katz_onnx::noise::SeededNoise;
 use katz_onnx::pipeline::{ControlRequest, LoraPlan, Observer, Pipeline, Request};
@@ -27,6 +28,8 @@ use katz_onnx::runtime::SessionOptions;
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
 use katz_onnx::weights::Weights;
+
+use crate::controlnet::{LocalMode, RemoteConfig, RemoteControlNets, Route, Router};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::JobError;
@@ -40,11 +43,43 @@ pub struct Models {
     /// The LoRA store, caches and switching policy.
     pub lora: crate::lora::LoraConfig,
     pub session: SessionOptions,
+    /// How the ControlNets hosted here run (serial, or parallel threads overlapping the UNet).
+    pub controlnet_mode: LocalMode,
+    /// ControlNet models served by `katz controlnet-worker`s (sessions over RabbitMQ + Redis).
+    pub controlnet_services: Vec<String>,
+    /// How to reach them (needed when `controlnet_services` is not empty).
+    pub remote: Option<RemoteConfig>,
+}
+
+impl Models {
+    /// The base bundle with local ControlNets and a LoRA store: the embedded demo's shape.
+    pub fn local(
+        base: PathBuf,
+        controlnets: Vec<PathBuf>,
+        lora: crate::lora::LoraConfig,
+        session: SessionOptions,
+    ) -> Self {
+        Models {
+            base,
+            controlnets,
+            lora,
+            session,
+            controlnet_mode: LocalMode::default(),
+            controlnet_services: Vec::new(),
+            remote: None,
+        }
+    }
 }
 
 pub struct PipelineActor {
     pipe: Pipeline,
     controlnets: HashMap<String, usize>,
+    mode: LocalMode,
+    remote_names: Vec<String>,
+    remote_cfg: Option<RemoteConfig>,
+    /// Made on the first job (it needs the worker's tokio runtime).
+    remote: Option<RemoteControlNets>,
+    rt: Option<tokio::runtime::Handle>,
 }
 
 impl PipelineActor {
@@ -57,7 +92,26 @@ impl PipelineActor {
             let name = pipe_controlnet_name(dir)?;
             controlnets.insert(name, idx);
         }
-        Ok(PipelineActor { pipe, controlnets })
+        if !models.controlnet_services.is_empty() && models.remote.is_none() {
+            return Err(katz_onnx::Error::ControlNet(
+                "ControlNet services are named but no RabbitMQ/Redis to reach them".into(),
+            ));
+        }
+        Ok(PipelineActor {
+            pipe,
+            controlnets,
+            mode: models.controlnet_mode,
+            remote_names: models.controlnet_services.clone(),
+            remote_cfg: models.remote.clone(),
+            remote: None,
+            rt: None,
+        })
+    }
+
+    /// The tokio runtime that remote ControlNet sessions publish through.
+    pub fn with_runtime(mut self, rt: tokio::runtime::Handle) -> Self {
+        self.rt = Some(rt);
+        self
     }
 
     /// The pristine weights (shared with other pipeline threads and the LoraManager).
@@ -70,7 +124,11 @@ impl PipelineActor {
         &self.pipe.bundle.manifest.name
     }
 
-    fn request(&self, job: &crate::protocol::Job, images: &[Vec<u8>]) -> Result<Request, JobError> {
+    fn request(
+        &self,
+        job: &crate::protocol::Job,
+        images: &[Vec<u8>],
+    ) -> Result<(Request, Vec<Route>), JobError> {
         if job.base != self.base_name() {
             return Err(JobError::Invalid(format!(
                 "unknown base model `{}` (this worker serves `{}`)",
@@ -83,15 +141,25 @@ impl PipelineActor {
             .parse()
             .map_err(|e| JobError::Invalid(format!("{e}")))?;
         let mut controlnets = Vec::new();
-        for (c, png) in job.controlnets.iter().zip(images) {
-            let model = *self.controlnets.get(&c.model).ok_or_else(|| {
-                let mut known: Vec<&String> = self.controlnets.keys().collect();
-                known.sort();
-                JobError::Invalid(format!(
-                    "unknown ControlNet `{}` (this worker serves {known:?})",
-                    c.model
-                ))
-            })?;
+        let mut routes = Vec::new();
+        for (j, (c, png)) in job.controlnets.iter().zip(images).enumerate() {
+            let route = match self.controlnets.get(&c.model) {
+                Some(&i) => Route::Local(i),
+                None => match self.remote_names.iter().position(|n| *n == c.model) {
+                    Some(i) => Route::Remote(i),
+                    None => {
+                        let mut known: Vec<&String> =
+                            self.controlnets.keys().chain(&self.remote_names).collect();
+                        known.sort();
+                        return Err(JobError::Invalid(format!(
+                            "unknown ControlNet `{}` (this worker serves {known:?})",
+                            c.model
+                        )));
+                    }
+                },
+            };
+            routes.push(route);
+            let model = j;
             let image = decode_png(png, Path::new(&format!("controlnet {} image", c.model)))?;
             controlnets.push(ControlRequest {
                 model,
@@ -101,19 +169,22 @@ impl PipelineActor {
                 end: c.end,
             });
         }
-        Ok(Request {
-            prompt: job.prompt.clone(),
-            negative_prompt: job.negative_prompt.clone(),
-            width: job.width as usize,
-            height: job.height as usize,
-            steps: job.steps as usize,
-            guidance: job.guidance,
-            scheduler,
-            karras: job.karras,
-            seed: job.seed,
-            controlnets,
-            loras: Vec::new(),
-        })
+        Ok((
+            Request {
+                prompt: job.prompt.clone(),
+                negative_prompt: job.negative_prompt.clone(),
+                width: job.width as usize,
+                height: job.height as usize,
+                steps: job.steps as usize,
+                guidance: job.guidance,
+                scheduler,
+                karras: job.karras,
+                seed: job.seed,
+                controlnets,
+                loras: Vec::new(),
+            },
+            routes,
+        ))
     }
 }
 
@@ -153,33 +224,60 @@ impl Handler<RunJob> for PipelineActor {
 
     fn handle(&mut self, m: RunJob, _: &mut SyncContext<Self>) -> Self::Result {
         let _guard = m.span.enter();
-        let req = self.request(&m.job, &m.images)?;
-        self.pipe.validate(&req)?;
+        let (req, routes) = self.request(&m.job, &m.images)?;
+        self.pipe.validate_for(&req, true)?;
+        let remote_needed = routes.iter().any(|r| matches!(r, Route::Remote(_)));
+        if remote_needed && self.remote.is_none() {
+            let (cfg, rt) = match (&self.remote_cfg, &self.rt) {
+                (Some(c), Some(rt)) => (c.clone(), rt.clone()),
+                _ => {
+                    return Err(JobError::Model(katz_onnx::Error::ControlNet(
+                        "remote ControlNets need the worker's RabbitMQ and Redis".into(),
+                    )))
+                }
+            };
+            self.remote = Some(RemoteControlNets::new(cfg, self.remote_names.clone(), rt)?);
+        }
+        if let Some(r) = self.remote.as_mut() {
+            r.for_job(&m.job.id);
+        }
         let mut obs = JobObserver {
             tx: m.progress,
             cancel: m.cancel,
             last: Instant::now(),
         };
         let mut noise = SeededNoise::new(req.seed);
-        let out = match m.loras {
-            None => self.pipe.generate(&req, &mut obs)?,
-            Some(mut l) => self.pipe.generate_planned(
-                &req,
-                &mut noise,
-                &mut obs,
-                LoraPlan::Async {
-                    pending: &mut l.pending,
-                    bound: l.bound,
-                    timeout: l.timeout,
-                    early: l.early,
-                },
-            )?,
+        let mut lora = m.loras;
+        let plan = match lora.as_mut() {
+            None => LoraPlan::Sync,
+            Some(l) => LoraPlan::Async {
+                pending: &mut l.pending,
+                bound: l.bound,
+                timeout: l.timeout,
+                early: l.early,
+            },
         };
+        let mut router = Router {
+            routes: &routes,
+            inline: self.pipe.inline_controlnets(),
+            threaded: self.pipe.threaded_controlnets(),
+            mode: self.mode,
+            remote: self.remote.as_mut(),
+        };
+        let control: Option<&mut dyn ControlService> = if routes.is_empty() {
+            None
+        } else {
+            Some(&mut router)
+        };
+        let out = self.pipe.generate_with(&req, &mut noise, &mut obs, plan, control);
+        let controlnet_retries = self.remote.as_ref().map(|r| r.retried()).unwrap_or(0);
+        let out = out?;
         let png = encode_png(&out.image)?;
         tracing::debug!(ms = out.timings.total.as_secs_f64() * 1e3, "job generated");
         Ok(JobOutput {
             png,
             timings: out.timings,
+            controlnet_retries,
         })
     }
 }

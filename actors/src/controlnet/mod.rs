@@ -1,0 +1,98 @@
+//! ControlNet-as-a-Service (Katz's first idea): ControlNets in sessions that overlap the UNet
+//! encoder — on threads of the base worker, or in `katz controlnet-worker` processes on any host.
+//!
+//! ```text
+//! base worker (PipelineActor, model thread)                    ControlNet worker(s)
+//!   Router ─ Local(i)  ─▶ InlineControlNets (serial) | ThreadedControlNets (parallel threads)
+//!          └ Remote(i) ─▶ RemoteControlNets ─SessionOpen─▶ RabbitMQ katz.controlnet.<model>
+//!                              │ Redis katz:cn:<s>:init/in/out (TTL) ◀──▶ SessionActor (thread):
+//!                              │                                           BLPOP in → ControlNet
+//!                              └ step timeout → another session → … → job fails, named   → RPUSH out
+//! ```
+
+pub mod remote;
+pub mod wire;
+pub mod worker;
+
+use katz_onnx::controlnet::{
+    ControlService, ControlSession, InlineControlNets, SessionInit, ThreadedControlNets,
+};
+use katz_onnx::pipeline::ControlRequest;
+use katz_onnx::{Error, Result};
+
+pub use remote::{RemoteConfig, RemoteControlNets};
+
+/// How a worker runs the ControlNets it hosts itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LocalMode {
+    /// One after another after the UNet encoder, on the model thread.
+    Serial,
+    /// Each on a thread of its own, overlapping the UNet encoder.
+    #[default]
+    Parallel,
+}
+
+impl std::str::FromStr for LocalMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "serial" => Ok(LocalMode::Serial),
+            "parallel" => Ok(LocalMode::Parallel),
+            _ => Err(format!(
+                "ControlNet mode must be `serial` or `parallel`, got `{s}`"
+            )),
+        }
+    }
+}
+
+/// Where ControlRequest model `m` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Local(usize),
+    Remote(usize),
+}
+
+/// Sends each ControlNet of a job to where its model runs.
+pub struct Router<'a> {
+    pub routes: &'a [Route],
+    pub inline: InlineControlNets,
+    pub threaded: ThreadedControlNets,
+    pub mode: LocalMode,
+    pub remote: Option<&'a mut RemoteControlNets>,
+}
+
+impl ControlService for Router<'_> {
+    fn open(
+        &mut self,
+        index: usize,
+        req: &ControlRequest,
+        init: SessionInit<'_>,
+    ) -> Result<Box<dyn ControlSession>> {
+        let route = *self
+            .routes
+            .get(req.model)
+            .ok_or_else(|| Error::InvalidRequest(format!("ControlNet #{index} has no route")))?;
+        match route {
+            Route::Local(m) => {
+                let r = ControlRequest {
+                    model: m,
+                    ..req.clone()
+                };
+                match self.mode {
+                    LocalMode::Serial => self.inline.open(index, &r, init),
+                    LocalMode::Parallel => self.threaded.open(index, &r, init),
+                }
+            }
+            Route::Remote(m) => {
+                let r = ControlRequest {
+                    model: m,
+                    ..req.clone()
+                };
+                self.remote
+                    .as_deref_mut()
+                    .ok_or_else(|| Error::ControlNet("no ControlNet service is configured".into()))?
+                    .open(index, &r, init)
+            }
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! ControlNets served by `katz controlnet-worker`s, reached over RabbitMQ (session open) and
+//! Redis (tensors): the base worker's side. Runs on the model thread, so it uses blocking Redis
+//! calls and drives the AMQP publish through the worker's tokio runtime.
+//!
+//! ```text
+//! open:  SET katz:cn:<s>:init (cond, image; TTL) ─▶ publish SessionOpen ─▶ katz.controlnet.<model>
+//! send:  RPUSH katz:cn:<s>:in  step + latent_in, t       (the UNet encoder runs meanwhile)
+//! recv:  BLPOP katz:cn:<s>:out ≤ step_timeout ─▶ residuals
+//!        timeout: the session is abandoned (its keys deleted; a late worker finds no init and
+//!        drops it), a new one opens on another worker and the step is sent again — at most
+//!        `retries` times, then the job fails naming the ControlNet and the step
+//! close: RPUSH an empty payload (the worker ends the session), DEL the keys; TTLs catch the rest
+//! ```
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use katz_onnx::controlnet::{ControlService, ControlSession, SessionInit};
+use katz_onnx::pipeline::ControlRequest;
+use katz_onnx::tensor::Tensor;
+use katz_onnx::{Error, Result};
+
+use super::wire::{self, controlnet_queue, SessionOpen, SESSION_VERSION};
+use crate::topology;
+
+/// How the base worker reaches remote ControlNets.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    pub amqp: String,
+    pub redis: String,
+    /// Longest wait for one step's residuals before the session is retried elsewhere.
+    pub step_timeout: Duration,
+    /// Sessions opened again after a timeout before the job fails.
+    pub retries: u32,
+    /// Lifetime of every Redis key of a session (refreshed at each step).
+    pub ttl: Duration,
+}
+
+impl RemoteConfig {
+    pub fn new(amqp: String, redis: String) -> Self {
+        RemoteConfig {
+            amqp,
+            redis,
+            step_timeout: Duration::from_secs(30),
+            retries: 2,
+            ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+fn cn_err(message: String) -> Error {
+    Error::ControlNet(message)
+}
+
+/// Publishes session-open requests (one AMQP connection, made on first use, remade on failure).
+#[derive(Clone)]
+struct Publisher {
+    uri: String,
+    rt: tokio::runtime::Handle,
+    amqp: Arc<Mutex<Option<(lapin::Connection, lapin::Channel)>>>,
+}
+
+impl Publisher {
+    fn publish(&self, model: &str, open: &SessionOpen) -> Result<()> {
+        let queue = controlnet_queue(model);
+        let mut amqp = self.amqp.lock().unwrap_or_else(|e| e.into_inner());
+        for attempt in 0..2 {
+            if amqp.is_none() {
+                let uri = self.uri.clone();
+                let made = self.rt.block_on(async {
+                    let conn = topology::connect(&uri, "katz-controlnet-client").await?;
+                    let ch = conn.create_channel().await?;
+                    Ok::<_, lapin::Error>((conn, ch))
+                });
+                *amqp = Some(made.map_err(|e| cn_err(format!("RabbitMQ at {uri}: {e}")))?);
+            }
+            let ch = amqp.as_ref().expect("connected above").1.clone();
+            let (q, payload, id) = (queue.clone(), open.encode(), open.session.clone());
+            let res = self.rt.block_on(async move {
+                topology::declare(&ch, &q).await.map_err(|e| e.to_string())?;
+                topology::publish(&ch, &q, &payload, 0, &id)
+                    .await
+                    .map_err(|e| e.to_string())
+            });
+            match res {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt == 0 => {
+                    tracing::warn!(error = %e, "publishing a ControlNet session failed; reconnecting");
+                    *amqp = None;
+                }
+                Err(e) => return Err(cn_err(format!("opening a {model} session on {queue}: {e}"))),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+}
+
+/// Opens sessions on remote ControlNet workers; `models[i]` names ControlRequest model `i`.
+pub struct RemoteControlNets {
+    cfg: RemoteConfig,
+    models: Vec<String>,
+    job: String,
+    publisher: Publisher,
+    redis: redis::Client,
+    /// Sessions opened again after a timeout, since [`RemoteControlNets::for_job`].
+    retried: Arc<AtomicU32>,
+}
+
+impl RemoteControlNets {
+    pub fn new(cfg: RemoteConfig, models: Vec<String>, rt: tokio::runtime::Handle) -> Result<Self> {
+        let redis = redis::Client::open(cfg.redis.as_str())
+            .map_err(|e| cn_err(format!("Redis URL {}: {e}", cfg.redis)))?;
+        Ok(RemoteControlNets {
+            publisher: Publisher {
+                uri: cfg.amqp.clone(),
+                rt,
+                amqp: Arc::default(),
+            },
+            cfg,
+            models,
+            job: String::new(),
+            redis,
+            retried: Arc::default(),
+        })
+    }
+
+    /// The job whose sessions open next (names, logs, retry count).
+    pub fn for_job(&mut self, job: &str) {
+        self.job = job.to_string();
+        self.retried.store(0, Ordering::Relaxed);
+    }
+
+    /// Sessions retried on another worker during the current job.
+    pub fn retried(&self) -> u32 {
+        self.retried.load(Ordering::Relaxed)
+    }
+
+    pub fn models(&self) -> &[String] {
+        &self.models
+    }
+}
+
+fn nonce() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (std::process::id() as u64).rotate_left(32)
+}
+
+/// One remote ControlNet working for one job.
+pub struct RemoteSession {
+    publisher: Publisher,
+    retried: Arc<AtomicU32>,
+    conn: redis::Connection,
+    id: String,
+    job: String,
+    model: String,
+    index: usize,
+    attempt: u32,
+    init: Vec<u8>,
+    /// The last step sent (to send again to a new session after a timeout).
+    last: Option<(usize, Vec<u8>)>,
+    cfg: RemoteConfig,
+    closed: bool,
+}
+
+impl ControlService for RemoteControlNets {
+    fn open(
+        &mut self,
+        index: usize,
+        req: &ControlRequest,
+        init: SessionInit<'_>,
+    ) -> Result<Box<dyn ControlSession>> {
+        let model = self
+            .models
+            .get(req.model)
+            .ok_or_else(|| Error::InvalidRequest(format!("ControlNet #{index}: no such remote model")))?
+            .clone();
+        let c = init.cond;
+        let conn = self
+            .redis
+            .get_connection()
+            .map_err(|e| cn_err(format!("Redis at {}: {e}", self.cfg.redis)))?;
+        let mut s = RemoteSession {
+            publisher: self.publisher.clone(),
+            retried: self.retried.clone(),
+            conn,
+            id: String::new(),
+            job: if self.job.is_empty() {
+                "job".into()
+            } else {
+                self.job.clone()
+            },
+            model,
+            index,
+            attempt: 0,
+            init: wire::encode(0, &[&c.prompt_embeds, &c.pooled, &c.time_ids, init.image]),
+            last: None,
+            cfg: self.cfg.clone(),
+            closed: false,
+        };
+        s.start()?;
+        Ok(Box::new(s))
+    }
+}
+
+impl RemoteSession {
+    /// Stores the session's inputs under a fresh id and publishes its open request.
+    fn start(&mut self) -> Result<()> {
+        self.attempt += 1;
+        self.id = format!("{}-{}-{}-{:x}", self.job, self.index, self.attempt, nonce());
+        redis::cmd("SET")
+            .arg(wire::init_key(&self.id))
+            .arg(&self.init)
+            .arg("EX")
+            .arg(self.cfg.ttl.as_secs().max(1))
+            .query::<()>(&mut self.conn)
+            .map_err(|e| cn_err(format!("Redis: storing a session's inputs: {e}")))?;
+        let open = SessionOpen {
+            v: SESSION_VERSION,
+            session: self.id.clone(),
+            model: self.model.clone(),
+            job: self.job.clone(),
+        };
+        self.publisher.publish(&self.model, &open)?;
+        tracing::debug!(session = %self.id, model = %self.model, attempt = self.attempt, "ControlNet session opened");
+        Ok(())
+    }
+
+    fn push(&mut self, payload: &[u8]) -> Result<()> {
+        let key = wire::in_key(&self.id);
+        redis::pipe()
+            .cmd("RPUSH")
+            .arg(&key)
+            .arg(payload)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(self.cfg.ttl.as_secs().max(1))
+            .ignore()
+            .query::<()>(&mut self.conn)
+            .map_err(|e| cn_err(format!("Redis: sending a ControlNet step: {e}")))
+    }
+
+    fn forget(&mut self) {
+        let _ = redis::cmd("DEL")
+            .arg(wire::init_key(&self.id))
+            .arg(wire::in_key(&self.id))
+            .arg(wire::out_key(&self.id))
+            .query::<()>(&mut self.conn);
+    }
+}
+
+impl ControlSession for RemoteSession {
+    fn send(&mut self, step: usize, latent_in: &Tensor, timestep: &Tensor) -> Result<()> {
+        let payload = wire::encode(step as u64, &[latent_in, timestep]);
+        self.push(&payload)?;
+        self.last = Some((step, payload));
+        Ok(())
+    }
+
+    fn recv(&mut self, step: usize) -> Result<Vec<Tensor>> {
+        let started = Instant::now();
+        loop {
+            let got: Option<(String, Vec<u8>)> = redis::cmd("BLPOP")
+                .arg(wire::out_key(&self.id))
+                .arg(self.cfg.step_timeout.as_secs_f64())
+                .query(&mut self.conn)
+                .map_err(|e| cn_err(format!("Redis: waiting for ControlNet residuals: {e}")))?;
+            if let Some((_, bytes)) = got {
+                let (s, tensors) =
+                    wire::decode(&bytes).map_err(|e| cn_err(format!("ControlNet {}: {e}", self.model)))?;
+                if s as usize == step {
+                    return Ok(tensors);
+                }
+                continue; // a late answer of an earlier step
+            }
+            // no answer in time: the worker is gone or stuck — another session, same step
+            if self.attempt > self.cfg.retries {
+                self.forget();
+                self.closed = true;
+                return Err(cn_err(format!(
+                    "ControlNet {}: no worker answered step {step} within {:?} ({} sessions tried, {:.1} s)",
+                    self.model,
+                    self.cfg.step_timeout,
+                    self.attempt,
+                    started.elapsed().as_secs_f64()
+                )));
+            }
+            tracing::warn!(session = %self.id, model = %self.model, step, "ControlNet session timed out; opening another");
+            self.forget();
+            self.retried.fetch_add(1, Ordering::Relaxed);
+            self.start()?;
+            let (last_step, payload) = self
+                .last
+                .clone()
+                .ok_or_else(|| cn_err("no step to resend".into()))?;
+            debug_assert_eq!(last_step, step);
+            self.push(&payload)?;
+        }
+    }
+
+    fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let _ = self.push(&[]);
+        let _ = redis::cmd("DEL")
+            .arg(wire::init_key(&self.id))
+            .arg(wire::out_key(&self.id))
+            .query::<()>(&mut self.conn);
+    }
+}
+
+impl Drop for RemoteSession {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -1,0 +1,165 @@
+//! What travels between a base worker and a ControlNet worker.
+//!
+//! ```text
+//! RabbitMQ katz.controlnet.<model>   SessionOpen (msgpack): v, session, model, job
+//! Redis katz:cn:<session>:init       tensors: prompt_embeds, pooled, time_ids, image   (TTL)
+//! Redis katz:cn:<session>:in         list of step inputs: step + tensors latent_in, timestep;
+//!                                    an empty payload closes the session                (TTL)
+//! Redis katz:cn:<session>:out        list of step outputs: step + residuals (down…, mid) (TTL)
+//! ```
+//!
+//! Tensors are raw little-endian f32 with a shape header:
+//! `b"KZT1" | u64 step | u32 count | count × (u32 ndim | ndim × u64 dim) | the data, in order`.
+
+use katz_onnx::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+pub const SESSION_VERSION: u32 = 1;
+
+/// Queue of ControlNet `model`'s session-open requests.
+pub fn controlnet_queue(model: &str) -> String {
+    format!("katz.controlnet.{model}")
+}
+
+pub fn init_key(session: &str) -> String {
+    format!("katz:cn:{session}:init")
+}
+
+pub fn in_key(session: &str) -> String {
+    format!("katz:cn:{session}:in")
+}
+
+pub fn out_key(session: &str) -> String {
+    format!("katz:cn:{session}:out")
+}
+
+/// Asks a ControlNet worker to serve one job's steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionOpen {
+    pub v: u32,
+    pub session: String,
+    pub model: String,
+    /// The job it serves (for logs).
+    pub job: String,
+}
+
+impl SessionOpen {
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a session-open always encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let m: SessionOpen =
+            rmp_serde::from_slice(bytes).map_err(|e| format!("not a session-open message: {e}"))?;
+        if m.v != SESSION_VERSION {
+            return Err(format!(
+                "session-open version {} (this worker speaks {SESSION_VERSION})",
+                m.v
+            ));
+        }
+        Ok(m)
+    }
+}
+
+const MAGIC: &[u8; 4] = b"KZT1";
+
+/// Encodes `tensors` for step `step`.
+pub fn encode(step: u64, tensors: &[&Tensor]) -> Vec<u8> {
+    let data: usize = tensors.iter().map(|t| t.data.len() * 4).sum();
+    let mut out = Vec::with_capacity(16 + tensors.len() * 40 + data);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&step.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u32).to_le_bytes());
+    for t in tensors {
+        out.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+        for &d in &t.shape {
+            out.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+    }
+    for t in tensors {
+        for v in &t.data {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Decodes what [`encode`] wrote: the step and the tensors.
+pub fn decode(bytes: &[u8]) -> Result<(u64, Vec<Tensor>), String> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        let s = bytes
+            .get(at..at + n)
+            .ok_or_else(|| format!("tensor payload truncated at byte {at} (of {})", bytes.len()))?;
+        at += n;
+        Ok(s)
+    };
+    if take(4)? != MAGIC {
+        return Err("not a katz tensor payload (magic)".into());
+    }
+    let step = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+    let count = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+    if count > 64 {
+        return Err(format!("{count} tensors in one payload"));
+    }
+    let mut shapes = Vec::with_capacity(count);
+    for _ in 0..count {
+        let nd = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+        if nd > 8 {
+            return Err(format!("a tensor of {nd} dimensions"));
+        }
+        let mut shape = Vec::with_capacity(nd);
+        for _ in 0..nd {
+            shape.push(u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize);
+        }
+        shapes.push(shape);
+    }
+    let mut tensors = Vec::with_capacity(count);
+    for shape in shapes {
+        let n: usize = shape.iter().product();
+        let raw = take(n.checked_mul(4).ok_or("tensor size overflows")?)?;
+        let data = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        tensors.push(Tensor::new(shape, data));
+    }
+    if at != bytes.len() {
+        return Err(format!("{} trailing bytes after the tensors", bytes.len() - at));
+    }
+    Ok((step, tensors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_round_trip_and_bad_payloads_are_refused() {
+        let a = Tensor::new(vec![2, 3], vec![1.0, -2.5, 3.0, 0.0, 1e-7, f32::MAX]);
+        let b = Tensor::new(vec![1], vec![42.0]);
+        let bytes = encode(17, &[&a, &b]);
+        let (step, back) = decode(&bytes).unwrap();
+        assert_eq!(step, 17);
+        assert_eq!(
+            (back[0].shape.clone(), back[0].data.clone()),
+            (a.shape.clone(), a.data.clone())
+        );
+        assert_eq!(back[1].data, b.data);
+        assert!(decode(&bytes[..bytes.len() - 1])
+            .unwrap_err()
+            .contains("truncated"));
+        assert!(decode(b"nope").unwrap_err().contains("magic"));
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(decode(&extra).unwrap_err().contains("trailing"));
+        let open = SessionOpen {
+            v: SESSION_VERSION,
+            session: "s".into(),
+            model: "m".into(),
+            job: "j".into(),
+        };
+        assert_eq!(SessionOpen::decode(&open.encode()).unwrap(), open);
+        assert!(SessionOpen::decode(b"\x01").is_err());
+    }
+}

@@ -1,0 +1,267 @@
+//! `katz controlnet-worker`: serves one ControlNet model's sessions.
+//!
+//! ```text
+//! RabbitMQ katz.controlnet.<model> (prefetch = sessions at once) ─SessionOpen─▶ consumer task
+//!    ─RunSession─▶ SessionActor (SyncArbiter thread, its own ControlNet session):
+//!        GET katz:cn:<s>:init (gone: the base abandoned it → done) → cond, image
+//!        loop: BLPOP katz:cn:<s>:in (idle timeout) → empty: closed → done
+//!              residuals(latent_in, t) → RPUSH katz:cn:<s>:out + EXPIRE
+//!    ◀── done: ack the open (a worker killed mid-session leaves it unacked: redelivered, and the
+//!        base's retry has already moved the job to another session)
+//! ```
+//! SIGTERM: no new sessions; running ones end (the base closes them), then exit 0.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures_util::StreamExt;
+use katz_onnx::bundle::{BaseBundle, ControlNetBundle};
+use katz_onnx::controlnet::ControlNet;
+use katz_onnx::runtime::SessionOptions;
+use katz_onnx::tensor::Tensor;
+use katz_onnx::text::Conditioning;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+
+use super::wire::{self, controlnet_queue, SessionOpen};
+use crate::topology;
+
+#[derive(Debug, Clone)]
+pub struct ControlNetWorkerConfig {
+    pub amqp: String,
+    pub redis: String,
+    pub bundle: PathBuf,
+    /// The base bundle it serves (its ControlNet must fit it).
+    pub base: PathBuf,
+    pub session: SessionOptions,
+    /// Sessions served at once (threads, each with its own ControlNet session).
+    pub concurrency: usize,
+    pub name: String,
+    /// A session with no step for this long ends.
+    pub idle_timeout: Duration,
+    /// Lifetime of the residual lists.
+    pub ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlNetWorkerError {
+    #[error("loading the ControlNet: {0}")]
+    Model(#[from] katz_onnx::Error),
+    #[error("runtime: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs one session to its end on a model thread.
+#[derive(Message)]
+#[rtype(result = "Result<SessionEnd, String>")]
+pub struct RunSession {
+    pub open: SessionOpen,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    Closed { steps: usize },
+    Idle { steps: usize },
+    Abandoned,
+}
+
+pub struct SessionActor {
+    cn: ControlNet,
+    redis: redis::Client,
+    idle: Duration,
+    ttl: Duration,
+}
+
+impl Actor for SessionActor {
+    type Context = SyncContext<Self>;
+}
+
+impl Handler<RunSession> for SessionActor {
+    type Result = Result<SessionEnd, String>;
+
+    fn handle(&mut self, m: RunSession, _: &mut SyncContext<Self>) -> Self::Result {
+        let s = &m.open.session;
+        let _span = tracing::info_span!("session", session = %s, job = %m.open.job).entered();
+        let mut conn = self.redis.get_connection().map_err(|e| format!("Redis: {e}"))?;
+        let init: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(wire::init_key(s))
+            .query(&mut conn)
+            .map_err(|e| format!("Redis: {e}"))?;
+        let Some(init) = init else {
+            tracing::info!("session abandoned before it started");
+            return Ok(SessionEnd::Abandoned);
+        };
+        let (_, mut t) = wire::decode(&init)?;
+        if t.len() != 4 {
+            return Err(format!("session init holds {} tensors, not 4", t.len()));
+        }
+        let image = t.pop().expect("4 tensors");
+        let time_ids = t.pop().expect("3 tensors");
+        let pooled = t.pop().expect("2 tensors");
+        let prompt_embeds = t.pop().expect("1 tensor");
+        let cond = Conditioning {
+            prompt_embeds,
+            pooled,
+            time_ids,
+        };
+        tracing::info!(model = %self.cn.name(), "session started");
+        let mut steps = 0;
+        loop {
+            let got: Option<(String, Vec<u8>)> = redis::cmd("BLPOP")
+                .arg(wire::in_key(s))
+                .arg(self.idle.as_secs_f64())
+                .query(&mut conn)
+                .map_err(|e| format!("Redis: {e}"))?;
+            let Some((_, payload)) = got else {
+                tracing::info!(steps, "session idle; ending it");
+                return Ok(SessionEnd::Idle { steps });
+            };
+            if payload.is_empty() {
+                tracing::info!(steps, "session closed");
+                return Ok(SessionEnd::Closed { steps });
+            }
+            let t0 = Instant::now();
+            let (step, inputs) = wire::decode(&payload)?;
+            let [latent_in, timestep]: [Tensor; 2] = inputs
+                .try_into()
+                .map_err(|v: Vec<Tensor>| format!("a step input holds {} tensors, not 2", v.len()))?;
+            let res = self
+                .cn
+                .residuals(&latent_in, &timestep, &cond, &image)
+                .map_err(|e| format!("ControlNet step {step}: {e}"))?;
+            let refs: Vec<&Tensor> = res.iter().collect();
+            let out = wire::encode(step, &refs);
+            redis::pipe()
+                .cmd("RPUSH")
+                .arg(wire::out_key(s))
+                .arg(out)
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(wire::out_key(s))
+                .arg(self.ttl.as_secs().max(1))
+                .ignore()
+                .query::<()>(&mut conn)
+                .map_err(|e| format!("Redis: {e}"))?;
+            steps += 1;
+            tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1e3, "residuals sent");
+        }
+    }
+}
+
+/// Runs a ControlNet worker until SIGTERM/SIGINT.
+pub fn run(cfg: ControlNetWorkerConfig) -> Result<(), ControlNetWorkerError> {
+    let base = BaseBundle::open(&cfg.base)?;
+    let n = cfg.concurrency.max(1);
+    let mut models = Vec::with_capacity(n);
+    for _ in 0..n {
+        models.push(ControlNet::load(
+            ControlNetBundle::open(&cfg.bundle)?,
+            &base,
+            &cfg.session,
+        )?);
+    }
+    let model = models[0].name().to_string();
+    let queue = controlnet_queue(&model);
+    let redis = redis::Client::open(cfg.redis.as_str())
+        .map_err(|e| katz_onnx::Error::ControlNet(format!("Redis URL {}: {e}", cfg.redis)))?;
+    let pool = Mutex::new(models);
+    let sys = actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    });
+    let (idle, ttl) = (cfg.idle_timeout, cfg.ttl);
+    sys.block_on(async move {
+        let sessions = SyncArbiter::start(n, move || SessionActor {
+            cn: pool
+                .lock()
+                .ok()
+                .and_then(|mut p| p.pop())
+                .expect("one ControlNet per session thread"),
+            redis: redis.clone(),
+            idle,
+            ttl,
+        });
+        tracing::info!(worker = %cfg.name, %queue, model = %model, concurrency = n, "ControlNet worker started");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let running = std::sync::Arc::new(tokio::sync::Semaphore::new(n));
+        let mut backoff = Duration::from_millis(200);
+        'outer: loop {
+            let connected = async {
+                let conn = topology::connect(&cfg.amqp, &cfg.name).await?;
+                let ch = conn.create_channel().await?;
+                topology::declare(&ch, &queue).await?;
+                ch.basic_qos(n as u16, BasicQosOptions::default()).await?;
+                let consumer = ch
+                    .basic_consume(
+                        queue.as_str().into(),
+                        cfg.name.as_str().into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok::<_, lapin::Error>((conn, ch, consumer))
+            }
+            .await;
+            let (_conn, _ch, mut consumer) = match connected {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach RabbitMQ");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = term.recv() => break 'outer,
+                        _ = int.recv() => break 'outer,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(200);
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { tracing::info!("SIGTERM"); break 'outer; }
+                    _ = int.recv() => { tracing::info!("SIGINT"); break 'outer; }
+                    d = consumer.next() => match d {
+                        Some(Ok(d)) => {
+                            let open = match SessionOpen::decode(&d.data) {
+                                Ok(o) if o.model == model => o,
+                                Ok(o) => {
+                                    tracing::warn!(model = %o.model, "session for another model; dead-lettering");
+                                    let _ = d.reject(BasicRejectOptions { requeue: false }).await;
+                                    continue;
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "bad session-open message; dead-lettering");
+                                    let _ = d.reject(BasicRejectOptions { requeue: false }).await;
+                                    continue;
+                                }
+                            };
+                            let (sessions, permit) = (sessions.clone(), running.clone().acquire_owned().await);
+                            tokio::spawn(async move {
+                                let _permit = permit;
+                                match sessions.send(RunSession { open }).await {
+                                    Ok(Ok(end)) => tracing::debug!(?end, "session ended"),
+                                    Ok(Err(e)) => tracing::warn!(error = %e, "session failed"),
+                                    Err(e) => tracing::warn!(error = %e, "session thread unavailable"),
+                                }
+                                let _ = d.ack(BasicAckOptions::default()).await;
+                            });
+                        }
+                        Some(Err(e)) => { tracing::warn!(error = %e, "consumer error"); break; }
+                        None => { tracing::warn!("lost the RabbitMQ consumer; reconnecting"); break; }
+                    }
+                }
+            }
+        }
+        // drain: wait for the sessions running now (the base closes them)
+        let _ = running.acquire_many(n as u32).await;
+        tracing::info!("drained; stopping");
+        Ok::<_, std::io::Error>(())
+    })?;
+    Ok(())
+}
