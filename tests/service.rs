@@ -892,3 +892,189 @@ fn a_slow_lora_store_delays_the_first_step_in_sync_mode_only() {
         }
     });
 }
+
+/// A `katz controlnet-worker` for the tiny ControlNet, killed when dropped.
+fn cn_worker(name: &str, extra: &[&str]) -> Worker {
+    let log = std::env::temp_dir().join(format!("katz-test-{}-{name}.log", std::process::id()));
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_katz"))
+        .args([
+            "controlnet-worker",
+            "--bundle",
+            "bundles/tiny-sdxl-controlnet",
+            "--name",
+            name,
+            "--threads",
+            "1",
+            "--idle-s",
+            "10",
+        ])
+        .args(extra)
+        .env("KATZ_LOG", "info,ort=warn")
+        .current_dir(root())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .expect("controlnet worker starts");
+    Worker { child, log }
+}
+
+fn with_controlnets(j: &mut Job, n: usize) {
+    let images = ["cond_a.png", "cond_b.png", "cond_a.png"];
+    let spans = [(0.0, 1.0), (0.0, 0.6), (0.3, 1.0)];
+    for k in 0..n {
+        j.controlnets.push(ControlNetJob {
+            model: "tiny-sdxl-controlnet".into(),
+            image: ImageRef::Inline(std::fs::read(root().join("bundles/examples").join(images[k])).unwrap()),
+            scale: [0.8, 0.5, -0.4][k],
+            start: spans[k].0,
+            end: spans[k].1,
+        });
+    }
+}
+
+/// `katz generate` with the job's ControlNets in-process.
+fn generate_with_controlnets(j: &Job) -> Vec<u8> {
+    let out = std::env::temp_dir().join(format!("katz-gen-{}-{}.png", j.id, std::process::id()));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_katz"));
+    cmd.current_dir(root()).args([
+        "generate",
+        "--bundle",
+        "bundles/tiny-sdxl",
+        "--prompt",
+        &j.prompt,
+        "--steps",
+        &j.steps.to_string(),
+        "--size",
+        &format!("{}x{}", j.width, j.height),
+        "--guidance",
+        &j.guidance.to_string(),
+        "--seed",
+        &j.seed.to_string(),
+        "--threads",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let images = ["cond_a.png", "cond_b.png", "cond_a.png"];
+    for (k, c) in j.controlnets.iter().enumerate() {
+        cmd.arg("--controlnet").arg(format!(
+            "bundles/tiny-sdxl-controlnet=bundles/examples/{}:{}:{}:{}",
+            images[k], c.scale, c.start, c.end
+        ));
+    }
+    let o = cmd.stdout(Stdio::null()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(&out).unwrap()
+}
+
+fn png_f32(png: &[u8]) -> Vec<f32> {
+    katz_onnx::image::decode_png(png, std::path::Path::new("png"))
+        .unwrap()
+        .data
+}
+
+#[test]
+fn remote_controlnets_give_the_in_process_image_for_1_2_3_controlnets() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("cn-remote").await;
+        let _a = cn_worker("cn-a", &["--concurrency", "2"]);
+        let _b = cn_worker("cn-b", &["--concurrency", "2"]);
+        let _w = Worker::start(
+            &bus.queue,
+            "w-cn-remote",
+            &["--controlnet-service", "tiny-sdxl-controlnet"],
+        );
+        for n in 1..=3 {
+            let mut j = job(&format!("cnr{n}"));
+            j.steps = 6;
+            j.seed = 9;
+            with_controlnets(&mut j, n);
+            bus.publish(&j).await;
+            let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
+            assert_eq!(r["status"], "done", "{n} ControlNets: {r:?}");
+            assert_eq!(r["controlnet_retries"], "0", "{r:?}");
+            let png: Vec<u8> = bus.redis.get(image_key(&j.id)).await.unwrap();
+            let want = generate_with_controlnets(&j);
+            let e = katz_kernels::rel_err(&png_f32(&png), &png_f32(&want));
+            assert!(
+                e <= 1e-4,
+                "{n} ControlNets: service vs in-process relative error {e:.2e}"
+            );
+        }
+        bus.cleanup().await;
+    });
+}
+
+async fn leftover_keys(bus: &mut Bus, job: &str) -> Vec<(String, i64)> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("katz:cn:{job}-*"))
+        .query_async(&mut bus.redis)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for k in keys {
+        let ttl: i64 = bus.redis.ttl(&k).await.unwrap();
+        out.push((k, ttl));
+    }
+    out
+}
+
+#[test]
+fn a_controlnet_worker_killed_mid_session_moves_the_session_or_fails_the_job() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("cn-kill").await;
+        let mut a = cn_worker("cn-kill-a", &[]);
+        let _w = Worker::start(
+            &bus.queue,
+            "w-cn-kill",
+            &[
+                "--controlnet-service",
+                "tiny-sdxl-controlnet",
+                "--controlnet-step-timeout-ms",
+                "1500",
+                "--controlnet-retries",
+                "2",
+            ],
+        );
+        let mut j = job("cnkill");
+        j.steps = 400;
+        with_controlnets(&mut j, 1);
+        bus.publish(&j).await;
+        bus.wait_until(&j.id, Duration::from_secs(60), |r| {
+            r.get("step").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0) >= 5
+        })
+        .await;
+        let _b = cn_worker("cn-kill-b", &[]);
+        a.signal(libc::SIGKILL);
+        let _ = a.wait_exit(Duration::from_secs(5));
+        let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
+        assert_eq!(r["status"], "done", "{r:?}");
+        assert!(r["controlnet_retries"].parse::<u32>().unwrap() >= 1, "{r:?}");
+        // nothing of the job's sessions stays without a TTL
+        for (k, ttl) in leftover_keys(&mut bus, &j.id).await {
+            assert!(ttl > 0, "{k} has no TTL");
+        }
+        drop(_b);
+
+        // no ControlNet worker at all: the job fails, naming the ControlNet, in bounded time
+        let mut j = job("cnnone");
+        with_controlnets(&mut j, 1);
+        let t0 = Instant::now();
+        bus.publish(&j).await;
+        let r = bus.wait_final(&j.id, Duration::from_secs(60)).await;
+        assert_eq!(r["status"], "failed", "{r:?}");
+        assert!(
+            r["error"].contains("tiny-sdxl-controlnet") && r["error"].contains("no worker answered"),
+            "{r:?}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
+        assert_eq!(bus.count(&topology::dead_queue(&bus.queue)).await, 1);
+        for (k, ttl) in leftover_keys(&mut bus, &j.id).await {
+            assert!(ttl > 0, "{k} has no TTL");
+        }
+        bus.cleanup().await;
+    });
+}

@@ -244,10 +244,12 @@ impl RemoteSession {
             .map_err(|e| cn_err(format!("Redis: sending a ControlNet step: {e}")))
     }
 
+    /// Abandons the session: a worker still in it (or one that picks its open request up late)
+    /// finds the close marker, or no inputs at all, and ends at once.
     fn forget(&mut self) {
+        let _ = self.push(&[]);
         let _ = redis::cmd("DEL")
             .arg(wire::init_key(&self.id))
-            .arg(wire::in_key(&self.id))
             .arg(wire::out_key(&self.id))
             .query::<()>(&mut self.conn);
     }
