@@ -370,6 +370,10 @@ impl Pipeline {
         &self.text
     }
 
+    pub fn text_encoders_mut(&mut self) -> &mut TextEncoders {
+        &mut self.text
+    }
+
     /// Loads a ControlNet bundle (once per directory) and returns its index for [`ControlRequest`].
     pub fn controlnet(&mut self, dir: impl AsRef<Path>) -> Result<usize> {
         let dir = dir.as_ref();

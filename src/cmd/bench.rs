@@ -51,6 +51,8 @@ pub enum Bench {
     LoraBound(super::bench_lora::LoraBoundArgs),
     /// LoRA cache loads per request under the Katz trace's statistics (LRU, LFU, 1…N entries).
     LoraCache(super::bench_lora::LoraCacheArgs),
+    /// Per-step time with 0…3 ControlNets: in-process serial, parallel threads, service over Redis.
+    Controlnet(super::bench_controlnet::ControlNetBenchArgs),
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -58,6 +60,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Bench::LoraMerge(a) => lora_merge(a),
         Bench::LoraBound(a) => super::bench_lora::lora_bound(a),
         Bench::LoraCache(a) => super::bench_lora::lora_cache(a),
+        Bench::Controlnet(a) => super::bench_controlnet::run(a),
     }
 }
 

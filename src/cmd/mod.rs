@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the flags and helpers they share.
 
 pub mod bench;
+pub mod bench_controlnet;
 pub mod bench_lora;
 pub mod cancel;
 pub mod controlnet_worker;

@@ -1,0 +1,299 @@
+//! `katz bench controlnet`: per-step time of the pipeline with 0…3 ControlNets, run in-process
+//! serially, in-process in parallel (threads overlapping the UNet encoder), and as a service over
+//! RabbitMQ + Redis (`katz controlnet-worker` processes it starts); plus the Redis transport's own
+//! cost per step (a loopback of the real payload sizes, no model).
+//!
+//! ```text
+//! for mode in serial | parallel | redis:  for n in 0..=3:  warm-up + R runs ─▶ loop ms / step
+//! transport: RPUSH input (latent, t) ─▶ echo thread BLPOP + RPUSH residual-sized payload ─▶ BLPOP
+//! ```
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use katz_actors::controlnet::{RemoteConfig, RemoteControlNets};
+use katz_onnx::controlnet::ControlService;
+use katz_onnx::image::read_conditioning;
+use katz_onnx::noise::SeededNoise;
+use katz_onnx::pipeline::{ControlRequest, LoraPlan, NoObserver, Pipeline, Request};
+use katz_onnx::scheduler::SchedulerKind;
+use katz_onnx::tensor::Tensor;
+use serde_json::json;
+
+use super::{bundles_dir, DeviceArgs};
+
+#[derive(Args, Debug, Clone)]
+pub struct ControlNetBenchArgs {
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Image side (the tiny bundles take 64 or 128).
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3")]
+    pub counts: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "serial,parallel,redis")]
+    pub modes: Vec<String>,
+    /// Timed runs per configuration (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp: String,
+    #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+    pub redis: String,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn request(
+    pipe: &mut Pipeline,
+    bundles: &std::path::Path,
+    n: usize,
+    a: &ControlNetBenchArgs,
+) -> anyhow::Result<Request> {
+    let model = pipe.controlnet(bundles.join("tiny-sdxl-controlnet"))?;
+    let image = read_conditioning(&bundles.join("examples/edges-128.png"), (128, 128))?;
+    let image = if a.size == 128 {
+        image
+    } else {
+        read_conditioning(&bundles.join("examples/cond_a.png"), (a.size, a.size))?
+    };
+    Ok(Request {
+        prompt: "a red circle above a blue square on a white background".into(),
+        negative_prompt: None,
+        width: a.size,
+        height: a.size,
+        steps: a.steps,
+        guidance: 5.0,
+        scheduler: SchedulerKind::Euler,
+        karras: false,
+        seed: 1,
+        controlnets: (0..n)
+            .map(|j| ControlRequest {
+                model,
+                image: image.clone(),
+                scale: [0.8, 0.5, 0.3][j % 3],
+                start: 0.0,
+                end: 1.0,
+            })
+            .collect(),
+        loras: vec![],
+    })
+}
+
+/// Mean wall time of the denoising loop per step (text encoders and VAE excluded).
+fn loop_ms(out: &katz_onnx::pipeline::Generated) -> f64 {
+    let t = &out.timings;
+    (t.total - t.text_encode - t.vae_decode - t.lora_merge).as_secs_f64() * 1e3 / t.steps as f64
+}
+
+pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
+    let bundles = bundles_dir()?;
+    let mut pipe = Pipeline::load(bundles.join("tiny-sdxl"), a.device.session_options())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    println!(
+        "katz bench controlnet: tiny bundles, {}², {} steps, guidance 5, {:?}; {} cores ({cpu})",
+        a.size,
+        a.steps,
+        a.device.device,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    let mut workers: Vec<Kill> = Vec::new();
+    let mut remote: Option<RemoteControlNets> = None;
+    let mut rows = Vec::new();
+    for mode in &a.modes {
+        if mode == "redis" && remote.is_none() {
+            let exe = std::env::current_exe()?;
+            let max = *a.counts.iter().max().unwrap_or(&1);
+            workers.push(Kill(
+                Command::new(exe)
+                    .args(["controlnet-worker", "--bundle"])
+                    .arg(bundles.join("tiny-sdxl-controlnet"))
+                    .args([
+                        "--concurrency",
+                        &max.max(1).to_string(),
+                        "--amqp",
+                        &a.amqp,
+                        "--redis",
+                        &a.redis,
+                    ])
+                    .args([
+                        "--threads",
+                        &a.device.threads.to_string(),
+                        "--device",
+                        &a.device.device.to_string(),
+                    ])
+                    .env("KATZ_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("starting a controlnet-worker")?,
+            ));
+            let mut cfg = RemoteConfig::new(a.amqp.clone(), a.redis.clone());
+            cfg.step_timeout = Duration::from_secs(30);
+            remote = Some(RemoteControlNets::new(
+                cfg,
+                vec!["tiny-sdxl-controlnet".into()],
+                rt.handle().clone(),
+            )?);
+        }
+        for &n in &a.counts {
+            let req = request(&mut pipe, &bundles, n, &a)?;
+            let mut times = Vec::new();
+            for r in 0..=a.repeat {
+                let mut inline;
+                let mut threaded;
+                let control: Option<&mut dyn ControlService> = match (mode.as_str(), n) {
+                    (_, 0) | ("serial", _) => None,
+                    ("parallel", _) => {
+                        threaded = pipe.threaded_controlnets();
+                        Some(&mut threaded)
+                    }
+                    ("inline", _) => {
+                        inline = pipe.inline_controlnets();
+                        Some(&mut inline)
+                    }
+                    ("redis", _) => {
+                        let rc = remote.as_mut().expect("made above");
+                        rc.for_job(&format!("bench-{n}-{r}"));
+                        Some(rc as &mut dyn ControlService)
+                    }
+                    (m, _) => bail!("unknown mode `{m}` (serial, parallel, inline, redis)"),
+                };
+                let out = pipe.generate_with(
+                    &req,
+                    &mut SeededNoise::new(1),
+                    &mut NoObserver,
+                    LoraPlan::Sync,
+                    control,
+                )?;
+                if r > 0 {
+                    times.push(loop_ms(&out));
+                }
+            }
+            times.sort_by(|x, y| x.total_cmp(y));
+            let med = times[times.len() / 2];
+            println!("  {mode:<9} {n} ControlNet(s)  {med:>8.2} ms/step  (runs {times:.2?})");
+            rows.push(json!({"mode": mode, "controlnets": n, "ms_per_step_median": med, "runs": times}));
+        }
+    }
+    // the Redis transport alone: the tiny bundle's payloads and SDXL 1024² batch 2's
+    let transport = transport_cost(&a.redis, &mut pipe, &bundles, &a)?;
+    drop(workers);
+    if let Some(out) = &a.out {
+        if let Some(d) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d)?;
+        }
+        let doc = json!({
+            "bench": "controlnet", "machine": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "bundle": "tiny-sdxl + tiny-sdxl-controlnet", "size": a.size, "steps": a.steps,
+            "device": a.device.device.to_string(), "rows": rows, "redis_transport": transport,
+        });
+        std::fs::write(out, serde_json::to_string_pretty(&doc)? + "\n")?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// Round trips of a step's real payload sizes through Redis lists, an echo thread in the middle.
+fn transport_cost(
+    url: &str,
+    pipe: &mut Pipeline,
+    bundles: &std::path::Path,
+    a: &ControlNetBenchArgs,
+) -> anyhow::Result<serde_json::Value> {
+    use katz_actors::controlnet::wire;
+    // tiny: one real step's residuals, measured
+    let req = request(pipe, bundles, 1, a)?;
+    let cond = pipe
+        .text_encoders_mut()
+        .condition(&req.prompt, None, true, (a.size, a.size))?;
+    let image = Tensor::concat0(&[&req.controlnets[0].image, &req.controlnets[0].image]);
+    let mut session = pipe.inline_controlnets().open(
+        0,
+        &req.controlnets[0],
+        katz_onnx::controlnet::SessionInit {
+            cond: &cond,
+            image: &image,
+        },
+    )?;
+    let latent = Tensor::zeros(vec![2, 4, a.size / 8, a.size / 8]);
+    session.send(0, &latent, &Tensor::new(vec![2], vec![500.0; 2]))?;
+    let tiny_out: usize = session.recv(0)?.iter().map(|t| t.data.len() * 4).sum();
+    let tiny_in = 2 * 4 * (a.size / 8) * (a.size / 8) * 4 + 8;
+    // SDXL 1024², batch 2: latent 2×4×128×128; residuals as DESIGN.md counts them (107 MB, fp32 here)
+    let sdxl_in = 2 * 4 * 128 * 128 * 4 + 8;
+    let sdxl_out = 107_000_000usize;
+    let mut out = Vec::new();
+    for (label, inb, outb, reps) in [
+        ("tiny", tiny_in, tiny_out, 50),
+        ("sdxl-1024-b2", sdxl_in, sdxl_out, 5),
+    ] {
+        let client = redis::Client::open(url)?;
+        let key = format!("katz:bench:{}:{label}", std::process::id());
+        let (kin, kout) = (format!("{key}:in"), format!("{key}:out"));
+        let echo = {
+            let (client, kin, kout) = (client.clone(), kin.clone(), kout.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut c = client.get_connection()?;
+                let payload = vec![7u8; outb];
+                for _ in 0..reps {
+                    let _: Option<(String, Vec<u8>)> =
+                        redis::cmd("BLPOP").arg(&kin).arg(30.0).query(&mut c)?;
+                    let _: () = redis::cmd("RPUSH").arg(&kout).arg(&payload).query(&mut c)?;
+                }
+                Ok(())
+            })
+        };
+        let mut c = client.get_connection()?;
+        let input = vec![3u8; inb];
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            let _: () = redis::cmd("RPUSH").arg(&kin).arg(&input).query(&mut c)?;
+            let got: Option<(String, Vec<u8>)> = redis::cmd("BLPOP").arg(&kout).arg(30.0).query(&mut c)?;
+            let bytes = got.context("the echo thread did not answer")?.1;
+            // decoding is part of the cost: the base turns bytes into tensors
+            let _ = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .sum::<f32>();
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        echo.join()
+            .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+        let _: () = redis::cmd("DEL").arg(&kin).arg(&kout).query(&mut c)?;
+        times.sort_by(|x, y| x.total_cmp(y));
+        let med = times[times.len() / 2];
+        let _ = wire::SESSION_VERSION;
+        println!(
+            "  Redis transport, {label}: in {inb} B, out {outb} B per step: {med:.3} ms (median of {reps})"
+        );
+        out.push(
+            json!({"payload": label, "in_bytes": inb, "out_bytes": outb, "ms_median": med, "runs": times}),
+        );
+    }
+    Ok(json!(out))
+}
