@@ -112,7 +112,7 @@ pub struct WorkerFile {
     pub lora: LoraFile,
 }
 
-pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
+pub fn config(mut a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     let file: WorkerFile = match &a.config {
         Some(p) => {
             toml::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
@@ -125,6 +125,8 @@ pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         || a.lora_dir.is_none() && file.lora_dir.is_none();
     let bundles = if need_bundles { Some(bundles_dir()?) } else { None };
     let default = |sub: &str| bundles.as_ref().map(|b| b.join(sub)).unwrap_or_default();
+    // an empty KATZ_CONTROLNET_SERVICES (compose's default) names no service
+    a.controlnet_services.retain(|s| !s.trim().is_empty());
     let services_given = !a.controlnet_services.is_empty() || !file.controlnet_services.is_empty();
     let controlnets = if !a.controlnets.is_empty() {
         a.controlnets
