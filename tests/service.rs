@@ -879,13 +879,14 @@ fn a_slow_lora_store_delays_the_first_step_in_sync_mode_only() {
             let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
             assert_eq!(r["status"], "done", "{r:?}");
             let f = |k: &str| r[k].parse::<f64>().unwrap();
-            assert!(f("lora_ready_ms") >= 2000.0, "{r:?}");
+            // the fetch starts at admission, a moment before the merge is asked for: ≥ 1.5 s, not 2
+            assert!(f("lora_ready_ms") >= 1500.0, "{r:?}");
             if mode == "async" {
                 // denoising started at once; the job waited at step 5 for the LoRA
                 assert!(f("first_step_ms") < f("lora_ready_ms"), "{r:?}");
                 assert_eq!(r["lora_switch_step"], "5");
             } else {
-                assert!(f("first_step_ms") >= 2000.0, "{r:?}");
+                assert!(f("first_step_ms") >= 1500.0, "{r:?}");
                 assert_eq!(r["lora_switch_step"], "0");
             }
             bus.cleanup().await;
@@ -1043,10 +1044,16 @@ fn a_controlnet_worker_killed_mid_session_moves_the_session_or_fails_the_job() {
         j.steps = 400;
         with_controlnets(&mut j, 1);
         bus.publish(&j).await;
-        bus.wait_until(&j.id, Duration::from_secs(60), |r| {
-            r.get("step").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0) >= 5
-        })
-        .await;
+        // the session is on A once A says so (progress in Redis may lag a busy machine)
+        let t0 = Instant::now();
+        while !a.log().contains("session started") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "A never started the session:\n{}",
+                a.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let _b = cn_worker("cn-kill-b", &[]);
         a.signal(libc::SIGKILL);
         let _ = a.wait_exit(Duration::from_secs(5));

@@ -159,11 +159,13 @@ WORDS = ("a an the of on in at above below left right of and with next to small 
          "portrait landscape detailed high quality blurry ugly lowres watermark").split()
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int, extra_words=()):
     """A small CLIP-like BPE vocabulary in the HF tokenizers format (lower-cased, `</w>` word
     ends, <|startoftext|> … <|endoftext|>, padded with <|endoftext|> to 77). The merges are built
     deterministically (each known word assembled left to right), so every export writes the same
-    file; unknown words fall back to shorter pieces and single characters."""
+    file; unknown words fall back to shorter pieces and single characters. `extra_words` (a
+    training set's, say) become one token each through merges appended after all the others, so
+    without them the file is the one the committed bundles hold."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     special = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
@@ -192,6 +194,22 @@ def build_tokenizer(vocab_size: int):
                 if (w[i], w[i + 1]) == best:
                     w[i:i + 2] = [w[i] + w[i + 1]]
                 i += 1
+    ranks = {m: i for i, m in enumerate(merges)}
+    for word in sorted({w.lower() for w in extra_words} - set(COLOURS + SHAPES + WORDS)):
+        assert word and set(word) <= set(alphabet), f"extra word {word!r}: characters outside the alphabet"
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            # BPE as the tokenizer applies it (lowest-ranked pair first); when no merge applies,
+            # a new one joins the first two pieces
+            ranked = [(ranks[p], i) for i, p in enumerate(zip(pieces, pieces[1:])) if p in ranks]
+            i = min(ranked)[1] if ranked else 0
+            if not ranked:
+                if len(vocab) >= vocab_size:
+                    raise ValueError(f"vocab_size {vocab_size} is too small for the extra word {word!r}")
+                ranks[(pieces[0], pieces[1])] = len(merges)
+                merges.append((pieces[0], pieces[1]))
+                vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<|unk|>", end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -232,12 +250,15 @@ def build_models(cfg: dict, seed: int, checkpoint: Path | None, tok_ids: dict):
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**cfg["text_encoder_2"], **common}))
         unet = UNet2DConditionModel(**cfg["unet"])
         vae = AutoencoderKL(**cfg["vae"])
-    torch.manual_seed(seed + 1)
-    cn = ControlNetModel.from_unet(unet, conditioning_channels=3, **cfg["controlnet"])
-    # from_unet zero-initialises the residual convolutions (a trained ControlNet has learnt them);
-    # seeded random values make the residuals real and the parity test meaningful.
-    for m in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
-        m.reset_parameters()
+    if checkpoint is not None and (checkpoint / "controlnet" / "config.json").exists():
+        cn = ControlNetModel.from_pretrained(checkpoint / "controlnet")  # a trained one (tools/train_tiny.py)
+    else:
+        torch.manual_seed(seed + 1)
+        cn = ControlNetModel.from_unet(unet, conditioning_channels=3, **cfg["controlnet"])
+        # from_unet zero-initialises the residual convolutions (a trained ControlNet has learnt them);
+        # seeded random values make the residuals real and the parity test meaningful.
+        for m in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
+            m.reset_parameters()
     for m in (te, te2, unet, vae, cn):
         m.eval().requires_grad_(False)
     return te, te2, unet, vae, cn
@@ -461,9 +482,18 @@ def spatial(name):  # a 4-D tensor whose batch and spatial dims vary (named per 
 def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Path, check_size: int,
                   attention: str = "sdpa", gpu: bool = False):
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(cfg["vocab_size"])
-    tok.save(str(out / "tokenizer.json"))
-    shutil.copy(out / "tokenizer.json", out / "tokenizer_2.json")
+    saved = [checkpoint / sub / "tokenizer.json" for sub in ("tokenizer", "tokenizer_2")] if checkpoint else []
+    if saved and saved[0].exists():
+        # the checkpoint's own tokenizer (a trained one's vocabulary), file for file
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(saved[0]))
+        shutil.copy(saved[0], out / "tokenizer.json")
+        shutil.copy(saved[1] if saved[1].exists() else saved[0], out / "tokenizer_2.json")
+    else:
+        tok = build_tokenizer(cfg["vocab_size"])
+        tok.save(str(out / "tokenizer.json"))
+        shutil.copy(out / "tokenizer.json", out / "tokenizer_2.json")
     ids = dict(bos_token_id=tok.token_to_id("<|startoftext|>"), eos_token_id=tok.token_to_id("<|endoftext|>"),
                pad_token_id=tok.token_to_id("<|endoftext|>"))
     te, te2, unet, vae, cn = build_models(cfg, seed, checkpoint, ids)
@@ -790,8 +820,8 @@ def main(argv=None):
     if a.example_lora:
         make_lora(models[2], a.example_lora, rank=8, alpha=8.0, seed=a.seed + 13)
         print(f"  example LoRA: {a.example_lora}")
-    if a.config != "tiny" or a.no_references:
-        return
+    if a.config != "tiny" or a.no_references or a.checkpoint:
+        return  # the committed LoRAs, examples and parity references belong to the seeded tiny bundles
     loras = {
         "bundles/loras/tiny-lora-a.safetensors": make_lora(models[2], REPO / "bundles" / "loras" / "tiny-lora-a.safetensors",
                                              rank=4, alpha=8.0, seed=a.seed + 11),
