@@ -530,6 +530,9 @@ fn metrics_endpoint_reports_jobs() {
             "katz_queue_wait_seconds_count 1",
             "katz_job_latency_seconds_count 1",
             "katz_step_seconds_count 2",
+            "# TYPE katz_lora_cache_hits_total counter",
+            "katz_lora_pending_loads 0",
+            "# TYPE katz_controlnet_session_retries_total counter",
         ] {
             assert!(body.contains(m), "no `{m}` in\n{body}");
         }

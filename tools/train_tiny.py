@@ -104,9 +104,9 @@ class StageArgs:
 # Step counts are upper bounds: on the GPU the minutes bind (about 17 min of training in all).
 DEFAULTS = {
     "vae": StageArgs(steps=30000, minutes=2.0, batch=96, lr=1e-3),
-    "base": StageArgs(steps=60000, minutes=5.5, batch=512, lr=6e-4),
-    "controlnet": StageArgs(steps=30000, minutes=3.0, batch=256, lr=5e-4),
-    "lora": StageArgs(steps=10000, minutes=1.5, batch=256, lr=1e-3),  # per style
+    "base": StageArgs(steps=60000, minutes=5.5, batch=1024, lr=8e-4),
+    "controlnet": StageArgs(steps=30000, minutes=3.0, batch=512, lr=5e-4),
+    "lora": StageArgs(steps=10000, minutes=1.5, batch=512, lr=1e-3),  # per style
 }
 SMOKE = {k: StageArgs(steps=3, minutes=1.0, batch=4, lr=v.lr) for k, v in DEFAULTS.items()}
 
@@ -173,7 +173,8 @@ class ImageSet:
         return len(self.captions)
 
 
-def render_set(seed: int, n: int, size: int, styles, tok, device, workers: int) -> ImageSet:
+def render_set(seed: int, n: int, size: int, styles, workers: int):
+    """A set as numpy arrays, rendered in `workers` forked processes (before any CUDA work)."""
     chunk = 500
     jobs = [(seed * 100_000 + k, min(chunk, n - k * chunk), size, tuple(styles)) for k in range((n + chunk - 1) // chunk)]
     if workers > 1 and len(jobs) > 1:
@@ -183,6 +184,10 @@ def render_set(seed: int, n: int, size: int, styles, tok, device, workers: int) 
             parts = pool.map(_render, jobs)
     else:
         parts = [_render(j) for j in jobs]
+    return parts
+
+
+def to_image_set(parts, styles, tok, device) -> ImageSet:
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
     captions = [c for p in parts for c in p[2]]
     ids = torch.tensor([e.ids for e in tok.encode_batch(captions)], dtype=torch.int64)
@@ -242,9 +247,16 @@ class Diffusion:
         return ab.sqrt() * z + (1 - ab).sqrt() * noise, t, noise, weight.view(-1)
 
 
+_TIME_IDS: dict = {}
+
+
 def time_ids(size: int, n: int, device) -> torch.Tensor:
-    """SDXL's micro-conditioning: original size, crop (0, 0), target size."""
-    return torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32, device=device).expand(n, 6)
+    """SDXL's micro-conditioning: original size, crop (0, 0), target size (made once per shape:
+    no host-to-device copy in the training step)."""
+    key = (size, n, str(device))
+    if key not in _TIME_IDS:
+        _TIME_IDS[key] = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32, device=device).expand(n, 6)
+    return _TIME_IDS[key]
 
 
 def encode_text(te, te2, ids):
@@ -277,7 +289,7 @@ class Run:
         self.log["config"] = {"unet": {k: v for k, v in self.cfg["unet"].items()},
                               "vae_channels": self.cfg["vae"]["block_out_channels"],
                               "text_hidden": self.cfg["text_encoder"]["hidden_size"], "size": a.size,
-                              "smoke": a.smoke, "device": torch.cuda.get_device_name() if self.cuda else "cpu"}
+                              "smoke": a.smoke}
         self.t_start = time.perf_counter()
         self.units_left = 0  # trainings still to start (a LoRA per style), for --deadline
         self.base_set: ImageSet | None = None
@@ -286,16 +298,22 @@ class Run:
 
     # data: rendered once, before any model work (the workers fork a process that has no CUDA state in use)
     def load_data(self, stages):
+        """Renders every set the stages need first (the workers fork a process with no CUDA
+        state in use), then moves them to the device."""
         a, t0 = self.a, time.perf_counter()
+        specs = {"eval": (a.seed * 10 + 3, 8, a.styles, 1)}
         if {"vae", "base", "controlnet"} & set(stages):
-            self.base_set = render_set(a.seed * 10 + 1, a.n_base, a.size, (), self.tok, self.dev, a.workers)
+            specs["base"] = (a.seed * 10 + 1, a.n_base, (), a.workers)
         if {"vae", "lora"} & set(stages):
-            self.style_set = render_set(a.seed * 10 + 2, a.n_style, a.size, a.styles, self.tok, self.dev, a.workers)
-        self.eval_set = render_set(a.seed * 10 + 3, 8, a.size, a.styles, self.tok, self.dev, 1)
-        n = sum(len(s) for s in (self.base_set, self.style_set) if s is not None)
-        print(f"data: {n} training samples at {a.size}² rendered in {time.perf_counter() - t0:.1f} s "
-              f"(base {a.n_base if self.base_set else 0}, styled {a.n_style if self.style_set else 0} × {len(a.styles)} styles)",
-              flush=True)
+            specs["style"] = (a.seed * 10 + 2, a.n_style, a.styles, a.workers)
+        parts = {k: render_set(seed, n, a.size, styles, w) for k, (seed, n, styles, w) in specs.items()}
+        t1 = time.perf_counter()
+        sets = {k: to_image_set(parts.pop(k), specs[k][2], self.tok, self.dev) for k in list(parts)}
+        self.base_set, self.style_set, self.eval_set = sets.get("base"), sets.get("style"), sets["eval"]
+        self.log["config"]["device"] = torch.cuda.get_device_name() if self.cuda else "cpu"
+        print(f"data: {a.n_base if self.base_set else 0} images and {a.n_style if self.style_set else 0} × "
+              f"{len(a.styles)} stylized at {a.size}² rendered in {t1 - t0:.1f} s, on the device "
+              f"{time.perf_counter() - t1:.1f} s later", flush=True)
 
     def autocast(self):
         if self.cuda:
@@ -307,7 +325,8 @@ class Run:
 
     def train(self, stage: str, params, step_fn, ema: Ema | None = None, label: str | None = None) -> dict:
         """The loop every stage shares: AdamW, warm-up + cosine on max(step, time) progress, grad
-        clipping, optional EMA, loss logging."""
+        clipping, optional EMA, loss logging. A non-finite mean loss at a log point restores the
+        weights of the last good one, clears the optimizer state and halves the learning rate."""
         sa = self.stage_args(stage)
         label = label or stage
         params = [p for p in params if p.requires_grad]
@@ -323,6 +342,25 @@ class Run:
         self.units_left = max(0, self.units_left - 1)
         every = 1 if self.a.smoke else 100
         history, running, seen = [], torch.zeros((), device=self.dev), 0
+        good = [p.detach().clone() for p in params]  # the weights at the last finite log point
+        lr_scale, recoveries = 1.0, 0
+
+        def logged(step: int) -> float:
+            nonlocal lr_scale, recoveries
+            mean = float(running) / seen  # syncs with the device once per `every` steps
+            with torch.no_grad():
+                if math.isfinite(mean):
+                    torch._foreach_copy_(good, [p.detach() for p in params])
+                    return mean
+                torch._foreach_copy_(params, good)
+                if ema is not None:
+                    torch._foreach_copy_(ema.shadow, good)
+            opt.state.clear()
+            lr_scale, recoveries = lr_scale / 2, recoveries + 1
+            print(f"  {label} step {step}: non-finite loss — back to the weights of the last log point, "
+                  f"learning rate halved", flush=True)
+            return mean
+
         n_params = sum(p.numel() for p in params)
         print(f"{label}: {n_params / 1e6:.2f} M trainable parameters, batch {sa.batch}, lr {sa.lr:g}, "
               f"≤ {sa.steps} steps, ≤ {budget / 60:.2f} min", flush=True)
@@ -333,7 +371,7 @@ class Run:
             progress = max(step / sa.steps, elapsed / budget)
             if progress >= 1:
                 break
-            lr = sa.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+            lr = lr_scale * sa.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
             for g in opt.param_groups:
                 g["lr"] = lr
             with self.autocast():
@@ -348,7 +386,7 @@ class Run:
             seen += 1
             step += 1
             if step % every == 0 or step == sa.steps:
-                mean = float(running) / seen  # syncs with the device once per `every` steps
+                mean = logged(step)
                 history.append([step, round(mean, 5)])
                 print(f"  {label} step {step:6d}  loss {mean:.4f}  lr {lr:.2e}  "
                       f"{step / (time.perf_counter() - t0):6.1f} it/s  {(time.perf_counter() - t0) / 60:5.2f} min",
@@ -356,13 +394,13 @@ class Run:
                 running.zero_()
                 seen = 0
         if seen:
-            history.append([step, round(float(running) / seen, 5)])
+            history.append([step, round(logged(step), 5)])
         if ema is not None:
             ema.copy_to_params()
         secs = time.perf_counter() - t0
         rec = {"steps": step, "seconds": round(secs, 1), "it_per_s": round(step / max(secs, 1e-9), 2),
                "batch": sa.batch, "lr": sa.lr, "final_loss": history[-1][1] if history else None,
-               "loss": history, "parameters": n_params}
+               "loss": history, "parameters": n_params, "nonfinite_recoveries": recoveries}
         print(f"{label}: {step} steps in {secs / 60:.2f} min, final loss {rec['final_loss']}", flush=True)
         self.log["stages"][label] = rec
         self.save_log()
@@ -645,16 +683,16 @@ def check_encoding(run: Run):
     """The training's text conditioning equals the pipeline's (what katz reproduces)."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(run.out), add_watermarker=False).to(run.dev)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(run.out), add_watermarker=False)  # on the CPU: exact
     prompts = FIXED_PROMPTS[:2]
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=eb.MAX_LEN, truncation=True,
-                         return_tensors="pt").input_ids.to(run.dev)
+                         return_tensors="pt").input_ids
     with torch.no_grad():
-        pe, _, pooled, _ = pipe.encode_prompt(prompts, device=run.dev, do_classifier_free_guidance=False)
+        pe, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
         ehs, pl = encode_text(pipe.text_encoder, pipe.text_encoder_2, ids)
     err = max(float((ehs - pe).abs().max()), float((pl - pooled).abs().max()))
     assert err < 1e-4, f"training conditioning differs from the pipeline's by {err}"
-    raw = torch.tensor([e.ids for e in run.tok.encode_batch(prompts)], device=run.dev)
+    raw = torch.tensor([e.ids for e in run.tok.encode_batch(prompts)])
     assert torch.equal(raw, ids), "the saved tokenizer tokenizes differently from the training one"
     print(f"base: checkpoint loads as StableDiffusionXLPipeline; conditioning equals encode_prompt (max diff {err:.1e})")
 
@@ -664,15 +702,15 @@ def check_kohya(run: Run, style: str):
     random inputs with each, against the UNet without a LoRA."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(run.out), add_watermarker=False).to(run.dev)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(run.out), add_watermarker=False)  # on the CPU: exact
     u = pipe.unet
     g = torch.Generator("cpu").manual_seed(0)
     B, h = 2, run.a.size // 8
     cross, pooled = u.config.cross_attention_dim, pipe.text_encoder_2.config.projection_dim
-    args = [x.to(run.dev) for x in (torch.randn(B, 4, h, h, generator=g), torch.tensor([900, 300]),
-                                    torch.randn(B, eb.MAX_LEN, cross, generator=g), torch.randn(B, pooled, generator=g))]
+    args = [torch.randn(B, 4, h, h, generator=g), torch.tensor([900, 300]),
+            torch.randn(B, eb.MAX_LEN, cross, generator=g), torch.randn(B, pooled, generator=g)]
     fwd = lambda: u(*args[:3], added_cond_kwargs={"text_embeds": args[3],  # noqa: E731
-                                                  "time_ids": time_ids(run.a.size, B, run.dev)}).sample.float()
+                                                  "time_ids": time_ids(run.a.size, B, "cpu")}).sample
     outs = {}
     with torch.no_grad():
         outs["none"] = fwd()
@@ -820,7 +858,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=128, choices=[64, 128], help="training image size (latents size/8)")
     ap.add_argument("--small-every", type=int, default=5,
                     help="every n-th base step trains at half the size (SDXL time_ids say which); 0: never")
-    ap.add_argument("--n-base", type=int, help="training images (default 50000; smoke 24)")
+    ap.add_argument("--n-base", type=int, help="training images (default 80000; smoke 24)")
     ap.add_argument("--n-style", type=int, help="images per style for the VAE and the LoRAs (default 12000; smoke 12)")
     ap.add_argument("--styles", nargs="+", default=list(shapes.STYLES))
     ap.add_argument("--kohya", nargs="*", default=["stripes"], help="styles whose LoRA is also written in the kohya layout")
@@ -851,7 +889,7 @@ def main(argv=None):
         setattr(a, f"{st}_args", StageArgs(
             steps=getattr(a, f"{st}_steps") or d.steps, minutes=getattr(a, f"{st}_minutes") or d.minutes,
             batch=getattr(a, f"{st}_batch") or d.batch, lr=getattr(a, f"{st}_lr") or d.lr))
-    a.n_base = a.n_base or (24 if a.smoke else 50_000)
+    a.n_base = a.n_base or (24 if a.smoke else 80_000)
     a.n_style = a.n_style or (12 if a.smoke else 12_000)
     a.sample_steps = a.sample_steps or (2 if a.smoke else 20)
     unknown = set(a.styles) - set(shapes.STYLES) or set(a.kohya) - set(a.styles)

@@ -68,6 +68,15 @@ pub struct Metrics {
     pub step: Histogram,
     pub in_flight: AtomicI64,
     outcomes: Mutex<BTreeMap<&'static str, u64>>,
+    /// LoRA adapters found in the host cache at admission / fetched from the store.
+    pub lora_hits: AtomicI64,
+    pub lora_loads: AtomicI64,
+    /// LoRA fetches pending now (bounded by --lora-max-pending).
+    pub lora_pending: AtomicI64,
+    /// Time the denoising loop waited at the bound step for a LoRA merge.
+    pub lora_wait: Histogram,
+    /// ControlNet sessions opened again on another worker after a timeout.
+    pub controlnet_retries: AtomicI64,
 }
 
 impl Metrics {
@@ -114,6 +123,24 @@ impl Metrics {
             "katz_jobs_in_flight {}",
             self.in_flight.load(Ordering::Relaxed)
         );
+        self.lora_wait.render(
+            "katz_lora_wait_seconds",
+            "Time a job's denoising loop waited at its bound step for its LoRA merge.",
+            &mut out,
+        );
+        for (name, help, kind, v) in [
+            ("katz_lora_cache_hits_total", "LoRA adapters found in the host cache at admission.", "counter", &self.lora_hits),
+            ("katz_lora_loads_total", "LoRA adapters that had to come from the store.", "counter", &self.lora_loads),
+            ("katz_lora_pending_loads", "LoRA fetches pending now.", "gauge", &self.lora_pending),
+            (
+                "katz_controlnet_session_retries_total",
+                "ControlNet sessions opened again on another worker after a timeout.",
+                "counter",
+                &self.controlnet_retries,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
+        }
         out
     }
 }
@@ -127,6 +154,11 @@ pub fn metrics() -> &'static Metrics {
         step: Histogram::new(STEP_SECONDS),
         in_flight: AtomicI64::new(0),
         outcomes: Mutex::new(BTreeMap::new()),
+        lora_hits: AtomicI64::new(0),
+        lora_loads: AtomicI64::new(0),
+        lora_pending: AtomicI64::new(0),
+        lora_wait: Histogram::new(STEP_SECONDS),
+        controlnet_retries: AtomicI64::new(0),
     })
 }
 

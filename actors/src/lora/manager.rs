@@ -128,6 +128,9 @@ impl Inner {
         if let Some(f) = fetching.get(name) {
             return f.clone();
         }
+        if permit.is_some() {
+            crate::metrics::metrics().lora_pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let (me, key) = (self.clone(), name.to_string());
         let fut = async move {
             let t0 = Instant::now();
@@ -161,6 +164,9 @@ impl Inner {
                 }
             }
             me.fetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            if permit.is_some() {
+                crate::metrics::metrics().lora_pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
             drop(permit);
             res
         }
