@@ -47,6 +47,8 @@ COLOURS = {
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 RELATIONS = ("above", "below", "left of", "right of")
 STYLES = ("stripes", "pastel")
+# every word a caption can contain
+WORDS = tuple(sorted({*SHAPES, *COLOURS, *BACKGROUNDS, *" ".join(RELATIONS).split(), "a", "on", "background", "and"}))
 
 COLOUR_NAMES = tuple(COLOURS)
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
@@ -178,12 +180,10 @@ def _render(objects: list[Obj], background: str, size: int) -> tuple[np.ndarray,
     return image, mask, edges
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
 def caption(objects: list[Obj], background: str, relation: str | None) -> str:
-    names = [f"{_article(o.colour)} {o.colour} {o.shape}" for o in objects]
+    # always "a" (also "a orange"): the caption template is fixed, so that the tiny models'
+    # tokenizer needs only WORDS; parse_caption also accepts "an"
+    names = [f"a {o.colour} {o.shape}" for o in objects]
     if len(names) == 1:
         body = names[0]
     elif len(names) == 2:
