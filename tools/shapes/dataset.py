@@ -25,6 +25,12 @@ Shapes never overlap (their circumscribed circles are apart) and (shape, colour)
 are distinct within an image.
 
 Only numpy and pillow are used: the same code runs on the GPU machine (no network).
+
+Measured on the 2-core machine (`python tools/shapes/dataset.py` prints these):
+dataset(0, 20000, 64) ~20 s (~1000 samples/s; 128² ~500/s); style_score separation in
+its docstring; edge_iou(s.edges, edge_map(s.image)) mean 0.845 (min 0.746) on 500
+samples at 64² (0.858, min 0.748 at 128²), against another sample's image mean 0.071
+(max 0.361).
 """
 
 from __future__ import annotations

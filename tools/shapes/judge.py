@@ -30,8 +30,18 @@ caption's order survives the canonical slot order. Relations use the dominant ax
 two centers (the dataset only draws relations whose axis dominates by 1.3×).
 
 CLI:
-    python tools/shapes/judge.py train --out tools/shapes/judge.pt --device cpu --minutes 8
+    python tools/shapes/judge.py train --out tools/shapes/judge.pt --device cpu --minutes 10
     python tools/shapes/judge.py eval  --judge tools/shapes/judge.pt [--n 1000]
+
+Measured (the committed judge.pt, 143,696 parameters, 0.30 MB in fp16): trained with
+`train --minutes 10 --device cpu` on the 2-core machine while other builds/tests shared it,
+2336 steps × 64 fresh samples in 600 s (1 torch thread + 1 data worker process; the
+shape/colour losses were < 0.02 after ~800 steps, ~4 minutes). Held-out dataset(10_001,
+1000): prompt accuracy 0.996 plain and 0.996 stylized (count, object set, shapes,
+colours 0.996; background 1.000; relation 1.000; 3×3 cell 0.988; center error 0.003 of
+the side; slot shape / colour 0.994). `eval` on dataset(424242, 1000): 0.999 plain, 0.998
+stylized, 0.003 with shuffled captions. Robust on dataset(777, 500) to a Gaussian blur of
+radius 1.5 (0.992), noise σ=20 (0.996), a 32² round trip (0.998), 128² renders (0.998).
 """
 
 from __future__ import annotations
@@ -464,7 +474,7 @@ class _Batches:
 
 def train(out: Path, device: str = "cpu", minutes: float = 8.0, steps: int | None = None,
           batch_size: int = 64, lr: float = 4e-3, seed: int = 0, threads: int | None = None,
-          workers: int = 1, log=print) -> dict:
+          workers: int = 1, heldout: int = 1000, log=print) -> dict:
     """Trains on fresh seeded samples until `minutes` of wall time (or `steps`) are used,
     with a cosine learning-rate schedule over that budget; evaluates on held-out data
     (dataset(10_001, 1000) plain and stylized), saves to `out` and returns the accuracies.
@@ -510,7 +520,7 @@ def train(out: Path, device: str = "cpu", minutes: float = 8.0, steps: int | Non
         batches.close()
     train_s = time.perf_counter() - t0
     net.eval()
-    held = dataset(10_001, 1000)
+    held = dataset(10_001, heldout)
     plain = heldout_accuracy(net, held)
     srng = np.random.default_rng(10_002)
     styl_images = [stylize(s.image, STYLES[int(srng.integers(2))], s.mask) for s in held]
