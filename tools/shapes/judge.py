@@ -483,6 +483,8 @@ def train(out: Path, device: str = "cpu", minutes: float = 8.0, steps: int | Non
     the other core: on the 2-core machine 2 torch threads were ~3× slower per step than 1
     when other work shared the cores."""
     torch.set_num_threads(threads or (1 if device == "cpu" else max(1, torch.get_num_threads())))
+    # data workers fork before anything touches CUDA
+    batches = _Batches(1000 + seed, batch_size, workers)
     torch.manual_seed(seed)
     g = torch.Generator(device=device)
     g.manual_seed(seed)
@@ -491,7 +493,6 @@ def train(out: Path, device: str = "cpu", minutes: float = 8.0, steps: int | Non
         f"{torch.get_num_threads()} torch threads, {workers} data workers")
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     budget = minutes * 60.0
-    batches = _Batches(1000 + seed, batch_size, workers)
     t0 = time.perf_counter()
     step = 0
     warm = 20
