@@ -215,7 +215,13 @@ impl Bus {
     }
 
     async fn cleanup(self) {
-        for q in [self.queue.clone(), topology::dead_queue(&self.queue)] {
+        let cn = format!("{}.cn", self.queue);
+        for q in [
+            self.queue.clone(),
+            topology::dead_queue(&self.queue),
+            topology::dead_queue(&cn),
+            cn,
+        ] {
             let _ = self
                 .channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -983,13 +989,11 @@ fn remote_controlnets_give_the_in_process_image_for_1_2_3_controlnets() {
     let _g = serial();
     rt().block_on(async {
         let mut bus = Bus::new("cn-remote").await;
-        let _a = cn_worker("cn-a", &["--concurrency", "2"]);
-        let _b = cn_worker("cn-b", &["--concurrency", "2"]);
-        let _w = Worker::start(
-            &bus.queue,
-            "w-cn-remote",
-            &["--controlnet-service", "tiny-sdxl-controlnet"],
-        );
+        let q = format!("{}.cn", bus.queue);
+        let _a = cn_worker("cn-a", &["--concurrency", "2", "--queue", &q]);
+        let _b = cn_worker("cn-b", &["--concurrency", "2", "--queue", &q]);
+        let svc = format!("tiny-sdxl-controlnet@{q}");
+        let _w = Worker::start(&bus.queue, "w-cn-remote", &["--controlnet-service", &svc]);
         for n in 1..=3 {
             let mut j = job(&format!("cnr{n}"));
             j.steps = 6;
@@ -1030,13 +1034,15 @@ fn a_controlnet_worker_killed_mid_session_moves_the_session_or_fails_the_job() {
     let _g = serial();
     rt().block_on(async {
         let mut bus = Bus::new("cn-kill").await;
-        let mut a = cn_worker("cn-kill-a", &[]);
+        let q = format!("{}.cn", bus.queue);
+        let svc = format!("tiny-sdxl-controlnet@{q}");
+        let mut a = cn_worker("cn-kill-a", &["--queue", &q]);
         let _w = Worker::start(
             &bus.queue,
             "w-cn-kill",
             &[
                 "--controlnet-service",
-                "tiny-sdxl-controlnet",
+                &svc,
                 "--controlnet-step-timeout-ms",
                 "1500",
                 "--controlnet-retries",
@@ -1049,7 +1055,7 @@ fn a_controlnet_worker_killed_mid_session_moves_the_session_or_fails_the_job() {
         bus.publish(&j).await;
         // the session is on A once A says so (progress in Redis may lag a busy machine)
         let t0 = Instant::now();
-        while !a.log().contains("session started") {
+        while !(a.log().contains(j.id.as_str()) && a.log().contains("session started")) {
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
                 "A never started the session:\n{}",
@@ -1057,7 +1063,7 @@ fn a_controlnet_worker_killed_mid_session_moves_the_session_or_fails_the_job() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let _b = cn_worker("cn-kill-b", &[]);
+        let _b = cn_worker("cn-kill-b", &["--queue", &q]);
         a.signal(libc::SIGKILL);
         let _ = a.wait_exit(Duration::from_secs(5));
         let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;

@@ -321,11 +321,17 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         if !job.controlnets.is_empty() {
             fields.push(("controlnet_retries".into(), out.controlnet_retries.to_string()));
         }
-        metrics().controlnet_retries.fetch_add(out.controlnet_retries as i64, Ordering::Relaxed);
+        metrics()
+            .controlnet_retries
+            .fetch_add(out.controlnet_retries as i64, Ordering::Relaxed);
         if let Some(st) = lora_stats {
             let st = st.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            metrics().lora_hits.fetch_add(admitted.hits as i64, Ordering::Relaxed);
-            metrics().lora_loads.fetch_add(admitted.loads as i64, Ordering::Relaxed);
+            metrics()
+                .lora_hits
+                .fetch_add(admitted.hits as i64, Ordering::Relaxed);
+            metrics()
+                .lora_loads
+                .fetch_add(admitted.loads as i64, Ordering::Relaxed);
             metrics().lora_wait.observe(t.lora_wait.as_secs_f64());
             fields.extend([
                 ("lora_mode".to_string(), deps.lora_cfg.mode.to_string()),

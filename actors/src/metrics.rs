@@ -129,9 +129,24 @@ impl Metrics {
             &mut out,
         );
         for (name, help, kind, v) in [
-            ("katz_lora_cache_hits_total", "LoRA adapters found in the host cache at admission.", "counter", &self.lora_hits),
-            ("katz_lora_loads_total", "LoRA adapters that had to come from the store.", "counter", &self.lora_loads),
-            ("katz_lora_pending_loads", "LoRA fetches pending now.", "gauge", &self.lora_pending),
+            (
+                "katz_lora_cache_hits_total",
+                "LoRA adapters found in the host cache at admission.",
+                "counter",
+                &self.lora_hits,
+            ),
+            (
+                "katz_lora_loads_total",
+                "LoRA adapters that had to come from the store.",
+                "counter",
+                &self.lora_loads,
+            ),
+            (
+                "katz_lora_pending_loads",
+                "LoRA fetches pending now.",
+                "gauge",
+                &self.lora_pending,
+            ),
             (
                 "katz_controlnet_session_retries_total",
                 "ControlNet sessions opened again on another worker after a timeout.",
@@ -139,7 +154,11 @@ impl Metrics {
                 &self.controlnet_retries,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         out
     }

@@ -155,7 +155,7 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
             cfg.step_timeout = Duration::from_secs(30);
             remote = Some(RemoteControlNets::new(
                 cfg,
-                vec!["tiny-sdxl-controlnet".into()],
+                vec!["tiny-sdxl-controlnet".parse().map_err(anyhow::Error::msg)?],
                 rt.handle().clone(),
             )?);
         }

@@ -23,6 +23,9 @@ pub struct ControlNetWorkerArgs {
     /// Name in logs [default: cn-<hostname>-<pid>]
     #[arg(long, env = "KATZ_WORKER_NAME")]
     pub name: Option<String>,
+    /// Queue to consume [default: katz.controlnet.<model>]; base workers name it as MODEL@QUEUE.
+    #[arg(long, env = "KATZ_QUEUE")]
+    pub queue: Option<String>,
     /// A session with no step for this long ends, in seconds.
     #[arg(long, env = "KATZ_CONTROLNET_IDLE_S", default_value_t = 60)]
     pub idle_s: u64,
@@ -52,6 +55,7 @@ pub fn run(a: ControlNetWorkerArgs) -> anyhow::Result<()> {
         name: a
             .name
             .unwrap_or_else(|| format!("cn-{host}-{}", std::process::id())),
+        queue: a.queue,
         idle_timeout: Duration::from_secs(a.idle_s.max(1)),
         ttl: Duration::from_secs(300),
     })?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use katz_actors::controlnet::{LocalMode, RemoteConfig};
+use katz_actors::controlnet::{LocalMode, RemoteConfig, RemoteModel};
 use katz_actors::pipeline::Models;
 use katz_actors::protocol::Limits;
 use katz_actors::worker::{self, WorkerConfig};
@@ -35,8 +35,8 @@ pub struct WorkerArgs {
     /// ControlNet bundles this worker hosts (repeatable) [default: bundles/tiny-sdxl-controlnet]
     #[arg(long = "controlnet", env = "KATZ_CONTROLNETS", value_delimiter = ',')]
     pub controlnets: Vec<PathBuf>,
-    /// ControlNet models served by `katz controlnet-worker`s (repeatable): their sessions go over
-    /// RabbitMQ (katz.controlnet.<model>) and Redis, overlapping the UNet encoder.
+    /// ControlNet models served by `katz controlnet-worker`s (repeatable): MODEL, or MODEL@QUEUE;
+    /// their sessions go over RabbitMQ (katz.controlnet.<model>) and Redis, overlapping the UNet.
     #[arg(
         long = "controlnet-service",
         env = "KATZ_CONTROLNET_SERVICES",
@@ -178,7 +178,11 @@ pub fn config(mut a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         file.controlnet_services
     } else {
         a.controlnet_services
-    };
+    }
+    .iter()
+    .map(|s| s.parse::<RemoteModel>())
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(anyhow::Error::msg)?;
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "worker".into());

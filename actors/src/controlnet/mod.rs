@@ -20,7 +20,7 @@ use katz_onnx::controlnet::{
 use katz_onnx::pipeline::ControlRequest;
 use katz_onnx::{Error, Result};
 
-pub use remote::{RemoteConfig, RemoteControlNets};
+pub use remote::{RemoteConfig, RemoteControlNets, RemoteModel};
 
 /// How a worker runs the ControlNets it hosts itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

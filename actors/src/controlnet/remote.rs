@@ -62,8 +62,8 @@ struct Publisher {
 }
 
 impl Publisher {
-    fn publish(&self, model: &str, open: &SessionOpen) -> Result<()> {
-        let queue = controlnet_queue(model);
+    fn publish(&self, model: &str, queue: &str, open: &SessionOpen) -> Result<()> {
+        let queue = queue.to_string();
         let mut amqp = self.amqp.lock().unwrap_or_else(|e| e.into_inner());
         for attempt in 0..2 {
             if amqp.is_none() {
@@ -96,10 +96,35 @@ impl Publisher {
     }
 }
 
-/// Opens sessions on remote ControlNet workers; `models[i]` names ControlRequest model `i`.
+/// A remote ControlNet model: its name and the queue its workers consume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteModel {
+    pub name: String,
+    pub queue: String,
+}
+
+impl std::str::FromStr for RemoteModel {
+    type Err = String;
+    /// `MODEL` (queue `katz.controlnet.MODEL`) or `MODEL@QUEUE`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (name, queue) = match s.split_once('@') {
+            Some((n, q)) => (n.trim(), q.trim().to_string()),
+            None => (s.trim(), controlnet_queue(s.trim())),
+        };
+        if name.is_empty() || queue.is_empty() {
+            return Err(format!("`{s}`: expected MODEL or MODEL@QUEUE"));
+        }
+        Ok(RemoteModel {
+            name: name.to_string(),
+            queue,
+        })
+    }
+}
+
+/// Opens sessions on remote ControlNet workers; `models[i]` serves ControlRequest model `i`.
 pub struct RemoteControlNets {
     cfg: RemoteConfig,
-    models: Vec<String>,
+    models: Vec<RemoteModel>,
     job: String,
     publisher: Publisher,
     redis: redis::Client,
@@ -108,7 +133,7 @@ pub struct RemoteControlNets {
 }
 
 impl RemoteControlNets {
-    pub fn new(cfg: RemoteConfig, models: Vec<String>, rt: tokio::runtime::Handle) -> Result<Self> {
+    pub fn new(cfg: RemoteConfig, models: Vec<RemoteModel>, rt: tokio::runtime::Handle) -> Result<Self> {
         let redis = redis::Client::open(cfg.redis.as_str())
             .map_err(|e| cn_err(format!("Redis URL {}: {e}", cfg.redis)))?;
         Ok(RemoteControlNets {
@@ -136,7 +161,7 @@ impl RemoteControlNets {
         self.retried.load(Ordering::Relaxed)
     }
 
-    pub fn models(&self) -> &[String] {
+    pub fn models(&self) -> &[RemoteModel] {
         &self.models
     }
 }
@@ -157,6 +182,7 @@ pub struct RemoteSession {
     id: String,
     job: String,
     model: String,
+    queue: String,
     index: usize,
     attempt: u32,
     init: Vec<u8>,
@@ -173,7 +199,7 @@ impl ControlService for RemoteControlNets {
         req: &ControlRequest,
         init: SessionInit<'_>,
     ) -> Result<Box<dyn ControlSession>> {
-        let model = self
+        let RemoteModel { name: model, queue } = self
             .models
             .get(req.model)
             .ok_or_else(|| Error::InvalidRequest(format!("ControlNet #{index}: no such remote model")))?
@@ -194,6 +220,7 @@ impl ControlService for RemoteControlNets {
                 self.job.clone()
             },
             model,
+            queue,
             index,
             attempt: 0,
             init: wire::encode(0, &[&c.prompt_embeds, &c.pooled, &c.time_ids, init.image]),
@@ -224,7 +251,7 @@ impl RemoteSession {
             model: self.model.clone(),
             job: self.job.clone(),
         };
-        self.publisher.publish(&self.model, &open)?;
+        self.publisher.publish(&self.model, &self.queue, &open)?;
         tracing::debug!(session = %self.id, model = %self.model, attempt = self.attempt, "ControlNet session opened");
         Ok(())
     }

@@ -39,6 +39,8 @@ pub struct ControlNetWorkerConfig {
     /// Sessions served at once (threads, each with its own ControlNet session).
     pub concurrency: usize,
     pub name: String,
+    /// Queue to consume [default: katz.controlnet.<model>].
+    pub queue: Option<String>,
     /// A session with no step for this long ends.
     pub idle_timeout: Duration,
     /// Lifetime of the residual lists.
@@ -163,7 +165,7 @@ pub fn run(cfg: ControlNetWorkerConfig) -> Result<(), ControlNetWorkerError> {
         )?);
     }
     let model = models[0].name().to_string();
-    let queue = controlnet_queue(&model);
+    let queue = cfg.queue.clone().unwrap_or_else(|| controlnet_queue(&model));
     let redis = redis::Client::open(cfg.redis.as_str())
         .map_err(|e| katz_onnx::Error::ControlNet(format!("Redis URL {}: {e}", cfg.redis)))?;
     let pool = Mutex::new(models);

@@ -129,7 +129,9 @@ impl Inner {
             return f.clone();
         }
         if permit.is_some() {
-            crate::metrics::metrics().lora_pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::metrics()
+                .lora_pending
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let (me, key) = (self.clone(), name.to_string());
         let fut = async move {
@@ -165,7 +167,9 @@ impl Inner {
             }
             me.fetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
             if permit.is_some() {
-                crate::metrics::metrics().lora_pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                crate::metrics::metrics()
+                    .lora_pending
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
             drop(permit);
             res

@@ -29,7 +29,7 @@ use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
 use katz_onnx::weights::Weights;
 
-use crate::controlnet::{LocalMode, RemoteConfig, RemoteControlNets, Route, Router};
+use crate::controlnet::{LocalMode, RemoteConfig, RemoteControlNets, RemoteModel, Route, Router};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::JobError;
@@ -46,7 +46,7 @@ pub struct Models {
     /// How the ControlNets hosted here run (serial, or parallel threads overlapping the UNet).
     pub controlnet_mode: LocalMode,
     /// ControlNet models served by `katz controlnet-worker`s (sessions over RabbitMQ + Redis).
-    pub controlnet_services: Vec<String>,
+    pub controlnet_services: Vec<RemoteModel>,
     /// How to reach them (needed when `controlnet_services` is not empty).
     pub remote: Option<RemoteConfig>,
 }
@@ -75,7 +75,7 @@ pub struct PipelineActor {
     pipe: Pipeline,
     controlnets: HashMap<String, usize>,
     mode: LocalMode,
-    remote_names: Vec<String>,
+    remote_names: Vec<RemoteModel>,
     remote_cfg: Option<RemoteConfig>,
     /// Made on the first job (it needs the worker's tokio runtime).
     remote: Option<RemoteControlNets>,
@@ -145,11 +145,14 @@ impl PipelineActor {
         for (j, (c, png)) in job.controlnets.iter().zip(images).enumerate() {
             let route = match self.controlnets.get(&c.model) {
                 Some(&i) => Route::Local(i),
-                None => match self.remote_names.iter().position(|n| *n == c.model) {
+                None => match self.remote_names.iter().position(|n| n.name == c.model) {
                     Some(i) => Route::Remote(i),
                     None => {
-                        let mut known: Vec<&String> =
-                            self.controlnets.keys().chain(&self.remote_names).collect();
+                        let mut known: Vec<&String> = self
+                            .controlnets
+                            .keys()
+                            .chain(self.remote_names.iter().map(|m| &m.name))
+                            .collect();
                         known.sort();
                         return Err(JobError::Invalid(format!(
                             "unknown ControlNet `{}` (this worker serves {known:?})",
