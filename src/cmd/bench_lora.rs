@@ -210,7 +210,7 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
         .service(&a.service)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("service {} in {}", a.service, path.display()))?;
-    let target = svc.lora_cache_loads_per_request_10_entries.clone();
+    let target = svc.lora_cache_loads_per_request_10_entries;
     let mut drift = a.drift;
     let s = match (a.zipf_s, &target) {
         (Some(s), _) => s,

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix::prelude::*;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
@@ -235,7 +235,7 @@ impl Handler<Prefetch> for LoraManager {
                 match inner.pending_loads.clone().try_acquire_owned() {
                     Ok(permit) => {
                         tracing::debug!(lora = %name, "prefetching");
-                        let _ = inner.fetch(name, Some(permit));
+                        drop(inner.fetch(name, Some(permit))); // the fetch runs on its own task
                     }
                     Err(_) => return,
                 }
@@ -277,7 +277,7 @@ impl Handler<Admit> for LoraManager {
                     .await
                     .map_err(|e| JobError::Mailbox(format!("LoRA manager closed: {e}")))?;
                 if !inner.cached(name) {
-                    let _ = inner.fetch(name, Some(permit));
+                    drop(inner.fetch(name, Some(permit))); // the fetch runs on its own task
                 }
             }
             Ok(out)
@@ -384,9 +384,4 @@ impl Handler<GetStats> for LoraManager {
     fn handle(&mut self, _: GetStats, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.stats())
     }
-}
-
-/// How long a job may wait at its bound step.
-pub fn default_timeout() -> Duration {
-    Duration::from_secs(600)
 }
