@@ -1068,7 +1068,15 @@ fn a_controlnet_worker_killed_mid_session_moves_the_session_or_fails_the_job() {
         let _ = a.wait_exit(Duration::from_secs(5));
         let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
         assert_eq!(r["status"], "done", "{r:?}");
-        assert!(r["controlnet_retries"].parse::<u32>().unwrap() >= 1, "{r:?}");
+        // B finished the job's ControlNet steps, one of two ways: A died between steps, its unacked
+        // session-open came back to B, which carried the same session on; or A died holding a step,
+        // the base's step timeout abandoned the session and opened another, which B took
+        let retried = r["controlnet_retries"].parse::<u32>().unwrap();
+        assert!(
+            _b.log().contains(j.id.as_str()) && _b.log().contains("session started"),
+            "B never served the job (retries {retried}):\n{}",
+            _b.log()
+        );
         // nothing of the job's sessions stays without a TTL
         for (k, ttl) in leftover_keys(&mut bus, &j.id).await {
             assert!(ttl > 0, "{k} has no TTL");
