@@ -139,15 +139,7 @@ impl ControlService for InlineControlNets {
         req: &ControlRequest,
         init: SessionInit<'_>,
     ) -> Result<Box<dyn ControlSession>> {
-        let model = self
-            .models
-            .get(req.model)
-            .ok_or_else(|| {
-                Error::InvalidRequest(format!(
-                    "ControlNet #{index} refers to a model that is not loaded"
-                ))
-            })?
-            .clone();
+        let model = loaded(&self.models, index, req)?;
         Ok(Box::new(InlineSession {
             model,
             cond: clone_cond(init.cond),
@@ -176,6 +168,19 @@ impl ControlSession for InlineSession {
             &self.image,
         )
     }
+}
+
+/// The loaded ControlNet a request names.
+fn loaded(
+    models: &[Arc<Mutex<ControlNet>>],
+    index: usize,
+    req: &ControlRequest,
+) -> Result<Arc<Mutex<ControlNet>>> {
+    models.get(req.model).cloned().ok_or_else(|| {
+        Error::InvalidRequest(format!(
+            "ControlNet #{index} refers to a model that is not loaded"
+        ))
+    })
 }
 
 fn clone_cond(c: &Conditioning) -> Conditioning {
@@ -209,15 +214,7 @@ impl ControlService for ThreadedControlNets {
         req: &ControlRequest,
         init: SessionInit<'_>,
     ) -> Result<Box<dyn ControlSession>> {
-        let model = self
-            .models
-            .get(req.model)
-            .ok_or_else(|| {
-                Error::InvalidRequest(format!(
-                    "ControlNet #{index} refers to a model that is not loaded"
-                ))
-            })?
-            .clone();
+        let model = loaded(&self.models, index, req)?;
         let name = model.lock().unwrap_or_else(|e| e.into_inner()).name().to_string();
         let (tx, in_rx) = mpsc::channel::<StepIn>();
         let (out_tx, rx) = mpsc::channel();

@@ -66,16 +66,20 @@ impl Publisher {
         let queue = queue.to_string();
         let mut amqp = self.amqp.lock().unwrap_or_else(|e| e.into_inner());
         for attempt in 0..2 {
-            if amqp.is_none() {
-                let uri = self.uri.clone();
-                let made = self.rt.block_on(async {
-                    let conn = topology::connect(&uri, "katz-controlnet-client").await?;
-                    let ch = conn.create_channel().await?;
-                    Ok::<_, lapin::Error>((conn, ch))
-                });
-                *amqp = Some(made.map_err(|e| cn_err(format!("RabbitMQ at {uri}: {e}")))?);
-            }
-            let ch = amqp.as_ref().expect("connected above").1.clone();
+            let ch = match amqp.as_ref() {
+                Some((_, ch)) => ch.clone(),
+                None => {
+                    let uri = self.uri.clone();
+                    let made = self.rt.block_on(async {
+                        let conn = topology::connect(&uri, "katz-controlnet-client").await?;
+                        let ch = conn.create_channel().await?;
+                        Ok::<_, lapin::Error>((conn, ch))
+                    });
+                    let (conn, ch) = made.map_err(|e| cn_err(format!("RabbitMQ at {uri}: {e}")))?;
+                    *amqp = Some((conn, ch.clone()));
+                    ch
+                }
+            };
             let (q, payload, id) = (queue.clone(), open.encode(), open.session.clone());
             let res = self.rt.block_on(async move {
                 topology::declare(&ch, &q).await.map_err(|e| e.to_string())?;

@@ -84,48 +84,76 @@ pub fn encode(step: u64, tensors: &[&Tensor]) -> Vec<u8> {
     out
 }
 
+/// Reads a payload front to back; every read is bounds-checked.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).ok_or("tensor size overflows")?;
+        let s = self.bytes.get(self.at..end).ok_or_else(|| {
+            format!(
+                "tensor payload truncated at byte {} (of {})",
+                self.at,
+                self.bytes.len()
+            )
+        })?;
+        self.at = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+}
+
 /// Decodes what [`encode`] wrote: the step and the tensors.
 pub fn decode(bytes: &[u8]) -> Result<(u64, Vec<Tensor>), String> {
-    let mut at = 0usize;
-    let mut take = |n: usize| -> Result<&[u8], String> {
-        let s = bytes
-            .get(at..at + n)
-            .ok_or_else(|| format!("tensor payload truncated at byte {at} (of {})", bytes.len()))?;
-        at += n;
-        Ok(s)
-    };
-    if take(4)? != MAGIC {
+    let mut r = Reader { bytes, at: 0 };
+    if r.take(4)? != MAGIC {
         return Err("not a katz tensor payload (magic)".into());
     }
-    let step = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
-    let count = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+    let step = r.u64()?;
+    let count = r.u32()? as usize;
     if count > 64 {
         return Err(format!("{count} tensors in one payload"));
     }
     let mut shapes = Vec::with_capacity(count);
     for _ in 0..count {
-        let nd = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+        let nd = r.u32()? as usize;
         if nd > 8 {
             return Err(format!("a tensor of {nd} dimensions"));
         }
         let mut shape = Vec::with_capacity(nd);
         for _ in 0..nd {
-            shape.push(u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize);
+            shape.push(r.u64()? as usize);
         }
         shapes.push(shape);
     }
     let mut tensors = Vec::with_capacity(count);
     for shape in shapes {
         let n: usize = shape.iter().product();
-        let raw = take(n.checked_mul(4).ok_or("tensor size overflows")?)?;
+        let raw = r.take(n.checked_mul(4).ok_or("tensor size overflows")?)?;
         let data = raw
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         tensors.push(Tensor::new(shape, data));
     }
-    if at != bytes.len() {
-        return Err(format!("{} trailing bytes after the tensors", bytes.len() - at));
+    if r.at != bytes.len() {
+        return Err(format!("{} trailing bytes after the tensors", bytes.len() - r.at));
     }
     Ok((step, tensors))
 }

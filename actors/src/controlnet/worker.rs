@@ -95,14 +95,10 @@ impl Handler<RunSession> for SessionActor {
             tracing::info!("session abandoned before it started");
             return Ok(SessionEnd::Abandoned);
         };
-        let (_, mut t) = wire::decode(&init)?;
-        if t.len() != 4 {
-            return Err(format!("session init holds {} tensors, not 4", t.len()));
-        }
-        let image = t.pop().expect("4 tensors");
-        let time_ids = t.pop().expect("3 tensors");
-        let pooled = t.pop().expect("2 tensors");
-        let prompt_embeds = t.pop().expect("1 tensor");
+        let (_, t) = wire::decode(&init)?;
+        let [prompt_embeds, pooled, time_ids, image]: [Tensor; 4] = t
+            .try_into()
+            .map_err(|v: Vec<Tensor>| format!("session init holds {} tensors, not 4", v.len()))?;
         let cond = Conditioning {
             prompt_embeds,
             pooled,

@@ -300,12 +300,15 @@ impl<V: Clone> Cache<V> {
         let mut evicted = Vec::new();
         while self.bytes > self.budget {
             let victim = self.order.iter().find_map(|(rank, k)| {
-                let evictable = Some(k.as_str()) != keep && self.entries[k].pins == 0;
+                let evictable = Some(k.as_str()) != keep && self.entries.get(k).is_some_and(|e| e.pins == 0);
                 evictable.then_some(*rank)
             });
             let Some(rank) = victim else { break };
-            let key = self.order.remove(&rank).expect("victim rank is in the index");
-            let e = self.entries.remove(&key).expect("indexed key is cached");
+            // the index and the entries move together; a mismatch ends the eviction, never a panic
+            let Some(key) = self.order.remove(&rank) else {
+                break;
+            };
+            let Some(e) = self.entries.remove(&key) else { break };
             self.bytes -= e.cost;
             self.evictions += 1;
             evicted.push(key);
