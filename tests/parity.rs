@@ -95,6 +95,9 @@ impl Observer for Collect {
         self.0.push(latents.clone());
         Ok(())
     }
+    fn wants_latents(&self) -> bool {
+        true
+    }
 }
 
 fn run_case(name: &str) {

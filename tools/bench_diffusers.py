@@ -75,6 +75,7 @@ def main(argv=None):
     ap.add_argument("--configs", default="0c0l,1c1l,3c2l")
     ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--lora-dir", type=Path, help="where to write the LoRA files (katz's benchmark reads the same ones)")
     ap.add_argument("--seed", type=int, default=1234)
     a = ap.parse_args(argv)
 
@@ -115,7 +116,8 @@ def main(argv=None):
         sync_time(lambda: vae.decode(lat / vae.config.scaling_factor), 2)
         _, vt = sync_time(lambda: vae.decode(lat / vae.config.scaling_factor), 5)
     prompt = "a red circle above a blue square on a white background"
-    loras_dir = Path(tempfile.mkdtemp())
+    loras_dir = a.lora_dir or Path(tempfile.mkdtemp())
+    loras_dir.mkdir(parents=True, exist_ok=True)
     lora_files = [eb.make_lora(unet, loras_dir / f"lora{i}.safetensors", rank=a.lora_rank, alpha=a.lora_rank,
                                seed=a.seed + 50 + i) for i in range(2)]
     cond_pil = Image.fromarray((torch.rand(a.size, a.size, 3) * 255).byte().numpy())

@@ -466,6 +466,14 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_mma_f16(MERGE_AR
 }
 "#;
 
+/// How many GPUs the driver sees (0 where no driver is present; no panic).
+pub fn device_count() -> usize {
+    if !cuda_available() {
+        return 0;
+    }
+    cudarc::driver::result::device::get_count().unwrap_or(0).max(0) as usize
+}
+
 /// Whether a CUDA driver library and at least one device are present (no panic where absent).
 pub fn cuda_available() -> bool {
     // SAFETY: only probes whether the shared libraries can be opened.
@@ -819,6 +827,64 @@ impl GpuKernels {
 
     pub fn synchronize(&self) -> Result<(), GpuError> {
         Ok(self.stream.synchronize()?)
+    }
+
+    /// The same compiled kernels on a new stream of the same device (a pipeline's step kernels
+    /// must not queue behind a LoRA merge running on the merge stream).
+    pub fn fork(&self) -> Result<GpuKernels, GpuError> {
+        Ok(GpuKernels {
+            ctx: self.ctx.clone(),
+            stream: self.ctx.new_stream()?,
+            combine: self.combine.clone(),
+            axpy: self.axpy.clone(),
+            scale: self.scale.clone(),
+            euler: self.euler.clone(),
+            lora_merge: self.lora_merge.clone(),
+            has_mma: self.has_mma,
+        })
+    }
+
+    /// The GPU these kernels run on.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// `dst += s · src` over `n` f32 at raw device addresses (buffers ONNX Runtime owns).
+    ///
+    /// # Safety
+    /// `dst` and `src` must address `n` live f32 on this object's device, and nothing else may
+    /// write them until this stream is synchronised.
+    pub unsafe fn axpy_raw(&self, dst: u64, src: u64, s: f32, n: usize) -> Result<(), GpuError> {
+        let n32 = n as u32;
+        let mut b = self.stream.launch_builder(&self.axpy);
+        b.arg(&dst).arg(&src).arg(&s).arg(&n32);
+        unsafe { b.launch(cfg(n)) }?;
+        Ok(())
+    }
+
+    /// `out = uncond + g·(cond − uncond)` of a `[uncond; cond]` prediction at a raw address.
+    ///
+    /// # Safety
+    /// `pred` must address `2 · out.len()` live f32 on this object's device.
+    pub unsafe fn combine_raw(&self, pred: u64, g: f32, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+        let n32 = out.len() as u32;
+        let mut b = self.stream.launch_builder(&self.combine);
+        b.arg(&pred).arg(&g).arg(out).arg(&n32);
+        unsafe { b.launch(cfg(n32 as usize)) }?;
+        Ok(())
+    }
+
+    /// Copies `bytes` from `src` to `dst` on this stream; either address may be on another GPU
+    /// of this process (unified addressing: the driver picks the peer path).
+    ///
+    /// # Safety
+    /// Both must address `bytes` live device bytes; `src` must not change until the copy is done.
+    pub unsafe fn copy_raw(&self, dst: u64, src: u64, bytes: usize) -> Result<(), GpuError> {
+        self.ctx.bind_to_thread()?;
+        unsafe {
+            cudarc::driver::sys::cuMemcpyAsync(dst, src, bytes, self.stream.cu_stream()).result()?;
+        }
+        Ok(())
     }
 }
 

@@ -3,9 +3,14 @@
 //! Residuals leave unscaled; the pipeline adds `scale · residual` to the UNet skips (diffusers'
 //! MultiControlNet: a sum of scaled residuals, each ControlNet active between its start and end).
 
-use ort::session::Session;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session};
+use ort::value::DynValue;
+
+use katz_kernels::cuda::GpuKernels;
 
 use crate::bundle::{check_compute, check_io, BaseBundle, ControlNetBundle};
+use crate::device::{kernels_for, DevRef, DevTensor};
 use crate::runtime::{self, SessionOptions};
 use crate::tensor::Tensor;
 use crate::text::Conditioning;
@@ -15,6 +20,19 @@ pub struct ControlNet {
     pub bundle: ControlNetBundle,
     session: Session,
     outputs: Vec<String>,
+    /// Step kernels (copies across GPUs) on this ControlNet's GPU, when it runs on one.
+    kernels: Option<Arc<GpuKernels>>,
+}
+
+/// A ControlNet bound to one job on its GPU: conditioning and image go up once; each step's
+/// latent is read in place (or copied from the pipeline's GPU), residuals stay on the device.
+pub struct BoundControlNet {
+    binding: IoBinding,
+    kernels: Arc<GpuKernels>,
+    /// The step's latent, when the pipeline runs on another GPU.
+    sample: Option<DevTensor>,
+    /// The last step's residuals (ONNX Runtime's buffers, kept alive until the next step).
+    held: Vec<DynValue>,
 }
 
 impl ControlNet {
@@ -38,11 +56,85 @@ impl ControlNet {
         .map(String::from)
         .to_vec();
         check_io(&path, &session, &inputs, &outputs)?;
+        let kernels = match opts.device.gpu() {
+            Some(id) => Some(kernels_for(id as usize)?),
+            None => None,
+        };
         Ok(ControlNet {
             bundle,
             session,
             outputs,
+            kernels,
         })
+    }
+
+    /// The GPU this ControlNet runs on (`None`: the CPU).
+    pub fn gpu(&self) -> Option<usize> {
+        self.kernels.as_ref().map(|k| k.ordinal())
+    }
+
+    /// Binds this ControlNet for one job on its GPU (conditioning and image copied up once).
+    pub fn bind(&mut self, cond: &Conditioning, image: &Tensor) -> Result<BoundControlNet> {
+        let kernels = self.kernels.clone().ok_or_else(|| {
+            Error::Gpu(format!("ControlNet {} does not run on a GPU", self.name()))
+        })?;
+        let dev = MemoryInfo::new(
+            AllocationDevice::CUDA,
+            kernels.ordinal() as i32,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?;
+        let mut binding = self.session.create_binding()?;
+        binding.bind_input("encoder_hidden_states", &*cond.prompt_embeds.view()?)?;
+        binding.bind_input("text_embeds", &*cond.pooled.view()?)?;
+        binding.bind_input("time_ids", &*cond.time_ids.view()?)?;
+        binding.bind_input("controlnet_cond", &*image.view()?)?;
+        for o in &self.outputs {
+            binding.bind_output_to_device(o.as_str(), &dev)?;
+        }
+        Ok(BoundControlNet {
+            binding,
+            kernels,
+            sample: None,
+            held: Vec::new(),
+        })
+    }
+
+    /// One step on a bound job: residuals in this ControlNet's GPU memory (down in skip order,
+    /// then mid), valid until the next step of `b`. `latent_in` may live on another GPU of
+    /// this process; it must not change until this returns.
+    pub fn run_bound(&mut self, b: &mut BoundControlNet, latent_in: &DevRef, timestep: &Tensor) -> Result<Vec<DevRef>> {
+        let k = b.kernels.clone();
+        let here = k.ordinal();
+        let sample = if latent_in.device == here {
+            latent_in.clone()
+        } else {
+            if b.sample.as_ref().map(|s| &s.shape) != Some(&latent_in.shape) {
+                b.sample = Some(DevTensor::zeros(&k, latent_in.shape.clone())?);
+            }
+            let s = b.sample.as_ref().expect("allocated above");
+            let dst = s.ptr(&k);
+            // SAFETY: both buffers hold `len` f32; the source is not written until we return
+            unsafe { k.copy_raw(dst, latent_in.ptr, latent_in.len() * 4) }.map_err(crate::device::gpu_err)?;
+            k.synchronize().map_err(crate::device::gpu_err)?;
+            s.dev_ref(&k)
+        };
+        // SAFETY: `sample` outlives the run (the caller's buffer or `b.sample`)
+        let t = unsafe { sample.ort()? };
+        b.binding.bind_input("sample", &*t)?;
+        b.binding.bind_input("timestep", &*timestep.view()?)?;
+        b.held.clear();
+        let mut out = self.session.run_binding(&b.binding)?;
+        b.binding.synchronize_outputs()?;
+        let mut refs = Vec::with_capacity(self.outputs.len());
+        for o in &self.outputs {
+            let v = out
+                .remove(o.as_str())
+                .ok_or_else(|| Error::Gpu(format!("ControlNet {}: no output {o}", self.bundle.manifest.name)))?;
+            refs.push(DevRef::of_value(&v, here)?);
+            b.held.push(v);
+        }
+        Ok(refs)
     }
 
     pub fn name(&self) -> &str {
@@ -105,6 +197,22 @@ pub trait ControlSession: Send {
     fn recv(&mut self, step: usize) -> Result<Vec<Tensor>>;
     /// Ends the session (also on drop); idempotent.
     fn close(&mut self) {}
+    /// Whether the session takes its step input and gives its residuals in GPU memory
+    /// ([`ControlSession::send_device`], [`ControlSession::recv_device`]). A GPU pipeline talks
+    /// to the others through the host (`send`/`recv`, one download and one upload per step).
+    fn on_device(&self) -> bool {
+        false
+    }
+    /// [`ControlSession::send`] with the scaled latent in GPU memory (any GPU of this process);
+    /// the pipeline does not change it before [`ControlSession::recv_device`] returns.
+    fn send_device(&mut self, _step: usize, _latent_in: &DevRef, _timestep: &Tensor) -> Result<()> {
+        Err(Error::Gpu("this ControlNet session has no device path".into()))
+    }
+    /// Step `step`'s residuals in GPU memory (down in skip order, then mid), valid until the next
+    /// `send_device`.
+    fn recv_device(&mut self, _step: usize) -> Result<Vec<DevRef>> {
+        Err(Error::Gpu("this ControlNet session has no device path".into()))
+    }
 }
 
 /// Opens sessions for the ControlNets of a job.
@@ -130,6 +238,10 @@ struct InlineSession {
     cond: Conditioning,
     image: Tensor,
     input: Option<(usize, Tensor, Tensor)>,
+    /// On a GPU: the job's binding (made at the first device step) and the pending device input.
+    gpu: bool,
+    bound: Option<BoundControlNet>,
+    dev_input: Option<(usize, DevRef, Tensor)>,
 }
 
 impl ControlService for InlineControlNets {
@@ -140,11 +252,15 @@ impl ControlService for InlineControlNets {
         init: SessionInit<'_>,
     ) -> Result<Box<dyn ControlSession>> {
         let model = loaded(&self.models, index, req)?;
+        let gpu = lock(&model).gpu().is_some();
         Ok(Box::new(InlineSession {
             model,
             cond: clone_cond(init.cond),
             image: init.image.clone(),
             input: None,
+            gpu,
+            bound: None,
+            dev_input: None,
         }))
     }
 }
@@ -168,6 +284,33 @@ impl ControlSession for InlineSession {
             &self.image,
         )
     }
+
+    fn on_device(&self) -> bool {
+        self.gpu
+    }
+
+    fn send_device(&mut self, step: usize, latent_in: &DevRef, timestep: &Tensor) -> Result<()> {
+        self.dev_input = Some((step, latent_in.clone(), timestep.clone()));
+        Ok(())
+    }
+
+    fn recv_device(&mut self, step: usize) -> Result<Vec<DevRef>> {
+        let (s, latent_in, timestep) = self
+            .dev_input
+            .take()
+            .ok_or_else(|| Error::InvalidRequest("ControlNet step received before it was sent".into()))?;
+        debug_assert_eq!(s, step);
+        let mut model = lock(&self.model);
+        if self.bound.is_none() {
+            self.bound = Some(model.bind(&self.cond, &self.image)?);
+        }
+        let b = self.bound.as_mut().expect("bound above");
+        model.run_bound(b, &latent_in, &timestep)
+    }
+}
+
+fn lock(m: &Mutex<ControlNet>) -> std::sync::MutexGuard<'_, ControlNet> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The loaded ControlNet a request names.
@@ -198,13 +341,23 @@ pub struct ThreadedControlNets {
     pub models: Vec<Arc<Mutex<ControlNet>>>,
 }
 
-type StepIn = (usize, Tensor, Tensor);
+/// A step's input: on the host, or in GPU memory.
+enum StepIn {
+    Host(usize, Tensor, Tensor),
+    Device(usize, DevRef, Tensor),
+}
+
+enum StepOut {
+    Host(usize, Result<Vec<Tensor>>),
+    Device(usize, Result<Vec<DevRef>>),
+}
 
 struct ThreadedSession {
     tx: Option<mpsc::Sender<StepIn>>,
-    rx: mpsc::Receiver<(usize, Result<Vec<Tensor>>)>,
+    rx: mpsc::Receiver<StepOut>,
     thread: Option<std::thread::JoinHandle<()>>,
     name: String,
+    gpu: bool,
 }
 
 impl ControlService for ThreadedControlNets {
@@ -215,7 +368,10 @@ impl ControlService for ThreadedControlNets {
         init: SessionInit<'_>,
     ) -> Result<Box<dyn ControlSession>> {
         let model = loaded(&self.models, index, req)?;
-        let name = model.lock().unwrap_or_else(|e| e.into_inner()).name().to_string();
+        let (name, gpu) = {
+            let m = lock(&model);
+            (m.name().to_string(), m.gpu().is_some())
+        };
         let (tx, in_rx) = mpsc::channel::<StepIn>();
         let (out_tx, rx) = mpsc::channel();
         let cond = clone_cond(init.cond);
@@ -223,12 +379,26 @@ impl ControlService for ThreadedControlNets {
         let thread = std::thread::Builder::new()
             .name(format!("controlnet-{index}"))
             .spawn(move || {
-                for (step, latent_in, timestep) in in_rx {
-                    let res = model
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .residuals(&latent_in, &timestep, &cond, &image);
-                    if out_tx.send((step, res)).is_err() {
+                let mut bound: Option<BoundControlNet> = None;
+                for input in in_rx {
+                    let out = match input {
+                        StepIn::Host(step, latent_in, timestep) => StepOut::Host(
+                            step,
+                            lock(&model).residuals(&latent_in, &timestep, &cond, &image),
+                        ),
+                        StepIn::Device(step, latent_in, timestep) => {
+                            let mut m = lock(&model);
+                            let res = match bound.as_mut() {
+                                Some(b) => m.run_bound(b, &latent_in, &timestep),
+                                None => m.bind(&cond, &image).and_then(|b| {
+                                    let b = bound.insert(b);
+                                    m.run_bound(b, &latent_in, &timestep)
+                                }),
+                            };
+                            StepOut::Device(step, res)
+                        }
+                    };
+                    if out_tx.send(out).is_err() {
                         break;
                     }
                 }
@@ -239,27 +409,57 @@ impl ControlService for ThreadedControlNets {
             rx,
             thread: Some(thread),
             name,
+            gpu,
         }))
+    }
+}
+
+impl ThreadedSession {
+    fn gone(&self) -> Error {
+        Error::InvalidRequest(format!("ControlNet {} session thread is gone", self.name))
+    }
+
+    fn post(&mut self, input: StepIn) -> Result<()> {
+        let tx = self.tx.as_ref().ok_or_else(|| self.gone())?;
+        tx.send(input).map_err(|_| self.gone())
+    }
+
+    fn take(&mut self) -> Result<StepOut> {
+        self.rx.recv().map_err(|_| self.gone())
     }
 }
 
 impl ControlSession for ThreadedSession {
     fn send(&mut self, step: usize, latent_in: &Tensor, timestep: &Tensor) -> Result<()> {
-        let gone = || Error::InvalidRequest(format!("ControlNet {} session thread is gone", self.name));
-        self.tx
-            .as_ref()
-            .ok_or_else(gone)?
-            .send((step, latent_in.clone(), timestep.clone()))
-            .map_err(|_| gone())
+        self.post(StepIn::Host(step, latent_in.clone(), timestep.clone()))
     }
 
     fn recv(&mut self, step: usize) -> Result<Vec<Tensor>> {
-        let (got, res) = self
-            .rx
-            .recv()
-            .map_err(|_| Error::InvalidRequest(format!("ControlNet {} session thread is gone", self.name)))?;
-        debug_assert_eq!(got, step);
-        res
+        match self.take()? {
+            StepOut::Host(got, res) => {
+                debug_assert_eq!(got, step);
+                res
+            }
+            StepOut::Device(..) => Err(Error::Gpu("device residuals where host ones were asked for".into())),
+        }
+    }
+
+    fn on_device(&self) -> bool {
+        self.gpu
+    }
+
+    fn send_device(&mut self, step: usize, latent_in: &DevRef, timestep: &Tensor) -> Result<()> {
+        self.post(StepIn::Device(step, latent_in.clone(), timestep.clone()))
+    }
+
+    fn recv_device(&mut self, step: usize) -> Result<Vec<DevRef>> {
+        match self.take()? {
+            StepOut::Device(got, res) => {
+                debug_assert_eq!(got, step);
+                res
+            }
+            StepOut::Host(..) => Err(Error::Gpu("host residuals where device ones were asked for".into())),
+        }
     }
 
     fn close(&mut self) {

@@ -21,6 +21,7 @@
 
 pub mod bundle;
 pub mod controlnet;
+pub mod device;
 pub mod error;
 pub mod image;
 pub mod lora;

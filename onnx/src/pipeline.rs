@@ -31,20 +31,22 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use katz_kernels::cuda::GpuKernels;
 use katz_kernels::{guidance, residual};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, SessionInputValue};
-use ort::value::{DynTensorValueType, DynValue};
+use ort::value::DynValue;
 use ort::value::{TensorElementType, TensorRefMut};
 
 use crate::bundle::{check_compute, check_io, BaseBundle, ControlNetBundle};
+use crate::device::{gpu_err, DevRef, DevTensor};
 use crate::controlnet::{
     ControlNet, ControlService, ControlSession, InlineControlNets, SessionInit, ThreadedControlNets,
 };
 use crate::lora::LoraAdapter;
 use crate::noise::SeededNoise;
-use crate::runtime::{self, SessionOptions};
-use crate::scheduler::{self, NoiseSource, SchedulerKind};
+use crate::runtime::{self, Device, SessionOptions};
+use crate::scheduler::{self, NoiseSource, Scheduler, SchedulerKind};
 use crate::tensor::Tensor;
 use crate::text::{Conditioning, TextEncoders};
 use crate::weights::{DevBuf, MergedWeights, PendingMerge, Weights};
@@ -235,6 +237,11 @@ pub trait Observer {
     fn on_step(&mut self, _step: usize, _total: usize, _latents: &Tensor) -> Result<()> {
         Ok(())
     }
+    /// Whether `on_step` reads the latents. On a GPU they stay on the device unless this says
+    /// so; `on_step` then gets an empty tensor.
+    fn wants_latents(&self) -> bool {
+        false
+    }
 }
 
 /// An observer that does nothing.
@@ -258,6 +265,8 @@ pub struct Pipeline {
     vae: Session,
     weights: Arc<Weights>,
     controlnets: Vec<Arc<Mutex<ControlNet>>>,
+    /// The device loop's kernels on a stream of their own (GPU pipelines; made at the first job).
+    step_kernels: Option<Arc<GpuKernels>>,
 }
 
 fn skip_names(n: usize) -> Vec<String> {
@@ -354,6 +363,7 @@ impl Pipeline {
             vae,
             weights,
             controlnets: Vec::new(),
+            step_kernels: None,
         })
     }
 
@@ -385,6 +395,19 @@ impl Pipeline {
             return Ok(i);
         }
         let cn = ControlNet::load(ControlNetBundle::open(dir)?, &self.bundle, &self.opts)?;
+        self.controlnets.push(Arc::new(Mutex::new(cn)));
+        Ok(self.controlnets.len() - 1)
+    }
+
+    /// Loads a ControlNet bundle on another device of this process (a ControlNet per GPU: its
+    /// sessions read the step's latent across GPUs and the residuals come back by peer copy).
+    /// Each call loads a new instance, so one bundle can run on several GPUs.
+    pub fn controlnet_on(&mut self, dir: impl AsRef<Path>, device: Device) -> Result<usize> {
+        let opts = SessionOptions {
+            device,
+            ..self.opts.clone()
+        };
+        let cn = ControlNet::load(ControlNetBundle::open(dir.as_ref())?, &self.bundle, &opts)?;
         self.controlnets.push(Arc::new(Mutex::new(cn)));
         Ok(self.controlnets.len() - 1)
     }
@@ -565,6 +588,14 @@ impl Pipeline {
             })
             .collect();
 
+        // on a GPU the pipeline's own ControlNets run as inline sessions on the device loop
+        let mut inline = self.inline_controlnets();
+        let gpu = self.opts.device.gpu();
+        let control: Option<&mut dyn ControlService> = match control {
+            Some(c) => Some(c),
+            None if gpu.is_some() && !req.controlnets.is_empty() => Some(&mut inline),
+            None => None,
+        };
         let mut sessions: Vec<Box<dyn ControlSession>> = Vec::new();
         if let Some(svc) = control {
             let t0 = Instant::now();
@@ -580,95 +611,67 @@ impl Pipeline {
 
         let n = req.steps;
         let timesteps = sched.timesteps().to_vec();
-        // on a GPU the UNet's weights and conditioning go to the device once per job
-        let mut bound = match self.opts.device.gpu() {
-            None => None,
-            Some(id) => Some(self.bind_unet(&cond, &merged, id)?),
-        };
-        let mut guided = Tensor::zeros(latents.shape.clone());
-        for (i, &ts) in timesteps.iter().enumerate() {
-            let _step = tracing::debug_span!("step", i, t = ts).entered();
-            if let Some((p, k, timeout, early)) = pending.as_mut() {
-                let t0 = Instant::now();
-                let ready = if i >= *k {
-                    let r = p.poll(Some(*timeout)).unwrap_or_else(|| {
-                        Err(Error::Lora {
-                            path: "<merge>".into(),
-                            message: format!(
-                                "the LoRA merge was not ready {timeout:?} after step {i} (bound {k})"
-                            ),
-                        })
-                    });
-                    t.lora_wait += t0.elapsed();
-                    Some(r)
-                } else if *early {
-                    p.poll(None)
-                } else {
-                    None
-                };
-                if let Some(r) = ready {
-                    merged = r?;
-                    t.lora_merge = merged.merge_time;
-                    t.lora_switch_step = Some(i);
-                    pending = None;
-                    if let Some(bu) = bound.as_mut() {
-                        self.rebind_weights(bu, &merged)?;
-                    }
-                    tracing::debug!(step = i, layers = merged.len(), "LoRA weights switched in");
-                }
-            }
-            let scale_in = sched.input_scale(i);
-            let mut latent_in = if cfg {
-                Tensor::concat0(&[&latents, &latents])
-            } else {
-                latents.clone()
-            };
-            latent_in.data.iter_mut().for_each(|v| *v *= scale_in);
-            let timestep = Tensor::new(vec![b], vec![ts; b]);
-
-            let active: Vec<usize> = req
-                .controlnets
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| {
-                    // diffusers' controlnet_keep: a ControlNet acts while start ≤ i/n and (i+1)/n ≤ end
-                    let (lo, hi) = (i as f32 / n as f32, (i + 1) as f32 / n as f32);
-                    lo >= c.start && hi <= c.end
-                })
-                .map(|(j, _)| j)
-                .collect();
-            // sessions start on this step's residuals now: they overlap the UNet encoder
-            let t0 = Instant::now();
-            for &j in &active {
-                if let Some(s) = sessions.get_mut(j) {
-                    s.send(i, &latent_in, &timestep)?;
-                }
-            }
-            t.controlnet += t0.elapsed();
-            let mut sc = StepControl {
+        if let Some(id) = gpu {
+            let job = DeviceJob {
                 req,
-                images: &images,
-                active: &active,
+                noise,
+                obs,
+                sched: &mut *sched,
+                cond: &cond,
+                merged,
+                pending,
                 sessions: &mut sessions,
-                step: i,
+                t: &mut t,
+                started,
             };
-            let pred = match bound.as_mut() {
-                None => self.host_unet_step(&latent_in, &timestep, &cond, &merged, &mut sc, &mut t)?,
-                Some(bu) => self.bound_unet_step(bu, &latent_in, &timestep, &cond, &mut sc, &mut t)?,
-            };
+            latents = self.device_loop(id, job, latents)?;
+        } else {
+            let mut guided = Tensor::zeros(latents.shape.clone());
+            for (i, &ts) in timesteps.iter().enumerate() {
+                let _step = tracing::debug_span!("step", i, t = ts).entered();
+                if let Some(m) = poll_lora(&mut pending, i, &mut t)? {
+                    merged = m;
+                }
+                let scale_in = sched.input_scale(i);
+                let mut latent_in = if cfg {
+                    Tensor::concat0(&[&latents, &latents])
+                } else {
+                    latents.clone()
+                };
+                latent_in.data.iter_mut().for_each(|v| *v *= scale_in);
+                let timestep = Tensor::new(vec![b], vec![ts; b]);
 
-            let t0 = Instant::now();
-            if cfg {
-                guidance::combine(&pred.data, req.guidance, &mut guided.data);
-            } else {
-                guided.data.copy_from_slice(&pred.data);
+                let active = active_controlnets(req, i);
+                // sessions start on this step's residuals now: they overlap the UNet encoder
+                let t0 = Instant::now();
+                for &j in &active {
+                    if let Some(s) = sessions.get_mut(j) {
+                        s.send(i, &latent_in, &timestep)?;
+                    }
+                }
+                t.controlnet += t0.elapsed();
+                let mut sc = StepControl {
+                    req,
+                    images: &images,
+                    active: &active,
+                    sessions: &mut sessions,
+                    step: i,
+                };
+                let pred = self.host_unet_step(&latent_in, &timestep, &cond, &merged, &mut sc, &mut t)?;
+
+                let t0 = Instant::now();
+                if cfg {
+                    guidance::combine(&pred.data, req.guidance, &mut guided.data);
+                } else {
+                    guided.data.copy_from_slice(&pred.data);
+                }
+                sched.step(i, &guided.data, &mut latents.data, noise);
+                t.scheduler += t0.elapsed();
+                if i == 0 {
+                    t.first_step = started.elapsed();
+                }
+                obs.on_step(i, n, &latents)?;
             }
-            sched.step(i, &guided.data, &mut latents.data, noise);
-            t.scheduler += t0.elapsed();
-            if i == 0 {
-                t.first_step = started.elapsed();
-            }
-            obs.on_step(i, n, &latents)?;
         }
 
         for s in sessions.iter_mut() {
@@ -679,6 +682,228 @@ impl Pipeline {
         t.vae_decode = t0.elapsed();
         t.total = started.elapsed();
         Ok(Generated { image, timings: t })
+    }
+
+    /// The step kernels of this pipeline's GPU, on a stream of their own (LoRA merges keep theirs).
+    fn step_kernels(&mut self, id: i32) -> Result<Arc<GpuKernels>> {
+        if let Some(k) = &self.step_kernels {
+            return Ok(k.clone());
+        }
+        let k = match self.weights.device() {
+            Some(d) => Arc::new(d.kernels.fork().map_err(gpu_err)?),
+            None => crate::device::kernels_for(id as usize)?,
+        };
+        self.step_kernels = Some(k.clone());
+        Ok(k)
+    }
+
+    /// The denoising loop on GPU `id`, device-resident (DESIGN.md, GPU path):
+    ///
+    /// ```text
+    /// latents ─scale──▶ latent_in ─┬─▶ UNet encoder ─▶ emb, mid, skips ──┐        (in place, bound)
+    ///  (device)       (bound once) └─▶ ControlNet sessions ─▶ residuals ─┴─ axpy ─▶ UNet decoder
+    ///     ▲                                                                           │ noise_pred
+    ///     └──────────── euler ◀── guided ◀── combine ◀────────────────────────────────┘
+    /// ```
+    ///
+    /// The host uploads the initial latents and downloads the final ones; per step only the
+    /// timestep goes up. ControlNet sessions without a device path get the latent downloaded and
+    /// their residuals uploaded; residuals on another GPU come over by peer copy. Schedulers other
+    /// than plain Euler step on the host (one download and upload per step).
+    fn device_loop(&mut self, id: i32, job: DeviceJob<'_, '_>, host_latents: Tensor) -> Result<Tensor> {
+        let DeviceJob {
+            req,
+            noise,
+            obs,
+            sched,
+            cond,
+            mut merged,
+            mut pending,
+            sessions,
+            t,
+            started,
+        } = job;
+        let k = self.step_kernels(id)?;
+        let dev = id as usize;
+        let n = req.steps;
+        let cfg = req.guidance > 1.0;
+        let b = if cfg { 2 } else { 1 };
+        let mut in_shape = host_latents.shape.clone();
+        in_shape[0] = b;
+        let mut latents = DevTensor::upload(&k, &host_latents)?;
+        let mut latent_in = DevTensor::zeros(&k, in_shape)?;
+        let mut guided = DevTensor::zeros(&k, host_latents.shape.clone())?;
+        let g = |e: katz_kernels::cuda::GpuError| gpu_err(e);
+
+        let mut bu = self.bind_unet(cond, &merged, id)?;
+        let latent_ref = latent_in.dev_ref(&k);
+        // SAFETY: `latent_in` lives until the loop ends; `bu` is dropped before it
+        let bound_in = unsafe { latent_ref.ort()? };
+        let nskips = bu.enc_outputs.len() - 2;
+        // residuals from the host or from another GPU land here before they are added
+        let mut staging: Vec<Option<DevTensor>> = (0..=nskips).map(|_| None).collect();
+        let empty = Tensor::new(vec![0], vec![]);
+        let timesteps = sched.timesteps().to_vec();
+
+        for (i, &ts) in timesteps.iter().enumerate() {
+            let _step = tracing::debug_span!("step", i, t = ts).entered();
+            if let Some(m) = poll_lora(&mut pending, i, t)? {
+                merged = m;
+                self.rebind_weights(&mut bu, &merged)?;
+            }
+            let t0 = Instant::now();
+            k.scale(&latents.buf, sched.input_scale(i), &mut latent_in.buf, b).map_err(g)?;
+            k.synchronize().map_err(g)?;
+            let timestep = Tensor::new(vec![b], vec![ts; b]);
+            t.scheduler += t0.elapsed();
+
+            let active = active_controlnets(req, i);
+            let t0 = Instant::now();
+            let mut host_in: Option<Tensor> = None;
+            for &j in &active {
+                let s = sessions
+                    .get_mut(j)
+                    .ok_or_else(|| Error::InvalidRequest(format!("ControlNet #{j} has no session")))?;
+                if s.on_device() {
+                    s.send_device(i, &latent_ref, &timestep)?;
+                } else {
+                    if host_in.is_none() {
+                        host_in = Some(latent_in.download(&k)?);
+                    }
+                    s.send(i, host_in.as_ref().expect("downloaded above"), &timestep)?;
+                }
+            }
+            t.controlnet += t0.elapsed();
+
+            let t0 = Instant::now();
+            // bound again every step: were ONNX Runtime to copy an input at bind time (a consumer
+            // on the CPU), the copy must be of this step's latent
+            bu.enc.bind_input("sample", &*bound_in)?;
+            bu.enc.bind_input("timestep", &*timestep.view()?)?;
+            let mut out = self.unet_encoder.run_binding(&bu.enc)?;
+            bu.enc.synchronize_outputs()?;
+            let enc_vals = bu
+                .enc_outputs
+                .iter()
+                .map(|name| {
+                    out.remove(name.as_str())
+                        .ok_or_else(|| Error::Gpu(format!("UNet encoder gave no {name}")))
+                })
+                .collect::<Result<Vec<DynValue>>>()?;
+            drop(out);
+            t.unet_encoder += t0.elapsed();
+
+            let t0 = Instant::now();
+            if !active.is_empty() {
+                // residual r < nskips goes to skip r, the last to mid
+                let targets = enc_vals
+                    .iter()
+                    .map(|v| DevRef::of_value(v, dev))
+                    .collect::<Result<Vec<_>>>()?;
+                for &j in &active {
+                    let c = &req.controlnets[j];
+                    let s = &mut sessions[j];
+                    let res: Vec<DevRef> = if s.on_device() {
+                        s.recv_device(i)?
+                    } else {
+                        let host = s.recv(i)?;
+                        if host.len() != staging.len() {
+                            return Err(Error::InvalidRequest(format!(
+                                "ControlNet #{j} returned {} residuals, the UNet has {nskips} skips and a mid block",
+                                host.len()
+                            )));
+                        }
+                        let mut refs = Vec::with_capacity(host.len());
+                        for (slot, h) in staging.iter_mut().zip(&host) {
+                            let st = stage(slot, &k, &h.shape)?;
+                            st.write(&k, &h.data)?;
+                            refs.push(st.dev_ref(&k));
+                        }
+                        refs
+                    };
+                    if res.len() != nskips + 1 {
+                        return Err(Error::InvalidRequest(format!(
+                            "ControlNet #{j} returned {} residuals, the UNet has {nskips} skips and a mid block",
+                            res.len()
+                        )));
+                    }
+                    for (r, rr) in res.iter().enumerate() {
+                        let target = if r < nskips { &targets[2 + r] } else { &targets[1] };
+                        if target.shape != rr.shape {
+                            return Err(Error::InvalidRequest(format!(
+                                "ControlNet #{j}: residual {:?} does not fit {:?}",
+                                rr.shape, target.shape
+                            )));
+                        }
+                        let src = if rr.device == dev {
+                            rr.ptr
+                        } else {
+                            let st = stage(&mut staging[r], &k, &rr.shape)?;
+                            let dst = st.ptr(&k);
+                            // SAFETY: both hold `len` f32; the session keeps its buffer until the next step
+                            unsafe { k.copy_raw(dst, rr.ptr, rr.len() * 4) }.map_err(g)?;
+                            dst
+                        };
+                        // SAFETY: the target is the encoder's live output; nothing else writes it now
+                        unsafe { k.axpy_raw(target.ptr, src, c.scale, rr.len()) }.map_err(g)?;
+                    }
+                }
+                k.synchronize().map_err(g)?;
+            }
+            t.controlnet += t0.elapsed();
+
+            let t0 = Instant::now();
+            for (name, v) in bu.enc_outputs.iter().zip(&enc_vals) {
+                bu.dec.bind_input(name.as_str(), v)?;
+            }
+            let mut pout = self.unet_decoder.run_binding(&bu.dec)?;
+            bu.dec.synchronize_outputs()?;
+            let pred_v = pout
+                .remove("noise_pred")
+                .ok_or_else(|| Error::Gpu("UNet decoder gave no noise_pred".into()))?;
+            drop(pout);
+            t.unet_decoder += t0.elapsed();
+
+            let t0 = Instant::now();
+            let pred = DevRef::of_value(&pred_v, dev)?;
+            if pred.len() != b * guided.len() {
+                return Err(Error::Gpu(format!("noise_pred {:?} for latents {:?}", pred.shape, guided.shape)));
+            }
+            // SAFETY: `pred_v` holds the prediction until the stream is synchronised below
+            unsafe {
+                if cfg {
+                    k.combine_raw(pred.ptr, req.guidance, &mut guided.buf).map_err(g)?;
+                } else {
+                    k.copy_raw(guided.ptr(&k), pred.ptr, guided.len() * 4).map_err(g)?;
+                }
+            }
+            match sched.euler_sigmas(i) {
+                Some((s0, s1)) => k.euler(&mut latents.buf, &guided.buf, s0, s1).map_err(g)?,
+                None => {
+                    let gh = guided.download(&k)?;
+                    let mut lh = latents.download(&k)?;
+                    sched.step(i, &gh.data, &mut lh.data, noise);
+                    latents.write(&k, &lh.data)?;
+                }
+            }
+            k.synchronize().map_err(g)?;
+            drop(pred_v);
+            drop(enc_vals);
+            t.scheduler += t0.elapsed();
+            if i == 0 {
+                t.first_step = started.elapsed();
+            }
+            if obs.wants_latents() {
+                obs.on_step(i, n, &latents.download(&k)?)?;
+            } else {
+                obs.on_step(i, n, &empty)?;
+            }
+        }
+        drop(bu);
+        drop(bound_in);
+        let out = latents.download(&k)?;
+        drop(merged);
+        Ok(out)
     }
 
     /// Latents → image in [0, 1] (diffusers: `vae.decode(latents / scaling_factor)`, `x/2 + 0.5`, clamp).
@@ -824,65 +1049,6 @@ impl Pipeline {
         Ok(())
     }
 
-    /// One UNet step on bound graphs: only the latent and timestep go up, the noise prediction
-    /// comes down; with ControlNets active the skips take a host round trip for the residual sum
-    /// (device kernels for it are issue #6's).
-    fn bound_unet_step(
-        &mut self,
-        bu: &mut BoundUnet,
-        latent_in: &Tensor,
-        timestep: &Tensor,
-        cond: &Conditioning,
-        sc: &mut StepControl<'_>,
-        t: &mut Timings,
-    ) -> Result<Tensor> {
-        let BoundUnet {
-            enc,
-            dec,
-            enc_outputs,
-            ..
-        } = bu;
-        let t0 = Instant::now();
-        enc.bind_input("sample", &*latent_in.view()?)?;
-        enc.bind_input("timestep", &*timestep.view()?)?;
-        let out = self.unet_encoder.run_binding(enc)?;
-        enc.synchronize_outputs()?;
-        t.unet_encoder += t0.elapsed();
-        let t0 = Instant::now();
-        if sc.active.is_empty() {
-            for name in enc_outputs.iter() {
-                dec.bind_input(name.as_str(), &out[name.as_str()])?;
-            }
-        } else {
-            dec.bind_input("emb", &out["emb"])?;
-            let mut mid = to_host(&out["mid"])?;
-            let mut skips = enc_outputs[2..]
-                .iter()
-                .map(|n| to_host(&out[n.as_str()]))
-                .collect::<Result<Vec<_>>>()?;
-            add_residuals(
-                &self.controlnets,
-                sc,
-                latent_in,
-                timestep,
-                cond,
-                &mut mid,
-                &mut skips,
-            )?;
-            dec.bind_input("mid", &*mid.view()?)?;
-            for (name, s) in enc_outputs[2..].iter().zip(&skips) {
-                dec.bind_input(name.as_str(), &*s.view()?)?;
-            }
-        }
-        t.controlnet += t0.elapsed();
-        let t0 = Instant::now();
-        let pred = self.unet_decoder.run_binding(dec)?;
-        let pred = to_host(&pred["noise_pred"])?;
-        drop(out);
-        t.unet_decoder += t0.elapsed();
-        Ok(pred)
-    }
-
     fn run_encoder(
         &mut self,
         latent_in: &Tensor,
@@ -947,6 +1113,67 @@ impl Pipeline {
     }
 }
 
+/// An asynchronous merge not switched in yet: the merge, its bound step, timeout, early switch.
+type Pending<'p> = Option<(&'p mut PendingMerge, usize, Duration, bool)>;
+
+/// At the boundary before step `i`: the merged weights if they switch in now (waiting for them
+/// at the bound, recorded in `t.lora_wait`), else `None`.
+fn poll_lora(pending: &mut Pending<'_>, i: usize, t: &mut Timings) -> Result<Option<Arc<MergedWeights>>> {
+    let Some((p, k, timeout, early)) = pending.as_mut() else {
+        return Ok(None);
+    };
+    let t0 = Instant::now();
+    let ready = if i >= *k {
+        let r = p.poll(Some(*timeout)).unwrap_or_else(|| {
+            Err(Error::Lora {
+                path: "<merge>".into(),
+                message: format!("the LoRA merge was not ready {timeout:?} after step {i} (bound {k})"),
+            })
+        });
+        t.lora_wait += t0.elapsed();
+        Some(r)
+    } else if *early {
+        p.poll(None)
+    } else {
+        None
+    };
+    let Some(r) = ready else {
+        return Ok(None);
+    };
+    let merged = r?;
+    t.lora_merge = merged.merge_time;
+    t.lora_switch_step = Some(i);
+    *pending = None;
+    tracing::debug!(step = i, layers = merged.len(), "LoRA weights switched in");
+    Ok(Some(merged))
+}
+
+/// The ControlNets acting at step `i` (diffusers' controlnet_keep: start ≤ i/n and (i+1)/n ≤ end).
+fn active_controlnets(req: &Request, i: usize) -> Vec<usize> {
+    let n = req.steps;
+    let (lo, hi) = (i as f32 / n as f32, (i + 1) as f32 / n as f32);
+    req.controlnets
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| lo >= c.start && hi <= c.end)
+        .map(|(j, _)| j)
+        .collect()
+}
+
+/// What the device loop needs of a job (prepared by [`Pipeline::generate_with`]).
+struct DeviceJob<'a, 'p> {
+    req: &'a Request,
+    noise: &'a mut dyn NoiseSource,
+    obs: &'a mut dyn Observer,
+    sched: &'a mut dyn Scheduler,
+    cond: &'a Conditioning,
+    merged: Arc<MergedWeights>,
+    pending: Pending<'p>,
+    sessions: &'a mut Vec<Box<dyn ControlSession>>,
+    t: &'a mut Timings,
+    started: Instant,
+}
+
 /// The UNet graphs of one job bound on a GPU.
 struct BoundUnet {
     enc: IoBinding,
@@ -957,15 +1184,12 @@ struct BoundUnet {
     device_id: i32,
 }
 
-/// Copies a tensor output (on any device) into a host tensor.
-fn to_host(v: &DynValue) -> Result<Tensor> {
-    let t = v.downcast_ref::<DynTensorValueType>()?;
-    let host = t.to(AllocationDevice::CPU, 0)?;
-    let (shape, data) = host.try_extract_tensor::<f32>()?;
-    Ok(Tensor::new(
-        shape.iter().map(|&d| d as usize).collect(),
-        data.to_vec(),
-    ))
+/// A staging buffer of `shape` on `k`'s GPU (reused while the shape stays).
+fn stage<'s>(slot: &'s mut Option<DevTensor>, k: &GpuKernels, shape: &[usize]) -> Result<&'s mut DevTensor> {
+    if slot.as_ref().map(|s| s.shape.as_slice()) != Some(shape) {
+        *slot = Some(DevTensor::zeros(k, shape.to_vec())?);
+    }
+    Ok(slot.as_mut().expect("allocated above"))
 }
 
 /// The ControlNets of one step: which act, and where their residuals come from.

@@ -53,6 +53,9 @@ pub enum Bench {
     LoraCache(super::bench_lora::LoraCacheArgs),
     /// Per-step time with 0…3 ControlNets: in-process serial, parallel threads, service over Redis.
     Controlnet(super::bench_controlnet::ControlNetBenchArgs),
+    /// End-to-end and per-stage times of whole generations (0C/0L, 1C/1L, 3C/2L) on one bundle,
+    /// with a diffusers baseline from the same sitting.
+    Pipeline(super::bench_pipeline::PipelineBenchArgs),
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -61,6 +64,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Bench::LoraBound(a) => super::bench_lora::lora_bound(a),
         Bench::LoraCache(a) => super::bench_lora::lora_cache(a),
         Bench::Controlnet(a) => super::bench_controlnet::run(a),
+        Bench::Pipeline(a) => super::bench_pipeline::run(a),
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_controlnet;
 pub mod bench_lora;
+pub mod bench_pipeline;
 pub mod cancel;
 pub mod controlnet_worker;
 pub mod demo;

@@ -109,6 +109,10 @@ impl Scheduler for Euler {
         input_scale(self.sigmas[i])
     }
 
+    fn euler_sigmas(&self, i: usize) -> Option<(f32, f32)> {
+        (self.prediction == Prediction::Epsilon).then(|| (self.sigmas[i], self.sigmas[i + 1]))
+    }
+
     fn step(&mut self, i: usize, model_output: &[f32], sample: &mut [f32], _noise: &mut dyn NoiseSource) {
         check_lengths(model_output, sample);
         let sigma = self.sigmas[i];

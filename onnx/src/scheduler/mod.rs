@@ -193,6 +193,11 @@ pub trait Scheduler: Send {
     /// Steps must be taken in order, `i` = 0, 1, … each once; `model_output` and `sample` must have the
     /// same length.
     fn step(&mut self, i: usize, model_output: &[f32], sample: &mut [f32], noise: &mut dyn NoiseSource);
+    /// `(σᵢ, σᵢ₊₁)` when step `i` is a plain Euler step on an ε-prediction (`x += ε·(σᵢ₊₁ − σᵢ)`),
+    /// which the GPU pipeline runs as a device kernel; `None`: the step runs here, on the host.
+    fn euler_sigmas(&self, _i: usize) -> Option<(f32, f32)> {
+        None
+    }
 }
 
 /// Builds scheduler `kind` for `steps` inference steps.

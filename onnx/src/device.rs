@@ -1,0 +1,168 @@
+//! Tensors in GPU memory, and how they meet ONNX Runtime.
+//!
+//! ```text
+//! DevTensor ── cudarc CudaSlice<f32> katz owns (latents, the scaled latent input, guided ε, staging)
+//! DevRef    ── address + shape + GPU of a buffer someone else owns (ONNX Runtime's outputs: the
+//!              UNet encoder's skips, a ControlNet's residuals), valid until its owner runs again
+//!
+//! DevTensor / DevRef ──bind_input (in place, no copy)──▶ IoBinding ──run──▶ outputs on the device
+//!                                                                          └─▶ DevRef (no copy)
+//! ```
+//!
+//! cudarc and ONNX Runtime's CUDA provider share each GPU's primary context, so an address from
+//! one is valid for the other. They run on different streams: whoever writes a buffer synchronises
+//! its stream before the other reads it (ONNX Runtime's runs return with their stream done).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+use katz_kernels::cuda::GpuKernels;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::value::{DynTensorValueType, DynValue, TensorRefMut};
+
+use crate::tensor::Tensor;
+use crate::{Error, Result};
+
+pub(crate) fn gpu_err(e: impl std::fmt::Display) -> Error {
+    Error::Gpu(e.to_string())
+}
+
+/// The address, shape and GPU of an f32 device buffer owned elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevRef {
+    pub ptr: u64,
+    pub shape: Vec<usize>,
+    pub device: usize,
+}
+
+impl DevRef {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The address as an ONNX Runtime tensor on its GPU, for binding in place (no copy).
+    ///
+    /// # Safety
+    /// The buffer must hold `len()` f32 and outlive every run the tensor is bound to.
+    pub unsafe fn ort(&self) -> Result<TensorRefMut<'static, f32>> {
+        unsafe { ort_ref(self.ptr, &self.shape, self.device) }
+    }
+
+    /// A device tensor value's address (ONNX Runtime's output, on a GPU).
+    pub fn of_value(v: &DynValue, device: usize) -> Result<DevRef> {
+        let t = v.downcast_ref::<DynTensorValueType>()?;
+        let mem = t.memory_info();
+        if mem.allocation_device() != AllocationDevice::CUDA {
+            return Err(Error::Gpu(format!(
+                "expected a CUDA tensor, got one in {:?} memory",
+                mem.allocation_device()
+            )));
+        }
+        let shape = t.shape().iter().map(|&d| d as usize).collect();
+        Ok(DevRef {
+            ptr: t.data_ptr() as u64,
+            shape,
+            device,
+        })
+    }
+}
+
+/// `ptr` on GPU `device` as an ONNX Runtime f32 tensor.
+///
+/// # Safety
+/// See [`DevRef::ort`].
+pub(crate) unsafe fn ort_ref(ptr: u64, shape: &[usize], device: usize) -> Result<TensorRefMut<'static, f32>> {
+    let mem = MemoryInfo::new(
+        AllocationDevice::CUDA,
+        device as i32,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )?;
+    let shape = ort::value::Shape::from(shape.iter().map(|&d| d as i64).collect::<Vec<_>>());
+    Ok(unsafe { TensorRefMut::<f32>::from_raw(mem, ptr as usize as *mut std::ffi::c_void, shape)? })
+}
+
+/// An f32 tensor in device memory that katz owns.
+pub struct DevTensor {
+    pub buf: CudaSlice<f32>,
+    pub shape: Vec<usize>,
+    pub device: usize,
+}
+
+impl DevTensor {
+    pub fn zeros(k: &GpuKernels, shape: Vec<usize>) -> Result<Self> {
+        let n = shape.iter().product::<usize>().max(1);
+        Ok(DevTensor {
+            buf: k.stream.alloc_zeros::<f32>(n).map_err(gpu_err)?,
+            shape,
+            device: k.ordinal(),
+        })
+    }
+
+    pub fn upload(k: &GpuKernels, t: &Tensor) -> Result<Self> {
+        Ok(DevTensor {
+            buf: k.stream.clone_htod(&t.data).map_err(gpu_err)?,
+            shape: t.shape.clone(),
+            device: k.ordinal(),
+        })
+    }
+
+    /// Overwrites the contents from the host (same length).
+    pub fn write(&mut self, k: &GpuKernels, data: &[f32]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(Error::Gpu(format!("write: {} values into {}", data.len(), self.len())));
+        }
+        k.stream.memcpy_htod(data, &mut self.buf).map_err(gpu_err)
+    }
+
+    /// Copies to the host (waits for `k`'s stream).
+    pub fn download(&self, k: &GpuKernels) -> Result<Tensor> {
+        let data = k.stream.clone_dtoh(&self.buf).map_err(gpu_err)?;
+        Ok(Tensor::new(self.shape.clone(), data[..self.len()].to_vec()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn ptr(&self, k: &GpuKernels) -> u64 {
+        self.buf.device_ptr(&k.stream).0
+    }
+
+    pub fn dev_ref(&self, k: &GpuKernels) -> DevRef {
+        DevRef {
+            ptr: self.ptr(k),
+            shape: self.shape.clone(),
+            device: self.device,
+        }
+    }
+}
+
+/// Copies an ONNX Runtime value (on any device) to the host.
+pub fn value_to_host(v: &DynValue) -> Result<Tensor> {
+    let t = v.downcast_ref::<DynTensorValueType>()?;
+    let host = t.to(AllocationDevice::CPU, 0)?;
+    let (shape, data) = host.try_extract_tensor::<f32>()?;
+    Ok(Tensor::new(
+        shape.iter().map(|&d| d as usize).collect(),
+        data.to_vec(),
+    ))
+}
+
+/// Step kernels for GPU `ordinal` on a stream of their own (NVRTC compile, once per call).
+pub fn kernels_for(ordinal: usize) -> Result<Arc<GpuKernels>> {
+    GpuKernels::new(ordinal)
+        .map(Arc::new)
+        .map_err(|e| Error::DeviceUnavailable {
+            device: format!("cuda:{ordinal}"),
+            message: format!("the step kernels cannot start: {e}"),
+        })
+}

@@ -1,0 +1,380 @@
+//! `katz bench pipeline`: end-to-end and per-stage times of whole generations on one bundle, for
+//! configurations of ControlNets and LoRAs (`0C/0L`, `1C/1L`, `3C/2L`), against a diffusers
+//! baseline measured in the same sitting (`tools/bench_diffusers.py --out F`, passed as
+//! `--baseline F`).
+//!
+//! ```text
+//! for each config:  warm-up run ─▶ R timed runs, each:
+//!     read + parse the LoRA files (cold) ─▶ generate (text encoders, LoRA merge sync or async,
+//!     50 steps of ControlNets + UNet, VAE) ─▶ end-to-end = parse + generate
+//! table + JSON: medians per stage, UNet step, model FLOPs utilisation, ratio to diffusers
+//! ```
+//!
+//! ControlNet `j` runs on `--controlnet-devices[j % len]` (default: the pipeline's device),
+//! inline after the UNet encoder (`--controlnet-mode serial`) or on threads overlapping it
+//! (`parallel`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use katz_onnx::lora::LoraAdapter;
+use katz_onnx::noise::SeededNoise;
+use katz_onnx::pipeline::{
+    ControlRequest, Generated, LoraBound, LoraMode, LoraPlan, NoObserver, Pipeline, Request,
+};
+use katz_onnx::runtime::Device;
+use katz_onnx::scheduler::SchedulerKind;
+use katz_onnx::tensor::Tensor;
+use katz_onnx::weights::PendingMerge;
+use serde_json::{json, Value};
+
+use super::DeviceArgs;
+
+#[derive(Args, Debug, Clone)]
+pub struct PipelineBenchArgs {
+    /// Base bundle (e.g. the full-size SDXL bundle from `export_bundle.py --config sdxl --gpu`).
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// ControlNet bundle, used for every ControlNet of a configuration.
+    #[arg(long)]
+    pub controlnet: Option<PathBuf>,
+    /// LoRA files (diffusers/peft or kohya), the first N used by an N-LoRA configuration.
+    #[arg(long, value_delimiter = ',')]
+    pub loras: Vec<PathBuf>,
+    /// Configurations as `<C>C/<L>L`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0C/0L,1C/1L,3C/2L")]
+    pub configs: Vec<String>,
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f32,
+    /// Timed runs per configuration (after one warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub repeat: usize,
+    /// GPUs for the ControlNets (`cuda:1,cuda:2`); ControlNet j goes to entry j mod len.
+    #[arg(long, value_delimiter = ',')]
+    pub controlnet_devices: Vec<Device>,
+    /// `serial`: after the UNet encoder, in the pipeline's thread; `parallel`: one thread per
+    /// ControlNet session, overlapping the encoder.
+    #[arg(long, default_value = "serial")]
+    pub controlnet_mode: String,
+    #[arg(long, default_value = "async")]
+    pub lora_mode: LoraMode,
+    /// Bound step of an asynchronous merge (Katz: 10 of 50).
+    #[arg(long, default_value = "10")]
+    pub lora_bound: LoraBound,
+    /// diffusers' JSON from `tools/bench_diffusers.py` in the same sitting.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// The UNet's arithmetic per image per step at 1024², TFLOP (full-size SDXL: 6.76, DESIGN.md);
+    /// scaled by the latent area. Without it no FLOP rate is reported.
+    #[arg(long)]
+    pub unet_tflop: Option<f64>,
+    /// The GPU's dense fp16/bf16 matrix rate, TFLOP/s, measured on the machine (for MFU).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+fn parse_config(s: &str) -> anyhow::Result<(usize, usize)> {
+    let bad = || anyhow::anyhow!("configuration `{s}` is not of the form 3C/2L");
+    let (c, l) = s.split_once('/').ok_or_else(bad)?;
+    let c = c.trim().trim_end_matches(['C', 'c']).parse().map_err(|_| bad())?;
+    let l = l.trim().trim_end_matches(['L', 'l']).parse().map_err(|_| bad())?;
+    Ok((c, l))
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A seeded conditioning image in [0, 1] (edges-like: sparse ones on zeros).
+fn cond_image(size: usize, seed: u64) -> Tensor {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data = (0..3 * size * size)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            if s % 16 == 0 {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::new(vec![1, 3, size, size], data)
+}
+
+struct Run {
+    parse: Duration,
+    out: Generated,
+    e2e: Duration,
+}
+
+pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
+    let configs = a
+        .configs
+        .iter()
+        .map(|c| parse_config(c))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let max_c = configs.iter().map(|c| c.0).max().unwrap_or(0);
+    let max_l = configs.iter().map(|c| c.1).max().unwrap_or(0);
+    if max_l > a.loras.len() {
+        bail!("a configuration takes {max_l} LoRAs, --loras gives {}", a.loras.len());
+    }
+    if max_c > 0 && a.controlnet.is_none() {
+        bail!("a configuration takes ControlNets: pass --controlnet");
+    }
+    let parallel = match a.controlnet_mode.as_str() {
+        "serial" => false,
+        "parallel" => true,
+        m => bail!("--controlnet-mode must be serial or parallel, got {m}"),
+    };
+    let t0 = Instant::now();
+    let mut pipe = Pipeline::load(&a.bundle, a.device.session_options())
+        .with_context(|| format!("loading {}", a.bundle.display()))?;
+    let mut models = Vec::new();
+    if let Some(dir) = &a.controlnet {
+        for j in 0..max_c {
+            let m = match a.controlnet_devices.get(j % a.controlnet_devices.len().max(1)) {
+                Some(&d) if d != a.device.device => pipe.controlnet_on(dir, d)?,
+                _ => pipe.controlnet(dir)?,
+            };
+            models.push(m);
+        }
+    }
+    let load_s = t0.elapsed().as_secs_f64();
+    let placement: Vec<String> = (0..max_c)
+        .map(|j| {
+            a.controlnet_devices
+                .get(j % a.controlnet_devices.len().max(1))
+                .copied()
+                .unwrap_or(a.device.device)
+                .to_string()
+        })
+        .collect();
+    let machine = gpu_name();
+    println!(
+        "katz bench pipeline: {} on {} ({machine}), {}², {} Euler steps, guidance {}, ControlNets {} on [{}], LoRAs {} (bound {}); loaded in {load_s:.1} s",
+        a.bundle.display(),
+        a.device.device,
+        a.size,
+        a.steps,
+        a.guidance,
+        a.controlnet_mode,
+        placement.join(", "),
+        a.lora_mode,
+        a.lora_bound,
+    );
+    let baseline: Option<Value> = match &a.baseline {
+        Some(p) => Some(serde_json::from_slice(
+            &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )?),
+        None => None,
+    };
+    let images: Vec<Tensor> = (0..max_c).map(|j| cond_image(a.size, 7 + j as u64)).collect();
+    let lat = (a.size / pipe.bundle.manifest.vae_scale_factor) as f64;
+    let unet_tflop = a
+        .unet_tflop
+        .map(|t| t * (lat / 128.0).powi(2) * if a.guidance > 1.0 { 2.0 } else { 1.0 });
+
+    let mut rows = Vec::new();
+    for &(nc, nl) in &configs {
+        let name = format!("{nc}C/{nl}L");
+        let req = Request {
+            prompt: "a red circle above a blue square on a white background".into(),
+            negative_prompt: None,
+            width: a.size,
+            height: a.size,
+            steps: a.steps,
+            guidance: a.guidance,
+            scheduler: SchedulerKind::Euler,
+            karras: false,
+            seed: 1234,
+            controlnets: (0..nc)
+                .map(|j| ControlRequest {
+                    model: models[j],
+                    image: images[j].clone(),
+                    scale: 0.8,
+                    start: 0.0,
+                    end: 1.0,
+                })
+                .collect(),
+            loras: vec![],
+        };
+        let one = |pipe: &mut Pipeline| -> anyhow::Result<Run> {
+            let started = Instant::now();
+            let loras = a.loras[..nl]
+                .iter()
+                .map(|p| Ok((Arc::new(LoraAdapter::load(p, pipe.weights().map())?), 0.7f32)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let parse = started.elapsed();
+            let mut r = req.clone();
+            let mut pending = None;
+            let plan = match a.lora_mode {
+                _ if loras.is_empty() => LoraPlan::Sync,
+                LoraMode::Sync => {
+                    r.loras = loras;
+                    LoraPlan::Sync
+                }
+                LoraMode::Async => {
+                    let p = pending.insert(PendingMerge::spawn(pipe.shared_weights(), loras));
+                    LoraPlan::Async {
+                        pending: p,
+                        bound: a.lora_bound.step_for(a.steps),
+                        timeout: Duration::from_secs(600),
+                        early: false,
+                    }
+                }
+            };
+            let mut threaded = pipe.threaded_controlnets();
+            let control: Option<&mut dyn katz_onnx::controlnet::ControlService> =
+                if parallel && nc > 0 { Some(&mut threaded) } else { None };
+            let out = pipe.generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, plan, control)?;
+            Ok(Run {
+                parse,
+                e2e: started.elapsed(),
+                out,
+            })
+        };
+        let warm = one(&mut pipe)?;
+        let runs = (0..a.repeat.max(1))
+            .map(|_| one(&mut pipe))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let m = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        let steps = a.steps as f64;
+        let unet_step = m(&|r| ms(r.out.timings.unet_encoder + r.out.timings.unet_decoder) / steps);
+        let row = json!({
+            "config": name, "controlnets": nc, "loras": nl,
+            "text_encoders_ms": m(&|r| ms(r.out.timings.text_encode)),
+            "lora_parse_ms": m(&|r| ms(r.parse)),
+            "lora_merge_ms": m(&|r| ms(r.out.timings.lora_merge)),
+            "lora_wait_ms": m(&|r| ms(r.out.timings.lora_wait)),
+            "controlnets_per_step_ms": m(&|r| ms(r.out.timings.controlnet) / steps),
+            "unet_encoder_per_step_ms": m(&|r| ms(r.out.timings.unet_encoder) / steps),
+            "unet_decoder_per_step_ms": m(&|r| ms(r.out.timings.unet_decoder) / steps),
+            "unet_step_ms": unet_step,
+            "kernels_per_step_ms": m(&|r| ms(r.out.timings.scheduler) / steps),
+            "per_step_ms": m(&|r| ms(r.out.timings.per_step())),
+            "vae_decode_ms": m(&|r| ms(r.out.timings.vae_decode)),
+            "pipeline_s": m(&|r| r.out.timings.total.as_secs_f64()),
+            "end_to_end_s": m(&|r| r.e2e.as_secs_f64()),
+            "first_run_end_to_end_s": warm.e2e.as_secs_f64(),
+            "unet_tflops": unet_tflop.map(|f| f / (unet_step / 1e3)),
+            "unet_mfu": unet_tflop.zip(a.peak_tflops).map(|(f, p)| f / (unet_step / 1e3) / p),
+            "image_mean": mean(&runs[0].out.image.data),
+        });
+        rows.push(row);
+    }
+    let diff = |name: &str, key: &str| -> Option<f64> {
+        let key_d = name.to_lowercase().replace('/', "");
+        baseline.as_ref()?.get("configs")?.get(&key_d)?.get(key)?.as_f64()
+    };
+    println!(
+        "{:<7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>10} {:>10} {:>7}",
+        "config", "text enc", "LoRA in", "CN/step", "UNet/st", "step", "VAE", "TFLOP/s", "e2e", "diffusers", "ratio", "MFU"
+    );
+    for r in &mut rows {
+        let name = r["config"].as_str().unwrap_or_default().to_string();
+        let e2e = r["end_to_end_s"].as_f64().unwrap_or(f64::NAN);
+        let d = diff(&name, "end_to_end_s");
+        if let Some(d) = d {
+            r["diffusers_end_to_end_s"] = json!(d);
+            r["ratio_to_diffusers"] = json!(e2e / d);
+        }
+        if let Some(ds) = diff(&name, "per_step_ms_estimate") {
+            r["diffusers_per_step_ms"] = json!(ds);
+        }
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<7} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>8} {:>8.2} s {:>8} {:>10} {:>7}",
+            name,
+            f("text_encoders_ms"),
+            f("lora_parse_ms") + f("lora_wait_ms"),
+            f("controlnets_per_step_ms"),
+            f("unet_step_ms"),
+            f("per_step_ms"),
+            f("vae_decode_ms"),
+            r["unet_tflops"].as_f64().map(|v| format!("{v:.0}")).unwrap_or_else(|| "—".into()),
+            e2e,
+            d.map(|d| format!("{d:.2} s")).unwrap_or_else(|| "—".into()),
+            d.map(|d| format!("{:.3}×", e2e / d)).unwrap_or_else(|| "—".into()),
+            r["unet_mfu"].as_f64().map(|m| format!("{:.1}%", m * 100.0)).unwrap_or_else(|| "—".into()),
+        );
+    }
+    if let Some(b) = &baseline {
+        println!(
+            "diffusers in the same sitting: UNet step (batch 2) {} ms, ControlNet step {} ms, VAE {} ms",
+            b["unet_step_ms_batch2"], b["controlnet_step_ms_batch2"], b["vae_decode_ms"]
+        );
+    }
+    let report = json!({
+        "bench": "pipeline", "machine": machine, "device": a.device.device.to_string(),
+        "bundle": a.bundle.display().to_string(), "size": a.size, "steps": a.steps, "guidance": a.guidance,
+        "controlnet_mode": a.controlnet_mode, "controlnet_devices": placement,
+        "lora_mode": a.lora_mode.to_string(), "lora_bound": a.lora_bound.to_string(),
+        "unet_tflop_per_step": unet_tflop, "peak_tflops": a.peak_tflops, "load_s": load_s,
+        "configs": rows, "diffusers": baseline,
+    });
+    if let Some(p) = &a.out {
+        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn mean(v: &[f32]) -> f64 {
+    v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64
+}
+
+/// The GPU's name (nvidia-smi), or the CPU's.
+fn gpu_name() -> String {
+    std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "no GPU".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_parse() {
+        assert_eq!(parse_config("3C/2L").unwrap(), (3, 2));
+        assert_eq!(parse_config("0c/0l").unwrap(), (0, 0));
+        assert!(parse_config("3C2L").is_err());
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0]), 2.5);
+    }
+}

@@ -1,0 +1,166 @@
+//! The device-resident GPU loop against the host loop, on the tiny bundles.
+//!
+//! These need a GPU and ONNX Runtime's CUDA provider: they are `#[ignore]`d here and run on the
+//! GPU machine by `tools/device/gpu-path-tests.sh` (`--ignored`, `KATZ_TEST_DEVICE=cuda:0`).
+//! CI runs the same pipeline arithmetic on the CPU in the parity, pipeline and ControlNet tests.
+
+mod common;
+use common::*;
+
+use katz_kernels::rel_err;
+use katz_onnx::controlnet::{ControlService, ControlSession, InlineControlNets, SessionInit};
+use katz_onnx::image::read_conditioning;
+use katz_onnx::noise::SeededNoise;
+use katz_onnx::pipeline::{ControlRequest, LoraPlan, NoObserver, Pipeline, Request};
+use katz_onnx::runtime::{Device, SessionOptions};
+use katz_onnx::scheduler::SchedulerKind;
+use katz_onnx::tensor::Tensor;
+
+fn gpu() -> Device {
+    std::env::var("KATZ_TEST_DEVICE")
+        .ok()
+        .map(|d| d.parse().expect("KATZ_TEST_DEVICE"))
+        .filter(Device::is_gpu)
+        .unwrap_or(Device::Cuda(0))
+}
+
+fn opts(device: Device) -> SessionOptions {
+    SessionOptions {
+        intra_threads: 0,
+        device,
+    }
+}
+
+fn request(models: &[usize], scheduler: SchedulerKind, lora: bool, p: &Pipeline) -> Request {
+    let images = ["cond_a.png", "cond_b.png", "cond_a.png"];
+    let spans = [(0.0, 1.0), (0.0, 0.6), (0.3, 1.0)];
+    let controlnets = models
+        .iter()
+        .enumerate()
+        .map(|(j, &model)| ControlRequest {
+            model,
+            image: read_conditioning(&root().join("bundles/examples").join(images[j]), (64, 64)).unwrap(),
+            scale: [0.8, 0.5, -0.4][j],
+            start: spans[j].0,
+            end: spans[j].1,
+        })
+        .collect();
+    let loras = if lora {
+        vec![(p.lora(root().join("bundles/loras/tiny-lora-a.safetensors")).unwrap(), 0.8)]
+    } else {
+        vec![]
+    };
+    Request {
+        prompt: "a red circle above a blue square".into(),
+        negative_prompt: None,
+        width: 64,
+        height: 64,
+        steps: 6,
+        guidance: 5.0,
+        scheduler,
+        karras: false,
+        seed: 11,
+        controlnets,
+        loras,
+    }
+}
+
+fn cn_dir() -> std::path::PathBuf {
+    root().join("bundles/tiny-sdxl-controlnet")
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/device/gpu-path-tests.sh"]
+fn the_device_loop_matches_the_host_loop_for_0_to_3_controlnets_euler_and_euler_a() {
+    let mut cpu = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cpu)).unwrap();
+    let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(gpu())).unwrap();
+    let (mc, md) = (cpu.controlnet(cn_dir()).unwrap(), dev.controlnet(cn_dir()).unwrap());
+    for sched in [SchedulerKind::Euler, SchedulerKind::EulerAncestral] {
+        for n in 0..=3 {
+            let lora = n % 2 == 1;
+            let a = cpu.generate(&request(&vec![mc; n], sched, lora, &cpu), &mut NoObserver).unwrap();
+            let b = dev.generate(&request(&vec![md; n], sched, lora, &dev), &mut NoObserver).unwrap();
+            let e = rel_err(&b.image.data, &a.image.data);
+            println!("{sched:?} {n} ControlNets, LoRA {lora}: relative error GPU vs CPU {e:.2e}");
+            assert!(e < 1e-3, "{sched:?}, {n} ControlNets: {e}");
+        }
+    }
+}
+
+/// Hides a session's device path: the GPU pipeline must then download the latent and upload the
+/// residuals (what it does for ControlNets served over Redis).
+struct HostOnly(InlineControlNets);
+struct HostSession(Box<dyn ControlSession>);
+
+impl ControlService for HostOnly {
+    fn open(
+        &mut self,
+        index: usize,
+        req: &ControlRequest,
+        init: SessionInit<'_>,
+    ) -> katz_onnx::Result<Box<dyn ControlSession>> {
+        Ok(Box::new(HostSession(self.0.open(index, req, init)?)))
+    }
+}
+
+impl ControlSession for HostSession {
+    fn send(&mut self, step: usize, latent_in: &Tensor, timestep: &Tensor) -> katz_onnx::Result<()> {
+        self.0.send(step, latent_in, timestep)
+    }
+    fn recv(&mut self, step: usize) -> katz_onnx::Result<Vec<Tensor>> {
+        self.0.recv(step)
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/device/gpu-path-tests.sh"]
+fn device_threaded_and_host_path_sessions_equal_the_inline_device_loop() {
+    let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(gpu())).unwrap();
+    let m = dev.controlnet(cn_dir()).unwrap();
+    for n in 1..=3 {
+        let r = request(&vec![m; n], SchedulerKind::Euler, false, &dev);
+        let serial = dev.generate(&r, &mut NoObserver).unwrap().image;
+        let mut threaded = dev.threaded_controlnets();
+        let t = dev
+            .generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, LoraPlan::Sync, Some(&mut threaded))
+            .unwrap()
+            .image;
+        let mut host = HostOnly(dev.inline_controlnets());
+        let h = dev
+            .generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, LoraPlan::Sync, Some(&mut host))
+            .unwrap()
+            .image;
+        let (et, eh) = (rel_err(&t.data, &serial.data), rel_err(&h.data, &serial.data));
+        println!("{n} ControlNets: threaded {et:.2e}, host-path sessions {eh:.2e}");
+        assert!(et < 1e-5 && eh < 1e-4, "{n}: threaded {et}, host path {eh}");
+    }
+}
+
+#[test]
+#[ignore = "needs two GPUs: tools/device/gpu-path-tests.sh on a multi-GPU kind"]
+fn controlnets_on_other_gpus_equal_controlnets_on_the_pipelines_gpu() {
+    let count = katz_kernels::cuda::device_count();
+    if count < 2 {
+        panic!("this test needs two GPUs, found {count}");
+    }
+    let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cuda(0))).unwrap();
+    let local = dev.controlnet(cn_dir()).unwrap();
+    let remote: Vec<usize> = (0..3)
+        .map(|j| dev.controlnet_on(cn_dir(), Device::Cuda(1 + (j % (count - 1)) as i32)).unwrap())
+        .collect();
+    for n in 1..=3 {
+        let a = dev
+            .generate(&request(&vec![local; n], SchedulerKind::Euler, false, &dev), &mut NoObserver)
+            .unwrap()
+            .image;
+        let r = request(&remote[..n], SchedulerKind::Euler, false, &dev);
+        let mut threaded = dev.threaded_controlnets();
+        let b = dev
+            .generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, LoraPlan::Sync, Some(&mut threaded))
+            .unwrap()
+            .image;
+        let e = rel_err(&b.data, &a.data);
+        println!("{n} ControlNets on other GPUs (threaded): relative error {e:.2e}");
+        assert!(e < 1e-4, "{n}: {e}");
+    }
+}

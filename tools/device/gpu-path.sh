@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The GPU path (issue #6) on the GPU machine, in one sitting: the device-resident loop's tests on
+# the tiny bundles, then the full-size SDXL benchmark against diffusers in the same sitting.
+#
+#   bash tools/device/gpu-path.sh stage     copy what this call carried into /opt (ORT pieces,
+#                                           binaries, wheels); start the SDXL export in the
+#                                           background once the wheels are there
+#   bash tools/device/gpu-path.sh tests     GPU tests: kernels vs CPU, device loop vs host loop,
+#                                           parity with diffusers on cuda:0, ControlNet sessions
+#   bash tools/device/gpu-path.sh export    the full-size SDXL --gpu bundle + ControlNet (if the
+#                                           background export is not already done)
+#   bash tools/device/gpu-path.sh bench     diffusers (tools/bench_diffusers.py, writes the rank-64
+#                                           LoRA files) then `katz bench pipeline` with it as baseline
+#   bash tools/device/gpu-path.sh all       tests, export, bench
+#
+# Here, once (C = .gpu-carry, ignored by git):
+#   bash ../shared/gpu/pack-onnxruntime-cuda.sh            (PIECE_MB=48: 4 pieces in $C/ort)
+#   cargo build --release && cargo test --release --no-run
+#   mkdir -p $C/katz $C/kt $C/w $C/bins; strip -o $C/katz/katz target/release/katz
+#   strip the test binaries gpu, parity, controlnet, pipeline and katz-kernels' lib tests into $C/kt/
+#   tar -C $C -cf - katz kt | xz -9 > $C/bins/bins.tar.xz        (carry $C/bins, not katz/ kt/)
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d $C/w diffusers==0.42.1 importlib_metadata
+# There: one call per ORT piece carrying it (and, while it fits 64 MiB, binaries), each running
+#   `stage`; then `all` (or `tests`, `export`, `bench` in separate calls, back to back).
+# env: OUT (results, default /tmp/gpu-path), SDXL (bundle dir, default /opt/sdxl), CONFIGS,
+#      STEPS (50), SIZE (1024), PEAK_TFLOPS (the GPU's measured bf16 GEMM rate, for MFU)
+set -uo pipefail
+C=${KATZ_CARRY:-.gpu-carry}
+O=${OUT:-/tmp/gpu-path}
+S=${SDXL:-/opt/sdxl}
+mkdir -p "$O" /opt/ortp /opt/ort /opt/kb /opt/w "$S"
+
+setup() {
+  [[ -f /opt/ort/libonnxruntime.so.1.31.1 ]] || cat /opt/ortp/ort.tar.xz.part.* | xz -dc | tar -x -C /opt/ort || exit 1
+  NV=$(python3 -c "import nvidia;print(list(nvidia.__path__)[0])")
+  export LD_LIBRARY_PATH=/opt/ort:$(ls -d "$NV"/*/lib | paste -sd:):/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  export ORT_DYLIB_PATH=/opt/ort/libonnxruntime.so.1.31.1 KATZ_REPO=$PWD PYTHONUNBUFFERED=1
+  if compgen -G "/opt/w/*.whl" >/dev/null && [[ ! -d /tmp/site/diffusers ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /opt/w/*.whl || exit 1
+  fi
+  export PYTHONPATH=/tmp/site
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
+}
+
+export_bg() {
+  # the export needs only python (torch, diffusers): it can run while the other pieces travel
+  [[ -f $S/done ]] && return 0
+  if [[ -f $S/pid ]] && kill -0 "$(cat "$S/pid")" 2>/dev/null; then return 0; fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /opt/w/*.whl || return 1
+  ( export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+    t0=$(date +%s)
+    python3 tools/export_bundle.py --config sdxl --random-init --gpu --out "$S/base" --no-references \
+      > "$S/export.log" 2>&1 && echo "export: $(( $(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
+  ) </dev/null &
+  echo $! > "$S/pid"
+  disown || true
+  echo "export started in the background (pid $(cat "$S/pid"), log $S/export.log)"
+}
+
+stage() {
+  cp "$C"/ort/ort.tar.xz.part.* /opt/ortp/ 2>/dev/null || true
+  cp "$C"/katz/* "$C"/kt/* /opt/kb/ 2>/dev/null || true
+  if [[ -f $C/bins/bins.tar.xz ]]; then  # katz + test binaries, stripped, xz'd (5 MB instead of 38)
+    rm -rf /tmp/bx; mkdir -p /tmp/bx && xz -dc "$C/bins/bins.tar.xz" | tar -x -C /tmp/bx && cp /tmp/bx/*/* /opt/kb/
+  fi
+  cp "$C"/w/*.whl /opt/w/ 2>/dev/null || true
+  ls /opt/ortp /opt/kb /opt/w | tr '\n' ' '; echo
+  if compgen -G "/opt/w/*.whl" >/dev/null; then export_bg; fi
+  if [[ -f $S/pid ]]; then
+    kill -0 "$(cat "$S/pid")" 2>/dev/null && echo "export running (pid $(cat "$S/pid"))" || echo "export not running"
+  fi
+  [[ -f $S/export.log ]] && tail -2 "$S/export.log"
+  return 0
+}
+
+tests() {
+  setup
+  export KATZ_TEST_DEVICE=cuda:0
+  if [[ -x /opt/kb/kernels ]]; then
+    echo "== katz-kernels GPU tests"
+    /opt/kb/kernels --include-ignored --test-threads 1 2>&1 | grep -E "^test |test result|panicked" | tail -15
+  fi
+  echo "== device loop vs host loop (tests/gpu.rs)"
+  /opt/kb/gpu --ignored --test-threads 1 --nocapture 2>&1 | grep -E "^test |test result|panicked|relative|ControlNets|error" | head -40
+  for t in parity controlnet pipeline; do
+    [[ -x /opt/kb/$t ]] || continue
+    echo "== $t (cuda:0)"
+    /opt/kb/$t --test-threads 1 2>&1 | grep -E "^test |test result|panicked|error" | head -30
+  done
+}
+
+export_wait() {
+  if [[ ! -f $S/done ]]; then
+    if ! { [[ -f $S/pid ]] && kill -0 "$(cat "$S/pid")" 2>/dev/null; }; then
+      export_bg
+    fi
+    echo "waiting for the SDXL export ($S/export.log)"
+    while [[ ! -f $S/done ]] && kill -0 "$(cat "$S/pid")" 2>/dev/null; do sleep 5; done
+  fi
+  grep -E "export:|fused|MultiHead|rror|onnx:" "$S/export.log" | tail -20
+  [[ -f $S/done ]] || { echo "the export failed"; tail -30 "$S/export.log"; return 1; }
+  du -sh "$S"/* 2>/dev/null | head
+}
+
+bench() {
+  setup
+  export_wait || return 1
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
+  day=$(date +%F)
+  echo "== diffusers (fp16, SDPA), same sitting"
+  python3 tools/bench_diffusers.py --size "${SIZE:-1024}" --steps "${STEPS:-50}" --configs 0c0l,1c1l,3c2l \
+    --lora-dir "$S/loras" --out "$O/diffusers-$gpu-$day.json" 2>&1 | grep -v Warning | tail -12
+  echo "== katz bench pipeline"
+  /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" --controlnet "$S/base-controlnet" \
+    --loras "$S/loras/lora0.safetensors,$S/loras/lora1.safetensors" --configs "${CONFIGS:-0C/0L,1C/1L,3C/2L}" \
+    --size "${SIZE:-1024}" --steps "${STEPS:-50}" --baseline "$O/diffusers-$gpu-$day.json" \
+    --unet-tflop 6.76 ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} --out "$O/pipeline-$gpu-1gpu-$day.json" 2>&1 | tail -20
+}
+
+case ${1:-all} in
+  stage) stage ;;
+  tests) tests ;;
+  export) setup; export_wait ;;
+  bench) bench ;;
+  all) tests; bench ;;
+  *) echo "usage: $0 stage|tests|export|bench|all"; exit 2 ;;
+esac
