@@ -164,3 +164,60 @@ fn controlnets_on_other_gpus_equal_controlnets_on_the_pipelines_gpu() {
         assert!(e < 1e-4, "{n}: {e}");
     }
 }
+
+#[test]
+#[ignore = "needs two GPUs: tools/device/gpu-path.sh on a multi-GPU kind"]
+fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
+    let count = katz_kernels::cuda::device_count();
+    if count < 2 {
+        panic!("this test needs two GPUs, found {count}");
+    }
+    let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cuda(0))).unwrap();
+    let m0 = dev.controlnet(cn_dir()).unwrap();
+    let m1 = dev.controlnet_on(cn_dir(), Device::Cuda(1)).unwrap();
+    let cases = [
+        (vec![], SchedulerKind::Euler, true),
+        (vec![m0], SchedulerKind::Euler, false),
+        (vec![m0, m1], SchedulerKind::Euler, true),
+        (vec![m1, m0, m0], SchedulerKind::EulerAncestral, true),
+    ];
+    let run = |dev: &mut Pipeline, models: &Vec<usize>, sched, lora, asynchronous: bool| {
+        let r = request(models, sched, lora, dev);
+        if asynchronous && lora {
+            let mut pending = katz_onnx::weights::PendingMerge::spawn(dev.shared_weights(), r.loras.clone());
+            let plan = LoraPlan::Async {
+                pending: &mut pending,
+                bound: 2,
+                timeout: std::time::Duration::from_secs(60),
+                early: false,
+            };
+            let mut threaded = dev.threaded_controlnets();
+            dev.generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, plan, Some(&mut threaded))
+                .unwrap()
+                .image
+        } else {
+            dev.generate(&r, &mut NoObserver).unwrap().image
+        }
+    };
+    let mut single = Vec::new();
+    for (models, sched, lora) in &cases {
+        for asynchronous in [false, true] {
+            single.push(run(&mut dev, models, *sched, *lora, asynchronous));
+        }
+    }
+    dev.split_guidance(Device::Cuda(1)).unwrap();
+    let mut i = 0;
+    for (models, sched, lora) in &cases {
+        for asynchronous in [false, true] {
+            let split = run(&mut dev, models, *sched, *lora, asynchronous);
+            let e = rel_err(&split.data, &single[i].data);
+            println!(
+                "split guidance, {} ControlNets, {sched:?}, LoRA {lora} ({}): relative error {e:.2e}",
+                models.len(),
+                if asynchronous { "async, threaded sessions" } else { "sync, inline" }
+            );
+            assert!(e < 1e-4, "case {i}: {e}");
+            i += 1;
+        }
+    }
+}

@@ -267,6 +267,30 @@ pub struct Pipeline {
     controlnets: Vec<Arc<Mutex<ControlNet>>>,
     /// The device loop's kernels on a stream of their own (GPU pipelines; made at the first job).
     step_kernels: Option<Arc<GpuKernels>>,
+    /// Split guidance: the conditional half's UNet on a second GPU, and whether jobs use it.
+    half: Option<HalfUnet>,
+    split_on: bool,
+}
+
+/// The UNet of the conditional guidance half on its own GPU (latent parallelism): its sessions,
+/// the pristine weights uploaded there, and step kernels on that GPU.
+struct HalfUnet {
+    device: i32,
+    unet_encoder: Session,
+    unet_decoder: Session,
+    weights: Arc<Weights>,
+    kernels: Arc<GpuKernels>,
+}
+
+/// The weight inputs the graphs take as f16 (fp16 GPU bundles).
+fn half_inputs(sessions: [&Session; 2], map: &std::collections::BTreeMap<String, crate::bundle::WeightEntry>) -> HashSet<String> {
+    sessions
+        .iter()
+        .flat_map(|s| s.inputs())
+        .filter(|o| map.contains_key(o.name()))
+        .filter(|o| o.dtype().tensor_type() == Some(TensorElementType::Float16))
+        .map(|o| o.name().to_string())
+        .collect()
 }
 
 fn skip_names(n: usize) -> Vec<String> {
@@ -325,13 +349,7 @@ impl Pipeline {
         check_io(&dec_path, &unet_decoder, &dec_in, &["noise_pred".into()])?;
 
         // weights are bound as the graphs take them: f32, or f16 in fp16 GPU bundles
-        let half: HashSet<String> = [&unet_encoder, &unet_decoder]
-            .iter()
-            .flat_map(|s| s.inputs())
-            .filter(|o| m.weights.map.contains_key(o.name()))
-            .filter(|o| o.dtype().tensor_type() == Some(TensorElementType::Float16))
-            .map(|o| o.name().to_string())
-            .collect();
+        let half = half_inputs([&unet_encoder, &unet_decoder], &m.weights.map);
         let weights = match shared {
             Some(w) if w.map() == &m.weights.map => w,
             Some(_) => {
@@ -364,11 +382,67 @@ impl Pipeline {
             weights,
             controlnets: Vec::new(),
             step_kernels: None,
+            half: None,
+            split_on: false,
         })
     }
 
     pub fn weights(&self) -> &Weights {
         &self.weights
+    }
+
+    /// Latent parallelism: from now on the conditional guidance half runs on `device` (its own
+    /// UNet sessions and a copy of the weights there), the unconditional half here; one noise
+    /// prediction crosses per step by peer copy and the scheduler runs once, here. LoRAs merge
+    /// here and the merged layers are copied over. Both devices must be GPUs of this process.
+    pub fn split_guidance(&mut self, device: Device) -> Result<()> {
+        let (Some(here), Some(there)) = (self.opts.device.gpu(), device.gpu()) else {
+            return Err(Error::InvalidRequest(format!(
+                "split guidance needs two GPUs, got {} and {device}",
+                self.opts.device
+            )));
+        };
+        if here == there {
+            return Err(Error::InvalidRequest(format!(
+                "split guidance needs a second GPU, got {device} twice"
+            )));
+        }
+        let opts = SessionOptions {
+            device,
+            ..self.opts.clone()
+        };
+        let m = &self.bundle.manifest;
+        let unet_encoder = runtime::session(&self.bundle.path(&m.unet.encoder), &opts)?;
+        let unet_decoder = runtime::session(&self.bundle.path(&m.unet.decoder), &opts)?;
+        let half = half_inputs([&unet_encoder, &unet_decoder], &m.weights.map);
+        let mut w = Weights::load(&self.bundle, half)?;
+        w.to_device(there)?;
+        let kernels = Arc::new(
+            w.device()
+                .expect("uploaded above")
+                .kernels
+                .fork()
+                .map_err(gpu_err)?,
+        );
+        self.half = Some(HalfUnet {
+            device: there,
+            unet_encoder,
+            unet_decoder,
+            weights: Arc::new(w),
+            kernels,
+        });
+        self.split_on = true;
+        Ok(())
+    }
+
+    /// Turns split guidance off (one GPU, as before [`Pipeline::split_guidance`]) or back on.
+    pub fn set_split(&mut self, on: bool) {
+        self.split_on = on && self.half.is_some();
+    }
+
+    /// The GPU of the conditional half, when guidance is split.
+    pub fn split_device(&self) -> Option<i32> {
+        self.half.as_ref().filter(|_| self.split_on).map(|h| h.device)
     }
 
     /// The pristine weights, to share with other pipelines and with LoRA merges.
@@ -723,6 +797,21 @@ impl Pipeline {
             t,
             started,
         } = job;
+        if self.half.is_some() && self.split_on && req.guidance > 1.0 {
+            let job = DeviceJob {
+                req,
+                noise,
+                obs,
+                sched,
+                cond,
+                merged,
+                pending,
+                sessions,
+                t,
+                started,
+            };
+            return self.split_loop(id, job, host_latents);
+        }
         let k = self.step_kernels(id)?;
         let dev = id as usize;
         let n = req.steps;
@@ -735,7 +824,15 @@ impl Pipeline {
         let mut guided = DevTensor::zeros(&k, host_latents.shape.clone())?;
         let g = |e: katz_kernels::cuda::GpuError| gpu_err(e);
 
-        let mut bu = self.bind_unet(cond, &merged, id)?;
+        let mut bu = bind_unet(
+            &self.unet_encoder,
+            &self.unet_decoder,
+            &self.weights,
+            self.bundle.manifest.unet.skips,
+            cond,
+            &merged,
+            id,
+        )?;
         let latent_ref = latent_in.dev_ref(&k);
         // SAFETY: `latent_in` lives until the loop ends; `bu` is dropped before it
         let bound_in = unsafe { latent_ref.ort()? };
@@ -749,7 +846,7 @@ impl Pipeline {
             let _step = tracing::debug_span!("step", i, t = ts).entered();
             if let Some(m) = poll_lora(&mut pending, i, t)? {
                 merged = m;
-                self.rebind_weights(&mut bu, &merged)?;
+                rebind_weights(&self.weights, &mut bu, &merged)?;
             }
             let t0 = Instant::now();
             k.scale(&latents.buf, sched.input_scale(i), &mut latent_in.buf, b).map_err(g)?;
@@ -906,6 +1003,255 @@ impl Pipeline {
         Ok(out)
     }
 
+    /// [`Pipeline::device_loop`] with the guidance halves on two GPUs (latent parallelism):
+    ///
+    /// ```text
+    /// GPU a: latents ─scale─▶ [x_u; x_c] ──────────────▶ encoder(x_u) ─┐+res_u  decoder ─▶ ε_u ─┐
+    ///                              │ x_c (peer copy)      ControlNets ─┤ (batch 2, anywhere)    ├─▶ combine ─▶ euler (once)
+    /// GPU b:                       └────────────────────▶ encoder(x_c) ─┘+res_c  decoder ─▶ ε_c ─┘ (peer copy)
+    /// ```
+    ///
+    /// Each phase (encoders, decoders) runs on both GPUs at once; ControlNet sessions take the
+    /// batch-2 latent as on one GPU and each half of their residuals goes to its GPU.
+    fn split_loop(&mut self, id: i32, job: DeviceJob<'_, '_>, host_latents: Tensor) -> Result<Tensor> {
+        let DeviceJob {
+            req,
+            noise,
+            obs,
+            sched,
+            cond,
+            mut merged,
+            mut pending,
+            sessions,
+            t,
+            started,
+        } = job;
+        let k0 = self.step_kernels(id)?;
+        let skips = self.bundle.manifest.unet.skips;
+        let n_steps = req.steps;
+        let g = |e: katz_kernels::cuda::GpuError| gpu_err(e);
+        let Pipeline {
+            unet_encoder,
+            unet_decoder,
+            weights,
+            half,
+            ..
+        } = self;
+        let h = half.as_mut().expect("split_loop runs with a second GPU");
+        let k1 = h.kernels.clone();
+        let (d0, d1) = (id as usize, h.device as usize);
+        let lat_shape = host_latents.shape.clone();
+        let n = host_latents.data.len();
+        let mut in2 = lat_shape.clone();
+        in2[0] = 2;
+        let mut latents = DevTensor::upload(&k0, &host_latents)?;
+        let mut latent_in = DevTensor::zeros(&k0, in2.clone())?; // [x_u; x_c] on GPU a
+        let lat_c = DevTensor::zeros(&k1, lat_shape.clone())?; // x_c on GPU b
+        let pred2 = DevTensor::zeros(&k0, in2)?; // [ε_u; ε_c] on GPU a
+        let mut guided = DevTensor::zeros(&k0, lat_shape.clone())?;
+        let (cond_u, cond_c) = (half_cond(cond, 0)?, half_cond(cond, 1)?);
+        let mut merged_c = Arc::new(if merged.is_empty() {
+            MergedWeights::default()
+        } else {
+            h.weights.copy_merged_from(&merged, weights)?
+        });
+        let mut bu = bind_unet(unet_encoder, unet_decoder, weights, skips, &cond_u, &merged, id)?;
+        let mut bc = bind_unet(&h.unet_encoder, &h.unet_decoder, &h.weights, skips, &cond_c, &merged_c, h.device)?;
+        let in_ref = latent_in.dev_ref(&k0);
+        let u_ref = DevRef {
+            ptr: in_ref.ptr,
+            shape: lat_shape.clone(),
+            device: d0,
+        };
+        let c_ref = lat_c.dev_ref(&k1);
+        // SAFETY: both buffers live until the loop ends; the bindings are dropped before them
+        let (sample_u, sample_c) = unsafe { (u_ref.ort()?, c_ref.ort()?) };
+        // the conditional halves of residuals land here (on GPU b) before they are added
+        let mut stage_c: Vec<Option<DevTensor>> = (0..=skips).map(|_| None).collect();
+        let mut stage_h: Vec<Option<DevTensor>> = (0..=skips).map(|_| None).collect();
+        let empty = Tensor::new(vec![0], vec![]);
+        let timesteps = sched.timesteps().to_vec();
+
+        for (i, &ts) in timesteps.iter().enumerate() {
+            let _step = tracing::debug_span!("step", i, t = ts, split = true).entered();
+            if let Some(m) = poll_lora(&mut pending, i, t)? {
+                merged = m;
+                rebind_weights(weights, &mut bu, &merged)?;
+                merged_c = Arc::new(h.weights.copy_merged_from(&merged, weights)?);
+                rebind_weights(&h.weights, &mut bc, &merged_c)?;
+            }
+            let t0 = Instant::now();
+            k0.scale(&latents.buf, sched.input_scale(i), &mut latent_in.buf, 2).map_err(g)?;
+            k0.synchronize().map_err(g)?;
+            // SAFETY: x_c is the second half of `latent_in`, complete after the synchronise
+            unsafe { k1.copy_raw(c_ref.ptr, in_ref.ptr + (n * 4) as u64, n * 4) }.map_err(g)?;
+            k1.synchronize().map_err(g)?;
+            let ts1 = Tensor::new(vec![1], vec![ts]);
+            let ts2 = Tensor::new(vec![2], vec![ts; 2]);
+            t.scheduler += t0.elapsed();
+
+            let active = active_controlnets(req, i);
+            let t0 = Instant::now();
+            let mut host_in: Option<Tensor> = None;
+            for &j in &active {
+                let s = sessions
+                    .get_mut(j)
+                    .ok_or_else(|| Error::InvalidRequest(format!("ControlNet #{j} has no session")))?;
+                if s.on_device() {
+                    s.send_device(i, &in_ref, &ts2)?;
+                } else {
+                    if host_in.is_none() {
+                        host_in = Some(latent_in.download(&k0)?);
+                    }
+                    s.send(i, host_in.as_ref().expect("downloaded above"), &ts2)?;
+                }
+            }
+            t.controlnet += t0.elapsed();
+
+            // phase 1: both encoders at once
+            let t0 = Instant::now();
+            for (bnd, smp) in [(&mut bu, &sample_u), (&mut bc, &sample_c)] {
+                bnd.enc.bind_input("sample", &**smp)?;
+                bnd.enc.bind_input("timestep", &*ts1.view()?)?;
+            }
+            let (vals_u, vals_c) = std::thread::scope(|sc| -> Result<(Vec<DynValue>, Vec<DynValue>)> {
+                let (hs, hb) = (&mut h.unet_encoder, &mut bc);
+                let other = sc.spawn(move || run_encoder_bound(hs, hb).map(Sent));
+                let mine = run_encoder_bound(unet_encoder, &bu);
+                let theirs = other
+                    .join()
+                    .map_err(|_| Error::Gpu("the second GPU's encoder thread panicked".into()))?;
+                Ok((mine?, theirs?.0))
+            })?;
+            t.unet_encoder += t0.elapsed();
+
+            let t0 = Instant::now();
+            if !active.is_empty() {
+                let tu = vals_u.iter().map(|v| DevRef::of_value(v, d0)).collect::<Result<Vec<_>>>()?;
+                let tc = vals_c.iter().map(|v| DevRef::of_value(v, d1)).collect::<Result<Vec<_>>>()?;
+                for &j in &active {
+                    let c = &req.controlnets[j];
+                    let s = &mut sessions[j];
+                    let res: Vec<DevRef> = if s.on_device() {
+                        s.recv_device(i)?
+                    } else {
+                        let host = s.recv(i)?;
+                        if host.len() != skips + 1 {
+                            return Err(Error::InvalidRequest(format!(
+                                "ControlNet #{j} returned {} residuals, the UNet has {skips} skips and a mid block",
+                                host.len()
+                            )));
+                        }
+                        let mut refs = Vec::with_capacity(host.len());
+                        for (slot, hr) in stage_h.iter_mut().zip(&host) {
+                            let st = stage(slot, &k0, &hr.shape)?;
+                            st.write(&k0, &hr.data)?;
+                            refs.push(st.dev_ref(&k0));
+                        }
+                        refs
+                    };
+                    if res.len() != skips + 1 {
+                        return Err(Error::InvalidRequest(format!(
+                            "ControlNet #{j} returned {} residuals, the UNet has {skips} skips and a mid block",
+                            res.len()
+                        )));
+                    }
+                    for (r, rr) in res.iter().enumerate() {
+                        let (au, ac) = if r < skips { (&tu[2 + r], &tc[2 + r]) } else { (&tu[1], &tc[1]) };
+                        let half_n = au.len();
+                        if rr.len() != 2 * half_n || ac.len() != half_n {
+                            return Err(Error::InvalidRequest(format!(
+                                "ControlNet #{j}: residual {:?} does not fit two halves of {:?}",
+                                rr.shape, au.shape
+                            )));
+                        }
+                        // unconditional half: first half of the residual, added on GPU a
+                        let src_u = if rr.device == d0 {
+                            rr.ptr
+                        } else {
+                            let st = stage(&mut stage_h[r], &k0, &au.shape)?;
+                            let p = st.ptr(&k0);
+                            // SAFETY: the session keeps its buffer until its next step
+                            unsafe { k0.copy_raw(p, rr.ptr, half_n * 4) }.map_err(g)?;
+                            p
+                        };
+                        // SAFETY: targets are the encoders' live outputs; nothing else writes them
+                        unsafe { k0.axpy_raw(au.ptr, src_u, c.scale, half_n) }.map_err(g)?;
+                        // conditional half: second half, to GPU b
+                        let second = rr.ptr + (half_n * 4) as u64;
+                        let src_c = if rr.device == d1 {
+                            second
+                        } else {
+                            let st = stage(&mut stage_c[r], &k1, &ac.shape)?;
+                            let p = st.ptr(&k1);
+                            unsafe { k1.copy_raw(p, second, half_n * 4) }.map_err(g)?;
+                            p
+                        };
+                        unsafe { k1.axpy_raw(ac.ptr, src_c, c.scale, half_n) }.map_err(g)?;
+                    }
+                }
+                k0.synchronize().map_err(g)?;
+                k1.synchronize().map_err(g)?;
+            }
+            t.controlnet += t0.elapsed();
+
+            // phase 2: both decoders at once
+            let t0 = Instant::now();
+            for (bnd, vals) in [(&mut bu, &vals_u), (&mut bc, &vals_c)] {
+                for (name, v) in bnd.enc_outputs.iter().zip(vals) {
+                    bnd.dec.bind_input(name.as_str(), v)?;
+                }
+            }
+            let (pu, pc) = std::thread::scope(|sc| -> Result<(DynValue, DynValue)> {
+                let (hs, hb) = (&mut h.unet_decoder, &mut bc);
+                let other = sc.spawn(move || run_decoder_bound(hs, hb).map(Sent));
+                let mine = run_decoder_bound(unet_decoder, &bu);
+                let theirs = other
+                    .join()
+                    .map_err(|_| Error::Gpu("the second GPU's decoder thread panicked".into()))?;
+                Ok((mine?, theirs?.0))
+            })?;
+            t.unet_decoder += t0.elapsed();
+
+            let t0 = Instant::now();
+            let (ru, rc) = (DevRef::of_value(&pu, d0)?, DevRef::of_value(&pc, d1)?);
+            if ru.len() != n || rc.len() != n {
+                return Err(Error::Gpu(format!("noise_pred {:?} for latents {:?}", ru.shape, lat_shape)));
+            }
+            let p2 = pred2.ptr(&k0);
+            // SAFETY: both predictions stay alive (pu, pc) until the synchronise below
+            unsafe {
+                k0.copy_raw(p2, ru.ptr, n * 4).map_err(g)?;
+                k0.copy_raw(p2 + (n * 4) as u64, rc.ptr, n * 4).map_err(g)?;
+            }
+            k0.combine(&pred2.buf, req.guidance, &mut guided.buf).map_err(g)?;
+            match sched.euler_sigmas(i) {
+                Some((s0, s1)) => k0.euler(&mut latents.buf, &guided.buf, s0, s1).map_err(g)?,
+                None => {
+                    let gh = guided.download(&k0)?;
+                    let mut lh = latents.download(&k0)?;
+                    sched.step(i, &gh.data, &mut lh.data, noise);
+                    latents.write(&k0, &lh.data)?;
+                }
+            }
+            k0.synchronize().map_err(g)?;
+            drop((pu, pc, vals_u, vals_c));
+            t.scheduler += t0.elapsed();
+            if i == 0 {
+                t.first_step = started.elapsed();
+            }
+            if obs.wants_latents() {
+                obs.on_step(i, n_steps, &latents.download(&k0)?)?;
+            } else {
+                obs.on_step(i, n_steps, &empty)?;
+            }
+        }
+        drop((bu, bc, sample_u, sample_c));
+        let out = latents.download(&k0)?;
+        drop((merged, merged_c, pred2, lat_c));
+        Ok(out)
+    }
+
     /// Latents → image in [0, 1] (diffusers: `vae.decode(latents / scaling_factor)`, `x/2 + 0.5`, clamp).
     pub fn decode(&mut self, latents: &Tensor) -> Result<Tensor> {
         let s = self.bundle.manifest.scaling_factor;
@@ -950,103 +1296,6 @@ impl Pipeline {
         let pred = self.run_decoder(&emb, cond, &mid, &skips, merged)?;
         t.unet_decoder += t0.elapsed();
         Ok(pred)
-    }
-
-    /// Binds the UNet graphs for a job on GPU `device_id`: weights and conditioning are copied to
-    /// the device once; the encoder's outputs stay there.
-    fn bind_unet(
-        &mut self,
-        cond: &Conditioning,
-        merged: &MergedWeights,
-        device_id: i32,
-    ) -> Result<BoundUnet> {
-        let dev = MemoryInfo::new(
-            AllocationDevice::CUDA,
-            device_id,
-            AllocatorType::Device,
-            MemoryType::Default,
-        )?;
-        let mut enc = self.unet_encoder.create_binding()?;
-        let mut dec = self.unet_decoder.create_binding()?;
-        for b in [&mut enc, &mut dec] {
-            b.bind_input("encoder_hidden_states", &*cond.prompt_embeds.view()?)?;
-        }
-        enc.bind_input("text_embeds", &*cond.pooled.view()?)?;
-        enc.bind_input("time_ids", &*cond.time_ids.view()?)?;
-        for (b, graph) in [(&mut enc, "unet_encoder"), (&mut dec, "unet_decoder")] {
-            for name in self.weights.inputs_of(graph) {
-                self.bind_weight(b, name, merged, device_id)?;
-            }
-        }
-        let mut outs = vec!["emb".to_string(), "mid".to_string()];
-        outs.extend(skip_names(self.bundle.manifest.unet.skips));
-        for o in &outs {
-            enc.bind_output_to_device(o.as_str(), &dev)?;
-        }
-        dec.bind_output_to_device("noise_pred", &dev)?;
-        Ok(BoundUnet {
-            enc,
-            dec,
-            enc_outputs: outs,
-            device_id,
-        })
-    }
-
-    /// Binds the weights a LoRA merge touched in place of the pristine ones (at a step boundary).
-    fn rebind_weights(&self, bu: &mut BoundUnet, merged: &MergedWeights) -> Result<()> {
-        for name in merged.names() {
-            let b = match self.weights.map()[name].graph.as_str() {
-                "unet_encoder" => &mut bu.enc,
-                _ => &mut bu.dec,
-            };
-            self.bind_weight(b, name, merged, bu.device_id)?;
-        }
-        Ok(())
-    }
-
-    /// Binds weight `name`: merged if a LoRA touched it, else pristine — in place from device
-    /// memory when the weights live on the GPU (no copy), else from the host.
-    fn bind_weight(
-        &self,
-        b: &mut IoBinding,
-        name: &str,
-        merged: &MergedWeights,
-        device_id: i32,
-    ) -> Result<()> {
-        let Some(dev) = self.weights.device() else {
-            b.bind_input(name, merged.get(&self.weights, name))?;
-            return Ok(());
-        };
-        let buf = match merged.device(name) {
-            Some(m) => m,
-            None if merged.names().any(|n| n == name) => {
-                // merged on the host (not expected with device weights): bind it with a copy
-                b.bind_input(name, merged.get(&self.weights, name))?;
-                return Ok(());
-            }
-            None => dev.get(name),
-        };
-        let ptr = buf.ptr(&dev.kernels) as usize as *mut std::ffi::c_void;
-        let mem = MemoryInfo::new(
-            AllocationDevice::CUDA,
-            device_id,
-            AllocatorType::Device,
-            MemoryType::Default,
-        )?;
-        let shape = ort::value::Shape::from(self.weights.map()[name].shape.as_slice());
-        // SAFETY: the buffer is owned by the pristine set or by `merged`, both kept alive for the
-        // whole job (the bound UNet is dropped before them), and it matches shape and type.
-        match buf {
-            DevBuf::F16(_) => {
-                let t = unsafe { TensorRefMut::<half::f16>::from_raw(mem, ptr, shape)? };
-                b.bind_input(name, &*t)?;
-            }
-            DevBuf::F32(_) => {
-                let t = unsafe { TensorRefMut::<f32>::from_raw(mem, ptr, shape)? };
-                b.bind_input(name, &*t)?;
-            }
-        }
-        Ok(())
     }
 
     fn run_encoder(
@@ -1172,6 +1421,149 @@ struct DeviceJob<'a, 'p> {
     sessions: &'a mut Vec<Box<dyn ControlSession>>,
     t: &'a mut Timings,
     started: Instant,
+}
+
+/// The UNet graphs of a job bound on GPU `device_id`: weights bound in place (pristine, or merged
+/// where a LoRA touched them), conditioning copied up once, outputs left on the device.
+fn bind_unet(
+    enc_session: &Session,
+    dec_session: &Session,
+    weights: &Weights,
+    skips: usize,
+    cond: &Conditioning,
+    merged: &MergedWeights,
+    device_id: i32,
+) -> Result<BoundUnet> {
+    let dev = MemoryInfo::new(
+        AllocationDevice::CUDA,
+        device_id,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )?;
+    let mut enc = enc_session.create_binding()?;
+    let mut dec = dec_session.create_binding()?;
+    for b in [&mut enc, &mut dec] {
+        b.bind_input("encoder_hidden_states", &*cond.prompt_embeds.view()?)?;
+    }
+    enc.bind_input("text_embeds", &*cond.pooled.view()?)?;
+    enc.bind_input("time_ids", &*cond.time_ids.view()?)?;
+    for (b, graph) in [(&mut enc, "unet_encoder"), (&mut dec, "unet_decoder")] {
+        for name in weights.inputs_of(graph) {
+            bind_weight(weights, b, name, merged, device_id)?;
+        }
+    }
+    let mut outs = vec!["emb".to_string(), "mid".to_string()];
+    outs.extend(skip_names(skips));
+    for o in &outs {
+        enc.bind_output_to_device(o.as_str(), &dev)?;
+    }
+    dec.bind_output_to_device("noise_pred", &dev)?;
+    Ok(BoundUnet {
+        enc,
+        dec,
+        enc_outputs: outs,
+        device_id,
+    })
+}
+
+/// Binds the weights a LoRA merge touched in place of the pristine ones (at a step boundary).
+fn rebind_weights(weights: &Weights, bu: &mut BoundUnet, merged: &MergedWeights) -> Result<()> {
+    for name in merged.names() {
+        let b = match weights.map()[name].graph.as_str() {
+            "unet_encoder" => &mut bu.enc,
+            _ => &mut bu.dec,
+        };
+        bind_weight(weights, b, name, merged, bu.device_id)?;
+    }
+    Ok(())
+}
+
+/// Binds weight `name`: merged if a LoRA touched it, else pristine — in place from device
+/// memory when the weights live on the GPU (no copy), else from the host.
+fn bind_weight(weights: &Weights, b: &mut IoBinding, name: &str, merged: &MergedWeights, device_id: i32) -> Result<()> {
+    let Some(dev) = weights.device() else {
+        b.bind_input(name, merged.get(weights, name))?;
+        return Ok(());
+    };
+    let buf = match merged.device(name) {
+        Some(m) => m,
+        None if merged.names().any(|n| n == name) => {
+            // merged on the host (not expected with device weights): bind it with a copy
+            b.bind_input(name, merged.get(weights, name))?;
+            return Ok(());
+        }
+        None => dev.get(name),
+    };
+    let ptr = buf.ptr(&dev.kernels) as usize as *mut std::ffi::c_void;
+    let mem = MemoryInfo::new(
+        AllocationDevice::CUDA,
+        device_id,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )?;
+    let shape = ort::value::Shape::from(weights.map()[name].shape.as_slice());
+    // SAFETY: the buffer is owned by the pristine set or by `merged`, both kept alive for the
+    // whole job (the bound UNet is dropped before them), and it matches shape and type.
+    match buf {
+        DevBuf::F16(_) => {
+            let t = unsafe { TensorRefMut::<half::f16>::from_raw(mem, ptr, shape)? };
+            b.bind_input(name, &*t)?;
+        }
+        DevBuf::F32(_) => {
+            let t = unsafe { TensorRefMut::<f32>::from_raw(mem, ptr, shape)? };
+            b.bind_input(name, &*t)?;
+        }
+    }
+    Ok(())
+}
+
+/// ONNX Runtime values handed back from the second GPU's thread. `ort` marks values `!Send`
+/// conservatively; an OrtValue is a buffer plus metadata with no thread affinity, and the
+/// sending thread has finished with it.
+struct Sent<T>(T);
+// SAFETY: see above; the value is moved, never shared.
+unsafe impl<T> Send for Sent<T> {}
+
+/// Runs a bound UNet encoder; its outputs (`emb`, `mid`, skips), left on the device.
+fn run_encoder_bound(session: &mut Session, bu: &BoundUnet) -> Result<Vec<DynValue>> {
+    let mut out = session.run_binding(&bu.enc)?;
+    bu.enc.synchronize_outputs()?;
+    bu.enc_outputs
+        .iter()
+        .map(|name| {
+            out.remove(name.as_str())
+                .ok_or_else(|| Error::Gpu(format!("UNet encoder gave no {name}")))
+        })
+        .collect()
+}
+
+/// Runs a bound UNet decoder; its noise prediction, left on the device.
+fn run_decoder_bound(session: &mut Session, bu: &BoundUnet) -> Result<DynValue> {
+    let mut out = session.run_binding(&bu.dec)?;
+    bu.dec.synchronize_outputs()?;
+    out.remove("noise_pred")
+        .ok_or_else(|| Error::Gpu("UNet decoder gave no noise_pred".into()))
+}
+
+/// Guidance half `k` (0 unconditional, 1 conditional) of a batch-2 conditioning.
+fn half_cond(c: &Conditioning, k: usize) -> Result<Conditioning> {
+    let half = |t: &Tensor| -> Result<Tensor> {
+        if t.shape.first() != Some(&2) {
+            return Err(Error::InvalidRequest(format!(
+                "split guidance needs both guidance halves, got a batch of {:?}",
+                t.shape.first()
+            )));
+        }
+        let n = t.data.len() / 2;
+        let mut shape = t.shape.clone();
+        shape[0] = 1;
+        Ok(Tensor::new(shape, t.data[k * n..(k + 1) * n].to_vec()))
+    };
+    Ok(Conditioning {
+        prompt_embeds: half(&c.prompt_embeds)?,
+        pooled: half(&c.pooled)?,
+        time_ids: half(&c.time_ids)?,
+    })
 }
 
 /// The UNet graphs of one job bound on a GPU.

@@ -384,6 +384,37 @@ impl Weights {
         })
     }
 
+    /// The merged set `merged` of `src` (weights of the same bundle on another GPU of this
+    /// process), copied to this set's GPU by peer copy (split guidance: both halves switch to
+    /// the same merged weights without merging twice).
+    pub fn copy_merged_from(&self, merged: &MergedWeights, src: &Weights) -> Result<MergedWeights> {
+        let started = Instant::now();
+        let (dev, sdev) = match (self.device.as_ref(), src.device.as_ref()) {
+            (Some(d), Some(s)) => (d, s),
+            _ => return Err(Error::Gpu("copying merged weights needs both sets on GPUs".into())),
+        };
+        if !merged.merged.is_empty() {
+            return Err(Error::Gpu("the merged weights are on the host, not on a GPU".into()));
+        }
+        let k = &dev.kernels;
+        let mut out = HashMap::new();
+        for (name, b) in &merged.device {
+            let copy = match b {
+                DevBuf::F16(x) => DevBuf::F16(k.stream.alloc_zeros::<u16>(x.len()).map_err(gpu_err)?),
+                DevBuf::F32(x) => DevBuf::F32(k.stream.alloc_zeros::<f32>(x.len()).map_err(gpu_err)?),
+            };
+            // SAFETY: same length and type; the source set is complete (its merge synchronised)
+            unsafe { k.copy_raw(copy.ptr(k), b.ptr(&sdev.kernels), b.bytes()) }.map_err(gpu_err)?;
+            out.insert(name.clone(), copy);
+        }
+        k.synchronize().map_err(gpu_err)?;
+        Ok(MergedWeights {
+            merged: HashMap::new(),
+            device: out,
+            merge_time: merged.merge_time + started.elapsed(),
+        })
+    }
+
     pub fn map(&self) -> &BTreeMap<String, WeightEntry> {
         &self.map
     }
@@ -556,6 +587,23 @@ impl PendingMerge {
             .name("lora-merge".into())
             .spawn(move || tx.send(weights.merge(&loras).map(Arc::new)))
             .expect("spawning the LoRA merge thread");
+        rx
+    }
+
+    /// Reads and parses LoRA files, then merges them, on a thread of its own: the whole of a
+    /// request's LoRA loading overlaps its first steps (without a service's caches).
+    pub fn spawn_loading(weights: Arc<Weights>, files: Vec<(std::path::PathBuf, f32)>) -> PendingMerge {
+        let (tx, rx) = PendingMerge::channel();
+        std::thread::Builder::new()
+            .name("lora-load".into())
+            .spawn(move || {
+                let loaded = files
+                    .iter()
+                    .map(|(p, s)| Ok((Arc::new(LoraAdapter::load(p, weights.map())?), *s)))
+                    .collect::<Result<Vec<_>>>();
+                tx.send(loaded.and_then(|l| weights.merge(&l).map(Arc::new)))
+            })
+            .expect("spawning the LoRA loading thread");
         rx
     }
 

@@ -59,6 +59,9 @@ pub struct PipelineBenchArgs {
     /// GPUs for the ControlNets (`cuda:1,cuda:2`); ControlNet j goes to entry j mod len.
     #[arg(long, value_delimiter = ',')]
     pub controlnet_devices: Vec<Device>,
+    /// Latent parallelism: the conditional guidance half on this second GPU (e.g. `cuda:1`).
+    #[arg(long)]
+    pub split_guidance: Option<Device>,
     /// `serial`: after the UNet encoder, in the pipeline's thread; `parallel`: one thread per
     /// ControlNet session, overlapping the encoder.
     #[arg(long, default_value = "serial")]
@@ -165,6 +168,9 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
             models.push(m);
         }
     }
+    if let Some(d) = a.split_guidance {
+        pipe.split_guidance(d)?;
+    }
     let load_s = t0.elapsed().as_secs_f64();
     let placement: Vec<String> = (0..max_c)
         .map(|j| {
@@ -177,9 +183,10 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         .collect();
     let machine = gpu_name();
     println!(
-        "katz bench pipeline: {} on {} ({machine}), {}², {} Euler steps, guidance {}, ControlNets {} on [{}], LoRAs {} (bound {}); loaded in {load_s:.1} s",
+        "katz bench pipeline: {} on {}{} ({machine}), {}², {} Euler steps, guidance {}, ControlNets {} on [{}], LoRAs {} (bound {}); loaded in {load_s:.1} s",
         a.bundle.display(),
         a.device.device,
+        a.split_guidance.map(|d| format!(" + {d} (split guidance)")).unwrap_or_default(),
         a.size,
         a.steps,
         a.guidance,
@@ -226,21 +233,23 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         };
         let one = |pipe: &mut Pipeline| -> anyhow::Result<Run> {
             let started = Instant::now();
-            let loras = a.loras[..nl]
-                .iter()
-                .map(|p| Ok((Arc::new(LoraAdapter::load(p, pipe.weights().map())?), 0.7f32)))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let parse = started.elapsed();
             let mut r = req.clone();
             let mut pending = None;
+            let mut parse = Duration::ZERO;
             let plan = match a.lora_mode {
-                _ if loras.is_empty() => LoraPlan::Sync,
+                _ if nl == 0 => LoraPlan::Sync,
                 LoraMode::Sync => {
-                    r.loras = loras;
+                    r.loras = a.loras[..nl]
+                        .iter()
+                        .map(|p| Ok((Arc::new(LoraAdapter::load(p, pipe.weights().map())?), 0.7f32)))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    parse = started.elapsed();
                     LoraPlan::Sync
                 }
                 LoraMode::Async => {
-                    let p = pending.insert(PendingMerge::spawn(pipe.shared_weights(), loras));
+                    // read, parse and merge all overlap the first steps (no cache: cold every run)
+                    let files = a.loras[..nl].iter().map(|p| (p.clone(), 0.7f32)).collect();
+                    let p = pending.insert(PendingMerge::spawn_loading(pipe.shared_weights(), files));
                     LoraPlan::Async {
                         pending: p,
                         bound: a.lora_bound.step_for(a.steps),
@@ -263,6 +272,17 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         let runs = (0..a.repeat.max(1))
             .map(|_| one(&mut pipe))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // split guidance must give the one-GPU image (fp16: relative error ≤ 1e-2)
+        let split_err = if a.split_guidance.is_some() {
+            pipe.set_split(false);
+            let single = one(&mut pipe);
+            pipe.set_split(true);
+            let e = katz_kernels::rel_err(&runs[0].out.image.data, &single?.out.image.data);
+            println!("{name}: split guidance vs one GPU, relative error of the image {e:.2e}");
+            Some(e)
+        } else {
+            None
+        };
         let m = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
         let steps = a.steps as f64;
         let unet_step = m(&|r| ms(r.out.timings.unet_encoder + r.out.timings.unet_decoder) / steps);
@@ -285,6 +305,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
             "unet_tflops": unet_tflop.map(|f| f / (unet_step / 1e3)),
             "unet_mfu": unet_tflop.zip(a.peak_tflops).map(|(f, p)| f / (unet_step / 1e3) / p),
             "image_mean": mean(&runs[0].out.image.data),
+            "split_vs_one_gpu_rel_err": split_err,
         });
         rows.push(row);
     }
@@ -334,6 +355,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         "bench": "pipeline", "machine": machine, "device": a.device.device.to_string(),
         "bundle": a.bundle.display().to_string(), "size": a.size, "steps": a.steps, "guidance": a.guidance,
         "controlnet_mode": a.controlnet_mode, "controlnet_devices": placement,
+        "split_guidance": a.split_guidance.map(|d| d.to_string()),
         "lora_mode": a.lora_mode.to_string(), "lora_bound": a.lora_bound.to_string(),
         "unet_tflop_per_step": unet_tflop, "peak_tflops": a.peak_tflops, "load_s": load_s,
         "configs": rows, "diffusers": baseline,

@@ -9,9 +9,12 @@
 #                                           parity with diffusers on cuda:0, ControlNet sessions
 #   bash tools/device/gpu-path.sh export    the full-size SDXL --gpu bundle + ControlNet (if the
 #                                           background export is not already done)
-#   bash tools/device/gpu-path.sh bench     diffusers (tools/bench_diffusers.py, writes the rank-64
-#                                           LoRA files) then `katz bench pipeline` with it as baseline
-#   bash tools/device/gpu-path.sh all       tests, export, bench
+#   bash tools/device/gpu-path.sh bench     diffusers on GPU 0 (tools/bench_diffusers.py, writes the
+#                                           rank-64 LoRA files), then `katz bench pipeline` on one GPU
+#                                           with it as the baseline
+#   bash tools/device/gpu-path.sh multi     katz on 2 GPUs (split guidance; ControlNets on GPU 1) and
+#                                           4 GPUs (ControlNets on GPUs 1-3; split + ControlNets)
+#   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
 #   bash ../shared/gpu/pack-onnxruntime-cuda.sh            (PIECE_MB=48: 4 pieces in $C/ort)
@@ -46,15 +49,15 @@ export_bg() {
   # the export needs only python (torch, diffusers): it can run while the other pieces travel
   [[ -f $S/done ]] && return 0
   if [[ -f $S/pid ]] && kill -0 "$(cat "$S/pid")" 2>/dev/null; then return 0; fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /opt/w/*.whl || return 1
+  [[ -d /tmp/site/diffusers ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /opt/w/*.whl || return 1
   ( export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     t0=$(date +%s)
     python3 tools/export_bundle.py --config sdxl --random-init --gpu --out "$S/base" --no-references \
       > "$S/export.log" 2>&1 && echo "export: $(( $(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
-  ) </dev/null &
+  ) </dev/null >/dev/null 2>&1 &
   echo $! > "$S/pid"
   disown || true
-  echo "export started in the background (pid $(cat "$S/pid"), log $S/export.log)"
+  echo "export started in the background (pid $(cat "$S/pid"), log $S/export.log; it ends with the call)"
 }
 
 stage() {
@@ -102,19 +105,45 @@ export_wait() {
   du -sh "$S"/* 2>/dev/null | head
 }
 
-bench() {
+katz_bench() {  # name, then extra flags
+  local name=$1; shift
+  echo "== katz bench pipeline: $name"
+  /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" --controlnet "$S/base-controlnet" \
+    --loras "$S/loras/lora0.safetensors,$S/loras/lora1.safetensors" \
+    --size "${SIZE:-1024}" --steps "${STEPS:-50}" --baseline "$BASE" --unet-tflop 6.76 \
+    ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} --out "$O/pipeline-$gpu-$name-$day.json" "$@" 2>&1 | grep -v " WARN " | tail -8
+}
+
+bench_setup() {
   setup
   export_wait || return 1
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
+  ngpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
   day=$(date +%F)
-  echo "== diffusers (fp16, SDPA), same sitting"
-  python3 tools/bench_diffusers.py --size "${SIZE:-1024}" --steps "${STEPS:-50}" --configs 0c0l,1c1l,3c2l \
-    --lora-dir "$S/loras" --out "$O/diffusers-$gpu-$day.json" 2>&1 | grep -v Warning | tail -12
-  echo "== katz bench pipeline"
-  /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" --controlnet "$S/base-controlnet" \
-    --loras "$S/loras/lora0.safetensors,$S/loras/lora1.safetensors" --configs "${CONFIGS:-0C/0L,1C/1L,3C/2L}" \
-    --size "${SIZE:-1024}" --steps "${STEPS:-50}" --baseline "$O/diffusers-$gpu-$day.json" \
-    --unet-tflop 6.76 ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} --out "$O/pipeline-$gpu-1gpu-$day.json" 2>&1 | tail -20
+  BASE=$O/diffusers-$gpu-$day.json
+  # the bf16 GEMM rate DESIGN.md measured on this card type (not re-measured here)
+  case $gpu in *H200*) PEAK_TFLOPS=${PEAK_TFLOPS:-780} ;; *H100*) PEAK_TFLOPS=${PEAK_TFLOPS:-758} ;; esac
+}
+
+bench() {  # diffusers on GPU 0, then katz on one GPU
+  bench_setup || return 1
+  echo "== diffusers (fp16, SDPA), same sitting, GPU 0"
+  CUDA_VISIBLE_DEVICES=0 python3 tools/bench_diffusers.py --size "${SIZE:-1024}" --steps "${STEPS:-50}" \
+    --configs 0c0l,1c1l,3c2l --lora-dir "$S/loras" --out "$BASE" 2>&1 | grep -vE "Warning|LoRA keys|float32" | tail -8
+  katz_bench 1gpu --configs "${CONFIGS:-0C/0L,1C/1L,3C/2L}"
+}
+
+bench_multi() {  # katz on 2 and 4 GPUs (the diffusers baseline of `bench` in this sitting)
+  bench_setup || return 1
+  [[ -f $BASE ]] || { echo "run 'bench' first (the diffusers baseline)"; return 1; }
+  if (( ngpu >= 2 )); then
+    katz_bench 2gpu-split --configs 0C/0L,1C/1L,3C/2L --split-guidance cuda:1
+    katz_bench 2gpu-cn --configs 1C/1L,3C/2L --controlnet-devices cuda:1 --controlnet-mode parallel
+  fi
+  if (( ngpu >= 4 )); then
+    katz_bench 4gpu-cn --configs 3C/2L --controlnet-devices cuda:1,cuda:2,cuda:3 --controlnet-mode parallel
+    katz_bench 4gpu-split-cn --configs 3C/2L --split-guidance cuda:1 --controlnet-devices cuda:2,cuda:3,cuda:2 --controlnet-mode parallel
+  fi
 }
 
 case ${1:-all} in
@@ -122,6 +151,7 @@ case ${1:-all} in
   tests) tests ;;
   export) setup; export_wait ;;
   bench) bench ;;
-  all) tests; bench ;;
-  *) echo "usage: $0 stage|tests|export|bench|all"; exit 2 ;;
+  multi) bench_multi ;;
+  all) tests; bench; bench_multi ;;
+  *) echo "usage: $0 stage|tests|export|bench|multi|all"; exit 2 ;;
 esac
