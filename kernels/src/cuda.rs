@@ -466,6 +466,45 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_mma_f16(MERGE_AR
 }
 "#;
 
+/// Lets GPUs `a` and `b` of this process read each other's memory (both directions): peer
+/// access between their primary contexts (direct NVLink/PCIe copies of ONNX Runtime's buffers)
+/// and access to each other's default memory pool (cudarc allocates from it with
+/// `cuMemAllocAsync`; pool memory ignores context peer access, and a copy between devices
+/// touching a pool it may not access fails with `CUDA_ERROR_INVALID_VALUE`). Idempotent.
+pub fn enable_peer_access(a: usize, b: usize) -> Result<(), GpuError> {
+    use cudarc::driver::sys;
+    if a == b {
+        return Ok(());
+    }
+    static DONE: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if done.contains(&(a.min(b), a.max(b))) {
+        return Ok(());
+    }
+    let (ca, cb) = (CudaContext::new(a)?, CudaContext::new(b)?);
+    for (from, to, to_ord, from_ord) in [(&ca, &cb, b, a), (&cb, &ca, a, b)] {
+        from.bind_to_thread()?;
+        // SAFETY: both contexts are live primary contexts of this process
+        let r = unsafe { sys::cuCtxEnablePeerAccess(to.cu_ctx(), 0) };
+        if r != sys::CUresult::CUDA_SUCCESS && r != sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
+            r.result()?;
+        }
+        // `to_ord`'s default pool becomes readable and writable by `from_ord`
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, to_ord as sys::CUdevice) }.result()?;
+        let desc = sys::CUmemAccessDesc {
+            location: sys::CUmemLocation {
+                type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                id: from_ord as i32,
+            },
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        unsafe { sys::cuMemPoolSetAccess(pool, &desc, 1) }.result()?;
+    }
+    done.push((a.min(b), a.max(b)));
+    Ok(())
+}
+
 /// How many GPUs the driver sees (0 where no driver is present; no panic).
 pub fn device_count() -> usize {
     if !cuda_available() {

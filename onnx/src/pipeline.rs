@@ -282,6 +282,14 @@ struct HalfUnet {
     kernels: Arc<GpuKernels>,
 }
 
+/// GPUs `a` and `b` read each other's memory (peer copies of latents, residuals, weights).
+fn peer(a: i32, b: i32) -> Result<()> {
+    katz_kernels::cuda::enable_peer_access(a as usize, b as usize).map_err(|e| Error::DeviceUnavailable {
+        device: format!("cuda:{a} + cuda:{b}"),
+        message: format!("peer access between the GPUs cannot be enabled: {e}"),
+    })
+}
+
 /// The weight inputs the graphs take as f16 (fp16 GPU bundles).
 fn half_inputs(sessions: [&Session; 2], map: &std::collections::BTreeMap<String, crate::bundle::WeightEntry>) -> HashSet<String> {
     sessions
@@ -407,6 +415,7 @@ impl Pipeline {
                 "split guidance needs a second GPU, got {device} twice"
             )));
         }
+        peer(here, there)?;
         let opts = SessionOptions {
             device,
             ..self.opts.clone()
@@ -482,6 +491,9 @@ impl Pipeline {
             ..self.opts.clone()
         };
         let cn = ControlNet::load(ControlNetBundle::open(dir.as_ref())?, &self.bundle, &opts)?;
+        if let (Some(a), Some(b)) = (self.opts.device.gpu(), device.gpu()) {
+            peer(a, b)?;
+        }
         self.controlnets.push(Arc::new(Mutex::new(cn)));
         Ok(self.controlnets.len() - 1)
     }
