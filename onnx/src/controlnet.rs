@@ -84,6 +84,8 @@ impl ControlNet {
             AllocatorType::Device,
             MemoryType::Default,
         )?;
+        // ONNX Runtime copies host inputs with the current device: make it this ControlNet's
+        kernels.ctx.bind_to_thread().map_err(crate::device::gpu_err)?;
         let mut binding = self.session.create_binding()?;
         binding.bind_input("encoder_hidden_states", &*cond.prompt_embeds.view()?)?;
         binding.bind_input("text_embeds", &*cond.pooled.view()?)?;
@@ -119,6 +121,7 @@ impl ControlNet {
             k.synchronize().map_err(crate::device::gpu_err)?;
             s.dev_ref(&k)
         };
+        k.ctx.bind_to_thread().map_err(crate::device::gpu_err)?;
         // SAFETY: `sample` outlives the run (the caller's buffer or `b.sample`)
         let t = unsafe { sample.ort()? };
         b.binding.bind_input("sample", &*t)?;

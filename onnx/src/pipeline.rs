@@ -282,6 +282,13 @@ struct HalfUnet {
     kernels: Arc<GpuKernels>,
 }
 
+/// Makes GPU `k`'s primary context current on this thread before ONNX Runtime touches a session
+/// of that GPU (its host-to-device copies at bind time use the current device; ONNX Runtime sets
+/// the device only when a thread first runs a session).
+fn current(k: &GpuKernels) -> Result<()> {
+    k.ctx.bind_to_thread().map_err(gpu_err)
+}
+
 /// GPUs `a` and `b` read each other's memory (peer copies of latents, residuals, weights).
 fn peer(a: i32, b: i32) -> Result<()> {
     katz_kernels::cuda::enable_peer_access(a as usize, b as usize).map_err(|e| Error::DeviceUnavailable {
@@ -836,6 +843,7 @@ impl Pipeline {
         let mut guided = DevTensor::zeros(&k, host_latents.shape.clone())?;
         let g = |e: katz_kernels::cuda::GpuError| gpu_err(e);
 
+        current(&k)?;
         let mut bu = bind_unet(
             &self.unet_encoder,
             &self.unet_decoder,
@@ -858,6 +866,7 @@ impl Pipeline {
             let _step = tracing::debug_span!("step", i, t = ts).entered();
             if let Some(m) = poll_lora(&mut pending, i, t)? {
                 merged = m;
+                current(&k)?;
                 rebind_weights(&self.weights, &mut bu, &merged)?;
             }
             let t0 = Instant::now();
@@ -887,6 +896,7 @@ impl Pipeline {
             let t0 = Instant::now();
             // bound again every step: were ONNX Runtime to copy an input at bind time (a consumer
             // on the CPU), the copy must be of this step's latent
+            current(&k)?;
             bu.enc.bind_input("sample", &*bound_in)?;
             bu.enc.bind_input("timestep", &*timestep.view()?)?;
             let mut out = self.unet_encoder.run_binding(&bu.enc)?;
@@ -962,6 +972,7 @@ impl Pipeline {
             t.controlnet += t0.elapsed();
 
             let t0 = Instant::now();
+            current(&k)?;
             for (name, v) in bu.enc_outputs.iter().zip(&enc_vals) {
                 bu.dec.bind_input(name.as_str(), v)?;
             }
@@ -1067,7 +1078,9 @@ impl Pipeline {
         } else {
             h.weights.copy_merged_from(&merged, weights)?
         });
+        current(&k0)?;
         let mut bu = bind_unet(unet_encoder, unet_decoder, weights, skips, &cond_u, &merged, id)?;
+        current(&k1)?;
         let mut bc = bind_unet(&h.unet_encoder, &h.unet_decoder, &h.weights, skips, &cond_c, &merged_c, h.device)?;
         let in_ref = latent_in.dev_ref(&k0);
         let u_ref = DevRef {
@@ -1088,8 +1101,10 @@ impl Pipeline {
             let _step = tracing::debug_span!("step", i, t = ts, split = true).entered();
             if let Some(m) = poll_lora(&mut pending, i, t)? {
                 merged = m;
+                current(&k0)?;
                 rebind_weights(weights, &mut bu, &merged)?;
                 merged_c = Arc::new(h.weights.copy_merged_from(&merged, weights)?);
+                current(&k1)?;
                 rebind_weights(&h.weights, &mut bc, &merged_c)?;
             }
             let t0 = Instant::now();
@@ -1122,13 +1137,15 @@ impl Pipeline {
 
             // phase 1: both encoders at once
             let t0 = Instant::now();
-            for (bnd, smp) in [(&mut bu, &sample_u), (&mut bc, &sample_c)] {
+            for (bnd, smp, k) in [(&mut bu, &sample_u, &k0), (&mut bc, &sample_c, &k1)] {
+                current(k)?;
                 bnd.enc.bind_input("sample", &**smp)?;
                 bnd.enc.bind_input("timestep", &*ts1.view()?)?;
             }
             let (vals_u, vals_c) = std::thread::scope(|sc| -> Result<(Vec<DynValue>, Vec<DynValue>)> {
-                let (hs, hb) = (&mut h.unet_encoder, &mut bc);
-                let other = sc.spawn(move || run_encoder_bound(hs, hb).map(Sent));
+                let (hs, hb, hk) = (&mut h.unet_encoder, &mut bc, &k1);
+                let other = sc.spawn(move || current(hk).and_then(|_| run_encoder_bound(hs, hb)).map(Sent));
+                current(&k0)?;
                 let mine = run_encoder_bound(unet_encoder, &bu);
                 let theirs = other
                     .join()
@@ -1209,14 +1226,16 @@ impl Pipeline {
 
             // phase 2: both decoders at once
             let t0 = Instant::now();
-            for (bnd, vals) in [(&mut bu, &vals_u), (&mut bc, &vals_c)] {
+            for (bnd, vals, k) in [(&mut bu, &vals_u, &k0), (&mut bc, &vals_c, &k1)] {
+                current(k)?;
                 for (name, v) in bnd.enc_outputs.iter().zip(vals) {
                     bnd.dec.bind_input(name.as_str(), v)?;
                 }
             }
             let (pu, pc) = std::thread::scope(|sc| -> Result<(DynValue, DynValue)> {
-                let (hs, hb) = (&mut h.unet_decoder, &mut bc);
-                let other = sc.spawn(move || run_decoder_bound(hs, hb).map(Sent));
+                let (hs, hb, hk) = (&mut h.unet_decoder, &mut bc, &k1);
+                let other = sc.spawn(move || current(hk).and_then(|_| run_decoder_bound(hs, hb)).map(Sent));
+                current(&k0)?;
                 let mine = run_decoder_bound(unet_decoder, &bu);
                 let theirs = other
                     .join()
