@@ -289,6 +289,15 @@ fn current(k: &GpuKernels) -> Result<()> {
     k.ctx.bind_to_thread().map_err(gpu_err)
 }
 
+/// Names the stage an error of the GPU loop came from.
+fn at(what: &str, e: Error) -> Error {
+    match e {
+        Error::Ort(e) => Error::Gpu(format!("{what}: {e}")),
+        Error::Gpu(m) => Error::Gpu(format!("{what}: {m}")),
+        other => other,
+    }
+}
+
 /// GPUs `a` and `b` read each other's memory (peer copies of latents, residuals, weights).
 fn peer(a: i32, b: i32) -> Result<()> {
     katz_kernels::cuda::enable_peer_access(a as usize, b as usize).map_err(|e| Error::DeviceUnavailable {
@@ -641,6 +650,7 @@ impl Pipeline {
         let mut sched = scheduler::build(req.scheduler, &sched_cfg, req.steps)?;
 
         let t0 = Instant::now();
+        self.make_current()?;
         let cond = self.text.condition(
             &req.prompt,
             req.negative_prompt.as_deref(),
@@ -771,10 +781,20 @@ impl Pipeline {
             s.close();
         }
         let t0 = Instant::now();
-        let image = self.decode(&latents)?;
+        self.make_current()?;
+        let image = self.decode(&latents).map_err(|e| at("VAE decode", e))?;
         t.vae_decode = t0.elapsed();
         t.total = started.elapsed();
         Ok(Generated { image, timings: t })
+    }
+
+    /// On a GPU pipeline, makes its GPU current on this thread (ControlNets and split guidance
+    /// on other GPUs leave theirs current; ONNX Runtime's host copies use the current device).
+    fn make_current(&mut self) -> Result<()> {
+        match self.opts.device.gpu() {
+            Some(id) => current(&*self.step_kernels(id)?),
+            None => Ok(()),
+        }
     }
 
     /// The step kernels of this pipeline's GPU, on a stream of their own (LoRA merges keep theirs).
@@ -1102,10 +1122,14 @@ impl Pipeline {
             if let Some(m) = poll_lora(&mut pending, i, t)? {
                 merged = m;
                 current(&k0)?;
-                rebind_weights(weights, &mut bu, &merged)?;
-                merged_c = Arc::new(h.weights.copy_merged_from(&merged, weights)?);
+                rebind_weights(weights, &mut bu, &merged).map_err(|e| at("rebinding the unconditional half", e))?;
+                merged_c = Arc::new(
+                    h.weights
+                        .copy_merged_from(&merged, weights)
+                        .map_err(|e| at("copying the merged weights", e))?,
+                );
                 current(&k1)?;
-                rebind_weights(&h.weights, &mut bc, &merged_c)?;
+                rebind_weights(&h.weights, &mut bc, &merged_c).map_err(|e| at("rebinding the conditional half", e))?;
             }
             let t0 = Instant::now();
             k0.scale(&latents.buf, sched.input_scale(i), &mut latent_in.buf, 2).map_err(g)?;
@@ -1139,8 +1163,8 @@ impl Pipeline {
             let t0 = Instant::now();
             for (bnd, smp, k) in [(&mut bu, &sample_u, &k0), (&mut bc, &sample_c, &k1)] {
                 current(k)?;
-                bnd.enc.bind_input("sample", &**smp)?;
-                bnd.enc.bind_input("timestep", &*ts1.view()?)?;
+                bnd.enc.bind_input("sample", &**smp).map_err(|e| at("binding a half's sample", e.into()))?;
+                bnd.enc.bind_input("timestep", &*ts1.view()?).map_err(|e| at("binding a half's timestep", e.into()))?;
             }
             let (vals_u, vals_c) = std::thread::scope(|sc| -> Result<(Vec<DynValue>, Vec<DynValue>)> {
                 let (hs, hb, hk) = (&mut h.unet_encoder, &mut bc, &k1);
@@ -1150,7 +1174,10 @@ impl Pipeline {
                 let theirs = other
                     .join()
                     .map_err(|_| Error::Gpu("the second GPU's encoder thread panicked".into()))?;
-                Ok((mine?, theirs?.0))
+                Ok((
+                    mine.map_err(|e| at("unconditional encoder", e))?,
+                    theirs.map_err(|e| at("conditional encoder", e))?.0,
+                ))
             })?;
             t.unet_encoder += t0.elapsed();
 
@@ -1240,7 +1267,10 @@ impl Pipeline {
                 let theirs = other
                     .join()
                     .map_err(|_| Error::Gpu("the second GPU's decoder thread panicked".into()))?;
-                Ok((mine?, theirs?.0))
+                Ok((
+                    mine.map_err(|e| at("unconditional decoder", e))?,
+                    theirs.map_err(|e| at("conditional decoder", e))?.0,
+                ))
             })?;
             t.unet_decoder += t0.elapsed();
 
