@@ -216,7 +216,9 @@ fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
                 models.len(),
                 if asynchronous { "async, threaded sessions" } else { "sync, inline" }
             );
-            assert!(e < 1e-4, "case {i}: {e}");
+            // batch-1 halves run other cuDNN/cuBLAS kernels (TF32) than one batch-2 run: the
+            // same tolerance as GPU vs CPU (the bar for fp16 SDXL is 1e-2)
+            assert!(e < 1e-3, "case {i}: {e}");
             i += 1;
         }
     }
