@@ -46,7 +46,11 @@ fn request(models: &[usize], scheduler: SchedulerKind, lora: bool, p: &Pipeline)
         })
         .collect();
     let loras = if lora {
-        vec![(p.lora(root().join("bundles/loras/tiny-lora-a.safetensors")).unwrap(), 0.8)]
+        vec![(
+            p.lora(root().join("bundles/loras/tiny-lora-a.safetensors"))
+                .unwrap(),
+            0.8,
+        )]
     } else {
         vec![]
     };
@@ -74,12 +78,19 @@ fn cn_dir() -> std::path::PathBuf {
 fn the_device_loop_matches_the_host_loop_for_0_to_3_controlnets_euler_and_euler_a() {
     let mut cpu = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cpu)).unwrap();
     let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(gpu())).unwrap();
-    let (mc, md) = (cpu.controlnet(cn_dir()).unwrap(), dev.controlnet(cn_dir()).unwrap());
+    let (mc, md) = (
+        cpu.controlnet(cn_dir()).unwrap(),
+        dev.controlnet(cn_dir()).unwrap(),
+    );
     for sched in [SchedulerKind::Euler, SchedulerKind::EulerAncestral] {
         for n in 0..=3 {
             let lora = n % 2 == 1;
-            let a = cpu.generate(&request(&vec![mc; n], sched, lora, &cpu), &mut NoObserver).unwrap();
-            let b = dev.generate(&request(&vec![md; n], sched, lora, &dev), &mut NoObserver).unwrap();
+            let a = cpu
+                .generate(&request(&vec![mc; n], sched, lora, &cpu), &mut NoObserver)
+                .unwrap();
+            let b = dev
+                .generate(&request(&vec![md; n], sched, lora, &dev), &mut NoObserver)
+                .unwrap();
             let e = rel_err(&b.image.data, &a.image.data);
             println!("{sched:?} {n} ControlNets, LoRA {lora}: relative error GPU vs CPU {e:.2e}");
             assert!(e < 1e-3, "{sched:?}, {n} ControlNets: {e}");
@@ -122,12 +133,24 @@ fn device_threaded_and_host_path_sessions_equal_the_inline_device_loop() {
         let serial = dev.generate(&r, &mut NoObserver).unwrap().image;
         let mut threaded = dev.threaded_controlnets();
         let t = dev
-            .generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, LoraPlan::Sync, Some(&mut threaded))
+            .generate_with(
+                &r,
+                &mut SeededNoise::new(r.seed),
+                &mut NoObserver,
+                LoraPlan::Sync,
+                Some(&mut threaded),
+            )
             .unwrap()
             .image;
         let mut host = HostOnly(dev.inline_controlnets());
         let h = dev
-            .generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, LoraPlan::Sync, Some(&mut host))
+            .generate_with(
+                &r,
+                &mut SeededNoise::new(r.seed),
+                &mut NoObserver,
+                LoraPlan::Sync,
+                Some(&mut host),
+            )
             .unwrap()
             .image;
         let (et, eh) = (rel_err(&t.data, &serial.data), rel_err(&h.data, &serial.data));
@@ -146,17 +169,29 @@ fn controlnets_on_other_gpus_equal_controlnets_on_the_pipelines_gpu() {
     let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cuda(0))).unwrap();
     let local = dev.controlnet(cn_dir()).unwrap();
     let remote: Vec<usize> = (0..3)
-        .map(|j| dev.controlnet_on(cn_dir(), Device::Cuda(1 + (j % (count - 1)) as i32)).unwrap())
+        .map(|j| {
+            dev.controlnet_on(cn_dir(), Device::Cuda(1 + (j % (count - 1)) as i32))
+                .unwrap()
+        })
         .collect();
     for n in 1..=3 {
         let a = dev
-            .generate(&request(&vec![local; n], SchedulerKind::Euler, false, &dev), &mut NoObserver)
+            .generate(
+                &request(&vec![local; n], SchedulerKind::Euler, false, &dev),
+                &mut NoObserver,
+            )
             .unwrap()
             .image;
         let r = request(&remote[..n], SchedulerKind::Euler, false, &dev);
         let mut threaded = dev.threaded_controlnets();
         let b = dev
-            .generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, LoraPlan::Sync, Some(&mut threaded))
+            .generate_with(
+                &r,
+                &mut SeededNoise::new(r.seed),
+                &mut NoObserver,
+                LoraPlan::Sync,
+                Some(&mut threaded),
+            )
             .unwrap()
             .image;
         let e = rel_err(&b.data, &a.data);
@@ -192,9 +227,15 @@ fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
                 early: false,
             };
             let mut threaded = dev.threaded_controlnets();
-            dev.generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, plan, Some(&mut threaded))
-                .unwrap()
-                .image
+            dev.generate_with(
+                &r,
+                &mut SeededNoise::new(r.seed),
+                &mut NoObserver,
+                plan,
+                Some(&mut threaded),
+            )
+            .unwrap()
+            .image
         } else {
             dev.generate(&r, &mut NoObserver).unwrap().image
         }
@@ -214,7 +255,11 @@ fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
             println!(
                 "split guidance, {} ControlNets, {sched:?}, LoRA {lora} ({}): relative error {e:.2e}",
                 models.len(),
-                if asynchronous { "async, threaded sessions" } else { "sync, inline" }
+                if asynchronous {
+                    "async, threaded sessions"
+                } else {
+                    "sync, inline"
+                }
             );
             // batch-1 halves run other cuDNN/cuBLAS kernels (TF32) than one batch-2 run: the
             // same tolerance as GPU vs CPU (the bar for fp16 SDXL is 1e-2)

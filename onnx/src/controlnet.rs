@@ -75,9 +75,10 @@ impl ControlNet {
 
     /// Binds this ControlNet for one job on its GPU (conditioning and image copied up once).
     pub fn bind(&mut self, cond: &Conditioning, image: &Tensor) -> Result<BoundControlNet> {
-        let kernels = self.kernels.clone().ok_or_else(|| {
-            Error::Gpu(format!("ControlNet {} does not run on a GPU", self.name()))
-        })?;
+        let kernels = self
+            .kernels
+            .clone()
+            .ok_or_else(|| Error::Gpu(format!("ControlNet {} does not run on a GPU", self.name())))?;
         let dev = MemoryInfo::new(
             AllocationDevice::CUDA,
             kernels.ordinal() as i32,
@@ -105,7 +106,12 @@ impl ControlNet {
     /// One step on a bound job: residuals in this ControlNet's GPU memory (down in skip order,
     /// then mid), valid until the next step of `b`. `latent_in` may live on another GPU of
     /// this process; it must not change until this returns.
-    pub fn run_bound(&mut self, b: &mut BoundControlNet, latent_in: &DevRef, timestep: &Tensor) -> Result<Vec<DevRef>> {
+    pub fn run_bound(
+        &mut self,
+        b: &mut BoundControlNet,
+        latent_in: &DevRef,
+        timestep: &Tensor,
+    ) -> Result<Vec<DevRef>> {
         let k = b.kernels.clone();
         let here = k.ordinal();
         let sample = if latent_in.device == here {
@@ -131,9 +137,9 @@ impl ControlNet {
         b.binding.synchronize_outputs()?;
         let mut refs = Vec::with_capacity(self.outputs.len());
         for o in &self.outputs {
-            let v = out
-                .remove(o.as_str())
-                .ok_or_else(|| Error::Gpu(format!("ControlNet {}: no output {o}", self.bundle.manifest.name)))?;
+            let v = out.remove(o.as_str()).ok_or_else(|| {
+                Error::Gpu(format!("ControlNet {}: no output {o}", self.bundle.manifest.name))
+            })?;
             refs.push(DevRef::of_value(&v, here)?);
             b.held.push(v);
         }
@@ -385,10 +391,9 @@ impl ControlService for ThreadedControlNets {
                 let mut bound: Option<BoundControlNet> = None;
                 for input in in_rx {
                     let out = match input {
-                        StepIn::Host(step, latent_in, timestep) => StepOut::Host(
-                            step,
-                            lock(&model).residuals(&latent_in, &timestep, &cond, &image),
-                        ),
+                        StepIn::Host(step, latent_in, timestep) => {
+                            StepOut::Host(step, lock(&model).residuals(&latent_in, &timestep, &cond, &image))
+                        }
                         StepIn::Device(step, latent_in, timestep) => {
                             let mut m = lock(&model);
                             let res = match bound.as_mut() {
@@ -443,7 +448,9 @@ impl ControlSession for ThreadedSession {
                 debug_assert_eq!(got, step);
                 res
             }
-            StepOut::Device(..) => Err(Error::Gpu("device residuals where host ones were asked for".into())),
+            StepOut::Device(..) => Err(Error::Gpu(
+                "device residuals where host ones were asked for".into(),
+            )),
         }
     }
 
@@ -461,7 +468,9 @@ impl ControlSession for ThreadedSession {
                 debug_assert_eq!(got, step);
                 res
             }
-            StepOut::Host(..) => Err(Error::Gpu("host residuals where device ones were asked for".into())),
+            StepOut::Host(..) => Err(Error::Gpu(
+                "host residuals where device ones were asked for".into(),
+            )),
         }
     }
 

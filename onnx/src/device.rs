@@ -114,7 +114,11 @@ impl DevTensor {
     /// Overwrites the contents from the host (same length).
     pub fn write(&mut self, k: &GpuKernels, data: &[f32]) -> Result<()> {
         if data.len() != self.len() {
-            return Err(Error::Gpu(format!("write: {} values into {}", data.len(), self.len())));
+            return Err(Error::Gpu(format!(
+                "write: {} values into {}",
+                data.len(),
+                self.len()
+            )));
         }
         k.stream.memcpy_htod(data, &mut self.buf).map_err(gpu_err)
     }

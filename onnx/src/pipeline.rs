@@ -39,10 +39,10 @@ use ort::value::DynValue;
 use ort::value::{TensorElementType, TensorRefMut};
 
 use crate::bundle::{check_compute, check_io, BaseBundle, ControlNetBundle};
-use crate::device::{gpu_err, DevRef, DevTensor};
 use crate::controlnet::{
     ControlNet, ControlService, ControlSession, InlineControlNets, SessionInit, ThreadedControlNets,
 };
+use crate::device::{gpu_err, DevRef, DevTensor};
 use crate::lora::LoraAdapter;
 use crate::noise::SeededNoise;
 use crate::runtime::{self, Device, SessionOptions};
@@ -307,7 +307,10 @@ fn peer(a: i32, b: i32) -> Result<()> {
 }
 
 /// The weight inputs the graphs take as f16 (fp16 GPU bundles).
-fn half_inputs(sessions: [&Session; 2], map: &std::collections::BTreeMap<String, crate::bundle::WeightEntry>) -> HashSet<String> {
+fn half_inputs(
+    sessions: [&Session; 2],
+    map: &std::collections::BTreeMap<String, crate::bundle::WeightEntry>,
+) -> HashSet<String> {
     sessions
         .iter()
         .flat_map(|s| s.inputs())
@@ -890,7 +893,8 @@ impl Pipeline {
                 rebind_weights(&self.weights, &mut bu, &merged)?;
             }
             let t0 = Instant::now();
-            k.scale(&latents.buf, sched.input_scale(i), &mut latent_in.buf, b).map_err(g)?;
+            k.scale(&latents.buf, sched.input_scale(i), &mut latent_in.buf, b)
+                .map_err(g)?;
             k.synchronize().map_err(g)?;
             let timestep = Tensor::new(vec![b], vec![ts; b]);
             t.scheduler += t0.elapsed();
@@ -1007,14 +1011,19 @@ impl Pipeline {
             let t0 = Instant::now();
             let pred = DevRef::of_value(&pred_v, dev)?;
             if pred.len() != b * guided.len() {
-                return Err(Error::Gpu(format!("noise_pred {:?} for latents {:?}", pred.shape, guided.shape)));
+                return Err(Error::Gpu(format!(
+                    "noise_pred {:?} for latents {:?}",
+                    pred.shape, guided.shape
+                )));
             }
             // SAFETY: `pred_v` holds the prediction until the stream is synchronised below
             unsafe {
                 if cfg {
-                    k.combine_raw(pred.ptr, req.guidance, &mut guided.buf).map_err(g)?;
+                    k.combine_raw(pred.ptr, req.guidance, &mut guided.buf)
+                        .map_err(g)?;
                 } else {
-                    k.copy_raw(guided.ptr(&k), pred.ptr, guided.len() * 4).map_err(g)?;
+                    k.copy_raw(guided.ptr(&k), pred.ptr, guided.len() * 4)
+                        .map_err(g)?;
                 }
             }
             match sched.euler_sigmas(i) {
@@ -1101,7 +1110,15 @@ impl Pipeline {
         current(&k0)?;
         let mut bu = bind_unet(unet_encoder, unet_decoder, weights, skips, &cond_u, &merged, id)?;
         current(&k1)?;
-        let mut bc = bind_unet(&h.unet_encoder, &h.unet_decoder, &h.weights, skips, &cond_c, &merged_c, h.device)?;
+        let mut bc = bind_unet(
+            &h.unet_encoder,
+            &h.unet_decoder,
+            &h.weights,
+            skips,
+            &cond_c,
+            &merged_c,
+            h.device,
+        )?;
         let in_ref = latent_in.dev_ref(&k0);
         let u_ref = DevRef {
             ptr: in_ref.ptr,
@@ -1122,17 +1139,20 @@ impl Pipeline {
             if let Some(m) = poll_lora(&mut pending, i, t)? {
                 merged = m;
                 current(&k0)?;
-                rebind_weights(weights, &mut bu, &merged).map_err(|e| at("rebinding the unconditional half", e))?;
+                rebind_weights(weights, &mut bu, &merged)
+                    .map_err(|e| at("rebinding the unconditional half", e))?;
                 merged_c = Arc::new(
                     h.weights
                         .copy_merged_from(&merged, weights)
                         .map_err(|e| at("copying the merged weights", e))?,
                 );
                 current(&k1)?;
-                rebind_weights(&h.weights, &mut bc, &merged_c).map_err(|e| at("rebinding the conditional half", e))?;
+                rebind_weights(&h.weights, &mut bc, &merged_c)
+                    .map_err(|e| at("rebinding the conditional half", e))?;
             }
             let t0 = Instant::now();
-            k0.scale(&latents.buf, sched.input_scale(i), &mut latent_in.buf, 2).map_err(g)?;
+            k0.scale(&latents.buf, sched.input_scale(i), &mut latent_in.buf, 2)
+                .map_err(g)?;
             k0.synchronize().map_err(g)?;
             // SAFETY: x_c is the second half of `latent_in`, complete after the synchronise
             unsafe { k1.copy_raw(c_ref.ptr, in_ref.ptr + (n * 4) as u64, n * 4) }.map_err(g)?;
@@ -1163,8 +1183,12 @@ impl Pipeline {
             let t0 = Instant::now();
             for (bnd, smp, k) in [(&mut bu, &sample_u, &k0), (&mut bc, &sample_c, &k1)] {
                 current(k)?;
-                bnd.enc.bind_input("sample", &**smp).map_err(|e| at("binding a half's sample", e.into()))?;
-                bnd.enc.bind_input("timestep", &*ts1.view()?).map_err(|e| at("binding a half's timestep", e.into()))?;
+                bnd.enc
+                    .bind_input("sample", &**smp)
+                    .map_err(|e| at("binding a half's sample", e.into()))?;
+                bnd.enc
+                    .bind_input("timestep", &*ts1.view()?)
+                    .map_err(|e| at("binding a half's timestep", e.into()))?;
             }
             let (vals_u, vals_c) = std::thread::scope(|sc| -> Result<(Vec<DynValue>, Vec<DynValue>)> {
                 let (hs, hb, hk) = (&mut h.unet_encoder, &mut bc, &k1);
@@ -1183,8 +1207,14 @@ impl Pipeline {
 
             let t0 = Instant::now();
             if !active.is_empty() {
-                let tu = vals_u.iter().map(|v| DevRef::of_value(v, d0)).collect::<Result<Vec<_>>>()?;
-                let tc = vals_c.iter().map(|v| DevRef::of_value(v, d1)).collect::<Result<Vec<_>>>()?;
+                let tu = vals_u
+                    .iter()
+                    .map(|v| DevRef::of_value(v, d0))
+                    .collect::<Result<Vec<_>>>()?;
+                let tc = vals_c
+                    .iter()
+                    .map(|v| DevRef::of_value(v, d1))
+                    .collect::<Result<Vec<_>>>()?;
                 for &j in &active {
                     let c = &req.controlnets[j];
                     let s = &mut sessions[j];
@@ -1213,7 +1243,11 @@ impl Pipeline {
                         )));
                     }
                     for (r, rr) in res.iter().enumerate() {
-                        let (au, ac) = if r < skips { (&tu[2 + r], &tc[2 + r]) } else { (&tu[1], &tc[1]) };
+                        let (au, ac) = if r < skips {
+                            (&tu[2 + r], &tc[2 + r])
+                        } else {
+                            (&tu[1], &tc[1])
+                        };
                         let half_n = au.len();
                         if rr.len() != 2 * half_n || ac.len() != half_n {
                             return Err(Error::InvalidRequest(format!(
@@ -1277,7 +1311,10 @@ impl Pipeline {
             let t0 = Instant::now();
             let (ru, rc) = (DevRef::of_value(&pu, d0)?, DevRef::of_value(&pc, d1)?);
             if ru.len() != n || rc.len() != n {
-                return Err(Error::Gpu(format!("noise_pred {:?} for latents {:?}", ru.shape, lat_shape)));
+                return Err(Error::Gpu(format!(
+                    "noise_pred {:?} for latents {:?}",
+                    ru.shape, lat_shape
+                )));
             }
             let p2 = pred2.ptr(&k0);
             // SAFETY: both predictions stay alive (pu, pc) until the synchronise below
@@ -1541,7 +1578,13 @@ fn rebind_weights(weights: &Weights, bu: &mut BoundUnet, merged: &MergedWeights)
 
 /// Binds weight `name`: merged if a LoRA touched it, else pristine — in place from device
 /// memory when the weights live on the GPU (no copy), else from the host.
-fn bind_weight(weights: &Weights, b: &mut IoBinding, name: &str, merged: &MergedWeights, device_id: i32) -> Result<()> {
+fn bind_weight(
+    weights: &Weights,
+    b: &mut IoBinding,
+    name: &str,
+    merged: &MergedWeights,
+    device_id: i32,
+) -> Result<()> {
     let Some(dev) = weights.device() else {
         b.bind_input(name, merged.get(weights, name))?;
         return Ok(());

@@ -391,10 +391,16 @@ impl Weights {
         let started = Instant::now();
         let (dev, sdev) = match (self.device.as_ref(), src.device.as_ref()) {
             (Some(d), Some(s)) => (d, s),
-            _ => return Err(Error::Gpu("copying merged weights needs both sets on GPUs".into())),
+            _ => {
+                return Err(Error::Gpu(
+                    "copying merged weights needs both sets on GPUs".into(),
+                ))
+            }
         };
         if !merged.merged.is_empty() {
-            return Err(Error::Gpu("the merged weights are on the host, not on a GPU".into()));
+            return Err(Error::Gpu(
+                "the merged weights are on the host, not on a GPU".into(),
+            ));
         }
         let k = &dev.kernels;
         let mut out = HashMap::new();

@@ -120,7 +120,7 @@ fn cond_image(size: usize, seed: u64) -> Tensor {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            if s % 16 == 0 {
+            if s.is_multiple_of(16) {
                 1.0
             } else {
                 0.0
@@ -145,7 +145,10 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
     let max_c = configs.iter().map(|c| c.0).max().unwrap_or(0);
     let max_l = configs.iter().map(|c| c.1).max().unwrap_or(0);
     if max_l > a.loras.len() {
-        bail!("a configuration takes {max_l} LoRAs, --loras gives {}", a.loras.len());
+        bail!(
+            "a configuration takes {max_l} LoRAs, --loras gives {}",
+            a.loras.len()
+        );
     }
     if max_c > 0 && a.controlnet.is_none() {
         bail!("a configuration takes ControlNets: pass --controlnet");
@@ -259,9 +262,13 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
                 }
             };
             let mut threaded = pipe.threaded_controlnets();
-            let control: Option<&mut dyn katz_onnx::controlnet::ControlService> =
-                if parallel && nc > 0 { Some(&mut threaded) } else { None };
-            let out = pipe.generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, plan, control)?;
+            let control: Option<&mut dyn katz_onnx::controlnet::ControlService> = if parallel && nc > 0 {
+                Some(&mut threaded)
+            } else {
+                None
+            };
+            let out =
+                pipe.generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, plan, control)?;
             Ok(Run {
                 parse,
                 e2e: started.elapsed(),
@@ -315,7 +322,18 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
     };
     println!(
         "{:<7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>10} {:>10} {:>7}",
-        "config", "text enc", "LoRA in", "CN/step", "UNet/st", "step", "VAE", "TFLOP/s", "e2e", "diffusers", "ratio", "MFU"
+        "config",
+        "text enc",
+        "LoRA in",
+        "CN/step",
+        "UNet/st",
+        "step",
+        "VAE",
+        "TFLOP/s",
+        "e2e",
+        "diffusers",
+        "ratio",
+        "MFU"
     );
     for r in &mut rows {
         let name = r["config"].as_str().unwrap_or_default().to_string();
