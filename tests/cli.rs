@@ -313,6 +313,24 @@ fn a_gpu_that_cannot_be_used_is_an_error_not_a_cpu_fallback() {
 }
 
 #[test]
+fn gpu_placement_flags_are_refused_clearly_where_they_cannot_apply() {
+    let d = tmp("placement");
+    fails_with(
+        &generate(&["--split-guidance", "cuda:1"], &d.join("x.png")),
+        "split guidance needs two GPUs, got cpu and cuda:1",
+    );
+    fails_with(
+        &katz(&["worker", "--split-guidance", "cuda:1"]),
+        "needs the worker on one GPU",
+    );
+    fails_with(
+        &katz(&["worker", "--controlnet-device", "cuda:1"]),
+        "ControlNets go to GPUs when the base runs on one",
+    );
+    assert!(!d.join("x.png").exists());
+}
+
+#[test]
 fn missing_onnx_runtime_names_the_fix() {
     let out = Command::new(env!("CARGO_BIN_EXE_katz"))
         .args(["demo", "--steps", "1", "--output", "/dev/null"])

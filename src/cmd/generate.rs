@@ -128,6 +128,12 @@ pub struct GenerateArgs {
     /// A ControlNet: BUNDLE=IMAGE[:SCALE[:START:END]] (repeatable; the image must have the request's size).
     #[arg(long = "controlnet")]
     pub controlnets: Vec<ControlNetSpec>,
+    /// GPUs for the ControlNets (cuda:1,cuda:2): ControlNet j on entry j mod len [default: --device]
+    #[arg(long = "controlnet-device", value_delimiter = ',')]
+    pub controlnet_devices: Vec<katz_onnx::runtime::Device>,
+    /// Latent parallelism: the conditional guidance half on this second GPU (e.g. cuda:1).
+    #[arg(long)]
+    pub split_guidance: Option<katz_onnx::runtime::Device>,
     /// A LoRA in the diffusers/peft safetensors layout: FILE[:SCALE] (repeatable).
     #[arg(long = "lora")]
     pub loras: Vec<LoraSpec>,
@@ -150,10 +156,17 @@ pub fn build_request(pipe: &mut Pipeline, a: &GenerateArgs) -> anyhow::Result<Re
         bail!("size {width}x{height}: width and height must be positive multiples of {f}");
     }
     let mut controlnets = Vec::new();
-    for c in &a.controlnets {
-        let model = pipe
-            .controlnet(&c.bundle)
-            .with_context(|| format!("ControlNet {}", c.bundle.display()))?;
+    for (j, c) in a.controlnets.iter().enumerate() {
+        let placed = a
+            .controlnet_devices
+            .get(j % a.controlnet_devices.len().max(1))
+            .copied()
+            .filter(|d| *d != a.device.device);
+        let model = match placed {
+            Some(d) => pipe.controlnet_on(&c.bundle, d),
+            None => pipe.controlnet(&c.bundle),
+        }
+        .with_context(|| format!("ControlNet {}", c.bundle.display()))?;
         let image = read_conditioning(&c.image, (width, height))?;
         controlnets.push(ControlRequest {
             model,
@@ -189,6 +202,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut pipe = Pipeline::load(&a.bundle, a.device.session_options())
         .map_err(|e| anyhow!(e))
         .with_context(|| format!("loading bundle {}", a.bundle.display()))?;
+    if let Some(d) = a.split_guidance {
+        pipe.split_guidance(d)?;
+    }
     let req = build_request(&mut pipe, &a)?;
     pipe.validate(&req)?;
     let cfg = lora_args::config(PathBuf::new(), &a.lora, &Default::default(), &Default::default())?;

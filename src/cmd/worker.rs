@@ -13,6 +13,7 @@ use katz_actors::controlnet::{LocalMode, RemoteConfig, RemoteModel};
 use katz_actors::pipeline::Models;
 use katz_actors::protocol::Limits;
 use katz_actors::worker::{self, WorkerConfig};
+use katz_onnx::runtime::Device;
 use serde::Deserialize;
 
 use super::lora_args::{self, LoraArgs, LoraFile, LoraStoreArgs};
@@ -43,9 +44,16 @@ pub struct WorkerArgs {
         value_delimiter = ','
     )]
     pub controlnet_services: Vec<String>,
-    /// How hosted ControlNets run: serial, or parallel (a thread each, overlapping the UNet) [default: parallel]
+    /// How hosted ControlNets run: serial, or parallel (a thread each, overlapping the UNet)
+    /// [default: parallel; serial when they share the base's GPU, where threads only contend]
     #[arg(long, env = "KATZ_CONTROLNET_MODE")]
     pub controlnet_mode: Option<LocalMode>,
+    /// GPUs for the hosted ControlNets (cuda:1,cuda:2): ControlNet j on entry j mod len [default: the base's device]
+    #[arg(long = "controlnet-device", env = "KATZ_CONTROLNET_DEVICES", value_delimiter = ',')]
+    pub controlnet_devices: Vec<Device>,
+    /// Latent parallelism: run the conditional guidance half on this second GPU (e.g. cuda:1)
+    #[arg(long, env = "KATZ_SPLIT_GUIDANCE")]
+    pub split_guidance: Option<Device>,
     /// Longest wait for one step of a remote ControlNet before its session moves to another worker [default: 30000]
     #[arg(long, env = "KATZ_CONTROLNET_STEP_TIMEOUT_MS")]
     pub controlnet_step_timeout_ms: Option<u64>,
@@ -98,6 +106,9 @@ pub struct WorkerFile {
     #[serde(default)]
     pub controlnet_services: Vec<String>,
     pub controlnet_mode: Option<String>,
+    #[serde(default)]
+    pub controlnet_devices: Vec<String>,
+    pub split_guidance: Option<String>,
     pub controlnet_step_timeout_ms: Option<u64>,
     pub controlnet_retries: Option<u32>,
     pub queue: Option<String>,
@@ -164,15 +175,55 @@ pub fn config(mut a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     if let Some(r) = a.controlnet_retries.or(file.controlnet_retries) {
         remote.retries = r;
     }
+    let controlnet_devices: Vec<Device> = if a.controlnet_devices.is_empty() {
+        file.controlnet_devices
+            .iter()
+            .map(|d| d.parse())
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?
+    } else {
+        a.controlnet_devices
+    };
+    let split_guidance = match a.split_guidance {
+        Some(d) => Some(d),
+        None => file
+            .split_guidance
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+    };
+    if let Some(d) = split_guidance {
+        if !a.device.device.is_gpu() || !d.is_gpu() || d == a.device.device {
+            anyhow::bail!(
+                "--split-guidance {d} needs the worker on one GPU (--device cuda:N) and this on another, got --device {}",
+                a.device.device
+            );
+        }
+    }
+    if controlnet_devices.iter().any(|d| d.is_gpu() != a.device.device.is_gpu()) {
+        anyhow::bail!(
+            "--controlnet-device {:?}: ControlNets go to GPUs when the base runs on one (--device {}), and stay on the CPU otherwise",
+            controlnet_devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            a.device.device
+        );
+    }
+    // threads overlapping the UNet only pay where the ControlNets have processors of their own
+    let shares_gpu = a.device.device.is_gpu()
+        && (controlnet_devices.is_empty() || controlnet_devices.contains(&a.device.device));
     let controlnet_mode = match a.controlnet_mode {
         Some(m) => m,
-        None => file
+        None => match file
             .controlnet_mode
             .as_deref()
             .map(str::parse)
             .transpose()
             .map_err(anyhow::Error::msg)?
-            .unwrap_or_default(),
+        {
+            Some(m) => m,
+            None if shares_gpu => LocalMode::Serial,
+            None => LocalMode::default(),
+        },
     };
     let controlnet_services = if a.controlnet_services.is_empty() {
         file.controlnet_services
@@ -204,6 +255,8 @@ pub fn config(mut a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
             },
             controlnet_mode,
             controlnet_services,
+            controlnet_devices,
+            split_guidance,
             remote: Some(remote),
         },
         queue: a.queue.or(file.queue),

@@ -49,6 +49,11 @@ pub struct Models {
     pub controlnet_services: Vec<RemoteModel>,
     /// How to reach them (needed when `controlnet_services` is not empty).
     pub remote: Option<RemoteConfig>,
+    /// GPUs for the hosted ControlNets: ControlNet j runs on entry j mod len (empty: the base's
+    /// device). Residuals come back by peer copy (docs/gpu.md).
+    pub controlnet_devices: Vec<katz_onnx::runtime::Device>,
+    /// Latent parallelism: the conditional guidance half on this second GPU.
+    pub split_guidance: Option<katz_onnx::runtime::Device>,
 }
 
 impl Models {
@@ -67,6 +72,8 @@ impl Models {
             controlnet_mode: LocalMode::default(),
             controlnet_services: Vec::new(),
             remote: None,
+            controlnet_devices: Vec::new(),
+            split_guidance: None,
         }
     }
 }
@@ -87,10 +94,21 @@ impl PipelineActor {
     pub fn load(models: &Models, shared: Option<Arc<Weights>>) -> katz_onnx::Result<Self> {
         let mut pipe = Pipeline::load_sharing(&models.base, models.session.clone(), shared)?;
         let mut controlnets = HashMap::new();
-        for dir in &models.controlnets {
-            let idx = pipe.controlnet(dir)?;
+        for (j, dir) in models.controlnets.iter().enumerate() {
+            let device = models
+                .controlnet_devices
+                .get(j % models.controlnet_devices.len().max(1))
+                .copied()
+                .filter(|d| *d != models.session.device);
+            let idx = match device {
+                Some(d) => pipe.controlnet_on(dir, d)?,
+                None => pipe.controlnet(dir)?,
+            };
             let name = pipe_controlnet_name(dir)?;
             controlnets.insert(name, idx);
+        }
+        if let Some(d) = models.split_guidance {
+            pipe.split_guidance(d)?;
         }
         if !models.controlnet_services.is_empty() && models.remote.is_none() {
             return Err(katz_onnx::Error::ControlNet(
