@@ -12,6 +12,7 @@
 
 pub mod cuda;
 pub mod guidance;
+pub mod ipc;
 pub mod lora;
 pub mod residual;
 
