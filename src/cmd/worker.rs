@@ -49,7 +49,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "KATZ_CONTROLNET_MODE")]
     pub controlnet_mode: Option<LocalMode>,
     /// GPUs for the hosted ControlNets (cuda:1,cuda:2): ControlNet j on entry j mod len [default: the base's device]
-    #[arg(long = "controlnet-device", env = "KATZ_CONTROLNET_DEVICES", value_delimiter = ',')]
+    #[arg(
+        long = "controlnet-device",
+        env = "KATZ_CONTROLNET_DEVICES",
+        value_delimiter = ','
+    )]
     pub controlnet_devices: Vec<Device>,
     /// Latent parallelism: run the conditional guidance half on this second GPU (e.g. cuda:1)
     #[arg(long, env = "KATZ_SPLIT_GUIDANCE")]
@@ -201,7 +205,10 @@ pub fn config(mut a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
             );
         }
     }
-    if controlnet_devices.iter().any(|d| d.is_gpu() != a.device.device.is_gpu()) {
+    if controlnet_devices
+        .iter()
+        .any(|d| d.is_gpu() != a.device.device.is_gpu())
+    {
         anyhow::bail!(
             "--controlnet-device {:?}: ControlNets go to GPUs when the base runs on one (--device {}), and stay on the CPU otherwise",
             controlnet_devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
