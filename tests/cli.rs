@@ -327,6 +327,14 @@ fn gpu_placement_flags_are_refused_clearly_where_they_cannot_apply() {
         &katz(&["worker", "--controlnet-device", "cuda:1"]),
         "ControlNets go to GPUs when the base runs on one",
     );
+    fails_with(
+        &katz(&["worker", "--controlnet-transport", "cuda-ipc"]),
+        "cuda-ipc needs the worker on a GPU",
+    );
+    fails_with(
+        &katz(&["worker", "--controlnet-transport", "carrier-pigeon"]),
+        "must be redis or cuda-ipc",
+    );
     assert!(!d.join("x.png").exists());
 }
 

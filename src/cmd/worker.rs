@@ -61,6 +61,10 @@ pub struct WorkerArgs {
     /// Longest wait for one step of a remote ControlNet before its session moves to another worker [default: 30000]
     #[arg(long, env = "KATZ_CONTROLNET_STEP_TIMEOUT_MS")]
     pub controlnet_step_timeout_ms: Option<u64>,
+    /// How remote ControlNet sessions move tensors: redis (any host), or cuda-ipc (a GPU worker and
+    /// ControlNet workers on GPUs of this host; handles travel through Redis, tensors stay on the GPUs) [default: redis]
+    #[arg(long, env = "KATZ_CONTROLNET_TRANSPORT")]
+    pub controlnet_transport: Option<String>,
     /// Remote ControlNet sessions opened again after a timeout before the job fails [default: 2]
     #[arg(long, env = "KATZ_CONTROLNET_RETRIES")]
     pub controlnet_retries: Option<u32>,
@@ -115,6 +119,7 @@ pub struct WorkerFile {
     pub split_guidance: Option<String>,
     pub controlnet_step_timeout_ms: Option<u64>,
     pub controlnet_retries: Option<u32>,
+    pub controlnet_transport: Option<String>,
     pub queue: Option<String>,
     pub concurrency: Option<usize>,
     pub lookahead: Option<usize>,
@@ -179,6 +184,20 @@ pub fn config(mut a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     if let Some(r) = a.controlnet_retries.or(file.controlnet_retries) {
         remote.retries = r;
     }
+    remote.ipc = match a
+        .controlnet_transport
+        .or(file.controlnet_transport)
+        .as_deref()
+        .unwrap_or("redis")
+    {
+        "redis" => false,
+        "cuda-ipc" if a.device.device.is_gpu() => true,
+        "cuda-ipc" => anyhow::bail!(
+            "--controlnet-transport cuda-ipc needs the worker on a GPU (--device cuda:N), got --device {}",
+            a.device.device
+        ),
+        t => anyhow::bail!("--controlnet-transport must be redis or cuda-ipc, got `{t}`"),
+    };
     let controlnet_devices: Vec<Device> = if a.controlnet_devices.is_empty() {
         file.controlnet_devices
             .iter()

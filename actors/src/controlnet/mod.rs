@@ -10,6 +10,7 @@
 //!                              └ step timeout → another session → … → job fails, named   → RPUSH out
 //! ```
 
+pub mod ipc;
 pub mod remote;
 pub mod wire;
 pub mod worker;

@@ -11,17 +11,22 @@
 //!        `retries` times, then the job fails naming the ControlNet and the step
 //! close: RPUSH an empty payload (the worker ends the session), DEL the keys; TTLs catch the rest
 //! ```
+//!
+//! With `RemoteConfig::ipc` (a GPU base, ControlNet workers on GPUs of the same host) the step
+//! messages carry CUDA IPC handles instead of tensors (`super::ipc`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use katz_onnx::controlnet::{ControlService, ControlSession, SessionInit};
+use katz_onnx::device::DevRef;
 use katz_onnx::pipeline::ControlRequest;
 use katz_onnx::tensor::Tensor;
 use katz_onnx::{Error, Result};
 
-use super::wire::{self, controlnet_queue, SessionOpen, SESSION_VERSION};
+use super::ipc::BaseIpc;
+use super::wire::{self, controlnet_queue, IpcResiduals, SessionOpen, SESSION_VERSION};
 use crate::topology;
 
 /// How the base worker reaches remote ControlNets.
@@ -35,6 +40,8 @@ pub struct RemoteConfig {
     pub retries: u32,
     /// Lifetime of every Redis key of a session (refreshed at each step).
     pub ttl: Duration,
+    /// Steps by CUDA IPC (GPU base, ControlNet workers on GPUs of this host) instead of Redis.
+    pub ipc: bool,
 }
 
 impl RemoteConfig {
@@ -45,6 +52,7 @@ impl RemoteConfig {
             step_timeout: Duration::from_secs(30),
             retries: 2,
             ttl: Duration::from_secs(300),
+            ipc: false,
         }
     }
 }
@@ -194,6 +202,8 @@ pub struct RemoteSession {
     last: Option<(usize, Vec<u8>)>,
     cfg: RemoteConfig,
     closed: bool,
+    /// The CUDA IPC side (made at the first device step).
+    ipc: Option<BaseIpc>,
 }
 
 impl ControlService for RemoteControlNets {
@@ -231,6 +241,7 @@ impl ControlService for RemoteControlNets {
             last: None,
             cfg: self.cfg.clone(),
             closed: false,
+            ipc: None,
         };
         s.start()?;
         Ok(Box::new(s))
@@ -254,6 +265,7 @@ impl RemoteSession {
             session: self.id.clone(),
             model: self.model.clone(),
             job: self.job.clone(),
+            ipc: self.cfg.ipc.then(wire::host_identity),
         };
         self.publisher.publish(&self.model, &self.queue, &open)?;
         tracing::debug!(session = %self.id, model = %self.model, attempt = self.attempt, "ControlNet session opened");
@@ -295,6 +307,63 @@ impl ControlSession for RemoteSession {
     }
 
     fn recv(&mut self, step: usize) -> Result<Vec<Tensor>> {
+        self.wait(step, wire::decode)
+    }
+
+    fn on_device(&self) -> bool {
+        self.cfg.ipc
+    }
+
+    fn send_device(&mut self, step: usize, latent_in: &DevRef, timestep: &Tensor) -> Result<()> {
+        if self.ipc.is_none() {
+            self.ipc = Some(BaseIpc::new(latent_in.device)?);
+        }
+        let m = self
+            .ipc
+            .as_mut()
+            .expect("made above")
+            .step(step, latent_in, timestep)?;
+        let payload = wire::encode_ipc(&m);
+        self.push(&payload)?;
+        self.last = Some((step, payload));
+        Ok(())
+    }
+
+    fn recv_device(&mut self, step: usize) -> Result<Vec<DevRef>> {
+        let r: IpcResiduals = self.wait(step, |bytes| match wire::decode_ipc::<IpcResiduals>(bytes) {
+            Some(Ok(r)) => Ok((r.step, r)),
+            Some(Err(e)) => Err(e),
+            None => Err("the worker answered with tensors, not CUDA IPC handles".into()),
+        })?;
+        self.ipc
+            .as_mut()
+            .ok_or_else(|| cn_err("CUDA IPC residuals before any IPC step".into()))?
+            .residuals(&r)
+            .map_err(|e| cn_err(format!("ControlNet {} step {step}: {e}", self.model)))
+    }
+
+    fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let _ = self.push(&[]);
+        let _ = redis::cmd("DEL")
+            .arg(wire::init_key(&self.id))
+            .arg(wire::out_key(&self.id))
+            .query::<()>(&mut self.conn);
+    }
+}
+
+impl RemoteSession {
+    /// Waits for step `step`'s answer (`parse` gives its step and contents); after a step
+    /// timeout the session moves to another worker and the step is sent again, at most
+    /// `retries` times.
+    fn wait<T>(
+        &mut self,
+        step: usize,
+        parse: impl Fn(&[u8]) -> std::result::Result<(u64, T), String>,
+    ) -> Result<T> {
         let started = Instant::now();
         loop {
             let got: Option<(String, Vec<u8>)> = redis::cmd("BLPOP")
@@ -303,10 +372,10 @@ impl ControlSession for RemoteSession {
                 .query(&mut self.conn)
                 .map_err(|e| cn_err(format!("Redis: waiting for ControlNet residuals: {e}")))?;
             if let Some((_, bytes)) = got {
-                let (s, tensors) =
-                    wire::decode(&bytes).map_err(|e| cn_err(format!("ControlNet {}: {e}", self.model)))?;
+                let (s, out) =
+                    parse(&bytes).map_err(|e| cn_err(format!("ControlNet {}: {e}", self.model)))?;
                 if s as usize == step {
-                    return Ok(tensors);
+                    return Ok(out);
                 }
                 continue; // a late answer of an earlier step
             }
@@ -333,18 +402,6 @@ impl ControlSession for RemoteSession {
             debug_assert_eq!(last_step, step);
             self.push(&payload)?;
         }
-    }
-
-    fn close(&mut self) {
-        if self.closed {
-            return;
-        }
-        self.closed = true;
-        let _ = self.push(&[]);
-        let _ = redis::cmd("DEL")
-            .arg(wire::init_key(&self.id))
-            .arg(wire::out_key(&self.id))
-            .query::<()>(&mut self.conn);
     }
 }
 

@@ -10,6 +10,10 @@
 //!
 //! Tensors are raw little-endian f32 with a shape header:
 //! `b"KZT1" | u64 step | u32 count | count × (u32 ndim | ndim × u64 dim) | the data, in order`.
+//!
+//! With the CUDA IPC transport (`SessionOpen::ipc`) the `in` and `out` lists carry `b"KZI1"` +
+//! msgpack [`IpcStep`] / [`IpcResiduals`] instead: IPC handles of device buffers and events, shapes,
+//! the timestep — the tensors themselves stay in GPU memory (docs/controlnet.md).
 
 use katz_onnx::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -41,6 +45,66 @@ pub struct SessionOpen {
     pub model: String,
     /// The job it serves (for logs).
     pub job: String,
+    /// Steps travel by CUDA IPC (the base's host identity; a worker elsewhere refuses).
+    #[serde(default)]
+    pub ipc: Option<String>,
+}
+
+/// Prefix of the CUDA IPC transport's step messages.
+pub const IPC_MAGIC: &[u8; 4] = b"KZI1";
+
+/// A step's input by CUDA IPC: the base's latent buffer and the event recorded after writing it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IpcStep {
+    pub step: u64,
+    /// The base's host identity (hostname and boot id): IPC handles only open on that host.
+    pub host: String,
+    /// The GPU the latent lives on (the base's ordinal).
+    pub device: u32,
+    /// Hex IPC handles of the latent buffer and of its event.
+    pub buffer: String,
+    pub event: String,
+    pub shape: Vec<u64>,
+    pub timestep: Vec<f32>,
+}
+
+/// A step's residuals by CUDA IPC: the ControlNet worker's buffer (residuals back to back, down…
+/// then mid) and the event recorded after writing it — or why IPC cannot be used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IpcResiduals {
+    pub step: u64,
+    pub error: Option<String>,
+    pub device: u32,
+    pub buffer: String,
+    pub event: String,
+    pub shapes: Vec<Vec<u64>>,
+}
+
+/// `KZI1` + msgpack of `m`.
+pub fn encode_ipc<T: Serialize>(m: &T) -> Vec<u8> {
+    let mut out = IPC_MAGIC.to_vec();
+    out.extend(rmp_serde::to_vec_named(m).expect("an IPC message always encodes"));
+    out
+}
+
+/// The message of an IPC payload; `None` when the payload is not one (`KZT1` tensors).
+pub fn decode_ipc<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<Result<T, String>> {
+    let body = bytes.strip_prefix(IPC_MAGIC.as_slice())?;
+    Some(rmp_serde::from_slice(body).map_err(|e| format!("bad CUDA IPC message: {e}")))
+}
+
+/// This host's identity for CUDA IPC: hostname and boot id (a handle opens only on its host).
+pub fn host_identity() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "{}/{}",
+        read("/proc/sys/kernel/hostname"),
+        read("/proc/sys/kernel/random/boot_id")
+    )
 }
 
 impl SessionOpen {
@@ -186,8 +250,44 @@ mod tests {
             session: "s".into(),
             model: "m".into(),
             job: "j".into(),
+            ipc: None,
         };
         assert_eq!(SessionOpen::decode(&open.encode()).unwrap(), open);
         assert!(SessionOpen::decode(b"\x01").is_err());
+        // an open without the ipc field (an older base) still decodes
+        #[derive(Serialize)]
+        struct Old {
+            v: u32,
+            session: String,
+            model: String,
+            job: String,
+        }
+        let old = rmp_serde::to_vec_named(&Old {
+            v: SESSION_VERSION,
+            session: "s".into(),
+            model: "m".into(),
+            job: "j".into(),
+        })
+        .unwrap();
+        assert_eq!(SessionOpen::decode(&old).unwrap(), open);
+    }
+
+    #[test]
+    fn ipc_messages_round_trip_and_are_told_from_tensors() {
+        let m = IpcStep {
+            step: 3,
+            host: host_identity(),
+            device: 1,
+            buffer: "ab".repeat(64),
+            event: "cd".repeat(64),
+            shape: vec![2, 4, 8, 8],
+            timestep: vec![999.0, 999.0],
+        };
+        let bytes = encode_ipc(&m);
+        assert_eq!(decode_ipc::<IpcStep>(&bytes).unwrap().unwrap(), m);
+        let t = Tensor::new(vec![1], vec![1.0]);
+        assert!(decode_ipc::<IpcStep>(&encode(0, &[&t])).is_none());
+        assert!(decode_ipc::<IpcResiduals>(b"KZI1\x01").unwrap().is_err());
+        assert!(host_identity().contains('/'));
     }
 }

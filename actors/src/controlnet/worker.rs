@@ -6,6 +6,8 @@
 //!        GET katz:cn:<s>:init (gone: the base abandoned it → done) → cond, image
 //!        loop: BLPOP katz:cn:<s>:in (idle timeout) → empty: closed → done
 //!              residuals(latent_in, t) → RPUSH katz:cn:<s>:out + EXPIRE
+//!              (a CUDA IPC step: map the base's latent, run on this GPU, answer with the
+//!              handles of the residual buffer — super::ipc)
 //!    ◀── done: ack the open (a worker killed mid-session leaves it unacked: redelivered, and the
 //!        base's retry has already moved the job to another session)
 //! ```
@@ -25,7 +27,8 @@ use katz_onnx::text::Conditioning;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 
-use super::wire::{self, controlnet_queue, SessionOpen};
+use super::ipc::WorkerIpc;
+use super::wire::{self, controlnet_queue, IpcStep, SessionOpen};
 use crate::topology;
 
 #[derive(Debug, Clone)]
@@ -104,8 +107,10 @@ impl Handler<RunSession> for SessionActor {
             pooled,
             time_ids,
         };
-        tracing::info!(model = %self.cn.name(), "session started");
+        tracing::info!(model = %self.cn.name(), ipc = m.open.ipc.is_some(), "session started");
         let mut steps = 0;
+        // the CUDA IPC side (mappings, the residual buffer), freed when the session ends
+        let mut ipc: Option<WorkerIpc> = None;
         loop {
             let got: Option<(String, Vec<u8>)> = redis::cmd("BLPOP")
                 .arg(wire::in_key(s))
@@ -121,6 +126,21 @@ impl Handler<RunSession> for SessionActor {
                 return Ok(SessionEnd::Closed { steps });
             }
             let t0 = Instant::now();
+            if let Some(m) = wire::decode_ipc::<IpcStep>(&payload) {
+                let m = m?;
+                let r = WorkerIpc::serve(&mut ipc, &mut self.cn, &cond, &image, &m);
+                if let Some(e) = &r.error {
+                    tracing::warn!(step = m.step, error = %e, "CUDA IPC step refused");
+                }
+                self.reply(&mut conn, s, wire::encode_ipc(&r))?;
+                steps += 1;
+                tracing::debug!(
+                    step = m.step,
+                    ms = t0.elapsed().as_secs_f64() * 1e3,
+                    "residuals sent (CUDA IPC)"
+                );
+                continue;
+            }
             let (step, inputs) = wire::decode(&payload)?;
             let [latent_in, timestep]: [Tensor; 2] = inputs
                 .try_into()
@@ -130,21 +150,27 @@ impl Handler<RunSession> for SessionActor {
                 .residuals(&latent_in, &timestep, &cond, &image)
                 .map_err(|e| format!("ControlNet step {step}: {e}"))?;
             let refs: Vec<&Tensor> = res.iter().collect();
-            let out = wire::encode(step, &refs);
-            redis::pipe()
-                .cmd("RPUSH")
-                .arg(wire::out_key(s))
-                .arg(out)
-                .ignore()
-                .cmd("EXPIRE")
-                .arg(wire::out_key(s))
-                .arg(self.ttl.as_secs().max(1))
-                .ignore()
-                .query::<()>(&mut conn)
-                .map_err(|e| format!("Redis: {e}"))?;
+            self.reply(&mut conn, s, wire::encode(step, &refs))?;
             steps += 1;
             tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1e3, "residuals sent");
         }
+    }
+}
+
+impl SessionActor {
+    /// RPUSH a step's answer to the session's `out` list (with its TTL).
+    fn reply(&self, conn: &mut redis::Connection, session: &str, out: Vec<u8>) -> Result<(), String> {
+        redis::pipe()
+            .cmd("RPUSH")
+            .arg(wire::out_key(session))
+            .arg(out)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(wire::out_key(session))
+            .arg(self.ttl.as_secs().max(1))
+            .ignore()
+            .query::<()>(conn)
+            .map_err(|e| format!("Redis: {e}"))
     }
 }
 
