@@ -14,7 +14,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn katz(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_katz"))
+    Command::new(katz_bin())
         .args(args)
         .current_dir(root())
         .output()
@@ -340,7 +340,7 @@ fn gpu_placement_flags_are_refused_clearly_where_they_cannot_apply() {
 
 #[test]
 fn missing_onnx_runtime_names_the_fix() {
-    let out = Command::new(env!("CARGO_BIN_EXE_katz"))
+    let out = Command::new(katz_bin())
         .args(["demo", "--steps", "1", "--output", "/dev/null"])
         .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
         .current_dir(root())

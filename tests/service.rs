@@ -36,7 +36,7 @@ impl Worker {
     fn start(queue: &str, name: &str, extra: &[&str]) -> Worker {
         let log = std::env::temp_dir().join(format!("katz-test-{}-{name}.log", std::process::id()));
         let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_katz"))
+        let child = Command::new(katz_bin())
             .args(["worker", "--queue", queue, "--name", name, "--threads", "1"])
             .args(extra)
             .env("KATZ_LOG", "info,ort=warn")
@@ -375,10 +375,7 @@ fn cancel_stops_a_running_job_at_a_step_boundary() {
             r.get("status").map(String::as_str) == Some("running")
         })
         .await;
-        let out = Command::new(env!("CARGO_BIN_EXE_katz"))
-            .args(["cancel", &j.id])
-            .output()
-            .unwrap();
+        let out = Command::new(katz_bin()).args(["cancel", &j.id]).output().unwrap();
         assert!(out.status.success());
         let r = bus.wait_final(&j.id, Duration::from_secs(30)).await;
         assert_eq!(r["status"], "cancelled", "{r:?}");
@@ -710,7 +707,7 @@ fn the_readme_service_path_submit_wait_status() {
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("out.png");
         let katz = |args: &[&str]| {
-            Command::new(env!("CARGO_BIN_EXE_katz"))
+            Command::new(katz_bin())
                 .args(args)
                 .current_dir(root())
                 .output()
@@ -761,7 +758,7 @@ fn the_readme_service_path_submit_wait_status() {
 /// Runs `katz generate` for a job's parameters (LoRAs from `store`); returns the PNG.
 fn generate_png(j: &Job, store: &std::path::Path, extra: &[&str]) -> Vec<u8> {
     let out = std::env::temp_dir().join(format!("katz-gen-{}-{}.png", j.id, std::process::id()));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_katz"));
+    let mut cmd = Command::new(katz_bin());
     cmd.current_dir(root()).args([
         "generate",
         "--bundle",
@@ -907,7 +904,7 @@ fn a_slow_lora_store_delays_the_first_step_in_sync_mode_only() {
 fn cn_worker(name: &str, extra: &[&str]) -> Worker {
     let log = std::env::temp_dir().join(format!("katz-test-{}-{name}.log", std::process::id()));
     let f = std::fs::File::create(&log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_katz"))
+    let child = Command::new(katz_bin())
         .args([
             "controlnet-worker",
             "--bundle",
@@ -946,7 +943,7 @@ fn with_controlnets(j: &mut Job, n: usize) {
 /// `katz generate` with the job's ControlNets in-process.
 fn generate_with_controlnets(j: &Job) -> Vec<u8> {
     let out = std::env::temp_dir().join(format!("katz-gen-{}-{}.png", j.id, std::process::id()));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_katz"));
+    let mut cmd = Command::new(katz_bin());
     cmd.current_dir(root()).args([
         "generate",
         "--bundle",

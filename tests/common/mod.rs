@@ -12,6 +12,14 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
+/// The `katz` binary the tests run: `KATZ_BIN` where the test binary runs on another machine
+/// than the one that built it (the GPU host), else cargo's.
+pub fn katz_bin() -> PathBuf {
+    std::env::var_os("KATZ_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_katz")))
+}
+
 /// One test body for every device: KATZ_TEST_DEVICE=cuda:0 runs it on the GPU.
 pub fn test_options() -> SessionOptions {
     let device = std::env::var("KATZ_TEST_DEVICE")
