@@ -1,6 +1,6 @@
 //! `katz bench controlnet`: per-step time of the pipeline with 0…3 ControlNets, run in-process
 //! serially, in-process in parallel (threads overlapping the UNet encoder), and as a service over
-//! RabbitMQ + Redis (`katz controlnet-worker` processes it starts); plus the Redis transport's own
+//! RabbitMQ + Redis or CUDA IPC (`katz controlnet-worker` processes it starts); plus the Redis transport's own
 //! cost per step (a loopback of the real payload sizes, no model).
 //!
 //! ```text
@@ -34,8 +34,13 @@ pub struct ControlNetBenchArgs {
     pub size: usize,
     #[arg(long, value_delimiter = ',', default_value = "0,1,2,3")]
     pub counts: Vec<usize>,
+    /// serial, parallel, inline, redis (service over Redis), ipc (service over CUDA IPC: a GPU
+    /// pipeline and the ControlNet worker on `--worker-device`).
     #[arg(long, value_delimiter = ',', default_value = "serial,parallel,redis")]
     pub modes: Vec<String>,
+    /// Device of the `katz controlnet-worker` the service modes start [default: --device].
+    #[arg(long)]
+    pub worker_device: Option<katz_onnx::runtime::Device>,
     /// Timed runs per configuration (after one warm-up).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
@@ -123,9 +128,25 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
     );
     let mut workers: Vec<Kill> = Vec::new();
     let mut remote: Option<RemoteControlNets> = None;
+    let mut remote_ipc: Option<RemoteControlNets> = None;
     let mut rows = Vec::new();
+    if a.modes.iter().any(|m| m == "ipc") && !a.device.device.is_gpu() {
+        bail!(
+            "mode ipc needs the pipeline on a GPU (--device cuda:N) and the worker on one (--worker-device)"
+        );
+    }
     for mode in &a.modes {
-        if mode == "redis" && remote.is_none() {
+        if mode == "ipc" && remote_ipc.is_none() {
+            let mut cfg = RemoteConfig::new(a.amqp.clone(), a.redis.clone());
+            cfg.step_timeout = Duration::from_secs(30);
+            cfg.ipc = true;
+            remote_ipc = Some(RemoteControlNets::new(
+                cfg,
+                vec!["tiny-sdxl-controlnet".parse().map_err(anyhow::Error::msg)?],
+                rt.handle().clone(),
+            )?);
+        }
+        if (mode == "redis" || mode == "ipc") && workers.is_empty() {
             let exe = std::env::current_exe()?;
             let max = *a.counts.iter().max().unwrap_or(&1);
             workers.push(Kill(
@@ -144,13 +165,15 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
                         "--threads",
                         &a.device.threads.to_string(),
                         "--device",
-                        &a.device.device.to_string(),
+                        &a.worker_device.unwrap_or(a.device.device).to_string(),
                     ])
                     .env("KATZ_LOG", "warn")
                     .stdout(Stdio::null())
                     .spawn()
                     .context("starting a controlnet-worker")?,
             ));
+        }
+        if mode == "redis" && remote.is_none() {
             let mut cfg = RemoteConfig::new(a.amqp.clone(), a.redis.clone());
             cfg.step_timeout = Duration::from_secs(30);
             remote = Some(RemoteControlNets::new(
@@ -180,7 +203,12 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
                         rc.for_job(&format!("bench-{n}-{r}"));
                         Some(rc as &mut dyn ControlService)
                     }
-                    (m, _) => bail!("unknown mode `{m}` (serial, parallel, inline, redis)"),
+                    ("ipc", _) => {
+                        let rc = remote_ipc.as_mut().expect("made above");
+                        rc.for_job(&format!("bench-ipc-{n}-{r}"));
+                        Some(rc as &mut dyn ControlService)
+                    }
+                    (m, _) => bail!("unknown mode `{m}` (serial, parallel, inline, redis, ipc)"),
                 };
                 let out = pipe.generate_with(
                     &req,

@@ -14,6 +14,9 @@
 #                                           with it as the baseline
 #   bash tools/device/gpu-path.sh multi     katz on 2 GPUs (split guidance; ControlNets on GPU 1) and
 #                                           4 GPUs (ControlNets on GPUs 1-3; split + ControlNets)
+#   bash tools/device/gpu-path.sh service   RabbitMQ + Redis from .gpu-carry/svc (services-pack.sh), then
+#                                           katz bench controlnet: serial, parallel, redis, ipc
+#                                           (worker on the last GPU), and the service tests
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -146,12 +149,27 @@ bench_multi() {  # katz on 2 and 4 GPUs (the diffusers baseline of `bench` in th
   fi
 }
 
+service() {  # RabbitMQ + Redis carried in .gpu-carry/svc (services-pack.sh); ControlNet transports on GPUs
+  setup
+  bash tools/device/services-pack.sh start || return 1
+  local wdev=cuda:$(( $(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l) - 1 ))
+  echo "== katz bench controlnet: pipeline on cuda:0, ControlNet worker on $wdev"
+  /opt/kb/katz bench controlnet --device cuda:0 --worker-device "$wdev" \
+    --modes serial,parallel,redis,ipc --counts 0,1,2,3 --repeat 3 \
+    --out "$O/controlnet-transports-$(date +%F).json" 2>&1 | grep -v " WARN " | tail -20
+  if [[ -x /opt/kb/service ]]; then
+    echo "== service tests (KATZ_BIN, the pipeline on cuda:0)"
+    KATZ_BIN=/opt/kb/katz KATZ_DEVICE=cuda:0 /opt/kb/service --test-threads 1 2>&1 | grep -E "^test |test result|panicked" | head -30
+  fi
+}
+
 case ${1:-all} in
   stage) stage ;;
   tests) tests ;;
   export) setup; export_wait ;;
   bench) bench ;;
   multi) bench_multi ;;
+  service) service ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|multi|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|multi|service|all"; exit 2 ;;
 esac
