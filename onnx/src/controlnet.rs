@@ -120,7 +120,9 @@ impl ControlNet {
             if b.sample.as_ref().map(|s| &s.shape) != Some(&latent_in.shape) {
                 b.sample = Some(DevTensor::zeros(&k, latent_in.shape.clone())?);
             }
-            let s = b.sample.as_ref().expect("allocated above");
+            let Some(s) = b.sample.as_ref() else {
+                return Err(Error::Gpu("no staging buffer for the latent".into()));
+            };
             let dst = s.ptr(&k);
             // SAFETY: both buffers hold `len` f32; the source is not written until we return
             unsafe { k.copy_raw(dst, latent_in.ptr, latent_in.len() * 4) }.map_err(crate::device::gpu_err)?;
@@ -313,7 +315,9 @@ impl ControlSession for InlineSession {
         if self.bound.is_none() {
             self.bound = Some(model.bind(&self.cond, &self.image)?);
         }
-        let b = self.bound.as_mut().expect("bound above");
+        let Some(b) = self.bound.as_mut() else {
+            return Err(Error::Gpu("the ControlNet is not bound".into()));
+        };
         model.run_bound(b, &latent_in, &timestep)
     }
 }

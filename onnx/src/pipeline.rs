@@ -445,13 +445,10 @@ impl Pipeline {
         let half = half_inputs([&unet_encoder, &unet_decoder], &m.weights.map);
         let mut w = Weights::load(&self.bundle, half)?;
         w.to_device(there)?;
-        let kernels = Arc::new(
-            w.device()
-                .expect("uploaded above")
-                .kernels
-                .fork()
-                .map_err(gpu_err)?,
-        );
+        let dev = w
+            .device()
+            .ok_or_else(|| Error::Gpu("the second GPU's weights did not upload".into()))?;
+        let kernels = Arc::new(dev.kernels.fork().map_err(gpu_err)?);
         self.half = Some(HalfUnet {
             device: there,
             unet_encoder,
@@ -901,20 +898,7 @@ impl Pipeline {
 
             let active = active_controlnets(req, i);
             let t0 = Instant::now();
-            let mut host_in: Option<Tensor> = None;
-            for &j in &active {
-                let s = sessions
-                    .get_mut(j)
-                    .ok_or_else(|| Error::InvalidRequest(format!("ControlNet #{j} has no session")))?;
-                if s.on_device() {
-                    s.send_device(i, &latent_ref, &timestep)?;
-                } else {
-                    if host_in.is_none() {
-                        host_in = Some(latent_in.download(&k)?);
-                    }
-                    s.send(i, host_in.as_ref().expect("downloaded above"), &timestep)?;
-                }
-            }
+            send_step(sessions, &active, i, &latent_in, &k, &timestep)?;
             t.controlnet += t0.elapsed();
 
             let t0 = Instant::now();
@@ -923,17 +907,7 @@ impl Pipeline {
             current(&k)?;
             bu.enc.bind_input("sample", &*bound_in)?;
             bu.enc.bind_input("timestep", &*timestep.view()?)?;
-            let mut out = self.unet_encoder.run_binding(&bu.enc)?;
-            bu.enc.synchronize_outputs()?;
-            let enc_vals = bu
-                .enc_outputs
-                .iter()
-                .map(|name| {
-                    out.remove(name.as_str())
-                        .ok_or_else(|| Error::Gpu(format!("UNet encoder gave no {name}")))
-                })
-                .collect::<Result<Vec<DynValue>>>()?;
-            drop(out);
+            let enc_vals = run_encoder_bound(&mut self.unet_encoder, &bu)?;
             t.unet_encoder += t0.elapsed();
 
             let t0 = Instant::now();
@@ -945,31 +919,7 @@ impl Pipeline {
                     .collect::<Result<Vec<_>>>()?;
                 for &j in &active {
                     let c = &req.controlnets[j];
-                    let s = &mut sessions[j];
-                    let res: Vec<DevRef> = if s.on_device() {
-                        s.recv_device(i)?
-                    } else {
-                        let host = s.recv(i)?;
-                        if host.len() != staging.len() {
-                            return Err(Error::InvalidRequest(format!(
-                                "ControlNet #{j} returned {} residuals, the UNet has {nskips} skips and a mid block",
-                                host.len()
-                            )));
-                        }
-                        let mut refs = Vec::with_capacity(host.len());
-                        for (slot, h) in staging.iter_mut().zip(&host) {
-                            let st = stage(slot, &k, &h.shape)?;
-                            st.write(&k, &h.data)?;
-                            refs.push(st.dev_ref(&k));
-                        }
-                        refs
-                    };
-                    if res.len() != nskips + 1 {
-                        return Err(Error::InvalidRequest(format!(
-                            "ControlNet #{j} returned {} residuals, the UNet has {nskips} skips and a mid block",
-                            res.len()
-                        )));
-                    }
+                    let res = recv_residuals(&mut sessions[j], i, j, &mut staging, &k)?;
                     for (r, rr) in res.iter().enumerate() {
                         let target = if r < nskips { &targets[2 + r] } else { &targets[1] };
                         if target.shape != rr.shape {
@@ -1000,12 +950,7 @@ impl Pipeline {
             for (name, v) in bu.enc_outputs.iter().zip(&enc_vals) {
                 bu.dec.bind_input(name.as_str(), v)?;
             }
-            let mut pout = self.unet_decoder.run_binding(&bu.dec)?;
-            bu.dec.synchronize_outputs()?;
-            let pred_v = pout
-                .remove("noise_pred")
-                .ok_or_else(|| Error::Gpu("UNet decoder gave no noise_pred".into()))?;
-            drop(pout);
+            let pred_v = run_decoder_bound(&mut self.unet_decoder, &bu)?;
             t.unet_decoder += t0.elapsed();
 
             let t0 = Instant::now();
@@ -1026,15 +971,7 @@ impl Pipeline {
                         .map_err(g)?;
                 }
             }
-            match sched.euler_sigmas(i) {
-                Some((s0, s1)) => k.euler(&mut latents.buf, &guided.buf, s0, s1).map_err(g)?,
-                None => {
-                    let gh = guided.download(&k)?;
-                    let mut lh = latents.download(&k)?;
-                    sched.step(i, &gh.data, &mut lh.data, noise);
-                    latents.write(&k, &lh.data)?;
-                }
-            }
+            scheduler_step(sched, i, &k, &mut latents, &guided, noise)?;
             k.synchronize().map_err(g)?;
             drop(pred_v);
             drop(enc_vals);
@@ -1089,7 +1026,9 @@ impl Pipeline {
             half,
             ..
         } = self;
-        let h = half.as_mut().expect("split_loop runs with a second GPU");
+        let h = half
+            .as_mut()
+            .ok_or_else(|| Error::Gpu("split guidance without a second GPU".into()))?;
         let k1 = h.kernels.clone();
         let (d0, d1) = (id as usize, h.device as usize);
         let lat_shape = host_latents.shape.clone();
@@ -1163,20 +1102,7 @@ impl Pipeline {
 
             let active = active_controlnets(req, i);
             let t0 = Instant::now();
-            let mut host_in: Option<Tensor> = None;
-            for &j in &active {
-                let s = sessions
-                    .get_mut(j)
-                    .ok_or_else(|| Error::InvalidRequest(format!("ControlNet #{j} has no session")))?;
-                if s.on_device() {
-                    s.send_device(i, &in_ref, &ts2)?;
-                } else {
-                    if host_in.is_none() {
-                        host_in = Some(latent_in.download(&k0)?);
-                    }
-                    s.send(i, host_in.as_ref().expect("downloaded above"), &ts2)?;
-                }
-            }
+            send_step(sessions, &active, i, &latent_in, &k0, &ts2)?;
             t.controlnet += t0.elapsed();
 
             // phase 1: both encoders at once
@@ -1217,31 +1143,7 @@ impl Pipeline {
                     .collect::<Result<Vec<_>>>()?;
                 for &j in &active {
                     let c = &req.controlnets[j];
-                    let s = &mut sessions[j];
-                    let res: Vec<DevRef> = if s.on_device() {
-                        s.recv_device(i)?
-                    } else {
-                        let host = s.recv(i)?;
-                        if host.len() != skips + 1 {
-                            return Err(Error::InvalidRequest(format!(
-                                "ControlNet #{j} returned {} residuals, the UNet has {skips} skips and a mid block",
-                                host.len()
-                            )));
-                        }
-                        let mut refs = Vec::with_capacity(host.len());
-                        for (slot, hr) in stage_h.iter_mut().zip(&host) {
-                            let st = stage(slot, &k0, &hr.shape)?;
-                            st.write(&k0, &hr.data)?;
-                            refs.push(st.dev_ref(&k0));
-                        }
-                        refs
-                    };
-                    if res.len() != skips + 1 {
-                        return Err(Error::InvalidRequest(format!(
-                            "ControlNet #{j} returned {} residuals, the UNet has {skips} skips and a mid block",
-                            res.len()
-                        )));
-                    }
+                    let res = recv_residuals(&mut sessions[j], i, j, &mut stage_h, &k0)?;
                     for (r, rr) in res.iter().enumerate() {
                         let (au, ac) = if r < skips {
                             (&tu[2 + r], &tc[2 + r])
@@ -1323,15 +1225,7 @@ impl Pipeline {
                 k0.copy_raw(p2 + (n * 4) as u64, rc.ptr, n * 4).map_err(g)?;
             }
             k0.combine(&pred2.buf, req.guidance, &mut guided.buf).map_err(g)?;
-            match sched.euler_sigmas(i) {
-                Some((s0, s1)) => k0.euler(&mut latents.buf, &guided.buf, s0, s1).map_err(g)?,
-                None => {
-                    let gh = guided.download(&k0)?;
-                    let mut lh = latents.download(&k0)?;
-                    sched.step(i, &gh.data, &mut lh.data, noise);
-                    latents.write(&k0, &lh.data)?;
-                }
-            }
+            scheduler_step(sched, i, &k0, &mut latents, &guided, noise)?;
             k0.synchronize().map_err(g)?;
             drop((pu, pc, vals_u, vals_c));
             t.scheduler += t0.elapsed();
@@ -1680,12 +1574,100 @@ struct BoundUnet {
     device_id: i32,
 }
 
+/// Hands step `i`'s scaled latent to the active sessions: in device memory where a session has a
+/// device path, else downloaded once and sent from the host.
+fn send_step(
+    sessions: &mut [Box<dyn ControlSession>],
+    active: &[usize],
+    i: usize,
+    latent_in: &DevTensor,
+    k: &GpuKernels,
+    timestep: &Tensor,
+) -> Result<()> {
+    let latent_ref = latent_in.dev_ref(k);
+    let mut host_in: Option<Tensor> = None;
+    for &j in active {
+        let s = sessions
+            .get_mut(j)
+            .ok_or_else(|| Error::InvalidRequest(format!("ControlNet #{j} has no session")))?;
+        if s.on_device() {
+            s.send_device(i, &latent_ref, timestep)?;
+            continue;
+        }
+        let host = match host_in.take() {
+            Some(h) => h,
+            None => latent_in.download(k)?,
+        };
+        s.send(i, &host, timestep)?;
+        host_in = Some(host);
+    }
+    Ok(())
+}
+
+/// Step `i`'s residuals of session `j` in device memory (host residuals are uploaded into
+/// `staging` on `k`'s GPU): one per skip, then mid.
+fn recv_residuals(
+    s: &mut Box<dyn ControlSession>,
+    i: usize,
+    j: usize,
+    staging: &mut [Option<DevTensor>],
+    k: &GpuKernels,
+) -> Result<Vec<DevRef>> {
+    let count = |n: usize| -> Result<()> {
+        if n == staging.len() {
+            return Ok(());
+        }
+        Err(Error::InvalidRequest(format!(
+            "ControlNet #{j} returned {n} residuals, the UNet has {} skips and a mid block",
+            staging.len() - 1
+        )))
+    };
+    if s.on_device() {
+        let res = s.recv_device(i)?;
+        count(res.len())?;
+        return Ok(res);
+    }
+    let host = s.recv(i)?;
+    count(host.len())?;
+    let mut refs = Vec::with_capacity(host.len());
+    for (slot, h) in staging.iter_mut().zip(&host) {
+        let st = stage(slot, k, &h.shape)?;
+        st.write(k, &h.data)?;
+        refs.push(st.dev_ref(k));
+    }
+    Ok(refs)
+}
+
+/// One scheduler step on device latents: the Euler kernel where the scheduler allows, else the
+/// host scheduler (one download and one upload).
+fn scheduler_step(
+    sched: &mut dyn Scheduler,
+    i: usize,
+    k: &GpuKernels,
+    latents: &mut DevTensor,
+    guided: &DevTensor,
+    noise: &mut dyn NoiseSource,
+) -> Result<()> {
+    match sched.euler_sigmas(i) {
+        Some((s0, s1)) => k.euler(&mut latents.buf, &guided.buf, s0, s1).map_err(gpu_err),
+        None => {
+            let gh = guided.download(k)?;
+            let mut lh = latents.download(k)?;
+            sched.step(i, &gh.data, &mut lh.data, noise);
+            latents.write(k, &lh.data)
+        }
+    }
+}
+
 /// A staging buffer of `shape` on `k`'s GPU (reused while the shape stays).
 fn stage<'s>(slot: &'s mut Option<DevTensor>, k: &GpuKernels, shape: &[usize]) -> Result<&'s mut DevTensor> {
     if slot.as_ref().map(|s| s.shape.as_slice()) != Some(shape) {
-        *slot = Some(DevTensor::zeros(k, shape.to_vec())?);
+        *slot = None;
     }
-    Ok(slot.as_mut().expect("allocated above"))
+    match slot {
+        Some(s) => Ok(s),
+        None => Ok(slot.insert(DevTensor::zeros(k, shape.to_vec())?)),
+    }
 }
 
 /// The ControlNets of one step: which act, and where their residuals come from.

@@ -588,29 +588,35 @@ impl PendingMerge {
 
     /// Merges on a thread of its own (`katz generate --lora-mode async` without the service).
     pub fn spawn(weights: Arc<Weights>, loras: Vec<(Arc<LoraAdapter>, f32)>) -> PendingMerge {
+        PendingMerge::on_thread("lora-merge", move || weights.merge(&loras).map(Arc::new))
+    }
+
+    /// Runs `merge` on a thread named `name`. A thread that cannot start drops its sender, so the
+    /// pending merge reports itself abandoned instead of panicking the caller.
+    fn on_thread(
+        name: &str,
+        merge: impl FnOnce() -> Result<Arc<MergedWeights>> + Send + 'static,
+    ) -> PendingMerge {
         let (tx, rx) = PendingMerge::channel();
-        std::thread::Builder::new()
-            .name("lora-merge".into())
-            .spawn(move || tx.send(weights.merge(&loras).map(Arc::new)))
-            .expect("spawning the LoRA merge thread");
+        if let Err(e) = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || tx.send(merge()))
+        {
+            tracing::error!(error = %e, "cannot start the {name} thread");
+        }
         rx
     }
 
     /// Reads and parses LoRA files, then merges them, on a thread of its own: the whole of a
     /// request's LoRA loading overlaps its first steps (without a service's caches).
     pub fn spawn_loading(weights: Arc<Weights>, files: Vec<(std::path::PathBuf, f32)>) -> PendingMerge {
-        let (tx, rx) = PendingMerge::channel();
-        std::thread::Builder::new()
-            .name("lora-load".into())
-            .spawn(move || {
-                let loaded = files
-                    .iter()
-                    .map(|(p, s)| Ok((Arc::new(LoraAdapter::load(p, weights.map())?), *s)))
-                    .collect::<Result<Vec<_>>>();
-                tx.send(loaded.and_then(|l| weights.merge(&l).map(Arc::new)))
-            })
-            .expect("spawning the LoRA loading thread");
-        rx
+        PendingMerge::on_thread("lora-load", move || {
+            let loaded = files
+                .iter()
+                .map(|(p, s)| Ok((Arc::new(LoraAdapter::load(p, weights.map())?), *s)))
+                .collect::<Result<Vec<_>>>()?;
+            weights.merge(&loaded).map(Arc::new)
+        })
     }
 
     /// The merged set once it is ready; with `wait`, blocks until it is (at most `limit`).

@@ -70,7 +70,9 @@ fn opened<'s, T>(
             it: open(&h)?,
         });
     }
-    Ok(&slot.as_ref().expect("opened above").it)
+    slot.as_ref()
+        .map(|o| &o.it)
+        .ok_or_else(|| ipc_err("a handle", "not opened"))
 }
 
 /// The base worker's side of one session.
@@ -117,7 +119,10 @@ impl BaseIpc {
         if self.input.as_ref().map(IpcBuffer::bytes) != Some(bytes) {
             self.input = Some(IpcBuffer::new(&self.ctx, bytes).map_err(|e| ipc_err("the input buffer", e))?);
         }
-        let input = self.input.as_ref().expect("allocated above");
+        let input = self
+            .input
+            .as_ref()
+            .ok_or_else(|| ipc_err("the input buffer", "not allocated"))?;
         // SAFETY: the latent holds `bytes`; the pipeline keeps it until the residuals are back
         unsafe { copy(&self.ctx, &self.stream, input.ptr(), latent_in.ptr, bytes)? };
         self.event
@@ -232,8 +237,10 @@ impl WorkerIpc {
                 Err(e) => return fail(e),
             }
         }
-        let w = slot.as_mut().expect("made above");
-        w.step(cn, cond, image, m).unwrap_or_else(fail)
+        match slot.as_mut() {
+            Some(w) => w.step(cn, cond, image, m).unwrap_or_else(fail),
+            None => fail(ipc_err("the session", "no GPU side")),
+        }
     }
 
     fn step(
@@ -271,12 +278,19 @@ impl WorkerIpc {
             device: m.device as usize,
         };
         let t = Tensor::new(vec![m.timestep.len()], m.timestep.clone());
-        let res = cn.run_bound(self.bound.as_mut().expect("bound above"), &latent, &t)?;
+        let bound = self
+            .bound
+            .as_mut()
+            .ok_or_else(|| ipc_err("the ControlNet", "not bound"))?;
+        let res = cn.run_bound(bound, &latent, &t)?;
         let total: usize = res.iter().map(DevRef::len).sum::<usize>() * 4;
         if self.out.as_ref().map(IpcBuffer::bytes) != Some(total) {
             self.out = Some(IpcBuffer::new(&self.ctx, total).map_err(|e| ipc_err("the residual buffer", e))?);
         }
-        let out = self.out.as_ref().expect("allocated above");
+        let out = self
+            .out
+            .as_ref()
+            .ok_or_else(|| ipc_err("the residual buffer", "not allocated"))?;
         let mut off = 0u64;
         for r in &res {
             // SAFETY: the residual is the ControlNet's live output; the buffer holds them all

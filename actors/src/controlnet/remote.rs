@@ -321,7 +321,7 @@ impl ControlSession for RemoteSession {
         let m = self
             .ipc
             .as_mut()
-            .expect("made above")
+            .ok_or_else(|| cn_err("no CUDA IPC side".into()))?
             .step(step, latent_in, timestep)?;
         let payload = wire::encode_ipc(&m);
         self.push(&payload)?;
