@@ -28,6 +28,7 @@ fn opts(device: Device) -> SessionOptions {
     SessionOptions {
         intra_threads: 0,
         device,
+        fixed: None,
     }
 }
 

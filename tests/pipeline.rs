@@ -132,3 +132,49 @@ fn guidance_off_runs_one_half() {
     let out = p.generate(&r, &mut NoObserver).unwrap();
     assert_eq!(out.image.shape, vec![1, 3, 64, 64]);
 }
+
+#[test]
+fn static_shapes_give_the_dynamic_image_and_refuse_other_sizes() {
+    // the same job through graphs whose free dimensions were fixed at load time
+    let job = |p: &mut Pipeline| {
+        let mut r = request();
+        r.loras = vec![(
+            p.lora(root().join("bundles/loras/tiny-lora-a.safetensors"))
+                .unwrap(),
+            0.8,
+        )];
+        let model = p.controlnet(root().join("bundles/tiny-sdxl-controlnet")).unwrap();
+        let image = read_conditioning(&root().join("bundles/examples/cond_a.png"), (64, 64)).unwrap();
+        r.controlnets = vec![ControlRequest {
+            model,
+            image,
+            scale: 0.7,
+            start: 0.0,
+            end: 1.0,
+        }];
+        r
+    };
+    let mut dynamic = pipeline();
+    let req = job(&mut dynamic);
+    let want = dynamic.generate(&req, &mut NoObserver).unwrap().image;
+
+    let mut opts = test_options();
+    opts.fixed = Some(katz_onnx::runtime::FixedShape::parse("64x64", 2).unwrap());
+    let mut fixed = Pipeline::load(root().join("bundles/tiny-sdxl"), opts).unwrap();
+    let req = job(&mut fixed);
+    let got = fixed.generate(&req, &mut NoObserver).unwrap().image;
+    let e = rel_err(&got.data, &want.data);
+    assert!(e <= 1e-5, "static shapes changed the image: relative error {e:.1e}");
+
+    let mut other = req.clone();
+    other.width = 128;
+    other.height = 128;
+    other.controlnets.clear();
+    let err = fixed.generate(&other, &mut NoObserver).unwrap_err();
+    assert!(matches!(err, Error::InvalidRequest(_)), "{err}");
+    assert!(err.to_string().contains("fixed to 64x64"), "{err}");
+    let mut unguided = request();
+    unguided.guidance = 1.0;
+    let err = fixed.generate(&unguided, &mut NoObserver).unwrap_err();
+    assert!(err.to_string().contains("batch of 1"), "{err}");
+}

@@ -450,8 +450,29 @@ def fuse_fp16(path: Path, external: bool, weight_inputs=()) -> dict:
     return fused
 
 
+# --no-check: benchmark bundles skip the CPU comparison of each graph with PyTorch (the tiny bundles'
+# parity tests and the GPU tests check the same export code); --jobs: fusions run in other processes
+CHECK = True
+FUSER = None
+
+
+def fuse_later(jobs: list, path: Path, external: bool, weight_inputs=()):
+    """fuse_fp16 in a worker process when --jobs > 1 (the next graph exports meanwhile), else now."""
+    if FUSER is None:
+        jobs.append((path.stem, fuse_fp16(path, external, weight_inputs)))
+    else:
+        jobs.append((path.stem, FUSER.submit(fuse_fp16, path, external, list(weight_inputs))))
+
+
+def fused_results(jobs: list) -> dict:
+    return {name: (r.result() if hasattr(r, "result") else r) for name, r in jobs}
+
+
 def check_graph(path: Path, module, args, input_names, output_names, tol=1e-4):
     """ONNX Runtime vs PyTorch on the same (random) inputs."""
+    if not CHECK:
+        print(f"  {path.name}: not checked against PyTorch (--no-check)")
+        return
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -536,6 +557,9 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
            ["emb", "mid", *skip_names], dyn, external=big)
     check_graph(out / "unet_encoder.onnx", wmod, enc_in + wargs, enc_inputs + weights["unet_encoder"],
                 ["emb", "mid", *skip_names])
+    jobs = []  # fusions (GPU bundles), each once its fp32 graph was checked against PyTorch
+    if gpu:
+        fuse_later(jobs, out / "unet_encoder.onnx", big, weights["unet_encoder"])
 
     dec = UNetDecoder(unet)
     dec_in = [enc_out[0], enc_in[2], enc_out[1], *enc_out[2:]]
@@ -547,6 +571,8 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     export(wmod, dec_in + wargs, out / "unet_decoder.onnx", dec_inputs + weights["unet_decoder"], ["noise_pred"],
            dyn, external=big)
     check_graph(out / "unet_decoder.onnx", wmod, dec_in + wargs, dec_inputs + weights["unet_decoder"], ["noise_pred"])
+    if gpu:
+        fuse_later(jobs, out / "unet_decoder.onnx", big, weights["unet_decoder"])
     # the split graphs compose to the whole UNet
     with torch.no_grad():
         whole = unet(enc_in[0], enc_in[1], enc_in[2], added_cond_kwargs={"text_embeds": enc_in[3],
@@ -555,10 +581,6 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     err = float((split - whole).norm() / whole.norm())
     assert err < 1e-5, f"split UNet differs from the whole UNet: {err}"
     print(f"  encoder+decoder vs UNet2DConditionModel: relative error {err:.1e}")
-    fusions = {}
-    if gpu:  # after the fp32 graphs were checked against PyTorch on the CPU
-        for graph in ("unet_encoder", "unet_decoder"):
-            fusions[graph] = fuse_fp16(out / f"{graph}.onnx", big, weights[graph])
 
     vmod = VaeDecoder(vae)
     vin = [rnd(1, 4, h, h)]
@@ -606,7 +628,8 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     export(cmod, cin, cn_out / "controlnet.onnx", cn_inputs, cn_outputs, dyn, external=big)
     check_graph(cn_out / "controlnet.onnx", cmod, cin, cn_inputs, cn_outputs)
     if gpu:
-        fuse_fp16(cn_out / "controlnet.onnx", big)
+        fuse_later(jobs, cn_out / "controlnet.onnx", big)
+    fused_results(jobs)  # waits for the fusions; a failed one raises here
     (cn_out / "bundle.json").write_text(json.dumps({
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
         "dtype": "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",
@@ -802,6 +825,10 @@ def main(argv=None):
                     help="mha: UNet/ControlNet attention as com.microsoft.MultiHeadAttention (the GPU recipe's first step)")
     ap.add_argument("--gpu", action="store_true",
                     help="GPU bundle: MultiHeadAttention export + ONNX Runtime fusions + fp16 compute (CUDA only)")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip each graph's CPU comparison with PyTorch (benchmark bundles; the tiny bundles' parity tests check the exporter)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="processes for the GPU fusions (>1: fusions overlap the next graph's export)")
     ap.add_argument("--example-lora", type=Path, metavar="FILE",
                     help="also write a seeded rank-8 LoRA (diffusers/peft layout) for this bundle's UNet")
     a = ap.parse_args(argv)
@@ -816,7 +843,18 @@ def main(argv=None):
     check = 64 if a.config == "tiny" else 128
     if a.gpu and a.config == "tiny" and not a.no_references and a.out is None:
         ap.error("--gpu writes a CUDA-only bundle: give --out (the committed tiny bundles stay fp32)")
-    tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check, a.attention, a.gpu)
+    global CHECK, FUSER
+    CHECK = not a.no_check
+    if a.jobs > 1 and a.gpu:
+        import concurrent.futures
+        import multiprocessing
+
+        FUSER = concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check, a.attention, a.gpu)
+    finally:
+        if FUSER is not None:
+            FUSER.shutdown()
     if a.example_lora:
         make_lora(models[2], a.example_lora, rank=8, alpha=8.0, seed=a.seed + 13)
         print(f"  example LoRA: {a.example_lora}")

@@ -40,7 +40,11 @@ impl ControlNet {
         bundle.check_fits(base)?;
         check_compute(&bundle.dir, &bundle.manifest.compute, opts.device)?;
         let path = bundle.dir.join(&bundle.manifest.graph);
-        let session = runtime::session(&path, opts)?;
+        let dims = match opts.fixed {
+            Some(f) => crate::pipeline::controlnet_dims(base.manifest.vae_scale_factor, f),
+            None => vec![],
+        };
+        let session = runtime::session_with_dims(&path, opts, &dims)?;
         let mut outputs: Vec<String> = (0..bundle.manifest.residuals)
             .map(|i| format!("down_{i}"))
             .collect();

@@ -45,7 +45,7 @@ use crate::controlnet::{
 use crate::device::{gpu_err, DevRef, DevTensor};
 use crate::lora::LoraAdapter;
 use crate::noise::SeededNoise;
-use crate::runtime::{self, Device, SessionOptions};
+use crate::runtime::{self, Device, FixedShape, SessionOptions};
 use crate::scheduler::{self, NoiseSource, Scheduler, SchedulerKind};
 use crate::tensor::Tensor;
 use crate::text::{Conditioning, TextEncoders};
@@ -324,6 +324,53 @@ fn skip_names(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("skip_{i}")).collect()
 }
 
+/// The spatial strides of the UNet encoder's outputs (mid, then each skip) relative to the
+/// latent: SDXL's structure (three levels of two blocks, conv_in first, downsamplers after the
+/// first two levels), which the exporter's tiny and full-size configs share.
+fn unet_strides(m: &crate::bundle::BaseManifest) -> Option<(usize, Vec<usize>)> {
+    (m.architecture == "sdxl" && m.unet.skips == 9).then(|| (4, vec![1, 1, 1, 2, 2, 2, 4, 4, 4]))
+}
+
+/// The fixed free dimensions of the UNet encoder and decoder for `f` (`--static-shapes`).
+fn unet_dims(bundle: &BaseBundle, f: FixedShape) -> Result<[Vec<(String, i64)>; 2]> {
+    let m = &bundle.manifest;
+    let (mid, strides) = unet_strides(m).ok_or_else(|| {
+        Error::bundle(
+            &bundle.dir,
+            "static shapes need the SDXL UNet structure (nine skips); this bundle has another",
+        )
+    })?;
+    let s = m.vae_scale_factor;
+    let largest = mid.max(strides.iter().copied().max().unwrap_or(1));
+    if f.width % (s * largest) != 0 || f.height % (s * largest) != 0 || f.unet_batch == 0 {
+        return Err(Error::InvalidRequest(format!(
+            "static shapes: {}x{} is not a multiple of {} (or the batch is 0)",
+            f.width,
+            f.height,
+            s * largest
+        )));
+    }
+    let (h, w) = ((f.height / s) as i64, (f.width / s) as i64);
+    let d = |n: &str, v: i64| (n.to_string(), v);
+    let b = f.unet_batch as i64;
+    let enc = vec![d("batch", b), d("height", h), d("width", w)];
+    let mut dec = vec![d("batch", b), d("mid_h", h / mid as i64), d("mid_w", w / mid as i64)];
+    for (i, st) in strides.iter().enumerate() {
+        dec.push(d(&format!("skip_{i}_h"), h / *st as i64));
+        dec.push(d(&format!("skip_{i}_w"), w / *st as i64));
+    }
+    Ok([enc, dec])
+}
+
+/// The fixed free dimensions of a ControlNet graph for `f`: it always takes both guidance halves.
+pub(crate) fn controlnet_dims(vae_scale: usize, f: FixedShape) -> Vec<(String, i64)> {
+    let (h, w) = ((f.height / vae_scale) as i64, (f.width / vae_scale) as i64);
+    [("batch", 2), ("height", h), ("width", w), ("image_height", f.height as i64), ("image_width", f.width as i64)]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect()
+}
+
 impl Pipeline {
     /// Opens a base bundle: sessions for every graph, checked against the manifest.
     pub fn load(dir: impl AsRef<Path>, opts: SessionOptions) -> Result<Self> {
@@ -352,8 +399,12 @@ impl Pipeline {
         };
         let skips = skip_names(m.unet.skips);
 
+        let [enc_dims, dec_dims] = match opts.fixed {
+            Some(f) => unet_dims(&bundle, f)?,
+            None => [vec![], vec![]],
+        };
         let enc_path = bundle.path(&m.unet.encoder);
-        let unet_encoder = runtime::session(&enc_path, &opts)?;
+        let unet_encoder = runtime::session_with_dims(&enc_path, &opts, &enc_dims)?;
         let mut enc_in: Vec<String> = [
             "sample",
             "timestep",
@@ -369,7 +420,7 @@ impl Pipeline {
         check_io(&enc_path, &unet_encoder, &enc_in, &enc_out)?;
 
         let dec_path = bundle.path(&m.unet.decoder);
-        let unet_decoder = runtime::session(&dec_path, &opts)?;
+        let unet_decoder = runtime::session_with_dims(&dec_path, &opts, &dec_dims)?;
         let mut dec_in: Vec<String> = vec!["emb".into(), "encoder_hidden_states".into(), "mid".into()];
         dec_in.extend(skips.iter().cloned());
         dec_in.extend(weight_inputs("unet_decoder"));
@@ -440,8 +491,18 @@ impl Pipeline {
             ..self.opts.clone()
         };
         let m = &self.bundle.manifest;
-        let unet_encoder = runtime::session(&self.bundle.path(&m.unet.encoder), &opts)?;
-        let unet_decoder = runtime::session(&self.bundle.path(&m.unet.decoder), &opts)?;
+        let [enc_dims, dec_dims] = match opts.fixed {
+            Some(f) if f.unet_batch != 1 => {
+                return Err(Error::InvalidRequest(format!(
+                    "split guidance runs a UNet batch of 1 per GPU; the static shapes fix {}",
+                    f.unet_batch
+                )))
+            }
+            Some(f) => unet_dims(&self.bundle, f)?,
+            None => [vec![], vec![]],
+        };
+        let unet_encoder = runtime::session_with_dims(&self.bundle.path(&m.unet.encoder), &opts, &enc_dims)?;
+        let unet_decoder = runtime::session_with_dims(&self.bundle.path(&m.unet.decoder), &opts, &dec_dims)?;
         let half = half_inputs([&unet_encoder, &unet_decoder], &m.weights.map);
         let mut w = Weights::load(&self.bundle, half)?;
         w.to_device(there)?;
@@ -562,6 +623,17 @@ impl Pipeline {
                 "guidance must be a finite number ≥ 0, got {}",
                 req.guidance
             ));
+        }
+        if let Some(fx) = self.opts.fixed {
+            let split = self.split_on && req.guidance > 1.0;
+            let batch = if req.guidance > 1.0 && !split { 2 } else { 1 };
+            if (req.width, req.height) != (fx.width, fx.height) || batch != fx.unet_batch {
+                return bad(format!(
+                    "this pipeline's graphs are fixed to {}x{} with a UNet batch of {} (static shapes); \
+                     the request is {}x{} with a batch of {batch}",
+                    fx.width, fx.height, fx.unet_batch, req.width, req.height
+                ));
+            }
         }
         for (i, c) in req.controlnets.iter().enumerate() {
             if !remote && c.model >= self.controlnets.len() {

@@ -160,10 +160,51 @@ pub struct SessionOptions {
     /// Threads per operator (0: ONNX Runtime's default, all cores).
     pub intra_threads: usize,
     pub device: Device,
+    /// Fixed shapes for the UNet and ControlNet graphs (`--static-shapes`); None: any size.
+    pub fixed: Option<FixedShape>,
+}
+
+/// One image size and UNet batch for the denoising graphs. Their free dimensions (`batch`,
+/// `height`, `mid_h`, `skip_3_w` …) are then fixed when the session is made, so ONNX Runtime
+/// knows every shape at load time and folds the shape arithmetic into constants: no CPU-placed
+/// `Shape`/`Gather`/`Concat` nodes and no host copies between the GPU kernels of a step. A
+/// request of another size (or another guidance batch) is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedShape {
+    pub width: usize,
+    pub height: usize,
+    /// 2 with classifier-free guidance on one GPU, 1 per GPU with split guidance (or without guidance).
+    pub unet_batch: usize,
+}
+
+impl FixedShape {
+    /// `WxH` (or one number for a square), as `--static-shapes` takes it.
+    pub fn parse(s: &str, unet_batch: usize) -> std::result::Result<Self, String> {
+        let (w, h) = match s.split_once(['x', 'X']) {
+            Some((w, h)) => (w, h),
+            None => (s, s),
+        };
+        let num = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{s}` is not a size: WIDTHxHEIGHT, e.g. 1024x1024"))
+        };
+        Ok(FixedShape {
+            width: num(w)?,
+            height: num(h)?,
+            unet_batch,
+        })
+    }
 }
 
 /// Opens one graph of a bundle on the requested device.
 pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
+    session_with_dims(path, opts, &[])
+}
+
+/// [`session`] with named free dimensions fixed to sizes (ONNX Runtime's free-dimension
+/// overrides; names the graph does not have are ignored by ONNX Runtime).
+pub fn session_with_dims(path: &Path, opts: &SessionOptions, dims: &[(String, i64)]) -> Result<Session> {
     if !path.is_file() {
         return Err(Error::bundle(path, "graph file is missing"));
     }
@@ -184,6 +225,11 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
             .unwrap_or_default();
         let file = format!("{}-{stem}", prefix.to_string_lossy());
         b = b.with_profiling(file).map_err(ort::Error::from)?;
+    }
+    for (name, size) in dims {
+        b = b
+            .with_dimension_override(name, *size)
+            .map_err(ort::Error::from)?;
     }
     let providers = match opts.device {
         Device::Cpu => vec![],

@@ -27,6 +27,18 @@ use super::{bundles_dir, DeviceArgs};
 
 #[derive(Args, Debug, Clone)]
 pub struct ControlNetBenchArgs {
+    /// Base bundle [default: bundles/tiny-sdxl]; e.g. the full-size SDXL `--gpu` bundle.
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+    /// ControlNet bundle used for every ControlNet [default: bundles/tiny-sdxl-controlnet].
+    #[arg(long)]
+    pub controlnet: Option<PathBuf>,
+    #[arg(long, default_value_t = 5.0)]
+    pub guidance: f32,
+    /// diffusers' JSON from tools/bench_diffusers.py in the same sitting (configs `<n>c0l`): its
+    /// per-step time with n serial MultiControlNets is printed beside katz's.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// Image side (the tiny bundles take 64 or 128).
@@ -62,13 +74,21 @@ impl Drop for Kill {
     }
 }
 
+/// The bundles a run uses: the base, the ControlNet, and the ControlNet's model name (its queue).
+struct Setup {
+    base: PathBuf,
+    controlnet: PathBuf,
+    model: String,
+}
+
 fn request(
     pipe: &mut Pipeline,
     bundles: &std::path::Path,
+    setup: &Setup,
     n: usize,
     a: &ControlNetBenchArgs,
 ) -> anyhow::Result<Request> {
-    let model = pipe.controlnet(bundles.join("tiny-sdxl-controlnet"))?;
+    let model = pipe.controlnet(&setup.controlnet)?;
     let image = read_conditioning(&bundles.join("examples/edges-128.png"), (128, 128))?;
     let image = if a.size == 128 {
         image
@@ -81,7 +101,7 @@ fn request(
         width: a.size,
         height: a.size,
         steps: a.steps,
-        guidance: 5.0,
+        guidance: a.guidance,
         scheduler: SchedulerKind::Euler,
         karras: false,
         seed: 1,
@@ -106,7 +126,29 @@ fn loop_ms(out: &katz_onnx::pipeline::Generated) -> f64 {
 
 pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
     let bundles = bundles_dir()?;
-    let mut pipe = Pipeline::load(bundles.join("tiny-sdxl"), a.device.session_options())?;
+    let setup = {
+        let base = a.bundle.clone().unwrap_or_else(|| bundles.join("tiny-sdxl"));
+        let controlnet = a
+            .controlnet
+            .clone()
+            .unwrap_or_else(|| bundles.join("tiny-sdxl-controlnet"));
+        let model = katz_onnx::bundle::ControlNetBundle::open(&controlnet)
+            .with_context(|| format!("opening {}", controlnet.display()))?
+            .manifest
+            .name;
+        Setup {
+            base,
+            controlnet,
+            model,
+        }
+    };
+    let baseline: Option<serde_json::Value> = match &a.baseline {
+        Some(p) => Some(serde_json::from_slice(
+            &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )?),
+        None => None,
+    };
+    let mut pipe = Pipeline::load(&setup.base, a.device.session_options())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -120,11 +162,17 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     println!(
-        "katz bench controlnet: tiny bundles, {}², {} steps, guidance 5, {:?}; {} cores ({cpu})",
+        "katz bench controlnet: {} + {}, {}², {} steps, guidance {}, {}; {} cores ({cpu}){}",
+        setup.base.display(),
+        setup.model,
         a.size,
         a.steps,
+        a.guidance,
         a.device.device,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        super::gpu_names()
+            .map(|g| format!(", GPUs: {g}"))
+            .unwrap_or_default()
     );
     let mut workers: Vec<Kill> = Vec::new();
     let mut remote: Option<RemoteControlNets> = None;
@@ -142,7 +190,7 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
             cfg.ipc = true;
             remote_ipc = Some(RemoteControlNets::new(
                 cfg,
-                vec!["tiny-sdxl-controlnet".parse().map_err(anyhow::Error::msg)?],
+                vec![setup.model.parse().map_err(anyhow::Error::msg)?],
                 rt.handle().clone(),
             )?);
         }
@@ -152,7 +200,9 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
             workers.push(Kill(
                 Command::new(exe)
                     .args(["controlnet-worker", "--bundle"])
-                    .arg(bundles.join("tiny-sdxl-controlnet"))
+                    .arg(&setup.controlnet)
+                    .arg("--base")
+                    .arg(&setup.base)
                     .args([
                         "--concurrency",
                         &max.max(1).to_string(),
@@ -178,12 +228,12 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
             cfg.step_timeout = Duration::from_secs(30);
             remote = Some(RemoteControlNets::new(
                 cfg,
-                vec!["tiny-sdxl-controlnet".parse().map_err(anyhow::Error::msg)?],
+                vec![setup.model.parse().map_err(anyhow::Error::msg)?],
                 rt.handle().clone(),
             )?);
         }
         for &n in &a.counts {
-            let req = request(&mut pipe, &bundles, n, &a)?;
+            let req = request(&mut pipe, &bundles, &setup, n, &a)?;
             let mut times = Vec::new();
             for r in 0..=a.repeat {
                 let mut inline;
@@ -223,12 +273,19 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
             }
             times.sort_by(|x, y| x.total_cmp(y));
             let med = times[times.len() / 2];
-            println!("  {mode:<9} {n} ControlNet(s)  {med:>8.2} ms/step  (runs {times:.2?})");
-            rows.push(json!({"mode": mode, "controlnets": n, "ms_per_step_median": med, "runs": times}));
+            let theirs = baseline
+                .as_ref()
+                .and_then(|b| b["configs"][format!("{n}c0l")]["per_step_ms_estimate"].as_f64());
+            let vs = theirs
+                .map(|d| format!("  diffusers {d:.2} ms/step → {:.2}×", med / d))
+                .unwrap_or_default();
+            println!("  {mode:<9} {n} ControlNet(s)  {med:>8.2} ms/step  (runs {times:.2?}){vs}");
+            rows.push(json!({"mode": mode, "controlnets": n, "ms_per_step_median": med, "runs": times,
+                             "diffusers_ms_per_step": theirs}));
         }
     }
-    // the Redis transport alone: the tiny bundle's payloads and SDXL 1024² batch 2's
-    let transport = match transport_cost(&a.redis, &mut pipe, &bundles, &a) {
+    // the Redis transport alone: this run's payloads and SDXL 1024² batch 2's
+    let transport = match transport_cost(&a.redis, &mut pipe, &bundles, &setup, &a) {
         Ok(t) => t,
         Err(e) => {
             println!("  Redis transport not measured: {e:#}");
@@ -242,8 +299,12 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
         }
         let doc = json!({
             "bench": "controlnet", "machine": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            "bundle": "tiny-sdxl + tiny-sdxl-controlnet", "size": a.size, "steps": a.steps,
-            "device": a.device.device.to_string(), "rows": rows, "redis_transport": transport,
+            "gpus": super::gpu_names(),
+            "bundle": format!("{} + {}", setup.base.display(), setup.controlnet.display()),
+            "size": a.size, "steps": a.steps, "guidance": a.guidance,
+            "device": a.device.device.to_string(),
+            "worker_device": a.worker_device.map(|d| d.to_string()),
+            "rows": rows, "redis_transport": transport, "diffusers": baseline,
         });
         std::fs::write(out, serde_json::to_string_pretty(&doc)? + "\n")?;
         println!("wrote {}", out.display());
@@ -256,11 +317,12 @@ fn transport_cost(
     url: &str,
     pipe: &mut Pipeline,
     bundles: &std::path::Path,
+    setup: &Setup,
     a: &ControlNetBenchArgs,
 ) -> anyhow::Result<serde_json::Value> {
     use katz_actors::controlnet::wire;
-    // tiny: one real step's residuals, measured
-    let req = request(pipe, bundles, 1, a)?;
+    // this run's bundle: one real step's residuals, measured
+    let req = request(pipe, bundles, setup, 1, a)?;
     let cond = pipe
         .text_encoders_mut()
         .condition(&req.prompt, None, true, (a.size, a.size))?;
@@ -282,7 +344,7 @@ fn transport_cost(
     let sdxl_out = 107_000_000usize;
     let mut out = Vec::new();
     for (label, inb, outb, reps) in [
-        ("tiny", tiny_in, tiny_out, 50),
+        ("this-run", tiny_in, tiny_out, 20),
         ("sdxl-1024-b2", sdxl_in, sdxl_out, 5),
     ] {
         let client = redis::Client::open(url)?;

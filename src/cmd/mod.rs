@@ -79,6 +79,7 @@ impl DeviceArgs {
         SessionOptions {
             intra_threads: self.threads,
             device: self.device,
+            fixed: None,
         }
     }
 }
@@ -159,4 +160,19 @@ pub fn finish(out: &Generated, path: &Path) -> anyhow::Result<()> {
     let (h, w) = (out.image.shape[2], out.image.shape[3]);
     println!("wrote {} ({w}×{h} PNG, {} bytes)", path.display(), png.len());
     Ok(())
+}
+
+/// The GPUs nvidia-smi lists, as `N× NAME` (or their names joined), None where there is none.
+pub fn gpu_names() -> Option<String> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader"])
+        .output()
+        .ok()?;
+    let s = String::from_utf8(out.stdout).ok()?;
+    let names: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    match names.first() {
+        None => None,
+        Some(first) if names.iter().all(|n| n == first) => Some(format!("{}× {first}", names.len())),
+        Some(_) => Some(names.join(", ")),
+    }
 }

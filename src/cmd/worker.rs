@@ -278,6 +278,7 @@ pub fn config(mut a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
             session: katz_onnx::runtime::SessionOptions {
                 intra_threads: threads,
                 device: a.device.device,
+                fixed: None,
             },
             controlnet_mode,
             controlnet_services,

@@ -29,6 +29,7 @@ pub fn test_options() -> SessionOptions {
     SessionOptions {
         intra_threads: 1,
         device,
+        fixed: None,
     }
 }
 

@@ -7,16 +7,20 @@
 #                                           background once the wheels are there
 #   bash tools/device/gpu-path.sh tests     GPU tests: kernels vs CPU, device loop vs host loop,
 #                                           parity with diffusers on cuda:0, ControlNet sessions
-#   bash tools/device/gpu-path.sh export    the full-size SDXL --gpu bundle + ControlNet (if the
-#                                           background export is not already done)
+#   bash tools/device/gpu-path.sh export    the full-size SDXL --gpu bundle + ControlNet, in the
+#                                           foreground (--no-check, fusions in 3 processes); run it
+#                                           in the call that carries the wheels: a background
+#                                           process ends with its call
 #   bash tools/device/gpu-path.sh bench     diffusers on GPU 0 (tools/bench_diffusers.py, writes the
-#                                           rank-64 LoRA files), then `katz bench pipeline` on one GPU
-#                                           with it as the baseline
+#                                           rank-64 LoRA files; 0-3 serial ControlNets without LoRA
+#                                           too), then `katz bench pipeline` on one GPU with it as the
+#                                           baseline, with dynamic and with static shapes
 #   bash tools/device/gpu-path.sh multi     katz on 2 GPUs (split guidance; ControlNets on GPU 1) and
 #                                           4 GPUs (ControlNets on GPUs 1-3; split + ControlNets)
 #   bash tools/device/gpu-path.sh service   RabbitMQ + Redis from .gpu-carry/svc (services-pack.sh), then
 #                                           katz bench controlnet: serial, parallel, redis, ipc
-#                                           (worker on the last GPU), and the service tests
+#                                           (worker on GPU 1), tiny bundles and full-size SDXL, and
+#                                           the service tests
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -56,6 +60,7 @@ export_bg() {
   ( export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     t0=$(date +%s)
     python3 tools/export_bundle.py --config sdxl --random-init --gpu --out "$S/base" --no-references \
+      --no-check --jobs 3 \
       > "$S/export.log" 2>&1 && echo "export: $(( $(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
   ) </dev/null >/dev/null 2>&1 &
   echo $! > "$S/pid"
@@ -70,6 +75,7 @@ stage() {
     rm -rf /tmp/bx; mkdir -p /tmp/bx && xz -dc "$C/bins/bins.tar.xz" | tar -x -C /tmp/bx && cp /tmp/bx/*/* /opt/kb/
   fi
   cp "$C"/w/*.whl /opt/w/ 2>/dev/null || true
+  [[ -f $C/svc/svc.tar.xz ]] && bash tools/device/services-pack.sh unpack && echo "services unpacked into /opt/svc"
   ls /opt/ortp /opt/kb /opt/w | tr '\n' ' '; echo
   if compgen -G "/opt/w/*.whl" >/dev/null; then export_bg; fi
   if [[ -f $S/pid ]]; then
@@ -132,8 +138,10 @@ bench() {  # diffusers on GPU 0, then katz on one GPU
   bench_setup || return 1
   echo "== diffusers (fp16, SDPA), same sitting, GPU 0"
   CUDA_VISIBLE_DEVICES=0 python3 tools/bench_diffusers.py --size "${SIZE:-1024}" --steps "${STEPS:-50}" \
-    --configs 0c0l,1c1l,3c2l --lora-dir "$S/loras" --out "$BASE" 2>&1 | grep -vE "Warning|LoRA keys|float32" | tail -8
+    --configs 0c0l,1c0l,2c0l,3c0l,1c1l,3c2l --lora-dir "$S/loras" --out "$BASE" 2>&1 \
+    | grep -vE "Warning|LoRA keys|float32" | tail -11
   katz_bench 1gpu --configs "${CONFIGS:-0C/0L,1C/1L,3C/2L}"
+  katz_bench 1gpu-static --configs 0C/0L,3C/2L --static-shapes
 }
 
 bench_multi() {  # katz on 2 and 4 GPUs (the diffusers baseline of `bench` in this sitting)
@@ -141,22 +149,34 @@ bench_multi() {  # katz on 2 and 4 GPUs (the diffusers baseline of `bench` in th
   [[ -f $BASE ]] || { echo "run 'bench' first (the diffusers baseline)"; return 1; }
   if (( ngpu >= 2 )); then
     katz_bench 2gpu-split --configs 0C/0L,1C/1L,3C/2L --split-guidance cuda:1
+    katz_bench 2gpu-split-static --configs 0C/0L --split-guidance cuda:1 --static-shapes
     katz_bench 2gpu-cn --configs 1C/1L,3C/2L --controlnet-devices cuda:1 --controlnet-mode parallel
   fi
   if (( ngpu >= 4 )); then
     katz_bench 4gpu-cn --configs 3C/2L --controlnet-devices cuda:1,cuda:2,cuda:3 --controlnet-mode parallel
     katz_bench 4gpu-split-cn --configs 3C/2L --split-guidance cuda:1 --controlnet-devices cuda:2,cuda:3,cuda:2 --controlnet-mode parallel
+    katz_bench 4gpu-split-cn-static --configs 3C/2L --split-guidance cuda:1 --controlnet-devices cuda:2,cuda:3,cuda:2 --controlnet-mode parallel --static-shapes
   fi
 }
 
 service() {  # RabbitMQ + Redis carried in .gpu-carry/svc (services-pack.sh); ControlNet transports on GPUs
   setup
   bash tools/device/services-pack.sh start || return 1
-  local wdev=cuda:$(( $(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l) - 1 ))
-  echo "== katz bench controlnet: pipeline on cuda:0, ControlNet worker on $wdev"
+  local wdev=cuda:1 gpu day
+  (( $(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l) > 1 )) || wdev=cuda:0
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-'); day=$(date +%F)
+  echo "== katz bench controlnet, tiny bundles: pipeline on cuda:0, ControlNet worker on $wdev"
   /opt/kb/katz bench controlnet --device cuda:0 --worker-device "$wdev" \
     --modes serial,parallel,redis,ipc --counts 0,1,2,3 --repeat 3 \
-    --out "$O/controlnet-transports-$(date +%F).json" 2>&1 | grep -v " WARN " | tail -20
+    --out "$O/controlnet-transports-tiny-$gpu-$day.json" 2>&1 | grep -v " WARN " | tail -20
+  if [[ -f $S/done ]]; then
+    echo "== katz bench controlnet, full-size SDXL 1024², batch 2: pipeline on cuda:0, worker on $wdev"
+    BASE=$O/diffusers-$gpu-$day.json
+    /opt/kb/katz bench controlnet --device cuda:0 --worker-device "$wdev" \
+      --bundle "$S/base" --controlnet "$S/base-controlnet" --size 1024 --steps 10 --guidance 7.5 \
+      --modes serial,parallel,ipc,redis --counts 0,1,2,3 --repeat 2 $([[ -f $BASE ]] && echo --baseline "$BASE") \
+      --out "$O/controlnet-transports-sdxl-$gpu-$day.json" 2>&1 | grep -v " WARN " | tail -20
+  fi
   if [[ -x /opt/kb/service ]]; then
     echo "== service tests (KATZ_BIN, the pipeline on cuda:0)"
     KATZ_BIN=/opt/kb/katz KATZ_DEVICE=cuda:0 /opt/kb/service --test-threads 1 2>&1 | grep -E "^test |test result|panicked" | head -30
@@ -166,7 +186,7 @@ service() {  # RabbitMQ + Redis carried in .gpu-carry/svc (services-pack.sh); Co
 case ${1:-all} in
   stage) stage ;;
   tests) tests ;;
-  export) setup; export_wait ;;
+  export) stage; setup; export_wait ;;
   bench) bench ;;
   multi) bench_multi ;;
   service) service ;;

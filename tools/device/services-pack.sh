@@ -6,7 +6,9 @@
 #
 #   here:  bash tools/device/services-pack.sh          → .gpu-carry/svc/svc.tar.xz
 #   there: bash tools/device/services-pack.sh start    (carry .gpu-carry/svc): RabbitMQ on 5672
-#          (guest/guest), Redis on 6379, both on 127.0.0.1; `stop` ends them
+#          (guest/guest), Redis on 6379, both on 127.0.0.1; `stop` ends them; `unpack` only
+#          unpacks into /opt/svc (a call that carries the piece; a later call starts them: the
+#          brokers end with the call that started them)
 #
 # Checked here (Debian 12, Erlang 25, RabbitMQ 3.10, Redis 7.0): the relocated tree starts and
 # listens. Erlang's scripts hard-code their root; `start` rewrites it to /opt/svc.
@@ -24,9 +26,13 @@ pack() {
   ls -la "$out"
 }
 
-start() {
+unpack() {  # into $R, once (a later call need not carry the piece again)
   mkdir -p "$R"
   [[ -d $R/usr/lib/erlang ]] || xz -dc "$root/.gpu-carry/svc/svc.tar.xz" | tar -x -C "$R"
+}
+
+start() {
+  unpack
   for f in "$R"/usr/lib/erlang/bin/{erl,start} "$R"/usr/lib/erlang/erts-*/bin/{erl,start}; do
     sed -i "s|\"/usr/lib/erlang|\"$R/usr/lib/erlang|g; s|=/usr/lib/erlang|=$R/usr/lib/erlang|g" "$f"
   done
@@ -60,7 +66,8 @@ stop() {
 
 case ${1:-pack} in
   pack) pack ;;
+  unpack) unpack ;;
   start) start ;;
   stop) stop ;;
-  *) echo "usage: $0 pack|start|stop"; exit 2 ;;
+  *) echo "usage: $0 pack|unpack|start|stop"; exit 2 ;;
 esac
