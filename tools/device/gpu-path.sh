@@ -186,7 +186,7 @@ service() {  # RabbitMQ + Redis carried in .gpu-carry/svc (services-pack.sh); Co
 case ${1:-all} in
   stage) stage ;;
   tests) tests ;;
-  export) stage; setup; export_wait ;;
+  export) stage; export_wait ;;
   bench) bench ;;
   multi) bench_multi ;;
   service) service ;;
