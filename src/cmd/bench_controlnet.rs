@@ -90,10 +90,10 @@ fn request(
 ) -> anyhow::Result<Request> {
     let model = pipe.controlnet(&setup.controlnet)?;
     let image = read_conditioning(&bundles.join("examples/edges-128.png"), (128, 128))?;
-    let image = if a.size == 128 {
-        image
-    } else {
-        read_conditioning(&bundles.join("examples/cond_a.png"), (a.size, a.size))?
+    let image = match a.size {
+        128 => image,
+        64 => read_conditioning(&bundles.join("examples/cond_a.png"), (a.size, a.size))?,
+        s => rings(s),
     };
     Ok(Request {
         prompt: "a red circle above a blue square on a white background".into(),
@@ -116,6 +116,24 @@ fn request(
             .collect(),
         loras: vec![],
     })
+}
+
+/// A conditioning image of any size (no example file is that large): concentric rings, as an
+/// edge map looks, in [0, 1], NCHW.
+fn rings(size: usize) -> Tensor {
+    let band = (size / 16).max(1);
+    let mut data = vec![0.0f32; 3 * size * size];
+    for y in 0..size {
+        for x in 0..size {
+            let (dx, dy) = (x as f32 - size as f32 / 2.0, y as f32 - size as f32 / 2.0);
+            let r = (dx * dx + dy * dy).sqrt() as usize;
+            let v = if r % band < 2 { 1.0 } else { 0.0 };
+            for c in 0..3 {
+                data[c * size * size + y * size + x] = v;
+            }
+        }
+    }
+    Tensor::new(vec![1, 3, size, size], data)
 }
 
 /// Mean wall time of the denoising loop per step (text encoders and VAE excluded).
