@@ -356,6 +356,8 @@ fn clone_cond(c: &Conditioning) -> Conditioning {
 #[derive(Clone, Default)]
 pub struct ThreadedControlNets {
     pub models: Vec<Arc<Mutex<ControlNet>>>,
+    /// The threads sessions run on, kept between jobs (crate::threads says why).
+    pub threads: Arc<crate::threads::LastingThreads>,
 }
 
 /// A step's input: on the host, or in GPU memory.
@@ -372,7 +374,8 @@ enum StepOut {
 struct ThreadedSession {
     tx: Option<mpsc::Sender<StepIn>>,
     rx: mpsc::Receiver<StepOut>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Closed when the session's loop has ended (its thread goes back to the pool).
+    done: Option<mpsc::Receiver<()>>,
     name: String,
     gpu: bool,
 }
@@ -393,9 +396,10 @@ impl ControlService for ThreadedControlNets {
         let (out_tx, rx) = mpsc::channel();
         let cond = clone_cond(init.cond);
         let image = init.image.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("controlnet-{index}"))
-            .spawn(move || {
+        let (done_tx, done) = mpsc::channel::<()>();
+        self.threads
+            .run(move || {
+                let _done = done_tx; // dropped when the loop ends, also on a panic
                 let mut bound: Option<BoundControlNet> = None;
                 for input in in_rx {
                     let out = match input {
@@ -423,7 +427,7 @@ impl ControlService for ThreadedControlNets {
         Ok(Box::new(ThreadedSession {
             tx: Some(tx),
             rx,
-            thread: Some(thread),
+            done: Some(done),
             name,
             gpu,
         }))
@@ -484,8 +488,8 @@ impl ControlSession for ThreadedSession {
 
     fn close(&mut self) {
         self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(d) = self.done.take() {
+            let _ = d.recv(); // Err once the loop has ended and dropped its sender
         }
     }
 }

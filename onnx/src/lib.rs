@@ -32,6 +32,7 @@ pub mod runtime;
 pub mod scheduler;
 pub mod tensor;
 pub mod text;
+pub mod threads;
 pub mod weights;
 
 pub use error::{Disposition, Error, Result};
