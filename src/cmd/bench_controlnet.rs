@@ -264,7 +264,11 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
                         "--device",
                         &a.worker_device.unwrap_or(a.device.device).to_string(),
                     ])
-                    .env("KATZ_LOG", "warn")
+                    // KATZ_WORKER_LOG=katz_actors=debug: the worker's per-step timings
+                    .env(
+                        "KATZ_LOG",
+                        std::env::var("KATZ_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+                    )
                     .stdout(Stdio::null())
                     .spawn()
                     .context("starting a controlnet-worker")?,

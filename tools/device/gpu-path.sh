@@ -180,6 +180,11 @@ service() {  # RabbitMQ + Redis carried in .gpu-carry/svc (services-pack.sh); Co
       --bundle "$S/base" --controlnet "$S/base-controlnet" --size 1024 --steps 20 --guidance 7.5 \
       --modes serial,parallel,ipc --counts 0,1,2,3 --repeat 2 $([[ -f $BASE ]] && echo --baseline "$BASE") \
       --out "$O/controlnet-transports-sdxl-$gpu-$day.json" 2>&1 | grep -v " WARN " | tail -20
+    echo "== where a CUDA IPC step's time goes (one ControlNet, 6 steps, both sides' debug timings)"
+    KATZ_LOG=katz_actors=debug KATZ_WORKER_LOG=katz_actors=debug /opt/kb/katz bench controlnet \
+      --device cuda:0 --worker-device "$wdev" --bundle "$S/base" --controlnet "$S/base-controlnet" \
+      --size 1024 --steps 6 --guidance 7.5 --modes ipc --counts 1 --repeat 1 2>&1 \
+      | grep -E "CUDA IPC|residuals sent|session started|session closed|ms/step" | sed 's/\x1b\[[0-9;]*m//g' | tail -40
   fi
   if [[ -x /opt/kb/service ]]; then
     echo "== service tests (KATZ_BIN, the pipeline on cuda:0)"

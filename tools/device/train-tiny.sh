@@ -6,7 +6,7 @@
 #
 # A `run` command lasts at most 10 minutes, so the family trains in two calls on one warm machine;
 # the checkpoint stays there in .gpu-carry/tiny-ckpt (git-ignored) between them:
-#   bash tools/device/train-tiny.sh vae base           carry [".gpu-carry/w"]   ~9 min (VAE 2, base 5.5)
+#   bash tools/device/train-tiny.sh vae base           carry [".gpu-carry/w"]   ~9 min (VAE 3, base cut to fit --deadline 9)
 #   bash tools/device/train-tiny.sh controlnet lora    carry [".gpu-carry/w"]   ~7 min (ControlNet 3, 2 LoRAs 1.5 each)
 # (timeout_s 600). If the machine went back between the calls, unpack the first call's
 # tiny-ckpt.tar.gz into .gpu-carry/ here and add ".gpu-carry/tiny-ckpt" to the second call's carry.

@@ -315,8 +315,10 @@ impl ControlSession for RemoteSession {
     }
 
     fn send_device(&mut self, step: usize, latent_in: &DevRef, timestep: &Tensor) -> Result<()> {
+        let t0 = std::time::Instant::now();
         if self.ipc.is_none() {
             self.ipc = Some(BaseIpc::new(latent_in.device)?);
+            tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "CUDA IPC: base side opened");
         }
         let m = self
             .ipc
@@ -326,20 +328,25 @@ impl ControlSession for RemoteSession {
         let payload = wire::encode_ipc(&m);
         self.push(&payload)?;
         self.last = Some((step, payload));
+        tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1e3, "CUDA IPC: latent sent");
         Ok(())
     }
 
     fn recv_device(&mut self, step: usize) -> Result<Vec<DevRef>> {
+        let t0 = std::time::Instant::now();
         let r: IpcResiduals = self.wait(step, |bytes| match wire::decode_ipc::<IpcResiduals>(bytes) {
             Some(Ok(r)) => Ok((r.step, r)),
             Some(Err(e)) => Err(e),
             None => Err("the worker answered with tensors, not CUDA IPC handles".into()),
         })?;
-        self.ipc
+        let out = self
+            .ipc
             .as_mut()
             .ok_or_else(|| cn_err("CUDA IPC residuals before any IPC step".into()))?
             .residuals(&r)
-            .map_err(|e| cn_err(format!("ControlNet {} step {step}: {e}", self.model)))
+            .map_err(|e| cn_err(format!("ControlNet {} step {step}: {e}", self.model)));
+        tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1e3, "CUDA IPC: residuals in (wait + mapping)");
+        out
     }
 
     fn close(&mut self) {
