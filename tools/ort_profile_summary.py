@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Summarises ONNX Runtime profiles (KATZ_ORT_PROFILE=PREFIX katz …): time by operator type, per
-graph, over all runs after the first (the first pays kernel selection).
+graph, over all runs after the first (the first pays kernel selection); and, on a GPU, the nodes
+that ran on another provider than CUDA (CPU-placed nodes and the Memcpy they bring, which keep
+ONNX Runtime from capturing a CUDA graph).
 
     python3 tools/ort_profile_summary.py PREFIX-unet_encoder_*.json [...]
 """
@@ -22,3 +24,16 @@ for path in sys.argv[1:]:
     print(f"{path}: {len(runs)} runs; after the first: {run_ms:.1f} ms per run, kernels {total / n / 1e3:.1f} ms per run")
     for op, us in by_op.most_common(12):
         print(f"  {op:<28}{us / n / 1e3:>9.2f} ms per run  {100 * us / max(total, 1):5.1f}%")
+    providers = collections.Counter()
+    off_gpu = collections.Counter()
+    last = runs[-1]["ts"] if runs else 0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= last:
+            prov = e["args"].get("provider", "?")
+            providers[prov] += 1
+            if prov != "CUDAExecutionProvider":
+                off_gpu[(prov, e["args"].get("op_name", "?"), e["name"][: -len("_kernel_time")])] += 1
+    print(f"  nodes per provider (last run): {dict(providers)}")
+    if "CUDAExecutionProvider" in providers:
+        for (prov, op, name), k in sorted(off_gpu.items())[:20]:
+            print(f"    not on CUDA: {op:<16} {prov:<24} {name}")

@@ -21,6 +21,8 @@
 #                                           katz bench controlnet: serial, parallel, redis, ipc
 #                                           (worker on GPU 1), tiny bundles and full-size SDXL, and
 #                                           the service tests
+#   bash tools/device/gpu-path.sh profile   8 static-shape steps under ONNX Runtime's profiler: time by
+#                                           operator, and the nodes not on CUDA (CUDA-graph blockers)
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -195,6 +197,15 @@ service() {  # RabbitMQ + Redis carried in .gpu-carry/svc (services-pack.sh); Co
   fi
 }
 
+profile() {  # one GPU, static shapes, 8 steps under ONNX Runtime's profiler: time by operator and
+             # the nodes not on CUDA (what keeps a CUDA graph from being captured)
+  bench_setup || return 1
+  rm -rf "$O/prof"; mkdir -p "$O/prof"
+  KATZ_ORT_PROFILE=$O/prof/p /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" \
+    --configs 0C/0L --size "${SIZE:-1024}" --steps 8 --repeat 1 --static-shapes 2>&1 | grep -v " WARN " | tail -3
+  python3 tools/ort_profile_summary.py "$O"/prof/p-unet_encoder_*.json "$O"/prof/p-unet_decoder_*.json
+}
+
 results() { [[ -n ${OUT:-} && -d ${OUT:-} ]] && cp "$O"/*.json "$OUT"/ 2>/dev/null; return 0; }
 trap results EXIT
 
@@ -204,7 +215,8 @@ case ${1:-all} in
   export) stage; export_wait ;;
   bench) bench ;;
   multi) bench_multi ;;
+  profile) profile ;;
   service) service ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|multi|service|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|multi|service|profile|all"; exit 2 ;;
 esac
