@@ -164,7 +164,10 @@ fn static_shapes_give_the_dynamic_image_and_refuse_other_sizes() {
     let req = job(&mut fixed);
     let got = fixed.generate(&req, &mut NoObserver).unwrap().image;
     let e = rel_err(&got.data, &want.data);
-    assert!(e <= 1e-5, "static shapes changed the image: relative error {e:.1e}");
+    assert!(
+        e <= 1e-5,
+        "static shapes changed the image: relative error {e:.1e}"
+    );
 
     let mut other = req.clone();
     other.width = 128;

@@ -381,7 +381,11 @@ fn unet_dims(bundle: &BaseBundle, f: FixedShape) -> Result<[Vec<(String, i64)>; 
     let d = |n: &str, v: i64| (n.to_string(), v);
     let b = f.unet_batch as i64;
     let enc = vec![d("batch", b), d("height", h), d("width", w)];
-    let mut dec = vec![d("batch", b), d("mid_h", h / mid as i64), d("mid_w", w / mid as i64)];
+    let mut dec = vec![
+        d("batch", b),
+        d("mid_h", h / mid as i64),
+        d("mid_w", w / mid as i64),
+    ];
     for (i, st) in strides.iter().enumerate() {
         dec.push(d(&format!("skip_{i}_h"), h / *st as i64));
         dec.push(d(&format!("skip_{i}_w"), w / *st as i64));
@@ -392,10 +396,16 @@ fn unet_dims(bundle: &BaseBundle, f: FixedShape) -> Result<[Vec<(String, i64)>; 
 /// The fixed free dimensions of a ControlNet graph for `f`: it always takes both guidance halves.
 pub(crate) fn controlnet_dims(vae_scale: usize, f: FixedShape) -> Vec<(String, i64)> {
     let (h, w) = ((f.height / vae_scale) as i64, (f.width / vae_scale) as i64);
-    [("batch", 2), ("height", h), ("width", w), ("image_height", f.height as i64), ("image_width", f.width as i64)]
-        .into_iter()
-        .map(|(n, v)| (n.to_string(), v))
-        .collect()
+    [
+        ("batch", 2),
+        ("height", h),
+        ("width", w),
+        ("image_height", f.height as i64),
+        ("image_width", f.width as i64),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_string(), v))
+    .collect()
 }
 
 impl Pipeline {
@@ -1870,7 +1880,10 @@ mod split_thread_tests {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let (a, b) = on_both(
             &pool,
-            move || rx.recv_timeout(Duration::from_secs(5)).map_err(|e| Error::Gpu(e.to_string())),
+            move || {
+                rx.recv_timeout(Duration::from_secs(5))
+                    .map_err(|e| Error::Gpu(e.to_string()))
+            },
             || tx.send(()).map_err(|e| Error::Gpu(e.to_string())),
         );
         a.unwrap();

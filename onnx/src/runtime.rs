@@ -227,9 +227,7 @@ pub fn session_with_dims(path: &Path, opts: &SessionOptions, dims: &[(String, i6
         b = b.with_profiling(file).map_err(ort::Error::from)?;
     }
     for (name, size) in dims {
-        b = b
-            .with_dimension_override(name, *size)
-            .map_err(ort::Error::from)?;
+        b = b.with_dimension_override(name, *size).map_err(ort::Error::from)?;
     }
     let providers = match opts.device {
         Device::Cpu => vec![],

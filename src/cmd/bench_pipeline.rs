@@ -165,15 +165,19 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut opts = a.device.session_options();
     if a.static_shapes {
-        let batch = if a.split_guidance.is_some() || a.guidance <= 1.0 { 1 } else { 2 };
+        let batch = if a.split_guidance.is_some() || a.guidance <= 1.0 {
+            1
+        } else {
+            2
+        };
         opts.fixed = Some(katz_onnx::runtime::FixedShape {
             width: a.size,
             height: a.size,
             unet_batch: batch,
         });
     }
-    let mut pipe = Pipeline::load(&a.bundle, opts)
-        .with_context(|| format!("loading {}", a.bundle.display()))?;
+    let mut pipe =
+        Pipeline::load(&a.bundle, opts).with_context(|| format!("loading {}", a.bundle.display()))?;
     let mut models = Vec::new();
     if let Some(dir) = &a.controlnet {
         for j in 0..max_c {

@@ -318,7 +318,10 @@ impl ControlSession for RemoteSession {
         let t0 = std::time::Instant::now();
         if self.ipc.is_none() {
             self.ipc = Some(BaseIpc::new(latent_in.device)?);
-            tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "CUDA IPC: base side opened");
+            tracing::debug!(
+                ms = t0.elapsed().as_secs_f64() * 1e3,
+                "CUDA IPC: base side opened"
+            );
         }
         let m = self
             .ipc
@@ -328,7 +331,11 @@ impl ControlSession for RemoteSession {
         let payload = wire::encode_ipc(&m);
         self.push(&payload)?;
         self.last = Some((step, payload));
-        tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1e3, "CUDA IPC: latent sent");
+        tracing::debug!(
+            step,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "CUDA IPC: latent sent"
+        );
         Ok(())
     }
 
@@ -345,7 +352,11 @@ impl ControlSession for RemoteSession {
             .ok_or_else(|| cn_err("CUDA IPC residuals before any IPC step".into()))?
             .residuals(&r)
             .map_err(|e| cn_err(format!("ControlNet {} step {step}: {e}", self.model)));
-        tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1e3, "CUDA IPC: residuals in (wait + mapping)");
+        tracing::debug!(
+            step,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "CUDA IPC: residuals in (wait + mapping)"
+        );
         out
     }
 
