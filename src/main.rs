@@ -8,6 +8,7 @@
 //! katz submit      publish a job; --wait follows it and writes the image
 //! katz status ID   a job's record;   katz cancel ID   stop it
 //! katz bench …     measurements (lora-merge: LoRA merge time vs the memory-bound floor)
+//! katz trace …     request traces in the Katz format: gen, stats, cache
 //! ```
 //! Each subcommand lives in `src/cmd/`; this file only parses and dispatches.
 
@@ -46,6 +47,8 @@ enum Command {
     Cancel(cmd::cancel::CancelArgs),
     /// Measure one building block (katz bench lora-merge …).
     Bench(cmd::bench::BenchArgs),
+    /// Request traces in the Katz authors' format: draw one, read its statistics, replay caches.
+    Trace(cmd::trace::TraceArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(a) => cmd::status::run(a),
         Command::Cancel(a) => cmd::cancel::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Trace(a) => cmd::trace::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -411,3 +411,90 @@ fn bench_lora_merge_times_the_cpu_merge_and_refuses_bad_input() {
         "no such file",
     );
 }
+
+#[test]
+fn trace_tools_draw_read_and_replay_a_katz_format_trace() {
+    let d = tmp("trace");
+    let trace = d.join("trace.json");
+    let (t, s, c) = (
+        trace.to_str().unwrap(),
+        d.join("stats.json"),
+        d.join("cache.json"),
+    );
+    let so = ok(&katz(&[
+        "trace",
+        "gen",
+        "--service",
+        "A",
+        "--requests",
+        "3000",
+        "--rate",
+        "4",
+        "--bursty",
+        "3:5:10",
+        "--instances",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        t,
+    ]));
+    assert!(so.contains("3000 requests of service A"), "{so}");
+    // the file is a JSON list in the published format
+    let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let first = &raw.as_array().unwrap()[0];
+    for k in [
+        "timestamp",
+        "ip",
+        "scene_id",
+        "base_model_id",
+        "controlnets",
+        "loras",
+    ] {
+        assert!(first.get(k).is_some(), "{k} missing: {first}");
+    }
+    let so = ok(&katz(&["trace", "stats", t, "--out", s.to_str().unwrap()]));
+    assert!(so.contains("2 instance(s)"), "{so}");
+    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(&s).unwrap()).unwrap();
+    assert_eq!(st["requests"], 3000);
+    let top5 = st["top_controlnet_share"]["5"].as_f64().unwrap();
+    assert!(
+        (top5 - 0.98).abs() < 0.02,
+        "service A's top 5 ControlNets: {top5}"
+    );
+    assert_eq!(st["distinct_loras_over_time"].as_object().unwrap().len(), 2);
+
+    let so = ok(&katz(&[
+        "trace",
+        "cache",
+        t,
+        "--max-entries",
+        "4",
+        "--out",
+        c.to_str().unwrap(),
+    ]));
+    assert!(so.contains("LoRA LRU"), "{so}");
+    let ca: serde_json::Value = serde_json::from_slice(&std::fs::read(&c).unwrap()).unwrap();
+    let rows = ca["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    let lru = |r: &serde_json::Value| r["lora_lru"]["loads_per_request"].as_f64().unwrap();
+    assert!(
+        lru(&rows[3]) < lru(&rows[0]),
+        "more entries, fewer loads: {rows:?}"
+    );
+
+    // bad input is a clear error, not a panic
+    std::fs::write(d.join("bad.json"), r#"[{"timestamp": "noon", "ip": "a"}]"#).unwrap();
+    fails_with(
+        &katz(&["trace", "stats", d.join("bad.json").to_str().unwrap()]),
+        "not a Katz trace",
+    );
+    fails_with(
+        &katz(&["trace", "gen", "--bursty", "x", "--out", t]),
+        "--bursty x",
+    );
+    fails_with(
+        &katz(&["trace", "gen", "--service", "Z", "--out", t]),
+        "unknown service",
+    );
+}

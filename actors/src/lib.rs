@@ -30,5 +30,6 @@ pub mod protocol;
 pub mod store;
 pub mod topology;
 pub mod worker;
+pub mod workload;
 
 pub use error::{Action, JobError};

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod lora_args;
 pub mod status;
 pub mod submit;
+pub mod trace;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
