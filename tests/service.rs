@@ -1099,3 +1099,75 @@ fn a_controlnet_worker_killed_mid_session_moves_the_session_or_fails_the_job() {
         bus.cleanup().await;
     });
 }
+
+#[test]
+fn a_replayed_trace_runs_every_job_with_its_loras() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("replay").await;
+        let dir = std::env::temp_dir().join(format!("katz-replay-{}", std::process::id()));
+        let (store, trace) = (dir.join("store"), dir.join("trace.json"));
+        let run = |args: &[&str]| {
+            let out = Command::new(katz_bin())
+                .args(args)
+                .current_dir(root())
+                .output()
+                .expect("katz runs");
+            let so = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "katz {args:?}: {so}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            so
+        };
+        let t = trace.to_str().unwrap();
+        run(&[
+            "trace",
+            "gen",
+            "--service",
+            "B",
+            "--requests",
+            "10",
+            "--rate",
+            "5",
+            "--seed",
+            "3",
+            "--out",
+            t,
+        ]);
+        let reqs: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+        let _w = Worker::start(&bus.queue, "w-replay", &["--lora-dir", store.to_str().unwrap()]);
+        let prefix = uid("replay");
+        let so = run(&[
+            "trace",
+            "replay",
+            t,
+            "--store",
+            store.to_str().unwrap(),
+            "--speed",
+            "50",
+            "--queue",
+            &bus.queue,
+            "--id-prefix",
+            &prefix,
+            "--steps",
+            "4",
+        ]);
+        assert!(so.contains("10 jobs published"), "{so}");
+        for i in 0..10 {
+            let r = bus
+                .wait_final(&format!("{prefix}-{i}"), Duration::from_secs(120))
+                .await;
+            assert_eq!(r["status"], "done", "job {i}: {r:?}");
+            let want = reqs[i]["loras"].as_array().unwrap().len();
+            let got: usize = ["lora_loads", "lora_cache_hits"]
+                .iter()
+                .map(|k| r.get(*k).map(|v| v.parse::<usize>().unwrap()).unwrap_or(0))
+                .sum();
+            assert_eq!(got, want, "job {i}: its LoRAs were loaded or found cached: {r:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        bus.cleanup().await;
+    });
+}

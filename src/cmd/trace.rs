@@ -6,6 +6,12 @@
 //! katz trace stats T.json          adapters per request, popularity, LoRAs seen per instance
 //! katz trace cache T.json          loads per request of LoRA and ControlNet caches, LRU and LFU,
 //!                                  1…10 entries, a cache per instance (katz's own cache)
+//! katz trace replay T.json --store DIR --speed S
+//!                                  writes a LoRA file per trace LoRA into DIR (seeded, rank R, for
+//!                                  the bundle's weight map), then publishes a job per request at
+//!                                  its time ÷ S to RabbitMQ (status `queued` in Redis first, as
+//!                                  `katz submit` does); trace ControlNets map onto the worker's
+//!                                  model(s), round robin by trace id
 //! ```
 
 use std::path::PathBuf;
@@ -30,6 +36,52 @@ pub enum TraceCommand {
     Stats(FileArgs),
     /// Loads per request of LoRA and ControlNet caches replayed over a trace.
     Cache(CacheArgs),
+    /// Publish a trace's requests as jobs, time-scaled, with the LoRA files they need.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReplayArgs {
+    pub trace: PathBuf,
+    /// LoRA store the workers read (`--lora-dir`): a file per trace LoRA is written here if missing.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Time scale: 10 replays ten times faster than the trace's timestamps.
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// Base bundle (its weight map shapes the LoRA files) [default: bundles/tiny-sdxl]
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+    /// Base model name the jobs ask for [default: the bundle's]
+    #[arg(long)]
+    pub base: Option<String>,
+    /// ControlNet models of the workers the trace's ControlNets map onto (round robin by id)
+    /// [default: tiny-sdxl-controlnet]
+    #[arg(long, value_delimiter = ',')]
+    pub controlnet_models: Vec<String>,
+    /// Conditioning image of every ControlNet [default: bundles/examples/edges-128.png]
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    pub steps: u32,
+    #[arg(long, default_value = "128x128", value_parser = super::generate::parse_size)]
+    pub size: (usize, usize),
+    /// Rank of the generated LoRA files.
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// Replay only the first N requests.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Job ids are PREFIX-<index>; the report reads them back by it.
+    #[arg(long, default_value = "replay")]
+    pub id_prefix: String,
+    /// Queue [default: katz.jobs.<base>]
+    #[arg(long)]
+    pub queue: Option<String>,
+    #[command(flatten)]
+    pub amqp: super::AmqpArgs,
+    #[command(flatten)]
+    pub redis: super::RedisArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -103,6 +155,7 @@ pub fn run(a: TraceArgs) -> anyhow::Result<()> {
         TraceCommand::Gen(g) => gen(g),
         TraceCommand::Stats(f) => stats(f),
         TraceCommand::Cache(c) => cache(c),
+        TraceCommand::Replay(r) => super::block_on(replay(r)),
     }
 }
 
@@ -255,5 +308,182 @@ fn write_json(path: &PathBuf, v: &serde_json::Value) -> anyhow::Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Writes `DIR/<name>.safetensors` for each LoRA name not there yet: diffusers/peft layout
+/// (`unet.<module>.lora_A/B.weight`) over every LoRA-targetable layer of the bundle, rank `rank`,
+/// seeded by the name, with factors small enough to nudge the image rather than wreck it.
+pub fn write_loras(
+    dir: &std::path::Path,
+    names: &[&str],
+    map: &std::collections::BTreeMap<String, katz_onnx::bundle::WeightEntry>,
+    rank: usize,
+) -> anyhow::Result<usize> {
+    use rand::{Rng, SeedableRng};
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut made = 0;
+    for name in names {
+        let path = dir.join(format!("{name}.safetensors"));
+        if path.exists() {
+            continue;
+        }
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (w, e) in map {
+            let [out, inp] = e.shape[..] else { continue };
+            let r = rank.min(out).min(inp).max(1);
+            let module = w.strip_suffix(".weight").unwrap_or(w);
+            let mut f = |n: usize, scale: f32| -> Vec<u8> {
+                (0..n)
+                    .flat_map(|_| ((rng.random::<f32>() * 2.0 - 1.0) * scale).to_le_bytes())
+                    .collect()
+            };
+            let a = f(r * inp, 1.0 / (inp as f32).sqrt());
+            let b = f(out * r, 0.05 / (r as f32).sqrt());
+            tensors.push((format!("unet.{module}.lora_A.weight"), vec![r, inp], a));
+            tensors.push((format!("unet.{module}.lora_B.weight"), vec![out, r], b));
+        }
+        let views = tensors
+            .iter()
+            .map(|(k, s, b)| {
+                Ok((
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        let tmp = path.with_extension("tmp");
+        safetensors::serialize_to_file(views, None, &tmp)?;
+        std::fs::rename(&tmp, &path)?;
+        made += 1;
+    }
+    Ok(made)
+}
+
+async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
+    use katz_actors::protocol::{job_key, jobs_queue, now_ms, ControlNetJob, ImageRef, Job, LoraJob, Status};
+    use katz_actors::topology;
+    use redis::AsyncCommands;
+
+    if !(a.speed > 0.0 && a.speed.is_finite()) {
+        bail!("--speed must be > 0");
+    }
+    let mut t = read(&a.trace)?;
+    if let Some(n) = a.limit {
+        t.truncate(n);
+    }
+    let bundles = super::bundles_dir()?;
+    let bundle_dir = a.bundle.clone().unwrap_or_else(|| bundles.join("tiny-sdxl"));
+    let bundle = katz_onnx::bundle::BaseBundle::open(&bundle_dir)
+        .with_context(|| format!("opening {}", bundle_dir.display()))?;
+    let base = a.base.clone().unwrap_or_else(|| bundle.manifest.name.clone());
+    let models = if a.controlnet_models.is_empty() {
+        vec!["tiny-sdxl-controlnet".to_string()]
+    } else {
+        a.controlnet_models.clone()
+    };
+    let image_path = a
+        .image
+        .clone()
+        .unwrap_or_else(|| bundles.join("examples/edges-128.png"));
+    let image = std::fs::read(&image_path).with_context(|| format!("reading {}", image_path.display()))?;
+
+    let mut names: Vec<&str> = t
+        .iter()
+        .flat_map(|r| r.loras.iter().map(String::as_str))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let t0 = std::time::Instant::now();
+    let made = write_loras(&a.store, &names, &bundle.manifest.weights.map, a.lora_rank)?;
+    println!(
+        "katz trace replay: {} LoRA files in {} ({made} written, rank {}, {:.1} s)",
+        names.len(),
+        a.store.display(),
+        a.lora_rank,
+        t0.elapsed().as_secs_f64()
+    );
+
+    let mut redis = a.redis.connect().await?;
+    let queue = a.queue.clone().unwrap_or_else(|| jobs_queue(&base));
+    let conn = topology::connect(&a.amqp.amqp, "katz-trace-replay")
+        .await
+        .with_context(|| format!("connecting to {}", a.amqp.amqp))?;
+    let channel = conn.create_channel().await?;
+    topology::declare(&channel, &queue).await?;
+    let words = ["red", "blue", "green", "yellow", "purple", "orange"];
+    let shapes = ["circle", "square", "triangle", "star"];
+    let start_ts = t.first().map(|r| r.timestamp).unwrap_or(0.0);
+    let started = tokio::time::Instant::now();
+    let mut worst_lag = 0.0f64;
+    for (i, r) in t.iter().enumerate() {
+        let due = started + std::time::Duration::from_secs_f64((r.timestamp - start_ts) / a.speed);
+        tokio::time::sleep_until(due).await;
+        worst_lag = worst_lag.max(due.elapsed().as_secs_f64());
+        let id = format!("{}-{i}", a.id_prefix);
+        let prompt = format!(
+            "a {} {} on a white background",
+            words[i % words.len()],
+            shapes[(i / words.len()) % shapes.len()]
+        );
+        let mut job = Job::new(&id, &base, &prompt);
+        job.width = a.size.0 as u32;
+        job.height = a.size.1 as u32;
+        job.steps = a.steps;
+        job.seed = i as u64;
+        job.submitted_ms = Some(now_ms());
+        for c in &r.controlnets {
+            let k = c
+                .bytes()
+                .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+            job.controlnets.push(ControlNetJob {
+                model: models[k % models.len()].clone(),
+                image: ImageRef::Inline(image.clone()),
+                scale: 0.8,
+                start: 0.0,
+                end: 1.0,
+            });
+        }
+        for l in &r.loras {
+            job.loras.push(LoraJob {
+                name: l.clone(),
+                scale: 0.8,
+            });
+        }
+        let created: bool = redis
+            .hset_nx(job_key(&id), "status", Status::Queued.as_str())
+            .await?;
+        if !created {
+            bail!("job id `{id}` is already in use: give another --id-prefix");
+        }
+        let _: () = redis
+            .hset_multiple(
+                job_key(&id),
+                &[
+                    ("digest", job.digest()),
+                    ("submitted_ms", now_ms().to_string()),
+                    ("trace_instance", r.ip.clone()),
+                ],
+            )
+            .await?;
+        let _: () = redis.expire(job_key(&id), job.result_ttl_s as i64).await?;
+        topology::publish(&channel, &queue, &job.encode(), job.priority, &id).await?;
+        if (i + 1) % 100 == 0 {
+            println!("  {} published", i + 1);
+        }
+    }
+    let _ = conn.close(200, "replayed".into()).await;
+    println!(
+        "katz trace replay: {} jobs published to {queue} in {:.1} s (ids {}-0…{}; worst lag behind the schedule {:.0} ms)",
+        t.len(),
+        started.elapsed().as_secs_f64(),
+        a.id_prefix,
+        t.len().saturating_sub(1),
+        worst_lag * 1e3
+    );
     Ok(())
 }
