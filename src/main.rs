@@ -8,7 +8,8 @@
 //! katz submit      publish a job; --wait follows it and writes the image
 //! katz status ID   a job's record;   katz cancel ID   stop it
 //! katz bench …     measurements (lora-merge: LoRA merge time vs the memory-bound floor)
-//! katz trace …     request traces in the Katz format: gen, stats, cache
+//! katz trace …     request traces in the Katz format: gen, stats, cache, replay
+//! katz report      latency, throughput and LoRA cache figures of runs, from Redis
 //! ```
 //! Each subcommand lives in `src/cmd/`; this file only parses and dispatches.
 
@@ -49,6 +50,9 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Request traces in the Katz authors' format: draw one, read its statistics, replay caches.
     Trace(cmd::trace::TraceArgs),
+    /// Latency percentiles, throughput, queue wait and LoRA cache figures of workload runs (from
+    /// the jobs' Redis records), with plots.
+    Report(cmd::report::ReportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -74,6 +78,7 @@ fn main() -> std::process::ExitCode {
         Command::Cancel(a) => cmd::cancel::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Trace(a) => cmd::trace::run(a),
+        Command::Report(a) => cmd::report::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

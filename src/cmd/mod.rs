@@ -9,6 +9,7 @@ pub mod controlnet_worker;
 pub mod demo;
 pub mod generate;
 pub mod lora_args;
+pub mod report;
 pub mod status;
 pub mod submit;
 pub mod trace;

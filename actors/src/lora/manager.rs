@@ -38,6 +38,10 @@ struct Inner {
     pending_loads: Arc<Semaphore>,
     max_pending: usize,
     loads: Mutex<LoadCounters>,
+    /// LoRAs a prefetch fetched that no admitted job has counted as its load yet: the first job
+    /// admitted with one counts it as a load (the prefetch was for it, or an earlier job), not a
+    /// hit, so loads per request count every fetch.
+    prefetched: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -96,6 +100,7 @@ impl LoraManager {
                 pending_loads: Arc::new(Semaphore::new(max_pending)),
                 max_pending,
                 loads: Mutex::default(),
+                prefetched: Mutex::default(),
             }),
         }
     }
@@ -204,7 +209,8 @@ pub struct Admit {
 pub struct Admitted {
     /// In the host cache.
     pub hits: u32,
-    /// Not in memory: fetched for this job, or joined to a fetch already running.
+    /// Not in memory: fetched for this job, or joined to a fetch already running, or fetched
+    /// ahead by a prefetch no earlier job counted.
     pub loads: u32,
 }
 
@@ -235,6 +241,11 @@ impl Handler<Prefetch> for LoraManager {
                 match inner.pending_loads.clone().try_acquire_owned() {
                     Ok(permit) => {
                         tracing::debug!(lora = %name, "prefetching");
+                        inner
+                            .prefetched
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(name.clone());
                         drop(inner.fetch(name, Some(permit))); // the fetch runs on its own task
                     }
                     Err(_) => return,
@@ -256,11 +267,19 @@ impl Handler<Admit> for LoraManager {
         Box::pin(async move {
             let mut out = Admitted::default();
             for name in &m.names {
-                if inner.cached(name) {
+                let prefetched = inner
+                    .prefetched
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(name);
+                if inner.cached(name) && !prefetched {
                     out.hits += 1;
                     continue;
                 }
                 out.loads += 1;
+                if inner.cached(name) {
+                    continue; // fetched by a prefetch for this job: its load, now done
+                }
                 inner.store.check(name).await?;
                 let fetching = inner
                     .fetching
