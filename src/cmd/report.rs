@@ -259,13 +259,12 @@ const COLOURS: [&str; 8] = [
 ];
 
 /// A plain SVG line chart: series of (x, y) points, axes from 0 to the data's maxima.
-fn chart(
-    title: &str,
-    xlabel: &str,
-    ylabel: &str,
-    series: &[(String, Vec<(f64, f64)>)],
-    markers: bool,
-) -> String {
+/// `series`: (name, points, style) with style = (colour index, dash index).
+type Series = (String, Vec<(f64, f64)>, (usize, usize));
+
+const DASHES: [&str; 5] = ["", "8,4", "3,3", "10,3,2,3", "1,3"];
+
+fn chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series], markers: bool) -> String {
     let (w, h, l, b, t, r) = (640.0, 420.0, 70.0, 50.0, 30.0, 170.0);
     let xmax = series
         .iter()
@@ -327,15 +326,16 @@ fn chart(
         (h - b + t) / 2.0,
         (h - b + t) / 2.0
     );
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let c = COLOURS[i % COLOURS.len()];
+    for (i, (name, pts, (ci, di))) in series.iter().enumerate() {
+        let c = COLOURS[ci % COLOURS.len()];
+        let dash = DASHES[di % DASHES.len()];
         let path: Vec<String> = pts
             .iter()
             .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
             .collect();
         let _ = writeln!(
             s,
-            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>",
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\" points=\"{}\"/>",
             path.join(" ")
         );
         if markers {
@@ -381,11 +381,22 @@ fn xml(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// Latency CDF, one curve per configuration.
+/// Latency CDF, one curve per configuration: a colour per series (NAME = SERIES@LOAD), a dash
+/// pattern per load within it.
 fn cdf_svg(rs: &[ConfigReport]) -> String {
-    let series: Vec<(String, Vec<(f64, f64)>)> = rs
+    let series_of = |r: &ConfigReport| r.name.split('@').next().unwrap_or(&r.name).to_string();
+    let mut names: Vec<String> = rs.iter().map(series_of).collect();
+    names.sort();
+    names.dedup();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let series: Vec<Series> = rs
         .iter()
         .map(|r| {
+            let sname = series_of(r);
+            let ci = names.iter().position(|x| *x == sname).unwrap_or(0);
+            let di = seen.entry(sname).or_default();
+            let style = (ci, *di);
+            *di += 1;
             let n = r.latencies.len().max(1) as f64;
             let pts = r
                 .latencies
@@ -393,7 +404,7 @@ fn cdf_svg(rs: &[ConfigReport]) -> String {
                 .enumerate()
                 .map(|(i, &v)| (v / 1e3, (i + 1) as f64 / n))
                 .collect();
-            (r.name.clone(), pts)
+            (r.name.clone(), pts, style)
         })
         .collect();
     chart(
@@ -414,11 +425,12 @@ fn throughput_svg(rs: &[ConfigReport]) -> String {
             .or_default()
             .push((r.offered_per_s, r.throughput_per_s));
     }
-    let series: Vec<(String, Vec<(f64, f64)>)> = by
+    let series: Vec<Series> = by
         .into_iter()
-        .map(|(k, mut v)| {
+        .enumerate()
+        .map(|(i, (k, mut v))| {
             v.sort_by(|a, b| a.0.total_cmp(&b.0));
-            (k, v)
+            (k, v, (i, 0))
         })
         .collect();
     chart(
