@@ -30,6 +30,10 @@ pub struct LoraStoreArgs {
     /// Byte budget of the host-memory LoRA cache, in MiB [default: 1024]
     #[arg(long, env = "KATZ_LORA_CACHE_MB")]
     pub lora_cache_mb: Option<u64>,
+    /// A host LoRA cache of this many adapters instead of a byte budget (as the Katz paper's
+    /// cache figures count, and `katz trace cache` replays)
+    #[arg(long, env = "KATZ_LORA_CACHE_ENTRIES", conflicts_with = "lora_cache_mb")]
+    pub lora_cache_entries: Option<usize>,
     /// Byte budget of the device (GPU) cache of LoRA factors, in MiB [default: 2048]
     #[arg(long, env = "KATZ_LORA_DEVICE_CACHE_MB")]
     pub lora_device_cache_mb: Option<u64>,
@@ -58,6 +62,7 @@ pub struct LoraFile {
     pub lora_bound: Option<String>,
     pub lora_switch: Option<String>,
     pub lora_cache_mb: Option<u64>,
+    pub lora_cache_entries: Option<usize>,
     pub lora_device_cache_mb: Option<u64>,
     pub lora_cache_policy: Option<String>,
     pub lora_max_pending: Option<usize>,
@@ -90,6 +95,10 @@ pub fn config(dir: PathBuf, a: &LoraArgs, s: &LoraStoreArgs, f: &LoraFile) -> an
     }
     if let Some(mb) = s.lora_cache_mb.or(f.lora_cache_mb) {
         c.host_cache_bytes = mb << 20;
+    }
+    c.host_cache_entries = s.lora_cache_entries.or(f.lora_cache_entries);
+    if c.host_cache_entries == Some(0) {
+        anyhow::bail!("lora_cache_entries must be at least 1");
     }
     if let Some(mb) = s.lora_device_cache_mb.or(f.lora_device_cache_mb) {
         c.device_cache_bytes = mb << 20;

@@ -78,6 +78,10 @@ pub struct ReplayArgs {
     /// Queue [default: katz.jobs.<base>]
     #[arg(long)]
     pub queue: Option<String>,
+    /// Each trace instance (`ip`) gets its own queue, QUEUE.<ip>: one worker per queue then
+    /// serves one instance's requests with its own LoRA cache, as a serving node does.
+    #[arg(long)]
+    pub queue_per_instance: bool,
     #[command(flatten)]
     pub amqp: super::AmqpArgs,
     #[command(flatten)]
@@ -414,7 +418,7 @@ async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connecting to {}", a.amqp.amqp))?;
     let channel = conn.create_channel().await?;
-    topology::declare(&channel, &queue).await?;
+    let mut declared = std::collections::HashSet::new();
     let words = ["red", "blue", "green", "yellow", "purple", "orange"];
     let shapes = ["circle", "square", "triangle", "star"];
     let start_ts = t.first().map(|r| r.timestamp).unwrap_or(0.0);
@@ -471,15 +475,30 @@ async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
             )
             .await?;
         let _: () = redis.expire(job_key(&id), job.result_ttl_s as i64).await?;
-        topology::publish(&channel, &queue, &job.encode(), job.priority, &id).await?;
+        let q = if a.queue_per_instance {
+            format!("{queue}.{}", r.ip)
+        } else {
+            queue.clone()
+        };
+        if declared.insert(q.clone()) {
+            topology::declare(&channel, &q).await?;
+        }
+        topology::publish(&channel, &q, &job.encode(), job.priority, &id).await?;
         if (i + 1) % 100 == 0 {
             println!("  {} published", i + 1);
         }
     }
     let _ = conn.close(200, "replayed".into()).await;
     println!(
-        "katz trace replay: {} jobs published to {queue} in {:.1} s (ids {}-0…{}; worst lag behind the schedule {:.0} ms)",
+        "katz trace replay: {} jobs published to {} in {:.1} s (ids {}-0…{}; worst lag behind the schedule {:.0} ms)",
         t.len(),
+        if a.queue_per_instance {
+            let mut qs: Vec<&String> = declared.iter().collect();
+            qs.sort();
+            format!("{} queues ({})", qs.len(), qs.iter().map(|q| q.as_str()).collect::<Vec<_>>().join(", "))
+        } else {
+            queue.clone()
+        },
         started.elapsed().as_secs_f64(),
         a.id_prefix,
         t.len().saturating_sub(1),

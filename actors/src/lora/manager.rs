@@ -94,7 +94,10 @@ impl LoraManager {
             inner: Arc::new(Inner {
                 store,
                 weights,
-                host: Mutex::new(Cache::new(cfg.host_cache_bytes, cfg.policy)),
+                host: Mutex::new(match cfg.host_cache_entries {
+                    Some(n) => Cache::with_entries(n.max(1), cfg.policy),
+                    None => Cache::new(cfg.host_cache_bytes, cfg.policy),
+                }),
                 device: Mutex::new(Cache::new(cfg.device_cache_bytes, cfg.policy)),
                 fetching: Mutex::default(),
                 pending_loads: Arc::new(Semaphore::new(max_pending)),

@@ -45,6 +45,9 @@ pub struct LoraConfig {
     pub switch_early: bool,
     /// Byte budget of the host-memory cache of parsed adapters.
     pub host_cache_bytes: u64,
+    /// A host cache of this many adapters instead of a byte budget (what the Katz paper's cache
+    /// figures count; `katz trace cache` replays the same cache).
+    pub host_cache_entries: Option<usize>,
     /// Byte budget of the device cache of uploaded factors (GPU workers).
     pub device_cache_bytes: u64,
     pub policy: Policy,
@@ -66,6 +69,7 @@ impl LoraConfig {
             bound: LoraBound::Fraction(0.2),
             switch_early: false,
             host_cache_bytes: 1 << 30,
+            host_cache_entries: None,
             device_cache_bytes: 2 << 30,
             policy: Policy::Lru,
             max_pending_loads: 4,
