@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use katz_actors::lora::{Admit, LoraConfig, LoraManager, LoraStore, Merge};
+use katz_actors::lora::{Admit, LoraConfig, LoraManager, LoraStore, Merge, Prefetch};
 use katz_kernels::rel_err;
 use katz_onnx::lora::LoraAdapter;
 use katz_onnx::noise::SeededNoise;
@@ -384,5 +384,53 @@ fn adapters_come_from_redis_when_the_directory_lacks_them() {
         let merged = pending.poll(Some(Duration::from_secs(30))).unwrap().unwrap();
         assert!(!merged.is_empty());
         let _: () = conn.del(&key).await.unwrap();
+    });
+}
+
+#[test]
+fn a_cache_of_n_entries_evicts_and_prefetched_adapters_count_as_loads() {
+    let p = pipeline();
+    let store_dir = test_lora_store("entries");
+    let mut cfg = LoraConfig::new(store_dir.clone());
+    cfg.host_cache_entries = Some(1);
+    let weights = p.shared_weights();
+    system().block_on(async move {
+        let store = LoraStore::new(store_dir, None, cfg.fetch_delay);
+        let mgr = LoraManager::new(&cfg, store, weights);
+        let addr = mgr.clone().start();
+        let settle = || async {
+            for _ in 0..500 {
+                if mgr.stats().pending_loads == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("fetches did not finish");
+        };
+        let admit = |names: &[&str]| {
+            addr.send(Admit {
+                names: names.iter().map(|s| s.to_string()).collect(),
+            })
+        };
+        let a = admit(&["tiny-lora-a"]).await.unwrap().unwrap();
+        settle().await;
+        let a2 = admit(&["tiny-lora-a"]).await.unwrap().unwrap();
+        assert_eq!((a.loads, a2.hits), (1, 1), "a is cached once fetched");
+        admit(&["tiny-lora-b"]).await.unwrap().unwrap();
+        settle().await;
+        // one entry: b evicted a
+        let a3 = admit(&["tiny-lora-a"]).await.unwrap().unwrap();
+        assert_eq!((a3.hits, a3.loads), (0, 1), "a was evicted by b");
+        settle().await;
+        // a prefetched adapter is the first admitted job's load, then a hit
+        addr.send(Prefetch {
+            names: vec!["tiny-lora-b".into()],
+        })
+        .await
+        .unwrap();
+        settle().await;
+        let b1 = admit(&["tiny-lora-b"]).await.unwrap().unwrap();
+        let b2 = admit(&["tiny-lora-b"]).await.unwrap().unwrap();
+        assert_eq!((b1.loads, b1.hits, b2.loads, b2.hits), (1, 0, 0, 1));
     });
 }
