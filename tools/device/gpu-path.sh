@@ -23,6 +23,8 @@
 #                                           the service tests
 #   bash tools/device/gpu-path.sh profile   8 static-shape steps under ONNX Runtime's profiler: time by
 #                                           operator, and the nodes not on CUDA (CUDA-graph blockers)
+#   bash tools/device/gpu-path.sh workload  issue #7 on GPUs: a service B trace into one worker per GPU
+#                                           (full-size SDXL), async vs sync LoRA; katz report
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -197,6 +199,46 @@ service() {  # RabbitMQ + Redis carried in .gpu-carry/svc (services-pack.sh); Co
   fi
 }
 
+workload() {  # issue #7 on GPUs: a service B trace replayed into one worker per GPU (full-size
+              # SDXL + its ControlNet, rank-8 LoRA files), async vs sync LoRA, then katz report
+  setup
+  export_wait >/dev/null || return 1
+  bash tools/device/services-pack.sh start || return 1
+  local ngpu run prefix q cfgs=() mode rate
+  ngpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l); run=$(date +%s)
+  python3 -c "from PIL import Image, ImageDraw; im = Image.new('RGB', (1024, 1024)); d = ImageDraw.Draw(im)
+for r in range(64, 512, 64): d.ellipse((512 - r, 512 - r, 512 + r, 512 + r), outline='white', width=4)
+im.save('$O/cond-1024.png')"
+  for mode in async sync; do
+    for rate in ${WL_RATES:-0.2 0.5}; do
+      q=katz.jobs.wl$run.$mode.${rate/./p}; prefix=wl$run-$mode-${rate/./p}
+      /opt/kb/katz trace gen --service B --requests "${WL_JOBS:-24}" --rate "$rate" --seed 7 \
+        --stats tools/workload/katz-trace-stats.json --out "$O/trace-$rate.json" >/dev/null
+      local pids=()
+      for g in $(seq 0 $((ngpu - 1))); do
+        KATZ_LOG=warn /opt/kb/katz worker --device "cuda:$g" --bundle "$S/base" --controlnet "$S/base-controlnet" \
+          --queue "$q" --name "wl-$g" --lora-dir /tmp/wl-store --lora-mode "$mode" >"$O/w-$mode-$rate-$g.log" 2>&1 &
+        pids+=($!)
+      done
+      sleep 40  # sessions on every GPU
+      /opt/kb/katz trace replay "$O/trace-$rate.json" --bundle "$S/base" --store /tmp/wl-store --speed 1 \
+        --queue "$q" --id-prefix "$prefix" --steps 50 --size 1024x1024 \
+        --controlnet-models "$(python3 -c "import json;print(json.load(open('$S/base-controlnet/bundle.json'))['name'])")" \
+        --image "$O/cond-1024.png" 2>&1 | tail -1
+      local t0=$SECONDS
+      while (( SECONDS - t0 < 300 )); do  # (no redis-cli there: katz report says what is unfinished)
+        /opt/kb/katz report --config "w=$prefix" --out "$O/.wait" >/dev/null 2>&1 && python3 -c "import json, sys
+r = json.load(open('$O/.wait/report.json'))[0]; sys.exit(0 if r['unfinished'] == 0 and r['jobs'] >= ${WL_JOBS:-24} else 1)" && break
+        sleep 3
+      done
+      kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null
+      cfgs+=(--config "$mode@$rate=$prefix")
+    done
+  done
+  /opt/kb/katz report "${cfgs[@]}" --out "$O/workload-$(date +%F)"
+  cp "$O/workload-$(date +%F)"/* "$O/" 2>/dev/null || true
+}
+
 profile() {  # one GPU, static shapes, 8 steps under ONNX Runtime's profiler: time by operator and
              # the nodes not on CUDA (what keeps a CUDA graph from being captured)
   bench_setup || return 1
@@ -216,7 +258,8 @@ case ${1:-all} in
   bench) bench ;;
   multi) bench_multi ;;
   profile) profile ;;
+  workload) workload ;;
   service) service ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|multi|service|profile|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|multi|service|profile|workload|all"; exit 2 ;;
 esac
