@@ -24,7 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::lora::cache::{Cache, Policy};
-use crate::lora::sim::{self, TraceStats, WorkloadSpec};
+use crate::lora::sim::{self, count_distribution, pick_count, TraceStats, WorkloadSpec, Zipf};
 
 /// One request of a trace, as the Katz authors published them (ids anonymised strings).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,26 +151,25 @@ pub fn generate(stats_path: impl AsRef<Path>, spec: &TraceSpec) -> Result<Vec<Tr
         &WorkloadSpec::new(spec.service.clone(), spec.requests, spec.zipf_s, spec.seed)
             .with_drift(spec.drift),
     );
-    let n_cn = counts(&cn.controlnets_per_request)?;
+    let n_cn = count_distribution("controlnets_per_request", &cn.controlnets_per_request)?;
     let c = cn.controlnet_concentration;
     let (k, total) = (c.top_k.min(cn.distinct_controlnets), cn.distinct_controlnets);
     if k == 0 {
         return Err("no ControlNets to draw".into());
     }
-    let top = zipf_cdf(k, spec.controlnet_zipf_s);
-    let rest = (total > k).then(|| zipf_cdf(total - k, spec.controlnet_zipf_s));
+    let top = Zipf::new(k, spec.controlnet_zipf_s);
+    let rest = (total > k).then(|| Zipf::new(total - k, spec.controlnet_zipf_s));
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x6b61_747a_5f63_6e00);
     let mut t = 0.0f64;
     let mut out = Vec::with_capacity(spec.requests);
-    for (i, lr) in loras.into_iter().enumerate() {
+    for lr in loras {
         t += gap(&mut rng, spec, t);
-        let want = pick(&n_cn, rng.random()).min(total as usize);
+        let want = pick_count(&n_cn, rng.random()).min(total as usize);
         let mut cns: Vec<u32> = Vec::new();
         while cns.len() < want {
-            let id = if rest.is_none() || rng.random::<f64>() < c.share_of_calls {
-                rank(&top, rng.random())
-            } else {
-                k + rank(rest.as_ref().expect("checked"), rng.random())
+            let id = match &rest {
+                Some(rest) if rng.random::<f64>() >= c.share_of_calls => k + rest.rank(rng.random()),
+                _ => top.rank(rng.random()),
             };
             if !cns.contains(&id) {
                 cns.push(id);
@@ -184,51 +183,8 @@ pub fn generate(stats_path: impl AsRef<Path>, spec: &TraceSpec) -> Result<Vec<Tr
             controlnets: cns.iter().map(|c| format!("cn-{c}")).collect(),
             loras: lr.iter().map(|l| format!("lora-{l}")).collect(),
         });
-        let _ = i;
     }
     Ok(out)
-}
-
-fn counts(m: &BTreeMap<String, f64>) -> Result<Vec<(usize, f64)>, String> {
-    let mut v = Vec::new();
-    for (k, &p) in m {
-        let n: usize = k.trim().parse().map_err(|_| format!("count {k:?}"))?;
-        v.push((n, p.max(0.0)));
-    }
-    let s: f64 = v.iter().map(|x| x.1).sum();
-    if s <= 0.0 {
-        return Err("a count distribution sums to 0".into());
-    }
-    v.sort_by_key(|x| x.0);
-    v.iter_mut().for_each(|x| x.1 /= s);
-    Ok(v)
-}
-
-fn pick(dist: &[(usize, f64)], u: f64) -> usize {
-    let mut acc = 0.0;
-    for &(n, p) in dist {
-        acc += p;
-        if u < acc {
-            return n;
-        }
-    }
-    dist.last().map(|x| x.0).unwrap_or(0)
-}
-
-fn zipf_cdf(n: u32, s: f64) -> Vec<f64> {
-    let mut acc = 0.0;
-    let mut cdf: Vec<f64> = (1..=n)
-        .map(|k| {
-            acc += (k as f64).powf(-s);
-            acc
-        })
-        .collect();
-    cdf.iter_mut().for_each(|c| *c /= acc);
-    cdf
-}
-
-fn rank(cdf: &[f64], u: f64) -> u32 {
-    cdf.partition_point(|&c| c <= u).min(cdf.len() - 1) as u32 + 1
 }
 
 /// The next inter-arrival gap at time `t`: an Exp(1) amount of the integrated rate, walked

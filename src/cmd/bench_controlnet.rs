@@ -301,12 +301,12 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
                         Some(&mut inline)
                     }
                     ("redis", _) => {
-                        let rc = remote.as_mut().expect("made above");
+                        let rc = remote.as_mut().context("the Redis service was not set up")?;
                         rc.for_job(&format!("bench-{n}-{r}"));
                         Some(rc as &mut dyn ControlService)
                     }
                     ("ipc", _) => {
-                        let rc = remote_ipc.as_mut().expect("made above");
+                        let rc = remote_ipc.as_mut().context("the CUDA IPC service was not set up")?;
                         rc.for_job(&format!("bench-ipc-{n}-{r}"));
                         Some(rc as &mut dyn ControlService)
                     }

@@ -24,6 +24,7 @@ use katz_onnx::weights::PendingMerge;
 use serde_json::json;
 
 use super::generate::LoraSpec;
+use super::write_json;
 use super::{bundles_dir, DeviceArgs};
 
 #[derive(Args, Debug, Clone)]
@@ -284,15 +285,5 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
             }),
         )?;
     }
-    Ok(())
-}
-
-fn write_json(path: &PathBuf, v: &serde_json::Value) -> anyhow::Result<()> {
-    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(d)?;
-    }
-    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
-    println!("wrote {}", path.display());
     Ok(())
 }

@@ -178,3 +178,14 @@ pub fn gpu_names() -> Option<String> {
         Some(_) => Some(names.join(", ")),
     }
 }
+
+/// Writes `v` as pretty JSON (creating the directory) and says so.
+pub fn write_json(path: &Path, v: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}

@@ -22,6 +22,8 @@ use katz_actors::lora::cache::Policy;
 use katz_actors::workload::{self, Adapter, Arrivals, TraceSpec};
 use serde_json::json;
 
+use super::write_json;
+
 #[derive(Args, Debug, Clone)]
 pub struct TraceArgs {
     #[command(subcommand)]
@@ -302,16 +304,6 @@ fn cache(a: CacheArgs) -> anyhow::Result<()> {
             &json!({"trace": a.trace.display().to_string(), "requests": t.len(), "instances": instances, "rows": rows}),
         )?;
     }
-    Ok(())
-}
-
-fn write_json(path: &PathBuf, v: &serde_json::Value) -> anyhow::Result<()> {
-    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(d)?;
-    }
-    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
-    println!("wrote {}", path.display());
     Ok(())
 }
 

@@ -328,7 +328,7 @@ impl ControlSession for RemoteSession {
             .as_mut()
             .ok_or_else(|| cn_err("no CUDA IPC side".into()))?
             .step(step, latent_in, timestep)?;
-        let payload = wire::encode_ipc(&m);
+        let payload = wire::encode_ipc(&m).map_err(cn_err)?;
         self.push(&payload)?;
         self.last = Some((step, payload));
         tracing::debug!(

@@ -81,10 +81,10 @@ pub struct IpcResiduals {
 }
 
 /// `KZI1` + msgpack of `m`.
-pub fn encode_ipc<T: Serialize>(m: &T) -> Vec<u8> {
+pub fn encode_ipc<T: Serialize>(m: &T) -> Result<Vec<u8>, String> {
     let mut out = IPC_MAGIC.to_vec();
-    out.extend(rmp_serde::to_vec_named(m).expect("an IPC message always encodes"));
-    out
+    out.extend(rmp_serde::to_vec_named(m).map_err(|e| format!("encoding a CUDA IPC message: {e}"))?);
+    Ok(out)
 }
 
 /// The message of an IPC payload; `None` when the payload is not one (`KZT1` tensors).
@@ -283,7 +283,7 @@ mod tests {
             shape: vec![2, 4, 8, 8],
             timestep: vec![999.0, 999.0],
         };
-        let bytes = encode_ipc(&m);
+        let bytes = encode_ipc(&m).unwrap();
         assert_eq!(decode_ipc::<IpcStep>(&bytes).unwrap().unwrap(), m);
         let t = Tensor::new(vec![1], vec![1.0]);
         assert!(decode_ipc::<IpcStep>(&encode(0, &[&t])).is_none());

@@ -132,7 +132,7 @@ impl Handler<RunSession> for SessionActor {
                 if let Some(e) = &r.error {
                     tracing::warn!(step = m.step, error = %e, "CUDA IPC step refused");
                 }
-                self.reply(&mut conn, s, wire::encode_ipc(&r))?;
+                self.reply(&mut conn, s, wire::encode_ipc(&r)?)?;
                 steps += 1;
                 tracing::debug!(
                     step = m.step,

@@ -130,23 +130,7 @@ impl TraceStats {
 impl ServiceStats {
     /// `(number of LoRAs, probability)`, sorted by number, probabilities normalised to sum 1.
     pub fn count_distribution(&self) -> Result<Vec<(usize, f64)>, String> {
-        let mut dist = Vec::new();
-        for (k, &p) in &self.loras_per_request {
-            let n: usize = k
-                .trim()
-                .parse()
-                .map_err(|_| format!("loras_per_request key {k:?}"))?;
-            if !(p.is_finite() && p >= 0.0) {
-                return Err(format!("loras_per_request[{k}] = {p}"));
-            }
-            dist.push((n, p));
-        }
-        dist.sort_by_key(|&(n, _)| n);
-        let total: f64 = dist.iter().map(|&(_, p)| p).sum();
-        if (total - 1.0).abs() > 0.01 {
-            return Err(format!("loras_per_request sums to {total}, not 1"));
-        }
-        Ok(dist.into_iter().map(|(n, p)| (n, p / total)).collect())
+        count_distribution("loras_per_request", &self.loras_per_request)
     }
 
     /// Mean LoRAs per request.
@@ -154,6 +138,38 @@ impl ServiceStats {
         let dist = self.count_distribution().unwrap_or_default();
         dist.iter().map(|&(n, p)| n as f64 * p).sum()
     }
+}
+
+/// A published "how many per request" distribution (`{"0": p0, "1": p1, …}`) as `(number,
+/// probability)`, sorted by number, normalised to sum 1; `what` names it in errors.
+pub fn count_distribution(what: &str, m: &BTreeMap<String, f64>) -> Result<Vec<(usize, f64)>, String> {
+    let mut dist = Vec::new();
+    for (k, &p) in m {
+        let n: usize = k.trim().parse().map_err(|_| format!("{what} key {k:?}"))?;
+        if !(p.is_finite() && p >= 0.0) {
+            return Err(format!("{what}[{k}] = {p}"));
+        }
+        dist.push((n, p));
+    }
+    dist.sort_by_key(|&(n, _)| n);
+    let total: f64 = dist.iter().map(|&(_, p)| p).sum();
+    if (total - 1.0).abs() > 0.01 {
+        return Err(format!("{what} sums to {total}, not 1"));
+    }
+    Ok(dist.into_iter().map(|(n, p)| (n, p / total)).collect())
+}
+
+/// The number a uniform `u` in [0, 1) picks from a [`count_distribution`] (the largest number
+/// when rounding leaves `u` past the last step).
+pub fn pick_count(dist: &[(usize, f64)], u: f64) -> usize {
+    let mut acc = 0.0;
+    for &(k, p) in dist {
+        acc += p;
+        if u < acc {
+            return k;
+        }
+    }
+    dist.last().map_or(0, |&(n, _)| n)
 }
 
 /// What to draw.
@@ -192,12 +208,12 @@ impl WorkloadSpec {
 }
 
 /// Zipf(s) over ranks 1..=n by inverse CDF.
-struct Zipf {
+pub(crate) struct Zipf {
     cdf: Vec<f64>,
 }
 
 impl Zipf {
-    fn new(n: u32, s: f64) -> Self {
+    pub(crate) fn new(n: u32, s: f64) -> Self {
         let mut acc = 0.0;
         let mut cdf: Vec<f64> = (1..=n)
             .map(|k| {
@@ -210,7 +226,7 @@ impl Zipf {
     }
 
     /// The rank (1 = most popular) for a uniform `u` in [0, 1).
-    fn rank(&self, u: f64) -> u32 {
+    pub(crate) fn rank(&self, u: f64) -> u32 {
         let i = self.cdf.partition_point(|&c| c <= u).min(self.cdf.len() - 1);
         i as u32 + 1
     }
@@ -256,16 +272,7 @@ pub fn draw(stats: &TraceStats, spec: &WorkloadSpec) -> Vec<Vec<u32>> {
     let mut drift = (spec.drift > 0.0).then(|| Drift::new(svc.distinct_loras, spec.drift, spec.seed));
     (0..spec.requests)
         .map(|i| {
-            let u: f64 = rng.random();
-            let mut acc = 0.0;
-            let mut n = dist.last().map_or(0, |&(n, _)| n);
-            for &(k, p) in &dist {
-                acc += p;
-                if u < acc {
-                    n = k;
-                    break;
-                }
-            }
+            let n = pick_count(&dist, rng.random());
             let mut ranks = Vec::with_capacity(n);
             while ranks.len() < n.min(max_loras) {
                 // Distinct within a request: redraw a repeat (the Zipf conditioned on "not yet").
