@@ -306,6 +306,7 @@ class Run:
                               "vae_channels": self.cfg["vae"]["block_out_channels"],
                               "text_hidden": self.cfg["text_encoder"]["hidden_size"], "size": a.size,
                               "smoke": a.smoke}
+        self.wrote: set[str] = set()  # stage labels this process wrote (save_log merges by them)
         self.t_start = time.perf_counter()
         self.units_left = 0  # trainings still to start (a LoRA per style), for --deadline
         self.base_set: ImageSet | None = None
@@ -418,12 +419,40 @@ class Run:
                "loss": history, "parameters": n_params, "nonfinite_recoveries": recoveries}
         print(f"{label}: {step} steps in {secs / 60:.2f} min, final loss {rec['final_loss']}", flush=True)
         self.log["stages"][label] = rec
+        self.wrote.add(label)
         self.save_log()
         return rec
 
     def save_log(self):
+        """Writes the log, merged with what other processes wrote meanwhile: stages may train in
+        parallel processes on one checkpoint (tools/device/train-tiny.sh par), each keeping the
+        stages it wrote itself; the file is locked while it is read and replaced."""
+        import fcntl
+
         self.out.mkdir(parents=True, exist_ok=True)
-        self.log_path.write_text(json.dumps(self.log, indent=1) + "\n")
+        with open(self.out / ".train_log.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            disk = json.loads(self.log_path.read_text()) if self.log_path.exists() else {"stages": {}}
+            for label in self.wrote:
+                mine, theirs = self.log["stages"][label], disk.setdefault("stages", {}).get(label)
+                if label == "lora_samples" and theirs:  # one process per style: merge the scores
+                    for k, v in mine["style_score"].items():
+                        t = theirs["style_score"].setdefault(k, {} if isinstance(v, dict) else v)
+                        if isinstance(v, dict):
+                            t.update(v)
+                        else:
+                            theirs["style_score"][k] = v
+                    mine = theirs
+                disk["stages"][label] = mine
+            for k, v in self.log.items():
+                if k not in ("stages", "runs"):
+                    disk[k] = v
+            runs = disk.setdefault("runs", [])
+            runs += [r for r in self.log.get("runs", []) if r not in runs]
+            tmp = self.log_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(disk, indent=1) + "\n")
+            tmp.replace(self.log_path)
+            self.log = disk
 
     # ── checkpoint pieces ──
     def load_vae(self):
@@ -867,9 +896,11 @@ def samples_lora(run: Run):
             scores[f"{style} {scale}"] = round(float(np.mean([shapes.style_score(np.asarray(i), style) for i in imgs])), 3)
         pipe.delete_adapters([style])
     run.log["stages"]["lora_samples"] = {"style_score": scores}
+    run.wrote.add("lora_samples")
     print(f"lora: style scores of the samples (mean; 'none': without a LoRA): {scores}")
     run.save_log()
-    save_grid(run.out / "samples" / "lora.png", rows)
+    name = "lora" if set(run.a.styles) == set(shapes.STYLES) else "lora-" + "-".join(run.a.styles)
+    save_grid(run.out / "samples" / f"{name}.png", rows)
 
 
 # ───────────────────────────── main ─────────────────────────────

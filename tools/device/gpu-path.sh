@@ -25,6 +25,12 @@
 #                                           operator, and the nodes not on CUDA (CUDA-graph blockers)
 #   bash tools/device/gpu-path.sh workload  issue #7 on GPUs: a service B trace into one worker per GPU
 #                                           (full-size SDXL), async vs sync LoRA; katz report
+#   bash tools/device/gpu-path.sh baseline  diffusers alone (0C/0L, 1C/1L, 3C/2L) on GPU 0
+#   bash tools/device/gpu-path.sh split     split-guidance parity test; katz static shapes on 1 GPU, split on
+#                                           2, split + ControlNets on 4, against `baseline`
+#   bash tools/device/gpu-path.sh quality   issue #9: the trained tiny checkpoint (train-tiny.sh,
+#                                           TINY_CKPT) exported fp32 + fp16, tools/quality_report.py
+#                                           on GPUs (fp16, split, service where carried)
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -171,10 +177,12 @@ service() {  # RabbitMQ + Redis carried in .gpu-carry/svc (services-pack.sh); Co
   local wdev=cuda:1 gpu day
   (( $(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l) > 1 )) || wdev=cuda:0
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-'); day=$(date +%F)
-  echo "== katz bench controlnet, tiny bundles: pipeline on cuda:0, ControlNet worker on $wdev"
-  /opt/kb/katz bench controlnet --device cuda:0 --worker-device "$wdev" \
-    --modes serial,parallel,redis,ipc --counts 0,1,2,3 --repeat 3 \
-    --out "$O/controlnet-transports-tiny-$gpu-$day.json" 2>&1 | grep -v " WARN " | tail -20
+  if [[ ${SERVICE_TINY:-1} == 1 ]]; then
+    echo "== katz bench controlnet, tiny bundles: pipeline on cuda:0, ControlNet worker on $wdev"
+    /opt/kb/katz bench controlnet --device cuda:0 --worker-device "$wdev" \
+      --modes serial,parallel,redis,ipc --counts 0,1,2,3 --repeat 3 \
+      --out "$O/controlnet-transports-tiny-$gpu-$day.json" 2>&1 | grep -v " WARN " | tail -20
+  fi
   if [[ -f $S/done ]]; then
     # no redis mode at full size: 215 MB of residuals per ControlNet step cost ~0.55 s through
     # Redis alone (the loopback line of the tiny run measures it)
@@ -182,15 +190,17 @@ service() {  # RabbitMQ + Redis carried in .gpu-carry/svc (services-pack.sh); Co
     BASE=$O/diffusers-$gpu-$day.json
     /opt/kb/katz bench controlnet --device cuda:0 --worker-device "$wdev" \
       --bundle "$S/base" --controlnet "$S/base-controlnet" --size 1024 --steps 20 --guidance 7.5 \
-      --modes serial,parallel,ipc --counts 0,1,2,3 --repeat 2 $([[ -f $BASE ]] && echo --baseline "$BASE") \
+      --modes serial,parallel,ipc --counts "${SERVICE_COUNTS:-0,1,2,3}" --repeat 2 $([[ -f $BASE ]] && echo --baseline "$BASE") \
       --out "$O/controlnet-transports-sdxl-$gpu-$day.json" 2>&1 | grep -v " WARN " | tail -20
-    echo "== where a CUDA IPC step's time goes (one ControlNet, 6 steps, both sides' debug timings)"
-    KATZ_LOG=katz_actors=debug KATZ_WORKER_LOG=katz_actors=debug /opt/kb/katz bench controlnet \
-      --device cuda:0 --worker-device "$wdev" --bundle "$S/base" --controlnet "$S/base-controlnet" \
-      --size 1024 --steps 6 --guidance 7.5 --modes ipc --counts 1 --repeat 1 2>&1 \
-      | grep -E "CUDA IPC|residuals sent|session started|session closed|ms/step" | sed 's/\x1b\[[0-9;]*m//g' | tail -40
+    if [[ ${IPC_DEBUG:-1} == 1 ]]; then
+      echo "== where a CUDA IPC step's time goes (one ControlNet, 6 steps, both sides' debug timings)"
+      KATZ_LOG=katz_actors=debug KATZ_WORKER_LOG=katz_actors=debug /opt/kb/katz bench controlnet \
+        --device cuda:0 --worker-device "$wdev" --bundle "$S/base" --controlnet "$S/base-controlnet" \
+        --size 1024 --steps 6 --guidance 7.5 --modes ipc --counts 1 --repeat 1 2>&1 \
+        | grep -E "CUDA IPC|residuals sent|session started|session closed|ms/step" | sed 's/\x1b\[[0-9;]*m//g' | tail -40
+    fi
   fi
-  if [[ -x /opt/kb/service ]]; then
+  if [[ -x /opt/kb/service && ${SERVICE_TESTS:-1} == 1 ]]; then
     echo "== service tests (KATZ_BIN, the pipeline on cuda:0)"
     # (the broker-restart test restarts the host's own RabbitMQ and Redis services, which the
     # carried ones are not: it runs in .ci/run, not here)
@@ -248,6 +258,49 @@ profile() {  # one GPU, static shapes, 8 steps under ONNX Runtime's profiler: ti
   python3 tools/ort_profile_summary.py "$O"/prof/p-unet_encoder_*.json "$O"/prof/p-unet_decoder_*.json
 }
 
+baseline() {  # diffusers only (0C/0L, 1C/1L, 3C/2L), GPU 0: the same-sitting baseline of `split`
+  bench_setup || return 1
+  echo "== diffusers (fp16, SDPA), same sitting, GPU 0"
+  CUDA_VISIBLE_DEVICES=0 python3 tools/bench_diffusers.py --size "${SIZE:-1024}" --steps "${STEPS:-50}" \
+    --configs "${DIFFUSERS_CONFIGS:-0c0l,1c1l,3c2l}" --lora-dir "$S/loras" --out "$BASE" 2>&1 \
+    | grep -vE "Warning|LoRA keys|float32" | tail -8
+}
+
+split() {  # latent parallelism: the split-vs-one-GPU parity test, then one GPU, 2 GPUs split, and
+           # 4 GPUs split + ControlNets, all static shapes, against `baseline`'s diffusers
+  bench_setup || return 1
+  [[ -f $BASE ]] || { echo "run 'baseline' (or 'bench') first"; return 1; }
+  echo "== split guidance vs one GPU (tests/gpu.rs, tiny bundles)"
+  KATZ_TEST_DEVICE=cuda:0 /opt/kb/gpu --ignored --test-threads 1 --nocapture split 2>&1 \
+    | grep -E "^test |test result|panicked|relative|error" | head -12
+  katz_bench 1gpu-static --configs 0C/0L,3C/2L --static-shapes
+  katz_bench 2gpu-split-static --configs 0C/0L,3C/2L --split-guidance cuda:1 --static-shapes
+  (( ngpu >= 4 )) && katz_bench 4gpu-split-cn-static --configs 3C/2L --split-guidance cuda:1 \
+    --controlnet-devices cuda:2,cuda:3,cuda:2 --controlnet-mode parallel --static-shapes
+  return 0
+}
+
+quality() {  # issue #9's quality report on GPUs: the trained checkpoint (TINY_CKPT, default
+             # /opt/tiny-ckpt, from train-tiny.sh) exported fp32 and fp16 (--gpu), then
+             # tools/quality_report.py with --gpu cuda:0 --fp16-bundle --split cuda:1 (and --service
+             # when the carried services are there); the report and its images go to $OUT/quality
+  setup
+  local ck=${TINY_CKPT:-/opt/tiny-ckpt} q=/tmp/trained
+  [[ -f $ck/unet/config.json ]] || { echo "no trained checkpoint in $ck"; return 1; }
+  mkdir -p $q
+  [[ -f $q/tiny-sdxl/bundle.json ]] || python3 tools/export_bundle.py --config tiny --checkpoint "$ck" \
+    --out $q/tiny-sdxl 2>&1 | tail -3
+  [[ -f $q/fp16/bundle.json ]] || python3 tools/export_bundle.py --config tiny --checkpoint "$ck" --gpu \
+    --no-check --out $q/fp16 2>&1 | tail -3
+  local svc=()
+  if (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then svc=(--service)  # started by `service` in this call
+  elif [[ -d /opt/svc ]]; then bash tools/device/services-pack.sh start >/dev/null && svc=(--service); fi
+  python3 tools/quality_report.py --bundle $q/tiny-sdxl --controlnet $q/tiny-sdxl-controlnet \
+    --lora-dir "$ck/loras" --out "${OUT:-/tmp}/quality" --katz /opt/kb/katz \
+    --gpu cuda:0 --fp16-bundle $q/fp16 --fp16-controlnet $q/fp16-controlnet --split cuda:1 "${svc[@]}" \
+    ${QUALITY_ARGS:-} 2>&1 | tail -40
+}
+
 results() { [[ -n ${OUT:-} && -d ${OUT:-} ]] && cp "$O"/*.json "$OUT"/ 2>/dev/null; return 0; }
 trap results EXIT
 
@@ -260,6 +313,9 @@ case ${1:-all} in
   profile) profile ;;
   workload) workload ;;
   service) service ;;
+  baseline) baseline ;;
+  split) split ;;
+  quality) quality ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|multi|service|profile|workload|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|profile|workload|quality|all"; exit 2 ;;
 esac
