@@ -24,7 +24,7 @@ pyenv:
 
 test: $(ORT_LIB) services pyenv
 	$(CARGO) test --release --workspace --all-targets
-	.katz/py/bin/python -m pytest -q tools/test_producer.py tools/test_compose.py
+	.katz/py/bin/python -m pytest -q tools/test_producer.py tools/test_compose.py tools/test_demo.py
 
 # Rebuilds the committed tiny bundles and parity references (torch + diffusers, in .venv-tools).
 export:

@@ -83,7 +83,7 @@ fn demo_is_reproducible_and_seeded() {
     ok(&katz(&[
         "generate",
         "--bundle",
-        "bundles/tiny-sdxl",
+        "bundles/shapes/shapes-sdxl",
         "--prompt",
         prompt,
         "--size",
@@ -93,11 +93,11 @@ fn demo_is_reproducible_and_seeded() {
         "--guidance",
         "5",
         "--seed",
-        "42",
+        "1",
         "--controlnet",
-        "bundles/tiny-sdxl-controlnet=bundles/examples/edges-128.png:0.8",
+        "bundles/shapes/shapes-sdxl-controlnet=bundles/shapes/examples/red-circle-above-blue-square-edges.png:1.0",
         "--lora",
-        "bundles/loras/tiny-lora-a.safetensors:0.8",
+        "bundles/shapes/loras/pastel.safetensors:1.0",
         "--output",
         g.to_str().unwrap(),
     ]));

@@ -819,6 +819,8 @@ def main(argv=None):
     ap.add_argument("--random-init", action="store_true", help="seeded random weights (no checkpoint needed)")
     ap.add_argument("--checkpoint", type=Path, help="a diffusers SDXL checkpoint directory")
     ap.add_argument("--out", type=Path, help="bundle directory (default bundles/tiny-sdxl or bundles/sdxl)")
+    ap.add_argument("--name", help="the base bundle's model name (default the config's: tiny-sdxl or sdxl); "
+                                   "its ControlNet is named after the ControlNet's directory")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--no-references", action="store_true", help="skip the diffusers parity references")
     ap.add_argument("--attention", choices=["sdpa", "mha"], default="sdpa",
@@ -838,6 +840,8 @@ def main(argv=None):
         ap.error(f"{a.checkpoint} is not a diffusers checkpoint directory (no unet/config.json)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = tiny_config() if a.config == "tiny" else sdxl_config()
+    if a.name:
+        cfg["name"] = a.name
     out = a.out or REPO / "bundles" / cfg["name"]
     cn_out = out.parent / (out.name + "-controlnet")
     check = 64 if a.config == "tiny" else 128

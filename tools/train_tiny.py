@@ -65,7 +65,7 @@ from shapes import dataset as shapes  # noqa: E402
 
 STAGES = ("vae", "base", "controlnet", "lora")
 DEMO_PROMPT = "a red circle above a blue square on a white background"  # `katz demo`'s default
-DEMO_EDGES = TOOLS.parent / "bundles" / "examples" / "edges-128.png"
+DEMO_EDGES = TOOLS.parent / "bundles" / "shapes" / "examples" / "red-circle-above-blue-square-edges.png"  # katz demo's (tools/test_demo.py)
 FIXED_PROMPTS = [
     DEMO_PROMPT,
     "a yellow star on a black background",

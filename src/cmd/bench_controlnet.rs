@@ -306,7 +306,9 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
                         Some(rc as &mut dyn ControlService)
                     }
                     ("ipc", _) => {
-                        let rc = remote_ipc.as_mut().context("the CUDA IPC service was not set up")?;
+                        let rc = remote_ipc
+                            .as_mut()
+                            .context("the CUDA IPC service was not set up")?;
                         rc.for_job(&format!("bench-ipc-{n}-{r}"));
                         Some(rc as &mut dyn ControlService)
                     }

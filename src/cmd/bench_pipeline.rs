@@ -314,6 +314,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         let m = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
         let steps = a.steps as f64;
         let unet_step = m(&|r| ms(r.out.timings.unet_encoder + r.out.timings.unet_decoder) / steps);
+        let unet_gpus: u32 = if a.split_guidance.is_some() { 2 } else { 1 };
         let row = json!({
             "config": name, "controlnets": nc, "loras": nl,
             "text_encoders_ms": m(&|r| ms(r.out.timings.text_encode)),
@@ -331,7 +332,11 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
             "end_to_end_s": m(&|r| r.e2e.as_secs_f64()),
             "first_run_end_to_end_s": warm.e2e.as_secs_f64(),
             "unet_tflops": unet_tflop.map(|f| f / (unet_step / 1e3)),
-            "unet_mfu": unet_tflop.zip(a.peak_tflops).map(|(f, p)| f / (unet_step / 1e3) / p),
+            // per GPU: with split guidance two GPUs share the step
+            "unet_gpus": unet_gpus,
+            "unet_mfu": unet_tflop
+                .zip(a.peak_tflops)
+                .map(|(f, p)| f / (unet_step / 1e3) / (p * unet_gpus as f64)),
             "image_mean": mean(&runs[0].out.image.data),
             "split_vs_one_gpu_rel_err": split_err,
         });
