@@ -34,7 +34,8 @@
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
-#   bash ../shared/gpu/pack-onnxruntime-cuda.sh            (PIECE_MB=48: 4 pieces in $C/ort)
+#   PIECE_MB=36 bash ../shared/gpu/pack-onnxruntime-cuda.sh   (6 pieces in $C/ort: a call carries the
+#                                           repo, ~28 MB since bundles/shapes, + one piece ≤ 64 MiB)
 #   cargo build --release && cargo test --release --no-run
 #   mkdir -p $C/katz $C/kt $C/w $C/bins; strip -o $C/katz/katz target/release/katz
 #   strip the test binaries gpu, parity, controlnet, pipeline and katz-kernels' lib tests into $C/kt/
@@ -53,7 +54,11 @@ S=${SDXL:-/opt/sdxl}
 mkdir -p "$O" /opt/ortp /opt/ort /opt/kb /opt/w "$S"
 
 setup() {
-  [[ -f /opt/ort/libonnxruntime.so.1.31.1 ]] || cat /opt/ortp/ort.tar.xz.part.* | xz -dc | tar -x -C /opt/ort || exit 1
+  if [[ -z ${NO_ORT:-} && ! -f /opt/ort/.complete ]]; then  # (a failed unpack, e.g. before the last piece came, leaves no marker)
+    rm -rf /opt/ort && mkdir -p /opt/ort
+    { cat /opt/ortp/ort.tar.xz.part.* | xz -dc | tar -x -C /opt/ort; } || { echo "ONNX Runtime pieces incomplete: $(ls /opt/ortp | tr '\n' ' ')"; exit 1; }
+    touch /opt/ort/.complete
+  fi
   NV=$(python3 -c "import nvidia;print(list(nvidia.__path__)[0])")
   export LD_LIBRARY_PATH=/opt/ort:$(ls -d "$NV"/*/lib | paste -sd:):/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
   export ORT_DYLIB_PATH=/opt/ort/libonnxruntime.so.1.31.1 KATZ_REPO=$PWD PYTHONUNBUFFERED=1
@@ -259,7 +264,7 @@ profile() {  # one GPU, static shapes, 8 steps under ONNX Runtime's profiler: ti
 }
 
 baseline() {  # diffusers only (0C/0L, 1C/1L, 3C/2L), GPU 0: the same-sitting baseline of `split`
-  bench_setup || return 1
+  NO_ORT=1 bench_setup || return 1
   echo "== diffusers (fp16, SDPA), same sitting, GPU 0"
   CUDA_VISIBLE_DEVICES=0 python3 tools/bench_diffusers.py --size "${SIZE:-1024}" --steps "${STEPS:-50}" \
     --configs "${DIFFUSERS_CONFIGS:-0c0l,1c1l,3c2l}" --lora-dir "$S/loras" --out "$BASE" 2>&1 \
