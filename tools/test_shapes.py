@@ -180,13 +180,10 @@ def test_edge_map_matches_condition():
     assert D.edge_iou(e, shifted, tolerance_px=0) < D.edge_iou(e, shifted, tolerance_px=1)
 
 
-def test_dataset_is_fast():
-    import time
-
-    t = time.perf_counter()
-    D.dataset(0, 500)
-    dt = time.perf_counter() - t
-    assert dt < 5.0, f"500 samples took {dt:.1f}s"  # 20000 well under a minute
+def test_dataset_is_deterministic():
+    # (its speed is measured by `python tools/shapes/dataset.py`, not asserted here)
+    a, b = D.dataset(0, 50), D.dataset(0, 50)
+    assert len(a) == 50 and all(np.array_equal(x.image, y.image) and x.caption == y.caption for x, y in zip(a, b))
 
 
 @needs_judge
@@ -255,6 +252,24 @@ def test_judge_training_runs():
 
 
 @needs_judge
+@needs_judge
+def test_judge_onnx_reads_like_the_torch_judge():
+    """judge.onnx (shapes.reading.OnnxJudge, what tools/test_demo.py uses without torch) is the
+    committed judge.pt: same raw heads to float precision and the same readings."""
+    from shapes import judge as J
+    from shapes.reading import OnnxJudge, score
+
+    ds = D.dataset(31337, 64)
+    images = [s.image for s in ds]
+    want = J._raw(J.load_judge(JUDGE_PT), np.stack(images))
+    got = OnnxJudge().raw(images)
+    for k in want:
+        err = np.abs(got[k] - want[k]).max() / (np.abs(want[k]).max() + 1e-12)
+        assert err < 1e-4, (k, err)
+    caps = [s.caption for s in ds]
+    assert score(OnnxJudge().predict(images), caps) == J.prompt_accuracy(images, caps, judge=J.load_judge(JUDGE_PT))
+
+
 def test_judge_parse_caption_round_trip():
     from shapes import judge as J
 
