@@ -58,13 +58,15 @@ pub fn run_jobs(
     let actor = PipelineActor::load(models, None)?;
     let weights = actor.shared_weights();
     let actor = Mutex::new(Some(actor));
-    let sys = actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|source| katz_onnx::Error::Io {
+            path: "(tokio runtime)".into(),
+            source,
+        })?;
+    let sys = actix::System::with_tokio_rt(move || rt);
     let results = sys.block_on(async move {
         let pipeline = SyncArbiter::start(1, move || {
             actor

@@ -64,13 +64,11 @@ pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
     let queue = cfg.queue.clone().unwrap_or_else(|| jobs_queue(&base));
     let pool = Mutex::new(actors);
 
-    let sys = actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let sys = actix::System::with_tokio_rt(move || rt);
     let result: Result<(), WorkerError> = sys.block_on(async move {
         let store = connect_redis(&cfg.redis).await?.start();
         let rt = tokio::runtime::Handle::current();

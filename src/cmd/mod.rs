@@ -57,11 +57,11 @@ impl RedisArgs {
 }
 
 /// A small tokio runtime for the client commands.
-pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("tokio runtime")
+        .context("starting the tokio runtime")?
         .block_on(f)
 }
 

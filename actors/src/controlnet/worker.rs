@@ -191,13 +191,11 @@ pub fn run(cfg: ControlNetWorkerConfig) -> Result<(), ControlNetWorkerError> {
     let redis = redis::Client::open(cfg.redis.as_str())
         .map_err(|e| katz_onnx::Error::ControlNet(format!("Redis URL {}: {e}", cfg.redis)))?;
     let pool = Mutex::new(models);
-    let sys = actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let sys = actix::System::with_tokio_rt(move || rt);
     let (idle, ttl) = (cfg.idle_timeout, cfg.ttl);
     sys.block_on(async move {
         let sessions = SyncArbiter::start(n, move || SessionActor {
