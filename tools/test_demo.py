@@ -3,6 +3,7 @@ base model, ControlNet and pastel LoRA, read back by the shapes judge (tools/sha
 committed judge.pt exported; no torch), the ControlNet's edges and the LoRA's style score.
 
 Run by `make test` (after the Rust build): .katz/py/bin/python -m pytest tools/test_demo.py
+`.katz/py/bin/python tools/test_demo.py` writes the demo's conditioning edges (bundles/shapes/examples).
 """
 from __future__ import annotations
 
@@ -61,3 +62,9 @@ def test_demo_shows_its_prompt_controlnet_and_lora(tmp_path):
     # the LoRA: a pastel palette (the base model's own pictures score 0.0)
     pastel = style_score(im, "pastel")
     assert pastel > 0.5, f"pastel style score {pastel:.2f}"
+
+
+if __name__ == "__main__":
+    # (re)writes the committed condition: python3 tools/test_demo.py  (numpy + pillow)
+    Image.fromarray(layout()[1]).save(EDGES)
+    print(f"wrote {EDGES}")

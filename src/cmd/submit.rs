@@ -134,20 +134,9 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     katz_actors::protocol::check(&job, &katz_actors::protocol::Limits::default())
         .map_err(anyhow::Error::msg)?;
 
-    // status `queued` first, so a reader never sees a published job without a record
-    let created: bool = redis
-        .hset_nx(job_key(&id), "status", Status::Queued.as_str())
-        .await?;
-    if !created {
+    if !reserve_record(&mut redis, &job, &[], a.ttl_s).await? {
         bail!("job id `{id}` is already in use (katz status {id})");
     }
-    let _: () = redis
-        .hset_multiple(
-            job_key(&id),
-            &[("digest", job.digest()), ("submitted_ms", now_ms().to_string())],
-        )
-        .await?;
-    let _: () = redis.expire(job_key(&id), a.ttl_s as i64).await?;
 
     let queue = a.queue.clone().unwrap_or_else(|| jobs_queue(&a.base));
     let conn = topology::connect(&a.amqp.amqp, "katz-submit")
@@ -223,4 +212,25 @@ async fn follow(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Makes a job's record before it is published: status `queued` first (only if the id is new:
+/// false when it is taken), so a reader never sees a published job without a record; then its
+/// digest, submission time and `extra` fields, and its TTL. `katz submit` and `katz trace replay`.
+pub async fn reserve_record(
+    redis: &mut redis::aio::MultiplexedConnection,
+    job: &Job,
+    extra: &[(&str, String)],
+    ttl_s: u64,
+) -> anyhow::Result<bool> {
+    let key = job_key(&job.id);
+    let created: bool = redis.hset_nx(&key, "status", Status::Queued.as_str()).await?;
+    if !created {
+        return Ok(false);
+    }
+    let mut fields = vec![("digest", job.digest()), ("submitted_ms", now_ms().to_string())];
+    fields.extend(extra.iter().cloned());
+    let _: () = redis.hset_multiple(&key, &fields).await?;
+    let _: () = redis.expire(&key, ttl_s as i64).await?;
+    Ok(true)
 }

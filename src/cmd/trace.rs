@@ -361,9 +361,8 @@ pub fn write_loras(
 }
 
 async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
-    use katz_actors::protocol::{job_key, jobs_queue, now_ms, ControlNetJob, ImageRef, Job, LoraJob, Status};
+    use katz_actors::protocol::{jobs_queue, now_ms, ControlNetJob, ImageRef, Job, LoraJob};
     use katz_actors::topology;
-    use redis::AsyncCommands;
 
     if !(a.speed > 0.0 && a.speed.is_finite()) {
         bail!("--speed must be > 0");
@@ -450,23 +449,10 @@ async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
                 scale: 0.8,
             });
         }
-        let created: bool = redis
-            .hset_nx(job_key(&id), "status", Status::Queued.as_str())
-            .await?;
-        if !created {
+        let extra = [("trace_instance", r.ip.clone())];
+        if !super::submit::reserve_record(&mut redis, &job, &extra, job.result_ttl_s).await? {
             bail!("job id `{id}` is already in use: give another --id-prefix");
         }
-        let _: () = redis
-            .hset_multiple(
-                job_key(&id),
-                &[
-                    ("digest", job.digest()),
-                    ("submitted_ms", now_ms().to_string()),
-                    ("trace_instance", r.ip.clone()),
-                ],
-            )
-            .await?;
-        let _: () = redis.expire(job_key(&id), job.result_ttl_s as i64).await?;
         let q = if a.queue_per_instance {
             format!("{queue}.{}", r.ip)
         } else {

@@ -417,20 +417,9 @@ pub struct SimResult {
 /// it is served and unpinned after, so none of them is evicted by a later one of the same request.
 pub fn replay(requests: &[Vec<u32>], entries: usize, policy: Policy) -> SimResult {
     let mut cache: Cache<()> = Cache::with_entries(entries, policy);
-    let mut pinned: Vec<String> = Vec::new();
     for request in requests {
-        for &id in request {
-            let key = id.to_string();
-            if cache.get(&key).is_none() {
-                cache.insert(key.clone(), (), 1);
-            }
-            if cache.pin(&key) {
-                pinned.push(key);
-            }
-        }
-        for key in pinned.drain(..) {
-            cache.unpin(&key);
-        }
+        let keys: Vec<String> = request.iter().map(u32::to_string).collect();
+        serve(&mut cache, keys.iter().map(String::as_str));
     }
     let stats = cache.stats();
     let lookups = stats.hits + stats.misses;
@@ -450,7 +439,26 @@ pub fn replay(requests: &[Vec<u32>], entries: usize, policy: Policy) -> SimResul
     }
 }
 
-fn ratio(a: u64, b: u64) -> f64 {
+/// Serves one request's adapters from `cache`: each looked up in order, a miss loaded (inserted);
+/// all of them pinned while the request is served, so none evicts another of the same request.
+/// Hits and misses (loads) land in the cache's [`Cache::stats`].
+pub fn serve<'a>(cache: &mut Cache<()>, keys: impl IntoIterator<Item = &'a str>) {
+    let mut pinned: Vec<&str> = Vec::new();
+    for key in keys {
+        if cache.get(key).is_none() {
+            cache.insert(key.to_string(), (), 1);
+        }
+        if cache.pin(key) {
+            pinned.push(key);
+        }
+    }
+    for key in pinned {
+        cache.unpin(key);
+    }
+}
+
+/// a / b, or 0 when b is 0.
+pub fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 {
         0.0
     } else {
