@@ -29,6 +29,7 @@ fn opts(device: Device) -> SessionOptions {
         intra_threads: 0,
         device,
         fixed: None,
+        cuda_graph: false,
     }
 }
 
@@ -267,5 +268,111 @@ fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
             assert!(e < 1e-3, "case {i}: {e}");
             i += 1;
         }
+    }
+}
+
+/// Options with the UNet shapes fixed for the tiny requests (64², a UNet batch of `batch`), with
+/// or without CUDA graphs.
+fn fixed(device: Device, batch: usize, cuda_graph: bool) -> SessionOptions {
+    SessionOptions {
+        fixed: Some(katz_onnx::runtime::FixedShape::parse("64x64", batch).unwrap()),
+        cuda_graph,
+        ..opts(device)
+    }
+}
+
+/// One job, its LoRA merged before step 0 (`bound` None) or asynchronously, switching in by step
+/// `bound` (a switch mid-job).
+fn job_with(dev: &mut Pipeline, r: &Request, bound: Option<usize>) -> Tensor {
+    match bound {
+        Some(bound) if !r.loras.is_empty() => {
+            let mut pending = katz_onnx::weights::PendingMerge::spawn(dev.shared_weights(), r.loras.clone());
+            let plan = LoraPlan::Async {
+                pending: &mut pending,
+                bound,
+                timeout: std::time::Duration::from_secs(60),
+                early: false,
+            };
+            dev.generate_with(r, &mut SeededNoise::new(r.seed), &mut NoObserver, plan, None)
+                .unwrap()
+                .image
+        }
+        _ => dev.generate(r, &mut NoObserver).unwrap().image,
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/device/gpu-path.sh tests"]
+fn cuda_graphs_give_the_ungraphed_image_across_jobs_loras_and_controlnets() {
+    let base = root().join("bundles/tiny-sdxl");
+    let mut plain = Pipeline::load(&base, fixed(gpu(), 2, false)).unwrap();
+    let mut graphed = Pipeline::load(&base, fixed(gpu(), 2, true)).unwrap();
+    let (mp, mg) = (
+        plain.controlnet(cn_dir()).unwrap(),
+        graphed.controlnet(cn_dir()).unwrap(),
+    );
+    // the weight slot must follow the jobs: pristine, a merge, another merge (another scale),
+    // a merge switched in mid-job, pristine again, then the first merge again
+    let cases: [(usize, Option<f32>, Option<usize>); 6] = [
+        (0, None, None),
+        (1, Some(0.8), None),
+        (2, Some(0.3), None),
+        (1, Some(0.8), Some(2)),
+        (3, None, None),
+        (0, Some(0.8), None),
+    ];
+    for (i, &(n, lora, bound)) in cases.iter().enumerate() {
+        let make = |p: &Pipeline, m: usize| {
+            let mut r = request(&vec![m; n], SchedulerKind::Euler, lora.is_some(), p);
+            if let (Some(s), Some(l)) = (lora, r.loras.first_mut()) {
+                l.1 = s;
+            }
+            r
+        };
+        let (rp, rg) = (make(&plain, mp), make(&graphed, mg));
+        let want = job_with(&mut plain, &rp, bound);
+        let got = job_with(&mut graphed, &rg, bound);
+        let e = rel_err(&got.data, &want.data);
+        println!(
+            "CUDA graphs, case {i}: {n} ControlNets, LoRA {lora:?}, bound {bound:?}: relative error {e:.2e}"
+        );
+        assert!(e < 1e-4, "case {i}: {e}");
+    }
+    // another size than the captured one is refused, not run on stale shapes
+    let mut other = request(&[], SchedulerKind::Euler, false, &graphed);
+    other.width = 128;
+    other.height = 128;
+    let err = graphed.generate(&other, &mut NoObserver).unwrap_err();
+    assert!(matches!(err, katz_onnx::Error::InvalidRequest(_)), "{err}");
+}
+
+#[test]
+#[ignore = "needs two GPUs: tools/device/gpu-path.sh on a multi-GPU kind"]
+fn split_guidance_with_cuda_graphs_gives_the_one_gpu_image() {
+    let count = katz_kernels::cuda::device_count();
+    if count < 2 {
+        panic!("this test needs two GPUs, found {count}");
+    }
+    let base = root().join("bundles/tiny-sdxl");
+    let mut single = Pipeline::load(&base, opts(Device::Cuda(0))).unwrap();
+    let mut split = Pipeline::load(&base, fixed(Device::Cuda(0), 1, true)).unwrap();
+    split.split_guidance(Device::Cuda(1)).unwrap();
+    let (ms, mp) = (
+        single.controlnet(cn_dir()).unwrap(),
+        split.controlnet(cn_dir()).unwrap(),
+    );
+    for (n, lora, bound) in [
+        (0, true, None),
+        (1, false, None),
+        (2, true, Some(2)),
+        (0, false, None),
+    ] {
+        let rs = request(&vec![ms; n], SchedulerKind::Euler, lora, &single);
+        let want = job_with(&mut single, &rs, bound);
+        let rp = request(&vec![mp; n], SchedulerKind::Euler, lora, &split);
+        let got = job_with(&mut split, &rp, bound);
+        let e = rel_err(&got.data, &want.data);
+        println!("split guidance + CUDA graphs, {n} ControlNets, LoRA {lora}, bound {bound:?}: relative error {e:.2e}");
+        assert!(e < 1e-3, "{n} ControlNets, LoRA {lora}: {e}");
     }
 }

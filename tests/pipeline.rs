@@ -181,3 +181,18 @@ fn static_shapes_give_the_dynamic_image_and_refuse_other_sizes() {
     let err = fixed.generate(&unguided, &mut NoObserver).unwrap_err();
     assert!(err.to_string().contains("batch of 1"), "{err}");
 }
+
+#[test]
+fn cuda_graphs_are_refused_without_fixed_shapes_or_a_cuda_device() {
+    let load = |o| Pipeline::load(root().join("bundles/tiny-sdxl"), o).err();
+    let mut o = test_options();
+    o.cuda_graph = true;
+    let err = load(o.clone()).expect("CUDA graphs without fixed shapes must be refused");
+    assert!(matches!(err, Error::InvalidRequest(_)), "{err}");
+    assert!(err.to_string().contains("--static-shapes"), "{err}");
+    if !o.device.is_gpu() {
+        o.fixed = Some(katz_onnx::runtime::FixedShape::parse("64x64", 2).unwrap());
+        let err = load(o).expect("CUDA graphs on the CPU must be refused");
+        assert!(err.to_string().contains("CUDA provider"), "{err}");
+    }
+}

@@ -93,12 +93,16 @@ class Katz:
     def __init__(self, exe: Path, env: dict):
         self.exe, self.env = str(exe), env
         self.calls, self.seconds = 0, 0.0
+        import threading
+
+        self.lock = threading.Lock()
 
     def run(self, *args: str) -> None:
         t0 = time.perf_counter()
         r = subprocess.run([self.exe, *args], env=self.env, capture_output=True, text=True)
-        self.calls += 1
-        self.seconds += time.perf_counter() - t0
+        with self.lock:
+            self.calls += 1
+            self.seconds += time.perf_counter() - t0
         if r.returncode != 0:
             raise SystemExit(f"katz {' '.join(args[:1])} failed ({r.returncode}):\n{r.stderr[-2000:]}")
 
@@ -126,6 +130,8 @@ def main(argv=None):
     ap.add_argument("--service", action="store_true", help="ControlNet through a real worker + controlnet-worker")
     ap.add_argument("--katz", type=Path, default=REPO / "target" / "release" / "katz")
     ap.add_argument("--judge", type=Path, help="judge weights (default tools/shapes/judge.pt)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="katz processes at once (each image is its own `katz generate`; GPU hosts have the cores)")
     a = ap.parse_args(argv)
     if (a.fp16_bundle or a.split) and not a.gpu:
         ap.error("--fp16-bundle and --split need --gpu")
@@ -149,14 +155,19 @@ def main(argv=None):
 
     made: dict[str, list[Path]] = {}
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max(1, a.jobs))
+
     def variant(name: str, extra_for, bundle: Path | None = None, device: str = "cpu"):
-        paths = []
         (img_dir / name).mkdir(parents=True, exist_ok=True)
-        for i, s in enumerate(samples):
-            p = img_dir / name / f"{i:03d}.png"
-            katz.run("generate", "--bundle", str(bundle or a.bundle), "--prompt", s.caption, "--seed", str(i),
-                     "--device", device, "--output", str(p), *common, *extra_for(i))
-            paths.append(p)
+        paths = [img_dir / name / f"{i:03d}.png" for i in range(len(samples))]
+        threads = (["--threads", str(max(1, (os.cpu_count() or 2) // a.jobs))] if a.jobs > 1 else [])
+        runs = [pool.submit(katz.run, "generate", "--bundle", str(bundle or a.bundle), "--prompt", s.caption,
+                            "--seed", str(i), "--device", device, "--output", str(p), *threads, *common, *extra_for(i))
+                for i, (s, p) in enumerate(zip(samples, paths))]
+        for r in runs:
+            r.result()
         made[name] = paths
         print(f"  {name}: {len(paths)} images", flush=True)
 

@@ -23,6 +23,7 @@ pub mod bundle;
 pub mod controlnet;
 pub mod device;
 pub mod error;
+pub(crate) mod graphs;
 pub mod image;
 pub mod lora;
 pub mod noise;

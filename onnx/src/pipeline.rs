@@ -43,6 +43,7 @@ use crate::controlnet::{
     ControlNet, ControlService, ControlSession, InlineControlNets, SessionInit, ThreadedControlNets,
 };
 use crate::device::{gpu_err, DevRef, DevTensor};
+use crate::graphs::GraphedUnet;
 use crate::lora::LoraAdapter;
 use crate::noise::SeededNoise;
 use crate::runtime::{self, Device, FixedShape, SessionOptions};
@@ -267,6 +268,8 @@ pub struct Pipeline {
     controlnets: Vec<Arc<Mutex<ControlNet>>>,
     /// The device loop's kernels on a stream of their own (GPU pipelines; made at the first job).
     step_kernels: Option<Arc<GpuKernels>>,
+    /// The UNet bound for CUDA graphs and captured at load (`SessionOptions::cuda_graph`).
+    graph: Option<GraphedUnet>,
     /// Split guidance: the conditional half's UNet on a second GPU, and whether jobs use it.
     half: Option<HalfUnet>,
     split_on: bool,
@@ -282,6 +285,8 @@ struct HalfUnet {
     unet_decoder: Session,
     weights: Arc<Weights>,
     kernels: Arc<GpuKernels>,
+    /// This half's UNet bound for CUDA graphs, captured on `thread` (`SessionOptions::cuda_graph`).
+    graph: Option<GraphedUnet>,
     /// The thread that runs this half's graphs, for the pipeline's whole life: ONNX Runtime's
     /// CUDA provider makes per-thread state (library handles) on a thread's first run, so a
     /// fresh thread per step cost about 0.2 s each (476 ms per step on 2×H200, run C).
@@ -436,12 +441,21 @@ impl Pipeline {
         };
         let skips = skip_names(m.unet.skips);
 
-        let [enc_dims, dec_dims] = match opts.fixed {
-            Some(f) => unet_dims(&bundle, f)?,
-            None => [vec![], vec![]],
-        };
+        if opts.cuda_graph && (opts.fixed.is_none() || !matches!(opts.device, Device::Cuda(_))) {
+            return Err(Error::InvalidRequest(format!(
+                "CUDA graphs need fixed shapes (--static-shapes) and the CUDA provider (cuda:N), got {}{}",
+                opts.device,
+                if opts.fixed.is_none() {
+                    " without fixed shapes"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let fixed_dims = opts.fixed.map(|f| unet_dims(&bundle, f)).transpose()?;
+        let [enc_dims, dec_dims] = fixed_dims.clone().unwrap_or_default();
         let enc_path = bundle.path(&m.unet.encoder);
-        let unet_encoder = runtime::session_with_dims(&enc_path, &opts, &enc_dims)?;
+        let unet_encoder = runtime::unet_session(&enc_path, &opts, &enc_dims)?;
         let mut enc_in: Vec<String> = [
             "sample",
             "timestep",
@@ -457,7 +471,7 @@ impl Pipeline {
         check_io(&enc_path, &unet_encoder, &enc_in, &enc_out)?;
 
         let dec_path = bundle.path(&m.unet.decoder);
-        let unet_decoder = runtime::session_with_dims(&dec_path, &opts, &dec_dims)?;
+        let unet_decoder = runtime::unet_session(&dec_path, &opts, &dec_dims)?;
         let mut dec_in: Vec<String> = vec!["emb".into(), "encoder_hidden_states".into(), "mid".into()];
         dec_in.extend(skips.iter().cloned());
         dec_in.extend(weight_inputs("unet_decoder"));
@@ -487,7 +501,7 @@ impl Pipeline {
         let vae = runtime::session(&vae_path, &opts)?;
         check_io(&vae_path, &vae, &["latent".into()], &["image".into()])?;
 
-        Ok(Pipeline {
+        let mut pipe = Pipeline {
             bundle,
             opts,
             text,
@@ -497,10 +511,30 @@ impl Pipeline {
             weights,
             controlnets: Vec::new(),
             step_kernels: None,
+            graph: None,
             half: None,
             split_on: false,
             cn_threads: Arc::new(crate::threads::LastingThreads::new("controlnet")),
-        })
+        };
+        if let (true, Some(id), Some([enc_dims, dec_dims])) =
+            (pipe.opts.cuda_graph, pipe.opts.device.gpu(), fixed_dims)
+        {
+            // bound and captured now, before any job or other thread uses the GPU (crate::graphs)
+            let k = pipe.step_kernels(id)?;
+            current(&k)?;
+            let mut g = GraphedUnet::new(
+                &pipe.unet_encoder,
+                &pipe.unet_decoder,
+                &pipe.weights,
+                k,
+                skips.len(),
+                &enc_dims,
+                &dec_dims,
+            )?;
+            g.capture(&mut pipe.unet_encoder, &mut pipe.unet_decoder)?;
+            pipe.graph = Some(g);
+        }
+        Ok(pipe)
     }
 
     pub fn weights(&self) -> &Weights {
@@ -539,8 +573,8 @@ impl Pipeline {
             Some(f) => unet_dims(&self.bundle, f)?,
             None => [vec![], vec![]],
         };
-        let unet_encoder = runtime::session_with_dims(&self.bundle.path(&m.unet.encoder), &opts, &enc_dims)?;
-        let unet_decoder = runtime::session_with_dims(&self.bundle.path(&m.unet.decoder), &opts, &dec_dims)?;
+        let mut unet_encoder = runtime::unet_session(&self.bundle.path(&m.unet.encoder), &opts, &enc_dims)?;
+        let mut unet_decoder = runtime::unet_session(&self.bundle.path(&m.unet.decoder), &opts, &dec_dims)?;
         let half = half_inputs([&unet_encoder, &unet_decoder], &m.weights.map);
         let mut w = Weights::load(&self.bundle, half)?;
         w.to_device(there)?;
@@ -553,12 +587,34 @@ impl Pipeline {
             .thread_name(move |_| format!("katz-cuda{there}"))
             .build()
             .map_err(|e| Error::Gpu(format!("starting the second GPU's thread: {e}")))?;
+        let weights = Arc::new(w);
+        let graph = if opts.cuda_graph {
+            // captured on the thread that will run it, before any job (crate::graphs)
+            let mut g = GraphedUnet::new(
+                &unet_encoder,
+                &unet_decoder,
+                &weights,
+                kernels.clone(),
+                m.unet.skips,
+                &enc_dims,
+                &dec_dims,
+            )?;
+            let (e, d, gk) = (&mut unet_encoder, &mut unet_decoder, Sent(&mut g));
+            thread.install(move || {
+                let g = gk.into_inner();
+                current(g.kernels()).and_then(|_| g.capture(e, d))
+            })?;
+            Some(g)
+        } else {
+            None
+        };
         self.half = Some(HalfUnet {
             device: there,
             unet_encoder,
             unet_decoder,
-            weights: Arc::new(w),
+            weights,
             kernels,
+            graph,
             thread,
         });
         self.split_on = true;
@@ -976,26 +1032,30 @@ impl Pipeline {
         let mut in_shape = host_latents.shape.clone();
         in_shape[0] = b;
         let mut latents = DevTensor::upload(&k, &host_latents)?;
-        let mut latent_in = DevTensor::zeros(&k, in_shape)?;
         let mut guided = DevTensor::zeros(&k, host_latents.shape.clone())?;
         let g = |e: katz_kernels::cuda::GpuError| gpu_err(e);
+        let skips = self.bundle.manifest.unet.skips;
+        let Pipeline {
+            unet_encoder,
+            unet_decoder,
+            weights,
+            graph,
+            ..
+        } = self;
 
         current(&k)?;
-        let mut bu = bind_unet(
-            &self.unet_encoder,
-            &self.unet_decoder,
-            &self.weights,
-            self.bundle.manifest.unet.skips,
+        let mut unet = JobUnet::open(
+            graph.as_mut(),
+            (unet_encoder, unet_decoder),
+            weights,
+            skips,
             cond,
-            &merged,
-            id,
+            (&merged, weights),
+            &k,
+            in_shape,
         )?;
-        let latent_ref = latent_in.dev_ref(&k);
-        // SAFETY: `latent_in` lives until the loop ends; `bu` is dropped before it
-        let bound_in = unsafe { latent_ref.ort()? };
-        let nskips = bu.enc_outputs.len() - 2;
         // residuals from the host or from another GPU land here before they are added
-        let mut staging: Vec<Option<DevTensor>> = (0..=nskips).map(|_| None).collect();
+        let mut staging: Vec<Option<DevTensor>> = (0..=skips).map(|_| None).collect();
         let empty = Tensor::new(vec![0], vec![]);
         let timesteps = sched.timesteps().to_vec();
 
@@ -1004,10 +1064,10 @@ impl Pipeline {
             if let Some(m) = poll_lora(&mut pending, i, t)? {
                 merged = m;
                 current(&k)?;
-                rebind_weights(&self.weights, &mut bu, &merged)?;
+                unet.switch_weights(weights, &merged, weights)?;
             }
             let t0 = Instant::now();
-            k.scale(&latents.buf, sched.input_scale(i), &mut latent_in.buf, b)
+            k.scale(&latents.buf, sched.input_scale(i), &mut unet.sample_mut().buf, b)
                 .map_err(g)?;
             k.synchronize().map_err(g)?;
             let timestep = Tensor::new(vec![b], vec![ts; b]);
@@ -1015,30 +1075,21 @@ impl Pipeline {
 
             let active = active_controlnets(req, i);
             let t0 = Instant::now();
-            send_step(sessions, &active, i, &latent_in, &k, &timestep)?;
+            send_step(sessions, &active, i, unet.sample(), &k, &timestep)?;
             t.controlnet += t0.elapsed();
 
             let t0 = Instant::now();
-            // bound again every step: were ONNX Runtime to copy an input at bind time (a consumer
-            // on the CPU), the copy must be of this step's latent
-            current(&k)?;
-            bu.enc.bind_input("sample", &*bound_in)?;
-            bu.enc.bind_input("timestep", &*timestep.view()?)?;
-            let enc_vals = run_encoder_bound(&mut self.unet_encoder, &bu)?;
+            let targets = unet.encode(unet_encoder, ts)?;
             t.unet_encoder += t0.elapsed();
 
             let t0 = Instant::now();
             if !active.is_empty() {
-                // residual r < nskips goes to skip r, the last to mid
-                let targets = enc_vals
-                    .iter()
-                    .map(|v| DevRef::of_value(v, dev))
-                    .collect::<Result<Vec<_>>>()?;
+                // residual r < skips goes to skip r, the last to mid
                 for &j in &active {
                     let c = &req.controlnets[j];
                     let res = recv_residuals(&mut sessions[j], i, j, &mut staging, &k)?;
                     for (r, rr) in res.iter().enumerate() {
-                        let target = if r < nskips { &targets[2 + r] } else { &targets[1] };
+                        let target = if r < skips { &targets[2 + r] } else { &targets[1] };
                         if target.shape != rr.shape {
                             return Err(Error::InvalidRequest(format!(
                                 "ControlNet #{j}: residual {:?} does not fit {:?}",
@@ -1063,22 +1114,17 @@ impl Pipeline {
             t.controlnet += t0.elapsed();
 
             let t0 = Instant::now();
-            current(&k)?;
-            for (name, v) in bu.enc_outputs.iter().zip(&enc_vals) {
-                bu.dec.bind_input(name.as_str(), v)?;
-            }
-            let pred_v = run_decoder_bound(&mut self.unet_decoder, &bu)?;
+            let pred = unet.decode(unet_decoder)?;
             t.unet_decoder += t0.elapsed();
 
             let t0 = Instant::now();
-            let pred = DevRef::of_value(&pred_v, dev)?;
             if pred.len() != b * guided.len() {
                 return Err(Error::Gpu(format!(
                     "noise_pred {:?} for latents {:?}",
                     pred.shape, guided.shape
                 )));
             }
-            // SAFETY: `pred_v` holds the prediction until the stream is synchronised below
+            // SAFETY: the prediction stays alive (until `end_step`) past the synchronise below
             unsafe {
                 if cfg {
                     k.combine_raw(pred.ptr, req.guidance, &mut guided.buf)
@@ -1090,8 +1136,7 @@ impl Pipeline {
             }
             scheduler_step(sched, i, &k, &mut latents, &guided, noise)?;
             k.synchronize().map_err(g)?;
-            drop(pred_v);
-            drop(enc_vals);
+            unet.end_step();
             t.scheduler += t0.elapsed();
             if i == 0 {
                 t.first_step = started.elapsed();
@@ -1102,8 +1147,7 @@ impl Pipeline {
                 obs.on_step(i, n, &empty)?;
             }
         }
-        drop(bu);
-        drop(bound_in);
+        drop(unet);
         let out = latents.download(&k)?;
         drop(merged);
         Ok(out)
@@ -1112,9 +1156,9 @@ impl Pipeline {
     /// [`Pipeline::device_loop`] with the guidance halves on two GPUs (latent parallelism):
     ///
     /// ```text
-    /// GPU a: latents ─scale─▶ [x_u; x_c] ──────────────▶ encoder(x_u) ─┐+res_u  decoder ─▶ ε_u ─┐
-    ///                              │ x_c (peer copy)      ControlNets ─┤ (batch 2, anywhere)    ├─▶ combine ─▶ euler (once)
-    /// GPU b:                       └────────────────────▶ encoder(x_c) ─┘+res_c  decoder ─▶ ε_c ─┘ (peer copy)
+    /// GPU a: latents ─scale─▶ [x_u; x_c] ──x_u────────▶ encoder(x_u) ─┐+res_u  decoder ─▶ ε_u ─┐
+    ///                              │ x_c (peer copy)     ControlNets ─┤ (batch 2, anywhere)    ├─▶ combine ─▶ euler (once)
+    /// GPU b:                       └───────────────────▶ encoder(x_c) ─┘+res_c  decoder ─▶ ε_c ─┘ (peer copy)
     /// ```
     ///
     /// Each phase (encoders, decoders) runs on both GPUs at once; ControlNet sessions take the
@@ -1141,6 +1185,7 @@ impl Pipeline {
             unet_decoder,
             weights,
             half,
+            graph,
             ..
         } = self;
         let h = half
@@ -1154,36 +1199,33 @@ impl Pipeline {
         in2[0] = 2;
         let mut latents = DevTensor::upload(&k0, &host_latents)?;
         let mut latent_in = DevTensor::zeros(&k0, in2.clone())?; // [x_u; x_c] on GPU a
-        let lat_c = DevTensor::zeros(&k1, lat_shape.clone())?; // x_c on GPU b
         let pred2 = DevTensor::zeros(&k0, in2)?; // [ε_u; ε_c] on GPU a
         let mut guided = DevTensor::zeros(&k0, lat_shape.clone())?;
         let (cond_u, cond_c) = (half_cond(cond, 0)?, half_cond(cond, 1)?);
-        let mut merged_c = Arc::new(if merged.is_empty() {
-            MergedWeights::default()
-        } else {
-            h.weights.copy_merged_from(&merged, weights)?
-        });
         current(&k0)?;
-        let mut bu = bind_unet(unet_encoder, unet_decoder, weights, skips, &cond_u, &merged, id)?;
+        let mut uu = JobUnet::open(
+            graph.as_mut(),
+            (unet_encoder, unet_decoder),
+            weights,
+            skips,
+            &cond_u,
+            (&merged, weights),
+            &k0,
+            lat_shape.clone(),
+        )
+        .map_err(|e| at("binding the unconditional half", e))?;
         current(&k1)?;
-        let mut bc = bind_unet(
-            &h.unet_encoder,
-            &h.unet_decoder,
+        let mut uc = JobUnet::open(
+            h.graph.as_mut(),
+            (&h.unet_encoder, &h.unet_decoder),
             &h.weights,
             skips,
             &cond_c,
-            &merged_c,
-            h.device,
-        )?;
-        let in_ref = latent_in.dev_ref(&k0);
-        let u_ref = DevRef {
-            ptr: in_ref.ptr,
-            shape: lat_shape.clone(),
-            device: d0,
-        };
-        let c_ref = lat_c.dev_ref(&k1);
-        // SAFETY: both buffers live until the loop ends; the bindings are dropped before them
-        let (sample_u, sample_c) = unsafe { (u_ref.ort()?, c_ref.ort()?) };
+            (&merged, weights),
+            &k1,
+            lat_shape.clone(),
+        )
+        .map_err(|e| at("binding the conditional half", e))?;
         // the conditional halves of residuals land here (on GPU b) before they are added
         let mut stage_c: Vec<Option<DevTensor>> = (0..=skips).map(|_| None).collect();
         let mut stage_h: Vec<Option<DevTensor>> = (0..=skips).map(|_| None).collect();
@@ -1195,25 +1237,26 @@ impl Pipeline {
             if let Some(m) = poll_lora(&mut pending, i, t)? {
                 merged = m;
                 current(&k0)?;
-                rebind_weights(weights, &mut bu, &merged)
-                    .map_err(|e| at("rebinding the unconditional half", e))?;
-                merged_c = Arc::new(
-                    h.weights
-                        .copy_merged_from(&merged, weights)
-                        .map_err(|e| at("copying the merged weights", e))?,
-                );
+                uu.switch_weights(weights, &merged, weights)
+                    .map_err(|e| at("switching the unconditional half's weights", e))?;
                 current(&k1)?;
-                rebind_weights(&h.weights, &mut bc, &merged_c)
-                    .map_err(|e| at("rebinding the conditional half", e))?;
+                uc.switch_weights(&h.weights, &merged, weights)
+                    .map_err(|e| at("switching the conditional half's weights", e))?;
             }
             let t0 = Instant::now();
             k0.scale(&latents.buf, sched.input_scale(i), &mut latent_in.buf, 2)
                 .map_err(g)?;
             k0.synchronize().map_err(g)?;
-            // SAFETY: x_c is the second half of `latent_in`, complete after the synchronise
-            unsafe { k1.copy_raw(c_ref.ptr, in_ref.ptr + (n * 4) as u64, n * 4) }.map_err(g)?;
+            let x = latent_in.ptr(&k0);
+            // SAFETY: x_u and x_c are the halves of `latent_in`, complete after the synchronise;
+            // each sample buffer holds n f32
+            unsafe {
+                k0.copy_raw(uu.sample().ptr(&k0), x, n * 4).map_err(g)?;
+                k1.copy_raw(uc.sample().ptr(&k1), x + (n * 4) as u64, n * 4)
+                    .map_err(g)?;
+            }
+            k0.synchronize().map_err(g)?;
             k1.synchronize().map_err(g)?;
-            let ts1 = Tensor::new(vec![1], vec![ts]);
             let ts2 = Tensor::new(vec![2], vec![ts; 2]);
             t.scheduler += t0.elapsed();
 
@@ -1224,39 +1267,22 @@ impl Pipeline {
 
             // phase 1: both encoders at once
             let t0 = Instant::now();
-            for (bnd, smp, k) in [(&mut bu, &sample_u, &k0), (&mut bc, &sample_c, &k1)] {
-                current(k)?;
-                bnd.enc
-                    .bind_input("sample", &**smp)
-                    .map_err(|e| at("binding a half's sample", e.into()))?;
-                bnd.enc
-                    .bind_input("timestep", &*ts1.view()?)
-                    .map_err(|e| at("binding a half's timestep", e.into()))?;
-            }
-            let (vals_u, vals_c) = {
-                let (hs, hb, hk) = (&mut h.unet_encoder, &mut bc, &k1);
+            let (tu, tc) = {
+                let (hs, hu) = (&mut h.unet_encoder, Sent(&mut uc));
                 let (mine, theirs) = on_both(
                     &h.thread,
-                    move || current(hk).and_then(|_| run_encoder_bound(hs, hb)).map(Sent),
-                    || current(&k0).and_then(|_| run_encoder_bound(unet_encoder, &bu)),
+                    move || hu.into_inner().encode(hs, ts),
+                    || uu.encode(unet_encoder, ts),
                 );
                 (
                     mine.map_err(|e| at("unconditional encoder", e))?,
-                    theirs.map_err(|e| at("conditional encoder", e))?.0,
+                    theirs.map_err(|e| at("conditional encoder", e))?,
                 )
             };
             t.unet_encoder += t0.elapsed();
 
             let t0 = Instant::now();
             if !active.is_empty() {
-                let tu = vals_u
-                    .iter()
-                    .map(|v| DevRef::of_value(v, d0))
-                    .collect::<Result<Vec<_>>>()?;
-                let tc = vals_c
-                    .iter()
-                    .map(|v| DevRef::of_value(v, d1))
-                    .collect::<Result<Vec<_>>>()?;
                 for &j in &active {
                     let c = &req.controlnets[j];
                     let res = recv_residuals(&mut sessions[j], i, j, &mut stage_h, &k0)?;
@@ -1305,28 +1331,21 @@ impl Pipeline {
 
             // phase 2: both decoders at once
             let t0 = Instant::now();
-            for (bnd, vals, k) in [(&mut bu, &vals_u, &k0), (&mut bc, &vals_c, &k1)] {
-                current(k)?;
-                for (name, v) in bnd.enc_outputs.iter().zip(vals) {
-                    bnd.dec.bind_input(name.as_str(), v)?;
-                }
-            }
-            let (pu, pc) = {
-                let (hs, hb, hk) = (&mut h.unet_decoder, &mut bc, &k1);
+            let (ru, rc) = {
+                let (hs, hu) = (&mut h.unet_decoder, Sent(&mut uc));
                 let (mine, theirs) = on_both(
                     &h.thread,
-                    move || current(hk).and_then(|_| run_decoder_bound(hs, hb)).map(Sent),
-                    || current(&k0).and_then(|_| run_decoder_bound(unet_decoder, &bu)),
+                    move || hu.into_inner().decode(hs),
+                    || uu.decode(unet_decoder),
                 );
                 (
                     mine.map_err(|e| at("unconditional decoder", e))?,
-                    theirs.map_err(|e| at("conditional decoder", e))?.0,
+                    theirs.map_err(|e| at("conditional decoder", e))?,
                 )
             };
             t.unet_decoder += t0.elapsed();
 
             let t0 = Instant::now();
-            let (ru, rc) = (DevRef::of_value(&pu, d0)?, DevRef::of_value(&pc, d1)?);
             if ru.len() != n || rc.len() != n {
                 return Err(Error::Gpu(format!(
                     "noise_pred {:?} for latents {:?}",
@@ -1334,7 +1353,7 @@ impl Pipeline {
                 )));
             }
             let p2 = pred2.ptr(&k0);
-            // SAFETY: both predictions stay alive (pu, pc) until the synchronise below
+            // SAFETY: both predictions stay alive (until `end_step`) past the synchronise below
             unsafe {
                 k0.copy_raw(p2, ru.ptr, n * 4).map_err(g)?;
                 k0.copy_raw(p2 + (n * 4) as u64, rc.ptr, n * 4).map_err(g)?;
@@ -1342,7 +1361,8 @@ impl Pipeline {
             k0.combine(&pred2.buf, req.guidance, &mut guided.buf).map_err(g)?;
             scheduler_step(sched, i, &k0, &mut latents, &guided, noise)?;
             k0.synchronize().map_err(g)?;
-            drop((pu, pc, vals_u, vals_c));
+            uu.end_step();
+            uc.end_step();
             t.scheduler += t0.elapsed();
             if i == 0 {
                 t.first_step = started.elapsed();
@@ -1353,9 +1373,9 @@ impl Pipeline {
                 obs.on_step(i, n_steps, &empty)?;
             }
         }
-        drop((bu, bc, sample_u, sample_c));
+        drop((uu, uc));
         let out = latents.download(&k0)?;
-        drop((merged, merged_c, pred2, lat_c));
+        drop((merged, pred2, latent_in));
         Ok(out)
     }
 
@@ -1630,12 +1650,172 @@ fn bind_weight(
     Ok(())
 }
 
-/// ONNX Runtime values handed back from the second GPU's thread. `ort` marks values `!Send`
-/// conservatively; an OrtValue is a buffer plus metadata with no thread affinity, and the
-/// sending thread has finished with it.
+/// The second GPU's [`JobUnet`], lent to that GPU's thread while this one waits for it. `ort`
+/// marks values `!Send` conservatively; an OrtValue is a buffer plus metadata with no thread
+/// affinity, and only one thread uses it at a time ([`on_both`] returns after both ran).
 struct Sent<T>(T);
-// SAFETY: see above; the value is moved, never shared.
+// SAFETY: see above; the value is lent to one thread at a time, never shared.
 unsafe impl<T> Send for Sent<T> {}
+
+impl<T> Sent<T> {
+    /// The value (a method, so that a `move` closure captures the whole wrapper, not its field).
+    fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+/// A job's UNet on one GPU, step by step: bound for this job alone (`Bound`), or the pipeline's
+/// CUDA-graph bindings (`Graphed`, crate::graphs), whose buffers outlive the job and whose
+/// graphs were captured when the pipeline loaded.
+enum JobUnet<'g> {
+    Bound(Box<BoundJob>),
+    Graphed(&'g mut GraphedUnet),
+}
+
+/// [`JobUnet::Bound`]: the graphs bound for one job, its sample buffer, the step's outputs.
+struct BoundJob {
+    // the binding goes first: it is dropped before the sample buffer it points at
+    bu: BoundUnet,
+    sample: DevTensor,
+    k: Arc<GpuKernels>,
+    enc_vals: Vec<DynValue>,
+    pred: Option<DynValue>,
+    /// A merge copied over from another GPU's set (split guidance), kept while it is bound.
+    merged_copy: Option<Arc<MergedWeights>>,
+}
+
+impl<'g> JobUnet<'g> {
+    /// The UNet pair `sessions` on `k`'s GPU for a job: the pipeline's `graph` when it has one
+    /// (the job's conditioning and weights copied in), else bound for this job. `own` is this
+    /// GPU's pristine set; `merged.0` was merged from `merged.1` (this set, or another GPU's).
+    #[allow(clippy::too_many_arguments)]
+    fn open(
+        graph: Option<&'g mut GraphedUnet>,
+        sessions: (&Session, &Session),
+        own: &Weights,
+        skips: usize,
+        cond: &Conditioning,
+        merged: (&MergedWeights, &Weights),
+        k: &Arc<GpuKernels>,
+        sample_shape: Vec<usize>,
+    ) -> Result<Self> {
+        if let Some(g) = graph {
+            if g.sample.shape != sample_shape {
+                return Err(Error::InvalidRequest(format!(
+                    "the CUDA graph was captured for a latent of {:?}, this job needs {:?}",
+                    g.sample.shape, sample_shape
+                )));
+            }
+            g.set_conditioning(cond)?;
+            g.set_weights(own, merged.0, merged.1)?;
+            return Ok(JobUnet::Graphed(g));
+        }
+        let bu = bind_unet(
+            sessions.0,
+            sessions.1,
+            own,
+            skips,
+            cond,
+            &MergedWeights::default(),
+            k.ordinal() as i32,
+        )?;
+        let mut unet = JobUnet::Bound(Box::new(BoundJob {
+            bu,
+            sample: DevTensor::zeros(k, sample_shape)?,
+            k: k.clone(),
+            enc_vals: Vec::new(),
+            pred: None,
+            merged_copy: None,
+        }));
+        if !merged.0.is_empty() {
+            unet.switch_weights(own, merged.0, merged.1)?;
+        }
+        Ok(unet)
+    }
+
+    fn sample(&self) -> &DevTensor {
+        match self {
+            JobUnet::Bound(j) => &j.sample,
+            JobUnet::Graphed(g) => &g.sample,
+        }
+    }
+
+    fn sample_mut(&mut self) -> &mut DevTensor {
+        match self {
+            JobUnet::Bound(j) => &mut j.sample,
+            JobUnet::Graphed(g) => &mut g.sample,
+        }
+    }
+
+    /// Switches to `merged` (made from `merged_on`'s weights) at a step boundary.
+    fn switch_weights(&mut self, own: &Weights, merged: &MergedWeights, merged_on: &Weights) -> Result<()> {
+        match self {
+            JobUnet::Graphed(g) => g.set_weights(own, merged, merged_on),
+            JobUnet::Bound(j) if std::ptr::eq(own, merged_on) => rebind_weights(own, &mut j.bu, merged),
+            JobUnet::Bound(j) => {
+                let copy = Arc::new(own.copy_merged_from(merged, merged_on)?);
+                rebind_weights(own, &mut j.bu, &copy)?;
+                j.merged_copy = Some(copy);
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs the encoder on the sample at timestep `t`: the addresses of `emb`, `mid`, skips, valid
+    /// until [`JobUnet::end_step`] (ControlNet residuals are added to them in place).
+    fn encode(&mut self, session: &mut Session, t: f32) -> Result<Vec<DevRef>> {
+        match self {
+            JobUnet::Graphed(g) => {
+                current(g.kernels())?;
+                Ok(g.encode(session, t)?.to_vec())
+            }
+            JobUnet::Bound(j) => {
+                current(&j.k)?;
+                let b = j.sample.shape[0];
+                let timestep = Tensor::new(vec![b], vec![t; b]);
+                // bound again every step: were ONNX Runtime to copy an input at bind time (a
+                // consumer on the CPU), the copy must be of this step's latent
+                let r = j.sample.dev_ref(&j.k);
+                // SAFETY: the sample buffer outlives the binding (BoundJob's field order)
+                let v = unsafe { r.ort()? };
+                j.bu.enc.bind_input("sample", &*v)?;
+                j.bu.enc.bind_input("timestep", &*timestep.view()?)?;
+                j.enc_vals = run_encoder_bound(session, &j.bu)?;
+                let dev = j.k.ordinal();
+                j.enc_vals.iter().map(|v| DevRef::of_value(v, dev)).collect()
+            }
+        }
+    }
+
+    /// Runs the decoder on the encoder's outputs: the noise prediction's address, valid until
+    /// [`JobUnet::end_step`].
+    fn decode(&mut self, session: &mut Session) -> Result<DevRef> {
+        match self {
+            JobUnet::Graphed(g) => {
+                current(g.kernels())?;
+                Ok(g.decode(session)?.clone())
+            }
+            JobUnet::Bound(j) => {
+                current(&j.k)?;
+                for (name, v) in j.bu.enc_outputs.iter().zip(&j.enc_vals) {
+                    j.bu.dec.bind_input(name.as_str(), v)?;
+                }
+                let p = run_decoder_bound(session, &j.bu)?;
+                let r = DevRef::of_value(&p, j.k.ordinal())?;
+                j.pred = Some(p);
+                Ok(r)
+            }
+        }
+    }
+
+    /// Releases the step's outputs (after the stream that read them was synchronised).
+    fn end_step(&mut self) {
+        if let JobUnet::Bound(j) = self {
+            j.enc_vals.clear();
+            j.pred = None;
+        }
+    }
+}
 
 /// Runs a bound UNet encoder; its outputs (`emb`, `mid`, skips), left on the device.
 fn run_encoder_bound(session: &mut Session, bu: &BoundUnet) -> Result<Vec<DynValue>> {

@@ -162,6 +162,9 @@ pub struct SessionOptions {
     pub device: Device,
     /// Fixed shapes for the UNet and ControlNet graphs (`--static-shapes`); None: any size.
     pub fixed: Option<FixedShape>,
+    /// CUDA graphs for the UNet encoder and decoder (`--cuda-graph`; needs `fixed` and `cuda:N`):
+    /// captured when the pipeline loads, replayed every step (crate::graphs).
+    pub cuda_graph: bool,
 }
 
 /// One image size and UNet batch for the denoising graphs. Their free dimensions (`batch`,
@@ -205,6 +208,21 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
 /// [`session`] with named free dimensions fixed to sizes (ONNX Runtime's free-dimension
 /// overrides; names the graph does not have are ignored by ONNX Runtime).
 pub fn session_with_dims(path: &Path, opts: &SessionOptions, dims: &[(String, i64)]) -> Result<Session> {
+    session_inner(path, opts, dims, false)
+}
+
+/// A UNet graph's session: [`session_with_dims`], with CUDA-graph capture enabled in the CUDA
+/// provider when `opts.cuda_graph` (ONNX Runtime then refuses a graph with nodes off the GPU).
+pub fn unet_session(path: &Path, opts: &SessionOptions, dims: &[(String, i64)]) -> Result<Session> {
+    session_inner(path, opts, dims, opts.cuda_graph)
+}
+
+fn session_inner(
+    path: &Path,
+    opts: &SessionOptions,
+    dims: &[(String, i64)],
+    cuda_graph: bool,
+) -> Result<Session> {
     if !path.is_file() {
         return Err(Error::bundle(path, "graph file is missing"));
     }
@@ -233,6 +251,7 @@ pub fn session_with_dims(path: &Path, opts: &SessionOptions, dims: &[(String, i6
         Device::Cpu => vec![],
         Device::Cuda(id) => vec![ort::ep::CUDA::default()
             .with_device_id(id)
+            .with_cuda_graph(cuda_graph)
             .build()
             .error_on_failure()],
         Device::TensorRt(id) => vec![

@@ -378,6 +378,7 @@ impl Weights {
         k.synchronize().map_err(gpu_err)?;
         drop((l16, l32));
         Ok(MergedWeights {
+            id: next_merge_id(),
             merged: HashMap::new(),
             device: outs.into_iter().map(|(n, b)| (n.to_string(), b)).collect(),
             merge_time: started.elapsed(),
@@ -415,6 +416,7 @@ impl Weights {
         }
         k.synchronize().map_err(gpu_err)?;
         Ok(MergedWeights {
+            id: merged.id, // the same merge, on another GPU
             merged: HashMap::new(),
             device: out,
             merge_time: merged.merge_time + started.elapsed(),
@@ -481,6 +483,7 @@ impl Weights {
             );
         }
         Ok(MergedWeights {
+            id: next_merge_id(),
             merged,
             device: HashMap::new(),
             merge_time: started.elapsed(),
@@ -496,6 +499,9 @@ impl Weights {
 /// Weights changed by a job's LoRAs; the rest are bound from the pristine set.
 #[derive(Default)]
 pub struct MergedWeights {
+    /// Unique per merge (0: no LoRA, the pristine weights): a CUDA-graph weight slot that holds
+    /// this set already need not copy it again (crate::graphs).
+    id: u64,
     merged: HashMap<String, DynValue>,
     /// Merged on the GPU (then `merged` is empty).
     device: HashMap<String, DevBuf>,
@@ -503,7 +509,18 @@ pub struct MergedWeights {
     pub merge_time: Duration,
 }
 
+/// A fresh [`MergedWeights::id`].
+fn next_merge_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl MergedWeights {
+    /// Which merge made this set (0: none); equal ids hold equal weights.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Names of the weights a LoRA touched.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.merged.keys().chain(self.device.keys()).map(String::as_str)

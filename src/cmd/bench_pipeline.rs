@@ -70,6 +70,10 @@ pub struct PipelineBenchArgs {
     /// are made (ONNX Runtime folds the shape arithmetic: no CPU shape ops between kernels).
     #[arg(long)]
     pub static_shapes: bool,
+    /// CUDA graphs for the UNet encoder and decoder (needs --static-shapes and cuda:N): captured
+    /// when the pipeline loads, replayed every step.
+    #[arg(long)]
+    pub cuda_graph: bool,
     #[arg(long, default_value = "async")]
     pub lora_mode: LoraMode,
     /// Bound step of an asynchronous merge (Katz: 10 of 50).
@@ -176,6 +180,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
             unet_batch: batch,
         });
     }
+    opts.cuda_graph = a.cuda_graph;
     let mut pipe =
         Pipeline::load(&a.bundle, opts).with_context(|| format!("loading {}", a.bundle.display()))?;
     let mut models = Vec::new();
@@ -214,7 +219,11 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         placement.join(", "),
         a.lora_mode,
         a.lora_bound,
-        if a.static_shapes { ", static shapes" } else { "" },
+        match (a.static_shapes, a.cuda_graph) {
+            (_, true) => ", static shapes, CUDA graphs",
+            (true, false) => ", static shapes",
+            _ => "",
+        },
     );
     let baseline: Option<Value> = match &a.baseline {
         Some(p) => Some(serde_json::from_slice(
@@ -401,6 +410,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         "controlnet_mode": a.controlnet_mode, "controlnet_devices": placement,
         "split_guidance": a.split_guidance.map(|d| d.to_string()),
         "static_shapes": a.static_shapes,
+        "cuda_graph": a.cuda_graph,
         "lora_mode": a.lora_mode.to_string(), "lora_bound": a.lora_bound.to_string(),
         "unet_tflop_per_step": unet_tflop, "peak_tflops": a.peak_tflops, "load_s": load_s,
         "configs": rows, "diffusers": baseline,

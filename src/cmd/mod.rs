@@ -82,6 +82,7 @@ impl DeviceArgs {
             intra_threads: self.threads,
             device: self.device,
             fixed: None,
+            cuda_graph: false,
         }
     }
 }

@@ -279,6 +279,7 @@ pub fn config(mut a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
                 intra_threads: threads,
                 device: a.device.device,
                 fixed: None,
+                cuda_graph: false,
             },
             controlnet_mode,
             controlnet_services,

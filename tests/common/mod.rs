@@ -30,6 +30,7 @@ pub fn test_options() -> SessionOptions {
         intra_threads: 1,
         device,
         fixed: None,
+        cuda_graph: false,
     }
 }
 

@@ -28,9 +28,11 @@
 #   bash tools/device/gpu-path.sh baseline  diffusers alone (0C/0L, 1C/1L, 3C/2L) on GPU 0
 #   bash tools/device/gpu-path.sh split     split-guidance parity test; katz static shapes on 1 GPU, split on
 #                                           2, split + ControlNets on 4, against `baseline`
-#   bash tools/device/gpu-path.sh quality   issue #9: the trained tiny checkpoint (train-tiny.sh,
-#                                           TINY_CKPT) exported fp32 + fp16, tools/quality_report.py
-#                                           on GPUs (fp16, split, service where carried)
+#   bash tools/device/gpu-path.sh quality   issue #9: the trained family's checkpoint (TINY_CKPT, else
+#                                           rebuilt from bundles/shapes) exported fp16, then
+#                                           tools/quality_report.py on GPUs (fp32, fp16, split)
+#   bash tools/device/gpu-path.sh graphs    CUDA graphs: graph-vs-none tests (tiny), then static shapes
+#                                           without and with --cuda-graph on 1, 2 (split), 4 GPUs
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -110,7 +112,7 @@ tests() {
     /opt/kb/kernels --include-ignored --test-threads 1 2>&1 | grep -E "^test |test result|panicked" | tail -15
   fi
   echo "== device loop vs host loop (tests/gpu.rs)"
-  /opt/kb/gpu --ignored --test-threads 1 --nocapture 2>&1 | grep -E "^test |test result|panicked|relative|ControlNets|error" | head -40
+  /opt/kb/gpu --ignored --test-threads 1 --nocapture 2>&1 | grep -E "^test |test result|panicked|relative|ControlNets|error" | head -60
   for t in parity controlnet pipeline; do
     [[ -x /opt/kb/$t ]] || continue
     echo "== $t (cuda:0)"
@@ -285,25 +287,52 @@ split() {  # latent parallelism: the split-vs-one-GPU parity test, then one GPU,
   return 0
 }
 
-quality() {  # issue #9's quality report on GPUs: the trained checkpoint (TINY_CKPT, default
-             # /opt/tiny-ckpt, from train-tiny.sh) exported fp32 and fp16 (--gpu), then
-             # tools/quality_report.py with --gpu cuda:0 --fp16-bundle --split cuda:1 (and --service
-             # when the carried services are there); the report and its images go to $OUT/quality
+quality() {  # issue #9's quality report on GPUs: the trained family's checkpoint (TINY_CKPT, default
+             # /opt/tiny-ckpt; rebuilt from bundles/shapes by tools/shapes/ckpt_from_bundle.py when
+             # absent) exported fp16 (--gpu), then tools/quality_report.py on the committed fp32
+             # bundles with --gpu cuda:0 --fp16-bundle --split cuda:1 (QUALITY_GPUS picks the two
+             # cards, e.g. 2,3 beside another run); the report and its images go to $OUT/quality
   setup
   local ck=${TINY_CKPT:-/opt/tiny-ckpt} q=/tmp/trained
-  [[ -f $ck/unet/config.json ]] || { echo "no trained checkpoint in $ck"; return 1; }
+  if [[ ! -f $ck/unet/config.json ]]; then
+    echo "== the trained checkpoint, rebuilt from bundles/shapes"
+    python3 tools/shapes/ckpt_from_bundle.py --out "$ck" 2>&1 | grep -E "^checkpoint|rror|differ" | tail -3
+    [[ -f $ck/unet/config.json ]] || { echo "no checkpoint in $ck"; return 1; }
+  fi
   mkdir -p $q
-  [[ -f $q/tiny-sdxl/bundle.json ]] || python3 tools/export_bundle.py --config tiny --checkpoint "$ck" \
-    --out $q/tiny-sdxl 2>&1 | tail -3
   [[ -f $q/fp16/bundle.json ]] || python3 tools/export_bundle.py --config tiny --checkpoint "$ck" --gpu \
-    --no-check --out $q/fp16 2>&1 | tail -3
-  local svc=()
-  if (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then svc=(--service)  # started by `service` in this call
-  elif [[ -d /opt/svc ]]; then bash tools/device/services-pack.sh start >/dev/null && svc=(--service); fi
-  python3 tools/quality_report.py --bundle $q/tiny-sdxl --controlnet $q/tiny-sdxl-controlnet \
-    --lora-dir "$ck/loras" --out "${OUT:-/tmp}/quality" --katz /opt/kb/katz \
-    --gpu cuda:0 --fp16-bundle $q/fp16 --fp16-controlnet $q/fp16-controlnet --split cuda:1 "${svc[@]}" \
-    ${QUALITY_ARGS:-} 2>&1 | tail -40
+    --no-check --out $q/fp16 2>&1 | grep -vE "Warning|^ |TracerWarning" | tail -3
+  CUDA_VISIBLE_DEVICES=${QUALITY_GPUS:-0,1} python3 tools/quality_report.py --bundle bundles/shapes/shapes-sdxl \
+    --controlnet bundles/shapes/shapes-sdxl-controlnet --lora-dir bundles/shapes/loras \
+    --out "${OUT:-/tmp}/quality" --katz /opt/kb/katz --jobs "${QUALITY_JOBS:-6}" \
+    --gpu cuda:0 --fp16-bundle $q/fp16 --fp16-controlnet $q/fp16-controlnet --split cuda:1 \
+    ${QUALITY_ARGS:---bounds= --styles pastel} 2>&1 | tail -30
+}
+
+graphs() {  # CUDA graphs (issue #6): the graph-vs-none tests on the tiny bundles, then static shapes
+            # without and with --cuda-graph, back to back: 1 GPU, 2 GPUs split, 4 GPUs split +
+            # ControlNets, against `baseline`'s diffusers of this sitting
+  bench_setup || return 1
+  echo "== CUDA graphs vs none (tests/gpu.rs, tiny bundles)"
+  KATZ_TEST_DEVICE=cuda:0 /opt/kb/gpu --ignored --test-threads 1 --nocapture cuda_graphs 2>&1 \
+    | grep -E "^test |test result|panicked|relative|rror" | head -20
+  [[ -f $BASE ]] || { echo "run 'baseline' first (the diffusers baseline of this sitting)"; return 1; }
+  local g
+  for g in "" --cuda-graph; do
+    katz_bench "1gpu-static${g:+-graph}" --configs 0C/0L,3C/2L --static-shapes $g
+  done
+  if (( ngpu >= 2 )); then
+    for g in "" --cuda-graph; do
+      katz_bench "2gpu-split-static${g:+-graph}" --configs 0C/0L,3C/2L --split-guidance cuda:1 --static-shapes $g
+    done
+  fi
+  if (( ngpu >= 4 )); then
+    for g in "" --cuda-graph; do
+      katz_bench "4gpu-split-cn-static${g:+-graph}" --configs 3C/2L --split-guidance cuda:1 \
+        --controlnet-devices cuda:2,cuda:3,cuda:2 --controlnet-mode parallel --static-shapes $g
+    done
+  fi
+  return 0
 }
 
 results() { [[ -n ${OUT:-} && -d ${OUT:-} ]] && cp "$O"/*.json "$OUT"/ 2>/dev/null; return 0; }
@@ -321,6 +350,7 @@ case ${1:-all} in
   baseline) baseline ;;
   split) split ;;
   quality) quality ;;
+  graphs) graphs ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|profile|workload|quality|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|profile|workload|quality|graphs|all"; exit 2 ;;
 esac

@@ -1,0 +1,349 @@
+//! CUDA graphs for the UNet (`--cuda-graph`): ONNX Runtime's CUDA provider captures each UNet
+//! graph's kernel launches once and replays them every step (one launch instead of thousands).
+//!
+//! ```text
+//! GraphedUnet: one per UNet pair and GPU, made when the pipeline loads, as long-lived as it
+//!
+//!   sample, timestep ──┐  embeds, pooled, time_ids ──┐  weight slot (every LoRA-targetable weight)
+//!     (each step)      ▼     (once per job)          ▼     (merged values copied in per merge)
+//!                   unet_encoder (replayed) ─▶ emb, mid, skips   ◀─ ControlNet residuals added in place
+//!                   unet_decoder (replayed) ─▶ noise_pred        ─▶ guidance combine, scheduler step
+//! ```
+//!
+//! A captured graph replays on the addresses it was captured with, so every input and output is
+//! bound once, here, to buffers that live as long as the sessions; a job writes its values into
+//! them. LoRA-merged weights are copied into the slot, and pristine values back when a later job
+//! no longer merges them: the slot is a second copy of the LoRA-targetable weights on the GPU
+//! (full-size SDXL, fp16: 4.5 GB), the price of merged weights under a graph. Shapes must be fixed
+//! (`--static-shapes`) and every node must run on the CUDA provider (ONNX Runtime refuses the
+//! session otherwise, at load).
+//!
+//! ONNX Runtime keeps its captured graph per thread and captures in CUDA's global capture mode,
+//! during which no other thread of the process may allocate or synchronise. So the capture
+//! happens here, when the pipeline loads ([`GraphedUnet::capture`] runs each graph once, on the
+//! thread that will run it), before any job, LoRA merge or ControlNet thread runs.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use katz_kernels::cuda::GpuKernels;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session};
+use ort::value::{DynValue, Tensor as OrtTensor, ValueType};
+
+use crate::device::{gpu_err, ort_ref, DevRef, DevTensor};
+use crate::text::Conditioning;
+use crate::weights::{DevBuf, MergedWeights, Weights};
+use crate::{Error, Result};
+
+/// The UNet encoder and decoder of one GPU, bound once to lasting buffers for CUDA graphs.
+pub(crate) struct GraphedUnet {
+    // the bindings go first: they are dropped before the buffers they point at
+    enc: IoBinding,
+    dec: IoBinding,
+    /// The latent input of a step (`[batch, 4, h, w]`), written by the scale kernel or a copy.
+    pub sample: DevTensor,
+    timestep: DevTensor,
+    /// prompt_embeds, pooled, time_ids.
+    cond: [DevTensor; 3],
+    /// `emb`, `mid`, `skip_0` … (ONNX Runtime's buffers, owned by `enc` as its bound outputs).
+    enc_out: Vec<DevRef>,
+    noise_pred: DevRef,
+    /// The weights the graphs read, by input name; `merged` names hold a merge's values.
+    slot: HashMap<String, DevBuf>,
+    merged: HashSet<String>,
+    /// [`MergedWeights::id`] of the set in the slot.
+    holds: u64,
+    k: Arc<GpuKernels>,
+}
+
+/// A graph input or output's shape, its free dimensions resolved from `known`.
+fn shape_of(session: &Session, name: &str, inputs: bool, known: &[(String, i64)]) -> Result<Vec<usize>> {
+    let outlets = if inputs {
+        session.inputs()
+    } else {
+        session.outputs()
+    };
+    let o = outlets
+        .iter()
+        .find(|o| o.name() == name)
+        .ok_or_else(|| Error::Gpu(format!("CUDA graph: the UNet has no {name}")))?;
+    let ValueType::Tensor {
+        ty,
+        shape,
+        dimension_symbols,
+    } = o.dtype()
+    else {
+        return Err(Error::Gpu(format!("CUDA graph: {name} is not a tensor")));
+    };
+    if *ty != ort::value::TensorElementType::Float32 {
+        return Err(Error::Gpu(format!(
+            "CUDA graph: {name} is {ty:?}; the step buffers are f32"
+        )));
+    }
+    shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            if d >= 0 {
+                return Ok(d as usize);
+            }
+            let sym = dimension_symbols.get(i).map(String::as_str).unwrap_or("");
+            known
+                .iter()
+                .find(|(n, _)| n == sym)
+                .map(|&(_, v)| v as usize)
+                .ok_or_else(|| {
+                    Error::Gpu(format!(
+                        "CUDA graph: dimension {i} (`{sym}`) of {name} is not fixed by the static shapes"
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn cuda_mem(device: usize) -> Result<MemoryInfo<'static>> {
+    Ok(MemoryInfo::new(
+        AllocationDevice::CUDA,
+        device as i32,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )?)
+}
+
+/// Binds the f32 device buffer at `ptr` as input `name` (in place, no copy).
+fn bind_dev(b: &mut IoBinding, name: &str, ptr: u64, shape: &[usize], device: usize) -> Result<()> {
+    // SAFETY: callers pass buffers of this struct, which outlive the bindings (field order)
+    let t = unsafe { ort_ref(ptr, shape, device)? };
+    b.bind_input(name, &*t)?;
+    Ok(())
+}
+
+/// A lasting output buffer from the session's CUDA allocator, bound as output `name`.
+fn bind_out(
+    b: &mut IoBinding,
+    alloc: &Allocator,
+    name: &str,
+    shape: &[usize],
+    device: usize,
+) -> Result<DevRef> {
+    let v: DynValue = OrtTensor::<f32>::new(alloc, shape.to_vec())?.into_dyn();
+    let r = DevRef::of_value(&v, device)?;
+    b.bind_output(name, v)?;
+    Ok(r)
+}
+
+impl GraphedUnet {
+    /// Binds the UNet pair on GPU `device` for a UNet batch of `batch`, with the free dimensions
+    /// `enc_dims` / `dec_dims` of the static shapes. The weight slot starts pristine.
+    pub fn new(
+        enc_session: &Session,
+        dec_session: &Session,
+        weights: &Weights,
+        k: Arc<GpuKernels>,
+        skips: usize,
+        enc_dims: &[(String, i64)],
+        dec_dims: &[(String, i64)],
+    ) -> Result<Self> {
+        let dev = weights
+            .device()
+            .ok_or_else(|| Error::Gpu("CUDA graphs need the weights on the GPU".into()))?;
+        let device = k.ordinal();
+        if dev.ordinal as usize != device {
+            return Err(Error::Gpu(format!(
+                "CUDA graph on cuda:{device} with weights on cuda:{}",
+                dev.ordinal
+            )));
+        }
+        let known: Vec<(String, i64)> = enc_dims.iter().chain(dec_dims).cloned().collect();
+        let zeros = |shape: Vec<usize>| DevTensor::zeros(&k, shape);
+
+        let sample = zeros(shape_of(enc_session, "sample", true, &known)?)?;
+        let timestep = zeros(shape_of(enc_session, "timestep", true, &known)?)?;
+        let cond = [
+            zeros(shape_of(enc_session, "encoder_hidden_states", true, &known)?)?,
+            zeros(shape_of(enc_session, "text_embeds", true, &known)?)?,
+            zeros(shape_of(enc_session, "time_ids", true, &known)?)?,
+        ];
+
+        // the weight slot: a copy of every weight either graph takes, pristine to start with
+        let mut slot = HashMap::new();
+        for name in weights.map().keys() {
+            let src = dev.get(name);
+            let buf = match src {
+                DevBuf::F16(x) => DevBuf::F16(k.stream.alloc_zeros::<u16>(x.len()).map_err(gpu_err)?),
+                DevBuf::F32(x) => DevBuf::F32(k.stream.alloc_zeros::<f32>(x.len()).map_err(gpu_err)?),
+            };
+            // SAFETY: same length and type; the pristine set does not change
+            unsafe { k.copy_raw(buf.ptr(&k), src.ptr(&dev.kernels), src.bytes()) }.map_err(gpu_err)?;
+            slot.insert(name.clone(), buf);
+        }
+        k.synchronize().map_err(gpu_err)?;
+
+        let mut enc = enc_session.create_binding()?;
+        let mut dec = dec_session.create_binding()?;
+        bind_dev(&mut enc, "sample", sample.ptr(&k), &sample.shape, device)?;
+        bind_dev(&mut enc, "timestep", timestep.ptr(&k), &timestep.shape, device)?;
+        for (name, t) in ["encoder_hidden_states", "text_embeds", "time_ids"]
+            .iter()
+            .zip(&cond)
+        {
+            bind_dev(&mut enc, name, t.ptr(&k), &t.shape, device)?;
+        }
+        bind_dev(
+            &mut dec,
+            "encoder_hidden_states",
+            cond[0].ptr(&k),
+            &cond[0].shape,
+            device,
+        )?;
+        for (b, graph) in [(&mut enc, "unet_encoder"), (&mut dec, "unet_decoder")] {
+            for name in weights.inputs_of(graph) {
+                let buf = &slot[name];
+                let shape: Vec<i64> = weights.map()[name].shape.iter().map(|&d| d as i64).collect();
+                let ptr = buf.ptr(&k) as usize as *mut std::ffi::c_void;
+                // SAFETY: the slot outlives the bindings (field order) and matches shape and type
+                match buf {
+                    DevBuf::F16(_) => {
+                        let t = unsafe {
+                            ort::value::TensorRefMut::<half::f16>::from_raw(
+                                cuda_mem(device)?,
+                                ptr,
+                                shape.into(),
+                            )?
+                        };
+                        b.bind_input(name.as_str(), &*t)?;
+                    }
+                    DevBuf::F32(_) => {
+                        let t = unsafe {
+                            ort::value::TensorRefMut::<f32>::from_raw(cuda_mem(device)?, ptr, shape.into())?
+                        };
+                        b.bind_input(name.as_str(), &*t)?;
+                    }
+                }
+            }
+        }
+
+        // outputs: lasting buffers of the sessions' CUDA allocators; the encoder's feed the decoder
+        let enc_alloc = Allocator::new(enc_session, cuda_mem(device)?)?;
+        let dec_alloc = Allocator::new(dec_session, cuda_mem(device)?)?;
+        let mut names = vec!["emb".to_string(), "mid".to_string()];
+        names.extend((0..skips).map(|i| format!("skip_{i}")));
+        let mut enc_out = Vec::with_capacity(names.len());
+        for name in &names {
+            // the decoder's input says the shape (its free dimensions are the fixed ones)
+            let shape = shape_of(dec_session, name, true, &known)?;
+            let r = bind_out(&mut enc, &enc_alloc, name, &shape, device)?;
+            bind_dev(&mut dec, name, r.ptr, &r.shape, device)?;
+            enc_out.push(r);
+        }
+        let noise_pred = bind_out(&mut dec, &dec_alloc, "noise_pred", &sample.shape, device)?;
+        Ok(GraphedUnet {
+            enc,
+            dec,
+            sample,
+            timestep,
+            cond,
+            enc_out,
+            noise_pred,
+            slot,
+            merged: HashSet::new(),
+            holds: 0,
+            k,
+        })
+    }
+
+    /// Runs both graphs once: ONNX Runtime captures them on this thread (its first run of a
+    /// graph-enabled session runs once to allocate, then captures). Call before any job, with no
+    /// other thread of the process using CUDA.
+    pub fn capture(&mut self, enc: &mut Session, dec: &mut Session) -> Result<()> {
+        self.encode(enc, 999.0)
+            .map_err(|e| Error::Gpu(format!("capturing the UNet encoder's CUDA graph: {e}")))?;
+        self.decode(dec)
+            .map_err(|e| Error::Gpu(format!("capturing the UNet decoder's CUDA graph: {e}")))?;
+        Ok(())
+    }
+
+    /// Copies a job's conditioning in (its shapes must be the captured ones).
+    pub fn set_conditioning(&mut self, c: &Conditioning) -> Result<()> {
+        let srcs = [
+            (&c.prompt_embeds, "prompt embeddings"),
+            (&c.pooled, "pooled embeddings"),
+            (&c.time_ids, "time ids"),
+        ];
+        for (dst, (src, what)) in self.cond.iter_mut().zip(srcs) {
+            if dst.shape != src.shape {
+                return Err(Error::InvalidRequest(format!(
+                    "the CUDA graph was captured for {what} of {:?}, this job has {:?}",
+                    dst.shape, src.shape
+                )));
+            }
+            dst.write(&self.k, &src.data)?;
+        }
+        self.k.synchronize().map_err(gpu_err)
+    }
+
+    /// Puts `merged` (made on the GPU of `merged_on`: this one, or another by peer copy) in the
+    /// slot, and pristine values (from `own`, this GPU's set) back where the slot held a merge
+    /// that `merged` does not touch. Nothing to do if the slot holds this merge already.
+    pub fn set_weights(&mut self, own: &Weights, merged: &MergedWeights, merged_on: &Weights) -> Result<()> {
+        if merged.id() == self.holds {
+            return Ok(());
+        }
+        let dev = own
+            .device()
+            .ok_or_else(|| Error::Gpu("CUDA graphs need the weights on the GPU".into()))?;
+        let src_dev = merged_on
+            .device()
+            .ok_or_else(|| Error::Gpu("the merged weights' set is not on a GPU".into()))?;
+        let now: HashSet<String> = merged.names().map(String::from).collect();
+        let k = &self.k;
+        for name in self.merged.difference(&now) {
+            let (dst, src) = (&self.slot[name], dev.get(name));
+            // SAFETY: same length and type; the graphs do not run until the synchronise below
+            unsafe { k.copy_raw(dst.ptr(k), src.ptr(&dev.kernels), src.bytes()) }.map_err(gpu_err)?;
+        }
+        for name in &now {
+            let src = merged.device(name).ok_or_else(|| {
+                Error::Gpu(format!(
+                    "CUDA graphs take LoRA merges made on the GPU; {name} was merged on the host"
+                ))
+            })?;
+            let dst = self
+                .slot
+                .get(name)
+                .ok_or_else(|| Error::Gpu(format!("the merge touches {name}, which no UNet graph takes")))?;
+            if dst.bytes() != src.bytes() {
+                return Err(Error::Gpu(format!("merged {name} does not fit the slot")));
+            }
+            // SAFETY: as above; the merge is complete (its merge stream was synchronised)
+            unsafe { k.copy_raw(dst.ptr(k), src.ptr(&src_dev.kernels), src.bytes()) }.map_err(gpu_err)?;
+        }
+        k.synchronize().map_err(gpu_err)?;
+        self.merged = now;
+        self.holds = merged.id();
+        Ok(())
+    }
+
+    /// Runs the encoder at timestep `t` on the current `sample`; its outputs' addresses.
+    pub fn encode(&mut self, session: &mut Session, t: f32) -> Result<&[DevRef]> {
+        let b = self.timestep.len();
+        self.timestep.write(&self.k, &vec![t; b])?;
+        self.k.synchronize().map_err(gpu_err)?;
+        drop(session.run_binding(&self.enc)?);
+        self.enc.synchronize_outputs()?;
+        Ok(&self.enc_out)
+    }
+
+    /// Runs the decoder on the encoder's outputs (residuals added in place); the noise prediction.
+    pub fn decode(&mut self, session: &mut Session) -> Result<&DevRef> {
+        drop(session.run_binding(&self.dec)?);
+        self.dec.synchronize_outputs()?;
+        Ok(&self.noise_pred)
+    }
+
+    /// The step kernels of this GPU (its context, a stream for the copies).
+    pub fn kernels(&self) -> &GpuKernels {
+        &self.k
+    }
+}
