@@ -412,7 +412,15 @@ def export(module, args, path: Path, input_names, output_names, dynamic_axes, ex
         shutil.rmtree(scratch)
 
 
-def fuse_fp16(path: Path, external: bool, weight_inputs=()) -> dict:
+def group_norm_fusable(unet) -> bool:
+    """Whether ONNX Runtime's fused CUDA GroupNorm takes this UNet's widths: its kernel splits the
+    channels into blocks of 64 or more and refuses others at run time ("GroupNorm in CUDA does not
+    support the input: ... c=24 groups=8", seen with the trained tiny family's 24/48/48 on an H200).
+    SDXL's 320/640/1280 are fine; narrower widths keep the unfused GroupNorm."""
+    return all(c % 64 == 0 for c in unet.config.block_out_channels)
+
+
+def fuse_fp16(path: Path, external: bool, weight_inputs=(), group_norm: bool = True) -> dict:
     """The GPU recipe after the MultiHeadAttention export: ONNX Runtime's fusion tool for UNets
     (GroupNorm, SkipGroupNorm, BiasSplitGelu, NhwcConv, SkipLayerNorm …), then fp16 compute with
     the graph's inputs and outputs kept fp32 (the converter keeps Resize scales and GroupNorm
@@ -435,8 +443,14 @@ def fuse_fp16(path: Path, external: bool, weight_inputs=()) -> dict:
         node.output[:] = [o + "__int" if o in outs else o for o in node.output]
     for o in model.graph.output:
         model.graph.node.append(onnx.helper.make_node("Identity", [o.name + "__int"], [o.name], name=o.name + "__out"))
+    options = FusionOptions("unet")
+    if not group_norm:  # and the other fused kernels sized for SD's widths only
+        options.enable_group_norm = False
+        options.enable_skip_group_norm = False
+        options.enable_bias_splitgelu = False  # "hidden size should be 2560, 5120, 6144, 10240 or 12288"
+        options.enable_bias_add = False
     m = optimize_model(model, model_type="unet", num_heads=0, hidden_size=0, opt_level=0, use_gpu=True,
-                       optimization_options=FusionOptions("unet"))
+                       optimization_options=options)
     weights = set(weight_inputs)
     edges = [i.name for i in model.graph.input if i.name not in weights] + [o.name for o in model.graph.output]
     m.convert_float_to_float16(keep_io_types=edges)
@@ -456,12 +470,12 @@ CHECK = True
 FUSER = None
 
 
-def fuse_later(jobs: list, path: Path, external: bool, weight_inputs=()):
+def fuse_later(jobs: list, path: Path, external: bool, weight_inputs=(), group_norm: bool = True):
     """fuse_fp16 in a worker process when --jobs > 1 (the next graph exports meanwhile), else now."""
     if FUSER is None:
-        jobs.append((path.stem, fuse_fp16(path, external, weight_inputs)))
+        jobs.append((path.stem, fuse_fp16(path, external, weight_inputs, group_norm)))
     else:
-        jobs.append((path.stem, FUSER.submit(fuse_fp16, path, external, list(weight_inputs))))
+        jobs.append((path.stem, FUSER.submit(fuse_fp16, path, external, list(weight_inputs), group_norm)))
 
 
 def fused_results(jobs: list) -> dict:
@@ -559,7 +573,7 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
                 ["emb", "mid", *skip_names])
     jobs = []  # fusions (GPU bundles), each once its fp32 graph was checked against PyTorch
     if gpu:
-        fuse_later(jobs, out / "unet_encoder.onnx", big, weights["unet_encoder"])
+        fuse_later(jobs, out / "unet_encoder.onnx", big, weights["unet_encoder"], group_norm_fusable(unet))
 
     dec = UNetDecoder(unet)
     dec_in = [enc_out[0], enc_in[2], enc_out[1], *enc_out[2:]]
@@ -572,7 +586,7 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
            dyn, external=big)
     check_graph(out / "unet_decoder.onnx", wmod, dec_in + wargs, dec_inputs + weights["unet_decoder"], ["noise_pred"])
     if gpu:
-        fuse_later(jobs, out / "unet_decoder.onnx", big, weights["unet_decoder"])
+        fuse_later(jobs, out / "unet_decoder.onnx", big, weights["unet_decoder"], group_norm_fusable(unet))
     # the split graphs compose to the whole UNet
     with torch.no_grad():
         whole = unet(enc_in[0], enc_in[1], enc_in[2], added_cond_kwargs={"text_embeds": enc_in[3],
@@ -628,7 +642,7 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     export(cmod, cin, cn_out / "controlnet.onnx", cn_inputs, cn_outputs, dyn, external=big)
     check_graph(cn_out / "controlnet.onnx", cmod, cin, cn_inputs, cn_outputs)
     if gpu:
-        fuse_later(jobs, cn_out / "controlnet.onnx", big)
+        fuse_later(jobs, cn_out / "controlnet.onnx", big, group_norm=group_norm_fusable(unet))
     fused_results(jobs)  # waits for the fusions; a failed one raises here
     (cn_out / "bundle.json").write_text(json.dumps({
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
