@@ -703,7 +703,11 @@ def conditioning_image(size: tuple[int, int], kind: str, seed: int):
     return img
 
 
-def run_references(models, bundle: Path, cn_bundle: Path, loras: dict, images: dict, out: Path, seed: int):
+def run_references(models, bundle: Path, cn_bundle: Path, loras: dict, images: dict, out: Path, seed: int,
+                   cases: list | None = None, bundle_names: tuple[str, str] = ("bundles/tiny-sdxl", "bundles/tiny-sdxl-controlnet"),
+                   about: str = "diffusers reference runs on the tiny bundles (tools/export_bundle.py)"):
+    """diffusers' pipelines on `models` with recorded noise, per case (default: the tiny bundles'
+    cases); writes OUT/<case>.safetensors and OUT/cases.json naming the bundles `bundle_names`."""
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                            EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline)
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
@@ -729,7 +733,7 @@ def run_references(models, bundle: Path, cn_bundle: Path, loras: dict, images: d
             extra.update(algorithm_type="dpmsolver++", solver_order=2)
         return cls.from_config(base_sched.config, **extra)
 
-    cases = [
+    cases = cases or [
         dict(name="euler", scheduler="euler", prompt="a red circle above a blue square", steps=4),
         dict(name="euler_karras_negative", scheduler="euler-karras", prompt="a green star on a white background",
              negative_prompt="blurry lowres", steps=4),
@@ -819,8 +823,8 @@ def run_references(models, bundle: Path, cn_bundle: Path, loras: dict, images: d
         print(f"  reference {case['name']}: {case['steps']} steps, image {tuple(image.shape)}, "
               f"|latents| {latents_seen[-1].abs().mean():.3f}")
     (out / "cases.json").write_text(json.dumps({
-        "about": "diffusers reference runs on the tiny bundles (tools/export_bundle.py); latents_<i> after step i",
-        "bundle": "bundles/tiny-sdxl", "controlnet": "bundles/tiny-sdxl-controlnet",
+        "about": f"{about}; latents_<i> after step i",
+        "bundle": bundle_names[0], "controlnet": bundle_names[1],
         "cases": records}, indent=1) + "\n")
 
 
