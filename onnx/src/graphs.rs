@@ -199,28 +199,8 @@ impl GraphedUnet {
         )?;
         for (b, graph) in [(&mut enc, "unet_encoder"), (&mut dec, "unet_decoder")] {
             for name in weights.inputs_of(graph) {
-                let buf = &slot[name];
-                let shape: Vec<i64> = weights.map()[name].shape.iter().map(|&d| d as i64).collect();
-                let ptr = buf.ptr(&k) as usize as *mut std::ffi::c_void;
-                // SAFETY: the slot outlives the bindings (field order) and matches shape and type
-                match buf {
-                    DevBuf::F16(_) => {
-                        let t = unsafe {
-                            ort::value::TensorRefMut::<half::f16>::from_raw(
-                                cuda_mem(device)?,
-                                ptr,
-                                shape.into(),
-                            )?
-                        };
-                        b.bind_input(name.as_str(), &*t)?;
-                    }
-                    DevBuf::F32(_) => {
-                        let t = unsafe {
-                            ort::value::TensorRefMut::<f32>::from_raw(cuda_mem(device)?, ptr, shape.into())?
-                        };
-                        b.bind_input(name.as_str(), &*t)?;
-                    }
-                }
+                // SAFETY: the slot outlives the bindings (field order)
+                unsafe { slot[name].bind(b, name, &weights.map()[name].shape, &k, device as i32)? };
             }
         }
 

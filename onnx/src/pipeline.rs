@@ -36,7 +36,7 @@ use katz_kernels::{guidance, residual};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::DynValue;
-use ort::value::{TensorElementType, TensorRefMut};
+use ort::value::TensorElementType;
 
 use crate::bundle::{check_compute, check_io, BaseBundle, ControlNetBundle};
 use crate::controlnet::{
@@ -50,7 +50,7 @@ use crate::runtime::{self, Device, FixedShape, SessionOptions};
 use crate::scheduler::{self, NoiseSource, Scheduler, SchedulerKind};
 use crate::tensor::Tensor;
 use crate::text::{Conditioning, TextEncoders};
-use crate::weights::{DevBuf, MergedWeights, PendingMerge, Weights};
+use crate::weights::{MergedWeights, PendingMerge, Weights};
 use crate::{Error, Result};
 
 /// Largest image side accepted, in pixels.
@@ -1627,27 +1627,9 @@ fn bind_weight(
         }
         None => dev.get(name),
     };
-    let ptr = buf.ptr(&dev.kernels) as usize as *mut std::ffi::c_void;
-    let mem = MemoryInfo::new(
-        AllocationDevice::CUDA,
-        device_id,
-        AllocatorType::Device,
-        MemoryType::Default,
-    )?;
-    let shape = ort::value::Shape::from(weights.map()[name].shape.as_slice());
     // SAFETY: the buffer is owned by the pristine set or by `merged`, both kept alive for the
-    // whole job (the bound UNet is dropped before them), and it matches shape and type.
-    match buf {
-        DevBuf::F16(_) => {
-            let t = unsafe { TensorRefMut::<half::f16>::from_raw(mem, ptr, shape)? };
-            b.bind_input(name, &*t)?;
-        }
-        DevBuf::F32(_) => {
-            let t = unsafe { TensorRefMut::<f32>::from_raw(mem, ptr, shape)? };
-            b.bind_input(name, &*t)?;
-        }
-    }
-    Ok(())
+    // whole job (the bound UNet is dropped before them)
+    unsafe { buf.bind(b, name, &weights.map()[name].shape, &dev.kernels, device_id) }
 }
 
 /// The second GPU's [`JobUnet`], lent to that GPU's thread while this one waits for it. `ort`

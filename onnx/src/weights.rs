@@ -147,6 +147,41 @@ impl DevBuf {
         }
     }
 
+    /// Binds this buffer as input `name` (shape `shape`) of a binding on GPU `device`, in place
+    /// (no copy); `k` is any kernels object of that GPU's context.
+    ///
+    /// # Safety
+    /// The buffer must outlive every run of the binding (or until `name` is bound again).
+    pub(crate) unsafe fn bind(
+        &self,
+        b: &mut ort::session::IoBinding,
+        name: &str,
+        shape: &[usize],
+        k: &GpuKernels,
+        device: i32,
+    ) -> Result<()> {
+        use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+        use ort::value::TensorRefMut;
+        let mem = MemoryInfo::new(
+            AllocationDevice::CUDA,
+            device,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?;
+        let ptr = self.ptr(k) as usize as *mut std::ffi::c_void;
+        let shape = ort::value::Shape::from(shape);
+        // SAFETY: the caller keeps the buffer alive; shape and element type match it
+        match self {
+            DevBuf::F16(_) => b.bind_input(name, &*unsafe {
+                TensorRefMut::<half::f16>::from_raw(mem, ptr, shape)?
+            })?,
+            DevBuf::F32(_) => {
+                b.bind_input(name, &*unsafe { TensorRefMut::<f32>::from_raw(mem, ptr, shape)? })?
+            }
+        }
+        Ok(())
+    }
+
     fn to_host(&self, k: &GpuKernels) -> Result<Vec<f32>> {
         let g = |e: cudarc::driver::DriverError| Error::Gpu(e.to_string());
         Ok(match self {
