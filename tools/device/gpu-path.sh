@@ -33,6 +33,8 @@
 #                                           tools/quality_report.py on GPUs (fp32, fp16, split)
 #   bash tools/device/gpu-path.sh graphs    CUDA graphs: graph-vs-none tests (tiny), then static shapes
 #                                           without and with --cuda-graph on 1, 2 (split), 4 GPUs
+#   bash tools/device/gpu-path.sh placement 3C/2L on 4 GPUs with CUDA graphs, four ControlNet
+#                                           placements, and a profile of the ControlNet sessions
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -335,6 +337,27 @@ graphs() {  # CUDA graphs (issue #6): the graph-vs-none tests on the tiny bundle
   return 0
 }
 
+placement() {  # issue #6's open item: 3C/2L on 4 GPUs (static shapes, CUDA graphs) with the
+               # ControlNets placed four ways, then 8 steps of run E's placement under ONNX
+               # Runtime's profiler (the ControlNet sessions' kernels and gaps), against `baseline`
+  bench_setup || return 1
+  [[ -f $BASE ]] || { echo "run 'baseline' first"; return 1; }
+  (( ngpu >= 4 )) || { echo "placement needs 4 GPUs"; return 1; }
+  local p
+  for p in 2,3,2 2,3,0 2,3,1; do
+    katz_bench "4gpu-split-cn${p//,/}-graph" --configs 3C/2L --split-guidance cuda:1 --static-shapes --cuda-graph \
+      --controlnet-devices "cuda:${p//,/,cuda:}" --controlnet-mode parallel
+  done
+  katz_bench 4gpu-cn123-graph --configs 3C/2L --static-shapes --cuda-graph \
+    --controlnet-devices cuda:1,cuda:2,cuda:3 --controlnet-mode parallel
+  rm -rf "$O/prof4"; mkdir -p "$O/prof4"
+  KATZ_ORT_PROFILE=$O/prof4/p /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" \
+    --controlnet "$S/base-controlnet" --loras "$S/loras/lora0.safetensors,$S/loras/lora1.safetensors" \
+    --configs 3C/2L --size "${SIZE:-1024}" --steps 8 --repeat 1 --static-shapes --split-guidance cuda:1 \
+    --controlnet-devices cuda:2,cuda:3,cuda:2 --controlnet-mode parallel 2>&1 | grep -v " WARN " | tail -3
+  python3 tools/ort_profile_summary.py "$O"/prof4/p-controlnet_*.json "$O"/prof4/p-unet_*.json
+}
+
 results() { [[ -n ${OUT:-} && -d ${OUT:-} ]] && cp "$O"/*.json "$OUT"/ 2>/dev/null; return 0; }
 trap results EXIT
 
@@ -351,6 +374,7 @@ case ${1:-all} in
   split) split ;;
   quality) quality ;;
   graphs) graphs ;;
+  placement) placement ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|profile|workload|quality|graphs|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|profile|workload|quality|graphs|placement|all"; exit 2 ;;
 esac
