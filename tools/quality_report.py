@@ -232,7 +232,7 @@ def main(argv=None):
               "controlnet": str(a.controlnet), "lora_dir": str(a.lora_dir), "gpu": a.gpu, "split": a.split,
               "fp16_bundle": str(a.fp16_bundle) if a.fp16_bundle else None,
               "judge_on_dataset_images": truth["prompt_accuracy"], "rows": rows,
-              "katz_calls": katz.calls, "katz_seconds": round(katz.seconds, 1),
+              "katz_calls": katz.calls, "katz_seconds": round(katz.seconds, 1), "jobs": a.jobs,
               "minutes": round((time.perf_counter() - t0) / 60, 2)}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -287,7 +287,9 @@ def write_markdown(a, r: dict):
     lines = [f"# Quality report: {r['bundle']}", "",
              f"{r['n']} captions of the shapes dataset (seed 777), {r['size']}², {r['steps']} Euler steps, "
              f"guidance {r['guidance']}; every image by the `katz` binary ({r['katz_calls']} runs, "
-             f"{r['katz_seconds']} s). The judge reads the dataset's own images at "
+             f"{r['katz_seconds']} s"
+             + (f" summed over {r['jobs']} at a time; {r['minutes']} min in all" if r.get("jobs", 1) > 1 else "")
+             + "). The judge reads the dataset's own images at "
              f"{r['judge_on_dataset_images']:.2f} prompt accuracy (its ceiling).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in r["rows"]:
