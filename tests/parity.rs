@@ -4,8 +4,9 @@
 //! `StableDiffusionXLControlNetPipeline` on the committed tiny bundles' exact weights with
 //! explicit noise (fresh random normals, recorded), for each scheduler, with and without
 //! ControlNets and LoRAs, and recorded the latents after every step and the final image
-//! (`tests/data/parity/`). Each test feeds the same noise to the Rust pipeline and compares by
-//! relative error (≤ 1e-3, fp32, CPU).
+//! (`tests/data/parity/`); `tools/shapes/parity_refs.py` did the same for the trained family
+//! (`tests/data/parity-shapes/`). Each test feeds the same noise to the Rust pipeline and compares
+//! by relative error (fp32: ≤ 1e-3 on the CPU, ≤ 2e-3 on CUDA, whose matrix products are TF32).
 
 mod common;
 use common::*;
@@ -21,7 +22,16 @@ use katz_onnx::tensor::Tensor;
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
-const TOL: f64 = 1e-3; // fp32, CPU or CUDA
+/// Relative error allowed, fp32: on the CPU katz and diffusers agree to ~1e-6; on CUDA the
+/// matrix products run in TF32, which leaves ~1e-3 per step (the trained family's 20-step LoRA
+/// cases reached 1.03e-3 on an H200, without growing over the steps).
+fn tol(device: katz_onnx::runtime::Device) -> f64 {
+    if device.is_gpu() {
+        2e-3
+    } else {
+        1e-3
+    }
+}
 
 #[derive(Deserialize)]
 struct Cases {
@@ -118,6 +128,7 @@ fn run_case(dir: &str, name: &str) {
         bytes: std::fs::read(root().join(dir).join(&case.tensors)).unwrap(),
     };
     let opts = test_options();
+    let tol = tol(opts.device);
     // KATZ_PARITY_BUNDLE / KATZ_PARITY_CONTROLNET: the tiny bundles' weights exported another
     // way (e.g. `export_bundle.py --attention mha`) must give the same images
     let other = |var: &str| std::env::var_os(var).filter(|_| dir == TINY).map(PathBuf::from);
@@ -184,15 +195,15 @@ fn run_case(dir: &str, name: &str) {
         let err = rel_err(&got.data, &want);
         eprintln!("{name}: step {i} relative error {err:.2e}");
         assert!(
-            err <= TOL,
-            "{name}: latents after step {i}: relative error {err:.2e} > {TOL:.0e}"
+            err <= tol,
+            "{name}: latents after step {i}: relative error {err:.2e} > {tol:.0e}"
         );
     }
     let want = rec.get("image").unwrap();
     let err = rel_err(&out.image.data, &want);
     assert!(
-        err <= TOL,
-        "{name}: final image: relative error {err:.2e} > {TOL:.0e}"
+        err <= tol,
+        "{name}: final image: relative error {err:.2e} > {tol:.0e}"
     );
     // the reference is no trivial image
     let mean = want.iter().map(|v| *v as f64).sum::<f64>() / want.len() as f64;
