@@ -71,6 +71,13 @@ fn request(models: &[usize], scheduler: SchedulerKind, lora: bool, p: &Pipeline)
     }
 }
 
+/// The GPU count, failing the test when there are fewer than two (a skip would pass unseen).
+fn two_gpus() -> usize {
+    let count = katz_kernels::cuda::device_count();
+    assert!(count >= 2, "this test needs two GPUs, found {count}");
+    count
+}
+
 fn cn_dir() -> std::path::PathBuf {
     root().join("bundles/tiny-sdxl-controlnet")
 }
@@ -164,10 +171,7 @@ fn device_threaded_and_host_path_sessions_equal_the_inline_device_loop() {
 #[test]
 #[ignore = "needs two GPUs: tools/device/gpu-path-tests.sh on a multi-GPU kind"]
 fn controlnets_on_other_gpus_equal_controlnets_on_the_pipelines_gpu() {
-    let count = katz_kernels::cuda::device_count();
-    if count < 2 {
-        panic!("this test needs two GPUs, found {count}");
-    }
+    let count = two_gpus();
     let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cuda(0))).unwrap();
     let local = dev.controlnet(cn_dir()).unwrap();
     let remote: Vec<usize> = (0..3)
@@ -205,10 +209,7 @@ fn controlnets_on_other_gpus_equal_controlnets_on_the_pipelines_gpu() {
 #[test]
 #[ignore = "needs two GPUs: tools/device/gpu-path.sh on a multi-GPU kind"]
 fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
-    let count = katz_kernels::cuda::device_count();
-    if count < 2 {
-        panic!("this test needs two GPUs, found {count}");
-    }
+    two_gpus();
     let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cuda(0))).unwrap();
     let m0 = dev.controlnet(cn_dir()).unwrap();
     let m1 = dev.controlnet_on(cn_dir(), Device::Cuda(1)).unwrap();
@@ -349,10 +350,7 @@ fn cuda_graphs_give_the_ungraphed_image_across_jobs_loras_and_controlnets() {
 #[test]
 #[ignore = "needs two GPUs: tools/device/gpu-path.sh on a multi-GPU kind"]
 fn split_guidance_with_cuda_graphs_gives_the_one_gpu_image() {
-    let count = katz_kernels::cuda::device_count();
-    if count < 2 {
-        panic!("this test needs two GPUs, found {count}");
-    }
+    two_gpus();
     let base = root().join("bundles/tiny-sdxl");
     let mut single = Pipeline::load(&base, opts(Device::Cuda(0))).unwrap();
     let mut split = Pipeline::load(&base, fixed(Device::Cuda(0), 1, true)).unwrap();

@@ -3,7 +3,6 @@
 //! Residuals leave unscaled; the pipeline adds `scale · residual` to the UNet skips (diffusers'
 //! MultiControlNet: a sum of scaled residuals, each ControlNet active between its start and end).
 
-use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session};
 use ort::value::DynValue;
 
@@ -83,12 +82,7 @@ impl ControlNet {
             .kernels
             .clone()
             .ok_or_else(|| Error::Gpu(format!("ControlNet {} does not run on a GPU", self.name())))?;
-        let dev = MemoryInfo::new(
-            AllocationDevice::CUDA,
-            kernels.ordinal() as i32,
-            AllocatorType::Device,
-            MemoryType::Default,
-        )?;
+        let dev = crate::device::cuda_memory(kernels.ordinal() as i32)?;
         // ONNX Runtime copies host inputs with the current device: make it this ControlNet's
         kernels.ctx.bind_to_thread().map_err(crate::device::gpu_err)?;
         let mut binding = self.session.create_binding()?;

@@ -71,18 +71,23 @@ impl DevRef {
     }
 }
 
+/// ONNX Runtime's description of GPU `device`'s default memory (what CUDA tensors live in).
+pub(crate) fn cuda_memory(device: i32) -> Result<MemoryInfo<'static>> {
+    Ok(MemoryInfo::new(
+        AllocationDevice::CUDA,
+        device,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )?)
+}
+
 /// `ptr` on GPU `device` as an ONNX Runtime f32 tensor.
 ///
 /// # Safety
 /// See [`DevRef::ort`].
 pub(crate) unsafe fn ort_ref(ptr: u64, shape: &[usize], device: usize) -> Result<TensorRefMut<'static, f32>> {
-    let mem = MemoryInfo::new(
-        AllocationDevice::CUDA,
-        device as i32,
-        AllocatorType::Device,
-        MemoryType::Default,
-    )?;
-    let shape = ort::value::Shape::from(shape.iter().map(|&d| d as i64).collect::<Vec<_>>());
+    let mem = cuda_memory(device as i32)?;
+    let shape = ort::value::Shape::from(shape);
     Ok(unsafe { TensorRefMut::<f32>::from_raw(mem, ptr as usize as *mut std::ffi::c_void, shape)? })
 }
 

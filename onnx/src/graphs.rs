@@ -27,11 +27,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use katz_kernels::cuda::GpuKernels;
-use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::memory::Allocator;
 use ort::session::{IoBinding, Session};
 use ort::value::{DynValue, Tensor as OrtTensor, ValueType};
 
-use crate::device::{gpu_err, ort_ref, DevRef, DevTensor};
+use crate::device::{cuda_memory, gpu_err, ort_ref, DevRef, DevTensor};
 use crate::text::Conditioning;
 use crate::weights::{DevBuf, MergedWeights, Weights};
 use crate::{Error, Result};
@@ -57,14 +57,10 @@ pub(crate) struct GraphedUnet {
     k: Arc<GpuKernels>,
 }
 
-/// A graph input or output's shape, its free dimensions resolved from `known`.
-fn shape_of(session: &Session, name: &str, inputs: bool, known: &[(String, i64)]) -> Result<Vec<usize>> {
-    let outlets = if inputs {
-        session.inputs()
-    } else {
-        session.outputs()
-    };
-    let o = outlets
+/// A graph input's shape, its free dimensions resolved from `known`.
+fn shape_of(session: &Session, name: &str, known: &[(String, i64)]) -> Result<Vec<usize>> {
+    let o = session
+        .inputs()
         .iter()
         .find(|o| o.name() == name)
         .ok_or_else(|| Error::Gpu(format!("CUDA graph: the UNet has no {name}")))?;
@@ -100,15 +96,6 @@ fn shape_of(session: &Session, name: &str, inputs: bool, known: &[(String, i64)]
                 })
         })
         .collect()
-}
-
-fn cuda_mem(device: usize) -> Result<MemoryInfo<'static>> {
-    Ok(MemoryInfo::new(
-        AllocationDevice::CUDA,
-        device as i32,
-        AllocatorType::Device,
-        MemoryType::Default,
-    )?)
 }
 
 /// Binds the f32 device buffer at `ptr` as input `name` (in place, no copy).
@@ -158,12 +145,12 @@ impl GraphedUnet {
         let known: Vec<(String, i64)> = enc_dims.iter().chain(dec_dims).cloned().collect();
         let zeros = |shape: Vec<usize>| DevTensor::zeros(&k, shape);
 
-        let sample = zeros(shape_of(enc_session, "sample", true, &known)?)?;
-        let timestep = zeros(shape_of(enc_session, "timestep", true, &known)?)?;
+        let sample = zeros(shape_of(enc_session, "sample", &known)?)?;
+        let timestep = zeros(shape_of(enc_session, "timestep", &known)?)?;
         let cond = [
-            zeros(shape_of(enc_session, "encoder_hidden_states", true, &known)?)?,
-            zeros(shape_of(enc_session, "text_embeds", true, &known)?)?,
-            zeros(shape_of(enc_session, "time_ids", true, &known)?)?,
+            zeros(shape_of(enc_session, "encoder_hidden_states", &known)?)?,
+            zeros(shape_of(enc_session, "text_embeds", &known)?)?,
+            zeros(shape_of(enc_session, "time_ids", &known)?)?,
         ];
 
         // the weight slot: a copy of every weight either graph takes, pristine to start with
@@ -205,14 +192,14 @@ impl GraphedUnet {
         }
 
         // outputs: lasting buffers of the sessions' CUDA allocators; the encoder's feed the decoder
-        let enc_alloc = Allocator::new(enc_session, cuda_mem(device)?)?;
-        let dec_alloc = Allocator::new(dec_session, cuda_mem(device)?)?;
+        let enc_alloc = Allocator::new(enc_session, cuda_memory(device as i32)?)?;
+        let dec_alloc = Allocator::new(dec_session, cuda_memory(device as i32)?)?;
         let mut names = vec!["emb".to_string(), "mid".to_string()];
         names.extend((0..skips).map(|i| format!("skip_{i}")));
         let mut enc_out = Vec::with_capacity(names.len());
         for name in &names {
             // the decoder's input says the shape (its free dimensions are the fixed ones)
-            let shape = shape_of(dec_session, name, true, &known)?;
+            let shape = shape_of(dec_session, name, &known)?;
             let r = bind_out(&mut enc, &enc_alloc, name, &shape, device)?;
             bind_dev(&mut dec, name, r.ptr, &r.shape, device)?;
             enc_out.push(r);

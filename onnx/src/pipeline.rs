@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use katz_kernels::cuda::GpuKernels;
 use katz_kernels::{guidance, residual};
-use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::DynValue;
 use ort::value::TensorElementType;
@@ -1561,12 +1560,7 @@ fn bind_unet(
     merged: &MergedWeights,
     device_id: i32,
 ) -> Result<BoundUnet> {
-    let dev = MemoryInfo::new(
-        AllocationDevice::CUDA,
-        device_id,
-        AllocatorType::Device,
-        MemoryType::Default,
-    )?;
+    let dev = crate::device::cuda_memory(device_id)?;
     let mut enc = enc_session.create_binding()?;
     let mut dec = dec_session.create_binding()?;
     for b in [&mut enc, &mut dec] {

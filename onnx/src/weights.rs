@@ -160,14 +160,8 @@ impl DevBuf {
         k: &GpuKernels,
         device: i32,
     ) -> Result<()> {
-        use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
         use ort::value::TensorRefMut;
-        let mem = MemoryInfo::new(
-            AllocationDevice::CUDA,
-            device,
-            AllocatorType::Device,
-            MemoryType::Default,
-        )?;
+        let mem = crate::device::cuda_memory(device)?;
         let ptr = self.ptr(k) as usize as *mut std::ffi::c_void;
         let shape = ort::value::Shape::from(shape);
         // SAFETY: the caller keeps the buffer alive; shape and element type match it
