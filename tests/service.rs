@@ -140,9 +140,15 @@ impl Bus {
     }
 
     async fn publish(&self, job: &Job) {
-        topology::publish(&self.channel, &self.queue, &job.encode(), job.priority, &job.id)
-            .await
-            .expect("publish");
+        topology::publish(
+            &self.channel,
+            &self.queue,
+            &job.encode().unwrap(),
+            job.priority,
+            &job.id,
+        )
+        .await
+        .expect("publish");
     }
 
     async fn count(&self, queue: &str) -> u32 {

@@ -94,7 +94,9 @@ pub fn run_jobs(
         let mut results = Vec::new();
         for job in jobs {
             let d = InProcess {
-                body: job.encode(),
+                body: job.encode().map_err(|e| {
+                    katz_onnx::Error::InvalidRequest(format!("job {} cannot be encoded: {e}", job.id))
+                })?,
                 settled: Mutex::new(None),
             };
             let run = process(&d, &deps);
@@ -115,7 +117,7 @@ pub fn run_jobs(
                 action: *d.settled.lock().unwrap_or_else(|e| e.into_inner()),
             });
         }
-        results
+        Ok::<_, katz_onnx::Error>(results)
     });
-    Ok(results)
+    results
 }

@@ -184,6 +184,9 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         metrics().queue_wait.observe(w as f64 / 1e3);
     }
     let outcome = async {
+        let digest = job
+            .digest()
+            .map_err(|e| JobError::Invalid(format!("the job cannot be encoded: {e}")))?;
         if let Some(deadline) = job.deadline_ms {
             let now = now_ms();
             if now > deadline {
@@ -196,7 +199,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             .store
             .send(BeginJob {
                 id: job.id.clone(),
-                digest: job.digest(),
+                digest: digest.clone(),
                 worker: deps.worker.clone(),
                 total_steps: job.steps,
                 queue_wait_ms,
@@ -206,12 +209,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         match begin {
             Begin::AlreadyDone => return Ok("duplicate"),
             Begin::Cancelled => return Ok("cancelled"),
-            Begin::Conflict { stored } => {
-                return Err(JobError::Conflict {
-                    stored,
-                    this: job.digest(),
-                })
-            }
+            Begin::Conflict { stored } => return Err(JobError::Conflict { stored, this: digest }),
             Begin::Run { attempts } => tracing::info!(attempts, "running"),
         }
         // LoRAs: known, fetching (a full queue of pending loads holds the job here), merging

@@ -152,23 +152,23 @@ impl Job {
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        rmp_serde::to_vec_named(self).expect("a job always encodes")
+    pub fn encode(&self) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+        rmp_serde::to_vec_named(self)
     }
 
     /// FNV-1a over the job's content (everything but `submitted_ms` and `priority`): two
     /// deliveries of one job have the same digest; a reused id with other content does not.
-    pub fn digest(&self) -> String {
+    pub fn digest(&self) -> Result<String, rmp_serde::encode::Error> {
         let mut canon = self.clone();
         canon.submitted_ms = None;
         canon.priority = 0;
-        let bytes = canon.encode();
+        let bytes = canon.encode()?;
         let mut h: u64 = 0xcbf29ce484222325;
         for b in bytes {
             h ^= b as u64;
             h = h.wrapping_mul(0x100000001b3);
         }
-        format!("{h:016x}")
+        Ok(format!("{h:016x}"))
     }
 }
 
@@ -379,14 +379,14 @@ mod tests {
             start: 0.0,
             end: 1.0,
         });
-        let back = decode(&j.encode(), &Limits::default()).unwrap();
+        let back = decode(&j.encode().unwrap(), &Limits::default()).unwrap();
         assert_eq!(back, j);
         let mut later = j.clone();
         later.submitted_ms = Some(1);
-        assert_eq!(later.digest(), j.digest());
+        assert_eq!(later.digest().unwrap(), j.digest().unwrap());
         let mut other = j.clone();
         other.prompt = "a dog".into();
-        assert_ne!(other.digest(), j.digest());
+        assert_ne!(other.digest().unwrap(), j.digest().unwrap());
     }
 
     #[test]
@@ -398,19 +398,19 @@ mod tests {
             .contains("not a msgpack map"));
         let mut j = Job::new("j-2", "b", "p");
         j.v = 7;
-        let e = decode(&j.encode(), &l).unwrap_err();
+        let e = decode(&j.encode().unwrap(), &l).unwrap_err();
         assert_eq!(e.id.as_deref(), Some("j-2"));
         assert!(e.message.contains("schema version 7"), "{}", e.message);
         let mut j = Job::new("j-3", "b", "p");
         j.width = 100_000;
         j.height = 100_000;
-        assert!(decode(&j.encode(), &l)
+        assert!(decode(&j.encode().unwrap(), &l)
             .unwrap_err()
             .message
             .contains("exceeds the limit"));
         let mut j = Job::new("j-4", "b", "p");
         j.steps = 1_000_000;
-        assert!(decode(&j.encode(), &l)
+        assert!(decode(&j.encode().unwrap(), &l)
             .unwrap_err()
             .message
             .contains("steps 1000000"));

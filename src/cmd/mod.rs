@@ -115,13 +115,12 @@ pub struct Progress(ProgressBar);
 impl Progress {
     pub fn new(steps: usize) -> Self {
         let bar = ProgressBar::new(steps as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg:>10} [{bar:32}] {pos}/{len} steps  {elapsed_precise}  {per_sec}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
+        // a template that does not parse keeps the default style
+        if let Ok(style) = ProgressStyle::with_template(
+            "{msg:>10} [{bar:32}] {pos}/{len} steps  {elapsed_precise}  {per_sec}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
         bar.set_message("denoising");
         Progress(bar)
     }

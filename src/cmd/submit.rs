@@ -144,7 +144,7 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
         .with_context(|| format!("connecting to {}", a.amqp.amqp))?;
     let channel = conn.create_channel().await?;
     topology::declare(&channel, &queue).await?;
-    topology::publish(&channel, &queue, &job.encode(), job.priority, &id).await?;
+    topology::publish(&channel, &queue, &job.encode()?, job.priority, &id).await?;
     let _ = conn.close(200, "submitted".into()).await;
     println!("{id}");
     if !a.wait {
@@ -159,11 +159,7 @@ async fn follow(
     a: &SubmitArgs,
 ) -> anyhow::Result<()> {
     let bar = ProgressBar::new(a.steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>9} [{bar:32}] {pos}/{len}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
+    bar.set_style(ProgressStyle::with_template("{msg:>9} [{bar:32}] {pos}/{len}")?.progress_chars("=> "));
     let started = Instant::now();
     loop {
         let rec: HashMap<String, String> = redis.hgetall(job_key(id)).await?;
@@ -228,7 +224,7 @@ pub async fn reserve_record(
     if !created {
         return Ok(false);
     }
-    let mut fields = vec![("digest", job.digest()), ("submitted_ms", now_ms().to_string())];
+    let mut fields = vec![("digest", job.digest()?), ("submitted_ms", now_ms().to_string())];
     fields.extend(extra.iter().cloned());
     let _: () = redis.hset_multiple(&key, &fields).await?;
     let _: () = redis.expire(&key, ttl_s as i64).await?;

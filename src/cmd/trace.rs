@@ -461,7 +461,7 @@ async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
         if declared.insert(q.clone()) {
             topology::declare(&channel, &q).await?;
         }
-        topology::publish(&channel, &q, &job.encode(), job.priority, &id).await?;
+        topology::publish(&channel, &q, &job.encode()?, job.priority, &id).await?;
         if (i + 1) % 100 == 0 {
             println!("  {} published", i + 1);
         }

@@ -88,7 +88,10 @@ impl Publisher {
                     ch
                 }
             };
-            let (q, payload, id) = (queue.clone(), open.encode(), open.session.clone());
+            let payload = open
+                .encode()
+                .map_err(|e| cn_err(format!("encoding the session request: {e}")))?;
+            let (q, id) = (queue.clone(), open.session.clone());
             let res = self.rt.block_on(async move {
                 topology::declare(&ch, &q).await.map_err(|e| e.to_string())?;
                 topology::publish(&ch, &q, &payload, 0, &id)

@@ -108,8 +108,8 @@ pub fn host_identity() -> String {
 }
 
 impl SessionOpen {
-    pub fn encode(&self) -> Vec<u8> {
-        rmp_serde::to_vec_named(self).expect("a session-open always encodes")
+    pub fn encode(&self) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+        rmp_serde::to_vec_named(self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
@@ -252,7 +252,7 @@ mod tests {
             job: "j".into(),
             ipc: None,
         };
-        assert_eq!(SessionOpen::decode(&open.encode()).unwrap(), open);
+        assert_eq!(SessionOpen::decode(&open.encode().unwrap()).unwrap(), open);
         assert!(SessionOpen::decode(b"\x01").is_err());
         // an open without the ipc field (an older base) still decodes
         #[derive(Serialize)]
