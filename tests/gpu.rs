@@ -30,6 +30,7 @@ fn opts(device: Device) -> SessionOptions {
         device,
         fixed: None,
         cuda_graph: false,
+        exact_fp32: false,
     }
 }
 

@@ -22,15 +22,12 @@ use katz_onnx::tensor::Tensor;
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
-/// Relative error allowed, fp32: on the CPU katz and diffusers agree to ~1e-6; on CUDA the
-/// matrix products run in TF32, which leaves ~1e-3 per step (the trained family's 20-step LoRA
-/// cases reached 1.03e-3 on an H200, without growing over the steps).
-fn tol(device: katz_onnx::runtime::Device) -> f64 {
-    if device.is_gpu() {
-        2e-3
-    } else {
-        1e-3
-    }
+/// Relative error allowed, fp32, on the CPU and on CUDA: katz and diffusers agree to ~1e-6 on the
+/// CPU. On CUDA the tests turn TF32 off (`SessionOptions::exact_fp32`): with TF32 the trained
+/// family's 20-step kohya LoRA case drifted to 1.6e-3 by step 16 on an H200 and 1.03e-3 in
+/// another sitting (cuDNN picks its algorithms by timing).
+fn tol(_device: katz_onnx::runtime::Device) -> f64 {
+    1e-3
 }
 
 #[derive(Deserialize)]

@@ -186,9 +186,19 @@ impl ControlNet {
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::pipeline::ControlRequest;
 use crate::Error;
+
+/// When a ControlNet step ran: handed over (`sent`), started and finished computing. The
+/// pipeline reads the per-step critical path from these (`Timings::cn_*`).
+#[derive(Debug, Clone, Copy)]
+pub struct RunSpan {
+    pub sent: Instant,
+    pub start: Instant,
+    pub end: Instant,
+}
 
 /// What a session needs once, when it opens.
 pub struct SessionInit<'a> {
@@ -222,6 +232,10 @@ pub trait ControlSession: Send {
     fn recv_device(&mut self, _step: usize) -> Result<Vec<DevRef>> {
         Err(Error::Gpu("this ControlNet session has no device path".into()))
     }
+    /// When the step last received ran, where the session can tell (in-process sessions).
+    fn last_span(&self) -> Option<RunSpan> {
+        None
+    }
 }
 
 /// Opens sessions for the ControlNets of a job.
@@ -251,6 +265,8 @@ struct InlineSession {
     gpu: bool,
     bound: Option<BoundControlNet>,
     dev_input: Option<(usize, DevRef, Tensor)>,
+    sent: Option<Instant>,
+    last: Option<RunSpan>,
 }
 
 impl ControlService for InlineControlNets {
@@ -270,6 +286,8 @@ impl ControlService for InlineControlNets {
             gpu,
             bound: None,
             dev_input: None,
+            sent: None,
+            last: None,
         }))
     }
 }
@@ -277,6 +295,7 @@ impl ControlService for InlineControlNets {
 impl ControlSession for InlineSession {
     fn send(&mut self, step: usize, latent_in: &Tensor, timestep: &Tensor) -> Result<()> {
         self.input = Some((step, latent_in.clone(), timestep.clone()));
+        self.sent = Some(Instant::now());
         Ok(())
     }
 
@@ -286,12 +305,15 @@ impl ControlSession for InlineSession {
             .take()
             .ok_or_else(|| Error::InvalidRequest("ControlNet step received before it was sent".into()))?;
         debug_assert_eq!(s, step);
-        self.model.lock().unwrap_or_else(|e| e.into_inner()).residuals(
+        let start = Instant::now();
+        let out = self.model.lock().unwrap_or_else(|e| e.into_inner()).residuals(
             &latent_in,
             &timestep,
             &self.cond,
             &self.image,
-        )
+        );
+        self.note(start);
+        out
     }
 
     fn on_device(&self) -> bool {
@@ -300,6 +322,7 @@ impl ControlSession for InlineSession {
 
     fn send_device(&mut self, step: usize, latent_in: &DevRef, timestep: &Tensor) -> Result<()> {
         self.dev_input = Some((step, latent_in.clone(), timestep.clone()));
+        self.sent = Some(Instant::now());
         Ok(())
     }
 
@@ -309,6 +332,7 @@ impl ControlSession for InlineSession {
             .take()
             .ok_or_else(|| Error::InvalidRequest("ControlNet step received before it was sent".into()))?;
         debug_assert_eq!(s, step);
+        let start = Instant::now();
         let mut model = lock(&self.model);
         if self.bound.is_none() {
             self.bound = Some(model.bind(&self.cond, &self.image)?);
@@ -316,7 +340,24 @@ impl ControlSession for InlineSession {
         let Some(b) = self.bound.as_mut() else {
             return Err(Error::Gpu("the ControlNet is not bound".into()));
         };
-        model.run_bound(b, &latent_in, &timestep)
+        let out = model.run_bound(b, &latent_in, &timestep);
+        drop(model);
+        self.note(start);
+        out
+    }
+
+    fn last_span(&self) -> Option<RunSpan> {
+        self.last
+    }
+}
+
+impl InlineSession {
+    fn note(&mut self, start: Instant) {
+        self.last = Some(RunSpan {
+            sent: self.sent.take().unwrap_or(start),
+            start,
+            end: Instant::now(),
+        });
     }
 }
 
@@ -361,8 +402,8 @@ enum StepIn {
 }
 
 enum StepOut {
-    Host(usize, Result<Vec<Tensor>>),
-    Device(usize, Result<Vec<DevRef>>),
+    Host(usize, Result<Vec<Tensor>>, [Instant; 2]),
+    Device(usize, Result<Vec<DevRef>>, [Instant; 2]),
 }
 
 struct ThreadedSession {
@@ -372,6 +413,8 @@ struct ThreadedSession {
     done: Option<mpsc::Receiver<()>>,
     name: String,
     gpu: bool,
+    sent: Option<Instant>,
+    last: Option<RunSpan>,
 }
 
 impl ControlService for ThreadedControlNets {
@@ -396,9 +439,11 @@ impl ControlService for ThreadedControlNets {
                 let _done = done_tx; // dropped when the loop ends, also on a panic
                 let mut bound: Option<BoundControlNet> = None;
                 for input in in_rx {
+                    let start = Instant::now();
                     let out = match input {
                         StepIn::Host(step, latent_in, timestep) => {
-                            StepOut::Host(step, lock(&model).residuals(&latent_in, &timestep, &cond, &image))
+                            let res = lock(&model).residuals(&latent_in, &timestep, &cond, &image);
+                            StepOut::Host(step, res, [start, Instant::now()])
                         }
                         StepIn::Device(step, latent_in, timestep) => {
                             let mut m = lock(&model);
@@ -409,7 +454,7 @@ impl ControlService for ThreadedControlNets {
                                     m.run_bound(b, &latent_in, &timestep)
                                 }),
                             };
-                            StepOut::Device(step, res)
+                            StepOut::Device(step, res, [start, Instant::now()])
                         }
                     };
                     if out_tx.send(out).is_err() {
@@ -424,6 +469,8 @@ impl ControlService for ThreadedControlNets {
             done: Some(done),
             name,
             gpu,
+            sent: None,
+            last: None,
         }))
     }
 }
@@ -435,11 +482,19 @@ impl ThreadedSession {
 
     fn post(&mut self, input: StepIn) -> Result<()> {
         let tx = self.tx.as_ref().ok_or_else(|| self.gone())?;
+        self.sent = Some(Instant::now());
         tx.send(input).map_err(|_| self.gone())
     }
 
     fn take(&mut self) -> Result<StepOut> {
-        self.rx.recv().map_err(|_| self.gone())
+        let out = self.rx.recv().map_err(|_| self.gone())?;
+        let (StepOut::Host(_, _, [start, end]) | StepOut::Device(_, _, [start, end])) = &out;
+        self.last = Some(RunSpan {
+            sent: self.sent.take().unwrap_or(*start),
+            start: *start,
+            end: *end,
+        });
+        Ok(out)
     }
 }
 
@@ -450,7 +505,7 @@ impl ControlSession for ThreadedSession {
 
     fn recv(&mut self, step: usize) -> Result<Vec<Tensor>> {
         match self.take()? {
-            StepOut::Host(got, res) => {
+            StepOut::Host(got, res, _) => {
                 debug_assert_eq!(got, step);
                 res
             }
@@ -470,7 +525,7 @@ impl ControlSession for ThreadedSession {
 
     fn recv_device(&mut self, step: usize) -> Result<Vec<DevRef>> {
         match self.take()? {
-            StepOut::Device(got, res) => {
+            StepOut::Device(got, res, _) => {
                 debug_assert_eq!(got, step);
                 res
             }
@@ -478,6 +533,10 @@ impl ControlSession for ThreadedSession {
                 "host residuals where device ones were asked for".into(),
             )),
         }
+    }
+
+    fn last_span(&self) -> Option<RunSpan> {
+        self.last
     }
 
     fn close(&mut self) {

@@ -39,7 +39,7 @@ use ort::value::TensorElementType;
 
 use crate::bundle::{check_compute, check_io, BaseBundle, ControlNetBundle};
 use crate::controlnet::{
-    ControlNet, ControlService, ControlSession, InlineControlNets, SessionInit, ThreadedControlNets,
+    ControlNet, ControlService, ControlSession, InlineControlNets, RunSpan, SessionInit, ThreadedControlNets,
 };
 use crate::device::{gpu_err, DevRef, DevTensor};
 use crate::graphs::GraphedUnet;
@@ -204,6 +204,17 @@ pub struct Timings {
     pub lora_switch_step: Option<usize>,
     /// From the start of the generation to the end of its first step.
     pub first_step: Duration,
+    /// The per-step critical path with ControlNets, summed over steps (sessions that report
+    /// [`RunSpan`]s: in-process ones): the slowest ControlNet's run on its GPU and how long it
+    /// waited to start after the step was handed over; how long after the UNet encoder ended the
+    /// last residuals were ready; and the residual transport after both (copies between GPUs,
+    /// the scaled adds).
+    pub cn_slowest_run: Duration,
+    pub cn_start_delay: Duration,
+    pub cn_after_encoder: Duration,
+    pub residual_transport: Duration,
+    /// Run time of each of the request's ControlNets, summed over its steps.
+    pub cn_runs: Vec<Duration>,
 }
 
 impl Timings {
@@ -228,6 +239,40 @@ impl Timings {
             ("per step (mean)", self.per_step()),
             ("total", self.total),
         ]
+    }
+}
+
+/// One step's ControlNet spans, gathered as their residuals arrive ([`Timings`]' critical path).
+#[derive(Default)]
+struct StepPath {
+    last_end: Option<Instant>,
+    slowest: Duration,
+    delay: Duration,
+}
+
+impl StepPath {
+    fn note(&mut self, t: &mut Timings, j: usize, span: Option<RunSpan>) {
+        let Some(s) = span else { return };
+        if t.cn_runs.len() <= j {
+            t.cn_runs.resize(j + 1, Duration::ZERO);
+        }
+        let run = s.end.saturating_duration_since(s.start);
+        t.cn_runs[j] += run;
+        if run >= self.slowest {
+            self.slowest = run;
+            self.delay = s.start.saturating_duration_since(s.sent);
+        }
+        self.last_end = Some(self.last_end.map_or(s.end, |e| e.max(s.end)));
+    }
+
+    /// The step's residuals are in: `encoder_end` when the UNet encoder(s) returned, `done` when
+    /// the residuals had been added.
+    fn finish(self, t: &mut Timings, encoder_end: Instant, done: Instant) {
+        let Some(end) = self.last_end else { return };
+        t.cn_slowest_run += self.slowest;
+        t.cn_start_delay += self.delay;
+        t.cn_after_encoder += end.saturating_duration_since(encoder_end);
+        t.residual_transport += done.saturating_duration_since(end.max(encoder_end));
     }
 }
 
@@ -557,6 +602,10 @@ impl Pipeline {
             )));
         }
         peer(here, there)?;
+        // the ControlNets' residuals go to both halves: the second GPU reads theirs directly
+        for g in self.controlnet_gpus() {
+            peer(there, g as i32)?;
+        }
         let opts = SessionOptions {
             device,
             ..self.opts.clone()
@@ -667,11 +716,29 @@ impl Pipeline {
             ..self.opts.clone()
         };
         let cn = ControlNet::load(ControlNetBundle::open(dir.as_ref())?, &self.bundle, &opts)?;
-        if let (Some(a), Some(b)) = (self.opts.device.gpu(), device.gpu()) {
-            peer(a, b)?;
+        if let Some(b) = device.gpu() {
+            // residuals go to the pipeline's GPU and, with split guidance, to the second half's
+            // (without peer access the driver stages such a copy through host memory)
+            for a in self
+                .opts
+                .device
+                .gpu()
+                .into_iter()
+                .chain(self.half.as_ref().map(|h| h.device))
+            {
+                peer(a, b)?;
+            }
         }
         self.controlnets.push(Arc::new(Mutex::new(cn)));
         Ok(self.controlnets.len() - 1)
+    }
+
+    /// The GPUs this pipeline's ControlNets run on.
+    fn controlnet_gpus(&self) -> Vec<usize> {
+        self.controlnets
+            .iter()
+            .filter_map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).gpu())
+            .collect()
     }
 
     /// This pipeline's ControlNets as a [`ControlService`] computing in the caller's thread.
@@ -1079,14 +1146,17 @@ impl Pipeline {
 
             let t0 = Instant::now();
             let targets = unet.encode(unet_encoder, ts)?;
-            t.unet_encoder += t0.elapsed();
+            let encoder_end = Instant::now();
+            t.unet_encoder += encoder_end - t0;
 
             let t0 = Instant::now();
             if !active.is_empty() {
+                let mut path = StepPath::default();
                 // residual r < skips goes to skip r, the last to mid
                 for &j in &active {
                     let c = &req.controlnets[j];
                     let res = recv_residuals(&mut sessions[j], i, j, &mut staging, &k)?;
+                    path.note(t, j, sessions[j].last_span());
                     for (r, rr) in res.iter().enumerate() {
                         let target = if r < skips { &targets[2 + r] } else { &targets[1] };
                         if target.shape != rr.shape {
@@ -1109,6 +1179,7 @@ impl Pipeline {
                     }
                 }
                 k.synchronize().map_err(g)?;
+                path.finish(t, encoder_end, Instant::now());
             }
             t.controlnet += t0.elapsed();
 
@@ -1278,13 +1349,16 @@ impl Pipeline {
                     theirs.map_err(|e| at("conditional encoder", e))?,
                 )
             };
-            t.unet_encoder += t0.elapsed();
+            let encoder_end = Instant::now();
+            t.unet_encoder += encoder_end - t0;
 
             let t0 = Instant::now();
             if !active.is_empty() {
+                let mut path = StepPath::default();
                 for &j in &active {
                     let c = &req.controlnets[j];
                     let res = recv_residuals(&mut sessions[j], i, j, &mut stage_h, &k0)?;
+                    path.note(t, j, sessions[j].last_span());
                     for (r, rr) in res.iter().enumerate() {
                         let (au, ac) = if r < skips {
                             (&tu[2 + r], &tc[2 + r])
@@ -1325,6 +1399,7 @@ impl Pipeline {
                 }
                 k0.synchronize().map_err(g)?;
                 k1.synchronize().map_err(g)?;
+                path.finish(t, encoder_end, Instant::now());
             }
             t.controlnet += t0.elapsed();
 
@@ -2000,6 +2075,40 @@ fn add_residuals(
 #[cfg(test)]
 mod lora_plan_tests {
     use super::*;
+
+    #[test]
+    fn the_step_path_adds_up_the_slowest_controlnet_and_the_transport() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let span = |sent, start, end| {
+            Some(RunSpan {
+                sent: at(sent),
+                start: at(start),
+                end: at(end),
+            })
+        };
+        let mut t = Timings::default();
+        let mut path = StepPath::default();
+        // encoder ends at 15 ms; ControlNet 1 (slowest, 20 ms) ends at 21, the others earlier
+        path.note(&mut t, 0, span(0, 1, 18));
+        path.note(&mut t, 2, None); // a session that cannot tell is skipped
+        path.note(&mut t, 1, span(0, 1, 21));
+        path.finish(&mut t, at(15), at(24));
+        assert_eq!(t.cn_slowest_run, Duration::from_millis(20));
+        assert_eq!(t.cn_start_delay, Duration::from_millis(1));
+        assert_eq!(t.cn_after_encoder, Duration::from_millis(6));
+        assert_eq!(t.residual_transport, Duration::from_millis(3));
+        assert_eq!(
+            t.cn_runs,
+            vec![Duration::from_millis(17), Duration::from_millis(20)]
+        );
+        // residuals ready before the encoder ended: nothing after it, transport from its end
+        let mut path = StepPath::default();
+        path.note(&mut t, 0, span(30, 30, 40));
+        path.finish(&mut t, at(45), at(46));
+        assert_eq!(t.cn_after_encoder, Duration::from_millis(6));
+        assert_eq!(t.residual_transport, Duration::from_millis(4));
+    }
 
     #[test]
     fn bounds_parse_and_clamp() {

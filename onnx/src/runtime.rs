@@ -165,6 +165,10 @@ pub struct SessionOptions {
     /// CUDA graphs for the UNet encoder and decoder (`--cuda-graph`; needs `fixed` and `cuda:N`):
     /// captured when the pipeline loads, replayed every step (crate::graphs).
     pub cuda_graph: bool,
+    /// CUDA: matrix products and convolutions in full fp32, not TF32 (ONNX Runtime's
+    /// `use_tf32 = 0`). Parity checks against an fp32 reference set it: TF32 leaves ~1e-3 of
+    /// relative error per step, and which algorithms cuDNN picks (by timing) changes it run to run.
+    pub exact_fp32: bool,
 }
 
 /// One image size and UNet batch for the denoising graphs. Their free dimensions (`batch`,
@@ -252,6 +256,7 @@ fn session_inner(
         Device::Cuda(id) => vec![ort::ep::CUDA::default()
             .with_device_id(id)
             .with_cuda_graph(cuda_graph)
+            .with_tf32(!opts.exact_fp32)
             .build()
             .error_on_failure()],
         Device::TensorRt(id) => vec![
@@ -261,6 +266,7 @@ fn session_inner(
                 .error_on_failure(),
             ort::ep::CUDA::default()
                 .with_device_id(id)
+                .with_tf32(!opts.exact_fp32)
                 .build()
                 .error_on_failure(),
         ],

@@ -335,6 +335,16 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
             "unet_decoder_per_step_ms": m(&|r| ms(r.out.timings.unet_decoder) / steps),
             "unet_step_ms": unet_step,
             "kernels_per_step_ms": m(&|r| ms(r.out.timings.scheduler) / steps),
+            // the step's critical path with ControlNets (in-process sessions): the slowest
+            // ControlNet's run and its start delay, how long after the encoder its residuals
+            // were ready, and the residual transport (copies between GPUs, adds) after that
+            "controlnet_slowest_run_ms": m(&|r| ms(r.out.timings.cn_slowest_run) / steps),
+            "controlnet_start_delay_ms": m(&|r| ms(r.out.timings.cn_start_delay) / steps),
+            "controlnet_after_encoder_ms": m(&|r| ms(r.out.timings.cn_after_encoder) / steps),
+            "residual_transport_ms": m(&|r| ms(r.out.timings.residual_transport) / steps),
+            "controlnet_run_ms": (0..nc)
+                .map(|j| m(&|r| r.out.timings.cn_runs.get(j).map_or(f64::NAN, |d| ms(*d) / steps)))
+                .collect::<Vec<_>>(),
             "per_step_ms": m(&|r| ms(r.out.timings.per_step())),
             "vae_decode_ms": m(&|r| ms(r.out.timings.vae_decode)),
             "pipeline_s": m(&|r| r.out.timings.total.as_secs_f64()),
@@ -396,6 +406,29 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
             d.map(|d| format!("{d:.2} s")).unwrap_or_else(|| "—".into()),
             d.map(|d| format!("{:.3}×", e2e / d)).unwrap_or_else(|| "—".into()),
             r["unet_mfu"].as_f64().map(|m| format!("{:.1}%", m * 100.0)).unwrap_or_else(|| "—".into()),
+        );
+    }
+    for r in rows.iter().filter(|r| r["controlnets"].as_u64().unwrap_or(0) > 0) {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        let runs: Vec<String> = r["controlnet_run_ms"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|v| format!("{:.1}", v.as_f64().unwrap_or(f64::NAN)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{} critical path per step: UNet encoder {:.1} ms; slowest ControlNet run {:.1} ms (started {:.1} ms after \
+             hand-over; each: {} ms); residuals ready {:.1} ms after the encoder; transport {:.1} ms; decoder {:.1} ms",
+            r["config"].as_str().unwrap_or_default(),
+            f("unet_encoder_per_step_ms"),
+            f("controlnet_slowest_run_ms"),
+            f("controlnet_start_delay_ms"),
+            runs.join(" / "),
+            f("controlnet_after_encoder_ms"),
+            f("residual_transport_ms"),
+            f("unet_decoder_per_step_ms"),
         );
     }
     if let Some(b) = &baseline {

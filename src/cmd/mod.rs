@@ -83,6 +83,7 @@ impl DeviceArgs {
             device: self.device,
             fixed: None,
             cuda_graph: false,
+            exact_fp32: false,
         }
     }
 }

@@ -280,6 +280,7 @@ pub fn config(mut a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
                 device: a.device.device,
                 fixed: None,
                 cuda_graph: false,
+                exact_fp32: false,
             },
             controlnet_mode,
             controlnet_services,

@@ -31,6 +31,8 @@ pub fn test_options() -> SessionOptions {
         device,
         fixed: None,
         cuda_graph: false,
+        // correctness against fp32 references: no TF32 on CUDA
+        exact_fp32: true,
     }
 }
 

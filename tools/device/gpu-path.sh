@@ -33,8 +33,10 @@
 #                                           tools/quality_report.py on GPUs (fp32, fp16, split)
 #   bash tools/device/gpu-path.sh graphs    CUDA graphs: graph-vs-none tests (tiny), then static shapes
 #                                           without and with --cuda-graph on 1, 2 (split), 4 GPUs
-#   bash tools/device/gpu-path.sh placement 3C/2L on 4 GPUs with CUDA graphs, four ControlNet
-#                                           placements, and a profile of the ControlNet sessions
+#   bash tools/device/gpu-path.sh placement 3C/2L on 4 GPUs with CUDA graphs: peer-copy rates, the
+#                                           ControlNets placed several ways (PLACEMENTS for the split
+#                                           ones), each with its per-step critical path, and a
+#                                           profile of the ControlNet sessions
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -47,7 +49,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d $C/w diffusers==0.42.1 importlib_metadata
 # There: one call per ORT piece carrying it (and, while it fits 64 MiB, binaries), each running
 #   `stage`; then `all` (or `tests`, `export`, `bench` in separate calls, back to back).
-# env: OUT (the device call's result folder: the JSON is copied there; the runs write to
+# env: OUT (the device call's result folder: the JSON, SVG, logs go there as gpu-path.tar.gz; the runs write to
 #      /tmp/gpu-path, which lasts between calls of one lease — the diffusers baseline of `bench`
 #      is read by `multi` and `service`), SDXL (bundle dir, default /opt/sdxl), CONFIGS,
 #      STEPS (50), SIZE (1024), PEAK_TFLOPS (the GPU's measured bf16 GEMM rate, for MFU)
@@ -141,7 +143,7 @@ katz_bench() {  # name, then extra flags
   /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" --controlnet "$S/base-controlnet" \
     --loras "$S/loras/lora0.safetensors,$S/loras/lora1.safetensors" \
     --size "${SIZE:-1024}" --steps "${STEPS:-50}" --baseline "$BASE" --unet-tflop 6.76 \
-    ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} --out "$O/pipeline-$gpu-$name-$day.json" "$@" 2>&1 | grep -v " WARN " | tail -8
+    ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} --out "$O/pipeline-$gpu-$name-$day.json" "$@" 2>&1 | grep -v " WARN " | tail -9
 }
 
 bench_setup() {
@@ -223,23 +225,25 @@ workload() {  # issue #7 on GPUs: a service B trace replayed into one worker per
   setup
   export_wait >/dev/null || return 1
   bash tools/device/services-pack.sh start || return 1
-  local ngpu run prefix q cfgs=() mode rate
+  local ngpu run prefix q cfgs=() mode rate g
   ngpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l); run=$(date +%s)
   python3 -c "from PIL import Image, ImageDraw; im = Image.new('RGB', (1024, 1024)); d = ImageDraw.Draw(im)
 for r in range(64, 512, 64): d.ellipse((512 - r, 512 - r, 512 + r, 512 + r), outline='white', width=4)
 im.save('$O/cond-1024.png')"
   for mode in async sync; do
+    # one worker per GPU for the mode's whole sweep (loading takes ~40 s); a queue per mode
+    q=katz.jobs.wl$run.$mode
+    local pids=()
+    for g in $(seq 0 $((ngpu - 1))); do
+      KATZ_LOG=warn /opt/kb/katz worker --device "cuda:$g" --bundle "$S/base" --controlnet "$S/base-controlnet" \
+        --queue "$q" --name "wl-$g" --lora-dir /tmp/wl-store --lora-mode "$mode" >"$O/w-$mode-$g.log" 2>&1 &
+      pids+=($!)
+    done
+    sleep 40  # sessions on every GPU
     for rate in ${WL_RATES:-0.2 0.5}; do
-      q=katz.jobs.wl$run.$mode.${rate/./p}; prefix=wl$run-$mode-${rate/./p}
+      prefix=wl$run-$mode-${rate/./p}
       /opt/kb/katz trace gen --service B --requests "${WL_JOBS:-24}" --rate "$rate" --seed 7 \
         --stats tools/workload/katz-trace-stats.json --out "$O/trace-$rate.json" >/dev/null
-      local pids=()
-      for g in $(seq 0 $((ngpu - 1))); do
-        KATZ_LOG=warn /opt/kb/katz worker --device "cuda:$g" --bundle "$S/base" --controlnet "$S/base-controlnet" \
-          --queue "$q" --name "wl-$g" --lora-dir /tmp/wl-store --lora-mode "$mode" >"$O/w-$mode-$rate-$g.log" 2>&1 &
-        pids+=($!)
-      done
-      sleep 40  # sessions on every GPU
       /opt/kb/katz trace replay "$O/trace-$rate.json" --bundle "$S/base" --store /tmp/wl-store --speed 1 \
         --queue "$q" --id-prefix "$prefix" --steps 50 --size 1024x1024 \
         --controlnet-models "$(python3 -c "import json;print(json.load(open('$S/base-controlnet/bundle.json'))['name'])")" \
@@ -248,11 +252,12 @@ im.save('$O/cond-1024.png')"
       while (( SECONDS - t0 < 300 )); do  # (no redis-cli there: katz report says what is unfinished)
         /opt/kb/katz report --config "w=$prefix" --out "$O/.wait" >/dev/null 2>&1 && python3 -c "import json, sys
 r = json.load(open('$O/.wait/report.json'))[0]; sys.exit(0 if r['unfinished'] == 0 and r['jobs'] >= ${WL_JOBS:-24} else 1)" && break
-        sleep 3
+        sleep 2
       done
-      kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null
+      echo "$mode @ $rate/s: drained $(( SECONDS - t0 )) s after the last publish"
       cfgs+=(--config "$mode@$rate=$prefix")
     done
+    kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null
   done
   /opt/kb/katz report "${cfgs[@]}" --out "$O/workload-$(date +%F)"
   cp "$O/workload-$(date +%F)"/* "$O/" 2>/dev/null || true
@@ -337,28 +342,50 @@ graphs() {  # CUDA graphs (issue #6): the graph-vs-none tests on the tiny bundle
   return 0
 }
 
-placement() {  # issue #6's open item: 3C/2L on 4 GPUs (static shapes, CUDA graphs) with the
-               # ControlNets placed four ways, then 8 steps of run E's placement under ONNX
-               # Runtime's profiler (the ControlNet sessions' kernels and gaps), against `baseline`
+placement() {  # issue #6's open item: 3C/2L on 4 GPUs (static shapes, CUDA graphs), the ControlNets
+               # placed several ways, each run's per-step critical path (slowest ControlNet,
+               # residuals after the encoder, transport), the GPUs' peer-copy rates, then 8 steps of
+               # the first placement under ONNX Runtime's profiler, against `baseline`
   bench_setup || return 1
   [[ -f $BASE ]] || { echo "run 'baseline' first"; return 1; }
   (( ngpu >= 4 )) || { echo "placement needs 4 GPUs"; return 1; }
+  echo "== peer copies between GPUs (torch, 214 MB = one ControlNet's residuals at 1024², batch 2, fp32)"
+  python3 - <<'PY'
+import torch, time
+n = 214 * 2**20 // 4
+for a, b in [(1, 0), (2, 0), (3, 0), (2, 1), (3, 1), (0, 1)]:
+    x = torch.randn(n, device=f"cuda:{a}"); y = torch.empty(n, device=f"cuda:{b}")
+    for _ in range(3): y.copy_(x)
+    torch.cuda.synchronize(a); torch.cuda.synchronize(b)
+    t = time.perf_counter()
+    for _ in range(10): y.copy_(x)
+    torch.cuda.synchronize(a); torch.cuda.synchronize(b)
+    dt = (time.perf_counter() - t) / 10
+    print(f"cuda:{a} -> cuda:{b}: {dt * 1e3:.2f} ms, {n * 4 / dt / 1e9:.0f} GB/s (peer access {torch.cuda.can_device_access_peer(b, a)})")
+PY
+  katz_bench 4gpu-cn123-graph --configs 3C/2L --static-shapes --cuda-graph \
+    --controlnet-devices cuda:1,cuda:2,cuda:3 --controlnet-mode parallel
+  katz_bench 4gpu-cn123-graph-t1 --configs 3C/2L --static-shapes --cuda-graph --threads 1 \
+    --controlnet-devices cuda:1,cuda:2,cuda:3 --controlnet-mode parallel
   local p
-  for p in 2,3,2 2,3,0 2,3,1; do
+  for p in ${PLACEMENTS:-2,3,2 2,3,0}; do
     katz_bench "4gpu-split-cn${p//,/}-graph" --configs 3C/2L --split-guidance cuda:1 --static-shapes --cuda-graph \
       --controlnet-devices "cuda:${p//,/,cuda:}" --controlnet-mode parallel
   done
-  katz_bench 4gpu-cn123-graph --configs 3C/2L --static-shapes --cuda-graph \
-    --controlnet-devices cuda:1,cuda:2,cuda:3 --controlnet-mode parallel
   rm -rf "$O/prof4"; mkdir -p "$O/prof4"
   KATZ_ORT_PROFILE=$O/prof4/p /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" \
     --controlnet "$S/base-controlnet" --loras "$S/loras/lora0.safetensors,$S/loras/lora1.safetensors" \
-    --configs 3C/2L --size "${SIZE:-1024}" --steps 8 --repeat 1 --static-shapes --split-guidance cuda:1 \
-    --controlnet-devices cuda:2,cuda:3,cuda:2 --controlnet-mode parallel 2>&1 | grep -v " WARN " | tail -3
+    --configs 3C/2L --size "${SIZE:-1024}" --steps 8 --repeat 1 --static-shapes \
+    --controlnet-devices cuda:1,cuda:2,cuda:3 --controlnet-mode parallel 2>&1 | grep -v " WARN " | tail -3
   python3 tools/ort_profile_summary.py "$O"/prof4/p-controlnet_*.json "$O"/prof4/p-unet_*.json
 }
 
-results() { [[ -n ${OUT:-} && -d ${OUT:-} ]] && cp "$O"/*.json "$OUT"/ 2>/dev/null; return 0; }
+results() {  # $OUT takes at most 8 files: the run's results travel as one tarball
+  [[ -n ${OUT:-} && -d ${OUT:-} ]] || return 0
+  local f=$(cd "$O" && ls -d *.json *.svg *.md *.txt *.log 2>/dev/null)
+  [[ -n $f ]] && tar -C "$O" -czf "$OUT/gpu-path.tar.gz" $f
+  return 0
+}
 trap results EXIT
 
 case ${1:-all} in
