@@ -375,3 +375,59 @@ fn split_guidance_with_cuda_graphs_gives_the_one_gpu_image() {
         assert!(e < 1e-3, "{n} ControlNets, LoRA {lora}: {e}");
     }
 }
+
+/// The Katz paper's placement in small: the guidance halves on GPUs 0 and 1, each ControlNet once
+/// per half (batch 1) on GPUs 2 and 3, beside a ControlNet that runs both halves. Gives the
+/// one-GPU image, with inline and threaded sessions, dynamic and static shapes (CUDA graphs).
+#[test]
+#[ignore = "needs four GPUs: tools/device/gpu-path.sh on a 4-GPU kind"]
+fn controlnets_per_guidance_half_give_the_one_gpu_image() {
+    let count = katz_kernels::cuda::device_count();
+    assert!(count >= 4, "this test needs four GPUs, found {count}");
+    let base = root().join("bundles/tiny-sdxl");
+    let mut single = Pipeline::load(&base, opts(Device::Cuda(0))).unwrap();
+    let ms = single.controlnet(cn_dir()).unwrap();
+    for static_shapes in [false, true] {
+        let o = if static_shapes {
+            fixed(Device::Cuda(0), 1, true)
+        } else {
+            opts(Device::Cuda(0))
+        };
+        let mut split = Pipeline::load(&base, o).unwrap();
+        split.split_guidance(Device::Cuda(1)).unwrap();
+        let halves = split
+            .controlnet_halves(cn_dir(), Device::Cuda(2), Device::Cuda(3))
+            .unwrap();
+        let whole = split.controlnet_on(cn_dir(), Device::Cuda(3)).unwrap();
+        for (models, lora, threaded) in [
+            (vec![halves], false, false),
+            (vec![halves, whole], true, true),
+            (vec![halves, halves, whole], true, false),
+        ] {
+            let rs = request(&vec![ms; models.len()], SchedulerKind::Euler, lora, &single);
+            let want = single.generate(&rs, &mut NoObserver).unwrap().image;
+            let r = request(&models, SchedulerKind::Euler, lora, &split);
+            let got = if threaded {
+                let mut svc = split.threaded_controlnets();
+                split
+                    .generate_with(
+                        &r,
+                        &mut SeededNoise::new(r.seed),
+                        &mut NoObserver,
+                        LoraPlan::Sync,
+                        Some(&mut svc),
+                    )
+                    .unwrap()
+                    .image
+            } else {
+                split.generate(&r, &mut NoObserver).unwrap().image
+            };
+            let e = rel_err(&got.data, &want.data);
+            println!(
+                "per-half ControlNets (static shapes {static_shapes}), {} ControlNets, LoRA {lora}, threaded {threaded}: relative error {e:.2e}",
+                models.len()
+            );
+            assert!(e < 1e-3, "{models:?}, LoRA {lora}: {e}");
+        }
+    }
+}

@@ -35,12 +35,24 @@ pub struct BoundControlNet {
 }
 
 impl ControlNet {
+    /// Loads a ControlNet for the guidance batch (2; with static shapes, fixed to it).
     pub fn load(bundle: ControlNetBundle, base: &BaseBundle, opts: &SessionOptions) -> Result<Self> {
+        Self::load_batch(bundle, base, opts, 2)
+    }
+
+    /// [`ControlNet::load`] for a batch of `batch` (1: one guidance half per ControlNet, the
+    /// paper's placement; `Pipeline::controlnet_halves`).
+    pub fn load_batch(
+        bundle: ControlNetBundle,
+        base: &BaseBundle,
+        opts: &SessionOptions,
+        batch: usize,
+    ) -> Result<Self> {
         bundle.check_fits(base)?;
         check_compute(&bundle.dir, &bundle.manifest.compute, opts.device)?;
         let path = bundle.dir.join(&bundle.manifest.graph);
         let dims = match opts.fixed {
-            Some(f) => crate::pipeline::controlnet_dims(base.manifest.vae_scale_factor, f),
+            Some(f) => crate::pipeline::controlnet_dims(base.manifest.vae_scale_factor, f, batch),
             None => vec![],
         };
         let session = runtime::session_with_dims(&path, opts, &dims)?;

@@ -26,7 +26,7 @@
 //! ```
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -319,6 +319,9 @@ pub struct Pipeline {
     split_on: bool,
     /// Threads of parallel ControlNet sessions, kept between jobs (crate::threads says why).
     cn_threads: Arc<crate::threads::LastingThreads>,
+    /// ControlNets placed per guidance half ([`Pipeline::controlnet_halves`]): the unconditional
+    /// half's instance (the index requests name) → the conditional half's.
+    cn_halves: HashMap<usize, usize>,
 }
 
 /// The UNet of the conditional guidance half on its own GPU (latent parallelism): its sessions,
@@ -443,10 +446,10 @@ fn unet_dims(bundle: &BaseBundle, f: FixedShape) -> Result<[Vec<(String, i64)>; 
 }
 
 /// The fixed free dimensions of a ControlNet graph for `f`: it always takes both guidance halves.
-pub(crate) fn controlnet_dims(vae_scale: usize, f: FixedShape) -> Vec<(String, i64)> {
+pub(crate) fn controlnet_dims(vae_scale: usize, f: FixedShape, batch: usize) -> Vec<(String, i64)> {
     let (h, w) = ((f.height / vae_scale) as i64, (f.width / vae_scale) as i64);
     [
-        ("batch", 2),
+        ("batch", batch as i64),
         ("height", h),
         ("width", w),
         ("image_height", f.height as i64),
@@ -559,6 +562,7 @@ impl Pipeline {
             half: None,
             split_on: false,
             cn_threads: Arc::new(crate::threads::LastingThreads::new("controlnet")),
+            cn_halves: HashMap::new(),
         };
         if let (true, Some(id), Some([enc_dims, dec_dims])) =
             (pipe.opts.cuda_graph, pipe.opts.device.gpu(), fixed_dims)
@@ -731,6 +735,44 @@ impl Pipeline {
         }
         self.controlnets.push(Arc::new(Mutex::new(cn)));
         Ok(self.controlnets.len() - 1)
+    }
+
+    /// Loads a ControlNet once per guidance half (the Katz paper's placement: one GPU per
+    /// ControlNet per half): an instance at batch 1 on `uncond` for the unconditional half and one
+    /// on `cond` for the conditional half. With split guidance each runs its half's latent and
+    /// its residuals go to that half's GPU; without, the `uncond` instance runs the whole batch
+    /// (with static shapes it is fixed to batch 1, so such a job is refused by ONNX Runtime).
+    /// Returns the index requests name ([`ControlRequest::model`]).
+    pub fn controlnet_halves(
+        &mut self,
+        dir: impl AsRef<Path>,
+        uncond: Device,
+        cond: Device,
+    ) -> Result<usize> {
+        let dir = dir.as_ref();
+        let mut idx = [0; 2];
+        for (k, device) in [uncond, cond].into_iter().enumerate() {
+            let opts = SessionOptions {
+                device,
+                ..self.opts.clone()
+            };
+            let cn = ControlNet::load_batch(ControlNetBundle::open(dir)?, &self.bundle, &opts, 1)?;
+            if let Some(b) = device.gpu() {
+                for a in self
+                    .opts
+                    .device
+                    .gpu()
+                    .into_iter()
+                    .chain(self.half.as_ref().map(|h| h.device))
+                {
+                    peer(a, b)?;
+                }
+            }
+            self.controlnets.push(Arc::new(Mutex::new(cn)));
+            idx[k] = self.controlnets.len() - 1;
+        }
+        self.cn_halves.insert(idx[0], idx[1]);
+        Ok(idx[0])
     }
 
     /// The GPUs this pipeline's ControlNets run on.
@@ -939,10 +981,29 @@ impl Pipeline {
             None => None,
         };
         let mut sessions: Vec<Box<dyn ControlSession>> = Vec::new();
+        // per-half ControlNets under split guidance: `sessions[j]` takes the unconditional half,
+        // `halves[j]` the conditional one
+        let mut halves: Vec<Option<Box<dyn ControlSession>>> = Vec::new();
+        let split = gpu.is_some() && self.half.is_some() && self.split_on && cfg;
         if let Some(svc) = control {
             let t0 = Instant::now();
             for (j, (c, image)) in req.controlnets.iter().zip(&images).enumerate() {
-                sessions.push(svc.open(j, c, SessionInit { cond: &cond, image })?);
+                match self.cn_halves.get(&c.model) {
+                    Some(&other) if split => {
+                        let (cu, cc) = (half_cond(&cond, 0)?, half_cond(&cond, 1)?);
+                        let image = &c.image;
+                        sessions.push(svc.open(j, c, SessionInit { cond: &cu, image })?);
+                        let cr = ControlRequest {
+                            model: other,
+                            ..c.clone()
+                        };
+                        halves.push(Some(svc.open(j, &cr, SessionInit { cond: &cc, image })?));
+                    }
+                    _ => {
+                        sessions.push(svc.open(j, c, SessionInit { cond: &cond, image })?);
+                        halves.push(None);
+                    }
+                }
             }
             t.controlnet += t0.elapsed();
         }
@@ -963,6 +1024,7 @@ impl Pipeline {
                 merged,
                 pending,
                 sessions: &mut sessions,
+                halves: &mut halves,
                 t: &mut t,
                 started,
             };
@@ -1016,7 +1078,7 @@ impl Pipeline {
             }
         }
 
-        for s in sessions.iter_mut() {
+        for s in sessions.iter_mut().chain(halves.iter_mut().flatten()) {
             s.close();
         }
         let t0 = Instant::now();
@@ -1072,6 +1134,7 @@ impl Pipeline {
             mut merged,
             mut pending,
             sessions,
+            halves,
             t,
             started,
         } = job;
@@ -1085,6 +1148,7 @@ impl Pipeline {
                 merged,
                 pending,
                 sessions,
+                halves,
                 t,
                 started,
             };
@@ -1243,6 +1307,7 @@ impl Pipeline {
             mut merged,
             mut pending,
             sessions,
+            halves,
             t,
             started,
         } = job;
@@ -1332,7 +1397,19 @@ impl Pipeline {
 
             let active = active_controlnets(req, i);
             let t0 = Instant::now();
-            send_step(sessions, &active, i, &latent_in, &k0, &ts2)?;
+            let (split_cn, whole): (Vec<usize>, Vec<usize>) = active
+                .iter()
+                .partition(|&&j| halves.get(j).is_some_and(|h| h.is_some()));
+            send_step(sessions, &whole, i, &latent_in, &k0, &ts2)?;
+            // per-half ControlNets: each half's latent as its UNet half reads it, batch 1
+            let ts1 = Tensor::new(vec![1], vec![ts]);
+            for &j in &split_cn {
+                let (xu, xc) = (uu.sample().dev_ref(&k0), uc.sample().dev_ref(&k1));
+                sessions[j].send_device(i, &xu, &ts1)?;
+                if let Some(hc) = halves[j].as_mut() {
+                    hc.send_device(i, &xc, &ts1)?;
+                }
+            }
             t.controlnet += t0.elapsed();
 
             // phase 1: both encoders at once
@@ -1359,6 +1436,23 @@ impl Pipeline {
                     let c = &req.controlnets[j];
                     let res = recv_residuals(&mut sessions[j], i, j, &mut stage_h, &k0)?;
                     path.note(t, j, sessions[j].last_span());
+                    if let Some(hc) = halves.get_mut(j).and_then(|h| h.as_mut()) {
+                        // per-half: the unconditional residuals to GPU a, the conditional to GPU b
+                        let res_c = recv_residuals(hc, i, j, &mut stage_c, &k1)?;
+                        path.note(t, j, hc.last_span());
+                        for (r, (ru, rc)) in res.iter().zip(&res_c).enumerate() {
+                            let (au, ac) = if r < skips {
+                                (&tu[2 + r], &tc[2 + r])
+                            } else {
+                                (&tu[1], &tc[1])
+                            };
+                            add_residual(au, ru, c.scale, &k0, d0, &mut stage_h[r])
+                                .map_err(|e| at(&format!("ControlNet #{j}, unconditional half"), e))?;
+                            add_residual(ac, rc, c.scale, &k1, d1, &mut stage_c[r])
+                                .map_err(|e| at(&format!("ControlNet #{j}, conditional half"), e))?;
+                        }
+                        continue;
+                    }
                     for (r, rr) in res.iter().enumerate() {
                         let (au, ac) = if r < skips {
                             (&tu[2 + r], &tc[2 + r])
@@ -1620,6 +1714,9 @@ struct DeviceJob<'a, 'p> {
     merged: Arc<MergedWeights>,
     pending: Pending<'p>,
     sessions: &'a mut Vec<Box<dyn ControlSession>>,
+    /// Per ControlNet, its conditional half's session when it runs per guidance half (split
+    /// guidance; `sessions[j]` then takes the unconditional half).
+    halves: &'a mut Vec<Option<Box<dyn ControlSession>>>,
     t: &'a mut Timings,
     started: Instant,
 }
@@ -1948,6 +2045,35 @@ fn send_step(
         host_in = Some(host);
     }
     Ok(())
+}
+
+/// Adds `scale · residual` into `target` (an encoder output on `k`'s GPU, `device`), copying the
+/// residual into `slot` first when it lives on another GPU.
+fn add_residual(
+    target: &DevRef,
+    residual: &DevRef,
+    scale: f32,
+    k: &GpuKernels,
+    device: usize,
+    slot: &mut Option<DevTensor>,
+) -> Result<()> {
+    if residual.shape != target.shape {
+        return Err(Error::InvalidRequest(format!(
+            "residual {:?} does not fit {:?}",
+            residual.shape, target.shape
+        )));
+    }
+    let src = if residual.device == device {
+        residual.ptr
+    } else {
+        let st = stage(slot, k, &residual.shape)?;
+        let p = st.ptr(k);
+        // SAFETY: both hold `len` f32; the session keeps its buffer until its next step
+        unsafe { k.copy_raw(p, residual.ptr, residual.len() * 4) }.map_err(gpu_err)?;
+        p
+    };
+    // SAFETY: the target is the encoder's live output; nothing else writes it until the decoder
+    unsafe { k.axpy_raw(target.ptr, src, scale, residual.len()) }.map_err(gpu_err)
 }
 
 /// Step `i`'s residuals of session `j` in device memory (host residuals are uploaded into

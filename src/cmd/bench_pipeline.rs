@@ -56,9 +56,12 @@ pub struct PipelineBenchArgs {
     /// Timed runs per configuration (after one warm-up).
     #[arg(long, default_value_t = 2)]
     pub repeat: usize,
-    /// GPUs for the ControlNets (`cuda:1,cuda:2`); ControlNet j goes to entry j mod len.
+    /// GPUs for the ControlNets (`cuda:1,cuda:2`); ControlNet j goes to entry j mod len. An
+    /// entry `cuda:2/cuda:3` places it per guidance half (with --split-guidance: the
+    /// unconditional half's ControlNet on cuda:2, the conditional half's on cuda:3; the paper's
+    /// placement, one GPU per ControlNet per half).
     #[arg(long, value_delimiter = ',')]
-    pub controlnet_devices: Vec<Device>,
+    pub controlnet_devices: Vec<CnPlace>,
     /// Latent parallelism: the conditional guidance half on this second GPU (e.g. `cuda:1`).
     #[arg(long)]
     pub split_guidance: Option<Device>,
@@ -183,18 +186,19 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
     opts.cuda_graph = a.cuda_graph;
     let mut pipe =
         Pipeline::load(&a.bundle, opts).with_context(|| format!("loading {}", a.bundle.display()))?;
+    if let Some(d) = a.split_guidance {
+        pipe.split_guidance(d)?;
+    }
     let mut models = Vec::new();
     if let Some(dir) = &a.controlnet {
         for j in 0..max_c {
             let m = match a.controlnet_devices.get(j % a.controlnet_devices.len().max(1)) {
-                Some(&d) if d != a.device.device => pipe.controlnet_on(dir, d)?,
+                Some(&CnPlace::Halves(u, c)) => pipe.controlnet_halves(dir, u, c)?,
+                Some(&CnPlace::One(d)) if d != a.device.device => pipe.controlnet_on(dir, d)?,
                 _ => pipe.controlnet(dir)?,
             };
             models.push(m);
         }
-    }
-    if let Some(d) = a.split_guidance {
-        pipe.split_guidance(d)?;
     }
     let load_s = t0.elapsed().as_secs_f64();
     let placement: Vec<String> = (0..max_c)
@@ -202,7 +206,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
             a.controlnet_devices
                 .get(j % a.controlnet_devices.len().max(1))
                 .copied()
-                .unwrap_or(a.device.device)
+                .unwrap_or(CnPlace::One(a.device.device))
                 .to_string()
         })
         .collect();
@@ -486,5 +490,52 @@ mod tests {
     fn medians() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0]), 2.5);
+    }
+}
+
+/// Where one ControlNet of `--controlnet-devices` runs: one device, or one per guidance half.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CnPlace {
+    One(Device),
+    /// Unconditional half's device / conditional half's device.
+    Halves(Device, Device),
+}
+
+impl std::str::FromStr for CnPlace {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let dev = |d: &str| d.trim().parse::<Device>().map_err(|e| format!("`{d}`: {e}"));
+        match s.split_once('/') {
+            Some((u, c)) => Ok(CnPlace::Halves(dev(u)?, dev(c)?)),
+            None => Ok(CnPlace::One(dev(s)?)),
+        }
+    }
+}
+
+impl std::fmt::Display for CnPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CnPlace::One(d) => write!(f, "{d}"),
+            CnPlace::Halves(u, c) => write!(f, "{u}/{c}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placements_parse_one_device_or_one_per_half() {
+        assert_eq!("cuda:1".parse(), Ok(CnPlace::One(Device::Cuda(1))));
+        assert_eq!(
+            "cuda:2/cuda:3".parse(),
+            Ok(CnPlace::Halves(Device::Cuda(2), Device::Cuda(3)))
+        );
+        assert_eq!(
+            CnPlace::Halves(Device::Cuda(2), Device::Cuda(3)).to_string(),
+            "cuda:2/cuda:3"
+        );
+        assert!("cuda:2/gpu".parse::<CnPlace>().is_err());
     }
 }
