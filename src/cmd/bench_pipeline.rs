@@ -522,7 +522,7 @@ impl std::fmt::Display for CnPlace {
 }
 
 #[cfg(test)]
-mod tests {
+mod placement_tests {
     use super::*;
 
     #[test]
