@@ -37,6 +37,8 @@
 #                                           ControlNets placed several ways (PLACEMENTS for the split
 #                                           ones), each with its per-step critical path, and a
 #                                           profile of the ControlNet sessions
+#   bash tools/device/gpu-path.sh eight     issue #8 (8 GPUs): the paper's placement, the halves on GPUs
+#                                           0 and 1 and each ControlNet once per half (2/3, 4/5, 6/7)
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -380,6 +382,18 @@ PY
   python3 tools/ort_profile_summary.py "$O"/prof4/p-controlnet_*.json "$O"/prof4/p-unet_*.json
 }
 
+eight() {  # issue #8: the paper's 3C/2L placement on 8 GPUs: the guidance halves on GPUs 0 and 1,
+           # each ControlNet once per half (GPUs 2/3, 4/5, 6/7), static shapes, CUDA graphs,
+           # against `baseline`; the critical path is in the table's last line and the JSON
+  bench_setup || return 1
+  [[ -f $BASE ]] || { echo "run 'baseline' first"; return 1; }
+  (( ngpu >= 8 )) || { echo "eight needs 8 GPUs, found $ngpu"; return 1; }
+  katz_bench 8gpu-paper-graph --configs 0C/0L,3C/2L --split-guidance cuda:1 --static-shapes --cuda-graph \
+    --controlnet-devices cuda:2/cuda:3,cuda:4/cuda:5,cuda:6/cuda:7 --controlnet-mode parallel
+  katz_bench 8gpu-nosplit-graph --configs 3C/2L --static-shapes --cuda-graph \
+    --controlnet-devices cuda:1,cuda:2,cuda:3 --controlnet-mode parallel
+}
+
 results() {  # $OUT takes at most 8 files: the run's results travel as one tarball
   [[ -n ${OUT:-} && -d ${OUT:-} ]] || return 0
   local f=$(cd "$O" && ls -d *.json *.svg *.md *.txt *.log 2>/dev/null)
@@ -402,6 +416,7 @@ case ${1:-all} in
   quality) quality ;;
   graphs) graphs ;;
   placement) placement ;;
+  eight) eight ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|profile|workload|quality|graphs|placement|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|profile|workload|quality|graphs|placement|eight|all"; exit 2 ;;
 esac
