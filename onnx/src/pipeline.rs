@@ -213,7 +213,8 @@ pub struct Timings {
     pub cn_start_delay: Duration,
     pub cn_after_encoder: Duration,
     pub residual_transport: Duration,
-    /// Run time of each of the request's ControlNets, summed over its steps.
+    /// Run time of each of the request's ControlNets, summed over its steps (a ControlNet placed
+    /// per guidance half: both halves' runs).
     pub cn_runs: Vec<Duration>,
 }
 
