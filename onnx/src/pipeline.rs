@@ -716,11 +716,35 @@ impl Pipeline {
     /// sessions read the step's latent across GPUs and the residuals come back by peer copy).
     /// Each call loads a new instance, so one bundle can run on several GPUs.
     pub fn controlnet_on(&mut self, dir: impl AsRef<Path>, device: Device) -> Result<usize> {
+        self.load_controlnet(dir.as_ref(), device, 2)
+    }
+
+    /// Loads a ControlNet once per guidance half (the Katz paper's placement: one GPU per
+    /// ControlNet per half): an instance at batch 1 on `uncond` for the unconditional half and one
+    /// on `cond` for the conditional half. With split guidance each runs its half's latent and
+    /// its residuals go to that half's GPU; without, the `uncond` instance runs the whole batch
+    /// (with static shapes it is fixed to batch 1, so such a job is refused by ONNX Runtime).
+    /// Returns the index requests name ([`ControlRequest::model`]).
+    pub fn controlnet_halves(
+        &mut self,
+        dir: impl AsRef<Path>,
+        uncond: Device,
+        cond: Device,
+    ) -> Result<usize> {
+        let u = self.load_controlnet(dir.as_ref(), uncond, 1)?;
+        let c = self.load_controlnet(dir.as_ref(), cond, 1)?;
+        self.cn_halves.insert(u, c);
+        Ok(u)
+    }
+
+    /// A new ControlNet instance on `device` for a batch of `batch`, with peer access to the
+    /// pipeline's GPUs; its index.
+    fn load_controlnet(&mut self, dir: &Path, device: Device, batch: usize) -> Result<usize> {
         let opts = SessionOptions {
             device,
             ..self.opts.clone()
         };
-        let cn = ControlNet::load(ControlNetBundle::open(dir.as_ref())?, &self.bundle, &opts)?;
+        let cn = ControlNet::load_batch(ControlNetBundle::open(dir)?, &self.bundle, &opts, batch)?;
         if let Some(b) = device.gpu() {
             // residuals go to the pipeline's GPU and, with split guidance, to the second half's
             // (without peer access the driver stages such a copy through host memory)
@@ -736,44 +760,6 @@ impl Pipeline {
         }
         self.controlnets.push(Arc::new(Mutex::new(cn)));
         Ok(self.controlnets.len() - 1)
-    }
-
-    /// Loads a ControlNet once per guidance half (the Katz paper's placement: one GPU per
-    /// ControlNet per half): an instance at batch 1 on `uncond` for the unconditional half and one
-    /// on `cond` for the conditional half. With split guidance each runs its half's latent and
-    /// its residuals go to that half's GPU; without, the `uncond` instance runs the whole batch
-    /// (with static shapes it is fixed to batch 1, so such a job is refused by ONNX Runtime).
-    /// Returns the index requests name ([`ControlRequest::model`]).
-    pub fn controlnet_halves(
-        &mut self,
-        dir: impl AsRef<Path>,
-        uncond: Device,
-        cond: Device,
-    ) -> Result<usize> {
-        let dir = dir.as_ref();
-        let mut idx = [0; 2];
-        for (k, device) in [uncond, cond].into_iter().enumerate() {
-            let opts = SessionOptions {
-                device,
-                ..self.opts.clone()
-            };
-            let cn = ControlNet::load_batch(ControlNetBundle::open(dir)?, &self.bundle, &opts, 1)?;
-            if let Some(b) = device.gpu() {
-                for a in self
-                    .opts
-                    .device
-                    .gpu()
-                    .into_iter()
-                    .chain(self.half.as_ref().map(|h| h.device))
-                {
-                    peer(a, b)?;
-                }
-            }
-            self.controlnets.push(Arc::new(Mutex::new(cn)));
-            idx[k] = self.controlnets.len() - 1;
-        }
-        self.cn_halves.insert(idx[0], idx[1]);
-        Ok(idx[0])
     }
 
     /// The GPUs this pipeline's ControlNets run on.
@@ -1222,25 +1208,11 @@ impl Pipeline {
                     let c = &req.controlnets[j];
                     let res = recv_residuals(&mut sessions[j], i, j, &mut staging, &k)?;
                     path.note(t, j, sessions[j].last_span());
+                    let who = format!("ControlNet #{j}");
                     for (r, rr) in res.iter().enumerate() {
                         let target = if r < skips { &targets[2 + r] } else { &targets[1] };
-                        if target.shape != rr.shape {
-                            return Err(Error::InvalidRequest(format!(
-                                "ControlNet #{j}: residual {:?} does not fit {:?}",
-                                rr.shape, target.shape
-                            )));
-                        }
-                        let src = if rr.device == dev {
-                            rr.ptr
-                        } else {
-                            let st = stage(&mut staging[r], &k, &rr.shape)?;
-                            let dst = st.ptr(&k);
-                            // SAFETY: both hold `len` f32; the session keeps its buffer until the next step
-                            unsafe { k.copy_raw(dst, rr.ptr, rr.len() * 4) }.map_err(g)?;
-                            dst
-                        };
-                        // SAFETY: the target is the encoder's live output; nothing else writes it now
-                        unsafe { k.axpy_raw(target.ptr, src, c.scale, rr.len()) }.map_err(g)?;
+                        add_residual(&who, target, rr, c.scale, &k, dev, &mut staging[r])
+                            .map_err(|e| at(&who, e))?;
                     }
                 }
                 k.synchronize().map_err(g)?;
@@ -1441,16 +1413,20 @@ impl Pipeline {
                         // per-half: the unconditional residuals to GPU a, the conditional to GPU b
                         let res_c = recv_residuals(hc, i, j, &mut stage_c, &k1)?;
                         path.note(t, j, hc.last_span());
+                        let (wu, wc) = (
+                            format!("ControlNet #{j}, unconditional half"),
+                            format!("ControlNet #{j}, conditional half"),
+                        );
                         for (r, (ru, rc)) in res.iter().zip(&res_c).enumerate() {
                             let (au, ac) = if r < skips {
                                 (&tu[2 + r], &tc[2 + r])
                             } else {
                                 (&tu[1], &tc[1])
                             };
-                            add_residual(au, ru, c.scale, &k0, d0, &mut stage_h[r])
-                                .map_err(|e| at(&format!("ControlNet #{j}, unconditional half"), e))?;
-                            add_residual(ac, rc, c.scale, &k1, d1, &mut stage_c[r])
-                                .map_err(|e| at(&format!("ControlNet #{j}, conditional half"), e))?;
+                            add_residual(&wu, au, ru, c.scale, &k0, d0, &mut stage_h[r])
+                                .map_err(|e| at(&wu, e))?;
+                            add_residual(&wc, ac, rc, c.scale, &k1, d1, &mut stage_c[r])
+                                .map_err(|e| at(&wc, e))?;
                         }
                         continue;
                     }
@@ -2049,8 +2025,9 @@ fn send_step(
 }
 
 /// Adds `scale · residual` into `target` (an encoder output on `k`'s GPU, `device`), copying the
-/// residual into `slot` first when it lives on another GPU.
+/// residual into `slot` first when it lives on another GPU; `who` names the ControlNet in errors.
 fn add_residual(
+    who: &str,
     target: &DevRef,
     residual: &DevRef,
     scale: f32,
@@ -2060,7 +2037,7 @@ fn add_residual(
 ) -> Result<()> {
     if residual.shape != target.shape {
         return Err(Error::InvalidRequest(format!(
-            "residual {:?} does not fit {:?}",
+            "{who}: residual {:?} does not fit {:?}",
             residual.shape, target.shape
         )));
     }
