@@ -422,7 +422,7 @@ fn unet_dims(bundle: &BaseBundle, f: FixedShape) -> Result<[Vec<(String, i64)>; 
     })?;
     let s = m.vae_scale_factor;
     let largest = mid.max(strides.iter().copied().max().unwrap_or(1));
-    if f.width % (s * largest) != 0 || f.height % (s * largest) != 0 || f.unet_batch == 0 {
+    if !f.width.is_multiple_of(s * largest) || !f.height.is_multiple_of(s * largest) || f.unet_batch == 0 {
         return Err(Error::InvalidRequest(format!(
             "static shapes: {}x{} is not a multiple of {} (or the batch is 0)",
             f.width,

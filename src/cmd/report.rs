@@ -482,7 +482,7 @@ mod tests {
         assert!((r.throughput_per_s - 1.2).abs() < 1e-9, "{}", r.throughput_per_s); // 3 in 2.5 s
         assert!((r.lora_loads_per_request - 2.0 / 3.0).abs() < 1e-9);
         assert!((r.lora_cache_hit_rate - 0.6).abs() < 1e-9);
-        let svg = throughput_svg(&[r.clone()]);
+        let svg = throughput_svg(std::slice::from_ref(&r));
         assert!(svg.starts_with("<svg") && svg.contains("async") && svg.contains("<circle"));
         assert!(cdf_svg(&[r]).contains("<polyline"));
     }
