@@ -18,7 +18,7 @@ use futures_util::future::BoxFuture;
 use crate::error::Action;
 use crate::job::{process, Delivered, JobDeps};
 use crate::lora::{LoraManager, LoraStore};
-use crate::pipeline::{Models, PipelineActor};
+use crate::pipeline::{LoadedPipeline, Models, PipelineActor};
 use crate::protocol::{image_key, job_key, Event, Job, Limits};
 use crate::store::ResultStore;
 
@@ -55,9 +55,9 @@ pub fn run_jobs(
     jobs: Vec<Job>,
     mut on_event: impl FnMut(&Event),
 ) -> Result<Vec<JobResult>, katz_onnx::Error> {
-    let actor = PipelineActor::load(models, None)?;
+    let actor = LoadedPipeline::load(models, None)?;
     let weights = actor.shared_weights();
-    let actor = Mutex::new(Some(actor));
+    let actor = Mutex::new(vec![actor]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -68,13 +68,7 @@ pub fn run_jobs(
         })?;
     let sys = actix::System::with_tokio_rt(move || rt);
     let results = sys.block_on(async move {
-        let pipeline = SyncArbiter::start(1, move || {
-            actor
-                .lock()
-                .ok()
-                .and_then(|mut a| a.take())
-                .expect("the embedded pipeline starts once")
-        });
+        let pipeline = SyncArbiter::start(1, move || PipelineActor::from_pool(&actor));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let (store, mem) = ResultStore::memory(Some(tx));
         let lora_store = LoraStore::new(models.lora.dir.clone(), None, models.lora.fetch_delay);

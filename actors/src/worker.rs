@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use crate::consumer::{ConsumerConfig, JobConsumer, Shutdown};
 use crate::job::JobDeps;
 use crate::lora::{LoraManager, LoraStore};
-use crate::pipeline::{Models, PipelineActor};
+use crate::pipeline::{LoadedPipeline, Models, PipelineActor};
 use crate::protocol::{jobs_queue, Limits};
 use crate::store::ResultStore;
 
@@ -54,10 +54,10 @@ pub enum WorkerError {
 pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
     // Load every pipeline before taking any job: a bad bundle fails the start, loudly.
     let n = cfg.concurrency.max(1);
-    let mut actors: Vec<PipelineActor> = Vec::with_capacity(n);
+    let mut actors: Vec<LoadedPipeline> = Vec::with_capacity(n);
     for _ in 0..n {
         let shared = actors.first().map(|a| a.shared_weights());
-        actors.push(PipelineActor::load(&cfg.models, shared)?);
+        actors.push(LoadedPipeline::load(&cfg.models, shared)?);
     }
     let weights = actors[0].shared_weights();
     let base = actors[0].base_name().to_string();
@@ -73,11 +73,7 @@ pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
         let store = connect_redis(&cfg.redis).await?.start();
         let rt = tokio::runtime::Handle::current();
         let pipeline = SyncArbiter::start(n, move || {
-            pool.lock()
-                .ok()
-                .and_then(|mut p| p.pop())
-                .expect("one preloaded pipeline per thread")
-                .with_runtime(rt.clone())
+            PipelineActor::from_pool(&pool).with_runtime(rt.clone())
         });
         if let Some(addr) = cfg.metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)

@@ -1,7 +1,5 @@
 //! Seeded, reproducible standard-normal noise (initial latents, ancestral steps).
 
-use std::collections::VecDeque;
-
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -22,16 +20,6 @@ impl NoiseSource for SeededNoise {
         for v in out {
             *v = StandardNormal.sample(&mut self.0);
         }
-    }
-}
-
-/// Noise recorded elsewhere (the diffusers reference), handed out in order.
-pub struct RecordedNoise(pub VecDeque<Vec<f32>>);
-
-impl NoiseSource for RecordedNoise {
-    fn fill(&mut self, out: &mut [f32]) {
-        let next = self.0.pop_front().expect("recorded noise exhausted");
-        out.copy_from_slice(&next);
     }
 }
 

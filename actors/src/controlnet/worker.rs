@@ -73,7 +73,9 @@ pub enum SessionEnd {
 }
 
 pub struct SessionActor {
-    cn: ControlNet,
+    /// The model preloaded for this session thread (`None`: the arbiter started more threads
+    /// than models were loaded; such a thread fails its sessions instead of panicking).
+    cn: Option<ControlNet>,
     redis: redis::Client,
     idle: Duration,
     ttl: Duration,
@@ -89,6 +91,9 @@ impl Handler<RunSession> for SessionActor {
     fn handle(&mut self, m: RunSession, _: &mut SyncContext<Self>) -> Self::Result {
         let s = &m.open.session;
         let _span = tracing::info_span!("session", session = %s, job = %m.open.job).entered();
+        let Some(cn) = self.cn.as_mut() else {
+            return Err("this session thread holds no ControlNet (more threads than loaded models)".into());
+        };
         let mut conn = self.redis.get_connection().map_err(|e| format!("Redis: {e}"))?;
         let init: Option<Vec<u8>> = redis::cmd("GET")
             .arg(wire::init_key(s))
@@ -107,7 +112,7 @@ impl Handler<RunSession> for SessionActor {
             pooled,
             time_ids,
         };
-        tracing::info!(model = %self.cn.name(), ipc = m.open.ipc.is_some(), "session started");
+        tracing::info!(model = %cn.name(), ipc = m.open.ipc.is_some(), "session started");
         let mut steps = 0;
         // the CUDA IPC side (mappings, the residual buffer), freed when the session ends
         let mut ipc: Option<WorkerIpc> = None;
@@ -128,11 +133,11 @@ impl Handler<RunSession> for SessionActor {
             let t0 = Instant::now();
             if let Some(m) = wire::decode_ipc::<IpcStep>(&payload) {
                 let m = m?;
-                let r = WorkerIpc::serve(&mut ipc, &mut self.cn, &cond, &image, &m);
+                let r = WorkerIpc::serve(&mut ipc, cn, &cond, &image, &m);
                 if let Some(e) = &r.error {
                     tracing::warn!(step = m.step, error = %e, "CUDA IPC step refused");
                 }
-                self.reply(&mut conn, s, wire::encode_ipc(&r)?)?;
+                reply(self.ttl, &mut conn, s, wire::encode_ipc(&r)?)?;
                 steps += 1;
                 tracing::debug!(
                     step = m.step,
@@ -145,33 +150,30 @@ impl Handler<RunSession> for SessionActor {
             let [latent_in, timestep]: [Tensor; 2] = inputs
                 .try_into()
                 .map_err(|v: Vec<Tensor>| format!("a step input holds {} tensors, not 2", v.len()))?;
-            let res = self
-                .cn
+            let res = cn
                 .residuals(&latent_in, &timestep, &cond, &image)
                 .map_err(|e| format!("ControlNet step {step}: {e}"))?;
             let refs: Vec<&Tensor> = res.iter().collect();
-            self.reply(&mut conn, s, wire::encode(step, &refs))?;
+            reply(self.ttl, &mut conn, s, wire::encode(step, &refs))?;
             steps += 1;
             tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1e3, "residuals sent");
         }
     }
 }
 
-impl SessionActor {
-    /// RPUSH a step's answer to the session's `out` list (with its TTL).
-    fn reply(&self, conn: &mut redis::Connection, session: &str, out: Vec<u8>) -> Result<(), String> {
-        redis::pipe()
-            .cmd("RPUSH")
-            .arg(wire::out_key(session))
-            .arg(out)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(wire::out_key(session))
-            .arg(self.ttl.as_secs().max(1))
-            .ignore()
-            .query::<()>(conn)
-            .map_err(|e| format!("Redis: {e}"))
-    }
+/// RPUSH a step's answer to the session's `out` list (with its TTL).
+fn reply(ttl: Duration, conn: &mut redis::Connection, session: &str, out: Vec<u8>) -> Result<(), String> {
+    redis::pipe()
+        .cmd("RPUSH")
+        .arg(wire::out_key(session))
+        .arg(out)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(wire::out_key(session))
+        .arg(ttl.as_secs().max(1))
+        .ignore()
+        .query::<()>(conn)
+        .map_err(|e| format!("Redis: {e}"))
 }
 
 /// Runs a ControlNet worker until SIGTERM/SIGINT.
@@ -199,11 +201,7 @@ pub fn run(cfg: ControlNetWorkerConfig) -> Result<(), ControlNetWorkerError> {
     let (idle, ttl) = (cfg.idle_timeout, cfg.ttl);
     sys.block_on(async move {
         let sessions = SyncArbiter::start(n, move || SessionActor {
-            cn: pool
-                .lock()
-                .ok()
-                .and_then(|mut p| p.pop())
-                .expect("one ControlNet per session thread"),
+            cn: pool.lock().ok().and_then(|mut p| p.pop()),
             redis: redis.clone(),
             idle,
             ttl,

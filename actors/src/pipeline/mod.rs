@@ -78,7 +78,25 @@ impl Models {
     }
 }
 
-pub struct PipelineActor {
+/// The pipeline actor of one model thread (a `SyncArbiter` thread). It holds the pipeline that
+/// was preloaded for its thread; a thread that found none (the arbiter asked for more actors
+/// than were loaded) answers every job with a requeue instead of panicking.
+pub struct PipelineActor(Option<LoadedPipeline>);
+
+impl PipelineActor {
+    /// Takes one preloaded pipeline from `pool` for a model thread (the `SyncArbiter` factory).
+    pub fn from_pool(pool: &std::sync::Mutex<Vec<LoadedPipeline>>) -> Self {
+        PipelineActor(pool.lock().ok().and_then(|mut p| p.pop()))
+    }
+
+    /// The tokio runtime that remote ControlNet sessions publish through.
+    pub fn with_runtime(self, rt: tokio::runtime::Handle) -> Self {
+        PipelineActor(self.0.map(|p| p.with_runtime(rt)))
+    }
+}
+
+/// A base pipeline and its ControlNets, loaded for one model thread.
+pub struct LoadedPipeline {
     pipe: Pipeline,
     controlnets: HashMap<String, usize>,
     mode: LocalMode,
@@ -89,7 +107,7 @@ pub struct PipelineActor {
     rt: Option<tokio::runtime::Handle>,
 }
 
-impl PipelineActor {
+impl LoadedPipeline {
     /// Loads the base bundle and every ControlNet bundle (errors name the bundle).
     pub fn load(models: &Models, shared: Option<Arc<Weights>>) -> katz_onnx::Result<Self> {
         let mut pipe = Pipeline::load_sharing(&models.base, models.session.clone(), shared)?;
@@ -115,7 +133,7 @@ impl PipelineActor {
                 "ControlNet services are named but no RabbitMQ/Redis to reach them".into(),
             ));
         }
-        Ok(PipelineActor {
+        Ok(LoadedPipeline {
             pipe,
             controlnets,
             mode: models.controlnet_mode,
@@ -244,6 +262,18 @@ impl Handler<RunJob> for PipelineActor {
     type Result = Result<JobOutput, JobError>;
 
     fn handle(&mut self, m: RunJob, _: &mut SyncContext<Self>) -> Self::Result {
+        match self.0.as_mut() {
+            Some(p) => p.run(m),
+            None => Err(JobError::Mailbox(
+                "this model thread holds no pipeline (more threads than preloaded pipelines)".into(),
+            )),
+        }
+    }
+}
+
+impl LoadedPipeline {
+    /// Runs one job to its image.
+    fn run(&mut self, m: RunJob) -> Result<JobOutput, JobError> {
         let _guard = m.span.enter();
         let (req, routes) = self.request(&m.job, &m.images)?;
         self.pipe.validate_for(&req, true)?;
@@ -300,5 +330,35 @@ impl Handler<RunJob> for PipelineActor {
             timings: out.timings,
             controlnet_retries,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Job;
+
+    /// A model thread that found no preloaded pipeline answers with a requeue, not a panic.
+    #[test]
+    fn a_thread_without_a_pipeline_requeues_the_job() {
+        let sys = actix::System::new();
+        let err = sys.block_on(async {
+            let pool = std::sync::Mutex::new(Vec::new());
+            let addr = SyncArbiter::start(1, move || PipelineActor::from_pool(&pool));
+            let (progress, _rx) = tokio::sync::mpsc::unbounded_channel();
+            addr.send(RunJob {
+                job: Job::new("j1", "tiny-sdxl", "a red circle"),
+                images: vec![],
+                loras: None,
+                progress,
+                cancel: Arc::new(AtomicBool::new(false)),
+                span: tracing::Span::none(),
+            })
+            .await
+            .expect("the mailbox answers")
+            .expect_err("no pipeline, no image")
+        });
+        assert!(matches!(err, JobError::Mailbox(_)), "{err}");
+        assert_eq!(err.action(), crate::error::Action::Requeue);
     }
 }
