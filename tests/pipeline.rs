@@ -196,3 +196,29 @@ fn cuda_graphs_are_refused_without_fixed_shapes_or_a_cuda_device() {
         assert!(err.to_string().contains("CUDA provider"), "{err}");
     }
 }
+
+/// The step's ControlNet critical path is timed on the host loop too: every ControlNet has a run
+/// time, the slowest run is no longer than the ControlNets' summed runs, and serial ControlNets
+/// (computed after the encoder) are all after it.
+#[test]
+fn controlnet_runs_are_timed() {
+    let mut p = pipeline();
+    let model = p.controlnet(root().join("bundles/tiny-sdxl-controlnet")).unwrap();
+    let image = read_conditioning(&root().join("bundles/examples/cond_a.png"), (64, 64)).unwrap();
+    let mut r = request();
+    r.controlnets = (0..2)
+        .map(|_| ControlRequest {
+            model,
+            image: image.clone(),
+            scale: 0.5,
+            start: 0.0,
+            end: 1.0,
+        })
+        .collect();
+    let t = p.generate(&r, &mut NoObserver).unwrap().timings;
+    assert_eq!(t.cn_runs.len(), 2);
+    assert!(t.cn_runs.iter().all(|d| !d.is_zero()), "{:?}", t.cn_runs);
+    let sum: std::time::Duration = t.cn_runs.iter().sum();
+    assert!(!t.cn_slowest_run.is_zero() && t.cn_slowest_run <= sum);
+    assert!(t.cn_after_encoder >= t.cn_slowest_run, "{t:?}");
+}

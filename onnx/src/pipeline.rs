@@ -249,16 +249,15 @@ struct StepPath {
     last_end: Option<Instant>,
     slowest: Duration,
     delay: Duration,
+    /// Each noted run: the request's ControlNet index and its run time.
+    runs: Vec<(usize, Duration)>,
 }
 
 impl StepPath {
-    fn note(&mut self, t: &mut Timings, j: usize, span: Option<RunSpan>) {
+    fn note(&mut self, j: usize, span: Option<RunSpan>) {
         let Some(s) = span else { return };
-        if t.cn_runs.len() <= j {
-            t.cn_runs.resize(j + 1, Duration::ZERO);
-        }
         let run = s.end.saturating_duration_since(s.start);
-        t.cn_runs[j] += run;
+        self.runs.push((j, run));
         if run >= self.slowest {
             self.slowest = run;
             self.delay = s.start.saturating_duration_since(s.sent);
@@ -269,6 +268,12 @@ impl StepPath {
     /// The step's residuals are in: `encoder_end` when the UNet encoder(s) returned, `done` when
     /// the residuals had been added.
     fn finish(self, t: &mut Timings, encoder_end: Instant, done: Instant) {
+        for (j, run) in self.runs {
+            if t.cn_runs.len() <= j {
+                t.cn_runs.resize(j + 1, Duration::ZERO);
+            }
+            t.cn_runs[j] += run;
+        }
         let Some(end) = self.last_end else { return };
         t.cn_slowest_run += self.slowest;
         t.cn_start_delay += self.delay;
@@ -972,19 +977,28 @@ impl Pipeline {
         // `halves[j]` the conditional one
         let mut halves: Vec<Option<Box<dyn ControlSession>>> = Vec::new();
         let split = gpu.is_some() && self.half.is_some() && self.split_on && cfg;
+        // each half's conditioning, made once for all the per-half ControlNets of the job
+        let per_half = req
+            .controlnets
+            .iter()
+            .any(|c| self.cn_halves.contains_key(&c.model));
+        let cond_halves = if split && per_half {
+            Some((half_cond(&cond, 0)?, half_cond(&cond, 1)?))
+        } else {
+            None
+        };
         if let Some(svc) = control {
             let t0 = Instant::now();
             for (j, (c, image)) in req.controlnets.iter().zip(&images).enumerate() {
-                match self.cn_halves.get(&c.model) {
-                    Some(&other) if split => {
-                        let (cu, cc) = (half_cond(&cond, 0)?, half_cond(&cond, 1)?);
+                match (self.cn_halves.get(&c.model), &cond_halves) {
+                    (Some(&other), Some((cu, cc))) => {
                         let image = &c.image;
-                        sessions.push(svc.open(j, c, SessionInit { cond: &cu, image })?);
+                        sessions.push(svc.open(j, c, SessionInit { cond: cu, image })?);
                         let cr = ControlRequest {
                             model: other,
                             ..c.clone()
                         };
-                        halves.push(Some(svc.open(j, &cr, SessionInit { cond: &cc, image })?));
+                        halves.push(Some(svc.open(j, &cr, SessionInit { cond: cc, image })?));
                     }
                     _ => {
                         sessions.push(svc.open(j, c, SessionInit { cond: &cond, image })?);
@@ -1047,6 +1061,7 @@ impl Pipeline {
                     active: &active,
                     sessions: &mut sessions,
                     step: i,
+                    path: StepPath::default(),
                 };
                 let pred = self.host_unet_step(&latent_in, &timestep, &cond, &merged, &mut sc, &mut t)?;
 
@@ -1207,7 +1222,7 @@ impl Pipeline {
                 for &j in &active {
                     let c = &req.controlnets[j];
                     let res = recv_residuals(&mut sessions[j], i, j, &mut staging, &k)?;
-                    path.note(t, j, sessions[j].last_span());
+                    path.note(j, sessions[j].last_span());
                     let who = format!("ControlNet #{j}");
                     for (r, rr) in res.iter().enumerate() {
                         let target = if r < skips { &targets[2 + r] } else { &targets[1] };
@@ -1408,11 +1423,11 @@ impl Pipeline {
                 for &j in &active {
                     let c = &req.controlnets[j];
                     let res = recv_residuals(&mut sessions[j], i, j, &mut stage_h, &k0)?;
-                    path.note(t, j, sessions[j].last_span());
+                    path.note(j, sessions[j].last_span());
                     if let Some(hc) = halves.get_mut(j).and_then(|h| h.as_mut()) {
                         // per-half: the unconditional residuals to GPU a, the conditional to GPU b
                         let res_c = recv_residuals(hc, i, j, &mut stage_c, &k1)?;
-                        path.note(t, j, hc.last_span());
+                        path.note(j, hc.last_span());
                         let (wu, wc) = (
                             format!("ControlNet #{j}, unconditional half"),
                             format!("ControlNet #{j}, conditional half"),
@@ -1552,7 +1567,8 @@ impl Pipeline {
     ) -> Result<Tensor> {
         let t0 = Instant::now();
         let (emb, mut mid, mut skips) = self.run_encoder(latent_in, timestep, cond, merged)?;
-        t.unet_encoder += t0.elapsed();
+        let encoder_end = Instant::now();
+        t.unet_encoder += encoder_end - t0;
         let t0 = Instant::now();
         add_residuals(
             &self.controlnets,
@@ -1563,6 +1579,7 @@ impl Pipeline {
             &mut mid,
             &mut skips,
         )?;
+        std::mem::take(&mut sc.path).finish(t, encoder_end, Instant::now());
         t.controlnet += t0.elapsed();
         let t0 = Instant::now();
         let pred = self.run_decoder(&emb, cond, &mid, &skips, merged)?;
@@ -2130,6 +2147,8 @@ struct StepControl<'a> {
     /// Sessions (already sent this step's input), or none: the pipeline's own, serially.
     sessions: &'a mut Vec<Box<dyn ControlSession>>,
     step: usize,
+    /// This step's ControlNet runs, for [`Timings`]' critical path.
+    path: StepPath,
 }
 
 /// `skips += Σ scaleⱼ·downⱼ`, `mid += Σ scaleⱼ·midⱼ` over the active ControlNets (diffusers'
@@ -2146,11 +2165,28 @@ fn add_residuals(
     for &j in sc.active {
         let c = &sc.req.controlnets[j];
         let res = match sc.sessions.get_mut(j) {
-            Some(s) => s.recv(sc.step)?,
-            None => controlnets[c.model]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .residuals(latent_in, timestep, cond, &sc.images[j])?,
+            Some(s) => {
+                let res = s.recv(sc.step)?;
+                sc.path.note(j, s.last_span());
+                res
+            }
+            None => {
+                let start = Instant::now();
+                let res = controlnets[c.model]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .residuals(latent_in, timestep, cond, &sc.images[j])?;
+                let end = Instant::now();
+                sc.path.note(
+                    j,
+                    Some(RunSpan {
+                        sent: start,
+                        start,
+                        end,
+                    }),
+                );
+                res
+            }
         };
         let (res_mid, res_down) = res
             .split_last()
@@ -2194,9 +2230,9 @@ mod lora_plan_tests {
         let mut t = Timings::default();
         let mut path = StepPath::default();
         // encoder ends at 15 ms; ControlNet 1 (slowest, 20 ms) ends at 21, the others earlier
-        path.note(&mut t, 0, span(0, 1, 18));
-        path.note(&mut t, 2, None); // a session that cannot tell is skipped
-        path.note(&mut t, 1, span(0, 1, 21));
+        path.note(0, span(0, 1, 18));
+        path.note(2, None); // a session that cannot tell is skipped
+        path.note(1, span(0, 1, 21));
         path.finish(&mut t, at(15), at(24));
         assert_eq!(t.cn_slowest_run, Duration::from_millis(20));
         assert_eq!(t.cn_start_delay, Duration::from_millis(1));
@@ -2208,7 +2244,7 @@ mod lora_plan_tests {
         );
         // residuals ready before the encoder ended: nothing after it, transport from its end
         let mut path = StepPath::default();
-        path.note(&mut t, 0, span(30, 30, 40));
+        path.note(0, span(30, 30, 40));
         path.finish(&mut t, at(45), at(46));
         assert_eq!(t.cn_after_encoder, Duration::from_millis(6));
         assert_eq!(t.residual_transport, Duration::from_millis(4));

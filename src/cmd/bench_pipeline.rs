@@ -189,27 +189,26 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
     if let Some(d) = a.split_guidance {
         pipe.split_guidance(d)?;
     }
+    // ControlNet j runs where entry j mod len says (none: on the pipeline's device)
+    let place = |j: usize| {
+        a.controlnet_devices
+            .get(j % a.controlnet_devices.len().max(1))
+            .copied()
+            .unwrap_or(CnPlace::One(a.device.device))
+    };
     let mut models = Vec::new();
     if let Some(dir) = &a.controlnet {
         for j in 0..max_c {
-            let m = match a.controlnet_devices.get(j % a.controlnet_devices.len().max(1)) {
-                Some(&CnPlace::Halves(u, c)) => pipe.controlnet_halves(dir, u, c)?,
-                Some(&CnPlace::One(d)) if d != a.device.device => pipe.controlnet_on(dir, d)?,
-                _ => pipe.controlnet(dir)?,
+            let m = match place(j) {
+                CnPlace::Halves(u, c) => pipe.controlnet_halves(dir, u, c)?,
+                CnPlace::One(d) if d != a.device.device => pipe.controlnet_on(dir, d)?,
+                CnPlace::One(_) => pipe.controlnet(dir)?,
             };
             models.push(m);
         }
     }
     let load_s = t0.elapsed().as_secs_f64();
-    let placement: Vec<String> = (0..max_c)
-        .map(|j| {
-            a.controlnet_devices
-                .get(j % a.controlnet_devices.len().max(1))
-                .copied()
-                .unwrap_or(CnPlace::One(a.device.device))
-                .to_string()
-        })
-        .collect();
+    let placement: Vec<String> = (0..max_c).map(|j| place(j).to_string()).collect();
     let machine = gpu_name();
     println!(
         "katz bench pipeline: {} on {}{} ({machine}), {}², {} Euler steps, guidance {}, ControlNets {} on [{}], LoRAs {} (bound {}){}; loaded in {load_s:.1} s",
