@@ -175,3 +175,27 @@ pub fn kernels_for(ordinal: usize) -> Result<Arc<GpuKernels>> {
             message: format!("the step kernels cannot start: {e}"),
         })
 }
+
+/// Makes GPU `k`'s primary context current on this thread before ONNX Runtime touches a session
+/// of that GPU (its host-to-device copies at bind time use the current device; ONNX Runtime sets
+/// the device only when a thread first runs a session).
+pub(crate) fn current(k: &GpuKernels) -> Result<()> {
+    k.ctx.bind_to_thread().map_err(gpu_err)
+}
+
+/// Names the stage an error of a GPU loop came from.
+pub(crate) fn at(what: &str, e: Error) -> Error {
+    match e {
+        Error::Ort(e) => Error::Gpu(format!("{what}: {e}")),
+        Error::Gpu(m) => Error::Gpu(format!("{what}: {m}")),
+        other => other,
+    }
+}
+
+/// GPUs `a` and `b` read each other's memory (peer copies of latents, residuals, weights).
+pub(crate) fn peer(a: i32, b: i32) -> Result<()> {
+    katz_kernels::cuda::enable_peer_access(a as usize, b as usize).map_err(|e| Error::DeviceUnavailable {
+        device: format!("cuda:{a} + cuda:{b}"),
+        message: format!("peer access between the GPUs cannot be enabled: {e}"),
+    })
+}

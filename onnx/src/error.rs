@@ -4,6 +4,11 @@ use std::path::PathBuf;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A value given as text (a flag, a config field) that does not parse; the message says why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
 /// What to do with a job that failed with this error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {

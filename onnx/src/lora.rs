@@ -20,6 +20,8 @@
 //!
 //! A file is in one layout or the other; a file that mixes them is refused.
 
+pub mod plan;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 

@@ -163,7 +163,7 @@ pub struct SessionOptions {
     /// Fixed shapes for the UNet and ControlNet graphs (`--static-shapes`); None: any size.
     pub fixed: Option<FixedShape>,
     /// CUDA graphs for the UNet encoder and decoder (`--cuda-graph`; needs `fixed` and `cuda:N`):
-    /// captured when the pipeline loads, replayed every step (crate::graphs).
+    /// captured when the pipeline loads, replayed every step (crate::unet::graphed).
     pub cuda_graph: bool,
     /// CUDA: matrix products and convolutions in full fp32, not TF32 (ONNX Runtime's
     /// `use_tf32 = 0`). Parity checks against an fp32 reference set it: TF32 leaves ~1e-3 of

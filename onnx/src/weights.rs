@@ -529,7 +529,7 @@ impl Weights {
 #[derive(Default)]
 pub struct MergedWeights {
     /// Unique per merge (0: no LoRA, the pristine weights): a CUDA-graph weight slot that holds
-    /// this set already need not copy it again (crate::graphs).
+    /// this set already need not copy it again (crate::unet::graphed).
     id: u64,
     merged: HashMap<String, DynValue>,
     /// Merged on the GPU (then `merged` is empty).

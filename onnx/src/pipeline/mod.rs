@@ -1,0 +1,430 @@
+//! The SDXL text-to-image pipeline with ControlNets and LoRAs, in-process.
+//!
+//! Per step (diffusers' `StableDiffusionXL[ControlNet]Pipeline`, classifier-free guidance on):
+//!
+//! ```text
+//! latent_in = [latents; latents] · input_scale(i)          t = timesteps[i]
+//! emb, mid, skips  = unet_encoder(latent_in, t, embeds, bound weights)
+//! for each ControlNet j active at step i (start ≤ i/n, (i+1)/n ≤ end):
+//!     skips += scaleⱼ · downⱼ ;  mid += scaleⱼ · midⱼ
+//! pred    = unet_decoder(emb, embeds, mid, skips, bound weights)
+//! guided  = pred_uncond + g · (pred_cond − pred_uncond)
+//! latents = scheduler.step(i, guided, latents)
+//! ```
+//!
+//! LoRAs are merged (`W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ`) into a second weight set and bound instead of the
+//! pristine weights; the pristine set is left as it was for the next job. The plan
+//! ([`LoraPlan`], crate::lora::plan) says whether the merge happens before step 0 or while the
+//! job denoises, switched in by a bound step.
+//!
+//! ## Layout
+//! - `mod.rs`: [`Pipeline`], [`RunOptions`], [`Pipeline::run`] — prepares a job (scheduler, text
+//!   conditioning, LoRA plan, ControlNet sessions, initial noise), picks its loop once, decodes.
+//! - `load.rs`: [`Pipeline::load`] and [`Pipeline::place`] (the parts where a
+//!   [`crate::placement::Placement`] puts them, peer access).
+//! - `job.rs`: the job state every loop shares; the LoRA switch at step boundaries.
+//! - `host_loop.rs`: the loop on host tensors (the CPU).
+//! - `device_loop.rs`: the device-resident loop on one GPU; the residual adds and staging.
+//! - `split_loop.rs`: the loop with the guidance halves on two GPUs (`HalfUnet`).
+//! - `timings.rs`: [`Timings`], the per-step ControlNet critical path.
+//!
+//! A job moves: [`crate::request::ValidRequest`] ─▶ `run` ─▶ one loop (over borrowed parts of
+//! the pipeline, the UNet through crate::unet, ControlNets through the crate::controlnet seam)
+//! ─▶ VAE ─▶ [`Generated`].
+
+mod device_loop;
+mod host_loop;
+mod job;
+mod load;
+mod split_loop;
+mod timings;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use katz_kernels::cuda::GpuKernels;
+use ort::session::Session;
+
+use crate::bundle::BaseBundle;
+use crate::controlnet::{ControlNet, ControlService, ControlSession, InlineControlNets, SessionInit, ThreadedControlNets};
+use crate::device::{at, current, gpu_err};
+use crate::lora::LoraAdapter;
+use crate::noise::SeededNoise;
+use crate::request::{Accepts, ControlModel, ControlRequest, Limits, Request, ValidRequest};
+use crate::runtime::SessionOptions;
+use crate::scheduler::{self, NoiseSource};
+use crate::tensor::Tensor;
+use crate::text::TextEncoders;
+use crate::unet::GraphedUnet;
+use crate::weights::Weights;
+use crate::Result;
+
+pub use crate::lora::plan::{LoraBound, LoraMode, LoraPlan};
+pub use timings::Timings;
+
+use job::Job;
+use split_loop::{half_cond, HalfUnet};
+
+/// Hooks into a running generation: progress, cancellation, intermediate latents.
+pub trait Observer {
+    /// Called after each step with the new latents; an error (e.g. [`crate::Error::Cancelled`])
+    /// stops the job.
+    fn on_step(&mut self, _step: usize, _total: usize, _latents: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// Whether `on_step` reads the latents. On a GPU they stay on the device unless this says
+    /// so; `on_step` then gets an empty tensor.
+    fn wants_latents(&self) -> bool {
+        false
+    }
+}
+
+/// An observer that does nothing.
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
+/// The output of a generation.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// `[1, 3, H, W]` in [0, 1].
+    pub image: Tensor,
+    pub timings: Timings,
+}
+
+/// How one run goes, besides its request. `RunOptions::default()`: the request's seeded noise,
+/// no observer, LoRAs merged before step 0, the pipeline's own ControlNets.
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    /// Progress, cancellation, intermediate latents.
+    pub observer: Option<&'a mut dyn Observer>,
+    /// The initial latents and any ancestral noise (default: seeded by the request's seed).
+    pub noise: Option<&'a mut dyn NoiseSource>,
+    /// How the LoRAs reach the weights (default: [`LoraPlan::Sync`]).
+    pub lora: LoraPlan<'a>,
+    /// The service that opens the ControlNet sessions: each step's input goes to every active
+    /// session before the UNet encoder runs, the residuals are collected after it (overlap).
+    /// Without one, the pipeline's own ControlNets run one after another after the encoder (the
+    /// host), or as inline sessions on the device loop (a GPU).
+    pub control: Option<&'a mut dyn ControlService>,
+}
+
+impl<'a> RunOptions<'a> {
+    pub fn observer(mut self, o: &'a mut dyn Observer) -> Self {
+        self.observer = Some(o);
+        self
+    }
+    pub fn noise(mut self, n: &'a mut dyn NoiseSource) -> Self {
+        self.noise = Some(n);
+        self
+    }
+    pub fn lora(mut self, plan: LoraPlan<'a>) -> Self {
+        self.lora = plan;
+        self
+    }
+    pub fn control(mut self, c: &'a mut dyn ControlService) -> Self {
+        self.control = Some(c);
+        self
+    }
+}
+
+pub struct Pipeline {
+    pub bundle: BaseBundle,
+    opts: SessionOptions,
+    text: TextEncoders,
+    unet_encoder: Session,
+    unet_decoder: Session,
+    vae: Session,
+    weights: Arc<Weights>,
+    controlnets: Vec<Arc<Mutex<ControlNet>>>,
+    /// The device loop's kernels on a stream of their own (GPU pipelines; made at the first job).
+    step_kernels: Option<Arc<GpuKernels>>,
+    /// The UNet bound for CUDA graphs and captured at load (`SessionOptions::cuda_graph`).
+    graph: Option<GraphedUnet>,
+    /// Split guidance: the conditional half's UNet on a second GPU, and whether jobs use it.
+    half: Option<HalfUnet>,
+    split_on: bool,
+    /// Threads of parallel ControlNet sessions, kept between jobs (crate::threads says why).
+    cn_threads: Arc<crate::threads::LastingThreads>,
+    /// ControlNets placed per guidance half: the unconditional half's instance (the id requests
+    /// name) → the conditional half's.
+    cn_halves: HashMap<crate::request::ModelId, crate::request::ModelId>,
+}
+
+impl Pipeline {
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// Turns split guidance off (one GPU, as without a `cond_half`) or back on.
+    pub fn set_split(&mut self, on: bool) {
+        self.split_on = on && self.half.is_some();
+    }
+
+    /// The GPU of the conditional half, when guidance is split.
+    pub fn split_device(&self) -> Option<i32> {
+        self.half.as_ref().filter(|_| self.split_on).map(|h| h.device)
+    }
+
+    /// The pristine weights, to share with other pipelines and with LoRA merges.
+    pub fn shared_weights(&self) -> Arc<Weights> {
+        self.weights.clone()
+    }
+
+    pub fn text_encoders(&self) -> &TextEncoders {
+        &self.text
+    }
+
+    pub fn text_encoders_mut(&mut self) -> &mut TextEncoders {
+        &mut self.text
+    }
+
+    /// This pipeline's ControlNets as a [`ControlService`] computing in the caller's thread.
+    pub fn inline_controlnets(&self) -> InlineControlNets {
+        InlineControlNets {
+            models: self.controlnets.clone(),
+        }
+    }
+
+    /// This pipeline's ControlNets as a [`ControlService`] whose sessions run on threads of
+    /// their own, overlapping the UNet encoder.
+    pub fn threaded_controlnets(&self) -> ThreadedControlNets {
+        ThreadedControlNets {
+            models: self.controlnets.clone(),
+            threads: self.cn_threads.clone(),
+        }
+    }
+
+    /// Reads a LoRA file against this bundle's weights.
+    pub fn lora(&self, path: impl AsRef<Path>) -> Result<Arc<LoraAdapter>> {
+        Ok(Arc::new(LoraAdapter::load(path.as_ref(), self.weights.map())?))
+    }
+
+    /// What this pipeline accepts, under the default [`Limits`] (a worker overlays its own).
+    pub fn accepts(&self) -> Accepts {
+        Accepts {
+            limits: Limits::default(),
+            size_multiple: self.bundle.manifest.vae_scale_factor,
+            fixed: self.opts.fixed,
+            split: self.split_on,
+            loaded: self.controlnets.len(),
+            served: 0,
+        }
+    }
+
+    /// [`ValidRequest::new`] against [`Pipeline::accepts`].
+    pub fn validate(&self, req: Request) -> Result<ValidRequest> {
+        ValidRequest::new(req, &self.accepts())
+    }
+
+    /// Runs a request: its text conditioning, LoRA plan, ControlNet sessions and initial noise,
+    /// then the one loop this pipeline and request take (host, one GPU, or the guidance halves
+    /// on two), then the VAE.
+    pub fn run(&mut self, req: &ValidRequest, opts: RunOptions<'_>) -> Result<Generated> {
+        let started = Instant::now();
+        let mut t = Timings {
+            steps: req.steps,
+            ..Timings::default()
+        };
+        let mut seeded = SeededNoise::new(req.seed);
+        let mut none = NoObserver;
+        let noise: &mut dyn NoiseSource = match opts.noise {
+            Some(n) => n,
+            None => &mut seeded,
+        };
+        let obs: &mut dyn Observer = match opts.observer {
+            Some(o) => o,
+            None => &mut none,
+        };
+        let m = &self.bundle.manifest;
+        let (f, lc) = (m.vae_scale_factor, m.latent_channels);
+        let (h, w) = (req.height / f, req.width / f);
+        let cfg = req.guided();
+
+        let mut sched_cfg = m.scheduler.clone();
+        sched_cfg.use_karras_sigmas = req.karras;
+        let mut sched = scheduler::build(req.scheduler, &sched_cfg, req.steps)?;
+
+        let t0 = Instant::now();
+        self.make_current()?;
+        let cond = self.text.condition(
+            &req.prompt,
+            req.negative_prompt.as_deref(),
+            cfg,
+            (req.height, req.width),
+        )?;
+        t.text_encode = t0.elapsed();
+
+        let t0 = Instant::now();
+        let (merged, pending) = job::start_loras(opts.lora, req, &self.weights, &mut t)?;
+        t.lora_merge = t0.elapsed();
+
+        let images: Vec<Tensor> = req
+            .controlnets
+            .iter()
+            .map(|c| {
+                if cfg {
+                    Tensor::concat0(&[&c.image, &c.image])
+                } else {
+                    c.image.clone()
+                }
+            })
+            .collect();
+
+        // on a GPU the pipeline's own ControlNets run as inline sessions on the device loop
+        let mut inline = self.inline_controlnets();
+        let gpu = self.opts.device.gpu();
+        let control: Option<&mut dyn ControlService> = match opts.control {
+            Some(c) => Some(c),
+            None if gpu.is_some() && !req.controlnets.is_empty() => Some(&mut inline),
+            None => None,
+        };
+        let split = gpu.is_some() && self.half.is_some() && self.split_on && cfg;
+        let (mut sessions, mut halves) = match control {
+            Some(svc) => self.open_sessions(svc, req, &cond, &images, split, &mut t)?,
+            None => (Vec::new(), Vec::new()),
+        };
+        let mut latents = Tensor::zeros(vec![1, lc, h, w]);
+        noise.fill(&mut latents.data);
+        let sigma0 = sched.init_noise_sigma();
+        latents.data.iter_mut().for_each(|v| *v *= sigma0);
+
+        let mut job = Job {
+            req,
+            noise,
+            obs,
+            sched: &mut *sched,
+            cond: &cond,
+            merged,
+            pending,
+            sessions: &mut sessions,
+            halves: &mut halves,
+            images: &images,
+            t: &mut t,
+            started,
+        };
+        let skips = self.bundle.manifest.unet.skips;
+        let latents = match gpu {
+            Some(id) => {
+                let k = self.step_kernels(id)?;
+                let parts = device_loop::GpuParts {
+                    unet_encoder: &mut self.unet_encoder,
+                    unet_decoder: &mut self.unet_decoder,
+                    weights: &self.weights,
+                    graph: self.graph.as_mut(),
+                    k,
+                    skips,
+                };
+                match self.half.as_mut().filter(|_| split) {
+                    Some(h) => split_loop::run(parts, h, &mut job, latents)?,
+                    None => device_loop::run(parts, &mut job, latents)?,
+                }
+            }
+            None => {
+                let mut parts = host_loop::HostParts {
+                    unet_encoder: &mut self.unet_encoder,
+                    unet_decoder: &mut self.unet_decoder,
+                    weights: &self.weights,
+                    controlnets: &self.controlnets,
+                    skips,
+                };
+                host_loop::run(&mut parts, &mut job, latents)?
+            }
+        };
+        drop(job);
+
+        for s in sessions.iter_mut().chain(halves.iter_mut().flatten()) {
+            s.close();
+        }
+        let t0 = Instant::now();
+        self.make_current()?;
+        let image = self.decode(&latents).map_err(|e| at("VAE decode", e))?;
+        t.vae_decode = t0.elapsed();
+        t.total = started.elapsed();
+        Ok(Generated { image, timings: t })
+    }
+
+    /// One session per ControlNet of the request; with split guidance, a ControlNet placed per
+    /// guidance half gets a second session for the conditional half (`halves[j]`).
+    #[allow(clippy::type_complexity)]
+    fn open_sessions(
+        &self,
+        svc: &mut dyn ControlService,
+        req: &ValidRequest,
+        cond: &crate::text::Conditioning,
+        images: &[Tensor],
+        split: bool,
+        t: &mut Timings,
+    ) -> Result<(Vec<Box<dyn ControlSession>>, Vec<Option<Box<dyn ControlSession>>>)> {
+        let t0 = Instant::now();
+        let other_half = |c: &ControlRequest| match c.model {
+            ControlModel::Loaded(m) => self.cn_halves.get(&m).copied(),
+            ControlModel::Served(_) => None,
+        };
+        // each half's conditioning, made once for all the per-half ControlNets of the job
+        let cond_halves = if split && req.controlnets.iter().any(|c| other_half(c).is_some()) {
+            Some((half_cond(cond, 0)?, half_cond(cond, 1)?))
+        } else {
+            None
+        };
+        let (mut sessions, mut halves) = (Vec::new(), Vec::new());
+        for (j, (c, image)) in req.controlnets.iter().zip(images).enumerate() {
+            match (other_half(c), &cond_halves) {
+                (Some(other), Some((cu, cc))) => {
+                    let image = &c.image;
+                    sessions.push(svc.open(j, c, SessionInit { cond: cu, image })?);
+                    let cr = ControlRequest {
+                        model: other.into(),
+                        ..c.clone()
+                    };
+                    halves.push(Some(svc.open(j, &cr, SessionInit { cond: cc, image })?));
+                }
+                _ => {
+                    sessions.push(svc.open(j, c, SessionInit { cond, image })?);
+                    halves.push(None);
+                }
+            }
+        }
+        t.controlnet += t0.elapsed();
+        Ok((sessions, halves))
+    }
+
+    /// On a GPU pipeline, makes its GPU current on this thread (ControlNets and split guidance
+    /// on other GPUs leave theirs current; ONNX Runtime's host copies use the current device).
+    fn make_current(&mut self) -> Result<()> {
+        match self.opts.device.gpu() {
+            Some(id) => current(&*self.step_kernels(id)?),
+            None => Ok(()),
+        }
+    }
+
+    /// The step kernels of this pipeline's GPU, on a stream of their own (LoRA merges keep theirs).
+    fn step_kernels(&mut self, id: i32) -> Result<Arc<GpuKernels>> {
+        if let Some(k) = &self.step_kernels {
+            return Ok(k.clone());
+        }
+        let k = match self.weights.device() {
+            Some(d) => Arc::new(d.kernels.fork().map_err(gpu_err)?),
+            None => crate::device::kernels_for(id as usize)?,
+        };
+        self.step_kernels = Some(k.clone());
+        Ok(k)
+    }
+
+    /// Latents → image in [0, 1] (diffusers: `vae.decode(latents / scaling_factor)`, `x/2 + 0.5`, clamp).
+    pub fn decode(&mut self, latents: &Tensor) -> Result<Tensor> {
+        let s = self.bundle.manifest.scaling_factor;
+        let scaled = Tensor::new(
+            latents.shape.clone(),
+            latents.data.iter().map(|v| v / s).collect(),
+        );
+        let out = self.vae.run(ort::inputs!["latent" => scaled.view()?])?;
+        let mut image = Tensor::from_output(&out, "image")?;
+        image
+            .data
+            .iter_mut()
+            .for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
+        Ok(image)
+    }
+}
