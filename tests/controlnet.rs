@@ -8,7 +8,8 @@ use common::*;
 use katz_kernels::rel_err;
 use katz_onnx::image::read_conditioning;
 use katz_onnx::noise::SeededNoise;
-use katz_onnx::pipeline::{ControlRequest, LoraPlan, NoObserver, Pipeline, Request};
+use katz_onnx::pipeline::{LoraPlan, NoObserver, Pipeline};
+use katz_onnx::request::{ControlRequest, Request};
 use katz_onnx::scheduler::SchedulerKind;
 
 fn request(p: &mut Pipeline, n: usize) -> Request {
@@ -17,7 +18,7 @@ fn request(p: &mut Pipeline, n: usize) -> Request {
     let spans = [(0.0, 1.0), (0.0, 0.6), (0.3, 1.0)];
     let controlnets = (0..n)
         .map(|j| ControlRequest {
-            model,
+            model: model.into(),
             image: read_conditioning(&root().join("bundles/examples").join(images[j]), (64, 64)).unwrap(),
             scale: [0.8, 0.5, -0.4][j],
             start: spans[j].0,
@@ -44,35 +45,35 @@ fn inline_and_threaded_sessions_equal_the_serial_pipeline_for_1_2_3_controlnets(
     let mut p = Pipeline::load(root().join("bundles/tiny-sdxl"), test_options()).unwrap();
     let plain = {
         let r = request(&mut p, 0);
-        p.generate(&r, &mut NoObserver).unwrap().image
+        generate(&mut p, &r, &mut NoObserver).unwrap().image
     };
     for n in 1..=3 {
         let r = request(&mut p, n);
-        let serial = p.generate(&r, &mut NoObserver).unwrap().image;
+        let serial = generate(&mut p, &r, &mut NoObserver).unwrap().image;
         assert!(
             rel_err(&serial.data, &plain.data) > 1e-3,
             "{n} ControlNets changed nothing"
         );
         let mut inline = p.inline_controlnets();
-        let a = p
-            .generate_with(
-                &r,
-                &mut SeededNoise::new(r.seed),
-                &mut NoObserver,
-                LoraPlan::Sync,
-                Some(&mut inline),
-            )
-            .unwrap();
+        let a = generate_with(
+            &mut p,
+            &r,
+            &mut SeededNoise::new(r.seed),
+            &mut NoObserver,
+            LoraPlan::Sync,
+            Some(&mut inline),
+        )
+        .unwrap();
         let mut threaded = p.threaded_controlnets();
-        let b = p
-            .generate_with(
-                &r,
-                &mut SeededNoise::new(r.seed),
-                &mut NoObserver,
-                LoraPlan::Sync,
-                Some(&mut threaded),
-            )
-            .unwrap();
+        let b = generate_with(
+            &mut p,
+            &r,
+            &mut SeededNoise::new(r.seed),
+            &mut NoObserver,
+            LoraPlan::Sync,
+            Some(&mut threaded),
+        )
+        .unwrap();
         assert_eq!(
             a.image.data, serial.data,
             "{n}: inline sessions differ from the serial loop"

@@ -11,7 +11,9 @@ use katz_kernels::rel_err;
 use katz_onnx::controlnet::{ControlService, ControlSession, InlineControlNets, SessionInit};
 use katz_onnx::image::read_conditioning;
 use katz_onnx::noise::SeededNoise;
-use katz_onnx::pipeline::{ControlRequest, LoraPlan, NoObserver, Pipeline, Request};
+use katz_onnx::pipeline::{LoraPlan, NoObserver, Pipeline};
+use katz_onnx::placement::{ControlNetPlace, Placement};
+use katz_onnx::request::{ControlRequest, LoraRequest, ModelId, Request};
 use katz_onnx::runtime::{Device, SessionOptions};
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
@@ -34,14 +36,14 @@ fn opts(device: Device) -> SessionOptions {
     }
 }
 
-fn request(models: &[usize], scheduler: SchedulerKind, lora: bool, p: &Pipeline) -> Request {
+fn request(models: &[ModelId], scheduler: SchedulerKind, lora: bool, p: &Pipeline) -> Request {
     let images = ["cond_a.png", "cond_b.png", "cond_a.png"];
     let spans = [(0.0, 1.0), (0.0, 0.6), (0.3, 1.0)];
     let controlnets = models
         .iter()
         .enumerate()
         .map(|(j, &model)| ControlRequest {
-            model,
+            model: model.into(),
             image: read_conditioning(&root().join("bundles/examples").join(images[j]), (64, 64)).unwrap(),
             scale: [0.8, 0.5, -0.4][j],
             start: spans[j].0,
@@ -49,7 +51,7 @@ fn request(models: &[usize], scheduler: SchedulerKind, lora: bool, p: &Pipeline)
         })
         .collect();
     let loras = if lora {
-        vec![(
+        vec![LoraRequest::loaded(
             p.lora(root().join("bundles/loras/tiny-lora-a.safetensors"))
                 .unwrap(),
             0.8,
@@ -69,6 +71,22 @@ fn request(models: &[usize], scheduler: SchedulerKind, lora: bool, p: &Pipeline)
         seed: 11,
         controlnets,
         loras,
+    }
+}
+
+/// The request's LoRAs as an asynchronous merge takes them.
+fn adapters(r: &Request) -> Vec<(std::sync::Arc<katz_onnx::lora::LoraAdapter>, f32)> {
+    r.loras
+        .iter()
+        .map(|l| (l.adapter.clone().expect("a loaded LoRA"), l.scale))
+        .collect()
+}
+
+/// The base on GPU 0, the conditional guidance half on GPU 1.
+fn split_on_1() -> Placement {
+    Placement {
+        cond_half: Some(Device::Cuda(1)),
+        ..Placement::on(Device::Cuda(0))
     }
 }
 
@@ -95,12 +113,12 @@ fn the_device_loop_matches_the_host_loop_for_0_to_3_controlnets_euler_and_euler_
     for sched in [SchedulerKind::Euler, SchedulerKind::EulerAncestral] {
         for n in 0..=3 {
             let lora = n % 2 == 1;
-            let a = cpu
-                .generate(&request(&vec![mc; n], sched, lora, &cpu), &mut NoObserver)
-                .unwrap();
-            let b = dev
-                .generate(&request(&vec![md; n], sched, lora, &dev), &mut NoObserver)
-                .unwrap();
+            let (rc, rd) = (
+                request(&vec![mc; n], sched, lora, &cpu),
+                request(&vec![md; n], sched, lora, &dev),
+            );
+            let a = generate(&mut cpu, &rc, &mut NoObserver).unwrap();
+            let b = generate(&mut dev, &rd, &mut NoObserver).unwrap();
             let e = rel_err(&b.image.data, &a.image.data);
             println!("{sched:?} {n} ControlNets, LoRA {lora}: relative error GPU vs CPU {e:.2e}");
             assert!(e < 1e-3, "{sched:?}, {n} ControlNets: {e}");
@@ -140,29 +158,29 @@ fn device_threaded_and_host_path_sessions_equal_the_inline_device_loop() {
     let m = dev.controlnet(cn_dir()).unwrap();
     for n in 1..=3 {
         let r = request(&vec![m; n], SchedulerKind::Euler, false, &dev);
-        let serial = dev.generate(&r, &mut NoObserver).unwrap().image;
+        let serial = generate(&mut dev, &r, &mut NoObserver).unwrap().image;
         let mut threaded = dev.threaded_controlnets();
-        let t = dev
-            .generate_with(
-                &r,
-                &mut SeededNoise::new(r.seed),
-                &mut NoObserver,
-                LoraPlan::Sync,
-                Some(&mut threaded),
-            )
-            .unwrap()
-            .image;
+        let t = generate_with(
+            &mut dev,
+            &r,
+            &mut SeededNoise::new(r.seed),
+            &mut NoObserver,
+            LoraPlan::Sync,
+            Some(&mut threaded),
+        )
+        .unwrap()
+        .image;
         let mut host = HostOnly(dev.inline_controlnets());
-        let h = dev
-            .generate_with(
-                &r,
-                &mut SeededNoise::new(r.seed),
-                &mut NoObserver,
-                LoraPlan::Sync,
-                Some(&mut host),
-            )
-            .unwrap()
-            .image;
+        let h = generate_with(
+            &mut dev,
+            &r,
+            &mut SeededNoise::new(r.seed),
+            &mut NoObserver,
+            LoraPlan::Sync,
+            Some(&mut host),
+        )
+        .unwrap()
+        .image;
         let (et, eh) = (rel_err(&t.data, &serial.data), rel_err(&h.data, &serial.data));
         println!("{n} ControlNets: threaded {et:.2e}, host-path sessions {eh:.2e}");
         assert!(et < 1e-5 && eh < 1e-4, "{n}: threaded {et}, host path {eh}");
@@ -175,32 +193,29 @@ fn controlnets_on_other_gpus_equal_controlnets_on_the_pipelines_gpu() {
     let count = two_gpus();
     let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cuda(0))).unwrap();
     let local = dev.controlnet(cn_dir()).unwrap();
-    let remote: Vec<usize> = (0..3)
-        .map(|j| {
-            dev.controlnet_on(cn_dir(), Device::Cuda(1 + (j % (count - 1)) as i32))
-                .unwrap()
-        })
-        .collect();
+    let others = Placement {
+        base: Device::Cuda(0),
+        cond_half: None,
+        controlnets: (0..3)
+            .map(|j| ControlNetPlace::One(Device::Cuda(1 + (j % (count - 1)) as i32)))
+            .collect(),
+    };
+    let remote = dev.place(&others, &[cn_dir(), cn_dir(), cn_dir()]).unwrap();
     for n in 1..=3 {
-        let a = dev
-            .generate(
-                &request(&vec![local; n], SchedulerKind::Euler, false, &dev),
-                &mut NoObserver,
-            )
-            .unwrap()
-            .image;
+        let rl = request(&vec![local; n], SchedulerKind::Euler, false, &dev);
+        let a = generate(&mut dev, &rl, &mut NoObserver).unwrap().image;
         let r = request(&remote[..n], SchedulerKind::Euler, false, &dev);
         let mut threaded = dev.threaded_controlnets();
-        let b = dev
-            .generate_with(
-                &r,
-                &mut SeededNoise::new(r.seed),
-                &mut NoObserver,
-                LoraPlan::Sync,
-                Some(&mut threaded),
-            )
-            .unwrap()
-            .image;
+        let b = generate_with(
+            &mut dev,
+            &r,
+            &mut SeededNoise::new(r.seed),
+            &mut NoObserver,
+            LoraPlan::Sync,
+            Some(&mut threaded),
+        )
+        .unwrap()
+        .image;
         let e = rel_err(&b.data, &a.data);
         println!("{n} ControlNets on other GPUs (threaded): relative error {e:.2e}");
         assert!(e < 1e-4, "{n}: {e}");
@@ -213,17 +228,21 @@ fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
     two_gpus();
     let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cuda(0))).unwrap();
     let m0 = dev.controlnet(cn_dir()).unwrap();
-    let m1 = dev.controlnet_on(cn_dir(), Device::Cuda(1)).unwrap();
+    let on_1 = Placement {
+        controlnets: vec![ControlNetPlace::One(Device::Cuda(1))],
+        ..Placement::on(Device::Cuda(0))
+    };
+    let m1 = dev.place(&on_1, &[cn_dir()]).unwrap()[0];
     let cases = [
         (vec![], SchedulerKind::Euler, true),
         (vec![m0], SchedulerKind::Euler, false),
         (vec![m0, m1], SchedulerKind::Euler, true),
         (vec![m1, m0, m0], SchedulerKind::EulerAncestral, true),
     ];
-    let run = |dev: &mut Pipeline, models: &Vec<usize>, sched, lora, asynchronous: bool| {
+    let run = |dev: &mut Pipeline, models: &Vec<ModelId>, sched, lora, asynchronous: bool| {
         let r = request(models, sched, lora, dev);
         if asynchronous && lora {
-            let mut pending = katz_onnx::weights::PendingMerge::spawn(dev.shared_weights(), r.loras.clone());
+            let mut pending = katz_onnx::weights::PendingMerge::spawn(dev.shared_weights(), adapters(&r));
             let plan = LoraPlan::Async {
                 pending: &mut pending,
                 bound: 2,
@@ -231,7 +250,8 @@ fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
                 early: false,
             };
             let mut threaded = dev.threaded_controlnets();
-            dev.generate_with(
+            generate_with(
+                dev,
                 &r,
                 &mut SeededNoise::new(r.seed),
                 &mut NoObserver,
@@ -241,7 +261,7 @@ fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
             .unwrap()
             .image
         } else {
-            dev.generate(&r, &mut NoObserver).unwrap().image
+            generate(dev, &r, &mut NoObserver).unwrap().image
         }
     };
     let mut single = Vec::new();
@@ -250,7 +270,7 @@ fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
             single.push(run(&mut dev, models, *sched, *lora, asynchronous));
         }
     }
-    dev.split_guidance(Device::Cuda(1)).unwrap();
+    dev.place(&split_on_1(), &[] as &[std::path::PathBuf]).unwrap();
     let mut i = 0;
     for (models, sched, lora) in &cases {
         for asynchronous in [false, true] {
@@ -288,18 +308,18 @@ fn fixed(device: Device, batch: usize, cuda_graph: bool) -> SessionOptions {
 fn job_with(dev: &mut Pipeline, r: &Request, bound: Option<usize>) -> Tensor {
     match bound {
         Some(bound) if !r.loras.is_empty() => {
-            let mut pending = katz_onnx::weights::PendingMerge::spawn(dev.shared_weights(), r.loras.clone());
+            let mut pending = katz_onnx::weights::PendingMerge::spawn(dev.shared_weights(), adapters(&r));
             let plan = LoraPlan::Async {
                 pending: &mut pending,
                 bound,
                 timeout: std::time::Duration::from_secs(60),
                 early: false,
             };
-            dev.generate_with(r, &mut SeededNoise::new(r.seed), &mut NoObserver, plan, None)
+            generate_with(dev, r, &mut SeededNoise::new(r.seed), &mut NoObserver, plan, None)
                 .unwrap()
                 .image
         }
-        _ => dev.generate(r, &mut NoObserver).unwrap().image,
+        _ => generate(dev, r, &mut NoObserver).unwrap().image,
     }
 }
 
@@ -324,10 +344,10 @@ fn cuda_graphs_give_the_ungraphed_image_across_jobs_loras_and_controlnets() {
         (0, Some(0.8), None),
     ];
     for (i, &(n, lora, bound)) in cases.iter().enumerate() {
-        let make = |p: &Pipeline, m: usize| {
+        let make = |p: &Pipeline, m: ModelId| {
             let mut r = request(&vec![m; n], SchedulerKind::Euler, lora.is_some(), p);
             if let (Some(s), Some(l)) = (lora, r.loras.first_mut()) {
-                l.1 = s;
+                l.scale = s;
             }
             r
         };
@@ -344,7 +364,7 @@ fn cuda_graphs_give_the_ungraphed_image_across_jobs_loras_and_controlnets() {
     let mut other = request(&[], SchedulerKind::Euler, false, &graphed);
     other.width = 128;
     other.height = 128;
-    let err = graphed.generate(&other, &mut NoObserver).unwrap_err();
+    let err = generate(&mut graphed, &other, &mut NoObserver).unwrap_err();
     assert!(matches!(err, katz_onnx::Error::InvalidRequest(_)), "{err}");
 }
 
@@ -355,7 +375,7 @@ fn split_guidance_with_cuda_graphs_gives_the_one_gpu_image() {
     let base = root().join("bundles/tiny-sdxl");
     let mut single = Pipeline::load(&base, opts(Device::Cuda(0))).unwrap();
     let mut split = Pipeline::load(&base, fixed(Device::Cuda(0), 1, true)).unwrap();
-    split.split_guidance(Device::Cuda(1)).unwrap();
+    split.place(&split_on_1(), &[] as &[std::path::PathBuf]).unwrap();
     let (ms, mp) = (
         single.controlnet(cn_dir()).unwrap(),
         split.controlnet(cn_dir()).unwrap(),
@@ -394,33 +414,37 @@ fn controlnets_per_guidance_half_give_the_one_gpu_image() {
             opts(Device::Cuda(0))
         };
         let mut split = Pipeline::load(&base, o).unwrap();
-        split.split_guidance(Device::Cuda(1)).unwrap();
-        let halves = split
-            .controlnet_halves(cn_dir(), Device::Cuda(2), Device::Cuda(3))
-            .unwrap();
-        let whole = split.controlnet_on(cn_dir(), Device::Cuda(3)).unwrap();
+        let paper = Placement {
+            controlnets: vec![
+                ControlNetPlace::Halves(Device::Cuda(2), Device::Cuda(3)),
+                ControlNetPlace::One(Device::Cuda(3)),
+            ],
+            ..split_on_1()
+        };
+        let ids = split.place(&paper, &[cn_dir(), cn_dir()]).unwrap();
+        let (halves, whole) = (ids[0], ids[1]);
         for (models, lora, threaded) in [
             (vec![halves], false, false),
             (vec![halves, whole], true, true),
             (vec![halves, halves, whole], true, false),
         ] {
             let rs = request(&vec![ms; models.len()], SchedulerKind::Euler, lora, &single);
-            let want = single.generate(&rs, &mut NoObserver).unwrap().image;
+            let want = generate(&mut single, &rs, &mut NoObserver).unwrap().image;
             let r = request(&models, SchedulerKind::Euler, lora, &split);
             let got = if threaded {
                 let mut svc = split.threaded_controlnets();
-                split
-                    .generate_with(
-                        &r,
-                        &mut SeededNoise::new(r.seed),
-                        &mut NoObserver,
-                        LoraPlan::Sync,
-                        Some(&mut svc),
-                    )
-                    .unwrap()
-                    .image
+                generate_with(
+                    &mut split,
+                    &r,
+                    &mut SeededNoise::new(r.seed),
+                    &mut NoObserver,
+                    LoraPlan::Sync,
+                    Some(&mut svc),
+                )
+                .unwrap()
+                .image
             } else {
-                split.generate(&r, &mut NoObserver).unwrap().image
+                generate(&mut split, &r, &mut NoObserver).unwrap().image
             };
             let e = rel_err(&got.data, &want.data);
             println!(

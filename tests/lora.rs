@@ -13,7 +13,8 @@ use katz_actors::lora::{Admit, LoraConfig, LoraManager, LoraStore, Merge, Prefet
 use katz_kernels::rel_err;
 use katz_onnx::lora::LoraAdapter;
 use katz_onnx::noise::SeededNoise;
-use katz_onnx::pipeline::{LoraPlan, NoObserver, Observer, Pipeline, Request};
+use katz_onnx::pipeline::{LoraPlan, NoObserver, Observer, Pipeline};
+use katz_onnx::request::{LoraRequest, Request};
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
 use katz_onnx::weights::PendingMerge;
@@ -38,6 +39,13 @@ fn request(steps: usize) -> Request {
     }
 }
 
+fn lora_requests(p: &Pipeline) -> Vec<LoraRequest> {
+    loras(p)
+        .into_iter()
+        .map(|(l, s)| LoraRequest::loaded(l, s))
+        .collect()
+}
+
 fn loras(p: &Pipeline) -> Vec<(Arc<LoraAdapter>, f32)> {
     vec![
         (
@@ -59,7 +67,8 @@ fn run_async(
     mut pending: PendingMerge,
     bound: usize,
 ) -> katz_onnx::pipeline::Generated {
-    p.generate_planned(
+    generate_planned(
+        p,
         req,
         &mut SeededNoise::new(req.seed),
         &mut NoObserver,
@@ -77,8 +86,8 @@ fn run_async(
 fn async_with_bound_0_equals_sync_exactly() {
     let mut p = pipeline();
     let mut req = request(6);
-    req.loras = loras(&p);
-    let sync = p.generate(&req, &mut NoObserver).unwrap();
+    req.loras = lora_requests(&p);
+    let sync = generate(&mut p, &req, &mut NoObserver).unwrap();
     let pending = PendingMerge::spawn(p.shared_weights(), loras(&p));
     let asy = run_async(&mut p, &request(6), pending, 0);
     assert_eq!(
@@ -93,9 +102,9 @@ fn async_with_bound_0_equals_sync_exactly() {
 fn async_switches_exactly_at_the_bound_and_is_deterministic() {
     let mut p = pipeline();
     let mut with = request(8);
-    with.loras = loras(&p);
-    let sync = p.generate(&with, &mut NoObserver).unwrap().image;
-    let plain = p.generate(&request(8), &mut NoObserver).unwrap().image;
+    with.loras = lora_requests(&p);
+    let sync = generate(&mut p, &with, &mut NoObserver).unwrap().image;
+    let plain = generate(&mut p, &request(8), &mut NoObserver).unwrap().image;
     let mut images = Vec::new();
     for _ in 0..2 {
         let pending = PendingMerge::spawn(p.shared_weights(), loras(&p));
@@ -144,19 +153,19 @@ fn a_slow_merge_does_not_hold_the_first_steps_and_is_waited_for_at_the_bound() {
     });
     let steps = Arc::new(Mutex::new(Vec::new()));
     let req = request(6);
-    let out = p
-        .generate_planned(
-            &req,
-            &mut SeededNoise::new(req.seed),
-            &mut StepTimes(steps.clone()),
-            LoraPlan::Async {
-                pending: &mut pending,
-                bound: 4,
-                timeout: Duration::from_secs(60),
-                early: false,
-            },
-        )
-        .unwrap();
+    let out = generate_planned(
+        &mut p,
+        &req,
+        &mut SeededNoise::new(req.seed),
+        &mut StepTimes(steps.clone()),
+        LoraPlan::Async {
+            pending: &mut pending,
+            bound: 4,
+            timeout: Duration::from_secs(60),
+            early: false,
+        },
+    )
+    .unwrap();
     let ready = ready_at.lock().unwrap().expect("the merge finished");
     let steps = steps.lock().unwrap();
     // steps 0..3 ran with the pristine weights before the merge was ready; step 4 waited for it
@@ -179,35 +188,35 @@ fn a_failed_merge_fails_the_job_with_the_reason() {
     }));
     let req = request(3);
     let mut pending = pending;
-    let e = p
-        .generate_planned(
-            &req,
-            &mut SeededNoise::new(1),
-            &mut NoObserver,
-            LoraPlan::Async {
-                pending: &mut pending,
-                bound: 1,
-                timeout: Duration::from_secs(5),
-                early: false,
-            },
-        )
-        .unwrap_err();
+    let e = generate_planned(
+        &mut p,
+        &req,
+        &mut SeededNoise::new(1),
+        &mut NoObserver,
+        LoraPlan::Async {
+            pending: &mut pending,
+            bound: 1,
+            timeout: Duration::from_secs(5),
+            early: false,
+        },
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("gone"), "{e}");
     // a merge that never arrives: bounded wait, clear error
     let (_tx, mut never) = PendingMerge::channel();
-    let e = p
-        .generate_planned(
-            &req,
-            &mut SeededNoise::new(1),
-            &mut NoObserver,
-            LoraPlan::Async {
-                pending: &mut never,
-                bound: 1,
-                timeout: Duration::from_millis(200),
-                early: false,
-            },
-        )
-        .unwrap_err();
+    let e = generate_planned(
+        &mut p,
+        &req,
+        &mut SeededNoise::new(1),
+        &mut NoObserver,
+        LoraPlan::Async {
+            pending: &mut never,
+            bound: 1,
+            timeout: Duration::from_millis(200),
+            early: false,
+        },
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("not ready"), "{e}");
 }
 

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use katz_kernels::rel_err;
 use katz_onnx::image::read_conditioning;
-use katz_onnx::pipeline::{ControlRequest, Observer, Pipeline, Request};
+use katz_onnx::pipeline::{Observer, Pipeline};
+use katz_onnx::request::{ControlRequest, LoraRequest, Request};
 use katz_onnx::scheduler::NoiseSource;
 use katz_onnx::tensor::Tensor;
 use safetensors::SafeTensors;
@@ -161,7 +162,7 @@ fn run_case(dir: &str, name: &str) {
         let model = pipe.controlnet(&cn_bundle).unwrap();
         let image = read_conditioning(&root().join(&c.image), (case.width, case.height)).unwrap();
         controlnets.push(ControlRequest {
-            model,
+            model: model.into(),
             image,
             scale: c.scale,
             start: c.start,
@@ -171,7 +172,7 @@ fn run_case(dir: &str, name: &str) {
     let loras = case
         .loras
         .iter()
-        .map(|l| (pipe.lora(root().join(&l.file)).unwrap(), l.scale))
+        .map(|l| LoraRequest::loaded(pipe.lora(root().join(&l.file)).unwrap(), l.scale))
         .collect();
     let req = Request {
         prompt: case.prompt.clone(),
@@ -194,9 +195,8 @@ fn run_case(dir: &str, name: &str) {
         }
     }
     let mut seen = Collect(Vec::new());
-    let out = pipe
-        .generate_with_noise(&req, &mut RecordedNoise(noise), &mut seen)
-        .expect("generation runs");
+    let out =
+        generate_with_noise(&mut pipe, &req, &mut RecordedNoise(noise), &mut seen).expect("generation runs");
     assert_eq!(seen.0.len(), case.steps);
     for (i, got) in seen.0.iter().enumerate() {
         let want = rec.get(&format!("latents_{i}")).unwrap();

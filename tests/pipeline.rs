@@ -6,7 +6,8 @@ use common::*;
 
 use katz_kernels::rel_err;
 use katz_onnx::image::read_conditioning;
-use katz_onnx::pipeline::{ControlRequest, NoObserver, Observer, Pipeline, Request};
+use katz_onnx::pipeline::{NoObserver, Observer, Pipeline};
+use katz_onnx::request::{ControlRequest, LoraRequest, Request};
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
 use katz_onnx::Error;
@@ -34,15 +35,15 @@ fn request() -> Request {
 #[test]
 fn adapters_change_the_image_and_pristine_weights_survive() {
     let mut p = pipeline();
-    let plain = p.generate(&request(), &mut NoObserver).unwrap().image;
+    let plain = generate(&mut p, &request(), &mut NoObserver).unwrap().image;
 
     let mut with_lora = request();
-    with_lora.loras = vec![(
+    with_lora.loras = vec![LoraRequest::loaded(
         p.lora(root().join("bundles/loras/tiny-lora-a.safetensors"))
             .unwrap(),
         1.0,
     )];
-    let lora_img = p.generate(&with_lora, &mut NoObserver).unwrap().image;
+    let lora_img = generate(&mut p, &with_lora, &mut NoObserver).unwrap().image;
     let d = rel_err(&lora_img.data, &plain.data);
     assert!(d > 1e-3, "the LoRA changed nothing ({d:.1e})");
 
@@ -50,32 +51,32 @@ fn adapters_change_the_image_and_pristine_weights_survive() {
     let model = p.controlnet(root().join("bundles/tiny-sdxl-controlnet")).unwrap();
     let image = read_conditioning(&root().join("bundles/examples/cond_a.png"), (64, 64)).unwrap();
     with_cn.controlnets = vec![ControlRequest {
-        model,
+        model: model.into(),
         image,
         scale: 1.0,
         start: 0.0,
         end: 1.0,
     }];
-    let cn_img = p.generate(&with_cn, &mut NoObserver).unwrap().image;
+    let cn_img = generate(&mut p, &with_cn, &mut NoObserver).unwrap().image;
     let d = rel_err(&cn_img.data, &plain.data);
     assert!(d > 1e-3, "the ControlNet changed nothing ({d:.1e})");
 
     // after jobs with adapters, a plain job gives exactly the first image
-    let again = p.generate(&request(), &mut NoObserver).unwrap().image;
+    let again = generate(&mut p, &request(), &mut NoObserver).unwrap().image;
     assert_eq!(again, plain);
 }
 
 #[test]
 fn lora_scale_zero_is_the_base_model() {
     let mut p = pipeline();
-    let plain = p.generate(&request(), &mut NoObserver).unwrap().image;
+    let plain = generate(&mut p, &request(), &mut NoObserver).unwrap().image;
     let mut r = request();
-    r.loras = vec![(
+    r.loras = vec![LoraRequest::loaded(
         p.lora(root().join("bundles/loras/tiny-lora-a.safetensors"))
             .unwrap(),
         0.0,
     )];
-    let zero = p.generate(&r, &mut NoObserver).unwrap().image;
+    let zero = generate(&mut p, &r, &mut NoObserver).unwrap().image;
     assert!(rel_err(&zero.data, &plain.data) < 1e-6);
 }
 
@@ -92,7 +93,7 @@ impl Observer for CancelAt {
 #[test]
 fn an_observer_can_cancel_between_steps() {
     let mut p = pipeline();
-    let e = p.generate(&request(), &mut CancelAt(1)).unwrap_err();
+    let e = generate(&mut p, &request(), &mut CancelAt(1)).unwrap_err();
     assert!(matches!(e, Error::Cancelled { step: 1 }), "{e}");
 }
 
@@ -117,7 +118,7 @@ fn validation_names_the_problem() {
     for (edit, needle) in cases {
         let mut r = request();
         edit(&mut r);
-        let e = p.validate(&r).unwrap_err();
+        let e = p.validate(r).unwrap_err();
         assert!(matches!(e, Error::InvalidRequest(_)), "{e}");
         assert!(e.to_string().contains(needle), "`{e}` does not say `{needle}`");
         assert_eq!(e.disposition(), katz_onnx::Disposition::DeadLetter);
@@ -129,7 +130,7 @@ fn guidance_off_runs_one_half() {
     let mut p = pipeline();
     let mut r = request();
     r.guidance = 1.0;
-    let out = p.generate(&r, &mut NoObserver).unwrap();
+    let out = generate(&mut p, &r, &mut NoObserver).unwrap();
     assert_eq!(out.image.shape, vec![1, 3, 64, 64]);
 }
 
@@ -138,7 +139,7 @@ fn static_shapes_give_the_dynamic_image_and_refuse_other_sizes() {
     // the same job through graphs whose free dimensions were fixed at load time
     let job = |p: &mut Pipeline| {
         let mut r = request();
-        r.loras = vec![(
+        r.loras = vec![LoraRequest::loaded(
             p.lora(root().join("bundles/loras/tiny-lora-a.safetensors"))
                 .unwrap(),
             0.8,
@@ -146,7 +147,7 @@ fn static_shapes_give_the_dynamic_image_and_refuse_other_sizes() {
         let model = p.controlnet(root().join("bundles/tiny-sdxl-controlnet")).unwrap();
         let image = read_conditioning(&root().join("bundles/examples/cond_a.png"), (64, 64)).unwrap();
         r.controlnets = vec![ControlRequest {
-            model,
+            model: model.into(),
             image,
             scale: 0.7,
             start: 0.0,
@@ -156,13 +157,13 @@ fn static_shapes_give_the_dynamic_image_and_refuse_other_sizes() {
     };
     let mut dynamic = pipeline();
     let req = job(&mut dynamic);
-    let want = dynamic.generate(&req, &mut NoObserver).unwrap().image;
+    let want = generate(&mut dynamic, &req, &mut NoObserver).unwrap().image;
 
     let mut opts = test_options();
     opts.fixed = Some(katz_onnx::runtime::FixedShape::parse("64x64", 2).unwrap());
     let mut fixed = Pipeline::load(root().join("bundles/tiny-sdxl"), opts).unwrap();
     let req = job(&mut fixed);
-    let got = fixed.generate(&req, &mut NoObserver).unwrap().image;
+    let got = generate(&mut fixed, &req, &mut NoObserver).unwrap().image;
     let e = rel_err(&got.data, &want.data);
     assert!(
         e <= 1e-5,
@@ -173,12 +174,12 @@ fn static_shapes_give_the_dynamic_image_and_refuse_other_sizes() {
     other.width = 128;
     other.height = 128;
     other.controlnets.clear();
-    let err = fixed.generate(&other, &mut NoObserver).unwrap_err();
+    let err = generate(&mut fixed, &other, &mut NoObserver).unwrap_err();
     assert!(matches!(err, Error::InvalidRequest(_)), "{err}");
     assert!(err.to_string().contains("fixed to 64x64"), "{err}");
     let mut unguided = request();
     unguided.guidance = 1.0;
-    let err = fixed.generate(&unguided, &mut NoObserver).unwrap_err();
+    let err = generate(&mut fixed, &unguided, &mut NoObserver).unwrap_err();
     assert!(err.to_string().contains("batch of 1"), "{err}");
 }
 
@@ -208,14 +209,14 @@ fn controlnet_runs_are_timed() {
     let mut r = request();
     r.controlnets = (0..2)
         .map(|_| ControlRequest {
-            model,
+            model: model.into(),
             image: image.clone(),
             scale: 0.5,
             start: 0.0,
             end: 1.0,
         })
         .collect();
-    let t = p.generate(&r, &mut NoObserver).unwrap().timings;
+    let t = generate(&mut p, &r, &mut NoObserver).unwrap().timings;
     assert_eq!(t.cn_runs.len(), 2);
     assert!(t.cn_runs.iter().all(|d| !d.is_zero()), "{:?}", t.cn_runs);
     let sum: std::time::Duration = t.cn_runs.iter().sum();

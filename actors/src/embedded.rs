@@ -57,6 +57,7 @@ pub fn run_jobs(
 ) -> Result<Vec<JobResult>, katz_onnx::Error> {
     let actor = LoadedPipeline::load(models, None)?;
     let weights = actor.shared_weights();
+    let catalogue = Arc::new(actor.catalogue(&Limits::default()));
     let actor = Mutex::new(vec![actor]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -75,6 +76,7 @@ pub fn run_jobs(
         let (_shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let deps = JobDeps {
             limits: Limits::default(),
+            catalogue,
             worker: "embedded".into(),
             store_retry: Duration::from_secs(1),
             pipeline,

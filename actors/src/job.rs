@@ -23,7 +23,7 @@ use crate::error::{Action, JobError};
 use crate::lora::{Admit, LoraConfig, LoraManager, Merge, Prefetch};
 use crate::metrics::metrics;
 use crate::pipeline::JobLoras;
-use crate::pipeline::{PipelineActor, RunJob};
+use crate::pipeline::{Catalogue, PipelineActor, RunJob};
 use crate::protocol::{decode, now_ms, ImageRef, Job, Limits, Status, DEFAULT_RESULT_TTL_S};
 use crate::store::{
     Begin, BeginJob, CancelRequested, FetchBytes, Finish, NoteConflict, Progress, ResultStore,
@@ -39,7 +39,10 @@ pub trait Delivered: Send + Sync {
 /// What a job needs from its worker.
 #[derive(Clone)]
 pub struct JobDeps {
+    /// Wire limits (message size) on every delivery.
     pub limits: Limits,
+    /// What this worker serves: turns a job into the request its pipeline takes.
+    pub catalogue: Arc<Catalogue>,
     /// Written into each job's status as `worker`.
     pub worker: String,
     /// How long to keep retrying a result store while Redis is away before requeueing.
@@ -233,6 +236,8 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                     })?,
             });
         }
+        // the one validation: the job as a request this worker's pipeline takes
+        let req = deps.catalogue.request(&job, &images)?;
         // progress forwarder: model thread → Redis; Redis cancel flag → model thread
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::pipeline::StepDone>();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -282,8 +287,8 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         let out = deps
             .pipeline
             .send(RunJob {
-                job: job.clone(),
-                images,
+                req,
+                job_id: job.id.clone(),
                 loras,
                 progress: tx,
                 cancel,

@@ -179,7 +179,8 @@ pub struct DecodeError {
     pub message: String,
 }
 
-/// Limits a worker enforces on every job before any model work.
+/// Limits a worker enforces on every job before any model work: the message size here, at
+/// decode; the rest by the one request validation (`katz_onnx::request::ValidRequest`).
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_message_bytes: usize,
@@ -217,7 +218,21 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-/// Decodes and checks a message; every failure names the problem.
+impl Limits {
+    /// The request limits for `katz_onnx::request::ValidRequest`.
+    pub fn request(&self) -> katz_onnx::request::Limits {
+        katz_onnx::request::Limits {
+            max_side: self.max_side as usize,
+            max_steps: self.max_steps as usize,
+            max_controlnets: self.max_controlnets,
+            max_loras: self.max_loras,
+            ..Default::default()
+        }
+    }
+}
+
+/// Decodes a message (msgpack, schema version, job id, priority); every failure names the
+/// problem. The job's values are checked later, once, as a request.
 pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
     let env: Option<Envelope> = rmp_serde::from_slice(bytes).ok();
     let id = env.as_ref().and_then(|e| e.id.clone()).filter(|i| valid_id(i));
@@ -254,64 +269,10 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
         _ => {}
     }
     let job: Job = rmp_serde::from_slice(bytes).map_err(|e| fail(format!("job does not decode: {e}")))?;
-    check(&job, limits).map_err(fail)?;
-    Ok(job)
-}
-
-/// Range checks that need no model.
-pub fn check(job: &Job, l: &Limits) -> Result<(), String> {
-    if job.width == 0 || job.height == 0 || !job.width.is_multiple_of(8) || !job.height.is_multiple_of(8) {
-        return Err(format!(
-            "size {}x{}: width and height must be positive multiples of 8",
-            job.width, job.height
-        ));
-    }
-    if job.width > l.max_side || job.height > l.max_side {
-        return Err(format!(
-            "size {}x{} exceeds the limit of {} per side",
-            job.width, job.height, l.max_side
-        ));
-    }
-    if job.steps == 0 || job.steps > l.max_steps {
-        return Err(format!("steps {} is outside 1..={}", job.steps, l.max_steps));
-    }
-    if !job.guidance.is_finite() || job.guidance < 0.0 || job.guidance > 100.0 {
-        return Err(format!("guidance {} is outside 0..=100", job.guidance));
-    }
     if job.priority > MAX_PRIORITY {
-        return Err(format!("priority {} is over {MAX_PRIORITY}", job.priority));
+        return Err(fail(format!("priority {} is over {MAX_PRIORITY}", job.priority)));
     }
-    if job.controlnets.len() > l.max_controlnets {
-        return Err(format!(
-            "{} ControlNets, the limit is {}",
-            job.controlnets.len(),
-            l.max_controlnets
-        ));
-    }
-    if job.loras.len() > l.max_loras {
-        return Err(format!("{} LoRAs, the limit is {}", job.loras.len(), l.max_loras));
-    }
-    for c in &job.controlnets {
-        if !c.scale.is_finite()
-            || !(0.0..=1.0).contains(&c.start)
-            || !(0.0..=1.0).contains(&c.end)
-            || c.start >= c.end
-        {
-            return Err(format!(
-                "ControlNet {}: need a finite scale and 0 ≤ start < end ≤ 1",
-                c.model
-            ));
-        }
-    }
-    for lo in &job.loras {
-        if !lo.scale.is_finite() {
-            return Err(format!("LoRA {}: scale must be finite", lo.name));
-        }
-        if lo.name.is_empty() || lo.name.contains('/') || lo.name.contains("..") {
-            return Err(format!("LoRA name {:?} is not a plain name", lo.name));
-        }
-    }
-    Ok(())
+    Ok(job)
 }
 
 /// Job status in `katz:job:<id>` field `status`.

@@ -61,6 +61,7 @@ pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
     }
     let weights = actors[0].shared_weights();
     let base = actors[0].base_name().to_string();
+    let catalogue = Arc::new(actors[0].catalogue(&cfg.limits));
     let queue = cfg.queue.clone().unwrap_or_else(|| jobs_queue(&base));
     let pool = Mutex::new(actors);
 
@@ -90,6 +91,7 @@ pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let deps = JobDeps {
             limits: cfg.limits.clone(),
+            catalogue,
             worker: cfg.worker_name.clone(),
             store_retry: cfg.store_retry,
             pipeline,

@@ -155,7 +155,10 @@ mod tests {
 
     #[test]
     fn places_parse_one_device_or_one_per_half() {
-        assert_eq!("cuda:1".parse::<ControlNetPlace>().unwrap(), ControlNetPlace::One(Device::Cuda(1)));
+        assert_eq!(
+            "cuda:1".parse::<ControlNetPlace>().unwrap(),
+            ControlNetPlace::One(Device::Cuda(1))
+        );
         assert_eq!(
             "cuda:2/cuda:3".parse::<ControlNetPlace>().unwrap(),
             ControlNetPlace::Halves(Device::Cuda(2), Device::Cuda(3))
@@ -171,7 +174,10 @@ mod tests {
     fn controlnets_cycle_over_their_places_and_default_to_the_base() {
         let mut p = Placement::on(Device::Cuda(0));
         assert_eq!(p.controlnet(3), ControlNetPlace::One(Device::Cuda(0)));
-        p.controlnets = vec![ControlNetPlace::One(Device::Cuda(1)), ControlNetPlace::One(Device::Cuda(2))];
+        p.controlnets = vec![
+            ControlNetPlace::One(Device::Cuda(1)),
+            ControlNetPlace::One(Device::Cuda(2)),
+        ];
         assert_eq!(p.controlnet(0), ControlNetPlace::One(Device::Cuda(1)));
         assert_eq!(p.controlnet(3), ControlNetPlace::One(Device::Cuda(2)));
     }

@@ -255,11 +255,7 @@ impl ValidRequest {
             }
         }
         if req.loras.len() > l.max_loras {
-            return bad(format!(
-                "{} LoRAs, the limit is {}",
-                req.loras.len(),
-                l.max_loras
-            ));
+            return bad(format!("{} LoRAs, the limit is {}", req.loras.len(), l.max_loras));
         }
         for lo in &req.loras {
             if !lo.scale.is_finite() {
@@ -358,9 +354,15 @@ mod tests {
         type Edit = Box<dyn Fn(&mut Request)>;
         let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|r| r.steps = 0), "steps must be at least 1"),
-            (Box::new(|r| r.steps = 5000), "steps 5000 is over the limit: must be at most 1000"),
+            (
+                Box::new(|r| r.steps = 5000),
+                "steps 5000 is over the limit: must be at most 1000",
+            ),
             (Box::new(|r| r.width = 60), "multiples of 8"),
-            (Box::new(|r| r.height = 0), "height must be a positive multiple of 8"),
+            (
+                Box::new(|r| r.height = 0),
+                "height must be a positive multiple of 8",
+            ),
             (Box::new(|r| r.width = 8192), "at most 4096"),
             (Box::new(|r| r.guidance = f32::NAN), "guidance"),
             (Box::new(|r| r.guidance = 101.0), "guidance"),
@@ -369,7 +371,10 @@ mod tests {
                 "not loaded",
             ),
             (
-                Box::new(|r| r.controlnets.push(control(ControlModel::Served(ServiceId(0)), 0.0, 1.0))),
+                Box::new(|r| {
+                    r.controlnets
+                        .push(control(ControlModel::Served(ServiceId(0)), 0.0, 1.0))
+                }),
                 "service",
             ),
             (

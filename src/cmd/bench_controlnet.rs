@@ -18,7 +18,8 @@ use katz_actors::controlnet::{RemoteConfig, RemoteControlNets};
 use katz_onnx::controlnet::ControlService;
 use katz_onnx::image::read_conditioning;
 use katz_onnx::noise::SeededNoise;
-use katz_onnx::pipeline::{ControlRequest, LoraPlan, Pipeline, Request};
+use katz_onnx::pipeline::{Pipeline, RunOptions};
+use katz_onnx::request::{ControlModel, ControlRequest, Request, ServiceId, ValidRequest};
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
 use serde_json::json;
@@ -87,15 +88,21 @@ fn request(
     setup: &Setup,
     n: usize,
     a: &ControlNetBenchArgs,
-) -> anyhow::Result<Request> {
-    let model = pipe.controlnet(&setup.controlnet)?;
+    served: bool,
+) -> anyhow::Result<ValidRequest> {
+    // a ControlNet service serves model 0 of its list; the pipeline's own is the one it loaded
+    let model: ControlModel = if served {
+        ControlModel::Served(ServiceId(0))
+    } else {
+        pipe.controlnet(&setup.controlnet)?.into()
+    };
     let image = read_conditioning(&bundles.join("examples/edges-128.png"), (128, 128))?;
     let image = match a.size {
         128 => image,
         64 => read_conditioning(&bundles.join("examples/cond_a.png"), (a.size, a.size))?,
         s => rings(s),
     };
-    Ok(Request {
+    let req = Request {
         prompt: "a red circle above a blue square on a white background".into(),
         negative_prompt: None,
         width: a.size,
@@ -115,7 +122,10 @@ fn request(
             })
             .collect(),
         loras: vec![],
-    })
+    };
+    let mut accepts = pipe.accepts();
+    accepts.served = 1;
+    Ok(ValidRequest::new(req, &accepts)?)
 }
 
 /// A conditioning image of any size (no example file is that large): concentric rings, as an
@@ -284,7 +294,8 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
             )?);
         }
         for &n in &a.counts {
-            let req = request(&mut pipe, &bundles, &setup, n, &a)?;
+            let served = mode == "redis" || mode == "ipc";
+            let req = request(&mut pipe, &bundles, &setup, n, &a, served)?;
             let mut times = Vec::new();
             let mut steady = Vec::new();
             for r in 0..=a.repeat {
@@ -315,13 +326,12 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
                     (m, _) => bail!("unknown mode `{m}` (serial, parallel, inline, redis, ipc)"),
                 };
                 let mut clock = StepClock::default();
-                let out = pipe.generate_with(
-                    &req,
-                    &mut SeededNoise::new(1),
-                    &mut clock,
-                    LoraPlan::Sync,
-                    control,
-                )?;
+                let mut noise = SeededNoise::new(1);
+                let mut opts = RunOptions::default().noise(&mut noise).observer(&mut clock);
+                if let Some(c) = control {
+                    opts = opts.control(c);
+                }
+                let out = pipe.run(&req, opts)?;
                 if r > 0 {
                     times.push(loop_ms(&out));
                     steady.push(clock.steady_ms());
@@ -386,7 +396,7 @@ fn transport_cost(
 ) -> anyhow::Result<serde_json::Value> {
     use katz_actors::controlnet::wire;
     // this run's bundle: one real step's residuals, measured
-    let req = request(pipe, bundles, setup, 1, a)?;
+    let req = request(pipe, bundles, setup, 1, a, false)?;
     let cond = pipe
         .text_encoders_mut()
         .condition(&req.prompt, None, true, (a.size, a.size))?;

@@ -16,9 +16,9 @@ use anyhow::Context;
 use clap::Args;
 use katz_actors::lora::sim;
 use katz_actors::lora::Policy;
-use katz_onnx::noise::SeededNoise;
-use katz_onnx::pipeline::{LoraPlan, NoObserver, Pipeline, Request};
+use katz_onnx::pipeline::{LoraPlan, Pipeline, RunOptions};
 use katz_onnx::quality::{rel_diff, ssim};
+use katz_onnx::request::{LoraRequest, Request, ValidRequest};
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::weights::PendingMerge;
 use serde_json::json;
@@ -76,18 +76,31 @@ pub fn lora_bound(a: LoraBoundArgs) -> anyhow::Result<()> {
     for s in &specs {
         loras.push((pipe.lora(&s.file)?, s.scale));
     }
-    let request = |seed: u64, with: bool| Request {
-        prompt: a.prompt.clone(),
-        negative_prompt: None,
-        width: a.size,
-        height: a.size,
-        steps: a.steps,
-        guidance: a.guidance,
-        scheduler: SchedulerKind::Euler,
-        karras: false,
-        seed,
-        controlnets: vec![],
-        loras: if with { loras.clone() } else { vec![] },
+    let accepts = pipe.accepts();
+    let request = |seed: u64, with: bool| {
+        ValidRequest::new(
+            Request {
+                prompt: a.prompt.clone(),
+                negative_prompt: None,
+                width: a.size,
+                height: a.size,
+                steps: a.steps,
+                guidance: a.guidance,
+                scheduler: SchedulerKind::Euler,
+                karras: false,
+                seed,
+                controlnets: vec![],
+                loras: if with {
+                    loras
+                        .iter()
+                        .map(|(l, s)| LoraRequest::loaded(l.clone(), *s))
+                        .collect()
+                } else {
+                    vec![]
+                },
+            },
+            &accepts,
+        )
     };
     println!(
         "katz bench lora-bound: {} · {} steps, {}², {} LoRA(s), seeds {:?}; async switches exactly at K",
@@ -101,8 +114,9 @@ pub fn lora_bound(a: LoraBoundArgs) -> anyhow::Result<()> {
     let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
     let mut per_seed = Vec::new();
     for &seed in &a.seeds {
-        let sync = pipe.generate(&request(seed, true), &mut NoObserver)?.image;
-        let plain = pipe.generate(&request(seed, false), &mut NoObserver)?.image;
+        let (with, without) = (request(seed, true)?, request(seed, false)?);
+        let sync = pipe.run(&with, RunOptions::default())?.image;
+        let plain = pipe.run(&without, RunOptions::default())?.image;
         let mut seed_rows = vec![json!({
             "variant": "no LoRA",
             "rel_diff": rel_diff(&plain.data, &sync.data),
@@ -122,18 +136,13 @@ pub fn lora_bound(a: LoraBoundArgs) -> anyhow::Result<()> {
         );
         for &k in &a.bounds {
             let mut pending = PendingMerge::spawn(pipe.shared_weights(), loras.clone());
-            let req = request(seed, false);
-            let out = pipe.generate_planned(
-                &req,
-                &mut SeededNoise::new(seed),
-                &mut NoObserver,
-                LoraPlan::Async {
-                    pending: &mut pending,
-                    bound: k,
-                    timeout: Duration::from_secs(600),
-                    early: false,
-                },
-            )?;
+            let plan = LoraPlan::Async {
+                pending: &mut pending,
+                bound: k,
+                timeout: Duration::from_secs(600),
+                early: false,
+            };
+            let out = pipe.run(&without, RunOptions::default().lora(plan))?;
             let (rd, ss) = (rel_diff(&out.image.data, &sync.data), ssim(&out.image, &sync)?);
             seed_rows.push(json!({"variant": format!("async K={k}"), "switch_step": out.timings.lora_switch_step, "rel_diff": rd, "ssim": ss}));
             push(format!("async K={k}"), rd, ss);

@@ -21,10 +21,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use katz_onnx::lora::LoraAdapter;
-use katz_onnx::noise::SeededNoise;
-use katz_onnx::pipeline::{
-    ControlRequest, Generated, LoraBound, LoraMode, LoraPlan, NoObserver, Pipeline, Request,
-};
+use katz_onnx::pipeline::{Generated, LoraBound, LoraMode, LoraPlan, Pipeline, RunOptions};
+use katz_onnx::placement::{ControlNetPlace, Placement};
+use katz_onnx::request::{ControlRequest, LoraRequest, Request};
 use katz_onnx::runtime::Device;
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
@@ -61,7 +60,7 @@ pub struct PipelineBenchArgs {
     /// unconditional half's ControlNet on cuda:2, the conditional half's on cuda:3; the paper's
     /// placement, one GPU per ControlNet per half).
     #[arg(long, value_delimiter = ',')]
-    pub controlnet_devices: Vec<CnPlace>,
+    pub controlnet_devices: Vec<ControlNetPlace>,
     /// Latent parallelism: the conditional guidance half on this second GPU (e.g. `cuda:1`).
     #[arg(long)]
     pub split_guidance: Option<Device>,
@@ -170,45 +169,31 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         m => bail!("--controlnet-mode must be serial or parallel, got {m}"),
     };
     let t0 = Instant::now();
+    let placement = Placement {
+        base: a.device.device,
+        cond_half: a.split_guidance,
+        controlnets: a.controlnet_devices.clone(),
+    };
     let mut opts = a.device.session_options();
     if a.static_shapes {
-        let batch = if a.split_guidance.is_some() || a.guidance <= 1.0 {
-            1
-        } else {
-            2
-        };
         opts.fixed = Some(katz_onnx::runtime::FixedShape {
             width: a.size,
             height: a.size,
-            unet_batch: batch,
+            unet_batch: placement.unet_batch(a.guidance > 1.0),
         });
     }
     opts.cuda_graph = a.cuda_graph;
     let mut pipe =
         Pipeline::load(&a.bundle, opts).with_context(|| format!("loading {}", a.bundle.display()))?;
-    if let Some(d) = a.split_guidance {
-        pipe.split_guidance(d)?;
-    }
     // ControlNet j runs where entry j mod len says (none: on the pipeline's device)
-    let place = |j: usize| {
-        a.controlnet_devices
-            .get(j % a.controlnet_devices.len().max(1))
-            .copied()
-            .unwrap_or(CnPlace::One(a.device.device))
-    };
-    let mut models = Vec::new();
-    if let Some(dir) = &a.controlnet {
-        for j in 0..max_c {
-            let m = match place(j) {
-                CnPlace::Halves(u, c) => pipe.controlnet_halves(dir, u, c)?,
-                CnPlace::One(d) if d != a.device.device => pipe.controlnet_on(dir, d)?,
-                CnPlace::One(_) => pipe.controlnet(dir)?,
-            };
-            models.push(m);
-        }
-    }
+    let dirs: Vec<&PathBuf> = a
+        .controlnet
+        .iter()
+        .flat_map(|d| std::iter::repeat_n(d, max_c))
+        .collect();
+    let models = pipe.place(&placement, &dirs)?;
     let load_s = t0.elapsed().as_secs_f64();
-    let placement: Vec<String> = (0..max_c).map(|j| place(j).to_string()).collect();
+    let places: Vec<String> = (0..max_c).map(|j| placement.controlnet(j).to_string()).collect();
     let machine = gpu_name();
     println!(
         "katz bench pipeline: {} on {}{} ({machine}), {}², {} Euler steps, guidance {}, ControlNets {} on [{}], LoRAs {} (bound {}){}; loaded in {load_s:.1} s",
@@ -219,7 +204,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         a.steps,
         a.guidance,
         a.controlnet_mode,
-        placement.join(", "),
+        places.join(", "),
         a.lora_mode,
         a.lora_bound,
         match (a.static_shapes, a.cuda_graph) {
@@ -255,7 +240,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
             seed: 1234,
             controlnets: (0..nc)
                 .map(|j| ControlRequest {
-                    model: models[j],
+                    model: models[j].into(),
                     image: images[j].clone(),
                     scale: 0.8,
                     start: 0.0,
@@ -274,7 +259,10 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
                 LoraMode::Sync => {
                     r.loras = a.loras[..nl]
                         .iter()
-                        .map(|p| Ok((Arc::new(LoraAdapter::load(p, pipe.weights().map())?), 0.7f32)))
+                        .map(|p| {
+                            let l = Arc::new(LoraAdapter::load(p, pipe.weights().map())?);
+                            Ok(LoraRequest::loaded(l, 0.7))
+                        })
                         .collect::<anyhow::Result<Vec<_>>>()?;
                     parse = started.elapsed();
                     LoraPlan::Sync
@@ -291,14 +279,13 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
                     }
                 }
             };
+            let r = pipe.validate(r)?;
             let mut threaded = pipe.threaded_controlnets();
-            let control: Option<&mut dyn katz_onnx::controlnet::ControlService> = if parallel && nc > 0 {
-                Some(&mut threaded)
-            } else {
-                None
-            };
-            let out =
-                pipe.generate_with(&r, &mut SeededNoise::new(r.seed), &mut NoObserver, plan, control)?;
+            let mut opts = RunOptions::default().lora(plan);
+            if parallel && nc > 0 {
+                opts = opts.control(&mut threaded);
+            }
+            let out = pipe.run(&r, opts)?;
             Ok(Run {
                 parse,
                 e2e: started.elapsed(),
@@ -443,7 +430,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
     let report = json!({
         "bench": "pipeline", "machine": machine, "device": a.device.device.to_string(),
         "bundle": a.bundle.display().to_string(), "size": a.size, "steps": a.steps, "guidance": a.guidance,
-        "controlnet_mode": a.controlnet_mode, "controlnet_devices": placement,
+        "controlnet_mode": a.controlnet_mode, "controlnet_devices": places,
         "split_guidance": a.split_guidance.map(|d| d.to_string()),
         "static_shapes": a.static_shapes,
         "cuda_graph": a.cuda_graph,
@@ -489,52 +476,5 @@ mod tests {
     fn medians() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0]), 2.5);
-    }
-}
-
-/// Where one ControlNet of `--controlnet-devices` runs: one device, or one per guidance half.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum CnPlace {
-    One(Device),
-    /// Unconditional half's device / conditional half's device.
-    Halves(Device, Device),
-}
-
-impl std::str::FromStr for CnPlace {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let dev = |d: &str| d.trim().parse::<Device>().map_err(|e| format!("`{d}`: {e}"));
-        match s.split_once('/') {
-            Some((u, c)) => Ok(CnPlace::Halves(dev(u)?, dev(c)?)),
-            None => Ok(CnPlace::One(dev(s)?)),
-        }
-    }
-}
-
-impl std::fmt::Display for CnPlace {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CnPlace::One(d) => write!(f, "{d}"),
-            CnPlace::Halves(u, c) => write!(f, "{u}/{c}"),
-        }
-    }
-}
-
-#[cfg(test)]
-mod placement_tests {
-    use super::*;
-
-    #[test]
-    fn placements_parse_one_device_or_one_per_half() {
-        assert_eq!("cuda:1".parse(), Ok(CnPlace::One(Device::Cuda(1))));
-        assert_eq!(
-            "cuda:2/cuda:3".parse(),
-            Ok(CnPlace::Halves(Device::Cuda(2), Device::Cuda(3)))
-        );
-        assert_eq!(
-            CnPlace::Halves(Device::Cuda(2), Device::Cuda(3)).to_string(),
-            "cuda:2/cuda:3"
-        );
-        assert!("cuda:2/gpu".parse::<CnPlace>().is_err());
     }
 }

@@ -7,8 +7,9 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use katz_onnx::image::read_conditioning;
 use katz_onnx::lora::LoraAdapter;
-use katz_onnx::noise::SeededNoise;
-use katz_onnx::pipeline::{ControlRequest, LoraMode, LoraPlan, Pipeline, Request};
+use katz_onnx::pipeline::{LoraMode, LoraPlan, Pipeline, RunOptions};
+use katz_onnx::placement::{ControlNetPlace, Placement};
+use katz_onnx::request::{ControlRequest, LoraRequest, Request, ValidRequest};
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::weights::PendingMerge;
 
@@ -145,31 +146,33 @@ pub struct GenerateArgs {
     pub device: DeviceArgs,
 }
 
-/// Loads what a request names and builds it (shared with `katz demo`).
-pub fn build_request(pipe: &mut Pipeline, a: &GenerateArgs) -> anyhow::Result<Request> {
+/// Where the options put the pipeline's parts.
+pub fn placement(a: &GenerateArgs) -> Placement {
+    Placement {
+        base: a.device.device,
+        cond_half: a.split_guidance,
+        controlnets: a
+            .controlnet_devices
+            .iter()
+            .map(|d| ControlNetPlace::One(*d))
+            .collect(),
+    }
+}
+
+/// Places the pipeline's parts and loads the ControlNets the options name, then builds the
+/// request and checks it.
+pub fn build_request(pipe: &mut Pipeline, a: &GenerateArgs) -> anyhow::Result<ValidRequest> {
     let m = &pipe.bundle.manifest;
     let (width, height) = a.size.unwrap_or((m.default_size[0], m.default_size[1]));
     let steps = a.steps.unwrap_or(m.default_steps);
     let guidance = a.guidance.unwrap_or(m.default_guidance);
-    let f = m.vae_scale_factor;
-    if width % f != 0 || height % f != 0 || width == 0 || height == 0 {
-        bail!("size {width}x{height}: width and height must be positive multiples of {f}");
-    }
+    let dirs: Vec<&PathBuf> = a.controlnets.iter().map(|c| &c.bundle).collect();
+    let ids = pipe.place(&placement(a), &dirs)?;
     let mut controlnets = Vec::new();
-    for (j, c) in a.controlnets.iter().enumerate() {
-        let placed = a
-            .controlnet_devices
-            .get(j % a.controlnet_devices.len().max(1))
-            .copied()
-            .filter(|d| *d != a.device.device);
-        let model = match placed {
-            Some(d) => pipe.controlnet_on(&c.bundle, d),
-            None => pipe.controlnet(&c.bundle),
-        }
-        .with_context(|| format!("ControlNet {}", c.bundle.display()))?;
+    for (c, model) in a.controlnets.iter().zip(ids) {
         let image = read_conditioning(&c.image, (width, height))?;
         controlnets.push(ControlRequest {
-            model,
+            model: model.into(),
             image,
             scale: c.scale,
             start: c.start,
@@ -178,12 +181,13 @@ pub fn build_request(pipe: &mut Pipeline, a: &GenerateArgs) -> anyhow::Result<Re
     }
     // async mode reads and merges the LoRA files while the job denoises (see `run`)
     let mut loras = Vec::new();
-    if lora_mode(a)? == LoraMode::Sync {
-        for l in &a.loras {
-            loras.push((pipe.lora(&l.file)?, l.scale));
-        }
+    for l in &a.loras {
+        loras.push(match lora_mode(a)? {
+            LoraMode::Sync => LoraRequest::loaded(pipe.lora(&l.file)?, l.scale),
+            LoraMode::Async => LoraRequest::named(file_name(&l.file), l.scale),
+        });
     }
-    Ok(Request {
+    let req = Request {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
         width,
@@ -195,18 +199,22 @@ pub fn build_request(pipe: &mut Pipeline, a: &GenerateArgs) -> anyhow::Result<Re
         seed: a.seed,
         controlnets,
         loras,
-    })
+    };
+    Ok(pipe.validate(req)?)
+}
+
+/// A LoRA file's name as a request names it (its file stem).
+fn file_name(p: &std::path::Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut pipe = Pipeline::load(&a.bundle, a.device.session_options())
         .map_err(|e| anyhow!(e))
         .with_context(|| format!("loading bundle {}", a.bundle.display()))?;
-    if let Some(d) = a.split_guidance {
-        pipe.split_guidance(d)?;
-    }
     let req = build_request(&mut pipe, &a)?;
-    pipe.validate(&req)?;
     let cfg = lora_args::config(PathBuf::new(), &a.lora, &Default::default(), &Default::default())?;
     let mut progress = Progress::new(req.steps);
     let out = if cfg.mode == LoraMode::Async && !a.loras.is_empty() {
@@ -230,19 +238,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 .collect::<katz_onnx::Result<Vec<_>>>();
             tx.send(loras.and_then(|l| weights.merge(&l)).map(std::sync::Arc::new));
         });
-        pipe.generate_planned(
-            &req,
-            &mut SeededNoise::new(req.seed),
-            &mut progress,
-            LoraPlan::Async {
-                pending: &mut pending,
-                bound: cfg.bound_step(req.steps),
-                timeout: cfg.timeout,
-                early: cfg.switch_early,
-            },
-        )
+        let plan = LoraPlan::Async {
+            pending: &mut pending,
+            bound: cfg.bound_step(req.steps),
+            timeout: cfg.timeout,
+            early: cfg.switch_early,
+        };
+        pipe.run(&req, RunOptions::default().observer(&mut progress).lora(plan))
     } else {
-        pipe.generate(&req, &mut progress)
+        pipe.run(&req, RunOptions::default().observer(&mut progress))
     };
     progress.finish();
     finish(&out?, &a.output)

@@ -107,8 +107,10 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     job.priority = a.priority;
     job.result_ttl_s = a.ttl_s;
     job.deadline_ms = a.deadline_s.map(|s| now_ms() + s * 1000);
+    let mut images = Vec::with_capacity(a.controlnets.len());
     for (i, c) in a.controlnets.iter().enumerate() {
         let bytes = std::fs::read(&c.image).with_context(|| format!("reading {}", c.image.display()))?;
+        images.push(bytes.clone());
         let image = if a.images_via_redis {
             let key = format!("katz:upload:{id}:{i}");
             let _: () = redis.set_ex(&key, bytes, a.ttl_s).await?;
@@ -131,8 +133,9 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
             scale: l.scale,
         });
     }
-    katz_actors::protocol::check(&job, &katz_actors::protocol::Limits::default())
-        .map_err(anyhow::Error::msg)?;
+    // the worker's own check, as far as a producer can make it (any base and ControlNet name)
+    katz_actors::pipeline::Catalogue::producer(&job, &katz_actors::protocol::Limits::default())
+        .request(&job, &images)?;
 
     if !reserve_record(&mut redis, &job, &[], a.ttl_s).await? {
         bail!("job id `{id}` is already in use (katz status {id})");

@@ -100,3 +100,56 @@ pub fn test_lora_store(tag: &str) -> PathBuf {
     write_kohya_lora(&dir.join("tiny-lora-c.safetensors"), 4, 7);
     dir
 }
+
+/// Checks `r` against `p` and runs it with its seeded noise (what most tests do).
+pub fn generate(
+    p: &mut katz_onnx::pipeline::Pipeline,
+    r: &katz_onnx::request::Request,
+    obs: &mut dyn katz_onnx::pipeline::Observer,
+) -> katz_onnx::Result<katz_onnx::pipeline::Generated> {
+    let v = p.validate(r.clone())?;
+    p.run(&v, katz_onnx::pipeline::RunOptions::default().observer(obs))
+}
+
+/// [`generate`] with the noise, LoRA plan and ControlNet service given.
+pub fn generate_with(
+    p: &mut katz_onnx::pipeline::Pipeline,
+    r: &katz_onnx::request::Request,
+    noise: &mut dyn katz_onnx::scheduler::NoiseSource,
+    obs: &mut dyn katz_onnx::pipeline::Observer,
+    plan: katz_onnx::pipeline::LoraPlan<'_>,
+    control: Option<&mut dyn katz_onnx::controlnet::ControlService>,
+) -> katz_onnx::Result<katz_onnx::pipeline::Generated> {
+    let mut accepts = p.accepts();
+    accepts.served = r.controlnets.len();
+    let v = katz_onnx::request::ValidRequest::new(r.clone(), &accepts)?;
+    let mut opts = katz_onnx::pipeline::RunOptions::default()
+        .noise(noise)
+        .observer(obs)
+        .lora(plan);
+    if let Some(c) = control {
+        opts = opts.control(c);
+    }
+    p.run(&v, opts)
+}
+
+/// [`generate_with`] with the pipeline's own ControlNets.
+pub fn generate_planned(
+    p: &mut katz_onnx::pipeline::Pipeline,
+    r: &katz_onnx::request::Request,
+    noise: &mut dyn katz_onnx::scheduler::NoiseSource,
+    obs: &mut dyn katz_onnx::pipeline::Observer,
+    plan: katz_onnx::pipeline::LoraPlan<'_>,
+) -> katz_onnx::Result<katz_onnx::pipeline::Generated> {
+    generate_with(p, r, noise, obs, plan, None)
+}
+
+/// [`generate_with`] with the LoRAs merged before step 0 and the pipeline's own ControlNets.
+pub fn generate_with_noise(
+    p: &mut katz_onnx::pipeline::Pipeline,
+    r: &katz_onnx::request::Request,
+    noise: &mut dyn katz_onnx::scheduler::NoiseSource,
+    obs: &mut dyn katz_onnx::pipeline::Observer,
+) -> katz_onnx::Result<katz_onnx::pipeline::Generated> {
+    generate_with(p, r, noise, obs, katz_onnx::pipeline::LoraPlan::Sync, None)
+}

@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! base worker (PipelineActor, model thread)                    ControlNet worker(s)
-//!   Router ─ Local(i)  ─▶ InlineControlNets (serial) | ThreadedControlNets (parallel threads)
-//!          └ Remote(i) ─▶ RemoteControlNets ─SessionOpen─▶ RabbitMQ katz.controlnet.<model>
+//!   Router ─ Loaded(m) ─▶ InlineControlNets (serial) | ThreadedControlNets (parallel threads)
+//!          └ Served(s) ─▶ RemoteControlNets ─SessionOpen─▶ RabbitMQ katz.controlnet.<model>
 //!                              │ Redis katz:cn:<s>:init/in/out (TTL) ◀──▶ SessionActor (thread):
 //!                              │                                           BLPOP in → ControlNet
 //!                              └ step timeout → another session → … → job fails, named   → RPUSH out
@@ -18,7 +18,7 @@ pub mod worker;
 use katz_onnx::controlnet::{
     ControlService, ControlSession, InlineControlNets, SessionInit, ThreadedControlNets,
 };
-use katz_onnx::pipeline::ControlRequest;
+use katz_onnx::request::{ControlModel, ControlRequest};
 use katz_onnx::{Error, Result};
 
 pub use remote::{RemoteConfig, RemoteControlNets, RemoteModel};
@@ -46,16 +46,10 @@ impl std::str::FromStr for LocalMode {
     }
 }
 
-/// Where ControlRequest model `m` runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    Local(usize),
-    Remote(usize),
-}
-
-/// Sends each ControlNet of a job to where its model runs.
+/// Sends each ControlNet of a job to where its model runs: the pipeline's own models
+/// ([`ControlModel::Loaded`]) to the inline or threaded sessions, served models
+/// ([`ControlModel::Served`]) to the ControlNet workers.
 pub struct Router<'a> {
-    pub routes: &'a [Route],
     pub inline: InlineControlNets,
     pub threaded: ThreadedControlNets,
     pub mode: LocalMode,
@@ -69,31 +63,16 @@ impl ControlService for Router<'_> {
         req: &ControlRequest,
         init: SessionInit<'_>,
     ) -> Result<Box<dyn ControlSession>> {
-        let route = *self
-            .routes
-            .get(req.model)
-            .ok_or_else(|| Error::InvalidRequest(format!("ControlNet #{index} has no route")))?;
-        match route {
-            Route::Local(m) => {
-                let r = ControlRequest {
-                    model: m,
-                    ..req.clone()
-                };
-                match self.mode {
-                    LocalMode::Serial => self.inline.open(index, &r, init),
-                    LocalMode::Parallel => self.threaded.open(index, &r, init),
-                }
-            }
-            Route::Remote(m) => {
-                let r = ControlRequest {
-                    model: m,
-                    ..req.clone()
-                };
-                self.remote
-                    .as_deref_mut()
-                    .ok_or_else(|| Error::ControlNet("no ControlNet service is configured".into()))?
-                    .open(index, &r, init)
-            }
+        match req.model {
+            ControlModel::Loaded(_) => match self.mode {
+                LocalMode::Serial => self.inline.open(index, req, init),
+                LocalMode::Parallel => self.threaded.open(index, req, init),
+            },
+            ControlModel::Served(_) => self
+                .remote
+                .as_deref_mut()
+                .ok_or_else(|| Error::ControlNet("no ControlNet service is configured".into()))?
+                .open(index, req, init),
         }
     }
 }

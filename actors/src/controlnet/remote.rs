@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use katz_onnx::controlnet::{ControlService, ControlSession, SessionInit};
 use katz_onnx::device::DevRef;
-use katz_onnx::pipeline::ControlRequest;
+use katz_onnx::request::{ControlModel, ControlRequest};
 use katz_onnx::tensor::Tensor;
 use katz_onnx::{Error, Result};
 
@@ -136,7 +136,7 @@ impl std::str::FromStr for RemoteModel {
     }
 }
 
-/// Opens sessions on remote ControlNet workers; `models[i]` serves ControlRequest model `i`.
+/// Opens sessions on remote ControlNet workers; `models[i]` serves `ControlModel::Served(ServiceId(i))`.
 pub struct RemoteControlNets {
     cfg: RemoteConfig,
     models: Vec<RemoteModel>,
@@ -216,9 +216,14 @@ impl ControlService for RemoteControlNets {
         req: &ControlRequest,
         init: SessionInit<'_>,
     ) -> Result<Box<dyn ControlSession>> {
+        let ControlModel::Served(m) = req.model else {
+            return Err(Error::InvalidRequest(format!(
+                "ControlNet #{index} is not served by a ControlNet service"
+            )));
+        };
         let RemoteModel { name: model, queue } = self
             .models
-            .get(req.model)
+            .get(m.0)
             .ok_or_else(|| Error::InvalidRequest(format!("ControlNet #{index}: no such remote model")))?
             .clone();
         let c = init.cond;

@@ -10,7 +10,7 @@ use katz_onnx::weights::PendingMerge;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::JobError;
-use crate::protocol::Job;
+use katz_onnx::request::ValidRequest;
 
 /// A step finished (sent from the model thread to the job's forwarder).
 #[derive(Debug, Clone, Copy)]
@@ -20,13 +20,14 @@ pub struct StepDone {
     pub step_ms: f64,
 }
 
-/// Runs one job to a PNG. `images[i]` holds the PNG bytes of ControlNet `i` (resolved by the
-/// consumer, inline or from Redis).
+/// Runs one job to a PNG: its request, checked by the consumer against this worker's
+/// [`super::Catalogue`].
 #[derive(Message)]
 #[rtype(result = "Result<JobOutput, JobError>")]
 pub struct RunJob {
-    pub job: Job,
-    pub images: Vec<Vec<u8>>,
+    pub req: ValidRequest,
+    /// The job's id (ControlNet service sessions are named after it).
+    pub job_id: String,
     /// The job's LoRAs, being merged by the LoraManager (`None`: the job has none).
     pub loras: Option<JobLoras>,
     pub progress: UnboundedSender<StepDone>,

@@ -2,37 +2,43 @@
 //! and its ControlNets) on a thread of its own — a `SyncArbiter` thread, never the event loop.
 //!
 //! ```text
-//! JobConsumer ──RunJob{job, images, loras, progress, cancel}──▶ PipelineActor (model thread)
-//!      ▲                                                     │ resolve base / ControlNets
-//!      └──────────── JobOutput{png, timings} ◀───────────────┘ generate → encode PNG
+//! JobConsumer ──RunJob{req: ValidRequest, loras, progress, cancel}──▶ PipelineActor (model thread)
+//!      ▲                                                          │ Pipeline::run → encode PNG
+//!      └──────────── JobOutput{png, timings} ◀────────────────────┘
 //!                    StepDone ──▶ progress channel (forwarded to Redis by the consumer)
 //! ```
+//!
+//! The consumer makes the [`katz_onnx::request::ValidRequest`] with this worker's
+//! [`Catalogue`] (catalogue.rs: base name, ControlNets by name, what the pipeline accepts)
+//! before the job reaches the model thread; the actor only runs it. [`Models::placement`]
+//! says where the pipeline's parts run.
 //!
 //! A job's LoRAs arrive as a [`katz_onnx::weights::PendingMerge`] from the LoraManager
 //! ([`crate::lora`]); the pipeline switches them in at the job's bound step (0 in sync mode).
 
+mod catalogue;
 pub mod messages;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
-use katz_onnx::controlnet::ControlService;
-use katz_onnx::image::{decode_png, encode_png};
-use katz_onnx::noise::SeededNoise;
-use katz_onnx::pipeline::{ControlRequest, LoraPlan, Observer, Pipeline, Request};
+use katz_onnx::image::encode_png;
+use katz_onnx::pipeline::{LoraPlan, Observer, Pipeline, RunOptions};
+use katz_onnx::placement::{ControlNetPlace, Placement};
+use katz_onnx::request::{ControlModel, ServiceId};
 use katz_onnx::runtime::SessionOptions;
-use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
 use katz_onnx::weights::Weights;
 
-use crate::controlnet::{LocalMode, RemoteConfig, RemoteControlNets, RemoteModel, Route, Router};
+use crate::controlnet::{LocalMode, RemoteConfig, RemoteControlNets, RemoteModel, Router};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::JobError;
+pub use catalogue::Catalogue;
 pub use messages::*;
 
 /// The models one worker serves.
@@ -57,6 +63,19 @@ pub struct Models {
 }
 
 impl Models {
+    /// Where the base, the second guidance half and each hosted ControlNet run.
+    pub fn placement(&self) -> Placement {
+        Placement {
+            base: self.session.device,
+            cond_half: self.split_guidance,
+            controlnets: self
+                .controlnet_devices
+                .iter()
+                .map(|d| ControlNetPlace::One(*d))
+                .collect(),
+        }
+    }
+
     /// The base bundle with local ControlNets and a LoRA store: the embedded demo's shape.
     pub fn local(
         base: PathBuf,
@@ -98,7 +117,8 @@ impl PipelineActor {
 /// A base pipeline and its ControlNets, loaded for one model thread.
 pub struct LoadedPipeline {
     pipe: Pipeline,
-    controlnets: HashMap<String, usize>,
+    /// ControlNet names → where they run (hosted here, or served by ControlNet workers).
+    controlnets: BTreeMap<String, ControlModel>,
     mode: LocalMode,
     remote_names: Vec<RemoteModel>,
     remote_cfg: Option<RemoteConfig>,
@@ -108,25 +128,19 @@ pub struct LoadedPipeline {
 }
 
 impl LoadedPipeline {
-    /// Loads the base bundle and every ControlNet bundle (errors name the bundle).
+    /// Loads the base bundle and every ControlNet bundle where the placement puts them (errors
+    /// name the bundle).
     pub fn load(models: &Models, shared: Option<Arc<Weights>>) -> katz_onnx::Result<Self> {
         let mut pipe = Pipeline::load_sharing(&models.base, models.session.clone(), shared)?;
-        let mut controlnets = HashMap::new();
-        for (j, dir) in models.controlnets.iter().enumerate() {
-            let device = models
-                .controlnet_devices
-                .get(j % models.controlnet_devices.len().max(1))
-                .copied()
-                .filter(|d| *d != models.session.device);
-            let idx = match device {
-                Some(d) => pipe.controlnet_on(dir, d)?,
-                None => pipe.controlnet(dir)?,
-            };
-            let name = pipe_controlnet_name(dir)?;
-            controlnets.insert(name, idx);
+        let ids = pipe.place(&models.placement(), &models.controlnets)?;
+        let mut controlnets = BTreeMap::new();
+        for (dir, id) in models.controlnets.iter().zip(ids) {
+            controlnets.insert(pipe_controlnet_name(dir)?, ControlModel::Loaded(id));
         }
-        if let Some(d) = models.split_guidance {
-            pipe.split_guidance(d)?;
+        for (i, m) in models.controlnet_services.iter().enumerate() {
+            controlnets
+                .entry(m.name.clone())
+                .or_insert(ControlModel::Served(ServiceId(i)));
         }
         if !models.controlnet_services.is_empty() && models.remote.is_none() {
             return Err(katz_onnx::Error::ControlNet(
@@ -160,70 +174,17 @@ impl LoadedPipeline {
         &self.pipe.bundle.manifest.name
     }
 
-    fn request(
-        &self,
-        job: &crate::protocol::Job,
-        images: &[Vec<u8>],
-    ) -> Result<(Request, Vec<Route>), JobError> {
-        if job.base != self.base_name() {
-            return Err(JobError::Invalid(format!(
-                "unknown base model `{}` (this worker serves `{}`)",
-                job.base,
-                self.base_name()
-            )));
+    /// What this pipeline serves and accepts, under the worker's `limits`: the consumer turns
+    /// jobs into requests with it.
+    pub fn catalogue(&self, limits: &crate::protocol::Limits) -> Catalogue {
+        let mut accepts = self.pipe.accepts();
+        accepts.limits = limits.request();
+        accepts.served = self.remote_names.len();
+        Catalogue {
+            base: self.base_name().to_string(),
+            controlnets: self.controlnets.clone(),
+            accepts,
         }
-        let scheduler: SchedulerKind = job
-            .scheduler
-            .parse()
-            .map_err(|e| JobError::Invalid(format!("{e}")))?;
-        let mut controlnets = Vec::new();
-        let mut routes = Vec::new();
-        for (j, (c, png)) in job.controlnets.iter().zip(images).enumerate() {
-            let route = match self.controlnets.get(&c.model) {
-                Some(&i) => Route::Local(i),
-                None => match self.remote_names.iter().position(|n| n.name == c.model) {
-                    Some(i) => Route::Remote(i),
-                    None => {
-                        let mut known: Vec<&String> = self
-                            .controlnets
-                            .keys()
-                            .chain(self.remote_names.iter().map(|m| &m.name))
-                            .collect();
-                        known.sort();
-                        return Err(JobError::Invalid(format!(
-                            "unknown ControlNet `{}` (this worker serves {known:?})",
-                            c.model
-                        )));
-                    }
-                },
-            };
-            routes.push(route);
-            let model = j;
-            let image = decode_png(png, Path::new(&format!("controlnet {} image", c.model)))?;
-            controlnets.push(ControlRequest {
-                model,
-                image,
-                scale: c.scale,
-                start: c.start,
-                end: c.end,
-            });
-        }
-        Ok((
-            Request {
-                prompt: job.prompt.clone(),
-                negative_prompt: job.negative_prompt.clone(),
-                width: job.width as usize,
-                height: job.height as usize,
-                steps: job.steps as usize,
-                guidance: job.guidance,
-                scheduler,
-                karras: job.karras,
-                seed: job.seed,
-                controlnets,
-                loras: Vec::new(),
-            },
-            routes,
-        ))
     }
 }
 
@@ -275,9 +236,11 @@ impl LoadedPipeline {
     /// Runs one job to its image.
     fn run(&mut self, m: RunJob) -> Result<JobOutput, JobError> {
         let _guard = m.span.enter();
-        let (req, routes) = self.request(&m.job, &m.images)?;
-        self.pipe.validate_for(&req, true)?;
-        let remote_needed = routes.iter().any(|r| matches!(r, Route::Remote(_)));
+        let req = m.req;
+        let remote_needed = req
+            .controlnets
+            .iter()
+            .any(|c| matches!(c.model, ControlModel::Served(_)));
         if remote_needed && self.remote.is_none() {
             let (cfg, rt) = match (&self.remote_cfg, &self.rt) {
                 (Some(c), Some(rt)) => (c.clone(), rt.clone()),
@@ -290,14 +253,13 @@ impl LoadedPipeline {
             self.remote = Some(RemoteControlNets::new(cfg, self.remote_names.clone(), rt)?);
         }
         if let Some(r) = self.remote.as_mut() {
-            r.for_job(&m.job.id);
+            r.for_job(&m.job_id);
         }
         let mut obs = JobObserver {
             tx: m.progress,
             cancel: m.cancel,
             last: Instant::now(),
         };
-        let mut noise = SeededNoise::new(req.seed);
         let mut lora = m.loras;
         let plan = match lora.as_mut() {
             None => LoraPlan::Sync,
@@ -309,18 +271,16 @@ impl LoadedPipeline {
             },
         };
         let mut router = Router {
-            routes: &routes,
             inline: self.pipe.inline_controlnets(),
             threaded: self.pipe.threaded_controlnets(),
             mode: self.mode,
             remote: self.remote.as_mut(),
         };
-        let control: Option<&mut dyn ControlService> = if routes.is_empty() {
-            None
-        } else {
-            Some(&mut router)
-        };
-        let out = self.pipe.generate_with(&req, &mut noise, &mut obs, plan, control);
+        let mut opts = RunOptions::default().observer(&mut obs).lora(plan);
+        if !req.controlnets.is_empty() {
+            opts = opts.control(&mut router);
+        }
+        let out = self.pipe.run(&req, opts);
         let controlnet_retries = self.remote.as_ref().map(|r| r.retried()).unwrap_or(0);
         let out = out?;
         let png = encode_png(&out.image)?;
@@ -346,9 +306,12 @@ mod tests {
             let pool = std::sync::Mutex::new(Vec::new());
             let addr = SyncArbiter::start(1, move || PipelineActor::from_pool(&pool));
             let (progress, _rx) = tokio::sync::mpsc::unbounded_channel();
+            let req = catalogue::tests::catalogue()
+                .request(&Job::new("j1", "tiny-sdxl", "a red circle"), &[])
+                .expect("a valid job");
             addr.send(RunJob {
-                job: Job::new("j1", "tiny-sdxl", "a red circle"),
-                images: vec![],
+                req,
+                job_id: "j1".into(),
                 loras: None,
                 progress,
                 cancel: Arc::new(AtomicBool::new(false)),

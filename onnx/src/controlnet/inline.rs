@@ -4,7 +4,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::{clone_cond, loaded, lock, BoundControlNet, ControlNet, ControlService, ControlSession, RunSpan, SessionInit};
+use super::{
+    clone_cond, loaded, lock, BoundControlNet, ControlNet, ControlService, ControlSession, RunSpan,
+    SessionInit,
+};
 use crate::device::DevRef;
 use crate::request::ControlRequest;
 use crate::tensor::Tensor;

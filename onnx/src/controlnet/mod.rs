@@ -103,7 +103,11 @@ pub(crate) fn loaded(
     index: usize,
     req: &ControlRequest,
 ) -> Result<Arc<Mutex<ControlNet>>> {
-    let not_loaded = || Error::InvalidRequest(format!("ControlNet #{index} refers to a model that is not loaded"));
+    let not_loaded = || {
+        Error::InvalidRequest(format!(
+            "ControlNet #{index} refers to a model that is not loaded"
+        ))
+    };
     match req.model {
         ControlModel::Loaded(m) => models.get(m.index()).cloned().ok_or_else(not_loaded),
         ControlModel::Served(_) => Err(Error::InvalidRequest(format!(

@@ -10,7 +10,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::{clone_cond, loaded, lock, BoundControlNet, ControlNet, ControlService, ControlSession, RunSpan, SessionInit};
+use super::{
+    clone_cond, loaded, lock, BoundControlNet, ControlNet, ControlService, ControlSession, RunSpan,
+    SessionInit,
+};
 use crate::device::DevRef;
 use crate::request::ControlRequest;
 use crate::tensor::Tensor;

@@ -25,7 +25,9 @@ impl std::str::FromStr for LoraMode {
         match s {
             "sync" => Ok(LoraMode::Sync),
             "async" => Ok(LoraMode::Async),
-            _ => Err(ParseError(format!("LoRA mode must be `sync` or `async`, got `{s}`"))),
+            _ => Err(ParseError(format!(
+                "LoRA mode must be `sync` or `async`, got `{s}`"
+            ))),
         }
     }
 }
@@ -114,7 +116,6 @@ pub enum LoraPlan<'a> {
         early: bool,
     },
 }
-
 
 #[cfg(test)]
 mod tests {

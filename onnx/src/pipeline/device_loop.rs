@@ -82,8 +82,13 @@ pub(super) fn run(p: GpuParts<'_>, job: &mut Job<'_, '_>, host_latents: Tensor) 
             unet.switch_weights(weights, &m, weights)?;
         }
         let t0 = Instant::now();
-        k.scale(&latents.buf, job.sched.input_scale(i), &mut unet.sample_mut().buf, b)
-            .map_err(g)?;
+        k.scale(
+            &latents.buf,
+            job.sched.input_scale(i),
+            &mut unet.sample_mut().buf,
+            b,
+        )
+        .map_err(g)?;
         k.synchronize().map_err(g)?;
         let timestep = Tensor::new(vec![b], vec![ts; b]);
         job.t.scheduler += t0.elapsed();
@@ -109,7 +114,8 @@ pub(super) fn run(p: GpuParts<'_>, job: &mut Job<'_, '_>, host_latents: Tensor) 
                 let who = format!("ControlNet #{j}");
                 for (r, rr) in res.iter().enumerate() {
                     let target = if r < skips { &targets[2 + r] } else { &targets[1] };
-                    add_residual(&who, target, rr, c.scale, &k, dev, &mut staging[r]).map_err(|e| at(&who, e))?;
+                    add_residual(&who, target, rr, c.scale, &k, dev, &mut staging[r])
+                        .map_err(|e| at(&who, e))?;
                 }
             }
             k.synchronize().map_err(g)?;
@@ -131,9 +137,11 @@ pub(super) fn run(p: GpuParts<'_>, job: &mut Job<'_, '_>, host_latents: Tensor) 
         // SAFETY: the prediction stays alive (until `end_step`) past the synchronise below
         unsafe {
             if cfg {
-                k.combine_raw(pred.ptr, req.guidance, &mut guided.buf).map_err(g)?;
+                k.combine_raw(pred.ptr, req.guidance, &mut guided.buf)
+                    .map_err(g)?;
             } else {
-                k.copy_raw(guided.ptr(&k), pred.ptr, guided.len() * 4).map_err(g)?;
+                k.copy_raw(guided.ptr(&k), pred.ptr, guided.len() * 4)
+                    .map_err(g)?;
             }
         }
         scheduler_step(job.sched, i, &k, &mut latents, &guided, job.noise)?;
@@ -267,7 +275,11 @@ pub(super) fn scheduler_step(
 }
 
 /// A staging buffer of `shape` on `k`'s GPU (reused while the shape stays).
-pub(super) fn stage<'s>(slot: &'s mut Option<DevTensor>, k: &GpuKernels, shape: &[usize]) -> Result<&'s mut DevTensor> {
+pub(super) fn stage<'s>(
+    slot: &'s mut Option<DevTensor>,
+    k: &GpuKernels,
+    shape: &[usize],
+) -> Result<&'s mut DevTensor> {
     if slot.as_ref().map(|s| s.shape.as_slice()) != Some(shape) {
         *slot = None;
     }

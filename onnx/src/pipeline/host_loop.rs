@@ -75,7 +75,15 @@ pub(super) fn run(p: &mut HostParts<'_>, job: &mut Job<'_, '_>, mut latents: Ten
             step: i,
             path: StepPath::default(),
         };
-        add_residuals(p.controlnets, &mut sc, &latent_in, &timestep, job.cond, &mut mid, &mut skips)?;
+        add_residuals(
+            p.controlnets,
+            &mut sc,
+            &latent_in,
+            &timestep,
+            job.cond,
+            &mut mid,
+            &mut skips,
+        )?;
         sc.path.finish(job.t, encoder_end, Instant::now());
         job.t.controlnet += t0.elapsed();
         let t0 = Instant::now();

@@ -176,7 +176,11 @@ impl Pipeline {
     /// its GPU, each ControlNet on its device (or once per guidance half), and peer access
     /// between every pair of their GPUs. Returns the ControlNets' ids, in order. `placement.base`
     /// must be the device the pipeline loaded on.
-    pub fn place<P: AsRef<Path>>(&mut self, placement: &Placement, controlnets: &[P]) -> Result<Vec<ModelId>> {
+    pub fn place<P: AsRef<Path>>(
+        &mut self,
+        placement: &Placement,
+        controlnets: &[P],
+    ) -> Result<Vec<ModelId>> {
         if placement.base != self.opts.device {
             return Err(Error::InvalidRequest(format!(
                 "the placement puts the base on {}, the pipeline loaded on {}",
@@ -186,7 +190,9 @@ impl Pipeline {
         placement.check()?;
         if let Some(d) = placement.cond_half {
             if self.half.is_some() {
-                return Err(Error::InvalidRequest("the guidance halves are split already".into()));
+                return Err(Error::InvalidRequest(
+                    "the guidance halves are split already".into(),
+                ));
             }
             self.half = Some(HalfUnet::load(&self.bundle, &self.opts, d)?);
             self.split_on = true;

@@ -48,7 +48,9 @@ use katz_kernels::cuda::GpuKernels;
 use ort::session::Session;
 
 use crate::bundle::BaseBundle;
-use crate::controlnet::{ControlNet, ControlService, ControlSession, InlineControlNets, SessionInit, ThreadedControlNets};
+use crate::controlnet::{
+    ControlNet, ControlService, ControlSession, InlineControlNets, SessionInit, ThreadedControlNets,
+};
 use crate::device::{at, current, gpu_err};
 use crate::lora::LoraAdapter;
 use crate::noise::SeededNoise;

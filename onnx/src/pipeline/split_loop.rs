@@ -31,10 +31,14 @@ use super::device_loop::{add_residual, recv_residuals, scheduler_step, send_step
 use super::job::Job;
 use super::timings::StepPath;
 
-
 /// Runs every step of `job` with the unconditional half on `p`'s GPU and the conditional half
 /// on `h`'s; the final latents, downloaded.
-pub(super) fn run(p: GpuParts<'_>, h: &mut HalfUnet, job: &mut Job<'_, '_>, host_latents: Tensor) -> Result<Tensor> {
+pub(super) fn run(
+    p: GpuParts<'_>,
+    h: &mut HalfUnet,
+    job: &mut Job<'_, '_>,
+    host_latents: Tensor,
+) -> Result<Tensor> {
     let GpuParts {
         unet_encoder,
         unet_decoder,

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::controlnet::RunSpan;
 
-
 /// Wall time per stage of one generation.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {

@@ -117,7 +117,12 @@ impl<'g> JobUnet<'g> {
     }
 
     /// Switches to `merged` (made from `merged_on`'s weights) at a step boundary.
-    pub(crate) fn switch_weights(&mut self, own: &Weights, merged: &MergedWeights, merged_on: &Weights) -> Result<()> {
+    pub(crate) fn switch_weights(
+        &mut self,
+        own: &Weights,
+        merged: &MergedWeights,
+        merged_on: &Weights,
+    ) -> Result<()> {
         match self {
             JobUnet::Graphed(g) => g.set_weights(own, merged, merged_on),
             JobUnet::Bound(j) if std::ptr::eq(own, merged_on) => rebind_weights(own, &mut j.bu, merged),
