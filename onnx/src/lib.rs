@@ -1,20 +1,40 @@
 //! The model side of katz: bundles, ONNX Runtime sessions, schedulers and the diffusion pipeline.
 //!
 //! ```text
-//!  Request ─▶ text::TextEncoders ─▶ (prompt_embeds, pooled, time_ids)   [uncond; cond]
-//!               │ tokenizers → text_encoder, text_encoder_2
-//!               ▼
-//!  noise ─▶ latents ─▶ for each step i (scheduler::Scheduler):
+//!  Request ─ValidRequest::new(&Accepts)─▶ ValidRequest ─▶ Pipeline::run(&req, RunOptions)
+//!                                                          │ text::TextEncoders ─▶ (prompt_embeds, pooled, time_ids)
+//!                                                          ▼
+//!  noise ─▶ latents ─▶ for each step i (scheduler::Scheduler), one loop (host | device | split):
 //!             latent_in = [latents; latents] · input_scale(i)
 //!             unet_encoder(latent_in, t, embeds, weights) ─▶ emb, mid, skips
-//!             controlnet::ControlNet(latent_in, t, image) ─▶ residuals   ─┐ Σ scaleⱼ·resⱼ
-//!             unet_decoder(emb, mid + res, skips + res, weights) ◀────────┘ (kernels::residual)
+//!             ControlSession (controlnet seam) ─▶ residuals   ─┐ Σ scaleⱼ·resⱼ
+//!             unet_decoder(emb, mid + res, skips + res, weights) ◀┘ (kernels::residual)
 //!             kernels::guidance::combine ─▶ scheduler.step ─▶ latents ─▶ Observer (progress, cancel)
 //!  latents / scaling_factor ─▶ vae_decoder ─▶ image ∈ [0,1] ─▶ PNG (image.rs)
 //!
-//!  LoRA files (lora.rs) ─▶ weights::WeightSet::merged  (W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ, kernels::lora)
-//!                          bound as graph inputs of unet_encoder / unet_decoder
+//!  LoRA files (lora/) ─▶ LoraAdapter ─▶ merge (W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ, kernels::lora) ─▶ MergedWeights
+//!                        switched in as lora::plan says (before step 0, or by a bound step)
 //! ```
+//!
+//! ## Layout
+//! Policy (what to compute) and ONNX Runtime contact (how) are apart:
+//!
+//! | module | owns |
+//! |---|---|
+//! | `request` | `Request`, `ControlRequest { model: ControlModel }`, `Limits`, `Accepts`, `ValidRequest::new` — every check of a request, once |
+//! | `placement` | `Placement`: where the base, the second guidance half and each ControlNet run; peer access |
+//! | `pipeline/` | `Pipeline::load` / `place` / `run`; the host, device and split loops; `Timings` |
+//! | `unet/` | the UNet pair bound to a job on a GPU (`bound`), and bound once for CUDA graphs (`graphed`) |
+//! | `controlnet/` | the ControlNet seam (`ControlService`, `ControlSession`), the model, inline and threaded sessions |
+//! | `lora/` | LoRA files → adapters, merges, pending (asynchronous) merges, the switching plan |
+//! | `weights` | the pristine weights (host and device) and merged sets |
+//! | `shapes` | the UNet's output strides, fixed free dimensions (static shapes) |
+//! | `scheduler/` | Euler, Euler ancestral, DDIM, DPM++ 2M (one file each behind one trait) |
+//! | `text` | tokenizers and the two text encoders → conditioning |
+//! | `runtime` | loading ONNX Runtime, `Device`, `SessionOptions`, sessions with execution providers |
+//! | `device` | tensors in GPU memory (`DevTensor`, `DevRef`) and how they meet ONNX Runtime |
+//! | `bundle` | bundle manifests and their checks |
+//! | `image`, `noise`, `tensor`, `threads`, `quality`, `error` | PNG in/out, seeded noise, host tensors, lasting threads, image metrics, the error type |
 //!
 //! [`runtime::init`] loads ONNX Runtime (dynamically, from the pinned PyPI wheel that
 //! `tools/fetch-onnxruntime.sh` unpacks) before any session is made.

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use ort::environment::Environment;
 use ort::session::{builder::GraphOptimizationLevel, Session};
 
+use crate::error::ParseError;
 use crate::{Error, Result};
 
 /// The ONNX Runtime release katz is built and tested against.
@@ -115,17 +116,17 @@ pub enum Device {
 }
 
 impl std::str::FromStr for Device {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = ParseError;
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
         let (kind, id) = s.split_once(':').unwrap_or((s, "0"));
         let id: i32 = id
             .parse()
-            .map_err(|_| format!("`{s}`: device index `{id}` is not a number"))?;
+            .map_err(|_| ParseError(format!("`{s}`: device index `{id}` is not a number")))?;
         match kind {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(id)),
             "tensorrt" | "trt" => Ok(Device::TensorRt(id)),
-            _ => Err(format!("`{s}`: expected cpu, cuda:N or tensorrt:N")),
+            _ => Err(ParseError(format!("`{s}`: expected cpu, cuda:N or tensorrt:N"))),
         }
     }
 }
@@ -186,7 +187,7 @@ pub struct FixedShape {
 
 impl FixedShape {
     /// `WxH` (or one number for a square), as `--static-shapes` takes it.
-    pub fn parse(s: &str, unet_batch: usize) -> std::result::Result<Self, String> {
+    pub fn parse(s: &str, unet_batch: usize) -> std::result::Result<Self, ParseError> {
         let (w, h) = match s.split_once(['x', 'X']) {
             Some((w, h)) => (w, h),
             None => (s, s),
@@ -194,7 +195,7 @@ impl FixedShape {
         let num = |v: &str| {
             v.trim()
                 .parse::<usize>()
-                .map_err(|_| format!("`{s}` is not a size: WIDTHxHEIGHT, e.g. 1024x1024"))
+                .map_err(|_| ParseError(format!("`{s}` is not a size: WIDTHxHEIGHT, e.g. 1024x1024")))
         };
         Ok(FixedShape {
             width: num(w)?,
