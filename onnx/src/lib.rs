@@ -12,8 +12,9 @@
 //!             kernels::guidance::combine ─▶ scheduler.step ─▶ latents ─▶ Observer (progress, cancel)
 //!  latents / scaling_factor ─▶ vae_decoder ─▶ image ∈ [0,1] ─▶ PNG (image.rs)
 //!
-//!  LoRA files (lora.rs) ─▶ weights::WeightSet::merged  (W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ, kernels::lora)
-//!                          bound as graph inputs of unet_encoder / unet_decoder
+//!  LoRA files (lora/) ─▶ lora::LoraAdapter ─▶ Weights::merge ─▶ weights::MergedWeights
+//!                        (W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ, kernels::lora; lora::PendingMerge while in flight)
+//!                        bound as graph inputs of unet_encoder / unet_decoder
 //! ```
 //!
 //! [`runtime::init`] loads ONNX Runtime (dynamically, from the pinned PyPI wheel that
@@ -22,6 +23,7 @@
 pub mod bundle;
 pub mod controlnet;
 pub mod device;
+pub(crate) mod dtype;
 pub mod error;
 pub(crate) mod graphs;
 pub mod image;

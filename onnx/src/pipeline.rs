@@ -43,13 +43,13 @@ use crate::controlnet::{
 };
 use crate::device::{gpu_err, DevRef, DevTensor};
 use crate::graphs::GraphedUnet;
-use crate::lora::LoraAdapter;
+use crate::lora::{LoraAdapter, PendingMerge};
 use crate::noise::SeededNoise;
 use crate::runtime::{self, Device, FixedShape, SessionOptions};
 use crate::scheduler::{self, NoiseSource, Scheduler, SchedulerKind};
 use crate::tensor::Tensor;
 use crate::text::{Conditioning, TextEncoders};
-use crate::weights::{MergedWeights, PendingMerge, Weights};
+use crate::weights::{MergedWeights, Weights};
 use crate::{Error, Result};
 
 /// Largest image side accepted, in pixels.

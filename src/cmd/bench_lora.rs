@@ -16,11 +16,11 @@ use anyhow::Context;
 use clap::Args;
 use katz_actors::lora::sim;
 use katz_actors::lora::Policy;
+use katz_onnx::lora::PendingMerge;
 use katz_onnx::noise::SeededNoise;
 use katz_onnx::pipeline::{LoraPlan, NoObserver, Pipeline, Request};
 use katz_onnx::quality::{rel_diff, ssim};
 use katz_onnx::scheduler::SchedulerKind;
-use katz_onnx::weights::PendingMerge;
 use serde_json::json;
 
 use super::generate::LoraSpec;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use katz_onnx::lora::LoraAdapter;
+use katz_onnx::lora::{LoraAdapter, PendingMerge};
 use katz_onnx::noise::SeededNoise;
 use katz_onnx::pipeline::{
     ControlRequest, Generated, LoraBound, LoraMode, LoraPlan, NoObserver, Pipeline, Request,
@@ -28,7 +28,6 @@ use katz_onnx::pipeline::{
 use katz_onnx::runtime::Device;
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
-use katz_onnx::weights::PendingMerge;
 use serde_json::{json, Value};
 
 use super::DeviceArgs;

@@ -6,11 +6,10 @@ use std::str::FromStr;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use katz_onnx::image::read_conditioning;
-use katz_onnx::lora::LoraAdapter;
+use katz_onnx::lora::{LoraAdapter, PendingMerge};
 use katz_onnx::noise::SeededNoise;
 use katz_onnx::pipeline::{ControlRequest, LoraMode, LoraPlan, Pipeline, Request};
 use katz_onnx::scheduler::SchedulerKind;
-use katz_onnx::weights::PendingMerge;
 
 use super::lora_args::{self, LoraArgs};
 use super::{finish, DeviceArgs, Progress};

@@ -8,7 +8,7 @@
 //!                    StepDone ──▶ progress channel (forwarded to Redis by the consumer)
 //! ```
 //!
-//! A job's LoRAs arrive as a [`katz_onnx::weights::PendingMerge`] from the LoraManager
+//! A job's LoRAs arrive as a [`katz_onnx::lora::PendingMerge`] from the LoraManager
 //! ([`crate::lora`]); the pipeline switches them in at the job's bound step (0 in sync mode).
 
 pub mod messages;
