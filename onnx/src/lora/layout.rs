@@ -97,7 +97,7 @@ pub(super) fn split_key<'k>(key: &'k str, a_suffix: &str, b_suffix: &str) -> Opt
 pub(super) enum Place {
     /// A factor (or the alpha) of this bundle weight.
     Weight(String, Slot),
-    /// A text encoder's (kohya `lora_te…_`): refused.
+    /// A key of a text encoder (kohya `lora_te…_`): refused.
     TextEncoder,
     /// A factor that is not 2-D (a convolution LoRA) of this module: refused.
     Conv(String),

@@ -24,24 +24,27 @@
 //!
 //! # Layout
 //!
-//! * `adapter.rs` — [`LoraAdapter`] and its [`LoraLayer`]s: reading a file (`load`, `from_bytes`),
-//!   converting its factors, gathering every refused key into one error, the shape checks.
-//! * `layout.rs` — [`LoraLayout`]: which layout a file is in, and where each key goes (`KeyMap`).
-//! * `kohya.rs` — kohya / SGM module names onto the bundle's weight names.
+//! * `adapter.rs` — [`LoraAdapter`] and its [`LoraLayer`]s: reading a file (`load`, `from_bytes`)
+//!   step by step — keys placed by the layout's `KeyMap`, factors converted to f32, every refused
+//!   key gathered into one error, factors paired and their shapes checked.
+//! * `layout.rs` — [`LoraLayout`]: which layout a file is in, the grammar of its keys, and where
+//!   a peft key goes.
+//! * `kohya.rs` — kohya / SGM module names onto the bundle's weight names (`KohyaMap`).
 //! * `merge.rs` — `W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ` on the host ([`Weights::merge`]) and on the GPU
 //!   ([`Weights::upload_factors`] → [`DeviceFactors`], [`Weights::merge_on_device`]).
 //! * `pending.rs` — [`PendingMerge`] / [`MergeSender`]: a merge in flight while a job denoises.
+//! * `fixtures.rs` (tests only) — safetensors files made in memory.
 //!
 //! # From a LoRA file to merged weights
 //!
 //! ```text
 //! file ─read─▶ safetensors tensors ─detect─▶ Peft | Kohya ─map keys─▶ bundle weight names
-//!      ─convert─▶ f32 factors ─check shapes─▶ LoraAdapter { layers: weight → (A, B, rank, alpha) }
+//!      ─convert─▶ f32 factors ─refused keys: one error naming them all─▶ pair A·B, check shapes
+//!      ─▶ LoraAdapter { layers: weight → (A, B, rank, alpha) }
 //! [(LoraAdapter, scale)] ─Weights::merge (host) / merge_on_device (GPU)─▶ weights::MergedWeights
-//!      ─MergeSender ══▶ PendingMerge─▶ the pipeline binds it at the LoRA's step
+//!      ─MergeSender ══▶ PendingMerge ─▶ the pipeline binds it at its LoRA step
 //! ```
 //!
-//! [`Weights`]: crate::weights::Weights
 //! [`Weights::merge`]: crate::weights::Weights::merge
 //! [`Weights::upload_factors`]: crate::weights::Weights::upload_factors
 //! [`Weights::merge_on_device`]: crate::weights::Weights::merge_on_device

@@ -2,10 +2,10 @@
 //! weights and switches to the merged set when it arrives.
 //!
 //! ```text
-//! merging side (LoraManager, a thread of spawn / spawn_loading)      model thread (pipeline)
+//! merging side (the LoraManager, or the thread of spawn / spawn_loading)    model thread (pipeline)
 //!   MergeSender::send(Result<Arc<MergedWeights>>) ══ channel ══▶ PendingMerge::poll at step
-//!   dropped unsent ─────────────────────────────────────────────▶   boundaries; waits at the
-//!                                                   "abandoned" error   bound step
+//!                                                                boundaries, waiting at the bound step
+//!   MergeSender dropped unsent ═══════════════════ channel ══▶ poll: "the LoRA merge was abandoned"
 //! ```
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
