@@ -242,7 +242,7 @@ fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
     let run = |dev: &mut Pipeline, models: &Vec<ModelId>, sched, lora, asynchronous: bool| {
         let r = request(models, sched, lora, dev);
         if asynchronous && lora {
-            let mut pending = katz_onnx::weights::PendingMerge::spawn(dev.shared_weights(), adapters(&r));
+            let mut pending = katz_onnx::lora::PendingMerge::spawn(dev.shared_weights(), adapters(&r));
             let plan = LoraPlan::Async {
                 pending: &mut pending,
                 bound: 2,
@@ -308,7 +308,7 @@ fn fixed(device: Device, batch: usize, cuda_graph: bool) -> SessionOptions {
 fn job_with(dev: &mut Pipeline, r: &Request, bound: Option<usize>) -> Tensor {
     match bound {
         Some(bound) if !r.loras.is_empty() => {
-            let mut pending = katz_onnx::weights::PendingMerge::spawn(dev.shared_weights(), adapters(&r));
+            let mut pending = katz_onnx::lora::PendingMerge::spawn(dev.shared_weights(), adapters(&r));
             let plan = LoraPlan::Async {
                 pending: &mut pending,
                 bound,

@@ -11,13 +11,12 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use katz_actors::lora::{Admit, LoraConfig, LoraManager, LoraStore, Merge, Prefetch};
 use katz_kernels::rel_err;
-use katz_onnx::lora::LoraAdapter;
+use katz_onnx::lora::{LoraAdapter, PendingMerge};
 use katz_onnx::noise::SeededNoise;
 use katz_onnx::pipeline::{LoraPlan, NoObserver, Observer, Pipeline};
 use katz_onnx::request::{LoraRequest, Request};
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
-use katz_onnx::weights::PendingMerge;
 
 fn pipeline() -> Pipeline {
     Pipeline::load(root().join("bundles/tiny-sdxl"), test_options()).unwrap()

@@ -12,7 +12,8 @@
 //!             kernels::guidance::combine ─▶ scheduler.step ─▶ latents ─▶ Observer (progress, cancel)
 //!  latents / scaling_factor ─▶ vae_decoder ─▶ image ∈ [0,1] ─▶ PNG (image.rs)
 //!
-//!  LoRA files (lora/) ─▶ LoraAdapter ─▶ merge (W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ, kernels::lora) ─▶ MergedWeights
+//!  LoRA files (lora/) ─▶ lora::LoraAdapter ─▶ Weights::merge ─▶ weights::MergedWeights
+//!                        (W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ, kernels::lora; lora::PendingMerge while in flight),
 //!                        switched in as lora::plan says (before step 0, or by a bound step)
 //! ```
 //!
@@ -42,6 +43,7 @@
 pub mod bundle;
 pub mod controlnet;
 pub mod device;
+pub(crate) mod dtype;
 pub mod error;
 pub mod image;
 pub mod lora;

@@ -16,11 +16,11 @@ use anyhow::Context;
 use clap::Args;
 use katz_actors::lora::sim;
 use katz_actors::lora::Policy;
+use katz_onnx::lora::PendingMerge;
 use katz_onnx::pipeline::{LoraPlan, Pipeline, RunOptions};
 use katz_onnx::quality::{rel_diff, ssim};
 use katz_onnx::request::{LoraRequest, Request, ValidRequest};
 use katz_onnx::scheduler::SchedulerKind;
-use katz_onnx::weights::PendingMerge;
 use serde_json::json;
 
 use super::generate::LoraSpec;

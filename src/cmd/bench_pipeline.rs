@@ -20,14 +20,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use katz_onnx::lora::LoraAdapter;
+use katz_onnx::lora::{LoraAdapter, PendingMerge};
 use katz_onnx::pipeline::{Generated, LoraBound, LoraMode, LoraPlan, Pipeline, RunOptions};
 use katz_onnx::placement::{ControlNetPlace, Placement};
 use katz_onnx::request::{ControlRequest, LoraRequest, Request};
 use katz_onnx::runtime::Device;
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
-use katz_onnx::weights::PendingMerge;
 use serde_json::{json, Value};
 
 use super::DeviceArgs;

@@ -6,12 +6,11 @@ use std::str::FromStr;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use katz_onnx::image::read_conditioning;
-use katz_onnx::lora::LoraAdapter;
+use katz_onnx::lora::{LoraAdapter, PendingMerge};
 use katz_onnx::pipeline::{LoraMode, LoraPlan, Pipeline, RunOptions};
 use katz_onnx::placement::{ControlNetPlace, Placement};
 use katz_onnx::request::{ControlRequest, LoraRequest, Request, ValidRequest};
 use katz_onnx::scheduler::SchedulerKind;
-use katz_onnx::weights::PendingMerge;
 
 use super::lora_args::{self, LoraArgs};
 use super::{finish, DeviceArgs, Progress};

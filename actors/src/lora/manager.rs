@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use katz_onnx::lora::LoraAdapter;
-use katz_onnx::weights::{DeviceFactors, PendingMerge, Weights};
+use katz_onnx::lora::{DeviceFactors, LoraAdapter, PendingMerge};
+use katz_onnx::weights::Weights;
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 

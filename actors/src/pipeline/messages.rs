@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Message;
+use katz_onnx::lora::PendingMerge;
 use katz_onnx::pipeline::Timings;
-use katz_onnx::weights::PendingMerge;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::JobError;

@@ -13,7 +13,7 @@
 //! before the job reaches the model thread; the actor only runs it. [`Models::placement`]
 //! says where the pipeline's parts run.
 //!
-//! A job's LoRAs arrive as a [`katz_onnx::weights::PendingMerge`] from the LoraManager
+//! A job's LoRAs arrive as a [`katz_onnx::lora::PendingMerge`] from the LoraManager
 //! ([`crate::lora`]); the pipeline switches them in at the job's bound step (0 in sync mode).
 
 mod catalogue;

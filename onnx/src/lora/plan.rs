@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use crate::error::ParseError;
-use crate::weights::PendingMerge;
+use crate::lora::PendingMerge;
 
 /// When a job's LoRAs are merged: before step 0, or while the job denoises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

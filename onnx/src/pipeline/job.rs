@@ -11,7 +11,8 @@ use crate::request::ValidRequest;
 use crate::scheduler::{NoiseSource, Scheduler};
 use crate::tensor::Tensor;
 use crate::text::Conditioning;
-use crate::weights::{MergedWeights, PendingMerge};
+use crate::lora::PendingMerge;
+use crate::weights::{MergedWeights, Weights};
 use crate::{Error, Result};
 
 use super::{Observer, Timings};
@@ -45,7 +46,7 @@ pub(super) struct Job<'a, 'p> {
 pub(super) fn start_loras<'p>(
     plan: LoraPlan<'p>,
     req: &ValidRequest,
-    weights: &crate::weights::Weights,
+    weights: &Weights,
     t: &mut Timings,
 ) -> Result<(Arc<MergedWeights>, Pending<'p>)> {
     Ok(match plan {

@@ -1,0 +1,701 @@
+//! A LoRA adapter: its layers by bundle weight name, read from a safetensors file.
+//!
+//! ```text
+//! bytes ─ read ─▶ tensors (sorted by key) + the metadata's alpha
+//!       ─ LoraLayout::detect ─▶ Peft | Kohya                     (layout.rs)
+//!       ─ sort_keys (KeyMap::place) ─▶ factors to convert | refused keys   (peft: layout.rs, kohya.rs)
+//!       ─ convert (f32, in parallel) ─▶ Collected: A, B, alpha by weight
+//!       ─ Refused::check ─▶ one error naming every key that cannot be used
+//!       ─ pair_factors (B·A must make the weight's shape) ─▶ LoraAdapter
+//! ```
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use safetensors::tensor::TensorView;
+use safetensors::SafeTensors;
+
+use super::kohya::KohyaMap;
+use super::layout::{peft_place, LoraLayout, Place, Slot};
+use super::{err, some};
+use crate::bundle::WeightEntry;
+use crate::dtype::to_f32;
+use crate::{Error, Result};
+
+/// One adapted weight: `ΔW = (alpha / rank) · B · A`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraLayer {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub rank: usize,
+    pub alpha: f32,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub path: PathBuf,
+    pub name: String,
+    pub layout: LoraLayout,
+    /// By weight name of the bundle (`…to_q.weight`).
+    pub layers: BTreeMap<String, LoraLayer>,
+}
+
+impl LoraAdapter {
+    /// Reads a LoRA file and maps it onto `weights` (a bundle's weight map).
+    pub fn load(path: &Path, weights: &BTreeMap<String, WeightEntry>) -> Result<Self> {
+        if !path.is_file() {
+            return Err(err(path, "no such file"));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&bytes, path, weights)
+    }
+
+    /// Maps the safetensors file in `bytes` onto `weights` (a bundle's weight map); `origin` (a
+    /// name or path) is the adapter's `path`, names it in errors and gives its `name` (the stem).
+    pub fn from_bytes(bytes: &[u8], origin: &str, weights: &BTreeMap<String, WeightEntry>) -> Result<Self> {
+        Self::parse(bytes, Path::new(origin), weights)
+    }
+
+    /// Bytes of the f32 factors held.
+    pub fn nbytes(&self) -> usize {
+        4 * self.layers.values().map(|l| l.a.len() + l.b.len()).sum::<usize>()
+    }
+
+    /// The key layout of the file it was read from.
+    pub fn layout(&self) -> LoraLayout {
+        self.layout
+    }
+
+    fn parse(bytes: &[u8], path: &Path, weights: &BTreeMap<String, WeightEntry>) -> Result<Self> {
+        let (st, file_alpha) = read(bytes, path)?;
+        let mut tensors = st.tensors();
+        tensors.sort_by(|x, y| x.0.cmp(&y.0));
+        let keys: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+        let layout = LoraLayout::detect(path, &keys)?;
+        let map = KeyMap::new(layout, weights);
+        let (todo, refused) = sort_keys(path, &map, &tensors)?;
+        let got = convert(path, todo)?;
+        refused.check(path, &map, got.is_empty())?;
+        let layers = pair_factors(path, layout, got, weights, file_alpha)?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(LoraAdapter {
+            path: path.to_path_buf(),
+            name,
+            layout,
+            layers,
+        })
+    }
+}
+
+/// The safetensors file in `bytes`, and the alpha its metadata gives (if any).
+fn read<'b>(bytes: &'b [u8], path: &Path) -> Result<(SafeTensors<'b>, Option<f32>)> {
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| err(path, format!("not a safetensors file: {e}")))?;
+    let st =
+        SafeTensors::deserialize(bytes).map_err(|e| err(path, format!("not a safetensors file: {e}")))?;
+    Ok((st, metadata_alpha(meta.metadata().as_ref())))
+}
+
+/// The alpha in the `lora_adapter_metadata` JSON that diffusers' `save_lora_weights` writes into
+/// a file's metadata (`unet.lora_alpha`, or `lora_alpha`).
+fn metadata_alpha(st_meta: Option<&HashMap<String, String>>) -> Option<f32> {
+    let raw = st_meta?.get("lora_adapter_metadata")?;
+    let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+    for key in ["unet.lora_alpha", "lora_alpha"] {
+        if let Some(a) = v.get(key).and_then(|a| a.as_f64()) {
+            return Some(a as f32);
+        }
+    }
+    None
+}
+
+/// The mapping of a layout's keys onto a bundle's weight names.
+enum KeyMap<'w> {
+    Peft(&'w BTreeMap<String, WeightEntry>),
+    Kohya(KohyaMap<'w>),
+}
+
+impl<'w> KeyMap<'w> {
+    fn new(layout: LoraLayout, weights: &'w BTreeMap<String, WeightEntry>) -> Self {
+        match layout {
+            LoraLayout::Peft => KeyMap::Peft(weights),
+            LoraLayout::Kohya => KeyMap::Kohya(KohyaMap::new(weights)),
+        }
+    }
+
+    /// Where `key` (a tensor of shape `shape`) goes.
+    fn place(&self, path: &Path, key: &str, shape: &[usize]) -> Result<Place> {
+        match self {
+            KeyMap::Peft(weights) => Ok(peft_place(weights, key)),
+            KeyMap::Kohya(k) => k.place(path, key, shape),
+        }
+    }
+
+    /// What to add to the error that names unmatched keys, where the layout knows why they match
+    /// nothing.
+    fn unmatched_hint(&self, unmatched: &[String]) -> Option<String> {
+        match self {
+            KeyMap::Peft(_) => None,
+            KeyMap::Kohya(k) => k.unmatched_hint(unmatched),
+        }
+    }
+}
+
+/// A key onto a bundle weight, still to convert: key, weight, slot, tensor.
+type Todo<'t, 'd> = (&'t str, String, Slot, &'t TensorView<'d>);
+
+/// Sorts the keys of a file by where they go: the factors to convert, in key order, and the keys
+/// that cannot be used. A kohya module name that fits two weights fails here, before any
+/// conversion.
+fn sort_keys<'t, 'd>(
+    path: &Path,
+    map: &KeyMap<'_>,
+    tensors: &'t [(String, TensorView<'d>)],
+) -> Result<(Vec<Todo<'t, 'd>>, Refused)> {
+    let mut todo = Vec::new();
+    let mut refused = Refused::default();
+    for (key, t) in tensors {
+        match map.place(path, key, t.shape())? {
+            Place::Weight(weight, slot) => todo.push((key.as_str(), weight, slot, t)),
+            Place::TextEncoder => refused.text_encoder.push(key.clone()),
+            Place::Conv(module) => {
+                refused.conv.push(format!("{key} {:?}", t.shape()));
+                refused.conv_modules.insert(module);
+            }
+            Place::Unmatched => refused.unmatched.push(key.clone()),
+        }
+    }
+    Ok((todo, refused))
+}
+
+/// Converts the factors to f32 and collects them by weight. The conversions run in parallel (a
+/// rank-64 SDXL LoRA holds 167 M values); errors are taken in key order, the first one wins.
+fn convert(path: &Path, todo: Vec<Todo<'_, '_>>) -> Result<Collected> {
+    let converted: Vec<_> = todo
+        .into_par_iter()
+        .map(|(key, weight, slot, t)| {
+            let data = to_f32(t.dtype(), t.data())
+                .ok_or_else(|| err(path, format!("`{key}` has unsupported dtype {:?}", t.dtype())));
+            (key, weight, slot, t.shape().to_vec(), data)
+        })
+        .collect();
+    let mut got = Collected::default();
+    for (key, weight, slot, shape, data) in converted {
+        got.put(path, key, weight, slot, shape, data?)?;
+    }
+    Ok(got)
+}
+
+/// What the keys of a file say, by bundle weight name.
+#[derive(Default)]
+struct Collected {
+    a: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    b: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    alpha: BTreeMap<String, f32>,
+}
+
+impl Collected {
+    fn put(
+        &mut self,
+        path: &Path,
+        key: &str,
+        weight: String,
+        slot: Slot,
+        shape: Vec<usize>,
+        data: Vec<f32>,
+    ) -> Result<()> {
+        let dup = match slot {
+            Slot::A => self.a.insert(weight.clone(), (shape, data)).is_some(),
+            Slot::B => self.b.insert(weight.clone(), (shape, data)).is_some(),
+            Slot::Alpha => {
+                let v = *data
+                    .first()
+                    .ok_or_else(|| err(path, format!("`{key}` is empty")))?;
+                self.alpha.insert(weight.clone(), v).is_some()
+            }
+        };
+        if dup {
+            return Err(err(
+                path,
+                format!("`{key}`: a second key for the same factor of `{weight}`"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether no key gave a factor (alphas aside).
+    fn is_empty(&self) -> bool {
+        self.a.is_empty() && self.b.is_empty()
+    }
+}
+
+/// Keys that cannot be used; a file with any is refused, with every one of them named.
+#[derive(Default)]
+struct Refused {
+    /// Keys of a text encoder (kohya `lora_te…_`).
+    text_encoder: Vec<String>,
+    /// Convolution (not 2-D) factors, each with its shape, and their modules.
+    conv: Vec<String>,
+    conv_modules: HashSet<String>,
+    /// Keys that match no weight of the bundle.
+    unmatched: Vec<String>,
+}
+
+impl Refused {
+    /// One error naming every refused key; `nothing_matched`: no key gave a factor.
+    fn check(mut self, path: &Path, map: &KeyMap<'_>, nothing_matched: bool) -> Result<()> {
+        // The alphas of refused convolution layers are not reported again as unmatched.
+        let conv_modules = &self.conv_modules;
+        self.unmatched
+            .retain(|k| !k.strip_suffix(".alpha").is_some_and(|m| conv_modules.contains(m)));
+        let mut problems = Vec::new();
+        if !self.text_encoder.is_empty() {
+            problems.push(format!(
+                "{} keys adapt a text encoder ({}): the text-encoder part of a LoRA is not supported by this \
+                 bundle (only UNet weights take LoRAs)",
+                self.text_encoder.len(),
+                some(&self.text_encoder)
+            ));
+        }
+        if !self.conv.is_empty() {
+            problems.push(format!(
+                "{} keys are convolution LoRA factors ({}): only linear (2-D) LoRA layers are supported",
+                self.conv.len(),
+                some(&self.conv)
+            ));
+        }
+        if !self.unmatched.is_empty() {
+            let hint = map
+                .unmatched_hint(&self.unmatched)
+                .or_else(|| {
+                    nothing_matched.then(|| {
+                        " — no key matches any weight of this bundle: is the LoRA for another architecture?"
+                            .to_string()
+                    })
+                })
+                .unwrap_or_default();
+            problems.push(format!(
+                "{} keys match no weight of the bundle: {}{hint}",
+                self.unmatched.len(),
+                some(&self.unmatched)
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(err(path, problems.join("; ")));
+        }
+        Ok(())
+    }
+}
+
+/// Pairs each weight's A with its B into layers, checking that `B·A` makes the weight's shape.
+/// Alpha: the module's `.alpha` key, else the file's metadata, else the rank (scale 1).
+fn pair_factors(
+    path: &Path,
+    layout: LoraLayout,
+    mut got: Collected,
+    weights: &BTreeMap<String, WeightEntry>,
+    file_alpha: Option<f32>,
+) -> Result<BTreeMap<String, LoraLayer>> {
+    if got.a.is_empty() {
+        return Err(err(
+            path,
+            "holds no LoRA layers (no `lora_A`/`lora_B` or `lora_down`/`lora_up` keys)",
+        ));
+    }
+    let (a_name, b_name) = layout.factor_names();
+    let mut layers = BTreeMap::new();
+    for (weight, (ashape, a)) in std::mem::take(&mut got.a) {
+        let (bshape, b) = got
+            .b
+            .remove(&weight)
+            .ok_or_else(|| err(path, format!("`{weight}` has {a_name} but no {b_name}")))?;
+        let target = &weights[&weight].shape;
+        let ok = ashape.len() == 2
+            && bshape.len() == 2
+            && target.len() == 2
+            && ashape[0] == bshape[1]
+            && bshape[0] == target[0]
+            && ashape[1] == target[1];
+        if !ok {
+            return Err(err(
+                path,
+                format!(
+                    "`{weight}`: {b_name} {bshape:?} · {a_name} {ashape:?} does not make the weight's {target:?} \
+                     (a LoRA for another architecture?)"
+                ),
+            ));
+        }
+        let rank = ashape[0];
+        let alpha = got
+            .alpha
+            .get(&weight)
+            .copied()
+            .or(file_alpha)
+            .unwrap_or(rank as f32);
+        layers.insert(weight, LoraLayer { a, b, rank, alpha });
+    }
+    if let Some(w) = got.b.keys().next() {
+        return Err(err(path, format!("`{w}` has {b_name} but no {a_name}")));
+    }
+    Ok(layers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::fixtures::{kohya_name, serialize, Entry};
+
+    const Q: &str = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q";
+    const FF: &str = "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj";
+    const OUT: &str = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0";
+    const PROJ_IN: &str = "down_blocks.1.attentions.0.proj_in";
+
+    /// module → (out, in)
+    const MODULES: [(&str, usize, usize); 4] = [(Q, 8, 6), (FF, 12, 6), (OUT, 6, 8), (PROJ_IN, 6, 6)];
+
+    fn weight_map() -> BTreeMap<String, WeightEntry> {
+        MODULES
+            .iter()
+            .map(|&(m, o, i)| {
+                (
+                    format!("{m}.weight"),
+                    WeightEntry {
+                        graph: "unet_encoder".into(),
+                        shape: vec![o, i],
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+            | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Rank-`r` factors for every module: (module, A [r,in], B [out,r], alpha).
+    fn factors(r: usize) -> Vec<(&'static str, Vec<f32>, Vec<f32>, f32)> {
+        MODULES
+            .iter()
+            .enumerate()
+            .map(|(i, &(m, o, inp))| {
+                (
+                    m,
+                    values(r * inp, 2 * i as u64),
+                    values(o * r, 2 * i as u64 + 1),
+                    1.5 + i as f32,
+                )
+            })
+            .collect()
+    }
+
+    fn peft_entries(r: usize) -> Vec<Entry> {
+        let mut e = Vec::new();
+        for (i, (m, a, b, alpha)) in factors(r).into_iter().enumerate() {
+            let inp = a.len() / r;
+            let out = b.len() / r;
+            // Half of the keys carry the `unet.` prefix, as diffusers writes them.
+            let p = if i % 2 == 0 { "unet." } else { "" };
+            e.push((format!("{p}{m}.lora_A.weight"), vec![r, inp], a));
+            e.push((format!("{p}{m}.lora_B.weight"), vec![out, r], b));
+            e.push((format!("{p}{m}.alpha"), vec![], vec![alpha]));
+        }
+        e
+    }
+
+    fn kohya_entries(r: usize) -> Vec<Entry> {
+        let mut e = Vec::new();
+        for (m, a, b, alpha) in factors(r) {
+            let inp = a.len() / r;
+            let out = b.len() / r;
+            let k = kohya_name(m);
+            e.push((format!("{k}.lora_down.weight"), vec![r, inp], a));
+            e.push((format!("{k}.lora_up.weight"), vec![out, r], b));
+            e.push((format!("{k}.alpha"), vec![], vec![alpha]));
+        }
+        e
+    }
+
+    fn load(entries: &[Entry]) -> Result<LoraAdapter> {
+        LoraAdapter::from_bytes(
+            &serialize(entries, None),
+            "mem/test-lora.safetensors",
+            &weight_map(),
+        )
+    }
+
+    fn load_err(entries: &[Entry]) -> String {
+        match load(entries) {
+            Ok(_) => panic!("loaded where an error was expected"),
+            Err(e) => {
+                assert!(matches!(e, Error::Lora { .. }), "{e:?}");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn peft_and_kohya_give_the_same_layers() {
+        let peft = load(&peft_entries(3)).unwrap();
+        let kohya = load(&kohya_entries(3)).unwrap();
+        assert_eq!(peft.layout(), LoraLayout::Peft);
+        assert_eq!(kohya.layout(), LoraLayout::Kohya);
+        assert_eq!(peft.layers.len(), MODULES.len());
+        assert_eq!(peft.layers, kohya.layers);
+        for (m, a, b, alpha) in factors(3) {
+            let l = &kohya.layers[&format!("{m}.weight")];
+            assert_eq!((l.rank, l.alpha), (3, alpha));
+            assert_eq!((&l.a, &l.b), (&a, &b));
+        }
+        assert_eq!(kohya.name, "test-lora");
+        assert_eq!(kohya.path, PathBuf::from("mem/test-lora.safetensors"));
+        let floats: usize = MODULES.iter().map(|&(_, o, i)| 3 * (o + i)).sum();
+        assert_eq!(kohya.nbytes(), 4 * floats);
+        assert_eq!(peft.nbytes(), kohya.nbytes());
+    }
+
+    #[test]
+    fn kohya_alpha_comes_from_its_alpha_key() {
+        let mut e = kohya_entries(2);
+        let k = format!("{}.alpha", kohya_name(FF));
+        e.iter_mut().find(|x| x.0 == k).unwrap().2 = vec![7.25];
+        // Without an `.alpha`, alpha defaults to the rank.
+        let q = format!("{}.alpha", kohya_name(Q));
+        e.retain(|x| x.0 != q);
+        let l = load(&e).unwrap();
+        assert_eq!(l.layers[&format!("{FF}.weight")].alpha, 7.25);
+        assert_eq!(l.layers[&format!("{Q}.weight")].alpha, 2.0);
+        assert_eq!(l.layers[&format!("{OUT}.weight")].alpha, 3.5);
+    }
+
+    #[test]
+    fn peft_alpha_falls_back_to_metadata_then_rank() {
+        let e: Vec<Entry> = peft_entries(2)
+            .into_iter()
+            .filter(|x| !x.0.ends_with(".alpha"))
+            .collect();
+        let w = weight_map();
+        let meta = HashMap::from([(
+            "lora_adapter_metadata".to_string(),
+            r#"{"unet.lora_alpha": 16.0, "unet.r": 2}"#.to_string(),
+        )]);
+        let l = LoraAdapter::from_bytes(&serialize(&e, Some(meta)), "m", &w).unwrap();
+        assert!(l.layers.values().all(|l| l.alpha == 16.0));
+        let l = LoraAdapter::from_bytes(&serialize(&e, None), "m", &w).unwrap();
+        assert!(l.layers.values().all(|l| l.alpha == 2.0));
+    }
+
+    #[test]
+    fn unmatched_keys_are_named() {
+        for mut e in [peft_entries(2), kohya_entries(2)] {
+            let kohya = e[0].0.starts_with("lora_unet_");
+            let key = if kohya {
+                "lora_unet_up_blocks_9_attentions_0_proj_in.lora_down.weight".to_string()
+            } else {
+                "up_blocks.9.attentions.0.proj_in.lora_A.weight".to_string()
+            };
+            e.push((key.clone(), vec![2, 6], vec![0.0; 12]));
+            let m = load_err(&e);
+            assert!(m.contains("1 keys match no weight") && m.contains(&key), "{m}");
+        }
+        // kohya keys with SGM block names, where the weight map (no up blocks) does not settle the
+        // layers per block, are named, and the error says why.
+        let mut e = kohya_entries(2);
+        let key = "lora_unet_input_blocks_4_1_proj_in.lora_down.weight".to_string();
+        e.push((key.clone(), vec![2, 6], vec![0.0; 12]));
+        let m = load_err(&e);
+        assert!(m.contains("1 keys match no weight") && m.contains(&key), "{m}");
+        assert!(
+            m.contains("SGM")
+                && m.contains("weight map does not determine")
+                && m.contains("no up-block attention weights"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn kohya_text_encoder_keys_are_refused() {
+        let mut e = kohya_entries(2);
+        let keys = [
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
+            "lora_te_text_model_encoder_layers_0_self_attn_k_proj.alpha",
+        ];
+        for k in keys {
+            e.push((k.to_string(), vec![2, 6], vec![0.0; 12]));
+        }
+        let m = load_err(&e);
+        assert!(m.contains("3 keys adapt a text encoder"), "{m}");
+        assert!(
+            m.contains("text-encoder part of a LoRA is not supported by this bundle"),
+            "{m}"
+        );
+        for k in keys {
+            assert!(m.contains(k), "{m}");
+        }
+        // A file of text-encoder keys only is refused too.
+        let m = load_err(&[(keys[0].to_string(), vec![2, 6], vec![0.0; 12])]);
+        assert!(m.contains("text-encoder part"), "{m}");
+    }
+
+    #[test]
+    fn mixed_layouts_are_refused() {
+        let mut e = kohya_entries(2);
+        e.extend(peft_entries(2).into_iter().take(2));
+        let m = load_err(&e);
+        assert!(
+            m.contains("mixes the diffusers/peft layout") && m.contains("kohya layout"),
+            "{m}"
+        );
+        assert!(
+            m.contains("lora_A.weight") && m.contains("lora_down.weight"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn kohya_conv_factors_are_refused() {
+        let mut e = kohya_entries(2);
+        let k = kohya_name("down_blocks.0.resnets.0.conv1");
+        e.push((format!("{k}.lora_down.weight"), vec![2, 4, 3, 3], vec![0.0; 72]));
+        e.push((format!("{k}.lora_up.weight"), vec![4, 2, 1, 1], vec![0.0; 8]));
+        e.push((format!("{k}.alpha"), vec![], vec![1.0]));
+        let m = load_err(&e);
+        assert!(m.contains("2 keys are convolution LoRA factors"), "{m}");
+        assert!(m.contains(&format!("{k}.lora_down.weight [2, 4, 3, 3]")), "{m}");
+        assert!(!m.contains("match no weight"), "{m}");
+        // 4-D factors of a module the bundle has are refused as well (1×1 included).
+        let mut e = kohya_entries(2);
+        let down = format!("{}.lora_down.weight", kohya_name(PROJ_IN));
+        let x = e.iter_mut().find(|x| x.0 == down).unwrap();
+        x.1 = vec![2, 6, 1, 1];
+        let m = load_err(&e);
+        assert!(m.contains("convolution") && m.contains(&down), "{m}");
+    }
+
+    #[test]
+    fn shape_mismatch_names_another_architecture() {
+        for mut e in [peft_entries(2), kohya_entries(2)] {
+            // B of `to_q` with 9 rows where the weight has 8.
+            let x = e
+                .iter_mut()
+                .find(|x| {
+                    x.0.ends_with("attn1.to_q.lora_B.weight") || x.0.ends_with("attn1_to_q.lora_up.weight")
+                })
+                .unwrap();
+            x.1 = vec![9, 2];
+            x.2 = vec![0.0; 18];
+            let m = load_err(&e);
+            assert!(
+                m.contains(&format!("`{Q}.weight`")) && m.contains("another architecture?"),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
+    fn kohya_name_of_two_weights_is_refused() {
+        let mut w = weight_map();
+        for m in ["mid.a_b.c", "mid.a.b_c"] {
+            w.insert(
+                format!("{m}.weight"),
+                WeightEntry {
+                    graph: "unet_encoder".into(),
+                    shape: vec![4, 4],
+                },
+            );
+        }
+        let key = "lora_unet_mid_a_b_c.lora_down.weight".to_string();
+        let bytes = serialize(&[(key.clone(), vec![1, 4], vec![0.0; 4])], None);
+        let m = LoraAdapter::from_bytes(&bytes, "m", &w).unwrap_err().to_string();
+        assert!(m.contains(&key) && m.contains("more than one weight"), "{m}");
+    }
+
+    #[test]
+    fn missing_factor_is_named() {
+        let mut e = kohya_entries(2);
+        let up = format!("{}.lora_up.weight", kohya_name(OUT));
+        e.retain(|x| x.0 != up);
+        let m = load_err(&e);
+        assert!(
+            m.contains(&format!("`{OUT}.weight` has lora_down but no lora_up")),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn not_safetensors_and_no_file() {
+        let w = weight_map();
+        let e = LoraAdapter::from_bytes(b"nope", "x.safetensors", &w).unwrap_err();
+        assert!(e.to_string().contains("not a safetensors file"), "{e}");
+        let e = LoraAdapter::load(Path::new("/nonexistent/x.safetensors"), &w).unwrap_err();
+        assert!(e.to_string().contains("no such file"), "{e}");
+    }
+
+    /// The committed peft LoRA, rewritten with kohya keys, maps onto the tiny bundle identically.
+    #[test]
+    fn tiny_lora_in_kohya_layout_matches_peft() {
+        let bundle = crate::bundle::BaseBundle::open("../bundles/tiny-sdxl").unwrap();
+        let weights = &bundle.manifest.weights.map;
+        let path = Path::new("../bundles/loras/tiny-lora-a.safetensors");
+        let peft = LoraAdapter::load(path, weights).unwrap();
+        assert_eq!(peft.layout(), LoraLayout::Peft);
+        assert_eq!(peft.name, "tiny-lora-a");
+
+        let bytes = std::fs::read(path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut e: Vec<Entry> = Vec::new();
+        for (key, t) in st.tensors() {
+            let k = key.strip_prefix("unet.").unwrap_or(&key);
+            let (module, suffix) = if let Some(m) = k.strip_suffix(".lora_A.weight") {
+                (m, "lora_down.weight")
+            } else if let Some(m) = k.strip_suffix(".lora_B.weight") {
+                (m, "lora_up.weight")
+            } else {
+                panic!("unexpected key {key}");
+            };
+            let data = to_f32(t.dtype(), t.data()).unwrap();
+            e.push((
+                format!("{}.{suffix}", kohya_name(module)),
+                t.shape().to_vec(),
+                data,
+            ));
+            if suffix == "lora_down.weight" {
+                // The peft file's alpha is in its metadata; kohya has one per module.
+                e.push((
+                    format!("{}.alpha", kohya_name(module)),
+                    vec![],
+                    vec![peft.layers.values().next().unwrap().alpha],
+                ));
+            }
+        }
+        let kohya = LoraAdapter::from_bytes(&serialize(&e, None), "tiny-lora-a-kohya", weights).unwrap();
+        assert_eq!(kohya.layout(), LoraLayout::Kohya);
+        assert_eq!(kohya.name, "tiny-lora-a-kohya");
+        assert_eq!(peft.layers.len(), weights.len());
+        assert!(peft.layers.values().all(|l| l.alpha == 8.0 && l.rank == 4));
+        assert_eq!(
+            kohya.layers.keys().collect::<Vec<_>>(),
+            peft.layers.keys().collect::<Vec<_>>()
+        );
+        for (w, l) in &peft.layers {
+            assert_eq!(&kohya.layers[w], l, "{w}");
+        }
+        assert_eq!(kohya.nbytes(), peft.nbytes());
+    }
+}

@@ -1,0 +1,86 @@
+//! LoRA adapters: safetensors files mapped onto a bundle's weights, and merged into them.
+//!
+//! Two layouts are read:
+//!
+//! * diffusers/peft: `[unet.]<module>.lora_A.weight` (`[r, in]`) and `[unet.]<module>.lora_B.weight`
+//!   (`[out, r]`); `<module>.alpha` scalars where present. Alpha otherwise comes from the
+//!   `lora_adapter_metadata` JSON that diffusers' `save_lora_weights` writes into the file's
+//!   metadata (`unet.lora_alpha`), and defaults to the rank (scale 1), as diffusers does.
+//! * kohya (sd-scripts, A1111): `lora_unet_<module with '.' → '_'>.lora_down.weight` (`[r, in]`, = A),
+//!   `.lora_up.weight` (`[out, r]`, = B) and `.alpha` (scalar). Module names are those of the bundle's
+//!   weights (diffusers names), or the original Stability (SGM/LDM) UNet block names that sd-scripts
+//!   writes for SDXL, for the attention (transformer) layers — as diffusers'
+//!   `_maybe_map_sgm_blocks_to_diffusers` maps them, with L the down blocks' layers per block:
+//!   `input_blocks.{1 + b·(L+1) + a}.1.X` = `down_blocks.{b}.attentions.{a}.X`,
+//!   `middle_block.1.X` = `mid_block.attentions.0.X` and `output_blocks.{b·(L+1) + a}.1.X` =
+//!   `up_blocks.{b}.attentions.{a}.X` (up blocks have L+1 layers). L is read from the weight map (every
+//!   down block with attentions has L, every up block with attentions L+1); where it does not settle
+//!   L, `input_blocks`/`output_blocks` keys are refused with an error that says so. Both namings are
+//!   looked up in a table made from the weight map, never by splitting names at underscores.
+//!   Text-encoder keys (`lora_te_…`, `lora_te1_…`, `lora_te2_…`) and convolution LoRAs (4-D factors)
+//!   are refused with an error naming them, never skipped.
+//!
+//! A file is in one layout or the other; a file that mixes them is refused.
+//!
+//! # Layout
+//!
+//! * `adapter.rs` — [`LoraAdapter`] and its [`LoraLayer`]s: reading a file (`load`, `from_bytes`)
+//!   step by step — keys placed by the layout's `KeyMap`, factors converted to f32, every refused
+//!   key gathered into one error, factors paired and their shapes checked.
+//! * `layout.rs` — [`LoraLayout`]: which layout a file is in, the grammar of its keys, and where
+//!   a peft key goes.
+//! * `kohya.rs` — kohya / SGM module names onto the bundle's weight names (`KohyaMap`).
+//! * `merge.rs` — `W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ` on the host ([`Weights::merge`]) and on the GPU
+//!   ([`Weights::upload_factors`] → [`DeviceFactors`], [`Weights::merge_on_device`]).
+//! * `pending.rs` — [`PendingMerge`] / [`MergeSender`]: a merge in flight while a job denoises.
+//! * `fixtures.rs` (tests only) — safetensors files made in memory.
+//!
+//! # From a LoRA file to merged weights
+//!
+//! ```text
+//! file ─read─▶ safetensors tensors ─detect─▶ Peft | Kohya ─map keys─▶ bundle weight names
+//!      ─convert─▶ f32 factors ─refused keys: one error naming them all─▶ pair A·B, check shapes
+//!      ─▶ LoraAdapter { layers: weight → (A, B, rank, alpha) }
+//! [(LoraAdapter, scale)] ─Weights::merge (host) / merge_on_device (GPU)─▶ weights::MergedWeights
+//!      ─MergeSender ══▶ PendingMerge ─▶ the pipeline binds it at its LoRA step
+//! ```
+//!
+//! [`Weights::merge`]: crate::weights::Weights::merge
+//! [`Weights::upload_factors`]: crate::weights::Weights::upload_factors
+//! [`Weights::merge_on_device`]: crate::weights::Weights::merge_on_device
+
+use std::path::Path;
+
+use crate::Error;
+
+mod adapter;
+#[cfg(test)]
+mod fixtures;
+mod kohya;
+mod layout;
+mod merge;
+mod pending;
+pub mod plan;
+
+pub use adapter::{LoraAdapter, LoraLayer};
+pub use layout::LoraLayout;
+pub use merge::DeviceFactors;
+pub use pending::{MergeSender, PendingMerge};
+pub use plan::{LoraBound, LoraMode, LoraPlan};
+
+/// An error about the LoRA file at `path`.
+fn err(path: &Path, message: impl Into<String>) -> Error {
+    Error::Lora {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// Up to 4 names, then `, …`.
+fn some(names: &[String]) -> String {
+    let mut s = names.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > 4 {
+        s.push_str(", …");
+    }
+    s
+}
