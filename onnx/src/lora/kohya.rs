@@ -23,7 +23,7 @@ use crate::Result;
 /// The kohya names of a bundle's weights.
 pub(super) struct KohyaMap<'w> {
     /// The down blocks' layers per block that number SGM blocks, or why the map does not settle it.
-    layers: std::result::Result<usize, String>,
+    layers: std::result::Result<usize, Unsettled>,
     lookup: HashMap<String, Option<&'w str>>,
 }
 
@@ -133,10 +133,20 @@ fn sgm_module(module: &str, layers: Option<usize>) -> Option<String> {
     None
 }
 
+/// Why a weight map does not settle the down blocks' layers per block.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Unsettled(pub String);
+
+impl std::fmt::Display for Unsettled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The down blocks' layers per block (L) that number SGM `input_blocks`/`output_blocks`, read from
 /// the attention weights of the map: every down block with attentions must have L of them and
 /// every up block with attentions L+1. Otherwise why the map does not determine it.
-pub(super) fn sgm_layers(weights: &BTreeMap<String, WeightEntry>) -> std::result::Result<usize, String> {
+pub(super) fn sgm_layers(weights: &BTreeMap<String, WeightEntry>) -> std::result::Result<usize, Unsettled> {
     // block → attention count (max index + 1)
     let counts = |blocks: &str| {
         let mut c: BTreeMap<usize, usize> = BTreeMap::new();
@@ -157,17 +167,19 @@ pub(super) fn sgm_layers(weights: &BTreeMap<String, WeightEntry>) -> std::result
     let down = counts("down_blocks");
     let up = counts("up_blocks");
     let Some(&l) = down.values().max() else {
-        return Err("it has no down-block attention weights".into());
+        return Err(Unsettled("it has no down-block attention weights".into()));
     };
     if up.is_empty() {
-        return Err("it has no up-block attention weights to check the down blocks' against".into());
+        return Err(Unsettled(
+            "it has no up-block attention weights to check the down blocks' against".into(),
+        ));
     }
     if down.values().any(|&n| n != l) || up.values().any(|&n| n != l + 1) {
-        return Err(format!(
+        return Err(Unsettled(format!(
             "its attentions per block ({}; {}) are not L in every down block and L+1 in every up block",
             show(&down, "down_blocks"),
             show(&up, "up_blocks")
-        ));
+        )));
     }
     Ok(l)
 }
@@ -360,7 +372,7 @@ mod tests {
     fn sgm_layers_must_be_settled_by_the_weight_map() {
         // Up blocks with 2 attentions where the down blocks have 2: not L+1.
         let w = sdxl_weight_map(&SDXL_ATTENTIONS[..7]);
-        let why = sgm_layers(&w).unwrap_err();
+        let why = sgm_layers(&w).unwrap_err().0;
         assert!(
             why.contains("down_blocks.1: 2") && why.contains("up_blocks.0: 2"),
             "{why}"
@@ -381,7 +393,7 @@ mod tests {
         assert!(sgm_layers(&sdxl_weight_map(&blocks)).is_err());
         // No down-block attentions at all.
         let w = sdxl_weight_map(&SDXL_ATTENTIONS[4..]);
-        let why = sgm_layers(&w).unwrap_err();
+        let why = sgm_layers(&w).unwrap_err().0;
         assert!(why.contains("no down-block attention"), "{why}");
         // middle_block needs no layers per block: it still maps.
         let e = sgm_entries("middle_block_1_proj_in", 4, 4, 3.0);
