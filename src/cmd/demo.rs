@@ -1,5 +1,5 @@
 //! `katz demo`: the one-command workflow on the committed trained tiny family (bundles/shapes:
-//! issue #9's base model, ControlNet and LoRAs, trained on the synthetic shapes dataset) — a
+//! the tiny family's base model, ControlNet and LoRAs, trained on the synthetic shapes dataset) — a
 //! prompt, one ControlNet with its conditioning edges, one LoRA — on the CPU, with no broker: the
 //! job goes through the service's own actors in embedded mode (in-process source, in-memory store).
 //!
@@ -43,7 +43,7 @@ pub struct DemoArgs {
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let bundles = bundles_dir()?;
     println!(
-        "katz demo: the trained tiny SDXL-structured family in {} (issue #9)",
+        "katz demo: the trained tiny SDXL-structured family in {}",
         bundles.join("shapes").display()
     );
     let shapes = bundles.join("shapes");
