@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The diffusers side of katz's LoRA-merge benchmark (`katz bench lora-merge`, issue #5).
+"""The diffusers side of katz's LoRA-merge benchmark (`katz bench lora-merge`).
 
     python3 tools/bench_lora_merge.py --work DIR --out FILE.json [--ranks 64,128] [--config sdxl]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The quality report of issue #9: what katz's approximations cost in pictures a judge can read.
+"""The quality report of the trained tiny family: what katz's approximations cost in pictures a judge can read.
 
 Every image is made by the real `katz` binary (`katz generate`, or a real worker and
 `katz controlnet-worker` through RabbitMQ and Redis for the service variant) from captions and

@@ -1,4 +1,4 @@
-"""`katz demo` makes a picture that shows what it asked for (issue #9): the trained tiny family's
+"""`katz demo` makes a picture that shows what it asked for: the trained tiny family's
 base model, ControlNet and pastel LoRA, read back by the shapes judge (tools/shapes/judge.onnx, the
 committed judge.pt exported; no torch), the ControlNet's edges and the LoRA's style score.
 

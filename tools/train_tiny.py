@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Trains katz's tiny model family on the synthetic shapes dataset (issue #9), so that its
+"""Trains katz's tiny model family on the synthetic shapes dataset, so that its
 pictures can be judged: a VAE, the SDXL-structured base (two CLIP text encoders and a UNet with the
 text-time embedding, as export_bundle.tiny_config() builds it, wider), a ControlNet on edge maps and
 two style LoRAs ("stripes", "pastel").

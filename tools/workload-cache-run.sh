@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Live LoRA caches against the simulation (issue #7): a service B trace over INSTANCES serving
+# Live LoRA caches against the simulation: a service B trace over INSTANCES serving
 # instances, one `katz worker` per instance on its own queue (`katz trace replay
 # --queue-per-instance`) with a host LoRA cache of ENTRIES adapters (LRU, no lookahead, so each
 # worker sees its instance's requests in trace order), then the loads per request the workers

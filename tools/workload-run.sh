@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The workload runs of issue #7 on this machine: a trace drawn from the Katz statistics (service
+# The workload runs on this machine: a trace drawn from the Katz statistics (service
 # B) replayed at several rates into real workers (tiny bundles, CPU), for each configuration, then
 # `katz report` over all of them, and `katz trace cache` for the cache comparison with the paper.
 #

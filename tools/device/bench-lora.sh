@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LoRA merge on the GPU machine (issue #5): katz's one-launch GPU merge (`katz bench lora-merge`)
+# LoRA merge on the GPU machine: katz's one-launch GPU merge (`katz bench lora-merge`)
 # against diffusers' load_lora_weights + fuse_lora (tools/bench_lora_merge.py), same GPU, same run.
 #
 #   1. katz-kernels' GPU tests (the merge kernels against an f64 reference), when carried

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path (issue #6) on the GPU machine, in one sitting: the device-resident loop's tests on
+# The GPU path on the GPU machine, in one sitting: the device-resident loop's tests on
 # the tiny bundles, then the full-size SDXL benchmark against diffusers in the same sitting.
 #
 #   bash tools/device/gpu-path.sh stage     copy what this call carried into /opt (ORT pieces,
@@ -23,12 +23,12 @@
 #                                           the service tests
 #   bash tools/device/gpu-path.sh profile   8 static-shape steps under ONNX Runtime's profiler: time by
 #                                           operator, and the nodes not on CUDA (CUDA-graph blockers)
-#   bash tools/device/gpu-path.sh workload  issue #7 on GPUs: a service B trace into one worker per GPU
+#   bash tools/device/gpu-path.sh workload  the workload study on GPUs: a service B trace into one worker per GPU
 #                                           (full-size SDXL), async vs sync LoRA; katz report
 #   bash tools/device/gpu-path.sh baseline  diffusers alone (0C/0L, 1C/1L, 3C/2L) on GPU 0
 #   bash tools/device/gpu-path.sh split     split-guidance parity test; katz static shapes on 1 GPU, split on
 #                                           2, split + ControlNets on 4, against `baseline`
-#   bash tools/device/gpu-path.sh quality   issue #9: the trained family's checkpoint (TINY_CKPT, else
+#   bash tools/device/gpu-path.sh quality   the quality report: the trained family's checkpoint (TINY_CKPT, else
 #                                           rebuilt from bundles/shapes) exported fp16, then
 #                                           tools/quality_report.py on GPUs (fp32, fp16, split)
 #   bash tools/device/gpu-path.sh graphs    CUDA graphs: graph-vs-none tests (tiny), then static shapes
@@ -37,7 +37,7 @@
 #                                           ControlNets placed several ways (PLACEMENTS for the split
 #                                           ones), each with its per-step critical path, and a
 #                                           profile of the ControlNet sessions
-#   bash tools/device/gpu-path.sh eight     issue #8 (8 GPUs): the paper's placement, the halves on GPUs
+#   bash tools/device/gpu-path.sh eight     8 GPUs: the paper's placement, the halves on GPUs
 #                                           0 and 1 and each ControlNet once per half (2/3, 4/5, 6/7)
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
@@ -155,7 +155,7 @@ bench_setup() {
   ngpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
   day=$(date +%F)
   BASE=$O/diffusers-$gpu-$day.json
-  # the bf16 GEMM rate DESIGN.md measured on this card type (not re-measured here)
+  # the bf16 GEMM rate of an H200 in the project's design measurements (not re-measured here)
   case $gpu in *H200*) PEAK_TFLOPS=${PEAK_TFLOPS:-780} ;; *H100*) PEAK_TFLOPS=${PEAK_TFLOPS:-758} ;; esac
 }
 
@@ -222,7 +222,7 @@ service() {  # RabbitMQ + Redis carried in .gpu-carry/svc (services-pack.sh); Co
   fi
 }
 
-workload() {  # issue #7 on GPUs: a service B trace replayed into one worker per GPU (full-size
+workload() {  # the workload study on GPUs: a service B trace replayed into one worker per GPU (full-size
               # SDXL + its ControlNet, rank-8 LoRA files), async vs sync LoRA, then katz report
   setup
   export_wait >/dev/null || return 1
@@ -296,7 +296,7 @@ split() {  # latent parallelism: the split-vs-one-GPU parity test, then one GPU,
   return 0
 }
 
-quality() {  # issue #9's quality report on GPUs: the trained family's checkpoint (TINY_CKPT, default
+quality() {  # the trained family's quality report on GPUs: the trained family's checkpoint (TINY_CKPT, default
              # /opt/tiny-ckpt; rebuilt from bundles/shapes by tools/shapes/ckpt_from_bundle.py when
              # absent) exported fp16 (--gpu), then tools/quality_report.py on the committed fp32
              # bundles with --gpu cuda:0 --fp16-bundle --split cuda:1 (QUALITY_GPUS picks the two
@@ -318,7 +318,7 @@ quality() {  # issue #9's quality report on GPUs: the trained family's checkpoin
     ${QUALITY_ARGS:---bounds= --styles pastel} 2>&1 | tail -30
 }
 
-graphs() {  # CUDA graphs (issue #6): the graph-vs-none tests on the tiny bundles, then static shapes
+graphs() {  # CUDA graphs: the graph-vs-none tests on the tiny bundles, then static shapes
             # without and with --cuda-graph, back to back: 1 GPU, 2 GPUs split, 4 GPUs split +
             # ControlNets, against `baseline`'s diffusers of this sitting
   bench_setup || return 1
@@ -344,7 +344,7 @@ graphs() {  # CUDA graphs (issue #6): the graph-vs-none tests on the tiny bundle
   return 0
 }
 
-placement() {  # issue #6's open item: 3C/2L on 4 GPUs (static shapes, CUDA graphs), the ControlNets
+placement() {  # the GPU path's open item: 3C/2L on 4 GPUs (static shapes, CUDA graphs), the ControlNets
                # placed several ways, each run's per-step critical path (slowest ControlNet,
                # residuals after the encoder, transport), the GPUs' peer-copy rates, then 8 steps of
                # the first placement under ONNX Runtime's profiler, against `baseline`
@@ -382,7 +382,7 @@ PY
   python3 tools/ort_profile_summary.py "$O"/prof4/p-controlnet_*.json "$O"/prof4/p-unet_*.json
 }
 
-eight() {  # issue #8: the paper's 3C/2L placement on 8 GPUs: the guidance halves on GPUs 0 and 1,
+eight() {  # the 8-GPU placement: the paper's 3C/2L placement on 8 GPUs: the guidance halves on GPUs 0 and 1,
            # each ControlNet once per half (GPUs 2/3, 4/5, 6/7), static shapes, CUDA graphs,
            # against `baseline`; the critical path is in the table's last line and the JSON
   bench_setup || return 1

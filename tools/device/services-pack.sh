@@ -2,7 +2,7 @@
 # RabbitMQ (with its Erlang) and Redis for the GPU machine, which has neither and no package
 # registry: this host's installed copies, packed into one piece (≈ 36 MB) to carry, and started
 # there from /opt/svc (never unpacked into /). The service tests and the CUDA IPC transport
-# (issue #4) need real brokers on the GPU host.
+# of the ControlNet service need real brokers on the GPU host.
 #
 #   here:  bash tools/device/services-pack.sh          → .gpu-carry/svc/svc.tar.xz
 #   there: bash tools/device/services-pack.sh start    (carry .gpu-carry/svc): RabbitMQ on 5672

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains the tiny model family (tools/train_tiny.py, issue #9) on the GPU machine, whose python3 has
+# Trains the tiny model family (tools/train_tiny.py) on the GPU machine, whose python3 has
 # torch, transformers and peft; diffusers travels as a wheel (as for bench-diffusers.sh).
 #
 # Here, once: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu-carry/w diffusers==0.42.1 importlib_metadata

@@ -1,4 +1,4 @@
-"""Synthetic "shapes" world for the tiny model family (issue #9).
+"""Synthetic "shapes" world for the tiny model family.
 
 dataset.py renders captioned images of coloured shapes (plus ControlNet edge maps,
 masks and two recognisable LoRA styles); judge.py is a small CNN that reads such

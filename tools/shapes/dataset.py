@@ -1,4 +1,4 @@
-"""Synthetic captioned shapes: the training data of the tiny model family (issue #9).
+"""Synthetic captioned shapes: the training data of the tiny model family.
 
 Data flow
 ---------

@@ -1,5 +1,5 @@
 """The judge: a small CNN that reads a 64×64 shapes image back into attributes, so that
-generated images can be scored against their prompts (issue #9).
+generated images can be scored against their prompts.
 
 Data flow
 ---------
