@@ -362,19 +362,21 @@ mod tests {
         let e = decode(&j.encode().unwrap(), &l).unwrap_err();
         assert_eq!(e.id.as_deref(), Some("j-2"));
         assert!(e.message.contains("schema version 7"), "{}", e.message);
+        // values out of range decode, and are refused by the one request check
+        let check = |j: &Job| {
+            let j = decode(&j.encode().unwrap(), &l).expect("a well-formed message decodes");
+            crate::pipeline::Catalogue::producer(&j, &l)
+                .request(&j, &[])
+                .unwrap_err()
+                .to_string()
+        };
         let mut j = Job::new("j-3", "b", "p");
         j.width = 100_000;
         j.height = 100_000;
-        assert!(decode(&j.encode().unwrap(), &l)
-            .unwrap_err()
-            .message
-            .contains("exceeds the limit"));
+        assert!(check(&j).contains("exceeds the limit"));
         let mut j = Job::new("j-4", "b", "p");
         j.steps = 1_000_000;
-        assert!(decode(&j.encode().unwrap(), &l)
-            .unwrap_err()
-            .message
-            .contains("steps 1000000"));
+        assert!(check(&j).contains("steps 1000000"));
         // a map without `prompt`
         #[derive(Serialize)]
         struct Partial<'a> {
