@@ -14,6 +14,7 @@
 //! Each subcommand lives in `src/cmd/`; this file only parses and dispatches.
 
 mod cmd;
+mod workload;
 
 use clap::{Parser, Subcommand};
 

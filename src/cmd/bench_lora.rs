@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use katz_actors::lora::sim;
 use katz_actors::lora::Policy;
 use katz_onnx::noise::SeededNoise;
 use katz_onnx::pipeline::{LoraPlan, NoObserver, Pipeline, Request};
@@ -22,6 +21,8 @@ use katz_onnx::quality::{rel_diff, ssim};
 use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::weights::PendingMerge;
 use serde_json::json;
+
+use crate::workload::sim;
 
 use super::generate::LoraSpec;
 use super::write_json;

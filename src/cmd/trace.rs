@@ -1,4 +1,4 @@
-//! `katz trace`: request traces in the Katz authors' format (katz_actors::workload).
+//! `katz trace`: request traces in the Katz authors' format (crate::workload).
 //!
 //! ```text
 //! katz trace gen   --service B --requests N --rate R [--bursty F:ON:OFF] --instances K --out T.json
@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use katz_actors::lora::cache::Policy;
-use katz_actors::workload::{self, Adapter, Arrivals, TraceSpec};
+use crate::workload::{self, Adapter, Arrivals, TraceSpec};
 use serde_json::json;
 
 use super::write_json;
@@ -115,7 +115,7 @@ pub struct GenArgs {
     /// `katz bench lora-cache`).
     #[arg(long, default_value_t = 1.36)]
     pub zipf_s: f64,
-    /// LoRA popularity drift (replacements per request; lora::sim).
+    /// LoRA popularity drift (replacements per request; workload::sim).
     #[arg(long, default_value_t = 0.0)]
     pub drift: f64,
     /// Zipf exponent of ControlNet popularity inside the top 5 (and the rest).

@@ -45,7 +45,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::cache::{Cache, Policy};
+use katz_actors::lora::cache::{Cache, Policy};
 
 /// Cache size (entries) of the paper's loads-per-request figures.
 pub const PAPER_CACHE_ENTRIES: usize = 10;
@@ -62,9 +62,6 @@ pub const DRIFT_RANGE: (f64, f64) = (1e-5, 0.5);
 pub struct TraceStats {
     /// Per service ("A", "B").
     pub services: BTreeMap<String, ServiceStats>,
-    /// The paper's words on LoRA popularity, kept for reports.
-    #[serde(default)]
-    pub lora_popularity: Option<String>,
 }
 
 /// One service's statistics.
@@ -84,15 +81,6 @@ pub struct ServiceStats {
 pub struct PolicyTargets {
     pub lru: f64,
     pub lfu: f64,
-}
-
-impl PolicyTargets {
-    pub fn get(&self, policy: Policy) -> f64 {
-        match policy {
-            Policy::Lru => self.lru,
-            Policy::Lfu => self.lfu,
-        }
-    }
 }
 
 impl TraceStats {
@@ -131,12 +119,6 @@ impl ServiceStats {
     /// `(number of LoRAs, probability)`, sorted by number, probabilities normalised to sum 1.
     pub fn count_distribution(&self) -> Result<Vec<(usize, f64)>, String> {
         count_distribution("loras_per_request", &self.loras_per_request)
-    }
-
-    /// Mean LoRAs per request.
-    pub fn mean_loras_per_request(&self) -> f64 {
-        let dist = self.count_distribution().unwrap_or_default();
-        dist.iter().map(|&(n, p)| n as f64 * p).sum()
     }
 }
 
@@ -343,6 +325,7 @@ impl Drift {
 
 /// The number of distinct LoRAs seen in the first `every`, `2·every`, … requests (and in all of
 /// them, last): `(requests, distinct LoRAs)`. Linear growth is the paper's observation.
+#[cfg(test)]
 pub fn distinct_growth(requests: &[Vec<u32>], every: usize) -> Vec<(usize, usize)> {
     let every = every.max(1);
     let mut seen = std::collections::HashSet::new();
@@ -700,7 +683,7 @@ mod tests {
     fn shared_stats_file_matches_the_published_copy() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/workload/katz-trace-stats.json"
+            "/../shared/workload/katz-trace-stats.json"
         );
         if !Path::new(path).exists() {
             eprintln!("skipped: {path} not present");

@@ -16,6 +16,8 @@
 //! An operator with the real trace runs the same `stats` and `cache` on it (`katz trace stats |
 //! cache FILE`); the generated one stands in for it in tests and in the workload runs.
 
+pub mod sim;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
@@ -23,8 +25,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::lora::cache::{Cache, Policy};
-use crate::lora::sim::{self, count_distribution, pick_count, TraceStats, WorkloadSpec, Zipf};
+use katz_actors::lora::cache::{Cache, Policy};
+use self::sim::{count_distribution, pick_count, TraceStats, WorkloadSpec, Zipf};
 
 /// One request of a trace, as the Katz authors published them (ids anonymised strings).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -375,7 +377,7 @@ mod tests {
 
     fn stats_file() -> std::path::PathBuf {
         // a copy of ../shared/workload/katz-trace-stats.json (the paper's published statistics)
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/workload/katz-trace-stats.json")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/workload/katz-trace-stats.json")
     }
 
     fn spec(service: &str, requests: usize) -> TraceSpec {
