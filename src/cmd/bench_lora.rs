@@ -22,7 +22,7 @@ use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::weights::PendingMerge;
 use serde_json::json;
 
-use crate::workload::sim;
+use crate::workload;
 
 use super::generate::LoraSpec;
 use super::write_json;
@@ -205,24 +205,21 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => bundles_dir()?.join("../../shared/workload/katz-trace-stats.json"),
     };
-    let stats = sim::TraceStats::load(&path)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let stats = workload::TraceStats::load(&path).with_context(|| format!("reading {}", path.display()))?;
     let svc = stats
         .service(&a.service)
-        .map_err(anyhow::Error::msg)
         .with_context(|| format!("service {} in {}", a.service, path.display()))?;
     let target = svc.lora_cache_loads_per_request_10_entries;
     let mut drift = a.drift;
     let s = match (a.zipf_s, &target) {
         (Some(s), _) => s,
         (None, Some(_)) if a.fit_both => {
-            let (s, d, _, _) = sim::calibrate2(&stats, &a.service, a.requests, a.seed);
+            let (s, d, _, _) = workload::calibrate2(&stats, &a.service, a.requests, a.seed)?;
             drift = d;
             s
         }
         (None, Some(t)) => {
-            sim::calibrate_with_drift(
+            workload::calibrate_with_drift(
                 &stats,
                 &a.service,
                 a.requests,
@@ -230,7 +227,7 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
                 a.drift,
                 t.lru,
                 Policy::Lru,
-            )
+            )?
             .0
         }
         (None, None) => anyhow::bail!(
@@ -238,15 +235,15 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
             a.service
         ),
     };
-    let spec = sim::WorkloadSpec {
+    let spec = workload::WorkloadSpec {
         service: a.service.clone(),
         requests: a.requests,
         zipf_s: s,
         seed: a.seed,
         drift,
     };
-    let reqs = sim::draw(&stats, &spec);
-    let pop = sim::popularity(&reqs);
+    let reqs = workload::draw(&stats, &spec)?;
+    let pop = workload::popularity(&reqs);
     println!(
         "katz bench lora-cache: service {}, {} requests drawn (seed {}), Zipf s = {s:.3}, drift {drift:.2e}{}",
         a.service,
@@ -264,8 +261,8 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for e in 1..=a.max_entries {
         let (l, f) = (
-            sim::replay(&reqs, e, Policy::Lru),
-            sim::replay(&reqs, e, Policy::Lfu),
+            workload::replay(&reqs, e, Policy::Lru),
+            workload::replay(&reqs, e, Policy::Lfu),
         );
         println!(
             "  {e:>8}{:>16.3}{:>16.3}",
