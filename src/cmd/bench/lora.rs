@@ -22,11 +22,10 @@ use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::weights::PendingMerge;
 use serde_json::json;
 
+use crate::cmd::generate::LoraSpec;
+use crate::cmd::write_json;
+use crate::cmd::{bundles_dir, DeviceArgs};
 use crate::workload;
-
-use super::generate::LoraSpec;
-use super::write_json;
-use super::{bundles_dir, DeviceArgs};
 
 #[derive(Args, Debug, Clone)]
 pub struct LoraBoundArgs {
