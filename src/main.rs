@@ -11,9 +11,26 @@
 //! katz trace …     request traces in the Katz format: gen, stats, cache, replay
 //! katz report      latency, throughput and LoRA cache figures of runs, from Redis
 //! ```
-//! Each subcommand lives in `src/cmd/`; this file only parses and dispatches.
+//! This file only parses and dispatches.
+//!
+//! # Layout
+//!
+//! ```text
+//! cmd/          one file per subcommand (demo, generate, worker, controlnet_worker, submit,
+//!               status, cancel, trace, report); lora_args.rs the LoRA flags several share, and
+//!               mod.rs the other shared flags and helpers (AmqpArgs, RedisArgs, DeviceArgs,
+//!               bundles_dir, write_json)
+//!   bench/      one file per bench (lora_merge + lora_merge_gpu, lora: lora-bound and
+//!               lora-cache, controlnet, pipeline), stats.rs what they share; mod.rs dispatches
+//! workload/     offline research on the Katz trace: its published statistics, requests and
+//!               traces drawn from them, the trace format, LoRA cache replay and calibration
+//!               (used by `katz trace` and `katz bench lora-cache`; nothing in the service)
+//! ```
+//!
+//! The service itself is the katz-actors crate, the models katz-onnx, the kernels katz-kernels.
 
 mod cmd;
+mod workload;
 
 use clap::{Parser, Subcommand};
 

@@ -30,6 +30,5 @@ pub mod protocol;
 pub mod store;
 pub mod topology;
 pub mod worker;
-pub mod workload;
 
 pub use error::{Action, JobError};

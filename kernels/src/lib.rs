@@ -1,4 +1,5 @@
-//! Numeric kernels of the katz pipeline, on host memory.
+//! Numeric kernels of the katz pipeline, each on host memory (the CPU twin) and on a GPU (the
+//! CUDA twin).
 //!
 //! ```text
 //!   UNet (cond, uncond) ──▶ guidance::combine ──▶ scheduler step
@@ -6,9 +7,29 @@
 //!   LoRA (Aᵢ, Bᵢ, sᵢ, αᵢ/rᵢ) ──▶ lora::merge (W' = W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ) ──▶ bound weights
 //! ```
 //!
-//! Each kernel is small, allocation-free on its hot path and tested against a float64 reference
-//! by relative error on fresh random inputs. The CUDA twins of these kernels (cudarc + NVRTC)
-//! arrive with the GPU path and are tested against these.
+//! # Layout
+//!
+//! ```text
+//! guidance     CPU: classifier-free guidance, out = uncond + g·(cond − uncond)
+//! residual     CPU: dst += scale·src (ControlNet residual sums)
+//! lora         CPU: the LoRA merge, blocked over output rows on rayon's pool
+//! cuda/        the CUDA twins and their launches:
+//!   kernels.cu   CUDA C of every kernel: combine, axpy, scale, euler, lora_merge_{naive,tiled,
+//!                mma}_{f32,f16} (all layers of a LoRA set in one launch)
+//!   mod.rs       GpuKernels::new(ordinal): probes libcuda, compiles kernels.cu with NVRTC once
+//!                (compute_80 PTX where the GPU has tensor cores), loads each kernel by name;
+//!                typed launch methods (combine, axpy, scale, euler, lora_merge_with) and raw-
+//!                address ones for ONNX Runtime's buffers; fork() shares the module on a new
+//!                stream; device_count, cuda_available, enable_peer_access
+//!   tests.rs     each CUDA twin against its CPU twin or an f64 reference (GPU tests #[ignore]d)
+//! ipc          CUDA IPC buffers and events shared between processes of one host (the
+//!              ControlNet worker's transport)
+//! ```
+//!
+//! Each CPU kernel is small, allocation-free on its hot path and tested against a float64
+//! reference by relative error on fresh random inputs; each CUDA kernel against its CPU twin or
+//! an f64 reference. cudarc loads libcuda and libnvrtc at run time, so the crate builds and its CPU kernels
+//! run where there is no CUDA; there, `GpuKernels::new` is an error, never a CPU fall-back.
 
 pub mod cuda;
 pub mod guidance;

@@ -1,9 +1,6 @@
 //! One module per subcommand, plus the flags and helpers they share.
 
 pub mod bench;
-pub mod bench_controlnet;
-pub mod bench_lora;
-pub mod bench_pipeline;
 pub mod cancel;
 pub mod controlnet_worker;
 pub mod demo;
@@ -183,7 +180,7 @@ pub fn gpu_names() -> Option<String> {
 /// Writes `v` as pretty JSON (creating the directory) and says so.
 pub fn write_json(path: &Path, v: &serde_json::Value) -> anyhow::Result<()> {
     if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(d)?;
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;

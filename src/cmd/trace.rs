@@ -1,4 +1,4 @@
-//! `katz trace`: request traces in the Katz authors' format (katz_actors::workload).
+//! `katz trace`: request traces in the Katz authors' format (crate::workload).
 //!
 //! ```text
 //! katz trace gen   --service B --requests N --rate R [--bursty F:ON:OFF] --instances K --out T.json
@@ -16,10 +16,10 @@
 
 use std::path::PathBuf;
 
+use crate::workload::{self, Adapter, Arrivals, TraceSpec};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use katz_actors::lora::cache::Policy;
-use katz_actors::workload::{self, Adapter, Arrivals, TraceSpec};
 use serde_json::json;
 
 use super::write_json;
@@ -115,7 +115,7 @@ pub struct GenArgs {
     /// `katz bench lora-cache`).
     #[arg(long, default_value_t = 1.36)]
     pub zipf_s: f64,
-    /// LoRA popularity drift (replacements per request; lora::sim).
+    /// LoRA popularity drift (replacements per request; see docs/workload.md).
     #[arg(long, default_value_t = 0.0)]
     pub drift: f64,
     /// Zipf exponent of ControlNet popularity inside the top 5 (and the rest).
@@ -199,8 +199,8 @@ fn gen(a: GenArgs) -> anyhow::Result<()> {
         controlnet_zipf_s: a.controlnet_zipf_s,
         base_model_id: a.base_model.clone(),
     };
-    let t = workload::generate(&stats, &spec).map_err(anyhow::Error::msg)?;
-    workload::write(&a.out, &t).map_err(anyhow::Error::msg)?;
+    let t = workload::generate(&stats, &spec)?;
+    workload::write(&a.out, &t)?;
     println!(
         "katz trace gen: {} requests of service {} over {:.0} s ({:?}, {} instance(s), seed {}) → {}",
         t.len(),
@@ -215,7 +215,7 @@ fn gen(a: GenArgs) -> anyhow::Result<()> {
 }
 
 fn read(p: &PathBuf) -> anyhow::Result<Vec<workload::TraceRequest>> {
-    let t = workload::read(p).map_err(anyhow::Error::msg)?;
+    let t = workload::read(p)?;
     if t.is_empty() {
         bail!("{}: the trace has no request", p.display());
     }

@@ -17,7 +17,6 @@
 
 pub mod cache;
 pub mod manager;
-pub mod sim;
 pub mod store;
 
 use std::path::PathBuf;

@@ -24,7 +24,8 @@ use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
 use serde_json::json;
 
-use super::{bundles_dir, DeviceArgs};
+use super::stats::{cpu_model, upper_median};
+use crate::cmd::{bundles_dir, gpu_names, write_json, DeviceArgs};
 
 #[derive(Args, Debug, Clone)]
 pub struct ControlNetBenchArgs {
@@ -210,14 +211,7 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let cpu = cpu_model().unwrap_or_default();
     println!(
         "katz bench controlnet: {} + {}, {}², {} steps, guidance {}, {}; {} cores ({cpu}){}",
         setup.base.display(),
@@ -227,9 +221,7 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
         a.guidance,
         a.device.device,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        super::gpu_names()
-            .map(|g| format!(", GPUs: {g}"))
-            .unwrap_or_default()
+        gpu_names().map(|g| format!(", GPUs: {g}")).unwrap_or_default()
     );
     let mut workers: Vec<Kill> = Vec::new();
     let mut remote: Option<RemoteControlNets> = None;
@@ -337,10 +329,8 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
                     steady.push(clock.steady_ms());
                 }
             }
-            times.sort_by(|x, y| x.total_cmp(y));
-            steady.sort_by(|x, y| x.total_cmp(y));
-            let med = times[times.len() / 2];
-            let st = steady[steady.len() / 2];
+            let med = upper_median(&mut times);
+            let st = upper_median(&mut steady);
             // what a job pays once (session open, buffers, mappings), spread over its steps
             let setup_ms = (med - st) * a.steps as f64;
             let theirs = baseline
@@ -368,20 +358,16 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
     };
     drop(workers);
     if let Some(out) = &a.out {
-        if let Some(d) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(d)?;
-        }
         let doc = json!({
             "bench": "controlnet", "machine": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            "gpus": super::gpu_names(),
+            "gpus": gpu_names(),
             "bundle": format!("{} + {}", setup.base.display(), setup.controlnet.display()),
             "size": a.size, "steps": a.steps, "guidance": a.guidance,
             "device": a.device.device.to_string(),
             "worker_device": a.worker_device.map(|d| d.to_string()),
             "rows": rows, "redis_transport": transport, "diffusers": baseline,
         });
-        std::fs::write(out, serde_json::to_string_pretty(&doc)? + "\n")?;
-        println!("wrote {}", out.display());
+        write_json(out, &doc)?;
     }
     Ok(())
 }
@@ -455,8 +441,7 @@ fn transport_cost(
         echo.join()
             .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
         let _: () = redis::cmd("DEL").arg(&kin).arg(&kout).query(&mut c)?;
-        times.sort_by(|x, y| x.total_cmp(y));
-        let med = times[times.len() / 2];
+        let med = upper_median(&mut times);
         let _ = wire::SESSION_VERSION;
         println!(
             "  Redis transport, {label}: in {inb} B, out {outb} B per step: {med:.3} ms (median of {reps})"

@@ -29,7 +29,8 @@ use katz_onnx::scheduler::SchedulerKind;
 use katz_onnx::tensor::Tensor;
 use serde_json::{json, Value};
 
-use super::DeviceArgs;
+use super::stats::median;
+use crate::cmd::{write_json, DeviceArgs};
 
 #[derive(Args, Debug, Clone)]
 pub struct PipelineBenchArgs {
@@ -106,19 +107,6 @@ fn parse_config(s: &str) -> anyhow::Result<(usize, usize)> {
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// A seeded conditioning image in [0, 1] (edges-like: sparse ones on zeros).
@@ -438,9 +426,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         "configs": rows, "diffusers": baseline,
     });
     if let Some(p) = &a.out {
-        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", p.display()))?;
-        println!("wrote {}", p.display());
+        write_json(p, &report)?;
     }
     Ok(())
 }
@@ -469,11 +455,5 @@ mod tests {
         assert_eq!(parse_config("3C/2L").unwrap(), (3, 2));
         assert_eq!(parse_config("0c/0l").unwrap(), (0, 0));
         assert!(parse_config("3C2L").is_err());
-    }
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0]), 2.5);
     }
 }

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use katz_actors::lora::sim;
 use katz_actors::lora::Policy;
 use katz_onnx::lora::PendingMerge;
 use katz_onnx::pipeline::{LoraPlan, Pipeline, RunOptions};
@@ -23,9 +22,10 @@ use katz_onnx::request::{LoraRequest, Request, ValidRequest};
 use katz_onnx::scheduler::SchedulerKind;
 use serde_json::json;
 
-use super::generate::LoraSpec;
-use super::write_json;
-use super::{bundles_dir, DeviceArgs};
+use crate::cmd::generate::LoraSpec;
+use crate::cmd::write_json;
+use crate::cmd::{bundles_dir, DeviceArgs};
+use crate::workload;
 
 #[derive(Args, Debug, Clone)]
 pub struct LoraBoundArgs {
@@ -213,24 +213,21 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => bundles_dir()?.join("../../shared/workload/katz-trace-stats.json"),
     };
-    let stats = sim::TraceStats::load(&path)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let stats = workload::TraceStats::load(&path).with_context(|| format!("reading {}", path.display()))?;
     let svc = stats
         .service(&a.service)
-        .map_err(anyhow::Error::msg)
         .with_context(|| format!("service {} in {}", a.service, path.display()))?;
     let target = svc.lora_cache_loads_per_request_10_entries;
     let mut drift = a.drift;
     let s = match (a.zipf_s, &target) {
         (Some(s), _) => s,
         (None, Some(_)) if a.fit_both => {
-            let (s, d, _, _) = sim::calibrate2(&stats, &a.service, a.requests, a.seed);
+            let (s, d, _, _) = workload::calibrate2(&stats, &a.service, a.requests, a.seed)?;
             drift = d;
             s
         }
         (None, Some(t)) => {
-            sim::calibrate_with_drift(
+            workload::calibrate_with_drift(
                 &stats,
                 &a.service,
                 a.requests,
@@ -238,7 +235,7 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
                 a.drift,
                 t.lru,
                 Policy::Lru,
-            )
+            )?
             .0
         }
         (None, None) => anyhow::bail!(
@@ -246,15 +243,15 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
             a.service
         ),
     };
-    let spec = sim::WorkloadSpec {
+    let spec = workload::WorkloadSpec {
         service: a.service.clone(),
         requests: a.requests,
         zipf_s: s,
         seed: a.seed,
         drift,
     };
-    let reqs = sim::draw(&stats, &spec);
-    let pop = sim::popularity(&reqs);
+    let reqs = workload::draw(&stats, &spec)?;
+    let pop = workload::popularity(&reqs);
     println!(
         "katz bench lora-cache: service {}, {} requests drawn (seed {}), Zipf s = {s:.3}, drift {drift:.2e}{}",
         a.service,
@@ -272,8 +269,8 @@ pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for e in 1..=a.max_entries {
         let (l, f) = (
-            sim::replay(&reqs, e, Policy::Lru),
-            sim::replay(&reqs, e, Policy::Lfu),
+            workload::replay(&reqs, e, Policy::Lru),
+            workload::replay(&reqs, e, Policy::Lfu),
         );
         println!(
             "  {e:>8}{:>16.3}{:>16.3}",

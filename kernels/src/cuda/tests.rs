@@ -1,3 +1,7 @@
+//! The CUDA kernels against their CPU twins and f64 references, on fresh random inputs (relative
+//! error). Without a GPU only the first test runs (no CUDA is an error, not a panic); the
+//! `#[ignore]`d ones need one: `tools/device/gpu-tests.sh`.
+
 use super::*;
 use crate::lora::{merge_into, Factor};
 use crate::{guidance, rel_err, residual, testutil::random};
