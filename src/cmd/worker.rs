@@ -220,3 +220,85 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
     worker::run(config(a)?, super::terminated())?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use katz_onnx::pipeline::LoraMode;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        worker: WorkerArgs,
+    }
+
+    /// `file` (TOML) with `flags` over it.
+    fn overlay(file: &str, flags: &[&str]) -> WorkerConfig {
+        let mut c: WorkerConfig = toml::from_str(file).unwrap();
+        let cli = Cli::try_parse_from(std::iter::once("worker").chain(flags.iter().copied())).unwrap();
+        cli.worker.apply(&mut c).unwrap();
+        c
+    }
+
+    #[test]
+    fn flags_given_override_the_file_and_the_rest_of_the_file_stays() {
+        let file =
+            "concurrency = 3\nthreads = 2\ncontrolnets = [\"a\"]\nlora_mode = \"sync\"\nqueue = \"q\"\n";
+        let c = overlay(file, &[]);
+        assert_eq!((c.concurrency, c.session.threads), (3, 2));
+        assert_eq!(c.controlnet.controlnets, Some(vec![PathBuf::from("a")]));
+        let c = overlay(
+            file,
+            &[
+                "--threads",
+                "1",
+                "--controlnet",
+                "none",
+                "--static-shapes",
+                "64",
+                "--cuda-graph",
+                "--lora-switch",
+                "ready",
+            ],
+        );
+        assert_eq!((c.concurrency, c.session.threads), (3, 1));
+        assert_eq!(c.queue.as_deref(), Some("q"));
+        assert_eq!(
+            c.controlnet.controlnets,
+            Some(vec![]),
+            "--controlnet none hosts none"
+        );
+        assert_eq!(
+            c.session.static_shapes,
+            Some(ImageSize {
+                width: 64,
+                height: 64
+            })
+        );
+        assert!(c.session.cuda_graph && !c.session.exact_fp32);
+        assert_eq!(c.lora.lora_mode, LoraMode::Sync);
+        assert_eq!(c.lora.lora_switch, katz_actors::config::LoraSwitch::Ready);
+        let c = overlay(
+            "cuda_graph = true",
+            &["--cuda-graph", "false", "--controlnet", "x,y"],
+        );
+        assert!(!c.session.cuda_graph);
+        assert_eq!(
+            c.controlnet.controlnets,
+            Some(vec![PathBuf::from("x"), PathBuf::from("y")])
+        );
+    }
+
+    #[test]
+    fn empty_list_values_name_nothing() {
+        let c = overlay("controlnet_services = [\"m\"]", &["--controlnet-service", ""]);
+        assert_eq!(
+            c.controlnet.controlnet_services.len(),
+            1,
+            "an empty value keeps the file's"
+        );
+        let c = overlay("", &["--controlnet-service", "m@q,"]);
+        assert_eq!(c.controlnet.controlnet_services[0].queue, "q");
+    }
+}
