@@ -18,6 +18,7 @@
 //! `failed` status naming the problem; a redelivered job whose result exists is acked without
 //! running again (idempotent by job id and content digest). See docs/protocol.md.
 
+pub mod config;
 pub mod consumer;
 pub mod controlnet;
 pub mod embedded;

@@ -1,6 +1,15 @@
-//! A worker process: loads the models, starts the actors, serves metrics, and stops cleanly on
-//! SIGTERM/SIGINT (no new jobs; those in flight finish, are stored and acked; exit 0).
+//! A worker: loads the models, starts the actors, serves metrics, and stops cleanly when its
+//! shutdown future resolves (no new jobs; those in flight finish, are stored and acked; `run`
+//! returns). The caller chooses what stops it: `katz worker` passes SIGTERM/SIGINT
+//! (`src/cmd/worker.rs`), tests pass a channel.
+//!
+//! ```text
+//! WorkerConfig ─models()─▶ LoadedPipeline × concurrency (weights shared) ─▶ PipelineActor (SyncArbiter)
+//!   RabbitMQ ─▶ JobConsumer ─▶ JobDeps { store: ResultStore (Redis), lora: LoraManager, … }
+//!   shutdown.await ─Shutdown─▶ JobConsumer: cancel the consumer, drain, close ─▶ run returns
+//! ```
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,33 +17,19 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use crate::config::ConfigError;
+pub use crate::config::WorkerConfig;
 use crate::consumer::{ConsumerConfig, JobConsumer, Shutdown};
 use crate::job::JobDeps;
 use crate::lora::{LoraManager, LoraStore};
-use crate::pipeline::{LoadedPipeline, Models, PipelineActor};
-use crate::protocol::{jobs_queue, Limits};
+use crate::pipeline::{LoadedPipeline, PipelineActor};
+use crate::protocol::jobs_queue;
 use crate::store::ResultStore;
-
-#[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    pub amqp: String,
-    pub redis: String,
-    pub models: Models,
-    /// Queue to consume (default `katz.jobs.<base>`).
-    pub queue: Option<String>,
-    /// Jobs run at once: pipeline threads, each with its own sessions (weights are shared).
-    pub concurrency: usize,
-    /// Deliveries taken beyond `concurrency` (AMQP prefetch = concurrency + lookahead): they wait
-    /// for a pipeline with their LoRAs prefetching, and go back to the queue on shutdown.
-    pub lookahead: usize,
-    pub limits: Limits,
-    pub worker_name: String,
-    pub metrics_addr: Option<SocketAddr>,
-    pub store_retry: Duration,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("loading models: {0}")]
     Models(#[from] katz_onnx::Error),
     #[error("redis at {url}: {source}")]
@@ -50,18 +45,22 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs a worker until it is told to stop.
-pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
+/// Runs a worker until `shutdown` resolves, then drains: the consumer is cancelled (deliveries
+/// taken but not started go back to the queue), the jobs running finish, are stored and acked,
+/// and `run` returns. Blocks the calling thread (it runs its own runtime and actix system).
+pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    let models = cfg.models()?;
+    let (limits, worker_name) = (cfg.limits(), cfg.worker_name());
     // Load every pipeline before taking any job: a bad bundle fails the start, loudly.
     let n = cfg.concurrency.max(1);
     let mut actors: Vec<LoadedPipeline> = Vec::with_capacity(n);
     for _ in 0..n {
         let shared = actors.first().map(|a| a.shared_weights());
-        actors.push(LoadedPipeline::load(&cfg.models, shared)?);
+        actors.push(LoadedPipeline::load(&models, shared)?);
     }
     let weights = actors[0].shared_weights();
     let base = actors[0].base_name().to_string();
-    let catalogue = Arc::new(actors[0].catalogue(&cfg.limits));
+    let catalogue = Arc::new(actors[0].catalogue(&limits));
     let queue = cfg.queue.clone().unwrap_or_else(|| jobs_queue(&base));
     let pool = Mutex::new(actors);
 
@@ -83,22 +82,22 @@ pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
             tracing::info!(%addr, "metrics on /metrics");
             actix::spawn(crate::metrics::serve(listener));
         }
-        let lora_store = LoraStore::open(&cfg.models.lora)
+        let lora_store = LoraStore::open(&models.lora)
             .await
             .map_err(|e| WorkerError::Lora(e.to_string()))?;
-        let lora = LoraManager::new(&cfg.models.lora, lora_store, weights).start();
+        let lora = LoraManager::new(&models.lora, lora_store, weights).start();
         let (stopped_tx, stopped_rx) = oneshot::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let deps = JobDeps {
-            limits: cfg.limits.clone(),
+            limits: limits.clone(),
             catalogue,
-            worker: cfg.worker_name.clone(),
+            worker: worker_name.clone(),
             store_retry: cfg.store_retry,
             pipeline,
             store,
             running: Default::default(),
             lora,
-            lora_cfg: Arc::new(cfg.models.lora.clone()),
+            lora_cfg: Arc::new(models.lora.clone()),
             slots: Arc::new(tokio::sync::Semaphore::new(n)),
             shutdown: shutdown_rx,
         };
@@ -107,8 +106,8 @@ pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
                 amqp: cfg.amqp.clone(),
                 queue: queue.clone(),
                 prefetch: (n + cfg.lookahead) as u16,
-                limits: cfg.limits.clone(),
-                worker: cfg.worker_name.clone(),
+                limits,
+                worker: worker_name.clone(),
                 store_retry: cfg.store_retry,
             },
             deps,
@@ -116,14 +115,10 @@ pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
             stopped_tx,
         )
         .start();
-        tracing::info!(worker = %cfg.worker_name, %queue, base = %base, concurrency = n, "worker started");
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = int.recv() => tracing::info!("SIGINT"),
-        }
-        consumer.do_send(Shutdown);
+        tracing::info!(worker = %worker_name, %queue, base = %base, concurrency = n, "worker started");
+        shutdown.await;
+        // a consumer that is gone has dropped `stopped_tx`: the wait below ends too
+        let _ = consumer.send(Shutdown).await;
         let _ = stopped_rx.await;
         Ok(())
     });

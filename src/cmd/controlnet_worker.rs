@@ -45,19 +45,22 @@ pub fn run(a: ControlNetWorkerArgs) -> anyhow::Result<()> {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "host".into());
-    worker::run(ControlNetWorkerConfig {
-        amqp: a.amqp.amqp,
-        redis: a.redis.redis,
-        bundle: a.bundle,
-        base,
-        session: a.device.session_options(),
-        concurrency: a.concurrency,
-        name: a
-            .name
-            .unwrap_or_else(|| format!("cn-{host}-{}", std::process::id())),
-        queue: a.queue,
-        idle_timeout: Duration::from_secs(a.idle_s.max(1)),
-        ttl: Duration::from_secs(300),
-    })?;
+    worker::run(
+        ControlNetWorkerConfig {
+            amqp: a.amqp.amqp,
+            redis: a.redis.redis,
+            bundle: a.bundle,
+            base,
+            session: a.device.session_options(),
+            concurrency: a.concurrency,
+            name: a
+                .name
+                .unwrap_or_else(|| format!("cn-{host}-{}", std::process::id())),
+            queue: a.queue,
+            idle_timeout: Duration::from_secs(a.idle_s.max(1)),
+            ttl: Duration::from_secs(300),
+        },
+        super::terminated(),
+    )?;
     Ok(())
 }

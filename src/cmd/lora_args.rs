@@ -1,12 +1,12 @@
-//! The LoRA flags shared by `katz worker`, `katz demo` and `katz generate`.
+//! The LoRA flags shared by `katz worker`, `katz demo` and `katz generate`: overlays of
+//! [`LoraSection`], the worker configuration's LoRA options.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args;
+use katz_actors::config::{LoraSection, LoraSwitch};
 use katz_actors::lora::{LoraConfig, Policy};
 use katz_onnx::pipeline::{LoraBound, LoraMode};
-use serde::Deserialize;
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct LoraArgs {
@@ -20,8 +20,8 @@ pub struct LoraArgs {
     pub lora_bound: Option<LoraBound>,
     /// Async: `bound` switches exactly at the bound step (same job, same image, whatever the load);
     /// `ready` switches at the first step boundary where the merge is done [default: bound]
-    #[arg(long, env = "KATZ_LORA_SWITCH", value_parser = ["bound", "ready"])]
-    pub lora_switch: Option<String>,
+    #[arg(long, env = "KATZ_LORA_SWITCH")]
+    pub lora_switch: Option<LoraSwitch>,
 }
 
 /// The store and cache flags (worker and demo).
@@ -54,71 +54,50 @@ pub struct LoraStoreArgs {
     pub lora_timeout_s: Option<u64>,
 }
 
-/// The same options in a worker's TOML file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoraFile {
-    pub lora_mode: Option<String>,
-    pub lora_bound: Option<String>,
-    pub lora_switch: Option<String>,
-    pub lora_cache_mb: Option<u64>,
-    pub lora_cache_entries: Option<usize>,
-    pub lora_device_cache_mb: Option<u64>,
-    pub lora_cache_policy: Option<String>,
-    pub lora_max_pending: Option<usize>,
-    pub lora_redis: Option<String>,
-    pub lora_fetch_delay_ms: Option<u64>,
-    pub lora_timeout_s: Option<u64>,
+impl LoraArgs {
+    /// Overlays the flags given onto `c`.
+    pub fn apply(&self, c: &mut LoraSection) {
+        set(&mut c.lora_mode, self.lora_mode);
+        set(&mut c.lora_bound, self.lora_bound);
+        set(&mut c.lora_switch, self.lora_switch);
+    }
 }
 
-fn parsed<T: std::str::FromStr>(v: Option<&String>, what: &str) -> anyhow::Result<Option<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    v.map(|s| s.parse::<T>().map_err(|e| anyhow::anyhow!("{what}: {e}")))
-        .transpose()
+impl LoraStoreArgs {
+    /// Overlays the flags given onto `c` (a cache of N entries replaces a byte budget).
+    pub fn apply(&self, c: &mut LoraSection) {
+        set(&mut c.lora_cache_mb, self.lora_cache_mb);
+        if self.lora_cache_entries.is_some() {
+            c.lora_cache_entries = self.lora_cache_entries;
+        }
+        set(&mut c.lora_device_cache_mb, self.lora_device_cache_mb);
+        set(&mut c.lora_cache_policy, self.lora_cache_policy);
+        set(&mut c.lora_max_pending, self.lora_max_pending);
+        if self.lora_redis.is_some() {
+            c.lora_redis = self.lora_redis.clone();
+        }
+        set(&mut c.lora_fetch_delay_ms, self.lora_fetch_delay_ms);
+        set(&mut c.lora_timeout_s, self.lora_timeout_s);
+    }
 }
 
-/// Flags win over the file, the file over the defaults.
-pub fn config(dir: PathBuf, a: &LoraArgs, s: &LoraStoreArgs, f: &LoraFile) -> anyhow::Result<LoraConfig> {
-    let mut c = LoraConfig::new(dir);
-    if let Some(m) = a.lora_mode.or(parsed(f.lora_mode.as_ref(), "lora_mode")?) {
-        c.mode = m;
+/// `*field = v` where the flag was given.
+pub fn set<T>(field: &mut T, v: Option<T>) {
+    if let Some(v) = v {
+        *field = v;
     }
-    if let Some(b) = a.lora_bound.or(parsed(f.lora_bound.as_ref(), "lora_bound")?) {
-        c.bound = b;
-    }
-    match a.lora_switch.as_deref().or(f.lora_switch.as_deref()) {
-        None | Some("bound") => c.switch_early = false,
-        Some("ready") => c.switch_early = true,
-        Some(o) => anyhow::bail!("lora_switch must be `bound` or `ready`, got `{o}`"),
-    }
-    if let Some(mb) = s.lora_cache_mb.or(f.lora_cache_mb) {
-        c.host_cache_bytes = mb << 20;
-    }
-    c.host_cache_entries = s.lora_cache_entries.or(f.lora_cache_entries);
-    if c.host_cache_entries == Some(0) {
-        anyhow::bail!("lora_cache_entries must be at least 1");
-    }
-    if let Some(mb) = s.lora_device_cache_mb.or(f.lora_device_cache_mb) {
-        c.device_cache_bytes = mb << 20;
-    }
-    if let Some(p) = s
-        .lora_cache_policy
-        .or(parsed(f.lora_cache_policy.as_ref(), "lora_cache_policy")?)
-    {
-        c.policy = p;
-    }
-    if let Some(n) = s.lora_max_pending.or(f.lora_max_pending) {
-        anyhow::ensure!(n >= 1, "lora_max_pending must be at least 1");
-        c.max_pending_loads = n;
-    }
-    c.redis = s.lora_redis.clone().or(f.lora_redis.clone());
-    if let Some(ms) = s.lora_fetch_delay_ms.or(f.lora_fetch_delay_ms) {
-        c.fetch_delay = Duration::from_millis(ms);
-    }
-    if let Some(t) = s.lora_timeout_s.or(f.lora_timeout_s) {
-        c.timeout = Duration::from_secs(t);
-    }
-    Ok(c)
+}
+
+/// The LoRA configuration for a store directory: the flags given over `file` (a worker's TOML
+/// section, or the defaults).
+pub fn config(
+    dir: PathBuf,
+    a: &LoraArgs,
+    s: &LoraStoreArgs,
+    file: &LoraSection,
+) -> anyhow::Result<LoraConfig> {
+    let mut c = file.clone();
+    a.apply(&mut c);
+    s.apply(&mut c);
+    Ok(c.config(dir)?)
 }

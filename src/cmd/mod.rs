@@ -18,6 +18,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use katz_actors::config::{DEFAULT_AMQP_URL, DEFAULT_REDIS_URL};
 use katz_onnx::pipeline::{Generated, Observer};
 use katz_onnx::runtime::{Device, SessionOptions};
 use katz_onnx::tensor::Tensor;
@@ -26,11 +27,7 @@ use katz_onnx::tensor::Tensor;
 #[derive(Args, Debug, Clone)]
 pub struct AmqpArgs {
     /// AMQP URI of RabbitMQ.
-    #[arg(
-        long,
-        env = "KATZ_AMQP",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
+    #[arg(long, env = "KATZ_AMQP", default_value = DEFAULT_AMQP_URL)]
     pub amqp: String,
 }
 
@@ -38,7 +35,7 @@ pub struct AmqpArgs {
 #[derive(Args, Debug, Clone)]
 pub struct RedisArgs {
     /// Redis URL.
-    #[arg(long, env = "KATZ_REDIS", default_value = "redis://127.0.0.1:6379/")]
+    #[arg(long, env = "KATZ_REDIS", default_value = DEFAULT_REDIS_URL)]
     pub redis: String,
 }
 
@@ -78,9 +75,23 @@ impl DeviceArgs {
         SessionOptions {
             intra_threads: self.threads,
             device: self.device,
-            fixed: None,
-            cuda_graph: false,
-            exact_fp32: false,
+            ..SessionOptions::default()
+        }
+    }
+}
+
+/// What stops `katz worker` and `katz controlnet-worker`: resolves on the first SIGTERM or SIGINT
+/// (handlers installed when first polled, inside the worker's runtime). Where the handlers cannot
+/// be installed it resolves at once: the worker stops rather than run unstoppable by signals.
+pub async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        },
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers; stopping")
         }
     }
 }

@@ -1,41 +1,44 @@
 //! `katz worker`: consumes jobs for one base model and stores results in Redis.
 //!
-//! Options come from flags, then environment variables, then `--config FILE` (TOML with the
-//! same names, `snake_case`), then defaults that serve the committed tiny bundles on localhost.
+//! ```text
+//! --config FILE.toml ─▶ WorkerConfig (katz_actors::config; defaults there)
+//!   ◀─ flags / KATZ_* environment given (each overrides one option)
+//!   ◀─ unset bundle paths: the committed tiny bundles (bundles_dir)
+//!   ─▶ katz_actors::worker::run(cfg, SIGTERM/SIGINT)
+//! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
-use katz_actors::controlnet::{LocalMode, RemoteConfig, RemoteModel};
-use katz_actors::pipeline::Models;
-use katz_actors::protocol::Limits;
-use katz_actors::worker::{self, WorkerConfig};
+use katz_actors::config::{ImageSize, Transport, WorkerConfig};
+use katz_actors::controlnet::{LocalMode, RemoteModel};
+use katz_actors::worker;
 use katz_onnx::runtime::Device;
-use serde::Deserialize;
 
-use super::lora_args::{self, LoraArgs, LoraFile, LoraStoreArgs};
-use super::{bundles_dir, DeviceArgs};
+use super::bundles_dir;
+use super::lora_args::{set, LoraArgs, LoraStoreArgs};
 
+/// The worker's flags: each one given overrides its option in `--config` (or the default);
+/// the TOML keys are the flag names in `snake_case` (docs in `katz_actors::config`).
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
     /// TOML file with any of the options below (flags and environment win over it).
     #[arg(long, env = "KATZ_CONFIG")]
     pub config: Option<PathBuf>,
-    /// AMQP URI [default: amqp://guest:guest@127.0.0.1:5672/%2f]
+    /// AMQP URI [default: RabbitMQ on 127.0.0.1:5672 as guest]
     #[arg(long, env = "KATZ_AMQP")]
     pub amqp: Option<String>,
-    /// Redis URL [default: redis://127.0.0.1:6379/]
+    /// Redis URL [default: Redis on 127.0.0.1:6379]
     #[arg(long, env = "KATZ_REDIS")]
     pub redis: Option<String>,
     /// Base-model bundle [default: bundles/tiny-sdxl]
     #[arg(long, env = "KATZ_BUNDLE")]
     pub bundle: Option<PathBuf>,
-    /// ControlNet bundles this worker hosts (repeatable) [default: bundles/tiny-sdxl-controlnet]
+    /// ControlNet bundles this worker hosts (repeatable; `none`: no hosted ControlNet)
+    /// [default: bundles/tiny-sdxl-controlnet; none with --controlnet-service]
     #[arg(long = "controlnet", env = "KATZ_CONTROLNETS", value_delimiter = ',')]
-    pub controlnets: Vec<PathBuf>,
+    pub controlnets: Option<Vec<PathBuf>>,
     /// ControlNet models served by `katz controlnet-worker`s (repeatable): MODEL, or MODEL@QUEUE;
     /// their sessions go over RabbitMQ (katz.controlnet.<model>) and Redis, overlapping the UNet.
     #[arg(
@@ -43,7 +46,7 @@ pub struct WorkerArgs {
         env = "KATZ_CONTROLNET_SERVICES",
         value_delimiter = ','
     )]
-    pub controlnet_services: Vec<String>,
+    pub controlnet_services: Option<Vec<String>>,
     /// How hosted ControlNets run: serial, or parallel (a thread each, overlapping the UNet)
     /// [default: parallel; serial when they share the base's GPU, where threads only contend]
     #[arg(long, env = "KATZ_CONTROLNET_MODE")]
@@ -54,7 +57,7 @@ pub struct WorkerArgs {
         env = "KATZ_CONTROLNET_DEVICES",
         value_delimiter = ','
     )]
-    pub controlnet_devices: Vec<Device>,
+    pub controlnet_devices: Option<Vec<Device>>,
     /// Latent parallelism: run the conditional guidance half on this second GPU (e.g. cuda:1)
     #[arg(long, env = "KATZ_SPLIT_GUIDANCE")]
     pub split_guidance: Option<Device>,
@@ -64,7 +67,7 @@ pub struct WorkerArgs {
     /// How remote ControlNet sessions move tensors: redis (any host), or cuda-ipc (a GPU worker and
     /// ControlNet workers on GPUs of this host; handles travel through Redis, tensors stay on the GPUs) [default: redis]
     #[arg(long, env = "KATZ_CONTROLNET_TRANSPORT")]
-    pub controlnet_transport: Option<String>,
+    pub controlnet_transport: Option<Transport>,
     /// Remote ControlNet sessions opened again after a timeout before the job fails [default: 2]
     #[arg(long, env = "KATZ_CONTROLNET_RETRIES")]
     pub controlnet_retries: Option<u32>,
@@ -94,215 +97,208 @@ pub struct WorkerArgs {
     #[arg(long, env = "KATZ_MAX_SIDE")]
     pub max_side: Option<u32>,
     #[command(flatten)]
+    pub session: SessionArgs,
+    #[command(flatten)]
     pub lora: LoraArgs,
     #[command(flatten)]
     pub lora_store: LoraStoreArgs,
-    #[command(flatten)]
-    pub device: DeviceArgs,
 }
 
-/// The TOML form of the options.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WorkerFile {
-    pub amqp: Option<String>,
-    pub redis: Option<String>,
-    pub bundle: Option<PathBuf>,
-    #[serde(default)]
-    pub controlnets: Vec<PathBuf>,
-    pub lora_dir: Option<PathBuf>,
-    #[serde(default)]
-    pub controlnet_services: Vec<String>,
-    pub controlnet_mode: Option<String>,
-    #[serde(default)]
-    pub controlnet_devices: Vec<String>,
-    pub split_guidance: Option<String>,
-    pub controlnet_step_timeout_ms: Option<u64>,
-    pub controlnet_retries: Option<u32>,
-    pub controlnet_transport: Option<String>,
-    pub queue: Option<String>,
-    pub concurrency: Option<usize>,
-    pub lookahead: Option<usize>,
-    pub metrics_addr: Option<SocketAddr>,
-    pub name: Option<String>,
-    pub max_message_bytes: Option<usize>,
-    pub max_side: Option<u32>,
+/// Where and how the worker's sessions run.
+#[derive(Args, Debug, Clone)]
+pub struct SessionArgs {
+    /// Threads per ONNX Runtime operator (0: all cores) [default: 0]
+    #[arg(long, env = "KATZ_THREADS")]
     pub threads: Option<usize>,
-    #[serde(flatten)]
-    pub lora: LoraFile,
+    /// cpu, cuda:N or tensorrt:N; a GPU that cannot be used is an error, never a CPU fall-back [default: cpu]
+    #[arg(long, env = "KATZ_DEVICE")]
+    pub device: Option<Device>,
+    /// Fix the UNet and ControlNet graphs to this image size, WxH (e.g. 1024x1024): ONNX Runtime
+    /// folds the shape arithmetic; jobs of another size, or without guidance, are refused
+    #[arg(long, env = "KATZ_STATIC_SHAPES")]
+    pub static_shapes: Option<ImageSize>,
+    /// CUDA graphs for the UNet encoder and decoder (needs --static-shapes and cuda:N)
+    #[arg(long, env = "KATZ_CUDA_GRAPH", num_args = 0..=1, default_missing_value = "true")]
+    pub cuda_graph: Option<bool>,
+    /// CUDA: matrix products and convolutions in full fp32, not TF32
+    #[arg(long, env = "KATZ_EXACT_FP32", num_args = 0..=1, default_missing_value = "true")]
+    pub exact_fp32: Option<bool>,
 }
 
-pub fn config(mut a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
-    let file: WorkerFile = match &a.config {
-        Some(p) => {
-            toml::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-                .with_context(|| format!("parsing {}", p.display()))?
-        }
-        None => WorkerFile::default(),
-    };
-    let need_bundles = a.bundle.is_none() && file.bundle.is_none()
-        || a.controlnets.is_empty() && file.controlnets.is_empty()
-        || a.lora_dir.is_none() && file.lora_dir.is_none();
-    let bundles = if need_bundles { Some(bundles_dir()?) } else { None };
-    let default = |sub: &str| bundles.as_ref().map(|b| b.join(sub)).unwrap_or_default();
-    // an empty KATZ_CONTROLNET_SERVICES (compose's default) names no service
-    a.controlnet_services.retain(|s| !s.trim().is_empty());
-    let services_given = !a.controlnet_services.is_empty() || !file.controlnet_services.is_empty();
-    let controlnets = if !a.controlnets.is_empty() {
-        a.controlnets
-    } else if !file.controlnets.is_empty() {
-        file.controlnets
-    } else if services_given {
-        vec![] // the ControlNets are served elsewhere
-    } else {
-        vec![default("tiny-sdxl-controlnet")]
-    };
-    let mut limits = Limits::default();
-    if let Some(m) = a.max_message_bytes.or(file.max_message_bytes) {
-        limits.max_message_bytes = m;
-    }
-    if let Some(m) = a.max_side.or(file.max_side) {
-        limits.max_side = m;
-    }
-    let threads = if a.device.threads > 0 {
-        a.device.threads
-    } else {
-        file.threads.unwrap_or(0)
-    };
-    let amqp = a
-        .amqp
-        .or(file.amqp)
-        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let redis = a
-        .redis
-        .or(file.redis)
-        .unwrap_or_else(|| "redis://127.0.0.1:6379/".into());
-    let mut remote = RemoteConfig::new(amqp.clone(), redis.clone());
-    if let Some(ms) = a.controlnet_step_timeout_ms.or(file.controlnet_step_timeout_ms) {
-        remote.step_timeout = Duration::from_millis(ms);
-    }
-    if let Some(r) = a.controlnet_retries.or(file.controlnet_retries) {
-        remote.retries = r;
-    }
-    remote.ipc = match a
-        .controlnet_transport
-        .or(file.controlnet_transport)
-        .as_deref()
-        .unwrap_or("redis")
-    {
-        "redis" => false,
-        "cuda-ipc" if a.device.device.is_gpu() => true,
-        "cuda-ipc" => anyhow::bail!(
-            "--controlnet-transport cuda-ipc needs the worker on a GPU (--device cuda:N), got --device {}",
-            a.device.device
-        ),
-        t => anyhow::bail!("--controlnet-transport must be redis or cuda-ipc, got `{t}`"),
-    };
-    let controlnet_devices: Vec<Device> = if a.controlnet_devices.is_empty() {
-        file.controlnet_devices
-            .iter()
-            .map(|d| d.parse())
-            .collect::<Result<_, _>>()
-            .map_err(anyhow::Error::msg)?
-    } else {
-        a.controlnet_devices
-    };
-    let split_guidance = match a.split_guidance {
-        Some(d) => Some(d),
-        None => file
-            .split_guidance
-            .as_deref()
-            .map(str::parse)
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
-    };
-    if let Some(d) = split_guidance {
-        if !a.device.device.is_gpu() || !d.is_gpu() || d == a.device.device {
-            anyhow::bail!(
-                "--split-guidance {d} needs the worker on one GPU (--device cuda:N) and this on another, got --device {}",
-                a.device.device
-            );
-        }
-    }
-    if controlnet_devices
-        .iter()
-        .any(|d| d.is_gpu() != a.device.device.is_gpu())
-    {
-        anyhow::bail!(
-            "--controlnet-device {:?}: ControlNets go to GPUs when the base runs on one (--device {}), and stay on the CPU otherwise",
-            controlnet_devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-            a.device.device
-        );
-    }
-    // threads overlapping the UNet only pay where the ControlNets have processors of their own
-    let shares_gpu = a.device.device.is_gpu()
-        && (controlnet_devices.is_empty() || controlnet_devices.contains(&a.device.device));
-    let controlnet_mode = match a.controlnet_mode {
-        Some(m) => m,
-        None => match file
-            .controlnet_mode
-            .as_deref()
-            .map(str::parse)
-            .transpose()
-            .map_err(anyhow::Error::msg)?
-        {
-            Some(m) => m,
-            None if shares_gpu => LocalMode::Serial,
-            None => LocalMode::default(),
-        },
-    };
-    let controlnet_services = if a.controlnet_services.is_empty() {
-        file.controlnet_services
-    } else {
-        a.controlnet_services
-    }
-    .iter()
-    .map(|s| s.parse::<RemoteModel>())
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(anyhow::Error::msg)?;
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "worker".into());
-    Ok(WorkerConfig {
-        amqp,
-        redis,
-        models: Models {
-            base: a.bundle.or(file.bundle).unwrap_or_else(|| default("tiny-sdxl")),
-            controlnets,
-            lora: lora_args::config(
-                a.lora_dir.or(file.lora_dir).unwrap_or_else(|| default("loras")),
-                &a.lora,
-                &a.lora_store,
-                &file.lora,
-            )?,
-            session: katz_onnx::runtime::SessionOptions {
-                intra_threads: threads,
-                device: a.device.device,
-                fixed: None,
-                cuda_graph: false,
-                exact_fp32: false,
-            },
-            controlnet_mode,
-            controlnet_services,
-            controlnet_devices,
-            split_guidance,
-            remote: Some(remote),
-        },
-        queue: a.queue.or(file.queue),
-        concurrency: a.concurrency.or(file.concurrency).unwrap_or(1),
-        lookahead: a.lookahead.or(file.lookahead).unwrap_or(1),
-        limits,
-        worker_name: a
-            .name
-            .or(file.name)
-            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
-        metrics_addr: a.metrics_addr.or(file.metrics_addr),
-        store_retry: Duration::from_secs(120),
+/// A list flag's values without empty entries (an empty `KATZ_…` variable, compose's default,
+/// names nothing); `None` where nothing is left, so the file or the default applies.
+fn given<T>(v: Option<Vec<T>>, empty: impl Fn(&T) -> bool) -> Option<Vec<T>> {
+    v.map(|mut v| {
+        v.retain(|x| !empty(x));
+        v
     })
+    .filter(|v| !v.is_empty())
+}
+
+impl WorkerArgs {
+    /// Overlays the flags given onto `c`.
+    pub fn apply(self, c: &mut WorkerConfig) -> anyhow::Result<()> {
+        set(&mut c.amqp, self.amqp);
+        set(&mut c.redis, self.redis);
+        if self.bundle.is_some() {
+            c.bundle = self.bundle;
+        }
+        if self.lora_dir.is_some() {
+            c.lora_dir = self.lora_dir;
+        }
+        if self.queue.is_some() {
+            c.queue = self.queue;
+        }
+        set(&mut c.concurrency, self.concurrency);
+        set(&mut c.lookahead, self.lookahead);
+        if self.metrics_addr.is_some() {
+            c.metrics_addr = self.metrics_addr;
+        }
+        if self.name.is_some() {
+            c.name = self.name;
+        }
+        set(&mut c.max_message_bytes, self.max_message_bytes);
+        set(&mut c.max_side, self.max_side);
+
+        let s = &mut c.session;
+        set(&mut s.threads, self.session.threads);
+        set(&mut s.device, self.session.device);
+        if self.session.static_shapes.is_some() {
+            s.static_shapes = self.session.static_shapes;
+        }
+        set(&mut s.cuda_graph, self.session.cuda_graph);
+        set(&mut s.exact_fp32, self.session.exact_fp32);
+
+        let cn = &mut c.controlnet;
+        if let Some(paths) = given(self.controlnets, |p| p.as_os_str().is_empty()) {
+            // `--controlnet none`: no hosted ControlNet
+            let none = paths.len() == 1 && paths[0].as_os_str() == "none";
+            cn.controlnets = Some(if none { Vec::new() } else { paths });
+        }
+        if let Some(services) = given(self.controlnet_services, |s| s.trim().is_empty()) {
+            cn.controlnet_services = services
+                .iter()
+                .map(|s| s.parse::<RemoteModel>())
+                .collect::<Result<_, _>>()
+                .map_err(anyhow::Error::msg)?;
+        }
+        if self.controlnet_mode.is_some() {
+            cn.controlnet_mode = self.controlnet_mode;
+        }
+        set(&mut cn.controlnet_devices, self.controlnet_devices);
+        if self.split_guidance.is_some() {
+            cn.split_guidance = self.split_guidance;
+        }
+        set(
+            &mut cn.controlnet_step_timeout_ms,
+            self.controlnet_step_timeout_ms,
+        );
+        set(&mut cn.controlnet_retries, self.controlnet_retries);
+        set(&mut cn.controlnet_transport, self.controlnet_transport);
+
+        self.lora.apply(&mut c.lora);
+        self.lora_store.apply(&mut c.lora);
+        Ok(())
+    }
+}
+
+/// The configuration: `--config` (or the defaults), the flags given over it, and the committed
+/// tiny bundles for the bundle paths still unset.
+pub fn config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
+    let mut c = match &a.config {
+        Some(p) => WorkerConfig::from_file(p)?,
+        None => WorkerConfig::default(),
+    };
+    a.apply(&mut c)?;
+    if c.needs_bundles() {
+        c.locate_bundles(&bundles_dir()?);
+    }
+    Ok(c)
 }
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
-    let cfg = config(a)?;
-    worker::run(cfg)?;
+    worker::run(config(a)?, super::terminated())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use katz_onnx::pipeline::LoraMode;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        worker: WorkerArgs,
+    }
+
+    /// `file` (TOML) with `flags` over it.
+    fn overlay(file: &str, flags: &[&str]) -> WorkerConfig {
+        let mut c: WorkerConfig = toml::from_str(file).unwrap();
+        let cli = Cli::try_parse_from(std::iter::once("worker").chain(flags.iter().copied())).unwrap();
+        cli.worker.apply(&mut c).unwrap();
+        c
+    }
+
+    #[test]
+    fn flags_given_override_the_file_and_the_rest_of_the_file_stays() {
+        let file =
+            "concurrency = 3\nthreads = 2\ncontrolnets = [\"a\"]\nlora_mode = \"sync\"\nqueue = \"q\"\n";
+        let c = overlay(file, &[]);
+        assert_eq!((c.concurrency, c.session.threads), (3, 2));
+        assert_eq!(c.controlnet.controlnets, Some(vec![PathBuf::from("a")]));
+        let c = overlay(
+            file,
+            &[
+                "--threads",
+                "1",
+                "--controlnet",
+                "none",
+                "--static-shapes",
+                "64",
+                "--cuda-graph",
+                "--lora-switch",
+                "ready",
+            ],
+        );
+        assert_eq!((c.concurrency, c.session.threads), (3, 1));
+        assert_eq!(c.queue.as_deref(), Some("q"));
+        assert_eq!(
+            c.controlnet.controlnets,
+            Some(vec![]),
+            "--controlnet none hosts none"
+        );
+        assert_eq!(
+            c.session.static_shapes,
+            Some(ImageSize {
+                width: 64,
+                height: 64
+            })
+        );
+        assert!(c.session.cuda_graph && !c.session.exact_fp32);
+        assert_eq!(c.lora.lora_mode, LoraMode::Sync);
+        assert_eq!(c.lora.lora_switch, katz_actors::config::LoraSwitch::Ready);
+        let c = overlay(
+            "cuda_graph = true",
+            &["--cuda-graph", "false", "--controlnet", "x,y"],
+        );
+        assert!(!c.session.cuda_graph);
+        assert_eq!(
+            c.controlnet.controlnets,
+            Some(vec![PathBuf::from("x"), PathBuf::from("y")])
+        );
+    }
+
+    #[test]
+    fn empty_list_values_name_nothing() {
+        let c = overlay("controlnet_services = [\"m\"]", &["--controlnet-service", ""]);
+        assert_eq!(
+            c.controlnet.controlnet_services.len(),
+            1,
+            "an empty value keeps the file's"
+        );
+        let c = overlay("", &["--controlnet-service", "m@q,"]);
+        assert_eq!(c.controlnet.controlnet_services[0].queue, "q");
+    }
 }

@@ -3,6 +3,10 @@
 
 use std::path::PathBuf;
 
+mod bus;
+#[allow(unused_imports)] // not every test uses the bus
+pub use bus::*;
+
 use katz_onnx::runtime::SessionOptions;
 
 /// The repository: `KATZ_REPO` where the test binary runs elsewhere (the GPU host).

@@ -11,8 +11,10 @@
 //!    ◀── done: ack the open (a worker killed mid-session leaves it unacked: redelivered, and the
 //!        base's retry has already moved the job to another session)
 //! ```
-//! SIGTERM: no new sessions; running ones end (the base closes them), then exit 0.
+//! Shutdown (the future `run` is given; `katz controlnet-worker` passes SIGTERM/SIGINT): no new
+//! sessions; running ones end (the base closes them), then `run` returns.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -176,8 +178,12 @@ fn reply(ttl: Duration, conn: &mut redis::Connection, session: &str, out: Vec<u8
         .map_err(|e| format!("Redis: {e}"))
 }
 
-/// Runs a ControlNet worker until SIGTERM/SIGINT.
-pub fn run(cfg: ControlNetWorkerConfig) -> Result<(), ControlNetWorkerError> {
+/// Runs a ControlNet worker until `shutdown` resolves, then waits for the sessions running (the
+/// base closes them) and returns. Blocks the calling thread (its own runtime and actix system).
+pub fn run(
+    cfg: ControlNetWorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ControlNetWorkerError> {
     let base = BaseBundle::open(&cfg.base)?;
     let n = cfg.concurrency.max(1);
     let mut models = Vec::with_capacity(n);
@@ -207,8 +213,7 @@ pub fn run(cfg: ControlNetWorkerConfig) -> Result<(), ControlNetWorkerError> {
             ttl,
         });
         tracing::info!(worker = %cfg.name, %queue, model = %model, concurrency = n, "ControlNet worker started");
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        tokio::pin!(shutdown);
         let running = std::sync::Arc::new(tokio::sync::Semaphore::new(n));
         let mut backoff = Duration::from_millis(200);
         'outer: loop {
@@ -234,8 +239,7 @@ pub fn run(cfg: ControlNetWorkerConfig) -> Result<(), ControlNetWorkerError> {
                     tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach RabbitMQ");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = term.recv() => break 'outer,
-                        _ = int.recv() => break 'outer,
+                        _ = &mut shutdown => break 'outer,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
@@ -244,8 +248,7 @@ pub fn run(cfg: ControlNetWorkerConfig) -> Result<(), ControlNetWorkerError> {
             backoff = Duration::from_millis(200);
             loop {
                 tokio::select! {
-                    _ = term.recv() => { tracing::info!("SIGTERM"); break 'outer; }
-                    _ = int.recv() => { tracing::info!("SIGINT"); break 'outer; }
+                    _ = &mut shutdown => { tracing::info!("shutdown: no new sessions"); break 'outer; }
                     d = consumer.next() => match d {
                         Some(Ok(d)) => {
                             let open = match SessionOpen::decode(&d.data) {

@@ -28,7 +28,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use katz_onnx::image::encode_png;
 use katz_onnx::pipeline::{LoraPlan, Observer, Pipeline, RunOptions};
-use katz_onnx::placement::{ControlNetPlace, Placement};
+use katz_onnx::placement::Placement;
 use katz_onnx::request::{ControlModel, ServiceId};
 use katz_onnx::runtime::SessionOptions;
 use katz_onnx::tensor::Tensor;
@@ -55,27 +55,11 @@ pub struct Models {
     pub controlnet_services: Vec<RemoteModel>,
     /// How to reach them (needed when `controlnet_services` is not empty).
     pub remote: Option<RemoteConfig>,
-    /// GPUs for the hosted ControlNets: ControlNet j runs on entry j mod len (empty: the base's
-    /// device). Residuals come back by peer copy (docs/gpu.md).
-    pub controlnet_devices: Vec<katz_onnx::runtime::Device>,
-    /// Latent parallelism: the conditional guidance half on this second GPU.
-    pub split_guidance: Option<katz_onnx::runtime::Device>,
+    /// Where the base, the conditional guidance half and each hosted ControlNet run.
+    pub placement: Placement,
 }
 
 impl Models {
-    /// Where the base, the second guidance half and each hosted ControlNet run.
-    pub fn placement(&self) -> Placement {
-        Placement {
-            base: self.session.device,
-            cond_half: self.split_guidance,
-            controlnets: self
-                .controlnet_devices
-                .iter()
-                .map(|d| ControlNetPlace::One(*d))
-                .collect(),
-        }
-    }
-
     /// The base bundle with local ControlNets and a LoRA store: the embedded demo's shape.
     pub fn local(
         base: PathBuf,
@@ -87,12 +71,11 @@ impl Models {
             base,
             controlnets,
             lora,
-            session,
             controlnet_mode: LocalMode::default(),
             controlnet_services: Vec::new(),
             remote: None,
-            controlnet_devices: Vec::new(),
-            split_guidance: None,
+            placement: Placement::on(session.device),
+            session,
         }
     }
 }
@@ -132,7 +115,7 @@ impl LoadedPipeline {
     /// name the bundle).
     pub fn load(models: &Models, shared: Option<Arc<Weights>>) -> katz_onnx::Result<Self> {
         let mut pipe = Pipeline::load_sharing(&models.base, models.session.clone(), shared)?;
-        let ids = pipe.place(&models.placement(), &models.controlnets)?;
+        let ids = pipe.place(&models.placement, &models.controlnets)?;
         let mut controlnets = BTreeMap::new();
         for (dir, id) in models.controlnets.iter().zip(ids) {
             controlnets.insert(pipe_controlnet_name(dir)?, ControlModel::Loaded(id));

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use crate::controlnet::ControlSession;
 use crate::lora::plan::LoraPlan;
+use crate::lora::PendingMerge;
 use crate::request::ValidRequest;
 use crate::scheduler::{NoiseSource, Scheduler};
 use crate::tensor::Tensor;
 use crate::text::Conditioning;
-use crate::lora::PendingMerge;
 use crate::weights::{MergedWeights, Weights};
 use crate::{Error, Result};
 
