@@ -5,7 +5,9 @@ use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
+use katz_onnx::bundle::BaseBundle;
 use katz_onnx::image::read_conditioning;
+use katz_onnx::runtime::{FixedShape, SessionOptions};
 use katz_onnx::lora::{LoraAdapter, PendingMerge};
 use katz_onnx::pipeline::{LoraMode, LoraPlan, Pipeline, RunOptions};
 use katz_onnx::placement::{ControlNetPlace, Placement};
@@ -143,6 +145,17 @@ pub struct GenerateArgs {
     pub output: PathBuf,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// Fix the UNet and ControlNet graphs' shapes to this request's size and batch when the
+    /// sessions are made (no shape work between a step's GPU kernels).
+    #[arg(long)]
+    pub static_shapes: bool,
+    /// CUDA graphs for the UNet (needs --static-shapes and cuda:N): captured at load, replayed
+    /// every step.
+    #[arg(long, env = "KATZ_CUDA_GRAPH")]
+    pub cuda_graph: bool,
+    /// CUDA: matrix products and convolutions in full fp32, not TF32.
+    #[arg(long, env = "KATZ_EXACT_FP32")]
+    pub exact_fp32: bool,
 }
 
 /// Where the options put the pipeline's parts.
@@ -209,8 +222,27 @@ fn file_name(p: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
+/// The session options the flags ask for: static shapes fixed to the request's size and the
+/// UNet batch its placement runs.
+pub fn session_options(a: &GenerateArgs) -> anyhow::Result<SessionOptions> {
+    let mut opts = a.device.session_options();
+    opts.cuda_graph = a.cuda_graph;
+    opts.exact_fp32 = a.exact_fp32;
+    if a.static_shapes {
+        let m = BaseBundle::open(&a.bundle)?.manifest;
+        let (width, height) = a.size.unwrap_or((m.default_size[0], m.default_size[1]));
+        let guided = a.guidance.unwrap_or(m.default_guidance) > 1.0;
+        opts.fixed = Some(FixedShape {
+            width,
+            height,
+            unet_batch: placement(a).unet_batch(guided),
+        });
+    }
+    Ok(opts)
+}
+
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let mut pipe = Pipeline::load(&a.bundle, a.device.session_options())
+    let mut pipe = Pipeline::load(&a.bundle, session_options(&a)?)
         .map_err(|e| anyhow!(e))
         .with_context(|| format!("loading bundle {}", a.bundle.display()))?;
     let req = build_request(&mut pipe, &a)?;
