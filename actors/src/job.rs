@@ -16,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use backon::{ExponentialBuilder, Retryable};
 use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
 use crate::error::{Action, JobError};
-use crate::lora::{Admit, LoraConfig, LoraManager, Merge, Prefetch};
+use crate::lora::{LoraConfig, LoraManager};
 use crate::metrics::metrics;
 use crate::pipeline::JobLoras;
 use crate::pipeline::{PipelineActor, RunJob};
@@ -49,7 +50,7 @@ pub struct JobDeps {
     /// Job ids running in this process: a redelivery of one of them (after a reconnect) waits for
     /// it and is then acked as already done instead of running twice.
     pub running: Arc<Mutex<HashSet<String>>>,
-    pub lora: Addr<LoraManager>,
+    pub lora: LoraManager,
     pub lora_cfg: Arc<LoraConfig>,
     /// One permit per pipeline thread: deliveries beyond them (the prefetch lookahead) wait here
     /// with their LoRAs prefetching, and go back to the queue on shutdown.
@@ -90,36 +91,36 @@ async fn claim<'a>(set: &'a Mutex<HashSet<String>>, id: &str) -> RunningGuard<'a
     }
 }
 
-/// Sends a store message, retrying while Redis is away (up to `store_retry`).
-async fn store_retry<M>(deps: &JobDeps, make: impl Fn() -> M) -> Result<M::Result, JobError>
+/// Sends a store message, retrying while Redis is away: every 100 ms, doubling up to 2 s, until
+/// `store_retry` has passed since the first try (then the last error is the answer). A closed
+/// store mailbox is not retried.
+async fn store_retry<M, T>(deps: &JobDeps, make: impl Fn() -> M) -> Result<T, JobError>
 where
-    M: Message + Send + 'static,
-    M::Result: Send,
+    M: Message<Result = Result<T, JobError>> + Send + 'static,
+    T: Send + 'static,
     ResultStore: Handler<M>,
-    M::Result: IsStoreResult,
 {
     let deadline = Instant::now() + deps.store_retry;
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match deps.store.send(make()).await {
-            Ok(r) if r.ok() || Instant::now() >= deadline => return Ok(r),
-            Ok(_) => {}
-            Err(e) => return Err(JobError::Mailbox(e.to_string())),
-        }
-        tracing::warn!(retry_in = ?wait, "redis unavailable; retrying");
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(2));
-    }
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times();
+    let send = || async {
+        deps.store
+            .send(make())
+            .await
+            .map_err(JobError::mailbox(STORE))
+            .and_then(|r| r)
+    };
+    send.retry(backoff)
+        .when(|e| !matches!(e, JobError::Mailbox { .. }) && Instant::now() < deadline)
+        .notify(|_, wait| tracing::warn!(retry_in = ?wait, "redis unavailable; retrying"))
+        .await
 }
 
-trait IsStoreResult {
-    fn ok(&self) -> bool;
-}
-impl<T> IsStoreResult for Result<T, JobError> {
-    fn ok(&self) -> bool {
-        self.is_ok()
-    }
-}
+/// The actors a job talks to, as their errors name them.
+const STORE: &str = "result store";
+const PIPELINE: &str = "pipeline actor";
 
 fn finish_failed(id: &str, err: &JobError, ttl: u64) -> Finish {
     let status = if err.is_cancel() {
@@ -160,7 +161,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
     let started = Instant::now();
     let names: Vec<String> = job.loras.iter().map(|l| l.name.clone()).collect();
     if !names.is_empty() {
-        deps.lora.do_send(Prefetch { names: names.clone() });
+        deps.lora.prefetch(names.clone());
     }
     // wait for a pipeline; a stopping worker gives the job back instead
     let mut shutdown = deps.shutdown.clone();
@@ -205,7 +206,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                 queue_wait_ms,
             })
             .await
-            .map_err(|e| JobError::Mailbox(e.to_string()))??;
+            .map_err(JobError::mailbox(STORE))??;
         match begin {
             Begin::AlreadyDone => return Ok("duplicate"),
             Begin::Cancelled => return Ok("cancelled"),
@@ -216,10 +217,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         let admitted = if names.is_empty() {
             Default::default()
         } else {
-            deps.lora
-                .send(Admit { names: names.clone() })
-                .await
-                .map_err(|e| JobError::Mailbox(e.to_string()))??
+            deps.lora.admit(names.clone()).await?
         };
         // conditioning images, inline or from Redis
         let mut images = Vec::with_capacity(job.controlnets.len());
@@ -227,7 +225,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             images.push(match &c.image {
                 ImageRef::Inline(b) => b.clone(),
                 ImageRef::RedisKey(k) => store_retry(deps, || FetchBytes { key: k.clone() })
-                    .await??
+                    .await?
                     .ok_or_else(|| {
                         JobError::Invalid(format!("conditioning image key `{k}` is not in Redis"))
                     })?,
@@ -263,11 +261,8 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         } else {
             let started = deps
                 .lora
-                .send(Merge {
-                    loras: job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect(),
-                })
-                .await
-                .map_err(|e| JobError::Mailbox(e.to_string()))?;
+                .merge(job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect())
+                .await?;
             (
                 Some(JobLoras {
                     pending: started.pending,
@@ -290,7 +285,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                 span: tracing::Span::current(),
             })
             .await
-            .map_err(|e| JobError::Mailbox(e.to_string()))?;
+            .map_err(JobError::mailbox(PIPELINE))?;
         let _ = fwd.await;
         let out = out?;
         let pipeline_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -323,7 +318,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             .controlnet_retries
             .fetch_add(out.controlnet_retries as i64, Ordering::Relaxed);
         if let Some(st) = lora_stats {
-            let st = st.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let st = st.borrow().clone();
             metrics()
                 .lora_hits
                 .fetch_add(admitted.hits as i64, Ordering::Relaxed);
@@ -353,7 +348,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             fields: fields.clone(),
             ttl_s: ttl,
         })
-        .await??;
+        .await?;
         Ok("done")
     }
     .await;

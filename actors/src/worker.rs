@@ -85,7 +85,7 @@ pub fn run(cfg: WorkerConfig) -> Result<(), WorkerError> {
         let lora_store = LoraStore::open(&cfg.models.lora)
             .await
             .map_err(|e| WorkerError::Lora(e.to_string()))?;
-        let lora = LoraManager::new(&cfg.models.lora, lora_store, weights).start();
+        let lora = LoraManager::spawn(&cfg.models.lora, lora_store, weights);
         let (stopped_tx, stopped_rx) = oneshot::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let deps = JobDeps {
