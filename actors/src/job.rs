@@ -74,7 +74,8 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
-/// Waits while another delivery of `id` runs here, then claims it.
+/// Waits while another delivery of `id` runs here, then claims it (polling every 100 ms: a
+/// redelivery during a reconnect is rare, and the wait is not a retry of a failed call).
 async fn claim<'a>(set: &'a Mutex<HashSet<String>>, id: &str) -> RunningGuard<'a> {
     loop {
         if set
@@ -314,17 +315,11 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         if !job.controlnets.is_empty() {
             fields.push(("controlnet_retries".into(), out.controlnet_retries.to_string()));
         }
-        metrics()
-            .controlnet_retries
-            .fetch_add(out.controlnet_retries as i64, Ordering::Relaxed);
+        metrics().controlnet_retries.inc_by(out.controlnet_retries as u64);
         if let Some(st) = lora_stats {
             let st = st.borrow().clone();
-            metrics()
-                .lora_hits
-                .fetch_add(admitted.hits as i64, Ordering::Relaxed);
-            metrics()
-                .lora_loads
-                .fetch_add(admitted.loads as i64, Ordering::Relaxed);
+            metrics().lora_hits.inc_by(admitted.hits as u64);
+            metrics().lora_loads.inc_by(admitted.loads as u64);
             metrics().lora_wait.observe(t.lora_wait.as_secs_f64());
             fields.extend([
                 ("lora_mode".to_string(), deps.lora_cfg.mode.to_string()),
@@ -388,4 +383,188 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
     };
     metrics().job_latency.observe(started.elapsed().as_secs_f64());
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::protocol::{job_key, LoraJob};
+    use crate::store::Memory;
+
+    /// A delivery that remembers how it was settled (as RabbitMQ or the embedded mode would).
+    struct Fake {
+        body: Vec<u8>,
+        settled: Mutex<Vec<Action>>,
+    }
+
+    impl Fake {
+        fn new(body: Vec<u8>) -> Self {
+            Fake {
+                body,
+                settled: Mutex::default(),
+            }
+        }
+
+        fn of(job: &Job) -> Self {
+            Fake::new(job.encode().unwrap())
+        }
+
+        fn settled(&self) -> Vec<Action> {
+            self.settled.lock().unwrap().clone()
+        }
+    }
+
+    impl Delivered for Fake {
+        fn body(&self) -> &[u8] {
+            &self.body
+        }
+
+        fn settle(&self, action: Action) -> BoxFuture<'_, ()> {
+            self.settled.lock().unwrap().push(action);
+            Box::pin(async {})
+        }
+    }
+
+    /// Deps over the in-memory store (the Lua script's Rust twin), a model thread without a
+    /// pipeline (every job that reaches it is requeued) and a stopped LoRA manager.
+    fn deps(slots: usize) -> (JobDeps, Arc<Mutex<Memory>>, tokio::sync::watch::Sender<bool>) {
+        let (store, mem) = ResultStore::memory(None);
+        let pool = Mutex::new(Vec::new());
+        let pipeline = SyncArbiter::start(1, move || PipelineActor::from_pool(&pool));
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let deps = JobDeps {
+            limits: Limits::default(),
+            worker: "test".into(),
+            store_retry: Duration::from_millis(200),
+            pipeline,
+            store: store.start(),
+            running: Default::default(),
+            lora: LoraManager::stopped(),
+            lora_cfg: Arc::new(LoraConfig::new("/nonexistent".into())),
+            slots: Arc::new(tokio::sync::Semaphore::new(slots)),
+            shutdown,
+        };
+        (deps, mem, stop)
+    }
+
+    fn record(mem: &Mutex<Memory>, id: &str) -> HashMap<String, String> {
+        mem.lock()
+            .unwrap()
+            .records
+            .get(&job_key(id))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn job(id: &str) -> Job {
+        Job::new(id, "tiny-sdxl", "a red circle")
+    }
+
+    #[test]
+    fn a_message_that_does_not_decode_is_dead_lettered_with_a_failed_status() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let mut bad = job("bad-size");
+            bad.width = 7;
+            let d = Fake::of(&bad);
+            assert_eq!(process(&d, &deps).await, "rejected");
+            assert_eq!(d.settled(), [Action::DeadLetter]);
+            let r = record(&mem, "bad-size");
+            assert_eq!(r["status"], "failed", "{r:?}");
+            assert_eq!(r["error_kind"], "decode", "{r:?}");
+            assert!(r["error"].contains("7x"), "{r:?}");
+            // no id at all: dead-lettered, nothing stored
+            let d = Fake::new(b"not msgpack".to_vec());
+            assert_eq!(process(&d, &deps).await, "rejected");
+            assert_eq!(d.settled(), [Action::DeadLetter]);
+        });
+    }
+
+    #[test]
+    fn a_job_already_done_is_acked_without_running() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let j = job("done-before");
+            let digest = j.digest().unwrap();
+            mem.lock().unwrap().records.insert(
+                job_key(&j.id),
+                HashMap::from([("digest".into(), digest), ("status".into(), "done".into())]),
+            );
+            let d = Fake::of(&j);
+            assert_eq!(process(&d, &deps).await, "duplicate");
+            assert_eq!(d.settled(), [Action::Ack]);
+        });
+    }
+
+    #[test]
+    fn an_id_of_another_job_is_dead_lettered_and_the_stored_record_kept() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let j = job("taken");
+            mem.lock().unwrap().records.insert(
+                job_key(&j.id),
+                HashMap::from([
+                    ("digest".into(), "someone-else".into()),
+                    ("status".into(), "done".into()),
+                ]),
+            );
+            let d = Fake::of(&j);
+            assert_eq!(process(&d, &deps).await, "failed");
+            assert_eq!(d.settled(), [Action::DeadLetter]);
+            let r = record(&mem, "taken");
+            assert_eq!(
+                (r["status"].as_str(), r["digest"].as_str()),
+                ("done", "someone-else")
+            );
+            assert!(r["conflict"].contains("already used"), "{r:?}");
+        });
+    }
+
+    #[test]
+    fn a_model_thread_that_cannot_serve_requeues_without_a_failed_status() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let d = Fake::of(&job("no-pipeline"));
+            assert_eq!(process(&d, &deps).await, "requeued");
+            assert_eq!(d.settled(), [Action::Requeue]);
+            assert_eq!(record(&mem, "no-pipeline")["status"], "running");
+        });
+    }
+
+    #[test]
+    fn a_stopped_lora_manager_requeues_the_job_naming_itself() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let mut j = job("with-lora");
+            j.loras.push(LoraJob {
+                name: "tiny-lora-a".into(),
+                scale: 1.0,
+            });
+            let d = Fake::of(&j);
+            assert_eq!(process(&d, &deps).await, "requeued");
+            assert_eq!(d.settled(), [Action::Requeue]);
+            assert_ne!(record(&mem, "with-lora")["status"], "failed");
+        });
+    }
+
+    #[test]
+    fn a_stopping_worker_gives_a_waiting_job_back() {
+        actix::System::new().block_on(async {
+            let (deps, mem, stop) = deps(0);
+            stop.send(true).unwrap();
+            let d = Fake::of(&job("waiting"));
+            assert_eq!(process(&d, &deps).await, "requeued");
+            assert_eq!(d.settled(), [Action::Requeue]);
+            assert!(record(&mem, "waiting").is_empty(), "it never began");
+        });
+    }
+
+    #[test]
+    fn mailbox_errors_name_the_actor() {
+        let e = JobError::mailbox(STORE)(actix::MailboxError::Closed);
+        assert!(e.to_string().starts_with("result store unavailable"), "{e}");
+        assert_eq!((e.action(), e.kind()), (Action::Requeue, "mailbox"));
+    }
 }

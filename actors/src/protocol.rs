@@ -254,42 +254,60 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
         _ => {}
     }
     let job: Job = rmp_serde::from_slice(bytes).map_err(|e| fail(format!("job does not decode: {e}")))?;
-    check(&job, limits).map_err(fail)?;
+    check(&job, limits).map_err(|e| fail(e.0))?;
     Ok(job)
 }
 
+/// A job outside the service's limits (or not well formed): the message says which.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OutOfLimits(pub String);
+
 /// Range checks that need no model.
-pub fn check(job: &Job, l: &Limits) -> Result<(), String> {
+pub fn check(job: &Job, l: &Limits) -> Result<(), OutOfLimits> {
     if job.width == 0 || job.height == 0 || !job.width.is_multiple_of(8) || !job.height.is_multiple_of(8) {
-        return Err(format!(
+        return Err(OutOfLimits(format!(
             "size {}x{}: width and height must be positive multiples of 8",
             job.width, job.height
-        ));
+        )));
     }
     if job.width > l.max_side || job.height > l.max_side {
-        return Err(format!(
+        return Err(OutOfLimits(format!(
             "size {}x{} exceeds the limit of {} per side",
             job.width, job.height, l.max_side
-        ));
+        )));
     }
     if job.steps == 0 || job.steps > l.max_steps {
-        return Err(format!("steps {} is outside 1..={}", job.steps, l.max_steps));
+        return Err(OutOfLimits(format!(
+            "steps {} is outside 1..={}",
+            job.steps, l.max_steps
+        )));
     }
     if !job.guidance.is_finite() || job.guidance < 0.0 || job.guidance > 100.0 {
-        return Err(format!("guidance {} is outside 0..=100", job.guidance));
+        return Err(OutOfLimits(format!(
+            "guidance {} is outside 0..=100",
+            job.guidance
+        )));
     }
     if job.priority > MAX_PRIORITY {
-        return Err(format!("priority {} is over {MAX_PRIORITY}", job.priority));
+        return Err(OutOfLimits(format!(
+            "priority {} is over {MAX_PRIORITY}",
+            job.priority
+        )));
     }
     if job.controlnets.len() > l.max_controlnets {
-        return Err(format!(
+        return Err(OutOfLimits(format!(
             "{} ControlNets, the limit is {}",
             job.controlnets.len(),
             l.max_controlnets
-        ));
+        )));
     }
     if job.loras.len() > l.max_loras {
-        return Err(format!("{} LoRAs, the limit is {}", job.loras.len(), l.max_loras));
+        return Err(OutOfLimits(format!(
+            "{} LoRAs, the limit is {}",
+            job.loras.len(),
+            l.max_loras
+        )));
     }
     for c in &job.controlnets {
         if !c.scale.is_finite()
@@ -297,18 +315,21 @@ pub fn check(job: &Job, l: &Limits) -> Result<(), String> {
             || !(0.0..=1.0).contains(&c.end)
             || c.start >= c.end
         {
-            return Err(format!(
+            return Err(OutOfLimits(format!(
                 "ControlNet {}: need a finite scale and 0 ≤ start < end ≤ 1",
                 c.model
-            ));
+            )));
         }
     }
     for lo in &job.loras {
         if !lo.scale.is_finite() {
-            return Err(format!("LoRA {}: scale must be finite", lo.name));
+            return Err(OutOfLimits(format!("LoRA {}: scale must be finite", lo.name)));
         }
         if lo.name.is_empty() || lo.name.contains('/') || lo.name.contains("..") {
-            return Err(format!("LoRA name {:?} is not a plain name", lo.name));
+            return Err(OutOfLimits(format!(
+                "LoRA name {:?} is not a plain name",
+                lo.name
+            )));
         }
     }
     Ok(())

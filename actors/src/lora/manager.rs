@@ -31,7 +31,6 @@
 //! and the broker sends no more), and the jobs in flight are bounded by the AMQP prefetch.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -434,7 +433,7 @@ impl Owner {
         }
         let Some(tx) = self.me.upgrade() else { return };
         if permit.is_some() {
-            metrics().lora_pending.fetch_add(1, Ordering::Relaxed);
+            metrics().lora_pending.inc();
         }
         self.fetching
             .insert(name.to_string(), waiter.into_iter().collect());
@@ -470,7 +469,7 @@ impl Owner {
         }
         let waiters = self.fetching.remove(&name).unwrap_or_default();
         if permit.is_some() {
-            metrics().lora_pending.fetch_sub(1, Ordering::Relaxed);
+            metrics().lora_pending.dec();
         }
         drop(permit);
         for w in waiters {
