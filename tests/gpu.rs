@@ -308,7 +308,7 @@ fn fixed(device: Device, batch: usize, cuda_graph: bool) -> SessionOptions {
 fn job_with(dev: &mut Pipeline, r: &Request, bound: Option<usize>) -> Tensor {
     match bound {
         Some(bound) if !r.loras.is_empty() => {
-            let mut pending = katz_onnx::lora::PendingMerge::spawn(dev.shared_weights(), adapters(&r));
+            let mut pending = katz_onnx::lora::PendingMerge::spawn(dev.shared_weights(), adapters(r));
             let plan = LoraPlan::Async {
                 pending: &mut pending,
                 bound,

@@ -8,8 +8,7 @@ use common::*;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix::prelude::*;
-use katz_actors::lora::{Admit, LoraConfig, LoraManager, LoraStore, Merge, Prefetch};
+use katz_actors::lora::{LoraConfig, LoraManager, LoraStore};
 use katz_kernels::rel_err;
 use katz_onnx::lora::{LoraAdapter, PendingMerge};
 use katz_onnx::noise::SeededNoise;
@@ -277,53 +276,32 @@ fn the_manager_bounds_pending_loads_caches_adapters_and_merges_kohya_files() {
     let weights = p.shared_weights();
     system().block_on(async move {
         let store = LoraStore::new(store_dir, None, cfg.fetch_delay);
-        let mgr = LoraManager::new(&cfg, store, weights.clone());
-        let addr = mgr.clone().start();
+        let mgr = LoraManager::spawn(&cfg, store, weights.clone());
         // unknown names are refused at admission, before any fetch
-        let e = addr
-            .send(Admit {
-                names: vec!["nope".into()],
-            })
-            .await
-            .unwrap()
-            .unwrap_err();
+        let e = mgr.admit(vec!["nope".into()]).await.unwrap_err();
         assert!(e.to_string().contains("unknown LoRA `nope`"), "{e}");
         // one pending load at most: the second admission waits for the first fetch to end
-        let first = addr
-            .send(Admit {
-                names: vec!["tiny-lora-a".into()],
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        let first = mgr.admit(vec!["tiny-lora-a".into()]).await.unwrap();
         assert_eq!((first.hits, first.loads), (0, 1));
-        assert_eq!(mgr.stats().pending_loads, 1);
-        let second = addr
-            .send(Admit {
-                names: vec!["tiny-lora-c".into()],
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        assert_eq!(mgr.stats().await.unwrap().pending_loads, 1);
+        let second = mgr.admit(vec!["tiny-lora-c".into()]).await.unwrap();
         assert_eq!(second.loads, 1);
         assert!(
-            mgr.stats().fetches >= 1,
+            mgr.stats().await.unwrap().fetches >= 1,
             "admitted past a full queue of pending loads"
         );
         // a merge of all three (c is in the kohya layout) equals Weights::merge of the files
-        let started = addr
-            .send(Merge {
-                loras: vec![
-                    ("tiny-lora-a".into(), 0.8),
-                    ("tiny-lora-b".into(), -0.5),
-                    ("tiny-lora-c".into(), 0.3),
-                ],
-            })
+        let started = mgr
+            .merge(vec![
+                ("tiny-lora-a".into(), 0.8),
+                ("tiny-lora-b".into(), -0.5),
+                ("tiny-lora-c".into(), 0.3),
+            ])
             .await
             .unwrap();
         let mut pending = started.pending;
         let merged = pending.poll(Some(Duration::from_secs(30))).unwrap().unwrap();
-        let st = started.stats.lock().unwrap().clone();
+        let st = started.stats.borrow().clone();
         assert_eq!(st.hits + st.loads, 3);
         let files: Vec<_> = [("tiny-lora-a", 0.8), ("tiny-lora-b", -0.5), ("tiny-lora-c", 0.3)]
             .iter()
@@ -341,15 +319,16 @@ fn the_manager_bounds_pending_loads_caches_adapters_and_merges_kohya_files() {
             assert!(rel_err(&a, &b) < 1e-6, "{name}");
         }
         // now all three are cached: admission counts hits
-        let again = addr
-            .send(Admit {
-                names: vec!["tiny-lora-a".into(), "tiny-lora-b".into(), "tiny-lora-c".into()],
-            })
+        let again = mgr
+            .admit(vec![
+                "tiny-lora-a".into(),
+                "tiny-lora-b".into(),
+                "tiny-lora-c".into(),
+            ])
             .await
-            .unwrap()
             .unwrap();
         assert_eq!((again.hits, again.loads), (3, 0));
-        assert_eq!(mgr.stats().pending_loads, 0);
+        assert_eq!(mgr.stats().await.unwrap().pending_loads, 0);
     });
 }
 
@@ -373,21 +352,10 @@ fn adapters_come_from_redis_when_the_directory_lacks_them() {
         let key = katz_actors::lora::store::lora_key(&name);
         let _: () = conn.set_ex(&key, bytes, 60).await.unwrap();
         let store = LoraStore::open(&cfg).await.unwrap();
-        let addr = LoraManager::new(&cfg, store, weights.clone()).start();
-        let a = addr
-            .send(Admit {
-                names: vec![name.clone()],
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        let mgr = LoraManager::spawn(&cfg, store, weights.clone());
+        let a = mgr.admit(vec![name.clone()]).await.unwrap();
         assert_eq!(a.loads, 1);
-        let started = addr
-            .send(Merge {
-                loras: vec![(name.clone(), 1.0)],
-            })
-            .await
-            .unwrap();
+        let started = mgr.merge(vec![(name.clone(), 1.0)]).await.unwrap();
         let mut pending = started.pending;
         let merged = pending.poll(Some(Duration::from_secs(30))).unwrap().unwrap();
         assert!(!merged.is_empty());
@@ -404,41 +372,32 @@ fn a_cache_of_n_entries_evicts_and_prefetched_adapters_count_as_loads() {
     let weights = p.shared_weights();
     system().block_on(async move {
         let store = LoraStore::new(store_dir, None, cfg.fetch_delay);
-        let mgr = LoraManager::new(&cfg, store, weights);
-        let addr = mgr.clone().start();
+        let mgr = LoraManager::spawn(&cfg, store, weights);
         let settle = || async {
             for _ in 0..500 {
-                if mgr.stats().pending_loads == 0 {
+                if mgr.stats().await.unwrap().pending_loads == 0 {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             panic!("fetches did not finish");
         };
-        let admit = |names: &[&str]| {
-            addr.send(Admit {
-                names: names.iter().map(|s| s.to_string()).collect(),
-            })
-        };
-        let a = admit(&["tiny-lora-a"]).await.unwrap().unwrap();
+        let admit = |names: &[&str]| mgr.admit(names.iter().map(|s| s.to_string()).collect());
+        let a = admit(&["tiny-lora-a"]).await.unwrap();
         settle().await;
-        let a2 = admit(&["tiny-lora-a"]).await.unwrap().unwrap();
+        let a2 = admit(&["tiny-lora-a"]).await.unwrap();
         assert_eq!((a.loads, a2.hits), (1, 1), "a is cached once fetched");
-        admit(&["tiny-lora-b"]).await.unwrap().unwrap();
+        admit(&["tiny-lora-b"]).await.unwrap();
         settle().await;
         // one entry: b evicted a
-        let a3 = admit(&["tiny-lora-a"]).await.unwrap().unwrap();
+        let a3 = admit(&["tiny-lora-a"]).await.unwrap();
         assert_eq!((a3.hits, a3.loads), (0, 1), "a was evicted by b");
         settle().await;
         // a prefetched adapter is the first admitted job's load, then a hit
-        addr.send(Prefetch {
-            names: vec!["tiny-lora-b".into()],
-        })
-        .await
-        .unwrap();
+        mgr.prefetch_started(vec!["tiny-lora-b".into()]).await.unwrap();
         settle().await;
-        let b1 = admit(&["tiny-lora-b"]).await.unwrap().unwrap();
-        let b2 = admit(&["tiny-lora-b"]).await.unwrap().unwrap();
+        let b1 = admit(&["tiny-lora-b"]).await.unwrap();
+        let b2 = admit(&["tiny-lora-b"]).await.unwrap();
         assert_eq!((b1.loads, b1.hits, b2.loads, b2.hits), (1, 0, 0, 1));
     });
 }

@@ -82,7 +82,7 @@ pub fn run_jobs(
             pipeline,
             store: store.start(),
             running: Default::default(),
-            lora: LoraManager::new(&models.lora, lora_store, weights).start(),
+            lora: LoraManager::spawn(&models.lora, lora_store, weights),
             lora_cfg: Arc::new(models.lora.clone()),
             slots: Arc::new(tokio::sync::Semaphore::new(1)),
             shutdown,

@@ -31,8 +31,28 @@ pub enum JobError {
     Store(#[from] redis::RedisError),
     #[error("rabbitmq: {0}")]
     Broker(#[from] lapin::Error),
-    #[error("pipeline actor unavailable: {0}")]
-    Mailbox(String),
+    /// An actor or service of this worker is gone or cannot serve: requeue for another worker.
+    #[error("{actor} unavailable: {reason}")]
+    Mailbox {
+        /// Which one: "pipeline actor", "result store", "LoRA manager".
+        actor: &'static str,
+        #[source]
+        reason: Unavailable,
+    },
+}
+
+/// Why an actor could not take a message.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    /// An actix mailbox closed (the actor stopped) or timed out.
+    #[error(transparent)]
+    Mailbox(#[from] actix::MailboxError),
+    /// A task-owned service's command channel closed (its owner task ended).
+    #[error("it has stopped")]
+    Stopped,
+    /// It runs but cannot serve this job (a model thread without a pipeline).
+    #[error("{0}")]
+    Unfit(&'static str),
 }
 
 impl JobError {
@@ -50,7 +70,7 @@ impl JobError {
                     katz_onnx::Disposition::Requeue => Action::Requeue,
                 },
             },
-            JobError::Store(_) | JobError::Broker(_) | JobError::Mailbox(_) => Action::Requeue,
+            JobError::Store(_) | JobError::Broker(_) | JobError::Mailbox { .. } => Action::Requeue,
         }
     }
 
@@ -65,7 +85,15 @@ impl JobError {
             JobError::Model(e) => e.kind(),
             JobError::Store(_) => "redis",
             JobError::Broker(_) => "rabbitmq",
-            JobError::Mailbox(_) => "mailbox",
+            JobError::Mailbox { .. } => "mailbox",
+        }
+    }
+
+    /// Maps an actix send failure to [`JobError::Mailbox`] naming `actor`.
+    pub fn mailbox(actor: &'static str) -> impl FnOnce(actix::MailboxError) -> JobError {
+        move |e| JobError::Mailbox {
+            actor,
+            reason: Unavailable::Mailbox(e),
         }
     }
 

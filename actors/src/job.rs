@@ -16,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use backon::{ExponentialBuilder, Retryable};
 use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
 use crate::error::{Action, JobError};
-use crate::lora::{Admit, LoraConfig, LoraManager, Merge, Prefetch};
+use crate::lora::{LoraConfig, LoraManager};
 use crate::metrics::metrics;
 use crate::pipeline::JobLoras;
 use crate::pipeline::{Catalogue, PipelineActor, RunJob};
@@ -52,7 +53,7 @@ pub struct JobDeps {
     /// Job ids running in this process: a redelivery of one of them (after a reconnect) waits for
     /// it and is then acked as already done instead of running twice.
     pub running: Arc<Mutex<HashSet<String>>>,
-    pub lora: Addr<LoraManager>,
+    pub lora: LoraManager,
     pub lora_cfg: Arc<LoraConfig>,
     /// One permit per pipeline thread: deliveries beyond them (the prefetch lookahead) wait here
     /// with their LoRAs prefetching, and go back to the queue on shutdown.
@@ -76,7 +77,8 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
-/// Waits while another delivery of `id` runs here, then claims it.
+/// Waits while another delivery of `id` runs here, then claims it (polling every 100 ms: a
+/// redelivery during a reconnect is rare, and the wait is not a retry of a failed call).
 async fn claim<'a>(set: &'a Mutex<HashSet<String>>, id: &str) -> RunningGuard<'a> {
     loop {
         if set
@@ -93,36 +95,36 @@ async fn claim<'a>(set: &'a Mutex<HashSet<String>>, id: &str) -> RunningGuard<'a
     }
 }
 
-/// Sends a store message, retrying while Redis is away (up to `store_retry`).
-async fn store_retry<M>(deps: &JobDeps, make: impl Fn() -> M) -> Result<M::Result, JobError>
+/// Sends a store message, retrying while Redis is away: every 100 ms, doubling up to 2 s, until
+/// `store_retry` has passed since the first try (then the last error is the answer). A closed
+/// store mailbox is not retried.
+async fn store_retry<M, T>(deps: &JobDeps, make: impl Fn() -> M) -> Result<T, JobError>
 where
-    M: Message + Send + 'static,
-    M::Result: Send,
+    M: Message<Result = Result<T, JobError>> + Send + 'static,
+    T: Send + 'static,
     ResultStore: Handler<M>,
-    M::Result: IsStoreResult,
 {
     let deadline = Instant::now() + deps.store_retry;
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match deps.store.send(make()).await {
-            Ok(r) if r.ok() || Instant::now() >= deadline => return Ok(r),
-            Ok(_) => {}
-            Err(e) => return Err(JobError::Mailbox(e.to_string())),
-        }
-        tracing::warn!(retry_in = ?wait, "redis unavailable; retrying");
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(2));
-    }
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times();
+    let send = || async {
+        deps.store
+            .send(make())
+            .await
+            .map_err(JobError::mailbox(STORE))
+            .and_then(|r| r)
+    };
+    send.retry(backoff)
+        .when(|e| !matches!(e, JobError::Mailbox { .. }) && Instant::now() < deadline)
+        .notify(|_, wait| tracing::warn!(retry_in = ?wait, "redis unavailable; retrying"))
+        .await
 }
 
-trait IsStoreResult {
-    fn ok(&self) -> bool;
-}
-impl<T> IsStoreResult for Result<T, JobError> {
-    fn ok(&self) -> bool {
-        self.is_ok()
-    }
-}
+/// The actors a job talks to, as their errors name them.
+const STORE: &str = "result store";
+const PIPELINE: &str = "pipeline actor";
 
 fn finish_failed(id: &str, err: &JobError, ttl: u64) -> Finish {
     let status = if err.is_cancel() {
@@ -163,7 +165,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
     let started = Instant::now();
     let names: Vec<String> = job.loras.iter().map(|l| l.name.clone()).collect();
     if !names.is_empty() {
-        deps.lora.do_send(Prefetch { names: names.clone() });
+        deps.lora.prefetch(names.clone());
     }
     // wait for a pipeline; a stopping worker gives the job back instead
     let mut shutdown = deps.shutdown.clone();
@@ -208,7 +210,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                 queue_wait_ms,
             })
             .await
-            .map_err(|e| JobError::Mailbox(e.to_string()))??;
+            .map_err(JobError::mailbox(STORE))??;
         match begin {
             Begin::AlreadyDone => return Ok("duplicate"),
             Begin::Cancelled => return Ok("cancelled"),
@@ -219,10 +221,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         let admitted = if names.is_empty() {
             Default::default()
         } else {
-            deps.lora
-                .send(Admit { names: names.clone() })
-                .await
-                .map_err(|e| JobError::Mailbox(e.to_string()))??
+            deps.lora.admit(names.clone()).await?
         };
         // conditioning images, inline or from Redis
         let mut images = Vec::with_capacity(job.controlnets.len());
@@ -230,7 +229,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             images.push(match &c.image {
                 ImageRef::Inline(b) => b.clone(),
                 ImageRef::RedisKey(k) => store_retry(deps, || FetchBytes { key: k.clone() })
-                    .await??
+                    .await?
                     .ok_or_else(|| {
                         JobError::Invalid(format!("conditioning image key `{k}` is not in Redis"))
                     })?,
@@ -268,11 +267,8 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         } else {
             let started = deps
                 .lora
-                .send(Merge {
-                    loras: job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect(),
-                })
-                .await
-                .map_err(|e| JobError::Mailbox(e.to_string()))?;
+                .merge(job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect())
+                .await?;
             (
                 Some(JobLoras {
                     pending: started.pending,
@@ -295,7 +291,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                 span: tracing::Span::current(),
             })
             .await
-            .map_err(|e| JobError::Mailbox(e.to_string()))?;
+            .map_err(JobError::mailbox(PIPELINE))?;
         let _ = fwd.await;
         let out = out?;
         let pipeline_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -324,17 +320,11 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         if !job.controlnets.is_empty() {
             fields.push(("controlnet_retries".into(), out.controlnet_retries.to_string()));
         }
-        metrics()
-            .controlnet_retries
-            .fetch_add(out.controlnet_retries as i64, Ordering::Relaxed);
+        metrics().controlnet_retries.inc_by(out.controlnet_retries as u64);
         if let Some(st) = lora_stats {
-            let st = st.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            metrics()
-                .lora_hits
-                .fetch_add(admitted.hits as i64, Ordering::Relaxed);
-            metrics()
-                .lora_loads
-                .fetch_add(admitted.loads as i64, Ordering::Relaxed);
+            let st = st.borrow().clone();
+            metrics().lora_hits.inc_by(admitted.hits as u64);
+            metrics().lora_loads.inc_by(admitted.loads as u64);
             metrics().lora_wait.observe(t.lora_wait.as_secs_f64());
             fields.extend([
                 ("lora_mode".to_string(), deps.lora_cfg.mode.to_string()),
@@ -358,7 +348,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             fields: fields.clone(),
             ttl_s: ttl,
         })
-        .await??;
+        .await?;
         Ok("done")
     }
     .await;
@@ -398,4 +388,189 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
     };
     metrics().job_latency.observe(started.elapsed().as_secs_f64());
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::protocol::{job_key, LoraJob};
+    use crate::store::Memory;
+
+    /// A delivery that remembers how it was settled (as RabbitMQ or the embedded mode would).
+    struct Fake {
+        body: Vec<u8>,
+        settled: Mutex<Vec<Action>>,
+    }
+
+    impl Fake {
+        fn new(body: Vec<u8>) -> Self {
+            Fake {
+                body,
+                settled: Mutex::default(),
+            }
+        }
+
+        fn of(job: &Job) -> Self {
+            Fake::new(job.encode().unwrap())
+        }
+
+        fn settled(&self) -> Vec<Action> {
+            self.settled.lock().unwrap().clone()
+        }
+    }
+
+    impl Delivered for Fake {
+        fn body(&self) -> &[u8] {
+            &self.body
+        }
+
+        fn settle(&self, action: Action) -> BoxFuture<'_, ()> {
+            self.settled.lock().unwrap().push(action);
+            Box::pin(async {})
+        }
+    }
+
+    /// Deps over the in-memory store (the Lua script's Rust twin), a model thread without a
+    /// pipeline (every job that reaches it is requeued) and a stopped LoRA manager.
+    fn deps(slots: usize) -> (JobDeps, Arc<Mutex<Memory>>, tokio::sync::watch::Sender<bool>) {
+        let (store, mem) = ResultStore::memory(None);
+        let pool = Mutex::new(Vec::new());
+        let pipeline = SyncArbiter::start(1, move || PipelineActor::from_pool(&pool));
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let deps = JobDeps {
+            limits: Limits::default(),
+            catalogue: Arc::new(crate::pipeline::catalogue_for_tests()),
+            worker: "test".into(),
+            store_retry: Duration::from_millis(200),
+            pipeline,
+            store: store.start(),
+            running: Default::default(),
+            lora: LoraManager::stopped(),
+            lora_cfg: Arc::new(LoraConfig::new("/nonexistent".into())),
+            slots: Arc::new(tokio::sync::Semaphore::new(slots)),
+            shutdown,
+        };
+        (deps, mem, stop)
+    }
+
+    fn record(mem: &Mutex<Memory>, id: &str) -> HashMap<String, String> {
+        mem.lock()
+            .unwrap()
+            .records
+            .get(&job_key(id))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn job(id: &str) -> Job {
+        Job::new(id, "tiny-sdxl", "a red circle")
+    }
+
+    #[test]
+    fn a_message_that_does_not_decode_is_dead_lettered_with_a_failed_status() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let mut bad = job("bad-size");
+            bad.width = 7;
+            let d = Fake::of(&bad);
+            assert_eq!(process(&d, &deps).await, "rejected");
+            assert_eq!(d.settled(), [Action::DeadLetter]);
+            let r = record(&mem, "bad-size");
+            assert_eq!(r["status"], "failed", "{r:?}");
+            assert_eq!(r["error_kind"], "decode", "{r:?}");
+            assert!(r["error"].contains("7x"), "{r:?}");
+            // no id at all: dead-lettered, nothing stored
+            let d = Fake::new(b"not msgpack".to_vec());
+            assert_eq!(process(&d, &deps).await, "rejected");
+            assert_eq!(d.settled(), [Action::DeadLetter]);
+        });
+    }
+
+    #[test]
+    fn a_job_already_done_is_acked_without_running() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let j = job("done-before");
+            let digest = j.digest().unwrap();
+            mem.lock().unwrap().records.insert(
+                job_key(&j.id),
+                HashMap::from([("digest".into(), digest), ("status".into(), "done".into())]),
+            );
+            let d = Fake::of(&j);
+            assert_eq!(process(&d, &deps).await, "duplicate");
+            assert_eq!(d.settled(), [Action::Ack]);
+        });
+    }
+
+    #[test]
+    fn an_id_of_another_job_is_dead_lettered_and_the_stored_record_kept() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let j = job("taken");
+            mem.lock().unwrap().records.insert(
+                job_key(&j.id),
+                HashMap::from([
+                    ("digest".into(), "someone-else".into()),
+                    ("status".into(), "done".into()),
+                ]),
+            );
+            let d = Fake::of(&j);
+            assert_eq!(process(&d, &deps).await, "failed");
+            assert_eq!(d.settled(), [Action::DeadLetter]);
+            let r = record(&mem, "taken");
+            assert_eq!(
+                (r["status"].as_str(), r["digest"].as_str()),
+                ("done", "someone-else")
+            );
+            assert!(r["conflict"].contains("already used"), "{r:?}");
+        });
+    }
+
+    #[test]
+    fn a_model_thread_that_cannot_serve_requeues_without_a_failed_status() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let d = Fake::of(&job("no-pipeline"));
+            assert_eq!(process(&d, &deps).await, "requeued");
+            assert_eq!(d.settled(), [Action::Requeue]);
+            assert_eq!(record(&mem, "no-pipeline")["status"], "running");
+        });
+    }
+
+    #[test]
+    fn a_stopped_lora_manager_requeues_the_job_naming_itself() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let mut j = job("with-lora");
+            j.loras.push(LoraJob {
+                name: "tiny-lora-a".into(),
+                scale: 1.0,
+            });
+            let d = Fake::of(&j);
+            assert_eq!(process(&d, &deps).await, "requeued");
+            assert_eq!(d.settled(), [Action::Requeue]);
+            assert_ne!(record(&mem, "with-lora")["status"], "failed");
+        });
+    }
+
+    #[test]
+    fn a_stopping_worker_gives_a_waiting_job_back() {
+        actix::System::new().block_on(async {
+            let (deps, mem, stop) = deps(0);
+            stop.send(true).unwrap();
+            let d = Fake::of(&job("waiting"));
+            assert_eq!(process(&d, &deps).await, "requeued");
+            assert_eq!(d.settled(), [Action::Requeue]);
+            assert!(record(&mem, "waiting").is_empty(), "it never began");
+        });
+    }
+
+    #[test]
+    fn mailbox_errors_name_the_actor() {
+        let e = JobError::mailbox(STORE)(actix::MailboxError::Closed);
+        assert!(e.to_string().starts_with("result store unavailable"), "{e}");
+        assert_eq!((e.action(), e.kind()), (Action::Requeue, "mailbox"));
+    }
 }

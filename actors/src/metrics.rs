@@ -1,164 +1,159 @@
-//! Prometheus metrics of a worker, served as text on `GET /metrics` (`--metrics-addr`).
+//! Prometheus metrics of a worker, kept in a `prometheus-client` registry and served in the
+//! Prometheus text format (0.0.4) on `GET /metrics` (`--metrics-addr`) by a hyper HTTP/1 server.
+//!
+//! ```text
+//! job / consumer / LoRA manager ─observe / inc─▶ metrics() (one registry per process)
+//! scraper ─GET /metrics─▶ serve(listener) ─encode─▶ text; any other path: 404
+//! ```
 //!
 //! `katz_queue_wait_seconds`, `katz_job_latency_seconds` (delivery → result stored),
-//! `katz_pipeline_seconds`, `katz_step_seconds` (histograms), `katz_jobs_total{outcome}`,
-//! `katz_jobs_in_flight`.
+//! `katz_pipeline_seconds`, `katz_step_seconds`, `katz_lora_wait_seconds` (histograms),
+//! `katz_jobs_total{outcome}`, `katz_lora_cache_hits_total`, `katz_lora_loads_total`,
+//! `katz_controlnet_session_retries_total` (counters), `katz_jobs_in_flight`,
+//! `katz_lora_pending_loads` (gauges).
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::convert::Infallible;
+use std::sync::OnceLock;
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::prometheus_text::{encode, CONTENT_TYPE};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, seconds: f64) {
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            if seconds <= *b {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.sum_micros
-            .fetch_add((seconds.max(0.0) * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", c.load(Ordering::Relaxed));
-        }
-        let n = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {n}");
-    }
-}
 
 const SECONDS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 const STEP_SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
+/// The label of `katz_jobs_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
 pub struct Metrics {
+    registry: Registry,
     pub queue_wait: Histogram,
     pub job_latency: Histogram,
     pub pipeline: Histogram,
     pub step: Histogram,
-    pub in_flight: AtomicI64,
-    outcomes: Mutex<BTreeMap<&'static str, u64>>,
+    pub in_flight: Gauge,
+    outcomes: Family<Outcome, Counter>,
     /// LoRA adapters found in the host cache at admission / fetched from the store.
-    pub lora_hits: AtomicI64,
-    pub lora_loads: AtomicI64,
+    pub lora_hits: Counter,
+    pub lora_loads: Counter,
     /// LoRA fetches pending now (bounded by --lora-max-pending).
-    pub lora_pending: AtomicI64,
+    pub lora_pending: Gauge,
     /// Time the denoising loop waited at the bound step for a LoRA merge.
     pub lora_wait: Histogram,
     /// ControlNet sessions opened again on another worker after a timeout.
-    pub controlnet_retries: AtomicI64,
+    pub controlnet_retries: Counter,
 }
 
 impl Metrics {
-    pub fn outcome(&self, outcome: &'static str) {
-        if let Ok(mut m) = self.outcomes.lock() {
-            *m.entry(outcome).or_default() += 1;
+    fn new() -> Self {
+        let mut r = Registry::default();
+        let histogram = |r: &mut Registry, name: &str, help: &str, bounds: &[f64]| {
+            let h = Histogram::new(bounds.iter().copied());
+            r.register(name, help, h.clone());
+            h
+        };
+        let queue_wait = histogram(
+            &mut r,
+            "katz_queue_wait_seconds",
+            "Time from submission to a worker taking the job",
+            SECONDS,
+        );
+        let job_latency = histogram(
+            &mut r,
+            "katz_job_latency_seconds",
+            "Time from delivery to the result stored",
+            SECONDS,
+        );
+        let pipeline = histogram(
+            &mut r,
+            "katz_pipeline_seconds",
+            "Time in the model pipeline per job",
+            SECONDS,
+        );
+        let step = histogram(
+            &mut r,
+            "katz_step_seconds",
+            "Time of one denoising step",
+            STEP_SECONDS,
+        );
+        let outcomes = Family::<Outcome, Counter>::default();
+        // counters are named without `_total`: the encoder appends it
+        r.register("katz_jobs", "Jobs by outcome", outcomes.clone());
+        let in_flight = Gauge::default();
+        r.register("katz_jobs_in_flight", "Jobs being worked on", in_flight.clone());
+        let lora_wait = histogram(
+            &mut r,
+            "katz_lora_wait_seconds",
+            "Time a job's denoising loop waited at its bound step for its LoRA merge",
+            STEP_SECONDS,
+        );
+        let counter = |r: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            r.register(name, help, c.clone());
+            c
+        };
+        let lora_hits = counter(
+            &mut r,
+            "katz_lora_cache_hits",
+            "LoRA adapters found in the host cache at admission",
+        );
+        let lora_loads = counter(
+            &mut r,
+            "katz_lora_loads",
+            "LoRA adapters that had to come from the store",
+        );
+        let lora_pending = Gauge::default();
+        r.register(
+            "katz_lora_pending_loads",
+            "LoRA fetches pending now",
+            lora_pending.clone(),
+        );
+        let controlnet_retries = counter(
+            &mut r,
+            "katz_controlnet_session_retries",
+            "ControlNet sessions opened again on another worker after a timeout",
+        );
+        Metrics {
+            registry: r,
+            queue_wait,
+            job_latency,
+            pipeline,
+            step,
+            in_flight,
+            outcomes,
+            lora_hits,
+            lora_loads,
+            lora_pending,
+            lora_wait,
+            controlnet_retries,
         }
     }
 
+    /// Counts a job that ended with `outcome` (`done`, `failed`, `requeued` …).
+    pub fn outcome(&self, outcome: &'static str) {
+        self.outcomes.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        self.queue_wait.render(
-            "katz_queue_wait_seconds",
-            "Time from submission to a worker taking the job.",
-            &mut out,
-        );
-        self.job_latency.render(
-            "katz_job_latency_seconds",
-            "Time from delivery to the result stored.",
-            &mut out,
-        );
-        self.pipeline.render(
-            "katz_pipeline_seconds",
-            "Time in the model pipeline per job.",
-            &mut out,
-        );
-        self.step
-            .render("katz_step_seconds", "Time of one denoising step.", &mut out);
-        let _ = writeln!(
-            out,
-            "# HELP katz_jobs_total Jobs by outcome.\n# TYPE katz_jobs_total counter"
-        );
-        if let Ok(m) = self.outcomes.lock() {
-            for (k, v) in m.iter() {
-                let _ = writeln!(out, "katz_jobs_total{{outcome=\"{k}\"}} {v}");
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP katz_jobs_in_flight Jobs being worked on.\n# TYPE katz_jobs_in_flight gauge"
-        );
-        let _ = writeln!(
-            out,
-            "katz_jobs_in_flight {}",
-            self.in_flight.load(Ordering::Relaxed)
-        );
-        self.lora_wait.render(
-            "katz_lora_wait_seconds",
-            "Time a job's denoising loop waited at its bound step for its LoRA merge.",
-            &mut out,
-        );
-        for (name, help, kind, v) in [
-            (
-                "katz_lora_cache_hits_total",
-                "LoRA adapters found in the host cache at admission.",
-                "counter",
-                &self.lora_hits,
-            ),
-            (
-                "katz_lora_loads_total",
-                "LoRA adapters that had to come from the store.",
-                "counter",
-                &self.lora_loads,
-            ),
-            (
-                "katz_lora_pending_loads",
-                "LoRA fetches pending now.",
-                "gauge",
-                &self.lora_pending,
-            ),
-            (
-                "katz_controlnet_session_retries_total",
-                "ControlNet sessions opened again on another worker after a timeout.",
-                "counter",
-                &self.controlnet_retries,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding the metrics");
         }
         out
     }
@@ -166,41 +161,45 @@ impl Metrics {
 
 pub fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
-    M.get_or_init(|| Metrics {
-        queue_wait: Histogram::new(SECONDS),
-        job_latency: Histogram::new(SECONDS),
-        pipeline: Histogram::new(SECONDS),
-        step: Histogram::new(STEP_SECONDS),
-        in_flight: AtomicI64::new(0),
-        outcomes: Mutex::new(BTreeMap::new()),
-        lora_hits: AtomicI64::new(0),
-        lora_loads: AtomicI64::new(0),
-        lora_pending: AtomicI64::new(0),
-        lora_wait: Histogram::new(STEP_SECONDS),
-        controlnet_retries: AtomicI64::new(0),
-    })
+    M.get_or_init(Metrics::new)
 }
 
-/// Serves `GET /metrics` until the runtime stops.
+/// The answer to one request: the metrics on `GET /metrics`, a 404 elsewhere.
+fn respond(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, kind, body) = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+        (StatusCode::OK, CONTENT_TYPE, metrics().render())
+    } else {
+        (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".to_string())
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(kind) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// Serves `GET /metrics` until the runtime stops. Each connection answers one request and
+/// closes (scrapers reconnect; a plain `read to end` client sees the end of the answer).
 pub async fn serve(listener: TcpListener) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // out of file descriptors, a reset before accept …: try again shortly
+                tracing::debug!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
         };
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = sock.read(&mut buf).await.unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if req.starts_with("GET /metrics") {
-                ("200 OK", metrics().render())
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
+            let service = hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(respond(&req)) });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(sock), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics: a connection failed");
+            }
         });
     }
 }
@@ -208,17 +207,74 @@ pub async fn serve(listener: TcpListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn histogram_buckets_are_cumulative() {
-        let h = Histogram::new(&[0.1, 1.0]);
+        let h = Histogram::new([0.1, 1.0]);
+        let mut r = Registry::default();
+        r.register("x", "help", h.clone());
         h.observe(0.05);
         h.observe(0.5);
         h.observe(5.0);
         let mut s = String::new();
-        h.render("x", "help", &mut s);
-        assert!(s.contains("x_bucket{le=\"0.1\"} 1"));
-        assert!(s.contains("x_bucket{le=\"1\"} 2"));
-        assert!(s.contains("x_bucket{le=\"+Inf\"} 3"));
+        encode(&mut s, &r).unwrap();
+        assert!(s.contains("x_bucket{le=\"0.1\"} 1"), "{s}");
+        assert!(s.contains("x_bucket{le=\"1\"} 2"), "{s}");
+        assert!(s.contains("x_bucket{le=\"+Inf\"} 3"), "{s}");
+    }
+
+    #[test]
+    fn the_exposition_keeps_the_metric_names_and_types() {
+        let m = Metrics::new();
+        m.outcome("done");
+        m.outcome("done");
+        m.lora_hits.inc_by(3);
+        m.step.observe(0.01);
+        let s = m.render();
+        for want in [
+            "# TYPE katz_jobs_total counter",
+            "katz_jobs_total{outcome=\"done\"} 2",
+            "# TYPE katz_jobs_in_flight gauge",
+            "katz_jobs_in_flight 0",
+            "katz_step_seconds_count 1",
+            "katz_queue_wait_seconds_count 0",
+            "# TYPE katz_lora_cache_hits_total counter",
+            "katz_lora_cache_hits_total 3",
+            "katz_lora_loads_total 0",
+            "katz_lora_pending_loads 0",
+            "# TYPE katz_lora_wait_seconds histogram",
+            "# TYPE katz_controlnet_session_retries_total counter",
+        ] {
+            assert!(s.contains(want), "no `{want}` in\n{s}");
+        }
+    }
+
+    /// What a plain HTTP/1.1 client sees: the metrics, then the end of the connection.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut body = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body))
+            .await
+            .expect("the server closes the connection after its answer")
+            .unwrap();
+        body
+    }
+
+    #[tokio::test]
+    async fn the_server_answers_metrics_and_404_elsewhere() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener));
+        let ok = get(addr, "/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("text/plain; version=0.0.4"), "{ok}");
+        assert!(ok.contains("# TYPE katz_jobs_in_flight gauge"), "{ok}");
+        let other = get(addr, "/").await;
+        assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+        assert!(other.contains("try /metrics"), "{other}");
     }
 }

@@ -85,7 +85,7 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
         let lora_store = LoraStore::open(&models.lora)
             .await
             .map_err(|e| WorkerError::Lora(e.to_string()))?;
-        let lora = LoraManager::new(&models.lora, lora_store, weights).start();
+        let lora = LoraManager::spawn(&models.lora, lora_store, weights);
         let (stopped_tx, stopped_rx) = oneshot::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let deps = JobDeps {

@@ -53,8 +53,19 @@ pub enum Error {
     Cancelled { step: usize },
     #[error("GPU: {0}")]
     Gpu(String),
+    /// A ControlNet failed for a reason of the job's or the model's (a bad answer, no worker
+    /// answering within every retry): dead-letter.
     #[error("{0}")]
     ControlNet(String),
+    /// A ControlNet's transport failed (Redis, RabbitMQ): not the job's fault, so it is requeued
+    /// for a try that may find the transport back.
+    #[error("{what}: {source}")]
+    ControlNetTransport {
+        /// What was being done ("Redis: sending a ControlNet step").
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {
@@ -62,6 +73,17 @@ impl Error {
         Error::Bundle {
             path: path.into(),
             message: message.into(),
+        }
+    }
+
+    /// A ControlNet transport failure (requeued): `what` was being done when `source` happened.
+    pub fn controlnet_transport(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::ControlNetTransport {
+            what: what.into(),
+            source: Box::new(source),
         }
     }
 
@@ -88,7 +110,8 @@ impl Error {
             | Error::DeviceUnavailable { .. }
             | Error::Gpu(_)
             | Error::Bundle { .. }
-            | Error::Io { .. } => Disposition::Requeue,
+            | Error::Io { .. }
+            | Error::ControlNetTransport { .. } => Disposition::Requeue,
         }
     }
 
@@ -108,6 +131,24 @@ impl Error {
             Error::Cancelled { .. } => "cancelled",
             Error::Gpu(_) => "gpu",
             Error::ControlNet(_) => "controlnet",
+            Error::ControlNetTransport { .. } => "controlnet_transport",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_controlnet_transport_failure_is_requeued_and_bad_controlnet_input_dead_lettered() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = Error::controlnet_transport("Redis: sending a ControlNet step", io);
+        assert_eq!(e.disposition(), Disposition::Requeue);
+        assert_eq!(e.kind(), "controlnet_transport");
+        assert_eq!(e.to_string(), "Redis: sending a ControlNet step: refused");
+        assert!(std::error::Error::source(&e).is_some());
+        let bad = Error::ControlNet("ControlNet m: bad CUDA IPC message".into());
+        assert_eq!(bad.disposition(), Disposition::DeadLetter);
     }
 }

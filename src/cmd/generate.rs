@@ -7,11 +7,11 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use katz_onnx::bundle::BaseBundle;
 use katz_onnx::image::read_conditioning;
-use katz_onnx::runtime::{FixedShape, SessionOptions};
 use katz_onnx::lora::{LoraAdapter, PendingMerge};
 use katz_onnx::pipeline::{LoraMode, LoraPlan, Pipeline, RunOptions};
 use katz_onnx::placement::{ControlNetPlace, Placement};
 use katz_onnx::request::{ControlRequest, LoraRequest, Request, ValidRequest};
+use katz_onnx::runtime::{FixedShape, SessionOptions};
 use katz_onnx::scheduler::SchedulerKind;
 
 use super::lora_args::{self, LoraArgs};

@@ -15,7 +15,6 @@
 
 pub mod messages;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +57,9 @@ pub struct JobConsumer {
     tag: String,
     in_flight: usize,
     draining: bool,
+    /// Reconnect back-off (200 ms doubling to 5 s), kept by hand: each retry is an actor
+    /// `run_later` that must see the actor's state (draining, shutdown) when it fires, which a
+    /// retry combinator around one future cannot.
     backoff: Duration,
     stopped: Option<oneshot::Sender<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -163,12 +165,12 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for JobConsumer {
         match item {
             Ok(d) => {
                 self.in_flight += 1;
-                metrics().in_flight.fetch_add(1, Ordering::Relaxed);
+                metrics().in_flight.inc();
                 let deps = self.deps.clone();
                 let job = async move { process(&d, &deps).await };
                 ctx.spawn(job.into_actor(self).map(|outcome, act, ctx| {
                     act.in_flight -= 1;
-                    metrics().in_flight.fetch_sub(1, Ordering::Relaxed);
+                    metrics().in_flight.dec();
                     metrics().outcome(outcome);
                     act.maybe_finish(ctx);
                 }));

@@ -33,15 +33,18 @@ pub enum LocalMode {
     Parallel,
 }
 
+/// A ControlNet mode other than `serial` / `parallel`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ControlNet mode must be `serial` or `parallel`, got `{0}`")]
+pub struct UnknownMode(pub String);
+
 impl std::str::FromStr for LocalMode {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = UnknownMode;
+    fn from_str(s: &str) -> std::result::Result<Self, UnknownMode> {
         match s {
             "serial" => Ok(LocalMode::Serial),
             "parallel" => Ok(LocalMode::Parallel),
-            _ => Err(format!(
-                "ControlNet mode must be `serial` or `parallel`, got `{s}`"
-            )),
+            _ => Err(UnknownMode(s.to_string())),
         }
     }
 }

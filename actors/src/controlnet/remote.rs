@@ -26,7 +26,7 @@ use katz_onnx::tensor::Tensor;
 use katz_onnx::{Error, Result};
 
 use super::ipc::BaseIpc;
-use super::wire::{self, controlnet_queue, IpcResiduals, SessionOpen, SESSION_VERSION};
+use super::wire::{self, controlnet_queue, IpcResiduals, SessionOpen, WireError, SESSION_VERSION};
 use crate::topology;
 
 /// How the base worker reaches remote ControlNets.
@@ -57,8 +57,14 @@ impl RemoteConfig {
     }
 }
 
+/// A ControlNet failure of the job's or the model's (dead-lettered).
 fn cn_err(message: String) -> Error {
     Error::ControlNet(message)
+}
+
+/// A transport failure: Redis or RabbitMQ away (requeued: a later try may find them back).
+fn transport(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::controlnet_transport(what, source)
 }
 
 /// Publishes session-open requests (one AMQP connection, made on first use, remade on failure).
@@ -83,7 +89,7 @@ impl Publisher {
                         let ch = conn.create_channel().await?;
                         Ok::<_, lapin::Error>((conn, ch))
                     });
-                    let (conn, ch) = made.map_err(|e| cn_err(format!("RabbitMQ at {uri}: {e}")))?;
+                    let (conn, ch) = made.map_err(|e| transport(format!("RabbitMQ at {uri}"), e))?;
                     *amqp = Some((conn, ch.clone()));
                     ch
                 }
@@ -93,10 +99,8 @@ impl Publisher {
                 .map_err(|e| cn_err(format!("encoding the session request: {e}")))?;
             let (q, id) = (queue.clone(), open.session.clone());
             let res = self.rt.block_on(async move {
-                topology::declare(&ch, &q).await.map_err(|e| e.to_string())?;
-                topology::publish(&ch, &q, &payload, 0, &id)
-                    .await
-                    .map_err(|e| e.to_string())
+                topology::declare(&ch, &q).await?;
+                topology::publish(&ch, &q, &payload, 0, &id).await
             });
             match res {
                 Ok(()) => return Ok(()),
@@ -104,10 +108,12 @@ impl Publisher {
                     tracing::warn!(error = %e, "publishing a ControlNet session failed; reconnecting");
                     *amqp = None;
                 }
-                Err(e) => return Err(cn_err(format!("opening a {model} session on {queue}: {e}"))),
+                Err(e) => return Err(transport(format!("opening a {model} session on {queue}"), e)),
             }
         }
-        unreachable!("the loop returns")
+        Err(cn_err(format!(
+            "opening a {model} session on {queue}: no attempt was made"
+        )))
     }
 }
 
@@ -118,16 +124,21 @@ pub struct RemoteModel {
     pub queue: String,
 }
 
+/// A remote ControlNet spec that is not `MODEL` or `MODEL@QUEUE`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}`: expected MODEL or MODEL@QUEUE")]
+pub struct BadRemoteModel(pub String);
+
 impl std::str::FromStr for RemoteModel {
-    type Err = String;
+    type Err = BadRemoteModel;
     /// `MODEL` (queue `katz.controlnet.MODEL`) or `MODEL@QUEUE`.
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, BadRemoteModel> {
         let (name, queue) = match s.split_once('@') {
             Some((n, q)) => (n.trim(), q.trim().to_string()),
             None => (s.trim(), controlnet_queue(s.trim())),
         };
         if name.is_empty() || queue.is_empty() {
-            return Err(format!("`{s}`: expected MODEL or MODEL@QUEUE"));
+            return Err(BadRemoteModel(s.to_string()));
         }
         Ok(RemoteModel {
             name: name.to_string(),
@@ -150,7 +161,7 @@ pub struct RemoteControlNets {
 impl RemoteControlNets {
     pub fn new(cfg: RemoteConfig, models: Vec<RemoteModel>, rt: tokio::runtime::Handle) -> Result<Self> {
         let redis = redis::Client::open(cfg.redis.as_str())
-            .map_err(|e| cn_err(format!("Redis URL {}: {e}", cfg.redis)))?;
+            .map_err(|e| transport(format!("Redis URL {}", cfg.redis), e))?;
         Ok(RemoteControlNets {
             publisher: Publisher {
                 uri: cfg.amqp.clone(),
@@ -230,7 +241,7 @@ impl ControlService for RemoteControlNets {
         let conn = self
             .redis
             .get_connection()
-            .map_err(|e| cn_err(format!("Redis at {}: {e}", self.cfg.redis)))?;
+            .map_err(|e| transport(format!("Redis at {}", self.cfg.redis), e))?;
         let mut s = RemoteSession {
             publisher: self.publisher.clone(),
             retried: self.retried.clone(),
@@ -267,7 +278,7 @@ impl RemoteSession {
             .arg("EX")
             .arg(self.cfg.ttl.as_secs().max(1))
             .query::<()>(&mut self.conn)
-            .map_err(|e| cn_err(format!("Redis: storing a session's inputs: {e}")))?;
+            .map_err(|e| transport("Redis: storing a session's inputs", e))?;
         let open = SessionOpen {
             v: SESSION_VERSION,
             session: self.id.clone(),
@@ -292,7 +303,7 @@ impl RemoteSession {
             .arg(self.cfg.ttl.as_secs().max(1))
             .ignore()
             .query::<()>(&mut self.conn)
-            .map_err(|e| cn_err(format!("Redis: sending a ControlNet step: {e}")))
+            .map_err(|e| transport("Redis: sending a ControlNet step", e))
     }
 
     /// Abandons the session: a worker still in it (or one that picks its open request up late)
@@ -336,7 +347,7 @@ impl ControlSession for RemoteSession {
             .as_mut()
             .ok_or_else(|| cn_err("no CUDA IPC side".into()))?
             .step(step, latent_in, timestep)?;
-        let payload = wire::encode_ipc(&m).map_err(cn_err)?;
+        let payload = wire::encode_ipc(&m).map_err(|e| cn_err(e.to_string()))?;
         self.push(&payload)?;
         self.last = Some((step, payload));
         tracing::debug!(
@@ -352,7 +363,7 @@ impl ControlSession for RemoteSession {
         let r: IpcResiduals = self.wait(step, |bytes| match wire::decode_ipc::<IpcResiduals>(bytes) {
             Some(Ok(r)) => Ok((r.step, r)),
             Some(Err(e)) => Err(e),
-            None => Err("the worker answered with tensors, not CUDA IPC handles".into()),
+            None => Err(WireError::NotIpc),
         })?;
         let out = self
             .ipc
@@ -388,7 +399,7 @@ impl RemoteSession {
     fn wait<T>(
         &mut self,
         step: usize,
-        parse: impl Fn(&[u8]) -> std::result::Result<(u64, T), String>,
+        parse: impl Fn(&[u8]) -> std::result::Result<(u64, T), WireError>,
     ) -> Result<T> {
         let started = Instant::now();
         loop {
@@ -396,7 +407,7 @@ impl RemoteSession {
                 .arg(wire::out_key(&self.id))
                 .arg(self.cfg.step_timeout.as_secs_f64())
                 .query(&mut self.conn)
-                .map_err(|e| cn_err(format!("Redis: waiting for ControlNet residuals: {e}")))?;
+                .map_err(|e| transport("Redis: waiting for ControlNet residuals", e))?;
             if let Some((_, bytes)) = got {
                 let (s, out) =
                     parse(&bytes).map_err(|e| cn_err(format!("ControlNet {}: {e}", self.model)))?;
@@ -434,5 +445,100 @@ impl RemoteSession {
 impl Drop for RemoteSession {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use katz_onnx::text::Conditioning;
+
+    use super::*;
+    use crate::error::{Action, JobError};
+
+    /// A port on this machine where nothing listens (bound, then released).
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    /// Opens one session of `tiny-controlnet` through `amqp` / `redis`; the error it fails with.
+    fn open_fails(amqp: String, redis: String) -> Error {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let model: RemoteModel = "tiny-controlnet@katz.test.unreachable".parse().unwrap();
+        let mut svc =
+            RemoteControlNets::new(RemoteConfig::new(amqp, redis), vec![model], rt.handle().clone())
+                .expect("a client is made without connecting");
+        svc.for_job("transport-test");
+        let t = |shape: Vec<usize>| Tensor::new(shape.clone(), vec![0.5; shape.iter().product()]);
+        let cond = Conditioning {
+            prompt_embeds: t(vec![1, 2, 4]),
+            pooled: t(vec![1, 4]),
+            time_ids: t(vec![1, 6]),
+        };
+        let image = t(vec![1, 3, 8, 8]);
+        let req = ControlRequest {
+            model: ControlModel::Served(katz_onnx::request::ServiceId(0)),
+            image: image.clone(),
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+        };
+        let init = SessionInit {
+            cond: &cond,
+            image: &image,
+        };
+        match svc.open(0, &req, init) {
+            Ok(_) => panic!("a session opened without its transport"),
+            Err(e) => e,
+        }
+    }
+
+    /// The action a job failing with `e` gets.
+    fn action(e: Error) -> Action {
+        JobError::Model(e).action()
+    }
+
+    #[test]
+    fn redis_away_requeues_the_job() {
+        let e = open_fails(
+            "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            format!("redis://127.0.0.1:{}/", closed_port()),
+        );
+        assert!(matches!(e, Error::ControlNetTransport { .. }), "{e}");
+        assert!(e.to_string().contains("Redis"), "{e}");
+        assert_eq!(action(e), Action::Requeue);
+    }
+
+    /// Redis (the real one on 6379) takes the session's inputs; the publish of its open request
+    /// fails (RabbitMQ unreachable): the job goes back to the queue, not to the dead letters.
+    #[test]
+    fn a_failed_session_publish_requeues_the_job() {
+        let e = open_fails(
+            format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed_port()),
+            "redis://127.0.0.1:6379/".into(),
+        );
+        assert!(matches!(e, Error::ControlNetTransport { .. }), "{e}");
+        assert!(e.to_string().contains("RabbitMQ"), "{e}");
+        assert_eq!(action(e), Action::Requeue);
+    }
+
+    #[test]
+    fn bad_answers_still_dead_letter() {
+        assert_eq!(
+            action(cn_err("ControlNet m: bad payload".into())),
+            Action::DeadLetter
+        );
+        assert!("".parse::<RemoteModel>().is_err());
+        assert_eq!(
+            "m@q".parse::<RemoteModel>().unwrap(),
+            RemoteModel {
+                name: "m".into(),
+                queue: "q".into()
+            }
+        );
     }
 }

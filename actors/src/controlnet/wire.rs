@@ -20,6 +20,39 @@ use serde::{Deserialize, Serialize};
 
 pub const SESSION_VERSION: u32 = 1;
 
+/// A payload or message that cannot be read (or written): the other side speaks something else.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("encoding a CUDA IPC message: {0}")]
+    EncodeIpc(#[source] rmp_serde::encode::Error),
+    #[error("bad CUDA IPC message: {0}")]
+    DecodeIpc(#[source] rmp_serde::decode::Error),
+    #[error("the worker answered with tensors, not CUDA IPC handles")]
+    NotIpc,
+    #[error("not a session-open message: {0}")]
+    NotSessionOpen(#[source] rmp_serde::decode::Error),
+    #[error("session-open version {0} (this worker speaks {SESSION_VERSION})")]
+    Version(u32),
+    #[error("not a katz tensor payload (magic)")]
+    Magic,
+    #[error("tensor size overflows")]
+    Overflow,
+    #[error("tensor payload truncated at byte {at} (of {len})")]
+    Truncated { at: usize, len: usize },
+    #[error("{0} tensors in one payload")]
+    TooManyTensors(usize),
+    #[error("a tensor of {0} dimensions")]
+    TooManyDims(usize),
+    #[error("{0} trailing bytes after the tensors")]
+    Trailing(usize),
+    #[error("{what} holds {got} tensors, not {want}")]
+    TensorCount {
+        what: &'static str,
+        got: usize,
+        want: usize,
+    },
+}
+
 /// Queue of ControlNet `model`'s session-open requests.
 pub fn controlnet_queue(model: &str) -> String {
     format!("katz.controlnet.{model}")
@@ -81,16 +114,16 @@ pub struct IpcResiduals {
 }
 
 /// `KZI1` + msgpack of `m`.
-pub fn encode_ipc<T: Serialize>(m: &T) -> Result<Vec<u8>, String> {
+pub fn encode_ipc<T: Serialize>(m: &T) -> Result<Vec<u8>, WireError> {
     let mut out = IPC_MAGIC.to_vec();
-    out.extend(rmp_serde::to_vec_named(m).map_err(|e| format!("encoding a CUDA IPC message: {e}"))?);
+    out.extend(rmp_serde::to_vec_named(m).map_err(WireError::EncodeIpc)?);
     Ok(out)
 }
 
 /// The message of an IPC payload; `None` when the payload is not one (`KZT1` tensors).
-pub fn decode_ipc<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<Result<T, String>> {
+pub fn decode_ipc<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<Result<T, WireError>> {
     let body = bytes.strip_prefix(IPC_MAGIC.as_slice())?;
-    Some(rmp_serde::from_slice(body).map_err(|e| format!("bad CUDA IPC message: {e}")))
+    Some(rmp_serde::from_slice(body).map_err(WireError::DecodeIpc))
 }
 
 /// This host's identity for CUDA IPC: hostname and boot id (a handle opens only on its host).
@@ -112,14 +145,10 @@ impl SessionOpen {
         rmp_serde::to_vec_named(self)
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let m: SessionOpen =
-            rmp_serde::from_slice(bytes).map_err(|e| format!("not a session-open message: {e}"))?;
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let m: SessionOpen = rmp_serde::from_slice(bytes).map_err(WireError::NotSessionOpen)?;
         if m.v != SESSION_VERSION {
-            return Err(format!(
-                "session-open version {} (this worker speaks {SESSION_VERSION})",
-                m.v
-            ));
+            return Err(WireError::Version(m.v));
         }
         Ok(m)
     }
@@ -155,50 +184,47 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.at.checked_add(n).ok_or("tensor size overflows")?;
-        let s = self.bytes.get(self.at..end).ok_or_else(|| {
-            format!(
-                "tensor payload truncated at byte {} (of {})",
-                self.at,
-                self.bytes.len()
-            )
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let end = self.at.checked_add(n).ok_or(WireError::Overflow)?;
+        let s = self.bytes.get(self.at..end).ok_or(WireError::Truncated {
+            at: self.at,
+            len: self.bytes.len(),
         })?;
         self.at = end;
         Ok(s)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
 
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, WireError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, WireError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 }
 
 /// Decodes what [`encode`] wrote: the step and the tensors.
-pub fn decode(bytes: &[u8]) -> Result<(u64, Vec<Tensor>), String> {
+pub fn decode(bytes: &[u8]) -> Result<(u64, Vec<Tensor>), WireError> {
     let mut r = Reader { bytes, at: 0 };
     if r.take(4)? != MAGIC {
-        return Err("not a katz tensor payload (magic)".into());
+        return Err(WireError::Magic);
     }
     let step = r.u64()?;
     let count = r.u32()? as usize;
     if count > 64 {
-        return Err(format!("{count} tensors in one payload"));
+        return Err(WireError::TooManyTensors(count));
     }
     let mut shapes = Vec::with_capacity(count);
     for _ in 0..count {
         let nd = r.u32()? as usize;
         if nd > 8 {
-            return Err(format!("a tensor of {nd} dimensions"));
+            return Err(WireError::TooManyDims(nd));
         }
         let mut shape = Vec::with_capacity(nd);
         for _ in 0..nd {
@@ -209,7 +235,7 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, Vec<Tensor>), String> {
     let mut tensors = Vec::with_capacity(count);
     for shape in shapes {
         let n: usize = shape.iter().product();
-        let raw = r.take(n.checked_mul(4).ok_or("tensor size overflows")?)?;
+        let raw = r.take(n.checked_mul(4).ok_or(WireError::Overflow)?)?;
         let data = raw
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -217,7 +243,7 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, Vec<Tensor>), String> {
         tensors.push(Tensor::new(shape, data));
     }
     if r.at != bytes.len() {
-        return Err(format!("{} trailing bytes after the tensors", bytes.len() - r.at));
+        return Err(WireError::Trailing(bytes.len() - r.at));
     }
     Ok((step, tensors))
 }
@@ -240,11 +266,12 @@ mod tests {
         assert_eq!(back[1].data, b.data);
         assert!(decode(&bytes[..bytes.len() - 1])
             .unwrap_err()
+            .to_string()
             .contains("truncated"));
-        assert!(decode(b"nope").unwrap_err().contains("magic"));
+        assert!(decode(b"nope").unwrap_err().to_string().contains("magic"));
         let mut extra = bytes.clone();
         extra.push(0);
-        assert!(decode(&extra).unwrap_err().contains("trailing"));
+        assert!(decode(&extra).unwrap_err().to_string().contains("trailing"));
         let open = SessionOpen {
             v: SESSION_VERSION,
             session: "s".into(),

@@ -30,7 +30,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, Basi
 use lapin::types::FieldTable;
 
 use super::ipc::WorkerIpc;
-use super::wire::{self, controlnet_queue, IpcStep, SessionOpen};
+use super::wire::{self, controlnet_queue, IpcStep, SessionOpen, WireError};
 use crate::topology;
 
 #[derive(Debug, Clone)]
@@ -60,9 +60,26 @@ pub enum ControlNetWorkerError {
     Io(#[from] std::io::Error),
 }
 
+/// Why a session ended before its base closed it.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("this session thread holds no ControlNet (more threads than loaded models)")]
+    NoModel,
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("ControlNet step {step}: {source}")]
+    Step {
+        step: u64,
+        #[source]
+        source: katz_onnx::Error,
+    },
+}
+
 /// Runs one session to its end on a model thread.
 #[derive(Message)]
-#[rtype(result = "Result<SessionEnd, String>")]
+#[rtype(result = "Result<SessionEnd, SessionError>")]
 pub struct RunSession {
     pub open: SessionOpen,
 }
@@ -88,27 +105,27 @@ impl Actor for SessionActor {
 }
 
 impl Handler<RunSession> for SessionActor {
-    type Result = Result<SessionEnd, String>;
+    type Result = Result<SessionEnd, SessionError>;
 
     fn handle(&mut self, m: RunSession, _: &mut SyncContext<Self>) -> Self::Result {
         let s = &m.open.session;
         let _span = tracing::info_span!("session", session = %s, job = %m.open.job).entered();
         let Some(cn) = self.cn.as_mut() else {
-            return Err("this session thread holds no ControlNet (more threads than loaded models)".into());
+            return Err(SessionError::NoModel);
         };
-        let mut conn = self.redis.get_connection().map_err(|e| format!("Redis: {e}"))?;
-        let init: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(wire::init_key(s))
-            .query(&mut conn)
-            .map_err(|e| format!("Redis: {e}"))?;
+        let mut conn = self.redis.get_connection()?;
+        let init: Option<Vec<u8>> = redis::cmd("GET").arg(wire::init_key(s)).query(&mut conn)?;
         let Some(init) = init else {
             tracing::info!("session abandoned before it started");
             return Ok(SessionEnd::Abandoned);
         };
         let (_, t) = wire::decode(&init)?;
-        let [prompt_embeds, pooled, time_ids, image]: [Tensor; 4] = t
-            .try_into()
-            .map_err(|v: Vec<Tensor>| format!("session init holds {} tensors, not 4", v.len()))?;
+        let [prompt_embeds, pooled, time_ids, image]: [Tensor; 4] =
+            t.try_into().map_err(|v: Vec<Tensor>| WireError::TensorCount {
+                what: "session init",
+                got: v.len(),
+                want: 4,
+            })?;
         let cond = Conditioning {
             prompt_embeds,
             pooled,
@@ -122,8 +139,7 @@ impl Handler<RunSession> for SessionActor {
             let got: Option<(String, Vec<u8>)> = redis::cmd("BLPOP")
                 .arg(wire::in_key(s))
                 .arg(self.idle.as_secs_f64())
-                .query(&mut conn)
-                .map_err(|e| format!("Redis: {e}"))?;
+                .query(&mut conn)?;
             let Some((_, payload)) = got else {
                 tracing::info!(steps, "session idle; ending it");
                 return Ok(SessionEnd::Idle { steps });
@@ -149,12 +165,17 @@ impl Handler<RunSession> for SessionActor {
                 continue;
             }
             let (step, inputs) = wire::decode(&payload)?;
-            let [latent_in, timestep]: [Tensor; 2] = inputs
-                .try_into()
-                .map_err(|v: Vec<Tensor>| format!("a step input holds {} tensors, not 2", v.len()))?;
+            let [latent_in, timestep]: [Tensor; 2] =
+                inputs
+                    .try_into()
+                    .map_err(|v: Vec<Tensor>| WireError::TensorCount {
+                        what: "a step input",
+                        got: v.len(),
+                        want: 2,
+                    })?;
             let res = cn
                 .residuals(&latent_in, &timestep, &cond, &image)
-                .map_err(|e| format!("ControlNet step {step}: {e}"))?;
+                .map_err(|source| SessionError::Step { step, source })?;
             let refs: Vec<&Tensor> = res.iter().collect();
             reply(self.ttl, &mut conn, s, wire::encode(step, &refs))?;
             steps += 1;
@@ -164,7 +185,12 @@ impl Handler<RunSession> for SessionActor {
 }
 
 /// RPUSH a step's answer to the session's `out` list (with its TTL).
-fn reply(ttl: Duration, conn: &mut redis::Connection, session: &str, out: Vec<u8>) -> Result<(), String> {
+fn reply(
+    ttl: Duration,
+    conn: &mut redis::Connection,
+    session: &str,
+    out: Vec<u8>,
+) -> Result<(), SessionError> {
     redis::pipe()
         .cmd("RPUSH")
         .arg(wire::out_key(session))
@@ -174,8 +200,8 @@ fn reply(ttl: Duration, conn: &mut redis::Connection, session: &str, out: Vec<u8
         .arg(wire::out_key(session))
         .arg(ttl.as_secs().max(1))
         .ignore()
-        .query::<()>(conn)
-        .map_err(|e| format!("Redis: {e}"))
+        .query::<()>(conn)?;
+    Ok(())
 }
 
 /// Runs a ControlNet worker until `shutdown` resolves, then waits for the sessions running (the
@@ -197,7 +223,7 @@ pub fn run(
     let model = models[0].name().to_string();
     let queue = cfg.queue.clone().unwrap_or_else(|| controlnet_queue(&model));
     let redis = redis::Client::open(cfg.redis.as_str())
-        .map_err(|e| katz_onnx::Error::ControlNet(format!("Redis URL {}: {e}", cfg.redis)))?;
+        .map_err(|e| katz_onnx::Error::controlnet_transport(format!("Redis URL {}", cfg.redis), e))?;
     let pool = Mutex::new(models);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -215,6 +241,8 @@ pub fn run(
         tracing::info!(worker = %cfg.name, %queue, model = %model, concurrency = n, "ControlNet worker started");
         tokio::pin!(shutdown);
         let running = std::sync::Arc::new(tokio::sync::Semaphore::new(n));
+        // reconnect back-off by hand: each wait races the signals, and a session stream that ends
+        // after a good connection resets it — neither fits a retry combinator around one future
         let mut backoff = Duration::from_millis(200);
         'outer: loop {
             let connected = async {

@@ -1,56 +1,63 @@
-//! The LoraManager actor: admits jobs' adapters (existence, prefetch, a bound on pending loads),
-//! keeps parsed adapters in a byte-budgeted host cache, and merges a job's LoRAs on the blocking
-//! pool while the job denoises with the pristine weights.
+//! The LoRA manager: admits jobs' adapters (existence, prefetch, a bound on pending loads),
+//! keeps parsed adapters in a byte-budgeted host cache (and uploaded factors in a device cache),
+//! and merges a job's LoRAs on the blocking pool while the job denoises with the pristine weights.
+//!
+//! [`LoraManager`] is a cloneable handle around the sender of a [`Command`] channel; ONE tokio
+//! task (the owner, [`Owner::run`]) holds every piece of state — both caches, the fetches in
+//! flight and their waiters, the counters — and touches it only between two commands, so nothing
+//! is locked. Each command carries its reply channel and the caller's [`tracing::Span`], which
+//! the owner re-enters (and passes to what it spawns), so a job's trace follows it here. Slow work
+//! never runs in the owner's loop: store checks, waiting for a pending-load permit, fetches,
+//! parses and merges run on tasks of their own (or the blocking pool) and report back as
+//! commands.
 //!
 //! ```text
-//! Admit{names}  ─▶ check each name in the store (unknown → Invalid: dead letter)
-//!                  each missing adapter: take a pending-load permit (wait when all are taken),
-//!                  start its fetch (shared by every job that needs it); returns once started
-//! Merge{loras}  ─▶ MergeStarted{pending, stats} at once; in the background: each adapter from
-//!                  the cache (hit) or its fetch (load) ─▶ Weights::merge (blocking pool) ─▶ send
+//!  job ─prefetch / admit / merge / stats─▶ LoraManager ══Command══▶ owner task (caches, fetches,
+//!   ▲                                                               counters; no locks)
+//!   └──────────── reply (oneshot) ◀─────────────────────────────────┤ spawns, off its loop:
+//!  Admit{names}  ─▶ admission driver: per name Lookup ─▶ store check (unknown → Invalid: dead
+//!                   letter) ─▶ a pending-load permit (waits while all are taken: the job is
+//!                   held) ─▶ Load ─▶ the owner starts the fetch (shared by every job needing it)
+//!  Prefetch      ─▶ prefetch driver: the same while permits are free; never waits, never fails
+//!  fetch task    ─▶ store read (+ delay) ─▶ parse (blocking pool) ─▶ Fetched ─▶ host cache,
+//!                   waiters answered, permit released
+//!  Merge{loras}  ─▶ MergeStarted{pending, stats} at once; merge task: each adapter from the
+//!                   cache (hit) or its fetch (load) ─▶ [device factors: DeviceFactors / Uploaded]
+//!                   ─▶ Weights::merge (blocking pool) ─▶ Merged ─▶ MergeSender ══▶ PendingMerge
 //! ```
+//!
+//! The command channel is unbounded: what bounds the work is the pending-load [`Semaphore`]
+//! (a full queue of pending loads holds the admitting job, so the consumer's prefetch window fills
+//! and the broker sends no more), and the jobs in flight are bounded by the AMQP prefetch.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
-use actix::prelude::*;
-use futures_util::future::{BoxFuture, FutureExt, Shared};
 use katz_onnx::lora::{DeviceFactors, LoraAdapter, PendingMerge};
 use katz_onnx::weights::Weights;
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc::{self, UnboundedSender, WeakUnboundedSender};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::{Instrument, Span};
 
 use super::cache::{Cache, CacheStats};
 use super::store::LoraStore;
 use super::LoraConfig;
-use crate::error::JobError;
+use crate::error::{JobError, Unavailable};
+use crate::metrics::metrics;
 
-type Fetch = Shared<BoxFuture<'static, Result<Arc<LoraAdapter>, String>>>;
+/// What a fetch gives every job waiting for it (the error is shared by all of them).
+type Fetched = Result<Arc<LoraAdapter>, Arc<JobError>>;
 
-struct Inner {
-    store: LoraStore,
-    weights: Arc<Weights>,
-    host: Mutex<Cache<Arc<LoraAdapter>>>,
-    /// Factors uploaded to the GPU (GPU workers only).
-    device: Mutex<Cache<Arc<DeviceFactors>>>,
-    fetching: Mutex<HashMap<String, Fetch>>,
-    pending_loads: Arc<Semaphore>,
-    max_pending: usize,
-    loads: Mutex<LoadCounters>,
-    /// LoRAs a prefetch fetched that no admitted job has counted as its load yet: the first job
-    /// admitted with one counts it as a load (the prefetch was for it, or an earlier job), not a
-    /// hit, so loads per request count every fetch.
-    prefetched: Mutex<std::collections::HashSet<String>>,
-}
+/// The name the manager gives in errors when it has stopped.
+const ACTOR: &str = "LoRA manager";
 
-#[derive(Debug, Default, Clone, Serialize)]
-struct LoadCounters {
-    fetches: u64,
-    fetch_errors: u64,
-    fetch_ms_total: f64,
-    merges: u64,
-    merge_ms_total: f64,
+fn stopped() -> JobError {
+    JobError::Mailbox {
+        actor: ACTOR,
+        reason: Unavailable::Stopped,
+    }
 }
 
 /// The service-wide LoRA counters (for metrics and tests).
@@ -82,131 +89,6 @@ pub struct JobLoraStats {
     pub ready_ms: f64,
 }
 
-#[derive(Clone)]
-pub struct LoraManager {
-    inner: Arc<Inner>,
-}
-
-impl LoraManager {
-    pub fn new(cfg: &LoraConfig, store: LoraStore, weights: Arc<Weights>) -> Self {
-        let max_pending = cfg.max_pending_loads.max(1);
-        LoraManager {
-            inner: Arc::new(Inner {
-                store,
-                weights,
-                host: Mutex::new(match cfg.host_cache_entries {
-                    Some(n) => Cache::with_entries(n.max(1), cfg.policy),
-                    None => Cache::new(cfg.host_cache_bytes, cfg.policy),
-                }),
-                device: Mutex::new(Cache::new(cfg.device_cache_bytes, cfg.policy)),
-                fetching: Mutex::default(),
-                pending_loads: Arc::new(Semaphore::new(max_pending)),
-                max_pending,
-                loads: Mutex::default(),
-                prefetched: Mutex::default(),
-            }),
-        }
-    }
-
-    pub fn stats(&self) -> LoraStats {
-        let i = &self.inner;
-        let l = i.loads.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        LoraStats {
-            host_cache: i.host.lock().unwrap_or_else(|e| e.into_inner()).stats(),
-            device_cache: i.device.lock().unwrap_or_else(|e| e.into_inner()).stats(),
-            fetches: l.fetches,
-            fetch_errors: l.fetch_errors,
-            fetch_ms_total: l.fetch_ms_total,
-            merges: l.merges,
-            merge_ms_total: l.merge_ms_total,
-            pending_loads: i.max_pending - i.pending_loads.available_permits(),
-            max_pending_loads: i.max_pending,
-        }
-    }
-}
-
-impl Inner {
-    fn cached(&self, name: &str) -> bool {
-        self.host.lock().unwrap_or_else(|e| e.into_inner()).contains(name)
-    }
-
-    /// The running fetch of `name`, or a new one (holding `permit` until it ends, if given).
-    fn fetch(self: &Arc<Self>, name: &str, permit: Option<OwnedSemaphorePermit>) -> Fetch {
-        let mut fetching = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = fetching.get(name) {
-            return f.clone();
-        }
-        if permit.is_some() {
-            crate::metrics::metrics()
-                .lora_pending
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        let (me, key) = (self.clone(), name.to_string());
-        let fut = async move {
-            let t0 = Instant::now();
-            let res = async {
-                let bytes = me.store.fetch(&key).await.map_err(|e| e.to_string())?;
-                let (weights, k) = (me.weights.clone(), key.clone());
-                let adapter =
-                    tokio::task::spawn_blocking(move || LoraAdapter::from_bytes(&bytes, &k, weights.map()))
-                        .await
-                        .map_err(|e| format!("parsing LoRA `{key}`: {e}"))?
-                        .map_err(|e| e.to_string())?;
-                Ok::<_, String>(Arc::new(adapter))
-            }
-            .await;
-            {
-                let mut l = me.loads.lock().unwrap_or_else(|e| e.into_inner());
-                l.fetches += 1;
-                l.fetch_ms_total += t0.elapsed().as_secs_f64() * 1e3;
-                if res.is_err() {
-                    l.fetch_errors += 1;
-                }
-            }
-            if let Ok(a) = &res {
-                let evicted = me.host.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                    key.clone(),
-                    a.clone(),
-                    a.nbytes() as u64,
-                );
-                if !evicted.is_empty() {
-                    tracing::debug!(?evicted, "LoRA host cache evicted");
-                }
-            }
-            me.fetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-            if permit.is_some() {
-                crate::metrics::metrics()
-                    .lora_pending
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            drop(permit);
-            res
-        }
-        .boxed()
-        .shared();
-        fetching.insert(name.to_string(), fut.clone());
-        // run it even if nobody polls it yet (a prefetch)
-        tokio::spawn(fut.clone());
-        fut
-    }
-
-    /// The adapter and whether it was a cache hit.
-    async fn adapter(self: &Arc<Self>, name: &str) -> Result<(Arc<LoraAdapter>, bool), String> {
-        if let Some(a) = self.host.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
-            return Ok((a, true));
-        }
-        Ok((self.fetch(name, None).await?, false))
-    }
-}
-
-/// Admits a job's adapters: checks them, and starts fetching those not in memory — waiting while
-/// `max_pending_loads` fetches are already pending (backpressure).
-#[derive(Message)]
-#[rtype(result = "Result<Admitted, JobError>")]
-pub struct Admit {
-    pub names: Vec<String>,
-}
-
 /// How a job's adapters stood when it was admitted.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Admitted {
@@ -217,193 +99,761 @@ pub struct Admitted {
     pub loads: u32,
 }
 
-/// Best-effort prefetch for a job that waits for a pipeline: starts fetching its adapters while
-/// pending-load permits are free; never waits, never fails (admission checks the names later).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Prefetch {
-    pub names: Vec<String>,
-}
-
-impl Handler<Prefetch> for LoraManager {
-    type Result = ResponseFuture<()>;
-
-    fn handle(&mut self, m: Prefetch, _: &mut Context<Self>) -> Self::Result {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            for name in &m.names {
-                let busy = inner.cached(name)
-                    || inner
-                        .fetching
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .contains_key(name);
-                if busy || inner.store.check(name).await.is_err() {
-                    continue;
-                }
-                match inner.pending_loads.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        tracing::debug!(lora = %name, "prefetching");
-                        inner
-                            .prefetched
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(name.clone());
-                        drop(inner.fetch(name, Some(permit))); // the fetch runs on its own task
-                    }
-                    Err(_) => return,
-                }
-            }
-        })
-    }
-}
-
-impl Actor for LoraManager {
-    type Context = Context<Self>;
-}
-
-impl Handler<Admit> for LoraManager {
-    type Result = ResponseFuture<Result<Admitted, JobError>>;
-
-    fn handle(&mut self, m: Admit, _: &mut Context<Self>) -> Self::Result {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let mut out = Admitted::default();
-            for name in &m.names {
-                let prefetched = inner
-                    .prefetched
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(name);
-                if inner.cached(name) && !prefetched {
-                    out.hits += 1;
-                    continue;
-                }
-                out.loads += 1;
-                if inner.cached(name) {
-                    continue; // fetched by a prefetch for this job: its load, now done
-                }
-                inner.store.check(name).await?;
-                let fetching = inner
-                    .fetching
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains_key(name);
-                if fetching {
-                    continue;
-                }
-                let permit = inner
-                    .pending_loads
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| JobError::Mailbox(format!("LoRA manager closed: {e}")))?;
-                if !inner.cached(name) {
-                    drop(inner.fetch(name, Some(permit))); // the fetch runs on its own task
-                }
-            }
-            Ok(out)
-        })
-    }
-}
-
-/// Starts merging a job's LoRAs (name, scale); the merged set arrives through `pending`.
-#[derive(Message)]
-#[rtype(result = "MergeStarted")]
-pub struct Merge {
-    pub loras: Vec<(String, f32)>,
-}
-
+/// A merge that has started: the merged set arrives through `pending`; `stats` fills in while it
+/// runs (complete once `pending` has answered).
 pub struct MergeStarted {
     pub pending: PendingMerge,
-    pub stats: Arc<Mutex<JobLoraStats>>,
+    pub stats: watch::Receiver<JobLoraStats>,
 }
 
-impl Handler<Merge> for LoraManager {
-    type Result = MessageResult<Merge>;
+/// What the owner task is asked to do. The first four come from [`LoraManager`]; the others
+/// from the tasks the owner spawned (drivers, fetches, merges).
+enum Command {
+    /// Starts fetching the adapters among `names` not in memory while permits are free;
+    /// `started` answers once it is done trying.
+    Prefetch {
+        names: Vec<String>,
+        started: Option<oneshot::Sender<()>>,
+        span: Span,
+    },
+    /// Admits a job's adapters (see [`LoraManager::admit`]).
+    Admit {
+        names: Vec<String>,
+        reply: oneshot::Sender<Result<Admitted, JobError>>,
+        span: Span,
+    },
+    /// Starts merging a job's LoRAs.
+    Merge {
+        loras: Vec<(String, f32)>,
+        reply: oneshot::Sender<MergeStarted>,
+        span: Span,
+    },
+    Stats {
+        reply: oneshot::Sender<LoraStats>,
+        span: Span,
+    },
+    /// How `name` stands now; with `take_prefetched`, also takes it out of the set of prefetched
+    /// adapters no job has counted yet (an admission counts it).
+    Lookup {
+        name: String,
+        take_prefetched: bool,
+        reply: oneshot::Sender<Standing>,
+    },
+    /// Fetch `name` under `permit` unless it is cached or already being fetched (the permit is
+    /// then released); a prefetch marks it as prefetched first.
+    Load {
+        name: String,
+        permit: OwnedSemaphorePermit,
+        prefetch: bool,
+        span: Span,
+    },
+    /// A fetch ended.
+    Fetched {
+        name: String,
+        result: Fetched,
+        ms: f64,
+        permit: Option<OwnedSemaphorePermit>,
+    },
+    /// The device factors cached for these adapters (GPU merges).
+    DeviceFactors {
+        names: Vec<String>,
+        reply: oneshot::Sender<Vec<Option<Arc<DeviceFactors>>>>,
+    },
+    /// A merge uploaded an adapter's factors: cache them.
+    Uploaded {
+        name: String,
+        factors: Arc<DeviceFactors>,
+    },
+    /// A merge succeeded in `merge_ms`.
+    Merged { merge_ms: f64 },
+}
 
-    fn handle(&mut self, m: Merge, _: &mut Context<Self>) -> Self::Result {
-        let (tx, pending) = PendingMerge::channel();
-        let stats = Arc::new(Mutex::new(JobLoraStats::default()));
-        let (inner, st) = (self.inner.clone(), stats.clone());
-        tokio::spawn(async move {
-            let t0 = Instant::now();
-            let mut loras = Vec::with_capacity(m.loras.len());
-            for (name, scale) in &m.loras {
-                match inner.adapter(name).await {
-                    Ok((a, hit)) => {
-                        let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
-                        if hit {
-                            s.hits += 1;
-                        } else {
-                            s.loads += 1;
-                        }
-                        loras.push((a, *scale));
-                    }
-                    Err(message) => {
-                        tx.send(Err(katz_onnx::Error::Lora {
-                            path: name.into(),
-                            message,
-                        }));
-                        return;
-                    }
-                }
-            }
-            let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-            let (weights, me) = (inner.weights.clone(), inner.clone());
-            let merged = tokio::task::spawn_blocking(move || {
-                if weights.device().is_none() {
-                    return weights.merge(&loras);
-                }
-                // GPU: factors from the device cache (or uploaded into it), one merge launch
-                let mut with = Vec::with_capacity(loras.len());
-                for (a, scale) in &loras {
-                    let cached = me.device.lock().unwrap_or_else(|e| e.into_inner()).get(&a.name);
-                    let f = match cached {
-                        Some(f) => f,
-                        None => {
-                            let f = Arc::new(weights.upload_factors(a)?);
-                            let mut dc = me.device.lock().unwrap_or_else(|e| e.into_inner());
-                            dc.insert(a.name.clone(), f.clone(), f.bytes() as u64);
-                            f
-                        }
-                    };
-                    with.push((a.clone(), f, *scale));
-                }
-                weights.merge_on_device(&with)
-            })
-            .await
-            .unwrap_or_else(|e| {
-                Err(katz_onnx::Error::Lora {
-                    path: "<merge>".into(),
-                    message: format!("the merge thread failed: {e}"),
-                })
-            });
-            {
-                let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
-                s.load_ms = load_ms;
-                s.ready_ms = t0.elapsed().as_secs_f64() * 1e3;
-                if let Ok(w) = &merged {
-                    s.merge_ms = w.merge_time.as_secs_f64() * 1e3;
-                    let mut l = inner.loads.lock().unwrap_or_else(|e| e.into_inner());
-                    l.merges += 1;
-                    l.merge_ms_total += s.merge_ms;
-                }
-            }
-            tx.send(merged.map(Arc::new));
+/// How an adapter stands in the owner's state.
+#[derive(Debug, Clone, Copy)]
+struct Standing {
+    cached: bool,
+    fetching: bool,
+    prefetched: bool,
+}
+
+/// The handle: cheap to clone; every clone talks to the same owner task, which stops when the
+/// last handle (and the last task it spawned) is gone.
+#[derive(Clone)]
+pub struct LoraManager {
+    tx: UnboundedSender<Command>,
+}
+
+impl LoraManager {
+    /// Starts the owner task on the current tokio runtime.
+    pub fn spawn(cfg: &LoraConfig, store: LoraStore, weights: Arc<Weights>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let max_pending = cfg.max_pending_loads.max(1);
+        let owner = Owner {
+            me: tx.downgrade(),
+            store,
+            weights,
+            host: match cfg.host_cache_entries {
+                Some(n) => Cache::with_entries(n.max(1), cfg.policy),
+                None => Cache::new(cfg.host_cache_bytes, cfg.policy),
+            },
+            device: Cache::new(cfg.device_cache_bytes, cfg.policy),
+            fetching: HashMap::new(),
+            prefetched: HashSet::new(),
+            pending_loads: Arc::new(Semaphore::new(max_pending)),
+            max_pending,
+            counters: Counters::default(),
+        };
+        tokio::spawn(owner.run(rx));
+        LoraManager { tx }
+    }
+
+    /// A handle whose owner is gone: every request answers that the manager stopped (tests of
+    /// jobs without LoRAs).
+    #[cfg(test)]
+    pub(crate) fn stopped() -> Self {
+        let (tx, _) = mpsc::unbounded_channel();
+        LoraManager { tx }
+    }
+
+    /// Best-effort prefetch for a job that waits for a pipeline: starts fetching its adapters
+    /// while pending-load permits are free; never waits, never fails (admission checks the names
+    /// later).
+    pub fn prefetch(&self, names: Vec<String>) {
+        // a stopped manager: the job's admission reports it
+        let _ = self.tx.send(Command::Prefetch {
+            names,
+            started: None,
+            span: Span::current(),
         });
-        MessageResult(MergeStarted { pending, stats })
+    }
+
+    /// [`prefetch`](Self::prefetch), returning once the fetches it could start have started.
+    pub async fn prefetch_started(&self, names: Vec<String>) -> Result<(), JobError> {
+        self.ask(|reply| Command::Prefetch {
+            names,
+            started: Some(reply),
+            span: Span::current(),
+        })
+        .await
+    }
+
+    /// Admits a job's adapters: checks them (an unknown one is [`JobError::Invalid`]), and starts
+    /// fetching those not in memory — waiting while `max_pending_loads` fetches are already
+    /// pending (backpressure). Returns once every fetch it needs has started.
+    pub async fn admit(&self, names: Vec<String>) -> Result<Admitted, JobError> {
+        self.ask(|reply| Command::Admit {
+            names,
+            reply,
+            span: Span::current(),
+        })
+        .await?
+    }
+
+    /// Starts merging a job's LoRAs (name, scale); the merged set arrives through `pending`.
+    pub async fn merge(&self, loras: Vec<(String, f32)>) -> Result<MergeStarted, JobError> {
+        self.ask(|reply| Command::Merge {
+            loras,
+            reply,
+            span: Span::current(),
+        })
+        .await
+    }
+
+    /// The service-wide counters.
+    pub async fn stats(&self) -> Result<LoraStats, JobError> {
+        self.ask(|reply| Command::Stats {
+            reply,
+            span: Span::current(),
+        })
+        .await
+    }
+
+    async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, JobError> {
+        ask(&self.tx, command).await
     }
 }
 
-/// The service-wide counters.
-#[derive(Message)]
-#[rtype(result = "LoraStats")]
-pub struct GetStats;
+/// Sends a command with a fresh reply channel and waits for the answer.
+async fn ask<T>(
+    tx: &UnboundedSender<Command>,
+    command: impl FnOnce(oneshot::Sender<T>) -> Command,
+) -> Result<T, JobError> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(command(reply)).map_err(|_| stopped())?;
+    rx.await.map_err(|_| stopped())
+}
 
-impl Handler<GetStats> for LoraManager {
-    type Result = MessageResult<GetStats>;
-    fn handle(&mut self, _: GetStats, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.stats())
+#[derive(Debug, Default, Clone)]
+struct Counters {
+    fetches: u64,
+    fetch_errors: u64,
+    fetch_ms_total: f64,
+    merges: u64,
+    merge_ms_total: f64,
+}
+
+/// The state, owned by one task.
+struct Owner {
+    /// For the tasks it spawns to report back (weak: the owner stops when the handles are gone).
+    me: WeakUnboundedSender<Command>,
+    store: LoraStore,
+    weights: Arc<Weights>,
+    host: Cache<Arc<LoraAdapter>>,
+    /// Factors uploaded to the GPU (GPU workers only).
+    device: Cache<Arc<DeviceFactors>>,
+    /// Fetches in flight, with the jobs waiting for each.
+    fetching: HashMap<String, Vec<oneshot::Sender<Fetched>>>,
+    /// LoRAs a prefetch fetched that no admitted job has counted as its load yet: the first job
+    /// admitted with one counts it as a load (the prefetch was for it, or an earlier job), not a
+    /// hit, so loads per request count every fetch.
+    prefetched: HashSet<String>,
+    /// One permit per pending fetch started by an admission or a prefetch.
+    pending_loads: Arc<Semaphore>,
+    max_pending: usize,
+    counters: Counters,
+}
+
+impl Owner {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        while let Some(command) = rx.recv().await {
+            self.handle(command);
+        }
+        tracing::debug!("LoRA manager stopped");
+    }
+
+    /// Handles one command; never waits.
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Prefetch { names, started, span } => {
+                let Some(tx) = self.me.upgrade() else { return };
+                let (store, permits) = (self.store.clone(), self.pending_loads.clone());
+                tokio::spawn(
+                    async move {
+                        prefetch(&tx, &store, &permits, &names).await;
+                        if let Some(s) = started {
+                            let _ = s.send(());
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            Command::Admit { names, reply, span } => {
+                let Some(tx) = self.me.upgrade() else { return };
+                let (store, permits) = (self.store.clone(), self.pending_loads.clone());
+                tokio::spawn(
+                    async move {
+                        let _ = reply.send(admit(&tx, &store, &permits, &names).await);
+                    }
+                    .instrument(span),
+                );
+            }
+            Command::Merge { loras, reply, span } => {
+                let _e = span.enter();
+                let started = self.merge(loras, &span);
+                let _ = reply.send(started);
+            }
+            Command::Stats { reply, span } => {
+                let _e = span.enter();
+                let _ = reply.send(self.stats());
+            }
+            Command::Lookup {
+                name,
+                take_prefetched,
+                reply,
+            } => {
+                let prefetched = take_prefetched && self.prefetched.remove(&name);
+                let _ = reply.send(Standing {
+                    cached: self.host.contains(&name),
+                    fetching: self.fetching.contains_key(&name),
+                    prefetched,
+                });
+            }
+            Command::Load {
+                name,
+                permit,
+                prefetch,
+                span,
+            } => {
+                let _e = span.enter();
+                if prefetch {
+                    tracing::debug!(lora = %name, "prefetching");
+                    self.prefetched.insert(name.clone());
+                }
+                if !self.host.contains(&name) {
+                    self.fetch(&name, Some(permit), None, &span);
+                } // else: cached meanwhile; the permit goes back
+            }
+            Command::Fetched {
+                name,
+                result,
+                ms,
+                permit,
+            } => self.fetched(name, result, ms, permit),
+            Command::DeviceFactors { names, reply } => {
+                let _ = reply.send(names.iter().map(|n| self.device.get(n)).collect());
+            }
+            Command::Uploaded { name, factors } => {
+                let bytes = factors.bytes() as u64;
+                self.device.insert(name, factors, bytes);
+            }
+            Command::Merged { merge_ms } => {
+                self.counters.merges += 1;
+                self.counters.merge_ms_total += merge_ms;
+            }
+        }
+    }
+
+    fn stats(&self) -> LoraStats {
+        let c = &self.counters;
+        LoraStats {
+            host_cache: self.host.stats(),
+            device_cache: self.device.stats(),
+            fetches: c.fetches,
+            fetch_errors: c.fetch_errors,
+            fetch_ms_total: c.fetch_ms_total,
+            merges: c.merges,
+            merge_ms_total: c.merge_ms_total,
+            pending_loads: self.max_pending - self.pending_loads.available_permits(),
+            max_pending_loads: self.max_pending,
+        }
+    }
+
+    /// Joins the running fetch of `name` (releasing `permit`), or starts one holding `permit`
+    /// until it ends; `waiter` hears how it ended.
+    fn fetch(
+        &mut self,
+        name: &str,
+        permit: Option<OwnedSemaphorePermit>,
+        waiter: Option<oneshot::Sender<Fetched>>,
+        span: &Span,
+    ) {
+        if let Some(waiters) = self.fetching.get_mut(name) {
+            waiters.extend(waiter);
+            return;
+        }
+        let Some(tx) = self.me.upgrade() else { return };
+        if permit.is_some() {
+            metrics().lora_pending.inc();
+        }
+        self.fetching
+            .insert(name.to_string(), waiter.into_iter().collect());
+        let (store, weights, name) = (self.store.clone(), self.weights.clone(), name.to_string());
+        tokio::spawn(
+            async move {
+                let t0 = Instant::now();
+                let result = load(&store, weights, &name).await;
+                let ms = t0.elapsed().as_secs_f64() * 1e3;
+                let _ = tx.send(Command::Fetched {
+                    name,
+                    result,
+                    ms,
+                    permit,
+                });
+            }
+            .instrument(span.clone()),
+        );
+    }
+
+    fn fetched(&mut self, name: String, result: Fetched, ms: f64, permit: Option<OwnedSemaphorePermit>) {
+        let c = &mut self.counters;
+        c.fetches += 1;
+        c.fetch_ms_total += ms;
+        if result.is_err() {
+            c.fetch_errors += 1;
+        }
+        if let Ok(a) = &result {
+            let evicted = self.host.insert(name.clone(), a.clone(), a.nbytes() as u64);
+            if !evicted.is_empty() {
+                tracing::debug!(?evicted, "LoRA host cache evicted");
+            }
+        }
+        let waiters = self.fetching.remove(&name).unwrap_or_default();
+        if permit.is_some() {
+            metrics().lora_pending.dec();
+        }
+        drop(permit);
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+
+    /// Takes each adapter from the host cache (a hit) or joins (or starts) its fetch (a load),
+    /// and spawns the merge.
+    fn merge(&mut self, loras: Vec<(String, f32)>, span: &Span) -> MergeStarted {
+        let (merge_tx, pending) = PendingMerge::channel();
+        let (stats_tx, stats) = watch::channel(JobLoraStats::default());
+        let mut parts = Vec::with_capacity(loras.len());
+        for (name, scale) in loras {
+            let part = match self.host.get(&name) {
+                Some(a) => Part::Cached(a),
+                None => {
+                    let (w, rx) = oneshot::channel();
+                    self.fetch(&name, None, Some(w), span);
+                    Part::Loading(rx)
+                }
+            };
+            parts.push((name, scale, part));
+        }
+        let job = MergeJob {
+            tx: self.me.upgrade(),
+            weights: self.weights.clone(),
+            parts,
+            stats: stats_tx,
+        };
+        tokio::spawn(
+            async move {
+                let merged = job.run().await;
+                merge_tx.send(merged);
+            }
+            .instrument(span.clone()),
+        );
+        MergeStarted { pending, stats }
+    }
+}
+
+/// Fetches and parses one adapter (the parse on the blocking pool).
+async fn load(store: &LoraStore, weights: Arc<Weights>, name: &str) -> Fetched {
+    let bytes = store.fetch(name).await.map_err(Arc::new)?;
+    let origin = name.to_string();
+    let adapter =
+        tokio::task::spawn_blocking(move || LoraAdapter::from_bytes(&bytes, &origin, weights.map()))
+            .await
+            .map_err(|e| {
+                Arc::new(JobError::Model(katz_onnx::Error::Lora {
+                    path: name.into(),
+                    message: format!("the parsing thread failed: {e}"),
+                }))
+            })?
+            .map_err(|e| Arc::new(JobError::Model(e)))?;
+    Ok(Arc::new(adapter))
+}
+
+/// The admission driver (a task of its own): one name after another, as the module doc draws.
+async fn admit(
+    tx: &UnboundedSender<Command>,
+    store: &LoraStore,
+    permits: &Arc<Semaphore>,
+    names: &[String],
+) -> Result<Admitted, JobError> {
+    let mut out = Admitted::default();
+    for name in names {
+        let st = lookup(tx, name, true).await?;
+        if st.cached && !st.prefetched {
+            out.hits += 1;
+            continue;
+        }
+        out.loads += 1;
+        if st.cached {
+            continue; // fetched by a prefetch for this job: its load, now done
+        }
+        store.check(name).await?;
+        if lookup(tx, name, false).await?.fetching {
+            continue;
+        }
+        let permit = permits.clone().acquire_owned().await.map_err(|_| stopped())?;
+        tx.send(Command::Load {
+            name: name.clone(),
+            permit,
+            prefetch: false,
+            span: Span::current(),
+        })
+        .map_err(|_| stopped())?;
+    }
+    Ok(out)
+}
+
+/// The prefetch driver (a task of its own): starts fetches while permits are free.
+async fn prefetch(
+    tx: &UnboundedSender<Command>,
+    store: &LoraStore,
+    permits: &Arc<Semaphore>,
+    names: &[String],
+) {
+    for name in names {
+        let Ok(st) = lookup(tx, name, false).await else {
+            return;
+        };
+        if st.cached || st.fetching || store.check(name).await.is_err() {
+            continue;
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            return;
+        };
+        let load = Command::Load {
+            name: name.clone(),
+            permit,
+            prefetch: true,
+            span: Span::current(),
+        };
+        if tx.send(load).is_err() {
+            return;
+        }
+    }
+}
+
+async fn lookup(
+    tx: &UnboundedSender<Command>,
+    name: &str,
+    take_prefetched: bool,
+) -> Result<Standing, JobError> {
+    ask(tx, |reply| Command::Lookup {
+        name: name.to_string(),
+        take_prefetched,
+        reply,
+    })
+    .await
+}
+
+/// An adapter of a merge: in hand, or on its way.
+enum Part {
+    Cached(Arc<LoraAdapter>),
+    Loading(oneshot::Receiver<Fetched>),
+}
+
+/// One job's merge, run on a task of its own.
+struct MergeJob {
+    /// To report uploads and the merge (none when the manager is stopping).
+    tx: Option<UnboundedSender<Command>>,
+    weights: Arc<Weights>,
+    parts: Vec<(String, f32, Part)>,
+    stats: watch::Sender<JobLoraStats>,
+}
+
+impl MergeJob {
+    async fn run(self) -> katz_onnx::Result<Arc<katz_onnx::weights::MergedWeights>> {
+        let t0 = Instant::now();
+        let mut loras = Vec::with_capacity(self.parts.len());
+        for (name, scale, part) in self.parts {
+            let (adapter, hit) = match part {
+                Part::Cached(a) => (a, true),
+                Part::Loading(rx) => {
+                    let fetched = rx.await.map_err(|_| Arc::new(stopped())).and_then(|r| r);
+                    match fetched {
+                        Ok(a) => (a, false),
+                        Err(e) => {
+                            return Err(katz_onnx::Error::Lora {
+                                path: name.into(),
+                                message: e.to_string(),
+                            })
+                        }
+                    }
+                }
+            };
+            self.stats.send_modify(|s| {
+                if hit {
+                    s.hits += 1;
+                } else {
+                    s.loads += 1;
+                }
+            });
+            loras.push((adapter, scale));
+        }
+        let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+        // GPU: factors from the device cache (or uploaded into it), one merge launch
+        let on_device = self.weights.device().is_some();
+        let cached = match (&self.tx, on_device) {
+            (Some(tx), true) => {
+                let names = loras.iter().map(|(a, _)| a.name.clone()).collect();
+                ask(tx, |reply| Command::DeviceFactors { names, reply })
+                    .await
+                    .unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        let (weights, tx) = (self.weights.clone(), self.tx.clone());
+        let merged = tokio::task::spawn_blocking(move || {
+            if !on_device {
+                return weights.merge(&loras);
+            }
+            let mut with = Vec::with_capacity(loras.len());
+            for (i, (a, scale)) in loras.iter().enumerate() {
+                let f = match cached.get(i).cloned().flatten() {
+                    Some(f) => f,
+                    None => {
+                        let f = Arc::new(weights.upload_factors(a)?);
+                        if let Some(tx) = &tx {
+                            let _ = tx.send(Command::Uploaded {
+                                name: a.name.clone(),
+                                factors: f.clone(),
+                            });
+                        }
+                        f
+                    }
+                };
+                with.push((a.clone(), f, *scale));
+            }
+            weights.merge_on_device(&with)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(katz_onnx::Error::Lora {
+                path: "<merge>".into(),
+                message: format!("the merge thread failed: {e}"),
+            })
+        });
+        let merge_ms = merged.as_ref().map(|w| w.merge_time.as_secs_f64() * 1e3).ok();
+        self.stats.send_modify(|s| {
+            s.load_ms = load_ms;
+            s.ready_ms = t0.elapsed().as_secs_f64() * 1e3;
+            if let Some(ms) = merge_ms {
+                s.merge_ms = ms;
+            }
+        });
+        if let (Some(ms), Some(tx)) = (merge_ms, &self.tx) {
+            let _ = tx.send(Command::Merged { merge_ms: ms });
+        }
+        merged.map(Arc::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use katz_onnx::bundle::BaseBundle;
+
+    use super::*;
+    use crate::error::Action;
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    /// The tiny base bundle's pristine weights (what adapters are parsed against).
+    fn weights() -> Arc<Weights> {
+        let bundle = BaseBundle::open(root().join("bundles/tiny-sdxl")).expect("the tiny bundle");
+        Arc::new(Weights::load(&bundle, HashSet::new()).expect("its weights"))
+    }
+
+    /// A store directory holding the two tiny adapters and a `broken` one that exists but is not
+    /// a safetensors file.
+    fn store_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("katz-manager-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in ["tiny-lora-a", "tiny-lora-b"] {
+            let file = format!("{n}.safetensors");
+            std::fs::copy(root().join("bundles/loras").join(&file), dir.join(&file)).unwrap();
+        }
+        std::fs::write(dir.join("broken.safetensors"), b"not a safetensors file").unwrap();
+        dir
+    }
+
+    /// A manager over [`store_dir`] whose every fetch takes `delay`.
+    fn manager(tag: &str, max_pending: usize, delay: Duration) -> LoraManager {
+        let mut cfg = LoraConfig::new(store_dir(tag));
+        cfg.max_pending_loads = max_pending;
+        cfg.fetch_delay = delay;
+        let store = LoraStore::new(cfg.dir.clone(), None, delay);
+        LoraManager::spawn(&cfg, store, weights())
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    async fn merged(started: MergeStarted) -> (katz_onnx::Result<()>, JobLoraStats) {
+        let mut pending = started.pending;
+        let r = tokio::task::spawn_blocking(move || pending.poll(Some(Duration::from_secs(30))))
+            .await
+            .unwrap()
+            .expect("the merge answers");
+        (r.map(|_| ()), started.stats.borrow().clone())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_of_pending_loads_holds_the_next_admission() {
+        let mgr = manager("bound", 1, Duration::from_millis(300));
+        let t0 = Instant::now();
+        let first = mgr.admit(names(&["tiny-lora-a"])).await.unwrap();
+        assert_eq!((first.hits, first.loads), (0, 1));
+        assert_eq!(mgr.stats().await.unwrap().pending_loads, 1);
+        let held = tokio::spawn({
+            let mgr = mgr.clone();
+            async move { mgr.admit(names(&["tiny-lora-b"])).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!held.is_finished(), "admitted past a full queue of pending loads");
+        // the stats still answer while a job is held: the owner's loop never waits
+        assert_eq!(mgr.stats().await.unwrap().fetches, 0);
+        let second = held.await.unwrap().unwrap();
+        assert_eq!(second.loads, 1);
+        assert!(t0.elapsed() >= Duration::from_millis(300), "{:?}", t0.elapsed());
+        assert_eq!(mgr.stats().await.unwrap().fetches, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loads_of_one_adapter_coalesce_into_one_fetch() {
+        let mgr = manager("coalesce", 4, Duration::from_millis(200));
+        let (a, b) = tokio::join!(
+            mgr.admit(names(&["tiny-lora-a"])),
+            mgr.admit(names(&["tiny-lora-a"]))
+        );
+        assert_eq!((a.unwrap().loads, b.unwrap().loads), (1, 1));
+        // two merges join the fetch still running
+        let m1 = mgr.merge(vec![("tiny-lora-a".into(), 1.0)]).await.unwrap();
+        let m2 = mgr.merge(vec![("tiny-lora-a".into(), 0.5)]).await.unwrap();
+        let ((r1, s1), (r2, s2)) = (merged(m1).await, merged(m2).await);
+        r1.unwrap();
+        r2.unwrap();
+        assert_eq!((s1.loads, s2.loads), (1, 1));
+        let st = mgr.stats().await.unwrap();
+        assert_eq!((st.fetches, st.fetch_errors, st.merges), (1, 0, 2));
+        assert_eq!(st.pending_loads, 0);
+        // now cached: a hit, no new fetch
+        let again = mgr.admit(names(&["tiny-lora-a"])).await.unwrap();
+        assert_eq!((again.hits, again.loads), (1, 0));
+        assert_eq!(mgr.stats().await.unwrap().fetches, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fetch_answers_an_error_and_an_unknown_name_is_refused() {
+        let mgr = manager("fail", 2, Duration::ZERO);
+        let e = mgr.admit(names(&["nope"])).await.unwrap_err();
+        assert!(e.to_string().contains("unknown LoRA `nope`"), "{e}");
+        assert_eq!(e.action(), Action::DeadLetter);
+        // `broken` exists, so it is admitted; its fetch fails, and the merge says so
+        let a = mgr.admit(names(&["broken"])).await.unwrap();
+        assert_eq!(a.loads, 1);
+        let m = mgr.merge(vec![("broken".into(), 1.0)]).await.unwrap();
+        let (r, _) = merged(m).await;
+        let e = r.unwrap_err();
+        assert!(matches!(e, katz_onnx::Error::Lora { .. }), "{e}");
+        assert!(e.to_string().contains("broken"), "{e}");
+        let st = mgr.stats().await.unwrap();
+        assert!(st.fetch_errors >= 1 && st.merges == 0, "{st:?}");
+        assert_eq!(st.pending_loads, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prefetch_fetches_ahead_and_counts_as_the_first_jobs_load() {
+        let mgr = manager("prefetch", 1, Duration::ZERO);
+        // an unknown name is skipped, never an error
+        mgr.prefetch_started(names(&["tiny-lora-a", "nope"]))
+            .await
+            .unwrap();
+        let mut fetched = false;
+        for _ in 0..500 {
+            let st = mgr.stats().await.unwrap();
+            if st.fetches == 1 && st.pending_loads == 0 {
+                fetched = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(fetched, "the prefetch did not fetch");
+        let first = mgr.admit(names(&["tiny-lora-a"])).await.unwrap();
+        let second = mgr.admit(names(&["tiny-lora-a"])).await.unwrap();
+        assert_eq!((first.loads, first.hits, second.loads, second.hits), (1, 0, 0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_manager_answers_a_requeue_naming_itself() {
+        let mgr = LoraManager::stopped();
+        let e = mgr.admit(names(&["tiny-lora-a"])).await.unwrap_err();
+        assert!(e.to_string().contains("LoRA manager"), "{e}");
+        assert_eq!(e.action(), Action::Requeue);
+        assert!(mgr.merge(vec![]).await.is_err() && mgr.stats().await.is_err());
+        mgr.prefetch(names(&["tiny-lora-a"])); // never fails
     }
 }

@@ -2,11 +2,11 @@
 //! LoRAs are merged off its critical path (Katz's bounded asynchronous LoRA loading, issue #5).
 //!
 //! ```text
-//! delivery ─Admit{names}─▶ LoraManager: unknown name? → invalid job (dead letter)
+//! delivery ─admit(names)─▶ LoraManager: unknown name? → invalid job (dead letter)
 //!                           missing from the host cache → fetch (store: dir | Redis; may be slow)
 //!                           ≤ max_pending_loads fetches at once: a full queue holds the job here,
 //!                           so the consumer's prefetch window fills and the broker sends no more
-//! job starts ─Merge{names, scales}─▶ LoraManager ─ cache hit | join the fetch ─▶ parse
+//! job starts ─merge(names, scales)─▶ LoraManager ─ cache hit | join the fetch ─▶ parse
 //!                                        └▶ merge W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ on the blocking pool
 //!                                              └▶ MergeSender ══▶ PendingMerge (model thread)
 //! model thread: denoise with the pristine weights; at step K (or the first ready boundary with
@@ -24,9 +24,7 @@ use std::time::Duration;
 
 pub use cache::{Cache, CacheStats, Policy};
 use katz_onnx::pipeline::{LoraBound, LoraMode};
-pub use manager::{
-    Admit, Admitted, GetStats, JobLoraStats, LoraManager, LoraStats, Merge, MergeStarted, Prefetch,
-};
+pub use manager::{Admitted, JobLoraStats, LoraManager, LoraStats, MergeStarted};
 pub use store::LoraStore;
 
 /// Where adapters come from, how they are cached, and when jobs switch them in.

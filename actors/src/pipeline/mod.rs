@@ -208,9 +208,12 @@ impl Handler<RunJob> for PipelineActor {
     fn handle(&mut self, m: RunJob, _: &mut SyncContext<Self>) -> Self::Result {
         match self.0.as_mut() {
             Some(p) => p.run(m),
-            None => Err(JobError::Mailbox(
-                "this model thread holds no pipeline (more threads than preloaded pipelines)".into(),
-            )),
+            None => Err(JobError::Mailbox {
+                actor: "pipeline actor",
+                reason: crate::error::Unavailable::Unfit(
+                    "this model thread holds no pipeline (more threads than preloaded pipelines)",
+                ),
+            }),
         }
     }
 }
@@ -276,6 +279,12 @@ impl LoadedPipeline {
     }
 }
 
+/// A catalogue for the tiny base with no ControlNets (other modules' tests).
+#[cfg(test)]
+pub(crate) fn catalogue_for_tests() -> Catalogue {
+    catalogue::tests::catalogue()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,7 +313,7 @@ mod tests {
             .expect("the mailbox answers")
             .expect_err("no pipeline, no image")
         });
-        assert!(matches!(err, JobError::Mailbox(_)), "{err}");
+        assert!(matches!(err, JobError::Mailbox { .. }), "{err}");
         assert_eq!(err.action(), crate::error::Action::Requeue);
     }
 }

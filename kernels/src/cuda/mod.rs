@@ -145,14 +145,19 @@ pub enum MergeKernel {
     Mma,
 }
 
+/// A merge kernel name other than `tiled` / `naive` / `mma`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}`: expected tiled, naive or mma")]
+pub struct UnknownMergeKernel(pub String);
+
 impl std::str::FromStr for MergeKernel {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownMergeKernel;
+    fn from_str(s: &str) -> Result<Self, UnknownMergeKernel> {
         match s {
             "tiled" => Ok(MergeKernel::Tiled),
             "naive" => Ok(MergeKernel::Naive),
             "mma" => Ok(MergeKernel::Mma),
-            _ => Err(format!("`{s}`: expected tiled, naive or mma")),
+            _ => Err(UnknownMergeKernel(s.to_string())),
         }
     }
 }

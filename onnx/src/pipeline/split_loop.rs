@@ -308,9 +308,6 @@ pub(super) fn on_both<A, B: Send>(
     (a, b)
 }
 
-/// Makes GPU `k`'s primary context current on this thread before ONNX Runtime touches a session
-/// of that GPU (its host-to-device copies at bind time use the current device; ONNX Runtime sets
-
 impl HalfUnet {
     /// The conditional half's UNet on `device`: its own sessions (a UNet batch of 1 with static
     /// shapes), a copy of the pristine weights uploaded there, step kernels and the lasting
