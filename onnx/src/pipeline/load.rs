@@ -9,12 +9,10 @@
 //!                                                 ─▶ peer access: placement.peer_pairs
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use ort::session::Session;
-use ort::value::TensorElementType;
 
 use crate::bundle::{check_compute, check_io, BaseBundle, ControlNetBundle};
 use crate::controlnet::{lock, ControlNet};
@@ -24,26 +22,12 @@ use crate::request::ModelId;
 use crate::runtime::{self, Device, SessionOptions};
 use crate::shapes::{skip_names, unet_dims};
 use crate::text::TextEncoders;
-use crate::unet::GraphedUnet;
+use crate::unet::{half_inputs, GraphedUnet};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
 use super::split_loop::HalfUnet;
 use super::Pipeline;
-
-/// The weight inputs the graphs take as f16 (fp16 GPU bundles).
-pub(super) fn half_inputs(
-    sessions: [&Session; 2],
-    map: &std::collections::BTreeMap<String, crate::bundle::WeightEntry>,
-) -> HashSet<String> {
-    sessions
-        .iter()
-        .flat_map(|s| s.inputs())
-        .filter(|o| map.contains_key(o.name()))
-        .filter(|o| o.dtype().tensor_type() == Some(TensorElementType::Float16))
-        .map(|o| o.name().to_string())
-        .collect()
-}
 
 impl Pipeline {
     /// Opens a base bundle on `opts.device`: sessions for every graph, checked against the

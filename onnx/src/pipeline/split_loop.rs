@@ -23,7 +23,7 @@ use crate::runtime::{self, Device, SessionOptions};
 use crate::shapes::unet_dims;
 use crate::tensor::Tensor;
 use crate::text::Conditioning;
-use crate::unet::{GraphedUnet, JobUnet};
+use crate::unet::{half_inputs, GraphedUnet, JobUnet};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -333,7 +333,7 @@ impl HalfUnet {
         };
         let mut unet_encoder = runtime::unet_session(&bundle.path(&m.unet.encoder), &opts, &enc_dims)?;
         let mut unet_decoder = runtime::unet_session(&bundle.path(&m.unet.decoder), &opts, &dec_dims)?;
-        let half = super::load::half_inputs([&unet_encoder, &unet_decoder], &m.weights.map);
+        let half = half_inputs([&unet_encoder, &unet_decoder], &m.weights.map);
         let mut w = Weights::load(bundle, half)?;
         w.to_device(there)?;
         let dev = w

@@ -19,11 +19,12 @@
 pub(crate) mod bound;
 pub(crate) mod graphed;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use katz_kernels::cuda::GpuKernels;
 use ort::session::Session;
-use ort::value::DynValue;
+use ort::value::{DynValue, TensorElementType};
 
 use crate::device::{current, DevRef, DevTensor};
 use crate::tensor::Tensor;
@@ -32,6 +33,20 @@ use crate::weights::{MergedWeights, Weights};
 use crate::{Error, Result};
 use bound::{bind_unet, rebind_weights, run_decoder_bound, run_encoder_bound, BoundUnet};
 pub(crate) use graphed::GraphedUnet;
+
+/// The weight inputs the UNet graphs take as f16 (fp16 GPU bundles): they are bound as such.
+pub(crate) fn half_inputs(
+    sessions: [&Session; 2],
+    map: &std::collections::BTreeMap<String, crate::bundle::WeightEntry>,
+) -> HashSet<String> {
+    sessions
+        .iter()
+        .flat_map(|s| s.inputs())
+        .filter(|o| map.contains_key(o.name()))
+        .filter(|o| o.dtype().tensor_type() == Some(TensorElementType::Float16))
+        .map(|o| o.name().to_string())
+        .collect()
+}
 
 /// A job's UNet on one GPU, step by step: bound for this job alone (`Bound`), or the pipeline's
 /// CUDA-graph bindings (`Graphed`, graphed.rs), whose buffers outlive the job and whose
