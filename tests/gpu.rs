@@ -1,7 +1,7 @@
 //! The device-resident GPU loop against the host loop, on the tiny bundles.
 //!
 //! These need a GPU and ONNX Runtime's CUDA provider: they are `#[ignore]`d here and run on the
-//! GPU machine by `tools/device/gpu-path-tests.sh` (`--ignored`, `KATZ_TEST_DEVICE=cuda:0`).
+//! GPU machine by `tools/device/gpu-path.sh tests` (`--ignored`, `KATZ_TEST_DEVICE=cuda:0`).
 //! CI runs the same pipeline arithmetic on the CPU in the parity, pipeline and ControlNet tests.
 
 mod common;
@@ -102,7 +102,7 @@ fn cn_dir() -> std::path::PathBuf {
 }
 
 #[test]
-#[ignore = "needs a GPU: tools/device/gpu-path-tests.sh"]
+#[ignore = "needs a GPU: tools/device/gpu-path.sh tests"]
 fn the_device_loop_matches_the_host_loop_for_0_to_3_controlnets_euler_and_euler_a() {
     let mut cpu = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cpu)).unwrap();
     let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(gpu())).unwrap();
@@ -152,7 +152,7 @@ impl ControlSession for HostSession {
 }
 
 #[test]
-#[ignore = "needs a GPU: tools/device/gpu-path-tests.sh"]
+#[ignore = "needs a GPU: tools/device/gpu-path.sh tests"]
 fn device_threaded_and_host_path_sessions_equal_the_inline_device_loop() {
     let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(gpu())).unwrap();
     let m = dev.controlnet(cn_dir()).unwrap();
@@ -188,7 +188,7 @@ fn device_threaded_and_host_path_sessions_equal_the_inline_device_loop() {
 }
 
 #[test]
-#[ignore = "needs two GPUs: tools/device/gpu-path-tests.sh on a multi-GPU kind"]
+#[ignore = "needs two GPUs: tools/device/gpu-path.sh tests on a multi-GPU kind"]
 fn controlnets_on_other_gpus_equal_controlnets_on_the_pipelines_gpu() {
     let count = two_gpus();
     let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cuda(0))).unwrap();

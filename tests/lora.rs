@@ -1,4 +1,4 @@
-//! Bounded asynchronous LoRA loading (issue #5), without a broker: the pipeline's switch at the
+//! Bounded asynchronous LoRA loading, without a broker: the pipeline's switch at the
 //! bound step, the merge against an f64 reference, and the LoraManager's store, cache and bound
 //! on pending loads (its Redis source talks to the real Redis on 127.0.0.1:6379).
 

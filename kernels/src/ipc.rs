@@ -1,5 +1,5 @@
 //! CUDA IPC: device buffers and events shared between processes of one host — the transport a
-//! ControlNet worker and a base worker use for a step's latent and residuals (issue #4).
+//! ControlNet worker and a base worker use for a step's latent and residuals (ControlNet-as-a-Service).
 //!
 //! ```text
 //! owner process                                   peer process (same host, any of its GPUs)

@@ -1,5 +1,5 @@
 //! LoRA adapters in the service: where they come from, where they are kept, and how a job's
-//! LoRAs are merged off its critical path (Katz's bounded asynchronous LoRA loading, issue #5).
+//! LoRAs are merged off its critical path (Katz's bounded asynchronous LoRA loading).
 //!
 //! ```text
 //! delivery ─admit(names)─▶ LoraManager: unknown name? → invalid job (dead letter)

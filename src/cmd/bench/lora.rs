@@ -181,7 +181,7 @@ pub fn lora_bound(a: LoraBoundArgs) -> anyhow::Result<()> {
 
 #[derive(Args, Debug, Clone)]
 pub struct LoraCacheArgs {
-    /// The published trace statistics [default: ../shared/workload/katz-trace-stats.json]
+    /// The published trace statistics [default: tools/workload/katz-trace-stats.json]
     #[arg(long)]
     pub stats: Option<PathBuf>,
     #[arg(long, default_value = "B")]
@@ -211,7 +211,7 @@ pub struct LoraCacheArgs {
 pub fn lora_cache(a: LoraCacheArgs) -> anyhow::Result<()> {
     let path = match &a.stats {
         Some(p) => p.clone(),
-        None => bundles_dir()?.join("../../shared/workload/katz-trace-stats.json"),
+        None => bundles_dir()?.join("../tools/workload/katz-trace-stats.json"),
     };
     let stats = workload::TraceStats::load(&path).with_context(|| format!("reading {}", path.display()))?;
     let svc = stats

@@ -84,7 +84,7 @@ pub struct PipelineBenchArgs {
     /// diffusers' JSON from `tools/bench_diffusers.py` in the same sitting.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
-    /// The UNet's arithmetic per image per step at 1024², TFLOP (full-size SDXL: 6.76, DESIGN.md);
+    /// The UNet's arithmetic per image per step at 1024², TFLOP (full-size SDXL: 6.76, the design measurements);
     /// scaled by the latent area. Without it no FLOP rate is reported.
     #[arg(long)]
     pub unet_tflop: Option<f64>,
