@@ -1,8 +1,7 @@
 //! A byte-budgeted cache of LoRA adapters, keyed by adapter name, with an LRU or LFU eviction
 //! policy. The LoraManager keeps two: a host-memory tier (adapter weights fetched from the store)
-//! and a device tier (GPU buffers). The binary's `workload/cache.rs` replays workload traces through the
-//! same type with an
-//! entry-count budget ([`Cache::with_entries`]).
+//! and a device tier (GPU buffers). The binary's `workload/cache.rs` replays workload traces
+//! through the same type with an entry-count budget ([`Cache::with_entries`]).
 //!
 //! ```text
 //! get(name) ─hit─▶ value (recency / frequency updated)      insert(name, value, bytes)
