@@ -472,19 +472,34 @@ mod tests {
     fn a_message_that_does_not_decode_is_dead_lettered_with_a_failed_status() {
         actix::System::new().block_on(async {
             let (deps, mem, _stop) = deps(1);
-            let mut bad = job("bad-size");
-            bad.width = 7;
+            let mut bad = job("bad-version");
+            bad.v = 99;
             let d = Fake::of(&bad);
             assert_eq!(process(&d, &deps).await, "rejected");
             assert_eq!(d.settled(), [Action::DeadLetter]);
-            let r = record(&mem, "bad-size");
+            let r = record(&mem, "bad-version");
             assert_eq!(r["status"], "failed", "{r:?}");
             assert_eq!(r["error_kind"], "decode", "{r:?}");
-            assert!(r["error"].contains("7x"), "{r:?}");
+            assert!(r["error"].contains("schema version 99"), "{r:?}");
             // no id at all: dead-lettered, nothing stored
             let d = Fake::new(b"not msgpack".to_vec());
             assert_eq!(process(&d, &deps).await, "rejected");
             assert_eq!(d.settled(), [Action::DeadLetter]);
+        });
+    }
+
+    #[test]
+    fn a_request_out_of_range_is_refused_by_the_one_check_and_dead_lettered() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let mut bad = job("bad-size");
+            bad.width = 7;
+            let d = Fake::of(&bad);
+            assert_eq!(process(&d, &deps).await, "failed");
+            assert_eq!(d.settled(), [Action::DeadLetter]);
+            let r = record(&mem, "bad-size");
+            assert_eq!(r["status"], "failed", "{r:?}");
+            assert!(r["error"].contains("width must be a positive multiple of 8"), "{r:?}");
         });
     }
 
