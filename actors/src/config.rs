@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use katz_onnx::pipeline::{LoraBound, LoraMode};
+use katz_onnx::error::ParseError;
 use katz_onnx::placement::{ControlNetPlace, Placement};
 use katz_onnx::runtime::{Device, FixedShape, SessionOptions};
 use serde::Deserialize;
@@ -191,14 +192,14 @@ pub enum Transport {
 }
 
 impl std::str::FromStr for Transport {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
         match s {
             "redis" => Ok(Transport::Redis),
             "cuda-ipc" => Ok(Transport::CudaIpc),
-            t => Err(format!(
+            t => Err(ParseError(format!(
                 "--controlnet-transport must be redis or cuda-ipc, got `{t}`"
-            )),
+            ))),
         }
     }
 }
@@ -277,12 +278,12 @@ pub enum LoraSwitch {
 }
 
 impl std::str::FromStr for LoraSwitch {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
         match s {
             "bound" => Ok(LoraSwitch::Bound),
             "ready" => Ok(LoraSwitch::Ready),
-            o => Err(format!("lora_switch must be `bound` or `ready`, got `{o}`")),
+            o => Err(ParseError(format!("lora_switch must be `bound` or `ready`, got `{o}`"))),
         }
     }
 }
