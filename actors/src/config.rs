@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use katz_onnx::pipeline::{LoraBound, LoraMode};
 use katz_onnx::error::ParseError;
+use katz_onnx::pipeline::{LoraBound, LoraMode};
 use katz_onnx::placement::{ControlNetPlace, Placement};
 use katz_onnx::runtime::{Device, FixedShape, SessionOptions};
 use serde::Deserialize;
@@ -283,7 +283,9 @@ impl std::str::FromStr for LoraSwitch {
         match s {
             "bound" => Ok(LoraSwitch::Bound),
             "ready" => Ok(LoraSwitch::Ready),
-            o => Err(ParseError(format!("lora_switch must be `bound` or `ready`, got `{o}`"))),
+            o => Err(ParseError(format!(
+                "lora_switch must be `bound` or `ready`, got `{o}`"
+            ))),
         }
     }
 }

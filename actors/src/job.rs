@@ -499,7 +499,10 @@ mod tests {
             assert_eq!(d.settled(), [Action::DeadLetter]);
             let r = record(&mem, "bad-size");
             assert_eq!(r["status"], "failed", "{r:?}");
-            assert!(r["error"].contains("width must be a positive multiple of 8"), "{r:?}");
+            assert!(
+                r["error"].contains("width must be a positive multiple of 8"),
+                "{r:?}"
+            );
         });
     }
 

@@ -126,23 +126,18 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
 }
 
 async fn connect_redis(url: &str) -> Result<ResultStore, WorkerError> {
-    let mut wait = Duration::from_millis(200);
-    let mut tries = 0;
-    loop {
-        match ResultStore::connect(url).await {
-            Ok(s) => return Ok(s),
-            Err(e) if tries < 20 => {
-                tracing::warn!(error = %e, retry_in = ?wait, "cannot reach Redis");
-                tries += 1;
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(3));
-            }
-            Err(source) => {
-                return Err(WorkerError::Redis {
-                    url: url.into(),
-                    source,
-                })
-            }
-        }
-    }
+    use backon::{ExponentialBuilder, Retryable};
+    // 200 ms doubling to 3 s, 20 retries (about 50 s) before the start fails
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(3))
+        .with_max_times(20);
+    (|| ResultStore::connect(url))
+        .retry(backoff)
+        .notify(|e, wait| tracing::warn!(error = %e, retry_in = ?wait, "cannot reach Redis"))
+        .await
+        .map_err(|source| WorkerError::Redis {
+            url: url.into(),
+            source,
+        })
 }

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-
 use crate::bundle::{check_compute, check_io, BaseBundle, ControlNetBundle};
 use crate::controlnet::{lock, ControlNet};
 use crate::device::{current, peer};
