@@ -208,3 +208,76 @@ fn a_remote_controlnet_session_runs_in_process_and_both_workers_stop() {
         bus.cleanup().await;
     });
 }
+
+/// `GET path` on `addr`: the whole answer, or `None` while nothing listens there.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    Some(body)
+}
+
+#[test]
+fn readiness_shows_on_readyz_and_in_the_heartbeat_until_the_worker_stops() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("inproc-ready").await;
+        // a free port for the probes
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let name = format!("w-inproc-ready-{}", std::process::id());
+        let mut cfg = config(&bus.queue, &name);
+        cfg.metrics_addr = Some(addr);
+        let mut w = start(cfg);
+        // ready once its pipelines are loaded and it consumes
+        let t0 = Instant::now();
+        let ready = loop {
+            match http_get(addr, "/readyz").await {
+                Some(r) if r.starts_with("HTTP/1.1 200") => break r,
+                _ => {
+                    assert!(t0.elapsed() < Duration::from_secs(60), "never ready");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        assert!(ready.contains("ready"), "{ready}");
+        let health = http_get(addr, "/healthz").await.expect("healthz answers");
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        // the heartbeat says the same, with where it serves and how long it took to be ready
+        let key = katz_actors::health::worker_key(&name);
+        let beat: std::collections::HashMap<String, String> = loop {
+            let b: std::collections::HashMap<String, String> = bus.redis.hgetall(&key).await.unwrap();
+            if b.get("status").map(String::as_str) == Some("ready") {
+                break b;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "no ready heartbeat: {b:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(beat["base"], "tiny-sdxl", "{beat:?}");
+        assert_eq!(beat["queue"], bus.queue, "{beat:?}");
+        assert!(beat["ready_after_ms"].parse::<u64>().unwrap() > 0, "{beat:?}");
+        let ttl: i64 = bus.redis.ttl(&key).await.unwrap();
+        assert!(ttl > 0 && ttl <= 15, "the heartbeat expires on its own: ttl {ttl}");
+        // it still serves jobs
+        let j = job("inproc-ready");
+        bus.publish(&j).await;
+        assert_eq!(bus.wait_final(&j.id, Duration::from_secs(60)).await["status"], "done");
+        // a clean stop says so last
+        w.shut_down(Duration::from_secs(15))
+            .await
+            .expect("the worker returns Ok");
+        let beat: std::collections::HashMap<String, String> = bus.redis.hgetall(&key).await.unwrap();
+        assert_eq!(beat.get("status").map(String::as_str), Some("stopped"), "{beat:?}");
+        let _: () = bus.redis.del(&key).await.unwrap();
+        bus.cleanup().await;
+    });
+}

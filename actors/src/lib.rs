@@ -33,7 +33,8 @@
 //! | `controlnet/` | `Router` (hosted or served ControlNets), `RemoteControlNets` (sessions on ControlNet workers over Redis or CUDA IPC), the ControlNet worker and its `SessionActor`, the wire format |
 //! | `store/` | `ResultStore` (Redis through Lua, or the in-memory twin) |
 //! | `embedded` | jobs through the same actors without a broker (`katz demo`) |
-//! | `metrics` | Prometheus registry and its HTTP endpoint |
+//! | `metrics` | Prometheus registry and its HTTP endpoint (with the `/readyz`, `/healthz` probes) |
+//! | `health` | the worker's state (loading, ready, reconnecting, stopping, stopped) and its Redis heartbeat |
 //! | `topology`, `error` | queues and exchanges; `JobError` with its ack / requeue / dead-letter action |
 //!
 //! ## Actors: the state each owns, the messages it takes
@@ -58,6 +59,7 @@ pub mod consumer;
 pub mod controlnet;
 pub mod embedded;
 pub mod error;
+pub mod health;
 pub mod job;
 pub mod lora;
 pub mod metrics;

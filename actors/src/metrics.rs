@@ -1,9 +1,11 @@
 //! Prometheus metrics of a worker, kept in a `prometheus-client` registry and served in the
-//! Prometheus text format (0.0.4) on `GET /metrics` (`--metrics-addr`) by a hyper HTTP/1 server.
+//! Prometheus text format (0.0.4) on `GET /metrics` (`--metrics-addr`) by a hyper HTTP/1 server,
+//! beside the worker's probes (crate::health): `GET /readyz` (200 once it takes jobs, else 503
+//! with its state) and `GET /healthz` (200 while the process serves).
 //!
 //! ```text
 //! job / consumer / LoRA manager ─observe / inc─▶ metrics() (one registry per process)
-//! scraper ─GET /metrics─▶ serve(listener) ─encode─▶ text; any other path: 404
+//! scraper ─GET /metrics─▶ serve(listener, health) ─encode─▶ text; /readyz, /healthz; else 404
 //! ```
 //!
 //! `katz_queue_wait_seconds`, `katz_job_latency_seconds` (delivery → result stored),
@@ -28,6 +30,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+use crate::health::{Health, State};
 
 const SECONDS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -164,12 +168,22 @@ pub fn metrics() -> &'static Metrics {
     M.get_or_init(Metrics::new)
 }
 
-/// The answer to one request: the metrics on `GET /metrics`, a 404 elsewhere.
-fn respond(req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, kind, body) = if req.method() == Method::GET && req.uri().path() == "/metrics" {
-        (StatusCode::OK, CONTENT_TYPE, metrics().render())
-    } else {
-        (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".to_string())
+/// The answer to one request: the metrics on `GET /metrics`, the probes on `/readyz` and
+/// `/healthz`, a 404 elsewhere.
+fn respond(req: &Request<Incoming>, health: &Health) -> Response<Full<Bytes>> {
+    let get = req.method() == Method::GET;
+    let (status, kind, body) = match req.uri().path() {
+        "/metrics" if get => (StatusCode::OK, CONTENT_TYPE, metrics().render()),
+        "/readyz" if get => match health.get() {
+            State::Ready => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            s => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{}\n", s.as_str())),
+        },
+        "/healthz" if get => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics, /readyz or /healthz\n".to_string(),
+        ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -179,9 +193,10 @@ fn respond(req: &Request<Incoming>) -> Response<Full<Bytes>> {
     resp
 }
 
-/// Serves `GET /metrics` until the runtime stops. Each connection answers one request and
-/// closes (scrapers reconnect; a plain `read to end` client sees the end of the answer).
-pub async fn serve(listener: TcpListener) {
+/// Serves `GET /metrics`, `/readyz` and `/healthz` until the runtime stops. Each connection
+/// answers one request and closes (scrapers reconnect; a plain `read to end` client sees the
+/// end of the answer).
+pub async fn serve(listener: TcpListener, health: Health) {
     loop {
         let sock = match listener.accept().await {
             Ok((sock, _)) => sock,
@@ -192,8 +207,12 @@ pub async fn serve(listener: TcpListener) {
                 continue;
             }
         };
+        let health = health.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(respond(&req)) });
+            let service = hyper::service::service_fn(move |req| {
+                let health = health.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &health)) }
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(false)
                 .serve_connection(TokioIo::new(sock), service);
@@ -268,7 +287,8 @@ mod tests {
     async fn the_server_answers_metrics_and_404_elsewhere() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener));
+        let health = Health::new();
+        tokio::spawn(serve(listener, health.clone()));
         let ok = get(addr, "/metrics").await;
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
         assert!(ok.contains("text/plain; version=0.0.4"), "{ok}");
@@ -276,5 +296,11 @@ mod tests {
         let other = get(addr, "/").await;
         assert!(other.starts_with("HTTP/1.1 404"), "{other}");
         assert!(other.contains("try /metrics"), "{other}");
+        let loading = get(addr, "/readyz").await;
+        assert!(loading.starts_with("HTTP/1.1 503") && loading.contains("loading"), "{loading}");
+        health.set(State::Ready);
+        let ready = get(addr, "/readyz").await;
+        assert!(ready.starts_with("HTTP/1.1 200") && ready.contains("ready"), "{ready}");
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
     }
 }

@@ -7,6 +7,7 @@
 //! WorkerConfig ─models()─▶ LoadedPipeline × concurrency (weights shared) ─▶ PipelineActor (SyncArbiter)
 //!   RabbitMQ ─▶ JobConsumer ─▶ JobDeps { store: ResultStore (Redis), lora: LoraManager, … }
 //!   shutdown.await ─Shutdown─▶ JobConsumer: cancel the consumer, drain, close ─▶ run returns
+//!   Health: loading → ready (consuming) → stopping → stopped, on /readyz and in the heartbeat
 //! ```
 
 use std::future::Future;
@@ -20,11 +21,15 @@ use tokio::sync::oneshot;
 use crate::config::ConfigError;
 pub use crate::config::WorkerConfig;
 use crate::consumer::{ConsumerConfig, JobConsumer, Shutdown};
+use crate::health::{Beat, Health, State};
 use crate::job::JobDeps;
 use crate::lora::{LoraManager, LoraStore};
 use crate::pipeline::{LoadedPipeline, PipelineActor};
 use crate::protocol::jobs_queue;
 use crate::store::ResultStore;
+
+/// How often the worker writes its heartbeat (`katz:worker:<name>`, expiring after 3 periods).
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -49,6 +54,7 @@ pub enum WorkerError {
 /// taken but not started go back to the queue), the jobs running finish, are stored and acked,
 /// and `run` returns. Blocks the calling thread (it runs its own runtime and actix system).
 pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    let health = Health::new();
     let models = cfg.models()?;
     let (limits, worker_name) = (cfg.limits(), cfg.worker_name());
     // Load every pipeline before taking any job: a bad bundle fails the start, loudly.
@@ -71,6 +77,27 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
     let sys = actix::System::with_tokio_rt(move || rt);
     let result: Result<(), WorkerError> = sys.block_on(async move {
         let store = connect_redis(&cfg.redis).await?.start();
+        let beat = Beat {
+            worker: worker_name.clone(),
+            base: base.clone(),
+            queue: queue.clone(),
+            device: models.session.device.to_string(),
+            concurrency: n,
+            every: HEARTBEAT,
+        };
+        let heartbeat = match redis::Client::open(cfg.redis.as_str()) {
+            Ok(c) => match redis::aio::ConnectionManager::new(c).await {
+                Ok(conn) => Some(tokio::spawn(crate::health::heartbeat(conn, beat, health.clone()))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no heartbeat: Redis connection failed");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no heartbeat: bad Redis URL");
+                None
+            }
+        };
         let rt = tokio::runtime::Handle::current();
         let pipeline = SyncArbiter::start(n, move || {
             PipelineActor::from_pool(&pool).with_runtime(rt.clone())
@@ -79,8 +106,8 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| WorkerError::Metrics { addr, source })?;
-            tracing::info!(%addr, "metrics on /metrics");
-            actix::spawn(crate::metrics::serve(listener));
+            tracing::info!(%addr, "metrics on /metrics, probes on /readyz and /healthz");
+            actix::spawn(crate::metrics::serve(listener, health.clone()));
         }
         let lora_store = LoraStore::open(&models.lora)
             .await
@@ -109,6 +136,7 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
                 limits,
                 worker: worker_name.clone(),
                 store_retry: cfg.store_retry,
+                health: health.clone(),
             },
             deps,
             shutdown_tx,
@@ -118,8 +146,14 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
         tracing::info!(worker = %worker_name, %queue, base = %base, concurrency = n, "worker started");
         shutdown.await;
         // a consumer that is gone has dropped `stopped_tx`: the wait below ends too
+        health.set(State::Stopping);
         let _ = consumer.send(Shutdown).await;
         let _ = stopped_rx.await;
+        health.set(State::Stopped);
+        if let Some(h) = heartbeat {
+            // its last write says `stopped`; a Redis that is away does not hold the exit up
+            let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+        }
         Ok(())
     });
     result

@@ -33,6 +33,7 @@ use crate::error::Action;
 use crate::job::{process, Delivered, JobDeps};
 use crate::metrics::metrics;
 use crate::protocol::Limits;
+use crate::health::{Health, State};
 use crate::topology;
 pub use messages::*;
 
@@ -47,6 +48,8 @@ pub struct ConsumerConfig {
     pub worker: String,
     /// How long to keep retrying a result store while Redis is away before requeueing.
     pub store_retry: Duration,
+    /// The worker's state: ready while consuming (crate::health).
+    pub health: Health,
 }
 
 pub struct JobConsumer {
@@ -115,6 +118,7 @@ impl JobConsumer {
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| match res {
             Ok((conn, channel, consumer)) => {
                 tracing::info!(queue = %act.cfg.queue, prefetch = act.cfg.prefetch, "consuming");
+                act.cfg.health.set_unless_stopping(State::Ready);
                 act.conn = Some(conn);
                 act.channel = Some(channel);
                 act.backoff = Duration::from_millis(200);
@@ -122,6 +126,9 @@ impl JobConsumer {
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?act.backoff, "cannot reach RabbitMQ");
+                if act.cfg.health.get() == State::Ready {
+                    act.cfg.health.set(State::Reconnecting);
+                }
                 let wait = act.backoff;
                 act.backoff = (act.backoff * 2).min(Duration::from_secs(5));
                 ctx.run_later(wait, |act, ctx| act.connect(ctx));
@@ -188,6 +195,7 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for JobConsumer {
             self.conn = None;
             self.channel = None;
             tracing::warn!("lost the RabbitMQ consumer; reconnecting");
+            self.cfg.health.set_unless_stopping(State::Reconnecting);
             let wait = self.backoff;
             ctx.run_later(wait, |act, ctx| act.connect(ctx));
         }
@@ -206,6 +214,7 @@ impl Handler<Shutdown> for JobConsumer {
             "shutdown: no new jobs; finishing those in flight"
         );
         self.draining = true;
+        self.cfg.health.set(State::Stopping);
         let _ = self.shutdown.send(true);
         if let Some(ch) = self.channel.clone() {
             let tag = self.tag.clone();
