@@ -259,24 +259,37 @@ fn readiness_shows_on_readyz_and_in_the_heartbeat_until_the_worker_stops() {
             if b.get("status").map(String::as_str) == Some("ready") {
                 break b;
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "no ready heartbeat: {b:?}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no ready heartbeat: {b:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert_eq!(beat["base"], "tiny-sdxl", "{beat:?}");
         assert_eq!(beat["queue"], bus.queue, "{beat:?}");
         assert!(beat["ready_after_ms"].parse::<u64>().unwrap() > 0, "{beat:?}");
         let ttl: i64 = bus.redis.ttl(&key).await.unwrap();
-        assert!(ttl > 0 && ttl <= 15, "the heartbeat expires on its own: ttl {ttl}");
+        assert!(
+            ttl > 0 && ttl <= 15,
+            "the heartbeat expires on its own: ttl {ttl}"
+        );
         // it still serves jobs
         let j = job("inproc-ready");
         bus.publish(&j).await;
-        assert_eq!(bus.wait_final(&j.id, Duration::from_secs(60)).await["status"], "done");
+        assert_eq!(
+            bus.wait_final(&j.id, Duration::from_secs(60)).await["status"],
+            "done"
+        );
         // a clean stop says so last
         w.shut_down(Duration::from_secs(15))
             .await
             .expect("the worker returns Ok");
         let beat: std::collections::HashMap<String, String> = bus.redis.hgetall(&key).await.unwrap();
-        assert_eq!(beat.get("status").map(String::as_str), Some("stopped"), "{beat:?}");
+        assert_eq!(
+            beat.get("status").map(String::as_str),
+            Some("stopped"),
+            "{beat:?}"
+        );
         let _: () = bus.redis.del(&key).await.unwrap();
         bus.cleanup().await;
     });

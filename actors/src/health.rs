@@ -184,7 +184,10 @@ pub async fn heartbeat(mut redis: ConnectionManager, beat: Beat, health: Health)
 }
 
 /// Reads a heartbeat (for producers, tests and `katz status`-like tools).
-pub async fn read(redis: &mut ConnectionManager, name: &str) -> redis::RedisResult<std::collections::HashMap<String, String>> {
+pub async fn read(
+    redis: &mut ConnectionManager,
+    name: &str,
+) -> redis::RedisResult<std::collections::HashMap<String, String>> {
     redis.hgetall(worker_key(name)).await
 }
 

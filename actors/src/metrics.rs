@@ -176,7 +176,11 @@ fn respond(req: &Request<Incoming>, health: &Health) -> Response<Full<Bytes>> {
         "/metrics" if get => (StatusCode::OK, CONTENT_TYPE, metrics().render()),
         "/readyz" if get => match health.get() {
             State::Ready => (StatusCode::OK, "text/plain", "ready\n".to_string()),
-            s => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{}\n", s.as_str())),
+            s => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{}\n", s.as_str()),
+            ),
         },
         "/healthz" if get => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         _ => (
@@ -297,10 +301,16 @@ mod tests {
         assert!(other.starts_with("HTTP/1.1 404"), "{other}");
         assert!(other.contains("try /metrics"), "{other}");
         let loading = get(addr, "/readyz").await;
-        assert!(loading.starts_with("HTTP/1.1 503") && loading.contains("loading"), "{loading}");
+        assert!(
+            loading.starts_with("HTTP/1.1 503") && loading.contains("loading"),
+            "{loading}"
+        );
         health.set(State::Ready);
         let ready = get(addr, "/readyz").await;
-        assert!(ready.starts_with("HTTP/1.1 200") && ready.contains("ready"), "{ready}");
+        assert!(
+            ready.starts_with("HTTP/1.1 200") && ready.contains("ready"),
+            "{ready}"
+        );
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
     }
 }

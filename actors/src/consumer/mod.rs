@@ -30,10 +30,10 @@ use lapin::{Channel, Connection};
 use tokio::sync::oneshot;
 
 use crate::error::Action;
+use crate::health::{Health, State};
 use crate::job::{process, Delivered, JobDeps};
 use crate::metrics::metrics;
 use crate::protocol::Limits;
-use crate::health::{Health, State};
 use crate::topology;
 pub use messages::*;
 
