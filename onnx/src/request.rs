@@ -168,7 +168,9 @@ impl std::ops::Deref for ValidRequest {
     }
 }
 
-fn plain_name(n: &str) -> bool {
+/// Whether `n` names something without being a path: no separators, no `..`, not empty (LoRA
+/// names are keys of a store, never paths into it).
+pub fn plain_name(n: &str) -> bool {
     !n.is_empty() && !n.contains('/') && !n.contains('\\') && !n.contains("..")
 }
 

@@ -42,8 +42,15 @@ impl LoraStore {
         Ok(LoraStore::new(cfg.dir.clone(), redis, cfg.fetch_delay))
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.safetensors"))
+    /// Where `name` would be in the directory; a name that is not plain is refused here too, so
+    /// that no caller (a prefetch runs before a job's request is checked) can read outside it.
+    fn path(&self, name: &str) -> Result<PathBuf, JobError> {
+        if !katz_onnx::request::plain_name(name) {
+            return Err(JobError::Invalid(format!(
+                "LoRA name {name:?} is not a plain name"
+            )));
+        }
+        Ok(self.dir.join(format!("{name}.safetensors")))
     }
 
     fn unknown(&self, name: &str) -> JobError {
@@ -59,7 +66,7 @@ impl LoraStore {
 
     /// Whether the store holds `name` (cheap: no bytes move, no delay).
     pub async fn check(&self, name: &str) -> Result<(), JobError> {
-        if tokio::fs::metadata(self.path(name))
+        if tokio::fs::metadata(self.path(name)?)
             .await
             .is_ok_and(|m| m.is_file())
         {
@@ -76,15 +83,16 @@ impl LoraStore {
 
     /// The adapter's bytes (after the configured delay).
     pub async fn fetch(&self, name: &str) -> Result<Vec<u8>, JobError> {
+        let path = self.path(name)?;
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        match tokio::fs::read(self.path(name)).await {
+        match tokio::fs::read(&path).await {
             Ok(b) => return Ok(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 return Err(JobError::Model(katz_onnx::Error::Lora {
-                    path: self.path(name),
+                    path,
                     message: format!("reading it: {e}"),
                 }));
             }
@@ -96,5 +104,26 @@ impl LoraStore {
             }
         }
         Err(self.unknown(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn names_that_are_paths_are_refused_before_any_file_is_touched() {
+        let dir = std::env::temp_dir().join(format!("katz-lora-store-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("inner")).unwrap();
+        std::fs::write(dir.join("outside.safetensors"), b"x").unwrap();
+        let store = LoraStore::new(dir.join("inner"), None, Duration::ZERO);
+        for name in ["../outside", "a/b", "", ".."] {
+            let e = store.fetch(name).await.unwrap_err();
+            assert!(e.to_string().contains("not a plain name"), "{name}: {e}");
+            assert!(store.check(name).await.is_err(), "{name}");
+        }
+        std::fs::write(dir.join("inner/ok.safetensors"), b"y").unwrap();
+        assert_eq!(store.fetch("ok").await.unwrap(), b"y");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
