@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use katz_onnx::error::ParseError;
 use katz_onnx::pipeline::{LoraBound, LoraMode};
-use katz_onnx::placement::{ControlNetPlace, Placement};
+use katz_onnx::placement::Placement;
 use katz_onnx::runtime::{Device, FixedShape, SessionOptions};
 use serde::Deserialize;
 use serde_with::{serde_as, DisplayFromStr};
@@ -491,15 +491,7 @@ impl WorkerConfig {
                 cn.controlnet_devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
             )));
         }
-        let p = Placement {
-            base: device,
-            cond_half: cn.split_guidance,
-            controlnets: cn
-                .controlnet_devices
-                .iter()
-                .map(|d| ControlNetPlace::One(*d))
-                .collect(),
-        };
+        let p = Placement::with_devices(device, cn.split_guidance, &cn.controlnet_devices);
         p.check().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(p)
     }
@@ -508,6 +500,7 @@ impl WorkerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use katz_onnx::placement::ControlNetPlace;
 
     fn parse(s: &str) -> Result<WorkerConfig, toml::de::Error> {
         toml::from_str(s)

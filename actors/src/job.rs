@@ -20,7 +20,7 @@ use backon::{ExponentialBuilder, Retryable};
 use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
-use crate::error::{Action, JobError};
+use crate::error::{Action, JobError, Unavailable};
 use crate::lora::{LoraConfig, LoraManager};
 use crate::metrics::metrics;
 use crate::pipeline::JobLoras;
@@ -235,8 +235,17 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                     })?,
             });
         }
-        // the one validation: the job as a request this worker's pipeline takes
-        let req = deps.catalogue.request(&job, &images)?;
+        // the one validation: the job as a request this worker's pipeline takes (decoding the
+        // conditioning PNGs is blocking work: off the event loop)
+        let req = {
+            let (catalogue, job) = (deps.catalogue.clone(), job.clone());
+            tokio::task::spawn_blocking(move || catalogue.request(&job, &images))
+                .await
+                .map_err(|_| JobError::Mailbox {
+                    actor: "request check",
+                    reason: Unavailable::Stopped,
+                })??
+        };
         // progress forwarder: model thread → Redis; Redis cancel flag → model thread
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::pipeline::StepDone>();
         let cancel = Arc::new(AtomicBool::new(false));

@@ -71,6 +71,19 @@ impl Placement {
         }
     }
 
+    /// The base on `base`, the conditional half on `cond_half`, ControlNet j on
+    /// `controlnet_devices[j mod len]` (one device for both halves; none: the base's).
+    pub fn with_devices(base: Device, cond_half: Option<Device>, controlnet_devices: &[Device]) -> Self {
+        Placement {
+            base,
+            cond_half,
+            controlnets: controlnet_devices
+                .iter()
+                .map(|d| ControlNetPlace::One(*d))
+                .collect(),
+        }
+    }
+
     /// Where ControlNet `j` (in load order) runs.
     pub fn controlnet(&self, j: usize) -> ControlNetPlace {
         match self.controlnets.len() {

@@ -9,7 +9,7 @@ use katz_onnx::bundle::BaseBundle;
 use katz_onnx::image::read_conditioning;
 use katz_onnx::lora::{LoraAdapter, PendingMerge};
 use katz_onnx::pipeline::{LoraMode, LoraPlan, Pipeline, RunOptions};
-use katz_onnx::placement::{ControlNetPlace, Placement};
+use katz_onnx::placement::Placement;
 use katz_onnx::request::{ControlRequest, LoraRequest, Request, ValidRequest};
 use katz_onnx::runtime::{FixedShape, SessionOptions};
 use katz_onnx::scheduler::SchedulerKind;
@@ -160,15 +160,7 @@ pub struct GenerateArgs {
 
 /// Where the options put the pipeline's parts.
 pub fn placement(a: &GenerateArgs) -> Placement {
-    Placement {
-        base: a.device.device,
-        cond_half: a.split_guidance,
-        controlnets: a
-            .controlnet_devices
-            .iter()
-            .map(|d| ControlNetPlace::One(*d))
-            .collect(),
-    }
+    Placement::with_devices(a.device.device, a.split_guidance, &a.controlnet_devices)
 }
 
 /// Places the pipeline's parts and loads the ControlNets the options name, then builds the
