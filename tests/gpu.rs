@@ -30,9 +30,8 @@ fn opts(device: Device) -> SessionOptions {
     SessionOptions {
         intra_threads: 0,
         device,
-        fixed: None,
-        cuda_graph: false,
-        exact_fp32: false,
+        deterministic: true,
+        ..SessionOptions::default()
     }
 }
 
@@ -297,7 +296,8 @@ fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
 /// or without CUDA graphs.
 fn fixed(device: Device, batch: usize, cuda_graph: bool) -> SessionOptions {
     SessionOptions {
-        fixed: Some(katz_onnx::runtime::FixedShape::parse("64x64", batch).unwrap()),
+        buckets: vec![katz_onnx::runtime::FixedShape::parse("64x64", batch).unwrap()],
+        other_sizes: katz_onnx::runtime::OtherSizes::Refuse,
         cuda_graph,
         ..opts(device)
     }
@@ -454,4 +454,110 @@ fn controlnets_per_guidance_half_give_the_one_gpu_image() {
             assert!(e < 1e-3, "{models:?}, LoRA {lora}: {e}");
         }
     }
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/device/gpu-path.sh tests"]
+fn shape_buckets_with_cuda_graphs_give_the_dynamic_image_in_every_bucket() {
+    use katz_onnx::runtime::{FixedShape, OtherSizes};
+    let base = root().join("bundles/tiny-sdxl");
+    let mut dynamic = Pipeline::load(&base, opts(gpu())).unwrap();
+    let mut o = opts(gpu());
+    o.buckets = vec![
+        FixedShape::parse("64x64", 2).unwrap(),
+        FixedShape::parse("96x64", 2).unwrap(),
+    ];
+    o.other_sizes = OtherSizes::Dynamic;
+    o.cuda_graph = true;
+    let mut buckets = Pipeline::load(&base, o).unwrap();
+    buckets.warm_up().unwrap();
+    let (md, mb) = (
+        dynamic.controlnet(cn_dir()).unwrap(),
+        buckets.controlnet(cn_dir()).unwrap(),
+    );
+    // jobs alternate between the buckets (and a size with none), LoRA merges in and out: the
+    // one weight slot follows them
+    let cases: [((usize, usize), usize, bool); 6] = [
+        ((64, 64), 0, false),
+        ((96, 64), 1, true),
+        ((64, 64), 1, true),
+        ((128, 96), 0, true),
+        ((96, 64), 0, false),
+        ((64, 64), 0, true),
+    ];
+    for (i, &((w, h), n, lora)) in cases.iter().enumerate() {
+        let make = |p: &Pipeline, m: ModelId| {
+            let mut r = request(&vec![m; n], SchedulerKind::Euler, lora, p);
+            (r.width, r.height) = (w, h);
+            for c in &mut r.controlnets {
+                c.image = checkerboard(w, h);
+            }
+            r
+        };
+        let (rd, rb) = (make(&dynamic, md), make(&buckets, mb));
+        let want = generate(&mut dynamic, &rd, &mut NoObserver).unwrap().image;
+        let got = generate(&mut buckets, &rb, &mut NoObserver).unwrap().image;
+        let e = rel_err(&got.data, &want.data);
+        println!("buckets, case {i}: {w}x{h}, {n} ControlNets, LoRA {lora}: relative error {e:.2e}");
+        assert!(e < 1e-3, "case {i}: {e}");
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/device/gpu-path.sh tests"]
+fn the_same_job_twice_gives_a_byte_identical_png() {
+    use katz_onnx::image::encode_png;
+    use katz_onnx::runtime::ConvSearch;
+    let base = root().join("bundles/tiny-sdxl");
+    let png = |p: &mut Pipeline, lora: bool, n: usize| {
+        let m = p.controlnet(cn_dir()).unwrap();
+        let r = request(&vec![m; n], SchedulerKind::Euler, lora, p);
+        encode_png(&generate(p, &r, &mut NoObserver).unwrap().image).unwrap()
+    };
+    // the product's configuration (buckets, CUDA graphs, heuristic algorithms, deterministic
+    // compute) must repeat itself exactly, within a pipeline and across two loads
+    let mut product = opts(gpu());
+    product.buckets = vec![katz_onnx::runtime::FixedShape::parse("64x64", 2).unwrap()];
+    product.cuda_graph = true;
+    let configs: [(&str, SessionOptions, bool); 3] = [
+        (
+            "buckets + CUDA graphs, heuristic, deterministic",
+            product.clone(),
+            true,
+        ),
+        ("free shapes, heuristic, deterministic", opts(gpu()), true),
+        (
+            "buckets + CUDA graphs, exhaustive search",
+            SessionOptions {
+                conv_search: ConvSearch::Exhaustive,
+                ..product
+            },
+            false,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, o, must) in configs {
+        let mut a = Pipeline::load(&base, o.clone()).unwrap();
+        let mut b = Pipeline::load(&base, o).unwrap();
+        for (lora, n) in [(false, 0), (true, 1)] {
+            let first = png(&mut a, lora, n);
+            let second = png(&mut a, lora, n);
+            let other_load = png(&mut b, lora, n);
+            let same = first == second && first == other_load;
+            println!(
+                "{name}, LoRA {lora}, {n} ControlNets: twice {}, another load {} ({} bytes)",
+                if first == second { "identical" } else { "DIFFERENT" },
+                if first == other_load {
+                    "identical"
+                } else {
+                    "DIFFERENT"
+                },
+                first.len()
+            );
+            if must && !same {
+                failures.push(format!("{name}, LoRA {lora}, {n} ControlNets"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "not byte-identical: {failures:?}");
 }

@@ -135,17 +135,19 @@ fn guidance_off_runs_one_half() {
 }
 
 #[test]
-fn static_shapes_give_the_dynamic_image_and_refuse_other_sizes() {
-    // the same job through graphs whose free dimensions were fixed at load time
-    let job = |p: &mut Pipeline| {
+fn shape_buckets_give_the_dynamic_image_and_other_sizes_go_as_configured() {
+    use katz_onnx::runtime::{FixedShape, OtherSizes};
+    // the same job through graphs whose free dimensions were fixed at load time, per bucket
+    let job = |p: &mut Pipeline, (w, h): (usize, usize)| {
         let mut r = request();
+        (r.width, r.height) = (w, h);
         r.loras = vec![LoraRequest::loaded(
             p.lora(root().join("bundles/loras/tiny-lora-a.safetensors"))
                 .unwrap(),
             0.8,
         )];
         let model = p.controlnet(root().join("bundles/tiny-sdxl-controlnet")).unwrap();
-        let image = read_conditioning(&root().join("bundles/examples/cond_a.png"), (64, 64)).unwrap();
+        let image = checkerboard(w, h);
         r.controlnets = vec![ControlRequest {
             model: model.into(),
             image,
@@ -155,32 +157,96 @@ fn static_shapes_give_the_dynamic_image_and_refuse_other_sizes() {
         }];
         r
     };
+    let sizes = [(64, 64), (96, 64)];
     let mut dynamic = pipeline();
-    let req = job(&mut dynamic);
-    let want = generate(&mut dynamic, &req, &mut NoObserver).unwrap().image;
+    let want: Vec<Tensor> = sizes
+        .iter()
+        .map(|&s| {
+            let req = job(&mut dynamic, s);
+            generate(&mut dynamic, &req, &mut NoObserver).unwrap().image
+        })
+        .collect();
 
     let mut opts = test_options();
-    opts.fixed = Some(katz_onnx::runtime::FixedShape::parse("64x64", 2).unwrap());
-    let mut fixed = Pipeline::load(root().join("bundles/tiny-sdxl"), opts).unwrap();
-    let req = job(&mut fixed);
-    let got = generate(&mut fixed, &req, &mut NoObserver).unwrap().image;
-    let e = rel_err(&got.data, &want.data);
-    assert!(
-        e <= 1e-5,
-        "static shapes changed the image: relative error {e:.1e}"
-    );
+    opts.buckets = vec![
+        FixedShape::parse("64x64", 2).unwrap(),
+        FixedShape::parse("96x64", 2).unwrap(),
+    ];
+    opts.other_sizes = OtherSizes::Refuse;
+    let mut buckets = Pipeline::load(root().join("bundles/tiny-sdxl"), opts.clone()).unwrap();
+    buckets.warm_up().unwrap();
+    for (s, want) in sizes.iter().zip(&want) {
+        let req = job(&mut buckets, *s);
+        let got = generate(&mut buckets, &req, &mut NoObserver).unwrap().image;
+        let e = rel_err(&got.data, &want.data);
+        assert!(
+            e <= 1e-5,
+            "bucket {s:?} changed the image: relative error {e:.1e}"
+        );
+    }
 
-    let mut other = req.clone();
-    other.width = 128;
-    other.height = 128;
+    // other sizes refused (the check names the buckets), or run on free-shape sessions
+    let mut other = job(&mut buckets, (64, 64));
+    (other.width, other.height) = (128, 128);
     other.controlnets.clear();
-    let err = generate(&mut fixed, &other, &mut NoObserver).unwrap_err();
+    let err = generate(&mut buckets, &other, &mut NoObserver).unwrap_err();
     assert!(matches!(err, Error::InvalidRequest(_)), "{err}");
-    assert!(err.to_string().contains("fixed to 64x64"), "{err}");
+    assert!(err.to_string().contains("64x64, 96x64"), "{err}");
     let mut unguided = request();
     unguided.guidance = 1.0;
-    let err = generate(&mut fixed, &unguided, &mut NoObserver).unwrap_err();
+    let err = generate(&mut buckets, &unguided, &mut NoObserver).unwrap_err();
     assert!(err.to_string().contains("batch of 1"), "{err}");
+
+    opts.other_sizes = OtherSizes::Dynamic;
+    let mut mixed = Pipeline::load(root().join("bundles/tiny-sdxl"), opts).unwrap();
+    let want_other = generate(&mut dynamic, &other, &mut NoObserver).unwrap().image;
+    let got = generate(&mut mixed, &other, &mut NoObserver).unwrap().image;
+    assert_eq!(got.shape, vec![1, 3, 128, 128]);
+    assert!(rel_err(&got.data, &want_other.data) <= 1e-5);
+    let got = generate(&mut mixed, &unguided, &mut NoObserver).unwrap().image;
+    assert_eq!(got.shape, vec![1, 3, 64, 64]);
+}
+
+#[test]
+fn a_graph_cache_is_written_once_and_read_after() {
+    let dir = std::env::temp_dir().join(format!("katz-graph-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut opts = test_options();
+    opts.cache = Some(dir.clone());
+    opts.buckets = vec![katz_onnx::runtime::FixedShape::parse("64x64", 2).unwrap()];
+    let entries = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let r = request();
+    let mut p = Pipeline::load(root().join("bundles/tiny-sdxl"), opts.clone()).unwrap();
+    let first = generate(&mut p, &r, &mut NoObserver).unwrap().image;
+    let made = entries();
+    // text encoders, the UNet pair of the bucket and of free shapes, the VAE; no staging left
+    assert!(made.len() >= 5, "{made:?}");
+    assert!(made.iter().all(|e| !e.starts_with(".staging")), "{made:?}");
+    let mut p = Pipeline::load(root().join("bundles/tiny-sdxl"), opts.clone()).unwrap();
+    let again = generate(&mut p, &r, &mut NoObserver).unwrap().image;
+    assert_eq!(entries(), made, "a warm load writes nothing new");
+    assert!(rel_err(&again.data, &first.data) <= 1e-6);
+    // an entry that cannot be read is dropped, the graph loads from its source, and the graph
+    // stays out of the cache
+    let unet = made.iter().find(|e| e.starts_with("unet_encoder")).unwrap();
+    std::fs::write(dir.join(unet).join("graph.onnx"), b"not a graph").unwrap();
+    let mut p = Pipeline::load(root().join("bundles/tiny-sdxl"), opts).unwrap();
+    let broken = generate(&mut p, &r, &mut NoObserver).unwrap().image;
+    assert!(rel_err(&broken.data, &first.data) <= 1e-6);
+    assert!(
+        entries().iter().any(|e| e.ends_with(".refused")),
+        "{:?}",
+        entries()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -188,11 +254,11 @@ fn cuda_graphs_are_refused_without_fixed_shapes_or_a_cuda_device() {
     let load = |o| Pipeline::load(root().join("bundles/tiny-sdxl"), o).err();
     let mut o = test_options();
     o.cuda_graph = true;
-    let err = load(o.clone()).expect("CUDA graphs without fixed shapes must be refused");
+    let err = load(o.clone()).expect("CUDA graphs without shape buckets must be refused");
     assert!(matches!(err, Error::InvalidRequest(_)), "{err}");
-    assert!(err.to_string().contains("--static-shapes"), "{err}");
+    assert!(err.to_string().contains("--shapes"), "{err}");
     if !o.device.is_gpu() {
-        o.fixed = Some(katz_onnx::runtime::FixedShape::parse("64x64", 2).unwrap());
+        o.buckets = vec![katz_onnx::runtime::FixedShape::parse("64x64", 2).unwrap()];
         let err = load(o).expect("CUDA graphs on the CPU must be refused");
         assert!(err.to_string().contains("CUDA provider"), "{err}");
     }

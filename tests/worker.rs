@@ -173,11 +173,10 @@ fn a_remote_controlnet_session_runs_in_process_and_both_workers_stop() {
             redis: REDIS.into(),
             bundle: bundles.join("tiny-sdxl-controlnet"),
             base: bundles.join("tiny-sdxl"),
-            session: config(&q, "cn-inproc")
-                .session
-                .options(&katz_onnx::placement::Placement::on(
-                    katz_onnx::runtime::Device::Cpu,
-                )),
+            session: config(&q, "cn-inproc").session.options(
+                &katz_onnx::placement::Placement::on(katz_onnx::runtime::Device::Cpu),
+                None,
+            ),
             concurrency: 1,
             name: "cn-inproc".into(),
             queue: Some(q.clone()),
@@ -291,6 +290,54 @@ fn readiness_shows_on_readyz_and_in_the_heartbeat_until_the_worker_stops() {
             "{beat:?}"
         );
         let _: () = bus.redis.del(&key).await.unwrap();
+        bus.cleanup().await;
+    });
+}
+
+#[test]
+fn shape_buckets_warm_up_before_ready_and_other_sizes_are_refused_as_configured() {
+    use katz_actors::config::{ImageSize, ShapeList};
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("inproc-buckets").await;
+        let mut cfg = config(&bus.queue, "w-inproc-buckets");
+        cfg.controlnet.controlnets = Some(Vec::new());
+        cfg.concurrency = 2;
+        cfg.session.shapes = ShapeList::Sizes(vec![ImageSize {
+            width: 64,
+            height: 64,
+        }]);
+        cfg.session.other_sizes = katz_onnx::runtime::OtherSizes::Refuse;
+        cfg.session.warm_up = Some(true);
+        let mut w = start(cfg);
+        let sized = |tag: &str, w: u32, h: u32| {
+            let mut j = job(tag);
+            (j.width, j.height) = (w, h);
+            j
+        };
+        // the same job twice (two ids): the same PNG, byte for byte
+        let (a, b) = (sized("bucket-a", 64, 64), sized("bucket-b", 64, 64));
+        let other = sized("bucket-other", 96, 64);
+        for j in [&a, &b, &other] {
+            bus.publish(j).await;
+        }
+        let mut pngs = Vec::new();
+        for j in [&a, &b] {
+            let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
+            assert_eq!(r["status"], "done", "{r:?}");
+            let png: Vec<u8> = bus.redis.get(image_key(&j.id)).await.unwrap();
+            pngs.push(png);
+        }
+        assert_eq!(pngs[0], pngs[1], "the same job gave two PNGs");
+        let r = bus.wait_final(&other.id, Duration::from_secs(60)).await;
+        assert_eq!(r["status"], "failed", "{r:?}");
+        assert!(
+            r["error"].contains("64x64"),
+            "the error names the sizes served: {r:?}"
+        );
+        w.shut_down(Duration::from_secs(30))
+            .await
+            .expect("run returns Ok");
         bus.cleanup().await;
     });
 }

@@ -20,7 +20,8 @@ use std::time::Duration;
 use katz_onnx::error::ParseError;
 use katz_onnx::pipeline::{LoraBound, LoraMode};
 use katz_onnx::placement::Placement;
-use katz_onnx::runtime::{Device, FixedShape, SessionOptions};
+use katz_onnx::runtime::{ConvSearch, Device, FixedShape, OtherSizes, SessionOptions};
+use katz_onnx::shapes::SDXL_BUCKETS;
 use serde::Deserialize;
 use serde_with::{serde_as, DisplayFromStr};
 
@@ -125,38 +126,179 @@ pub struct SessionConfig {
     pub device: Device,
     /// Threads per ONNX Runtime operator (0: all cores).
     pub threads: usize,
-    /// Fix the UNet and ControlNet graphs to this image size, `WxH` (e.g. `1024x1024`), when the
-    /// sessions are made: ONNX Runtime folds the shape arithmetic (no CPU shape ops between the
-    /// GPU kernels). Jobs of another size, or without classifier-free guidance, are refused
-    /// [default: any size].
-    #[serde_as(as = "Option<DisplayFromStr>")]
-    pub static_shapes: Option<ImageSize>,
-    /// CUDA graphs for the UNet encoder and decoder (needs `static_shapes` and `cuda:N`): captured
-    /// when the pipeline loads, replayed every step.
-    pub cuda_graph: bool,
+    /// Shape buckets: the sizes served with UNet graphs fixed to them (and CUDA graphs on a
+    /// GPU), `WxH,WxH,…`, `sdxl` (SDXL's nine usual sizes), `none`, or `auto` [default: `auto`:
+    /// on a GPU, SDXL's sizes for a bundle whose default size is 1024x1024 and the bundle's
+    /// default size otherwise; none on the CPU].
+    #[serde_as(as = "DisplayFromStr")]
+    pub shapes: ShapeList,
+    /// A size no bucket has: `dynamic` (sessions with free shapes run it, slower) or `refuse`
+    /// (a clear error; no free-shape sessions are made).
+    #[serde_as(as = "DisplayFromStr")]
+    pub other_sizes: OtherSizes,
+    /// CUDA graphs for every bucket's UNet encoder and decoder (needs buckets and `cuda:N`):
+    /// captured when the worker loads, replayed every step [default: on with `cuda:N` and buckets].
+    pub cuda_graph: Option<bool>,
     /// CUDA: matrix products and convolutions in full fp32, not TF32.
     pub exact_fp32: bool,
+    /// cuDNN's convolution algorithms: `heuristic` (no timing; the same choice every run) or
+    /// `exhaustive` (timed on a shape's first run; can differ between runs).
+    #[serde_as(as = "DisplayFromStr")]
+    pub conv_search: ConvSearch,
+    /// ONNX Runtime's deterministic compute [default: on].
+    pub deterministic: Option<bool>,
+    /// Where optimized graphs are kept between starts: a directory, `none`, or `auto` [default:
+    /// `auto`: on a GPU, `$KATZ_CACHE_DIR`, else `$XDG_CACHE_HOME/katz/graphs`, else
+    /// `~/.cache/katz/graphs`; none on the CPU].
+    #[serde_as(as = "DisplayFromStr")]
+    pub graph_cache: GraphCache,
+    /// Run every shape bucket once before taking jobs, so the first job is as fast as the
+    /// tenth [default: on a GPU].
+    pub warm_up: Option<bool>,
 }
 
 impl SessionConfig {
-    /// The session options; fixed shapes take the UNet batch `placement` runs (1 per GPU with
-    /// split guidance, else 2: both guidance halves in one batch).
-    pub fn options(&self, placement: &Placement) -> SessionOptions {
+    /// The session options for the base bundle `base`; buckets take the UNet batch `placement`
+    /// runs (1 per GPU with split guidance, else 2: both guidance halves in one batch).
+    pub fn options(&self, placement: &Placement, base: Option<&Path>) -> SessionOptions {
+        let gpu = self.device.is_gpu();
+        let sizes: Vec<(usize, usize)> = match &self.shapes {
+            ShapeList::Sizes(v) => v.iter().map(|s| (s.width, s.height)).collect(),
+            ShapeList::Auto if !gpu => Vec::new(),
+            ShapeList::Auto => match base.and_then(|b| katz_onnx::bundle::BaseBundle::open(b).ok()) {
+                Some(b) if b.manifest.default_size == [1024, 1024] => SDXL_BUCKETS.to_vec(),
+                Some(b) => vec![(b.manifest.default_size[0], b.manifest.default_size[1])],
+                // the load reports the bundle's own error
+                None => Vec::new(),
+            },
+        };
+        let buckets: Vec<FixedShape> = sizes
+            .into_iter()
+            .map(|(width, height)| FixedShape {
+                width,
+                height,
+                unet_batch: placement.unet_batch(true),
+            })
+            .collect();
+        let cuda = matches!(self.device, Device::Cuda(_));
         SessionOptions {
             intra_threads: self.threads,
             device: self.device,
-            fixed: self.static_shapes.map(|s| FixedShape {
-                width: s.width,
-                height: s.height,
-                unet_batch: placement.unet_batch(true),
-            }),
-            cuda_graph: self.cuda_graph,
+            cuda_graph: self.cuda_graph.unwrap_or(cuda && !buckets.is_empty()),
+            buckets,
+            other_sizes: self.other_sizes,
             exact_fp32: self.exact_fp32,
+            conv_search: self.conv_search,
+            deterministic: self.deterministic.unwrap_or(true),
+            cache: match &self.graph_cache {
+                GraphCache::Off => None,
+                GraphCache::Dir(d) => Some(d.clone()),
+                GraphCache::Auto if gpu => default_graph_cache(),
+                GraphCache::Auto => None,
+            },
+        }
+    }
+
+    /// Whether the worker runs its buckets once before taking jobs.
+    pub fn warm_up(&self) -> bool {
+        self.warm_up.unwrap_or(self.device.is_gpu())
+    }
+}
+
+/// The optimized-graph cache's default directory: `$KATZ_CACHE_DIR`, `$XDG_CACHE_HOME/katz/graphs`
+/// or `~/.cache/katz/graphs` (None without a home).
+pub fn default_graph_cache() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("KATZ_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("katz").join("graphs")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache").join("katz").join("graphs")))
+}
+
+/// Which sizes get shape buckets (`SessionConfig::shapes`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ShapeList {
+    /// Decided by the device and the bundle (see `SessionConfig::shapes`).
+    #[default]
+    Auto,
+    /// These sizes (none: one set of free-shape sessions).
+    Sizes(Vec<ImageSize>),
+}
+
+impl std::str::FromStr for ShapeList {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        match s.trim() {
+            "auto" => Ok(ShapeList::Auto),
+            "none" | "" => Ok(ShapeList::Sizes(Vec::new())),
+            "sdxl" => Ok(ShapeList::Sizes(
+                SDXL_BUCKETS
+                    .iter()
+                    .map(|&(width, height)| ImageSize { width, height })
+                    .collect(),
+            )),
+            list => {
+                let mut v: Vec<ImageSize> = Vec::new();
+                for part in list.split(',') {
+                    let size: ImageSize = part.trim().parse()?;
+                    if !v.contains(&size) {
+                        v.push(size);
+                    }
+                }
+                Ok(ShapeList::Sizes(v))
+            }
         }
     }
 }
 
-/// An image size, `WxH` or one number for a square (as `--static-shapes` takes it).
+impl std::fmt::Display for ShapeList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShapeList::Auto => f.write_str("auto"),
+            ShapeList::Sizes(v) if v.is_empty() => f.write_str("none"),
+            ShapeList::Sizes(v) => {
+                let parts: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+                f.write_str(&parts.join(","))
+            }
+        }
+    }
+}
+
+/// Where optimized graphs are kept (`SessionConfig::graph_cache`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum GraphCache {
+    #[default]
+    Auto,
+    Off,
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for GraphCache {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        Ok(match s {
+            "auto" => GraphCache::Auto,
+            "none" | "off" => GraphCache::Off,
+            "" => {
+                return Err(ParseError(
+                    "graph_cache: give a directory, `none` or `auto`".into(),
+                ))
+            }
+            d => GraphCache::Dir(PathBuf::from(d)),
+        })
+    }
+}
+
+impl std::fmt::Display for GraphCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GraphCache::Auto => f.write_str("auto"),
+            GraphCache::Off => f.write_str("none"),
+            GraphCache::Dir(d) => write!(f, "{}", d.display()),
+        }
+    }
+}
+
+/// An image size, `WxH` or one number for a square (as `--shapes` takes it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageSize {
     pub width: usize,
@@ -461,7 +603,8 @@ impl WorkerConfig {
             base: self.bundle.clone().ok_or_else(|| unset("base bundle (bundle)"))?,
             controlnets: cn.controlnets.clone().unwrap_or_default(),
             lora: self.lora.config(lora_dir)?,
-            session: self.session.options(&placement),
+            session: self.session.options(&placement, self.bundle.as_deref()),
+            warm_up: self.session.warm_up(),
             controlnet_mode,
             controlnet_services: cn.controlnet_services.clone(),
             remote: Some(remote),
@@ -533,9 +676,14 @@ mod tests {
             max_side = 64
             device = "cuda:1"
             threads = 2
-            static_shapes = "64x32"
+            shapes = "64x32, 96x64"
+            other_sizes = "refuse"
             cuda_graph = true
             exact_fp32 = true
+            conv_search = "exhaustive"
+            deterministic = false
+            graph_cache = "/tmp/graphs"
+            warm_up = false
             controlnets = []
             controlnet_services = ["m", "n@q"]
             controlnet_mode = "serial"
@@ -560,13 +708,7 @@ mod tests {
         .unwrap();
         assert_eq!((c.concurrency, c.lookahead, c.max_side), (3, 0, 64));
         assert_eq!(c.session.device, Device::Cuda(1));
-        assert_eq!(
-            c.session.static_shapes,
-            Some(ImageSize {
-                width: 64,
-                height: 32
-            })
-        );
+        assert_eq!(c.session.shapes.to_string(), "64x32,96x64");
         assert_eq!(c.controlnet.controlnets, Some(vec![]));
         assert_eq!(c.controlnet.controlnet_services[1].queue, "q");
         assert_eq!(c.controlnet.controlnet_transport, Transport::CudaIpc);
@@ -584,9 +726,13 @@ mod tests {
             vec![ControlNetPlace::One(Device::Cuda(2))]
         );
         assert_eq!(m.placement.cond_half, Some(Device::Cuda(3)));
-        let fixed = m.session.fixed.unwrap();
-        assert_eq!((fixed.width, fixed.height, fixed.unet_batch), (64, 32, 1));
-        assert!(m.session.cuda_graph && m.session.exact_fp32);
+        let b = &m.session.buckets;
+        assert_eq!((b[1].width, b[1].height, b[1].unet_batch), (96, 64, 1));
+        assert!(m.session.cuda_graph && m.session.exact_fp32 && !m.session.deterministic);
+        assert_eq!(m.session.other_sizes, OtherSizes::Refuse);
+        assert_eq!(m.session.conv_search, ConvSearch::Exhaustive);
+        assert_eq!(m.session.cache.as_deref(), Some(Path::new("/tmp/graphs")));
+        assert!(!m.warm_up);
         let r = m.remote.unwrap();
         assert_eq!(
             (r.step_timeout, r.retries, r.ipc),
@@ -604,7 +750,8 @@ mod tests {
         assert!(e.contains("amqpp"), "{e}");
         assert!(parse("controlnet_mode = \"sideways\"").is_err());
         assert!(parse("device = \"gpu\"").is_err());
-        assert!(parse("static_shapes = \"wide\"").is_err());
+        assert!(parse("shapes = \"wide\"").is_err());
+        assert!(parse("other_sizes = \"maybe\"").is_err());
         let e = parse("controlnet_transport = \"carrier-pigeon\"")
             .unwrap_err()
             .to_string();
@@ -621,7 +768,8 @@ mod tests {
         assert_eq!(m.controlnets, vec![PathBuf::from("/b/tiny-sdxl-controlnet")]);
         assert_eq!(m.lora.dir, Path::new("/b/loras"));
         assert_eq!(m.controlnet_mode, LocalMode::Parallel);
-        assert!(m.session.fixed.is_none() && !m.session.cuda_graph);
+        assert!(m.session.buckets.is_empty() && !m.session.cuda_graph && m.session.cache.is_none());
+        assert!(!m.warm_up && m.session.deterministic);
         let want = LoraConfig::new(PathBuf::from("/b/loras"));
         assert_eq!(
             (m.lora.host_cache_bytes, m.lora.device_cache_bytes, m.lora.timeout),
@@ -653,5 +801,44 @@ mod tests {
         let mut s = c;
         s.session.device = Device::Cuda(0);
         assert_eq!(s.models().unwrap().controlnet_mode, LocalMode::Serial);
+    }
+
+    #[test]
+    fn shape_buckets_default_by_device_and_bundle() {
+        let bundles = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bundles");
+        let mut c = WorkerConfig::default();
+        c.locate_bundles(&bundles);
+        c.session.device = Device::Cuda(0);
+        let m = c.models().unwrap();
+        // the tiny bundle's default size is its one bucket, captured, warmed up, cached
+        let tiny = katz_onnx::bundle::BaseBundle::open(bundles.join("tiny-sdxl")).unwrap();
+        let [w, h] = tiny.manifest.default_size;
+        let b = &m.session.buckets;
+        assert_eq!((b.len(), b[0].width, b[0].height, b[0].unet_batch), (1, w, h, 2));
+        assert!(m.session.cuda_graph && m.warm_up);
+        assert_eq!(m.session.cache, default_graph_cache());
+        assert_eq!(m.session.other_sizes, OtherSizes::Dynamic);
+        // `sdxl` names the nine usual sizes; lists drop repeats
+        assert_eq!(
+            "sdxl"
+                .parse::<ShapeList>()
+                .unwrap()
+                .to_string()
+                .split(',')
+                .count(),
+            9
+        );
+        assert_eq!(
+            "1024x1024,1024, 768x1344"
+                .parse::<ShapeList>()
+                .unwrap()
+                .to_string(),
+            "1024x1024,768x1344"
+        );
+        assert_eq!("none".parse::<ShapeList>().unwrap(), ShapeList::Sizes(vec![]));
+        // explicit: no buckets, no graphs
+        c.session.shapes = ShapeList::Sizes(vec![]);
+        let m = c.models().unwrap();
+        assert!(m.session.buckets.is_empty() && !m.session.cuda_graph);
     }
 }

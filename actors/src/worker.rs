@@ -4,7 +4,8 @@
 //! (`src/cmd/worker.rs`), tests pass a channel.
 //!
 //! ```text
-//! WorkerConfig ─models()─▶ LoadedPipeline × concurrency (weights shared) ─▶ PipelineActor (SyncArbiter)
+//! WorkerConfig ─models()─▶ SyncArbiter × concurrency: each model thread loads + warms up its
+//!                          LoadedPipeline (weights shared) ─▶ PipelineActor
 //!   RabbitMQ ─▶ JobConsumer ─▶ JobDeps { store: ResultStore (Redis), lora: LoraManager, … }
 //!   shutdown.await ─Shutdown─▶ JobConsumer: cancel the consumer, drain, close ─▶ run returns
 //!   Health: loading → ready (consuming) → stopping → stopped, on /readyz and in the heartbeat
@@ -53,22 +54,19 @@ pub enum WorkerError {
 /// Runs a worker until `shutdown` resolves, then drains: the consumer is cancelled (deliveries
 /// taken but not started go back to the queue), the jobs running finish, are stored and acked,
 /// and `run` returns. Blocks the calling thread (it runs its own runtime and actix system).
+///
+/// Each model thread loads its own pipeline (one after another, the first one's weights shared
+/// by the rest) and warms it up: CUDA graphs are captured on the thread that replays them, and
+/// the first job finds every shape bucket run once. The heartbeat and `/readyz` say `loading`
+/// meanwhile; the worker consumes only when every pipeline is loaded.
 pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    let started = std::time::Instant::now();
     let health = Health::new();
     let models = cfg.models()?;
     let (limits, worker_name) = (cfg.limits(), cfg.worker_name());
-    // Load every pipeline before taking any job: a bad bundle fails the start, loudly.
     let n = cfg.concurrency.max(1);
-    let mut actors: Vec<LoadedPipeline> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let shared = actors.first().map(|a| a.shared_weights());
-        actors.push(LoadedPipeline::load(&models, shared)?);
-    }
-    let weights = actors[0].shared_weights();
-    let base = actors[0].base_name().to_string();
-    let catalogue = Arc::new(actors[0].catalogue(&limits));
+    let base = katz_onnx::bundle::BaseBundle::open(&models.base)?.manifest.name;
     let queue = cfg.queue.clone().unwrap_or_else(|| jobs_queue(&base));
-    let pool = Mutex::new(actors);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -76,7 +74,6 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
         .build()?;
     let sys = actix::System::with_tokio_rt(move || rt);
     let result: Result<(), WorkerError> = sys.block_on(async move {
-        let store = connect_redis(&cfg.redis).await?.start();
         let beat = Beat {
             worker: worker_name.clone(),
             base: base.clone(),
@@ -98,10 +95,6 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
                 None
             }
         };
-        let rt = tokio::runtime::Handle::current();
-        let pipeline = SyncArbiter::start(n, move || {
-            PipelineActor::from_pool(&pool).with_runtime(rt.clone())
-        });
         if let Some(addr) = cfg.metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -109,6 +102,40 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
             tracing::info!(%addr, "metrics on /metrics, probes on /readyz and /healthz");
             actix::spawn(crate::metrics::serve(listener, health.clone()));
         }
+        // Load every pipeline before taking any job, each on its model thread: a bad bundle
+        // fails the start, loudly.
+        let (loaded_tx, mut loaded_rx) = tokio::sync::mpsc::unbounded_channel();
+        let loader = Arc::new(Loader {
+            models: models.clone(),
+            limits: limits.clone(),
+            shared: Mutex::new(None),
+            done: loaded_tx,
+        });
+        let rt = tokio::runtime::Handle::current();
+        let pipeline = SyncArbiter::start(n, move || loader.load().with_runtime(rt.clone()));
+        let mut first: Option<Loaded> = None;
+        for _ in 0..n {
+            match loaded_rx.recv().await {
+                Some(Ok(l)) => {
+                    first.get_or_insert(l);
+                }
+                Some(Err(e)) => return Err(WorkerError::Models(e)),
+                None => {
+                    return Err(WorkerError::Models(katz_onnx::Error::Gpu(
+                        "a model thread ended before its pipeline loaded".into(),
+                    )))
+                }
+            }
+        }
+        let Some(Loaded { weights, catalogue }) = first else {
+            unreachable!("n ≥ 1 pipelines reported")
+        };
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            pipelines = n,
+            "models loaded"
+        );
+        let store = connect_redis(&cfg.redis).await?.start();
         let lora_store = LoraStore::open(&models.lora)
             .await
             .map_err(|e| WorkerError::Lora(e.to_string()))?;
@@ -117,7 +144,7 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let deps = JobDeps {
             limits: limits.clone(),
-            catalogue,
+            catalogue: Arc::new(catalogue),
             worker: worker_name.clone(),
             store_retry: cfg.store_retry,
             pipeline,
@@ -157,6 +184,45 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
         Ok(())
     });
     result
+}
+
+/// What a model thread reports when its pipeline is loaded.
+struct Loaded {
+    weights: Arc<katz_onnx::weights::Weights>,
+    catalogue: crate::pipeline::Catalogue,
+}
+
+/// Loads one pipeline per model thread (the `SyncArbiter` factory runs on each thread).
+struct Loader {
+    models: crate::pipeline::Models,
+    limits: crate::protocol::Limits,
+    /// The first pipeline's pristine weights, which the others share; the lock also keeps the
+    /// loads one after another (a CUDA-graph capture wants no other thread on the GPU).
+    shared: Mutex<Option<Arc<katz_onnx::weights::Weights>>>,
+    done: tokio::sync::mpsc::UnboundedSender<katz_onnx::Result<Loaded>>,
+}
+
+impl Loader {
+    /// On a model thread: loads (and warms up) its pipeline and reports it; a thread whose load
+    /// failed holds none (the worker stops on the report).
+    fn load(&self) -> PipelineActor {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        match LoadedPipeline::load(&self.models, shared.clone()) {
+            Ok(p) => {
+                let weights = p.shared_weights();
+                shared.get_or_insert_with(|| weights.clone());
+                let _ = self.done.send(Ok(Loaded {
+                    weights,
+                    catalogue: p.catalogue(&self.limits),
+                }));
+                PipelineActor::new(p)
+            }
+            Err(e) => {
+                let _ = self.done.send(Err(e));
+                PipelineActor::empty()
+            }
+        }
+    }
 }
 
 async fn connect_redis(url: &str) -> Result<ResultStore, WorkerError> {

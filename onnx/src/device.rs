@@ -199,3 +199,11 @@ pub(crate) fn peer(a: i32, b: i32) -> Result<()> {
         message: format!("peer access between the GPUs cannot be enabled: {e}"),
     })
 }
+
+/// Free memory of `k`'s GPU in bytes (its context made current), or None if CUDA cannot say.
+pub(crate) fn free_memory(k: &GpuKernels) -> Option<u64> {
+    current(k).ok()?;
+    cudarc::driver::result::mem_get_info()
+        .ok()
+        .map(|(free, _)| free as u64)
+}

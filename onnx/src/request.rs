@@ -7,7 +7,7 @@
 //!                                                                              pipeline and loops take)
 //! ```
 //!
-//! [`Accepts`] says what one pipeline takes: the size limits, its size multiple, its fixed shapes
+//! [`Accepts`] says what one pipeline takes: the size limits, its size multiple, its shape buckets
 //! (static-shape graphs), whether guidance is split, which ControlNets it has loaded and how many
 //! a ControlNet service serves. [`crate::pipeline::Pipeline::accepts`] gives a pipeline's; a
 //! worker overlays its configured [`Limits`] and its service models.
@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use crate::lora::LoraAdapter;
-use crate::runtime::FixedShape;
+use crate::runtime::{FixedShape, OtherSizes};
 use crate::scheduler::SchedulerKind;
 use crate::tensor::Tensor;
 use crate::{Error, Result};
@@ -146,8 +146,10 @@ pub struct Accepts {
     pub limits: Limits,
     /// Width and height must be positive multiples of this (the VAE's scale factor).
     pub size_multiple: usize,
-    /// The size and UNet batch the graphs are fixed to (static shapes), if they are.
-    pub fixed: Option<FixedShape>,
+    /// The shape buckets: sizes and UNet batch with graphs of their own.
+    pub buckets: Vec<FixedShape>,
+    /// What a request of a size no bucket has gets (with buckets).
+    pub other_sizes: OtherSizes,
     /// Whether guidance is split over two GPUs (one UNet batch per GPU).
     pub split: bool,
     /// How many ControlNets the pipeline loaded ([`ModelId`]s below this are valid).
@@ -207,14 +209,29 @@ impl ValidRequest {
                 l.max_guidance, req.guidance
             ));
         }
-        if let Some(fx) = a.fixed {
+        if !a.buckets.is_empty() && a.other_sizes == OtherSizes::Refuse {
             let cfg = req.guidance > 1.0;
             let batch = if cfg && !a.split { 2 } else { 1 };
-            if (req.width, req.height) != (fx.width, fx.height) || batch != fx.unet_batch {
+            let fits = a
+                .buckets
+                .iter()
+                .any(|b| (b.width, b.height, b.unet_batch) == (req.width, req.height, batch));
+            if !fits {
+                let sizes: Vec<String> = a
+                    .buckets
+                    .iter()
+                    .map(|b| format!("{}x{}", b.width, b.height))
+                    .collect();
+                let guided = if batch == a.buckets[0].unet_batch {
+                    String::new()
+                } else {
+                    " (its guidance needs another UNet batch than the buckets': guidance ≤ 1 runs a batch of 1)".into()
+                };
                 return bad(format!(
-                    "this pipeline's graphs are fixed to {}x{} with a UNet batch of {} (static shapes); \
-                     the request is {}x{} with a batch of {batch}",
-                    fx.width, fx.height, fx.unet_batch, req.width, req.height
+                    "this worker serves the sizes {} and refuses others; the request is {}x{}{guided}",
+                    sizes.join(", "),
+                    req.width,
+                    req.height
                 ));
             }
         }
@@ -318,7 +335,8 @@ mod tests {
         Accepts {
             limits: Limits::default(),
             size_multiple: 8,
-            fixed: None,
+            buckets: Vec::new(),
+            other_sizes: OtherSizes::Dynamic,
             split: false,
             loaded: 1,
             served: 0,
@@ -415,21 +433,30 @@ mod tests {
     }
 
     #[test]
-    fn fixed_shapes_take_their_size_and_batch() {
+    fn shape_buckets_take_their_sizes_and_batch_and_other_sizes_as_configured() {
         let mut a = accepts();
-        a.fixed = Some(FixedShape {
-            width: 64,
-            height: 32,
-            unet_batch: 2,
-        });
+        let b = |width, height, unet_batch| FixedShape {
+            width,
+            height,
+            unet_batch,
+        };
+        a.buckets = vec![b(64, 32, 2), b(96, 64, 2)];
+        a.other_sizes = OtherSizes::Refuse;
         assert!(ValidRequest::new(request(), &a).is_ok());
+        let mut other = request();
+        other.width = 128;
+        let e = ValidRequest::new(other.clone(), &a).unwrap_err();
+        assert!(e.to_string().contains("64x32, 96x64"), "{e}");
         let mut unguided = request();
         unguided.guidance = 1.0;
         let e = ValidRequest::new(unguided, &a).unwrap_err();
         assert!(e.to_string().contains("batch of 1"), "{e}");
         a.split = true;
-        a.fixed = a.fixed.map(|f| FixedShape { unet_batch: 1, ..f });
+        a.buckets = vec![b(64, 32, 1)];
         assert!(ValidRequest::new(request(), &a).is_ok());
+        // other sizes run on the free-shape sessions when the policy says so
+        a.other_sizes = OtherSizes::Dynamic;
+        assert!(ValidRequest::new(other, &a).is_ok());
     }
 
     #[test]

@@ -11,6 +11,20 @@ use crate::bundle::{BaseBundle, BaseManifest};
 use crate::runtime::FixedShape;
 use crate::{Error, Result};
 
+/// SDXL's usual resolutions (its training buckets at about one megapixel), `(width, height)`:
+/// the default shape buckets of a full-size SDXL bundle on a GPU.
+pub const SDXL_BUCKETS: [(usize, usize); 9] = [
+    (1024, 1024),
+    (1152, 896),
+    (896, 1152),
+    (1216, 832),
+    (832, 1216),
+    (1344, 768),
+    (768, 1344),
+    (1536, 640),
+    (640, 1536),
+];
+
 /// The names of the UNet encoder's skip outputs (and the decoder's skip inputs).
 pub fn skip_names(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("skip_{i}")).collect()
@@ -23,20 +37,20 @@ fn unet_strides(m: &BaseManifest) -> Option<(usize, Vec<usize>)> {
     (m.architecture == "sdxl" && m.unet.skips == 9).then(|| (4, vec![1, 1, 1, 2, 2, 2, 4, 4, 4]))
 }
 
-/// The fixed free dimensions of the UNet encoder and decoder for `f` (`--static-shapes`).
+/// The fixed free dimensions of the UNet encoder and decoder for the shape bucket `f`.
 pub fn unet_dims(bundle: &BaseBundle, f: FixedShape) -> Result<[Vec<(String, i64)>; 2]> {
     let m = &bundle.manifest;
     let (mid, strides) = unet_strides(m).ok_or_else(|| {
         Error::bundle(
             &bundle.dir,
-            "static shapes need the SDXL UNet structure (nine skips); this bundle has another",
+            "shape buckets need the SDXL UNet structure (nine skips); this bundle has another",
         )
     })?;
     let s = m.vae_scale_factor;
     let largest = mid.max(strides.iter().copied().max().unwrap_or(1));
     if !f.width.is_multiple_of(s * largest) || !f.height.is_multiple_of(s * largest) || f.unet_batch == 0 {
         return Err(Error::InvalidRequest(format!(
-            "static shapes: {}x{} is not a multiple of {} (or the batch is 0)",
+            "shape bucket {}x{}: width and height must be multiples of {} (and the batch not 0)",
             f.width,
             f.height,
             s * largest

@@ -11,7 +11,7 @@ use katz_onnx::lora::{LoraAdapter, PendingMerge};
 use katz_onnx::pipeline::{LoraMode, LoraPlan, Pipeline, RunOptions};
 use katz_onnx::placement::Placement;
 use katz_onnx::request::{ControlRequest, LoraRequest, Request, ValidRequest};
-use katz_onnx::runtime::{FixedShape, SessionOptions};
+use katz_onnx::runtime::{FixedShape, OtherSizes, SessionOptions};
 use katz_onnx::scheduler::SchedulerKind;
 
 use super::lora_args::{self, LoraArgs};
@@ -145,14 +145,15 @@ pub struct GenerateArgs {
     pub output: PathBuf,
     #[command(flatten)]
     pub device: DeviceArgs,
-    /// Fix the UNet and ControlNet graphs' shapes to this request's size and batch when the
-    /// sessions are made (no shape work between a step's GPU kernels).
-    #[arg(long)]
-    pub static_shapes: bool,
-    /// CUDA graphs for the UNet (needs --static-shapes and cuda:N): captured at load, replayed
-    /// every step.
-    #[arg(long, env = "KATZ_CUDA_GRAPH")]
-    pub cuda_graph: bool,
+    /// The UNet graphs' shapes fixed to this request's size and batch when the sessions are made
+    /// (no shape work between a step's GPU kernels) [default: on a GPU; `--static-shapes false`:
+    /// free shapes].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub static_shapes: Option<bool>,
+    /// CUDA graphs for the UNet (needs static shapes and cuda:N): captured at load, replayed
+    /// every step [default: with static shapes on cuda:N].
+    #[arg(long, env = "KATZ_CUDA_GRAPH", num_args = 0..=1, default_missing_value = "true")]
+    pub cuda_graph: Option<bool>,
     /// CUDA: matrix products and convolutions in full fp32, not TF32.
     #[arg(long, env = "KATZ_EXACT_FP32")]
     pub exact_fp32: bool,
@@ -214,22 +215,26 @@ fn file_name(p: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
-/// The session options the flags ask for: static shapes fixed to the request's size and the
-/// UNet batch its placement runs.
+/// The session options the flags ask for: on a GPU (unless `--static-shapes false`) one shape
+/// bucket, the request's size and the UNet batch its placement runs, with CUDA graphs on cuda:N;
+/// free shapes on the CPU.
 pub fn session_options(a: &GenerateArgs) -> anyhow::Result<SessionOptions> {
     let mut opts = a.device.session_options();
-    opts.cuda_graph = a.cuda_graph;
     opts.exact_fp32 = a.exact_fp32;
-    if a.static_shapes {
+    let fixed = a.static_shapes.unwrap_or(a.device.device.is_gpu());
+    if fixed {
         let m = BaseBundle::open(&a.bundle)?.manifest;
         let (width, height) = a.size.unwrap_or((m.default_size[0], m.default_size[1]));
         let guided = a.guidance.unwrap_or(m.default_guidance) > 1.0;
-        opts.fixed = Some(FixedShape {
+        opts.buckets = vec![FixedShape {
             width,
             height,
             unet_batch: placement(a).unet_batch(guided),
-        });
+        }];
+        opts.other_sizes = OtherSizes::Refuse;
     }
+    let cuda = matches!(a.device.device, katz_onnx::runtime::Device::Cuda(_));
+    opts.cuda_graph = a.cuda_graph.unwrap_or(fixed && cuda);
     Ok(opts)
 }
 

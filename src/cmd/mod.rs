@@ -18,9 +18,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use katz_actors::config::{DEFAULT_AMQP_URL, DEFAULT_REDIS_URL};
+use katz_actors::config::{GraphCache, SessionConfig, ShapeList, DEFAULT_AMQP_URL, DEFAULT_REDIS_URL};
 use katz_onnx::pipeline::{Generated, Observer};
-use katz_onnx::runtime::{Device, SessionOptions};
+use katz_onnx::runtime::{ConvSearch, Device, SessionOptions};
 use katz_onnx::tensor::Tensor;
 
 /// RabbitMQ.
@@ -68,15 +68,35 @@ pub struct DeviceArgs {
     /// cpu, cuda:N or tensorrt:N; a GPU that cannot be used is an error, never a CPU fall-back.
     #[arg(long, env = "KATZ_DEVICE", default_value = "cpu")]
     pub device: Device,
+    /// cuDNN's convolution algorithms: heuristic (the same every run) or exhaustive (timed on a
+    /// shape's first run) [default: heuristic]
+    #[arg(long, env = "KATZ_CONV_SEARCH")]
+    pub conv_search: Option<ConvSearch>,
+    /// ONNX Runtime's deterministic compute [default: true]
+    #[arg(long, env = "KATZ_DETERMINISTIC", num_args = 0..=1, default_missing_value = "true")]
+    pub deterministic: Option<bool>,
+    /// Where optimized graphs are kept between runs: a directory, `none` or `auto` [default:
+    /// auto: on a GPU, $KATZ_CACHE_DIR, else $XDG_CACHE_HOME/katz/graphs or ~/.cache/katz/graphs]
+    #[arg(long, env = "KATZ_GRAPH_CACHE")]
+    pub graph_cache: Option<GraphCache>,
 }
 
 impl DeviceArgs {
+    /// The worker's session defaults (one place: `katz_actors::config::SessionConfig`) for this
+    /// device, without shape buckets or CUDA graphs (the command sets those).
     pub fn session_options(&self) -> SessionOptions {
-        SessionOptions {
-            intra_threads: self.threads,
+        let d = SessionConfig::default();
+        let cfg = SessionConfig {
             device: self.device,
-            ..SessionOptions::default()
-        }
+            threads: self.threads,
+            shapes: ShapeList::Sizes(Vec::new()),
+            cuda_graph: Some(false),
+            conv_search: self.conv_search.unwrap_or(d.conv_search),
+            deterministic: self.deterministic.or(d.deterministic),
+            graph_cache: self.graph_cache.clone().unwrap_or(d.graph_cache),
+            ..d
+        };
+        cfg.options(&katz_onnx::placement::Placement::on(self.device), None)
     }
 }
 

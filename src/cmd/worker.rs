@@ -11,10 +11,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
-use katz_actors::config::{ImageSize, Transport, WorkerConfig};
+use katz_actors::config::{GraphCache, ShapeList, Transport, WorkerConfig};
 use katz_actors::controlnet::{LocalMode, RemoteModel};
 use katz_actors::worker;
-use katz_onnx::runtime::Device;
+use katz_onnx::runtime::{ConvSearch, Device, OtherSizes};
 
 use super::bundles_dir;
 use super::lora_args::{set, LoraArgs, LoraStoreArgs};
@@ -113,16 +113,34 @@ pub struct SessionArgs {
     /// cpu, cuda:N or tensorrt:N; a GPU that cannot be used is an error, never a CPU fall-back [default: cpu]
     #[arg(long, env = "KATZ_DEVICE")]
     pub device: Option<Device>,
-    /// Fix the UNet and ControlNet graphs to this image size, WxH (e.g. 1024x1024): ONNX Runtime
-    /// folds the shape arithmetic; jobs of another size, or without guidance, are refused
-    #[arg(long, env = "KATZ_STATIC_SHAPES")]
-    pub static_shapes: Option<ImageSize>,
-    /// CUDA graphs for the UNet encoder and decoder (needs --static-shapes and cuda:N)
+    /// Shape buckets: sizes served with UNet graphs fixed to them (CUDA graphs on a GPU):
+    /// WxH,WxH,…, `sdxl` (SDXL's nine usual sizes), `none` or `auto` [default: auto: on a GPU,
+    /// SDXL's sizes for a 1024x1024 bundle, else its default size; none on the CPU]
+    #[arg(long, env = "KATZ_SHAPES")]
+    pub shapes: Option<ShapeList>,
+    /// A size no bucket has: `dynamic` (free-shape sessions run it, slower) or `refuse` [default: dynamic]
+    #[arg(long, env = "KATZ_OTHER_SIZES")]
+    pub other_sizes: Option<OtherSizes>,
+    /// CUDA graphs for every bucket's UNet (needs buckets and cuda:N) [default: on with cuda:N and buckets]
     #[arg(long, env = "KATZ_CUDA_GRAPH", num_args = 0..=1, default_missing_value = "true")]
     pub cuda_graph: Option<bool>,
     /// CUDA: matrix products and convolutions in full fp32, not TF32
     #[arg(long, env = "KATZ_EXACT_FP32", num_args = 0..=1, default_missing_value = "true")]
     pub exact_fp32: Option<bool>,
+    /// cuDNN's convolution algorithms: heuristic (the same every run) or exhaustive (timed on a
+    /// shape's first run) [default: heuristic]
+    #[arg(long, env = "KATZ_CONV_SEARCH")]
+    pub conv_search: Option<ConvSearch>,
+    /// ONNX Runtime's deterministic compute [default: true]
+    #[arg(long, env = "KATZ_DETERMINISTIC", num_args = 0..=1, default_missing_value = "true")]
+    pub deterministic: Option<bool>,
+    /// Where optimized graphs are kept between starts: a directory, `none` or `auto` [default:
+    /// auto: on a GPU, $KATZ_CACHE_DIR, else $XDG_CACHE_HOME/katz/graphs or ~/.cache/katz/graphs]
+    #[arg(long, env = "KATZ_GRAPH_CACHE")]
+    pub graph_cache: Option<GraphCache>,
+    /// Run every shape bucket once before taking jobs [default: on a GPU]
+    #[arg(long, env = "KATZ_WARM_UP", num_args = 0..=1, default_missing_value = "true")]
+    pub warm_up: Option<bool>,
 }
 
 /// A list flag's values without empty entries (an empty `KATZ_…` variable, compose's default,
@@ -163,11 +181,20 @@ impl WorkerArgs {
         let s = &mut c.session;
         set(&mut s.threads, self.session.threads);
         set(&mut s.device, self.session.device);
-        if self.session.static_shapes.is_some() {
-            s.static_shapes = self.session.static_shapes;
+        set(&mut s.shapes, self.session.shapes);
+        set(&mut s.other_sizes, self.session.other_sizes);
+        if self.session.cuda_graph.is_some() {
+            s.cuda_graph = self.session.cuda_graph;
         }
-        set(&mut s.cuda_graph, self.session.cuda_graph);
         set(&mut s.exact_fp32, self.session.exact_fp32);
+        set(&mut s.conv_search, self.session.conv_search);
+        if self.session.deterministic.is_some() {
+            s.deterministic = self.session.deterministic;
+        }
+        set(&mut s.graph_cache, self.session.graph_cache);
+        if self.session.warm_up.is_some() {
+            s.warm_up = self.session.warm_up;
+        }
 
         let cn = &mut c.controlnet;
         if let Some(paths) = given(self.controlnets, |p| p.as_os_str().is_empty()) {
@@ -255,8 +282,8 @@ mod tests {
                 "1",
                 "--controlnet",
                 "none",
-                "--static-shapes",
-                "64",
+                "--shapes",
+                "64,96x64",
                 "--cuda-graph",
                 "--lora-switch",
                 "ready",
@@ -269,21 +296,15 @@ mod tests {
             Some(vec![]),
             "--controlnet none hosts none"
         );
-        assert_eq!(
-            c.session.static_shapes,
-            Some(ImageSize {
-                width: 64,
-                height: 64
-            })
-        );
-        assert!(c.session.cuda_graph && !c.session.exact_fp32);
+        assert_eq!(c.session.shapes.to_string(), "64x64,96x64");
+        assert!(c.session.cuda_graph == Some(true) && !c.session.exact_fp32);
         assert_eq!(c.lora.lora_mode, LoraMode::Sync);
         assert_eq!(c.lora.lora_switch, katz_actors::config::LoraSwitch::Ready);
         let c = overlay(
             "cuda_graph = true",
             &["--cuda-graph", "false", "--controlnet", "x,y"],
         );
-        assert!(!c.session.cuda_graph);
+        assert_eq!(c.session.cuda_graph, Some(false));
         assert_eq!(
             c.controlnet.controlnets,
             Some(vec![PathBuf::from("x"), PathBuf::from("y")])

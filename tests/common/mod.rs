@@ -33,10 +33,10 @@ pub fn test_options() -> SessionOptions {
     SessionOptions {
         intra_threads: 1,
         device,
-        fixed: None,
-        cuda_graph: false,
         // correctness against fp32 references: no TF32 on CUDA
         exact_fp32: true,
+        deterministic: true,
+        ..SessionOptions::default()
     }
 }
 
@@ -156,4 +156,18 @@ pub fn generate_with_noise(
     obs: &mut dyn katz_onnx::pipeline::Observer,
 ) -> katz_onnx::Result<katz_onnx::pipeline::Generated> {
     generate_with(p, r, noise, obs, katz_onnx::pipeline::LoraPlan::Sync, None)
+}
+
+/// A conditioning image of any size (`[1, 3, h, w]` in [0, 1]): a checkerboard of 8-pixel cells.
+#[allow(dead_code)]
+pub fn checkerboard(w: usize, h: usize) -> katz_onnx::tensor::Tensor {
+    let mut data = Vec::with_capacity(3 * w * h);
+    for _ in 0..3 {
+        for y in 0..h {
+            for x in 0..w {
+                data.push(((x / 8 + y / 8) % 2) as f32);
+            }
+        }
+    }
+    katz_onnx::tensor::Tensor::new(vec![1, 3, h, w], data)
 }

@@ -39,6 +39,10 @@
 #                                           profile of the ControlNet sessions
 #   bash tools/device/gpu-path.sh eight     8 GPUs: the paper's placement, the halves on GPUs
 #                                           0 and 1 and each ControlNet once per half (2/3, 4/5, 6/7)
+#   bash tools/device/gpu-path.sh fastpath  the worker at the fast path's speed (carried brokers): bench pipeline with
+#                                           CUDA graphs (the reference), then `katz worker` cold (empty graph
+#                                           cache) and warm: ready time, bucket memory, first vs steady 0C/0L
+#                                           job, the same job twice (PNG bytes); `katz generate` on the warm cache
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -394,6 +398,71 @@ eight() {  # the 8-GPU placement: the paper's 3C/2L placement on 8 GPUs: the gui
     --controlnet-devices cuda:1,cuda:2,cuda:3 --controlnet-mode parallel
 }
 
+ready_wait() {  # pid, port: waits until /readyz answers 200 (or the process ends); prints the seconds
+  python3 - "$1" "$2" <<'PY'
+import os, sys, time, urllib.request
+pid, port, t0 = int(sys.argv[1]), sys.argv[2], time.time()
+while True:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        print("exited"); sys.exit(1)
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+            break
+    except Exception:
+        pass
+    time.sleep(0.05)
+print(f"{time.time() - t0:.2f}")
+PY
+}
+
+job_ms() {  # job id: submitted → finished, ms, from its record
+  /opt/kb/katz status "$1" | python3 -c "import json,sys; r=json.load(sys.stdin); print(int(r['finished_ms'])-int(r['submitted_ms']), r.get('pipeline_ms','?'), r.get('step_ms','?'), r.get('vae_decode_ms','?'))"
+}
+
+fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
+  bench_setup || return 1
+  bash tools/device/services-pack.sh start || return 1
+  local cache=/tmp/katz-graphs q=katz.jobs.fast$(date +%s) name start pid ready i id
+  name=$(python3 -c "import json;print(json.load(open('$S/base/bundle.json'))['name'])")
+  echo "== katz bench pipeline 0C/0L, static shapes + CUDA graphs (the reference)"
+  KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph --configs 0C/0L --static-shapes --cuda-graph
+  echo "== the same with cuDNN's exhaustive algorithm search (the previous default)"
+  KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph-exhaustive --configs 0C/0L --static-shapes --cuda-graph --conv-search exhaustive
+  rm -rf "$cache"
+  for start in cold warm; do
+    KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet none \
+      --queue "$q" --name "fast-$start" --metrics-addr 127.0.0.1:9187 ${FAST_WORKER_ARGS:-} >"$O/worker-$start.log" 2>&1 &
+    pid=$!
+    ready=$(ready_wait $pid 9187) || { echo "worker ($start) did not get ready"; tail -20 "$O/worker-$start.log"; return 1; }
+    echo "== worker, $start start (graph cache $( [[ $start == cold ]] && echo empty || echo warm)): ready after $ready s"
+    sed 's/\x1b\[[0-9;]*m//g' "$O/worker-$start.log" | grep -E "pipeline loaded|bucket captured|warmed up|models loaded|rror" | cut -c1-400 | tail -14
+    local n=${FAST_JOBS:-11}
+    [[ $start == warm ]] && n=${FAST_WARM_JOBS:-3}
+    echo "job, submitted→finished ms, pipeline ms, step ms, VAE ms"
+    for i in $(seq 0 $((n - 1))); do
+      id=fast-$start-$i-$RANDOM
+      /opt/kb/katz submit --base "$name" --prompt "a photograph of an astronaut riding a horse" --size 1024x1024 \
+        --steps "${STEPS:-50}" --guidance 7.5 --seed 7 --queue "$q" --id "$id" --wait -o "$O/fast-$start-$i.png" >/dev/null 2>&1 \
+        || { echo "job $id failed"; /opt/kb/katz status "$id"; }
+      echo "$start $i $(job_ms "$id")"
+    done
+    echo "same job (seed 7) $n times: $(sha256sum "$O"/fast-"$start"-*.png | awk '{print $1}' | sort -u | wc -l) distinct PNG(s); sizes $(stat -c %s "$O"/fast-"$start"-*.png | sort -u | tr '\n' ' ')"
+    kill -TERM $pid; wait $pid 2>/dev/null
+  done
+  cmp -s "$O/fast-cold-0.png" "$O/fast-warm-0.png" && echo "cold and warm workers: the same PNG" || echo "cold and warm workers: PNGs DIFFER"
+  echo "== katz generate 0C/0L, fresh process, warm graph cache"
+  local t0=$(date +%s.%N)
+  KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz generate --device cuda:0 --bundle "$S/base" --prompt "a photograph of an astronaut riding a horse" \
+    --size 1024x1024 --steps "${STEPS:-50}" --guidance 7.5 --seed 7 -o "$O/generate.png" >"$O/generate.log" 2>&1 || tail -20 "$O/generate.log"
+  echo "generate: wall $(python3 -c "import time;print(f'{time.time()-$t0:.2f}')") s"
+  sed 's/\x1b\[[0-9;]*m//g' "$O/generate.log" | grep -E "pipeline total|per step|VAE|pipeline loaded|wrote" | cut -c1-300
+  cmp -s "$O/generate.png" "$O/fast-warm-0.png" && echo "generate and the worker: the same PNG" || echo "generate and the worker: PNGs differ"
+  rm -f "$O"/fast-*-[1-9]*.png
+  return 0
+}
+
 results() {  # $OUT takes at most 8 files: the run's results travel as one tarball
   [[ -n ${OUT:-} && -d ${OUT:-} ]] || return 0
   local f=$(cd "$O" && ls -d *.json *.svg *.md *.txt *.log 2>/dev/null)
@@ -417,6 +486,7 @@ case ${1:-all} in
   graphs) graphs ;;
   placement) placement ;;
   eight) eight ;;
+  fastpath) fastpath ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|profile|workload|quality|graphs|placement|eight|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|profile|workload|quality|graphs|placement|eight|fastpath|all"; exit 2 ;;
 esac

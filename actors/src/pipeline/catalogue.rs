@@ -45,7 +45,8 @@ impl Catalogue {
             accepts: Accepts {
                 limits: limits.request(),
                 size_multiple: 8,
-                fixed: None,
+                buckets: Vec::new(),
+                other_sizes: Default::default(),
                 split: false,
                 loaded: 0,
                 served: job.controlnets.len(),
@@ -117,7 +118,8 @@ pub(crate) mod tests {
             accepts: Accepts {
                 limits: Limits::default(),
                 size_multiple: 8,
-                fixed: None,
+                buckets: Vec::new(),
+                other_sizes: Default::default(),
                 split: false,
                 loaded: 0,
                 served: 0,

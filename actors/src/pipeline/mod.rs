@@ -57,6 +57,8 @@ pub struct Models {
     pub remote: Option<RemoteConfig>,
     /// Where the base, the conditional guidance half and each hosted ControlNet run.
     pub placement: Placement,
+    /// Run every shape bucket once at load (`Pipeline::warm_up`), before the worker takes jobs.
+    pub warm_up: bool,
 }
 
 impl Models {
@@ -75,6 +77,7 @@ impl Models {
             controlnet_services: Vec::new(),
             remote: None,
             placement: Placement::on(session.device),
+            warm_up: false,
             session,
         }
     }
@@ -86,6 +89,16 @@ impl Models {
 pub struct PipelineActor(Option<LoadedPipeline>);
 
 impl PipelineActor {
+    /// The actor of a model thread that loaded `p`.
+    pub fn new(p: LoadedPipeline) -> Self {
+        PipelineActor(Some(p))
+    }
+
+    /// The actor of a model thread without a pipeline (its load failed): it requeues every job.
+    pub fn empty() -> Self {
+        PipelineActor(None)
+    }
+
     /// Takes one preloaded pipeline from `pool` for a model thread (the `SyncArbiter` factory).
     pub fn from_pool(pool: &std::sync::Mutex<Vec<LoadedPipeline>>) -> Self {
         PipelineActor(pool.lock().ok().and_then(|mut p| p.pop()))
@@ -112,10 +125,18 @@ pub struct LoadedPipeline {
 
 impl LoadedPipeline {
     /// Loads the base bundle and every ControlNet bundle where the placement puts them (errors
-    /// name the bundle).
+    /// name the bundle), and warms the pipeline up when `models.warm_up`. With CUDA graphs, call
+    /// it on the thread that will run the jobs.
     pub fn load(models: &Models, shared: Option<Arc<Weights>>) -> katz_onnx::Result<Self> {
         let mut pipe = Pipeline::load_sharing(&models.base, models.session.clone(), shared)?;
         let ids = pipe.place(&models.placement, &models.controlnets)?;
+        if models.warm_up {
+            let t = pipe.warm_up()?;
+            tracing::info!(
+                ms = t.as_millis() as u64,
+                "warmed up: every shape bucket ran once"
+            );
+        }
         let mut controlnets = BTreeMap::new();
         for (dir, id) in models.controlnets.iter().zip(ids) {
             controlnets.insert(pipe_controlnet_name(dir)?, ControlModel::Loaded(id));

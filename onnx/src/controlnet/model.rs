@@ -40,7 +40,8 @@ pub struct BoundControlNet {
 }
 
 impl ControlNet {
-    /// Loads a ControlNet for the guidance batch (2; with static shapes, fixed to it).
+    /// Loads a ControlNet for the guidance batch (2; fixed to the only shape bucket when other
+    /// sizes are refused, else free shapes).
     pub fn load(bundle: ControlNetBundle, base: &BaseBundle, opts: &SessionOptions) -> Result<Self> {
         Self::load_batch(bundle, base, opts, 2)
     }
@@ -56,7 +57,7 @@ impl ControlNet {
         bundle.check_fits(base)?;
         check_compute(&bundle.dir, &bundle.manifest.compute, opts.device)?;
         let path = bundle.dir.join(&bundle.manifest.graph);
-        let dims = match opts.fixed {
+        let dims = match opts.only_shape() {
             Some(f) => crate::shapes::controlnet_dims(base.manifest.vae_scale_factor, f, batch),
             None => vec![],
         };

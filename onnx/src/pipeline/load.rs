@@ -3,7 +3,8 @@
 //! access between their GPUs.
 //!
 //! ```text
-//! Pipeline::load(bundle, opts) ─▶ text encoders, UNet encoder/decoder (+ CUDA graphs), VAE, weights
+//! Pipeline::load(bundle, opts) ─▶ text encoders, UNet pairs per shape bucket (+ CUDA graphs), VAE,
+//!                                weights; Pipeline::warm_up runs each bucket once
 //! Pipeline::place(&Placement, ControlNet bundles) ─▶ HalfUnet on cond_half (split guidance)
 //!                                                 ─▶ ControlNet j on placement.controlnet(j)
 //!                                                 ─▶ peer access: placement.peer_pairs
@@ -19,9 +20,8 @@ use crate::device::{current, peer};
 use crate::placement::{ControlNetPlace, Placement};
 use crate::request::ModelId;
 use crate::runtime::{self, Device, SessionOptions};
-use crate::shapes::{skip_names, unet_dims};
 use crate::text::TextEncoders;
-use crate::unet::{half_inputs, GraphedUnet};
+use crate::unet::{half_inputs, UnetSet};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -29,8 +29,9 @@ use super::split_loop::HalfUnet;
 use super::Pipeline;
 
 impl Pipeline {
-    /// Opens a base bundle on `opts.device`: sessions for every graph, checked against the
-    /// manifest; with `opts.cuda_graph`, the UNet captured now.
+    /// Opens a base bundle on `opts.device`: sessions for every graph (a UNet pair per shape
+    /// bucket), checked against the manifest; with `opts.cuda_graph`, each bucket captured now,
+    /// on this thread — the one that must run the jobs.
     pub fn load(dir: impl AsRef<Path>, opts: SessionOptions) -> Result<Self> {
         Self::load_sharing(dir, opts, None)
     }
@@ -42,59 +43,33 @@ impl Pipeline {
         opts: SessionOptions,
         shared: Option<Arc<Weights>>,
     ) -> Result<Self> {
+        let t_load = std::time::Instant::now();
         let bundle = BaseBundle::open(dir)?;
         check_compute(&bundle.dir, &bundle.manifest.compute, opts.device)?;
         runtime::init()?;
         let m = &bundle.manifest;
-        let text = TextEncoders::load(&bundle, &opts)?;
-        let weight_inputs = |graph: &str| -> Vec<String> {
-            m.weights
-                .map
-                .iter()
-                .filter(|(_, e)| e.graph == graph)
-                .map(|(n, _)| n.clone())
-                .collect()
-        };
-        let skips = skip_names(m.unet.skips);
-
-        if opts.cuda_graph && (opts.fixed.is_none() || !matches!(opts.device, Device::Cuda(_))) {
+        if opts.cuda_graph && (opts.buckets.is_empty() || !matches!(opts.device, Device::Cuda(_))) {
             return Err(Error::InvalidRequest(format!(
-                "CUDA graphs need fixed shapes (--static-shapes) and the CUDA provider (cuda:N), got {}{}",
+                "CUDA graphs need shape buckets (--shapes) and the CUDA provider (cuda:N), got {}{}",
                 opts.device,
-                if opts.fixed.is_none() {
-                    " without fixed shapes"
+                if opts.buckets.is_empty() {
+                    " without shape buckets"
                 } else {
                     ""
                 }
             )));
         }
-        let fixed_dims = opts.fixed.map(|f| unet_dims(&bundle, f)).transpose()?;
-        let [enc_dims, dec_dims] = fixed_dims.clone().unwrap_or_default();
-        let enc_path = bundle.path(&m.unet.encoder);
-        let unet_encoder = runtime::unet_session(&enc_path, &opts, &enc_dims)?;
-        let mut enc_in: Vec<String> = [
-            "sample",
-            "timestep",
-            "encoder_hidden_states",
-            "text_embeds",
-            "time_ids",
-        ]
-        .map(String::from)
-        .to_vec();
-        enc_in.extend(weight_inputs("unet_encoder"));
-        let mut enc_out: Vec<String> = vec!["emb".into(), "mid".into()];
-        enc_out.extend(skips.iter().cloned());
-        check_io(&enc_path, &unet_encoder, &enc_in, &enc_out)?;
-
-        let dec_path = bundle.path(&m.unet.decoder);
-        let unet_decoder = runtime::unet_session(&dec_path, &opts, &dec_dims)?;
-        let mut dec_in: Vec<String> = vec!["emb".into(), "encoder_hidden_states".into(), "mid".into()];
-        dec_in.extend(skips.iter().cloned());
-        dec_in.extend(weight_inputs("unet_decoder"));
-        check_io(&dec_path, &unet_decoder, &dec_in, &["noise_pred".into()])?;
+        let t0 = std::time::Instant::now();
+        let text = TextEncoders::load(&bundle, &opts)?;
+        let text_ms = t0.elapsed().as_millis() as u64;
+        let t0 = std::time::Instant::now();
+        let mut unets = UnetSet::open(&bundle, &opts)?;
+        let unet_ms = t0.elapsed().as_millis() as u64;
 
         // weights are bound as the graphs take them: f32, or f16 in fp16 GPU bundles
-        let half = half_inputs([&unet_encoder, &unet_decoder], &m.weights.map);
+        let t0 = std::time::Instant::now();
+        let first = unets.first();
+        let half = half_inputs([&first.encoder, &first.decoder], &m.weights.map);
         let weights = match shared {
             Some(w) if w.map() == &m.weights.map => w,
             Some(_) => {
@@ -112,46 +87,57 @@ impl Pipeline {
                 Arc::new(w)
             }
         };
+        let weights_ms = t0.elapsed().as_millis() as u64;
 
+        let t0 = std::time::Instant::now();
         let vae_path = bundle.path(&m.vae_decoder);
         let vae = runtime::session(&vae_path, &opts)?;
         check_io(&vae_path, &vae, &["latent".into()], &["image".into()])?;
+        let vae_ms = t0.elapsed().as_millis() as u64;
 
-        let mut pipe = Pipeline {
+        let t0 = std::time::Instant::now();
+        let skips = m.unet.skips;
+        let mut step_kernels = None;
+        if let (true, Some(id)) = (opts.cuda_graph, opts.device.gpu()) {
+            // bound and captured now, on the thread that will run the jobs, before any job or
+            // other thread uses the GPU (crate::unet::graphed)
+            let k = match weights.device() {
+                Some(d) => Arc::new(d.kernels.fork().map_err(crate::device::gpu_err)?),
+                None => crate::device::kernels_for(id as usize)?,
+            };
+            current(&k)?;
+            unets.capture(&weights, &k, skips)?;
+            step_kernels = Some(k);
+        }
+        let capture_ms = t0.elapsed().as_millis() as u64;
+        for s in unets.shapes.iter().filter(|s| s.memory.is_some()) {
+            if let (Some(f), Some(b)) = (s.fixed, s.memory) {
+                tracing::info!(bucket = %format!("{}x{}", f.width, f.height), mib = b >> 20, "shape bucket captured");
+            }
+        }
+        tracing::info!(
+            bundle = %bundle.dir.display(),
+            device = %opts.device,
+            shapes = %unets.describe(),
+            text_ms, unet_ms, weights_ms, vae_ms, capture_ms,
+            total_ms = t_load.elapsed().as_millis() as u64,
+            "pipeline loaded"
+        );
+
+        Ok(Pipeline {
             bundle,
             opts,
             text,
-            unet_encoder,
-            unet_decoder,
+            unets,
             vae,
             weights,
             controlnets: Vec::new(),
-            step_kernels: None,
-            graph: None,
+            step_kernels,
             half: None,
             split_on: false,
             cn_threads: Arc::new(crate::threads::LastingThreads::new("controlnet")),
             cn_halves: HashMap::new(),
-        };
-        if let (true, Some(id), Some([enc_dims, dec_dims])) =
-            (pipe.opts.cuda_graph, pipe.opts.device.gpu(), fixed_dims)
-        {
-            // bound and captured now, before any job or other thread uses the GPU (crate::unet::graphed)
-            let k = pipe.step_kernels(id)?;
-            current(&k)?;
-            let mut g = GraphedUnet::new(
-                &pipe.unet_encoder,
-                &pipe.unet_decoder,
-                &pipe.weights,
-                k,
-                skips.len(),
-                &enc_dims,
-                &dec_dims,
-            )?;
-            g.capture(&mut pipe.unet_encoder, &mut pipe.unet_decoder)?;
-            pipe.graph = Some(g);
-        }
-        Ok(pipe)
+        })
     }
 
     /// Places the pipeline's other parts as `placement` says and loads `controlnets` (in order;

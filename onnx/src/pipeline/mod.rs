@@ -59,7 +59,7 @@ use crate::runtime::SessionOptions;
 use crate::scheduler::{self, NoiseSource};
 use crate::tensor::Tensor;
 use crate::text::TextEncoders;
-use crate::unet::GraphedUnet;
+use crate::unet::UnetSet;
 use crate::weights::Weights;
 use crate::Result;
 
@@ -135,15 +135,15 @@ pub struct Pipeline {
     pub bundle: BaseBundle,
     opts: SessionOptions,
     text: TextEncoders,
-    unet_encoder: Session,
-    unet_decoder: Session,
+    /// The UNet pairs by shape bucket (each bound for CUDA graphs and captured at load with
+    /// `SessionOptions::cuda_graph`), and one of free shapes when other sizes run dynamically.
+    unets: UnetSet,
     vae: Session,
     weights: Arc<Weights>,
     controlnets: Vec<Arc<Mutex<ControlNet>>>,
-    /// The device loop's kernels on a stream of their own (GPU pipelines; made at the first job).
+    /// The device loop's kernels on a stream of their own (GPU pipelines; made at load with CUDA
+    /// graphs, else at the first job).
     step_kernels: Option<Arc<GpuKernels>>,
-    /// The UNet bound for CUDA graphs and captured at load (`SessionOptions::cuda_graph`).
-    graph: Option<GraphedUnet>,
     /// Split guidance: the conditional half's UNet on a second GPU, and whether jobs use it.
     half: Option<HalfUnet>,
     split_on: bool,
@@ -208,7 +208,8 @@ impl Pipeline {
         Accepts {
             limits: Limits::default(),
             size_multiple: self.bundle.manifest.vae_scale_factor,
-            fixed: self.opts.fixed,
+            buckets: self.opts.buckets.clone(),
+            other_sizes: self.opts.other_sizes,
             split: self.split_on,
             loaded: self.controlnets.len(),
             served: 0,
@@ -307,14 +308,16 @@ impl Pipeline {
             started,
         };
         let skips = self.bundle.manifest.unet.skips;
-        let latents = match gpu {
-            Some(id) => {
-                let k = self.step_kernels(id)?;
+        let unet_batch = if cfg && !split { 2 } else { 1 };
+        let k = gpu.map(|id| self.step_kernels(id)).transpose()?;
+        let unet = self.unets.pick(req.width, req.height, unet_batch)?;
+        let latents = match k {
+            Some(k) => {
                 let parts = device_loop::GpuParts {
-                    unet_encoder: &mut self.unet_encoder,
-                    unet_decoder: &mut self.unet_decoder,
+                    unet_encoder: &mut unet.encoder,
+                    unet_decoder: &mut unet.decoder,
                     weights: &self.weights,
-                    graph: self.graph.as_mut(),
+                    graph: unet.graph.as_mut(),
                     k,
                     skips,
                 };
@@ -325,8 +328,8 @@ impl Pipeline {
             }
             None => {
                 let mut parts = host_loop::HostParts {
-                    unet_encoder: &mut self.unet_encoder,
-                    unet_decoder: &mut self.unet_decoder,
+                    unet_encoder: &mut unet.encoder,
+                    unet_decoder: &mut unet.decoder,
                     weights: &self.weights,
                     controlnets: &self.controlnets,
                     skips,
@@ -345,6 +348,60 @@ impl Pipeline {
         t.vae_decode = t0.elapsed();
         t.total = started.elapsed();
         Ok(Generated { image, timings: t })
+    }
+
+    /// Runs every shape bucket once before the first job — one denoising step and the VAE at
+    /// its size, with the text encoders — and the free-shape sessions at the bundle's default
+    /// size: what a first run pays (the CUDA provider's memory arenas, cuDNN's algorithm choice
+    /// for each shape, library handles on this thread) is paid at load, so the first job runs
+    /// as fast as the tenth. Returns the time it took.
+    pub fn warm_up(&mut self) -> Result<std::time::Duration> {
+        let t0 = Instant::now();
+        let m = &self.bundle.manifest;
+        let guided = m.default_guidance.max(2.0);
+        let mut runs: Vec<(usize, usize, f32)> = self
+            .opts
+            .buckets
+            .iter()
+            .map(|b| {
+                // a bucket of UNet batch 2 (or one half per GPU) is guided; batch 1 on one GPU is not
+                let g = if b.unet_batch == 2 || self.half.is_some() {
+                    guided
+                } else {
+                    1.0
+                };
+                (b.width, b.height, g)
+            })
+            .collect();
+        if self.opts.dynamic() {
+            let [w, h] = m.default_size;
+            runs.push((w, h, guided));
+        }
+        for (width, height, guidance) in runs {
+            let req = self.validate(Request {
+                prompt: String::new(),
+                negative_prompt: None,
+                width,
+                height,
+                steps: 1,
+                guidance,
+                scheduler: crate::scheduler::SchedulerKind::Euler,
+                karras: false,
+                seed: 0,
+                controlnets: vec![],
+                loras: vec![],
+            })?;
+            let out = self
+                .run(&req, RunOptions::default())
+                .map_err(|e| at(&format!("warming up {width}x{height}"), e))?;
+            tracing::debug!(
+                width,
+                height,
+                ms = out.timings.total.as_secs_f64() * 1e3,
+                "warmed up"
+            );
+        }
+        Ok(t0.elapsed())
     }
 
     /// One session per ControlNet of the request; with split guidance, a ControlNet placed per

@@ -15,15 +15,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use katz_kernels::cuda::GpuKernels;
-use ort::session::Session;
 
 use crate::bundle::BaseBundle;
 use crate::device::{at, current, gpu_err, DevTensor};
-use crate::runtime::{self, Device, SessionOptions};
-use crate::shapes::unet_dims;
+use crate::runtime::{Device, SessionOptions};
 use crate::tensor::Tensor;
 use crate::text::Conditioning;
-use crate::unet::{half_inputs, GraphedUnet, JobUnet};
+use crate::unet::{half_inputs, JobUnet, UnetSet};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -49,8 +47,16 @@ pub(super) fn run(
     } = p;
     let req = job.req;
     let g = gpu_err;
-    let k1 = h.kernels.clone();
-    let (d0, d1) = (k0.ordinal(), h.device as usize);
+    let HalfUnet {
+        device: h_device,
+        unets: h_unets,
+        weights: h_weights,
+        kernels: h_kernels,
+        thread: h_thread,
+    } = h;
+    let hb = h_unets.pick(req.width, req.height, 1)?;
+    let k1 = h_kernels.clone();
+    let (d0, d1) = (k0.ordinal(), *h_device as usize);
     let lat_shape = host_latents.shape.clone();
     let n = host_latents.data.len();
     let mut in2 = lat_shape.clone();
@@ -74,9 +80,9 @@ pub(super) fn run(
     .map_err(|e| at("binding the unconditional half", e))?;
     current(&k1)?;
     let mut uc = JobUnet::open(
-        h.graph.as_mut(),
-        (&h.unet_encoder, &h.unet_decoder),
-        &h.weights,
+        hb.graph.as_mut(),
+        (&hb.encoder, &hb.decoder),
+        h_weights,
         skips,
         &cond_c,
         (&job.merged, weights),
@@ -97,7 +103,7 @@ pub(super) fn run(
             uu.switch_weights(weights, &m, weights)
                 .map_err(|e| at("switching the unconditional half's weights", e))?;
             current(&k1)?;
-            uc.switch_weights(&h.weights, &m, weights)
+            uc.switch_weights(h_weights, &m, weights)
                 .map_err(|e| at("switching the conditional half's weights", e))?;
         }
         let t0 = Instant::now();
@@ -137,9 +143,9 @@ pub(super) fn run(
         // phase 1: both encoders at once
         let t0 = Instant::now();
         let (tu, tc) = {
-            let (hs, hu) = (&mut h.unet_encoder, Sent(&mut uc));
+            let (hs, hu) = (&mut hb.encoder, Sent(&mut uc));
             let (mine, theirs) = on_both(
-                &h.thread,
+                h_thread,
                 move || hu.into_inner().encode(hs, ts),
                 || uu.encode(unet_encoder, ts),
             );
@@ -226,9 +232,9 @@ pub(super) fn run(
         // phase 2: both decoders at once
         let t0 = Instant::now();
         let (ru, rc) = {
-            let (hs, hu) = (&mut h.unet_decoder, Sent(&mut uc));
+            let (hs, hu) = (&mut hb.decoder, Sent(&mut uc));
             let (mine, theirs) = on_both(
-                &h.thread,
+                h_thread,
                 move || hu.into_inner().decode(hs),
                 || uu.decode(unet_decoder),
             );
@@ -275,12 +281,10 @@ pub(super) fn run(
 /// the pristine weights uploaded there, and step kernels on that GPU.
 pub(super) struct HalfUnet {
     pub device: i32,
-    unet_encoder: Session,
-    unet_decoder: Session,
+    /// This half's UNet pairs by shape bucket, captured on `thread` (`SessionOptions::cuda_graph`).
+    unets: UnetSet,
     weights: Arc<Weights>,
     kernels: Arc<GpuKernels>,
-    /// This half's UNet bound for CUDA graphs, captured on `thread` (`SessionOptions::cuda_graph`).
-    graph: Option<GraphedUnet>,
     /// The thread that runs this half's graphs, for the pipeline's whole life: ONNX Runtime's
     /// CUDA provider makes per-thread state (library handles) on a thread's first run, so a
     /// fresh thread per step cost about 0.2 s each (476 ms per step on 2×H200, run C).
@@ -320,20 +324,16 @@ impl HalfUnet {
             device,
             ..opts.clone()
         };
+        if let Some(f) = opts.buckets.iter().find(|f| f.unet_batch != 1) {
+            return Err(Error::InvalidRequest(format!(
+                "split guidance runs a UNet batch of 1 per GPU; the shape buckets fix {}",
+                f.unet_batch
+            )));
+        }
         let m = &bundle.manifest;
-        let [enc_dims, dec_dims] = match opts.fixed {
-            Some(f) if f.unet_batch != 1 => {
-                return Err(Error::InvalidRequest(format!(
-                    "split guidance runs a UNet batch of 1 per GPU; the static shapes fix {}",
-                    f.unet_batch
-                )))
-            }
-            Some(f) => unet_dims(bundle, f)?,
-            None => [vec![], vec![]],
-        };
-        let mut unet_encoder = runtime::unet_session(&bundle.path(&m.unet.encoder), &opts, &enc_dims)?;
-        let mut unet_decoder = runtime::unet_session(&bundle.path(&m.unet.decoder), &opts, &dec_dims)?;
-        let half = half_inputs([&unet_encoder, &unet_decoder], &m.weights.map);
+        let mut unets = UnetSet::open(bundle, &opts)?;
+        let first = unets.first();
+        let half = half_inputs([&first.encoder, &first.decoder], &m.weights.map);
         let mut w = Weights::load(bundle, half)?;
         w.to_device(there)?;
         let dev = w
@@ -346,33 +346,20 @@ impl HalfUnet {
             .build()
             .map_err(|e| Error::Gpu(format!("starting the second GPU's thread: {e}")))?;
         let weights = Arc::new(w);
-        let graph = if opts.cuda_graph {
+        if opts.cuda_graph {
             // captured on the thread that will run it, before any job (crate::unet::graphed)
-            let mut g = GraphedUnet::new(
-                &unet_encoder,
-                &unet_decoder,
-                &weights,
-                kernels.clone(),
-                m.unet.skips,
-                &enc_dims,
-                &dec_dims,
-            )?;
-            let (e, d, gk) = (&mut unet_encoder, &mut unet_decoder, Sent(&mut g));
+            let (u, w, k) = (Sent(&mut unets), &weights, &kernels);
+            let skips = m.unet.skips;
             thread.install(move || {
-                let g = gk.into_inner();
-                current(g.kernels()).and_then(|_| g.capture(e, d))
+                let u = u.into_inner();
+                current(k).and_then(|_| u.capture(w, k, skips))
             })?;
-            Some(g)
-        } else {
-            None
-        };
+        }
         Ok(HalfUnet {
             device: there,
-            unet_encoder,
-            unet_decoder,
+            unets,
             weights,
             kernels,
-            graph,
             thread,
         })
     }

@@ -12,11 +12,12 @@
 //!
 //! A captured graph replays on the addresses it was captured with, so every input and output is
 //! bound once, here, to buffers that live as long as the sessions; a job writes its values into
-//! them. LoRA-merged weights are copied into the slot, and pristine values back when a later job
-//! no longer merges them: the slot is a second copy of the LoRA-targetable weights on the GPU
-//! (full-size SDXL, fp16: 4.5 GB), the price of merged weights under a graph. Shapes must be fixed
-//! (`--static-shapes`) and every node must run on the CUDA provider (ONNX Runtime refuses the
-//! session otherwise, at load).
+//! them. LoRA-merged weights are copied into the [`WeightSlot`], and pristine values back when a
+//! later job no longer merges them: the slot is a second copy of the LoRA-targetable weights on
+//! the GPU (full-size SDXL, fp16: 4.5 GB), the price of merged weights under a graph — one slot
+//! per GPU, which every shape bucket's graphs read (a pipeline runs one job at a time). Shapes
+//! must be fixed (shape buckets) and every node must run on the CUDA provider (ONNX Runtime
+//! refuses the session otherwise, at load).
 //!
 //! ONNX Runtime keeps its captured graph per thread and captures in CUDA's global capture mode,
 //! during which no other thread of the process may allocate or synchronise. So the capture
@@ -24,7 +25,7 @@
 //! thread that will run it), before any job, LoRA merge or ControlNet thread runs.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use katz_kernels::cuda::GpuKernels;
 use ort::memory::Allocator;
@@ -49,12 +50,98 @@ pub(crate) struct GraphedUnet {
     /// `emb`, `mid`, `skip_0` … (ONNX Runtime's buffers, owned by `enc` as its bound outputs).
     enc_out: Vec<DevRef>,
     noise_pred: DevRef,
-    /// The weights the graphs read, by input name; `merged` names hold a merge's values.
-    slot: HashMap<String, DevBuf>,
+    /// The weights the graphs read (shared by the buckets of one GPU).
+    slot: Arc<WeightSlot>,
+    k: Arc<GpuKernels>,
+}
+
+/// The weights every CUDA graph of one GPU reads, by input name: a lasting copy of the pristine
+/// set, into which a job's LoRA merge is copied (and pristine values back after it).
+pub(crate) struct WeightSlot {
+    bufs: HashMap<String, DevBuf>,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// The names holding a merge's values.
     merged: HashSet<String>,
     /// [`MergedWeights::id`] of the set in the slot.
     holds: u64,
-    k: Arc<GpuKernels>,
+}
+
+impl WeightSlot {
+    /// A copy of every weight of `weights` (on `k`'s GPU), pristine to start with.
+    pub(crate) fn new(weights: &Weights, k: &GpuKernels) -> Result<Arc<Self>> {
+        let dev = weights
+            .device()
+            .ok_or_else(|| Error::Gpu("CUDA graphs need the weights on the GPU".into()))?;
+        if dev.ordinal as usize != k.ordinal() {
+            return Err(Error::Gpu(format!(
+                "CUDA graph on cuda:{} with weights on cuda:{}",
+                k.ordinal(),
+                dev.ordinal
+            )));
+        }
+        let mut bufs = HashMap::new();
+        for name in weights.map().keys() {
+            let src = dev.get(name);
+            let buf = match src {
+                DevBuf::F16(x) => DevBuf::F16(k.stream.alloc_zeros::<u16>(x.len()).map_err(gpu_err)?),
+                DevBuf::F32(x) => DevBuf::F32(k.stream.alloc_zeros::<f32>(x.len()).map_err(gpu_err)?),
+            };
+            // SAFETY: same length and type; the pristine set does not change
+            unsafe { k.copy_raw(buf.ptr(k), src.ptr(&dev.kernels), src.bytes()) }.map_err(gpu_err)?;
+            bufs.insert(name.clone(), buf);
+        }
+        k.synchronize().map_err(gpu_err)?;
+        Ok(Arc::new(WeightSlot {
+            bufs,
+            state: Mutex::new(SlotState::default()),
+        }))
+    }
+
+    /// Puts `merged` (made on the GPU of `merged_on`: this one, or another by peer copy) in the
+    /// slot, and pristine values (from `own`, this GPU's set) back where the slot held a merge
+    /// that `merged` does not touch. Nothing to do if the slot holds this merge already.
+    fn set(&self, k: &GpuKernels, own: &Weights, merged: &MergedWeights, merged_on: &Weights) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if merged.id() == st.holds {
+            return Ok(());
+        }
+        let dev = own
+            .device()
+            .ok_or_else(|| Error::Gpu("CUDA graphs need the weights on the GPU".into()))?;
+        let src_dev = merged_on
+            .device()
+            .ok_or_else(|| Error::Gpu("the merged weights' set is not on a GPU".into()))?;
+        let now: HashSet<String> = merged.names().map(String::from).collect();
+        for name in st.merged.difference(&now) {
+            let (dst, src) = (&self.bufs[name], dev.get(name));
+            // SAFETY: same length and type; the graphs do not run until the synchronise below
+            unsafe { k.copy_raw(dst.ptr(k), src.ptr(&dev.kernels), src.bytes()) }.map_err(gpu_err)?;
+        }
+        for name in &now {
+            let src = merged.device(name).ok_or_else(|| {
+                Error::Gpu(format!(
+                    "CUDA graphs take LoRA merges made on the GPU; {name} was merged on the host"
+                ))
+            })?;
+            let dst = self
+                .bufs
+                .get(name)
+                .ok_or_else(|| Error::Gpu(format!("the merge touches {name}, which no UNet graph takes")))?;
+            if dst.bytes() != src.bytes() {
+                return Err(Error::Gpu(format!("merged {name} does not fit the slot")));
+            }
+            // SAFETY: as above; the merge is complete (its merge stream was synchronised)
+            unsafe { k.copy_raw(dst.ptr(k), src.ptr(&src_dev.kernels), src.bytes()) }.map_err(gpu_err)?;
+        }
+        k.synchronize().map_err(gpu_err)?;
+        st.merged = now;
+        st.holds = merged.id();
+        Ok(())
+    }
 }
 
 /// A graph input's shape, its free dimensions resolved from `known`.
@@ -121,27 +208,20 @@ fn bind_out(
 }
 
 impl GraphedUnet {
-    /// Binds the UNet pair on GPU `device` for a UNet batch of `batch`, with the free dimensions
-    /// `enc_dims` / `dec_dims` of the static shapes. The weight slot starts pristine.
+    /// Binds the UNet pair on `k`'s GPU with the free dimensions `enc_dims` / `dec_dims` of its
+    /// shape bucket, reading the weights from `slot` (made from `weights`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         enc_session: &Session,
         dec_session: &Session,
         weights: &Weights,
+        slot: Arc<WeightSlot>,
         k: Arc<GpuKernels>,
         skips: usize,
         enc_dims: &[(String, i64)],
         dec_dims: &[(String, i64)],
     ) -> Result<Self> {
-        let dev = weights
-            .device()
-            .ok_or_else(|| Error::Gpu("CUDA graphs need the weights on the GPU".into()))?;
         let device = k.ordinal();
-        if dev.ordinal as usize != device {
-            return Err(Error::Gpu(format!(
-                "CUDA graph on cuda:{device} with weights on cuda:{}",
-                dev.ordinal
-            )));
-        }
         let known: Vec<(String, i64)> = enc_dims.iter().chain(dec_dims).cloned().collect();
         let zeros = |shape: Vec<usize>| DevTensor::zeros(&k, shape);
 
@@ -152,20 +232,6 @@ impl GraphedUnet {
             zeros(shape_of(enc_session, "text_embeds", &known)?)?,
             zeros(shape_of(enc_session, "time_ids", &known)?)?,
         ];
-
-        // the weight slot: a copy of every weight either graph takes, pristine to start with
-        let mut slot = HashMap::new();
-        for name in weights.map().keys() {
-            let src = dev.get(name);
-            let buf = match src {
-                DevBuf::F16(x) => DevBuf::F16(k.stream.alloc_zeros::<u16>(x.len()).map_err(gpu_err)?),
-                DevBuf::F32(x) => DevBuf::F32(k.stream.alloc_zeros::<f32>(x.len()).map_err(gpu_err)?),
-            };
-            // SAFETY: same length and type; the pristine set does not change
-            unsafe { k.copy_raw(buf.ptr(&k), src.ptr(&dev.kernels), src.bytes()) }.map_err(gpu_err)?;
-            slot.insert(name.clone(), buf);
-        }
-        k.synchronize().map_err(gpu_err)?;
 
         let mut enc = enc_session.create_binding()?;
         let mut dec = dec_session.create_binding()?;
@@ -187,7 +253,11 @@ impl GraphedUnet {
         for (b, graph) in [(&mut enc, "unet_encoder"), (&mut dec, "unet_decoder")] {
             for name in weights.inputs_of(graph) {
                 // SAFETY: the slot outlives the bindings (field order)
-                unsafe { slot[name].bind(b, name, &weights.map()[name].shape, &k, device as i32)? };
+                let buf = slot
+                    .bufs
+                    .get(name)
+                    .ok_or_else(|| Error::Gpu(format!("the weight slot has no {name}")))?;
+                unsafe { buf.bind(b, name, &weights.map()[name].shape, &k, device as i32)? };
             }
         }
 
@@ -214,8 +284,6 @@ impl GraphedUnet {
             enc_out,
             noise_pred,
             slot,
-            merged: HashSet::new(),
-            holds: 0,
             k,
         })
     }
@@ -250,46 +318,9 @@ impl GraphedUnet {
         self.k.synchronize().map_err(gpu_err)
     }
 
-    /// Puts `merged` (made on the GPU of `merged_on`: this one, or another by peer copy) in the
-    /// slot, and pristine values (from `own`, this GPU's set) back where the slot held a merge
-    /// that `merged` does not touch. Nothing to do if the slot holds this merge already.
+    /// Puts `merged` (made on `merged_on`'s GPU) in the weight slot (see [`WeightSlot`]).
     pub fn set_weights(&mut self, own: &Weights, merged: &MergedWeights, merged_on: &Weights) -> Result<()> {
-        if merged.id() == self.holds {
-            return Ok(());
-        }
-        let dev = own
-            .device()
-            .ok_or_else(|| Error::Gpu("CUDA graphs need the weights on the GPU".into()))?;
-        let src_dev = merged_on
-            .device()
-            .ok_or_else(|| Error::Gpu("the merged weights' set is not on a GPU".into()))?;
-        let now: HashSet<String> = merged.names().map(String::from).collect();
-        let k = &self.k;
-        for name in self.merged.difference(&now) {
-            let (dst, src) = (&self.slot[name], dev.get(name));
-            // SAFETY: same length and type; the graphs do not run until the synchronise below
-            unsafe { k.copy_raw(dst.ptr(k), src.ptr(&dev.kernels), src.bytes()) }.map_err(gpu_err)?;
-        }
-        for name in &now {
-            let src = merged.device(name).ok_or_else(|| {
-                Error::Gpu(format!(
-                    "CUDA graphs take LoRA merges made on the GPU; {name} was merged on the host"
-                ))
-            })?;
-            let dst = self
-                .slot
-                .get(name)
-                .ok_or_else(|| Error::Gpu(format!("the merge touches {name}, which no UNet graph takes")))?;
-            if dst.bytes() != src.bytes() {
-                return Err(Error::Gpu(format!("merged {name} does not fit the slot")));
-            }
-            // SAFETY: as above; the merge is complete (its merge stream was synchronised)
-            unsafe { k.copy_raw(dst.ptr(k), src.ptr(&src_dev.kernels), src.bytes()) }.map_err(gpu_err)?;
-        }
-        k.synchronize().map_err(gpu_err)?;
-        self.merged = now;
-        self.holds = merged.id();
-        Ok(())
+        self.slot.set(&self.k, own, merged, merged_on)
     }
 
     /// Runs the encoder at timestep `t` on the current `sample`; its outputs' addresses.

@@ -14,9 +14,11 @@
 //! - `mod.rs`: [`JobUnet`], what the device and split loops drive.
 //! - `bound.rs`: IoBinding of the UNet pair for one job (`BoundUnet`).
 //! - `graphed.rs`: `GraphedUnet`, the UNet pair bound once to lasting buffers and captured as CUDA
-//!   graphs when the pipeline loads.
+//!   graphs when the pipeline loads; `WeightSlot`, the weights those graphs read (one per GPU).
+//! - `buckets.rs`: `UnetSet`, a device's UNet pairs by shape bucket (and one of free shapes).
 
 pub(crate) mod bound;
+pub(crate) mod buckets;
 pub(crate) mod graphed;
 
 use std::collections::HashSet;
@@ -32,6 +34,7 @@ use crate::text::Conditioning;
 use crate::weights::{MergedWeights, Weights};
 use crate::{Error, Result};
 use bound::{bind_unet, rebind_weights, run_decoder_bound, run_encoder_bound, BoundUnet};
+pub(crate) use buckets::UnetSet;
 pub(crate) use graphed::GraphedUnet;
 
 /// The weight inputs the UNet graphs take as f16 (fp16 GPU bundles): they are bound as such.

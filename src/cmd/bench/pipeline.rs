@@ -163,11 +163,12 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
     };
     let mut opts = a.device.session_options();
     if a.static_shapes {
-        opts.fixed = Some(katz_onnx::runtime::FixedShape {
+        opts.buckets = vec![katz_onnx::runtime::FixedShape {
             width: a.size,
             height: a.size,
             unet_batch: placement.unet_batch(a.guidance > 1.0),
-        });
+        }];
+        opts.other_sizes = katz_onnx::runtime::OtherSizes::Refuse;
     }
     opts.cuda_graph = a.cuda_graph;
     let mut pipe =

@@ -13,6 +13,8 @@ use ort::environment::Environment;
 use ort::session::{builder::GraphOptimizationLevel, Session};
 
 use crate::error::ParseError;
+
+mod cache;
 use crate::{Error, Result};
 
 /// The ONNX Runtime release katz is built and tested against.
@@ -161,15 +163,112 @@ pub struct SessionOptions {
     /// Threads per operator (0: ONNX Runtime's default, all cores).
     pub intra_threads: usize,
     pub device: Device,
-    /// Fixed shapes for the UNet and ControlNet graphs (`--static-shapes`); None: any size.
-    pub fixed: Option<FixedShape>,
-    /// CUDA graphs for the UNet encoder and decoder (`--cuda-graph`; needs `fixed` and `cuda:N`):
+    /// Shape buckets: the sizes (and UNet batch) the UNet graphs are fixed to, each with sessions
+    /// of its own (and CUDA graphs); empty: one set of sessions for any size.
+    pub buckets: Vec<FixedShape>,
+    /// What a request of a size no bucket has gets, when there are buckets.
+    pub other_sizes: OtherSizes,
+    /// CUDA graphs for the UNet encoder and decoder of every bucket (needs buckets and `cuda:N`):
     /// captured when the pipeline loads, replayed every step (crate::unet::graphed).
     pub cuda_graph: bool,
     /// CUDA: matrix products and convolutions in full fp32, not TF32 (ONNX Runtime's
     /// `use_tf32 = 0`). Parity checks against an fp32 reference set it: TF32 leaves ~1e-3 of
-    /// relative error per step, and which algorithms cuDNN picks (by timing) changes it run to run.
+    /// relative error per step.
     pub exact_fp32: bool,
+    /// How cuDNN picks convolution algorithms.
+    pub conv_search: ConvSearch,
+    /// ONNX Runtime's deterministic compute (kernels without atomics where it has a choice).
+    pub deterministic: bool,
+    /// A directory for optimized graphs: a session made once is saved there after ONNX Runtime's
+    /// graph optimisations and later sessions of the same graph, shapes and provider load the
+    /// saved one with the optimisations off (crate::runtime::cache). None: no cache.
+    pub cache: Option<PathBuf>,
+}
+
+/// How cuDNN picks a convolution's algorithm (the CUDA provider's `cudnn_conv_algo_search`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvSearch {
+    /// cuDNN's heuristic: no timing, the same choice every run (deterministic output across
+    /// processes, nothing to search on the first run).
+    #[default]
+    Heuristic,
+    /// Every algorithm timed on a shape's first run, the fastest kept (ONNX Runtime's default):
+    /// a slow first run, and the choice can differ between processes.
+    Exhaustive,
+}
+
+impl std::str::FromStr for ConvSearch {
+    type Err = ParseError;
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
+        match s {
+            "heuristic" => Ok(ConvSearch::Heuristic),
+            "exhaustive" => Ok(ConvSearch::Exhaustive),
+            _ => Err(ParseError(format!("`{s}`: expected heuristic or exhaustive"))),
+        }
+    }
+}
+
+impl std::fmt::Display for ConvSearch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConvSearch::Heuristic => "heuristic",
+            ConvSearch::Exhaustive => "exhaustive",
+        })
+    }
+}
+
+/// What a request of a size that no shape bucket has gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OtherSizes {
+    /// One more set of sessions with free shapes (no CUDA graphs) runs it: slower steps.
+    #[default]
+    Dynamic,
+    /// The request is refused (a clear error naming the buckets); no dynamic sessions are made.
+    Refuse,
+}
+
+impl std::str::FromStr for OtherSizes {
+    type Err = ParseError;
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
+        match s {
+            "dynamic" => Ok(OtherSizes::Dynamic),
+            "refuse" => Ok(OtherSizes::Refuse),
+            _ => Err(ParseError(format!("`{s}`: expected dynamic or refuse"))),
+        }
+    }
+}
+
+impl std::fmt::Display for OtherSizes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OtherSizes::Dynamic => "dynamic",
+            OtherSizes::Refuse => "refuse",
+        })
+    }
+}
+
+impl SessionOptions {
+    /// The bucket of a request of `width`×`height` with a UNet batch of `unet_batch`, if any.
+    pub fn bucket(&self, width: usize, height: usize, unet_batch: usize) -> Option<usize> {
+        self.buckets
+            .iter()
+            .position(|b| (b.width, b.height, b.unet_batch) == (width, height, unet_batch))
+    }
+
+    /// Whether sessions with free shapes are made (no buckets, or other sizes run dynamically).
+    pub fn dynamic(&self) -> bool {
+        self.buckets.is_empty() || self.other_sizes == OtherSizes::Dynamic
+    }
+
+    /// The one fixed shape every session of a ControlNet can take: the only bucket when other
+    /// sizes are refused (ControlNet weights live in their sessions: a session per bucket would
+    /// copy them per bucket).
+    pub fn only_shape(&self) -> Option<FixedShape> {
+        match (&self.buckets[..], self.other_sizes) {
+            ([b], OtherSizes::Refuse) => Some(*b),
+            _ => None,
+        }
+    }
 }
 
 /// One image size and UNet batch for the denoising graphs. Their free dimensions (`batch`,
@@ -186,7 +285,7 @@ pub struct FixedShape {
 }
 
 impl FixedShape {
-    /// `WxH` (or one number for a square), as `--static-shapes` takes it.
+    /// `WxH` (or one number for a square), as `--shapes` takes it.
     pub fn parse(s: &str, unet_batch: usize) -> std::result::Result<Self, ParseError> {
         let (w, h) = match s.split_once(['x', 'X']) {
             Some((w, h)) => (w, h),
@@ -217,9 +316,14 @@ pub fn session_with_dims(path: &Path, opts: &SessionOptions, dims: &[(String, i6
 }
 
 /// A UNet graph's session: [`session_with_dims`], with CUDA-graph capture enabled in the CUDA
-/// provider when `opts.cuda_graph` (ONNX Runtime then refuses a graph with nodes off the GPU).
-pub fn unet_session(path: &Path, opts: &SessionOptions, dims: &[(String, i64)]) -> Result<Session> {
-    session_inner(path, opts, dims, opts.cuda_graph)
+/// provider when `graph` (ONNX Runtime then refuses a graph with nodes off the GPU).
+pub fn unet_session(
+    path: &Path,
+    opts: &SessionOptions,
+    dims: &[(String, i64)],
+    graph: bool,
+) -> Result<Session> {
+    session_inner(path, opts, dims, graph)
 }
 
 fn session_inner(
@@ -231,10 +335,88 @@ fn session_inner(
     if !path.is_file() {
         return Err(Error::bundle(path, "graph file is missing"));
     }
+    let t0 = std::time::Instant::now();
+    let entry = opts
+        .cache
+        .as_deref()
+        .and_then(|dir| cache::Entry::new(dir, path, opts, dims, cuda_graph));
+    if let Some(e) = entry.as_ref().filter(|e| e.is_ready()) {
+        match build(&e.graph(), opts, dims, cuda_graph, Optimise::Saved) {
+            Ok(s) => {
+                tracing::info!(graph = %path.display(), ms = t0.elapsed().as_millis() as u64, "session (optimized graph from the cache)");
+                return Ok(s);
+            }
+            Err(err) => {
+                // a saved graph this runtime cannot load again is dropped, the source graph used
+                tracing::warn!(graph = %path.display(), error = %err, "the cached optimized graph did not load; this graph is not cached from now on");
+                e.refuse();
+                let s = build(path, opts, dims, cuda_graph, Optimise::Online)?;
+                tracing::info!(graph = %path.display(), ms = t0.elapsed().as_millis() as u64, "session");
+                return Ok(s);
+            }
+        }
+    }
+    let s = match entry.as_ref() {
+        Some(e) => match build(path, opts, dims, cuda_graph, Optimise::SaveTo(e)) {
+            Ok(s) => {
+                e.commit();
+                s
+            }
+            Err(err) => {
+                e.remove();
+                tracing::warn!(graph = %path.display(), error = %err, "saving the optimized graph failed; loading without the cache");
+                build(path, opts, dims, cuda_graph, Optimise::Online)?
+            }
+        },
+        None => build(path, opts, dims, cuda_graph, Optimise::Online)?,
+    };
+    tracing::info!(graph = %path.display(), ms = t0.elapsed().as_millis() as u64, "session");
+    Ok(s)
+}
+
+/// Where a session's graph optimisations happen.
+enum Optimise<'a> {
+    /// ONNX Runtime optimises the graph as it loads (level 3).
+    Online,
+    /// As `Online`, and the optimized graph is written into a cache entry.
+    SaveTo(&'a cache::Entry),
+    /// The graph was optimized before (a cache entry): no optimisation now.
+    Saved,
+}
+
+fn build(
+    path: &Path,
+    opts: &SessionOptions,
+    dims: &[(String, i64)],
+    cuda_graph: bool,
+    optimise: Optimise<'_>,
+) -> Result<Session> {
     let env = environment()?;
+    let level = match optimise {
+        Optimise::Saved => GraphOptimizationLevel::Disable,
+        _ => GraphOptimizationLevel::Level3,
+    };
     let mut b = Session::builder(env)?
-        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .with_optimization_level(level)
         .map_err(ort::Error::from)?;
+    if let Optimise::SaveTo(e) = optimise {
+        b = b
+            .with_optimized_model_path(e.staging_graph())
+            .map_err(ort::Error::from)?
+            .with_config_entry(
+                "session.optimized_model_external_initializers_file_name",
+                e.staging_data_name(),
+            )
+            .map_err(ort::Error::from)?
+            .with_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes",
+                "1024",
+            )
+            .map_err(ort::Error::from)?;
+    }
+    if opts.deterministic {
+        b = b.with_deterministic_compute(true).map_err(ort::Error::from)?;
+    }
     if opts.intra_threads > 0 {
         b = b
             .with_intra_threads(opts.intra_threads)
@@ -252,24 +434,28 @@ fn session_inner(
     for (name, size) in dims {
         b = b.with_dimension_override(name, *size).map_err(ort::Error::from)?;
     }
+    let search = match opts.conv_search {
+        ConvSearch::Heuristic => ort::ep::cuda::ConvAlgorithmSearch::Heuristic,
+        ConvSearch::Exhaustive => ort::ep::cuda::ConvAlgorithmSearch::Exhaustive,
+    };
+    let cuda = |id: i32, graph: bool| {
+        ort::ep::CUDA::default()
+            .with_device_id(id)
+            .with_cuda_graph(graph)
+            .with_tf32(!opts.exact_fp32)
+            .with_conv_algorithm_search(search)
+            .build()
+            .error_on_failure()
+    };
     let providers = match opts.device {
         Device::Cpu => vec![],
-        Device::Cuda(id) => vec![ort::ep::CUDA::default()
-            .with_device_id(id)
-            .with_cuda_graph(cuda_graph)
-            .with_tf32(!opts.exact_fp32)
-            .build()
-            .error_on_failure()],
+        Device::Cuda(id) => vec![cuda(id, cuda_graph)],
         Device::TensorRt(id) => vec![
             ort::ep::TensorRT::default()
                 .with_device_id(id)
                 .build()
                 .error_on_failure(),
-            ort::ep::CUDA::default()
-                .with_device_id(id)
-                .with_tf32(!opts.exact_fp32)
-                .build()
-                .error_on_failure(),
+            cuda(id, false),
         ],
     };
     if !providers.is_empty() {
