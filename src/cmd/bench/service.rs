@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! trace (a `katz trace gen` file, or drawn here: --service --requests --seed)
-//!   ─▶ LoRA files into --store ─▶ a job per request (trace_jobs: PREFIX-i, queued record first)
+//!   ─▶ LoRA files into --store ─▶ [--warmup N jobs, waited for, not counted]
+//!   ─▶ a job per request (trace_jobs: PREFIX-i, queued record first)
 //!   ─▶ RabbitMQ --queue: all at once (saturation) or at --rate (the trace's arrivals rescaled)
 //!   ─▶ poll the records until every job is final (or --timeout-s)
 //!   ─▶ report::summarize: throughput (done ÷ (last finished − first submitted)), latency
@@ -89,6 +90,12 @@ pub struct ServiceBenchArgs {
     /// The system under test, as the table and JSON name it.
     #[arg(long, default_value = "katz")]
     pub label: String,
+    /// Warm-up jobs run (and waited for) before the measured ones, not counted: copies of the
+    /// trace's first N requests, with LoRAs of their own (`warm-<name>`) so that the measured
+    /// jobs find no LoRA cached by them. A worker's first jobs pay one-time costs (kernel
+    /// selection, lazy allocations) that a long-running service does not.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
     /// Give up waiting this long after the last publish; unfinished jobs are reported as such.
     #[arg(long, default_value_t = 1800)]
     pub timeout_s: u64,
@@ -210,6 +217,39 @@ fn offsets(t: &[TraceRequest], rate: Option<f64>) -> Vec<f64> {
             }
         })
         .collect()
+}
+
+/// Polls the jobs' statuses until all are final or `timeout_s` passed; returns how many are not.
+async fn wait_final(
+    redis: &mut redis::aio::MultiplexedConnection,
+    ids: &[String],
+    timeout_s: u64,
+) -> anyhow::Result<usize> {
+    let t0 = Instant::now();
+    let mut last_report = Instant::now();
+    loop {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hget(katz_actors::protocol::job_key(id), "status");
+        }
+        let st: Vec<Option<String>> = pipe.query_async(redis).await?;
+        let open = st
+            .iter()
+            .filter(|s| !matches!(s.as_deref(), Some("done") | Some("failed") | Some("cancelled")))
+            .count();
+        if open == 0 {
+            return Ok(0);
+        }
+        if t0.elapsed() > Duration::from_secs(timeout_s) {
+            println!("  {open} job(s) not finished after {timeout_s} s: giving up");
+            return Ok(open);
+        }
+        if last_report.elapsed() > Duration::from_secs(30) {
+            println!("  {}/{} finished", ids.len() - open, ids.len());
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The figures of a run from its records (`classes[i]`: job i's class).
@@ -374,7 +414,20 @@ pub fn run(a: ServiceBenchArgs) -> anyhow::Result<()> {
         size: a.size,
         guidance: a.guidance,
     };
-    let names = lora_names(&trace);
+    let warm: Vec<TraceRequest> = trace
+        .iter()
+        .take(a.warmup)
+        .cloned()
+        .map(|mut r| {
+            r.loras = r.loras.iter().map(|l| format!("warm-{l}")).collect();
+            r
+        })
+        .collect();
+    let names: Vec<&str> = {
+        let mut v = lora_names(&trace);
+        v.extend(lora_names(&warm));
+        v
+    };
     if !names.is_empty() {
         let Some(store) = &a.store else {
             bail!("the trace has LoRAs: give --store (the workers' --lora-dir)");
@@ -418,6 +471,27 @@ pub fn run(a: ServiceBenchArgs) -> anyhow::Result<()> {
     let records = crate::cmd::block_on(async {
         let mut redis = a.redis.connect().await?;
         let mut publisher = Publisher::connect(&a.amqp.amqp, "katz-bench-service").await?;
+        if !warm.is_empty() {
+            let wprefix = format!("{prefix}-warm");
+            let t0 = Instant::now();
+            let mut wids = Vec::new();
+            for (i, r) in warm.iter().enumerate() {
+                let mut job = mix.job(&wprefix, i, r);
+                wids.push(job.id.clone());
+                publisher.publish(&mut redis, &a.queue, &mut job, &[]).await?;
+            }
+            let open = wait_final(&mut redis, &wids, a.timeout_s).await?;
+            println!(
+                "  {} warm-up job(s) in {:.1} s{}",
+                wids.len(),
+                t0.elapsed().as_secs_f64(),
+                if open > 0 {
+                    format!(", {open} unfinished")
+                } else {
+                    String::new()
+                }
+            );
+        }
         let started = tokio::time::Instant::now();
         for (i, r) in trace.iter().enumerate() {
             tokio::time::sleep_until(started + Duration::from_secs_f64(at[i])).await;
@@ -432,34 +506,7 @@ pub fn run(a: ServiceBenchArgs) -> anyhow::Result<()> {
                 .await?;
         }
         publisher.close().await;
-        let published = Instant::now();
-        let mut last_report = Instant::now();
-        loop {
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.hget(katz_actors::protocol::job_key(id), "status");
-            }
-            let st: Vec<Option<String>> = pipe.query_async(&mut redis).await?;
-            let open = st
-                .iter()
-                .filter(|s| !matches!(s.as_deref(), Some("done") | Some("failed") | Some("cancelled")))
-                .count();
-            if open == 0 {
-                break;
-            }
-            if published.elapsed() > Duration::from_secs(a.timeout_s) {
-                println!(
-                    "  {open} job(s) not finished {} s after the last publish: giving up",
-                    a.timeout_s
-                );
-                break;
-            }
-            if last_report.elapsed() > Duration::from_secs(30) {
-                println!("  {}/{} finished", ids.len() - open, ids.len());
-                last_report = Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_final(&mut redis, &ids, a.timeout_s).await?;
         read_ids(&mut redis, &ids).await
     })?;
 
