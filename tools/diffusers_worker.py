@@ -146,8 +146,11 @@ def decode(body: bytes, max_bytes: int) -> dict:
         for k in ("base", "prompt", "width", "height", "steps", "guidance", "seed"):
             if k not in m:
                 raise Rejected("decode", f"job does not decode: missing field `{k}`")
+        for k in ("controlnets", "loras"):
+            if not isinstance(m.get(k, []), list):
+                raise Rejected("decode", f"job does not decode: `{k}` is not an array")
         cns = []
-        for i, c in enumerate(m.get("controlnets") or []):
+        for i, c in enumerate(m.get("controlnets", [])):
             if not isinstance(c, dict) or "model" not in c or "image" not in c:
                 raise Rejected("decode", f"job does not decode: controlnets[{i}] needs `model` and `image`")
             img = c["image"]
@@ -162,7 +165,7 @@ def decode(body: bytes, max_bytes: int) -> dict:
                         "scale": _float(c.get("scale", 1.0), "scale"), "start": _float(c.get("start", 0.0), "start"),
                         "end": _float(c.get("end", 1.0), "end")})
         loras = []
-        for i, lo in enumerate(m.get("loras") or []):
+        for i, lo in enumerate(m.get("loras", [])):
             if not isinstance(lo, dict) or "name" not in lo:
                 raise Rejected("decode", f"job does not decode: loras[{i}] needs `name`")
             loras.append({"name": _str(lo["name"], "name"), "scale": _float(lo.get("scale", 1.0), "scale")})
