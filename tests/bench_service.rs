@@ -36,7 +36,9 @@ fn bench(args: &[&str]) -> (serde_json::Value, String) {
 #[test]
 fn a_trace_mix_through_a_katz_worker_gives_throughput_and_percentiles() {
     let tag = format!("svcbench.{}", std::process::id());
-    let queue = format!("katz.test.{tag}");
+    let rt = rt();
+    let bus = rt.block_on(Bus::new("svcbench"));
+    let queue = bus.queue.clone();
     let dir = std::env::temp_dir().join(format!("katz-{tag}"));
     let store = dir.join("store");
     std::fs::create_dir_all(&store).unwrap();
@@ -197,4 +199,5 @@ fn a_trace_mix_through_a_katz_worker_gives_throughput_and_percentiles() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already in use"));
     let _ = std::fs::remove_dir_all(&dir);
+    rt.block_on(bus.cleanup());
 }
