@@ -10,6 +10,7 @@ pub mod report;
 pub mod status;
 pub mod submit;
 pub mod trace;
+pub mod trace_jobs;
 pub mod worker;
 
 use std::path::{Path, PathBuf};

@@ -56,7 +56,7 @@ pub struct ConfigReport {
     pub latencies: Vec<f64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 pub struct Percentiles {
     pub n: usize,
     pub mean: f64,
@@ -220,6 +220,23 @@ async fn read_records(
     for k in keys {
         let r: HashMap<String, String> = redis::AsyncCommands::hgetall(redis, &k).await?;
         out.push(r);
+    }
+    Ok(out)
+}
+
+/// The records of the jobs `ids` (an empty map for an id without one), in that order.
+pub async fn read_ids(
+    redis: &mut redis::aio::MultiplexedConnection,
+    ids: &[String],
+) -> anyhow::Result<Vec<HashMap<String, String>>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.hgetall(katz_actors::protocol::job_key(id));
+        }
+        let rs: Vec<HashMap<String, String>> = pipe.query_async(redis).await?;
+        out.extend(rs);
     }
     Ok(out)
 }

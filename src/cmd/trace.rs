@@ -307,62 +307,9 @@ fn cache(a: CacheArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `DIR/<name>.safetensors` for each LoRA name not there yet: diffusers/peft layout
-/// (`unet.<module>.lora_A/B.weight`) over every LoRA-targetable layer of the bundle, rank `rank`,
-/// seeded by the name, with factors small enough to nudge the image rather than wreck it.
-pub fn write_loras(
-    dir: &std::path::Path,
-    names: &[&str],
-    map: &std::collections::BTreeMap<String, katz_onnx::bundle::WeightEntry>,
-    rank: usize,
-) -> anyhow::Result<usize> {
-    use rand::{Rng, SeedableRng};
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut made = 0;
-    for name in names {
-        let path = dir.join(format!("{name}.safetensors"));
-        if path.exists() {
-            continue;
-        }
-        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (w, e) in map {
-            let [out, inp] = e.shape[..] else { continue };
-            let r = rank.min(out).min(inp).max(1);
-            let module = w.strip_suffix(".weight").unwrap_or(w);
-            let mut f = |n: usize, scale: f32| -> Vec<u8> {
-                (0..n)
-                    .flat_map(|_| ((rng.random::<f32>() * 2.0 - 1.0) * scale).to_le_bytes())
-                    .collect()
-            };
-            let a = f(r * inp, 1.0 / (inp as f32).sqrt());
-            let b = f(out * r, 0.05 / (r as f32).sqrt());
-            tensors.push((format!("unet.{module}.lora_A.weight"), vec![r, inp], a));
-            tensors.push((format!("unet.{module}.lora_B.weight"), vec![out, r], b));
-        }
-        let views = tensors
-            .iter()
-            .map(|(k, s, b)| {
-                Ok((
-                    k.clone(),
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-        let tmp = path.with_extension("tmp");
-        safetensors::serialize_to_file(views, None, &tmp)?;
-        std::fs::rename(&tmp, &path)?;
-        made += 1;
-    }
-    Ok(made)
-}
-
 async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
-    use katz_actors::protocol::{jobs_queue, now_ms, ControlNetJob, ImageRef, Job, LoraJob};
-    use katz_actors::topology;
+    use super::trace_jobs::{lora_names, write_loras, JobMix, Publisher};
+    use katz_actors::protocol::jobs_queue;
 
     if !(a.speed > 0.0 && a.speed.is_finite()) {
         bail!("--speed must be > 0");
@@ -386,13 +333,16 @@ async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| bundles.join("examples/edges-128.png"));
     let image = std::fs::read(&image_path).with_context(|| format!("reading {}", image_path.display()))?;
+    let mix = JobMix {
+        base: base.clone(),
+        models,
+        image,
+        steps: a.steps,
+        size: a.size,
+        guidance: 5.0,
+    };
 
-    let mut names: Vec<&str> = t
-        .iter()
-        .flat_map(|r| r.loras.iter().map(String::as_str))
-        .collect();
-    names.sort_unstable();
-    names.dedup();
+    let names = lora_names(&t);
     let t0 = std::time::Instant::now();
     let made = write_loras(&a.store, &names, &bundle.manifest.weights.map, a.lora_rank)?;
     println!(
@@ -405,13 +355,7 @@ async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
 
     let mut redis = a.redis.connect().await?;
     let queue = a.queue.clone().unwrap_or_else(|| jobs_queue(&base));
-    let conn = topology::connect(&a.amqp.amqp, "katz-trace-replay")
-        .await
-        .with_context(|| format!("connecting to {}", a.amqp.amqp))?;
-    let channel = conn.create_channel().await?;
-    let mut declared = std::collections::HashSet::new();
-    let words = ["red", "blue", "green", "yellow", "purple", "orange"];
-    let shapes = ["circle", "square", "triangle", "star"];
+    let mut publisher = Publisher::connect(&a.amqp.amqp, "katz-trace-replay").await?;
     let start_ts = t.first().map(|r| r.timestamp).unwrap_or(0.0);
     let started = tokio::time::Instant::now();
     let mut worst_lag = 0.0f64;
@@ -419,61 +363,26 @@ async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
         let due = started + std::time::Duration::from_secs_f64((r.timestamp - start_ts) / a.speed);
         tokio::time::sleep_until(due).await;
         worst_lag = worst_lag.max(due.elapsed().as_secs_f64());
-        let id = format!("{}-{i}", a.id_prefix);
-        let prompt = format!(
-            "a {} {} on a white background",
-            words[i % words.len()],
-            shapes[(i / words.len()) % shapes.len()]
-        );
-        let mut job = Job::new(&id, &base, &prompt);
-        job.width = a.size.0 as u32;
-        job.height = a.size.1 as u32;
-        job.steps = a.steps;
-        job.seed = i as u64;
-        job.submitted_ms = Some(now_ms());
-        for c in &r.controlnets {
-            let k = c
-                .bytes()
-                .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
-            job.controlnets.push(ControlNetJob {
-                model: models[k % models.len()].clone(),
-                image: ImageRef::Inline(image.clone()),
-                scale: 0.8,
-                start: 0.0,
-                end: 1.0,
-            });
-        }
-        for l in &r.loras {
-            job.loras.push(LoraJob {
-                name: l.clone(),
-                scale: 0.8,
-            });
-        }
-        let extra = [("trace_instance", r.ip.clone())];
-        if !super::submit::reserve_record(&mut redis, &job, &extra, job.result_ttl_s).await? {
-            bail!("job id `{id}` is already in use: give another --id-prefix");
-        }
+        let mut job = mix.job(&a.id_prefix, i, r);
         let q = if a.queue_per_instance {
             format!("{queue}.{}", r.ip)
         } else {
             queue.clone()
         };
-        if declared.insert(q.clone()) {
-            topology::declare(&channel, &q).await?;
-        }
-        topology::publish(&channel, &q, &job.encode()?, job.priority, &id).await?;
+        let extra = [("trace_instance", r.ip.clone())];
+        publisher.publish(&mut redis, &q, &mut job, &extra).await?;
         if (i + 1) % 100 == 0 {
             println!("  {} published", i + 1);
         }
     }
-    let _ = conn.close(200, "replayed".into()).await;
+    let queues = publisher.queues().join(", ");
+    let n_queues = publisher.queues().len();
+    publisher.close().await;
     println!(
         "katz trace replay: {} jobs published to {} in {:.1} s (ids {}-0…{}; worst lag behind the schedule {:.0} ms)",
         t.len(),
         if a.queue_per_instance {
-            let mut qs: Vec<&String> = declared.iter().collect();
-            qs.sort();
-            format!("{} queues ({})", qs.len(), qs.iter().map(|q| q.as_str()).collect::<Vec<_>>().join(", "))
+            format!("{n_queues} queues ({queues})")
         } else {
             queue.clone()
         },

@@ -25,6 +25,13 @@
 #                                           operator, and the nodes not on CUDA (CUDA-graph blockers)
 #   bash tools/device/gpu-path.sh workload  the workload study on GPUs: a service B trace into one worker per GPU
 #                                           (full-size SDXL), async vs sync LoRA; katz report
+#   bash tools/device/gpu-path.sh servicebench  katz against a diffusers queue worker on GPU 0, through
+#                                           RabbitMQ + Redis: `katz bench service` (a service B mix,
+#                                           1024², 50 steps, all at once) into `katz worker`, then into
+#                                           tools/diffusers_worker.py; jobs/s, p50/p99, the ratios
+#                                           (SB_JOBS, SB_WARMUP, SB_SIZE, SB_STEPS, SB_RATE, SB_MAX_CONTROLNETS,
+#                                           SB_MAX_LORAS, KATZ_WORKER_ARGS; carry the pika, redis and
+#                                           msgpack wheels in $C/w)
 #   bash tools/device/gpu-path.sh baseline  diffusers alone (0C/0L, 1C/1L, 3C/2L) on GPU 0
 #   bash tools/device/gpu-path.sh split     split-guidance parity test; katz static shapes on 1 GPU, split on
 #                                           2, split + ControlNets on 4, against `baseline`
@@ -53,6 +60,8 @@
 #   strip the test binaries gpu, parity, controlnet, pipeline and katz-kernels' lib tests into $C/kt/
 #   tar -C $C -cf - katz kt | xz -9 > $C/bins/bins.tar.xz        (carry $C/bins, not katz/ kt/)
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d $C/w diffusers==0.42.1 importlib_metadata
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --platform any \
+#     -d $C/w pika==1.4.4 redis==8.1.0 msgpack==1.2.4          (servicebench: tools/diffusers_worker.py)
 # There: one call per ORT piece carrying it (and, while it fits 64 MiB, binaries), each running
 #   `stage`; then `all` (or `tests`, `export`, `bench` in separate calls, back to back).
 # env: OUT (the device call's result folder: the JSON, SVG, logs go there as gpu-path.tar.gz; the runs write to
@@ -269,6 +278,76 @@ r = json.load(open('$O/.wait/report.json'))[0]; sys.exit(0 if r['unfinished'] ==
   cp "$O/workload-$(date +%F)"/* "$O/" 2>/dev/null || true
 }
 
+servicebench() {  # katz vs a diffusers queue worker on GPU 0: the same trace mix through RabbitMQ + Redis
+  setup
+  export_wait >/dev/null || return 1
+  bash tools/device/services-pack.sh start || return 1
+  cp "$C"/w/pika-*.whl "$C"/w/redis-*.whl "$C"/w/msgpack-*.whl /opt/w/ 2>/dev/null || true
+  if ! python3 -c "import pika, redis, msgpack" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      /opt/w/pika-*.whl /opt/w/redis-*.whl /opt/w/msgpack-*.whl || { echo "carry the pika, redis, msgpack wheels in $C/w"; return 1; }
+  fi
+  python3 -c "import peft" 2>/dev/null || echo "warning: no peft: the diffusers worker cannot load LoRAs"
+  local gpu day run base cn n=${SB_JOBS:-16} size=${SB_SIZE:-1024} steps=${SB_STEPS:-50} pid t0 q
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-'); day=$(date +%F); run=$(date +%s)
+  base=$(python3 -c "import json;print(json.load(open('$S/base/bundle.json'))['name'])")
+  cn=$(python3 -c "import json;print(json.load(open('$S/base-controlnet/bundle.json'))['name'])")
+  python3 -c "from PIL import Image, ImageDraw; im = Image.new('RGB', ($size, $size)); d = ImageDraw.Draw(im)
+for r in range(64, $size // 2, 64): d.ellipse(($size // 2 - r, $size // 2 - r, $size // 2 + r, $size // 2 + r), outline='white', width=4)
+im.save('$O/cond-$size.png')"
+  # the same mix for both: service B (seed 7), the jobs' adapters capped where asked
+  local bench=(/opt/kb/katz bench service --service B --requests "$n" --seed 7 --stats tools/workload/katz-trace-stats.json
+    --bundle "$S/base" --controlnet-models "$cn" --image "$O/cond-$size.png" --store /tmp/sb-store
+    --size "${size}x$size" --steps "$steps" --guidance 7.5 --timeout-s "${SB_TIMEOUT_S:-420}" --warmup "${SB_WARMUP:-2}"
+    ${SB_RATE:+--rate $SB_RATE} ${SB_MAX_CONTROLNETS:+--max-controlnets $SB_MAX_CONTROLNETS}
+    ${SB_MAX_LORAS:+--max-loras $SB_MAX_LORAS})
+  local dj=$O/servicebench-diffusers-$gpu-$day.json kj=$O/servicebench-katz-$gpu-$day.json
+  rm -f "$dj" "$kj"
+  if [[ ${SB_DIFFUSERS:-1} == 1 ]]; then
+    echo "== diffusers worker (tools/diffusers_worker.py, fp16, SDPA) on cuda:0"
+    q=katz.jobs.sb$run.diffusers
+    python3 tools/diffusers_worker.py --queue "$q" --config sdxl --base "$base" --controlnet "$cn" \
+      --lora-dir /tmp/sb-store --device cuda:0 --name "sb-diffusers-$run" >"$O/sb-diffusers-worker.log" 2>&1 &
+    pid=$!; t0=$SECONDS
+    until python3 -c "import redis, sys; sys.exit(0 if redis.Redis().hget('katz:worker:sb-diffusers-$run', 'status') == b'ready' else 1)" 2>/dev/null; do
+      kill -0 $pid 2>/dev/null || { echo "the diffusers worker ended:"; tail -20 "$O/sb-diffusers-worker.log"; break; }
+      (( SECONDS - t0 > 300 )) && { echo "the diffusers worker is not ready after 300 s"; break; }
+      sleep 2
+    done
+    if kill -0 $pid 2>/dev/null; then
+      echo "ready after $(( SECONDS - t0 )) s"
+      "${bench[@]}" --queue "$q" --label diffusers --id-prefix "sb$run-diffusers" --out "$dj" 2>&1 | tail -14
+    fi
+    kill $pid 2>/dev/null; wait $pid 2>/dev/null
+  fi
+  echo "== katz worker on cuda:0 ${KATZ_WORKER_ARGS:-}"
+  q=katz.jobs.sb$run.katz
+  KATZ_LOG=warn /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet "$S/base-controlnet" \
+    --queue "$q" --name "sb-katz-$run" --lora-dir /tmp/sb-store --metrics-addr 127.0.0.1:9466 \
+    ${KATZ_WORKER_ARGS:-} >"$O/sb-katz-worker.log" 2>&1 &
+  pid=$!; t0=$SECONDS
+  until python3 -c "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9466/readyz', timeout=2).status == 200 else 1)" 2>/dev/null; do
+    kill -0 $pid 2>/dev/null || { echo "the katz worker ended:"; tail -20 "$O/sb-katz-worker.log"; return 1; }
+    (( SECONDS - t0 > 300 )) && { echo "the katz worker is not ready after 300 s"; kill $pid; return 1; }
+    sleep 2
+  done
+  echo "ready after $(( SECONDS - t0 )) s"
+  "${bench[@]}" --queue "$q" --label katz --id-prefix "sb$run-katz" --out "$kj" \
+    $([[ -f $dj ]] && echo --baseline "$dj") 2>&1 | tail -16
+  kill $pid 2>/dev/null; wait $pid 2>/dev/null
+  python3 - "$kj" "$dj" <<'PY'
+import json, os, sys
+rs = [json.load(open(p)) for p in sys.argv[1:] if os.path.exists(p)]
+for r in rs:
+    print(f"{r['label']:>10}: {r['done']}/{r['jobs']} done, {r['throughput_per_s']:.4f} jobs/s, "
+          f"p50 {r['latency_ms']['p50']:.0f} ms, p99 {r['latency_ms']['p99']:.0f} ms, service p50 {r['service_ms']['p50']:.0f} ms")
+v = rs[0].get("vs_baseline") if rs else None
+if v:
+    print(f"katz / diffusers: throughput {v['throughput']:.2f}x, p50 {v['latency_p50_speedup']:.2f}x faster, "
+          f"p99 {v['latency_p99_speedup']:.2f}x faster")
+PY
+}
+
 profile() {  # one GPU, static shapes, 8 steps under ONNX Runtime's profiler: time by operator and
              # the nodes not on CUDA (what keeps a CUDA graph from being captured)
   bench_setup || return 1
@@ -479,6 +558,7 @@ case ${1:-all} in
   multi) bench_multi ;;
   profile) profile ;;
   workload) workload ;;
+  servicebench) servicebench ;;
   service) service ;;
   baseline) baseline ;;
   split) split ;;
@@ -488,5 +568,5 @@ case ${1:-all} in
   eight) eight ;;
   fastpath) fastpath ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|profile|workload|quality|graphs|placement|eight|fastpath|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|all"; exit 2 ;;
 esac

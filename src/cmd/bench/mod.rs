@@ -11,6 +11,9 @@
 //!                                         service over Redis or CUDA IPC
 //! katz bench pipeline     pipeline.rs     end-to-end and per-stage times of whole generations,
 //!                                         against diffusers
+//! katz bench service    service.rs      the whole service from outside: a trace mix through
+//!                                         RabbitMQ into whatever consumes the queue (katz, or the
+//!                                         diffusers worker); throughput, latency percentiles
 //!                         stats.rs        medians, seeded values, the CPU's name
 //! ```
 //!
@@ -21,6 +24,7 @@ mod lora;
 mod lora_merge;
 mod lora_merge_gpu;
 mod pipeline;
+mod service;
 mod stats;
 
 use clap::{Args, Subcommand};
@@ -44,6 +48,9 @@ pub enum Bench {
     /// End-to-end and per-stage times of whole generations (0C/0L, 1C/1L, 3C/2L) on one bundle,
     /// with a diffusers baseline from the same sitting.
     Pipeline(pipeline::PipelineBenchArgs),
+    /// The service under a trace mix: jobs/s at saturation (or at --rate), latency p50/p90/p99,
+    /// per job class; against any worker that consumes the queue; ratios against a --baseline run.
+    Service(service::ServiceBenchArgs),
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -53,5 +60,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Bench::LoraCache(a) => lora::lora_cache(a),
         Bench::Controlnet(a) => controlnet::run(a),
         Bench::Pipeline(a) => pipeline::run(a),
+        Bench::Service(a) => service::run(a),
     }
 }
