@@ -11,6 +11,7 @@
 //!                                         service over Redis or CUDA IPC
 //! katz bench pipeline     pipeline.rs     end-to-end and per-stage times of whole generations,
 //!                                         against diffusers
+//! katz bench vae        vae.rs          the VAE decoder alone (whole or tiled), its image as .npy
 //!                         stats.rs        medians, seeded values, the CPU's name
 //! ```
 //!
@@ -22,6 +23,7 @@ mod lora_merge;
 mod lora_merge_gpu;
 mod pipeline;
 mod stats;
+mod vae;
 
 use clap::{Args, Subcommand};
 
@@ -44,6 +46,9 @@ pub enum Bench {
     /// End-to-end and per-stage times of whole generations (0C/0L, 1C/1L, 3C/2L) on one bundle,
     /// with a diffusers baseline from the same sitting.
     Pipeline(pipeline::PipelineBenchArgs),
+    /// The VAE decoder alone, as the pipeline decodes (whole, or tiled above the VAE's tile size);
+    /// median ms, and the image as .npy for tools/vae_check.py.
+    Vae(vae::VaeBenchArgs),
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -53,5 +58,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Bench::LoraCache(a) => lora::lora_cache(a),
         Bench::Controlnet(a) => controlnet::run(a),
         Bench::Pipeline(a) => pipeline::run(a),
+        Bench::Vae(a) => vae::run(a),
     }
 }
