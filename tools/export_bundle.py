@@ -13,7 +13,8 @@ Data flow:
         ├─▶ text_encoder[_2].onnx          (penultimate hidden states, pooled/projected)
         ├─▶ unet_encoder.onnx / unet_decoder.onnx   split after the mid block; the
         │      LoRA-targetable Linear weights become graph inputs ─▶ weights.safetensors
-        ├─▶ vae_decoder.onnx
+        ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
+        │                                   default auto: an activation probe decides)
         ├─▶ controlnet.onnx               ControlNetModel.from_unet(unet)
         └─▶ parity references: StableDiffusionXL[ControlNet]Pipeline on the same weights,
                explicit noise, per-step latents and the final image ─▶ tests/data/parity/
