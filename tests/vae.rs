@@ -46,7 +46,10 @@ fn tiled_decode_matches_diffusers() {
     let err = rel_err(&got.data, &want.data);
     assert!(err < 1e-3, "tiled decode vs diffusers: relative error {err:.2e}");
     let whole = vae::run(&mut session, &latent).unwrap();
-    assert!(rel_err(&whole.data, &want.data) > 0.1, "the reference is not tiled");
+    assert!(
+        rel_err(&whole.data, &want.data) > 0.1,
+        "the reference is not tiled"
+    );
 }
 
 #[test]

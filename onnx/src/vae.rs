@@ -93,7 +93,9 @@ pub fn tiled_decode(
 ) -> Result<Tensor> {
     let [_, _, h, w] = dims4(latent)?;
     if t.tile_latent == 0 || t.tile_sample == 0 {
-        return Err(Error::InvalidRequest(format!("VAE tiling with an empty tile: {t:?}")));
+        return Err(Error::InvalidRequest(format!(
+            "VAE tiling with an empty tile: {t:?}"
+        )));
     }
     let (stride, blend) = (t.stride(), t.blend());
     let row_limit = t.tile_sample.saturating_sub(blend);

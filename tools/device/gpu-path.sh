@@ -405,7 +405,7 @@ vae() {  # the VAE decoder alone: precision and speed against fp32 and eager dif
   echo "== VAE decoder: $(grep -o '"vae_precision": "[^"]*"' "$S/base/bundle.json"), katz vs fp32 vs diffusers (GPU 0)"
   CUDA_VISIBLE_DEVICES=0 python3 tools/vae_check.py --bundle "$S/base" --katz /opt/kb/katz --device cuda:0 \
     --sizes "${VAE_SIZES:-1024,2048}" --repeat "${VAE_REPEAT:-10}" --work /tmp/vae-check \
-    --out "$O/vae-$gpu-$day.json" 2>&1 | grep -vE "Warning|warn\(|TracerWarning|^ +(if|assert|2 if) " | tail -40
+    --out "$O/vae-$gpu-$day.json" 2>&1 | grep -vE "Warning|warn\(|TracerWarning|should be kept in float32|^ +(if|assert|2 if) " | tail -40
 }
 
 results() {  # $OUT takes at most 8 files: the run's results travel as one tarball

@@ -177,11 +177,17 @@ fn read_npy(path: &Path) -> anyhow::Result<Tensor> {
     }
     let (hlen, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        _ => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
     };
     let header = std::str::from_utf8(&bytes[start..start + hlen])?;
     if !header.contains("'descr': '<f4'") || header.contains("'fortran_order': True") {
-        bail!("{}: need little-endian f32 in C order, header {header}", path.display());
+        bail!(
+            "{}: need little-endian f32 in C order, header {header}",
+            path.display()
+        );
     }
     let shape_s = header
         .split("'shape': (")
@@ -197,9 +203,16 @@ fn read_npy(path: &Path) -> anyhow::Result<Tensor> {
     let body = &bytes[start + hlen..];
     let n: usize = shape.iter().product();
     if body.len() != 4 * n {
-        bail!("{}: {} bytes of data for shape {shape:?}", path.display(), body.len());
+        bail!(
+            "{}: {} bytes of data for shape {shape:?}",
+            path.display(),
+            body.len()
+        );
     }
-    let data = body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let data = body
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     Ok(Tensor::new(shape, data))
 }
 
