@@ -13,7 +13,8 @@ Data flow:
         ├─▶ text_encoder[_2].onnx          (penultimate hidden states, pooled/projected)
         ├─▶ unet_encoder.onnx / unet_decoder.onnx   split after the mid block; the
         │      LoRA-targetable Linear weights become graph inputs ─▶ weights.safetensors
-        ├─▶ vae_decoder.onnx
+        ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
+        │                                   default auto: an activation probe decides)
         ├─▶ controlnet.onnx               ControlNetModel.from_unet(unet)
         └─▶ parity references: StableDiffusionXL[ControlNet]Pipeline on the same weights,
                explicit noise, per-step latents and the final image ─▶ tests/data/parity/
@@ -375,6 +376,53 @@ class VaeDecoder(nn.Module):
         return self.vae.decode(latent, return_dict=False)[0]
 
 
+class VaeMid(nn.Module):
+    """The VAE decoder up to its mid block (what diffusers' `upcast_vae` keeps in fp16):
+    post_quant_conv, decoder.conv_in, decoder.mid_block."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        x = self.vae.post_quant_conv(latent) if self.vae.post_quant_conv is not None else latent
+        return self.vae.decoder.mid_block(self.vae.decoder.conv_in(x))
+
+
+class VaeUp(nn.Module):
+    """The rest of the VAE decoder: the up blocks and the output convolution."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.d = vae.decoder
+
+    def forward(self, mid):
+        x = mid
+        for b in self.d.up_blocks:
+            x = b(x)
+        return self.d.conv_out(self.d.conv_act(self.d.conv_norm_out(x)))
+
+
+class VaeMhaProcessor:
+    """diffusers' AttnProcessor2_0 for the VAE's mid-block attention (4-D input, a GroupNorm,
+    residual), the GroupNorm on the 4-D tensor (what ONNX Runtime's GroupNorm fusion matches) and
+    the attention as one `MultiHeadAttention` node."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **kw):
+        assert encoder_hidden_states is None and attention_mask is None and attn.spatial_norm is None
+        assert hidden_states.ndim == 4 and attn.norm_q is None and attn.norm_k is None
+        residual = hidden_states
+        b, c, h, w = hidden_states.shape
+        x = attn.group_norm(hidden_states) if attn.group_norm is not None else hidden_states
+        x = x.view(b, c, h * w).transpose(1, 2)
+        out = _MultiHeadAttention.apply(attn.to_q(x), attn.to_k(x), attn.to_v(x), attn.heads)
+        out = attn.to_out[1](attn.to_out[0](out))
+        out = out.transpose(1, 2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
 def targeted_weights(unet) -> dict[str, list[str]]:
     """diffusers names of the LoRA-targetable weights, by the graph that takes them."""
     out = {"unet_encoder": [], "unet_decoder": []}
@@ -420,7 +468,8 @@ def group_norm_fusable(unet) -> bool:
     return all(c % 64 == 0 for c in unet.config.block_out_channels)
 
 
-def fuse_fp16(path: Path, external: bool, weight_inputs=(), group_norm: bool = True) -> dict:
+def fuse_fp16(path: Path, external: bool, weight_inputs=(), group_norm: bool = True, model_type: str = "unet",
+              fp16: bool = True) -> dict:
     """The GPU recipe after the MultiHeadAttention export: ONNX Runtime's fusion tool for UNets
     (GroupNorm, SkipGroupNorm, BiasSplitGelu, NhwcConv, SkipLayerNorm …), then fp16 compute with
     the graph's inputs and outputs kept fp32 (the converter keeps Resize scales and GroupNorm
@@ -443,25 +492,134 @@ def fuse_fp16(path: Path, external: bool, weight_inputs=(), group_norm: bool = T
         node.output[:] = [o + "__int" if o in outs else o for o in node.output]
     for o in model.graph.output:
         model.graph.node.append(onnx.helper.make_node("Identity", [o.name + "__int"], [o.name], name=o.name + "__out"))
-    options = FusionOptions("unet")
+    options = FusionOptions(model_type)
     if not group_norm:  # and the other fused kernels sized for SD's widths only
         options.enable_group_norm = False
         options.enable_skip_group_norm = False
         options.enable_bias_splitgelu = False  # "hidden size should be 2560, 5120, 6144, 10240 or 12288"
         options.enable_bias_add = False
-    m = optimize_model(model, model_type="unet", num_heads=0, hidden_size=0, opt_level=0, use_gpu=True,
+    m = optimize_model(model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0, use_gpu=True,
                        optimization_options=options)
     weights = set(weight_inputs)
     edges = [i.name for i in model.graph.input if i.name not in weights] + [o.name for o in model.graph.output]
-    m.convert_float_to_float16(keep_io_types=edges)
+    if fp16:
+        m.convert_float_to_float16(keep_io_types=edges)
     for f in path.parent.glob(path.name + "*.data"):
         f.unlink()
     m.save_model_to_file(str(path), use_external_data_format=external)
     counts = collections.Counter(n.op_type for n in m.model.graph.node)
     fused = {k: counts[k] for k in ("MultiHeadAttention", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "NhwcConv",
                                     "SkipLayerNormalization", "BiasAdd") if counts[k]}
-    print(f"  {path.name}: fused for CUDA, fp16 inside, fp32 at the edges: {fused}")
+    print(f"  {path.name}: fused for CUDA, {'fp16 inside, fp32 at the edges' if fp16 else 'fp32'}: {fused}")
     return fused
+
+
+# ───────────────────────────── the VAE decoder of GPU bundles ─────────────────────────────
+
+FP16_MAX = 65504.0
+VAE_PRECISIONS = ("auto", "fp16", "fp16-upcast", "fp32")
+
+
+def vae_probe(vae, latent) -> float:
+    """The largest magnitude of any module output of the VAE decoder (PyTorch fp32) on `latent`:
+    where it nears fp16's range, fp16 overflows (the original SDXL VAE: diffusers' `force_upcast`)."""
+    worst = [0.0]
+
+    def hook(_m, _i, out):
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            worst[0] = max(worst[0], float(out.detach().abs().max()))
+
+    mods = [m for m in [vae.post_quant_conv, *vae.decoder.modules()] if m is not None]
+    handles = [m.register_forward_hook(hook) for m in mods]
+    try:
+        with torch.no_grad():
+            VaeDecoder(vae)(latent)
+    finally:
+        for h in handles:
+            h.remove()
+    return worst[0]
+
+
+def vae_precision(choice: str, probe_max: float) -> str:
+    """`auto`: fp16 throughout when the probe's largest activation stays under 1/8 of fp16's
+    range (the headroom larger images and other latents take), else `fp16-upcast`."""
+    if choice != "auto":
+        return choice
+    return "fp16" if probe_max * 8 < FP16_MAX else "fp16-upcast"
+
+
+def merge_vae(mid: Path, up: Path, path: Path):
+    """One graph from the mid part (fp16 inside, f32 `mid` out) and the up part (fp32): the up
+    part's names get a prefix, its `mid` input becomes the mid part's output."""
+    import onnx
+
+    a, b = onnx.load(str(mid)), onnx.load(str(up))
+    ren = lambda n: n if n in ("", "mid", "image") else "up/" + n  # noqa: E731
+    for node in b.graph.node:
+        node.name = "up/" + node.name
+        node.input[:] = [ren(i) for i in node.input]
+        node.output[:] = [ren(o) for o in node.output]
+    for t in b.graph.initializer:
+        t.name = ren(t.name)
+    for v in b.graph.value_info:
+        v.name = ren(v.name)
+    a.graph.node.extend(b.graph.node)
+    a.graph.initializer.extend(b.graph.initializer)
+    a.graph.value_info.extend(b.graph.value_info)
+    a.graph.value_info.extend(a.graph.output)  # `mid` becomes an inner value
+    del a.graph.output[:]
+    a.graph.output.extend(b.graph.output)
+    domains = {o.domain for o in a.opset_import}
+    a.opset_import.extend(o for o in b.opset_import if o.domain not in domains)
+    onnx.save_model(a, str(path))
+    mid.unlink()
+    up.unlink()
+
+
+def fuse_vae(out: Path, precision: str, group_norm: bool) -> dict:
+    """The fused VAE decoder of a GPU bundle (`vae_decoder.onnx`, f32 `latent` in, f32 `image`
+    out): `fp16` fuses and converts the whole graph like the UNet's; `fp16-upcast` fuses the mid
+    part fp16 and the up blocks fp32 (diffusers' `upcast_vae` split) and joins them."""
+    if precision == "fp16":
+        return fuse_fp16(out / "vae_decoder.onnx", False, group_norm=group_norm, model_type="vae")
+    mid, up = out / "vae_mid.onnx", out / "vae_up.onnx"
+    fused = fuse_fp16(mid, False, group_norm=group_norm, model_type="vae")
+    fused_up = fuse_fp16(up, False, group_norm=group_norm, model_type="vae", fp16=False)
+    merge_vae(mid, up, out / "vae_decoder.onnx")
+    return {k: fused.get(k, 0) + fused_up.get(k, 0) for k in {*fused, *fused_up}}
+
+
+def export_vae(vae, out: Path, vin, lat_axes, gpu: bool, choice: str, jobs: list) -> str:
+    """Exports `vae_decoder.onnx`; returns its precision (the manifest's `vae_precision`)."""
+    vmod = VaeDecoder(vae)
+    image_axes = {"latent": lat_axes, "image": spatial("image")}
+    if not gpu:
+        export(vmod, vin, out / "vae_decoder.onnx", ["latent"], ["image"], image_axes)
+        check_graph(out / "vae_decoder.onnx", vmod, vin, ["latent"], ["image"])
+        return "fp32"
+    vae.set_attn_processor(VaeMhaProcessor())
+    probe = vae_probe(vae, vin[0] / vae.config.scaling_factor)
+    precision = vae_precision(choice, probe)
+    print(f"  vae_decoder.onnx: largest activation {probe:.3g} on a probe latent (fp16 max {FP16_MAX:.0f}): "
+          f"{precision}" + (" (auto)" if choice == "auto" else ""))
+    group_norm = all(c % 64 == 0 for c in vae.config.block_out_channels)
+    if precision in ("fp16", "fp32"):
+        export(vmod, vin, out / "vae_decoder.onnx", ["latent"], ["image"], image_axes)
+        check_graph(out / "vae_decoder.onnx", vmod, vin, ["latent"], ["image"])
+        if precision == "fp16":
+            fuse_later_fn(jobs, "vae_decoder", fuse_vae, out, precision, group_norm)
+        return precision
+    mid_mod, up_mod = VaeMid(vae), VaeUp(vae)
+    with torch.no_grad():
+        mid = mid_mod(vin[0])
+        err = float((up_mod(mid) - vmod(vin[0])).norm() / vmod(vin[0]).norm())
+    assert err < 1e-6, f"VAE mid + up parts differ from the VAE decoder: {err}"
+    export(mid_mod, vin, out / "vae_mid.onnx", ["latent"], ["mid"], {"latent": lat_axes, "mid": spatial("mid")})
+    check_graph(out / "vae_mid.onnx", mid_mod, vin, ["latent"], ["mid"])
+    export(up_mod, [mid], out / "vae_up.onnx", ["mid"], ["image"], {"mid": spatial("mid"), "image": spatial("image")})
+    check_graph(out / "vae_up.onnx", up_mod, [mid], ["mid"], ["image"])
+    fuse_later_fn(jobs, "vae_decoder", fuse_vae, out, precision, group_norm)
+    return precision
 
 
 # --no-check: benchmark bundles skip the CPU comparison of each graph with PyTorch (the tiny bundles'
@@ -476,6 +634,11 @@ def fuse_later(jobs: list, path: Path, external: bool, weight_inputs=(), group_n
         jobs.append((path.stem, fuse_fp16(path, external, weight_inputs, group_norm)))
     else:
         jobs.append((path.stem, FUSER.submit(fuse_fp16, path, external, list(weight_inputs), group_norm)))
+
+
+def fuse_later_fn(jobs: list, name: str, fn, *args):
+    """`fn(*args)` in a worker process when --jobs > 1, else now."""
+    jobs.append((name, fn(*args) if FUSER is None else FUSER.submit(fn, *args)))
 
 
 def fused_results(jobs: list) -> dict:
@@ -515,7 +678,7 @@ def spatial(name):  # a 4-D tensor whose batch and spatial dims vary (named per 
 
 
 def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Path, check_size: int,
-                  attention: str = "sdpa", gpu: bool = False):
+                  attention: str = "sdpa", gpu: bool = False, vae_choice: str = "auto"):
     out.mkdir(parents=True, exist_ok=True)
     saved = [checkpoint / sub / "tokenizer.json" for sub in ("tokenizer", "tokenizer_2")] if checkpoint else []
     if saved and saved[0].exists():
@@ -596,11 +759,8 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     assert err < 1e-5, f"split UNet differs from the whole UNet: {err}"
     print(f"  encoder+decoder vs UNet2DConditionModel: relative error {err:.1e}")
 
-    vmod = VaeDecoder(vae)
     vin = [rnd(1, 4, h, h)]
-    export(vmod, vin, out / "vae_decoder.onnx", ["latent"], ["image"],
-           {"latent": lat, "image": spatial("image")}, external=big)
-    check_graph(out / "vae_decoder.onnx", vmod, vin, ["latent"], ["image"])
+    vae_prec = export_vae(vae, out, vin, lat, gpu, vae_choice, jobs)
 
     from safetensors.torch import save_file
 
@@ -623,7 +783,9 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
         ],
         "unet": {"encoder": "unet_encoder.onnx", "decoder": "unet_decoder.onnx", "cross_attention_dim": C,
                  "pooled_dim": P, "skips": n_skips, "emb_dim": int(enc_out[0].shape[1])},
-        "vae_decoder": "vae_decoder.onnx",
+        "vae_decoder": "vae_decoder.onnx", "vae_precision": vae_prec,
+        "vae_sample_size": int(vae.config.sample_size if isinstance(vae.config.sample_size, int)
+                               else vae.config.sample_size[0]),
         "weights": {"file": "weights.safetensors", "map": {
             n: {"graph": gname, "shape": list(params[n].shape)} for gname in ("unet_encoder", "unet_decoder")
             for n in weights[gname]}},
@@ -845,6 +1007,10 @@ def main(argv=None):
                     help="mha: UNet/ControlNet attention as com.microsoft.MultiHeadAttention (the GPU recipe's first step)")
     ap.add_argument("--gpu", action="store_true",
                     help="GPU bundle: MultiHeadAttention export + ONNX Runtime fusions + fp16 compute (CUDA only)")
+    ap.add_argument("--vae-precision", choices=VAE_PRECISIONS, default="auto",
+                    help="GPU bundles' VAE decoder: fp16 (fused, fp16 throughout), fp16-upcast (fused; the up "
+                         "blocks in fp32, as diffusers' upcast_vae), fp32 (unfused); auto (default): fp16 unless "
+                         "a probe decode's activations come within 1/8 of fp16's range, then fp16-upcast")
     ap.add_argument("--no-check", action="store_true",
                     help="skip each graph's CPU comparison with PyTorch (benchmark bundles; the tiny bundles' parity tests check the exporter)")
     ap.add_argument("--jobs", type=int, default=1,
@@ -873,7 +1039,8 @@ def main(argv=None):
 
         FUSER = concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
-        tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check, a.attention, a.gpu)
+        tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check, a.attention, a.gpu,
+                                       a.vae_precision)
     finally:
         if FUSER is not None:
             FUSER.shutdown()

@@ -77,7 +77,26 @@ pub struct BaseManifest {
     pub text_encoders: Vec<TextEncoderSpec>,
     pub unet: UnetSpec,
     pub vae_decoder: String,
+    /// How the VAE decoder computes: `fp32`, `fp16` (fused, fp16 throughout) or `fp16-upcast`
+    /// (fused, fp16 up to the mid block, the up blocks in fp32); its I/O is f32 either way.
+    #[serde(default = "fp32")]
+    pub vae_precision: String,
+    /// The VAE's `sample_size`: the image side of one tile of a tiled decode (crate::vae);
+    /// absent in older bundles, where the larger side of `default_size` stands in.
+    #[serde(default)]
+    pub vae_sample_size: Option<usize>,
     pub weights: WeightsSpec,
+}
+
+impl BaseManifest {
+    /// The tiles of the VAE's tiled decode (diffusers' `enable_tiling()` sizes): latents larger
+    /// than one tile in either side decode tiled.
+    pub fn vae_tiling(&self) -> crate::vae::Tiling {
+        let sample = self
+            .vae_sample_size
+            .unwrap_or_else(|| self.default_size[0].max(self.default_size[1]));
+        crate::vae::Tiling::new(sample, self.vae_scale_factor)
+    }
 }
 
 /// `bundle.json` of a ControlNet bundle.

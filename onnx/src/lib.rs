@@ -35,6 +35,7 @@
 //! | `runtime` | loading ONNX Runtime, `Device`, `SessionOptions`, sessions with execution providers |
 //! | `device` | tensors in GPU memory (`DevTensor`, `DevRef`) and how they meet ONNX Runtime |
 //! | `bundle` | bundle manifests and their checks |
+//! | `vae` | the VAE decode: whole, or diffusers' tiled decode for large images |
 //! | `image`, `noise`, `tensor`, `threads`, `quality`, `error` | PNG in/out, seeded noise, host tensors, lasting threads, image metrics, the error type |
 //!
 //! [`runtime::init`] loads ONNX Runtime (dynamically, from the pinned PyPI wheel that
@@ -59,6 +60,7 @@ pub mod tensor;
 pub mod text;
 pub mod threads;
 pub(crate) mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use error::{Disposition, Error, Result};

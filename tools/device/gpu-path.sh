@@ -50,6 +50,9 @@
 #                                           CUDA graphs (the reference), then `katz worker` cold (empty graph
 #                                           cache) and warm: ready time, bucket memory, first vs steady 0C/0L
 #                                           job, the same job twice (PNG bytes); `katz generate` on the warm cache
+#   bash tools/device/gpu-path.sh vae       the VAE decoder of the SDXL --gpu bundle: fp16 vs fp32 image error
+#                                           and decode times (katz fp16, katz fp32, eager diffusers fp16)
+#                                           at 1024² (whole) and 2048² (tiled), tools/vae_check.py → vae-*.json
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -57,7 +60,7 @@
 #                                           repo, ~28 MB since bundles/shapes, + one piece ≤ 64 MiB)
 #   cargo build --release && cargo test --release --no-run
 #   mkdir -p $C/katz $C/kt $C/w $C/bins; strip -o $C/katz/katz target/release/katz
-#   strip the test binaries gpu, parity, controlnet, pipeline and katz-kernels' lib tests into $C/kt/
+#   strip the test binaries gpu, parity, controlnet, pipeline, vae and katz-kernels' lib tests into $C/kt/
 #   tar -C $C -cf - katz kt | xz -9 > $C/bins/bins.tar.xz        (carry $C/bins, not katz/ kt/)
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d $C/w diffusers==0.42.1 importlib_metadata
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --platform any \
@@ -132,7 +135,7 @@ tests() {
   fi
   echo "== device loop vs host loop (tests/gpu.rs)"
   /opt/kb/gpu --ignored --test-threads 1 --nocapture 2>&1 | grep -E "^test |test result|panicked|relative|ControlNets|error" | head -60
-  for t in parity controlnet pipeline; do
+  for t in parity controlnet pipeline vae; do
     [[ -x /opt/kb/$t ]] || continue
     echo "== $t (cuda:0)"
     /opt/kb/$t --test-threads 1 2>&1 | grep -E "^test |test result|panicked|error" | head -30
@@ -542,6 +545,17 @@ fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
   return 0
 }
 
+vae() {  # the VAE decoder alone: precision and speed against fp32 and eager diffusers, same sitting
+  setup
+  export_wait || return 1
+  local gpu day
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-'); day=$(date +%F)
+  echo "== VAE decoder: $(grep -o '"vae_precision": "[^"]*"' "$S/base/bundle.json"), katz vs fp32 vs diffusers (GPU 0)"
+  CUDA_VISIBLE_DEVICES=0 python3 tools/vae_check.py --bundle "$S/base" --katz /opt/kb/katz --device cuda:0 \
+    --sizes "${VAE_SIZES:-1024,2048}" --repeat "${VAE_REPEAT:-10}" --work /tmp/vae-check \
+    --out "$O/vae-$gpu-$day.json" 2>&1 | grep -vE "Warning|warn\(|TracerWarning|should be kept in float32|^ +(if|assert|2 if) " | tail -40
+}
+
 results() {  # $OUT takes at most 8 files: the run's results travel as one tarball
   [[ -n ${OUT:-} && -d ${OUT:-} ]] || return 0
   local f=$(cd "$O" && ls -d *.json *.svg *.md *.txt *.log 2>/dev/null)
@@ -567,6 +581,7 @@ case ${1:-all} in
   placement) placement ;;
   eight) eight ;;
   fastpath) fastpath ;;
+  vae) vae ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|vae|all"; exit 2 ;;
 esac

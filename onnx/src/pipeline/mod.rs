@@ -471,15 +471,16 @@ impl Pipeline {
         Ok(k)
     }
 
-    /// Latents → image in [0, 1] (diffusers: `vae.decode(latents / scaling_factor)`, `x/2 + 0.5`, clamp).
+    /// Latents → image in [0, 1] (diffusers: `vae.decode(latents / scaling_factor)`, `x/2 + 0.5`, clamp);
+    /// latents larger than the VAE's tile decode tiled (crate::vae, diffusers' `enable_tiling()`).
     pub fn decode(&mut self, latents: &Tensor) -> Result<Tensor> {
         let s = self.bundle.manifest.scaling_factor;
         let scaled = Tensor::new(
             latents.shape.clone(),
             latents.data.iter().map(|v| v / s).collect(),
         );
-        let out = self.vae.run(ort::inputs!["latent" => scaled.view()?])?;
-        let mut image = Tensor::from_output(&out, "image")?;
+        let tiling = self.bundle.manifest.vae_tiling();
+        let mut image = crate::vae::decode(&scaled, Some(&tiling), |x| crate::vae::run(&mut self.vae, x))?;
         image
             .data
             .iter_mut()

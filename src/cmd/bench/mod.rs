@@ -14,6 +14,7 @@
 //! katz bench service    service.rs      the whole service from outside: a trace mix through
 //!                                         RabbitMQ into whatever consumes the queue (katz, or the
 //!                                         diffusers worker); throughput, latency percentiles
+//! katz bench vae        vae.rs          the VAE decoder alone (whole or tiled), its image as .npy
 //!                         stats.rs        medians, seeded values, the CPU's name
 //! ```
 //!
@@ -26,6 +27,7 @@ mod lora_merge_gpu;
 mod pipeline;
 mod service;
 mod stats;
+mod vae;
 
 use clap::{Args, Subcommand};
 
@@ -51,6 +53,9 @@ pub enum Bench {
     /// The service under a trace mix: jobs/s at saturation (or at --rate), latency p50/p90/p99,
     /// per job class; against any worker that consumes the queue; ratios against a --baseline run.
     Service(service::ServiceBenchArgs),
+    /// The VAE decoder alone, as the pipeline decodes (whole, or tiled above the VAE's tile size);
+    /// median ms, and the image as .npy for tools/vae_check.py.
+    Vae(vae::VaeBenchArgs),
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -61,5 +66,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Bench::Controlnet(a) => controlnet::run(a),
         Bench::Pipeline(a) => pipeline::run(a),
         Bench::Service(a) => service::run(a),
+        Bench::Vae(a) => vae::run(a),
     }
 }
