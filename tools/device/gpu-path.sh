@@ -101,7 +101,7 @@ export_bg() {
   ( export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     t0=$(date +%s)
     python3 tools/export_bundle.py --config sdxl --random-init --gpu --out "$S/base" --no-references \
-      --no-check --jobs 3 \
+      --no-check --jobs "${EXPORT_JOBS:-3}" \
       > "$S/export.log" 2>&1 && echo "export: $(( $(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
   ) </dev/null >/dev/null 2>&1 &
   echo $! > "$S/pid"
@@ -134,7 +134,7 @@ tests() {
     /opt/kb/kernels --include-ignored --test-threads 1 2>&1 | grep -E "^test |test result|panicked" | tail -15
   fi
   echo "== device loop vs host loop (tests/gpu.rs)"
-  /opt/kb/gpu --ignored --test-threads 1 --nocapture 2>&1 | grep -E "^test |test result|panicked|relative|ControlNets|error" | head -60
+  /opt/kb/gpu --ignored --test-threads 1 --nocapture ${GPU_TEST_ARGS:-} 2>&1 | grep -E "^test |test result|panicked|relative|ControlNets|identical|DIFFERENT|error" | head -70
   for t in parity controlnet pipeline vae; do
     [[ -x /opt/kb/$t ]] || continue
     echo "== $t (cuda:0)"
