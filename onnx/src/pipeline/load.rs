@@ -59,35 +59,46 @@ impl Pipeline {
                 }
             )));
         }
-        let t0 = std::time::Instant::now();
-        let text = TextEncoders::load(&bundle, &opts)?;
-        let text_ms = t0.elapsed().as_millis() as u64;
-        let t0 = std::time::Instant::now();
-        let mut unets = UnetSet::open(&bundle, &opts)?;
-        let unet_ms = t0.elapsed().as_millis() as u64;
-
-        // weights are bound as the graphs take them: f32, or f16 in fp16 GPU bundles
-        let t0 = std::time::Instant::now();
-        let first = unets.first();
-        let half = half_inputs([&first.encoder, &first.decoder], &m.weights.map);
-        let weights = match shared {
-            Some(w) if w.map() == &m.weights.map => w,
-            Some(_) => {
-                return Err(Error::bundle(
-                    &bundle.dir,
-                    "shared weights belong to another bundle",
-                ))
-            }
-            None => {
-                let mut w = Weights::load(&bundle, half)?;
-                if let Some(id) = opts.device.gpu() {
-                    // uploaded once: every job binds them in place, merges run on the device
-                    w.to_device(id)?;
-                }
-                Arc::new(w)
-            }
-        };
-        let weights_ms = t0.elapsed().as_millis() as u64;
+        // the text encoders load on a thread of their own while the UNet sessions and the
+        // weights load here (each is mostly one core's work)
+        let (text, mut unets, weights, text_ms, unet_ms, weights_ms) = std::thread::scope(|sc| {
+            let text = sc.spawn(|| {
+                let t0 = std::time::Instant::now();
+                TextEncoders::load(&bundle, &opts).map(|t| (t, t0.elapsed().as_millis() as u64))
+            });
+            let t0 = std::time::Instant::now();
+            let rest = UnetSet::open(&bundle, &opts).and_then(|unets| {
+                let unet_ms = t0.elapsed().as_millis() as u64;
+                // weights are bound as the graphs take them: f32, or f16 in fp16 GPU bundles
+                let t0 = std::time::Instant::now();
+                let first = unets.first();
+                let half = half_inputs([&first.encoder, &first.decoder], &m.weights.map);
+                let weights = match shared {
+                    Some(w) if w.map() == &m.weights.map => w,
+                    Some(_) => {
+                        return Err(Error::bundle(
+                            &bundle.dir,
+                            "shared weights belong to another bundle",
+                        ))
+                    }
+                    None => {
+                        let mut w = Weights::load(&bundle, half)?;
+                        if let Some(id) = opts.device.gpu() {
+                            // uploaded once: every job binds them in place, merges run on the device
+                            w.to_device(id)?;
+                        }
+                        Arc::new(w)
+                    }
+                };
+                Ok((unets, unet_ms, weights, t0.elapsed().as_millis() as u64))
+            });
+            let text = text
+                .join()
+                .unwrap_or_else(|_| Err(Error::Gpu("the thread loading the text encoders panicked".into())));
+            let (unets, unet_ms, weights, weights_ms) = rest?;
+            let (text, text_ms) = text?;
+            Ok::<_, Error>((text, unets, weights, text_ms, unet_ms, weights_ms))
+        })?;
 
         let t0 = std::time::Instant::now();
         let vae_path = bundle.path(&m.vae_decoder);
