@@ -139,7 +139,9 @@ mod encode_timing {
         let mut s = 1u64;
         let data: Vec<f32> = (0..3 * h * w)
             .map(|i| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let smooth = ((i % w) as f32 / w as f32 + (i / w % h) as f32 / h as f32) / 2.0;
                 (smooth + ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2).clamp(0.0, 1.0)
             })
@@ -148,7 +150,11 @@ mod encode_timing {
         for _ in 0..2 {
             let t0 = std::time::Instant::now();
             let png = super::encode_png(&t).unwrap();
-            println!("encode_png 1024²: {:.1} ms, {} bytes", t0.elapsed().as_secs_f64() * 1e3, png.len());
+            println!(
+                "encode_png 1024²: {:.1} ms, {} bytes",
+                t0.elapsed().as_secs_f64() * 1e3,
+                png.len()
+            );
         }
     }
 }

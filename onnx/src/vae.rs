@@ -103,7 +103,7 @@ pub fn tiled_decode(
     for i in (0..h).step_by(stride) {
         let mut row = Vec::new();
         for j in (0..w).step_by(stride) {
-            let tile = crop(latent, i, j, t.tile_latent, t.tile_latent);
+            let tile = crop(latent, i, j, t.tile_latent, t.tile_latent)?;
             let out = decode(&tile)?;
             dims4(&out)?;
             row.push(out);
@@ -115,18 +115,18 @@ pub fn tiled_decode(
         for j in 0..rows[i].len() {
             if i > 0 {
                 let (above, this) = rows.split_at_mut(i);
-                blend_v(&above[i - 1][j], &mut this[0][j], blend);
+                blend_v(&above[i - 1][j], &mut this[0][j], blend)?;
             }
             if j > 0 {
                 let (left, this) = rows[i].split_at_mut(j);
-                blend_h(&left[j - 1], &mut this[0], blend);
+                blend_h(&left[j - 1], &mut this[0], blend)?;
             }
         }
         out_rows.push(
             rows[i]
                 .iter()
                 .map(|tile| crop(tile, 0, 0, row_limit, row_limit))
-                .collect(),
+                .collect::<Result<_>>()?,
         );
     }
     let rows: Vec<Tensor> = out_rows.iter().map(|r| concat(r, 3)).collect::<Result<_>>()?;
@@ -139,8 +139,8 @@ fn dims4(x: &Tensor) -> Result<[usize; 4]> {
 }
 
 /// `x[:, :, y0 : y0 + hh, x0 : x0 + ww]` (clipped at the edges, as Python slices are).
-fn crop(x: &Tensor, y0: usize, x0: usize, hh: usize, ww: usize) -> Tensor {
-    let [b, c, h, w] = <[usize; 4]>::try_from(x.shape.as_slice()).expect("4-D");
+fn crop(x: &Tensor, y0: usize, x0: usize, hh: usize, ww: usize) -> Result<Tensor> {
+    let [b, c, h, w] = dims4(x)?;
     let (y1, x1) = ((y0 + hh).min(h), (x0 + ww).min(w));
     let (oh, ow) = (y1.saturating_sub(y0), x1.saturating_sub(x0));
     let mut data = Vec::with_capacity(b * c * oh * ow);
@@ -150,13 +150,13 @@ fn crop(x: &Tensor, y0: usize, x0: usize, hh: usize, ww: usize) -> Tensor {
             data.extend_from_slice(&x.data[at + x0..at + x1]);
         }
     }
-    Tensor::new(vec![b, c, oh, ow], data)
+    Ok(Tensor::new(vec![b, c, oh, ow], data))
 }
 
 /// diffusers' `blend_v`: the first rows of `b` ramp from `a`'s last rows to `b`'s own.
-fn blend_v(a: &Tensor, b: &mut Tensor, extent: usize) {
-    let [_, _, ah, aw] = <[usize; 4]>::try_from(a.shape.as_slice()).expect("4-D");
-    let [nb, c, bh, bw] = <[usize; 4]>::try_from(b.shape.as_slice()).expect("4-D");
+fn blend_v(a: &Tensor, b: &mut Tensor, extent: usize) -> Result<()> {
+    let [_, _, ah, aw] = dims4(a)?;
+    let [nb, c, bh, bw] = dims4(b)?;
     let extent = extent.min(ah).min(bh);
     let w = aw.min(bw);
     for plane in 0..nb * c {
@@ -168,12 +168,13 @@ fn blend_v(a: &Tensor, b: &mut Tensor, extent: usize) {
             }
         }
     }
+    Ok(())
 }
 
 /// diffusers' `blend_h`: the first columns of `b` ramp from `a`'s last columns to `b`'s own.
-fn blend_h(a: &Tensor, b: &mut Tensor, extent: usize) {
-    let [_, _, ah, aw] = <[usize; 4]>::try_from(a.shape.as_slice()).expect("4-D");
-    let [nb, c, bh, bw] = <[usize; 4]>::try_from(b.shape.as_slice()).expect("4-D");
+fn blend_h(a: &Tensor, b: &mut Tensor, extent: usize) -> Result<()> {
+    let [_, _, ah, aw] = dims4(a)?;
+    let [nb, c, bh, bw] = dims4(b)?;
     let extent = extent.min(aw).min(bw);
     let h = ah.min(bh);
     for plane in 0..nb * c {
@@ -185,6 +186,7 @@ fn blend_h(a: &Tensor, b: &mut Tensor, extent: usize) {
             }
         }
     }
+    Ok(())
 }
 
 /// `torch.cat(parts, dim)` for dims 2 (rows) and 3 (columns) of 4-D tensors.
@@ -296,12 +298,12 @@ mod tests {
         // a: all 1, b: all 0, extent 4 → b's first rows are 1 − y/4
         let a = Tensor::new(vec![1, 1, 6, 2], vec![1.0; 12]);
         let mut b = Tensor::new(vec![1, 1, 6, 2], vec![0.0; 12]);
-        blend_v(&a, &mut b, 4);
+        blend_v(&a, &mut b, 4).unwrap();
         let col0: Vec<f32> = (0..6).map(|y| b.data[y * 2]).collect();
         assert_eq!(col0, vec![1.0, 0.75, 0.5, 0.25, 0.0, 0.0]);
         let mut c = Tensor::new(vec![1, 1, 2, 6], vec![0.0; 12]);
         let a = Tensor::new(vec![1, 1, 2, 6], (0..12).map(|v| v as f32).collect());
-        blend_h(&a, &mut c, 2);
+        blend_h(&a, &mut c, 2).unwrap();
         // row 0: a's last two columns 4, 5 weighted 1 and 0.5
         assert_eq!(&c.data[..6], &[4.0, 2.5, 0.0, 0.0, 0.0, 0.0]);
     }
@@ -309,12 +311,12 @@ mod tests {
     #[test]
     fn crop_and_concat_invert() {
         let x = Tensor::new(vec![1, 2, 4, 5], (0..40).map(|v| v as f32).collect());
-        let l = crop(&x, 0, 0, 4, 3);
-        let r = crop(&x, 0, 3, 4, 3);
+        let l = crop(&x, 0, 0, 4, 3).unwrap();
+        let r = crop(&x, 0, 3, 4, 3).unwrap();
         assert_eq!(r.shape, vec![1, 2, 4, 2]);
         assert_eq!(concat(&[l, r], 3).unwrap().data, x.data);
-        let top = crop(&x, 0, 0, 1, 5);
-        let bottom = crop(&x, 1, 0, 9, 5);
+        let top = crop(&x, 0, 0, 1, 5).unwrap();
+        let bottom = crop(&x, 1, 0, 9, 5).unwrap();
         assert_eq!(concat(&[top, bottom], 2).unwrap().data, x.data);
     }
 }

@@ -69,6 +69,14 @@ pub struct DeviceArgs {
     /// cpu, cuda:N or tensorrt:N; a GPU that cannot be used is an error, never a CPU fall-back.
     #[arg(long, env = "KATZ_DEVICE", default_value = "cpu")]
     pub device: Device,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// How ONNX Runtime's sessions compute and where their optimized graphs are kept (every command
+/// that runs a pipeline; the defaults are `katz_actors::config::SessionConfig`'s).
+#[derive(Args, Debug, Clone, Default)]
+pub struct RuntimeArgs {
     /// cuDNN's convolution algorithms: heuristic (the same every run) or exhaustive (timed on a
     /// shape's first run) [default: heuristic]
     #[arg(long, env = "KATZ_CONV_SEARCH")]
@@ -82,21 +90,33 @@ pub struct DeviceArgs {
     pub graph_cache: Option<GraphCache>,
 }
 
+impl RuntimeArgs {
+    /// Overlays the flags given onto `s`.
+    pub fn apply(&self, s: &mut SessionConfig) {
+        if let Some(c) = self.conv_search {
+            s.conv_search = c;
+        }
+        if self.deterministic.is_some() {
+            s.deterministic = self.deterministic;
+        }
+        if let Some(g) = &self.graph_cache {
+            s.graph_cache = g.clone();
+        }
+    }
+}
+
 impl DeviceArgs {
     /// The worker's session defaults (one place: `katz_actors::config::SessionConfig`) for this
     /// device, without shape buckets or CUDA graphs (the command sets those).
     pub fn session_options(&self) -> SessionOptions {
-        let d = SessionConfig::default();
-        let cfg = SessionConfig {
+        let mut cfg = SessionConfig {
             device: self.device,
             threads: self.threads,
             shapes: ShapeList::Sizes(Vec::new()),
             cuda_graph: Some(false),
-            conv_search: self.conv_search.unwrap_or(d.conv_search),
-            deterministic: self.deterministic.or(d.deterministic),
-            graph_cache: self.graph_cache.clone().unwrap_or(d.graph_cache),
-            ..d
+            ..SessionConfig::default()
         };
+        self.runtime.apply(&mut cfg);
         cfg.options(&katz_onnx::placement::Placement::on(self.device), None)
     }
 }

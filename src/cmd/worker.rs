@@ -11,10 +11,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
-use katz_actors::config::{GraphCache, ShapeList, Transport, WorkerConfig};
+use katz_actors::config::{ShapeList, Transport, WorkerConfig};
 use katz_actors::controlnet::{LocalMode, RemoteModel};
 use katz_actors::worker;
-use katz_onnx::runtime::{ConvSearch, Device, OtherSizes};
+use katz_onnx::runtime::{Device, OtherSizes};
 
 use super::bundles_dir;
 use super::lora_args::{set, LoraArgs, LoraStoreArgs};
@@ -127,17 +127,8 @@ pub struct SessionArgs {
     /// CUDA: matrix products and convolutions in full fp32, not TF32
     #[arg(long, env = "KATZ_EXACT_FP32", num_args = 0..=1, default_missing_value = "true")]
     pub exact_fp32: Option<bool>,
-    /// cuDNN's convolution algorithms: heuristic (the same every run) or exhaustive (timed on a
-    /// shape's first run) [default: heuristic]
-    #[arg(long, env = "KATZ_CONV_SEARCH")]
-    pub conv_search: Option<ConvSearch>,
-    /// ONNX Runtime's deterministic compute [default: true]
-    #[arg(long, env = "KATZ_DETERMINISTIC", num_args = 0..=1, default_missing_value = "true")]
-    pub deterministic: Option<bool>,
-    /// Where optimized graphs are kept between starts: a directory, `none` or `auto` [default:
-    /// auto: on a GPU, $KATZ_CACHE_DIR, else $XDG_CACHE_HOME/katz/graphs or ~/.cache/katz/graphs]
-    #[arg(long, env = "KATZ_GRAPH_CACHE")]
-    pub graph_cache: Option<GraphCache>,
+    #[command(flatten)]
+    pub runtime: super::RuntimeArgs,
     /// Run every shape bucket once before taking jobs [default: on a GPU]
     #[arg(long, env = "KATZ_WARM_UP", num_args = 0..=1, default_missing_value = "true")]
     pub warm_up: Option<bool>,
@@ -187,11 +178,7 @@ impl WorkerArgs {
             s.cuda_graph = self.session.cuda_graph;
         }
         set(&mut s.exact_fp32, self.session.exact_fp32);
-        set(&mut s.conv_search, self.session.conv_search);
-        if self.session.deterministic.is_some() {
-            s.deterministic = self.session.deterministic;
-        }
-        set(&mut s.graph_cache, self.session.graph_cache);
+        self.session.runtime.apply(s);
         if self.session.warm_up.is_some() {
             s.warm_up = self.session.warm_up;
         }
