@@ -208,6 +208,37 @@ fn shape_buckets_give_the_dynamic_image_and_other_sizes_go_as_configured() {
 }
 
 #[test]
+fn buckets_left_for_their_first_use_give_the_images_of_buckets_opened_at_load() {
+    use katz_onnx::runtime::{BucketLoad, FixedShape, OtherSizes};
+    let sizes = [(64, 64), (96, 64), (64, 96)];
+    let mut opts = test_options();
+    opts.buckets = sizes
+        .iter()
+        .map(|(w, h)| FixedShape::parse(&format!("{w}x{h}"), 2).unwrap())
+        .collect();
+    opts.other_sizes = OtherSizes::Refuse;
+    let run = |p: &mut Pipeline, (w, h): (usize, usize)| {
+        let mut r = request();
+        (r.width, r.height) = (w, h);
+        generate(p, &r, &mut NoObserver).unwrap().image
+    };
+    let bundle = root().join("bundles/tiny-sdxl");
+    let mut all = Pipeline::load(&bundle, opts.clone()).unwrap();
+    opts.bucket_load = BucketLoad::FirstUse;
+    let mut later = Pipeline::load(&bundle, opts.clone()).unwrap();
+    // the last bucket first (opened on this thread or taken from the opener), then the others
+    for s in [sizes[2], sizes[1], sizes[0], sizes[2]] {
+        assert_eq!(run(&mut later, s).data, run(&mut all, s).data, "bucket {s:?}");
+    }
+    // a size without a bucket is still refused, and a pipeline dropped while its opener works
+    // does not hang
+    let mut other = request();
+    (other.width, other.height) = (128, 128);
+    assert!(generate(&mut later, &other, &mut NoObserver).is_err());
+    drop(Pipeline::load(&bundle, opts).unwrap());
+}
+
+#[test]
 fn a_graph_cache_is_written_once_and_read_after() {
     let dir = std::env::temp_dir().join(format!("katz-graph-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -765,11 +765,14 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     from safetensors.torch import save_file
 
     all_w = weights["unet_encoder"] + weights["unet_decoder"]
-    save_file({n: params[n].detach().contiguous() for n in all_w}, str(out / "weights.safetensors"))
+    # GPU bundles' graphs take the weights as f16: stored so, a load reads half the bytes and
+    # converts nothing
+    wdtype = torch.float16 if gpu else torch.float32
+    save_file({n: params[n].detach().to(wdtype).contiguous() for n in all_w}, str(out / "weights.safetensors"))
     signature = f"sdxl:c{C}:b{'-'.join(map(str, ucfg.block_out_channels))}"
     manifest = {
         "format": 1, "kind": "base", "name": cfg["name"], "architecture": "sdxl", "signature": signature,
-        "dtype": "float32", "compute": "fp16-cuda" if gpu else "fp32", "latent_channels": ucfg.in_channels, "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+        "dtype": "float16" if gpu else "float32", "compute": "fp16-cuda" if gpu else "fp32", "latent_channels": ucfg.in_channels, "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1),
         "scaling_factor": vae.config.scaling_factor, "prediction_type": "epsilon",
         "default_size": cfg["default_size"], "default_steps": cfg["default_steps"],
         "default_guidance": cfg["default_guidance"], "force_zeros_for_empty_prompt": True,
@@ -808,7 +811,7 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     fused_results(jobs)  # waits for the fusions; a failed one raises here
     (cn_out / "bundle.json").write_text(json.dumps({
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
-        "dtype": "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",
+        "dtype": "float16" if gpu else "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",
         "conditioning_channels": 3, "residuals": n_skips,
     }, indent=1) + "\n")
     return tok, (te, te2, unet, vae, cn), weights

@@ -20,7 +20,7 @@ use std::time::Duration;
 use katz_onnx::error::ParseError;
 use katz_onnx::pipeline::{LoraBound, LoraMode};
 use katz_onnx::placement::Placement;
-use katz_onnx::runtime::{ConvSearch, Device, FixedShape, OtherSizes, SessionOptions};
+use katz_onnx::runtime::{BucketLoad, ConvSearch, Device, FixedShape, OtherSizes, SessionOptions};
 use katz_onnx::shapes::SDXL_BUCKETS;
 use serde::Deserialize;
 use serde_with::{serde_as, DisplayFromStr};
@@ -139,6 +139,13 @@ pub struct SessionConfig {
     /// CUDA graphs for every bucket's UNet encoder and decoder (needs buckets and `cuda:N`):
     /// captured when the worker loads, replayed every step [default: on with `cuda:N` and buckets].
     pub cuda_graph: Option<bool>,
+    /// When the shape buckets open (and are captured on a GPU): `all`, before the worker takes
+    /// jobs, or `first-use`: the first bucket at load, each other one opened in the background
+    /// and captured at the start of its first job (that job pays the capture; the worker is
+    /// ready in a fraction of the time) [default: `first-use` with one model thread
+    /// (`concurrency = 1`), else `all`: a capture stops every other GPU user of the process].
+    #[serde_as(as = "Option<DisplayFromStr>")]
+    pub bucket_load: Option<BucketLoad>,
     /// CUDA: matrix products and convolutions in full fp32, not TF32.
     pub exact_fp32: bool,
     /// cuDNN's convolution algorithms: `heuristic` (no timing; the same choice every run) or
@@ -186,6 +193,7 @@ impl SessionConfig {
             device: self.device,
             cuda_graph: self.cuda_graph.unwrap_or(cuda && !buckets.is_empty()),
             buckets,
+            bucket_load: self.bucket_load.unwrap_or_default(),
             other_sizes: self.other_sizes,
             exact_fp32: self.exact_fp32,
             conv_search: self.conv_search,
@@ -603,13 +611,33 @@ impl WorkerConfig {
             base: self.bundle.clone().ok_or_else(|| unset("base bundle (bundle)"))?,
             controlnets: cn.controlnets.clone().unwrap_or_default(),
             lora: self.lora.config(lora_dir)?,
-            session: self.session.options(&placement, self.bundle.as_deref()),
+            session: SessionOptions {
+                bucket_load: self.bucket_load()?,
+                ..self.session.options(&placement, self.bundle.as_deref())
+            },
             warm_up: self.session.warm_up(),
             controlnet_mode,
             controlnet_services: cn.controlnet_services.clone(),
             remote: Some(remote),
             placement,
         })
+    }
+
+    /// When the buckets open: `first-use` needs one model thread when CUDA graphs are captured
+    /// (a capture after load stops every other GPU user of the process, and the other model
+    /// threads' jobs do not wait for it).
+    fn bucket_load(&self) -> Result<BucketLoad, ConfigError> {
+        match self.session.bucket_load {
+            None if self.concurrency <= 1 => Ok(BucketLoad::FirstUse),
+            None => Ok(BucketLoad::All),
+            Some(BucketLoad::FirstUse) if self.concurrency > 1 && self.session.device.is_gpu() => {
+                Err(ConfigError::Invalid(format!(
+                    "bucket_load = \"first-use\" needs concurrency = 1 on a GPU (got {}): use \"all\"",
+                    self.concurrency
+                )))
+            }
+            Some(b) => Ok(b),
+        }
     }
 
     /// Where the base, the guidance halves and the hosted ControlNets run, checked against the
@@ -817,6 +845,20 @@ mod tests {
         assert_eq!((b.len(), b[0].width, b[0].height, b[0].unet_batch), (1, w, h, 2));
         assert!(m.session.cuda_graph && m.warm_up);
         assert_eq!(m.session.cache, default_graph_cache());
+        // one model thread: buckets after the first open on their first use; several: all at
+        // load, and first-use is refused on a GPU
+        assert_eq!(m.session.bucket_load, BucketLoad::FirstUse);
+        let mut several = c.clone();
+        several.concurrency = 2;
+        assert_eq!(several.models().unwrap().session.bucket_load, BucketLoad::All);
+        several.session.bucket_load = Some(BucketLoad::FirstUse);
+        let e = several.models().unwrap_err().to_string();
+        assert!(e.contains("needs concurrency = 1"), "{e}");
+        assert_eq!(
+            parse("bucket_load = \"all\"").unwrap().session.bucket_load,
+            Some(BucketLoad::All)
+        );
+        assert!(parse("bucket_load = \"later\"").is_err());
         assert_eq!(m.session.other_sizes, OtherSizes::Dynamic);
         // `sdxl` names the nine usual sizes; lists drop repeats
         assert_eq!(

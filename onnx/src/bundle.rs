@@ -158,10 +158,15 @@ impl BaseBundle {
                 format!("architecture `{}` is not supported", manifest.architecture),
             ));
         }
-        if manifest.dtype != "float32" {
+        // the weights file's type: f32, or f16 in fp16 GPU bundles (their graphs take f16)
+        let fp16_gpu = manifest.dtype == "float16" && manifest.compute != "fp32";
+        if manifest.dtype != "float32" && !fp16_gpu {
             return Err(Error::bundle(
                 &dir,
-                format!("dtype `{}` needs a GPU device", manifest.dtype),
+                format!(
+                    "weights of dtype `{}` with `{}` compute are not supported",
+                    manifest.dtype, manifest.compute
+                ),
             ));
         }
         if manifest.text_encoders.len() != 2 {

@@ -207,3 +207,21 @@ pub(crate) fn free_memory(k: &GpuKernels) -> Option<u64> {
         .ok()
         .map(|(free, _)| free as u64)
 }
+
+/// Who may use a GPU while a CUDA graph is captured after load ([`crate::runtime::BucketLoad::FirstUse`]).
+/// ONNX Runtime captures in CUDA's global mode: while it captures, no other thread of the
+/// process may allocate or synchronise. Threads other than the model thread that touch a GPU
+/// beside the jobs (the bucket opener, LoRA merges on the device) hold [`beside_capture`] while
+/// they do; a capture holds [`capturing`], so it starts once they are done and they wait for it.
+/// Neither side waits for anything else while it holds its guard.
+static CAPTURE_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Shared: GPU work on a thread that is not a model thread (see [`CAPTURE_GATE`]).
+pub(crate) fn beside_capture() -> std::sync::RwLockReadGuard<'static, ()> {
+    CAPTURE_GATE.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Exclusive: a CUDA-graph capture on a model thread after load (see [`CAPTURE_GATE`]).
+pub(crate) fn capturing() -> std::sync::RwLockWriteGuard<'static, ()> {
+    CAPTURE_GATE.write().unwrap_or_else(|p| p.into_inner())
+}

@@ -42,9 +42,9 @@ fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
 }
 
 impl TextEncoders {
+    /// Loads both encoders, side by side (each session is mostly one core's work).
     pub fn load(bundle: &BaseBundle, opts: &SessionOptions) -> Result<Self> {
-        let mut encoders = Vec::new();
-        for spec in &bundle.manifest.text_encoders {
+        let load = |spec: &crate::bundle::TextEncoderSpec| -> Result<Encoder> {
             let path = bundle.path(&spec.graph);
             let session = runtime::session(&path, opts)?;
             check_io(
@@ -54,12 +54,28 @@ impl TextEncoders {
                 &["hidden_states".into(), "pooled".into()],
             )?;
             let tokenizer = load_tokenizer(&bundle.path(&spec.tokenizer))?;
-            encoders.push(Encoder {
+            Ok(Encoder {
                 spec: spec.clone(),
                 tokenizer,
                 session,
-            });
-        }
+            })
+        };
+        let encoders = std::thread::scope(|s| {
+            let handles: Vec<_> = bundle
+                .manifest
+                .text_encoders
+                .iter()
+                .map(|spec| s.spawn(move || load(spec)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Gpu("a thread loading a text encoder panicked".into()))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
         Ok(TextEncoders {
             encoders,
             force_zeros_for_empty_prompt: bundle.manifest.force_zeros_for_empty_prompt,

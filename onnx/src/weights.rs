@@ -157,19 +157,21 @@ impl Weights {
                 .or_default()
                 .push(name.clone());
         }
-        // converted on every core (full-size SDXL: 2.6 G values, ~10 s on one), then wrapped
+        // converted on every core (full-size SDXL in f32: 2.6 G values, ~10 s on one); an f16
+        // file (fp16 GPU bundles) for f16 inputs is copied as it is
         let converted: Vec<(&String, Result<HostData>)> = {
             use rayon::prelude::*;
             views
                 .into_par_iter()
                 .map(|(name, t)| {
-                    let data = to_f32(t.dtype(), t.data()).ok_or_else(|| {
-                        Error::bundle(
-                            &path,
-                            format!("weight `{name}` has unsupported dtype {:?}", t.dtype()),
-                        )
-                    });
-                    (name, data.map(|d| HostData::new(d, half.contains(name))))
+                    let data =
+                        HostData::from_file(t.dtype(), t.data(), half.contains(name)).ok_or_else(|| {
+                            Error::bundle(
+                                &path,
+                                format!("weight `{name}` has unsupported dtype {:?}", t.dtype()),
+                            )
+                        });
+                    (name, data)
                 })
                 .collect()
         };
@@ -257,6 +259,7 @@ impl Weights {
             ));
         }
         let k = &dev.kernels;
+        let _gpu = crate::device::beside_capture();
         let mut out = HashMap::new();
         for (name, b) in &merged.device {
             let copy = match b {
@@ -305,6 +308,11 @@ impl Weights {
         self.half.contains(name)
     }
 
+    /// The weights bound as f16.
+    pub(crate) fn half_set(&self) -> &HashSet<String> {
+        &self.half
+    }
+
     /// Whether `other` holds the same weight map (same bundle).
     pub fn same_map(&self, other: &Weights) -> bool {
         self.map == other.map && self.half == other.half
@@ -322,6 +330,16 @@ pub struct MergedWeights {
     device: HashMap<String, DevBuf>,
     /// Wall time of the merge that made this set.
     pub merge_time: Duration,
+}
+
+impl Drop for MergedWeights {
+    fn drop(&mut self) {
+        // device buffers are freed beside a capture, not during one (crate::device::beside_capture)
+        if !self.device.is_empty() {
+            let _gpu = crate::device::beside_capture();
+            self.device.clear();
+        }
+    }
 }
 
 /// A fresh [`MergedWeights::id`].
@@ -420,6 +438,19 @@ impl HostData {
         } else {
             HostData::F32(data)
         }
+    }
+
+    /// A weight as stored in a bundle's file (`dtype`, little-endian `bytes`), as its graph
+    /// input takes it: f16 bits copied when both are f16, converted otherwise.
+    pub(crate) fn from_file(dtype: safetensors::Dtype, bytes: &[u8], half: bool) -> Option<Self> {
+        if half && dtype == safetensors::Dtype::F16 {
+            let bits: Vec<half::f16> = bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            return Some(HostData::F16(bits));
+        }
+        to_f32(dtype, bytes).map(|d| HostData::new(d, half))
     }
 
     pub(crate) fn into_value(self, shape: &[usize]) -> Result<DynValue> {

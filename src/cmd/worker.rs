@@ -14,7 +14,7 @@ use clap::Args;
 use katz_actors::config::{ShapeList, Transport, WorkerConfig};
 use katz_actors::controlnet::{LocalMode, RemoteModel};
 use katz_actors::worker;
-use katz_onnx::runtime::{Device, OtherSizes};
+use katz_onnx::runtime::{BucketLoad, Device, OtherSizes};
 
 use super::bundles_dir;
 use super::lora_args::{set, LoraArgs, LoraStoreArgs};
@@ -127,6 +127,11 @@ pub struct SessionArgs {
     /// CUDA: matrix products and convolutions in full fp32, not TF32
     #[arg(long, env = "KATZ_EXACT_FP32", num_args = 0..=1, default_missing_value = "true")]
     pub exact_fp32: Option<bool>,
+    /// When the shape buckets open and are captured: `all` (before the worker takes jobs) or
+    /// `first-use` (the first bucket at load, each other one at the start of its first job;
+    /// a ready worker in a fraction of the time) [default: first-use with one model thread, else all]
+    #[arg(long, env = "KATZ_BUCKET_LOAD")]
+    pub bucket_load: Option<BucketLoad>,
     #[command(flatten)]
     pub runtime: super::RuntimeArgs,
     /// Run every shape bucket once before taking jobs [default: on a GPU]
@@ -178,6 +183,9 @@ impl WorkerArgs {
             s.cuda_graph = self.session.cuda_graph;
         }
         set(&mut s.exact_fp32, self.session.exact_fp32);
+        if self.session.bucket_load.is_some() {
+            s.bucket_load = self.session.bucket_load;
+        }
         self.session.runtime.apply(s);
         if self.session.warm_up.is_some() {
             s.warm_up = self.session.warm_up;

@@ -30,6 +30,14 @@ pub struct DeviceFactors {
     bytes: usize,
 }
 
+impl Drop for DeviceFactors {
+    fn drop(&mut self) {
+        // freed beside a CUDA-graph capture, not during one (crate::device::beside_capture)
+        let _gpu = crate::device::beside_capture();
+        self.layers.clear();
+    }
+}
+
 impl DeviceFactors {
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -83,6 +91,7 @@ impl Weights {
     /// Uploads a LoRA's factors for [`Weights::merge_on_device`].
     pub fn upload_factors(&self, lora: &LoraAdapter) -> Result<DeviceFactors> {
         let s = &on_gpu(self)?.kernels.stream;
+        let _gpu = crate::device::beside_capture();
         let mut layers = HashMap::new();
         let mut bytes = 0;
         for (name, l) in &lora.layers {
@@ -107,6 +116,7 @@ impl Weights {
         let started = Instant::now();
         let dev = on_gpu(self)?;
         let k = &dev.kernels;
+        let _gpu = crate::device::beside_capture();
         let mut touched: BTreeMap<&str, Vec<GpuFactor<'_>>> = BTreeMap::new();
         for (lora, factors, scale) in loras {
             for (name, layer) in &lora.layers {

@@ -10,7 +10,7 @@
 //!                                                 ─▶ peer access: placement.peer_pairs
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -59,46 +59,66 @@ impl Pipeline {
                 }
             )));
         }
-        // the text encoders load on a thread of their own while the UNet sessions and the
-        // weights load here (each is mostly one core's work)
-        let (text, mut unets, weights, text_ms, unet_ms, weights_ms) = std::thread::scope(|sc| {
+        // the text encoders, the weights and the UNet sessions load side by side (each is
+        // mostly one core's work, or one file's read); the weights are read as the graphs
+        // take them (f16 for an fp16 bundle's inputs, checked against the sessions below)
+        let guess = match &shared {
+            Some(w) => w.half_set().clone(),
+            None if m.compute == "fp32" => HashSet::new(),
+            None => m.weights.map.keys().cloned().collect(),
+        };
+        let load_weights = |half: HashSet<String>| -> Result<Arc<Weights>> {
+            let mut w = Weights::load(&bundle, half)?;
+            if let Some(id) = opts.device.gpu() {
+                // uploaded once: every job binds them in place, merges run on the device
+                w.to_device(id)?;
+            }
+            Ok(Arc::new(w))
+        };
+        let (text, unets, weights, text_ms, unet_ms, weights_ms) = std::thread::scope(|sc| {
             let text = sc.spawn(|| {
                 let t0 = std::time::Instant::now();
                 TextEncoders::load(&bundle, &opts).map(|t| (t, t0.elapsed().as_millis() as u64))
             });
-            let t0 = std::time::Instant::now();
-            let rest = UnetSet::open(&bundle, &opts).and_then(|unets| {
-                let unet_ms = t0.elapsed().as_millis() as u64;
-                // weights are bound as the graphs take them: f32, or f16 in fp16 GPU bundles
+            let weights = sc.spawn(|| {
                 let t0 = std::time::Instant::now();
-                let first = unets.first();
-                let half = half_inputs([&first.encoder, &first.decoder], &m.weights.map);
-                let weights = match shared {
-                    Some(w) if w.map() == &m.weights.map => w,
-                    Some(_) => {
-                        return Err(Error::bundle(
-                            &bundle.dir,
-                            "shared weights belong to another bundle",
-                        ))
-                    }
-                    None => {
-                        let mut w = Weights::load(&bundle, half)?;
-                        if let Some(id) = opts.device.gpu() {
-                            // uploaded once: every job binds them in place, merges run on the device
-                            w.to_device(id)?;
-                        }
-                        Arc::new(w)
-                    }
+                let w = match &shared {
+                    Some(w) if w.map() == &m.weights.map => Ok(w.clone()),
+                    Some(_) => Err(Error::bundle(
+                        &bundle.dir,
+                        "shared weights belong to another bundle",
+                    )),
+                    None => load_weights(guess.clone()),
                 };
-                Ok((unets, unet_ms, weights, t0.elapsed().as_millis() as u64))
+                w.map(|w| (w, t0.elapsed().as_millis() as u64))
             });
-            let text = text
-                .join()
-                .unwrap_or_else(|_| Err(Error::Gpu("the thread loading the text encoders panicked".into())));
-            let (unets, unet_ms, weights, weights_ms) = rest?;
+            let t0 = std::time::Instant::now();
+            let unets = UnetSet::open(&bundle, &opts);
+            let unet_ms = t0.elapsed().as_millis() as u64;
+            let join = |what: &str| Error::Gpu(format!("the thread loading {what} panicked"));
+            let text = text.join().unwrap_or_else(|_| Err(join("the text encoders")));
+            let weights = weights.join().unwrap_or_else(|_| Err(join("the weights")));
+            let unets = unets?;
+            let (mut weights, mut weights_ms) = weights?;
             let (text, text_ms) = text?;
+            let first = unets.first();
+            let half = half_inputs([&first.encoder, &first.decoder], &m.weights.map);
+            if &half != weights.half_set() {
+                if shared.is_some() {
+                    return Err(Error::bundle(
+                        &bundle.dir,
+                        "shared weights are bound in other types",
+                    ));
+                }
+                // a bundle whose file's types are not its graphs' (an older fp16 bundle): again
+                tracing::info!("the weights' file holds other types than the graphs take: converting");
+                let t0 = std::time::Instant::now();
+                weights = load_weights(half)?;
+                weights_ms += t0.elapsed().as_millis() as u64;
+            }
             Ok::<_, Error>((text, unets, weights, text_ms, unet_ms, weights_ms))
         })?;
+        let mut unets = unets;
 
         let t0 = std::time::Instant::now();
         let vae_path = bundle.path(&m.vae_decoder);
@@ -117,6 +137,8 @@ impl Pipeline {
                 None => crate::device::kernels_for(id as usize)?,
             };
             current(&k)?;
+            // the background bucket opener (BucketLoad::FirstUse) waits for the capture
+            let _gpu = crate::device::capturing();
             unets.capture(&weights, &k, skips)?;
             step_kernels = Some(k);
         }

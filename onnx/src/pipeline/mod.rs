@@ -245,6 +245,26 @@ impl Pipeline {
         let (h, w) = (req.height / f, req.width / f);
         let cfg = req.guided();
 
+        // a bucket left for its first use opens (and is captured) now, before this job's
+        // other GPU work starts
+        let gpu = self.opts.device.gpu();
+        let split = gpu.is_some() && self.half.is_some() && self.split_on && cfg;
+        let unet_batch = if cfg && !split { 2 } else { 1 };
+        let skips = m.unet.skips;
+        match gpu {
+            Some(id) if self.opts.cuda_graph => {
+                let k = self.step_kernels(id)?;
+                self.unets.prepare(
+                    req.width,
+                    req.height,
+                    unet_batch,
+                    Some((&self.weights, &k, skips)),
+                )?;
+            }
+            _ => self.unets.prepare(req.width, req.height, unet_batch, None)?,
+        }
+        let m = &self.bundle.manifest;
+
         let mut sched_cfg = m.scheduler.clone();
         sched_cfg.use_karras_sigmas = req.karras;
         let mut sched = scheduler::build(req.scheduler, &sched_cfg, req.steps)?;
@@ -277,13 +297,11 @@ impl Pipeline {
 
         // on a GPU the pipeline's own ControlNets run as inline sessions on the device loop
         let mut inline = self.inline_controlnets();
-        let gpu = self.opts.device.gpu();
         let control: Option<&mut dyn ControlService> = match opts.control {
             Some(c) => Some(c),
             None if gpu.is_some() && !req.controlnets.is_empty() => Some(&mut inline),
             None => None,
         };
-        let split = gpu.is_some() && self.half.is_some() && self.split_on && cfg;
         let (mut sessions, mut halves) = match control {
             Some(svc) => self.open_sessions(svc, req, &cond, &images, split, &mut t)?,
             None => (Vec::new(), Vec::new()),
@@ -307,8 +325,6 @@ impl Pipeline {
             t: &mut t,
             started,
         };
-        let skips = self.bundle.manifest.unet.skips;
-        let unet_batch = if cfg && !split { 2 } else { 1 };
         let k = gpu.map(|id| self.step_kernels(id)).transpose()?;
         let unet = self.unets.pick(req.width, req.height, unet_batch)?;
         let latents = match k {
@@ -350,8 +366,8 @@ impl Pipeline {
         Ok(Generated { image, timings: t })
     }
 
-    /// Runs every shape bucket once before the first job — one denoising step and the VAE at
-    /// its size, with the text encoders — and the free-shape sessions at the bundle's default
+    /// Runs every shape bucket that is open once before the first job — one denoising step and
+    /// the VAE at its size, with the text encoders — and the free-shape sessions at the bundle's default
     /// size: what a first run pays (the CUDA provider's memory arenas, cuDNN's algorithm choice
     /// for each shape, library handles on this thread) is paid at load, so the first job runs
     /// as fast as the tenth. Returns the time it took.
@@ -359,10 +375,11 @@ impl Pipeline {
         let t0 = Instant::now();
         let m = &self.bundle.manifest;
         let guided = m.default_guidance.max(2.0);
+        // the buckets open now (with BucketLoad::FirstUse, the others warm up on their first job)
         let mut runs: Vec<(usize, usize, f32)> = self
-            .opts
-            .buckets
-            .iter()
+            .unets
+            .ready_buckets()
+            .into_iter()
             .map(|b| {
                 // a bucket of UNet batch 2 (or one half per GPU) is guided; batch 1 on one GPU is not
                 let g = if b.unet_batch == 2 || self.half.is_some() {

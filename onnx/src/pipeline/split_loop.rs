@@ -320,8 +320,10 @@ impl HalfUnet {
         let there = device
             .gpu()
             .ok_or_else(|| Error::InvalidRequest(format!("split guidance needs a GPU, got {device}")))?;
+        // the second GPU's buckets are all captured at load: its thread runs only the jobs
         let opts = SessionOptions {
             device,
+            bucket_load: crate::runtime::BucketLoad::All,
             ..opts.clone()
         };
         if let Some(f) = opts.buckets.iter().find(|f| f.unet_batch != 1) {

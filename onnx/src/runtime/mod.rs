@@ -171,6 +171,8 @@ pub struct SessionOptions {
     /// CUDA graphs for the UNet encoder and decoder of every bucket (needs buckets and `cuda:N`):
     /// captured when the pipeline loads, replayed every step (crate::unet::graphed).
     pub cuda_graph: bool,
+    /// Which buckets open (and capture) as the pipeline loads.
+    pub bucket_load: BucketLoad,
     /// CUDA: matrix products and convolutions in full fp32, not TF32 (ONNX Runtime's
     /// `use_tf32 = 0`). Parity checks against an fp32 reference set it: TF32 leaves ~1e-3 of
     /// relative error per step.
@@ -213,6 +215,39 @@ impl std::fmt::Display for ConvSearch {
         f.write_str(match self {
             ConvSearch::Heuristic => "heuristic",
             ConvSearch::Exhaustive => "exhaustive",
+        })
+    }
+}
+
+/// When a pipeline's shape buckets get their sessions (and, on a GPU, their CUDA graphs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BucketLoad {
+    /// Every bucket opens and is captured before the pipeline is ready: no job pays for it.
+    #[default]
+    All,
+    /// The first bucket opens and is captured at load; the others open on a background thread
+    /// and each is captured on the model thread at the start of its first job (which pays the
+    /// capture, about half a second at 1 MP; no job waits for another bucket's). A ready
+    /// pipeline in a fraction of the time.
+    FirstUse,
+}
+
+impl std::str::FromStr for BucketLoad {
+    type Err = ParseError;
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
+        match s {
+            "all" | "load" => Ok(BucketLoad::All),
+            "first-use" => Ok(BucketLoad::FirstUse),
+            _ => Err(ParseError(format!("`{s}`: expected all or first-use"))),
+        }
+    }
+}
+
+impl std::fmt::Display for BucketLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BucketLoad::All => "all",
+            BucketLoad::FirstUse => "first-use",
         })
     }
 }

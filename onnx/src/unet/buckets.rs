@@ -9,20 +9,29 @@
 //!   UnetSet::capture(weights, kernels) ─▶ per bucket: GraphedUnet bound to the one WeightSlot
 //!                    of this GPU, captured on the calling thread (the one that runs the jobs)
 //!   UnetSet::pick(width, height, batch) ─▶ the bucket's pair, else the free-shape pair
+//!
+//! BucketLoad::FirstUse: open() makes the first bucket's pair (and the free one) only; a
+//!   background thread opens the rest, one after another ─▶ Opening.done
+//!   UnetSet::prepare(width, height, batch) at a job's start: its bucket's pair, taken from
+//!   Opening (or opened now, if the thread has not reached it), captured now on the model thread
+//!   (holding device::capturing: the opener and LoRA merges on the GPU wait for it)
 //! ```
 //!
 //! The LoRA-targetable weights are graph inputs, so a bucket's sessions hold only the graph and
 //! its activations; the weights (and, with CUDA graphs, the one slot they read) are shared by
 //! every bucket. What a bucket costs on a GPU is measured as it loads ([`UnetShape::memory`]).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use katz_kernels::cuda::GpuKernels;
 use ort::session::Session;
 
 use crate::bundle::{check_io, BaseBundle};
-use crate::device::{current, free_memory};
-use crate::runtime::{self, FixedShape, SessionOptions};
+use crate::device::{beside_capture, capturing, current, free_memory};
+use crate::runtime::{self, BucketLoad, FixedShape, SessionOptions};
 use crate::shapes::{skip_names, unet_dims};
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -45,6 +54,137 @@ pub(crate) struct UnetShape {
 /// Every UNet pair of one device, by shape.
 pub(crate) struct UnetSet {
     pub shapes: Vec<UnetShape>,
+    /// The buckets still opening in the background ([`BucketLoad::FirstUse`]).
+    deferred: Option<Deferred>,
+    /// The weight slot every bucket's CUDA graphs read (made by the first capture).
+    slot: Option<Arc<WeightSlot>>,
+}
+
+/// What a pair's sessions are checked against, and made from.
+struct PairSpec {
+    enc_path: PathBuf,
+    dec_path: PathBuf,
+    enc_in: Vec<String>,
+    enc_out: Vec<String>,
+    dec_in: Vec<String>,
+}
+
+impl PairSpec {
+    /// A pair's sessions, fixed to `dims` (free shapes when empty), checked against the manifest.
+    fn open(
+        &self,
+        opts: &SessionOptions,
+        dims: &[Vec<(String, i64)>; 2],
+        graph: bool,
+    ) -> Result<(Session, Session)> {
+        let e = runtime::unet_session(&self.enc_path, opts, &dims[0], graph)?;
+        let d = runtime::unet_session(&self.dec_path, opts, &dims[1], graph)?;
+        check_io(&self.enc_path, &e, &self.enc_in, &self.enc_out)?;
+        check_io(&self.dec_path, &d, &self.dec_in, &["noise_pred".into()])?;
+        Ok((e, d))
+    }
+}
+
+/// A bucket not opened at load.
+struct Later {
+    fixed: FixedShape,
+    dims: [Vec<(String, i64)>; 2],
+}
+
+/// The background opening of [`BucketLoad::FirstUse`]'s buckets.
+#[derive(Default)]
+struct Opening {
+    /// Not started, in order.
+    queue: VecDeque<Later>,
+    /// The bucket the opener works on now.
+    busy: Option<FixedShape>,
+    /// Opened, not yet taken by a job.
+    done: Vec<(Later, Result<(Session, Session)>)>,
+    /// The set is dropped: the opener stops after its current pair.
+    stop: bool,
+}
+
+struct Deferred {
+    state: Arc<(Mutex<Opening>, Condvar)>,
+    spec: Arc<PairSpec>,
+    opts: Arc<SessionOptions>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Deferred {
+    /// The pair of the bucket `want` picks: opened by the background thread (waiting for it
+    /// when it is at work on that very bucket), or opened here if the thread has not reached
+    /// it. None: no such bucket was left for later (or it was taken).
+    fn take(&self, want: &impl Fn(&FixedShape) -> bool) -> Option<(Later, Result<(Session, Session)>)> {
+        let (lock, cv) = &*self.state;
+        let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(i) = st.done.iter().position(|(l, _)| want(&l.fixed)) {
+                break Some(st.done.swap_remove(i));
+            }
+            if let Some(i) = st.queue.iter().position(|l| want(&l.fixed)) {
+                let l = st.queue.remove(i).expect("position is in the queue");
+                drop(st);
+                let r = {
+                    let _gpu = beside_capture();
+                    self.spec.open(&self.opts, &l.dims, self.opts.cuda_graph)
+                };
+                break Some((l, r));
+            }
+            if st.busy.as_ref().is_some_and(want) {
+                st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            break None;
+        }
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The opener thread: the queued buckets' pairs, one after another, each made holding
+/// [`beside_capture`] (a capture on the model thread waits for it, and it for the capture).
+fn open_in_background(state: Arc<(Mutex<Opening>, Condvar)>, spec: Arc<PairSpec>, opts: Arc<SessionOptions>) {
+    let (lock, cv) = &*state;
+    loop {
+        let later = {
+            let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if st.stop {
+                return;
+            }
+            match st.queue.pop_front() {
+                Some(l) => {
+                    st.busy = Some(l.fixed);
+                    l
+                }
+                None => return,
+            }
+        };
+        let t0 = Instant::now();
+        let r = {
+            let _gpu = beside_capture();
+            spec.open(&opts, &later.dims, opts.cuda_graph)
+        };
+        tracing::debug!(
+            bucket = %format!("{}x{}", later.fixed.width, later.fixed.height),
+            ms = t0.elapsed().as_millis() as u64,
+            ok = r.is_ok(),
+            "shape bucket opened in the background"
+        );
+        let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+        st.busy = None;
+        st.done.push((later, r));
+        cv.notify_all();
+    }
 }
 
 /// Sessions made at once while a set opens (each is mostly graph optimisation, on one core).
@@ -52,15 +192,19 @@ const OPEN_AT_ONCE: usize = 4;
 
 impl UnetSet {
     /// Opens a pair per bucket of `opts` and, when other sizes run dynamically, a pair with free
-    /// shapes; checks each against the manifest. Nothing is captured yet.
+    /// shapes; checks each against the manifest. Nothing is captured yet. With
+    /// [`BucketLoad::FirstUse`], only the first bucket (and the free pair) open now; the others
+    /// open on a background thread ([`UnetSet::prepare`] takes them).
     pub(crate) fn open(bundle: &BaseBundle, opts: &SessionOptions) -> Result<Self> {
-        let m = &bundle.manifest;
-        let mut wanted: Vec<Option<FixedShape>> = opts.buckets.iter().copied().map(Some).collect();
+        let now_count = match opts.bucket_load {
+            BucketLoad::All => opts.buckets.len(),
+            BucketLoad::FirstUse => opts.buckets.len().min(1),
+        };
+        let mut wanted: Vec<Option<FixedShape>> =
+            opts.buckets[..now_count].iter().copied().map(Some).collect();
         if opts.dynamic() {
             wanted.push(None);
         }
-        let enc_path = bundle.path(&m.unet.encoder);
-        let dec_path = bundle.path(&m.unet.decoder);
         let mut dims = Vec::with_capacity(wanted.len());
         for f in &wanted {
             dims.push(match f {
@@ -68,6 +212,14 @@ impl UnetSet {
                 None => [vec![], vec![]],
             });
         }
+        let mut later = VecDeque::new();
+        for f in &opts.buckets[now_count..] {
+            later.push_back(Later {
+                fixed: *f,
+                dims: unet_dims(bundle, *f)?,
+            });
+        }
+        let spec = Arc::new(pair_spec(bundle));
         // graph capture is for the buckets; the free-shape pair has CPU shape nodes
         let graph = |f: &Option<FixedShape>| opts.cuda_graph && f.is_some();
         let mut sessions: Vec<Option<Result<(Session, Session)>>> = (0..wanted.len()).map(|_| None).collect();
@@ -76,13 +228,8 @@ impl UnetSet {
                 let handles: Vec<_> = chunk
                     .iter()
                     .map(|&i| {
-                        let (f, d) = (&wanted[i], &dims[i]);
-                        let (enc_path, dec_path) = (&enc_path, &dec_path);
-                        s.spawn(move || -> Result<(Session, Session)> {
-                            let e = runtime::unet_session(enc_path, opts, &d[0], graph(f))?;
-                            let dd = runtime::unet_session(dec_path, opts, &d[1], graph(f))?;
-                            Ok((e, dd))
-                        })
+                        let (f, d, spec) = (&wanted[i], &dims[i], &spec);
+                        s.spawn(move || spec.open(opts, d, graph(f)))
                     })
                     .collect();
                 for (&i, h) in chunk.iter().zip(handles) {
@@ -92,37 +239,10 @@ impl UnetSet {
                 }
             });
         }
-        let weight_inputs = |graph: &str| -> Vec<String> {
-            m.weights
-                .map
-                .iter()
-                .filter(|(_, e)| e.graph == graph)
-                .map(|(n, _)| n.clone())
-                .collect()
-        };
-        let skips = skip_names(m.unet.skips);
-        let mut enc_in: Vec<String> = [
-            "sample",
-            "timestep",
-            "encoder_hidden_states",
-            "text_embeds",
-            "time_ids",
-        ]
-        .map(String::from)
-        .to_vec();
-        enc_in.extend(weight_inputs("unet_encoder"));
-        let mut enc_out: Vec<String> = vec!["emb".into(), "mid".into()];
-        enc_out.extend(skips.iter().cloned());
-        let mut dec_in: Vec<String> = vec!["emb".into(), "encoder_hidden_states".into(), "mid".into()];
-        dec_in.extend(skips.iter().cloned());
-        dec_in.extend(weight_inputs("unet_decoder"));
-
         let mut shapes = Vec::with_capacity(wanted.len());
         for ((fixed, d), s) in wanted.into_iter().zip(dims).zip(sessions) {
             let (encoder, decoder) =
                 s.unwrap_or_else(|| Err(Error::Gpu("a UNet session was not made".into())))?;
-            check_io(&enc_path, &encoder, &enc_in, &enc_out)?;
-            check_io(&dec_path, &decoder, &dec_in, &["noise_pred".into()])?;
             shapes.push(UnetShape {
                 fixed,
                 encoder,
@@ -132,7 +252,100 @@ impl UnetSet {
                 memory: None,
             });
         }
-        Ok(UnetSet { shapes })
+        let deferred = (!later.is_empty()).then(|| {
+            let state = Arc::new((
+                Mutex::new(Opening {
+                    queue: later,
+                    ..Opening::default()
+                }),
+                Condvar::new(),
+            ));
+            let opts = Arc::new(opts.clone());
+            let (st, sp, op) = (state.clone(), spec.clone(), opts.clone());
+            let thread = std::thread::Builder::new()
+                .name("katz-buckets".into())
+                .spawn(move || open_in_background(st, sp, op))
+                .ok();
+            Deferred {
+                state,
+                spec,
+                opts,
+                thread,
+            }
+        });
+        Ok(UnetSet {
+            shapes,
+            deferred,
+            slot: None,
+        })
+    }
+
+    /// Makes the bucket of a request of `width`×`height` (UNet batch `batch`) ready if it was
+    /// left for its first use: takes its pair from the background opener (or opens it here if
+    /// the opener has not reached it) and, with `capture` (the weights, this thread's kernels,
+    /// the skips), captures it on this thread, holding [`capturing`]. Nothing to do for a
+    /// bucket that is ready or a size without a bucket.
+    pub(crate) fn prepare(
+        &mut self,
+        width: usize,
+        height: usize,
+        batch: usize,
+        capture: Option<(&Weights, &Arc<GpuKernels>, usize)>,
+    ) -> Result<()> {
+        let want = |f: &FixedShape| (f.width, f.height, f.unet_batch) == (width, height, batch);
+        if self.shapes.iter().any(|s| s.fixed.as_ref().is_some_and(want)) {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let taken = self.deferred.as_ref().and_then(|d| d.take(&want));
+        let Some((later, pair)) = taken else {
+            return Ok(());
+        };
+        let (encoder, decoder) = pair?;
+        let opened_ms = t0.elapsed().as_millis() as u64;
+        let mut shape = UnetShape {
+            fixed: Some(later.fixed),
+            encoder,
+            decoder,
+            graph: None,
+            dims: later.dims,
+            memory: None,
+        };
+        if let Some((weights, k, skips)) = capture {
+            let _gpu = capturing();
+            current(k)?;
+            let slot = self.slot(weights, k)?;
+            capture_one(&mut shape, weights, slot, k, skips)?;
+        }
+        tracing::info!(
+            bucket = %format!("{width}x{height}"),
+            waited_ms = opened_ms,
+            ms = t0.elapsed().as_millis() as u64,
+            mib = shape.memory.map(|b| b >> 20),
+            "shape bucket ready on its first job"
+        );
+        self.shapes
+            .insert(self.shapes.len() - usize::from(self.has_free()), shape);
+        Ok(())
+    }
+
+    /// The buckets whose pairs are open (all of them, unless some were left for first use).
+    pub(crate) fn ready_buckets(&self) -> Vec<FixedShape> {
+        self.shapes.iter().filter_map(|s| s.fixed).collect()
+    }
+
+    fn has_free(&self) -> bool {
+        self.shapes.last().is_some_and(|s| s.fixed.is_none())
+    }
+
+    /// The weight slot of this set's GPU, made on the first capture.
+    fn slot(&mut self, weights: &Weights, k: &Arc<GpuKernels>) -> Result<Arc<WeightSlot>> {
+        if let Some(s) = &self.slot {
+            return Ok(s.clone());
+        }
+        let s = WeightSlot::new(weights, k)?;
+        self.slot = Some(s.clone());
+        Ok(s)
     }
 
     /// The pair every set has, for what all pairs share (inputs, their types).
@@ -150,26 +363,9 @@ impl UnetSet {
             return Ok(());
         }
         current(k)?;
-        let slot = WeightSlot::new(weights, k)?;
+        let slot = self.slot(weights, k)?;
         for s in self.shapes.iter_mut().filter(|s| s.fixed.is_some()) {
-            let before = free_memory(k);
-            let mut g = GraphedUnet::new(
-                &s.encoder,
-                &s.decoder,
-                weights,
-                slot.clone(),
-                k.clone(),
-                skips,
-                &s.dims[0],
-                &s.dims[1],
-            )?;
-            g.capture(&mut s.encoder, &mut s.decoder)
-                .map_err(|e| match s.fixed {
-                    Some(f) => Error::Gpu(format!("bucket {}x{}: {e}", f.width, f.height)),
-                    None => e,
-                })?;
-            s.graph = Some(g);
-            s.memory = before.zip(free_memory(k)).map(|(b, a)| b.saturating_sub(a));
+            capture_one(s, weights, slot.clone(), k, skips)?;
         }
         Ok(())
     }
@@ -204,5 +400,71 @@ impl UnetSet {
             })
             .collect();
         v.join(", ")
+    }
+}
+
+/// Binds `s` for CUDA graphs, reading `slot`, and captures it on this thread; records what it
+/// took of the GPU's memory.
+fn capture_one(
+    s: &mut UnetShape,
+    weights: &Weights,
+    slot: Arc<WeightSlot>,
+    k: &Arc<GpuKernels>,
+    skips: usize,
+) -> Result<()> {
+    let before = free_memory(k);
+    let mut g = GraphedUnet::new(
+        &s.encoder,
+        &s.decoder,
+        weights,
+        slot,
+        k.clone(),
+        skips,
+        &s.dims[0],
+        &s.dims[1],
+    )?;
+    g.capture(&mut s.encoder, &mut s.decoder)
+        .map_err(|e| match s.fixed {
+            Some(f) => Error::Gpu(format!("bucket {}x{}: {e}", f.width, f.height)),
+            None => e,
+        })?;
+    s.graph = Some(g);
+    s.memory = before.zip(free_memory(k)).map(|(b, a)| b.saturating_sub(a));
+    Ok(())
+}
+
+/// The manifest's paths and input/output names of the UNet pair.
+fn pair_spec(bundle: &BaseBundle) -> PairSpec {
+    let m = &bundle.manifest;
+    let weight_inputs = |graph: &str| -> Vec<String> {
+        m.weights
+            .map
+            .iter()
+            .filter(|(_, e)| e.graph == graph)
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    let skips = skip_names(m.unet.skips);
+    let mut enc_in: Vec<String> = [
+        "sample",
+        "timestep",
+        "encoder_hidden_states",
+        "text_embeds",
+        "time_ids",
+    ]
+    .map(String::from)
+    .to_vec();
+    enc_in.extend(weight_inputs("unet_encoder"));
+    let mut enc_out: Vec<String> = vec!["emb".into(), "mid".into()];
+    enc_out.extend(skips.iter().cloned());
+    let mut dec_in: Vec<String> = vec!["emb".into(), "encoder_hidden_states".into(), "mid".into()];
+    dec_in.extend(skips.iter().cloned());
+    dec_in.extend(weight_inputs("unet_decoder"));
+    PairSpec {
+        enc_path: bundle.path(&m.unet.encoder),
+        dec_path: bundle.path(&m.unet.decoder),
+        enc_in,
+        enc_out,
+        dec_in,
     }
 }
