@@ -561,3 +561,91 @@ fn the_same_job_twice_gives_a_byte_identical_png() {
     }
     assert!(failures.is_empty(), "not byte-identical: {failures:?}");
 }
+
+/// The full-size fp16 bundle for the determinism test (`gpu-path.sh determinism` sets it).
+fn fp16_bundle() -> std::path::PathBuf {
+    std::env::var_os("KATZ_GPU_BUNDLE")
+        .map(Into::into)
+        .expect("KATZ_GPU_BUNDLE must name an fp16 --gpu bundle (tools/device/gpu-path.sh determinism)")
+}
+
+#[test]
+#[ignore = "needs a GPU and an fp16 --gpu bundle: tools/device/gpu-path.sh determinism"]
+fn an_fp16_bundle_repeats_itself_with_its_deterministic_graphs() {
+    use katz_onnx::image::encode_png;
+    let base = fp16_bundle();
+    let steps: usize = std::env::var("KATZ_GPU_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let bundle = katz_onnx::bundle::BaseBundle::open(&base).unwrap();
+    assert!(
+        bundle.has_exact_twins(),
+        "{} names no deterministic graphs",
+        base.display()
+    );
+    let [w, h] = bundle.manifest.default_size;
+    let job = |p: &mut Pipeline| {
+        let r = Request {
+            prompt: "a photograph of an astronaut riding a horse".into(),
+            negative_prompt: None,
+            width: w,
+            height: h,
+            steps,
+            guidance: 7.5,
+            scheduler: SchedulerKind::Euler,
+            karras: false,
+            seed: 7,
+            controlnets: vec![],
+            loras: vec![],
+        };
+        let image = generate(p, &r, &mut NoObserver).unwrap().image;
+        (encode_png(&image).unwrap(), image)
+    };
+    let cache = std::env::temp_dir().join("katz-determinism-graphs");
+    let product = |deterministic: bool| SessionOptions {
+        buckets: vec![katz_onnx::runtime::FixedShape::parse(&format!("{w}x{h}"), 2).unwrap()],
+        cuda_graph: true,
+        deterministic,
+        cache: Some(cache.clone()),
+        ..opts(gpu())
+    };
+    // the deterministic graphs: the same PNG twice, and from another load
+    let (first, second, other) = {
+        let mut a = Pipeline::load(&base, product(true)).unwrap();
+        let (first, _) = job(&mut a);
+        let (second, _) = job(&mut a);
+        drop(a);
+        let mut b = Pipeline::load(&base, product(true)).unwrap();
+        (first, second, job(&mut b).0)
+    };
+    println!(
+        "deterministic graphs, {w}x{h}, {steps} steps: twice {}, another load {} ({} bytes)",
+        if first == second { "identical" } else { "DIFFERENT" },
+        if first == other { "identical" } else { "DIFFERENT" },
+        first.len()
+    );
+    // the fused GroupNorm: how far two runs of one job are apart (docs/protocol.md states it)
+    let mut f = Pipeline::load(&base, product(false)).unwrap();
+    let (pa, a) = job(&mut f);
+    let (pb, b) = job(&mut f);
+    let q = |x: f32| (x.clamp(0.0, 1.0) * 255.0).round() as i32;
+    let diffs: Vec<i32> = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (q(*x) - q(*y)).abs())
+        .collect();
+    let n = diffs.iter().filter(|d| **d > 0).count();
+    println!(
+        "fused GroupNorm, {w}x{h}, {steps} steps: PNGs {}; {n} of {} pixel values differ ({:.2}%), by at most {}/255",
+        if pa == pb { "identical" } else { "differ" },
+        diffs.len(),
+        100.0 * n as f64 / diffs.len() as f64,
+        diffs.iter().max().unwrap_or(&0)
+    );
+    assert!(
+        first == second && first == other,
+        "the deterministic graphs did not repeat themselves"
+    );
+}

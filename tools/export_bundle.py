@@ -469,13 +469,15 @@ def group_norm_fusable(unet) -> bool:
 
 
 def fuse_fp16(path: Path, external: bool, weight_inputs=(), group_norm: bool = True, model_type: str = "unet",
-              fp16: bool = True) -> dict:
+              fp16: bool = True, dest: Path | None = None, exact: bool = False) -> dict:
     """The GPU recipe after the MultiHeadAttention export: ONNX Runtime's fusion tool for UNets
     (GroupNorm, SkipGroupNorm, BiasSplitGelu, NhwcConv, SkipLayerNorm …), then fp16 compute with
     the graph's inputs and outputs kept fp32 (the converter keeps Resize scales and GroupNorm
     parameters fp32). The LoRA-targetable weight inputs become fp16 inputs (casting fp32 weights
     inside every run cost a quarter of the step). The result runs on the CUDA execution provider
-    only (CUDA-only fused ops)."""
+    only (CUDA-only fused ops). Written to `dest` (default: over `path`). `exact`: without the
+    GroupNorm and SkipGroupNorm fusions, whose CUDA kernels sum with atomics (two runs can differ
+    in the last bit): the deterministic twin of a graph."""
     import collections
 
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -498,19 +500,23 @@ def fuse_fp16(path: Path, external: bool, weight_inputs=(), group_norm: bool = T
         options.enable_skip_group_norm = False
         options.enable_bias_splitgelu = False  # "hidden size should be 2560, 5120, 6144, 10240 or 12288"
         options.enable_bias_add = False
+    if exact:
+        options.enable_group_norm = False
+        options.enable_skip_group_norm = False
     m = optimize_model(model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0, use_gpu=True,
                        optimization_options=options)
     weights = set(weight_inputs)
     edges = [i.name for i in model.graph.input if i.name not in weights] + [o.name for o in model.graph.output]
     if fp16:
         m.convert_float_to_float16(keep_io_types=edges)
-    for f in path.parent.glob(path.name + "*.data"):
+    dest = dest or path
+    for f in dest.parent.glob(dest.name + "*.data"):
         f.unlink()
-    m.save_model_to_file(str(path), use_external_data_format=external)
+    m.save_model_to_file(str(dest), use_external_data_format=external)
     counts = collections.Counter(n.op_type for n in m.model.graph.node)
     fused = {k: counts[k] for k in ("MultiHeadAttention", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "NhwcConv",
                                     "SkipLayerNormalization", "BiasAdd") if counts[k]}
-    print(f"  {path.name}: fused for CUDA, {'fp16 inside, fp32 at the edges' if fp16 else 'fp32'}: {fused}")
+    print(f"  {dest.name}: fused for CUDA, {'fp16 inside, fp32 at the edges' if fp16 else 'fp32'}: {fused}")
     return fused
 
 
@@ -576,16 +582,21 @@ def merge_vae(mid: Path, up: Path, path: Path):
     up.unlink()
 
 
-def fuse_vae(out: Path, precision: str, group_norm: bool) -> dict:
+def fuse_vae(out: Path, precision: str, group_norm: bool, exact: bool = False) -> dict:
     """The fused VAE decoder of a GPU bundle (`vae_decoder.onnx`, f32 `latent` in, f32 `image`
     out): `fp16` fuses and converts the whole graph like the UNet's; `fp16-upcast` fuses the mid
-    part fp16 and the up blocks fp32 (diffusers' `upcast_vae` split) and joins them."""
+    part fp16 and the up blocks fp32 (diffusers' `upcast_vae` split) and joins them. `exact`:
+    the deterministic twin (`vae_decoder.exact.onnx`, no fused GroupNorm), from the same
+    unfused graphs, which stay as they are."""
+    tag = ".exact" if exact else ""
     if precision == "fp16":
-        return fuse_fp16(out / "vae_decoder.onnx", False, group_norm=group_norm, model_type="vae")
+        return fuse_fp16(out / "vae_decoder.fp32.onnx", False, group_norm=group_norm, model_type="vae",
+                         dest=out / f"vae_decoder{tag}.onnx", exact=exact)
     mid, up = out / "vae_mid.onnx", out / "vae_up.onnx"
-    fused = fuse_fp16(mid, False, group_norm=group_norm, model_type="vae")
-    fused_up = fuse_fp16(up, False, group_norm=group_norm, model_type="vae", fp16=False)
-    merge_vae(mid, up, out / "vae_decoder.onnx")
+    fmid, fup = out / f"vae_mid{tag}.fused.onnx", out / f"vae_up{tag}.fused.onnx"
+    fused = fuse_fp16(mid, False, group_norm=group_norm, model_type="vae", dest=fmid, exact=exact)
+    fused_up = fuse_fp16(up, False, group_norm=group_norm, model_type="vae", fp16=False, dest=fup, exact=exact)
+    merge_vae(fmid, fup, out / f"vae_decoder{tag}.onnx")
     return {k: fused.get(k, 0) + fused_up.get(k, 0) for k in {*fused, *fused_up}}
 
 
@@ -603,11 +614,16 @@ def export_vae(vae, out: Path, vin, lat_axes, gpu: bool, choice: str, jobs: list
     print(f"  vae_decoder.onnx: largest activation {probe:.3g} on a probe latent (fp16 max {FP16_MAX:.0f}): "
           f"{precision}" + (" (auto)" if choice == "auto" else ""))
     group_norm = all(c % 64 == 0 for c in vae.config.block_out_channels)
+    # the fused decoder, and with a fused GroupNorm its deterministic twin (vae_decoder.exact.onnx)
+    twins = [False, True] if group_norm else [False]
     if precision in ("fp16", "fp32"):
         export(vmod, vin, out / "vae_decoder.onnx", ["latent"], ["image"], image_axes)
         check_graph(out / "vae_decoder.onnx", vmod, vin, ["latent"], ["image"])
         if precision == "fp16":
-            fuse_later_fn(jobs, "vae_decoder", fuse_vae, out, precision, group_norm)
+            # the twins read the fp32 graph: it moves aside first (dropped once both are written)
+            (out / "vae_decoder.onnx").rename(out / "vae_decoder.fp32.onnx")
+            for ex in twins:
+                fuse_later_fn(jobs, "vae_decoder" + (".exact" if ex else ""), fuse_vae, out, precision, group_norm, ex)
         return precision
     mid_mod, up_mod = VaeMid(vae), VaeUp(vae)
     with torch.no_grad():
@@ -618,7 +634,8 @@ def export_vae(vae, out: Path, vin, lat_axes, gpu: bool, choice: str, jobs: list
     check_graph(out / "vae_mid.onnx", mid_mod, vin, ["latent"], ["mid"])
     export(up_mod, [mid], out / "vae_up.onnx", ["mid"], ["image"], {"mid": spatial("mid"), "image": spatial("image")})
     check_graph(out / "vae_up.onnx", up_mod, [mid], ["mid"], ["image"])
-    fuse_later_fn(jobs, "vae_decoder", fuse_vae, out, precision, group_norm)
+    for ex in twins:
+        fuse_later_fn(jobs, "vae_decoder" + (".exact" if ex else ""), fuse_vae, out, precision, group_norm, ex)
     return precision
 
 
@@ -628,12 +645,15 @@ CHECK = True
 FUSER = None
 
 
-def fuse_later(jobs: list, path: Path, external: bool, weight_inputs=(), group_norm: bool = True):
-    """fuse_fp16 in a worker process when --jobs > 1 (the next graph exports meanwhile), else now."""
-    if FUSER is None:
-        jobs.append((path.stem, fuse_fp16(path, external, weight_inputs, group_norm)))
-    else:
-        jobs.append((path.stem, FUSER.submit(fuse_fp16, path, external, list(weight_inputs), group_norm)))
+def fuse_later(jobs: list, path: Path, external: bool, weight_inputs=(), group_norm: bool = True,
+               dest: Path | None = None, exact: bool = False):
+    """fuse_fp16 of `path` into `dest` in a worker process when --jobs > 1 (the next graph exports
+    meanwhile), else now; with `exact`, the deterministic twin too (`<dest stem>.exact.onnx`)."""
+    dest = dest or path
+    twins = [(dest, False)] + ([(dest.with_suffix(".exact.onnx"), True)] if exact else [])
+    for d, ex in twins:
+        args = (path, external, list(weight_inputs), group_norm, "unet", True, d, ex)
+        jobs.append((d.name, fuse_fp16(*args) if FUSER is None else FUSER.submit(fuse_fp16, *args)))
 
 
 def fuse_later_fn(jobs: list, name: str, fn, *args):
@@ -730,13 +750,18 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     wargs = [params[n].detach().clone() for n in weights["unet_encoder"]]
     dyn = {"sample": lat, "timestep": bs("batch"), "encoder_hidden_states": bs("batch"), "text_embeds": bs("batch"),
            "time_ids": bs("batch"), "emb": bs("batch"), "mid": spatial("mid"), **{s: spatial(s) for s in skip_names}}
-    export(wmod, enc_in + wargs, out / "unet_encoder.onnx", enc_inputs + weights["unet_encoder"],
+    # GPU bundles: the fp32 graph is the fusions' source (the fused graph and its deterministic
+    # twin, made side by side), dropped once they are written
+    src = lambda name: out / (f"{name}.fp32.onnx" if gpu else f"{name}.onnx")  # noqa: E731
+    exact = gpu and group_norm_fusable(unet)
+    export(wmod, enc_in + wargs, src("unet_encoder"), enc_inputs + weights["unet_encoder"],
            ["emb", "mid", *skip_names], dyn, external=big)
-    check_graph(out / "unet_encoder.onnx", wmod, enc_in + wargs, enc_inputs + weights["unet_encoder"],
+    check_graph(src("unet_encoder"), wmod, enc_in + wargs, enc_inputs + weights["unet_encoder"],
                 ["emb", "mid", *skip_names])
     jobs = []  # fusions (GPU bundles), each once its fp32 graph was checked against PyTorch
     if gpu:
-        fuse_later(jobs, out / "unet_encoder.onnx", big, weights["unet_encoder"], group_norm_fusable(unet))
+        fuse_later(jobs, src("unet_encoder"), big, weights["unet_encoder"], group_norm_fusable(unet),
+                   out / "unet_encoder.onnx", exact)
 
     dec = UNetDecoder(unet)
     dec_in = [enc_out[0], enc_in[2], enc_out[1], *enc_out[2:]]
@@ -745,11 +770,12 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     wargs = [params[n].detach().clone() for n in weights["unet_decoder"]]
     dyn = {"emb": bs("batch"), "encoder_hidden_states": bs("batch"), "mid": spatial("mid"), "noise_pred": lat,
            **{s: spatial(s) for s in skip_names}}
-    export(wmod, dec_in + wargs, out / "unet_decoder.onnx", dec_inputs + weights["unet_decoder"], ["noise_pred"],
+    export(wmod, dec_in + wargs, src("unet_decoder"), dec_inputs + weights["unet_decoder"], ["noise_pred"],
            dyn, external=big)
-    check_graph(out / "unet_decoder.onnx", wmod, dec_in + wargs, dec_inputs + weights["unet_decoder"], ["noise_pred"])
+    check_graph(src("unet_decoder"), wmod, dec_in + wargs, dec_inputs + weights["unet_decoder"], ["noise_pred"])
     if gpu:
-        fuse_later(jobs, out / "unet_decoder.onnx", big, weights["unet_decoder"], group_norm_fusable(unet))
+        fuse_later(jobs, src("unet_decoder"), big, weights["unet_decoder"], group_norm_fusable(unet),
+                   out / "unet_decoder.onnx", exact)
     # the split graphs compose to the whole UNet
     with torch.no_grad():
         whole = unet(enc_in[0], enc_in[1], enc_in[2], added_cond_kwargs={"text_embeds": enc_in[3],
@@ -793,6 +819,14 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
             n: {"graph": gname, "shape": list(params[n].shape)} for gname in ("unet_encoder", "unet_decoder")
             for n in weights[gname]}},
     }
+    # the graphs that give deterministic output (docs/bundles.md, "exact"): the twins without
+    # fused GroupNorm, or the graphs themselves where nothing nondeterministic was fused
+    if gpu:
+        tag = lambda twin: ".exact" if twin else ""  # noqa: E731
+        vae_twin = vae_prec != "fp32" and all(c % 64 == 0 for c in vae.config.block_out_channels)
+        manifest["exact"] = {"unet_encoder": f"unet_encoder{tag(exact)}.onnx",
+                             "unet_decoder": f"unet_decoder{tag(exact)}.onnx",
+                             "vae_decoder": f"vae_decoder{tag(vae_twin)}.onnx"}
     (out / "bundle.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
     # ControlNet bundle
@@ -809,6 +843,8 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     if gpu:
         fuse_later(jobs, cn_out / "controlnet.onnx", big, group_norm=group_norm_fusable(unet))
     fused_results(jobs)  # waits for the fusions; a failed one raises here
+    for f in [*out.glob("*.fp32.onnx*"), out / "vae_mid.onnx", out / "vae_up.onnx"]:
+        f.unlink(missing_ok=True)  # the fusions' sources
     (cn_out / "bundle.json").write_text(json.dumps({
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
         "dtype": "float16" if gpu else "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",

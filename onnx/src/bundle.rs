@@ -48,6 +48,22 @@ pub struct WeightsSpec {
     pub map: BTreeMap<String, WeightEntry>,
 }
 
+/// The graphs that give deterministic output (`exact` in `bundle.json`, GPU bundles): a fused
+/// graph's twin without ONNX Runtime's fused GroupNorm (which sums with atomics on the GPU), or
+/// the graph itself where nothing nondeterministic was fused. Used with
+/// [`crate::runtime::SessionOptions::deterministic`]; absent in CPU bundles (deterministic as
+/// they are) and in GPU bundles exported before the key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExactGraphs {
+    #[serde(default)]
+    pub unet_encoder: Option<String>,
+    #[serde(default)]
+    pub unet_decoder: Option<String>,
+    #[serde(default)]
+    pub vae_decoder: Option<String>,
+}
+
 fn fp32() -> String {
     "fp32".into()
 }
@@ -86,6 +102,9 @@ pub struct BaseManifest {
     #[serde(default)]
     pub vae_sample_size: Option<usize>,
     pub weights: WeightsSpec,
+    /// Deterministic twins of the fused graphs (GPU bundles whose GroupNorm is fused).
+    #[serde(default)]
+    pub exact: ExactGraphs,
 }
 
 impl BaseManifest {
@@ -196,7 +215,42 @@ impl BaseBundle {
             f.push(t.graph.clone());
             f.push(t.tokenizer.clone());
         }
+        let x = &m.exact;
+        f.extend(
+            [&x.unet_encoder, &x.unet_decoder, &x.vae_decoder]
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
         f
+    }
+
+    /// The UNet encoder and decoder graphs a pipeline runs: with `deterministic`, their twins
+    /// without fused GroupNorm where the bundle has them.
+    pub fn unet_graphs(&self, deterministic: bool) -> [PathBuf; 2] {
+        let (u, x) = (&self.manifest.unet, &self.manifest.exact);
+        let pick = |graph: &String, twin: &Option<String>| match twin {
+            Some(t) if deterministic => self.path(t),
+            _ => self.path(graph),
+        };
+        [
+            pick(&u.encoder, &x.unet_encoder),
+            pick(&u.decoder, &x.unet_decoder),
+        ]
+    }
+
+    /// The VAE decoder graph a pipeline runs (its twin with `deterministic`, if there is one).
+    pub fn vae_graph(&self, deterministic: bool) -> PathBuf {
+        match &self.manifest.exact.vae_decoder {
+            Some(t) if deterministic => self.path(t),
+            _ => self.path(&self.manifest.vae_decoder),
+        }
+    }
+
+    /// Whether the bundle names its deterministic graphs (every GPU bundle exported with the key).
+    pub fn has_exact_twins(&self) -> bool {
+        let x = &self.manifest.exact;
+        x.unet_encoder.is_some() && x.unet_decoder.is_some() && x.vae_decoder.is_some()
     }
 
     pub fn path(&self, file: &str) -> PathBuf {

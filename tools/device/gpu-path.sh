@@ -49,10 +49,14 @@
 #   bash tools/device/gpu-path.sh fastpath  the worker at the fast path's speed (carried brokers): bench pipeline with
 #                                           CUDA graphs (the reference), then `katz worker` cold (empty graph
 #                                           cache) and warm: ready time, bucket memory, first vs steady 0C/0L
-#                                           job, the same job twice (PNG bytes); `katz generate` on the warm cache
+#                                           job, the same job twice (PNG bytes), a bucket's first use; the
+#                                           ready time with every bucket at load; `katz generate` on the warm cache
 #   bash tools/device/gpu-path.sh vae       the VAE decoder of the SDXL --gpu bundle: fp16 vs fp32 image error
 #                                           and decode times (katz fp16, katz fp32, eager diffusers fp16)
 #                                           at 1024² (whole) and 2048² (tiled), tools/vae_check.py → vae-*.json
+#   bash tools/device/gpu-path.sh determinism  the same 1024² job twice and from another load on the
+#                                           SDXL --gpu bundle: its deterministic graphs must repeat the PNG;
+#                                           the fused GroupNorm's differences counted (tests/gpu.rs)
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -134,7 +138,7 @@ tests() {
     /opt/kb/kernels --include-ignored --test-threads 1 2>&1 | grep -E "^test |test result|panicked" | tail -15
   fi
   echo "== device loop vs host loop (tests/gpu.rs)"
-  /opt/kb/gpu --ignored --test-threads 1 --nocapture ${GPU_TEST_ARGS:-} 2>&1 | grep -E "^test |test result|panicked|relative|ControlNets|identical|DIFFERENT|error" | head -70
+  /opt/kb/gpu --ignored --test-threads 1 --nocapture --skip an_fp16_bundle ${GPU_TEST_ARGS:-} 2>&1 | grep -E "^test |test result|panicked|relative|ControlNets|identical|DIFFERENT|error" | head -70
   for t in parity controlnet pipeline vae; do
     [[ -x /opt/kb/$t ]] || continue
     echo "== $t (cuda:0)"
@@ -508,8 +512,10 @@ fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
   bash tools/device/services-pack.sh start || return 1
   local cache=/tmp/katz-graphs q=katz.jobs.fast$(date +%s) name start pid ready i id
   name=$(python3 -c "import json;print(json.load(open('$S/base/bundle.json'))['name'])")
-  echo "== katz bench pipeline 0C/0L, static shapes + CUDA graphs (the reference)"
+  echo "== katz bench pipeline 0C/0L, static shapes + CUDA graphs (the reference; deterministic graphs, the default)"
   KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph --configs 0C/0L --static-shapes --cuda-graph
+  echo "== the same with the fused GroupNorm (--deterministic false)"
+  KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph-fused --configs 0C/0L --static-shapes --cuda-graph --deterministic false
   if [[ ${FAST_EXHAUSTIVE:-1} == 1 ]]; then
     echo "== the same with cuDNN's exhaustive algorithm search (the previous default)"
     KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph-exhaustive --configs 0C/0L --static-shapes --cuda-graph --conv-search exhaustive
@@ -533,8 +539,25 @@ fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
       echo "$start $i $(job_ms "$id")"
     done
     echo "same job (seed 7) $n times: $(sha256sum "$O"/fast-"$start"-*.png | awk '{print $1}' | sort -u | wc -l) distinct PNG(s); sizes $(stat -c %s "$O"/fast-"$start"-*.png | sort -u | tr '\n' ' ')"
+    if [[ $start == warm ]]; then  # a bucket left for its first use: its first job captures it
+      for i in 0 1; do
+        id=fast-wide-$i-$RANDOM
+        /opt/kb/katz submit --base "$name" --prompt "a photograph of an astronaut riding a horse" --size 1152x896 \
+          --steps "${STEPS:-50}" --guidance 7.5 --seed 7 --queue "$q" --id "$id" --wait -o "$O/fast-wide-$i.png" >/dev/null 2>&1 \
+          || { echo "job $id failed"; /opt/kb/katz status "$id"; }
+        echo "1152x896 $i $(job_ms "$id")"
+      done
+      sed 's/\x1b\[[0-9;]*m//g' "$O/worker-$start.log" | grep -E "first job" | cut -c1-300 | tail -3
+    fi
     kill -TERM $pid; wait $pid 2>/dev/null
   done
+  echo "== worker, warm start, every bucket captured at load (--bucket-load all)"
+  KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet none \
+    --queue "$q" --name fast-all --metrics-addr 127.0.0.1:9187 --bucket-load all ${FAST_WORKER_ARGS:-} >"$O/worker-all.log" 2>&1 &
+  pid=$!
+  ready=$(ready_wait $pid 9187) && echo "ready after $ready s" || echo "worker (all) did not get ready"
+  sed 's/\x1b\[[0-9;]*m//g' "$O/worker-all.log" | grep -E "pipeline loaded|warmed up|models loaded|rror" | cut -c1-400 | tail -4
+  kill -TERM $pid; wait $pid 2>/dev/null
   cmp -s "$O/fast-cold-0.png" "$O/fast-warm-0.png" && echo "cold and warm workers: the same PNG" || echo "cold and warm workers: PNGs DIFFER"
   echo "== katz generate 0C/0L, fresh process, warm graph cache"
   local t0=$(date +%s.%N)
@@ -556,6 +579,14 @@ vae() {  # the VAE decoder alone: precision and speed against fp32 and eager dif
   CUDA_VISIBLE_DEVICES=0 python3 tools/vae_check.py --bundle "$S/base" --katz /opt/kb/katz --device cuda:0 \
     --sizes "${VAE_SIZES:-1024,2048}" --repeat "${VAE_REPEAT:-10}" --work /tmp/vae-check \
     --out "$O/vae-$gpu-$day.json" 2>&1 | grep -vE "Warning|warn\(|TracerWarning|should be kept in float32|^ +(if|assert|2 if) " | tail -40
+}
+
+determinism() {  # the same job twice on the fp16 SDXL bundle: deterministic graphs vs the fused GroupNorm
+  setup
+  export_wait || return 1
+  KATZ_TEST_DEVICE=cuda:0 KATZ_GPU_BUNDLE=$S/base KATZ_GPU_STEPS=${DET_STEPS:-10} /opt/kb/gpu --ignored --exact \
+    an_fp16_bundle_repeats_itself_with_its_deterministic_graphs --nocapture 2>&1 \
+    | grep -E "^test |test result|panicked|identical|DIFFERENT|differ|rror" | head -20
 }
 
 results() {  # $OUT takes at most 8 files: the run's results travel as one tarball
@@ -584,6 +615,7 @@ case ${1:-all} in
   eight) eight ;;
   fastpath) fastpath ;;
   vae) vae ;;
+  determinism) determinism ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|vae|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|vae|determinism|all"; exit 2 ;;
 esac

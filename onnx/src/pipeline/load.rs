@@ -48,6 +48,13 @@ impl Pipeline {
         check_compute(&bundle.dir, &bundle.manifest.compute, opts.device)?;
         runtime::init()?;
         let m = &bundle.manifest;
+        if opts.deterministic && m.compute != "fp32" && !bundle.has_exact_twins() {
+            tracing::warn!(
+                bundle = %bundle.dir.display(),
+                "deterministic output asked for, but this fp16 bundle has no deterministic twins of its \
+                 fused graphs (export it again): two runs of a job can differ in the last bit of some pixels"
+            );
+        }
         if opts.cuda_graph && (opts.buckets.is_empty() || !matches!(opts.device, Device::Cuda(_))) {
             return Err(Error::InvalidRequest(format!(
                 "CUDA graphs need shape buckets (--shapes) and the CUDA provider (cuda:N), got {}{}",
@@ -121,7 +128,7 @@ impl Pipeline {
         let mut unets = unets;
 
         let t0 = std::time::Instant::now();
-        let vae_path = bundle.path(&m.vae_decoder);
+        let vae_path = bundle.vae_graph(opts.deterministic);
         let vae = runtime::session(&vae_path, &opts)?;
         check_io(&vae_path, &vae, &["latent".into()], &["image".into()])?;
         let vae_ms = t0.elapsed().as_millis() as u64;

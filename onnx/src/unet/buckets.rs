@@ -219,7 +219,7 @@ impl UnetSet {
                 dims: unet_dims(bundle, *f)?,
             });
         }
-        let spec = Arc::new(pair_spec(bundle));
+        let spec = Arc::new(pair_spec(bundle, opts.deterministic));
         // graph capture is for the buckets; the free-shape pair has CPU shape nodes
         let graph = |f: &Option<FixedShape>| opts.cuda_graph && f.is_some();
         let mut sessions: Vec<Option<Result<(Session, Session)>>> = (0..wanted.len()).map(|_| None).collect();
@@ -434,7 +434,7 @@ fn capture_one(
 }
 
 /// The manifest's paths and input/output names of the UNet pair.
-fn pair_spec(bundle: &BaseBundle) -> PairSpec {
+fn pair_spec(bundle: &BaseBundle, deterministic: bool) -> PairSpec {
     let m = &bundle.manifest;
     let weight_inputs = |graph: &str| -> Vec<String> {
         m.weights
@@ -460,9 +460,10 @@ fn pair_spec(bundle: &BaseBundle) -> PairSpec {
     let mut dec_in: Vec<String> = vec!["emb".into(), "encoder_hidden_states".into(), "mid".into()];
     dec_in.extend(skips.iter().cloned());
     dec_in.extend(weight_inputs("unet_decoder"));
+    let [enc_path, dec_path] = bundle.unet_graphs(deterministic);
     PairSpec {
-        enc_path: bundle.path(&m.unet.encoder),
-        dec_path: bundle.path(&m.unet.decoder),
+        enc_path,
+        dec_path,
         enc_in,
         enc_out,
         dec_in,
