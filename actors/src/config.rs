@@ -152,7 +152,10 @@ pub struct SessionConfig {
     /// `exhaustive` (timed on a shape's first run; can differ between runs).
     #[serde_as(as = "DisplayFromStr")]
     pub conv_search: ConvSearch,
-    /// ONNX Runtime's deterministic compute [default: on].
+    /// Byte-identical output for the same job: ONNX Runtime's deterministic compute and, in an
+    /// fp16 GPU bundle, its graphs without the fused GroupNorm (slower: +14% per UNet step, +54%
+    /// per VAE decode on an H200) [default: on, except for fp16 GPU bundles, whose fused kernels
+    /// leave about 8% of pixel values 1/255 apart between two runs].
     pub deterministic: Option<bool>,
     /// Where optimized graphs are kept between starts: a directory, `none`, or `auto` [default:
     /// `auto`: on a GPU, `$KATZ_CACHE_DIR`, else `$XDG_CACHE_HOME/katz/graphs`, else
@@ -197,7 +200,7 @@ impl SessionConfig {
             other_sizes: self.other_sizes,
             exact_fp32: self.exact_fp32,
             conv_search: self.conv_search,
-            deterministic: self.deterministic.unwrap_or(true),
+            deterministic: self.deterministic.unwrap_or_else(|| default_deterministic(base)),
             cache: match &self.graph_cache {
                 GraphCache::Off => None,
                 GraphCache::Dir(d) => Some(d.clone()),
@@ -210,6 +213,16 @@ impl SessionConfig {
     /// Whether the worker runs its buckets once before taking jobs.
     pub fn warm_up(&self) -> bool {
         self.warm_up.unwrap_or(self.device.is_gpu())
+    }
+}
+
+/// Whether a pipeline of bundle `base` computes deterministically unless told: yes, except for
+/// fp16 GPU bundles (their deterministic graphs cost a seventh of the step; docs/protocol.md,
+/// "Determinism"). Without a bundle (or one that does not open): yes.
+pub fn default_deterministic(base: Option<&Path>) -> bool {
+    match base.and_then(|b| katz_onnx::bundle::BaseBundle::open(b).ok()) {
+        Some(b) => b.manifest.compute == "fp32",
+        None => true,
     }
 }
 

@@ -219,7 +219,7 @@ fn file_name(p: &std::path::Path) -> String {
 /// bucket, the request's size and the UNet batch its placement runs, with CUDA graphs on cuda:N;
 /// free shapes on the CPU.
 pub fn session_options(a: &GenerateArgs) -> anyhow::Result<SessionOptions> {
-    let mut opts = a.device.session_options();
+    let mut opts = a.device.session_options_for(Some(&a.bundle));
     opts.exact_fp32 = a.exact_fp32;
     let fixed = a.static_shapes.unwrap_or(a.device.device.is_gpu());
     if fixed {

@@ -81,7 +81,9 @@ pub struct RuntimeArgs {
     /// shape's first run) [default: heuristic]
     #[arg(long, env = "KATZ_CONV_SEARCH")]
     pub conv_search: Option<ConvSearch>,
-    /// ONNX Runtime's deterministic compute [default: true]
+    /// Byte-identical output for the same job: ONNX Runtime's deterministic compute and, in an
+    /// fp16 GPU bundle, its graphs without the fused GroupNorm (slower) [default: true, except
+    /// for fp16 GPU bundles]
     #[arg(long, env = "KATZ_DETERMINISTIC", num_args = 0..=1, default_missing_value = "true")]
     pub deterministic: Option<bool>,
     /// Where optimized graphs are kept between runs: a directory, `none` or `auto` [default:
@@ -109,6 +111,12 @@ impl DeviceArgs {
     /// The worker's session defaults (one place: `katz_actors::config::SessionConfig`) for this
     /// device, without shape buckets or CUDA graphs (the command sets those).
     pub fn session_options(&self) -> SessionOptions {
+        self.session_options_for(None)
+    }
+
+    /// [`DeviceArgs::session_options`] for a pipeline of `bundle` (whose kind sets the defaults
+    /// that depend on it: deterministic graphs).
+    pub fn session_options_for(&self, bundle: Option<&std::path::Path>) -> SessionOptions {
         let mut cfg = SessionConfig {
             device: self.device,
             threads: self.threads,
@@ -117,7 +125,7 @@ impl DeviceArgs {
             ..SessionConfig::default()
         };
         self.runtime.apply(&mut cfg);
-        cfg.options(&katz_onnx::placement::Placement::on(self.device), None)
+        cfg.options(&katz_onnx::placement::Placement::on(self.device), bundle)
     }
 }
 

@@ -512,10 +512,10 @@ fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
   bash tools/device/services-pack.sh start || return 1
   local cache=/tmp/katz-graphs q=katz.jobs.fast$(date +%s) name start pid ready i id
   name=$(python3 -c "import json;print(json.load(open('$S/base/bundle.json'))['name'])")
-  echo "== katz bench pipeline 0C/0L, static shapes + CUDA graphs (the reference; deterministic graphs, the default)"
+  echo "== katz bench pipeline 0C/0L, static shapes + CUDA graphs (the reference; an fp16 bundle's default: fused GroupNorm)"
   KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph --configs 0C/0L --static-shapes --cuda-graph
-  echo "== the same with the fused GroupNorm (--deterministic false)"
-  KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph-fused --configs 0C/0L --static-shapes --cuda-graph --deterministic false
+  echo "== the same with the deterministic graphs (--deterministic)"
+  KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph-exact --configs 0C/0L --static-shapes --cuda-graph --deterministic true
   if [[ ${FAST_EXHAUSTIVE:-1} == 1 ]]; then
     echo "== the same with cuDNN's exhaustive algorithm search (the previous default)"
     KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph-exhaustive --configs 0C/0L --static-shapes --cuda-graph --conv-search exhaustive

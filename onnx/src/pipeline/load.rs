@@ -82,10 +82,17 @@ impl Pipeline {
             }
             Ok(Arc::new(w))
         };
-        let (text, unets, weights, text_ms, unet_ms, weights_ms) = std::thread::scope(|sc| {
+        let (text, vae, unets, weights, text_ms, vae_ms, unet_ms, weights_ms) = std::thread::scope(|sc| {
             let text = sc.spawn(|| {
                 let t0 = std::time::Instant::now();
-                TextEncoders::load(&bundle, &opts).map(|t| (t, t0.elapsed().as_millis() as u64))
+                let text = TextEncoders::load(&bundle, &opts)?;
+                let text_ms = t0.elapsed().as_millis() as u64;
+                // the VAE decoder after them, on the same thread
+                let t0 = std::time::Instant::now();
+                let vae_path = bundle.vae_graph(opts.deterministic);
+                let vae = runtime::session(&vae_path, &opts)?;
+                check_io(&vae_path, &vae, &["latent".into()], &["image".into()])?;
+                Ok::<_, Error>((text, text_ms, vae, t0.elapsed().as_millis() as u64))
             });
             let weights = sc.spawn(|| {
                 let t0 = std::time::Instant::now();
@@ -107,7 +114,7 @@ impl Pipeline {
             let weights = weights.join().unwrap_or_else(|_| Err(join("the weights")));
             let unets = unets?;
             let (mut weights, mut weights_ms) = weights?;
-            let (text, text_ms) = text?;
+            let (text, text_ms, vae, vae_ms) = text?;
             let first = unets.first();
             let half = half_inputs([&first.encoder, &first.decoder], &m.weights.map);
             if &half != weights.half_set() {
@@ -123,15 +130,9 @@ impl Pipeline {
                 weights = load_weights(half)?;
                 weights_ms += t0.elapsed().as_millis() as u64;
             }
-            Ok::<_, Error>((text, unets, weights, text_ms, unet_ms, weights_ms))
+            Ok::<_, Error>((text, vae, unets, weights, text_ms, vae_ms, unet_ms, weights_ms))
         })?;
         let mut unets = unets;
-
-        let t0 = std::time::Instant::now();
-        let vae_path = bundle.vae_graph(opts.deterministic);
-        let vae = runtime::session(&vae_path, &opts)?;
-        check_io(&vae_path, &vae, &["latent".into()], &["image".into()])?;
-        let vae_ms = t0.elapsed().as_millis() as u64;
 
         let t0 = std::time::Instant::now();
         let skips = m.unet.skips;

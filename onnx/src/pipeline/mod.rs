@@ -394,6 +394,7 @@ impl Pipeline {
             let [w, h] = m.default_size;
             runs.push((w, h, guided));
         }
+        self.unets.hold_opener = true;
         for (width, height, guidance) in runs {
             let req = self.validate(Request {
                 prompt: String::new(),
@@ -418,6 +419,9 @@ impl Pipeline {
                 "warmed up"
             );
         }
+        // ready: the buckets left for their first use open from now on
+        self.unets.hold_opener = false;
+        self.unets.open_later_in_background();
         Ok(t0.elapsed())
     }
 

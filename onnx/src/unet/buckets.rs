@@ -10,8 +10,9 @@
 //!                    of this GPU, captured on the calling thread (the one that runs the jobs)
 //!   UnetSet::pick(width, height, batch) ─▶ the bucket's pair, else the free-shape pair
 //!
-//! BucketLoad::FirstUse: open() makes the first bucket's pair (and the free one) only; a
-//!   background thread opens the rest, one after another ─▶ Opening.done
+//! BucketLoad::FirstUse: open() makes the first bucket's pair (and the free one) only; once the
+//!   pipeline is ready (warmed up, or its first job) a background thread opens the rest, one
+//!   after another ─▶ Opening.done
 //!   UnetSet::prepare(width, height, batch) at a job's start: its bucket's pair, taken from
 //!   Opening (or opened now, if the thread has not reached it), captured now on the model thread
 //!   (holding device::capturing: the opener and LoRA merges on the GPU wait for it)
@@ -58,6 +59,8 @@ pub(crate) struct UnetSet {
     deferred: Option<Deferred>,
     /// The weight slot every bucket's CUDA graphs read (made by the first capture).
     slot: Option<Arc<WeightSlot>>,
+    /// The opener waits (the pipeline warms up).
+    pub hold_opener: bool,
 }
 
 /// What a pair's sessions are checked against, and made from.
@@ -260,24 +263,37 @@ impl UnetSet {
                 }),
                 Condvar::new(),
             ));
-            let opts = Arc::new(opts.clone());
-            let (st, sp, op) = (state.clone(), spec.clone(), opts.clone());
-            let thread = std::thread::Builder::new()
-                .name("katz-buckets".into())
-                .spawn(move || open_in_background(st, sp, op))
-                .ok();
             Deferred {
                 state,
                 spec,
-                opts,
-                thread,
+                opts: Arc::new(opts.clone()),
+                thread: None,
             }
         });
         Ok(UnetSet {
             shapes,
             deferred,
             slot: None,
+            hold_opener: false,
         })
+    }
+
+    /// Starts opening the buckets left for their first use on a background thread (once; call
+    /// when the pipeline is ready: until then the opener would compete with the load for the
+    /// CPU and the GPU's copy engines). Buckets a job needs before the opener reaches them
+    /// open on the job's thread.
+    pub(crate) fn open_later_in_background(&mut self) {
+        let Some(d) = self.deferred.as_mut().filter(|_| !self.hold_opener) else {
+            return;
+        };
+        if d.thread.is_some() {
+            return;
+        }
+        let (st, sp, op) = (d.state.clone(), d.spec.clone(), d.opts.clone());
+        d.thread = std::thread::Builder::new()
+            .name("katz-buckets".into())
+            .spawn(move || open_in_background(st, sp, op))
+            .ok();
     }
 
     /// Makes the bucket of a request of `width`×`height` (UNet batch `batch`) ready if it was
@@ -296,6 +312,7 @@ impl UnetSet {
         if self.shapes.iter().any(|s| s.fixed.as_ref().is_some_and(want)) {
             return Ok(());
         }
+        self.open_later_in_background();
         let t0 = Instant::now();
         let taken = self.deferred.as_ref().and_then(|d| d.take(&want));
         let Some((later, pair)) = taken else {

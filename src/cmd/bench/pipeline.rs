@@ -161,7 +161,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         cond_half: a.split_guidance,
         controlnets: a.controlnet_devices.clone(),
     };
-    let mut opts = a.device.session_options();
+    let mut opts = a.device.session_options_for(Some(&a.bundle));
     if a.static_shapes {
         opts.buckets = vec![katz_onnx::runtime::FixedShape {
             width: a.size,
