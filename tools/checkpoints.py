@@ -34,6 +34,8 @@ FAMILIES = {
     "xl_inpaint": "SDXL inpainting", "playground-v2-5": "Playground v2.5 (SDXL with EDM sampling)",
     "upscale": "Stable Diffusion x4 upscaler", "sd3": "Stable Diffusion 3", "sd35_medium": "Stable Diffusion 3.5 Medium",
     "sd35_large": "Stable Diffusion 3.5 Large", "instruct-pix2pix": "InstructPix2Pix",
+    "controlnet": "a Stable Diffusion 1.x/2.x ControlNet",
+    **{f"controlnet_xl_{s}": "an SDXL ControlNet (give it as --controlnet-checkpoint)" for s in ("small", "mid", "large")},
 }
 
 

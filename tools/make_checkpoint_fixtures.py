@@ -109,6 +109,8 @@ def sdxl_fixtures(src: Path, out: Path):
     d = out / "tiny-sdxl"
     shutil.rmtree(d, ignore_errors=True)
     pipe.save_pretrained(str(d), safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):  # the builder's own file (padding and truncation to 77 included)
+        tok.save(str(d / sub / "tokenizer.json"))
     published_clip_layout(d / "text_encoder")
     again = CLIPTextModel.from_pretrained(str(d / "text_encoder"))
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), te.state_dict().values()))
