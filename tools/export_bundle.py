@@ -1134,6 +1134,9 @@ def main(argv=None):
         if layout.kind == "single-file" and not (configs / "model_index.json").exists():
             ap.error(f"{configs}: no model_index.json (--checkpoint-config: the diffusers configuration of a "
                      "single-file checkpoint)")
+        if layout.kind == "single-file" and not (configs / "tokenizer" / "tokenizer.json").exists():
+            ap.error(f"{configs}: no tokenizer/tokenizer.json; a single-file checkpoint carries no tokenizer, so "
+                     "its config directory must (docs/bundles.md, \"Checkpoints\")")
         print(f"checkpoint {a.checkpoint}: {layout.family}, {layout.kind}"
               + (f" (configured by {configs})" if layout.kind == "single-file" else "")
               + (f"; ControlNet {a.controlnet_checkpoint}: {cn_layout.kind}" if a.controlnet_checkpoint else ""))

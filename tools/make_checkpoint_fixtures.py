@@ -18,6 +18,7 @@ Data flow (everything seeded; diffusers and transformers as pinned in requiremen
                  local_files_only=True) gives back every tensor of the directory exactly
     tiny SD 1.x (StableDiffusionPipeline) ─▶ save_pretrained ─▶
       scripts/convert_diffusers_to_original_stable_diffusion.py ─▶ tiny-sd15.safetensors (to be refused)
+    SDXL base 1.0's configuration (export_bundle.sdxl_config) ─▶ tools/configs/sdxl/ (no weights, no tokenizer files)
 
 Why text_encoder_2 is 24 wide (the tiny bundles' text encoders are both 16): diffusers' single-file
 loader tells SDXL's two CLIP encoders apart by their width, as in SDXL (768 and 1280).
@@ -172,6 +173,32 @@ def sd15_fixture(src: Path, out: Path):
     print("  tiny-sd15.safetensors")
 
 
+def sdxl_config_dir(out: Path):
+    """tools/configs/sdxl/: SDXL base 1.0's diffusers configuration (export_bundle.sdxl_config, the
+    values of its published config files) as diffusers and transformers write it, for from_single_file
+    of full-size checkpoints. The CLIP tokenizer files (vocab.json, merges.txt) cannot be made here
+    (no hub); they go into tokenizer/ and tokenizer_2/ by hand (docs/bundles.md)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    cfg = eb.sdxl_config()
+    ids = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1,  # as published for both SDXL text encoders
+               vocab_size=cfg["vocab_size"], max_position_embeddings=eb.MAX_LEN)
+    with init_empty_weights():
+        UNet2DConditionModel(**cfg["unet"]).save_config(str(out / "unet"))
+        AutoencoderKL(**cfg["vae"], force_upcast=True).save_config(str(out / "vae"))
+    CLIPTextConfig(**{**cfg["text_encoder"], **ids}, architectures=["CLIPTextModel"]).save_pretrained(
+        str(out / "text_encoder"))
+    CLIPTextConfig(**{**cfg["text_encoder_2"], **ids}, architectures=["CLIPTextModelWithProjection"]).save_pretrained(
+        str(out / "text_encoder_2"))
+    scheduler().save_config(str(out / "scheduler"))
+    index = json.loads((CONFIG_DIR / "model_index.json").read_text())
+    index["tokenizer"] = index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    print(f"  {out}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--diffusers-src", type=Path, required=True,
@@ -181,6 +208,7 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     sdxl_fixtures(a.diffusers_src, a.out)
     sd15_fixture(a.diffusers_src, a.out)
+    sdxl_config_dir(TOOLS / "configs" / "sdxl")
     sizes = {f.name: f.stat().st_size for f in sorted(a.out.iterdir()) if f.is_file()}
     print("  " + json.dumps(sizes))
 
