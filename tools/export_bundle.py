@@ -4,18 +4,22 @@
     tools/export.sh                                   # tiny bundles + LoRAs + parity references
     tools/export.sh --config sdxl --random-init --out bundles/sdxl      # full size, seeded
     tools/export.sh --config sdxl --checkpoint DIR --out bundles/sdxl   # a diffusers checkpoint
+    tools/export.sh --config sdxl --checkpoint FILE --out bundles/sdxl  # a single-file (SGM) checkpoint
 
 (`tools/export.sh` makes the pinned venv and calls this file.)
 
 Data flow:
 
-    configs (tiny | models/sdxl.json) ─▶ diffusers modules (seeded random or checkpoint)
+    configs (tiny | models/sdxl.json) ─▶ diffusers modules (seeded random or checkpoint:
+        checkpoints.py decides the layout first; a directory: from_pretrained, one file:
+        from_single_file with tools/configs/<config>/, offline)
         ├─▶ text_encoder[_2].onnx          (penultimate hidden states, pooled/projected)
         ├─▶ unet_encoder.onnx / unet_decoder.onnx   split after the mid block; the
         │      LoRA-targetable Linear weights become graph inputs ─▶ weights.safetensors
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
-        ├─▶ controlnet.onnx               ControlNetModel.from_unet(unet)
+        ├─▶ controlnet.onnx               --controlnet-checkpoint, CHECKPOINT/controlnet/ or
+        │                                   ControlNetModel.from_unet(unet)
         └─▶ parity references: StableDiffusionXL[ControlNet]Pipeline on the same weights,
                explicit noise, per-step latents and the final image ─▶ tests/data/parity/
 
