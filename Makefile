@@ -5,7 +5,7 @@ ORT_VERSION ?= 1.31.1
 ORT_LIB := .katz/ort/libonnxruntime.so.$(ORT_VERSION)
 CARGO ?= cargo
 
-.PHONY: demo test build services export pyenv
+.PHONY: demo test build services export pyenv test-export
 
 $(ORT_LIB): tools/fetch-onnxruntime.sh
 	ORT_VERSION=$(ORT_VERSION) tools/fetch-onnxruntime.sh
@@ -29,3 +29,10 @@ test: $(ORT_LIB) services pyenv
 # Rebuilds the committed tiny bundles and parity references (torch + diffusers, in .venv-tools).
 export:
 	tools/export.sh
+
+# The exporter's checkpoint inputs (tools/test_checkpoints.py) in .venv-tools, which make test does
+# not build (torch + diffusers); pytest is not among its pins, so it is added here.
+test-export:
+	tools/export.sh --help >/dev/null
+	.venv-tools/bin/pip install -q pytest==9.2.0
+	.venv-tools/bin/python -m pytest -q tools/test_checkpoints.py

@@ -5,7 +5,9 @@
 //! explicit noise (fresh random normals, recorded), for each scheduler, with and without
 //! ControlNets and LoRAs, and recorded the latents after every step and the final image
 //! (`tests/data/parity/`); `tools/shapes/parity_refs.py` did the same for the trained family
-//! (`tests/data/parity-shapes/`). Each test feeds the same noise to the Rust pipeline and compares
+//! (`tests/data/parity-shapes/`), and `export_bundle.py --checkpoint FILE --references` for the
+//! bundle exported from a single-file SDXL checkpoint (`tests/data/parity-checkpoint/`: diffusers'
+//! `from_single_file` on `tests/data/checkpoints/tiny-sdxl.safetensors`). Each test feeds the same noise to the Rust pipeline and compares
 //! by relative error (fp32: ≤ 1e-3 on the CPU and on CUDA, where the tests turn TF32 off).
 
 mod common;
@@ -83,6 +85,11 @@ const TINY: &str = "tests/data/parity";
 /// The trained family's (`bundles/shapes`, `tools/shapes/parity_refs.py`): 128², 20 steps, its LoRAs
 /// (peft and kohya layouts) and ControlNet, at the demo's settings.
 const SHAPES: &str = "tests/data/parity-shapes";
+/// The bundle `tools/export.sh --checkpoint tests/data/checkpoints/tiny-sdxl.safetensors` wrote
+/// (`bundles/tiny-ckpt`, its ControlNet from the single-file ControlNet), against diffusers
+/// loading that same file with `StableDiffusionXLPipeline.from_single_file` (docs/bundles.md,
+/// "Checkpoints").
+const CHECKPOINT: &str = "tests/data/parity-checkpoint";
 
 fn cases(dir: &str) -> Cases {
     let p = root().join(dir).join("cases.json");
@@ -244,6 +251,9 @@ parity!(TINY;
 // noise's, not a difference of pipelines: docs/quality/README.md)
 parity!(SHAPES; shapes_stripes, shapes_stripes_kohya, shapes_controlnet_pastel);
 
+// a single-file (SGM layout) checkpoint as model sites publish it, exported and loaded by diffusers
+parity!(CHECKPOINT; ckpt_euler, ckpt_euler_a_negative, ckpt_controlnet);
+
 #[test]
 fn every_recorded_case_has_a_test() {
     let shapes: Vec<String> = cases(SHAPES).cases.into_iter().map(|c| c.name).collect();
@@ -255,6 +265,8 @@ fn every_recorded_case_has_a_test() {
             "shapes_controlnet_pastel"
         ]
     );
+    let ckpt: Vec<String> = cases(CHECKPOINT).cases.into_iter().map(|c| c.name).collect();
+    assert_eq!(ckpt, ["ckpt_euler", "ckpt_euler_a_negative", "ckpt_controlnet"]);
     let names: Vec<String> = cases(TINY).cases.into_iter().map(|c| c.name).collect();
     let tested = [
         "euler",

@@ -4,18 +4,22 @@
     tools/export.sh                                   # tiny bundles + LoRAs + parity references
     tools/export.sh --config sdxl --random-init --out bundles/sdxl      # full size, seeded
     tools/export.sh --config sdxl --checkpoint DIR --out bundles/sdxl   # a diffusers checkpoint
+    tools/export.sh --config sdxl --checkpoint FILE --out bundles/sdxl  # a single-file (SGM) checkpoint
 
 (`tools/export.sh` makes the pinned venv and calls this file.)
 
 Data flow:
 
-    configs (tiny | models/sdxl.json) ─▶ diffusers modules (seeded random or checkpoint)
+    configs (tiny | models/sdxl.json) ─▶ diffusers modules (seeded random or checkpoint:
+        checkpoints.py decides the layout first; a directory: from_pretrained, one file:
+        from_single_file with tools/configs/<config>/, offline)
         ├─▶ text_encoder[_2].onnx          (penultimate hidden states, pooled/projected)
         ├─▶ unet_encoder.onnx / unet_decoder.onnx   split after the mid block; the
         │      LoRA-targetable Linear weights become graph inputs ─▶ weights.safetensors
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
-        ├─▶ controlnet.onnx               ControlNetModel.from_unet(unet)
+        ├─▶ controlnet.onnx               --controlnet-checkpoint, CHECKPOINT/controlnet/ or
+        │                                   ControlNetModel.from_unet(unet)
         └─▶ parity references: StableDiffusionXL[ControlNet]Pipeline on the same weights,
                explicit noise, per-step latents and the final image ─▶ tests/data/parity/
 
@@ -235,15 +239,70 @@ def hf_tokenizer(path: Path):
 # ───────────────────────────── models ─────────────────────────────
 
 
-def build_models(cfg: dict, seed: int, checkpoint: Path | None, tok_ids: dict):
+def config_dir(config: str) -> Path:
+    """from_single_file's `config=` for a `--config`: a diffusers directory without weights
+    (model_index.json, each component's config.json, the tokenizers, the scheduler)."""
+    return REPO / "tools" / "configs" / config
+
+
+def load_checkpoint(path: Path, configs: Path | None):
+    """diffusers' own loaders, in fp32: `from_pretrained` for a diffusers directory,
+    `StableDiffusionXLPipeline.from_single_file` (the SGM layout, offline, configured by `configs`)
+    for one file. Returns text_encoder, text_encoder_2, unet, vae."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if path.is_dir():
+        return (CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
+                UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+                AutoencoderKL.from_pretrained(path, subfolder="vae"))
+    pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(configs), local_files_only=True,
+                                                      torch_dtype=torch.float32)
+    return pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae
+
+
+def load_controlnet(path: Path, unet, cfg: dict, configs: Path | None):
+    """A pretrained ControlNet: a diffusers directory, or one file (diffusers' or the original key
+    layout) through `ControlNetModel.from_single_file`, configured by `configs` (a directory with the
+    ControlNet's config.json) or else by `ControlNetModel.from_unet(unet)`'s configuration (SDXL's
+    published ControlNets have it). It must fit the UNet: the bundle carries the base's signature."""
+    from diffusers import ControlNetModel
+
+    if path.is_dir():
+        cn = ControlNetModel.from_pretrained(path)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            if configs is None:
+                import warnings
+
+                from accelerate import init_empty_weights
+
+                with init_empty_weights(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # from_unet's weight copies into the empty model: only its config is kept
+                    ControlNetModel.from_unet(unet, conditioning_channels=3, **cfg["controlnet"]).save_config(tmp)
+                configs = Path(tmp)
+            cn = ControlNetModel.from_single_file(str(path), config=str(configs), local_files_only=True,
+                                                  torch_dtype=torch.float32)
+    for key in ("block_out_channels", "cross_attention_dim", "transformer_layers_per_block", "layers_per_block",
+                "projection_class_embeddings_input_dim"):
+        a, b = cn.config.get(key), unet.config.get(key)
+        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            raise SystemExit(f"{path}: this ControlNet does not fit the base model: {key} {a} != {b}")
+    return cn
+
+
+def build_models(cfg: dict, seed: int, checkpoint: Path | None, tok_ids: dict, controlnet: Path | None = None,
+                 configs: Path | None = None, controlnet_configs: Path | None = None):
+    """The modules to export: from `checkpoint` (a diffusers directory or one SGM-layout file,
+    `load_checkpoint`) or seeded random ones of `cfg`; the ControlNet from `controlnet`, else a
+    trained one in CHECKPOINT/controlnet/, else `ControlNetModel.from_unet(unet)` with seeded
+    residual convolutions."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if checkpoint is not None:
-        te = CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder")
-        te2 = CLIPTextModelWithProjection.from_pretrained(checkpoint, subfolder="text_encoder_2")
-        unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae")
+        te, te2, unet, vae = load_checkpoint(Path(checkpoint), configs)
     else:
         torch.manual_seed(seed)
         common = dict(vocab_size=cfg["vocab_size"], max_position_embeddings=MAX_LEN, **tok_ids)
@@ -251,8 +310,10 @@ def build_models(cfg: dict, seed: int, checkpoint: Path | None, tok_ids: dict):
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**cfg["text_encoder_2"], **common}))
         unet = UNet2DConditionModel(**cfg["unet"])
         vae = AutoencoderKL(**cfg["vae"])
-    if checkpoint is not None and (checkpoint / "controlnet" / "config.json").exists():
-        cn = ControlNetModel.from_pretrained(checkpoint / "controlnet")  # a trained one (tools/train_tiny.py)
+    if controlnet is not None:
+        cn = load_controlnet(Path(controlnet), unet, cfg, controlnet_configs)
+    elif checkpoint is not None and (Path(checkpoint) / "controlnet" / "config.json").exists():
+        cn = ControlNetModel.from_pretrained(Path(checkpoint) / "controlnet")  # a trained one (tools/train_tiny.py)
     else:
         torch.manual_seed(seed + 1)
         cn = ControlNetModel.from_unet(unet, conditioning_channels=3, **cfg["controlnet"])
@@ -698,9 +759,14 @@ def spatial(name):  # a 4-D tensor whose batch and spatial dims vary (named per 
 
 
 def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Path, check_size: int,
-                  attention: str = "sdpa", gpu: bool = False, vae_choice: str = "auto"):
+                  attention: str = "sdpa", gpu: bool = False, vae_choice: str = "auto", controlnet: Path | None = None,
+                  configs: Path | None = None, controlnet_configs: Path | None = None):
     out.mkdir(parents=True, exist_ok=True)
-    saved = [checkpoint / sub / "tokenizer.json" for sub in ("tokenizer", "tokenizer_2")] if checkpoint else []
+    # the tokenizers: a directory's own, or for a single file (which carries none) the config directory's
+    tok_dir = None if checkpoint is None else (checkpoint if Path(checkpoint).is_dir() else configs)
+    saved = [tok_dir / sub / "tokenizer.json" for sub in ("tokenizer", "tokenizer_2")] if tok_dir else []
+    if saved and not saved[0].exists() and not Path(checkpoint).is_dir():
+        raise SystemExit(f"{configs}: no tokenizer/tokenizer.json for the single-file checkpoint {checkpoint}")
     if saved and saved[0].exists():
         # the checkpoint's own tokenizer (a trained one's vocabulary), file for file
         from tokenizers import Tokenizer
@@ -714,7 +780,7 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
         shutil.copy(out / "tokenizer.json", out / "tokenizer_2.json")
     ids = dict(bos_token_id=tok.token_to_id("<|startoftext|>"), eos_token_id=tok.token_to_id("<|endoftext|>"),
                pad_token_id=tok.token_to_id("<|endoftext|>"))
-    te, te2, unet, vae, cn = build_models(cfg, seed, checkpoint, ids)
+    te, te2, unet, vae, cn = build_models(cfg, seed, checkpoint, ids, controlnet, configs, controlnet_configs)
     if attention == "mha" or gpu:
         unet.set_attn_processor(MhaProcessor())
         cn.set_attn_processor(MhaProcessor())
@@ -1029,6 +1095,30 @@ def run_references(models, bundle: Path, cn_bundle: Path, loras: dict, images: d
         "cases": records}, indent=1) + "\n")
 
 
+def repo_relative(p: Path) -> str:
+    p = Path(p).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+def checkpoint_references(models, bundle: Path, cn_bundle: Path, out: Path, seed: int, checkpoint: Path):
+    """Parity references of a checkpoint export: diffusers' pipelines on the modules diffusers loaded
+    from the checkpoint itself (`load_checkpoint`: from_single_file for a file), recorded noise; an
+    Euler, an ancestral (with a negative prompt) and a ControlNet case at 64², 4 steps."""
+    ex = REPO / "bundles" / "examples"
+    cond = "bundles/examples/cond_a.png"
+    cases = [
+        dict(name="ckpt_euler", scheduler="euler", prompt="a red circle above a blue square", steps=4),
+        dict(name="ckpt_euler_a_negative", scheduler="euler-a", prompt="a green star on a white background",
+             negative_prompt="blurry", steps=4),
+        dict(name="ckpt_controlnet", scheduler="euler", prompt="a white circle on a black background", steps=4,
+             controlnets=[dict(image=cond, scale=0.8, start=0.0, end=1.0)]),
+    ]
+    run_references(models, bundle, cn_bundle, {}, {cond: ex / "cond_a.png"}, out, seed, cases=cases,
+                   bundle_names=(repo_relative(bundle), repo_relative(cn_bundle)),
+                   about=f"diffusers reference runs on the checkpoint {repo_relative(checkpoint)} as diffusers loads it "
+                         "(tools/export_bundle.py --checkpoint ... --references)")
+
+
 # ───────────────────────────── main ─────────────────────────────
 
 
@@ -1036,7 +1126,21 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=["tiny", "sdxl"], default="tiny")
     ap.add_argument("--random-init", action="store_true", help="seeded random weights (no checkpoint needed)")
-    ap.add_argument("--checkpoint", type=Path, help="a diffusers SDXL checkpoint directory")
+    ap.add_argument("--checkpoint", type=Path, metavar="PATH",
+                    help="an SDXL base checkpoint: a diffusers directory, or one .safetensors/.ckpt file in the "
+                         "original (SGM) layout of model sites, loaded with diffusers' from_single_file")
+    ap.add_argument("--checkpoint-config", type=Path, metavar="DIR",
+                    help="from_single_file's config= for a single-file --checkpoint: a diffusers directory without "
+                         "weights (default tools/configs/<--config>/)")
+    ap.add_argument("--controlnet-checkpoint", type=Path, metavar="PATH",
+                    help="export this ControlNet (a diffusers directory, or one file in diffusers' or the original "
+                         "key layout) instead of ControlNetModel.from_unet(unet)")
+    ap.add_argument("--controlnet-config", type=Path, metavar="DIR",
+                    help="the config.json directory for a single-file --controlnet-checkpoint (default: the "
+                         "configuration ControlNetModel.from_unet gives for the base UNet)")
+    ap.add_argument("--references", type=Path, metavar="DIR",
+                    help="with --checkpoint: also write diffusers parity references of the checkpoint itself "
+                         "into DIR (cases.json + tensors, tests/parity.rs's format)")
     ap.add_argument("--out", type=Path, help="bundle directory (default bundles/tiny-sdxl or bundles/sdxl)")
     ap.add_argument("--name", help="the base bundle's model name (default the config's: tiny-sdxl or sdxl); "
                                    "its ControlNet is named after the ControlNet's directory")
@@ -1059,8 +1163,28 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.config == "sdxl" and not (a.random_init or a.checkpoint):
         ap.error("--config sdxl needs --random-init or --checkpoint DIR")
-    if a.checkpoint and not (a.checkpoint / "unet" / "config.json").exists():
-        ap.error(f"{a.checkpoint} is not a diffusers checkpoint directory (no unet/config.json)")
+    configs = a.checkpoint_config or config_dir(a.config)
+    if a.checkpoint:
+        # the layout and family are checked before any export work (tools/checkpoints.py)
+        import checkpoints
+
+        try:
+            layout = checkpoints.base_checkpoint(a.checkpoint)
+            if a.controlnet_checkpoint:
+                cn_layout = checkpoints.controlnet_checkpoint(a.controlnet_checkpoint)
+        except checkpoints.CheckpointError as e:
+            ap.exit(2, f"export_bundle.py: error: {e}\n")
+        if layout.kind == "single-file" and not (configs / "model_index.json").exists():
+            ap.error(f"{configs}: no model_index.json (--checkpoint-config: the diffusers configuration of a "
+                     "single-file checkpoint)")
+        if layout.kind == "single-file" and not (configs / "tokenizer" / "tokenizer.json").exists():
+            ap.error(f"{configs}: no tokenizer/tokenizer.json; a single-file checkpoint carries no tokenizer, so "
+                     "its config directory must (docs/bundles.md, \"Checkpoints\")")
+        print(f"checkpoint {a.checkpoint}: {layout.family}, {layout.kind}"
+              + (f" (configured by {configs})" if layout.kind == "single-file" else "")
+              + (f"; ControlNet {a.controlnet_checkpoint}: {cn_layout.kind}" if a.controlnet_checkpoint else ""))
+    elif a.controlnet_checkpoint or a.references:
+        ap.error("--controlnet-checkpoint and --references go with --checkpoint")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = tiny_config() if a.config == "tiny" else sdxl_config()
     if a.name:
@@ -1079,13 +1203,15 @@ def main(argv=None):
         FUSER = concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
         tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check, a.attention, a.gpu,
-                                       a.vae_precision)
+                                       a.vae_precision, a.controlnet_checkpoint, configs, a.controlnet_config)
     finally:
         if FUSER is not None:
             FUSER.shutdown()
     if a.example_lora:
         make_lora(models[2], a.example_lora, rank=8, alpha=8.0, seed=a.seed + 13)
         print(f"  example LoRA: {a.example_lora}")
+    if a.checkpoint and a.references and not a.no_references:
+        checkpoint_references(models, out, cn_out, a.references, a.seed, a.checkpoint)
     if a.config != "tiny" or a.no_references or a.checkpoint:
         return  # the committed LoRAs, examples and parity references belong to the seeded tiny bundles
     loras = {
