@@ -51,6 +51,7 @@ fn adapters_change_the_image_and_pristine_weights_survive() {
     let model = p.controlnet(root().join("bundles/tiny-sdxl-controlnet")).unwrap();
     let image = read_conditioning(&root().join("bundles/examples/cond_a.png"), (64, 64)).unwrap();
     with_cn.controlnets = vec![ControlRequest {
+        prep: Default::default(),
         model: model.into(),
         image,
         scale: 1.0,
@@ -149,6 +150,7 @@ fn shape_buckets_give_the_dynamic_image_and_other_sizes_go_as_configured() {
         let model = p.controlnet(root().join("bundles/tiny-sdxl-controlnet")).unwrap();
         let image = checkerboard(w, h);
         r.controlnets = vec![ControlRequest {
+            prep: Default::default(),
             model: model.into(),
             image,
             scale: 0.7,
@@ -275,6 +277,7 @@ fn controlnet_runs_are_timed() {
     let mut r = request();
     r.controlnets = (0..2)
         .map(|_| ControlRequest {
+            prep: Default::default(),
             model: model.into(),
             image: image.clone(),
             scale: 0.5,

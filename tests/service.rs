@@ -91,6 +91,8 @@ fn a_job_with_controlnet_and_lora_runs_and_a_duplicate_runs_once() {
         let _w = Worker::start(&bus.queue, "w-basic", &[]);
         let mut j = job("basic");
         j.controlnets.push(ControlNetJob {
+            resize: Default::default(),
+            canny: None,
             model: "tiny-sdxl-controlnet".into(),
             image: ImageRef::Inline(std::fs::read(root().join("bundles/examples/cond_a.png")).unwrap()),
             scale: 0.8,
@@ -250,6 +252,8 @@ fn bad_input_is_dead_lettered_with_a_failed_status_and_the_worker_stays_healthy(
         cases.push((j, "unknown base model `sd15`"));
         let mut j = job("cn");
         j.controlnets.push(ControlNetJob {
+            resize: Default::default(),
+            canny: None,
             model: "canny".into(),
             image: ImageRef::Inline(vec![1, 2, 3]),
             scale: 1.0,
@@ -265,6 +269,8 @@ fn bad_input_is_dead_lettered_with_a_failed_status_and_the_worker_stays_healthy(
         cases.push((j, "unknown LoRA `no-such-lora`"));
         let mut j = job("image");
         j.controlnets.push(ControlNetJob {
+            resize: Default::default(),
+            canny: None,
             model: "tiny-sdxl-controlnet".into(),
             image: ImageRef::Inline(b"\x89PNG\r\n\x1a\ncorrupt".to_vec()),
             scale: 1.0,
@@ -635,7 +641,7 @@ fn jobs_with_0_to_3_loras_run_in_both_modes_and_match_katz_generate() {
             for n in 0..=3 {
                 let mut j = job(&format!("{mode}{n}"));
                 j.steps = 8;
-                j.seed = 5;
+                j.seed = 5.into();
                 for (i, name) in names.iter().take(n).enumerate() {
                     j.loras.push(LoraJob {
                         name: name.to_string(),
@@ -801,7 +807,7 @@ fn remote_controlnets_give_the_in_process_image_for_1_2_3_controlnets() {
         for n in 1..=3 {
             let mut j = job(&format!("cnr{n}"));
             j.steps = 6;
-            j.seed = 9;
+            j.seed = 9.into();
             with_controlnets(&mut j, n);
             bus.publish(&j).await;
             let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
