@@ -292,3 +292,27 @@ fn controlnet_runs_are_timed() {
     assert!(!t.cn_slowest_run.is_zero() && t.cn_slowest_run <= sum);
     assert!(t.cn_after_encoder >= t.cn_slowest_run, "{t:?}");
 }
+
+#[test]
+fn a_prompt_over_77_tokens_is_truncated_and_reported() {
+    let mut p = pipeline();
+    let short = generate(&mut p, &request(), &mut NoObserver).unwrap();
+    assert_eq!((short.prompt_truncated, short.negative_truncated), (None, None));
+    let long = "a red circle above a blue square, ".repeat(20);
+    let mut r = request();
+    r.prompt = long.clone();
+    r.negative_prompt = Some("blurry".into());
+    let out = generate(&mut p, &r, &mut NoObserver).unwrap();
+    let t = out.prompt_truncated.expect("a long prompt is reported");
+    assert!(t.tokens > 77 && t.kept == 77, "{t:?}");
+    assert_eq!(out.negative_truncated, None);
+    // the tokens past the 77th change nothing: the same image with more words after them
+    r.prompt = format!("{long} a green star below a yellow moon");
+    let more = generate(&mut p, &r, &mut NoObserver).unwrap();
+    assert!(more.prompt_truncated.unwrap().tokens > t.tokens);
+    assert_eq!(more.image, out.image, "words past the cut changed the image");
+    // a long negative prompt is reported too (guidance on)
+    r.negative_prompt = Some(long);
+    let neg = generate(&mut p, &r, &mut NoObserver).unwrap();
+    assert_eq!(neg.negative_truncated.map(|n| n.kept), Some(77));
+}

@@ -134,7 +134,7 @@ fn a_job_with_controlnet_and_lora_runs_and_a_duplicate_runs_once() {
 }
 
 #[test]
-fn a_seed_of_minus_one_is_drawn_recorded_and_makes_the_same_png_again() {
+fn a_seed_of_minus_one_is_drawn_recorded_and_makes_the_same_png_again_and_long_prompts_are_recorded() {
     let _g = serial();
     rt().block_on(async {
         let mut bus = Bus::new("seed").await;
@@ -164,6 +164,15 @@ fn a_seed_of_minus_one_is_drawn_recorded_and_makes_the_same_png_again() {
         assert!(png_a == png_again, "the recorded seed gives another image");
         let png_b: Vec<u8> = bus.redis.get(image_key(&b.id)).await.unwrap();
         assert!(png_a != png_b, "another seed, another image");
+        assert!(!ra.contains_key("prompt_truncated"), "{ra:?}");
+        // a prompt over 77 tokens runs, and its record says it was cut
+        let mut long = job("seed-long");
+        long.prompt = "a red circle above a blue square, ".repeat(20);
+        bus.publish(&long).await;
+        let r = bus.wait_final(&long.id, Duration::from_secs(60)).await;
+        assert_eq!(r["status"], "done", "{r:?}");
+        let t: serde_json::Value = serde_json::from_str(&r["prompt_truncated"]).unwrap();
+        assert!(t["tokens"].as_u64().unwrap() > 77 && t["kept"] == 77, "{t}");
         bus.cleanup().await;
     });
 }

@@ -329,6 +329,15 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             ("step_ms".into(), ms(t.per_step())),
             ("first_step_ms".into(), ms(t.first_step)),
         ];
+        for (field, t) in [
+            ("prompt_truncated", out.prompt_truncated),
+            ("negative_prompt_truncated", out.negative_truncated),
+        ] {
+            if let Some(t) = t {
+                tracing::warn!(field, tokens = t.tokens, kept = t.kept, "prompt truncated");
+                fields.push((field.into(), t.to_json()));
+            }
+        }
         if !job.controlnets.is_empty() {
             fields.push(("controlnet_retries".into(), out.controlnet_retries.to_string()));
         }

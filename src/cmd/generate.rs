@@ -370,7 +370,19 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         pipe.run(&req, RunOptions::default().observer(&mut progress))
     };
     progress.finish();
-    finish(&out?, &a.output)
+    let out = out?;
+    for (what, t) in [
+        ("prompt", out.prompt_truncated),
+        ("negative prompt", out.negative_truncated),
+    ] {
+        if let Some(t) = t {
+            eprintln!(
+                "warning: the {what} has {} tokens, the text encoders take {} (start and end tokens included): the rest was cut off",
+                t.tokens, t.kept
+            );
+        }
+    }
+    finish(&out, &a.output)
 }
 
 fn lora_mode(a: &GenerateArgs) -> anyhow::Result<LoraMode> {

@@ -195,6 +195,11 @@ async fn follow(
                     f("queue_wait_ms"),
                     f("seed")
                 );
+                for k in ["prompt_truncated", "negative_prompt_truncated"] {
+                    if let Some(t) = rec.get(k) {
+                        eprintln!("warning: {k} {t}: the tokens past `kept` were cut off");
+                    }
+                }
                 return Ok(());
             }
             Some(Status::Failed) => {
