@@ -153,6 +153,35 @@ fn generate_with_two_controlnets_and_two_loras() {
 }
 
 #[test]
+fn a_random_seed_is_printed_and_makes_the_same_image_again() {
+    let d = tmp("seed");
+    let (a, b) = (d.join("a.png"), d.join("b.png"));
+    // a conditioning image of another size than the request's: resized, no error
+    let cn = [
+        "--controlnet",
+        "bundles/tiny-sdxl-controlnet=bundles/examples/edges-128.png:0.8",
+    ];
+    let so = ok(&generate(&[&["--seed", "-1"][..], &cn].concat(), &a));
+    let line = so
+        .lines()
+        .find(|l| l.starts_with("seed "))
+        .unwrap_or_else(|| panic!("no seed printed: {so}"));
+    let seed: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        line.contains(&format!("--seed {seed} makes this image again")),
+        "{line}"
+    );
+    let s = seed.to_string();
+    let so = ok(&generate(&[&["--seed", s.as_str()][..], &cn].concat(), &b));
+    assert!(!so.contains("drawn at random"), "{so}");
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "seed {seed}"
+    );
+}
+
+#[test]
 fn bad_input_is_a_clear_error() {
     let d = tmp("bad");
     let o = d.join("x.png");
@@ -174,19 +203,27 @@ fn bad_input_is_a_clear_error() {
     fails_with(
         &generate(
             &[
-                "--size",
-                "128x128",
                 "--controlnet",
-                "bundles/tiny-sdxl-controlnet=bundles/examples/cond_a.png",
+                "bundles/tiny-sdxl-controlnet=bundles/examples/photo-200x120.jpg",
+                "--canny",
+                "300,100",
             ],
             o,
         ),
-        "is 64×64; the request's size is 128×128",
+        "ControlNet #0: canny thresholds must be 0 ≤ low ≤ high ≤ 1140, got low 300 high 100",
     );
+    fails_with(
+        &generate(&["--control-resize", "stretch"], o),
+        "the resize modes are resize, crop and pad",
+    );
+    fails_with(&generate(&["--seed", "-2"], o), "or -1 for a random one");
     let not_png = d.join("not.png");
     std::fs::write(&not_png, "hello").unwrap();
     let spec = format!("bundles/tiny-sdxl-controlnet={}", not_png.display());
-    fails_with(&generate(&["--controlnet", &spec], o), "not a readable PNG");
+    fails_with(
+        &generate(&["--controlnet", &spec], o),
+        "not a PNG, JPEG or WebP image",
+    );
     fails_with(
         &generate(
             &["--controlnet", "bundles/tiny-sdxl=bundles/examples/cond_a.png"],

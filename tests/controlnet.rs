@@ -18,6 +18,7 @@ fn request(p: &mut Pipeline, n: usize) -> Request {
     let spans = [(0.0, 1.0), (0.0, 0.6), (0.3, 1.0)];
     let controlnets = (0..n)
         .map(|j| ControlRequest {
+            prep: Default::default(),
             model: model.into(),
             image: read_conditioning(&root().join("bundles/examples").join(images[j]), (64, 64)).unwrap(),
             scale: [0.8, 0.5, -0.4][j],

@@ -42,6 +42,7 @@ fn request(models: &[ModelId], scheduler: SchedulerKind, lora: bool, p: &Pipelin
         .iter()
         .enumerate()
         .map(|(j, &model)| ControlRequest {
+            prep: Default::default(),
             model: model.into(),
             image: read_conditioning(&root().join("bundles/examples").join(images[j]), (64, 64)).unwrap(),
             scale: [0.8, 0.5, -0.4][j],

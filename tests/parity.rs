@@ -169,6 +169,7 @@ fn run_case(dir: &str, name: &str) {
         let model = pipe.controlnet(&cn_bundle).unwrap();
         let image = read_conditioning(&root().join(&c.image), (case.width, case.height)).unwrap();
         controlnets.push(ControlRequest {
+            prep: Default::default(),
             model: model.into(),
             image,
             scale: c.scale,

@@ -51,6 +51,7 @@ fn adapters_change_the_image_and_pristine_weights_survive() {
     let model = p.controlnet(root().join("bundles/tiny-sdxl-controlnet")).unwrap();
     let image = read_conditioning(&root().join("bundles/examples/cond_a.png"), (64, 64)).unwrap();
     with_cn.controlnets = vec![ControlRequest {
+        prep: Default::default(),
         model: model.into(),
         image,
         scale: 1.0,
@@ -149,6 +150,7 @@ fn shape_buckets_give_the_dynamic_image_and_other_sizes_go_as_configured() {
         let model = p.controlnet(root().join("bundles/tiny-sdxl-controlnet")).unwrap();
         let image = checkerboard(w, h);
         r.controlnets = vec![ControlRequest {
+            prep: Default::default(),
             model: model.into(),
             image,
             scale: 0.7,
@@ -306,6 +308,7 @@ fn controlnet_runs_are_timed() {
     let mut r = request();
     r.controlnets = (0..2)
         .map(|_| ControlRequest {
+            prep: Default::default(),
             model: model.into(),
             image: image.clone(),
             scale: 0.5,
@@ -319,4 +322,28 @@ fn controlnet_runs_are_timed() {
     let sum: std::time::Duration = t.cn_runs.iter().sum();
     assert!(!t.cn_slowest_run.is_zero() && t.cn_slowest_run <= sum);
     assert!(t.cn_after_encoder >= t.cn_slowest_run, "{t:?}");
+}
+
+#[test]
+fn a_prompt_over_77_tokens_is_truncated_and_reported() {
+    let mut p = pipeline();
+    let short = generate(&mut p, &request(), &mut NoObserver).unwrap();
+    assert_eq!((short.prompt_truncated, short.negative_truncated), (None, None));
+    let long = "a red circle above a blue square, ".repeat(20);
+    let mut r = request();
+    r.prompt = long.clone();
+    r.negative_prompt = Some("blurry".into());
+    let out = generate(&mut p, &r, &mut NoObserver).unwrap();
+    let t = out.prompt_truncated.expect("a long prompt is reported");
+    assert!(t.tokens > 77 && t.kept == 77, "{t:?}");
+    assert_eq!(out.negative_truncated, None);
+    // the tokens past the 77th change nothing: the same image with more words after them
+    r.prompt = format!("{long} a green star below a yellow moon");
+    let more = generate(&mut p, &r, &mut NoObserver).unwrap();
+    assert!(more.prompt_truncated.unwrap().tokens > t.tokens);
+    assert_eq!(more.image, out.image, "words past the cut changed the image");
+    // a long negative prompt is reported too (guidance on)
+    r.negative_prompt = Some(long);
+    let neg = generate(&mut p, &r, &mut NoObserver).unwrap();
+    assert_eq!(neg.negative_truncated.map(|n| n.kept), Some(77));
 }

@@ -11,8 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use katz_actors::protocol::{image_key, job_key, ControlNetJob, ImageRef, Job, LoraJob};
+use katz_actors::protocol::{image_key, job_key, ControlNetJob, ImageRef, Job, LoraJob, Seed};
 use katz_actors::topology;
+use katz_onnx::conditioning::ResizeMode;
 use redis::AsyncCommands;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -91,6 +92,8 @@ fn a_job_with_controlnet_and_lora_runs_and_a_duplicate_runs_once() {
         let _w = Worker::start(&bus.queue, "w-basic", &[]);
         let mut j = job("basic");
         j.controlnets.push(ControlNetJob {
+            resize: Default::default(),
+            canny: None,
             model: "tiny-sdxl-controlnet".into(),
             image: ImageRef::Inline(std::fs::read(root().join("bundles/examples/cond_a.png")).unwrap()),
             scale: 0.8,
@@ -126,6 +129,107 @@ fn a_job_with_controlnet_and_lora_runs_and_a_duplicate_runs_once() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let r = bus.record(&j.id).await;
         assert_eq!(r["attempts"], "1", "the duplicate ran again: {r:?}");
+        bus.cleanup().await;
+    });
+}
+
+#[test]
+fn a_seed_of_minus_one_is_drawn_recorded_and_makes_the_same_png_again_and_long_prompts_are_recorded() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("seed").await;
+        let _w = Worker::start(&bus.queue, "w-seed", &[]);
+        let (mut a, mut b) = (job("seed-a"), job("seed-b"));
+        a.seed = Seed::Random;
+        b.seed = Seed::Random;
+        bus.publish(&a).await;
+        bus.publish(&b).await;
+        let ra = bus.wait_final(&a.id, Duration::from_secs(60)).await;
+        let rb = bus.wait_final(&b.id, Duration::from_secs(60)).await;
+        assert_eq!((ra["status"].as_str(), rb["status"].as_str()), ("done", "done"));
+        let seed: u64 = ra["seed"].parse().expect("the record holds the seed used");
+        assert_ne!(ra["seed"], rb["seed"], "two random seeds");
+        // resubmitted with the recorded seed: the same PNG, byte for byte
+        let mut again = a.clone();
+        again.id = uid("seed-again");
+        again.seed = seed.into();
+        bus.publish(&again).await;
+        let r = bus.wait_final(&again.id, Duration::from_secs(60)).await;
+        assert_eq!(
+            (r["status"].as_str(), r["seed"].as_str()),
+            ("done", ra["seed"].as_str())
+        );
+        let png_a: Vec<u8> = bus.redis.get(image_key(&a.id)).await.unwrap();
+        let png_again: Vec<u8> = bus.redis.get(image_key(&again.id)).await.unwrap();
+        assert!(png_a == png_again, "the recorded seed gives another image");
+        let png_b: Vec<u8> = bus.redis.get(image_key(&b.id)).await.unwrap();
+        assert!(png_a != png_b, "another seed, another image");
+        assert!(!ra.contains_key("prompt_truncated"), "{ra:?}");
+        // a prompt over 77 tokens runs, and its record says it was cut
+        let mut long = job("seed-long");
+        long.prompt = "a red circle above a blue square, ".repeat(20);
+        bus.publish(&long).await;
+        let r = bus.wait_final(&long.id, Duration::from_secs(60)).await;
+        assert_eq!(r["status"], "done", "{r:?}");
+        let t: serde_json::Value = serde_json::from_str(&r["prompt_truncated"]).unwrap();
+        assert!(t["tokens"].as_u64().unwrap() > 77 && t["kept"] == 77, "{t}");
+        bus.cleanup().await;
+    });
+}
+
+#[test]
+fn jpeg_and_webp_conditioning_of_another_size_run_resized_and_match_katz_generate() {
+    let _g = serial();
+    let store = test_lora_store("formats");
+    rt().block_on(async {
+        let mut bus = Bus::new("formats").await;
+        let _w = Worker::start(&bus.queue, "w-formats", &[]);
+        let ex = root().join("bundles/examples");
+        let modes = [
+            ("photo-200x120.jpg", ResizeMode::Resize, None, vec![]),
+            (
+                "photo-200x120.webp",
+                ResizeMode::Crop,
+                Some((100.0, 200.0)),
+                vec!["--control-resize", "crop", "--canny", "100,200"],
+            ),
+            (
+                "photo-200x120.jpg",
+                ResizeMode::Pad,
+                None,
+                vec!["--control-resize", "pad"],
+            ),
+        ];
+        let mut pngs = Vec::new();
+        for (k, (file, resize, canny, flags)) in modes.into_iter().enumerate() {
+            let mut j = job(&format!("fmt-{k}"));
+            j.controlnets.push(ControlNetJob {
+                model: "tiny-sdxl-controlnet".into(),
+                image: ImageRef::Inline(std::fs::read(ex.join(file)).unwrap()),
+                resize,
+                canny: canny.map(|(low, high)| katz_onnx::conditioning::Canny { low, high }),
+                scale: 0.8,
+                start: 0.0,
+                end: 1.0,
+            });
+            bus.publish(&j).await;
+            let r = bus.wait_final(&j.id, Duration::from_secs(60)).await;
+            assert_eq!(r["status"], "done", "{file} {resize:?}: {r:?}");
+            let png: Vec<u8> = bus.redis.get(image_key(&j.id)).await.unwrap();
+            let spec = format!("bundles/tiny-sdxl-controlnet=bundles/examples/{file}:0.8");
+            let mut extra = vec!["--controlnet", spec.as_str()];
+            extra.extend(flags);
+            let local = generate_png(&j, &store, &extra);
+            assert!(
+                png == local,
+                "{file} {resize:?}: the worker and katz generate differ"
+            );
+            pngs.push(png);
+        }
+        assert!(
+            pngs[0] != pngs[1] && pngs[0] != pngs[2],
+            "modes and canny change the image"
+        );
         bus.cleanup().await;
     });
 }
@@ -233,6 +337,23 @@ fn bad_input_is_dead_lettered_with_a_failed_status_and_the_worker_stays_healthy(
         )
         .await;
         expect.push((id, "missing field"));
+        #[derive(serde::Serialize)]
+        struct BadSeed<'a> {
+            v: u32,
+            id: &'a str,
+            seed: i64,
+        }
+        let id = uid("seed");
+        bus.publish_raw(
+            &rmp_serde::to_vec_named(&BadSeed {
+                v: 1,
+                id: &id,
+                seed: -2,
+            })
+            .unwrap(),
+        )
+        .await;
+        expect.push((id, "seed -2: a seed is 0 to 2^64-1, or -1 for a random one"));
 
         let mut cases: Vec<(Job, &str)> = Vec::new();
         let mut j = job("version");
@@ -250,6 +371,8 @@ fn bad_input_is_dead_lettered_with_a_failed_status_and_the_worker_stays_healthy(
         cases.push((j, "unknown base model `sd15`"));
         let mut j = job("cn");
         j.controlnets.push(ControlNetJob {
+            resize: Default::default(),
+            canny: None,
             model: "canny".into(),
             image: ImageRef::Inline(vec![1, 2, 3]),
             scale: 1.0,
@@ -265,13 +388,32 @@ fn bad_input_is_dead_lettered_with_a_failed_status_and_the_worker_stays_healthy(
         cases.push((j, "unknown LoRA `no-such-lora`"));
         let mut j = job("image");
         j.controlnets.push(ControlNetJob {
+            resize: Default::default(),
+            canny: None,
             model: "tiny-sdxl-controlnet".into(),
             image: ImageRef::Inline(b"\x89PNG\r\n\x1a\ncorrupt".to_vec()),
             scale: 1.0,
             start: 0.0,
             end: 1.0,
         });
-        cases.push((j, "PNG"));
+        cases.push((
+            j,
+            "ControlNet #0 (`tiny-sdxl-controlnet`): the conditioning image is not a readable PNG",
+        ));
+        let mut j = job("image-garbage");
+        with_controlnets(&mut j, 1);
+        j.controlnets[0].image = ImageRef::Inline(b"neither PNG nor JPEG nor WebP".to_vec());
+        cases.push((
+            j,
+            "ControlNet #0 (`tiny-sdxl-controlnet`): the conditioning image is not a PNG, JPEG or WebP",
+        ));
+        let mut j = job("canny");
+        with_controlnets(&mut j, 1);
+        j.controlnets[0].canny = Some(katz_onnx::conditioning::Canny {
+            low: 50.0,
+            high: 5000.0,
+        });
+        cases.push((j, "ControlNet #0: canny thresholds must be 0 ≤ low ≤ high ≤ 1140"));
         let mut j = job("big");
         j.negative_prompt = Some("x".repeat(100 << 20));
         cases.push((j, "over the limit"));
@@ -635,7 +777,7 @@ fn jobs_with_0_to_3_loras_run_in_both_modes_and_match_katz_generate() {
             for n in 0..=3 {
                 let mut j = job(&format!("{mode}{n}"));
                 j.steps = 8;
-                j.seed = 5;
+                j.seed = 5.into();
                 for (i, name) in names.iter().take(n).enumerate() {
                     j.loras.push(LoraJob {
                         name: name.to_string(),
@@ -801,7 +943,7 @@ fn remote_controlnets_give_the_in_process_image_for_1_2_3_controlnets() {
         for n in 1..=3 {
             let mut j = job(&format!("cnr{n}"));
             j.steps = 6;
-            j.seed = 9;
+            j.seed = 9.into();
             with_controlnets(&mut j, n);
             bus.publish(&j).await;
             let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;

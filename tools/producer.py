@@ -71,16 +71,26 @@ class Producer:
                guidance: float = 5.0, seed: int = 0, scheduler: str = "euler", karras: bool = False,
                controlnets=(), loras=(), priority: int = 0, deadline_s: float | None = None,
                result_ttl_s: int = 86400, queue: str | None = None) -> str:
-        """Publishes a job; returns its id. `controlnets`: (model, png_bytes | 'redis:KEY', scale[, start, end]);
-        `loras`: (name, scale)."""
+        """Publishes a job; returns its id. `controlnets`: (model, image_bytes | 'redis:KEY', scale[, start, end])
+        or dicts {"model", "image", "scale", "start", "end", "resize", "canny": (low, high)}; images are PNG, JPEG
+        or WebP of any size, `resize` one of "resize" (default), "crop", "pad". `seed=-1`: the worker draws one
+        and records it as the job's `seed`. `loras`: (name, scale)."""
         job_id = job_id or f"py-{uuid.uuid4()}"
         now_ms = int(time.time() * 1000)
         cns = []
         for c in controlnets:
-            model, image, scale = c[0], c[1], c[2]
-            start, end = (c[3], c[4]) if len(c) > 3 else (0.0, 1.0)
+            if not isinstance(c, dict):
+                c = dict(zip(("model", "image", "scale", "start", "end"), c))
+            image = c["image"]
             ref = {"redis_key": image[6:]} if isinstance(image, str) and image.startswith("redis:") else {"inline": bytes(image)}
-            cns.append({"model": model, "image": ref, "scale": float(scale), "start": float(start), "end": float(end)})
+            cn = {"model": c["model"], "image": ref, "scale": float(c.get("scale", 1.0)),
+                  "start": float(c.get("start", 0.0)), "end": float(c.get("end", 1.0))}
+            if c.get("resize"):
+                cn["resize"] = c["resize"]
+            if c.get("canny"):
+                low, high = c["canny"]
+                cn["canny"] = {"low": float(low), "high": float(high)}
+            cns.append(cn)
         job = {
             "v": SCHEMA_VERSION, "id": job_id, "base": base, "prompt": prompt, "negative_prompt": negative_prompt,
             "width": width, "height": height, "steps": steps, "guidance": float(guidance), "seed": seed,
@@ -144,8 +154,11 @@ def main(argv=None) -> int:
     s.add_argument("--base", default="tiny-sdxl")
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--size", default="128x128")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--controlnet", action="append", default=[], help="MODEL=IMAGE.png[:SCALE]")
+    s.add_argument("--seed", type=int, default=0, help="-1: the worker draws one (printed with --wait)")
+    s.add_argument("--controlnet", action="append", default=[], help="MODEL=IMAGE[:SCALE] (PNG, JPEG or WebP, any size)")
+    s.add_argument("--control-resize", choices=("resize", "crop", "pad"), default=None,
+                   help="how images of another size are brought to the job's (every ControlNet)")
+    s.add_argument("--canny", default=None, help="LOW,HIGH: the canny preprocessor on every ControlNet's image")
     s.add_argument("--lora", action="append", default=[], help="NAME[:SCALE]")
     s.add_argument("--wait", action="store_true")
     s.add_argument("--output")
@@ -164,7 +177,9 @@ def main(argv=None) -> int:
     for c in a.controlnet:
         model, rest = c.split("=", 1)
         path, _, scale = rest.partition(":")
-        cns.append((model, open(path, "rb").read(), float(scale or 1.0)))
+        cns.append({"model": model, "image": open(path, "rb").read(), "scale": float(scale or 1.0),
+                    "resize": a.control_resize,
+                    "canny": tuple(float(v) for v in a.canny.split(",")) if a.canny else None})
     loras = [(n, float(s or 1.0)) for n, _, s in (x.partition(":") for x in a.lora)]
     job_id = p.submit(a.prompt, a.base, width=w, height=h, steps=a.steps, seed=a.seed, controlnets=cns, loras=loras)
     print(job_id)
@@ -172,7 +187,7 @@ def main(argv=None) -> int:
         rec = p.wait(job_id)
         if a.output:
             open(a.output, "wb").write(p.image(job_id))
-        print(f"done by {rec.get('worker')} in {rec.get('service_ms')} ms")
+        print(f"done by {rec.get('worker')} in {rec.get('service_ms')} ms, seed {rec.get('seed')}")
     return 0
 
 

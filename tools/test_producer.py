@@ -54,6 +54,19 @@ def test_image_by_redis_key(worker):
     assert p.wait(job_id, timeout=120)["status"] == "done"
 
 
+def test_a_photo_of_another_size_with_canny_and_a_random_seed(worker):
+    p = Producer()
+    photo = (ROOT / "bundles" / "examples" / "photo-200x120.jpg").read_bytes()
+    cn = {"model": "tiny-sdxl-controlnet", "image": photo, "scale": 0.8, "resize": "crop", "canny": (100, 200)}
+    job_id = p.submit("a red circle", width=64, height=64, steps=2, seed=-1, queue=worker, controlnets=[cn])
+    rec = p.wait(job_id, timeout=120)
+    assert rec["status"] == "done"
+    seed = int(rec["seed"])
+    again = p.submit("a red circle", width=64, height=64, steps=2, seed=seed, queue=worker, controlnets=[cn])
+    assert p.wait(again, timeout=120)["seed"] == str(seed)
+    assert p.image(again) == p.image(job_id), "the recorded seed makes the same PNG"
+
+
 def test_bad_job_fails_with_the_reason(worker):
     p = Producer()
     job_id = p.submit("x", width=64, height=64, steps=2, queue=worker, loras=[("no-such-lora", 1.0)])

@@ -246,6 +246,8 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                     reason: Unavailable::Stopped,
                 })??
         };
+        // the seed it runs with (a job's -1 drawn by the catalogue): recorded, to make it again
+        let seed = req.seed;
         // progress forwarder: model thread → Redis; Redis cancel flag → model thread
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::pipeline::StepDone>();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -309,6 +311,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
         let mut fields = vec![
             ("worker".to_string(), deps.worker.clone()),
+            ("seed".into(), seed.to_string()),
             ("step".into(), job.steps.to_string()),
             ("total".into(), job.steps.to_string()),
             ("pipeline_ms".into(), format!("{pipeline_ms:.3}")),
@@ -326,6 +329,15 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             ("step_ms".into(), ms(t.per_step())),
             ("first_step_ms".into(), ms(t.first_step)),
         ];
+        for (field, t) in [
+            ("prompt_truncated", out.prompt_truncated),
+            ("negative_prompt_truncated", out.negative_truncated),
+        ] {
+            if let Some(t) = t {
+                tracing::warn!(field, tokens = t.tokens, kept = t.kept, "prompt truncated");
+                fields.push((field.into(), t.to_json()));
+            }
+        }
         if !job.controlnets.is_empty() {
             fields.push(("controlnet_retries".into(), out.controlnet_retries.to_string()));
         }

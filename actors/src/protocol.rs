@@ -6,6 +6,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use katz_onnx::conditioning::{Canny, ResizeMode};
 use serde::{Deserialize, Serialize};
 
 /// The job schema version this worker reads.
@@ -60,7 +61,15 @@ pub enum ImageRef {
 pub struct ControlNetJob {
     /// ControlNet model name (its bundle's `name`).
     pub model: String,
+    /// PNG, JPEG or WebP bytes of any size.
     pub image: ImageRef,
+    /// How an image of another size is brought to the job's: `resize` (default), `crop`, `pad`.
+    /// Left out of the message when it is the default (old jobs keep their digest).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub resize: ResizeMode,
+    /// The canny preprocessor: the image is a photo, its edges are the conditioning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canny: Option<Canny>,
     #[serde(default = "one")]
     pub scale: f32,
     #[serde(default)]
@@ -75,6 +84,97 @@ pub struct LoraJob {
     pub name: String,
     #[serde(default = "one")]
     pub scale: f32,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// A job's seed: a number, or `-1` on the wire for one the worker draws at random (and records
+/// as the job's `seed`, so resubmitting with it makes the same image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Seed {
+    Fixed(u64),
+    Random,
+}
+
+impl Seed {
+    /// The seed to run with: this one, or a fresh random one below 2^53 (so it survives any
+    /// JSON reader as a number).
+    pub fn resolve(self) -> u64 {
+        match self {
+            Seed::Fixed(s) => s,
+            Seed::Random => rand::random::<u64>() >> 11,
+        }
+    }
+}
+
+impl From<u64> for Seed {
+    fn from(s: u64) -> Self {
+        Seed::Fixed(s)
+    }
+}
+
+impl PartialEq<u64> for Seed {
+    fn eq(&self, o: &u64) -> bool {
+        *self == Seed::Fixed(*o)
+    }
+}
+
+impl std::fmt::Display for Seed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Seed::Fixed(s) => write!(f, "{s}"),
+            Seed::Random => f.write_str("-1"),
+        }
+    }
+}
+
+impl std::str::FromStr for Seed {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "-1" => Ok(Seed::Random),
+            t => t
+                .parse::<u64>()
+                .map(Seed::Fixed)
+                .map_err(|_| format!("`{s}`: a seed is 0 to 2^64-1, or -1 for a random one")),
+        }
+    }
+}
+
+impl Serialize for Seed {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Seed::Fixed(v) => s.serialize_u64(*v),
+            Seed::Random => s.serialize_i64(-1),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Seed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Seed;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a seed: an integer 0 to 2^64-1, or -1 for a random one")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Seed, E> {
+                Ok(Seed::Fixed(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Seed, E> {
+                match v {
+                    -1 => Ok(Seed::Random),
+                    v if v >= 0 => Ok(Seed::Fixed(v as u64)),
+                    v => Err(E::custom(format!(
+                        "seed {v}: a seed is 0 to 2^64-1, or -1 for a random one"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn one() -> f32 {
@@ -104,7 +204,8 @@ pub struct Job {
     pub height: u32,
     pub steps: u32,
     pub guidance: f32,
-    pub seed: u64,
+    /// `-1`: the worker draws one and records it in the job's `seed` field.
+    pub seed: Seed,
     #[serde(default = "default_scheduler")]
     pub scheduler: String,
     #[serde(default)]
@@ -140,7 +241,7 @@ impl Job {
             height: 64,
             steps: 4,
             guidance: 5.0,
-            seed: 0,
+            seed: Seed::Fixed(0),
             scheduler: default_scheduler(),
             karras: false,
             controlnets: vec![],
@@ -336,6 +437,11 @@ mod tests {
         j.controlnets.push(ControlNetJob {
             model: "cn".into(),
             image: ImageRef::Inline(vec![1, 2, 3]),
+            resize: ResizeMode::Pad,
+            canny: Some(Canny {
+                low: 100.0,
+                high: 200.0,
+            }),
             scale: 0.5,
             start: 0.0,
             end: 1.0,
@@ -348,6 +454,98 @@ mod tests {
         let mut other = j.clone();
         other.prompt = "a dog".into();
         assert_ne!(other.digest().unwrap(), j.digest().unwrap());
+    }
+
+    #[test]
+    fn old_jobs_read_the_same_and_keep_their_digest() {
+        // a job as schema 1 had it before seeds of -1, resize modes and canny: no new keys
+        #[derive(Serialize)]
+        struct OldCn<'a> {
+            model: &'a str,
+            image: ImageRef,
+        }
+        #[derive(Serialize)]
+        struct Old<'a> {
+            v: u32,
+            id: &'a str,
+            base: &'a str,
+            prompt: &'a str,
+            width: u32,
+            height: u32,
+            steps: u32,
+            guidance: f32,
+            seed: u64,
+            controlnets: Vec<OldCn<'a>>,
+        }
+        let old = Old {
+            v: 1,
+            id: "old",
+            base: "b",
+            prompt: "p",
+            width: 64,
+            height: 64,
+            steps: 4,
+            guidance: 5.0,
+            seed: u64::MAX,
+            controlnets: vec![OldCn {
+                model: "cn",
+                image: ImageRef::Inline(vec![9]),
+            }],
+        };
+        let j = decode(&rmp_serde::to_vec_named(&old).unwrap(), &Limits::default()).unwrap();
+        assert_eq!(j.seed, Seed::Fixed(u64::MAX));
+        assert_eq!(
+            (j.controlnets[0].resize, j.controlnets[0].canny),
+            (ResizeMode::Resize, None)
+        );
+        // defaults are left out when encoding: the same keys as before
+        let enc = String::from_utf8_lossy(&j.encode().unwrap()).into_owned();
+        assert!(!enc.contains("resize") && !enc.contains("canny"), "{enc}");
+    }
+
+    #[test]
+    fn seeds_are_numbers_or_minus_one() {
+        let l = Limits::default();
+        let mut j = Job::new("s", "b", "p");
+        j.seed = Seed::Random;
+        let back = decode(&j.encode().unwrap(), &l).unwrap();
+        assert_eq!(back.seed, Seed::Random);
+        let json: Job = serde_json::from_str(
+            r#"{"v":1,"id":"s","base":"b","prompt":"p","width":64,"height":64,"steps":4,"guidance":5,"seed":-1,
+               "controlnets":[{"model":"cn","image":{"redis_key":"k"},"resize":"crop","canny":{"low":100,"high":200}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(json.seed, Seed::Random);
+        assert_eq!(json.controlnets[0].resize, ResizeMode::Crop);
+        assert_eq!(
+            json.controlnets[0].canny,
+            Some(Canny {
+                low: 100.0,
+                high: 200.0
+            })
+        );
+        #[derive(Serialize)]
+        struct Neg {
+            v: u32,
+            id: &'static str,
+            seed: i64,
+        }
+        let e = decode(
+            &rmp_serde::to_vec_named(&Neg {
+                v: 1,
+                id: "n",
+                seed: -2,
+            })
+            .unwrap(),
+            &l,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("seed -2"), "{}", e.message);
+        assert!(Seed::Random.resolve() < 1 << 53);
+        assert_eq!(Seed::Fixed(7).resolve(), 7);
+        assert_eq!("-1".parse::<Seed>().unwrap(), Seed::Random);
+        assert_eq!("42".parse::<Seed>().unwrap(), Seed::Fixed(42));
+        assert!("-5".parse::<Seed>().is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! PNG in and out: conditioning images in, generated images out.
+//! Images in and out: conditioning images in (PNG, JPEG, WebP), generated PNGs out.
 //!
-//! Images are `[1, 3, H, W]` tensors in [0, 1]. Writing quantises as diffusers' `numpy_to_pil`
+//! PNGs are read by the png crate (8 and 16 bit, grey/RGB, alpha dropped), JPEG and WebP by the
+//! `image` crate; [`decode_image`] tells them apart by their signature. Images are `[1, 3, H, W]` tensors in [0, 1]. Writing quantises as diffusers' `numpy_to_pil`
 //! does (`round(x · 255)`), so the same latents give byte-identical files.
 
 use std::io::Cursor;
@@ -27,18 +28,18 @@ pub fn decode_png(bytes: &[u8], path: &Path) -> Result<Tensor> {
         0u8;
         reader
             .output_buffer_size()
-            .ok_or_else(|| err(path, "PNG too large"))?
+            .ok_or_else(|| err(path, "a PNG too large to decode"))?
     ];
     let info = reader
         .next_frame(&mut buf)
-        .map_err(|e| err(path, format!("PNG data is corrupt: {e}")))?;
+        .map_err(|e| err(path, format!("a corrupt PNG: {e}")))?;
     let (w, h) = (info.width as usize, info.height as usize);
     let channels = match info.color_type {
         png::ColorType::Grayscale => 1,
         png::ColorType::GrayscaleAlpha => 2,
         png::ColorType::Rgb => 3,
         png::ColorType::Rgba => 4,
-        png::ColorType::Indexed => return Err(err(path, "indexed PNG was not expanded")),
+        png::ColorType::Indexed => return Err(err(path, "an indexed PNG that was not expanded")),
     };
     let mut data = vec![0f32; 3 * h * w];
     for y in 0..h {
@@ -58,10 +59,41 @@ pub fn decode_png(bytes: &[u8], path: &Path) -> Result<Tensor> {
     Ok(Tensor::new(vec![1, 3, h, w], data))
 }
 
-/// Reads a conditioning image that must be exactly `width × height`.
-pub fn read_conditioning(path: &Path, (width, height): (usize, usize)) -> Result<Tensor> {
+/// Decodes a PNG, JPEG or WebP image of any size into `[1,3,H,W]` in [0,1] (alpha dropped,
+/// grey spread to three channels).
+pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Tensor> {
+    use image::ImageFormat;
+    match image::guess_format(bytes) {
+        Ok(ImageFormat::Png) => decode_png(bytes, path),
+        Ok(f @ (ImageFormat::Jpeg | ImageFormat::WebP)) => {
+            let name = if f == ImageFormat::Jpeg { "JPEG" } else { "WebP" };
+            let img = image::load_from_memory_with_format(bytes, f)
+                .map_err(|e| err(path, format!("not a readable {name}: {e}")))?
+                .into_rgb8();
+            let (w, h) = (img.width() as usize, img.height() as usize);
+            let mut data = vec![0f32; 3 * h * w];
+            for (x, y, p) in img.enumerate_pixels() {
+                for c in 0..3 {
+                    data[c * h * w + y as usize * w + x as usize] = p[c] as f32 / 255.0;
+                }
+            }
+            Ok(Tensor::new(vec![1, 3, h, w], data))
+        }
+        Ok(f) => Err(err(path, format!("in {f:?} format, not PNG, JPEG or WebP"))),
+        Err(_) => Err(err(path, "not a PNG, JPEG or WebP image")),
+    }
+}
+
+/// Reads a PNG, JPEG or WebP file of any size (the request's validation brings it to its size).
+pub fn read_image(path: &Path) -> Result<Tensor> {
     let bytes = std::fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
-    let t = decode_png(&bytes, path)?;
+    decode_image(&bytes, path)
+}
+
+/// Reads a conditioning image that must be exactly `width × height` (benches and tests that
+/// feed the pipeline directly).
+pub fn read_conditioning(path: &Path, (width, height): (usize, usize)) -> Result<Tensor> {
+    let t = read_image(path)?;
     let (h, w) = (t.shape[2], t.shape[3]);
     if (w, h) != (width, height) {
         return Err(err(
@@ -125,6 +157,42 @@ mod tests {
     fn garbage_is_a_clear_error() {
         let e = decode_png(b"not a png at all", Path::new("x.png")).unwrap_err();
         assert!(e.to_string().contains("not a readable PNG"), "{e}");
+        let e = decode_image(b"not an image at all", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("not a PNG, JPEG or WebP"), "{e}");
+        // a JPEG signature with nothing behind it
+        let e = decode_image(b"\xff\xd8\xff\xe0 truncated", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("not a readable JPEG"), "{e}");
+    }
+
+    #[test]
+    fn jpeg_and_webp_decode_to_the_same_layout_as_png() {
+        use image::{ImageEncoder, RgbImage};
+        let img = RgbImage::from_fn(12, 6, |x, _| {
+            if x < 6 {
+                image::Rgb([250, 10, 10])
+            } else {
+                image::Rgb([10, 10, 250])
+            }
+        });
+        let mut webp = Vec::new();
+        image::codecs::webp::WebPEncoder::new_lossless(&mut webp)
+            .write_image(img.as_raw(), 12, 6, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        let t = decode_image(&webp, Path::new("w.webp")).unwrap();
+        assert_eq!(t.shape, [1, 3, 6, 12]);
+        // lossless: exact; red on the left, blue on the right
+        assert_eq!(t.data[0], 250.0 / 255.0);
+        assert_eq!(t.data[2 * 72 + 11], 250.0 / 255.0);
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)
+            .write_image(img.as_raw(), 12, 6, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        let t = decode_image(&jpeg, Path::new("j.jpg")).unwrap();
+        assert_eq!(t.shape, [1, 3, 6, 12]);
+        assert!(
+            t.data[0] > 0.8 && t.data[2 * 72 + 11] > 0.8,
+            "lossy, but red | blue"
+        );
     }
 }
 

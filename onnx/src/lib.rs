@@ -22,7 +22,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | `request` | `Request`, `ControlRequest { model: ControlModel }`, `Limits`, `Accepts`, `ValidRequest::new` — every check of a request, once |
+//! | `request` | `Request`, `ControlRequest { model: ControlModel, prep }`, `Limits`, `Accepts`, `ValidRequest::new` — every check of a request, once |
 //! | `placement` | `Placement`: where the base, the second guidance half and each ControlNet run; peer access |
 //! | `pipeline/` | `Pipeline::load` / `place` / `run`; the host, device and split loops; `Timings` |
 //! | `unet/` | the UNet pair bound to a job on a GPU (`bound`), and bound once for CUDA graphs (`graphed`) |
@@ -36,12 +36,14 @@
 //! | `device` | tensors in GPU memory (`DevTensor`, `DevRef`) and how they meet ONNX Runtime |
 //! | `bundle` | bundle manifests and their checks |
 //! | `vae` | the VAE decode: whole, or diffusers' tiled decode for large images |
+//! | `conditioning` | conditioning images of any size: resize / crop / pad to the request's size, the canny preprocessor |
 //! | `image`, `noise`, `tensor`, `threads`, `quality`, `error` | PNG in/out, seeded noise, host tensors, lasting threads, image metrics, the error type |
 //!
 //! [`runtime::init`] loads ONNX Runtime (dynamically, from the pinned PyPI wheel that
 //! `tools/fetch-onnxruntime.sh` unpacks) before any session is made.
 
 pub mod bundle;
+pub mod conditioning;
 pub mod controlnet;
 pub mod device;
 pub(crate) mod dtype;

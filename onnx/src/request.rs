@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use crate::conditioning::{self, Preprocess};
 use crate::lora::LoraAdapter;
 use crate::runtime::{FixedShape, OtherSizes};
 use crate::scheduler::SchedulerKind;
@@ -59,8 +60,11 @@ impl From<ModelId> for ControlModel {
 #[derive(Debug, Clone)]
 pub struct ControlRequest {
     pub model: ControlModel,
-    /// `[1, 3, H, W]` in [0, 1], the request's size.
+    /// `[1, 3, h, w]` in [0, 1], any size; a [`ValidRequest`]'s is the request's size, prepared.
     pub image: Tensor,
+    /// What is still to be done to `image` (resize mode, canny): [`ValidRequest::new`] does it,
+    /// so a [`ValidRequest`]'s is the default (nothing left to do).
+    pub prep: Preprocess,
     pub scale: f32,
     /// Fraction of the steps at which it starts and ends (diffusers' control_guidance_start/end).
     pub start: f32,
@@ -177,8 +181,9 @@ pub fn plain_name(n: &str) -> bool {
 }
 
 impl ValidRequest {
-    /// Checks `req` against `a`; every problem is an [`Error::InvalidRequest`] naming it.
-    pub fn new(req: Request, a: &Accepts) -> Result<Self> {
+    /// Checks `req` against `a`; every problem is an [`Error::InvalidRequest`] naming it. The
+    /// conditioning images come out at the request's size, preprocessed (`conditioning`).
+    pub fn new(mut req: Request, a: &Accepts) -> Result<Self> {
         let bad = |m: String| Err(Error::InvalidRequest(m));
         let (l, f) = (&a.limits, a.size_multiple.max(1));
         if req.steps == 0 {
@@ -263,15 +268,19 @@ impl ValidRequest {
                     c.start, c.end
                 ));
             }
-            if c.image.shape != [1, 3, req.height, req.width] {
-                return bad(format!(
-                    "ControlNet #{i}: conditioning image is {}×{}, the request is {}×{}",
-                    c.image.shape.get(3).unwrap_or(&0),
-                    c.image.shape.get(2).unwrap_or(&0),
-                    req.width,
-                    req.height
-                ));
+            if let Some(k) = c.prep.canny {
+                if let Err(m) = k.check() {
+                    return bad(format!("ControlNet #{i}: {m}"));
+                }
             }
+        }
+        let size = (req.width, req.height);
+        for (i, c) in req.controlnets.iter_mut().enumerate() {
+            c.image = conditioning::prepare(&c.image, size, &c.prep).map_err(|e| match e {
+                Error::InvalidRequest(m) => Error::InvalidRequest(format!("ControlNet #{i}: {m}")),
+                e => e,
+            })?;
+            c.prep = Preprocess::default();
         }
         if req.loras.len() > l.max_loras {
             return bad(format!("{} LoRAs, the limit is {}", req.loras.len(), l.max_loras));
@@ -363,6 +372,7 @@ mod tests {
         ControlRequest {
             model,
             image: Tensor::zeros(vec![1, 3, 32, 64]),
+            prep: Preprocess::default(),
             scale: 1.0,
             start,
             end,
@@ -404,10 +414,21 @@ mod tests {
             (
                 Box::new(|r| {
                     let mut c = control(ModelId(0).into(), 0.0, 1.0);
-                    c.image = Tensor::zeros(vec![1, 3, 64, 64]);
+                    c.prep.canny = Some(conditioning::Canny {
+                        low: 200.0,
+                        high: 100.0,
+                    });
                     r.controlnets.push(c)
                 }),
-                "conditioning image is 64×64",
+                "ControlNet #0: canny thresholds must be 0 ≤ low ≤ high",
+            ),
+            (
+                Box::new(|r| {
+                    let mut c = control(ModelId(0).into(), 0.0, 1.0);
+                    c.image = Tensor::zeros(vec![1, 3, 0, 5]);
+                    r.controlnets.push(c)
+                }),
+                "ControlNet #0: conditioning image is empty",
             ),
             (
                 Box::new(|r| r.loras.push(LoraRequest::named("../etc", 1.0))),
@@ -457,6 +478,32 @@ mod tests {
         // other sizes run on the free-shape sessions when the policy says so
         a.other_sizes = OtherSizes::Dynamic;
         assert!(ValidRequest::new(other, &a).is_ok());
+    }
+
+    #[test]
+    fn conditioning_images_of_any_size_come_out_prepared_at_the_request_size() {
+        use crate::conditioning::{Canny, ResizeMode};
+        let mut r = request();
+        let mut c = control(ModelId(0).into(), 0.0, 1.0);
+        c.image = Tensor::new(vec![1, 3, 50, 100], vec![0.5; 3 * 50 * 100]);
+        c.prep = Preprocess {
+            resize: ResizeMode::Crop,
+            canny: Some(Canny {
+                low: 100.0,
+                high: 200.0,
+            }),
+        };
+        r.controlnets.push(c);
+        let v = ValidRequest::new(r, &accepts()).unwrap();
+        assert_eq!(v.controlnets[0].image.shape, [1, 3, 32, 64]);
+        assert!(
+            v.controlnets[0].image.data.iter().all(|&x| x == 0.0),
+            "flat: no edges"
+        );
+        assert_eq!(v.controlnets[0].prep, Preprocess::default(), "nothing left to do");
+        // validating again does not preprocess twice
+        let again = ValidRequest::new(v.clone().into_inner(), &accepts()).unwrap();
+        assert_eq!(again.controlnets[0].image, v.controlnets[0].image);
     }
 
     #[test]

@@ -1,5 +1,11 @@
 //! Prompt conditioning of SDXL: two tokenizers and text encoders, concatenated hidden states,
 //! pooled projection, time ids — diffusers' `StableDiffusionXLPipeline.encode_prompt`.
+//!
+//! Prompts are truncated to the encoders' `max_length` (77 tokens, BOS and EOS included), as
+//! diffusers does; a longer prompt is not refused but reported ([`TextEncoders::truncation`],
+//! in the pipeline's `Generated`): the worker records it in the job's status, `katz generate` warns. (Chunking
+//! into several 77-token windows, as A1111 and ComfyUI do, needs UNet and ControlNet graphs whose
+//! `encoder_hidden_states` sequence axis is free; the exported graphs fix it at 77.)
 
 use std::path::Path;
 
@@ -15,7 +21,24 @@ use crate::{Error, Result};
 struct Encoder {
     spec: TextEncoderSpec,
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation or padding: counts a prompt's tokens.
+    counter: Tokenizer,
     session: Session,
+}
+
+/// A prompt longer than the text encoders take: its tokens (BOS and EOS included) and how many
+/// were kept (the encoders' `max_length`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncated {
+    pub tokens: usize,
+    pub kept: usize,
+}
+
+impl Truncated {
+    /// `{"tokens": N, "kept": 77}`, as the job's status records it.
+    pub fn to_json(&self) -> String {
+        format!("{{\"tokens\":{},\"kept\":{}}}", self.tokens, self.kept)
+    }
 }
 
 /// The conditioning of one request: `[uncond; cond]` when guidance is on, `[cond]` otherwise.
@@ -54,9 +77,16 @@ impl TextEncoders {
                 &["hidden_states".into(), "pooled".into()],
             )?;
             let tokenizer = load_tokenizer(&bundle.path(&spec.tokenizer))?;
+            let mut counter = tokenizer.clone();
+            counter.with_padding(None);
+            counter.with_truncation(None).map_err(|e| Error::Tokenizer {
+                path: bundle.path(&spec.tokenizer),
+                message: e.to_string(),
+            })?;
             Ok(Encoder {
                 spec: spec.clone(),
                 tokenizer,
+                counter,
                 session,
             })
         };
@@ -97,6 +127,23 @@ impl TextEncoders {
             ids.resize(n, pad);
         }
         Ok(ids)
+    }
+
+    /// Whether `text` is longer than every encoder takes: its most tokens over the encoders
+    /// (BOS and EOS included) against their length.
+    pub fn truncation(&self, text: &str) -> Result<Option<Truncated>> {
+        let mut worst: Option<Truncated> = None;
+        for enc in &self.encoders {
+            let e = enc.counter.encode(text, true).map_err(|e| Error::Tokenizer {
+                path: enc.spec.tokenizer.clone().into(),
+                message: e.to_string(),
+            })?;
+            let (tokens, kept) = (e.get_ids().len(), enc.spec.max_length);
+            if tokens > kept && worst.is_none_or(|w| tokens > w.tokens) {
+                worst = Some(Truncated { tokens, kept });
+            }
+        }
+        Ok(worst)
     }
 
     /// Hidden states `[B,77,C]` (concatenated over encoders) and pooled `[B,P]` of the last encoder.

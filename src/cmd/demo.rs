@@ -53,8 +53,10 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     job.height = 128;
     job.steps = a.steps;
     job.guidance = 5.0;
-    job.seed = a.seed;
+    job.seed = a.seed.into();
     job.controlnets.push(ControlNetJob {
+        resize: Default::default(),
+        canny: None,
         model: "shapes-sdxl-controlnet".into(),
         image: ImageRef::Inline(
             std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?,

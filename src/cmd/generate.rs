@@ -5,8 +5,10 @@ use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
+use katz_actors::protocol::Seed;
 use katz_onnx::bundle::BaseBundle;
-use katz_onnx::image::read_conditioning;
+use katz_onnx::conditioning::{Canny, Preprocess, ResizeMode};
+use katz_onnx::image::read_image;
 use katz_onnx::lora::{LoraAdapter, PendingMerge};
 use katz_onnx::pipeline::{LoraMode, LoraPlan, Pipeline, RunOptions};
 use katz_onnx::placement::Placement;
@@ -58,6 +60,86 @@ impl FromStr for ControlNetSpec {
             start,
             end,
         })
+    }
+}
+
+/// `[I=]VALUE`: a setting for the `--controlnet` at position I (from 0), or for every one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerControl<T> {
+    pub index: Option<usize>,
+    pub value: T,
+}
+
+impl<T: FromStr<Err = String>> FromStr for PerControl<T> {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((i, v)) => Ok(PerControl {
+                index: Some(
+                    i.trim()
+                        .parse()
+                        .map_err(|_| format!("`{s}`: `{i}` is not a ControlNet position (0, 1, …)"))?,
+                ),
+                value: v.parse()?,
+            }),
+            None => Ok(PerControl {
+                index: None,
+                value: s.parse()?,
+            }),
+        }
+    }
+}
+
+/// The setting of ControlNet `i`: the last naming it, else the last naming none.
+pub fn for_control<T: Clone>(settings: &[PerControl<T>], i: usize) -> Option<T> {
+    let last = |want: Option<usize>| settings.iter().rev().find(|s| s.index == want);
+    last(Some(i)).or_else(|| last(None)).map(|s| s.value.clone())
+}
+
+/// `LOW,HIGH`: canny thresholds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CannyArg(pub Canny);
+
+impl FromStr for CannyArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (l, h) = s
+            .split_once(',')
+            .ok_or_else(|| format!("`{s}`: expected LOW,HIGH (e.g. 100,200)"))?;
+        let p = |v: &str| {
+            v.trim()
+                .parse::<f32>()
+                .map_err(|_| format!("`{s}`: `{v}` is not a number"))
+        };
+        Ok(CannyArg(Canny {
+            low: p(l)?,
+            high: p(h)?,
+        }))
+    }
+}
+
+/// The flags that say how each ControlNet's image is prepared (`katz generate`, `katz submit`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ControlPrepArgs {
+    /// How a conditioning image of another size is brought to the request's: resize (aspect
+    /// ignored; default), crop (cover, center-crop) or pad (fit, border pixels around);
+    /// `I=MODE` for the I-th --controlnet only (repeatable).
+    #[arg(long = "control-resize")]
+    pub resize: Vec<PerControl<ResizeMode>>,
+    /// The canny preprocessor: LOW,HIGH thresholds (0 ≤ LOW ≤ HIGH ≤ 1140), the image is a photo
+    /// whose edges condition the ControlNet; `I=LOW,HIGH` for the I-th --controlnet only
+    /// (repeatable).
+    #[arg(long = "canny")]
+    pub canny: Vec<PerControl<CannyArg>>,
+}
+
+impl ControlPrepArgs {
+    /// What the flags ask for ControlNet `i`.
+    pub fn get(&self, i: usize) -> Preprocess {
+        Preprocess {
+            resize: for_control(&self.resize, i).unwrap_or_default(),
+            canny: for_control(&self.canny, i).map(|c| c.0),
+        }
     }
 }
 
@@ -116,8 +198,9 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale; ≤ 1 turns guidance off (default: the bundle's).
     #[arg(long)]
     pub guidance: Option<f32>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// The noise seed; -1 draws one at random (printed, so the image can be made again).
+    #[arg(long, default_value = "0", allow_hyphen_values = true)]
+    pub seed: Seed,
     /// Image size WIDTHxHEIGHT, multiples of 8 (default: the bundle's).
     #[arg(long, value_parser = parse_size)]
     pub size: Option<(usize, usize)>,
@@ -127,9 +210,12 @@ pub struct GenerateArgs {
     /// Karras sigmas (euler, dpm++2m).
     #[arg(long)]
     pub karras: bool,
-    /// A ControlNet: BUNDLE=IMAGE[:SCALE[:START:END]] (repeatable; the image must have the request's size).
+    /// A ControlNet: BUNDLE=IMAGE[:SCALE[:START:END]] (repeatable; IMAGE a PNG, JPEG or WebP of
+    /// any size, brought to the request's as --control-resize says).
     #[arg(long = "controlnet")]
     pub controlnets: Vec<ControlNetSpec>,
+    #[command(flatten)]
+    pub control_prep: ControlPrepArgs,
     /// GPUs for the ControlNets (cuda:1,cuda:2): ControlNet j on entry j mod len [default: --device]
     #[arg(long = "controlnet-device", value_delimiter = ',')]
     pub controlnet_devices: Vec<katz_onnx::runtime::Device>,
@@ -174,11 +260,12 @@ pub fn build_request(pipe: &mut Pipeline, a: &GenerateArgs) -> anyhow::Result<Va
     let dirs: Vec<&PathBuf> = a.controlnets.iter().map(|c| &c.bundle).collect();
     let ids = pipe.place(&placement(a), &dirs)?;
     let mut controlnets = Vec::new();
-    for (c, model) in a.controlnets.iter().zip(ids) {
-        let image = read_conditioning(&c.image, (width, height))?;
+    for (i, (c, model)) in a.controlnets.iter().zip(ids).enumerate() {
+        let image = read_image(&c.image)?;
         controlnets.push(ControlRequest {
             model: model.into(),
             image,
+            prep: a.control_prep.get(i),
             scale: c.scale,
             start: c.start,
             end: c.end,
@@ -201,7 +288,7 @@ pub fn build_request(pipe: &mut Pipeline, a: &GenerateArgs) -> anyhow::Result<Va
         guidance,
         scheduler: a.scheduler,
         karras: a.karras,
-        seed: a.seed,
+        seed: a.seed.resolve(),
         controlnets,
         loras,
     };
@@ -243,6 +330,12 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow!(e))
         .with_context(|| format!("loading bundle {}", a.bundle.display()))?;
     let req = build_request(&mut pipe, &a)?;
+    if a.seed == Seed::Random {
+        println!(
+            "seed {} (drawn at random; --seed {} makes this image again)",
+            req.seed, req.seed
+        );
+    }
     let cfg = lora_args::config(PathBuf::new(), &a.lora, &Default::default(), &Default::default())?;
     let mut progress = Progress::new(req.steps);
     let out = if cfg.mode == LoraMode::Async && !a.loras.is_empty() {
@@ -277,7 +370,19 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         pipe.run(&req, RunOptions::default().observer(&mut progress))
     };
     progress.finish();
-    finish(&out?, &a.output)
+    let out = out?;
+    for (what, t) in [
+        ("prompt", out.prompt_truncated),
+        ("negative prompt", out.negative_truncated),
+    ] {
+        if let Some(t) = t {
+            eprintln!(
+                "warning: the {what} has {} tokens, the text encoders take {} (start and end tokens included): the rest was cut off",
+                t.tokens, t.kept
+            );
+        }
+    }
+    finish(&out, &a.output)
 }
 
 fn lora_mode(a: &GenerateArgs) -> anyhow::Result<LoraMode> {
@@ -297,6 +402,28 @@ mod tests {
         let c: ControlNetSpec = "cn=img.png:0.7:0.1:0.9".parse().unwrap();
         assert_eq!((c.scale, c.start, c.end), (0.7, 0.1, 0.9));
         assert!("no-equals".parse::<ControlNetSpec>().is_err());
+    }
+
+    #[test]
+    fn control_prep_forms_apply_to_all_or_one() {
+        let p: ControlPrepArgs = ControlPrepArgs {
+            resize: vec!["crop".parse().unwrap(), "1=pad".parse().unwrap()],
+            canny: vec!["0=100,200".parse().unwrap()],
+        };
+        assert_eq!(p.get(0).resize, ResizeMode::Crop);
+        assert_eq!(p.get(1).resize, ResizeMode::Pad);
+        assert_eq!(
+            p.get(0).canny,
+            Some(Canny {
+                low: 100.0,
+                high: 200.0
+            })
+        );
+        assert_eq!(p.get(1).canny, None);
+        assert_eq!(ControlPrepArgs::default().get(3), Preprocess::default());
+        assert!("stretch".parse::<PerControl<ResizeMode>>().is_err());
+        assert!("x=crop".parse::<PerControl<ResizeMode>>().is_err());
+        assert!("100".parse::<PerControl<CannyArg>>().is_err());
     }
 
     #[test]

@@ -8,12 +8,12 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use katz_actors::protocol::{
-    image_key, job_key, jobs_queue, now_ms, ControlNetJob, ImageRef, Job, LoraJob, Status,
+    image_key, job_key, jobs_queue, now_ms, ControlNetJob, ImageRef, Job, LoraJob, Seed, Status,
 };
 use katz_actors::topology;
 use redis::AsyncCommands;
 
-use super::generate::{parse_size, ControlNetSpec, LoraSpec};
+use super::generate::{parse_size, ControlNetSpec, ControlPrepArgs, LoraSpec};
 use super::{block_on, AmqpArgs, RedisArgs};
 
 #[derive(Args, Debug, Clone)]
@@ -32,15 +32,19 @@ pub struct SubmitArgs {
     pub steps: u32,
     #[arg(long, default_value_t = 5.0)]
     pub guidance: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// The noise seed; -1: the worker draws one and records it (printed with --wait).
+    #[arg(long, default_value = "0", allow_hyphen_values = true)]
+    pub seed: Seed,
     #[arg(long, default_value = "euler")]
     pub scheduler: String,
     #[arg(long)]
     pub karras: bool,
-    /// NAME=IMAGE[:SCALE[:START:END]]: a ControlNet model the worker hosts, and a local PNG.
+    /// NAME=IMAGE[:SCALE[:START:END]]: a ControlNet model the worker hosts, and a local PNG,
+    /// JPEG or WebP of any size.
     #[arg(long = "controlnet")]
     pub controlnets: Vec<ControlNetSpec>,
+    #[command(flatten)]
+    pub control_prep: ControlPrepArgs,
     /// Upload conditioning images to Redis and send their keys instead of the bytes.
     #[arg(long)]
     pub images_via_redis: bool,
@@ -119,9 +123,12 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
             ImageRef::Inline(bytes)
         };
         let model = c.bundle.to_string_lossy().into_owned();
+        let prep = a.control_prep.get(i);
         job.controlnets.push(ControlNetJob {
             model,
             image,
+            resize: prep.resize,
+            canny: prep.canny,
             scale: c.scale,
             start: c.start,
             end: c.end,
@@ -181,12 +188,18 @@ async fn follow(
                 }
                 let f = |k: &str| rec.get(k).cloned().unwrap_or_default();
                 println!(
-                    "done by {} in {} ms (pipeline {} ms, queue wait {} ms)",
+                    "done by {} in {} ms (pipeline {} ms, queue wait {} ms), seed {}",
                     f("worker"),
                     f("service_ms"),
                     f("pipeline_ms"),
-                    f("queue_wait_ms")
+                    f("queue_wait_ms"),
+                    f("seed")
                 );
+                for k in ["prompt_truncated", "negative_prompt_truncated"] {
+                    if let Some(t) = rec.get(k) {
+                        eprintln!("warning: {k} {t}: the tokens past `kept` were cut off");
+                    }
+                }
                 return Ok(());
             }
             Some(Status::Failed) => {

@@ -48,12 +48,14 @@ impl JobMix {
         job.height = self.size.1 as u32;
         job.steps = self.steps;
         job.guidance = self.guidance;
-        job.seed = i as u64;
+        job.seed = (i as u64).into();
         for c in &r.controlnets {
             let k = c
                 .bytes()
                 .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
             job.controlnets.push(ControlNetJob {
+                resize: Default::default(),
+                canny: None,
                 model: self.models[k % self.models.len().max(1)].clone(),
                 image: ImageRef::Inline(self.image.clone()),
                 scale: 0.8,
@@ -220,7 +222,7 @@ mod tests {
         let j = mix.job("run", 3, &req(&["cn-3", "cn-1"], &["lora-17"]));
         assert_eq!(
             (j.id.as_str(), j.seed, j.steps, j.width, j.height),
-            ("run-3", 3, 7, 64, 32)
+            ("run-3", 3.into(), 7, 64, 32)
         );
         assert_eq!(j.controlnets.len(), 2);
         assert!(j.controlnets.iter().all(|c| c.model.starts_with("cn-")));

@@ -201,6 +201,8 @@ pub fn with_controlnets(j: &mut Job, n: usize) {
     let spans = [(0.0, 1.0), (0.0, 0.6), (0.3, 1.0)];
     for k in 0..n {
         j.controlnets.push(ControlNetJob {
+            resize: Default::default(),
+            canny: None,
             model: "tiny-sdxl-controlnet".into(),
             image: ImageRef::Inline(std::fs::read(root().join("bundles/examples").join(images[k])).unwrap()),
             scale: [0.8, 0.5, -0.4][k],

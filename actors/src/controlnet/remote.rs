@@ -481,6 +481,7 @@ mod tests {
         };
         let image = t(vec![1, 3, 8, 8]);
         let req = ControlRequest {
+            prep: Default::default(),
             model: ControlModel::Served(katz_onnx::request::ServiceId(0)),
             image: image.clone(),
             scale: 1.0,

@@ -4,14 +4,17 @@
 //! protocol::Job + conditioning PNGs ─Catalogue::request─▶ katz_onnx Request ─ValidRequest::new─▶ ValidRequest
 //!   base name            ── must be this worker's base model
 //!   ControlNet names     ── ControlModel::Loaded (hosted here) | ControlModel::Served (a ControlNet service)
-//!   scheduler, images    ── parsed, decoded
-//!   everything else      ── checked once, by ValidRequest::new against `accepts`
+//!   scheduler, images    ── parsed; images decoded (PNG | JPEG | WebP, any size)
+//!   seed                 ── a number, or -1: drawn here (the request's seed is the one used)
+//!   everything else      ── checked once, by ValidRequest::new against `accepts` (which also
+//!                           resizes the images and runs their canny preprocessor)
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use katz_onnx::image::decode_png;
+use katz_onnx::conditioning::Preprocess;
+use katz_onnx::image::decode_image;
 use katz_onnx::request::{
     Accepts, ControlModel, ControlRequest, LoraRequest, Request, ServiceId, ValidRequest,
 };
@@ -54,8 +57,9 @@ impl Catalogue {
         }
     }
 
-    /// `job` with its conditioning images (`images[i]`: the PNG of ControlNet `i`) as a request
-    /// checked against this worker's pipeline; every problem is a dead-letter error naming it.
+    /// `job` with its conditioning images (`images[i]`: the encoded image of ControlNet `i`) as a
+    /// request checked against this worker's pipeline; every problem is a dead-letter error
+    /// naming it. A seed of -1 is drawn here: the request's `seed` is the one to record.
     pub fn request(&self, job: &Job, images: &[Vec<u8>]) -> Result<ValidRequest, JobError> {
         if job.base != self.base {
             return Err(JobError::Invalid(format!(
@@ -68,7 +72,7 @@ impl Catalogue {
             .parse()
             .map_err(|e| JobError::Invalid(format!("{e}")))?;
         let mut controlnets = Vec::with_capacity(job.controlnets.len());
-        for (c, png) in job.controlnets.iter().zip(images) {
+        for (i, (c, bytes)) in job.controlnets.iter().zip(images).enumerate() {
             let model = *self.controlnets.get(&c.model).ok_or_else(|| {
                 let known: Vec<&String> = self.controlnets.keys().collect();
                 JobError::Invalid(format!(
@@ -76,10 +80,23 @@ impl Catalogue {
                     c.model
                 ))
             })?;
-            let image = decode_png(png, Path::new(&format!("controlnet {} image", c.model)))?;
+            let image = decode_image(bytes, Path::new("")).map_err(|e| {
+                let why = match e {
+                    katz_onnx::Error::Image { message, .. } => message,
+                    e => e.to_string(),
+                };
+                JobError::Invalid(format!(
+                    "ControlNet #{i} (`{}`): the conditioning image is {why}",
+                    c.model
+                ))
+            })?;
             controlnets.push(ControlRequest {
                 model,
                 image,
+                prep: Preprocess {
+                    resize: c.resize,
+                    canny: c.canny,
+                },
                 scale: c.scale,
                 start: c.start,
                 end: c.end,
@@ -94,7 +111,7 @@ impl Catalogue {
             guidance: job.guidance,
             scheduler,
             karras: job.karras,
-            seed: job.seed,
+            seed: job.seed.resolve(),
             controlnets,
             loras: job
                 .loras

@@ -41,6 +41,9 @@ pub struct JobOutput {
     pub timings: Timings,
     /// ControlNet sessions opened again on another worker after a timeout.
     pub controlnet_retries: u32,
+    /// The prompt (negative prompt) was longer than the text encoders take and was cut.
+    pub prompt_truncated: Option<katz_onnx::text::Truncated>,
+    pub negative_truncated: Option<katz_onnx::text::Truncated>,
 }
 
 /// A job's LoRA merge and when to switch it in.

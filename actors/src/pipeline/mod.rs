@@ -296,6 +296,8 @@ impl LoadedPipeline {
             png,
             timings: out.timings,
             controlnet_retries,
+            prompt_truncated: out.prompt_truncated,
+            negative_truncated: out.negative_truncated,
         })
     }
 }

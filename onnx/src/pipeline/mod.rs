@@ -93,6 +93,10 @@ pub struct Generated {
     /// `[1, 3, H, W]` in [0, 1].
     pub image: Tensor,
     pub timings: Timings,
+    /// The prompt was longer than the text encoders take and was cut (`text::Truncated`).
+    pub prompt_truncated: Option<crate::text::Truncated>,
+    /// The same for the negative prompt.
+    pub negative_truncated: Option<crate::text::Truncated>,
 }
 
 /// How one run goes, besides its request. `RunOptions::default()`: the request's seeded noise,
@@ -278,6 +282,13 @@ impl Pipeline {
             (req.height, req.width),
         )?;
         t.text_encode = t0.elapsed();
+        let truncated = (
+            self.text.truncation(&req.prompt)?,
+            match &req.negative_prompt {
+                Some(n) if cfg => self.text.truncation(n)?,
+                _ => None,
+            },
+        );
 
         let t0 = Instant::now();
         let (merged, pending) = job::start_loras(opts.lora, req, &self.weights, &mut t)?;
@@ -363,7 +374,12 @@ impl Pipeline {
         let image = self.decode(&latents).map_err(|e| at("VAE decode", e))?;
         t.vae_decode = t0.elapsed();
         t.total = started.elapsed();
-        Ok(Generated { image, timings: t })
+        Ok(Generated {
+            image,
+            timings: t,
+            prompt_truncated: truncated.0,
+            negative_truncated: truncated.1,
+        })
     }
 
     /// Runs every shape bucket that is open once before the first job — one denoising step and

@@ -115,6 +115,7 @@ fn request(
         seed: 1,
         controlnets: (0..n)
             .map(|j| ControlRequest {
+                prep: Default::default(),
                 model,
                 image: image.clone(),
                 scale: [0.8, 0.5, 0.3][j % 3],

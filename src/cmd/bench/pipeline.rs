@@ -228,6 +228,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
             seed: 1234,
             controlnets: (0..nc)
                 .map(|j| ControlRequest {
+                    prep: Default::default(),
                     model: models[j].into(),
                     image: images[j].clone(),
                     scale: 0.8,
