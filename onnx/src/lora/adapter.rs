@@ -179,7 +179,19 @@ fn convert(path: &Path, todo: Vec<Todo<'_, '_>>) -> Result<Collected> {
         .into_par_iter()
         .map(|(key, weight, slot, t)| {
             let data = to_f32(t.dtype(), t.data())
-                .ok_or_else(|| err(path, format!("`{key}` has unsupported dtype {:?}", t.dtype())));
+                .ok_or_else(|| err(path, format!("`{key}` has unsupported dtype {:?}", t.dtype())))
+                .and_then(|d| {
+                    // a factor with NaN or ±inf would poison every merged weight it touches
+                    let bad = d.iter().filter(|v| !v.is_finite()).count();
+                    if bad > 0 {
+                        Err(err(
+                            path,
+                            format!("`{key}` holds {bad} non-finite values (NaN or ±inf)"),
+                        ))
+                    } else {
+                        Ok(d)
+                    }
+                });
             (key, weight, slot, t.shape().to_vec(), data)
         })
         .collect();
@@ -624,6 +636,18 @@ mod tests {
         let bytes = serialize(&[(key.clone(), vec![1, 4], vec![0.0; 4])], None);
         let m = LoraAdapter::from_bytes(&bytes, "m", &w).unwrap_err().to_string();
         assert!(m.contains(&key) && m.contains("more than one weight"), "{m}");
+    }
+
+    #[test]
+    fn non_finite_factors_are_refused() {
+        let mut e = peft_entries(2);
+        e[0].2[1] = f32::NAN;
+        e[1].2[0] = f32::INFINITY;
+        let m = load_err(&e);
+        assert!(
+            m.contains("non-finite values") && (m.contains(&e[0].0) || m.contains(&e[1].0)),
+            "{m}"
+        );
     }
 
     #[test]
