@@ -125,8 +125,8 @@ impl Deferred {
             if let Some(i) = st.done.iter().position(|(l, _)| want(&l.fixed)) {
                 break Some(st.done.swap_remove(i));
             }
-            if let Some(i) = st.queue.iter().position(|l| want(&l.fixed)) {
-                let l = st.queue.remove(i).expect("position is in the queue");
+            let queued = st.queue.iter().position(|l| want(&l.fixed));
+            if let Some(l) = queued.and_then(|i| st.queue.remove(i)) {
                 drop(st);
                 let r = {
                     let _gpu = beside_capture();
