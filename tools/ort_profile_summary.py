@@ -5,14 +5,44 @@ that ran on another provider than CUDA (CPU-placed nodes and the Memcpy they bri
 ONNX Runtime from capturing a CUDA graph).
 
     python3 tools/ort_profile_summary.py PREFIX-unet_encoder_*.json [...]
+    python3 tools/ort_profile_summary.py --first PREFIX-*.json   the first run instead: what a load pays
 """
 import collections
 import json
 import sys
 
-for path in sys.argv[1:]:
+
+def first_run(path, events, runs):
+    """The session's own events (initialisation), every run's length, and the first run by operator
+    and by node: where the first run's time goes beyond the kernels' (kernel selection, allocation)."""
+    for e in events:
+        if e.get("cat") == "Session" and e.get("name") != "model_run":
+            print(f"  {e['name']:<28}{e['dur'] / 1e3:>9.1f} ms")
+    lengths = ", ".join(f"{r['dur'] / 1e3:.1f}" for r in runs)
+    print(f"{path}: runs (ms): {lengths}")
+    if not runs:
+        return
+    r0 = runs[0]
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+             and r0["ts"] <= e["ts"] <= r0["ts"] + r0["dur"]]
+    by_op = collections.Counter()
+    for e in nodes:
+        by_op[e["args"].get("op_name", "?")] += e["dur"]
+    print(f"  first run: nodes {sum(by_op.values()) / 1e3:.1f} ms of {r0['dur'] / 1e3:.1f} ms")
+    for op, us in by_op.most_common(8):
+        print(f"    {op:<28}{us / 1e3:>9.1f} ms")
+    for e in sorted(nodes, key=lambda e: -e["dur"])[:6]:
+        print(f"    node {e['name'][: -len('_kernel_time')][:60]:<62}{e['dur'] / 1e3:>8.1f} ms")
+
+
+args = sys.argv[1:]
+first = bool(args) and args[0] == "--first"
+for path in args[first:]:
     events = json.load(open(path))
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    if first:
+        first_run(path, events, runs)
+        continue
     first_end = runs[0]["ts"] + runs[0]["dur"] if runs else 0
     by_op = collections.Counter()
     for e in events:

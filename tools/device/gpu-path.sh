@@ -51,6 +51,9 @@
 #                                           cache) and warm: ready time, bucket memory, first vs steady 0C/0L
 #                                           job, the same job twice (PNG bytes), a bucket's first use; the
 #                                           ready time with every bucket at load; `katz generate` on the warm cache
+#   bash tools/device/gpu-path.sh ready     the worker's ready time: a cold start, then FAST_RESTARTS (3) warm
+#                                           restarts with two 0C/0L jobs each and where each load went;
+#                                           `katz generate` on the warm cache (wall vs pipeline)
 #   bash tools/device/gpu-path.sh vae       the VAE decoder of the SDXL --gpu bundle: fp16 vs fp32 image error
 #                                           and decode times (katz fp16, katz fp32, eager diffusers fp16)
 #                                           at 1024² (whole) and 2048² (tiled), tools/vae_check.py → vae-*.json
@@ -527,7 +530,7 @@ fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
     pid=$!
     ready=$(ready_wait $pid 9187) || { echo "worker ($start) did not get ready"; tail -20 "$O/worker-$start.log"; return 1; }
     echo "== worker, $start start (graph cache $( [[ $start == cold ]] && echo empty || echo warm)): ready after $ready s"
-    sed 's/\x1b\[[0-9;]*m//g' "$O/worker-$start.log" | grep -E "pipeline loaded|bucket captured|warmed up|models loaded|rror" | cut -c1-400 | tail -14
+    sed 's/\x1b\[[0-9;]*m//g' "$O/worker-$start.log" | grep -E "weights on the GPU|ran once|bound and captured|pipeline loaded|bucket captured|warmed up|models loaded|rror" | cut -c1-400 | tail -14
     local n=${FAST_JOBS:-11}
     [[ $start == warm ]] && n=${FAST_WARM_JOBS:-3}
     echo "job, submitted→finished ms, pipeline ms, step ms, VAE ms"
@@ -567,6 +570,51 @@ fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
   sed 's/\x1b\[[0-9;]*m//g' "$O/generate.log" | grep -E "pipeline total|per step|VAE|pipeline loaded|wrote" | cut -c1-300
   cmp -s "$O/generate.png" "$O/fast-warm-0.png" && echo "generate and the worker: the same PNG" || echo "generate and the worker: PNGs differ"
   rm -f "$O"/fast-*-[1-9]*.png
+  return 0
+}
+
+ready() {  # ready time: a cold start, then FAST_RESTARTS warm restarts (two 0C/0L jobs each), then generate
+  bench_setup || return 1
+  bash tools/device/services-pack.sh start || return 1
+  local cache=/tmp/katz-graphs q=katz.jobs.ready$(date +%s) name r pid ready i id t0
+  name=$(python3 -c "import json;print(json.load(open('$S/base/bundle.json'))['name'])")
+  rm -rf "$cache"
+  for r in $(seq 0 "${FAST_RESTARTS:-3}"); do
+    KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet none \
+      --queue "$q" --name "ready-$r" --metrics-addr 127.0.0.1:9187 ${FAST_WORKER_ARGS:-} >"$O/ready-$r.log" 2>&1 &
+    pid=$!
+    ready=$(ready_wait $pid 9187) || { echo "worker (start $r) did not get ready"; tail -20 "$O/ready-$r.log"; return 1; }
+    echo "== start $r ($( ((r == 0)) && echo cold || echo warm)): ready after $ready s"
+    sed 's/\x1b\[[0-9;]*m//g' "$O/ready-$r.log" | grep -E "weights on the GPU|ran once|bound and captured|pipeline loaded|warmed up|models loaded|rror" | cut -c1-400 | tail -8
+    for i in 0 1; do
+      id=ready-$r-$i-$RANDOM
+      /opt/kb/katz submit --base "$name" --prompt "a photograph of an astronaut riding a horse" --size 1024x1024 \
+        --steps "${STEPS:-50}" --guidance 7.5 --seed 7 --queue "$q" --id "$id" --wait -o "$O/ready-$r-$i.png" >/dev/null 2>&1 \
+        || { echo "job $id failed"; /opt/kb/katz status "$id"; }
+      echo "job $r $i (ms: submitted→finished, pipeline, step, VAE) $(job_ms "$id")"
+    done
+    kill -TERM $pid; wait $pid 2>/dev/null
+  done
+  if [[ ${FAST_PROFILE:-0} == 1 ]]; then  # one more warm start under ONNX Runtime's profiler: where the load's first runs go
+    rm -rf "$O/prof"; mkdir -p "$O/prof"
+    KATZ_ORT_PROFILE=$O/prof/p KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet none \
+      --queue "$q" --name ready-prof --metrics-addr 127.0.0.1:9187 ${FAST_WORKER_ARGS:-} >"$O/ready-prof.log" 2>&1 &
+    pid=$!
+    ready=$(ready_wait $pid 9187) && echo "== profiled warm start: ready after $ready s" || { echo "profiled start did not get ready"; tail -5 "$O/ready-prof.log"; }
+    kill -TERM $pid; wait $pid 2>/dev/null
+    for g in unet_encoder unet_decoder vae_decoder text_encoder_2; do
+      compgen -G "$O/prof/p-${g}_*.json" >/dev/null || continue
+      echo "-- first runs of $g"; python3 tools/ort_profile_summary.py --first "$O"/prof/p-${g}_*.json 2>&1 | head -24
+    done
+  fi
+  echo "same job over the starts: $(sha256sum "$O"/ready-*.png | awk '{print $1}' | sort -u | wc -l) distinct PNG(s)"
+  echo "== katz generate 0C/0L, fresh process, warm graph cache"
+  t0=$(date +%s.%N)
+  KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz generate --device cuda:0 --bundle "$S/base" --prompt "a photograph of an astronaut riding a horse" \
+    --size 1024x1024 --steps "${STEPS:-50}" --guidance 7.5 --seed 7 -o "$O/generate.png" ${FAST_GENERATE_ARGS:-} >"$O/generate.log" 2>&1 || tail -20 "$O/generate.log"
+  echo "generate: wall $(python3 -c "import time;print(f'{time.time()-$t0:.2f}')") s"
+  sed 's/\x1b\[[0-9;]*m//g' "$O/generate.log" | grep -E "weights on the GPU|ran once|bound and captured|pipeline total|per step|VAE|pipeline loaded|wrote" | cut -c1-300
+  rm -f "$O"/ready-*-1.png
   return 0
 }
 
@@ -614,8 +662,9 @@ case ${1:-all} in
   placement) placement ;;
   eight) eight ;;
   fastpath) fastpath ;;
+  ready) ready ;;
   vae) vae ;;
   determinism) determinism ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|vae|determinism|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|ready|vae|determinism|all"; exit 2 ;;
 esac

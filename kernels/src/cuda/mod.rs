@@ -2,7 +2,8 @@
 //! and launched through cudarc.
 //!
 //! ```text
-//! GpuKernels::new(ordinal) ── probe libcuda + a device ── NVRTC compile (once) ── module
+//! GpuKernels::new(ordinal) ── probe libcuda + a device ── PTX: this process's, cache_ptx_in's
+//!                             directory's, or NVRTC compiled now (and kept there) ── module
 //!   combine    pred[2n] (uncond; cond), g        ─▶ out[n]        (guidance)
 //!   axpy       dst += s · src                                      (ControlNet residual sums)
 //!   scale      out = s · src (twice for [x; x])                    (scheduler input scale, CFG batch)
@@ -172,6 +173,56 @@ impl std::fmt::Display for MergeKernel {
     }
 }
 
+/// Where compiled kernels are kept between processes ([`cache_ptx_in`]); none: compiled once
+/// per process.
+static PTX_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+/// The kernels compiled in this process, by target architecture.
+static PTX: std::sync::Mutex<Vec<(Option<&'static str>, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps the kernels' PTX in `dir` (the first call's directory counts), so that a restart loads
+/// them instead of compiling them again (NVRTC: about a second). Entries are named after a hash
+/// of the source and the architecture, so a changed source is compiled afresh.
+pub fn cache_ptx_in(dir: impl Into<std::path::PathBuf>) {
+    let _ = PTX_DIR.set(dir.into());
+}
+
+/// The kernels' PTX for `opts.arch`: compiled in this process before, kept in the cache
+/// directory, or compiled now (and kept).
+fn ptx_for(opts: cudarc::nvrtc::CompileOptions) -> Result<cudarc::nvrtc::Ptx, GpuError> {
+    use std::hash::Hasher;
+    let arch = opts.arch;
+    let mut done = PTX.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, src)) = done.iter().find(|(a, _)| *a == arch) {
+        return Ok(cudarc::nvrtc::Ptx::from_src(src.clone()));
+    }
+    let mut h = fnv::FnvHasher::default();
+    h.write(SOURCE.as_bytes());
+    h.write(arch.unwrap_or("default").as_bytes());
+    let file = PTX_DIR
+        .get()
+        .map(|d| d.join(format!("kernels-{}-{:016x}.ptx", arch.unwrap_or("default"), h.finish())));
+    let kept = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok());
+    let src = match kept {
+        Some(src) if src.contains(".entry") => src,
+        _ => {
+            let src = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)?.to_src();
+            if let Some(f) = &file {
+                // written beside, then renamed: a reader never sees half a file
+                let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+                let kept = f.parent().map(std::fs::create_dir_all).transpose().is_ok()
+                    && std::fs::write(&tmp, &src).is_ok()
+                    && std::fs::rename(&tmp, f).is_ok();
+                if !kept {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
+            src
+        }
+    };
+    done.push((arch, src.clone()));
+    Ok(cudarc::nvrtc::Ptx::from_src(src))
+}
+
 /// Output tile of the tiled merge kernel (`TM`×`TN` in the CUDA source).
 const MERGE_TILE: usize = 128;
 
@@ -214,7 +265,7 @@ impl GpuKernels {
             arch: has_mma.then_some("compute_80"),
             ..Default::default()
         };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)?;
+        let ptx = ptx_for(opts)?;
         let m = ctx.load_module(ptx)?;
         Ok(GpuKernels {
             combine: m.load_function("combine")?,

@@ -118,7 +118,7 @@ fn run_encoder(
         ("time_ids".into(), cond.time_ids.view()?.into()),
     ];
     for name in p.weights.inputs_of("unet_encoder") {
-        inputs.push((Cow::Borrowed(name.as_str()), merged.get(p.weights, name).into()));
+        inputs.push((Cow::Borrowed(name.as_str()), merged.get(p.weights, name)?.into()));
     }
     let out = p.unet_encoder.run(inputs)?;
     let emb = Tensor::from_output(&out, "emb")?;
@@ -148,7 +148,7 @@ fn run_decoder(
         inputs.push((Cow::Borrowed(n.as_str()), s.view()?.into()));
     }
     for name in p.weights.inputs_of("unet_decoder") {
-        inputs.push((Cow::Borrowed(name.as_str()), merged.get(p.weights, name).into()));
+        inputs.push((Cow::Borrowed(name.as_str()), merged.get(p.weights, name)?.into()));
     }
     let out = p.unet_decoder.run(inputs)?;
     Tensor::from_output(&out, "noise_pred")

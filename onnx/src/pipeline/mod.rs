@@ -249,6 +249,8 @@ impl Pipeline {
         let (h, w) = (req.height / f, req.width / f);
         let cfg = req.guided();
 
+        // the background opener of buckets left for their first use waits while a job runs
+        let _running = self.unets.job_running();
         // a bucket left for its first use opens (and is captured) now, before this job's
         // other GPU work starts
         let gpu = self.opts.device.gpu();

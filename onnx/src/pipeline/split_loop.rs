@@ -336,8 +336,7 @@ impl HalfUnet {
         let mut unets = UnetSet::open(bundle, &opts)?;
         let first = unets.first();
         let half = half_inputs([&first.encoder, &first.decoder], &m.weights.map);
-        let mut w = Weights::load(bundle, half)?;
-        w.to_device(there)?;
+        let w = Weights::open(bundle, half, Some(there))?;
         let dev = w
             .device()
             .ok_or_else(|| Error::Gpu("the second GPU's weights did not upload".into()))?;

@@ -80,14 +80,14 @@ fn bind_weight(
     device_id: i32,
 ) -> Result<()> {
     let Some(dev) = weights.device() else {
-        b.bind_input(name, merged.get(weights, name))?;
+        b.bind_input(name, merged.get(weights, name)?)?;
         return Ok(());
     };
     let buf = match merged.device(name) {
         Some(m) => m,
         None if merged.names().any(|n| n == name) => {
             // merged on the host (not expected with device weights): bind it with a copy
-            b.bind_input(name, merged.get(weights, name))?;
+            b.bind_input(name, merged.get(weights, name)?)?;
             return Ok(());
         }
         None => dev.get(name),

@@ -292,10 +292,13 @@ impl GraphedUnet {
     /// graph-enabled session runs once to allocate, then captures). Call before any job, with no
     /// other thread of the process using CUDA.
     pub fn capture(&mut self, enc: &mut Session, dec: &mut Session) -> Result<()> {
+        let t0 = std::time::Instant::now();
         self.encode(enc, 999.0)
             .map_err(|e| Error::Gpu(format!("capturing the UNet encoder's CUDA graph: {e}")))?;
+        let encoder_ms = t0.elapsed().as_millis() as u64;
         self.decode(dec)
             .map_err(|e| Error::Gpu(format!("capturing the UNet decoder's CUDA graph: {e}")))?;
+        tracing::debug!(encoder_ms, decoder_ms = t0.elapsed().as_millis() as u64 - encoder_ms, "UNet pair captured");
         Ok(())
     }
 

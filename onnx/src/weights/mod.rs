@@ -7,39 +7,53 @@
 //! The merging itself is LoRA code ([`crate::lora`]: `Weights::merge`, `merge_on_device`); this
 //! module only holds the buffers, and knows nothing of LoRA files.
 //!
-//! On a GPU ([`Weights::to_device`]) the pristine set is also uploaded once into device buffers
-//! ([`DeviceWeights`]) that every job binds without a copy, and merges run there, writing every
-//! touched layer into fresh device buffers ([`MergedWeights`] holds them as [`DevBuf`]s).
+//! On a GPU ([`Weights::open`] with a GPU) the pristine set is streamed once from the mapped
+//! file into device buffers ([`DeviceWeights`]) that every job binds without a copy, and merges
+//! run there, writing every touched layer into fresh device buffers ([`MergedWeights`] holds
+//! them as [`DevBuf`]s). A GPU set makes a host value only when one is asked for (a host-path
+//! binding or a host merge), from the mapped file; a host set makes them all at load.
 //!
 //! ```text
-//! host: weights.safetensors ─▶ values (f32 | f16 DynValue) ──lora::merge (CPU)──▶ MergedWeights (host)
-//! GPU:  values ─upload once─▶ DeviceWeights ──lora::merge_on_device (one launch)──▶ MergedWeights (device)
+//! host: weights.safetensors ─mmap─▶ values (f32 | f16 DynValue) ──lora::merge (CPU)──▶ MergedWeights (host)
+//! GPU:  weights.safetensors ─mmap─▶ pinned chunks ─▶ DeviceWeights ──lora::merge_on_device──▶ MergedWeights (device)
 //!       MergedWeights on GPU a ─copy_merged_from (peer copy)─▶ MergedWeights on GPU b
 //! ```
+//!
+//! # Layout
+//!
+//! * `mod.rs` — [`Weights`] (the pristine set: manifest map, host values, device copy),
+//!   [`DevBuf`], [`MergedWeights`], `HostData`.
+//! * `file.rs` — `WeightFile`: the mapped file checked against the manifest, host values made
+//!   from it, and the streamed upload to a GPU.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 use katz_kernels::cuda::GpuKernels;
 use ort::value::{DynValue, Tensor as OrtTensor};
-use safetensors::SafeTensors;
 
 use crate::bundle::{BaseBundle, WeightEntry};
 use crate::device::gpu_err;
 use crate::dtype::to_f32;
 use crate::{Error, Result};
 
+mod file;
+use file::WeightFile;
+
 /// The bundle's pristine weights, by graph input name.
 pub struct Weights {
     map: BTreeMap<String, WeightEntry>,
-    /// Bound as the graph input wants them: f32, or f16 for the inputs named in `half`.
-    values: HashMap<String, DynValue>,
+    /// Bound as the graph input wants them: f32, or f16 for the inputs named in `half`; made at
+    /// load on the host, on first use for a GPU set.
+    values: HashMap<String, OnceLock<DynValue>>,
     half: HashSet<String>,
     /// Input names per graph, in manifest order.
     by_graph: HashMap<String, Vec<String>>,
+    /// The file, mapped: the host values are made from it.
+    file: Arc<WeightFile>,
     /// The same weights in device memory (GPU pipelines).
     device: Option<DeviceWeights>,
 }
@@ -124,114 +138,63 @@ impl DeviceWeights {
 }
 
 impl Weights {
-    /// Reads the weights; those named in `half` (fp16 graph inputs) are bound as f16.
+    /// Reads the weights for a host pipeline; those named in `half` (fp16 graph inputs) are
+    /// bound as f16.
     pub fn load(bundle: &BaseBundle, half: HashSet<String>) -> Result<Self> {
+        Self::open(bundle, half, None)
+    }
+
+    /// Reads the weights and, with `gpu`, uploads them to that GPU (once: every job then binds
+    /// them in place, merges run there). A GPU set makes its host values only when something
+    /// asks for them (a host-path binding, a host merge); a host set makes them all now.
+    pub fn open(bundle: &BaseBundle, half: HashSet<String>, gpu: Option<i32>) -> Result<Self> {
         crate::runtime::init()?;
         let spec = &bundle.manifest.weights;
         let path = bundle.path(&spec.file);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::bundle(&path, format!("not a safetensors file: {e}")))?;
-        let mut views = Vec::with_capacity(spec.map.len());
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the bundle's files are not written while it is served (docs/bundles.md); the
+        // map is read-only and only ever read
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let file = Arc::new(WeightFile::read(&path, map, spec)?);
         let mut by_graph: HashMap<String, Vec<String>> = HashMap::new();
         for (name, entry) in &spec.map {
-            let t = st.tensor(name).map_err(|_| {
-                Error::bundle(
-                    &path,
-                    format!("manifest names weight `{name}`, which the file lacks"),
-                )
-            })?;
-            if t.shape() != entry.shape.as_slice() {
-                return Err(Error::bundle(
-                    &path,
-                    format!(
-                        "weight `{name}` has shape {:?}, the manifest says {:?}",
-                        t.shape(),
-                        entry.shape
-                    ),
-                ));
-            }
-            views.push((name, t));
             by_graph
                 .entry(entry.graph.clone())
                 .or_default()
                 .push(name.clone());
         }
-        // converted on every core (full-size SDXL in f32: 2.6 G values, ~10 s on one); an f16
-        // file (fp16 GPU bundles) for f16 inputs is copied as it is
-        let converted: Vec<(&String, Result<HostData>)> = {
-            use rayon::prelude::*;
-            views
-                .into_par_iter()
-                .map(|(name, t)| {
-                    let data =
-                        HostData::from_file(t.dtype(), t.data(), half.contains(name)).ok_or_else(|| {
-                            Error::bundle(
-                                &path,
-                                format!("weight `{name}` has unsupported dtype {:?}", t.dtype()),
-                            )
-                        });
-                    (name, data)
-                })
-                .collect()
-        };
-        let mut values = HashMap::new();
-        for (name, data) in converted {
-            values.insert(name.clone(), data?.into_value(&spec.map[name].shape)?);
-        }
-        let extra: Vec<String> = st
-            .names()
-            .into_iter()
-            .filter(|n| !spec.map.contains_key(*n))
-            .map(String::from)
-            .collect();
-        if !extra.is_empty() {
-            return Err(Error::bundle(
-                &path,
-                format!(
-                    "{} weights are not in the manifest's map (first: {})",
-                    extra.len(),
-                    extra[0]
-                ),
-            ));
-        }
-        Ok(Weights {
+        let values: HashMap<String, OnceLock<DynValue>> =
+            spec.map.keys().map(|n| (n.clone(), OnceLock::new())).collect();
+        let mut w = Weights {
             map: spec.map.clone(),
             values,
             half,
             by_graph,
+            file,
             device: None,
-        })
+        };
+        match gpu {
+            Some(ordinal) => w.device = Some(w.file.upload(ordinal, &w.half)?),
+            None => w.fill_host()?,
+        }
+        Ok(w)
     }
 
-    /// Uploads the pristine weights to GPU `ordinal` (once; every job then binds them in place).
-    pub fn to_device(&mut self, ordinal: i32) -> Result<()> {
-        let kernels = Arc::new(
-            GpuKernels::new(ordinal as usize).map_err(|e| Error::DeviceUnavailable {
-                device: format!("cuda:{ordinal}"),
-                message: format!("the LoRA merge kernels cannot start: {e}"),
-            })?,
-        );
-        let mut values = HashMap::new();
-        for name in self.map.keys() {
-            let v = &self.values[name];
-            let buf = if self.half.contains(name) {
-                use half::slice::HalfFloatSliceExt;
-                let (_, d) = v.try_extract_tensor::<half::f16>()?;
-                let bits: &[u16] = d.reinterpret_cast();
-                DevBuf::F16(kernels.stream.clone_htod(bits).map_err(gpu_err)?)
-            } else {
-                let (_, d) = v.try_extract_tensor::<f32>()?;
-                DevBuf::F32(kernels.stream.clone_htod(d).map_err(gpu_err)?)
-            };
-            values.insert(name.clone(), buf);
+    /// Makes every host value now (host pipelines), converted on every core (full-size SDXL in
+    /// f32: 2.6 G values, ~10 s on one).
+    fn fill_host(&self) -> Result<()> {
+        use rayon::prelude::*;
+        let made: Vec<(&String, Result<HostData>)> = self
+            .map
+            .keys()
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|name| (name, self.file.host_data(name, self.half.contains(name))))
+            .collect();
+        for (name, data) in made {
+            let v = data?.into_value(&self.map[name].shape)?;
+            let _ = self.values[name].set(v);
         }
-        kernels.synchronize().map_err(gpu_err)?;
-        self.device = Some(DeviceWeights {
-            kernels,
-            ordinal,
-            values,
-        });
         Ok(())
     }
 
@@ -288,13 +251,25 @@ impl Weights {
         self.by_graph.get(graph).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    pub fn pristine(&self, name: &str) -> &DynValue {
-        &self.values[name]
+    /// The pristine value of `name` on the host, as its graph input takes it (made on first
+    /// use for a GPU set).
+    pub fn pristine(&self, name: &str) -> Result<&DynValue> {
+        let cell = &self.values[name];
+        if let Some(v) = cell.get() {
+            return Ok(v);
+        }
+        let v = self
+            .file
+            .host_data(name, self.half.contains(name))?
+            .into_value(&self.map[name].shape)?;
+        // another thread may have made it first: either is the same value
+        let _ = cell.set(v);
+        Ok(cell.get().expect("set above"))
     }
 
     /// The host data of a pristine weight, as f32.
     pub fn data(&self, name: &str) -> Result<Cow<'_, [f32]>> {
-        let v = &self.values[name];
+        let v = self.pristine(name)?;
         if self.half.contains(name) {
             let (_, d) = v.try_extract_tensor::<half::f16>()?;
             Ok(Cow::Owned(d.iter().map(|x| x.to_f32()).collect()))
@@ -389,7 +364,7 @@ impl MergedWeights {
         if let (Some(b), Some(dev)) = (self.device.get(name), pristine.device.as_ref()) {
             return b.to_host(&dev.kernels);
         }
-        let v = self.get(pristine, name);
+        let v = self.get(pristine, name)?;
         if pristine.half.contains(name) {
             Ok(v.try_extract_tensor::<half::f16>()?
                 .1
@@ -410,8 +385,11 @@ impl MergedWeights {
     }
 
     /// The tensor to bind for input `name`: merged if a LoRA touched it, pristine otherwise.
-    pub fn get<'a>(&'a self, pristine: &'a Weights, name: &str) -> &'a DynValue {
-        self.merged.get(name).unwrap_or_else(|| pristine.pristine(name))
+    pub fn get<'a>(&'a self, pristine: &'a Weights, name: &str) -> Result<&'a DynValue> {
+        match self.merged.get(name) {
+            Some(v) => Ok(v),
+            None => pristine.pristine(name),
+        }
     }
 }
 
