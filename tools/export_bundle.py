@@ -484,6 +484,16 @@ class VaeMhaProcessor:
         return out / attn.rescale_output_factor
 
 
+TE_TARGET_RE = re.compile(r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+TE_GRAPHS = ("text_encoder", "text_encoder_2")
+
+
+def targeted_te_weights(te) -> list[str]:
+    """Names of a CLIP text encoder's LoRA-targetable weights (attention projections, MLP), as
+    its own modules name them (the graph inputs are `text_encoder[_2].<name>`)."""
+    return [name + ".weight" for name, m in te.named_modules() if isinstance(m, nn.Linear) and TE_TARGET_RE.search(name)]
+
+
 def targeted_weights(unet) -> dict[str, list[str]]:
     """diffusers names of the LoRA-targetable weights, by the graph that takes them."""
     out = {"unet_encoder": [], "unet_decoder": []}
@@ -793,11 +803,20 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     ids_in[:, 0], ids_in[:, 20:] = ids["bos_token_id"], ids["eos_token_id"]
 
     print(f"exporting {cfg['name']} into {out}")
-    for fname, mod in (("text_encoder.onnx", TextEncoder(te, False)), ("text_encoder_2.onnx", TextEncoder(te2, True))):
-        io = (["input_ids"], ["hidden_states", "pooled"])
-        export(mod, [ids_in], out / fname, *io, {"input_ids": bs("batch"), "hidden_states": bs("batch"),
-                                                   "pooled": bs("batch")}, external=big)
-        check_graph(out / fname, mod, [ids_in], *io)
+    # the text encoders take their LoRA-targetable weights as inputs, like the UNet (bound per job:
+    # pristine, or merged with a LoRA's text-encoder part)
+    te_weights = {}
+    for gname, enc, projected in (("text_encoder", te, False), ("text_encoder_2", te2, True)):
+        names = targeted_te_weights(enc)
+        tparams = dict(enc.named_parameters())
+        mod = WeightInputs(TextEncoder(enc, projected), names, "te.")
+        wargs = [tparams[n].detach().clone() for n in names]
+        inputs = ["input_ids"] + [f"{gname}.{n}" for n in names]
+        io = (inputs, ["hidden_states", "pooled"])
+        export(mod, [ids_in] + wargs, out / f"{gname}.onnx", *io,
+               {"input_ids": bs("batch"), "hidden_states": bs("batch"), "pooled": bs("batch")}, external=big)
+        check_graph(out / f"{gname}.onnx", mod, [ids_in] + wargs, *io)
+        te_weights[gname] = {f"{gname}.{n}": tparams[n] for n in names}
 
     ucfg = unet.config
     C, P = ucfg.cross_attention_dim, te2.config.projection_dim
@@ -860,7 +879,10 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     # GPU bundles' graphs take the weights as f16: stored so, a load reads half the bytes and
     # converts nothing
     wdtype = torch.float16 if gpu else torch.float32
-    save_file({n: params[n].detach().to(wdtype).contiguous() for n in all_w}, str(out / "weights.safetensors"))
+    tensors = {n: params[n].detach().to(wdtype).contiguous() for n in all_w}
+    # the text encoders' graphs compute in fp32 on every device: their weights are stored so
+    tensors.update({n: p.detach().float().contiguous() for g in TE_GRAPHS for n, p in te_weights[g].items()})
+    save_file(tensors, str(out / "weights.safetensors"))
     signature = f"sdxl:c{C}:b{'-'.join(map(str, ucfg.block_out_channels))}"
     manifest = {
         "format": 1, "kind": "base", "name": cfg["name"], "architecture": "sdxl", "signature": signature,
@@ -882,8 +904,9 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
         "vae_sample_size": int(vae.config.sample_size if isinstance(vae.config.sample_size, int)
                                else vae.config.sample_size[0]),
         "weights": {"file": "weights.safetensors", "map": {
-            n: {"graph": gname, "shape": list(params[n].shape)} for gname in ("unet_encoder", "unet_decoder")
-            for n in weights[gname]}},
+            **{n: {"graph": gname, "shape": list(params[n].shape)} for gname in ("unet_encoder", "unet_decoder")
+               for n in weights[gname]},
+            **{n: {"graph": g, "shape": list(p.shape)} for g in TE_GRAPHS for n, p in te_weights[g].items()}}},
     }
     # the graphs that give deterministic output (docs/bundles.md, "exact"): the twins without
     # fused GroupNorm, or the graphs themselves where nothing nondeterministic was fused

@@ -1,6 +1,12 @@
 //! Prompt conditioning of SDXL: two tokenizers and text encoders, concatenated hidden states,
 //! pooled projection, time ids — diffusers' `StableDiffusionXLPipeline.encode_prompt`.
 //!
+//! The encoders take their LoRA-targetable weights (attention projections, MLP) as inputs named
+//! `text_encoder.<module>.weight` / `text_encoder_2.<module>.weight` in the bundle's weight map,
+//! bound per run from [`TextWeights`]: the pristine set, or a job's merge where its LoRAs touched
+//! them (on a GPU, in place from device memory). A bundle exported before the encoders took their
+//! weights as inputs has none in its map; its encoders run as they are (no text-encoder LoRAs).
+//!
 //! Prompts are truncated to the encoders' `max_length` (77 tokens, BOS and EOS included), as
 //! diffusers does; a longer prompt is not refused but reported ([`TextEncoders::truncation`],
 //! in the pipeline's `Generated`): the worker records it in the job's status, `katz generate` warns. (Chunking
@@ -9,6 +15,7 @@
 
 use std::path::Path;
 
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::TensorRef;
 use tokenizers::Tokenizer;
@@ -16,10 +23,21 @@ use tokenizers::Tokenizer;
 use crate::bundle::{check_io, BaseBundle, TextEncoderSpec};
 use crate::runtime::{self, SessionOptions};
 use crate::tensor::Tensor;
+use crate::weights::{MergedWeights, Weights};
 use crate::{Error, Result};
+
+/// The weights the text encoders bind: the pristine set, and a job's merged set (its LoRAs'
+/// text-encoder layers; the rest is bound from the pristine set).
+#[derive(Clone, Copy)]
+pub struct TextWeights<'a> {
+    pub pristine: &'a Weights,
+    pub merged: &'a MergedWeights,
+}
 
 struct Encoder {
     spec: TextEncoderSpec,
+    /// The graph's name in the weight map (`text_encoder`, `text_encoder_2`).
+    graph: String,
     tokenizer: Tokenizer,
     /// The same tokenizer without truncation or padding: counts a prompt's tokens.
     counter: Tokenizer,
@@ -83,8 +101,13 @@ impl TextEncoders {
                 path: bundle.path(&spec.tokenizer),
                 message: e.to_string(),
             })?;
+            let graph = Path::new(&spec.graph)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             Ok(Encoder {
                 spec: spec.clone(),
+                graph,
                 tokenizer,
                 counter,
                 session,
@@ -147,7 +170,7 @@ impl TextEncoders {
     }
 
     /// Hidden states `[B,77,C]` (concatenated over encoders) and pooled `[B,P]` of the last encoder.
-    fn encode(&mut self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
+    fn encode(&mut self, texts: &[&str], w: TextWeights<'_>) -> Result<(Tensor, Tensor)> {
         let b = texts.len();
         let mut hidden: Vec<Tensor> = Vec::new();
         let mut pooled = None;
@@ -159,7 +182,24 @@ impl TextEncoders {
             }
             let enc = &mut self.encoders[idx];
             let input = TensorRef::from_array_view(([b, n], ids.as_slice()))?;
-            let out = enc.session.run(ort::inputs!["input_ids" => input])?;
+            let names = w.pristine.inputs_of(&enc.graph);
+            if names.is_empty() {
+                let out = enc.session.run(ort::inputs!["input_ids" => input])?;
+                hidden.push(Tensor::from_output(&out, "hidden_states")?);
+                pooled = Some(Tensor::from_output(&out, "pooled")?);
+                continue;
+            }
+            // weights bound (pristine or merged; in place on a GPU), outputs to the host
+            let mut binding = enc.session.create_binding()?;
+            binding.bind_input("input_ids", &*input)?;
+            for name in names {
+                w.pristine.bind_input(&mut binding, name, w.merged)?;
+            }
+            let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+            for o in ["hidden_states", "pooled"] {
+                binding.bind_output_to_device(o, &host)?;
+            }
+            let out = enc.session.run_binding(&binding)?;
             hidden.push(Tensor::from_output(&out, "hidden_states")?);
             pooled = Some(Tensor::from_output(&out, "pooled")?);
         }
@@ -180,20 +220,21 @@ impl TextEncoders {
     /// diffusers' SDXL conditioning for a request; `cfg` adds the unconditional half in front.
     pub fn condition(
         &mut self,
+        w: TextWeights<'_>,
         prompt: &str,
         negative_prompt: Option<&str>,
         cfg: bool,
         (height, width): (usize, usize),
     ) -> Result<Conditioning> {
         let (embeds, pooled) = if !cfg {
-            self.encode(&[prompt])?
+            self.encode(&[prompt], w)?
         } else if negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
-            let (e, p) = self.encode(&[prompt])?;
+            let (e, p) = self.encode(&[prompt], w)?;
             let ze = Tensor::zeros(e.shape.clone());
             let zp = Tensor::zeros(p.shape.clone());
             (Tensor::concat0(&[&ze, &e]), Tensor::concat0(&[&zp, &p]))
         } else {
-            self.encode(&[negative_prompt.unwrap_or(""), prompt])?
+            self.encode(&[negative_prompt.unwrap_or(""), prompt], w)?
         };
         let b = embeds.shape[0];
         let ids = [height as f32, width as f32, 0.0, 0.0, height as f32, width as f32];

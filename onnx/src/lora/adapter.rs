@@ -91,8 +91,8 @@ impl LoraAdapter {
     }
 }
 
-/// The safetensors file in `bytes`, and the alpha its metadata gives (if any).
-fn read<'b>(bytes: &'b [u8], path: &Path) -> Result<(SafeTensors<'b>, Option<f32>)> {
+/// The safetensors file in `bytes`, and the alphas its metadata gives (if any).
+fn read<'b>(bytes: &'b [u8], path: &Path) -> Result<(SafeTensors<'b>, FileAlpha)> {
     let (_, meta) =
         SafeTensors::read_metadata(bytes).map_err(|e| err(path, format!("not a safetensors file: {e}")))?;
     let st =
@@ -100,17 +100,42 @@ fn read<'b>(bytes: &'b [u8], path: &Path) -> Result<(SafeTensors<'b>, Option<f32
     Ok((st, metadata_alpha(meta.metadata().as_ref())))
 }
 
-/// The alpha in the `lora_adapter_metadata` JSON that diffusers' `save_lora_weights` writes into
-/// a file's metadata (`unet.lora_alpha`, or `lora_alpha`).
-fn metadata_alpha(st_meta: Option<&HashMap<String, String>>) -> Option<f32> {
-    let raw = st_meta?.get("lora_adapter_metadata")?;
-    let v: serde_json::Value = serde_json::from_str(raw).ok()?;
-    for key in ["unet.lora_alpha", "lora_alpha"] {
-        if let Some(a) = v.get(key).and_then(|a| a.as_f64()) {
-            return Some(a as f32);
+/// The alphas in the `lora_adapter_metadata` JSON that diffusers' `save_lora_weights` writes into
+/// a file's metadata, per part: `unet.lora_alpha`, `text_encoder.lora_alpha`,
+/// `text_encoder_2.lora_alpha` (each part's peft `LoraConfig`), or a plain `lora_alpha` for all.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct FileAlpha {
+    unet: Option<f32>,
+    text: [Option<f32>; 2],
+}
+
+impl FileAlpha {
+    /// The alpha the metadata gives the part that bundle weight `weight` belongs to.
+    fn of(&self, weight: &str) -> Option<f32> {
+        match super::layout::text_part(weight) {
+            Some(("text_encoder_2", _)) => self.text[1],
+            Some(_) => self.text[0],
+            None => self.unet,
         }
     }
-    None
+}
+
+fn metadata_alpha(st_meta: Option<&HashMap<String, String>>) -> FileAlpha {
+    let Some(v) = st_meta
+        .and_then(|m| m.get("lora_adapter_metadata"))
+        .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw).ok())
+    else {
+        return FileAlpha::default();
+    };
+    let get = |key: &str| v.get(key).and_then(|a| a.as_f64()).map(|a| a as f32);
+    let plain = get("lora_alpha");
+    FileAlpha {
+        unet: get("unet.lora_alpha").or(plain),
+        text: [
+            get("text_encoder.lora_alpha").or(plain),
+            get("text_encoder_2.lora_alpha").or(plain),
+        ],
+    }
 }
 
 /// The mapping of a layout's keys onto a bundle's weight names.
@@ -267,8 +292,8 @@ impl Refused {
         let mut problems = Vec::new();
         if !self.text_encoder.is_empty() {
             problems.push(format!(
-                "{} keys adapt a text encoder ({}): the text-encoder part of a LoRA is not supported by this \
-                 bundle (only UNet weights take LoRAs)",
+                "{} keys adapt a text encoder ({}): this bundle's text encoders take no LoRA weights \
+                 (it was exported before they did: export it again with tools/export.sh)",
                 self.text_encoder.len(),
                 some(&self.text_encoder)
             ));
@@ -310,7 +335,7 @@ fn pair_factors(
     layout: LoraLayout,
     mut got: Collected,
     weights: &BTreeMap<String, WeightEntry>,
-    file_alpha: Option<f32>,
+    file_alpha: FileAlpha,
 ) -> Result<BTreeMap<String, LoraLayer>> {
     if got.a.is_empty() {
         return Err(err(
@@ -346,7 +371,7 @@ fn pair_factors(
             .alpha
             .get(&weight)
             .copied()
-            .or(file_alpha)
+            .or(file_alpha.of(&weight))
             .unwrap_or(rank as f32);
         layers.insert(weight, LoraLayer { a, b, rank, alpha });
     }

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use super::err;
-use super::layout::{split_key, Place, Slot, KOHYA_TE, KOHYA_UNET};
+use super::layout::{split_key, takes_text, text_model_variants, text_part, Place, Slot, KOHYA_TE, KOHYA_UNET};
 use crate::bundle::WeightEntry;
 use crate::Result;
 
@@ -25,19 +25,33 @@ pub(super) struct KohyaMap<'w> {
     /// The down blocks' layers per block that number SGM blocks, or why the map does not settle it.
     layers: std::result::Result<usize, Unsettled>,
     lookup: HashMap<String, Option<&'w str>>,
+    /// Whether the bundle's text encoders (`text_encoder`, `text_encoder_2`) take weights.
+    text: [bool; 2],
+}
+
+/// The text encoder a kohya prefix adapts: `lora_te1_`/`lora_te_` the first, `lora_te2_` the second.
+fn kohya_text_graph(key: &str) -> Option<usize> {
+    if key.starts_with("lora_te2_") {
+        Some(1)
+    } else if KOHYA_TE.iter().any(|p| key.starts_with(p)) {
+        Some(0)
+    } else {
+        None
+    }
 }
 
 impl<'w> KohyaMap<'w> {
     pub(super) fn new(weights: &'w BTreeMap<String, WeightEntry>) -> Self {
         let layers = sgm_layers(weights);
         let lookup = kohya_lookup(weights, layers.as_ref().ok().copied());
-        KohyaMap { layers, lookup }
+        let text = super::layout::TEXT_GRAPHS.map(|g| takes_text(weights, g));
+        KohyaMap { layers, lookup, text }
     }
 
     /// Where `key` (a tensor of shape `shape`) goes; a module name that fits two weights is an
     /// error.
     pub(super) fn place(&self, path: &Path, key: &str, shape: &[usize]) -> Result<Place> {
-        if KOHYA_TE.iter().any(|p| key.starts_with(p)) {
+        if kohya_text_graph(key).is_some_and(|g| !self.text[g]) {
             return Ok(Place::TextEncoder);
         }
         let split = split_key(key, ".lora_down.weight", ".lora_up.weight");
@@ -80,24 +94,42 @@ impl<'w> KohyaMap<'w> {
 }
 
 /// kohya module name → bundle weight name; `None` where two weights give the same kohya name. Each
-/// weight is entered under `lora_unet_` + its module with `.` → `_`, and, for attention layers,
+/// UNet weight is entered under `lora_unet_` + its module with `.` → `_`, and, for attention layers,
 /// under its SGM block name made the same way (`input_blocks`/`output_blocks` only where `layers`,
-/// the down blocks' layers per block, is known).
+/// the down blocks' layers per block, is known). A text encoder's weight is entered under
+/// `lora_te1_` and `lora_te_` (the first encoder) or `lora_te2_` (the second) + its module, with and
+/// without the `text_model.` level.
 pub(super) fn kohya_lookup(
     weights: &BTreeMap<String, WeightEntry>,
     layers: Option<usize>,
 ) -> HashMap<String, Option<&str>> {
+    fn enter<'a>(lookup: &mut HashMap<String, Option<&'a str>>, name: String, w: &'a str) {
+        lookup
+            .entry(name)
+            .and_modify(|v| *v = None)
+            .or_insert(Some(w));
+    }
     let mut lookup: HashMap<String, Option<&str>> = HashMap::new();
     for w in weights.keys() {
         let Some(module) = w.strip_suffix(".weight") else {
             continue;
         };
+        if let Some((graph, m)) = text_part(module) {
+            let prefixes: &[&str] = if graph == "text_encoder_2" {
+                &["lora_te2_"]
+            } else {
+                &["lora_te1_", "lora_te_"]
+            };
+            for v in text_model_variants(m) {
+                for p in prefixes {
+                    enter(&mut lookup, format!("{p}{}", v.replace('.', "_")), w.as_str());
+                }
+            }
+            continue;
+        }
         let sgm = sgm_module(module, layers);
         for m in std::iter::once(module).chain(sgm.as_deref()) {
-            lookup
-                .entry(format!("{KOHYA_UNET}{}", m.replace('.', "_")))
-                .and_modify(|v| *v = None)
-                .or_insert(Some(w.as_str()));
+            enter(&mut lookup, format!("{KOHYA_UNET}{}", m.replace('.', "_")), w.as_str());
         }
     }
     lookup

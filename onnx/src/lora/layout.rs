@@ -97,7 +97,8 @@ pub(super) fn split_key<'k>(key: &'k str, a_suffix: &str, b_suffix: &str) -> Opt
 pub(super) enum Place {
     /// A factor (or the alpha) of this bundle weight.
     Weight(String, Slot),
-    /// A key of a text encoder (kohya `lora_te…_`): refused.
+    /// A key of a text encoder whose weights this bundle does not take as inputs (a bundle
+    /// exported before its text encoders did): refused.
     TextEncoder,
     /// A factor that is not 2-D (a convolution LoRA) of this module: refused.
     Conv(String),
@@ -105,14 +106,61 @@ pub(super) enum Place {
     Unmatched,
 }
 
+/// The text encoders' graphs, as the weight map names them (and their weights' prefixes).
+pub(crate) const TEXT_GRAPHS: [&str; 2] = ["text_encoder", "text_encoder_2"];
+
+/// The text encoder a weight-map name (or a peft key) belongs to: `text_encoder.…` or
+/// `text_encoder_2.…`, and the module path after it.
+pub(super) fn text_part(name: &str) -> Option<(&'static str, &str)> {
+    // the longer prefix first: `text_encoder_2.` also starts with `text_encoder`
+    for g in [TEXT_GRAPHS[1], TEXT_GRAPHS[0]] {
+        if let Some(rest) = name.strip_prefix(g).and_then(|r| r.strip_prefix('.')) {
+            return Some((g, rest));
+        }
+    }
+    None
+}
+
+/// Whether the map holds weights of text encoder `graph`.
+pub(super) fn takes_text(weights: &BTreeMap<String, WeightEntry>, graph: &str) -> bool {
+    weights.values().any(|e| e.graph == graph)
+}
+
+/// A text-encoder module path with and without the `text_model.` level: transformers 5 names
+/// `CLIPTextModel`'s modules without it, `CLIPTextModelWithProjection`'s with it, and published
+/// LoRAs write it for both (diffusers drops it where the model has none).
+pub(super) fn text_model_variants(module: &str) -> [String; 2] {
+    match module.strip_prefix("text_model.") {
+        Some(rest) => [module.to_string(), rest.to_string()],
+        None => [module.to_string(), format!("text_model.{module}")],
+    }
+}
+
 /// Where a peft key goes: `[unet.]<module>.lora_A.weight`, `.lora_B.weight` or `.alpha` onto the
-/// bundle weight `<module>.weight`.
+/// bundle weight `<module>.weight`; `text_encoder[_2].<module>…` onto that text encoder's weight
+/// (with or without the `text_model.` level), or [`Place::TextEncoder`] when the bundle's text
+/// encoders take no weights.
 pub(super) fn peft_place(weights: &BTreeMap<String, WeightEntry>, key: &str) -> Place {
     let k = key.strip_prefix("unet.").unwrap_or(key);
-    split_key(k, ".lora_A.weight", ".lora_B.weight")
-        .map(|(m, slot)| (format!("{m}.weight"), slot))
-        .filter(|(w, _)| weights.contains_key(w))
-        .map_or(Place::Unmatched, |(w, slot)| Place::Weight(w, slot))
+    let Some((m, slot)) = split_key(k, ".lora_A.weight", ".lora_B.weight") else {
+        return Place::Unmatched;
+    };
+    if let Some((graph, module)) = text_part(m) {
+        if !takes_text(weights, graph) {
+            return Place::TextEncoder;
+        }
+        return text_model_variants(module)
+            .into_iter()
+            .map(|v| format!("{graph}.{v}.weight"))
+            .find(|w| weights.contains_key(w))
+            .map_or(Place::Unmatched, |w| Place::Weight(w, slot));
+    }
+    let w = format!("{m}.weight");
+    if weights.contains_key(&w) {
+        Place::Weight(w, slot)
+    } else {
+        Place::Unmatched
+    }
 }
 
 #[cfg(test)]
@@ -151,5 +199,48 @@ mod tests {
             Place::Weight("a.b.weight".into(), Slot::Alpha)
         );
         assert_eq!(place("a.c.lora_A.weight"), Place::Unmatched);
+    }
+
+    fn entry(graph: &str) -> WeightEntry {
+        WeightEntry {
+            graph: graph.into(),
+            shape: vec![2, 2],
+        }
+    }
+
+    #[test]
+    fn peft_text_encoder_keys_place_with_or_without_text_model() {
+        let w = BTreeMap::from([
+            ("text_encoder.encoder.layers.0.mlp.fc1.weight".to_string(), entry("text_encoder")),
+            (
+                "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.weight".to_string(),
+                entry("text_encoder_2"),
+            ),
+        ]);
+        let place = |k| peft_place(&w, k);
+        let fc1 = "text_encoder.encoder.layers.0.mlp.fc1.weight";
+        assert_eq!(place("text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight"), Place::Weight(fc1.into(), Slot::A));
+        assert_eq!(
+            place("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_B.weight"),
+            Place::Weight(fc1.into(), Slot::B)
+        );
+        let q = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.weight";
+        assert_eq!(
+            place("text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight"),
+            Place::Weight(q.into(), Slot::A)
+        );
+        assert_eq!(place("text_encoder_2.encoder.layers.0.mlp.fc2.lora_A.weight"), Place::Unmatched);
+    }
+
+    #[test]
+    fn text_encoder_keys_of_a_bundle_without_text_weights_are_text_encoder_places() {
+        let w = BTreeMap::from([("a.b.weight".to_string(), entry("unet_encoder"))]);
+        assert_eq!(
+            peft_place(&w, "text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight"),
+            Place::TextEncoder
+        );
+        assert_eq!(text_part("text_encoder_2.x.y"), Some(("text_encoder_2", "x.y")));
+        assert_eq!(text_part("text_encoder.x"), Some(("text_encoder", "x")));
+        assert_eq!(text_part("text_encoderx.y"), None);
     }
 }

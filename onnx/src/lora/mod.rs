@@ -1,13 +1,16 @@
 //! LoRA adapters: safetensors files mapped onto a bundle's weights, and merged into them.
 //!
-//! Two layouts are read:
+//! Two layouts are read, each with UNet and text-encoder parts:
 //!
 //! * diffusers/peft: `[unet.]<module>.lora_A.weight` (`[r, in]`) and `[unet.]<module>.lora_B.weight`
-//!   (`[out, r]`); `<module>.alpha` scalars where present. Alpha otherwise comes from the
+//!   (`[out, r]`); `text_encoder.<module>…` and `text_encoder_2.<module>…` for the two text
+//!   encoders; `<module>.alpha` scalars where present. Alpha otherwise comes from the
 //!   `lora_adapter_metadata` JSON that diffusers' `save_lora_weights` writes into the file's
-//!   metadata (`unet.lora_alpha`), and defaults to the rank (scale 1), as diffusers does.
+//!   metadata, per part (`unet.lora_alpha`, `text_encoder.lora_alpha`, `text_encoder_2.lora_alpha`),
+//!   and defaults to the rank (scale 1), as diffusers does.
 //! * kohya (sd-scripts, A1111): `lora_unet_<module with '.' → '_'>.lora_down.weight` (`[r, in]`, = A),
-//!   `.lora_up.weight` (`[out, r]`, = B) and `.alpha` (scalar). Module names are those of the bundle's
+//!   `.lora_up.weight` (`[out, r]`, = B) and `.alpha` (scalar); `lora_te1_…` (or `lora_te_…`) and
+//!   `lora_te2_…` for the text encoders. Module names are those of the bundle's
 //!   weights (diffusers names), or the original Stability (SGM/LDM) UNet block names that sd-scripts
 //!   writes for SDXL, for the attention (transformer) layers — as diffusers'
 //!   `_maybe_map_sgm_blocks_to_diffusers` maps them, with L the down blocks' layers per block:
@@ -17,8 +20,13 @@
 //!   down block with attentions has L, every up block with attentions L+1); where it does not settle
 //!   L, `input_blocks`/`output_blocks` keys are refused with an error that says so. Both namings are
 //!   looked up in a table made from the weight map, never by splitting names at underscores.
-//!   Text-encoder keys (`lora_te_…`, `lora_te1_…`, `lora_te2_…`) and convolution LoRAs (4-D factors)
-//!   are refused with an error naming them, never skipped.
+//!   Text-encoder module names are taken with or without their `text_model.` level (transformers 5
+//!   drops it for `CLIPTextModel`, published files write it).
+//!
+//! The text encoders' targetable weights (attention q/k/v/out projections, MLP fc1/fc2) are the
+//! bundle's weights `text_encoder[_2].<module>.weight`; a bundle exported before its text encoders
+//! took them as inputs refuses a file's text-encoder keys with an error naming them. Convolution
+//! LoRAs (4-D factors) are refused with an error naming them, never skipped.
 //!
 //! A file is in one layout or the other; a file that mixes them is refused.
 //!
