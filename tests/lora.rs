@@ -144,7 +144,9 @@ fn a_slow_merge_does_not_hold_the_first_steps_and_is_waited_for_at_the_bound() {
     let ready_at = Arc::new(Mutex::new(None));
     let (weights, ls, r) = (p.shared_weights(), loras(&p), ready_at.clone());
     std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(2)); // a slow store
+        // the adapters are read (no text-encoder layers): the job denoises while they merge
+        tx.text_encoders(false);
+        std::thread::sleep(Duration::from_secs(2)); // a slow merge
         let merged = weights.merge(&ls).map(Arc::new);
         *r.lock().unwrap() = Some(Instant::now());
         tx.send(merged);
@@ -215,7 +217,47 @@ fn a_failed_merge_fails_the_job_with_the_reason() {
         },
     )
     .unwrap_err();
-    assert!(e.to_string().contains("not ready"), "{e}");
+    // (the merging side never said its files were read: the job fails before its first step)
+    assert!(e.to_string().contains("not read within"), "{e}");
+}
+
+/// Counts the steps that ran.
+struct Steps(usize);
+impl Observer for Steps {
+    fn on_step(&mut self, _: usize, _: usize, _: &Tensor) -> katz_onnx::Result<()> {
+        self.0 += 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_bad_lora_file_fails_an_async_job_before_any_step() {
+    let mut p = pipeline();
+    let dir = std::env::temp_dir().join(format!("katz-bad-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("truncated.safetensors");
+    let good = std::fs::read(root().join("bundles/loras/tiny-lora-a.safetensors")).unwrap();
+    std::fs::write(&bad, &good[..good.len() / 2]).unwrap();
+    let mut pending = PendingMerge::spawn_loading(p.shared_weights(), vec![(bad.clone(), 1.0)]);
+    let req = request(4);
+    let mut steps = Steps(0);
+    let e = generate_planned(
+        &mut p,
+        &req,
+        &mut SeededNoise::new(1),
+        &mut steps,
+        LoraPlan::Async {
+            pending: &mut pending,
+            bound: 3,
+            timeout: Duration::from_secs(30),
+            early: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(e.contains("truncated.safetensors"), "{e}");
+    assert_eq!(steps.0, 0, "steps ran before the bad file was found");
 }
 
 #[test]

@@ -90,6 +90,11 @@ const SHAPES: &str = "tests/data/parity-shapes";
 /// loading that same file with `StableDiffusionXLPipeline.from_single_file` (docs/bundles.md,
 /// "Checkpoints").
 const CHECKPOINT: &str = "tests/data/parity-checkpoint";
+/// LoRA files made by peft and diffusers (`tools/make_lora_fixtures.py`: the peft layout with both
+/// text encoders' parts, the kohya layout from diffusers' `convert_state_dict_to_kohya`, a
+/// text-encoder-only file, a kohya LoCon) on the checkpoint bundle, against diffusers'
+/// `load_lora_weights` of the same files.
+const LORA: &str = "tests/data/parity-lora";
 
 fn cases(dir: &str) -> Cases {
     let p = root().join(dir).join("cases.json");
@@ -255,6 +260,43 @@ parity!(SHAPES; shapes_stripes, shapes_stripes_kohya, shapes_controlnet_pastel);
 // a single-file (SGM layout) checkpoint as model sites publish it, exported and loaded by diffusers
 parity!(CHECKPOINT; ckpt_euler, ckpt_euler_a_negative, ckpt_controlnet);
 
+// LoRAs with text-encoder parts, in both layouts, alone and two in one job
+parity!(LORA; lora_peft_te, lora_kohya_te, lora_te_only, lora_mixed);
+
+/// LoCon (convolution factors): the bundle's convolution weights are not graph inputs, so the file
+/// is refused with an error naming its convolution keys, before any step.
+#[test]
+fn lora_locon_is_refused_naming_its_convolution_keys() {
+    let all = cases(LORA);
+    let case = all.cases.iter().find(|c| c.name == "lora_locon").expect("lora_locon case");
+    let pipe = Pipeline::load(root().join(&all.bundle), test_options()).expect("bundle loads");
+    let err = pipe.lora(root().join(&case.loras[0].file)).err().expect("refused").to_string();
+    assert!(err.contains("convolution"), "{err}");
+    assert!(err.contains("conv1") || err.contains("conv_in"), "{err}");
+}
+
+/// LoHa and LoKr files made by peft and named by LyCORIS (`tools/make_lycoris_fixtures.py`), and
+/// their peft-layout twins: refused with an error naming the kind and its keys, before any step.
+/// (Their diffusers references wait in `tests/data/parity-lycoris/` for the merges.)
+#[test]
+fn loha_and_lokr_files_are_refused_naming_the_kind() {
+    let pipe = Pipeline::load(root().join("bundles/tiny-ckpt"), test_options()).expect("bundle loads");
+    for (file, kind, key) in [
+        ("loha.safetensors", "LoHa", "hada_w1_a"),
+        ("loha-peft.safetensors", "LoHa", "hada_w1_a"),
+        ("lokr.safetensors", "LoKr", "lokr_w1"),
+        ("lokr-peft.safetensors", "LoKr", "lokr_w1"),
+    ] {
+        let err = pipe
+            .lora(root().join("tests/data/lycoris").join(file))
+            .err()
+            .unwrap_or_else(|| panic!("{file} was taken"))
+            .to_string();
+        assert!(err.contains(&format!("are {kind} factors")) && err.contains(key), "{file}: {err}");
+        assert!(!err.contains("match no weight"), "{file}: {err}");
+    }
+}
+
 #[test]
 fn every_recorded_case_has_a_test() {
     let shapes: Vec<String> = cases(SHAPES).cases.into_iter().map(|c| c.name).collect();
@@ -268,6 +310,11 @@ fn every_recorded_case_has_a_test() {
     );
     let ckpt: Vec<String> = cases(CHECKPOINT).cases.into_iter().map(|c| c.name).collect();
     assert_eq!(ckpt, ["ckpt_euler", "ckpt_euler_a_negative", "ckpt_controlnet"]);
+    let lora: Vec<String> = cases(LORA).cases.into_iter().map(|c| c.name).collect();
+    assert_eq!(
+        lora,
+        ["lora_peft_te", "lora_kohya_te", "lora_te_only", "lora_mixed", "lora_locon"]
+    );
     let names: Vec<String> = cases(TINY).cases.into_iter().map(|c| c.name).collect();
     let tested = [
         "euler",

@@ -27,11 +27,22 @@ use crate::weights::{MergedWeights, Weights};
 use crate::{Error, Result};
 
 /// The weights the text encoders bind: the pristine set, and a job's merged set (its LoRAs'
-/// text-encoder layers; the rest is bound from the pristine set).
-#[derive(Clone, Copy)]
+/// text-encoder layers; the rest is bound from the pristine set). `None`: the encoders take no
+/// weights (a bundle whose map has none of theirs).
+#[derive(Clone, Copy, Default)]
 pub struct TextWeights<'a> {
-    pub pristine: &'a Weights,
-    pub merged: &'a MergedWeights,
+    pub pristine: Option<&'a Weights>,
+    pub merged: Option<&'a MergedWeights>,
+}
+
+impl<'a> TextWeights<'a> {
+    /// The pristine weights with a job's merge.
+    pub fn new(pristine: &'a Weights, merged: &'a MergedWeights) -> Self {
+        TextWeights {
+            pristine: Some(pristine),
+            merged: Some(merged),
+        }
+    }
 }
 
 struct Encoder {
@@ -87,13 +98,23 @@ impl TextEncoders {
     pub fn load(bundle: &BaseBundle, opts: &SessionOptions) -> Result<Self> {
         let load = |spec: &crate::bundle::TextEncoderSpec| -> Result<Encoder> {
             let path = bundle.path(&spec.graph);
+            let graph = Path::new(&spec.graph)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let session = runtime::session(&path, opts)?;
-            check_io(
-                &path,
-                &session,
-                &["input_ids".into()],
-                &["hidden_states".into(), "pooled".into()],
-            )?;
+            // input_ids, then the weights the map gives this graph (none in older bundles)
+            let mut inputs = vec!["input_ids".to_string()];
+            inputs.extend(
+                bundle
+                    .manifest
+                    .weights
+                    .map
+                    .iter()
+                    .filter(|(_, e)| e.graph == graph)
+                    .map(|(n, _)| n.clone()),
+            );
+            check_io(&path, &session, &inputs, &["hidden_states".into(), "pooled".into()])?;
             let tokenizer = load_tokenizer(&bundle.path(&spec.tokenizer))?;
             let mut counter = tokenizer.clone();
             counter.with_padding(None);
@@ -101,10 +122,6 @@ impl TextEncoders {
                 path: bundle.path(&spec.tokenizer),
                 message: e.to_string(),
             })?;
-            let graph = Path::new(&spec.graph)
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
             Ok(Encoder {
                 spec: spec.clone(),
                 graph,
@@ -182,26 +199,31 @@ impl TextEncoders {
             }
             let enc = &mut self.encoders[idx];
             let input = TensorRef::from_array_view(([b, n], ids.as_slice()))?;
-            let names = w.pristine.inputs_of(&enc.graph);
-            if names.is_empty() {
-                let out = enc.session.run(ort::inputs!["input_ids" => input])?;
-                hidden.push(Tensor::from_output(&out, "hidden_states")?);
-                pooled = Some(Tensor::from_output(&out, "pooled")?);
-                continue;
-            }
-            // weights bound (pristine or merged; in place on a GPU), outputs to the host
-            let mut binding = enc.session.create_binding()?;
-            binding.bind_input("input_ids", &*input)?;
-            for name in names {
-                w.pristine.bind_input(&mut binding, name, w.merged)?;
-            }
-            let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
-            for o in ["hidden_states", "pooled"] {
-                binding.bind_output_to_device(o, &host)?;
-            }
-            let out = enc.session.run_binding(&binding)?;
-            hidden.push(Tensor::from_output(&out, "hidden_states")?);
-            pooled = Some(Tensor::from_output(&out, "pooled")?);
+            let bound = w.pristine.filter(|p| !p.inputs_of(&enc.graph).is_empty());
+            let (h, p) = match bound {
+                None => {
+                    let out = enc.session.run(ort::inputs!["input_ids" => input])?;
+                    (Tensor::from_output(&out, "hidden_states")?, Tensor::from_output(&out, "pooled")?)
+                }
+                Some(pristine) => {
+                    // weights bound (pristine or merged; in place on a GPU), outputs to the host
+                    let none = MergedWeights::default();
+                    let merged = w.merged.unwrap_or(&none);
+                    let mut binding = enc.session.create_binding()?;
+                    binding.bind_input("input_ids", &*input)?;
+                    for name in pristine.inputs_of(&enc.graph) {
+                        pristine.bind_input(&mut binding, name, merged)?;
+                    }
+                    let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+                    for o in ["hidden_states", "pooled"] {
+                        binding.bind_output_to_device(o, &host)?;
+                    }
+                    let out = enc.session.run_binding(&binding)?;
+                    (Tensor::from_output(&out, "hidden_states")?, Tensor::from_output(&out, "pooled")?)
+                }
+            };
+            hidden.push(h);
+            pooled = Some(p);
         }
         // concat on the channel axis
         let n = hidden[0].shape[1];

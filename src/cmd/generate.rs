@@ -9,7 +9,7 @@ use katz_actors::protocol::Seed;
 use katz_onnx::bundle::BaseBundle;
 use katz_onnx::conditioning::{Canny, Preprocess, ResizeMode};
 use katz_onnx::image::read_image;
-use katz_onnx::lora::{LoraAdapter, PendingMerge};
+use katz_onnx::lora::PendingMerge;
 use katz_onnx::pipeline::{LoraMode, LoraPlan, Pipeline, RunOptions};
 use katz_onnx::placement::Placement;
 use katz_onnx::request::{ControlRequest, LoraRequest, Request, ValidRequest};
@@ -345,20 +345,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
         }
         // read and merge on a thread of its own; the pipeline switches the result in by the bound
-        let (tx, mut pending) = PendingMerge::channel();
-        let (weights, files) = (pipe.shared_weights(), a.loras.clone());
-        std::thread::spawn(move || {
-            let loras = files
-                .iter()
-                .map(|l| {
-                    Ok((
-                        std::sync::Arc::new(LoraAdapter::load(&l.file, weights.map())?),
-                        l.scale,
-                    ))
-                })
-                .collect::<katz_onnx::Result<Vec<_>>>();
-            tx.send(loras.and_then(|l| weights.merge(&l)).map(std::sync::Arc::new));
-        });
+        let files = a.loras.iter().map(|l| (l.file.clone(), l.scale)).collect();
+        let mut pending = PendingMerge::spawn_loading(pipe.shared_weights(), files);
         let plan = LoraPlan::Async {
             pending: &mut pending,
             bound: cfg.bound_step(req.steps),

@@ -34,7 +34,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use katz_onnx::lora::{DeviceFactors, LoraAdapter, PendingMerge};
+use katz_onnx::lora::{DeviceFactors, LoraAdapter, MergeSender, PendingMerge};
 use katz_onnx::weights::Weights;
 use serde::Serialize;
 use tokio::sync::mpsc::{self, UnboundedSender, WeakUnboundedSender};
@@ -166,6 +166,8 @@ enum Command {
     },
     /// A merge succeeded in `merge_ms`.
     Merged { merge_ms: f64 },
+    /// Whether `name` has text-encoder layers (from its file's header, at admission).
+    TextLayers { name: String, has: bool },
 }
 
 /// How an adapter stands in the owner's state.
@@ -198,6 +200,7 @@ impl LoraManager {
             },
             device: Cache::new(cfg.device_cache_bytes, cfg.policy),
             fetching: HashMap::new(),
+            text_layers: HashMap::new(),
             prefetched: HashSet::new(),
             pending_loads: Arc::new(Semaphore::new(max_pending)),
             max_pending,
@@ -303,6 +306,10 @@ struct Owner {
     device: Cache<Arc<DeviceFactors>>,
     /// Fetches in flight, with the jobs waiting for each.
     fetching: HashMap<String, Vec<oneshot::Sender<Fetched>>>,
+    /// Whether each LoRA read so far has text-encoder layers (kept after its adapter leaves the
+    /// cache): a job whose LoRAs are all known here learns it at once, and starts denoising
+    /// without waiting for their fetch unless they have such layers.
+    text_layers: HashMap<String, bool>,
     /// LoRAs a prefetch fetched that no admitted job has counted as its load yet: the first job
     /// admitted with one counts it as a load (the prefetch was for it, or an earlier job), not a
     /// hit, so loads per request count every fetch.
@@ -400,6 +407,9 @@ impl Owner {
                 self.counters.merges += 1;
                 self.counters.merge_ms_total += merge_ms;
             }
+            Command::TextLayers { name, has } => {
+                self.text_layers.insert(name, has);
+            }
         }
     }
 
@@ -462,6 +472,7 @@ impl Owner {
             c.fetch_errors += 1;
         }
         if let Ok(a) = &result {
+            self.text_layers.insert(name.clone(), a.has_text_encoder_layers());
             let evicted = self.host.insert(name.clone(), a.clone(), a.nbytes() as u64);
             if !evicted.is_empty() {
                 tracing::debug!(?evicted, "LoRA host cache evicted");
@@ -481,6 +492,12 @@ impl Owner {
     /// and spawns the merge.
     fn merge(&mut self, loras: Vec<(String, f32)>, span: &Span) -> MergeStarted {
         let (merge_tx, pending) = PendingMerge::channel();
+        // LoRAs read before: the job learns now whether it must wait for the merge (text-encoder
+        // layers) and otherwise denoises while they are fetched and merged
+        let known: Option<Vec<bool>> = loras.iter().map(|(n, _)| self.text_layers.get(n).copied()).collect();
+        if let Some(k) = known {
+            merge_tx.text_encoders(k.into_iter().any(|t| t));
+        }
         let (stats_tx, stats) = watch::channel(JobLoraStats::default());
         let mut parts = Vec::with_capacity(loras.len());
         for (name, scale) in loras {
@@ -502,7 +519,7 @@ impl Owner {
         };
         tokio::spawn(
             async move {
-                let merged = job.run().await;
+                let merged = job.run(&merge_tx).await;
                 merge_tx.send(merged);
             }
             .instrument(span.clone()),
@@ -547,6 +564,14 @@ async fn admit(
             continue; // fetched by a prefetch for this job: its load, now done
         }
         store.check(name).await?;
+        // its header says whether the job must wait for its merge (text-encoder layers) before
+        // its first step; a header that does not parse fails the job here
+        let has = store.has_text_encoder_keys(name).await?;
+        tx.send(Command::TextLayers {
+            name: name.clone(),
+            has,
+        })
+        .map_err(|_| stopped())?;
         if lookup(tx, name, false).await?.fetching {
             continue;
         }
@@ -620,7 +645,9 @@ struct MergeJob {
 }
 
 impl MergeJob {
-    async fn run(self) -> katz_onnx::Result<Arc<katz_onnx::weights::MergedWeights>> {
+    /// Reads (or takes from the cache) each adapter, says whether they adapt a text encoder
+    /// (`notice`), then merges.
+    async fn run(self, notice: &MergeSender) -> katz_onnx::Result<Arc<katz_onnx::weights::MergedWeights>> {
         let t0 = Instant::now();
         let mut loras = Vec::with_capacity(self.parts.len());
         for (name, scale, part) in self.parts {
@@ -648,6 +675,7 @@ impl MergeJob {
             });
             loras.push((adapter, scale));
         }
+        notice.text_encoders(loras.iter().any(|(a, _)| a.has_text_encoder_layers()));
         let load_ms = t0.elapsed().as_secs_f64() * 1e3;
         // GPU: factors from the device cache (or uploaded into it), one merge launch
         let on_device = self.weights.device().is_some();

@@ -13,7 +13,10 @@
 //!               --lora-switch ready) rebind to the merged set; if not ready at K, wait (timed)
 //! ```
 //!
-//! `sync` mode is the same path with K = 0: the job waits for its merge before step 0.
+//! `sync` mode is the same path with K = 0: the job waits for its merge before step 0. So does a
+//! job whose LoRAs have text-encoder layers (the prompt's conditioning needs them): the manager
+//! says so as soon as it knows (at once for LoRAs read before, else once they are read), and
+//! every job waits for that notice before its first step, so a bad file fails it before any step.
 
 pub mod cache;
 pub mod manager;

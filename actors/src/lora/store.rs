@@ -81,6 +81,28 @@ impl LoraStore {
         Err(self.unknown(name))
     }
 
+    /// Whether the adapter `name` has text-encoder parts, read from its safetensors header alone
+    /// (a few KB: its tensor names; no delay). A header that does not parse is the file's error.
+    pub async fn has_text_encoder_keys(&self, name: &str) -> Result<bool, JobError> {
+        let path = self.path(name)?;
+        let bad = |message: String| {
+            JobError::Model(katz_onnx::Error::Lora {
+                path: path.clone(),
+                message,
+            })
+        };
+        let header = match read_header_file(&path).await {
+            Ok(Some(h)) => h,
+            Ok(None) => match &self.redis {
+                Some(r) => read_header_redis(r, name).await?.ok_or_else(|| self.unknown(name))?,
+                None => return Err(self.unknown(name)),
+            },
+            Err(e) => return Err(bad(format!("reading its header: {e}"))),
+        };
+        let keys = header_keys(&header).map_err(bad)?;
+        Ok(keys.iter().any(|k| katz_onnx::lora::is_text_encoder_key(k)))
+    }
+
     /// The adapter's bytes (after the configured delay).
     pub async fn fetch(&self, name: &str) -> Result<Vec<u8>, JobError> {
         let path = self.path(name)?;
@@ -105,6 +127,63 @@ impl LoraStore {
         }
         Err(self.unknown(name))
     }
+}
+
+/// The largest safetensors header read (the format's own limit is 100 MB).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// A safetensors file's header (the JSON after its 8-byte length); None: no such file.
+async fn read_header_file(path: &std::path::Path) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt;
+    let mut f = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).await?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER {
+        return Err(std::io::Error::other(format!("a header of {n} bytes is not a safetensors header")));
+    }
+    let mut h = vec![0u8; n as usize];
+    f.read_exact(&mut h).await?;
+    Ok(Some(h))
+}
+
+/// The same from Redis (two GETRANGEs); None: no such key.
+async fn read_header_redis(r: &redis::aio::ConnectionManager, name: &str) -> Result<Option<Vec<u8>>, JobError> {
+    let key = lora_key(name);
+    let mut c = r.clone();
+    let len: Vec<u8> = c.getrange(&key, 0, 7).await?;
+    if len.is_empty() {
+        return Ok(None);
+    }
+    let bad = |m: String| {
+        JobError::Model(katz_onnx::Error::Lora {
+            path: key.clone().into(),
+            message: m,
+        })
+    };
+    let n = u64::from_le_bytes(len.try_into().map_err(|_| bad("shorter than a safetensors header".into()))?);
+    if n > MAX_HEADER {
+        return Err(bad(format!("a header of {n} bytes is not a safetensors header")));
+    }
+    let h: Vec<u8> = c.getrange(&key, 8, 8 + n as isize - 1).await?;
+    if h.len() as u64 != n {
+        return Err(bad("its header is cut short".into()));
+    }
+    Ok(Some(h))
+}
+
+/// The tensor names of a safetensors header.
+fn header_keys(header: &[u8]) -> Result<Vec<String>, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| format!("not a safetensors file (its header: {e})"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| "not a safetensors file (its header is not a JSON object)".to_string())?;
+    Ok(obj.keys().filter(|k| *k != "__metadata__").cloned().collect())
 }
 
 #[cfg(test)]

@@ -62,6 +62,11 @@ impl LoraAdapter {
         4 * self.layers.values().map(|l| l.a.len() + l.b.len()).sum::<usize>()
     }
 
+    /// Whether it adapts a text encoder's weights.
+    pub fn has_text_encoder_layers(&self) -> bool {
+        self.layers.keys().any(|w| super::is_text_weight(w))
+    }
+
     /// The key layout of the file it was read from.
     pub fn layout(&self) -> LoraLayout {
         self.layout
@@ -184,6 +189,11 @@ fn sort_keys<'t, 'd>(
     let mut todo = Vec::new();
     let mut refused = Refused::default();
     for (key, t) in tensors {
+        if let Some((kind, module)) = other_kind(key) {
+            refused.other.entry(kind).or_default().push(key.clone());
+            refused.other_modules.insert(module.to_string());
+            continue;
+        }
         match map.place(path, key, t.shape())? {
             Place::Weight(weight, slot) => todo.push((key.as_str(), weight, slot, t)),
             Place::TextEncoder => refused.text_encoder.push(key.clone()),
@@ -270,9 +280,35 @@ impl Collected {
     }
 }
 
+/// The adapter kinds other than LoRA, by the suffixes of their factors' keys (LyCORIS and peft
+/// name them alike): LoHa, LoKr, DoRA.
+const OTHER_KINDS: [(&str, &[&str]); 3] = [
+    ("LoHa", &[".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2"]),
+    (
+        "LoKr",
+        &[".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2"],
+    ),
+    ("DoRA", &[".dora_scale", ".lora_magnitude_vector"]),
+];
+
+/// The kind (LoHa, LoKr, DoRA) of a factor key of another adapter kind than LoRA, and its module.
+fn other_kind(key: &str) -> Option<(&'static str, &str)> {
+    // peft keys may carry an adapter name or `.weight` after the factor's name
+    let k = key.strip_suffix(".weight").unwrap_or(key);
+    OTHER_KINDS.iter().find_map(|(kind, suffixes)| {
+        suffixes
+            .iter()
+            .find_map(|s| k.strip_suffix(s))
+            .map(|m| (*kind, m))
+    })
+}
+
 /// Keys that cannot be used; a file with any is refused, with every one of them named.
 #[derive(Default)]
 struct Refused {
+    /// Factors of other adapter kinds (LoHa, LoKr, DoRA), by kind, and their modules.
+    other: BTreeMap<&'static str, Vec<String>>,
+    other_modules: HashSet<String>,
     /// Keys of a text encoder (kohya `lora_te…_`).
     text_encoder: Vec<String>,
     /// Convolution (not 2-D) factors, each with its shape, and their modules.
@@ -285,11 +321,22 @@ struct Refused {
 impl Refused {
     /// One error naming every refused key; `nothing_matched`: no key gave a factor.
     fn check(mut self, path: &Path, map: &KeyMap<'_>, nothing_matched: bool) -> Result<()> {
-        // The alphas of refused convolution layers are not reported again as unmatched.
-        let conv_modules = &self.conv_modules;
-        self.unmatched
-            .retain(|k| !k.strip_suffix(".alpha").is_some_and(|m| conv_modules.contains(m)));
+        // The alphas of refused convolution and other-kind layers are not reported again as
+        // unmatched (nor are a DoRA file's plain LoRA factors placed: the file is refused).
+        let (conv_modules, other_modules) = (&self.conv_modules, &self.other_modules);
+        self.unmatched.retain(|k| {
+            !k.strip_suffix(".alpha")
+                .is_some_and(|m| conv_modules.contains(m) || other_modules.contains(m))
+        });
         let mut problems = Vec::new();
+        for (kind, keys) in &self.other {
+            problems.push(format!(
+                "{} keys are {kind} factors ({}): {kind} adapters are not supported, only LoRA layers \
+                 (lora_A/lora_B, lora_down/lora_up)",
+                keys.len(),
+                some(keys)
+            ));
+        }
         if !self.text_encoder.is_empty() {
             problems.push(format!(
                 "{} keys adapt a text encoder ({}): this bundle's text encoders take no LoRA weights \
@@ -566,7 +613,7 @@ mod tests {
     }
 
     #[test]
-    fn kohya_text_encoder_keys_are_refused() {
+    fn kohya_text_encoder_keys_of_a_bundle_without_text_weights_are_refused() {
         let mut e = kohya_entries(2);
         let keys = [
             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
@@ -578,16 +625,88 @@ mod tests {
         }
         let m = load_err(&e);
         assert!(m.contains("3 keys adapt a text encoder"), "{m}");
-        assert!(
-            m.contains("text-encoder part of a LoRA is not supported by this bundle"),
-            "{m}"
-        );
+        assert!(m.contains("this bundle's text encoders take no LoRA weights"), "{m}");
         for k in keys {
             assert!(m.contains(k), "{m}");
         }
         // A file of text-encoder keys only is refused too.
         let m = load_err(&[(keys[0].to_string(), vec![2, 6], vec![0.0; 12])]);
-        assert!(m.contains("text-encoder part"), "{m}");
+        assert!(m.contains("adapt a text encoder"), "{m}");
+    }
+
+    /// A bundle whose text encoders take weights: kohya `lora_te1_`/`lora_te_`/`lora_te2_` and peft
+    /// `text_encoder[_2].` keys land on them (with or without `text_model.`), with each part's
+    /// alpha from the metadata in the peft layout.
+    #[test]
+    fn text_encoder_keys_map_onto_the_text_encoders_weights() {
+        let mut map = weight_map();
+        let te1 = "text_encoder.encoder.layers.0.self_attn.q_proj.weight";
+        let te2 = "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.weight";
+        for (w, g) in [(te1, "text_encoder"), (te2, "text_encoder_2")] {
+            map.insert(
+                w.to_string(),
+                WeightEntry {
+                    graph: g.into(),
+                    shape: vec![4, 6],
+                },
+            );
+        }
+        let f = |k: &str, s: Vec<usize>| (k.to_string(), s.clone(), values(s.iter().product(), 9));
+        let kohya = vec![
+            f("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", vec![2, 6]),
+            f("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", vec![4, 2]),
+            ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha".into(), vec![], vec![1.0]),
+            f("lora_te2_encoder_layers_0_mlp_fc1.lora_down.weight", vec![2, 6]),
+            f("lora_te2_encoder_layers_0_mlp_fc1.lora_up.weight", vec![4, 2]),
+        ];
+        let a = LoraAdapter::from_bytes(&serialize(&kohya, None), "k.safetensors", &map).unwrap();
+        assert_eq!(a.layers.keys().collect::<Vec<_>>(), [te1, te2]);
+        assert_eq!((a.layers[te1].alpha, a.layers[te2].alpha), (1.0, 2.0));
+        assert!(a.has_text_encoder_layers());
+        // `lora_te_` is the first encoder too
+        let old = vec![
+            f("lora_te_encoder_layers_0_self_attn_q_proj.lora_down.weight", vec![2, 6]),
+            f("lora_te_encoder_layers_0_self_attn_q_proj.lora_up.weight", vec![4, 2]),
+        ];
+        let a = LoraAdapter::from_bytes(&serialize(&old, None), "o.safetensors", &map).unwrap();
+        assert_eq!(a.layers.keys().collect::<Vec<_>>(), [te1]);
+
+        let peft = vec![
+            f("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight", vec![2, 6]),
+            f("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight", vec![4, 2]),
+            f("text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight", vec![2, 6]),
+            f("text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_B.weight", vec![4, 2]),
+            f(&format!("unet.{Q}.lora_A.weight"), vec![2, 6]),
+            f(&format!("unet.{Q}.lora_B.weight"), vec![8, 2]),
+        ];
+        let meta = HashMap::from([(
+            "lora_adapter_metadata".to_string(),
+            r#"{"unet.lora_alpha": 8, "text_encoder.lora_alpha": 1, "text_encoder_2.lora_alpha": 3}"#.to_string(),
+        )]);
+        let a = LoraAdapter::from_bytes(&serialize(&peft, Some(meta)), "p.safetensors", &map).unwrap();
+        let q = format!("{Q}.weight");
+        assert_eq!(
+            (a.layers[te1].alpha, a.layers[te2].alpha, a.layers[&q].alpha),
+            (1.0, 3.0, 8.0)
+        );
+        // a text-encoder module the bundle does not have is named
+        let bad = vec![f("lora_te2_encoder_layers_5_mlp_fc1.lora_down.weight", vec![2, 6])];
+        let m = LoraAdapter::from_bytes(&serialize(&bad, None), "b.safetensors", &map)
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("lora_te2_encoder_layers_5_mlp_fc1.lora_down.weight") && m.contains("match no weight"), "{m}");
+    }
+
+    #[test]
+    fn other_adapter_kinds_are_told_apart_by_their_factor_names() {
+        assert_eq!(other_kind("lora_unet_a_b.hada_w1_a"), Some(("LoHa", "lora_unet_a_b")));
+        assert_eq!(other_kind("unet.a.b.hada_w2_b"), Some(("LoHa", "unet.a.b")));
+        assert_eq!(other_kind("lora_unet_a.lokr_w1"), Some(("LoKr", "lora_unet_a")));
+        assert_eq!(other_kind("lora_unet_a.lokr_w2_a"), Some(("LoKr", "lora_unet_a")));
+        assert_eq!(other_kind("lora_unet_a.dora_scale"), Some(("DoRA", "lora_unet_a")));
+        assert_eq!(other_kind("unet.a.lora_magnitude_vector.weight"), Some(("DoRA", "unet.a")));
+        assert_eq!(other_kind("lora_unet_a.lora_down.weight"), None);
+        assert_eq!(other_kind("unet.a.lora_A.weight"), None);
     }
 
     #[test]
@@ -736,7 +855,9 @@ mod tests {
         let kohya = LoraAdapter::from_bytes(&serialize(&e, None), "tiny-lora-a-kohya", weights).unwrap();
         assert_eq!(kohya.layout(), LoraLayout::Kohya);
         assert_eq!(kohya.name, "tiny-lora-a-kohya");
-        assert_eq!(peft.layers.len(), weights.len());
+        // every UNet weight (the tiny LoRA has no text-encoder part)
+        let unet = weights.values().filter(|e| e.graph.starts_with("unet_")).count();
+        assert_eq!(peft.layers.len(), unet);
         assert!(peft.layers.values().all(|l| l.alpha == 8.0 && l.rank == 4));
         assert_eq!(
             kohya.layers.keys().collect::<Vec<_>>(),

@@ -111,7 +111,7 @@ pub(crate) const TEXT_GRAPHS: [&str; 2] = ["text_encoder", "text_encoder_2"];
 
 /// The text encoder a weight-map name (or a peft key) belongs to: `text_encoder.…` or
 /// `text_encoder_2.…`, and the module path after it.
-pub(super) fn text_part(name: &str) -> Option<(&'static str, &str)> {
+pub(crate) fn text_part(name: &str) -> Option<(&'static str, &str)> {
     // the longer prefix first: `text_encoder_2.` also starts with `text_encoder`
     for g in [TEXT_GRAPHS[1], TEXT_GRAPHS[0]] {
         if let Some(rest) = name.strip_prefix(g).and_then(|r| r.strip_prefix('.')) {

@@ -76,6 +76,17 @@ pub use merge::DeviceFactors;
 pub use pending::{MergeSender, PendingMerge};
 pub use plan::{LoraBound, LoraMode, LoraPlan};
 
+/// Whether a LoRA file's key adapts a text encoder, in either layout (`text_encoder[_2].…`,
+/// `lora_te…_`): what a store can tell from a file's header before reading it.
+pub fn is_text_encoder_key(key: &str) -> bool {
+    layout::text_part(key).is_some() || layout::KOHYA_TE.iter().any(|p| key.starts_with(p))
+}
+
+/// Whether a bundle weight belongs to a text encoder (`text_encoder[_2].…`).
+pub(crate) fn is_text_weight(name: &str) -> bool {
+    layout::text_part(name).is_some()
+}
+
 /// An error about the LoRA file at `path`.
 fn err(path: &Path, message: impl Into<String>) -> Error {
     Error::Lora {

@@ -42,7 +42,9 @@ pub(super) struct Job<'a, 'p> {
     pub started: Instant,
 }
 
-/// The merged weights a plan starts a job with, and the merge still pending (async plans).
+/// The merged weights a plan starts a job with, and the merge still pending (async plans). An
+/// async merge that touches the text encoders is waited for here (its layers change the prompt's
+/// conditioning, which step 0 reads already): it switches in at step 0.
 pub(super) fn start_loras<'p>(
     plan: LoraPlan<'p>,
     req: &ValidRequest,
@@ -53,17 +55,36 @@ pub(super) fn start_loras<'p>(
         LoraPlan::Sync if req.loras.is_empty() => (Arc::new(MergedWeights::default()), None),
         LoraPlan::Sync => {
             t.lora_switch_step = Some(0);
-            (Arc::new(weights.merge(&req.loaded_loras()?)?), None)
+            let t0 = Instant::now();
+            let merged = Arc::new(weights.merge(&req.loaded_loras()?)?);
+            t.lora_merge = t0.elapsed();
+            (merged, None)
         }
         LoraPlan::Async {
             pending,
             bound,
             timeout,
             early,
-        } => (
-            Arc::new(MergedWeights::default()),
-            Some((pending, bound.min(req.steps - 1), timeout, early)),
-        ),
+        } => {
+            if pending.touches_text(timeout)? {
+                let t0 = Instant::now();
+                let merged = pending.poll(Some(timeout)).unwrap_or_else(|| {
+                    Err(Error::Lora {
+                        path: "<merge>".into(),
+                        message: format!("the LoRA merge (text encoders included) was not ready within {timeout:?}"),
+                    })
+                })?;
+                t.lora_wait += t0.elapsed();
+                t.lora_merge = merged.merge_time;
+                t.lora_switch_step = Some(0);
+                (merged, None)
+            } else {
+                (
+                    Arc::new(MergedWeights::default()),
+                    Some((pending, bound.min(req.steps - 1), timeout, early)),
+                )
+            }
+        }
     })
 }
 

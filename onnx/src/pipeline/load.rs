@@ -77,7 +77,14 @@ impl Pipeline {
         let guess = match &shared {
             Some(w) => w.half_set().clone(),
             None if m.compute == "fp32" => HashSet::new(),
-            None => m.weights.map.keys().cloned().collect(),
+            // the UNet's inputs are fp16; the text encoders' graphs compute in fp32
+            None => m
+                .weights
+                .map
+                .iter()
+                .filter(|(_, e)| e.graph.starts_with("unet_"))
+                .map(|(n, _)| n.clone())
+                .collect(),
         };
         let load_weights = |half: HashSet<String>| -> Result<Arc<Weights>> {
             // on a GPU, uploaded once: every job binds them in place, merges run on the device
@@ -272,7 +279,11 @@ fn first_runs(bundle: &BaseBundle, opts: &SessionOptions, text: &mut TextEncoder
         Some(b) => (b.width, b.height),
         None => (m.default_size[0], m.default_size[1]),
     };
-    text.condition("", None, true, (height, width))?;
+    // text encoders that take their weights as inputs wait for them: the warm-up runs them
+    let takes_weights = m.weights.map.values().any(|e| !e.graph.starts_with("unet_"));
+    if !takes_weights {
+        text.condition(crate::text::TextWeights::default(), "", None, true, (height, width))?;
+    }
     let text_ms = t0.elapsed().as_millis() as u64;
     let s = m.vae_scale_factor;
     let latent = crate::tensor::Tensor::zeros(vec![1, m.latent_channels, height / s, width / s]);

@@ -58,7 +58,7 @@ use crate::request::{Accepts, ControlModel, ControlRequest, Limits, Request, Val
 use crate::runtime::SessionOptions;
 use crate::scheduler::{self, NoiseSource};
 use crate::tensor::Tensor;
-use crate::text::TextEncoders;
+use crate::text::{TextEncoders, TextWeights};
 use crate::unet::UnetSet;
 use crate::weights::Weights;
 use crate::Result;
@@ -182,8 +182,23 @@ impl Pipeline {
         &self.text
     }
 
-    pub fn text_encoders_mut(&mut self) -> &mut TextEncoders {
-        &mut self.text
+    /// The conditioning of a prompt with the pristine weights (no LoRA), as a job makes it.
+    pub fn condition(
+        &mut self,
+        prompt: &str,
+        negative_prompt: Option<&str>,
+        cfg: bool,
+        (height, width): (usize, usize),
+    ) -> Result<crate::text::Conditioning> {
+        let none = crate::weights::MergedWeights::default();
+        self.make_current()?;
+        self.text.condition(
+            TextWeights::new(&self.weights, &none),
+            prompt,
+            negative_prompt,
+            cfg,
+            (height, width),
+        )
     }
 
     /// This pipeline's ControlNets as a [`ControlService`] computing in the caller's thread.
@@ -275,9 +290,13 @@ impl Pipeline {
         sched_cfg.use_karras_sigmas = req.karras;
         let mut sched = scheduler::build(req.scheduler, &sched_cfg, req.steps)?;
 
+        // the LoRAs first: a merge with text-encoder layers is bound to the text encoders
+        let (merged, pending) = job::start_loras(opts.lora, req, &self.weights, &mut t)?;
+
         let t0 = Instant::now();
         self.make_current()?;
         let cond = self.text.condition(
+            TextWeights::new(&self.weights, &merged),
             &req.prompt,
             req.negative_prompt.as_deref(),
             cfg,
@@ -292,9 +311,6 @@ impl Pipeline {
             },
         );
 
-        let t0 = Instant::now();
-        let (merged, pending) = job::start_loras(opts.lora, req, &self.weights, &mut t)?;
-        t.lora_merge = t0.elapsed();
 
         let images: Vec<Tensor> = req
             .controlnets

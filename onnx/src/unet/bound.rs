@@ -16,8 +16,6 @@ pub(crate) struct BoundUnet {
     pub(crate) dec: IoBinding,
     /// `emb`, `mid`, `skip_0` … in that order.
     pub(crate) enc_outputs: Vec<String>,
-    /// The GPU it is bound on.
-    pub(crate) device_id: i32,
 }
 
 /// The UNet graphs of a job bound on GPU `device_id`: weights bound in place (pristine, or merged
@@ -41,7 +39,7 @@ pub(crate) fn bind_unet(
     enc.bind_input("time_ids", &*cond.time_ids.view()?)?;
     for (b, graph) in [(&mut enc, "unet_encoder"), (&mut dec, "unet_decoder")] {
         for name in weights.inputs_of(graph) {
-            bind_weight(weights, b, name, merged, device_id)?;
+            weights.bind_input(b, name, merged)?;
         }
     }
     let mut outs = vec!["emb".to_string(), "mid".to_string()];
@@ -54,47 +52,19 @@ pub(crate) fn bind_unet(
         enc,
         dec,
         enc_outputs: outs,
-        device_id,
     })
 }
 
 /// Binds the weights a LoRA merge touched in place of the pristine ones (at a step boundary).
 pub(crate) fn rebind_weights(weights: &Weights, bu: &mut BoundUnet, merged: &MergedWeights) -> Result<()> {
-    for name in merged.names() {
+    for name in merged.names().filter(|n| weights.is_unet(n)) {
         let b = match weights.map()[name].graph.as_str() {
             "unet_encoder" => &mut bu.enc,
             _ => &mut bu.dec,
         };
-        bind_weight(weights, b, name, merged, bu.device_id)?;
+        weights.bind_input(b, name, merged)?;
     }
     Ok(())
-}
-
-/// Binds weight `name`: merged if a LoRA touched it, else pristine — in place from device
-/// memory when the weights live on the GPU (no copy), else from the host.
-fn bind_weight(
-    weights: &Weights,
-    b: &mut IoBinding,
-    name: &str,
-    merged: &MergedWeights,
-    device_id: i32,
-) -> Result<()> {
-    let Some(dev) = weights.device() else {
-        b.bind_input(name, merged.get(weights, name)?)?;
-        return Ok(());
-    };
-    let buf = match merged.device(name) {
-        Some(m) => m,
-        None if merged.names().any(|n| n == name) => {
-            // merged on the host (not expected with device weights): bind it with a copy
-            b.bind_input(name, merged.get(weights, name)?)?;
-            return Ok(());
-        }
-        None => dev.get(name),
-    };
-    // SAFETY: the buffer is owned by the pristine set or by `merged`, both kept alive for the
-    // whole job (the bound UNet is dropped before them)
-    unsafe { buf.bind(b, name, &weights.map()[name].shape, &dev.kernels, device_id) }
 }
 
 /// Runs a bound UNet encoder; its outputs (`emb`, `mid`, skips), left on the device.

@@ -71,7 +71,7 @@ struct SlotState {
 }
 
 impl WeightSlot {
-    /// A copy of every weight of `weights` (on `k`'s GPU), pristine to start with.
+    /// A copy of every UNet weight of `weights` (on `k`'s GPU), pristine to start with.
     pub(crate) fn new(weights: &Weights, k: &GpuKernels) -> Result<Arc<Self>> {
         let dev = weights
             .device()
@@ -84,7 +84,7 @@ impl WeightSlot {
             )));
         }
         let mut bufs = HashMap::new();
-        for name in weights.map().keys() {
+        for name in weights.map().keys().filter(|n| weights.is_unet(n)) {
             let src = dev.get(name);
             let buf = match src {
                 DevBuf::F16(x) => DevBuf::F16(k.stream.alloc_zeros::<u16>(x.len()).map_err(gpu_err)?),
@@ -115,7 +115,7 @@ impl WeightSlot {
         let src_dev = merged_on
             .device()
             .ok_or_else(|| Error::Gpu("the merged weights' set is not on a GPU".into()))?;
-        let now: HashSet<String> = merged.names().map(String::from).collect();
+        let now: HashSet<String> = merged.names().filter(|n| own.is_unet(n)).map(String::from).collect();
         for name in st.merged.difference(&now) {
             let (dst, src) = (&self.bufs[name], dev.get(name));
             // SAFETY: same length and type; the graphs do not run until the synchronise below

@@ -246,6 +246,38 @@ impl Weights {
         &self.map
     }
 
+    /// Whether weight `name` is an input of the UNet's graphs (the rest are the text encoders').
+    pub fn is_unet(&self, name: &str) -> bool {
+        self.map.get(name).is_some_and(|e| e.graph.starts_with("unet_"))
+    }
+
+    /// Binds weight `name` as an input of `b`: merged if a LoRA touched it, else pristine — in
+    /// place from device memory when the weights live on a GPU (no copy), else from the host.
+    /// `merged` and `self` must outlive every run of the binding.
+    pub(crate) fn bind_input(
+        &self,
+        b: &mut ort::session::IoBinding,
+        name: &str,
+        merged: &MergedWeights,
+    ) -> Result<()> {
+        let Some(dev) = self.device() else {
+            b.bind_input(name, merged.get(self, name)?)?;
+            return Ok(());
+        };
+        let buf = match merged.device(name) {
+            Some(m) => m,
+            None if merged.names().any(|n| n == name) => {
+                // merged on the host (not expected with device weights): bind it with a copy
+                b.bind_input(name, merged.get(self, name)?)?;
+                return Ok(());
+            }
+            None => dev.get(name),
+        };
+        // SAFETY: the buffer is owned by the pristine set or by `merged`, which the caller keeps
+        // alive for every run of the binding
+        unsafe { buf.bind(b, name, &self.map[name].shape, &dev.kernels, dev.ordinal) }
+    }
+
     /// Input names that graph `graph` takes as weights.
     pub fn inputs_of(&self, graph: &str) -> &[String] {
         self.by_graph.get(graph).map(Vec::as_slice).unwrap_or(&[])
@@ -347,6 +379,11 @@ impl MergedWeights {
     /// Which merge made this set (0: none); equal ids hold equal weights.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Whether a LoRA touched a text encoder's weights.
+    pub fn touches_text(&self) -> bool {
+        self.names().any(crate::lora::is_text_weight)
     }
 
     /// Names of the weights a LoRA touched.

@@ -384,9 +384,7 @@ fn transport_cost(
     use katz_actors::controlnet::wire;
     // this run's bundle: one real step's residuals, measured
     let req = request(pipe, bundles, setup, 1, a, false)?;
-    let cond = pipe
-        .text_encoders_mut()
-        .condition(&req.prompt, None, true, (a.size, a.size))?;
+    let cond = pipe.condition(&req.prompt, None, true, (a.size, a.size))?;
     let image = Tensor::concat0(&[&req.controlnets[0].image, &req.controlnets[0].image]);
     let mut session = pipe.inline_controlnets().open(
         0,
