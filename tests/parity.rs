@@ -95,6 +95,10 @@ const CHECKPOINT: &str = "tests/data/parity-checkpoint";
 /// text-encoder-only file, a kohya LoCon) on the checkpoint bundle, against diffusers'
 /// `load_lora_weights` of the same files.
 const LORA: &str = "tests/data/parity-lora";
+/// LoHa and LoKr files made by peft and named by LyCORIS (`tools/make_lycoris_fixtures.py`) on
+/// the checkpoint bundle, against peft's adapters applied to diffusers' UNet (diffusers'
+/// `load_lora_weights` refuses these files for SDXL).
+const LYCORIS: &str = "tests/data/parity-lycoris";
 
 fn cases(dir: &str) -> Cases {
     let p = root().join(dir).join("cases.json");
@@ -275,16 +279,16 @@ fn lora_locon_is_refused_naming_its_convolution_keys() {
     assert!(err.contains("conv1") || err.contains("conv_in"), "{err}");
 }
 
-/// LoHa and LoKr files made by peft and named by LyCORIS (`tools/make_lycoris_fixtures.py`), and
-/// their peft-layout twins: refused with an error naming the kind and its keys, before any step.
-/// (Their diffusers references wait in `tests/data/parity-lycoris/` for the merges.)
+// LoHa and LoKr (LyCORIS naming), alone and two in one job
+parity!(LYCORIS; loha, lokr, loha_lokr);
+
+/// The peft-layout twins of the LoHa and LoKr files (their alphas live in the peft config, which
+/// is not read): refused with an error naming the kind and its keys, before any step.
 #[test]
-fn loha_and_lokr_files_are_refused_naming_the_kind() {
+fn peft_layout_loha_and_lokr_files_are_refused_naming_the_kind() {
     let pipe = Pipeline::load(root().join("bundles/tiny-ckpt"), test_options()).expect("bundle loads");
     for (file, kind, key) in [
-        ("loha.safetensors", "LoHa", "hada_w1_a"),
         ("loha-peft.safetensors", "LoHa", "hada_w1_a"),
-        ("lokr.safetensors", "LoKr", "lokr_w1"),
         ("lokr-peft.safetensors", "LoKr", "lokr_w1"),
     ] {
         let err = pipe
@@ -293,7 +297,7 @@ fn loha_and_lokr_files_are_refused_naming_the_kind() {
             .unwrap_or_else(|| panic!("{file} was taken"))
             .to_string();
         assert!(err.contains(&format!("are {kind} factors")) && err.contains(key), "{file}: {err}");
-        assert!(!err.contains("match no weight"), "{file}: {err}");
+        assert!(err.contains("LyCORIS naming"), "{file}: {err}");
     }
 }
 
@@ -310,6 +314,8 @@ fn every_recorded_case_has_a_test() {
     );
     let ckpt: Vec<String> = cases(CHECKPOINT).cases.into_iter().map(|c| c.name).collect();
     assert_eq!(ckpt, ["ckpt_euler", "ckpt_euler_a_negative", "ckpt_controlnet"]);
+    let ly: Vec<String> = cases(LYCORIS).cases.into_iter().map(|c| c.name).collect();
+    assert_eq!(ly, ["loha", "lokr", "loha_lokr"]);
     let lora: Vec<String> = cases(LORA).cases.into_iter().map(|c| c.name).collect();
     assert_eq!(
         lora,

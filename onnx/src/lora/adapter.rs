@@ -17,7 +17,7 @@ use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 
 use super::kohya::KohyaMap;
-use super::layout::{peft_place, LoraLayout, Place, Slot};
+use super::layout::{peft_place, LoraLayout, LySlot, Place, Slot};
 use super::{err, some};
 use crate::bundle::WeightEntry;
 use crate::dtype::to_f32;
@@ -189,7 +189,10 @@ fn sort_keys<'t, 'd>(
     let mut todo = Vec::new();
     let mut refused = Refused::default();
     for (key, t) in tensors {
-        if let Some((kind, module)) = other_kind(key) {
+        // LoHa and LoKr are read in the kohya (LyCORIS) naming, whose files carry each module's
+        // alpha; in the peft layout their alphas live in the peft config, which is not read
+        let peft = matches!(map, KeyMap::Peft(_));
+        if let Some((kind, module)) = other_kind(key).filter(|(k, _)| peft || *k == "DoRA") {
             refused.other.entry(kind).or_default().push(key.clone());
             refused.other_modules.insert(module.to_string());
             continue;
@@ -237,12 +240,17 @@ fn convert(path: &Path, todo: Vec<Todo<'_, '_>>) -> Result<Collected> {
     Ok(got)
 }
 
+/// A factor's shape and values.
+type Factor = (Vec<usize>, Vec<f32>);
+
 /// What the keys of a file say, by bundle weight name.
 #[derive(Default)]
 struct Collected {
-    a: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    b: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    a: BTreeMap<String, Factor>,
+    b: BTreeMap<String, Factor>,
     alpha: BTreeMap<String, f32>,
+    /// LyCORIS (LoHa, LoKr) factors.
+    ly: BTreeMap<String, BTreeMap<LySlot, Factor>>,
 }
 
 impl Collected {
@@ -258,6 +266,12 @@ impl Collected {
         let dup = match slot {
             Slot::A => self.a.insert(weight.clone(), (shape, data)).is_some(),
             Slot::B => self.b.insert(weight.clone(), (shape, data)).is_some(),
+            Slot::Ly(s) => self
+                .ly
+                .entry(weight.clone())
+                .or_default()
+                .insert(s, (shape, data))
+                .is_some(),
             Slot::Alpha => {
                 let v = *data
                     .first()
@@ -276,7 +290,7 @@ impl Collected {
 
     /// Whether no key gave a factor (alphas aside).
     fn is_empty(&self) -> bool {
-        self.a.is_empty() && self.b.is_empty()
+        self.a.is_empty() && self.b.is_empty() && self.ly.is_empty()
     }
 }
 
@@ -330,12 +344,16 @@ impl Refused {
         });
         let mut problems = Vec::new();
         for (kind, keys) in &self.other {
-            problems.push(format!(
-                "{} keys are {kind} factors ({}): {kind} adapters are not supported, only LoRA layers \
-                 (lora_A/lora_B, lora_down/lora_up)",
-                keys.len(),
-                some(keys)
-            ));
+            let what = if *kind == "DoRA" {
+                "DoRA adapters are not supported".to_string()
+            } else {
+                format!(
+                    "{kind} files are read in the LyCORIS naming (`lora_unet_<module>.{}`, with `.alpha`), \
+                     not in the peft layout",
+                    if *kind == "LoHa" { "hada_w1_a" } else { "lokr_w1" }
+                )
+            };
+            problems.push(format!("{} keys are {kind} factors ({}): {what}", keys.len(), some(keys)));
         }
         if !self.text_encoder.is_empty() {
             problems.push(format!(
@@ -384,10 +402,10 @@ fn pair_factors(
     weights: &BTreeMap<String, WeightEntry>,
     file_alpha: FileAlpha,
 ) -> Result<BTreeMap<String, LoraLayer>> {
-    if got.a.is_empty() {
+    if got.a.is_empty() && got.ly.is_empty() {
         return Err(err(
             path,
-            "holds no LoRA layers (no `lora_A`/`lora_B` or `lora_down`/`lora_up` keys)",
+            "holds no LoRA layers (no `lora_A`/`lora_B`, `lora_down`/`lora_up`, `hada_*` or `lokr_*` keys)",
         ));
     }
     let (a_name, b_name) = layout.factor_names();
@@ -424,6 +442,15 @@ fn pair_factors(
     }
     if let Some(w) = got.b.keys().next() {
         return Err(err(path, format!("`{w}` has {b_name} but no {a_name}")));
+    }
+    for (weight, factors) in std::mem::take(&mut got.ly) {
+        if layers.contains_key(&weight) {
+            return Err(err(path, format!("`{weight}` has both LoRA and LyCORIS factors")));
+        }
+        let target = &weights[&weight].shape;
+        let layer = super::lycoris::low_rank(&factors, target, got.alpha.get(&weight).copied())
+            .map_err(|m| err(path, format!("`{weight}`: {m}")))?;
+        layers.insert(weight, layer);
     }
     Ok(layers)
 }

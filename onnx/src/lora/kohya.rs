@@ -54,8 +54,9 @@ impl<'w> KohyaMap<'w> {
         if kohya_text_graph(key).is_some_and(|g| !self.text[g]) {
             return Ok(Place::TextEncoder);
         }
-        let split = split_key(key, ".lora_down.weight", ".lora_up.weight");
-        if let Some((m, Slot::A | Slot::B)) = split {
+        let split = split_key(key, ".lora_down.weight", ".lora_up.weight")
+            .or_else(|| super::layout::split_lycoris(key));
+        if let Some((m, Slot::A | Slot::B | Slot::Ly(_))) = split {
             if shape.len() != 2 {
                 return Ok(Place::Conv(m.to_string()));
             }

@@ -79,7 +79,39 @@ pub(super) enum Slot {
     A,
     B,
     Alpha,
+    /// A LyCORIS factor (LoHa, LoKr), kohya-named.
+    Ly(LySlot),
 }
+
+/// The LyCORIS factors katz reads: LoHa's `hada_w{1,2}_{a,b}` and LoKr's `lokr_w{1,2}` (full) or
+/// `lokr_w{1,2}_{a,b}` (decomposed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) enum LySlot {
+    HadaW1A,
+    HadaW1B,
+    HadaW2A,
+    HadaW2B,
+    LokrW1,
+    LokrW1A,
+    LokrW1B,
+    LokrW2,
+    LokrW2A,
+    LokrW2B,
+}
+
+/// Key suffixes of the LyCORIS factors.
+pub(super) const LY_SUFFIXES: [(&str, LySlot); 10] = [
+    (".hada_w1_a", LySlot::HadaW1A),
+    (".hada_w1_b", LySlot::HadaW1B),
+    (".hada_w2_a", LySlot::HadaW2A),
+    (".hada_w2_b", LySlot::HadaW2B),
+    (".lokr_w1", LySlot::LokrW1),
+    (".lokr_w1_a", LySlot::LokrW1A),
+    (".lokr_w1_b", LySlot::LokrW1B),
+    (".lokr_w2", LySlot::LokrW2),
+    (".lokr_w2_a", LySlot::LokrW2A),
+    (".lokr_w2_b", LySlot::LokrW2B),
+];
 
 /// `<module><a_suffix>`, `<module><b_suffix>` or `<module>.alpha` → module and slot.
 pub(super) fn split_key<'k>(key: &'k str, a_suffix: &str, b_suffix: &str) -> Option<(&'k str, Slot)> {
@@ -90,6 +122,13 @@ pub(super) fn split_key<'k>(key: &'k str, a_suffix: &str, b_suffix: &str) -> Opt
     } else {
         key.strip_suffix(".alpha").map(|m| (m, Slot::Alpha))
     }
+}
+
+/// `<module>.hada_w1_a` … `<module>.lokr_w2_b` → module and LyCORIS slot.
+pub(super) fn split_lycoris(key: &str) -> Option<(&str, Slot)> {
+    LY_SUFFIXES
+        .iter()
+        .find_map(|(s, slot)| key.strip_suffix(s).map(|m| (m, Slot::Ly(*slot))))
 }
 
 /// Where one key of a LoRA file goes.

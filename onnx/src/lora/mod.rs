@@ -23,6 +23,11 @@
 //!   Text-encoder module names are taken with or without their `text_model.` level (transformers 5
 //!   drops it for `CLIPTextModel`, published files write it).
 //!
+//! LyCORIS LoHa (`<module>.hada_w1_a` … `.hada_w2_b`) and LoKr (`<module>.lokr_w1[_a|_b]`,
+//! `.lokr_w2[_a|_b]`) factors in the kohya (LyCORIS) naming, with their `.alpha`, become exact
+//! low-rank layers (`lycoris.rs`), merged like any LoRA; in the peft layout (alphas in the peft
+//! config) and DoRA (`dora_scale`, `lora_magnitude_vector`) they are refused, naming the kind.
+//!
 //! The text encoders' targetable weights (attention q/k/v/out projections, MLP fc1/fc2) are the
 //! bundle's weights `text_encoder[_2].<module>.weight`; a bundle exported before its text encoders
 //! took them as inputs refuses a file's text-encoder keys with an error naming them. Convolution
@@ -38,6 +43,7 @@
 //! * `layout.rs` — [`LoraLayout`]: which layout a file is in, the grammar of its keys, and where
 //!   a peft key goes.
 //! * `kohya.rs` — kohya / SGM module names onto the bundle's weight names (`KohyaMap`).
+//! * `lycoris.rs` — LoHa and LoKr factors as exact low-rank layers.
 //! * `merge.rs` — `W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ` on the host ([`Weights::merge`]) and on the GPU
 //!   ([`Weights::upload_factors`] → [`DeviceFactors`], [`Weights::merge_on_device`]).
 //! * `pending.rs` — [`PendingMerge`] / [`MergeSender`]: a merge in flight while a job denoises.
@@ -66,6 +72,7 @@ mod adapter;
 mod fixtures;
 mod kohya;
 mod layout;
+mod lycoris;
 mod merge;
 mod pending;
 pub mod plan;
