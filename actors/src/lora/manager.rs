@@ -764,6 +764,10 @@ mod tests {
             std::fs::copy(root().join("bundles/loras").join(&file), dir.join(&file)).unwrap();
         }
         std::fs::write(dir.join("broken.safetensors"), b"not a safetensors file").unwrap();
+        // a real LoRA cut after its header: admitted (the header parses), its read fails
+        let a = std::fs::read(root().join("bundles/loras/tiny-lora-a.safetensors")).unwrap();
+        let header = 8 + u64::from_le_bytes(a[..8].try_into().unwrap()) as usize;
+        std::fs::write(dir.join("cut.safetensors"), &a[..header + 16]).unwrap();
         dir
     }
 
@@ -840,14 +844,19 @@ mod tests {
         let e = mgr.admit(names(&["nope"])).await.unwrap_err();
         assert!(e.to_string().contains("unknown LoRA `nope`"), "{e}");
         assert_eq!(e.action(), Action::DeadLetter);
-        // `broken` exists, so it is admitted; its fetch fails, and the merge says so
-        let a = mgr.admit(names(&["broken"])).await.unwrap();
+        // `broken` exists but its header is no safetensors header: refused at admission, a bad
+        // input (dead letter), before any fetch or step
+        let e = mgr.admit(names(&["broken"])).await.unwrap_err();
+        assert!(e.to_string().contains("broken") && e.to_string().contains("header"), "{e}");
+        assert_eq!(e.action(), Action::DeadLetter);
+        // `cut` has a good header, so it is admitted; its read fails, and the merge says so
+        let a = mgr.admit(names(&["cut"])).await.unwrap();
         assert_eq!(a.loads, 1);
-        let m = mgr.merge(vec![("broken".into(), 1.0)]).await.unwrap();
+        let m = mgr.merge(vec![("cut".into(), 1.0)]).await.unwrap();
         let (r, _) = merged(m).await;
         let e = r.unwrap_err();
         assert!(matches!(e, katz_onnx::Error::Lora { .. }), "{e}");
-        assert!(e.to_string().contains("broken"), "{e}");
+        assert!(e.to_string().contains("cut"), "{e}");
         let st = mgr.stats().await.unwrap();
         assert!(st.fetch_errors >= 1 && st.merges == 0, "{st:?}");
         assert_eq!(st.pending_loads, 0);
