@@ -272,9 +272,17 @@ parity!(LORA; lora_peft_te, lora_kohya_te, lora_te_only, lora_mixed);
 #[test]
 fn lora_locon_is_refused_naming_its_convolution_keys() {
     let all = cases(LORA);
-    let case = all.cases.iter().find(|c| c.name == "lora_locon").expect("lora_locon case");
+    let case = all
+        .cases
+        .iter()
+        .find(|c| c.name == "lora_locon")
+        .expect("lora_locon case");
     let pipe = Pipeline::load(root().join(&all.bundle), test_options()).expect("bundle loads");
-    let err = pipe.lora(root().join(&case.loras[0].file)).err().expect("refused").to_string();
+    let err = pipe
+        .lora(root().join(&case.loras[0].file))
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(err.contains("convolution"), "{err}");
     assert!(err.contains("conv1") || err.contains("conv_in"), "{err}");
 }
@@ -296,7 +304,10 @@ fn peft_layout_loha_and_lokr_files_are_refused_naming_the_kind() {
             .err()
             .unwrap_or_else(|| panic!("{file} was taken"))
             .to_string();
-        assert!(err.contains(&format!("are {kind} factors")) && err.contains(key), "{file}: {err}");
+        assert!(
+            err.contains(&format!("are {kind} factors")) && err.contains(key),
+            "{file}: {err}"
+        );
         assert!(err.contains("LyCORIS naming"), "{file}: {err}");
     }
 }
@@ -319,7 +330,13 @@ fn every_recorded_case_has_a_test() {
     let lora: Vec<String> = cases(LORA).cases.into_iter().map(|c| c.name).collect();
     assert_eq!(
         lora,
-        ["lora_peft_te", "lora_kohya_te", "lora_te_only", "lora_mixed", "lora_locon"]
+        [
+            "lora_peft_te",
+            "lora_kohya_te",
+            "lora_te_only",
+            "lora_mixed",
+            "lora_locon"
+        ]
     );
     let names: Vec<String> = cases(TINY).cases.into_iter().map(|c| c.name).collect();
     let tested = [

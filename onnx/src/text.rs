@@ -114,7 +114,12 @@ impl TextEncoders {
                     .filter(|(_, e)| e.graph == graph)
                     .map(|(n, _)| n.clone()),
             );
-            check_io(&path, &session, &inputs, &["hidden_states".into(), "pooled".into()])?;
+            check_io(
+                &path,
+                &session,
+                &inputs,
+                &["hidden_states".into(), "pooled".into()],
+            )?;
             let tokenizer = load_tokenizer(&bundle.path(&spec.tokenizer))?;
             let mut counter = tokenizer.clone();
             counter.with_padding(None);
@@ -203,7 +208,10 @@ impl TextEncoders {
             let (h, p) = match bound {
                 None => {
                     let out = enc.session.run(ort::inputs!["input_ids" => input])?;
-                    (Tensor::from_output(&out, "hidden_states")?, Tensor::from_output(&out, "pooled")?)
+                    (
+                        Tensor::from_output(&out, "hidden_states")?,
+                        Tensor::from_output(&out, "pooled")?,
+                    )
                 }
                 Some(pristine) => {
                     // weights bound (pristine or merged; in place on a GPU), outputs to the host
@@ -214,12 +222,20 @@ impl TextEncoders {
                     for name in pristine.inputs_of(&enc.graph) {
                         pristine.bind_input(&mut binding, name, merged)?;
                     }
-                    let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+                    let host = MemoryInfo::new(
+                        AllocationDevice::CPU,
+                        0,
+                        AllocatorType::Device,
+                        MemoryType::Default,
+                    )?;
                     for o in ["hidden_states", "pooled"] {
                         binding.bind_output_to_device(o, &host)?;
                     }
                     let out = enc.session.run_binding(&binding)?;
-                    (Tensor::from_output(&out, "hidden_states")?, Tensor::from_output(&out, "pooled")?)
+                    (
+                        Tensor::from_output(&out, "hidden_states")?,
+                        Tensor::from_output(&out, "pooled")?,
+                    )
                 }
             };
             hidden.push(h);

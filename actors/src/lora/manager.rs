@@ -494,7 +494,10 @@ impl Owner {
         let (merge_tx, pending) = PendingMerge::channel();
         // LoRAs read before: the job learns now whether it must wait for the merge (text-encoder
         // layers) and otherwise denoises while they are fetched and merged
-        let known: Option<Vec<bool>> = loras.iter().map(|(n, _)| self.text_layers.get(n).copied()).collect();
+        let known: Option<Vec<bool>> = loras
+            .iter()
+            .map(|(n, _)| self.text_layers.get(n).copied())
+            .collect();
         if let Some(k) = known {
             merge_tx.text_encoders(k.into_iter().any(|t| t));
         }
@@ -847,7 +850,10 @@ mod tests {
         // `broken` exists but its header is no safetensors header: refused at admission, a bad
         // input (dead letter), before any fetch or step
         let e = mgr.admit(names(&["broken"])).await.unwrap_err();
-        assert!(e.to_string().contains("broken") && e.to_string().contains("header"), "{e}");
+        assert!(
+            e.to_string().contains("broken") && e.to_string().contains("header"),
+            "{e}"
+        );
         assert_eq!(e.action(), Action::DeadLetter);
         // `cut` has a good header, so it is admitted; its read fails, and the merge says so
         let a = mgr.admit(names(&["cut"])).await.unwrap();

@@ -94,7 +94,9 @@ impl LoraStore {
         let header = match read_header_file(&path).await {
             Ok(Some(h)) => h,
             Ok(None) => match &self.redis {
-                Some(r) => read_header_redis(r, name).await?.ok_or_else(|| self.unknown(name))?,
+                Some(r) => read_header_redis(r, name)
+                    .await?
+                    .ok_or_else(|| self.unknown(name))?,
                 None => return Err(self.unknown(name)),
             },
             Err(e) => return Err(bad(format!("reading its header: {e}"))),
@@ -144,7 +146,9 @@ async fn read_header_file(path: &std::path::Path) -> std::io::Result<Option<Vec<
     f.read_exact(&mut len).await?;
     let n = u64::from_le_bytes(len);
     if n > MAX_HEADER {
-        return Err(std::io::Error::other(format!("a header of {n} bytes is not a safetensors header")));
+        return Err(std::io::Error::other(format!(
+            "a header of {n} bytes is not a safetensors header"
+        )));
     }
     let mut h = vec![0u8; n as usize];
     f.read_exact(&mut h).await?;
@@ -152,7 +156,10 @@ async fn read_header_file(path: &std::path::Path) -> std::io::Result<Option<Vec<
 }
 
 /// The same from Redis (two GETRANGEs); None: no such key.
-async fn read_header_redis(r: &redis::aio::ConnectionManager, name: &str) -> Result<Option<Vec<u8>>, JobError> {
+async fn read_header_redis(
+    r: &redis::aio::ConnectionManager,
+    name: &str,
+) -> Result<Option<Vec<u8>>, JobError> {
     let key = lora_key(name);
     let mut c = r.clone();
     let len: Vec<u8> = c.getrange(&key, 0, 7).await?;
@@ -165,7 +172,10 @@ async fn read_header_redis(r: &redis::aio::ConnectionManager, name: &str) -> Res
             message: m,
         })
     };
-    let n = u64::from_le_bytes(len.try_into().map_err(|_| bad("shorter than a safetensors header".into()))?);
+    let n = u64::from_le_bytes(
+        len.try_into()
+            .map_err(|_| bad("shorter than a safetensors header".into()))?,
+    );
     if n > MAX_HEADER {
         return Err(bad(format!("a header of {n} bytes is not a safetensors header")));
     }

@@ -198,9 +198,13 @@ fn ptx_for(opts: cudarc::nvrtc::CompileOptions) -> Result<cudarc::nvrtc::Ptx, Gp
     let mut h = fnv::FnvHasher::default();
     h.write(SOURCE.as_bytes());
     h.write(arch.unwrap_or("default").as_bytes());
-    let file = PTX_DIR
-        .get()
-        .map(|d| d.join(format!("kernels-{}-{:016x}.ptx", arch.unwrap_or("default"), h.finish())));
+    let file = PTX_DIR.get().map(|d| {
+        d.join(format!(
+            "kernels-{}-{:016x}.ptx",
+            arch.unwrap_or("default"),
+            h.finish()
+        ))
+    });
     let kept = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok());
     let src = match kept {
         Some(src) if src.contains(".entry") => src,

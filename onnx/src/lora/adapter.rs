@@ -297,10 +297,28 @@ impl Collected {
 /// The adapter kinds other than LoRA, by the suffixes of their factors' keys (LyCORIS and peft
 /// name them alike): LoHa, LoKr, DoRA.
 const OTHER_KINDS: [(&str, &[&str]); 3] = [
-    ("LoHa", &[".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2"]),
+    (
+        "LoHa",
+        &[
+            ".hada_w1_a",
+            ".hada_w1_b",
+            ".hada_w2_a",
+            ".hada_w2_b",
+            ".hada_t1",
+            ".hada_t2",
+        ],
+    ),
     (
         "LoKr",
-        &[".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2"],
+        &[
+            ".lokr_w1",
+            ".lokr_w1_a",
+            ".lokr_w1_b",
+            ".lokr_w2",
+            ".lokr_w2_a",
+            ".lokr_w2_b",
+            ".lokr_t2",
+        ],
     ),
     ("DoRA", &[".dora_scale", ".lora_magnitude_vector"]),
 ];
@@ -353,7 +371,11 @@ impl Refused {
                     if *kind == "LoHa" { "hada_w1_a" } else { "lokr_w1" }
                 )
             };
-            problems.push(format!("{} keys are {kind} factors ({}): {what}", keys.len(), some(keys)));
+            problems.push(format!(
+                "{} keys are {kind} factors ({}): {what}",
+                keys.len(),
+                some(keys)
+            ));
         }
         if !self.text_encoder.is_empty() {
             problems.push(format!(
@@ -652,7 +674,10 @@ mod tests {
         }
         let m = load_err(&e);
         assert!(m.contains("3 keys adapt a text encoder"), "{m}");
-        assert!(m.contains("this bundle's text encoders take no LoRA weights"), "{m}");
+        assert!(
+            m.contains("this bundle's text encoders take no LoRA weights"),
+            "{m}"
+        );
         for k in keys {
             assert!(m.contains(k), "{m}");
         }
@@ -680,9 +705,19 @@ mod tests {
         }
         let f = |k: &str, s: Vec<usize>| (k.to_string(), s.clone(), values(s.iter().product(), 9));
         let kohya = vec![
-            f("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", vec![2, 6]),
-            f("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", vec![4, 2]),
-            ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha".into(), vec![], vec![1.0]),
+            f(
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                vec![2, 6],
+            ),
+            f(
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+                vec![4, 2],
+            ),
+            (
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha".into(),
+                vec![],
+                vec![1.0],
+            ),
             f("lora_te2_encoder_layers_0_mlp_fc1.lora_down.weight", vec![2, 6]),
             f("lora_te2_encoder_layers_0_mlp_fc1.lora_up.weight", vec![4, 2]),
         ];
@@ -692,23 +727,42 @@ mod tests {
         assert!(a.has_text_encoder_layers());
         // `lora_te_` is the first encoder too
         let old = vec![
-            f("lora_te_encoder_layers_0_self_attn_q_proj.lora_down.weight", vec![2, 6]),
-            f("lora_te_encoder_layers_0_self_attn_q_proj.lora_up.weight", vec![4, 2]),
+            f(
+                "lora_te_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                vec![2, 6],
+            ),
+            f(
+                "lora_te_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+                vec![4, 2],
+            ),
         ];
         let a = LoraAdapter::from_bytes(&serialize(&old, None), "o.safetensors", &map).unwrap();
         assert_eq!(a.layers.keys().collect::<Vec<_>>(), [te1]);
 
         let peft = vec![
-            f("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight", vec![2, 6]),
-            f("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight", vec![4, 2]),
-            f("text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight", vec![2, 6]),
-            f("text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_B.weight", vec![4, 2]),
+            f(
+                "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+                vec![2, 6],
+            ),
+            f(
+                "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight",
+                vec![4, 2],
+            ),
+            f(
+                "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight",
+                vec![2, 6],
+            ),
+            f(
+                "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_B.weight",
+                vec![4, 2],
+            ),
             f(&format!("unet.{Q}.lora_A.weight"), vec![2, 6]),
             f(&format!("unet.{Q}.lora_B.weight"), vec![8, 2]),
         ];
         let meta = HashMap::from([(
             "lora_adapter_metadata".to_string(),
-            r#"{"unet.lora_alpha": 8, "text_encoder.lora_alpha": 1, "text_encoder_2.lora_alpha": 3}"#.to_string(),
+            r#"{"unet.lora_alpha": 8, "text_encoder.lora_alpha": 1, "text_encoder_2.lora_alpha": 3}"#
+                .to_string(),
         )]);
         let a = LoraAdapter::from_bytes(&serialize(&peft, Some(meta)), "p.safetensors", &map).unwrap();
         let q = format!("{Q}.weight");
@@ -717,21 +771,36 @@ mod tests {
             (1.0, 3.0, 8.0)
         );
         // a text-encoder module the bundle does not have is named
-        let bad = vec![f("lora_te2_encoder_layers_5_mlp_fc1.lora_down.weight", vec![2, 6])];
+        let bad = vec![f(
+            "lora_te2_encoder_layers_5_mlp_fc1.lora_down.weight",
+            vec![2, 6],
+        )];
         let m = LoraAdapter::from_bytes(&serialize(&bad, None), "b.safetensors", &map)
             .unwrap_err()
             .to_string();
-        assert!(m.contains("lora_te2_encoder_layers_5_mlp_fc1.lora_down.weight") && m.contains("match no weight"), "{m}");
+        assert!(
+            m.contains("lora_te2_encoder_layers_5_mlp_fc1.lora_down.weight") && m.contains("match no weight"),
+            "{m}"
+        );
     }
 
     #[test]
     fn other_adapter_kinds_are_told_apart_by_their_factor_names() {
-        assert_eq!(other_kind("lora_unet_a_b.hada_w1_a"), Some(("LoHa", "lora_unet_a_b")));
+        assert_eq!(
+            other_kind("lora_unet_a_b.hada_w1_a"),
+            Some(("LoHa", "lora_unet_a_b"))
+        );
         assert_eq!(other_kind("unet.a.b.hada_w2_b"), Some(("LoHa", "unet.a.b")));
         assert_eq!(other_kind("lora_unet_a.lokr_w1"), Some(("LoKr", "lora_unet_a")));
         assert_eq!(other_kind("lora_unet_a.lokr_w2_a"), Some(("LoKr", "lora_unet_a")));
-        assert_eq!(other_kind("lora_unet_a.dora_scale"), Some(("DoRA", "lora_unet_a")));
-        assert_eq!(other_kind("unet.a.lora_magnitude_vector.weight"), Some(("DoRA", "unet.a")));
+        assert_eq!(
+            other_kind("lora_unet_a.dora_scale"),
+            Some(("DoRA", "lora_unet_a"))
+        );
+        assert_eq!(
+            other_kind("unet.a.lora_magnitude_vector.weight"),
+            Some(("DoRA", "unet.a"))
+        );
         assert_eq!(other_kind("lora_unet_a.lora_down.weight"), None);
         assert_eq!(other_kind("unet.a.lora_A.weight"), None);
     }

@@ -16,7 +16,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use super::err;
-use super::layout::{split_key, takes_text, text_model_variants, text_part, Place, Slot, KOHYA_TE, KOHYA_UNET};
+use super::layout::{
+    split_key, takes_text, text_model_variants, text_part, Place, Slot, KOHYA_TE, KOHYA_UNET,
+};
 use crate::bundle::WeightEntry;
 use crate::Result;
 
@@ -105,10 +107,7 @@ pub(super) fn kohya_lookup(
     layers: Option<usize>,
 ) -> HashMap<String, Option<&str>> {
     fn enter<'a>(lookup: &mut HashMap<String, Option<&'a str>>, name: String, w: &'a str) {
-        lookup
-            .entry(name)
-            .and_modify(|v| *v = None)
-            .or_insert(Some(w));
+        lookup.entry(name).and_modify(|v| *v = None).or_insert(Some(w));
     }
     let mut lookup: HashMap<String, Option<&str>> = HashMap::new();
     for w in weights.keys() {
@@ -130,7 +129,11 @@ pub(super) fn kohya_lookup(
         }
         let sgm = sgm_module(module, layers);
         for m in std::iter::once(module).chain(sgm.as_deref()) {
-            enter(&mut lookup, format!("{KOHYA_UNET}{}", m.replace('.', "_")), w.as_str());
+            enter(
+                &mut lookup,
+                format!("{KOHYA_UNET}{}", m.replace('.', "_")),
+                w.as_str(),
+            );
         }
     }
     lookup

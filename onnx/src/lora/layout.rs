@@ -250,7 +250,10 @@ mod tests {
     #[test]
     fn peft_text_encoder_keys_place_with_or_without_text_model() {
         let w = BTreeMap::from([
-            ("text_encoder.encoder.layers.0.mlp.fc1.weight".to_string(), entry("text_encoder")),
+            (
+                "text_encoder.encoder.layers.0.mlp.fc1.weight".to_string(),
+                entry("text_encoder"),
+            ),
             (
                 "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.weight".to_string(),
                 entry("text_encoder_2"),
@@ -258,7 +261,10 @@ mod tests {
         ]);
         let place = |k| peft_place(&w, k);
         let fc1 = "text_encoder.encoder.layers.0.mlp.fc1.weight";
-        assert_eq!(place("text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight"), Place::Weight(fc1.into(), Slot::A));
+        assert_eq!(
+            place("text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight"),
+            Place::Weight(fc1.into(), Slot::A)
+        );
         assert_eq!(
             place("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_B.weight"),
             Place::Weight(fc1.into(), Slot::B)
@@ -268,7 +274,10 @@ mod tests {
             place("text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight"),
             Place::Weight(q.into(), Slot::A)
         );
-        assert_eq!(place("text_encoder_2.encoder.layers.0.mlp.fc2.lora_A.weight"), Place::Unmatched);
+        assert_eq!(
+            place("text_encoder_2.encoder.layers.0.mlp.fc2.lora_A.weight"),
+            Place::Unmatched
+        );
     }
 
     #[test]

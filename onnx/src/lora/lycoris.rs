@@ -31,7 +31,9 @@ pub(super) fn low_rank(
     alpha: Option<f32>,
 ) -> Result<LoraLayer, String> {
     if target.len() != 2 {
-        return Err(format!("LyCORIS factors for a weight of shape {target:?} (only linear layers take them)"));
+        return Err(format!(
+            "LyCORIS factors for a weight of shape {target:?} (only linear layers take them)"
+        ));
     }
     let (out, inp) = (target[0], target[1]);
     let get = |s: LySlot| factors.get(&s);
@@ -106,7 +108,12 @@ fn loha(
 
 /// One Kronecker factor as U·V: a full factor W [m, n] is W·I (inner n), a decomposed one
 /// Wa [m, k]·Wb [k, n] (inner k); and whether it was decomposed.
-fn kron_factor(full: Option<&Factor>, fa: Option<&Factor>, fb: Option<&Factor>, name: &str) -> Result<(Factor, Factor, bool), String> {
+fn kron_factor(
+    full: Option<&Factor>,
+    fa: Option<&Factor>,
+    fb: Option<&Factor>,
+    name: &str,
+) -> Result<(Factor, Factor, bool), String> {
     match (full, fa, fb) {
         (Some(w), None, None) => {
             let (_, n) = dims2(w, name)?;
@@ -145,10 +152,25 @@ fn kron(x: &Factor, y: &Factor) -> Factor {
     (vec![m * p, n * q], out)
 }
 
-fn lokr(factors: &BTreeMap<LySlot, Factor>, out: usize, inp: usize, alpha: Option<f32>) -> Result<LoraLayer, String> {
+fn lokr(
+    factors: &BTreeMap<LySlot, Factor>,
+    out: usize,
+    inp: usize,
+    alpha: Option<f32>,
+) -> Result<LoraLayer, String> {
     let get = |s: LySlot| factors.get(&s);
-    let (u1, v1, d1) = kron_factor(get(LySlot::LokrW1), get(LySlot::LokrW1A), get(LySlot::LokrW1B), "lokr_w1")?;
-    let (u2, v2, d2) = kron_factor(get(LySlot::LokrW2), get(LySlot::LokrW2A), get(LySlot::LokrW2B), "lokr_w2")?;
+    let (u1, v1, d1) = kron_factor(
+        get(LySlot::LokrW1),
+        get(LySlot::LokrW1A),
+        get(LySlot::LokrW1B),
+        "lokr_w1",
+    )?;
+    let (u2, v2, d2) = kron_factor(
+        get(LySlot::LokrW2),
+        get(LySlot::LokrW2A),
+        get(LySlot::LokrW2B),
+        "lokr_w2",
+    )?;
     let (a1, b1) = (u1.0[0], v1.0[1]);
     let (c2, d2n) = (u2.0[0], v2.0[1]);
     if a1 * c2 != out || b1 * d2n != inp {
@@ -217,11 +239,15 @@ mod tests {
                 let mut factors = BTreeMap::new();
                 let mut alpha = None;
                 for (key, t) in st.tensors() {
-                    let Some(rest) = key.strip_prefix(prefix) else { continue };
+                    let Some(rest) = key.strip_prefix(prefix) else {
+                        continue;
+                    };
                     let data = to_f32(t.dtype(), t.data()).unwrap();
                     if rest == ".alpha" {
                         alpha = Some(data[0]);
-                    } else if let Some((_, s)) = super::super::layout::LY_SUFFIXES.iter().find(|(s, _)| *s == rest) {
+                    } else if let Some((_, s)) =
+                        super::super::layout::LY_SUFFIXES.iter().find(|(s, _)| *s == rest)
+                    {
                         factors.insert(*s, (t.shape().to_vec(), data));
                     }
                 }
@@ -233,9 +259,16 @@ mod tests {
                     .chunks_exact(8)
                     .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
                     .collect();
-                let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max);
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0.0, f64::max);
                 let scale = want.iter().map(|w| w.abs()).fold(0.0, f64::max);
-                assert!(err <= 1e-6 * scale.max(1e-12), "{name}: max |ΔW - peft's| {err:.2e} (max |ΔW| {scale:.2e})");
+                assert!(
+                    err <= 1e-6 * scale.max(1e-12),
+                    "{name}: max |ΔW - peft's| {err:.2e} (max |ΔW| {scale:.2e})"
+                );
                 checked += 1;
             }
         }
@@ -249,10 +282,14 @@ mod tests {
         loha.insert(LySlot::HadaW1A, f(4, 2));
         loha.insert(LySlot::HadaW1B, f(2, 6));
         loha.insert(LySlot::HadaW2A, f(4, 2));
-        assert!(low_rank(&loha, &[4, 6], None).unwrap_err().contains("needs hada_w1_a"));
+        assert!(low_rank(&loha, &[4, 6], None)
+            .unwrap_err()
+            .contains("needs hada_w1_a"));
         loha.insert(LySlot::HadaW2B, f(2, 6));
         assert!(low_rank(&loha, &[4, 6], None).is_ok());
-        assert!(low_rank(&loha, &[4, 7], None).unwrap_err().contains("do not make"));
+        assert!(low_rank(&loha, &[4, 7], None)
+            .unwrap_err()
+            .contains("do not make"));
         let mut lokr = BTreeMap::new();
         lokr.insert(LySlot::LokrW1, f(2, 2));
         lokr.insert(LySlot::LokrW2A, f(2, 1));
@@ -261,6 +298,8 @@ mod tests {
         let l = low_rank(&lokr, &[4, 4], Some(2.0)).unwrap();
         // a decomposed factor of inner size 1: scale alpha / 1
         assert_eq!(l.alpha / l.rank as f32, 2.0);
-        assert!(low_rank(&lokr, &[4, 5], None).unwrap_err().contains("do not make"));
+        assert!(low_rank(&lokr, &[4, 5], None)
+            .unwrap_err()
+            .contains("do not make"));
     }
 }

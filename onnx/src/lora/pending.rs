@@ -88,13 +88,10 @@ impl PendingMerge {
         merge: impl FnOnce(&MergeSender) -> Result<Arc<MergedWeights>> + Send + 'static,
     ) -> PendingMerge {
         let (tx, rx) = PendingMerge::channel();
-        if let Err(e) = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                let r = merge(&tx);
-                tx.send(r)
-            })
-        {
+        if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(move || {
+            let r = merge(&tx);
+            tx.send(r)
+        }) {
             tracing::error!(error = %e, "cannot start the {name} thread");
         }
         rx
@@ -202,7 +199,11 @@ mod tests {
         // an abandoned one too
         let (tx, mut p) = PendingMerge::channel();
         drop(tx);
-        assert!(p.touches_text(Duration::from_secs(1)).unwrap_err().to_string().contains("abandoned"));
+        assert!(p
+            .touches_text(Duration::from_secs(1))
+            .unwrap_err()
+            .to_string()
+            .contains("abandoned"));
         // and one that says nothing in time
         let (_tx, mut p) = PendingMerge::channel();
         let e = p.touches_text(Duration::from_millis(10)).unwrap_err().to_string();

@@ -71,7 +71,9 @@ pub(super) fn start_loras<'p>(
                 let merged = pending.poll(Some(timeout)).unwrap_or_else(|| {
                     Err(Error::Lora {
                         path: "<merge>".into(),
-                        message: format!("the LoRA merge (text encoders included) was not ready within {timeout:?}"),
+                        message: format!(
+                            "the LoRA merge (text encoders included) was not ready within {timeout:?}"
+                        ),
                     })
                 })?;
                 t.lora_wait += t0.elapsed();

@@ -272,7 +272,12 @@ impl Pipeline {
 
 /// Runs the text encoders and the VAE decoder once, at the first shape bucket's size (else the
 /// bundle's default size), so that their first runs are not a job's. Nothing is kept.
-fn first_runs(bundle: &BaseBundle, opts: &SessionOptions, text: &mut TextEncoders, vae: &mut Session) -> Result<()> {
+fn first_runs(
+    bundle: &BaseBundle,
+    opts: &SessionOptions,
+    text: &mut TextEncoders,
+    vae: &mut Session,
+) -> Result<()> {
     let t0 = std::time::Instant::now();
     let m = &bundle.manifest;
     let (width, height) = match opts.buckets.first() {
@@ -282,7 +287,13 @@ fn first_runs(bundle: &BaseBundle, opts: &SessionOptions, text: &mut TextEncoder
     // text encoders that take their weights as inputs wait for them: the warm-up runs them
     let takes_weights = m.weights.map.values().any(|e| !e.graph.starts_with("unet_"));
     if !takes_weights {
-        text.condition(crate::text::TextWeights::default(), "", None, true, (height, width))?;
+        text.condition(
+            crate::text::TextWeights::default(),
+            "",
+            None,
+            true,
+            (height, width),
+        )?;
     }
     let text_ms = t0.elapsed().as_millis() as u64;
     let s = m.vae_scale_factor;

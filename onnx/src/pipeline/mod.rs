@@ -311,7 +311,6 @@ impl Pipeline {
             },
         );
 
-
         let images: Vec<Tensor> = req
             .controlnets
             .iter()

@@ -198,7 +198,11 @@ fn open_in_background(state: Arc<(Mutex<Opening>, Condvar)>, spec: Arc<PairSpec>
                 if st.running == 0 && idle >= OPEN_AFTER_IDLE {
                     break;
                 }
-                let wait = if st.running > 0 { OPEN_AFTER_IDLE } else { OPEN_AFTER_IDLE - idle };
+                let wait = if st.running > 0 {
+                    OPEN_AFTER_IDLE
+                } else {
+                    OPEN_AFTER_IDLE - idle
+                };
                 st = cv.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
             }
             match st.queue.pop_front() {

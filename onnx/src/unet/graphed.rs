@@ -115,7 +115,11 @@ impl WeightSlot {
         let src_dev = merged_on
             .device()
             .ok_or_else(|| Error::Gpu("the merged weights' set is not on a GPU".into()))?;
-        let now: HashSet<String> = merged.names().filter(|n| own.is_unet(n)).map(String::from).collect();
+        let now: HashSet<String> = merged
+            .names()
+            .filter(|n| own.is_unet(n))
+            .map(String::from)
+            .collect();
         for name in st.merged.difference(&now) {
             let (dst, src) = (&self.bufs[name], dev.get(name));
             // SAFETY: same length and type; the graphs do not run until the synchronise below
@@ -298,7 +302,11 @@ impl GraphedUnet {
         let encoder_ms = t0.elapsed().as_millis() as u64;
         self.decode(dec)
             .map_err(|e| Error::Gpu(format!("capturing the UNet decoder's CUDA graph: {e}")))?;
-        tracing::debug!(encoder_ms, decoder_ms = t0.elapsed().as_millis() as u64 - encoder_ms, "UNet pair captured");
+        tracing::debug!(
+            encoder_ms,
+            decoder_ms = t0.elapsed().as_millis() as u64 - encoder_ms,
+            "UNet pair captured"
+        );
         Ok(())
     }
 

@@ -49,11 +49,7 @@ pub(super) struct WeightFile {
 impl WeightFile {
     /// Checks the mapped file against the manifest's weight map: every weight present with its
     /// shape and a readable type, and no weight the map does not name.
-    pub(super) fn read(
-        path: &Path,
-        map: memmap2::Mmap,
-        spec: &WeightsSpec,
-    ) -> Result<Self> {
+    pub(super) fn read(path: &Path, map: memmap2::Mmap, spec: &WeightsSpec) -> Result<Self> {
         let st = SafeTensors::deserialize(&map)
             .map_err(|e| Error::bundle(path, format!("not a safetensors file: {e}")))?;
         let base = map.as_ptr() as usize;
@@ -143,7 +139,10 @@ impl WeightFile {
             return Ok(std::borrow::Cow::Borrowed(bytes));
         }
         let data = to_f32(slot.dtype, bytes).ok_or_else(|| {
-            Error::bundle(&self.path, format!("weight `{name}` has unsupported dtype {:?}", slot.dtype))
+            Error::bundle(
+                &self.path,
+                format!("weight `{name}` has unsupported dtype {:?}", slot.dtype),
+            )
         })?;
         Ok(std::borrow::Cow::Owned(match HostData::new(data, half) {
             HostData::F16(h) => h.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -154,12 +153,12 @@ impl WeightFile {
     /// Streams every weight to GPU `ordinal` (f16 for those in `half`) into buffers of its own.
     pub(super) fn upload(&self, ordinal: i32, half: &HashSet<String>) -> Result<DeviceWeights> {
         let t0 = Instant::now();
-        let kernels = Arc::new(GpuKernels::new(ordinal as usize).map_err(|e| {
-            Error::DeviceUnavailable {
+        let kernels = Arc::new(
+            GpuKernels::new(ordinal as usize).map_err(|e| Error::DeviceUnavailable {
                 device: format!("cuda:{ordinal}"),
                 message: format!("the LoRA merge kernels cannot start: {e}"),
-            }
-        })?);
+            })?,
+        );
         let kernels_ms = t0.elapsed().as_millis() as u64;
         let t0 = Instant::now();
         let names: BTreeMap<&str, usize> = self
@@ -251,9 +250,8 @@ impl WeightFile {
                     e.synchronize().map_err(gpu_err)?;
                 }
                 let p = &mut pinned[turn];
-                let host = unsafe {
-                    std::slice::from_raw_parts_mut(p.as_mut_ptr().map_err(gpu_err)?, piece.len())
-                };
+                let host =
+                    unsafe { std::slice::from_raw_parts_mut(p.as_mut_ptr().map_err(gpu_err)?, piece.len()) };
                 host.copy_from_slice(piece);
                 // SAFETY: `dst` holds the weight's bytes; the piece lies inside it; the pinned
                 // chunk is not written again before the event below completes
