@@ -510,6 +510,17 @@ job_ms() {  # job id: submitted → finished, ms, from its record
   /opt/kb/katz status "$1" | python3 -c "import json,sys; r=json.load(sys.stdin); print(int(r['finished_ms'])-int(r['submitted_ms']), r.get('pipeline_ms','?'), r.get('step_ms','?'), r.get('vae_decode_ms','?'))"
 }
 
+worker_bg() {  # name, log, extra args: `katz worker` on GPU 0 for fastpath/ready (their $cache, $q), in the background; sets pid
+  local name=$1 log=$2; shift 2
+  KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet none \
+    --queue "$q" --name "$name" --metrics-addr 127.0.0.1:9187 ${FAST_WORKER_ARGS:-} "$@" >"$log" 2>&1 &
+  pid=$!
+}
+
+load_lines() {  # log, count: where a worker's load went (its last `count` such lines)
+  sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -E "weights on the GPU|ran once|bound and captured|pipeline loaded|bucket captured|warmed up|models loaded|rror" | cut -c1-400 | tail -"$2"
+}
+
 fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
   bench_setup || return 1
   bash tools/device/services-pack.sh start || return 1
@@ -525,12 +536,10 @@ fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
   fi
   rm -rf "$cache"
   for start in cold warm; do
-    KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet none \
-      --queue "$q" --name "fast-$start" --metrics-addr 127.0.0.1:9187 ${FAST_WORKER_ARGS:-} >"$O/worker-$start.log" 2>&1 &
-    pid=$!
+    worker_bg "fast-$start" "$O/worker-$start.log"
     ready=$(ready_wait $pid 9187) || { echo "worker ($start) did not get ready"; tail -20 "$O/worker-$start.log"; return 1; }
     echo "== worker, $start start (graph cache $( [[ $start == cold ]] && echo empty || echo warm)): ready after $ready s"
-    sed 's/\x1b\[[0-9;]*m//g' "$O/worker-$start.log" | grep -E "weights on the GPU|ran once|bound and captured|pipeline loaded|bucket captured|warmed up|models loaded|rror" | cut -c1-400 | tail -14
+    load_lines "$O/worker-$start.log" 14
     local n=${FAST_JOBS:-11}
     [[ $start == warm ]] && n=${FAST_WARM_JOBS:-3}
     echo "job, submitted→finished ms, pipeline ms, step ms, VAE ms"
@@ -555,9 +564,7 @@ fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
     kill -TERM $pid; wait $pid 2>/dev/null
   done
   echo "== worker, warm start, every bucket captured at load (--bucket-load all)"
-  KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet none \
-    --queue "$q" --name fast-all --metrics-addr 127.0.0.1:9187 --bucket-load all ${FAST_WORKER_ARGS:-} >"$O/worker-all.log" 2>&1 &
-  pid=$!
+  worker_bg fast-all "$O/worker-all.log" --bucket-load all
   ready=$(ready_wait $pid 9187) && echo "ready after $ready s" || echo "worker (all) did not get ready"
   sed 's/\x1b\[[0-9;]*m//g' "$O/worker-all.log" | grep -E "pipeline loaded|warmed up|models loaded|rror" | cut -c1-400 | tail -4
   kill -TERM $pid; wait $pid 2>/dev/null
@@ -580,12 +587,10 @@ ready() {  # ready time: a cold start, then FAST_RESTARTS warm restarts (two 0C/
   name=$(python3 -c "import json;print(json.load(open('$S/base/bundle.json'))['name'])")
   rm -rf "$cache"
   for r in $(seq 0 "${FAST_RESTARTS:-3}"); do
-    KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet none \
-      --queue "$q" --name "ready-$r" --metrics-addr 127.0.0.1:9187 ${FAST_WORKER_ARGS:-} >"$O/ready-$r.log" 2>&1 &
-    pid=$!
+    worker_bg "ready-$r" "$O/ready-$r.log"
     ready=$(ready_wait $pid 9187) || { echo "worker (start $r) did not get ready"; tail -20 "$O/ready-$r.log"; return 1; }
     echo "== start $r ($( ((r == 0)) && echo cold || echo warm)): ready after $ready s"
-    sed 's/\x1b\[[0-9;]*m//g' "$O/ready-$r.log" | grep -E "weights on the GPU|ran once|bound and captured|pipeline loaded|warmed up|models loaded|rror" | cut -c1-400 | tail -8
+    load_lines "$O/ready-$r.log" 8
     for i in 0 1; do
       id=ready-$r-$i-$RANDOM
       /opt/kb/katz submit --base "$name" --prompt "a photograph of an astronaut riding a horse" --size 1024x1024 \
@@ -597,9 +602,7 @@ ready() {  # ready time: a cold start, then FAST_RESTARTS warm restarts (two 0C/
   done
   if [[ ${FAST_PROFILE:-0} == 1 ]]; then  # one more warm start under ONNX Runtime's profiler: where the load's first runs go
     rm -rf "$O/prof"; mkdir -p "$O/prof"
-    KATZ_ORT_PROFILE=$O/prof/p KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet none \
-      --queue "$q" --name ready-prof --metrics-addr 127.0.0.1:9187 ${FAST_WORKER_ARGS:-} >"$O/ready-prof.log" 2>&1 &
-    pid=$!
+    KATZ_ORT_PROFILE=$O/prof/p worker_bg ready-prof "$O/ready-prof.log"
     ready=$(ready_wait $pid 9187) && echo "== profiled warm start: ready after $ready s" || { echo "profiled start did not get ready"; tail -5 "$O/ready-prof.log"; }
     kill -TERM $pid; wait $pid 2>/dev/null
     for g in unet_encoder unet_decoder vae_decoder text_encoder_2; do

@@ -18,6 +18,7 @@ use safetensors::SafeTensors;
 
 use super::kohya::KohyaMap;
 use super::layout::{peft_place, LoraLayout, LySlot, Place, Slot};
+use super::lycoris::Factor;
 use super::{err, some};
 use crate::bundle::WeightEntry;
 use crate::dtype::to_f32;
@@ -239,9 +240,6 @@ fn convert(path: &Path, todo: Vec<Todo<'_, '_>>) -> Result<Collected> {
     }
     Ok(got)
 }
-
-/// A factor's shape and values.
-type Factor = (Vec<usize>, Vec<f32>);
 
 /// What the keys of a file say, by bundle weight name.
 #[derive(Default)]

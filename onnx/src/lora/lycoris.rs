@@ -21,7 +21,7 @@ use super::adapter::LoraLayer;
 use super::layout::LySlot;
 
 /// A factor's shape and values.
-type Factor = (Vec<usize>, Vec<f32>);
+pub(super) type Factor = (Vec<usize>, Vec<f32>);
 
 /// The low-rank layer equal to the LoHa or LoKr `factors` of a weight of shape `target`
 /// (`[out, in]`); `alpha`: the module's `.alpha`. Errors say what is missing or does not fit.

@@ -85,14 +85,8 @@ impl WeightSlot {
         }
         let mut bufs = HashMap::new();
         for name in weights.map().keys().filter(|n| weights.is_unet(n)) {
-            let src = dev.get(name);
-            let buf = match src {
-                DevBuf::F16(x) => DevBuf::F16(k.stream.alloc_zeros::<u16>(x.len()).map_err(gpu_err)?),
-                DevBuf::F32(x) => DevBuf::F32(k.stream.alloc_zeros::<f32>(x.len()).map_err(gpu_err)?),
-            };
-            // SAFETY: same length and type; the pristine set does not change
-            unsafe { k.copy_raw(buf.ptr(k), src.ptr(&dev.kernels), src.bytes()) }.map_err(gpu_err)?;
-            bufs.insert(name.clone(), buf);
+            // the pristine set does not change
+            bufs.insert(name.clone(), dev.get(name).copy_on(&dev.kernels, k)?);
         }
         k.synchronize().map_err(gpu_err)?;
         Ok(Arc::new(WeightSlot {

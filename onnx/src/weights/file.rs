@@ -288,12 +288,11 @@ fn split_by_bytes<T>(mut items: Vec<T>, n: usize, size: impl Fn(&T) -> usize) ->
     let n = n.clamp(1, items.len().max(1));
     let mut groups: Vec<(usize, Vec<T>)> = (0..n).map(|_| (0, Vec::new())).collect();
     for item in items {
-        let g = groups
-            .iter_mut()
-            .min_by_key(|(bytes, _)| *bytes)
-            .expect("at least one group");
-        g.0 += size(&item);
-        g.1.push(item);
+        // n ≥ 1 groups: there is always a lightest one
+        if let Some(g) = groups.iter_mut().min_by_key(|(bytes, _)| *bytes) {
+            g.0 += size(&item);
+            g.1.push(item);
+        }
     }
     groups.into_iter().map(|(_, g)| g).collect()
 }

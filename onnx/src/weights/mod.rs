@@ -109,6 +109,18 @@ impl DevBuf {
         Ok(())
     }
 
+    /// A copy of this buffer (owned by `src`'s context) in new memory of `k`'s GPU, queued on
+    /// `k`'s stream: synchronise `k` before reading it, and keep this buffer unchanged until then.
+    pub(crate) fn copy_on(&self, src: &GpuKernels, k: &GpuKernels) -> Result<DevBuf> {
+        let copy = match self {
+            DevBuf::F16(x) => DevBuf::F16(k.stream.alloc_zeros::<u16>(x.len()).map_err(gpu_err)?),
+            DevBuf::F32(x) => DevBuf::F32(k.stream.alloc_zeros::<f32>(x.len()).map_err(gpu_err)?),
+        };
+        // SAFETY: same length and type; the caller keeps the source unchanged until `k` synchronises
+        unsafe { k.copy_raw(copy.ptr(k), self.ptr(src), self.bytes()) }.map_err(gpu_err)?;
+        Ok(copy)
+    }
+
     fn to_host(&self, k: &GpuKernels) -> Result<Vec<f32>> {
         let g = |e: cudarc::driver::DriverError| Error::Gpu(e.to_string());
         Ok(match self {
@@ -225,13 +237,8 @@ impl Weights {
         let _gpu = crate::device::beside_capture();
         let mut out = HashMap::new();
         for (name, b) in &merged.device {
-            let copy = match b {
-                DevBuf::F16(x) => DevBuf::F16(k.stream.alloc_zeros::<u16>(x.len()).map_err(gpu_err)?),
-                DevBuf::F32(x) => DevBuf::F32(k.stream.alloc_zeros::<f32>(x.len()).map_err(gpu_err)?),
-            };
-            // SAFETY: same length and type; the source set is complete (its merge synchronised)
-            unsafe { k.copy_raw(copy.ptr(k), b.ptr(&sdev.kernels), b.bytes()) }.map_err(gpu_err)?;
-            out.insert(name.clone(), copy);
+            // the source set is complete (its merge synchronised) and does not change
+            out.insert(name.clone(), b.copy_on(&sdev.kernels, k)?);
         }
         k.synchronize().map_err(gpu_err)?;
         Ok(MergedWeights {
@@ -295,8 +302,7 @@ impl Weights {
             .host_data(name, self.half.contains(name))?
             .into_value(&self.map[name].shape)?;
         // another thread may have made it first: either is the same value
-        let _ = cell.set(v);
-        Ok(cell.get().expect("set above"))
+        Ok(cell.get_or_init(|| v))
     }
 
     /// The host data of a pristine weight, as f32.
