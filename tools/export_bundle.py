@@ -504,6 +504,12 @@ def targeted_weights(unet) -> dict[str, list[str]]:
     return out
 
 
+def targeted_cn_weights(cn) -> list[str]:
+    """diffusers names of a ControlNet's LoRA-targetable Linear weights (the UNet's down and mid
+    blocks' transformer layers): the ControlNet graph takes them as inputs."""
+    return [name + ".weight" for name, m in cn.named_modules() if isinstance(m, nn.Linear) and TARGET_RE.search(name)]
+
+
 # ───────────────────────────── ONNX export ─────────────────────────────
 
 
@@ -918,19 +924,24 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
                              "vae_decoder": f"vae_decoder{tag(vae_twin)}.onnx"}
     (out / "bundle.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
-    # ControlNet bundle
+    # ControlNet bundle: its LoRA-targetable Linear weights are graph inputs too (weights.safetensors
+    # beside the graph), so that the sessions of every shape bucket read one copy of them
     cn_out.mkdir(parents=True, exist_ok=True)
-    cmod = ControlNet(cn)
+    cn_w = targeted_cn_weights(cn)
+    cparams = dict(cn.named_parameters())
+    cmod = WeightInputs(ControlNet(cn), cn_w, "cn.")
+    cwargs = [cparams[n].detach().clone() for n in cn_w]
     cin = enc_in + [torch.rand(B, 3, check_size, check_size, generator=g)]
-    cn_inputs = enc_inputs + ["controlnet_cond"]
+    cn_inputs = enc_inputs + ["controlnet_cond"] + cn_w
     cn_outputs = [f"down_{i}" for i in range(n_skips)] + ["mid"]
     dyn = {"sample": lat, "timestep": bs("batch"), "encoder_hidden_states": bs("batch"), "text_embeds": bs("batch"),
            "time_ids": bs("batch"), "controlnet_cond": bs("batch", None, "image_height", "image_width"),
            **{o: spatial(o) for o in cn_outputs}}
-    export(cmod, cin, cn_out / "controlnet.onnx", cn_inputs, cn_outputs, dyn, external=big)
-    check_graph(cn_out / "controlnet.onnx", cmod, cin, cn_inputs, cn_outputs)
+    export(cmod, cin + cwargs, cn_out / "controlnet.onnx", cn_inputs, cn_outputs, dyn, external=big)
+    check_graph(cn_out / "controlnet.onnx", cmod, cin + cwargs, cn_inputs, cn_outputs)
     if gpu:
-        fuse_later(jobs, cn_out / "controlnet.onnx", big, group_norm=group_norm_fusable(unet))
+        fuse_later(jobs, cn_out / "controlnet.onnx", big, cn_w, group_norm=group_norm_fusable(unet))
+    save_file({n: cparams[n].detach().to(wdtype).contiguous() for n in cn_w}, str(cn_out / "weights.safetensors"))
     fused_results(jobs)  # waits for the fusions; a failed one raises here
     for f in [*out.glob("*.fp32.onnx*"), out / "vae_mid.onnx", out / "vae_up.onnx"]:
         f.unlink(missing_ok=True)  # the fusions' sources
@@ -938,6 +949,8 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
         "dtype": "float16" if gpu else "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",
         "conditioning_channels": 3, "residuals": n_skips,
+        "weights": {"file": "weights.safetensors",
+                    "map": {n: {"graph": "controlnet", "shape": list(cparams[n].shape)} for n in cn_w}},
     }, indent=1) + "\n")
     return tok, (te, te2, unet, vae, cn), weights
 

@@ -35,7 +35,8 @@ pub struct UnetSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WeightEntry {
-    /// `unet_encoder` or `unet_decoder`.
+    /// The graph taking it: `unet_encoder`, `unet_decoder`, `text_encoder[_2]` (base bundles) or
+    /// `controlnet` (ControlNet bundles).
     pub graph: String,
     pub shape: Vec<usize>,
 }
@@ -133,6 +134,12 @@ pub struct ControlNetManifest {
     pub graph: String,
     pub conditioning_channels: usize,
     pub residuals: usize,
+    /// The LoRA-targetable Linear weights the graph takes as inputs (graph `controlnet`), in a
+    /// file of the bundle: the sessions of every shape bucket bind one copy of them. Absent in
+    /// bundles exported before the key, whose graph holds every weight (one session of free
+    /// shapes, or of the only bucket).
+    #[serde(default)]
+    pub weights: Option<WeightsSpec>,
 }
 
 fn read_manifest<T: serde::de::DeserializeOwned>(dir: &Path, kind: &str) -> Result<T> {
@@ -269,11 +276,11 @@ impl ControlNetBundle {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let manifest: ControlNetManifest = read_manifest(&dir, "controlnet")?;
-        if !dir.join(&manifest.graph).is_file() {
-            return Err(Error::bundle(
-                &dir,
-                format!("manifest names `{}`, which is missing", manifest.graph),
-            ));
+        let files = [Some(&manifest.graph), manifest.weights.as_ref().map(|w| &w.file)];
+        for f in files.into_iter().flatten() {
+            if !dir.join(f).is_file() {
+                return Err(Error::bundle(&dir, format!("manifest names `{f}`, which is missing")));
+            }
         }
         Ok(ControlNetBundle { dir, manifest })
     }

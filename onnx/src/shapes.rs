@@ -72,6 +72,20 @@ pub fn unet_dims(bundle: &BaseBundle, f: FixedShape) -> Result<[Vec<(String, i64
     Ok([enc, dec])
 }
 
+/// The spatial sizes of a ControlNet's outputs for shape bucket `f` (`down_i_h`/`_w` as skip
+/// `i`, `mid_h`/`_w`), as the exporter names them: the residuals have the UNet encoder's shapes.
+pub fn controlnet_out_dims(m: &BaseManifest, f: FixedShape) -> Option<Vec<(String, i64)>> {
+    let (mid, strides) = unet_strides(m)?;
+    let s = m.vae_scale_factor;
+    let (h, w) = ((f.height / s) as i64, (f.width / s) as i64);
+    let mut out = vec![("mid_h".to_string(), h / mid as i64), ("mid_w".to_string(), w / mid as i64)];
+    for (i, st) in strides.iter().enumerate() {
+        out.push((format!("down_{i}_h"), h / *st as i64));
+        out.push((format!("down_{i}_w"), w / *st as i64));
+    }
+    Some(out)
+}
+
 /// The fixed free dimensions of a ControlNet graph for `f` and a batch of `batch`.
 pub fn controlnet_dims(vae_scale: usize, f: FixedShape, batch: usize) -> Vec<(String, i64)> {
     let (h, w) = ((f.height / vae_scale) as i64, (f.width / vae_scale) as i64);

@@ -270,7 +270,7 @@ impl WorkerIpc {
             .synchronize()
             .map_err(|e| ipc_err("waiting for the latent", e))?;
         if self.bound.is_none() {
-            self.bound = Some(cn.bind(cond, image)?);
+            self.bound = Some(cn.bind(cond, image, false)?);
         }
         let latent = DevRef {
             ptr: input,

@@ -60,6 +60,10 @@ pub struct Router<'a> {
 }
 
 impl ControlService for Router<'_> {
+    fn runs_inline(&self, req: &ControlRequest) -> bool {
+        matches!(req.model, ControlModel::Loaded(_)) && matches!(self.mode, LocalMode::Serial)
+    }
+
     fn open(
         &mut self,
         index: usize,

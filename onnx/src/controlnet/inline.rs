@@ -35,6 +35,10 @@ struct InlineSession {
 }
 
 impl ControlService for InlineControlNets {
+    fn runs_inline(&self, _req: &ControlRequest) -> bool {
+        true
+    }
+
     fn open(
         &mut self,
         index: usize,
@@ -100,7 +104,7 @@ impl ControlSession for InlineSession {
         let start = Instant::now();
         let mut model = lock(&self.model);
         if self.bound.is_none() {
-            self.bound = Some(model.bind(&self.cond, &self.image)?);
+            self.bound = Some(model.bind(&self.cond, &self.image, true)?);
         }
         let Some(b) = self.bound.as_mut() else {
             return Err(Error::Gpu("the ControlNet is not bound".into()));

@@ -10,14 +10,17 @@
 //!
 //! ## Layout
 //! - `mod.rs`: the seam — [`ControlService`], [`ControlSession`], [`SessionInit`], [`RunSpan`].
-//! - `model.rs`: [`ControlNet`], one model's ONNX Runtime session (host run, or bound to a job
-//!   on its GPU: [`BoundControlNet`]).
+//! - `model.rs`: [`ControlNet`], one model's ONNX Runtime sessions (host run, or bound to a job
+//!   on its GPU: [`BoundControlNet`]) and the weights its graph takes as inputs.
+//! - `graphed.rs`: a ControlNet's CUDA graph per shape bucket (GPU, bundles whose weights are
+//!   inputs), captured on the thread that runs it ([`ControlNet::prepare`]).
 //! - `inline.rs`: [`InlineControlNets`], the pipeline's own models run in the caller's thread
 //!   when their residuals are asked for (in-process serial).
 //! - `threaded.rs`: [`ThreadedControlNets`], each session on a lasting thread of its own,
 //!   overlapping the UNet encoder (in-process parallel).
 //! - ControlNet workers reached over Redis or CUDA IPC implement the same seam in katz-actors.
 
+mod graphed;
 mod inline;
 mod model;
 mod threaded;
@@ -84,6 +87,13 @@ pub trait ControlSession: Send {
 
 /// Opens sessions for the ControlNets of a job.
 pub trait ControlService {
+    /// Whether the session for `req` runs the pipeline's own ControlNet on the caller's thread
+    /// (inline), where the ControlNet's CUDA graph for the job's bucket can be captured and
+    /// replayed ([`ControlNet::prepare`]).
+    fn runs_inline(&self, _req: &ControlRequest) -> bool {
+        false
+    }
+
     /// A session for ControlNet `index` of the job (`req` names the model, scale and steps).
     fn open(
         &mut self,

@@ -82,7 +82,7 @@ impl ControlService for ThreadedControlNets {
                             let mut m = lock(&model);
                             let res = match bound.as_mut() {
                                 Some(b) => m.run_bound(b, &latent_in, &timestep),
-                                None => m.bind(&cond, &image).and_then(|b| {
+                                None => m.bind(&cond, &image, false).and_then(|b| {
                                     let b = bound.insert(b);
                                     m.run_bound(b, &latent_in, &timestep)
                                 }),

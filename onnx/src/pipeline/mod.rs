@@ -284,6 +284,19 @@ impl Pipeline {
             }
             _ => self.unets.prepare(req.width, req.height, unet_batch, None)?,
         }
+        if gpu.is_some() && self.opts.cuda_graph {
+            // the job's inline ControlNets' CUDA graphs for its bucket, captured now on this
+            // thread (the one that replays them), like the UNet's
+            let cn_batch = if cfg { 2 } else { 1 };
+            for c in &req.controlnets {
+                let inline = opts.control.as_deref().is_none_or(|s| s.runs_inline(c));
+                if let (true, crate::request::ControlModel::Loaded(id)) = (inline, c.model) {
+                    if let Some(model) = self.controlnets.get(id.index()) {
+                        crate::controlnet::lock(model).prepare(req.width, req.height, cn_batch)?;
+                    }
+                }
+            }
+        }
         let m = &self.bundle.manifest;
 
         let mut sched_cfg = m.scheduler.clone();
@@ -450,6 +463,44 @@ impl Pipeline {
                 height,
                 ms = out.timings.total.as_secs_f64() * 1e3,
                 "warmed up"
+            );
+        }
+        // the first bucket once more with every ControlNet hosted here (their sessions' first
+        // runs; on a GPU with CUDA graphs, each one's graph for that bucket captured)
+        let first = self.unets.ready_buckets().into_iter().next();
+        if let (Some(b), Some(_), false) = (first, self.opts.device.gpu(), self.controlnets.is_empty()) {
+            let guidance = if b.unet_batch == 2 || self.half.is_some() { guided } else { 1.0 };
+            let halves: std::collections::HashSet<usize> = self.cn_halves.values().map(|m| m.index()).collect();
+            let controlnets = (0..self.controlnets.len())
+                .filter(|i| !halves.contains(i))
+                .map(|i| ControlRequest {
+                    model: ControlModel::Loaded(crate::request::ModelId::new(i)),
+                    image: Tensor::zeros(vec![1, 3, b.height, b.width]),
+                    prep: Default::default(),
+                    scale: 1.0,
+                    start: 0.0,
+                    end: 1.0,
+                })
+                .collect();
+            let req = self.validate(Request {
+                prompt: String::new(),
+                negative_prompt: None,
+                width: b.width,
+                height: b.height,
+                steps: 1,
+                guidance,
+                scheduler: crate::scheduler::SchedulerKind::Euler,
+                karras: false,
+                seed: 0,
+                controlnets,
+                loras: vec![],
+            })?;
+            let out = self
+                .run(&req, RunOptions::default())
+                .map_err(|e| at(&format!("warming up the ControlNets at {}x{}", b.width, b.height), e))?;
+            tracing::debug!(
+                ms = out.timings.total.as_secs_f64() * 1e3,
+                "ControlNets warmed up"
             );
         }
         // ready: the buckets left for their first use open from now on

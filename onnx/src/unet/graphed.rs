@@ -144,11 +144,20 @@ impl WeightSlot {
 
 /// A graph input's shape, its free dimensions resolved from `known`.
 fn shape_of(session: &Session, name: &str, known: &[(String, i64)]) -> Result<Vec<usize>> {
-    let o = session
-        .inputs()
+    outlet_shape(session.inputs(), name, known)
+}
+
+/// The shape of input or output `name` among `outlets` (a session's inputs or outputs), its
+/// free dimensions resolved from `known`; the step buffers are f32, so it must be f32.
+pub(crate) fn outlet_shape(
+    outlets: &[ort::value::Outlet],
+    name: &str,
+    known: &[(String, i64)],
+) -> Result<Vec<usize>> {
+    let o = outlets
         .iter()
         .find(|o| o.name() == name)
-        .ok_or_else(|| Error::Gpu(format!("CUDA graph: the UNet has no {name}")))?;
+        .ok_or_else(|| Error::Gpu(format!("CUDA graph: the graph has no {name}")))?;
     let ValueType::Tensor {
         ty,
         shape,
@@ -184,7 +193,7 @@ fn shape_of(session: &Session, name: &str, known: &[(String, i64)]) -> Result<Ve
 }
 
 /// Binds the f32 device buffer at `ptr` as input `name` (in place, no copy).
-fn bind_dev(b: &mut IoBinding, name: &str, ptr: u64, shape: &[usize], device: usize) -> Result<()> {
+pub(crate) fn bind_dev(b: &mut IoBinding, name: &str, ptr: u64, shape: &[usize], device: usize) -> Result<()> {
     // SAFETY: callers pass buffers of this struct, which outlive the bindings (field order)
     let t = unsafe { ort_ref(ptr, shape, device)? };
     b.bind_input(name, &*t)?;
@@ -192,7 +201,7 @@ fn bind_dev(b: &mut IoBinding, name: &str, ptr: u64, shape: &[usize], device: us
 }
 
 /// A lasting output buffer from the session's CUDA allocator, bound as output `name`.
-fn bind_out(
+pub(crate) fn bind_out(
     b: &mut IoBinding,
     alloc: &Allocator,
     name: &str,

@@ -160,9 +160,19 @@ impl Weights {
     /// them in place, merges run there). A GPU set makes its host values only when something
     /// asks for them (a host-path binding, a host merge); a host set makes them all now.
     pub fn open(bundle: &BaseBundle, half: HashSet<String>, gpu: Option<i32>) -> Result<Self> {
+        Self::open_spec(&bundle.dir, &bundle.manifest.weights, half, gpu)
+    }
+
+    /// [`Weights::open`] for the weights `spec` describes in bundle directory `dir` (a base
+    /// bundle's, or a ControlNet bundle's).
+    pub fn open_spec(
+        dir: &std::path::Path,
+        spec: &crate::bundle::WeightsSpec,
+        half: HashSet<String>,
+        gpu: Option<i32>,
+    ) -> Result<Self> {
         crate::runtime::init()?;
-        let spec = &bundle.manifest.weights;
-        let path = bundle.path(&spec.file);
+        let path = dir.join(&spec.file);
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         // SAFETY: the bundle's files are not written while it is served (docs/bundles.md); the
         // map is read-only and only ever read

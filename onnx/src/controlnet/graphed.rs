@@ -1,0 +1,207 @@
+//! CUDA graphs for a ControlNet, one per shape bucket: the bucket's fixed-shape session bound
+//! once to lasting buffers and captured on the thread that replays it (the model thread, for
+//! the pipeline's inline ControlNets).
+//!
+//! ```text
+//! GraphedControlNet: one per (ControlNet, shape bucket), made on the bucket's first job (or the warm-up)
+//!   sample, timestep ──┐   embeds, pooled, time_ids, image ──┐   weights (the ControlNet's one copy,
+//!     (each step)      ▼     (once per job)                   ▼    shared by every bucket's graph)
+//!                   controlnet (replayed) ─▶ down_0 … down_8, mid  (lasting buffers: the step's residuals)
+//! ```
+//!
+//! The ControlNet's LoRA-targetable weights are graph inputs (ControlNet bundles with `weights`),
+//! so a bucket holds only its graph, its activations and the weights left inside the graph
+//! (convolutions, norms); the weight inputs are bound in place from the ControlNet's device copy.
+
+use std::sync::Arc;
+
+use katz_kernels::cuda::GpuKernels;
+use ort::memory::Allocator;
+use ort::session::{IoBinding, Session};
+
+use crate::device::{cuda_memory, gpu_err, DevRef, DevTensor};
+use crate::tensor::Tensor;
+use crate::text::Conditioning;
+use crate::unet::graphed::{bind_dev, bind_out, outlet_shape};
+use crate::weights::{MergedWeights, Weights};
+use crate::{Error, Result};
+
+/// A ControlNet's fixed-shape session of one bucket, bound to lasting buffers for CUDA graphs.
+pub(crate) struct GraphedControlNet {
+    // the binding goes first: it is dropped before the buffers it points at
+    binding: IoBinding,
+    sample: DevTensor,
+    timestep: DevTensor,
+    /// prompt_embeds, pooled, time_ids.
+    cond: [DevTensor; 3],
+    image: DevTensor,
+    /// `down_0` … then `mid` (ONNX Runtime's buffers, owned by `binding` as its bound outputs).
+    outputs: Vec<DevRef>,
+    /// The weights bound in place (kept alive as long as the binding).
+    _weights: Arc<Weights>,
+    k: Arc<GpuKernels>,
+    /// [`GraphInputs::id`] of the inputs in the buffers now (0: none).
+    holds: u64,
+}
+
+/// One session's conditioning and image on the graph's GPU (prompt embeddings, pooled, time
+/// ids, image), copied into the graph's buffers when its turn comes.
+pub(crate) struct GraphInputs {
+    id: u64,
+    tensors: Vec<DevTensor>,
+}
+
+fn next_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+const COND: [&str; 3] = ["encoder_hidden_states", "text_embeds", "time_ids"];
+
+impl GraphedControlNet {
+    /// Binds `session` (fixed to `known`'s dimensions) on `k`'s GPU, its weight inputs from
+    /// `weights` (on that GPU), its outputs `outputs` to lasting buffers.
+    pub fn new(
+        session: &Session,
+        weights: Arc<Weights>,
+        k: Arc<GpuKernels>,
+        outputs: &[String],
+        known: &[(String, i64)],
+    ) -> Result<Self> {
+        let device = k.ordinal();
+        match weights.device() {
+            Some(d) if d.ordinal as usize == device => {}
+            _ => {
+                return Err(Error::Gpu(format!(
+                    "a ControlNet's CUDA graph on cuda:{device} needs its weights on that GPU"
+                )))
+            }
+        }
+        let ins = session.inputs();
+        let zeros = |name: &str| DevTensor::zeros(&k, outlet_shape(ins, name, known)?);
+        let sample = zeros("sample")?;
+        let timestep = zeros("timestep")?;
+        let cond = [zeros(COND[0])?, zeros(COND[1])?, zeros(COND[2])?];
+        let image = zeros("controlnet_cond")?;
+
+        let mut binding = session.create_binding()?;
+        bind_dev(&mut binding, "sample", sample.ptr(&k), &sample.shape, device)?;
+        bind_dev(&mut binding, "timestep", timestep.ptr(&k), &timestep.shape, device)?;
+        for (name, t) in COND.iter().zip(&cond) {
+            bind_dev(&mut binding, name, t.ptr(&k), &t.shape, device)?;
+        }
+        bind_dev(&mut binding, "controlnet_cond", image.ptr(&k), &image.shape, device)?;
+        let pristine = MergedWeights::default();
+        for name in weights.inputs_of(super::model::GRAPH) {
+            // in place from the device copy, which `_weights` keeps alive
+            weights.bind_input(&mut binding, name, &pristine)?;
+        }
+        let alloc = Allocator::new(session, cuda_memory(device as i32)?)?;
+        let mut outs = Vec::with_capacity(outputs.len());
+        for name in outputs {
+            let shape = outlet_shape(session.outputs(), name, known)?;
+            outs.push(bind_out(&mut binding, &alloc, name, &shape, device)?);
+        }
+        Ok(GraphedControlNet {
+            binding,
+            sample,
+            timestep,
+            cond,
+            image,
+            outputs: outs,
+            _weights: weights,
+            k,
+            holds: 0,
+        })
+    }
+
+    /// Runs the graph once: ONNX Runtime runs it, then captures it, on this thread (the one that
+    /// will replay it). The caller holds the capture gate (crate::device::capturing).
+    pub fn capture(&mut self, session: &mut Session) -> Result<()> {
+        let b = self.timestep.len();
+        self.timestep.write(&self.k, &vec![999.0; b])?;
+        self.k.synchronize().map_err(gpu_err)?;
+        self.k.ctx.bind_to_thread().map_err(gpu_err)?;
+        drop(session.run_binding(&self.binding)?);
+        self.binding.synchronize_outputs()?;
+        self.holds = 0;
+        Ok(())
+    }
+
+    /// Whether a job with this conditioning image (`[B, 3, H, W]`) runs on this graph.
+    pub fn fits(&self, image: &Tensor) -> bool {
+        self.image.shape == image.shape
+    }
+
+    /// A job's conditioning and image in device memory of this GPU, for [`GraphedControlNet::step`]
+    /// (their shapes must be the captured ones). Each session keeps its own: sessions of one
+    /// ControlNet in one job (the same model with two images) take turns on the graph.
+    pub fn upload_inputs(&self, c: &Conditioning, image: &Tensor) -> Result<GraphInputs> {
+        let srcs = [
+            (&c.prompt_embeds, "prompt embeddings"),
+            (&c.pooled, "pooled embeddings"),
+            (&c.time_ids, "time ids"),
+            (image, "conditioning image"),
+        ];
+        let dsts = [&self.cond[0], &self.cond[1], &self.cond[2], &self.image];
+        let mut up = Vec::with_capacity(4);
+        for (dst, (src, what)) in dsts.into_iter().zip(srcs) {
+            if dst.shape != src.shape {
+                return Err(Error::InvalidRequest(format!(
+                    "the ControlNet's CUDA graph was captured for {what} of {:?}, this job has {:?}",
+                    dst.shape, src.shape
+                )));
+            }
+            up.push(DevTensor::upload(&self.k, src)?);
+        }
+        self.k.synchronize().map_err(gpu_err)?;
+        Ok(GraphInputs {
+            id: next_id(),
+            tensors: up,
+        })
+    }
+
+    /// Copies `inputs` into the graph's buffers unless they hold them already.
+    fn load_inputs(&mut self, inputs: &GraphInputs) -> Result<()> {
+        if self.holds == inputs.id {
+            return Ok(());
+        }
+        let k = self.k.clone();
+        let [a, b, d] = &self.cond;
+        for (dst, src) in [a, b, d, &self.image].into_iter().zip(&inputs.tensors) {
+            // SAFETY: same length (checked at upload); both live on this GPU until the synchronise
+            unsafe { k.copy_raw(dst.ptr(&k), src.ptr(&k), src.len() * 4) }.map_err(gpu_err)?;
+        }
+        self.holds = inputs.id;
+        Ok(())
+    }
+
+    /// One step: the latent (on any GPU of this process) copied into the graph's sample buffer,
+    /// the timestep written, the graph replayed; the residuals (down in skip order, then mid),
+    /// valid until the next step.
+    pub fn step(
+        &mut self,
+        session: &mut Session,
+        inputs: &GraphInputs,
+        latent_in: &DevRef,
+        timestep: &Tensor,
+    ) -> Result<Vec<DevRef>> {
+        self.load_inputs(inputs)?;
+        let k = self.k.clone();
+        if latent_in.len() != self.sample.len() || timestep.data.len() != self.timestep.len() {
+            return Err(Error::InvalidRequest(format!(
+                "the ControlNet's CUDA graph was captured for latents of {:?}, this step has {:?}",
+                self.sample.shape, latent_in.shape
+            )));
+        }
+        // SAFETY: both buffers hold `len` f32; the source is not written until we return
+        unsafe { k.copy_raw(self.sample.ptr(&k), latent_in.ptr, latent_in.len() * 4) }.map_err(gpu_err)?;
+        self.timestep.write(&k, &timestep.data)?;
+        k.synchronize().map_err(gpu_err)?;
+        k.ctx.bind_to_thread().map_err(gpu_err)?;
+        drop(session.run_binding(&self.binding)?);
+        self.binding.synchronize_outputs()?;
+        Ok(self.outputs.clone())
+    }
+}
