@@ -361,6 +361,9 @@ fn cuda_graphs_give_the_ungraphed_image_across_jobs_loras_and_controlnets() {
         );
         assert!(e < 1e-4, "case {i}: {e}");
     }
+    // the ControlNet ran on its own CUDA graph of the bucket (its weights are graph inputs)
+    let captured = graphed.inline_controlnets().models[mg.index()].lock().unwrap().captured();
+    assert_eq!(captured.len(), 1, "the ControlNet's bucket was not captured");
     // another size than the captured one is refused, not run on stale shapes
     let mut other = request(&[], SchedulerKind::Euler, false, &graphed);
     other.width = 128;
@@ -502,6 +505,17 @@ fn shape_buckets_with_cuda_graphs_give_the_dynamic_image_in_every_bucket() {
         println!("buckets, case {i}: {w}x{h}, {n} ControlNets, LoRA {lora}: relative error {e:.2e}");
         assert!(e < 1e-3, "case {i}: {e}");
     }
+    // the ControlNet has a CUDA graph in each bucket it ran in (64² from the warm-up), none for
+    // the size without a bucket
+    let mut captured: Vec<(usize, usize)> = buckets.inline_controlnets().models[mb.index()]
+        .lock()
+        .unwrap()
+        .captured()
+        .iter()
+        .map(|f| (f.width, f.height))
+        .collect();
+    captured.sort();
+    assert_eq!(captured, vec![(64, 64), (96, 64)]);
 }
 
 #[test]

@@ -51,6 +51,12 @@
 #                                           cache) and warm: ready time, bucket memory, first vs steady 0C/0L
 #                                           job, the same job twice (PNG bytes), a bucket's first use; the
 #                                           ready time with every bucket at load; `katz generate` on the warm cache
+#   bash tools/device/gpu-path.sh cnpath    ControlNet jobs on GPU 0: diffusers 0C/0L, 1C/1L, 3C/2L (CN_DIFFUSERS=0 skips
+#                                           it once the LoRAs exist), `bench pipeline` static + CUDA graphs, then
+#                                           `katz worker` hosting the ControlNet (cold, warm): ready time, the same
+#                                           three configurations submitted → finished (CN_JOBS each), and
+#                                           `katz generate` 1C/1L on the warm cache (CN_BENCH=0: no diffusers, no
+#                                           bench; CN_WORKER=0: no worker, no generate)
 #   bash tools/device/gpu-path.sh ready     the worker's ready time: a cold start, then FAST_RESTARTS (3) warm
 #                                           restarts with two 0C/0L jobs each and where each load went;
 #                                           `katz generate` on the warm cache (wall vs pipeline)
@@ -105,15 +111,17 @@ export_bg() {
   [[ -f $S/done ]] && return 0
   if [[ -f $S/pid ]] && kill -0 "$(cat "$S/pid")" 2>/dev/null; then return 0; fi
   [[ -d /tmp/site/diffusers ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /opt/w/*.whl || return 1
-  ( export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-    t0=$(date +%s)
-    python3 tools/export_bundle.py --config sdxl --random-init --gpu --out "$S/base" --no-references \
-      --no-check --jobs "${EXPORT_JOBS:-3}" \
-      > "$S/export.log" 2>&1 && echo "export: $(( $(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
-  ) </dev/null >/dev/null 2>&1 &
+  # its own session (setsid): it outlives the call that started it, so the next calls can carry
+  # the other pieces while it runs (it ends when the machine goes back)
+  cat > /opt/export-run.sh <<EOS
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+t0=\$(date +%s)
+python3 tools/export_bundle.py --config sdxl --random-init --gpu --out "$S/base" --no-references \\
+  --no-check --jobs "${EXPORT_JOBS:-3}" > "$S/export.log" 2>&1 && echo "export: \$(( \$(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
+EOS
+  setsid bash /opt/export-run.sh </dev/null >/dev/null 2>&1 &
   echo $! > "$S/pid"
-  disown || true
-  echo "export started in the background (pid $(cat "$S/pid"), log $S/export.log; it ends with the call)"
+  echo "export started in the background (pid $(cat "$S/pid"), log $S/export.log; it runs on until the machine goes back)"
 }
 
 stage() {
@@ -580,6 +588,64 @@ fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
   return 0
 }
 
+cnpath() {  # ControlNet jobs through the worker against the bench, GPU 0 (see the header)
+  bench_setup || return 1
+  bash tools/device/services-pack.sh start || return 1
+  local cache=/tmp/katz-graphs q=katz.jobs.cn$(date +%s) name cn pid ready i id start cfg args
+  name=$(python3 -c "import json;print(json.load(open('$S/base/bundle.json'))['name'])")
+  cn=$(basename "$S/base-controlnet")
+  python3 -c "from PIL import Image, ImageDraw; im = Image.new('RGB', (1024, 1024)); d = ImageDraw.Draw(im)
+for r in range(64, 512, 64): d.ellipse((512 - r, 512 - r, 512 + r, 512 + r), outline='white', width=4)
+im.save('$O/cond-1024.png')"
+  if [[ ${CN_BENCH:-1} == 1 ]] && [[ ${CN_DIFFUSERS:-1} == 1 || ! -f $S/loras/lora1.safetensors ]]; then
+    echo "== diffusers (fp16, SDPA), same sitting, GPU 0: 0C/0L, 1C/1L, 3C/2L (writes the rank-64 LoRAs)"
+    CUDA_VISIBLE_DEVICES=0 python3 tools/bench_diffusers.py --size 1024 --steps "${STEPS:-50}" \
+      --configs "${DIFFUSERS_CONFIGS:-0c0l,1c1l,3c2l}" --lora-dir "$S/loras" --out "$BASE" 2>&1 \
+      | grep -vE "Warning|LoRA keys|float32" | tail -6
+  fi
+  if [[ ${CN_BENCH:-1} == 1 ]]; then
+    echo "== katz bench pipeline, static shapes + CUDA graphs (ControlNets inline, each on its bucket's CUDA graph)"
+    KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph-cn --configs 0C/0L,1C/1L,3C/2L --static-shapes --cuda-graph
+  fi
+  [[ ${CN_WORKER:-1} == 1 ]] || return 0
+  rm -rf "$cache"
+  for start in cold warm; do
+    worker_bg "cn-$start" "$O/cn-worker-$start.log" --controlnet "$S/base-controlnet" --lora-dir "$S/loras"
+    ready=$(ready_wait $pid 9187) || { echo "worker ($start) did not get ready"; tail -20 "$O/cn-worker-$start.log"; return 1; }
+    echo "== worker with the ControlNet hosted, $start start: ready after $ready s"
+    load_lines "$O/cn-worker-$start.log" 12
+    sed 's/\x1b\[[0-9;]*m//g' "$O/cn-worker-$start.log" | grep -E "ControlNet bucket captured" | cut -c1-300 | tail -2
+    echo "config job, submitted→finished ms, pipeline ms, step ms, VAE ms"
+    for cfg in 0c0l 1c1l 3c2l; do
+      case $cfg in
+        0c0l) args=() ;;
+        1c1l) args=(--controlnet "$cn=$O/cond-1024.png:0.8" --lora lora0:0.7) ;;
+        3c2l) args=(--controlnet "$cn=$O/cond-1024.png:0.8" --controlnet "$cn=$O/cond-1024.png:0.8"
+                    --controlnet "$cn=$O/cond-1024.png:0.8" --lora lora0:0.7 --lora lora1:0.7) ;;
+      esac
+      for i in $(seq 0 $(( ${CN_JOBS:-3} - 1 ))); do
+        id=cn-$start-$cfg-$i-$RANDOM
+        /opt/kb/katz submit --base "$name" --prompt "a photograph of an astronaut riding a horse" --size 1024x1024 \
+          --steps "${STEPS:-50}" --guidance 7.5 --seed 7 "${args[@]}" --queue "$q" --id "$id" --wait \
+          -o "$O/cn-$start-$cfg-$i.png" >/dev/null 2>&1 || { echo "job $id failed"; /opt/kb/katz status "$id" | cut -c1-600; }
+        echo "$start $cfg $i $(job_ms "$id")"
+      done
+    done
+    kill -TERM $pid; wait $pid 2>/dev/null
+    [[ ${CN_WARM:-1} == 1 ]] || break
+  done
+  echo "== katz generate 1C/1L, fresh process, warm graph cache"
+  local t0=$(date +%s.%N)
+  KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz generate --device cuda:0 --bundle "$S/base" \
+    --prompt "a photograph of an astronaut riding a horse" --size 1024x1024 --steps "${STEPS:-50}" --guidance 7.5 --seed 7 \
+    --controlnet "$S/base-controlnet=$O/cond-1024.png:0.8" --lora "$S/loras/lora0.safetensors:0.7" \
+    -o "$O/cn-generate.png" >"$O/cn-generate.log" 2>&1 || tail -20 "$O/cn-generate.log"
+  echo "generate: wall $(python3 -c "import time;print(f'{time.time()-$t0:.2f}')") s"
+  sed 's/\x1b\[[0-9;]*m//g' "$O/cn-generate.log" | grep -E "pipeline total|per step|ControlNets|pipeline loaded|wrote" | cut -c1-300
+  rm -f "$O"/cn-*-[1-9].png
+  return 0
+}
+
 ready() {  # ready time: a cold start, then FAST_RESTARTS warm restarts (two 0C/0L jobs each), then generate
   bench_setup || return 1
   bash tools/device/services-pack.sh start || return 1
@@ -666,8 +732,9 @@ case ${1:-all} in
   eight) eight ;;
   fastpath) fastpath ;;
   ready) ready ;;
+  cnpath) cnpath ;;
   vae) vae ;;
   determinism) determinism ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|ready|vae|determinism|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|ready|cnpath|vae|determinism|all"; exit 2 ;;
 esac

@@ -212,12 +212,16 @@ pub fn run(
 ) -> Result<(), ControlNetWorkerError> {
     let base = BaseBundle::open(&cfg.base)?;
     let n = cfg.concurrency.max(1);
-    let mut models = Vec::with_capacity(n);
+    let mut models: Vec<ControlNet> = Vec::with_capacity(n);
     for _ in 0..n {
-        models.push(ControlNet::load(
+        // the sessions share one copy of the weights the graph takes as inputs
+        let shared = models.first().and_then(ControlNet::weights);
+        models.push(ControlNet::load_sharing(
             ControlNetBundle::open(&cfg.bundle)?,
             &base,
             &cfg.session,
+            2,
+            shared,
         )?);
     }
     let model = models[0].name().to_string();

@@ -184,6 +184,11 @@ impl ControlNet {
         })
     }
 
+    /// The shape buckets (keyed by this ControlNet's batch) whose CUDA graphs are captured.
+    pub fn captured(&self) -> Vec<FixedShape> {
+        self.buckets.iter().map(|b| b.fixed).collect()
+    }
+
     /// The weights the graph takes as inputs (bundles exported with `weights`).
     pub fn weights(&self) -> Option<Arc<Weights>> {
         self.weights.clone()

@@ -192,6 +192,7 @@ impl Pipeline {
             split_on: false,
             cn_threads: Arc::new(crate::threads::LastingThreads::new("controlnet")),
             cn_halves: HashMap::new(),
+            cn_capture: true,
         })
     }
 

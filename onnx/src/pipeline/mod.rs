@@ -156,6 +156,10 @@ pub struct Pipeline {
     /// ControlNets placed per guidance half: the unconditional half's instance (the id requests
     /// name) → the conditional half's.
     cn_halves: HashMap<crate::request::ModelId, crate::request::ModelId>,
+    /// Whether a job may capture its inline ControlNets' CUDA graphs for its bucket: until the
+    /// warm-up (one thread uses the pipeline: `generate`, the benches), then only with buckets
+    /// on first use (one model thread); with every bucket at load the warm-up captured them.
+    cn_capture: bool,
 }
 
 impl Pipeline {
@@ -284,7 +288,7 @@ impl Pipeline {
             }
             _ => self.unets.prepare(req.width, req.height, unet_batch, None)?,
         }
-        if gpu.is_some() && self.opts.cuda_graph {
+        if gpu.is_some() && self.opts.cuda_graph && self.cn_capture {
             // the job's inline ControlNets' CUDA graphs for its bucket, captured now on this
             // thread (the one that replays them), like the UNet's
             let cn_batch = if cfg { 2 } else { 1 };
@@ -465,10 +469,18 @@ impl Pipeline {
                 "warmed up"
             );
         }
-        // the first bucket once more with every ControlNet hosted here (their sessions' first
-        // runs; on a GPU with CUDA graphs, each one's graph for that bucket captured)
-        let first = self.unets.ready_buckets().into_iter().next();
-        if let (Some(b), Some(_), false) = (first, self.opts.device.gpu(), self.controlnets.is_empty()) {
+        // the buckets once more with every ControlNet hosted here (their sessions' first runs;
+        // on a GPU with CUDA graphs, each one's graph for the bucket captured): the first bucket
+        // when the others open on their first use, else every bucket — then no job captures
+        // (other model threads may be running jobs on the GPU: a capture needs it to itself)
+        let mut cn_buckets = self.unets.ready_buckets();
+        if self.opts.bucket_load == crate::runtime::BucketLoad::FirstUse {
+            cn_buckets.truncate(1);
+        }
+        if self.opts.device.gpu().is_none() || self.controlnets.is_empty() {
+            cn_buckets.clear();
+        }
+        for b in cn_buckets {
             let guidance = if b.unet_batch == 2 || self.half.is_some() { guided } else { 1.0 };
             let halves: std::collections::HashSet<usize> = self.cn_halves.values().map(|m| m.index()).collect();
             let controlnets = (0..self.controlnets.len())
@@ -503,6 +515,7 @@ impl Pipeline {
                 "ControlNets warmed up"
             );
         }
+        self.cn_capture = self.opts.bucket_load == crate::runtime::BucketLoad::FirstUse;
         // ready: the buckets left for their first use open from now on
         self.unets.hold_opener = false;
         self.unets.open_later_in_background();
