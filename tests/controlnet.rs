@@ -85,3 +85,49 @@ fn inline_and_threaded_sessions_equal_the_serial_pipeline_for_1_2_3_controlnets(
         );
     }
 }
+
+#[test]
+fn a_controlnet_takes_its_weights_as_inputs_and_older_bundles_still_load() {
+    use katz_onnx::bundle::{BaseBundle, ControlNetBundle};
+    use katz_onnx::controlnet::ControlNet;
+    use katz_onnx::runtime::SessionOptions;
+    let base = BaseBundle::open(root().join("bundles/tiny-sdxl")).unwrap();
+    let opts = SessionOptions::default();
+    // the exported bundle lists its LoRA-targetable Linear weights, bound from one copy
+    let cn = ControlNet::load(
+        ControlNetBundle::open(root().join("bundles/tiny-sdxl-controlnet")).unwrap(),
+        &base,
+        &opts,
+    )
+    .unwrap();
+    let w = cn
+        .weights()
+        .expect("the tiny ControlNet takes its weights as inputs");
+    assert!(!w.map().is_empty() && w.map().values().all(|e| e.graph == "controlnet"));
+    assert!(
+        w.map().keys().any(|k| k.ends_with("attn1.to_q.weight")),
+        "{:?}",
+        w.map().keys().next()
+    );
+    // a bundle exported before (every weight inside its graph) loads as before
+    let ckpt = BaseBundle::open(root().join("bundles/tiny-ckpt")).unwrap();
+    let old = ControlNet::load(
+        ControlNetBundle::open(root().join("bundles/tiny-ckpt-controlnet")).unwrap(),
+        &ckpt,
+        &opts,
+    )
+    .unwrap();
+    assert!(old.weights().is_none());
+    // a manifest naming a weights file that is not there is refused, naming it
+    let dir = std::env::temp_dir().join(format!("katz-cn-noweights-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["bundle.json", "controlnet.onnx"] {
+        std::fs::copy(root().join("bundles/tiny-sdxl-controlnet").join(f), dir.join(f)).unwrap();
+    }
+    let err = ControlNetBundle::open(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("weights.safetensors") && err.contains("missing"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

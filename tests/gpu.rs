@@ -362,7 +362,10 @@ fn cuda_graphs_give_the_ungraphed_image_across_jobs_loras_and_controlnets() {
         assert!(e < 1e-4, "case {i}: {e}");
     }
     // the ControlNet ran on its own CUDA graph of the bucket (its weights are graph inputs)
-    let captured = graphed.inline_controlnets().models[mg.index()].lock().unwrap().captured();
+    let captured = graphed.inline_controlnets().models[mg.index()]
+        .lock()
+        .unwrap()
+        .captured();
     assert_eq!(captured.len(), 1, "the ControlNet's bucket was not captured");
     // another size than the captured one is refused, not run on stale shapes
     let mut other = request(&[], SchedulerKind::Euler, false, &graphed);

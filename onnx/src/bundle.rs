@@ -279,7 +279,10 @@ impl ControlNetBundle {
         let files = [Some(&manifest.graph), manifest.weights.as_ref().map(|w| &w.file)];
         for f in files.into_iter().flatten() {
             if !dir.join(f).is_file() {
-                return Err(Error::bundle(&dir, format!("manifest names `{f}`, which is missing")));
+                return Err(Error::bundle(
+                    &dir,
+                    format!("manifest names `{f}`, which is missing"),
+                ));
             }
         }
         Ok(ControlNetBundle { dir, manifest })

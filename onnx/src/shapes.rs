@@ -78,7 +78,10 @@ pub fn controlnet_out_dims(m: &BaseManifest, f: FixedShape) -> Option<Vec<(Strin
     let (mid, strides) = unet_strides(m)?;
     let s = m.vae_scale_factor;
     let (h, w) = ((f.height / s) as i64, (f.width / s) as i64);
-    let mut out = vec![("mid_h".to_string(), h / mid as i64), ("mid_w".to_string(), w / mid as i64)];
+    let mut out = vec![
+        ("mid_h".to_string(), h / mid as i64),
+        ("mid_w".to_string(), w / mid as i64),
+    ];
     for (i, st) in strides.iter().enumerate() {
         out.push((format!("down_{i}_h"), h / *st as i64));
         out.push((format!("down_{i}_w"), w / *st as i64));

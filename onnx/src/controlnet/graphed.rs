@@ -87,11 +87,23 @@ impl GraphedControlNet {
 
         let mut binding = session.create_binding()?;
         bind_dev(&mut binding, "sample", sample.ptr(&k), &sample.shape, device)?;
-        bind_dev(&mut binding, "timestep", timestep.ptr(&k), &timestep.shape, device)?;
+        bind_dev(
+            &mut binding,
+            "timestep",
+            timestep.ptr(&k),
+            &timestep.shape,
+            device,
+        )?;
         for (name, t) in COND.iter().zip(&cond) {
             bind_dev(&mut binding, name, t.ptr(&k), &t.shape, device)?;
         }
-        bind_dev(&mut binding, "controlnet_cond", image.ptr(&k), &image.shape, device)?;
+        bind_dev(
+            &mut binding,
+            "controlnet_cond",
+            image.ptr(&k),
+            &image.shape,
+            device,
+        )?;
         let pristine = MergedWeights::default();
         for name in weights.inputs_of(super::model::GRAPH) {
             // in place from the device copy, which `_weights` keeps alive

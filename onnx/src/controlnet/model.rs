@@ -156,11 +156,19 @@ impl ControlNet {
             (None, _) => None,
             (Some(spec), Some(w)) if w.map() == &spec.map => Some(w),
             (Some(_), Some(_)) => {
-                return Err(Error::bundle(&bundle.dir, "shared weights belong to another bundle"))
+                return Err(Error::bundle(
+                    &bundle.dir,
+                    "shared weights belong to another bundle",
+                ))
             }
             (Some(spec), None) => {
                 let half = crate::unet::half_inputs([&session, &session], &spec.map);
-                Some(Arc::new(Weights::open_spec(&bundle.dir, spec, half, opts.device.gpu())?))
+                Some(Arc::new(Weights::open_spec(
+                    &bundle.dir,
+                    spec,
+                    half,
+                    opts.device.gpu(),
+                )?))
             }
         };
         let kernels = match opts.device.gpu() {
@@ -208,7 +216,11 @@ impl ControlNet {
             height,
             unet_batch: batch,
         };
-        let served = g.opts.buckets.iter().any(|b| (b.width, b.height) == (width, height));
+        let served = g
+            .opts
+            .buckets
+            .iter()
+            .any(|b| (b.width, b.height) == (width, height));
         if batch != g.batch || !served {
             return Ok(false);
         }
@@ -222,7 +234,10 @@ impl ControlNet {
         let mut dims = crate::shapes::controlnet_dims(g.base.vae_scale_factor, fixed, batch);
         let session_dims = dims.clone();
         dims.extend(crate::shapes::controlnet_out_dims(&g.base, fixed).ok_or_else(|| {
-            Error::bundle(&self.bundle.dir, "CUDA graphs need the SDXL UNet structure (nine skips)")
+            Error::bundle(
+                &self.bundle.dir,
+                "CUDA graphs need the SDXL UNet structure (nine skips)",
+            )
         })?);
         let _gpu = capturing();
         current(&k)?;
@@ -236,7 +251,9 @@ impl ControlNet {
                 self.bundle.manifest.name
             ))
         })?;
-        let mib = before.zip(free_memory(&k)).map(|(b, a)| b.saturating_sub(a) >> 20);
+        let mib = before
+            .zip(free_memory(&k))
+            .map(|(b, a)| b.saturating_sub(a) >> 20);
         tracing::info!(
             controlnet = %self.bundle.manifest.name,
             bucket = %format!("{width}x{height}"),
@@ -328,7 +345,9 @@ impl ControlNet {
                     .buckets
                     .get_mut(*i)
                     .ok_or_else(|| Error::Gpu("the ControlNet's bucket is gone".into()))?;
-                return bucket.graph.step(&mut bucket.session, inputs, latent_in, timestep);
+                return bucket
+                    .graph
+                    .step(&mut bucket.session, inputs, latent_in, timestep);
             }
             Bound::Free(fb) => fb,
         };
@@ -407,7 +426,12 @@ impl ControlNet {
         b.bind_input("time_ids", &*cond.time_ids.view()?)?;
         b.bind_input("controlnet_cond", &*image.view()?)?;
         self.bind_weights(&mut b)?;
-        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+        let host = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?;
         for o in &self.outputs {
             b.bind_output_to_device(o.as_str(), &host)?;
         }

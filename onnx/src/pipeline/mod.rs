@@ -481,8 +481,13 @@ impl Pipeline {
             cn_buckets.clear();
         }
         for b in cn_buckets {
-            let guidance = if b.unet_batch == 2 || self.half.is_some() { guided } else { 1.0 };
-            let halves: std::collections::HashSet<usize> = self.cn_halves.values().map(|m| m.index()).collect();
+            let guidance = if b.unet_batch == 2 || self.half.is_some() {
+                guided
+            } else {
+                1.0
+            };
+            let halves: std::collections::HashSet<usize> =
+                self.cn_halves.values().map(|m| m.index()).collect();
             let controlnets = (0..self.controlnets.len())
                 .filter(|i| !halves.contains(i))
                 .map(|i| ControlRequest {
@@ -507,9 +512,12 @@ impl Pipeline {
                 controlnets,
                 loras: vec![],
             })?;
-            let out = self
-                .run(&req, RunOptions::default())
-                .map_err(|e| at(&format!("warming up the ControlNets at {}x{}", b.width, b.height), e))?;
+            let out = self.run(&req, RunOptions::default()).map_err(|e| {
+                at(
+                    &format!("warming up the ControlNets at {}x{}", b.width, b.height),
+                    e,
+                )
+            })?;
             tracing::debug!(
                 ms = out.timings.total.as_secs_f64() * 1e3,
                 "ControlNets warmed up"

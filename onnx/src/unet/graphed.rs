@@ -193,7 +193,13 @@ pub(crate) fn outlet_shape(
 }
 
 /// Binds the f32 device buffer at `ptr` as input `name` (in place, no copy).
-pub(crate) fn bind_dev(b: &mut IoBinding, name: &str, ptr: u64, shape: &[usize], device: usize) -> Result<()> {
+pub(crate) fn bind_dev(
+    b: &mut IoBinding,
+    name: &str,
+    ptr: u64,
+    shape: &[usize],
+    device: usize,
+) -> Result<()> {
     // SAFETY: callers pass buffers of this struct, which outlive the bindings (field order)
     let t = unsafe { ort_ref(ptr, shape, device)? };
     b.bind_input(name, &*t)?;
