@@ -15,7 +15,8 @@ Data flow:
         from_single_file with tools/configs/<config>/, offline)
         ├─▶ text_encoder[_2].onnx          (penultimate hidden states, pooled/projected)
         ├─▶ unet_encoder.onnx / unet_decoder.onnx   split after the mid block; the
-        │      LoRA-targetable Linear weights become graph inputs ─▶ weights.safetensors
+        │      LoRA-targetable Linear weights (and, but for --gpu, the LoCon-targetable
+        │      convolutions and time_emb_proj) become graph inputs ─▶ weights.safetensors
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
         ├─▶ controlnet.onnx               --controlnet-checkpoint, CHECKPOINT/controlnet/ or
@@ -48,6 +49,15 @@ MAX_LEN = 77
 TARGET_RE = re.compile(
     r"\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$|\.ff\.net\.(0\.proj|2)$|\.attentions\.\d+\.(proj_in|proj_out)$"
 )
+# What LoCon (kohya LoCon, peft LoRA on Conv2d) adapts besides those: the UNet's convolutions (resnets'
+# conv1/conv2/conv_shortcut, the down/upsamplers' conv, conv_in, conv_out) and the resnets' Linear
+# time_emb_proj (kohya's LoCon adapts every layer of a ResnetBlock2D). Graph inputs of CPU bundles only:
+# GPU bundles keep them as initializers (ONNX Runtime's NhwcConv fusion needs constant weights), and
+# their manifests say so (`weights.conv_graphs` empty).
+CONV_TARGET_RE = re.compile(
+    r"^(conv_in|conv_out)$|\.resnets\.\d+\.(conv1|conv2|conv_shortcut)$|\.(downsamplers|upsamplers)\.0\.conv$"
+)
+RESNET_LINEAR_RE = re.compile(r"\.resnets\.\d+\.time_emb_proj$")
 
 
 class _MultiHeadAttention(torch.autograd.Function):
@@ -494,12 +504,19 @@ def targeted_te_weights(te) -> list[str]:
     return [name + ".weight" for name, m in te.named_modules() if isinstance(m, nn.Linear) and TE_TARGET_RE.search(name)]
 
 
-def targeted_weights(unet) -> dict[str, list[str]]:
-    """diffusers names of the LoRA-targetable weights, by the graph that takes them."""
+def locon_target(name: str, m: nn.Module) -> bool:
+    """Whether module `name` is one of the UNet's LoCon targets (CONV_TARGET_RE, RESNET_LINEAR_RE)."""
+    return ((isinstance(m, nn.Conv2d) and CONV_TARGET_RE.search(name) is not None)
+            or (isinstance(m, nn.Linear) and RESNET_LINEAR_RE.search(name) is not None))
+
+
+def targeted_weights(unet, conv: bool = True) -> dict[str, list[str]]:
+    """diffusers names of the LoRA-targetable weights, by the graph that takes them; `conv`: with the
+    LoCon targets (the convolutions and time_emb_proj)."""
     out = {"unet_encoder": [], "unet_decoder": []}
     for name, m in unet.named_modules():
-        if isinstance(m, nn.Linear) and TARGET_RE.search(name):
-            graph = "unet_decoder" if name.startswith("up_blocks.") else "unet_encoder"
+        if (isinstance(m, nn.Linear) and TARGET_RE.search(name)) or (conv and locon_target(name, m)):
+            graph = "unet_decoder" if name.startswith("up_blocks.") or name == "conv_out" else "unet_encoder"
             out[graph].append(name + ".weight")
     return out
 
@@ -820,7 +837,8 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
 
     ucfg = unet.config
     C, P = ucfg.cross_attention_dim, te2.config.projection_dim
-    weights = targeted_weights(unet)
+    # GPU bundles: convolutions stay initializers (NhwcConv fusion), so no LoCon inputs at all
+    weights = targeted_weights(unet, conv=not gpu)
     params = dict(unet.named_parameters())
     enc_in = [rnd(B, 4, h, h), torch.tensor([999.0, 1.0]), rnd(B, MAX_LEN, C), rnd(B, P),
               torch.tensor([[check_size, check_size, 0, 0, check_size, check_size]] * B, dtype=torch.float32)]
@@ -903,7 +921,9 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
         "vae_decoder": "vae_decoder.onnx", "vae_precision": vae_prec,
         "vae_sample_size": int(vae.config.sample_size if isinstance(vae.config.sample_size, int)
                                else vae.config.sample_size[0]),
-        "weights": {"file": "weights.safetensors", "map": {
+        # the graphs whose convolutions (LoCon targets) are inputs: none in GPU bundles
+        "weights": {"file": "weights.safetensors",
+                    "conv_graphs": [] if gpu else ["unet_encoder", "unet_decoder"], "map": {
             **{n: {"graph": gname, "shape": list(params[n].shape)} for gname in ("unet_encoder", "unet_decoder")
                for n in weights[gname]},
             **{n: {"graph": g, "shape": list(p.shape)} for g in TE_GRAPHS for n, p in te_weights[g].items()}}},

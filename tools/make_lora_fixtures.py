@@ -13,7 +13,8 @@ Data flow (everything seeded; diffusers, peft and transformers as pinned in requ
       │     ─▶ lora_B × B_SCALE ─▶ get_peft_model_state_dict
       ├─▶ StableDiffusionXLPipeline.save_lora_weights(unet_/text_encoder_/text_encoder_2_lora_layers,
       │     *_lora_adapter_metadata = module.peft_config["default"].to_dict(), as diffusers'
-      │     training_utils._collate_lora_metadata) ─▶ peft-te.safetensors, peft-te-only.safetensors
+      │     training_utils._collate_lora_metadata) ─▶ peft-te.safetensors, peft-te-only.safetensors,
+      │     peft-locon.safetensors (UNet Conv2d layers and time_emb_proj, text_encoder_2)
       ├─▶ the same files' state dict (unet./text_encoder./text_encoder_2. prefixes, as written)
       │     ─▶ diffusers.utils.convert_state_dict_to_kohya ─▶ `.alpha` set to lora_alpha (see below)
       │     ─▶ kohya-te.safetensors, kohya-locon.safetensors (UNet Linear + Conv2d layers)
@@ -89,6 +90,10 @@ LORAS = {
                             "text_encoder_2": (TE_TARGETS, 3)}, "kohya"),
     "peft-te-only": (SEED + 3, {"text_encoder": (TE_TARGETS, 8), "text_encoder_2": (TE_TARGETS, 8)}, "peft"),
     "kohya-locon": (SEED + 4, {"unet": (UNET_TARGETS + CONV_TARGETS, 8)}, "kohya"),
+    # peft's LoRA on the convolutions (and the resnets' time_emb_proj, as kohya's LoCon adapts them) in
+    # the peft layout, with a text-encoder part
+    "peft-locon": (SEED + 5, {"unet": (CONV_TARGETS + ["time_emb_proj"], 6), "text_encoder_2": (TE_TARGETS, 4)},
+                   "peft"),
 }
 
 
@@ -233,6 +238,10 @@ def cases():
              loras=[lo("peft-te", 0.7), lo("kohya-te", -0.5)]),
         dict(name="lora_locon", scheduler="euler", prompt="an orange moon above a dark sea", steps=4,
              loras=[lo("kohya-locon", 1.0)]),
+        dict(name="lora_peft_locon", scheduler="euler", prompt="a grey cloud over a green hill", steps=4,
+             loras=[lo("peft-locon", 0.9)]),
+        dict(name="lora_locon_mixed", scheduler="euler-a", prompt="a blue kite in a red sky",
+             negative_prompt="blurry", steps=4, loras=[lo("kohya-locon", 0.6), lo("peft-te", 0.8), lo("peft-locon", -0.4)]),
     ]
 
 
@@ -259,7 +268,7 @@ def main(argv=None):
     loras = {f"tests/data/lora/{p.name}": p for p, _ in files.values()}
     about = ("diffusers reference runs of the LoRAs of tests/data/lora/ (peft layout with text-encoder parts, "
              "kohya layout from diffusers' convert_state_dict_to_kohya, text-encoder-only, two at once, kohya LoCon "
-             "with UNet convolutions) on the checkpoint tests/data/checkpoints/tiny-sdxl.safetensors as diffusers "
+             "with UNet convolutions, peft-layout LoRA on the convolutions, LoCon mixed with other layouts) on the checkpoint tests/data/checkpoints/tiny-sdxl.safetensors as diffusers "
              "loads it; LoRAs made with peft r=4, lora_alpha != r (tools/make_lora_fixtures.py)")
     eb.run_references(models, REPO / BUNDLES[0], REPO / BUNDLES[1], loras, {}, a.references, SEED,
                       cases=cases(), bundle_names=BUNDLES, about=about)
