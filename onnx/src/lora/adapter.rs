@@ -5,8 +5,12 @@
 //!       ─ LoraLayout::detect ─▶ Peft | Kohya                     (layout.rs)
 //!       ─ sort_keys (KeyMap::place) ─▶ factors to convert | refused keys   (peft: layout.rs, kohya.rs)
 //!       ─ convert (f32, in parallel) ─▶ Collected: A, B, alpha by weight
-//!       ─ Refused::check ─▶ one error naming every key that cannot be used
-//!       ─ pair_factors (B·A must make the weight's shape) ─▶ LoraAdapter
+//!       ─ Refused::check ─▶ one error naming every key that cannot be used, or the parts
+//!                            the bundle cannot take (`Untaken`: text encoders, convolutions)
+//!       ─ pair_factors (B·A must make the weight's shape; convolutions: down [r, in, kh, kw],
+//!                       up [out, r, 1, 1] as [r, in·kh·kw] and [out, r]) ─▶ LoraAdapter
+//!       ─ LoraAdapter::check(LoraParts) ─▶ untaken parts: an error naming them (All), or
+//!                                           skipped and recorded (Takeable: a job's `unet_only`)
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -24,7 +28,9 @@ use crate::bundle::WeightEntry;
 use crate::dtype::to_f32;
 use crate::{Error, Result};
 
-/// One adapted weight: `ΔW = (alpha / rank) · B · A`.
+/// One adapted weight: `ΔW = (alpha / rank) · B · A`. For a convolution weight `[out, in, kh, kw]`
+/// `a` holds the down factor `[r, in, kh, kw]` as `[r, in·kh·kw]` and `b` the up factor
+/// `[out, r, 1, 1]` as `[out, r]` (the same memory): `B·A` is `ΔW` as `[out, in·kh·kw]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraLayer {
     pub a: Vec<f32>,
@@ -40,22 +46,145 @@ pub struct LoraAdapter {
     pub layout: LoraLayout,
     /// By weight name of the bundle (`…to_q.weight`).
     pub layers: BTreeMap<String, LoraLayer>,
+    /// The file's parts this bundle cannot take (not in `layers`); see [`LoraAdapter::check`].
+    pub untaken: Untaken,
+}
+
+/// Which parts of a LoRA file a job uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraParts {
+    /// Every part: a part the bundle cannot take is an error naming its keys (the default).
+    #[default]
+    All,
+    /// The parts the bundle can take; the others (text-encoder parts on a bundle whose text
+    /// encoders take no weights, convolution parts on one whose convolutions take none) are
+    /// skipped and recorded: a job's `unet_only`.
+    Takeable,
+}
+
+impl LoraParts {
+    /// `unet_only` (a job's option) as parts.
+    pub fn unet_only(on: bool) -> Self {
+        if on {
+            LoraParts::Takeable
+        } else {
+            LoraParts::All
+        }
+    }
+}
+
+/// The parts of a LoRA file that a bundle cannot take: every key named, with why.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Untaken {
+    /// Keys adapting a text encoder whose weights the bundle does not take as inputs.
+    pub text_encoder: Vec<String>,
+    /// Convolution factors (`key [shape]`) where the bundle's convolutions take no weights.
+    pub conv: Vec<String>,
+}
+
+impl Untaken {
+    pub fn is_empty(&self) -> bool {
+        self.text_encoder.is_empty() && self.conv.is_empty()
+    }
+
+    /// Why each part cannot be used (in errors).
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !self.text_encoder.is_empty() {
+            problems.push(format!(
+                "{} keys adapt a text encoder ({}): this bundle's text encoders take no LoRA weights \
+                 (it was exported before they did: export it again with tools/export.sh)",
+                self.text_encoder.len(),
+                some(&self.text_encoder)
+            ));
+        }
+        if !self.conv.is_empty() {
+            problems.push(format!(
+                "{} keys are convolution LoRA factors ({}): this bundle's convolutions take no LoRA \
+                 weights (GPU bundles keep them constant; a CPU bundle exported before they took them: \
+                 export it again with tools/export.sh)",
+                self.conv.len(),
+                some(&self.conv)
+            ));
+        }
+        problems
+    }
+}
+
+impl std::fmt::Display for Untaken {
+    /// What was skipped, in a job's record: `264 text-encoder keys (…); 4 convolution keys (…)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if !self.text_encoder.is_empty() {
+            parts.push(format!(
+                "{} text-encoder keys ({})",
+                self.text_encoder.len(),
+                some(&self.text_encoder)
+            ));
+        }
+        if !self.conv.is_empty() {
+            parts.push(format!(
+                "{} convolution keys ({})",
+                self.conv.len(),
+                some(&self.conv)
+            ));
+        }
+        f.write_str(&parts.join("; "))
+    }
 }
 
 impl LoraAdapter {
-    /// Reads a LoRA file and maps it onto `weights` (a bundle's weight map).
+    /// Reads a LoRA file and maps it onto `weights` (a bundle's weight map); a part the bundle
+    /// cannot take is an error naming it.
     pub fn load(path: &Path, weights: &BTreeMap<String, WeightEntry>) -> Result<Self> {
+        Self::load_with(path, weights, LoraParts::All)
+    }
+
+    /// [`LoraAdapter::load`] using `parts`: with [`LoraParts::Takeable`] the parts the bundle
+    /// cannot take are skipped (in `untaken`).
+    pub fn load_with(path: &Path, weights: &BTreeMap<String, WeightEntry>, parts: LoraParts) -> Result<Self> {
         if !path.is_file() {
             return Err(err(path, "no such file"));
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::parse(&bytes, path, weights)
+        let a = Self::parse(&bytes, path, weights)?;
+        a.check(parts)?;
+        Ok(a)
     }
 
     /// Maps the safetensors file in `bytes` onto `weights` (a bundle's weight map); `origin` (a
     /// name or path) is the adapter's `path`, names it in errors and gives its `name` (the stem).
+    /// A part the bundle cannot take is an error naming it.
     pub fn from_bytes(bytes: &[u8], origin: &str, weights: &BTreeMap<String, WeightEntry>) -> Result<Self> {
-        Self::parse(bytes, Path::new(origin), weights)
+        Self::from_bytes_with(bytes, origin, weights, LoraParts::All)
+    }
+
+    /// [`LoraAdapter::from_bytes`] using `parts`. A cache that serves jobs of either kind reads
+    /// with [`LoraParts::Takeable`] and checks each job's parts with [`LoraAdapter::check`].
+    pub fn from_bytes_with(
+        bytes: &[u8],
+        origin: &str,
+        weights: &BTreeMap<String, WeightEntry>,
+        parts: LoraParts,
+    ) -> Result<Self> {
+        let a = Self::parse(bytes, Path::new(origin), weights)?;
+        a.check(parts)?;
+        Ok(a)
+    }
+
+    /// Whether a job using `parts` can use this adapter: with [`LoraParts::All`], parts the
+    /// bundle cannot take are an error naming their keys; otherwise they are skipped (the
+    /// adapter's `untaken` says which).
+    pub fn check(&self, parts: LoraParts) -> Result<()> {
+        if parts == LoraParts::All && !self.untaken.is_empty() {
+            let mut problems = self.untaken.problems();
+            problems.push(
+                "a job with `unet_only` skips the parts the bundle cannot take (katz generate/submit --unet-only)"
+                    .into(),
+            );
+            return Err(err(&self.path, problems.join("; ")));
+        }
+        Ok(())
     }
 
     /// Bytes of the f32 factors held.
@@ -82,8 +211,8 @@ impl LoraAdapter {
         let map = KeyMap::new(layout, weights);
         let (todo, refused) = sort_keys(path, &map, &tensors)?;
         let got = convert(path, todo)?;
-        refused.check(path, &map, got.is_empty())?;
-        let layers = pair_factors(path, layout, got, weights, file_alpha)?;
+        let untaken = refused.check(path, &map, got.is_empty())?;
+        let layers = pair_factors(path, layout, got, weights, file_alpha, !untaken.is_empty())?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -93,6 +222,7 @@ impl LoraAdapter {
             name,
             layout,
             layers,
+            untaken,
         })
     }
 }
@@ -161,7 +291,7 @@ impl<'w> KeyMap<'w> {
     /// Where `key` (a tensor of shape `shape`) goes.
     fn place(&self, path: &Path, key: &str, shape: &[usize]) -> Result<Place> {
         match self {
-            KeyMap::Peft(weights) => Ok(peft_place(weights, key)),
+            KeyMap::Peft(weights) => Ok(peft_place(weights, key, shape)),
             KeyMap::Kohya(k) => k.place(path, key, shape),
         }
     }
@@ -200,9 +330,9 @@ fn sort_keys<'t, 'd>(
         }
         match map.place(path, key, t.shape())? {
             Place::Weight(weight, slot) => todo.push((key.as_str(), weight, slot, t)),
-            Place::TextEncoder => refused.text_encoder.push(key.clone()),
+            Place::TextEncoder => refused.untaken.text_encoder.push(key.clone()),
             Place::Conv(module) => {
-                refused.conv.push(format!("{key} {:?}", t.shape()));
+                refused.untaken.conv.push(format!("{key} {:?}", t.shape()));
                 refused.conv_modules.insert(module);
             }
             Place::Unmatched => refused.unmatched.push(key.clone()),
@@ -339,18 +469,19 @@ struct Refused {
     /// Factors of other adapter kinds (LoHa, LoKr, DoRA), by kind, and their modules.
     other: BTreeMap<&'static str, Vec<String>>,
     other_modules: HashSet<String>,
-    /// Keys of a text encoder (kohya `lora_te…_`).
-    text_encoder: Vec<String>,
-    /// Convolution (not 2-D) factors, each with its shape, and their modules.
-    conv: Vec<String>,
+    /// Parts the bundle cannot take (text encoders, convolutions): refused with the rest, or
+    /// left to the job's parts when nothing else is refused.
+    untaken: Untaken,
+    /// The modules of `untaken.conv`.
     conv_modules: HashSet<String>,
     /// Keys that match no weight of the bundle.
     unmatched: Vec<String>,
 }
 
 impl Refused {
-    /// One error naming every refused key; `nothing_matched`: no key gave a factor.
-    fn check(mut self, path: &Path, map: &KeyMap<'_>, nothing_matched: bool) -> Result<()> {
+    /// One error naming every refused key; `nothing_matched`: no key gave a factor. Where only
+    /// parts the bundle cannot take are left, they are returned (the job's parts decide).
+    fn check(mut self, path: &Path, map: &KeyMap<'_>, nothing_matched: bool) -> Result<Untaken> {
         // The alphas of refused convolution and other-kind layers are not reported again as
         // unmatched (nor are a DoRA file's plain LoRA factors placed: the file is refused).
         let (conv_modules, other_modules) = (&self.conv_modules, &self.other_modules);
@@ -375,21 +506,6 @@ impl Refused {
                 some(keys)
             ));
         }
-        if !self.text_encoder.is_empty() {
-            problems.push(format!(
-                "{} keys adapt a text encoder ({}): this bundle's text encoders take no LoRA weights \
-                 (it was exported before they did: export it again with tools/export.sh)",
-                self.text_encoder.len(),
-                some(&self.text_encoder)
-            ));
-        }
-        if !self.conv.is_empty() {
-            problems.push(format!(
-                "{} keys are convolution LoRA factors ({}): only linear (2-D) LoRA layers are supported",
-                self.conv.len(),
-                some(&self.conv)
-            ));
-        }
         if !self.unmatched.is_empty() {
             let hint = map
                 .unmatched_hint(&self.unmatched)
@@ -407,21 +523,41 @@ impl Refused {
             ));
         }
         if !problems.is_empty() {
+            // the parts the bundle cannot take are named too: one error says everything
+            problems.extend(self.untaken.problems());
             return Err(err(path, problems.join("; ")));
         }
-        Ok(())
+        Ok(self.untaken)
+    }
+}
+
+/// Whether `B·A` makes a weight of shape `target`: linear `[r, in]`, `[out, r]` onto
+/// `[out, in]`; convolution `[r, in, kh, kw]`, `[out, r, 1, 1]` onto `[out, in, kh, kw]` (kohya
+/// LoCon, peft's LoRA on `Conv2d`: the up factor is a 1×1 convolution).
+fn factors_fit(a: &[usize], b: &[usize], target: &[usize]) -> bool {
+    match (a, b, target) {
+        ([r, i], [o, r2], [to, ti]) => r == r2 && o == to && i == ti,
+        ([r, i, kh, kw], [o, r2, 1, 1], [to, ti, th, tw]) => {
+            r == r2 && o == to && i == ti && kh == th && kw == tw
+        }
+        _ => false,
     }
 }
 
 /// Pairs each weight's A with its B into layers, checking that `B·A` makes the weight's shape.
 /// Alpha: the module's `.alpha` key, else the file's metadata, else the rank (scale 1).
+/// `some_untaken`: the file has parts the bundle cannot take (so no layer at all is no error).
 fn pair_factors(
     path: &Path,
     layout: LoraLayout,
     mut got: Collected,
     weights: &BTreeMap<String, WeightEntry>,
     file_alpha: FileAlpha,
+    some_untaken: bool,
 ) -> Result<BTreeMap<String, LoraLayer>> {
+    if got.a.is_empty() && got.ly.is_empty() && got.b.is_empty() && some_untaken {
+        return Ok(BTreeMap::new());
+    }
     if got.a.is_empty() && got.ly.is_empty() {
         return Err(err(
             path,
@@ -436,13 +572,7 @@ fn pair_factors(
             .remove(&weight)
             .ok_or_else(|| err(path, format!("`{weight}` has {a_name} but no {b_name}")))?;
         let target = &weights[&weight].shape;
-        let ok = ashape.len() == 2
-            && bshape.len() == 2
-            && target.len() == 2
-            && ashape[0] == bshape[1]
-            && bshape[0] == target[0]
-            && ashape[1] == target[1];
-        if !ok {
+        if !factors_fit(&ashape, &bshape, target) {
             return Err(err(
                 path,
                 format!(
@@ -679,6 +809,12 @@ mod tests {
         for k in keys {
             assert!(m.contains(k), "{m}");
         }
+        // with `unet_only` the text-encoder part is skipped and recorded
+        let a = LoraAdapter::from_bytes_with(&serialize(&e, None), "t", &weight_map(), LoraParts::Takeable)
+            .unwrap();
+        assert_eq!(a.layers.len(), MODULES.len());
+        assert_eq!(a.untaken.text_encoder, keys.map(String::from).to_vec());
+        assert!(!a.has_text_encoder_layers());
         // A file of text-encoder keys only is refused too.
         let m = load_err(&[(keys[0].to_string(), vec![2, 6], vec![0.0; 12])]);
         assert!(m.contains("adapt a text encoder"), "{m}");
@@ -818,24 +954,142 @@ mod tests {
         );
     }
 
+    /// Kohya LoCon factors of `module` (down `[2, 4, kh, kw]`, up `[4, 2, 1, 1]`, alpha 1).
+    fn locon_entries(module: &str, kh: usize, kw: usize) -> Vec<Entry> {
+        let k = kohya_name(module);
+        vec![
+            (
+                format!("{k}.lora_down.weight"),
+                vec![2, 4, kh, kw],
+                values(8 * kh * kw, 21),
+            ),
+            (format!("{k}.lora_up.weight"), vec![4, 2, 1, 1], values(8, 22)),
+            (format!("{k}.alpha"), vec![], vec![1.0]),
+        ]
+    }
+
+    const CONV1: &str = "down_blocks.0.resnets.0.conv1";
+
     #[test]
-    fn kohya_conv_factors_are_refused() {
+    fn conv_factors_of_a_bundle_without_conv_weights_are_untaken() {
         let mut e = kohya_entries(2);
-        let k = kohya_name("down_blocks.0.resnets.0.conv1");
-        e.push((format!("{k}.lora_down.weight"), vec![2, 4, 3, 3], vec![0.0; 72]));
-        e.push((format!("{k}.lora_up.weight"), vec![4, 2, 1, 1], vec![0.0; 8]));
-        e.push((format!("{k}.alpha"), vec![], vec![1.0]));
+        let k = kohya_name(CONV1);
+        e.extend(locon_entries(CONV1, 3, 3));
         let m = load_err(&e);
         assert!(m.contains("2 keys are convolution LoRA factors"), "{m}");
         assert!(m.contains(&format!("{k}.lora_down.weight [2, 4, 3, 3]")), "{m}");
+        assert!(
+            m.contains("this bundle's convolutions take no LoRA weights") && m.contains("unet_only"),
+            "{m}"
+        );
         assert!(!m.contains("match no weight"), "{m}");
-        // 4-D factors of a module the bundle has are refused as well (1×1 included).
+        // the same file with `unet_only`: its linear layers, the convolution part recorded
+        let bytes = serialize(&e, None);
+        let a = LoraAdapter::from_bytes_with(&bytes, "m", &weight_map(), LoraParts::Takeable).unwrap();
+        assert_eq!(a.layers.len(), MODULES.len());
+        assert_eq!(a.untaken.conv.len(), 2);
+        assert!(a.untaken.text_encoder.is_empty());
+        assert!(a.untaken.to_string().starts_with("2 convolution keys ("), "{}", a.untaken);
+        assert!(a.check(LoraParts::All).is_err());
+        // a file of nothing else: no layers, no error
+        let a = LoraAdapter::from_bytes_with(
+            &serialize(&locon_entries(CONV1, 3, 3), None),
+            "c",
+            &weight_map(),
+            LoraParts::Takeable,
+        )
+        .unwrap();
+        assert!(a.layers.is_empty() && a.untaken.conv.len() == 2);
+        // a convolution factor onto a linear weight of the bundle does not fit it
         let mut e = kohya_entries(2);
         let down = format!("{}.lora_down.weight", kohya_name(PROJ_IN));
         let x = e.iter_mut().find(|x| x.0 == down).unwrap();
         x.1 = vec![2, 6, 1, 1];
         let m = load_err(&e);
-        assert!(m.contains("convolution") && m.contains(&down), "{m}");
+        assert!(
+            m.contains(&format!("`{PROJ_IN}.weight`")) && m.contains("does not make the weight's"),
+            "{m}"
+        );
+    }
+
+    /// Hard problems and untaken parts in one file: one error names both, whatever the parts.
+    #[test]
+    fn untaken_parts_are_named_beside_other_problems() {
+        let mut e = kohya_entries(2);
+        e.extend(locon_entries(CONV1, 3, 3));
+        let key = "lora_unet_up_blocks_9_attentions_0_proj_in.lora_down.weight".to_string();
+        e.push((key.clone(), vec![2, 6], vec![0.0; 12]));
+        let bytes = serialize(&e, None);
+        let m = LoraAdapter::from_bytes_with(&bytes, "m", &weight_map(), LoraParts::Takeable)
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains(&key) && m.contains("convolution LoRA factors"), "{m}");
+    }
+
+    /// A weight map with a 3×3 and a 1×1 convolution beside the linear weights.
+    fn conv_weight_map() -> BTreeMap<String, WeightEntry> {
+        let mut w = weight_map();
+        for (m, s) in [(CONV1, vec![4, 4, 3, 3]), (SHORTCUT, vec![4, 4, 1, 1])] {
+            w.insert(
+                format!("{m}.weight"),
+                WeightEntry {
+                    graph: "unet_encoder".into(),
+                    shape: s,
+                },
+            );
+        }
+        w
+    }
+
+    const SHORTCUT: &str = "down_blocks.0.resnets.0.conv_shortcut";
+
+    /// LoCon factors onto convolution weights: the down factor as `[r, in·kh·kw]`, the up factor
+    /// as `[out, r]`, in both layouts alike.
+    #[test]
+    fn conv_factors_map_onto_conv_weights_in_both_layouts() {
+        let w = conv_weight_map();
+        let mut e = kohya_entries(2);
+        e.extend(locon_entries(CONV1, 3, 3));
+        e.extend(locon_entries(SHORTCUT, 1, 1));
+        let kohya = LoraAdapter::from_bytes(&serialize(&e, None), "k", &w).unwrap();
+        let l = &kohya.layers[&format!("{CONV1}.weight")];
+        assert_eq!((l.rank, l.alpha, l.a.len(), l.b.len()), (2, 1.0, 2 * 4 * 9, 4 * 2));
+        assert_eq!(l.a, values(72, 21));
+        assert_eq!(kohya.layers[&format!("{SHORTCUT}.weight")].a.len(), 2 * 4);
+        assert!(kohya.untaken.is_empty());
+        // the peft layout: `unet.<module>.lora_A.weight` [r, in, kh, kw], `.lora_B.weight` [out, r, 1, 1]
+        let peft: Vec<Entry> = e
+            .iter()
+            .map(|(k, s, v)| {
+                let k = k.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight", ".lora_B.weight");
+                let module = MODULES
+                    .iter()
+                    .map(|m| m.0)
+                    .chain([CONV1, SHORTCUT])
+                    .find(|m| k.starts_with(&format!("{}.", kohya_name(m))))
+                    .unwrap();
+                (k.replacen(&kohya_name(module), &format!("unet.{module}"), 1), s.clone(), v.clone())
+            })
+            .collect();
+        let p = LoraAdapter::from_bytes(&serialize(&peft, None), "k", &w).unwrap();
+        assert_eq!(p.layers, kohya.layers);
+        // a kernel of another size does not fit
+        let mut bad = kohya_entries(2);
+        bad.extend(locon_entries(CONV1, 1, 1));
+        let m = LoraAdapter::from_bytes(&serialize(&bad, None), "b", &w)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains(&format!("`{CONV1}.weight`")) && m.contains("[4, 4, 3, 3]") && m.contains("another architecture?"),
+            "{m}"
+        );
+        // on a bundle that takes convolutions, a convolution matching none of them is unmatched
+        let mut other = kohya_entries(2);
+        other.extend(locon_entries("down_blocks.0.resnets.1.conv1", 3, 3));
+        let m = LoraAdapter::from_bytes(&serialize(&other, None), "o", &w)
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("match no weight") && m.contains("resnets_1_conv1"), "{m}");
     }
 
     #[test]
@@ -949,8 +1203,11 @@ mod tests {
         let kohya = LoraAdapter::from_bytes(&serialize(&e, None), "tiny-lora-a-kohya", weights).unwrap();
         assert_eq!(kohya.layout(), LoraLayout::Kohya);
         assert_eq!(kohya.name, "tiny-lora-a-kohya");
-        // every UNet weight (the tiny LoRA has no text-encoder part)
-        let unet = weights.values().filter(|e| e.graph.starts_with("unet_")).count();
+        // every linear UNet weight but the LoCon targets (the tiny LoRA has no text-encoder part)
+        let unet = weights
+            .iter()
+            .filter(|(n, e)| e.graph.starts_with("unet_") && e.shape.len() == 2 && !n.contains("time_emb_proj"))
+            .count();
         assert_eq!(peft.layers.len(), unet);
         assert!(peft.layers.values().all(|l| l.alpha == 8.0 && l.rank == 4));
         assert_eq!(

@@ -139,7 +139,8 @@ pub(super) enum Place {
     /// A key of a text encoder whose weights this bundle does not take as inputs (a bundle
     /// exported before its text encoders did): refused.
     TextEncoder,
-    /// A factor that is not 2-D (a convolution LoRA) of this module: refused.
+    /// A convolution factor (4-D) of this module, where the bundle's convolutions take no weights
+    /// (a GPU bundle, or one exported before they did): refused, or skipped with `unet_only`.
     Conv(String),
     /// No weight of the bundle.
     Unmatched,
@@ -165,6 +166,12 @@ pub(super) fn takes_text(weights: &BTreeMap<String, WeightEntry>, graph: &str) -
     weights.values().any(|e| e.graph == graph)
 }
 
+/// Whether the map holds convolution weights (`[out, in, kh, kw]`): the UNet's convolutions are
+/// graph inputs (CPU bundles exported since they took them; never GPU bundles).
+pub(crate) fn takes_conv(weights: &BTreeMap<String, WeightEntry>) -> bool {
+    weights.values().any(|e| e.shape.len() == 4)
+}
+
 /// A text-encoder module path with and without the `text_model.` level: transformers 5 names
 /// `CLIPTextModel`'s modules without it, `CLIPTextModelWithProjection`'s with it, and published
 /// LoRAs write it for both (diffusers drops it where the model has none).
@@ -178,8 +185,9 @@ pub(super) fn text_model_variants(module: &str) -> [String; 2] {
 /// Where a peft key goes: `[unet.]<module>.lora_A.weight`, `.lora_B.weight` or `.alpha` onto the
 /// bundle weight `<module>.weight`; `text_encoder[_2].<module>…` onto that text encoder's weight
 /// (with or without the `text_model.` level), or [`Place::TextEncoder`] when the bundle's text
-/// encoders take no weights.
-pub(super) fn peft_place(weights: &BTreeMap<String, WeightEntry>, key: &str) -> Place {
+/// encoders take no weights; a 4-D factor (`shape`) of a module the bundle does not take, on a
+/// bundle whose convolutions take no weights, is [`Place::Conv`].
+pub(super) fn peft_place(weights: &BTreeMap<String, WeightEntry>, key: &str, shape: &[usize]) -> Place {
     let k = key.strip_prefix("unet.").unwrap_or(key);
     let Some((m, slot)) = split_key(k, ".lora_A.weight", ".lora_B.weight") else {
         return Place::Unmatched;
@@ -197,6 +205,8 @@ pub(super) fn peft_place(weights: &BTreeMap<String, WeightEntry>, key: &str) -> 
     let w = format!("{m}.weight");
     if weights.contains_key(&w) {
         Place::Weight(w, slot)
+    } else if shape.len() == 4 && !takes_conv(weights) {
+        Place::Conv(m.to_string())
     } else {
         Place::Unmatched
     }
@@ -224,7 +234,7 @@ mod tests {
                 shape: vec![2, 2],
             },
         )]);
-        let place = |k| peft_place(&w, k);
+        let place = |k| peft_place(&w, k, &[2, 2]);
         assert_eq!(
             place("unet.a.b.lora_A.weight"),
             Place::Weight("a.b.weight".into(), Slot::A)
@@ -238,6 +248,11 @@ mod tests {
             Place::Weight("a.b.weight".into(), Slot::Alpha)
         );
         assert_eq!(place("a.c.lora_A.weight"), Place::Unmatched);
+        // a convolution factor of a module this bundle (no conv weights) lacks
+        assert_eq!(
+            peft_place(&w, "unet.a.c.lora_A.weight", &[2, 2, 3, 3]),
+            Place::Conv("a.c".into())
+        );
     }
 
     fn entry(graph: &str) -> WeightEntry {
@@ -259,7 +274,7 @@ mod tests {
                 entry("text_encoder_2"),
             ),
         ]);
-        let place = |k| peft_place(&w, k);
+        let place = |k| peft_place(&w, k, &[2, 2]);
         let fc1 = "text_encoder.encoder.layers.0.mlp.fc1.weight";
         assert_eq!(
             place("text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight"),
@@ -284,7 +299,7 @@ mod tests {
     fn text_encoder_keys_of_a_bundle_without_text_weights_are_text_encoder_places() {
         let w = BTreeMap::from([("a.b.weight".to_string(), entry("unet_encoder"))]);
         assert_eq!(
-            peft_place(&w, "text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight"),
+            peft_place(&w, "text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight", &[2, 2]),
             Place::TextEncoder
         );
         assert_eq!(text_part("text_encoder_2.x.y"), Some(("text_encoder_2", "x.y")));

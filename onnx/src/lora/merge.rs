@@ -1,5 +1,7 @@
 //! Merging LoRAs into a bundle's weights: `W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ` for every layer a job's
 //! LoRAs touch, written into a fresh [`MergedWeights`] set (the pristine set never changes).
+//! A convolution weight `[out, in, kh, kw]` is merged as the matrix `[out, in·kh·kw]` it is in
+//! memory, with its factors flattened the same way (`LoraLayer`), on the host and on the GPU.
 //!
 //! ```text
 //! host: [(LoraAdapter, scale)] ─▶ Weights::merge ─ katz_kernels::lora::merge_into per layer ─▶ MergedWeights (host)
@@ -77,7 +79,8 @@ impl Weights {
             let entry = self.map().get(name).ok_or_else(|| {
                 Error::InvalidRequest(format!("LoRA layer `{name}` is not a weight of this bundle"))
             })?;
-            let (rows, cols) = (entry.shape[0], entry.shape[1]);
+            // a convolution `[out, in, kh, kw]` as `[out, in·kh·kw]` (the same memory)
+            let (rows, cols) = rows_cols(&entry.shape);
             let mut out = vec![0f32; rows * cols];
             merge_into(&self.data(name)?, rows, cols, &factors, &mut out);
             merged.insert(
@@ -146,7 +149,7 @@ impl Weights {
         let (mut l16, mut l32) = (Vec::new(), Vec::new());
         for ((name, factors), (_, out)) in touched.into_iter().zip(&outs) {
             let shape = &self.map()[name].shape;
-            let (rows, cols) = (shape[0], shape[1]);
+            let (rows, cols) = rows_cols(shape);
             match (dev.get(name), out) {
                 (DevBuf::F16(base), DevBuf::F16(out)) => l16.push(GpuMergeLayer {
                     base,
@@ -174,6 +177,13 @@ impl Weights {
             started.elapsed(),
         ))
     }
+}
+
+/// A weight's shape as the merge's `[rows, cols]`: `[out, in]`, or a convolution `[out, in, kh, kw]`
+/// as `[out, in·kh·kw]` (row-major: the same memory, and `B·A` of its flattened factors).
+fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    let rows = shape.first().copied().unwrap_or(1);
+    (rows, shape.iter().skip(1).product())
 }
 
 /// The device copy of `weights`, or the error of a GPU merge on host weights.
