@@ -15,8 +15,8 @@ Data flow:
         from_single_file with tools/configs/<config>/, offline)
         ├─▶ text_encoder[_2].onnx          (penultimate hidden states, pooled/projected)
         ├─▶ unet_encoder.onnx / unet_decoder.onnx   split after the mid block; the
-        │      LoRA-targetable Linear weights (and, but for --gpu, the LoCon-targetable
-        │      convolutions and time_emb_proj) become graph inputs ─▶ weights.safetensors
+        │      LoRA-targetable Linear weights (with time_emb_proj and, but for --gpu, the
+        │      LoCon-targetable convolutions) become graph inputs ─▶ weights.safetensors
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
         ├─▶ controlnet.onnx               --controlnet-checkpoint, CHECKPOINT/controlnet/ or
@@ -51,9 +51,10 @@ TARGET_RE = re.compile(
 )
 # What LoCon (kohya LoCon, peft LoRA on Conv2d) adapts besides those: the UNet's convolutions (resnets'
 # conv1/conv2/conv_shortcut, the down/upsamplers' conv, conv_in, conv_out) and the resnets' Linear
-# time_emb_proj (kohya's LoCon adapts every layer of a ResnetBlock2D). Graph inputs of CPU bundles only:
-# GPU bundles keep them as initializers (ONNX Runtime's NhwcConv fusion needs constant weights), and
-# their manifests say so (`weights.conv_graphs` empty).
+# time_emb_proj (kohya's LoCon adapts every layer of a ResnetBlock2D). time_emb_proj is an input of
+# every bundle; the convolutions of CPU bundles only: GPU bundles keep them as initializers (ONNX
+# Runtime's NhwcConv fusion needs constant weights), and their manifests say so (`weights.conv_graphs`
+# empty).
 CONV_TARGET_RE = re.compile(
     r"^(conv_in|conv_out)$|\.resnets\.\d+\.(conv1|conv2|conv_shortcut)$|\.(downsamplers|upsamplers)\.0\.conv$"
 )
@@ -504,18 +505,19 @@ def targeted_te_weights(te) -> list[str]:
     return [name + ".weight" for name, m in te.named_modules() if isinstance(m, nn.Linear) and TE_TARGET_RE.search(name)]
 
 
-def locon_target(name: str, m: nn.Module) -> bool:
-    """Whether module `name` is one of the UNet's LoCon targets (CONV_TARGET_RE, RESNET_LINEAR_RE)."""
-    return ((isinstance(m, nn.Conv2d) and CONV_TARGET_RE.search(name) is not None)
+def locon_target(name: str, m: nn.Module, conv: bool) -> bool:
+    """Whether module `name` is one of the UNet's LoCon targets taken as inputs: time_emb_proj
+    (RESNET_LINEAR_RE), and with `conv` the convolutions (CONV_TARGET_RE)."""
+    return ((conv and isinstance(m, nn.Conv2d) and CONV_TARGET_RE.search(name) is not None)
             or (isinstance(m, nn.Linear) and RESNET_LINEAR_RE.search(name) is not None))
 
 
 def targeted_weights(unet, conv: bool = True) -> dict[str, list[str]]:
     """diffusers names of the LoRA-targetable weights, by the graph that takes them; `conv`: with the
-    LoCon targets (the convolutions and time_emb_proj)."""
+    convolutions LoCon adapts."""
     out = {"unet_encoder": [], "unet_decoder": []}
     for name, m in unet.named_modules():
-        if (isinstance(m, nn.Linear) and TARGET_RE.search(name)) or (conv and locon_target(name, m)):
+        if (isinstance(m, nn.Linear) and TARGET_RE.search(name)) or locon_target(name, m, conv):
             graph = "unet_decoder" if name.startswith("up_blocks.") or name == "conv_out" else "unet_encoder"
             out[graph].append(name + ".weight")
     return out
@@ -837,7 +839,7 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
 
     ucfg = unet.config
     C, P = ucfg.cross_attention_dim, te2.config.projection_dim
-    # GPU bundles: convolutions stay initializers (NhwcConv fusion), so no LoCon inputs at all
+    # GPU bundles: convolutions stay initializers (NhwcConv fusion)
     weights = targeted_weights(unet, conv=not gpu)
     params = dict(unet.named_parameters())
     enc_in = [rnd(B, 4, h, h), torch.tensor([999.0, 1.0]), rnd(B, MAX_LEN, C), rnd(B, P),
