@@ -48,6 +48,12 @@ transformers 5.24's `add_adapter` refuses the pinned peft 0.21.2 (it wants ≥ 0
 are made with peft's `inject_adapter_in_model`, what diffusers' own ModelMixin.add_adapter calls;
 diffusers' load_lora_weights goes through transformers' `load_adapter`, which works with 0.21.2.
 
+`--shapes-checkpoint DIR` (the trained family's checkpoint, rebuilt from its committed bundles by
+tools/shapes/ckpt_from_bundle.py) writes only `shapes-te-conv.safetensors`: a peft LoRA (r=2) on that
+family's UNet attention and resnet convolutions and both text encoders, saved by save_lora_weights and
+checked with load_lora_weights — a file with the parts bundles/shapes/shapes-sdxl (exported before its text
+encoders and convolutions took weights) cannot take, for the `unet_only` tests.
+
 The files are small and committed; running this again rewrites them byte for byte (the peft files'
 two safetensors metadata entries are put in key order: safetensors writes them in hash-map order).
 """
@@ -245,10 +251,40 @@ def cases():
     ]
 
 
+SHAPES_LORA = {"unet": (["to_q", "to_v", "conv1"], 2), "text_encoder": (["q_proj"], 2),
+               "text_encoder_2": (["q_proj"], 2)}
+
+
+def shapes_fixture(ckpt: Path, out: Path):
+    """shapes-te-conv.safetensors on the trained family's checkpoint (see the module doc)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    te, te2, unet, _vae = eb.load_checkpoint(ckpt, None)
+    comps = {"text_encoder": te, "text_encoder_2": te2, "unet": unet}
+    kwargs = {}
+    for i, (comp, (targets, alpha)) in enumerate(SHAPES_LORA.items()):
+        sd, meta = adapter(comps[comp], targets, alpha, (SEED + 9) * 10 + i)
+        kwargs[f"{comp}_lora_layers"] = sd
+        kwargs[f"{comp}_lora_adapter_metadata"] = meta
+    path = out / "shapes-te-conv.safetensors"
+    with tempfile.TemporaryDirectory() as tmp:
+        StableDiffusionXLPipeline.save_lora_weights(tmp, weight_name="lora.safetensors", **kwargs)
+        path.write_bytes((Path(tmp) / "lora.safetensors").read_bytes())
+    sorted_metadata(path)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(ckpt), torch_dtype=torch.float32)
+    pipe.load_lora_weights(str(path), adapter_name="x")
+    got = lora_counts(pipe)
+    want = {c: targeted(comps[c], SHAPES_LORA[c][0]) for c in got}
+    assert got == want, f"load_lora_weights adapted {got} modules, targeted {want}"
+    print(f"  {path.name}: load_lora_weights adapts {got} modules (all targeted), {path.stat().st_size} bytes")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lora-out", type=Path, default=LORA_DIR)
     ap.add_argument("--references", type=Path, default=REF_DIR)
+    ap.add_argument("--shapes-checkpoint", type=Path, metavar="DIR",
+                    help="only write shapes-te-conv.safetensors from the trained family's checkpoint")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     import diffusers
@@ -260,6 +296,8 @@ def main(argv=None):
     diffusers.utils.logging.set_verbosity_error()
     from safetensors.torch import load_file
 
+    if a.shapes_checkpoint:
+        return shapes_fixture(a.shapes_checkpoint, a.lora_out)
     models = load_models()
     a.lora_out.mkdir(parents=True, exist_ok=True)
     files = {name: make_file(name, models, a.lora_out) for name in LORAS}
