@@ -989,7 +989,11 @@ mod tests {
         assert_eq!(a.layers.len(), MODULES.len());
         assert_eq!(a.untaken.conv.len(), 2);
         assert!(a.untaken.text_encoder.is_empty());
-        assert!(a.untaken.to_string().starts_with("2 convolution keys ("), "{}", a.untaken);
+        assert!(
+            a.untaken.to_string().starts_with("2 convolution keys ("),
+            "{}",
+            a.untaken
+        );
         assert!(a.check(LoraParts::All).is_err());
         // a file of nothing else: no layers, no error
         let a = LoraAdapter::from_bytes_with(
@@ -1053,7 +1057,10 @@ mod tests {
         e.extend(locon_entries(SHORTCUT, 1, 1));
         let kohya = LoraAdapter::from_bytes(&serialize(&e, None), "k", &w).unwrap();
         let l = &kohya.layers[&format!("{CONV1}.weight")];
-        assert_eq!((l.rank, l.alpha, l.a.len(), l.b.len()), (2, 1.0, 2 * 4 * 9, 4 * 2));
+        assert_eq!(
+            (l.rank, l.alpha, l.a.len(), l.b.len()),
+            (2, 1.0, 2 * 4 * 9, 4 * 2)
+        );
         assert_eq!(l.a, values(72, 21));
         assert_eq!(kohya.layers[&format!("{SHORTCUT}.weight")].a.len(), 2 * 4);
         assert!(kohya.untaken.is_empty());
@@ -1061,14 +1068,20 @@ mod tests {
         let peft: Vec<Entry> = e
             .iter()
             .map(|(k, s, v)| {
-                let k = k.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight", ".lora_B.weight");
+                let k = k
+                    .replace(".lora_down.weight", ".lora_A.weight")
+                    .replace(".lora_up.weight", ".lora_B.weight");
                 let module = MODULES
                     .iter()
                     .map(|m| m.0)
                     .chain([CONV1, SHORTCUT])
                     .find(|m| k.starts_with(&format!("{}.", kohya_name(m))))
                     .unwrap();
-                (k.replacen(&kohya_name(module), &format!("unet.{module}"), 1), s.clone(), v.clone())
+                (
+                    k.replacen(&kohya_name(module), &format!("unet.{module}"), 1),
+                    s.clone(),
+                    v.clone(),
+                )
             })
             .collect();
         let p = LoraAdapter::from_bytes(&serialize(&peft, None), "k", &w).unwrap();
@@ -1080,7 +1093,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            m.contains(&format!("`{CONV1}.weight`")) && m.contains("[4, 4, 3, 3]") && m.contains("another architecture?"),
+            m.contains(&format!("`{CONV1}.weight`"))
+                && m.contains("[4, 4, 3, 3]")
+                && m.contains("another architecture?"),
             "{m}"
         );
         // on a bundle that takes convolutions, a convolution matching none of them is unmatched
@@ -1089,7 +1104,10 @@ mod tests {
         let m = LoraAdapter::from_bytes(&serialize(&other, None), "o", &w)
             .unwrap_err()
             .to_string();
-        assert!(m.contains("match no weight") && m.contains("resnets_1_conv1"), "{m}");
+        assert!(
+            m.contains("match no weight") && m.contains("resnets_1_conv1"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -1154,6 +1172,62 @@ mod tests {
         );
     }
 
+    /// Each bad input the issue lists gives an error naming the file and the problem (the
+    /// origin `mem/test-lora.safetensors` is in every message).
+    #[test]
+    fn bad_inputs_name_the_file_and_the_problem() {
+        let file = "mem/test-lora.safetensors";
+        let named = |m: &str, what: &str| {
+            assert!(m.contains(file) && m.contains(what), "want {what:?}: {m}");
+        };
+        // A and B of different ranks
+        let mut e = peft_entries(2);
+        let b = e
+            .iter_mut()
+            .find(|x| x.0.ends_with("attn1.to_q.lora_B.weight"))
+            .unwrap();
+        b.1 = vec![8, 3];
+        b.2 = vec![0.5; 24];
+        named(
+            &load_err(&e),
+            "lora_B [8, 3] · lora_A [2, 6] does not make the weight's [8, 6]",
+        );
+        // a LoRA for another architecture: none of its keys matches a weight of the bundle
+        let sd15 = vec![
+            (
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+                    .to_string(),
+                vec![2, 320],
+                vec![0.0; 640],
+            ),
+            (
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight"
+                    .to_string(),
+                vec![320, 2],
+                vec![0.0; 640],
+            ),
+        ];
+        named(&load_err(&sd15), "is the LoRA for another architecture?");
+        // NaN or ±inf in a factor
+        let mut e = kohya_entries(2);
+        e[1].2[3] = f32::NEG_INFINITY;
+        named(&load_err(&e), "non-finite values");
+        // a truncated file: the header says more bytes than the file has, or the data is cut
+        let bytes = serialize(&peft_entries(2), None);
+        let w = weight_map();
+        for cut in [bytes.len() / 2, 20, 4] {
+            let m = LoraAdapter::from_bytes(&bytes[..cut], file, &w)
+                .unwrap_err()
+                .to_string();
+            named(&m, "not a safetensors file");
+        }
+        // a corrupt header (not JSON)
+        let mut bad = bytes.clone();
+        bad[8] = b'#';
+        let m = LoraAdapter::from_bytes(&bad, file, &w).unwrap_err().to_string();
+        named(&m, "not a safetensors file");
+    }
+
     #[test]
     fn not_safetensors_and_no_file() {
         let w = weight_map();
@@ -1206,7 +1280,9 @@ mod tests {
         // every linear UNet weight but the LoCon targets (the tiny LoRA has no text-encoder part)
         let unet = weights
             .iter()
-            .filter(|(n, e)| e.graph.starts_with("unet_") && e.shape.len() == 2 && !n.contains("time_emb_proj"))
+            .filter(|(n, e)| {
+                e.graph.starts_with("unet_") && e.shape.len() == 2 && !n.contains("time_emb_proj")
+            })
             .count();
         assert_eq!(peft.layers.len(), unet);
         assert!(peft.layers.values().all(|l| l.alpha == 8.0 && l.rank == 4));

@@ -473,7 +473,9 @@ mod tests {
         // every linear UNet weight but the LoCon targets (the tiny LoRA has no text-encoder part)
         let unet = weights
             .iter()
-            .filter(|(n, e)| e.graph.starts_with("unet_") && e.shape.len() == 2 && !n.contains("time_emb_proj"))
+            .filter(|(n, e)| {
+                e.graph.starts_with("unet_") && e.shape.len() == 2 && !n.contains("time_emb_proj")
+            })
             .count();
         assert_eq!(peft.layers.len(), unet);
 
