@@ -238,7 +238,8 @@ fn a_bad_lora_file_fails_an_async_job_before_any_step() {
     let bad = dir.join("truncated.safetensors");
     let good = std::fs::read(root().join("bundles/loras/tiny-lora-a.safetensors")).unwrap();
     std::fs::write(&bad, &good[..good.len() / 2]).unwrap();
-    let mut pending = PendingMerge::spawn_loading(p.shared_weights(), vec![(bad.clone(), 1.0)]);
+    let mut pending =
+        PendingMerge::spawn_loading(p.shared_weights(), vec![(bad.clone(), 1.0)], LoraParts::All);
     let req = request(4);
     let mut steps = Steps(0);
     let e = generate_planned(
