@@ -100,7 +100,13 @@ LORAS = {
     # the peft layout, with a text-encoder part
     "peft-locon": (SEED + 5, {"unet": (CONV_TARGETS + ["time_emb_proj"], 6), "text_encoder_2": (TE_TARGETS, 4)},
                    "peft"),
+    # DoRA (peft use_dora=True: lora_magnitude_vector) on the UNet's linear layers and resnets' conv1
+    "peft-dora": (SEED + 6, {"unet": (UNET_TARGETS + ["conv1"], 8)}, "peft"),
 }
+DORA = {"peft-dora"}
+# the magnitudes peft initialises to ‖W + s·B·A‖ (rows) are scaled by 1 ± MAG_JITTER (seeded), so that
+# DoRA differs from the LoRA of the same factors at scale 1
+MAG_JITTER = 0.3
 
 
 def load_models():
@@ -115,13 +121,14 @@ def targeted(module, targets) -> int:
                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(n == t or n.endswith("." + t) for t in targets))
 
 
-def adapter(module, targets, alpha: int, seed: int):
-    """peft's LoRA layers on a copy of `module`: its state dict (get_peft_model_state_dict) and config."""
+def adapter(module, targets, alpha: int, seed: int, dora: bool = False):
+    """peft's LoRA layers (DoRA with `dora`) on a copy of `module`: its state dict
+    (get_peft_model_state_dict) and config."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     m = copy.deepcopy(module)
-    cfg = LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights=False, target_modules=targets)
+    cfg = LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights=False, target_modules=targets, use_dora=dora)
     torch.manual_seed(seed)
     # what diffusers' ModelMixin.add_adapter does (transformers 5.24's add_adapter refuses peft < 0.22)
     inject_adapter_in_model(cfg, m, adapter_name="default")
@@ -130,6 +137,10 @@ def adapter(module, targets, alpha: int, seed: int):
         for n, p in m.named_parameters():
             if ".lora_B." in n:
                 p.mul_(B_SCALE)
+        g = torch.Generator().manual_seed(seed + 1)
+        for n, p in m.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + MAG_JITTER * (2 * torch.rand(p.shape, generator=g) - 1))
     n_adapted = sum(1 for _, x in m.named_modules() if hasattr(x, "lora_A"))
     assert n_adapted == targeted(module, targets), (n_adapted, targeted(module, targets))
     meta = m.peft_config["default"].to_dict()  # as diffusers.training_utils._collate_lora_metadata
@@ -149,7 +160,7 @@ def make_file(name: str, models, out: Path):
     comps = dict(zip(("text_encoder", "text_encoder_2", "unet"), models[:3]))
     kwargs, made = {}, {}
     for i, (comp, (targets, alpha)) in enumerate(parts.items()):
-        sd, meta = adapter(comps[comp], targets, alpha, seed * 10 + i)
+        sd, meta = adapter(comps[comp], targets, alpha, seed * 10 + i, dora=name in DORA)
         made[comp] = sd
         kwargs[f"{comp}_lora_layers"] = sd
         kwargs[f"{comp}_lora_adapter_metadata"] = meta
@@ -248,6 +259,11 @@ def cases():
              loras=[lo("peft-locon", 0.9)]),
         dict(name="lora_locon_mixed", scheduler="euler-a", prompt="a blue kite in a red sky",
              negative_prompt="blurry", steps=4, loras=[lo("kohya-locon", 0.6), lo("peft-te", 0.8), lo("peft-locon", -0.4)]),
+        dict(name="lora_dora", scheduler="euler", prompt="a white swan on a black lake", steps=4,
+             loras=[lo("peft-dora", 0.7)]),
+        # DoRA between two LoRAs: peft applies a DoRA adapter to what the adapters before it made
+        dict(name="lora_dora_mixed", scheduler="euler", prompt="a brown dog under a yellow sun", steps=4,
+             loras=[lo("peft-te", 0.5), lo("peft-dora", 0.8), lo("kohya-locon", 0.4)]),
     ]
 
 

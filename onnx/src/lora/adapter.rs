@@ -31,12 +31,19 @@ use crate::{Error, Result};
 /// One adapted weight: `ΔW = (alpha / rank) · B · A`. For a convolution weight `[out, in, kh, kw]`
 /// `a` holds the down factor `[r, in, kh, kw]` as `[r, in·kh·kw]` and `b` the up factor
 /// `[out, r, 1, 1]` as `[out, r]` (the same memory): `B·A` is `ΔW` as `[out, in·kh·kw]`.
+///
+/// A DoRA layer (peft `use_dora`) has a `magnitude` m, one value per output row: at LoRA scale
+/// s it makes `W' = m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖` (row norms of the pristine `W`; peft's
+/// "column-wise" norm of `Wᵀ`), applied, as peft does, to what the job's adapters before it
+/// made (`merge.rs`). Not low-rank: it needs the pristine weight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraLayer {
     pub a: Vec<f32>,
     pub b: Vec<f32>,
     pub rank: usize,
     pub alpha: f32,
+    /// DoRA's magnitude vector (`[out]`), or `None` for a LoRA layer.
+    pub magnitude: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -189,7 +196,17 @@ impl LoraAdapter {
 
     /// Bytes of the f32 factors held.
     pub fn nbytes(&self) -> usize {
-        4 * self.layers.values().map(|l| l.a.len() + l.b.len()).sum::<usize>()
+        let magnitudes = |l: &LoraLayer| l.magnitude.as_ref().map_or(0, Vec::len);
+        4 * self
+            .layers
+            .values()
+            .map(|l| l.a.len() + l.b.len() + magnitudes(l))
+            .sum::<usize>()
+    }
+
+    /// Whether it has DoRA layers (merged on the host only).
+    pub fn has_dora_layers(&self) -> bool {
+        self.layers.values().any(|l| l.magnitude.is_some())
     }
 
     /// Whether it adapts a text encoder's weights.
@@ -379,6 +396,8 @@ struct Collected {
     alpha: BTreeMap<String, f32>,
     /// LyCORIS (LoHa, LoKr) factors.
     ly: BTreeMap<String, BTreeMap<LySlot, Factor>>,
+    /// DoRA magnitude vectors.
+    magnitude: BTreeMap<String, Factor>,
 }
 
 impl Collected {
@@ -394,6 +413,7 @@ impl Collected {
         let dup = match slot {
             Slot::A => self.a.insert(weight.clone(), (shape, data)).is_some(),
             Slot::B => self.b.insert(weight.clone(), (shape, data)).is_some(),
+            Slot::Magnitude => self.magnitude.insert(weight.clone(), (shape, data)).is_some(),
             Slot::Ly(s) => self
                 .ly
                 .entry(weight.clone())
@@ -448,7 +468,8 @@ const OTHER_KINDS: [(&str, &[&str]); 3] = [
             ".lokr_t2",
         ],
     ),
-    ("DoRA", &[".dora_scale", ".lora_magnitude_vector"]),
+    // kohya's DoRA; peft's (`lora_magnitude_vector`) is read
+    ("DoRA", &[".dora_scale"]),
 ];
 
 /// The kind (LoHa, LoKr, DoRA) of a factor key of another adapter kind than LoRA, and its module.
@@ -492,7 +513,9 @@ impl Refused {
         let mut problems = Vec::new();
         for (kind, keys) in &self.other {
             let what = if *kind == "DoRA" {
-                "DoRA adapters are not supported".to_string()
+                "DoRA in the kohya naming is not supported (diffusers drops these scales for SDXL; \
+                 peft's `lora_magnitude_vector` is read)"
+                    .to_string()
             } else {
                 format!(
                     "{kind} files are read in the LyCORIS naming (`lora_unet_<module>.{}`, with `.alpha`), \
@@ -588,10 +611,42 @@ fn pair_factors(
             .copied()
             .or(file_alpha.of(&weight))
             .unwrap_or(rank as f32);
-        layers.insert(weight, LoraLayer { a, b, rank, alpha });
+        let magnitude = match got.magnitude.remove(&weight) {
+            // [out] (linear) or [1, out, 1, 1] (convolution), as peft stores it
+            Some((mshape, m)) if m.len() == target[0] && mshape.iter().filter(|&&d| d != 1).count() <= 1 => {
+                Some(m)
+            }
+            Some((mshape, _)) => {
+                return Err(err(
+                    path,
+                    format!(
+                        "`{weight}`: its DoRA magnitude {mshape:?} does not have the weight's {} rows \
+                         (a LoRA for another architecture?)",
+                        target[0]
+                    ),
+                ))
+            }
+            None => None,
+        };
+        layers.insert(
+            weight,
+            LoraLayer {
+                a,
+                b,
+                rank,
+                alpha,
+                magnitude,
+            },
+        );
     }
     if let Some(w) = got.b.keys().next() {
         return Err(err(path, format!("`{w}` has {b_name} but no {a_name}")));
+    }
+    if let Some(w) = got.magnitude.keys().next() {
+        return Err(err(
+            path,
+            format!("`{w}` has a DoRA magnitude (lora_magnitude_vector) but no {a_name}/{b_name}"),
+        ));
     }
     for (weight, factors) in std::mem::take(&mut got.ly) {
         if layers.contains_key(&weight) {
@@ -931,12 +986,57 @@ mod tests {
             other_kind("lora_unet_a.dora_scale"),
             Some(("DoRA", "lora_unet_a"))
         );
-        assert_eq!(
-            other_kind("unet.a.lora_magnitude_vector.weight"),
-            Some(("DoRA", "unet.a"))
-        );
+        // peft's DoRA magnitudes are read, not refused
+        assert_eq!(other_kind("unet.a.lora_magnitude_vector.weight"), None);
         assert_eq!(other_kind("lora_unet_a.lora_down.weight"), None);
         assert_eq!(other_kind("unet.a.lora_A.weight"), None);
+    }
+
+    /// peft's DoRA: `lora_magnitude_vector` (`[out]`, or `[1, out, 1, 1]` for a convolution) beside
+    /// the factors becomes the layer's magnitude; one of another size, or one without factors, is
+    /// an error naming the weight; kohya's `dora_scale` is refused by kind.
+    #[test]
+    fn peft_dora_magnitudes_are_read_with_their_layers() {
+        let mut e = peft_entries(2);
+        let q_b = e
+            .iter()
+            .position(|x| x.0.ends_with("attn1.to_q.lora_B.weight"))
+            .unwrap();
+        let prefix = e[q_b].0.strip_suffix(".lora_B.weight").unwrap().to_string();
+        e.push((format!("{prefix}.lora_magnitude_vector"), vec![8], values(8, 40)));
+        let a = load(&e).unwrap();
+        let q = &a.layers[&format!("{Q}.weight")];
+        assert_eq!(q.magnitude.as_deref(), Some(values(8, 40).as_slice()));
+        assert!(a.has_dora_layers());
+        assert_eq!(a.layers.values().filter(|l| l.magnitude.is_some()).count(), 1);
+        // [1, out, 1, 1] as peft stores a convolution's
+        let mut c = e.clone();
+        c.last_mut().unwrap().1 = vec![1, 8, 1, 1];
+        assert!(load(&c).unwrap().has_dora_layers());
+        // of another size
+        let mut bad = e.clone();
+        let last = bad.last_mut().unwrap();
+        last.1 = vec![7];
+        last.2 = values(7, 41);
+        let m = load_err(&bad);
+        assert!(
+            m.contains(&format!("`{Q}.weight`")) && m.contains("DoRA magnitude [7]"),
+            "{m}"
+        );
+        // without factors
+        let mut alone = peft_entries(2);
+        alone.retain(|x| !x.0.contains("attn1.to_q."));
+        alone.push((format!("{prefix}.lora_magnitude_vector"), vec![8], values(8, 40)));
+        let m = load_err(&alone);
+        assert!(
+            m.contains("has a DoRA magnitude") && m.contains(&format!("`{Q}.weight`")),
+            "{m}"
+        );
+        // kohya's dora_scale
+        let mut k = kohya_entries(2);
+        k.push((format!("{}.dora_scale", kohya_name(Q)), vec![1, 6], values(6, 42)));
+        let m = load_err(&k);
+        assert!(m.contains("DoRA factors") && m.contains("dora_scale"), "{m}");
     }
 
     #[test]

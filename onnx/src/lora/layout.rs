@@ -81,6 +81,8 @@ pub(super) enum Slot {
     Alpha,
     /// A LyCORIS factor (LoHa, LoKr), kohya-named.
     Ly(LySlot),
+    /// DoRA's magnitude vector (peft `lora_magnitude_vector`): one value per output row.
+    Magnitude,
 }
 
 /// The LyCORIS factors katz reads: LoHa's `hada_w{1,2}_{a,b}` and LoKr's `lokr_w{1,2}` (full) or
@@ -122,6 +124,13 @@ pub(super) fn split_key<'k>(key: &'k str, a_suffix: &str, b_suffix: &str) -> Opt
     } else {
         key.strip_suffix(".alpha").map(|m| (m, Slot::Alpha))
     }
+}
+
+/// `<module>.lora_magnitude_vector[.weight]` (peft's DoRA) → module and [`Slot::Magnitude`].
+pub(super) fn split_magnitude(key: &str) -> Option<(&str, Slot)> {
+    let k = key.strip_suffix(".weight").unwrap_or(key);
+    k.strip_suffix(".lora_magnitude_vector")
+        .map(|m| (m, Slot::Magnitude))
 }
 
 /// `<module>.hada_w1_a` … `<module>.lokr_w2_b` → module and LyCORIS slot.
@@ -189,7 +198,8 @@ pub(super) fn text_model_variants(module: &str) -> [String; 2] {
 /// bundle whose convolutions take no weights, is [`Place::Conv`].
 pub(super) fn peft_place(weights: &BTreeMap<String, WeightEntry>, key: &str, shape: &[usize]) -> Place {
     let k = key.strip_prefix("unet.").unwrap_or(key);
-    let Some((m, slot)) = split_key(k, ".lora_A.weight", ".lora_B.weight") else {
+    let Some((m, slot)) = split_key(k, ".lora_A.weight", ".lora_B.weight").or_else(|| split_magnitude(k))
+    else {
         return Place::Unmatched;
     };
     if let Some((graph, module)) = text_part(m) {
