@@ -272,6 +272,10 @@ parity!(LORA; lora_peft_te, lora_kohya_te, lora_te_only, lora_mixed);
 // with a peft LoRA of linear layers
 parity!(LORA; lora_locon, lora_peft_locon, lora_locon_mixed);
 
+// DoRA (peft `use_dora`: a magnitude per output row) on linear layers and convolutions, alone and
+// between two LoRAs (peft applies it to what the adapters before it made)
+parity!(LORA; lora_dora, lora_dora_mixed);
+
 /// A bundle whose convolutions take no weights (a GPU bundle: its map has no 4-D weights) refuses
 /// a LoCon file with an error naming its convolution keys, before any step; with `unet_only` the
 /// file's other layers load and the convolution part is recorded as skipped.
@@ -362,7 +366,9 @@ fn every_recorded_case_has_a_test() {
             "lora_mixed",
             "lora_locon",
             "lora_peft_locon",
-            "lora_locon_mixed"
+            "lora_locon_mixed",
+            "lora_dora",
+            "lora_dora_mixed"
         ]
     );
     let names: Vec<String> = cases(TINY).cases.into_iter().map(|c| c.name).collect();

@@ -14,7 +14,8 @@ Data flow (everything seeded; diffusers, peft and transformers as pinned in requ
       ├─▶ StableDiffusionXLPipeline.save_lora_weights(unet_/text_encoder_/text_encoder_2_lora_layers,
       │     *_lora_adapter_metadata = module.peft_config["default"].to_dict(), as diffusers'
       │     training_utils._collate_lora_metadata) ─▶ peft-te.safetensors, peft-te-only.safetensors,
-      │     peft-locon.safetensors (UNet Conv2d layers and time_emb_proj, text_encoder_2)
+      │     peft-locon.safetensors (UNet Conv2d layers and time_emb_proj, text_encoder_2),
+      │     peft-dora.safetensors (use_dora=True; lora_magnitude_vector × 1 ± MAG_JITTER)
       ├─▶ the same files' state dict (unet./text_encoder./text_encoder_2. prefixes, as written)
       │     ─▶ diffusers.utils.convert_state_dict_to_kohya ─▶ `.alpha` set to lora_alpha (see below)
       │     ─▶ kohya-te.safetensors, kohya-locon.safetensors (UNet Linear + Conv2d layers)

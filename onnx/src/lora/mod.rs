@@ -26,7 +26,11 @@
 //! LyCORIS LoHa (`<module>.hada_w1_a` … `.hada_w2_b`) and LoKr (`<module>.lokr_w1[_a|_b]`,
 //! `.lokr_w2[_a|_b]`) factors in the kohya (LyCORIS) naming, with their `.alpha`, become exact
 //! low-rank layers (`lycoris.rs`), merged like any LoRA; in the peft layout (alphas in the peft
-//! config) and DoRA (`dora_scale`, `lora_magnitude_vector`) they are refused, naming the kind.
+//! config) they are refused, naming the kind.
+//!
+//! peft's DoRA (`<module>.lora_magnitude_vector`) gives a layer a magnitude per output row; such a
+//! layer is merged from the pristine weight on the host (`merge.rs`), as peft's forward applies it
+//! (GPU merges refuse it). kohya's `dora_scale` is refused, naming the kind (diffusers drops it).
 //!
 //! The text encoders' targetable weights (attention q/k/v/out projections, MLP fc1/fc2) are the
 //! bundle's weights `text_encoder[_2].<module>.weight`; a bundle exported before its text encoders
@@ -53,8 +57,9 @@
 //!   a peft key goes.
 //! * `kohya.rs` — kohya / SGM module names onto the bundle's weight names (`KohyaMap`).
 //! * `lycoris.rs` — LoHa and LoKr factors as exact low-rank layers.
-//! * `merge.rs` — `W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ` on the host ([`Weights::merge`]) and on the GPU
-//!   ([`Weights::upload_factors`] → [`DeviceFactors`], [`Weights::merge_on_device`]).
+//! * `merge.rs` — `W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ` on the host ([`Weights::merge`]; DoRA layers there
+//!   only) and on the GPU ([`Weights::upload_factors`] → [`DeviceFactors`],
+//!   [`Weights::merge_on_device`]).
 //! * `pending.rs` — [`PendingMerge`] / [`MergeSender`]: a merge in flight while a job denoises.
 //! * `fixtures.rs` (tests only) — safetensors files made in memory.
 //!
