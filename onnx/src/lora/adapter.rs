@@ -1312,6 +1312,15 @@ mod tests {
         let mut e = kohya_entries(2);
         e[1].2[3] = f32::NEG_INFINITY;
         named(&load_err(&e), "non-finite values");
+        // duplicate keys: one factor with and without the `unet.` prefix
+        let mut e = peft_entries(2);
+        let k = e[0].0.strip_prefix("unet.").unwrap().to_string();
+        let dup = (k.clone(), e[0].1.clone(), e[0].2.clone());
+        e.push(dup);
+        named(
+            &load_err(&e),
+            &format!("a second key for the same factor of `{Q}.weight`"),
+        );
         // a truncated file: the header says more bytes than the file has, or the data is cut
         let bytes = serialize(&peft_entries(2), None);
         let w = weight_map();
