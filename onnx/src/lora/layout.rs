@@ -2,11 +2,13 @@
 //! and where a key can go ([`Place`]). Peft keys are placed here; kohya keys in `kohya.rs`.
 //!
 //! ```text
-//! keys ─ LoraLayout::detect ─▶ Peft (`[unet.]<module>.lora_A/lora_B.weight`, `<module>.alpha`)
+//! keys ─ LoraLayout::detect ─▶ Peft (`[unet.]<module>.lora_A/lora_B.weight`, `<module>.alpha`,
+//!                           │        DoRA's `<module>.lora_magnitude_vector`)
 //!                           └▶ Kohya (`lora_unet_…`/`lora_te…_…`, `.lora_down/.lora_up.weight`, `.alpha`)
 //!                           (a file with both: refused)
-//! key ─ split_key ─▶ module + Slot (A | B | alpha)
-//! peft key ─ peft_place ─▶ Place (kohya keys: kohya.rs)
+//! key ─ split_key / split_magnitude / split_lycoris ─▶ module + Slot (A | B | alpha | magnitude | LyCORIS)
+//! peft key ─ peft_place ─▶ Place: weight | text encoder | convolution (untaken) | unmatched
+//!                          (kohya keys: kohya.rs)
 //! ```
 
 use std::collections::BTreeMap;
