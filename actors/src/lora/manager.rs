@@ -356,10 +356,13 @@ impl Owner {
             Command::Admit { names, reply, span } => {
                 let Some(tx) = self.me.upgrade() else { return };
                 let (store, permits) = (self.store.clone(), self.pending_loads.clone());
-                let takes_conv = katz_onnx::lora::takes_conv(self.weights.map());
+                let takes = Takes {
+                    conv: katz_onnx::lora::takes_conv(self.weights.map()),
+                    time_emb: katz_onnx::lora::takes_time_emb(self.weights.map()),
+                };
                 tokio::spawn(
                     async move {
-                        let _ = reply.send(admit(&tx, &store, &permits, &names, takes_conv).await);
+                        let _ = reply.send(admit(&tx, &store, &permits, &names, takes).await);
                     }
                     .instrument(span),
                 );
@@ -570,13 +573,20 @@ async fn load(store: &LoraStore, weights: Arc<Weights>, name: &str) -> Fetched {
     Ok(Arc::new(adapter))
 }
 
+/// Which LoCon parts the bundle's weights take (what a file's header is checked against).
+#[derive(Debug, Clone, Copy)]
+struct Takes {
+    conv: bool,
+    time_emb: bool,
+}
+
 /// The admission driver (a task of its own): one name after another, as the module doc draws.
 async fn admit(
     tx: &UnboundedSender<Command>,
     store: &LoraStore,
     permits: &Arc<Semaphore>,
     names: &[String],
-    takes_conv: bool,
+    takes: Takes,
 ) -> Result<Admitted, JobError> {
     let mut out = Admitted::default();
     for name in names {
@@ -597,7 +607,7 @@ async fn admit(
         let h = store.header_parts(name).await?;
         tx.send(Command::WaitsFirst {
             name: name.clone(),
-            waits: h.text_encoder || (h.conv && !takes_conv),
+            waits: h.text_encoder || (h.conv && !takes.conv) || (h.time_emb && !takes.time_emb),
         })
         .map_err(|_| stopped())?;
         if lookup(tx, name, false).await?.fetching {

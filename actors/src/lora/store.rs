@@ -107,6 +107,7 @@ impl LoraStore {
                 .iter()
                 .any(|(k, _)| katz_onnx::lora::is_text_encoder_key(k)),
             conv: tensors.iter().any(|(_, dims)| *dims == 4),
+            time_emb: tensors.iter().any(|(k, _)| k.contains("time_emb_proj")),
         })
     }
 
@@ -198,6 +199,8 @@ pub struct HeaderParts {
     pub text_encoder: bool,
     /// 4-D tensors: convolution factors (LoCon).
     pub conv: bool,
+    /// Keys of the resnets' `time_emb_proj` (LoCon).
+    pub time_emb: bool,
 }
 
 /// The tensor names of a safetensors header, each with its number of dimensions.

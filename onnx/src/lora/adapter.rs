@@ -87,11 +87,13 @@ pub struct Untaken {
     pub text_encoder: Vec<String>,
     /// Convolution factors (`key [shape]`) where the bundle's convolutions take no weights.
     pub conv: Vec<String>,
+    /// Factors of the resnets' `time_emb_proj` (LoCon) where the bundle does not take them.
+    pub time_emb: Vec<String>,
 }
 
 impl Untaken {
     pub fn is_empty(&self) -> bool {
-        self.text_encoder.is_empty() && self.conv.is_empty()
+        self.text_encoder.is_empty() && self.conv.is_empty() && self.time_emb.is_empty()
     }
 
     /// Why each part cannot be used (in errors).
@@ -114,6 +116,14 @@ impl Untaken {
                 some(&self.conv)
             ));
         }
+        if !self.time_emb.is_empty() {
+            problems.push(format!(
+                "{} keys adapt the resnets' time_emb_proj ({}): this bundle does not take those weights \
+                 (it was exported before they were inputs: export it again with tools/export.sh)",
+                self.time_emb.len(),
+                some(&self.time_emb)
+            ));
+        }
         problems
     }
 }
@@ -134,6 +144,13 @@ impl std::fmt::Display for Untaken {
                 "{} convolution keys ({})",
                 self.conv.len(),
                 some(&self.conv)
+            ));
+        }
+        if !self.time_emb.is_empty() {
+            parts.push(format!(
+                "{} time_emb_proj keys ({})",
+                self.time_emb.len(),
+                some(&self.time_emb)
             ));
         }
         f.write_str(&parts.join("; "))
@@ -350,7 +367,11 @@ fn sort_keys<'t, 'd>(
             Place::TextEncoder => refused.untaken.text_encoder.push(key.clone()),
             Place::Conv(module) => {
                 refused.untaken.conv.push(format!("{key} {:?}", t.shape()));
-                refused.conv_modules.insert(module);
+                refused.untaken_modules.insert(module);
+            }
+            Place::TimeEmb(module) => {
+                refused.untaken.time_emb.push(key.clone());
+                refused.untaken_modules.insert(module);
             }
             Place::Unmatched => refused.unmatched.push(key.clone()),
         }
@@ -493,8 +514,8 @@ struct Refused {
     /// Parts the bundle cannot take (text encoders, convolutions): refused with the rest, or
     /// left to the job's parts when nothing else is refused.
     untaken: Untaken,
-    /// The modules of `untaken.conv`.
-    conv_modules: HashSet<String>,
+    /// The modules of `untaken.conv` and `untaken.time_emb`.
+    untaken_modules: HashSet<String>,
     /// Keys that match no weight of the bundle.
     unmatched: Vec<String>,
 }
@@ -503,12 +524,13 @@ impl Refused {
     /// One error naming every refused key; `nothing_matched`: no key gave a factor. Where only
     /// parts the bundle cannot take are left, they are returned (the job's parts decide).
     fn check(mut self, path: &Path, map: &KeyMap<'_>, nothing_matched: bool) -> Result<Untaken> {
-        // The alphas of refused convolution and other-kind layers are not reported again as
+        // The alphas of untaken (convolution, time_emb_proj) and other-kind layers are not reported again as
         // unmatched (nor are a DoRA file's plain LoRA factors placed: the file is refused).
-        let (conv_modules, other_modules) = (&self.conv_modules, &self.other_modules);
+        let (untaken_modules, other_modules) = (&self.untaken_modules, &self.other_modules);
         self.unmatched.retain(|k| {
-            !k.strip_suffix(".alpha")
-                .is_some_and(|m| conv_modules.contains(m) || other_modules.contains(m))
+            let module = k.strip_suffix(".alpha");
+            let module = module.map(|m| m.strip_prefix("unet.").unwrap_or(m));
+            !module.is_some_and(|m| untaken_modules.contains(m) || other_modules.contains(m))
         });
         let mut problems = Vec::new();
         for (kind, keys) in &self.other {
@@ -1114,6 +1136,49 @@ mod tests {
             m.contains(&format!("`{PROJ_IN}.weight`")) && m.contains("does not make the weight's"),
             "{m}"
         );
+    }
+
+    /// A resnet's `time_emb_proj` (LoCon adapts it) on a bundle that does not take those weights:
+    /// untaken, in both layouts; on one that does, a layer.
+    #[test]
+    fn time_emb_proj_factors_of_a_bundle_without_them_are_untaken() {
+        const TEMB: &str = "down_blocks.0.resnets.0.time_emb_proj";
+        let temb = |p: &str, a: &str, b: &str| -> Vec<Entry> {
+            vec![
+                (format!("{p}.{a}"), vec![2, 6], values(12, 30)),
+                (format!("{p}.{b}"), vec![4, 2], values(8, 31)),
+                (format!("{p}.alpha"), vec![], vec![1.0]),
+            ]
+        };
+        let mut kohya = kohya_entries(2);
+        kohya.extend(temb(&kohya_name(TEMB), "lora_down.weight", "lora_up.weight"));
+        let mut peft = peft_entries(2);
+        peft.extend(temb(&format!("unet.{TEMB}"), "lora_A.weight", "lora_B.weight"));
+        for e in [&kohya, &peft] {
+            let m = load_err(e);
+            assert!(
+                m.contains("2 keys adapt the resnets' time_emb_proj") && !m.contains("match no weight"),
+                "{m}"
+            );
+            let bytes = serialize(e, None);
+            let a = LoraAdapter::from_bytes_with(&bytes, "t", &weight_map(), LoraParts::Takeable).unwrap();
+            assert_eq!((a.layers.len(), a.untaken.time_emb.len()), (MODULES.len(), 2));
+            assert!(
+                a.untaken.to_string().contains("2 time_emb_proj keys"),
+                "{}",
+                a.untaken
+            );
+            let mut w = weight_map();
+            w.insert(
+                format!("{TEMB}.weight"),
+                WeightEntry {
+                    graph: "unet_encoder".into(),
+                    shape: vec![4, 6],
+                },
+            );
+            let a = LoraAdapter::from_bytes(&bytes, "t", &w).unwrap();
+            assert_eq!(a.layers.len(), MODULES.len() + 1);
+        }
     }
 
     /// Hard problems and untaken parts in one file: one error names both, whatever the parts.

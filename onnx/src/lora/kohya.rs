@@ -31,6 +31,8 @@ pub(super) struct KohyaMap<'w> {
     text: [bool; 2],
     /// Whether the bundle's convolutions take weights.
     conv: bool,
+    /// Whether the bundle takes the resnets' `time_emb_proj` weights.
+    time_emb: bool,
 }
 
 /// The text encoder a kohya prefix adapts: `lora_te1_`/`lora_te_` the first, `lora_te2_` the second.
@@ -50,11 +52,13 @@ impl<'w> KohyaMap<'w> {
         let lookup = kohya_lookup(weights, layers.as_ref().ok().copied());
         let text = super::layout::TEXT_GRAPHS.map(|g| takes_text(weights, g));
         let conv = super::layout::takes_conv(weights);
+        let time_emb = super::layout::takes_time_emb(weights);
         KohyaMap {
             layers,
             lookup,
             text,
             conv,
+            time_emb,
         }
     }
 
@@ -78,6 +82,10 @@ impl<'w> KohyaMap<'w> {
             // a convolution factor where the bundle's convolutions take no weights
             None if shape.len() == 4 && !self.conv && !matches!(slot, Slot::Alpha) => {
                 Ok(Place::Conv(m.to_string()))
+            }
+            // a resnet's time_emb_proj (LoCon) where the bundle does not take those weights
+            None if m.ends_with("_time_emb_proj") && !self.time_emb && !matches!(slot, Slot::Alpha) => {
+                Ok(Place::TimeEmb(m.to_string()))
             }
             None => Ok(Place::Unmatched),
         }

@@ -153,6 +153,9 @@ pub(super) enum Place {
     /// A convolution factor (4-D) of this module, where the bundle's convolutions take no weights
     /// (a GPU bundle, or one exported before they did): refused, or skipped with `unet_only`.
     Conv(String),
+    /// A factor of a resnet's `time_emb_proj` (adapted by LoCon), where the bundle does not take
+    /// those weights (exported before it did): refused, or skipped with `unet_only`.
+    TimeEmb(String),
     /// No weight of the bundle.
     Unmatched,
 }
@@ -183,6 +186,12 @@ pub(crate) fn takes_conv(weights: &BTreeMap<String, WeightEntry>) -> bool {
     weights.values().any(|e| e.shape.len() == 4)
 }
 
+/// Whether the map holds the resnets' `time_emb_proj` weights (bundles exported since LoCon's
+/// targets were inputs).
+pub(super) fn takes_time_emb(weights: &BTreeMap<String, WeightEntry>) -> bool {
+    weights.keys().any(|w| w.ends_with(".time_emb_proj.weight"))
+}
+
 /// A text-encoder module path with and without the `text_model.` level: transformers 5 names
 /// `CLIPTextModel`'s modules without it, `CLIPTextModelWithProjection`'s with it, and published
 /// LoRAs write it for both (diffusers drops it where the model has none).
@@ -197,7 +206,8 @@ pub(super) fn text_model_variants(module: &str) -> [String; 2] {
 /// bundle weight `<module>.weight`; `text_encoder[_2].<module>…` onto that text encoder's weight
 /// (with or without the `text_model.` level), or [`Place::TextEncoder`] when the bundle's text
 /// encoders take no weights; a 4-D factor (`shape`) of a module the bundle does not take, on a
-/// bundle whose convolutions take no weights, is [`Place::Conv`].
+/// bundle whose convolutions take no weights, is [`Place::Conv`]; a `time_emb_proj` factor on a
+/// bundle without those weights [`Place::TimeEmb`].
 pub(super) fn peft_place(weights: &BTreeMap<String, WeightEntry>, key: &str, shape: &[usize]) -> Place {
     let k = key.strip_prefix("unet.").unwrap_or(key);
     let Some((m, slot)) = split_key(k, ".lora_A.weight", ".lora_B.weight").or_else(|| split_magnitude(k))
@@ -219,6 +229,8 @@ pub(super) fn peft_place(weights: &BTreeMap<String, WeightEntry>, key: &str, sha
         Place::Weight(w, slot)
     } else if shape.len() == 4 && !takes_conv(weights) {
         Place::Conv(m.to_string())
+    } else if m.ends_with(".time_emb_proj") && slot != Slot::Alpha && !takes_time_emb(weights) {
+        Place::TimeEmb(m.to_string())
     } else {
         Place::Unmatched
     }

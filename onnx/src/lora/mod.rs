@@ -109,6 +109,12 @@ pub fn takes_conv(weights: &std::collections::BTreeMap<String, crate::bundle::We
     layout::takes_conv(weights)
 }
 
+/// Whether a bundle's weight map holds the resnets' `time_emb_proj` weights (which LoCon adapts);
+/// a bundle without them refuses such parts, or skips them (`unet_only`).
+pub fn takes_time_emb(weights: &std::collections::BTreeMap<String, crate::bundle::WeightEntry>) -> bool {
+    layout::takes_time_emb(weights)
+}
+
 /// Whether a bundle weight belongs to a text encoder (`text_encoder[_2].…`).
 pub(crate) fn is_text_weight(name: &str) -> bool {
     layout::text_part(name).is_some()
