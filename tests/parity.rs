@@ -276,9 +276,9 @@ parity!(LORA; lora_locon, lora_peft_locon, lora_locon_mixed);
 // between two LoRAs (peft applies it to what the adapters before it made)
 parity!(LORA; lora_dora, lora_dora_mixed);
 
-/// A bundle whose convolutions take no weights (a GPU bundle: its map has no 4-D weights) refuses
-/// a LoCon file with an error naming its convolution keys, before any step; with `unet_only` the
-/// file's other layers load and the convolution part is recorded as skipped.
+/// A bundle whose convolutions take no weights (a GPU bundle: its map has no 4-D weights and no
+/// `time_emb_proj`) refuses a LoCon file with an error naming its convolution keys, before any
+/// step; with `unet_only` the file's other layers load and those parts are recorded as skipped.
 #[test]
 fn locon_on_a_bundle_without_conv_inputs_is_refused_naming_its_convolution_keys() {
     use katz_onnx::lora::{LoraAdapter, LoraParts};
@@ -287,7 +287,7 @@ fn locon_on_a_bundle_without_conv_inputs_is_refused_naming_its_convolution_keys(
     let full = &bundle.manifest.weights.map;
     let gpu_like: std::collections::BTreeMap<_, _> = full
         .iter()
-        .filter(|(_, e)| e.shape.len() != 4)
+        .filter(|(k, e)| e.shape.len() != 4 && !k.contains("time_emb_proj"))
         .map(|(k, e)| (k.clone(), e.clone()))
         .collect();
     assert!(
@@ -308,6 +308,8 @@ fn locon_on_a_bundle_without_conv_inputs_is_refused_naming_its_convolution_keys(
         assert!(err.contains("unet_only"), "{err}");
         let a = LoraAdapter::load_with(&path, &gpu_like, LoraParts::Takeable).expect("unet_only loads");
         assert!(!a.untaken.conv.is_empty() && a.untaken.text_encoder.is_empty());
+        // peft-locon adapts the resnets' time_emb_proj too, which GPU bundles keep constant
+        assert_eq!(!a.untaken.time_emb.is_empty(), file == "peft-locon", "{file}");
         assert!(a.layers.keys().all(|w| gpu_like.contains_key(w)));
         // the full bundle takes every layer
         let all_in = LoraAdapter::load(&path, full).expect("the CPU bundle takes it");

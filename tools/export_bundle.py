@@ -15,8 +15,8 @@ Data flow:
         from_single_file with tools/configs/<config>/, offline)
         ├─▶ text_encoder[_2].onnx          (penultimate hidden states, pooled/projected)
         ├─▶ unet_encoder.onnx / unet_decoder.onnx   split after the mid block; the
-        │      LoRA-targetable Linear weights (with time_emb_proj and, but for --gpu, the
-        │      LoCon-targetable convolutions) become graph inputs ─▶ weights.safetensors
+        │      LoRA-targetable Linear weights (and, but for --gpu, LoCon's convolutions
+        │      and time_emb_proj) become graph inputs ─▶ weights.safetensors
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
         ├─▶ controlnet.onnx               --controlnet-checkpoint, CHECKPOINT/controlnet/ or
@@ -51,10 +51,10 @@ TARGET_RE = re.compile(
 )
 # What LoCon (kohya LoCon, peft LoRA on Conv2d) adapts besides those: the UNet's convolutions (resnets'
 # conv1/conv2/conv_shortcut, the down/upsamplers' conv, conv_in, conv_out) and the resnets' Linear
-# time_emb_proj (kohya's LoCon adapts every layer of a ResnetBlock2D). time_emb_proj is an input of
-# every bundle; the convolutions of CPU bundles only: GPU bundles keep them as initializers (ONNX
-# Runtime's NhwcConv fusion needs constant weights), and their manifests say so (`weights.conv_graphs`
-# empty).
+# time_emb_proj (kohya's LoCon adapts every layer of a ResnetBlock2D). Graph inputs of CPU bundles
+# only: GPU bundles keep the convolutions as initializers (ONNX Runtime's NhwcConv fusion needs constant
+# weights) and time_emb_proj too (their graphs stay as they were: no step-time cost to measure), and
+# their manifests say so (`weights.conv_graphs` empty).
 CONV_TARGET_RE = re.compile(
     r"^(conv_in|conv_out)$|\.resnets\.\d+\.(conv1|conv2|conv_shortcut)$|\.(downsamplers|upsamplers)\.0\.conv$"
 )
@@ -842,9 +842,9 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
 
     ucfg = unet.config
     C, P = ucfg.cross_attention_dim, te2.config.projection_dim
-    # GPU bundles: convolutions stay initializers (NhwcConv fusion); without `locon` (--no-locon-inputs)
-    # no LoCon target is an input, as in bundles exported before they were
-    weights = targeted_weights(unet, conv=locon and not gpu, time_emb=locon)
+    # GPU bundles: the LoCon targets stay initializers (NhwcConv fusion needs constant convolutions);
+    # without `locon` (--no-locon-inputs) neither, as in bundles exported before they were inputs
+    weights = targeted_weights(unet, conv=locon and not gpu, time_emb=locon and not gpu)
     params = dict(unet.named_parameters())
     enc_in = [rnd(B, 4, h, h), torch.tensor([999.0, 1.0]), rnd(B, MAX_LEN, C), rnd(B, P),
               torch.tensor([[check_size, check_size, 0, 0, check_size, check_size]] * B, dtype=torch.float32)]
