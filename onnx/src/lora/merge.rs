@@ -64,7 +64,7 @@ impl Weights {
         }
         let started = Instant::now();
         // per layer, in the job's order: each adapter's factor and its DoRA magnitude, if any
-        let mut touched: BTreeMap<&str, Vec<(Factor<'_>, Option<&[f32]>)>> = BTreeMap::new();
+        let mut touched: BTreeMap<&str, Vec<Step<'_>>> = BTreeMap::new();
         for (lora, scale) in loras {
             for (name, layer) in &lora.layers {
                 touched.entry(name.as_str()).or_default().push((
@@ -203,17 +203,14 @@ impl Weights {
     }
 }
 
+/// One adapter's part of a layer's merge: its factor, and its DoRA magnitude if it has one.
+type Step<'a> = (Factor<'a>, Option<&'a [f32]>);
+
 /// Merges a layer some of whose adapters are DoRA, in the job's order, as peft's forward applies
 /// them: a LoRA step adds `s·ΔW`; a DoRA step with magnitude m makes each row r
 /// `acc_r ← (m_r / ‖W_r + s·ΔW_r‖)·(acc_r + s·ΔW_r)`, the norm over the pristine weight `W` (`base`)
 /// — so a DoRA adapter also scales what the adapters before it added. Norms in f64.
-fn dora_merge(
-    base: &[f32],
-    rows: usize,
-    cols: usize,
-    steps: &[(Factor<'_>, Option<&[f32]>)],
-    out: &mut [f32],
-) {
+fn dora_merge(base: &[f32], rows: usize, cols: usize, steps: &[Step<'_>], out: &mut [f32]) {
     out.copy_from_slice(base);
     let zeros = vec![0f32; rows * cols];
     let mut delta = vec![0f32; rows * cols];
@@ -319,7 +316,7 @@ mod tests {
         let d1 = delta(&steps[0].0, rows, cols);
         want.iter_mut().zip(&d1).for_each(|(w, d)| *w += d);
         let d2 = delta(&steps[1].0, rows, cols);
-        for r in 0..rows {
+        for (r, mr) in m.iter().enumerate() {
             let row = r * cols..(r + 1) * cols;
             let norm = row
                 .clone()
@@ -327,7 +324,7 @@ mod tests {
                 .sum::<f64>()
                 .sqrt();
             for i in row {
-                want[i] = m[r] as f64 / norm * (want[i] + d2[i]);
+                want[i] = *mr as f64 / norm * (want[i] + d2[i]);
             }
         }
         let d3 = delta(&steps[2].0, rows, cols);
