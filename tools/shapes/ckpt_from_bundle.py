@@ -111,10 +111,16 @@ def build(tok_file: Path, seed: int):
     return {"text_encoder": te, "text_encoder_2": te2, "unet": unet, "vae": vae, "controlnet": cn}
 
 
-def export(ckpt: Path, out: Path):
+def export(ckpt: Path, out: Path, like: dict):
+    """The exporter on `ckpt`, with the graph inputs of the bundle whose manifest is `like`: the UNet's
+    LoCon targets as inputs only where it has `weights.conv_graphs`, the text encoders' weights only
+    where its weight map has them (bundles exported before keep them as initializers)."""
+    old = [*([] if "conv_graphs" in like["weights"] else ["--no-locon-inputs"]),
+           *([] if any(e["graph"].startswith("text_encoder") for e in like["weights"]["map"].values())
+             else ["--no-text-encoder-inputs"])]
     subprocess.run([sys.executable, str(TOOLS / "export_bundle.py"), "--config", "tiny", "--checkpoint", str(ckpt),
-                    "--out", str(out / "b"), "--no-check", "--no-references"], check=True,
-                   stdout=subprocess.DEVNULL)
+                    "--out", str(out / "b"), "--no-check", "--no-references", *old],
+                   check=True, stdout=subprocess.DEVNULL)
     return out / "b", out / "b-controlnet"
 
 
@@ -168,7 +174,7 @@ def main(argv=None):
         modules = build(tok_file, a.seed)
         distinct_values(modules, a.seed)
         save_checkpoint(modules, tok_file, manifest["scaling_factor"], tmp / "ckpt")
-        probe = load_tensors(*export(tmp / "ckpt", tmp))
+        probe = load_tensors(*export(tmp / "ckpt", tmp, manifest))
         del probe["models"]
         want = committed
         for module, tensors in probe.items():
@@ -194,7 +200,7 @@ def main(argv=None):
 
     # check: exported again, the checkpoint gives the committed tensors
     with tempfile.TemporaryDirectory(prefix="ckpt-check-") as tmp:
-        again = load_tensors(*export(a.out, Path(tmp)))
+        again = load_tensors(*export(a.out, Path(tmp), manifest))
     worst = 0.0
     for module, tensors in committed.items():
         if module == "models":
