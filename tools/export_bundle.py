@@ -796,7 +796,7 @@ def spatial(name):  # a 4-D tensor whose batch and spatial dims vary (named per 
 def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Path, check_size: int,
                   attention: str = "sdpa", gpu: bool = False, vae_choice: str = "auto", controlnet: Path | None = None,
                   configs: Path | None = None, controlnet_configs: Path | None = None, locon: bool = True,
-                  te_inputs: bool = True):
+                  te_inputs: bool = True, cn_inputs: bool = True):
     out.mkdir(parents=True, exist_ok=True)
     # the tokenizers: a directory's own, or for a single file (which carries none) the config directory's
     tok_dir = None if checkpoint is None else (checkpoint if Path(checkpoint).is_dir() else configs)
@@ -953,9 +953,11 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     # ControlNet bundle: its LoRA-targetable Linear weights are graph inputs too (weights.safetensors
     # beside the graph), so that the sessions of every shape bucket read one copy of them
     cn_out.mkdir(parents=True, exist_ok=True)
-    cn_w = targeted_cn_weights(cn)
+    # without cn_inputs (--no-controlnet-inputs) every weight stays inside the graph, as in
+    # ControlNet bundles exported before
+    cn_w = targeted_cn_weights(cn) if cn_inputs else []
     cparams = dict(cn.named_parameters())
-    cmod = WeightInputs(ControlNet(cn), cn_w, "cn.")
+    cmod = WeightInputs(ControlNet(cn), cn_w, "cn.") if cn_w else ControlNet(cn)
     cwargs = [cparams[n].detach().clone() for n in cn_w]
     cin = enc_in + [torch.rand(B, 3, check_size, check_size, generator=g)]
     cn_inputs = enc_inputs + ["controlnet_cond"] + cn_w
@@ -967,17 +969,20 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     check_graph(cn_out / "controlnet.onnx", cmod, cin + cwargs, cn_inputs, cn_outputs)
     if gpu:
         fuse_later(jobs, cn_out / "controlnet.onnx", big, cn_w, group_norm=group_norm_fusable(unet))
-    save_file({n: cparams[n].detach().to(wdtype).contiguous() for n in cn_w}, str(cn_out / "weights.safetensors"))
+    if cn_w:
+        save_file({n: cparams[n].detach().to(wdtype).contiguous() for n in cn_w}, str(cn_out / "weights.safetensors"))
     fused_results(jobs)  # waits for the fusions; a failed one raises here
     for f in [*out.glob("*.fp32.onnx*"), out / "vae_mid.onnx", out / "vae_up.onnx"]:
         f.unlink(missing_ok=True)  # the fusions' sources
-    (cn_out / "bundle.json").write_text(json.dumps({
+    cn_manifest = {
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
         "dtype": "float16" if gpu else "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",
         "conditioning_channels": 3, "residuals": n_skips,
-        "weights": {"file": "weights.safetensors",
-                    "map": {n: {"graph": "controlnet", "shape": list(cparams[n].shape)} for n in cn_w}},
-    }, indent=1) + "\n")
+    }
+    if cn_w:
+        cn_manifest["weights"] = {"file": "weights.safetensors",
+                                  "map": {n: {"graph": "controlnet", "shape": list(cparams[n].shape)} for n in cn_w}}
+    (cn_out / "bundle.json").write_text(json.dumps(cn_manifest, indent=1) + "\n")
     return tok, (te, te2, unet, vae, cn), weights
 
 
@@ -1226,6 +1231,9 @@ def main(argv=None):
     ap.add_argument("--no-locon-inputs", action="store_true",
                     help="keep the UNet's LoCon targets (convolutions, time_emb_proj) as initializers, as bundles "
                          "exported before they were inputs (tools/shapes/ckpt_from_bundle.py probes those)")
+    ap.add_argument("--no-controlnet-inputs", action="store_true",
+                    help="keep every ControlNet weight inside its graph, as ControlNet bundles exported before their "
+                         "Linear weights were inputs (tools/shapes/ckpt_from_bundle.py probes those)")
     ap.add_argument("--example-lora", type=Path, metavar="FILE",
                     help="also write a seeded rank-8 LoRA (diffusers/peft layout) for this bundle's UNet")
     a = ap.parse_args(argv)
@@ -1272,7 +1280,8 @@ def main(argv=None):
     try:
         tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check, a.attention, a.gpu,
                                        a.vae_precision, a.controlnet_checkpoint, configs, a.controlnet_config,
-                                       locon=not a.no_locon_inputs, te_inputs=not a.no_text_encoder_inputs)
+                                       locon=not a.no_locon_inputs, te_inputs=not a.no_text_encoder_inputs,
+                                       cn_inputs=not a.no_controlnet_inputs)
     finally:
         if FUSER is not None:
             FUSER.shutdown()
