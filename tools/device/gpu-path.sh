@@ -642,6 +642,16 @@ im.save('$O/cond-1024.png')"
     -o "$O/cn-generate.png" >"$O/cn-generate.log" 2>&1 || tail -20 "$O/cn-generate.log"
   echo "generate: wall $(python3 -c "import time;print(f'{time.time()-$t0:.2f}')") s"
   sed 's/\x1b\[[0-9;]*m//g' "$O/cn-generate.log" | grep -E "pipeline total|per step|ControlNets|pipeline loaded|wrote" | cut -c1-300
+  echo "== worker without ControlNets, warm graph cache: ready time and one 0C/0L job"
+  worker_bg cn-none "$O/cn-worker-none.log"
+  ready=$(ready_wait $pid 9187) && echo "ready after $ready s" || echo "worker (no ControlNets) did not get ready"
+  load_lines "$O/cn-worker-none.log" 8
+  id=cn-none-$RANDOM
+  /opt/kb/katz submit --base "$name" --prompt "a photograph of an astronaut riding a horse" --size 1024x1024 \
+    --steps "${STEPS:-50}" --guidance 7.5 --seed 7 --queue "$q" --id "$id" --wait -o "$O/cn-none.png" >/dev/null 2>&1 \
+    || { echo "job $id failed"; /opt/kb/katz status "$id" | cut -c1-600; }
+  echo "none 0c0l 0 $(job_ms "$id")"
+  kill -TERM $pid; wait $pid 2>/dev/null
   rm -f "$O"/cn-*-[1-9].png
   return 0
 }
