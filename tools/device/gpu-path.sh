@@ -614,7 +614,7 @@ im.save('$O/cond-1024.png')"
     ready=$(ready_wait $pid 9187) || { echo "worker ($start) did not get ready"; tail -20 "$O/cn-worker-$start.log"; return 1; }
     echo "== worker with the ControlNet hosted, $start start: ready after $ready s"
     load_lines "$O/cn-worker-$start.log" 12
-    sed 's/\x1b\[[0-9;]*m//g' "$O/cn-worker-$start.log" | grep -E "ControlNet bucket captured" | cut -c1-300 | tail -2
+    sed 's/\x1b\[[0-9;]*m//g' "$O/cn-worker-$start.log" | grep -E "ControlNet bucket captured|no CUDA graph for this ControlNet" | cut -c1-300 | tail -3
     echo "config job, submitted→finished ms, pipeline ms, step ms, VAE ms"
     for cfg in 0c0l 1c1l 3c2l; do
       case $cfg in
