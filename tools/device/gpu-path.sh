@@ -117,7 +117,7 @@ export_bg() {
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 t0=\$(date +%s)
 python3 tools/export_bundle.py --config sdxl --random-init --gpu --out "$S/base" --no-references \\
-  --no-check --jobs "${EXPORT_JOBS:-3}" > "$S/export.log" 2>&1 && echo "export: \$(( \$(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
+  --no-check --jobs "${EXPORT_JOBS:-3}" --example-lora "$S/loras/lora0.safetensors" > "$S/export.log" 2>&1 && echo "export: \$(( \$(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
 EOS
   setsid bash /opt/export-run.sh </dev/null >/dev/null 2>&1 &
   echo $! > "$S/pid"
@@ -175,7 +175,7 @@ katz_bench() {  # name, then extra flags
   echo "== katz bench pipeline: $name"
   /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" --controlnet "$S/base-controlnet" \
     --loras "$S/loras/lora0.safetensors,$S/loras/lora1.safetensors" \
-    --size "${SIZE:-1024}" --steps "${STEPS:-50}" --baseline "$BASE" --unet-tflop 6.76 \
+    --size "${SIZE:-1024}" --steps "${STEPS:-50}" $([[ -f $BASE ]] && echo --baseline "$BASE") --unet-tflop 6.76 \
     ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} --out "$O/pipeline-$gpu-$name-$day.json" "$@" 2>&1 | grep -v " WARN " | tail -9
 }
 
@@ -603,6 +603,8 @@ im.save('$O/cond-1024.png')"
       --configs "${DIFFUSERS_CONFIGS:-0c0l,1c1l,3c2l}" --lora-dir "$S/loras" --out "$BASE" 2>&1 \
       | grep -vE "Warning|LoRA keys|float32" | tail -6
   fi
+  # without the diffusers run (which writes rank-64 LoRAs) the export's seeded rank-8 LoRA serves as both
+  [[ -f $S/loras/lora1.safetensors ]] || cp "$S/loras/lora0.safetensors" "$S/loras/lora1.safetensors"
   if [[ ${CN_BENCH:-1} == 1 ]]; then
     echo "== katz bench pipeline, static shapes + CUDA graphs (ControlNets inline, each on its bucket's CUDA graph)"
     KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph-cn --configs 0C/0L,1C/1L,3C/2L --static-shapes --cuda-graph
