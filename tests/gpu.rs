@@ -477,11 +477,13 @@ fn shape_buckets_with_cuda_graphs_give_the_dynamic_image_in_every_bucket() {
     o.other_sizes = OtherSizes::Dynamic;
     o.cuda_graph = true;
     let mut buckets = Pipeline::load(&base, o).unwrap();
-    buckets.warm_up().unwrap();
     let (md, mb) = (
         dynamic.controlnet(cn_dir()).unwrap(),
         buckets.controlnet(cn_dir()).unwrap(),
     );
+    // as a worker does: its ControlNets loaded, then the warm-up (every bucket at load: their
+    // ControlNet graphs captured now, none by a job)
+    buckets.warm_up().unwrap();
     // jobs alternate between the buckets (and a size with none), LoRA merges in and out: the
     // one weight slot follows them
     let cases: [((usize, usize), usize, bool); 6] = [
@@ -508,8 +510,8 @@ fn shape_buckets_with_cuda_graphs_give_the_dynamic_image_in_every_bucket() {
         println!("buckets, case {i}: {w}x{h}, {n} ControlNets, LoRA {lora}: relative error {e:.2e}");
         assert!(e < 1e-3, "case {i}: {e}");
     }
-    // the ControlNet has a CUDA graph in each bucket it ran in (64² from the warm-up), none for
-    // the size without a bucket
+    // the ControlNet has a CUDA graph in each bucket (captured at the warm-up), none for the size
+    // without a bucket
     let mut captured: Vec<(usize, usize)> = buckets.inline_controlnets().models[mb.index()]
         .lock()
         .unwrap()

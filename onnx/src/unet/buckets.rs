@@ -43,10 +43,12 @@ use super::graphed::{GraphedUnet, WeightSlot};
 /// The UNet pair of one shape bucket (`fixed`), or of free shapes (`fixed: None`).
 pub(crate) struct UnetShape {
     pub fixed: Option<FixedShape>,
+    /// Bound and captured for CUDA graphs (buckets on a GPU with `cuda_graph`). Declared before
+    /// the sessions so that it is dropped first: its bindings and their bound outputs (from the
+    /// sessions' allocators) must go before the sessions do.
+    pub graph: Option<GraphedUnet>,
     pub encoder: Session,
     pub decoder: Session,
-    /// Bound and captured for CUDA graphs (buckets on a GPU with `cuda_graph`).
-    pub graph: Option<GraphedUnet>,
     /// The free dimensions of the encoder and decoder (empty for free shapes).
     dims: [Vec<(String, i64)>; 2],
     /// GPU memory this bucket took as it loaded (sessions, bindings, capture), in bytes.
