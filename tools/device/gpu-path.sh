@@ -520,7 +520,7 @@ job_ms() {  # job id: submitted → finished, ms, from its record
 
 worker_bg() {  # name, log, extra args: `katz worker` on GPU 0 for fastpath/ready (their $cache, $q), in the background; sets pid
   local name=$1 log=$2; shift 2
-  KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet none \
+  KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz worker --device cuda:0 --bundle "$S/base" --controlnet "${WORKER_CN:-none}" \
     --queue "$q" --name "$name" --metrics-addr 127.0.0.1:9187 ${FAST_WORKER_ARGS:-} "$@" >"$log" 2>&1 &
   pid=$!
 }
@@ -612,7 +612,7 @@ im.save('$O/cond-1024.png')"
   [[ ${CN_WORKER:-1} == 1 ]] || return 0
   rm -rf "$cache"
   for start in cold warm; do
-    worker_bg "cn-$start" "$O/cn-worker-$start.log" --controlnet "$S/base-controlnet" --lora-dir "$S/loras"
+    WORKER_CN=$S/base-controlnet worker_bg "cn-$start" "$O/cn-worker-$start.log" --lora-dir "$S/loras"
     ready=$(ready_wait $pid 9187) || { echo "worker ($start) did not get ready"; tail -20 "$O/cn-worker-$start.log"; return 1; }
     echo "== worker with the ControlNet hosted, $start start: ready after $ready s"
     load_lines "$O/cn-worker-$start.log" 12
