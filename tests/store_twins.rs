@@ -15,6 +15,7 @@ fn begin(id: &str, digest: &str) -> BeginJob {
         worker: "w".into(),
         total_steps: 4,
         queue_wait_ms: Some(3),
+        ttl_s: 60,
     }
 }
 
@@ -112,6 +113,15 @@ fn memory_and_redis_stores_decide_alike() {
         }
         let r_b: String = c.hget(job_key(&rb), "status").await.unwrap();
         assert_eq!(r_b, mem.lock().unwrap().records[&job_key("twin-m-b")]["status"]);
+        // a job cancelled before it started: its record expires, the cancel key is gone
+        let ttl: i64 = c.ttl(job_key(&rb)).await.unwrap();
+        assert!(
+            (1..=60).contains(&ttl),
+            "record of a job cancelled before start: ttl {ttl}"
+        );
+        let cancel: bool = c.exists(cancel_key(&rb)).await.unwrap();
+        assert!(!cancel, "the cancel key is deleted once obeyed");
+        assert!(!mem.lock().unwrap().blobs.contains_key(&cancel_key("twin-m-b")));
         let _: () = c
             .del(&[
                 job_key(&ra),

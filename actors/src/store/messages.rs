@@ -26,6 +26,9 @@ pub struct BeginJob {
     pub worker: String,
     pub total_steps: u32,
     pub queue_wait_ms: Option<u64>,
+    /// The job's `result_ttl_s`: a job cancelled before it started ends here, and its record
+    /// expires this long after.
+    pub ttl_s: u64,
 }
 
 #[derive(Message)]

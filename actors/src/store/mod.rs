@@ -7,6 +7,9 @@
 //! forwarder ─Progress─▶         ──HSET step/total + PUBLISH katz:events:<id>
 //! job ──Finish───▶              ──SET katz:job:<id>:image, HSET status, EXPIRE, PUBLISH
 //! ```
+//!
+//! Every key a job's end writes expires: the record and image `result_ttl_s` after the end (also
+//! for a job cancelled before it started), and the cancel key is deleted once it is obeyed.
 
 pub mod messages;
 
@@ -25,13 +28,15 @@ pub use messages::*;
 /// Atomically decides what to do with a delivered job (see [`Begin`]).
 const BEGIN_LUA: &str = r#"
 local k, cancel = KEYS[1], KEYS[2]
-local digest, worker, now, total, wait = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local digest, worker, now, total, wait, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local d = redis.call('HGET', k, 'digest')
 local st = redis.call('HGET', k, 'status')
 if d and d ~= digest then return {'conflict', d} end
 if st == 'done' then return {'done', ''} end
 if st == 'cancelled' or redis.call('EXISTS', cancel) == 1 then
   redis.call('HSET', k, 'status', 'cancelled', 'digest', digest, 'finished_ms', now)
+  redis.call('EXPIRE', k, ttl)
+  redis.call('DEL', cancel)
   return {'cancelled', ''}
 end
 redis.call('HSET', k, 'status', 'running', 'digest', digest, 'worker', worker, 'started_ms', now,
@@ -70,7 +75,9 @@ impl Memory {
         }
         if cancelled || rec.get("status").map(String::as_str) == Some("cancelled") {
             rec.insert("status".into(), "cancelled".into());
+            rec.insert("digest".into(), m.digest.clone());
             rec.insert("finished_ms".into(), now_ms().to_string());
+            self.blobs.remove(&cancel_key(&m.id));
             return Begin::Cancelled;
         }
         let attempts = rec
@@ -194,6 +201,7 @@ impl Handler<BeginJob> for ResultStore {
                 .arg(now_ms())
                 .arg(m.total_steps)
                 .arg(m.queue_wait_ms.map(|w| w.to_string()).unwrap_or_default())
+                .arg(m.ttl_s)
                 .invoke_async(&mut conn)
                 .await?;
             Ok(match verdict.as_str() {
