@@ -306,3 +306,122 @@ fn a_job_whose_numbers_overflow_fails_instead_of_storing_an_image() {
         bus.cleanup().await;
     });
 }
+
+/// Tiny jobs one after another: the worker's RSS after a warm-up must not grow with the jobs it
+/// served (KATZ_RSS_JOBS, default 1500).
+#[test]
+fn worker_memory_stays_flat_over_many_jobs() {
+    let _g = serial();
+    rt().block_on(async {
+        let n: usize = std::env::var("KATZ_RSS_JOBS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1500);
+        let mut bus = Bus::new("rel-rss").await;
+        let w = Worker::start(&bus.queue, "w-rel-rss", &["--lookahead", "4"]);
+        let tiny = |i: usize| {
+            let mut j = job(&format!("rss{i}"));
+            j.steps = 1;
+            j.result_ttl_s = 60;
+            j
+        };
+        let mut samples = Vec::new();
+        let warm = n / 5;
+        let batch = 100;
+        let mut sent = 0;
+        while sent < n {
+            let jobs: Vec<_> = (sent..(sent + batch).min(n)).map(tiny).collect();
+            for j in &jobs {
+                bus.publish(j).await;
+            }
+            let last = jobs.last().unwrap();
+            bus.wait_final(&last.id, Duration::from_secs(120)).await;
+            sent += jobs.len();
+            if sent >= warm {
+                samples.push((sent, w.rss_kib()));
+            }
+        }
+        eprintln!("rss (jobs, KiB): {samples:?}");
+        let (j0, r0) = samples[0];
+        let (j1, r1) = *samples.last().unwrap();
+        let per_job = (r1 as f64 - r0 as f64) / (j1 - j0) as f64;
+        assert!(
+            per_job < 2.0,
+            "RSS grew {per_job:.2} KiB per job ({r0} KiB after {j0} jobs, {r1} KiB after {j1})"
+        );
+        bus.cleanup().await;
+    });
+}
+
+/// Closes the RabbitMQ connections whose client name is `name` (as a broker restart would, for
+/// this worker only: other tests' connections stay); returns how many.
+fn close_connections(name: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    let mut n = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.contains(&format!("\"{name}\"")) {
+            let pid = line.split('\t').next().unwrap_or_default();
+            let st = std::process::Command::new("rabbitmqctl")
+                .args(["close_connection", pid, "test: connection closed"])
+                .output()
+                .expect("rabbitmqctl");
+            assert!(st.status.success(), "{st:?}");
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn a_job_redelivered_while_it_still_runs_here_waits_for_that_run_and_runs_once() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("rel-redeliver").await;
+        let name = format!("w-rel-redeliver-{}", std::process::id());
+        let w = Worker::start(&bus.queue, &name, &[]);
+        let j = long_job("redelivered");
+        let client = redis::Client::open(REDIS).unwrap();
+        let mut sub = client.get_async_pubsub().await.unwrap();
+        sub.subscribe(katz_actors::protocol::events_channel(&j.id))
+            .await
+            .unwrap();
+        bus.publish(&j).await;
+        bus.wait_until(&j.id, Duration::from_secs(60), |r| {
+            r.get("step").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0) >= 5
+        })
+        .await;
+        assert!(
+            close_connections(&name) >= 1,
+            "the worker's connection was not found"
+        );
+        let r = bus.wait_final(&j.id, Duration::from_secs(180)).await;
+        assert_eq!(r["status"], "done", "{r:?}");
+        // the redelivery reaches the worker after its reconnect: give it time to settle
+        let t0 = Instant::now();
+        while bus.count(&bus.queue).await > 0 && t0.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let r = bus.record(&j.id).await;
+        assert_eq!(r["attempts"], "1", "the job ran twice: {r:?}\n{}", w.log());
+        use futures_util::StreamExt;
+        let mut done = 0;
+        let mut msgs = sub.on_message();
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), msgs.next()).await {
+            let payload: String = m.get_payload().unwrap();
+            if payload.contains("\"done\"") {
+                done += 1;
+            }
+        }
+        assert_eq!(done, 1, "done events");
+        bus.cleanup().await;
+    });
+}

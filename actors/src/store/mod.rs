@@ -43,6 +43,9 @@ redis.call('HSET', k, 'status', 'running', 'digest', digest, 'worker', worker, '
   'step', 0, 'total', total)
 if wait ~= '' then redis.call('HSET', k, 'queue_wait_ms', wait) end
 redis.call('HDEL', k, 'error', 'error_kind')
+-- a record without a TTL (a producer's `queued` one) gets one while the job runs; its end sets
+-- the job's own
+if redis.call('TTL', k) < 0 then redis.call('EXPIRE', k, ttl + 86400) end
 local n = redis.call('HINCRBY', k, 'attempts', 1)
 return {'run', tostring(n)}
 "#;
