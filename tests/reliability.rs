@@ -270,6 +270,14 @@ fn the_wire_format_is_read_strictly_and_every_refused_job_with_an_id_gets_a_stat
             "done"
         );
         assert_eq!(dead(&bus, 4).await, 4);
+        // a bad message under a finished job's id: that record stays, with a conflict note
+        let mut again = ok.clone();
+        again.v = 99;
+        bus.publish(&again).await;
+        assert_eq!(dead(&bus, 5).await, 5);
+        let r = bus.record(&ok.id).await;
+        assert_eq!(r["status"], "done", "{r:?}");
+        assert!(r["conflict"].contains("schema version 99"), "{r:?}");
         bus.cleanup().await;
     });
 }

@@ -27,7 +27,7 @@ use crate::pipeline::JobLoras;
 use crate::pipeline::{Catalogue, PipelineActor, RunJob};
 use crate::protocol::{decode, now_ms, ImageRef, Job, Limits, Status, DEFAULT_RESULT_TTL_S};
 use crate::store::{
-    Begin, BeginJob, CancelRequested, FetchBytes, Finish, NoteConflict, Progress, ResultStore,
+    Begin, BeginJob, CancelRequested, FailUndecoded, FetchBytes, Finish, NoteConflict, Progress, ResultStore,
 };
 
 /// A delivered message: its bytes, and how to tell the source what became of it.
@@ -151,9 +151,13 @@ pub async fn process(d: &dyn Delivered, deps: &JobDeps) -> &'static str {
         Ok(j) => j,
         Err(e) => {
             tracing::warn!(id = ?e.id, error = %e.message, "rejecting a message");
-            let err = JobError::Decode(e.clone());
             if let Some(id) = &e.id {
-                let stored = store_retry(deps, || finish_failed(id, &err, DEFAULT_RESULT_TTL_S)).await;
+                let stored = store_retry(deps, || FailUndecoded {
+                    id: id.clone(),
+                    error: e.message.clone(),
+                    ttl_s: DEFAULT_RESULT_TTL_S,
+                })
+                .await;
                 if let Err(s) = stored {
                     if s.action() == Action::Requeue {
                         // the failed status is not stored yet: the message comes back for it
@@ -540,6 +544,34 @@ mod tests {
             let d = Fake::new(b"not msgpack".to_vec());
             assert_eq!(process(&d, &deps).await, "rejected");
             assert_eq!(d.settled(), [Action::DeadLetter]);
+        });
+    }
+
+    #[test]
+    fn a_message_that_does_not_decode_leaves_another_jobs_record_as_it_is() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            mem.lock().unwrap().records.insert(
+                job_key("taken-id"),
+                HashMap::from([("digest".into(), "d1".into()), ("status".into(), "done".into())]),
+            );
+            let mut bad = job("taken-id");
+            bad.v = 99;
+            let d = Fake::of(&bad);
+            assert_eq!(process(&d, &deps).await, "rejected");
+            assert_eq!(d.settled(), [Action::DeadLetter]);
+            let r = record(&mem, "taken-id");
+            assert_eq!(r["status"], "done", "{r:?}");
+            assert!(r["conflict"].contains("schema version 99"), "{r:?}");
+            // a producer's queued record is the message's own: it fails
+            mem.lock().unwrap().records.insert(
+                job_key("queued-id"),
+                HashMap::from([("status".into(), "queued".into())]),
+            );
+            let mut bad = job("queued-id");
+            bad.v = 98;
+            assert_eq!(process(&Fake::of(&bad), &deps).await, "rejected");
+            assert_eq!(record(&mem, "queued-id")["status"], "failed");
         });
     }
 

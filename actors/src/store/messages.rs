@@ -52,6 +52,17 @@ pub struct Finish {
     pub ttl_s: u64,
 }
 
+/// A message that did not decode names a job id: its record says `failed` (decode) only if no job
+/// began under that id (no record, the producer's `queued` one, or an earlier such failure);
+/// another job's record only gets a `conflict` note. Answers whether the status was written.
+#[derive(Message)]
+#[rtype(result = "Result<bool, JobError>")]
+pub struct FailUndecoded {
+    pub id: String,
+    pub error: String,
+    pub ttl_s: u64,
+}
+
 /// Notes a conflicting delivery on the existing record without changing its status.
 #[derive(Message)]
 #[rtype(result = "Result<(), JobError>")]

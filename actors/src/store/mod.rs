@@ -50,6 +50,23 @@ local n = redis.call('HINCRBY', k, 'attempts', 1)
 return {'run', tostring(n)}
 "#;
 
+/// Fails a message that did not decode, unless its id is another job's (see [`FailUndecoded`]).
+const FAIL_UNDECODED_LUA: &str = r#"
+local k, events = KEYS[1], KEYS[2]
+local err, now, ttl, event = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local st = redis.call('HGET', k, 'status')
+local ours = st == false or st == 'queued'
+  or (st == 'failed' and redis.call('HGET', k, 'error_kind') == 'decode')
+if redis.call('HEXISTS', k, 'digest') == 1 or not ours then
+  redis.call('HSET', k, 'conflict', err)
+  return 0
+end
+redis.call('HSET', k, 'status', 'failed', 'error', err, 'error_kind', 'decode', 'finished_ms', now)
+redis.call('EXPIRE', k, ttl)
+redis.call('PUBLISH', events, event)
+return 1
+"#;
+
 /// Records and blobs of the in-memory store (embedded mode), by their Redis keys.
 #[derive(Default)]
 pub struct Memory {
@@ -64,6 +81,30 @@ impl Memory {
         if let Some(tx) = &self.events {
             let _ = tx.send(e);
         }
+    }
+
+    /// The Rust twin of `FAIL_UNDECODED_LUA`.
+    fn fail_undecoded(&mut self, m: &FailUndecoded) -> bool {
+        let rec = self.records.entry(job_key(&m.id)).or_default();
+        let ours = match rec.get("status").map(String::as_str) {
+            None | Some("queued") => true,
+            Some("failed") => rec.get("error_kind").map(String::as_str) == Some("decode"),
+            Some(_) => false,
+        };
+        if rec.contains_key("digest") || !ours {
+            rec.insert("conflict".into(), m.error.clone());
+            return false;
+        }
+        for (k, v) in [
+            ("status", "failed".to_string()),
+            ("error", m.error.clone()),
+            ("error_kind", "decode".into()),
+            ("finished_ms", now_ms().to_string()),
+        ] {
+            rec.insert(k.into(), v);
+        }
+        self.publish(event(&m.id, Status::Failed, 0, 0, Some(m.error.clone())));
+        true
     }
 
     /// The Rust twin of `BEGIN_LUA`.
@@ -308,6 +349,30 @@ impl Handler<Finish> for ResultStore {
             pipe.publish(events_channel(&m.id), json(&e)).ignore();
             let _: () = pipe.query_async(&mut conn).await?;
             Ok(())
+        })
+    }
+}
+
+impl Handler<FailUndecoded> for ResultStore {
+    type Result = Reply<bool>;
+
+    fn handle(&mut self, m: FailUndecoded, _: &mut Context<Self>) -> Self::Result {
+        let (mut conn, _) = match with_memory(&self.backend, |mem| mem.fail_undecoded(&m)) {
+            Ok(v) => return Box::pin(async move { Ok(v) }),
+            Err(redis) => redis,
+        };
+        Box::pin(async move {
+            let e = event(&m.id, Status::Failed, 0, 0, Some(m.error.clone()));
+            let wrote: i64 = redis::Script::new(FAIL_UNDECODED_LUA)
+                .key(job_key(&m.id))
+                .key(events_channel(&m.id))
+                .arg(&m.error)
+                .arg(now_ms())
+                .arg(m.ttl_s)
+                .arg(json(&e))
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(wrote == 1)
         })
     }
 }
