@@ -208,14 +208,6 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         let digest = job
             .digest()
             .map_err(|e| JobError::Invalid(format!("the job cannot be encoded: {e}")))?;
-        if let Some(deadline) = job.deadline_ms {
-            let now = now_ms();
-            if now > deadline {
-                return Err(JobError::Deadline {
-                    late_ms: now - deadline,
-                });
-            }
-        }
         let begin = deps
             .store
             .send(BeginJob {
@@ -239,6 +231,16 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                 })
             }
             Begin::Run { attempts } => tracing::info!(attempts, "running"),
+        }
+        // after the begin: a late redelivery of a job already done is acked, and a late job under
+        // another job's id is a conflict, not a failed status written over that job's record
+        if let Some(deadline) = job.deadline_ms {
+            let now = now_ms();
+            if now > deadline {
+                return Err(JobError::Deadline {
+                    late_ms: now - deadline,
+                });
+            }
         }
         // LoRAs: known, fetching (a full queue of pending loads holds the job here), merging
         let admitted = if names.is_empty() {
@@ -572,6 +574,45 @@ mod tests {
             bad.v = 98;
             assert_eq!(process(&Fake::of(&bad), &deps).await, "rejected");
             assert_eq!(record(&mem, "queued-id")["status"], "failed");
+        });
+    }
+
+    #[test]
+    fn a_late_job_fails_with_deadline_but_never_over_another_jobs_record() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let mut late = job("late");
+            late.deadline_ms = Some(1);
+            let d = Fake::of(&late);
+            assert_eq!(process(&d, &deps).await, "failed");
+            assert_eq!(record(&mem, "late")["error_kind"], "deadline");
+            // the same id held by a finished job with other content: a conflict, record kept
+            let mut other = job("late-other");
+            other.deadline_ms = Some(1);
+            mem.lock().unwrap().records.insert(
+                job_key(&other.id),
+                HashMap::from([
+                    ("digest".into(), "someone-else".into()),
+                    ("status".into(), "done".into()),
+                ]),
+            );
+            assert_eq!(process(&Fake::of(&other), &deps).await, "failed");
+            let r = record(&mem, "late-other");
+            assert_eq!(r["status"], "done", "{r:?}");
+            assert!(r.contains_key("conflict"), "{r:?}");
+            // a late redelivery of a job already done: acked as a duplicate
+            let mut done = job("late-done");
+            done.deadline_ms = Some(1);
+            mem.lock().unwrap().records.insert(
+                job_key(&done.id),
+                HashMap::from([
+                    ("digest".into(), done.digest().unwrap()),
+                    ("status".into(), "done".into()),
+                ]),
+            );
+            let d = Fake::of(&done);
+            assert_eq!(process(&d, &deps).await, "duplicate");
+            assert_eq!(d.settled(), [Action::Ack]);
         });
     }
 
