@@ -499,6 +499,7 @@ mod tests {
             name = "n"
             max_message_bytes = 100
             max_side = 64
+            max_attempts = 2
             device = "cuda:1"
             threads = 2
             shapes = "64x32, 96x64"
@@ -532,6 +533,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.concurrency, c.lookahead, c.max_side), (3, 0, 64));
+        assert_eq!(c.max_attempts, 2);
         assert_eq!(c.session.device, Device::Cuda(1));
         assert_eq!(c.session.shapes.to_string(), "64x32,96x64");
         assert_eq!(c.controlnet.controlnets, Some(vec![]));

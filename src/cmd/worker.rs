@@ -287,8 +287,11 @@ mod tests {
                 "--cuda-graph",
                 "--lora-switch",
                 "ready",
+                "--max-attempts",
+                "3",
             ],
         );
+        assert_eq!(c.max_attempts, 3);
         assert_eq!((c.concurrency, c.session.threads), (3, 1));
         assert_eq!(c.queue.as_deref(), Some("q"));
         assert_eq!(
