@@ -433,3 +433,55 @@ fn a_job_redelivered_while_it_still_runs_here_waits_for_that_run_and_runs_once()
         bus.cleanup().await;
     });
 }
+
+/// The classification on real Redis replies: what the job's data caused is not retried.
+#[test]
+fn redis_replies_refusing_a_jobs_data_are_the_jobs_fault_and_a_lost_connection_is_not() {
+    use actix::Actor;
+    use katz_actors::error::{Action, JobError};
+    use katz_actors::store::{FetchBytes, Finish, ResultStore};
+    actix::System::new().block_on(async {
+        let store = ResultStore::connect(REDIS).await.expect("Redis").start();
+        let id = uid("refused");
+        // an expire time Redis refuses (inside the atomic pipeline: EXECABORT)
+        for ttl in [0, u64::MAX] {
+            let e = store
+                .send(Finish {
+                    id: id.clone(),
+                    status: katz_actors::protocol::Status::Done,
+                    png: Some(vec![1]),
+                    error: None,
+                    fields: vec![],
+                    ttl_s: ttl,
+                })
+                .await
+                .unwrap()
+                .unwrap_err();
+            assert!(!e.is_transient_store(), "ttl {ttl}: {e}");
+            assert_eq!(e.action(), Action::DeadLetter, "ttl {ttl}: {e}");
+        }
+        // a key of another type
+        let mut c = redis::Client::open(REDIS)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let key = format!("{}0", upload_prefix(&id));
+        let _: () = c.hset(&key, "a", "b").await.unwrap();
+        let e = store
+            .send(FetchBytes { key: key.clone() })
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains("WRONGTYPE"), "{e}");
+        assert_eq!((e.action(), e.kind()), (Action::DeadLetter, "redis_refused"));
+        let _: () = c.del(&[key, job_key(&id), image_key(&id)]).await.unwrap();
+        // nobody listening: transient
+        let gone = ResultStore::connect("redis://127.0.0.1:1/").await;
+        if let Err(e) = gone {
+            let e = JobError::Store(e);
+            assert!(e.is_transient_store(), "{e}");
+            assert_eq!(e.action(), Action::Requeue);
+        }
+    });
+}
