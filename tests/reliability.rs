@@ -485,3 +485,35 @@ fn redis_replies_refusing_a_jobs_data_are_the_jobs_fault_and_a_lost_connection_i
         }
     });
 }
+
+/// A job that takes its worker down every time (here: SIGKILL mid-job) is failed after
+/// `--max-attempts` starts instead of coming back for ever.
+#[test]
+fn a_job_that_keeps_killing_its_worker_fails_after_its_attempts() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("rel-attempts").await;
+        let j = long_job("poison");
+        bus.publish(&j).await;
+        for n in 1..=2 {
+            let w = Worker::start(
+                &bus.queue,
+                &format!("w-rel-attempts-{n}"),
+                &["--max-attempts", "2"],
+            );
+            bus.wait_until(&j.id, Duration::from_secs(60), |r| {
+                r.get("attempts").map(String::as_str) == Some(&n.to_string())
+                    && r.get("step").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0) >= 1
+            })
+            .await;
+            w.signal(libc::SIGKILL);
+            drop(w);
+        }
+        let _w = Worker::start(&bus.queue, "w-rel-attempts-3", &["--max-attempts", "2"]);
+        let r = bus.wait_final(&j.id, Duration::from_secs(60)).await;
+        failed_with(&r, "started 3 times (the most is 2)");
+        assert_eq!(r["error_kind"], "attempts");
+        assert_eq!(dead(&bus, 1).await, 1);
+        bus.cleanup().await;
+    });
+}
