@@ -236,6 +236,57 @@ fn bad_input_is_a_clear_error() {
     assert!(!o.exists(), "a failed run wrote an image");
 }
 
+/// `--unet-only`: a file with text-encoder and convolution parts (made by peft for the trained
+/// family) on the family's bundle, which takes neither (exported before its text encoders and
+/// convolutions took weights), fails naming them, before any step, in both LoRA modes; with the
+/// flag its attention layers are merged and what was skipped is named.
+#[test]
+fn unet_only_skips_the_parts_the_bundle_cannot_take() {
+    let d = tmp("unet-only");
+    for mode in ["sync", "async"] {
+        let png = d.join(format!("{mode}.png"));
+        let mut args = vec![
+            "generate",
+            "--bundle",
+            "bundles/shapes/shapes-sdxl",
+            "--prompt",
+            "a red circle",
+            "--size",
+            "64x64",
+            "--steps",
+            "2",
+            "--lora",
+            "tests/data/lora/shapes-te-conv.safetensors:0.8",
+            "--lora-mode",
+            mode,
+            "--output",
+            png.to_str().unwrap(),
+        ];
+        let refused = katz(&args);
+        for want in [
+            "shapes-te-conv.safetensors",
+            "keys adapt a text encoder",
+            "keys are convolution LoRA factors",
+            "conv1.lora_A.weight",
+            "unet_only",
+        ] {
+            fails_with(&refused, want);
+        }
+        assert!(!png.exists(), "{mode}: an image was written");
+        args.push("--unet-only");
+        let out = katz(&args);
+        ok(&out);
+        assert!(is_png(&png), "{mode}");
+        if mode == "sync" {
+            let se = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                se.contains("skipped what the bundle cannot take") && se.contains("text-encoder keys"),
+                "{se}"
+            );
+        }
+    }
+}
+
 #[test]
 fn lora_whose_keys_match_nothing_is_refused() {
     use safetensors::tensor::{Dtype, TensorView};

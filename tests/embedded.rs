@@ -54,3 +54,45 @@ fn jobs_run_fail_and_deduplicate_like_in_a_worker() {
         .collect();
     assert_eq!(steps, vec![0, 1, 2, 3, 3], "{events:?}");
 }
+
+/// `unet_only` through the worker's job path: a LoRA file with text-encoder and convolution parts
+/// on the trained family's bundle (which takes neither) fails the job naming them (dead letter);
+/// the same job with `unet_only` runs, and its record names what was skipped.
+#[test]
+fn unet_only_jobs_skip_and_record_the_parts_the_bundle_cannot_take() {
+    let models = Models::local(
+        root().join("bundles/shapes/shapes-sdxl"),
+        vec![],
+        katz_actors::lora::LoraConfig::new(root().join("tests/data/lora")),
+        test_options(),
+    );
+    let mut strict = Job::new("emb-strict", "shapes-sdxl", "a red circle");
+    strict.steps = 2;
+    strict.loras.push(LoraJob {
+        name: "shapes-te-conv".into(),
+        scale: 0.8,
+    });
+    let mut skip = strict.clone();
+    skip.id = "emb-unet-only".into();
+    skip.unet_only = true;
+    let r = run_jobs(&models, vec![strict, skip], |_| {}).unwrap();
+
+    assert_eq!(r[0].record["status"], "failed");
+    let e = &r[0].record["error"];
+    assert!(
+        e.contains("shapes-te-conv")
+            && e.contains("adapt a text encoder")
+            && e.contains("convolution LoRA factors"),
+        "{e}"
+    );
+    assert_eq!(r[0].action, Some(Action::DeadLetter));
+    assert!(!r[0].record.contains_key("lora_skipped"));
+
+    assert_eq!(r[1].record["status"], "done", "{:?}", r[1].record);
+    let skipped: serde_json::Value = serde_json::from_str(&r[1].record["lora_skipped"]).unwrap();
+    let what = skipped["shapes-te-conv"].as_str().unwrap();
+    assert!(
+        what.contains("text-encoder keys") && what.contains("convolution keys"),
+        "{what}"
+    );
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use katz_actors::lora::{LoraConfig, LoraManager, LoraStore};
 use katz_kernels::rel_err;
-use katz_onnx::lora::{LoraAdapter, PendingMerge};
+use katz_onnx::lora::{LoraAdapter, LoraParts, PendingMerge};
 use katz_onnx::noise::SeededNoise;
 use katz_onnx::pipeline::{LoraPlan, NoObserver, Observer, Pipeline};
 use katz_onnx::request::{LoraRequest, Request};
@@ -238,7 +238,8 @@ fn a_bad_lora_file_fails_an_async_job_before_any_step() {
     let bad = dir.join("truncated.safetensors");
     let good = std::fs::read(root().join("bundles/loras/tiny-lora-a.safetensors")).unwrap();
     std::fs::write(&bad, &good[..good.len() / 2]).unwrap();
-    let mut pending = PendingMerge::spawn_loading(p.shared_weights(), vec![(bad.clone(), 1.0)]);
+    let mut pending =
+        PendingMerge::spawn_loading(p.shared_weights(), vec![(bad.clone(), 1.0)], LoraParts::All);
     let req = request(4);
     let mut steps = Steps(0);
     let e = generate_planned(
@@ -263,12 +264,22 @@ fn a_bad_lora_file_fails_an_async_job_before_any_step() {
 #[test]
 fn merged_weights_equal_the_f64_reference() {
     let p = pipeline();
-    let ls = loras(&p);
+    let mut ls = loras(&p);
+    // and a kohya file with LoCon factors on every convolution the bundle takes
+    let locon = std::env::temp_dir().join(format!("katz-f64-locon-{}.safetensors", std::process::id()));
+    write_kohya_lora(&locon, 3, 11);
+    ls.push((p.lora(&locon).unwrap(), 0.3));
+    let _ = std::fs::remove_file(&locon);
     let merged = p.weights().merge(&ls).unwrap();
     assert!(!merged.is_empty());
+    assert!(
+        merged.names().any(|n| p.weights().map()[n].shape.len() == 4),
+        "no convolution merged"
+    );
     for name in merged.names() {
         let shape = &p.weights().map()[name].shape;
-        let (rows, cols) = (shape[0], shape[1]);
+        // a convolution [out, in, kh, kw] as [out, in·kh·kw]
+        let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
         let base = p.weights().data(name).unwrap();
         let mut want: Vec<f64> = base.iter().map(|&x| x as f64).collect();
         for (l, s) in &ls {
@@ -334,11 +345,14 @@ fn the_manager_bounds_pending_loads_caches_adapters_and_merges_kohya_files() {
         );
         // a merge of all three (c is in the kohya layout) equals Weights::merge of the files
         let started = mgr
-            .merge(vec![
-                ("tiny-lora-a".into(), 0.8),
-                ("tiny-lora-b".into(), -0.5),
-                ("tiny-lora-c".into(), 0.3),
-            ])
+            .merge(
+                vec![
+                    ("tiny-lora-a".into(), 0.8),
+                    ("tiny-lora-b".into(), -0.5),
+                    ("tiny-lora-c".into(), 0.3),
+                ],
+                LoraParts::All,
+            )
             .await
             .unwrap();
         let mut pending = started.pending;
@@ -397,7 +411,10 @@ fn adapters_come_from_redis_when_the_directory_lacks_them() {
         let mgr = LoraManager::spawn(&cfg, store, weights.clone());
         let a = mgr.admit(vec![name.clone()]).await.unwrap();
         assert_eq!(a.loads, 1);
-        let started = mgr.merge(vec![(name.clone(), 1.0)]).await.unwrap();
+        let started = mgr
+            .merge(vec![(name.clone(), 1.0)], LoraParts::All)
+            .await
+            .unwrap();
         let mut pending = started.pending;
         let merged = pending.poll(Some(Duration::from_secs(30))).unwrap().unwrap();
         assert!(!merged.is_empty());

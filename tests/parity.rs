@@ -92,8 +92,8 @@ const SHAPES: &str = "tests/data/parity-shapes";
 const CHECKPOINT: &str = "tests/data/parity-checkpoint";
 /// LoRA files made by peft and diffusers (`tools/make_lora_fixtures.py`: the peft layout with both
 /// text encoders' parts, the kohya layout from diffusers' `convert_state_dict_to_kohya`, a
-/// text-encoder-only file, a kohya LoCon) on the checkpoint bundle, against diffusers'
-/// `load_lora_weights` of the same files.
+/// text-encoder-only file, a kohya LoCon, a peft-layout LoRA on the convolutions) on the checkpoint
+/// bundle, against diffusers' `load_lora_weights` of the same files.
 const LORA: &str = "tests/data/parity-lora";
 /// LoHa and LoKr files made by peft and named by LyCORIS (`tools/make_lycoris_fixtures.py`) on
 /// the checkpoint bundle, against peft's adapters applied to diffusers' UNet (diffusers'
@@ -267,24 +267,55 @@ parity!(CHECKPOINT; ckpt_euler, ckpt_euler_a_negative, ckpt_controlnet);
 // LoRAs with text-encoder parts, in both layouts, alone and two in one job
 parity!(LORA; lora_peft_te, lora_kohya_te, lora_te_only, lora_mixed);
 
-/// LoCon (convolution factors): the bundle's convolution weights are not graph inputs, so the file
-/// is refused with an error naming its convolution keys, before any step.
+// LoCon: kohya LoCon and peft's LoRA on the convolutions (with time_emb_proj and a text-encoder
+// part), merged into the convolution weights the CPU bundle takes as inputs; and both in one job
+// with a peft LoRA of linear layers
+parity!(LORA; lora_locon, lora_peft_locon, lora_locon_mixed);
+
+// DoRA (peft `use_dora`: a magnitude per output row) on linear layers and convolutions, alone and
+// between two LoRAs (peft applies it to what the adapters before it made)
+parity!(LORA; lora_dora, lora_dora_mixed);
+
+/// A bundle whose convolutions take no weights (a GPU bundle: its map has no 4-D weights and no
+/// `time_emb_proj`) refuses a LoCon file with an error naming its convolution keys, before any
+/// step; with `unet_only` the file's other layers load and those parts are recorded as skipped.
 #[test]
-fn lora_locon_is_refused_naming_its_convolution_keys() {
+fn locon_on_a_bundle_without_conv_inputs_is_refused_naming_its_convolution_keys() {
+    use katz_onnx::lora::{LoraAdapter, LoraParts};
     let all = cases(LORA);
-    let case = all
-        .cases
+    let bundle = katz_onnx::bundle::BaseBundle::open(root().join(&all.bundle)).expect("bundle opens");
+    let full = &bundle.manifest.weights.map;
+    let gpu_like: std::collections::BTreeMap<_, _> = full
         .iter()
-        .find(|c| c.name == "lora_locon")
-        .expect("lora_locon case");
-    let pipe = Pipeline::load(root().join(&all.bundle), test_options()).expect("bundle loads");
-    let err = pipe
-        .lora(root().join(&case.loras[0].file))
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(err.contains("convolution"), "{err}");
-    assert!(err.contains("conv1") || err.contains("conv_in"), "{err}");
+        .filter(|(k, e)| e.shape.len() != 4 && !k.contains("time_emb_proj"))
+        .map(|(k, e)| (k.clone(), e.clone()))
+        .collect();
+    assert!(
+        gpu_like.len() < full.len(),
+        "the CPU bundle takes its convolutions"
+    );
+    for file in ["kohya-locon", "peft-locon"] {
+        let path = root().join(format!("tests/data/lora/{file}.safetensors"));
+        let err = LoraAdapter::load(&path, &gpu_like)
+            .err()
+            .unwrap_or_else(|| panic!("{file} was taken"))
+            .to_string();
+        assert!(
+            err.contains("keys are convolution LoRA factors") && err.contains(&format!("{file}.safetensors")),
+            "{err}"
+        );
+        assert!(err.contains("conv1") || err.contains("conv_in"), "{err}");
+        assert!(err.contains("unet_only"), "{err}");
+        let a = LoraAdapter::load_with(&path, &gpu_like, LoraParts::Takeable).expect("unet_only loads");
+        assert!(!a.untaken.conv.is_empty() && a.untaken.text_encoder.is_empty());
+        // peft-locon adapts the resnets' time_emb_proj too, which GPU bundles keep constant
+        assert_eq!(!a.untaken.time_emb.is_empty(), file == "peft-locon", "{file}");
+        assert!(a.layers.keys().all(|w| gpu_like.contains_key(w)));
+        // the full bundle takes every layer
+        let all_in = LoraAdapter::load(&path, full).expect("the CPU bundle takes it");
+        assert!(all_in.untaken.is_empty());
+        assert!(all_in.layers.len() > a.layers.len(), "{file}");
+    }
 }
 
 // LoHa and LoKr (LyCORIS naming), alone and two in one job
@@ -335,7 +366,11 @@ fn every_recorded_case_has_a_test() {
             "lora_kohya_te",
             "lora_te_only",
             "lora_mixed",
-            "lora_locon"
+            "lora_locon",
+            "lora_peft_locon",
+            "lora_locon_mixed",
+            "lora_dora",
+            "lora_dora_mixed"
         ]
     );
     let names: Vec<String> = cases(TINY).cases.into_iter().map(|c| c.name).collect();

@@ -15,7 +15,8 @@ Data flow:
         from_single_file with tools/configs/<config>/, offline)
         ├─▶ text_encoder[_2].onnx          (penultimate hidden states, pooled/projected)
         ├─▶ unet_encoder.onnx / unet_decoder.onnx   split after the mid block; the
-        │      LoRA-targetable Linear weights become graph inputs ─▶ weights.safetensors
+        │      LoRA-targetable Linear weights (and, but for --gpu, LoCon's convolutions
+        │      and time_emb_proj) become graph inputs ─▶ weights.safetensors
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
         ├─▶ controlnet.onnx               --controlnet-checkpoint, CHECKPOINT/controlnet/ or
@@ -48,6 +49,16 @@ MAX_LEN = 77
 TARGET_RE = re.compile(
     r"\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$|\.ff\.net\.(0\.proj|2)$|\.attentions\.\d+\.(proj_in|proj_out)$"
 )
+# What LoCon (kohya LoCon, peft LoRA on Conv2d) adapts besides those: the UNet's convolutions (resnets'
+# conv1/conv2/conv_shortcut, the down/upsamplers' conv, conv_in, conv_out) and the resnets' Linear
+# time_emb_proj (kohya's LoCon adapts every layer of a ResnetBlock2D). Graph inputs of CPU bundles
+# only: GPU bundles keep the convolutions as initializers (ONNX Runtime's NhwcConv fusion needs constant
+# weights) and time_emb_proj too (their graphs stay as they were: no step-time cost to measure), and
+# their manifests say so (`weights.conv_graphs` empty).
+CONV_TARGET_RE = re.compile(
+    r"^(conv_in|conv_out)$|\.resnets\.\d+\.(conv1|conv2|conv_shortcut)$|\.(downsamplers|upsamplers)\.0\.conv$"
+)
+RESNET_LINEAR_RE = re.compile(r"\.resnets\.\d+\.time_emb_proj$")
 
 
 class _MultiHeadAttention(torch.autograd.Function):
@@ -494,12 +505,20 @@ def targeted_te_weights(te) -> list[str]:
     return [name + ".weight" for name, m in te.named_modules() if isinstance(m, nn.Linear) and TE_TARGET_RE.search(name)]
 
 
-def targeted_weights(unet) -> dict[str, list[str]]:
-    """diffusers names of the LoRA-targetable weights, by the graph that takes them."""
+def locon_target(name: str, m: nn.Module, conv: bool, time_emb: bool) -> bool:
+    """Whether module `name` is one of the UNet's LoCon targets taken as inputs: with `time_emb` the
+    resnets' time_emb_proj (RESNET_LINEAR_RE), with `conv` the convolutions (CONV_TARGET_RE)."""
+    return ((conv and isinstance(m, nn.Conv2d) and CONV_TARGET_RE.search(name) is not None)
+            or (time_emb and isinstance(m, nn.Linear) and RESNET_LINEAR_RE.search(name) is not None))
+
+
+def targeted_weights(unet, conv: bool = True, time_emb: bool = True) -> dict[str, list[str]]:
+    """diffusers names of the LoRA-targetable weights, by the graph that takes them; `conv`: with the
+    convolutions LoCon adapts, `time_emb`: with the resnets' time_emb_proj."""
     out = {"unet_encoder": [], "unet_decoder": []}
     for name, m in unet.named_modules():
-        if isinstance(m, nn.Linear) and TARGET_RE.search(name):
-            graph = "unet_decoder" if name.startswith("up_blocks.") else "unet_encoder"
+        if (isinstance(m, nn.Linear) and TARGET_RE.search(name)) or locon_target(name, m, conv, time_emb):
+            graph = "unet_decoder" if name.startswith("up_blocks.") or name == "conv_out" else "unet_encoder"
             out[graph].append(name + ".weight")
     return out
 
@@ -776,7 +795,8 @@ def spatial(name):  # a 4-D tensor whose batch and spatial dims vary (named per 
 
 def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Path, check_size: int,
                   attention: str = "sdpa", gpu: bool = False, vae_choice: str = "auto", controlnet: Path | None = None,
-                  configs: Path | None = None, controlnet_configs: Path | None = None):
+                  configs: Path | None = None, controlnet_configs: Path | None = None, locon: bool = True,
+                  te_inputs: bool = True, cn_inputs: bool = True):
     out.mkdir(parents=True, exist_ok=True)
     # the tokenizers: a directory's own, or for a single file (which carries none) the config directory's
     tok_dir = None if checkpoint is None else (checkpoint if Path(checkpoint).is_dir() else configs)
@@ -813,9 +833,11 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     # pristine, or merged with a LoRA's text-encoder part)
     te_weights = {}
     for gname, enc, projected in (("text_encoder", te, False), ("text_encoder_2", te2, True)):
-        names = targeted_te_weights(enc)
+        names = targeted_te_weights(enc) if te_inputs else []
         tparams = dict(enc.named_parameters())
-        mod = WeightInputs(TextEncoder(enc, projected), names, "te.")
+        # without te_inputs (--no-text-encoder-inputs) the graph of bundles exported before the text
+        # encoders took weights: the encoder itself, its weights initializers
+        mod = WeightInputs(TextEncoder(enc, projected), names, "te.") if te_inputs else TextEncoder(enc, projected)
         wargs = [tparams[n].detach().clone() for n in names]
         inputs = ["input_ids"] + [f"{gname}.{n}" for n in names]
         io = (inputs, ["hidden_states", "pooled"])
@@ -826,7 +848,9 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
 
     ucfg = unet.config
     C, P = ucfg.cross_attention_dim, te2.config.projection_dim
-    weights = targeted_weights(unet)
+    # GPU bundles: the LoCon targets stay initializers (NhwcConv fusion needs constant convolutions);
+    # without `locon` (--no-locon-inputs) neither, as in bundles exported before they were inputs
+    weights = targeted_weights(unet, conv=locon and not gpu, time_emb=locon and not gpu)
     params = dict(unet.named_parameters())
     enc_in = [rnd(B, 4, h, h), torch.tensor([999.0, 1.0]), rnd(B, MAX_LEN, C), rnd(B, P),
               torch.tensor([[check_size, check_size, 0, 0, check_size, check_size]] * B, dtype=torch.float32)]
@@ -909,7 +933,9 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
         "vae_decoder": "vae_decoder.onnx", "vae_precision": vae_prec,
         "vae_sample_size": int(vae.config.sample_size if isinstance(vae.config.sample_size, int)
                                else vae.config.sample_size[0]),
-        "weights": {"file": "weights.safetensors", "map": {
+        # the graphs whose convolutions (LoCon targets) are inputs: none in GPU bundles
+        "weights": {"file": "weights.safetensors",
+                    "conv_graphs": ["unet_encoder", "unet_decoder"] if locon and not gpu else [], "map": {
             **{n: {"graph": gname, "shape": list(params[n].shape)} for gname in ("unet_encoder", "unet_decoder")
                for n in weights[gname]},
             **{n: {"graph": g, "shape": list(p.shape)} for g in TE_GRAPHS for n, p in te_weights[g].items()}}},
@@ -927,9 +953,11 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     # ControlNet bundle: its LoRA-targetable Linear weights are graph inputs too (weights.safetensors
     # beside the graph), so that the sessions of every shape bucket read one copy of them
     cn_out.mkdir(parents=True, exist_ok=True)
-    cn_w = targeted_cn_weights(cn)
+    # without cn_inputs (--no-controlnet-inputs) every weight stays inside the graph, as in
+    # ControlNet bundles exported before
+    cn_w = targeted_cn_weights(cn) if cn_inputs else []
     cparams = dict(cn.named_parameters())
-    cmod = WeightInputs(ControlNet(cn), cn_w, "cn.")
+    cmod = WeightInputs(ControlNet(cn), cn_w, "cn.") if cn_w else ControlNet(cn)
     cwargs = [cparams[n].detach().clone() for n in cn_w]
     cin = enc_in + [torch.rand(B, 3, check_size, check_size, generator=g)]
     cn_inputs = enc_inputs + ["controlnet_cond"] + cn_w
@@ -941,17 +969,20 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     check_graph(cn_out / "controlnet.onnx", cmod, cin + cwargs, cn_inputs, cn_outputs)
     if gpu:
         fuse_later(jobs, cn_out / "controlnet.onnx", big, cn_w, group_norm=group_norm_fusable(unet))
-    save_file({n: cparams[n].detach().to(wdtype).contiguous() for n in cn_w}, str(cn_out / "weights.safetensors"))
+    if cn_w:
+        save_file({n: cparams[n].detach().to(wdtype).contiguous() for n in cn_w}, str(cn_out / "weights.safetensors"))
     fused_results(jobs)  # waits for the fusions; a failed one raises here
     for f in [*out.glob("*.fp32.onnx*"), out / "vae_mid.onnx", out / "vae_up.onnx"]:
         f.unlink(missing_ok=True)  # the fusions' sources
-    (cn_out / "bundle.json").write_text(json.dumps({
+    cn_manifest = {
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
         "dtype": "float16" if gpu else "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",
         "conditioning_channels": 3, "residuals": n_skips,
-        "weights": {"file": "weights.safetensors",
-                    "map": {n: {"graph": "controlnet", "shape": list(cparams[n].shape)} for n in cn_w}},
-    }, indent=1) + "\n")
+    }
+    if cn_w:
+        cn_manifest["weights"] = {"file": "weights.safetensors",
+                                  "map": {n: {"graph": "controlnet", "shape": list(cparams[n].shape)} for n in cn_w}}
+    (cn_out / "bundle.json").write_text(json.dumps(cn_manifest, indent=1) + "\n")
     return tok, (te, te2, unet, vae, cn), weights
 
 
@@ -1194,6 +1225,15 @@ def main(argv=None):
                     help="skip each graph's CPU comparison with PyTorch (benchmark bundles; the tiny bundles' parity tests check the exporter)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="processes for the GPU fusions (>1: fusions overlap the next graph's export)")
+    ap.add_argument("--no-text-encoder-inputs", action="store_true",
+                    help="the text encoders' LoRA-targetable weights stay initializers, as in bundles exported before "
+                         "they were inputs (tools/shapes/ckpt_from_bundle.py probes those)")
+    ap.add_argument("--no-locon-inputs", action="store_true",
+                    help="keep the UNet's LoCon targets (convolutions, time_emb_proj) as initializers, as bundles "
+                         "exported before they were inputs (tools/shapes/ckpt_from_bundle.py probes those)")
+    ap.add_argument("--no-controlnet-inputs", action="store_true",
+                    help="keep every ControlNet weight inside its graph, as ControlNet bundles exported before their "
+                         "Linear weights were inputs (tools/shapes/ckpt_from_bundle.py probes those)")
     ap.add_argument("--example-lora", type=Path, metavar="FILE",
                     help="also write a seeded rank-8 LoRA (diffusers/peft layout) for this bundle's UNet")
     a = ap.parse_args(argv)
@@ -1239,7 +1279,9 @@ def main(argv=None):
         FUSER = concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
         tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check, a.attention, a.gpu,
-                                       a.vae_precision, a.controlnet_checkpoint, configs, a.controlnet_config)
+                                       a.vae_precision, a.controlnet_checkpoint, configs, a.controlnet_config,
+                                       locon=not a.no_locon_inputs, te_inputs=not a.no_text_encoder_inputs,
+                                       cn_inputs=not a.no_controlnet_inputs)
     finally:
         if FUSER is not None:
             FUSER.shutdown()

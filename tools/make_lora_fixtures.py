@@ -13,7 +13,9 @@ Data flow (everything seeded; diffusers, peft and transformers as pinned in requ
       │     ─▶ lora_B × B_SCALE ─▶ get_peft_model_state_dict
       ├─▶ StableDiffusionXLPipeline.save_lora_weights(unet_/text_encoder_/text_encoder_2_lora_layers,
       │     *_lora_adapter_metadata = module.peft_config["default"].to_dict(), as diffusers'
-      │     training_utils._collate_lora_metadata) ─▶ peft-te.safetensors, peft-te-only.safetensors
+      │     training_utils._collate_lora_metadata) ─▶ peft-te.safetensors, peft-te-only.safetensors,
+      │     peft-locon.safetensors (UNet Conv2d layers and time_emb_proj, text_encoder_2),
+      │     peft-dora.safetensors (use_dora=True; lora_magnitude_vector × 1 ± MAG_JITTER)
       ├─▶ the same files' state dict (unet./text_encoder./text_encoder_2. prefixes, as written)
       │     ─▶ diffusers.utils.convert_state_dict_to_kohya ─▶ `.alpha` set to lora_alpha (see below)
       │     ─▶ kohya-te.safetensors, kohya-locon.safetensors (UNet Linear + Conv2d layers)
@@ -46,6 +48,12 @@ SGM block names (`lora_unet_input_blocks_4_1_…`) of LoRAs trained with kohya's
 transformers 5.24's `add_adapter` refuses the pinned peft 0.21.2 (it wants ≥ 0.22), so the adapters
 are made with peft's `inject_adapter_in_model`, what diffusers' own ModelMixin.add_adapter calls;
 diffusers' load_lora_weights goes through transformers' `load_adapter`, which works with 0.21.2.
+
+`--shapes-checkpoint DIR` (the trained family's checkpoint, rebuilt from its committed bundles by
+tools/shapes/ckpt_from_bundle.py) writes only `shapes-te-conv.safetensors`: a peft LoRA (r=2) on that
+family's UNet attention and resnet convolutions and both text encoders, saved by save_lora_weights and
+checked with load_lora_weights — a file with the parts bundles/shapes/shapes-sdxl (exported before its text
+encoders and convolutions took weights) cannot take, for the `unet_only` tests.
 
 The files are small and committed; running this again rewrites them byte for byte (the peft files'
 two safetensors metadata entries are put in key order: safetensors writes them in hash-map order).
@@ -89,7 +97,17 @@ LORAS = {
                             "text_encoder_2": (TE_TARGETS, 3)}, "kohya"),
     "peft-te-only": (SEED + 3, {"text_encoder": (TE_TARGETS, 8), "text_encoder_2": (TE_TARGETS, 8)}, "peft"),
     "kohya-locon": (SEED + 4, {"unet": (UNET_TARGETS + CONV_TARGETS, 8)}, "kohya"),
+    # peft's LoRA on the convolutions (and the resnets' time_emb_proj, as kohya's LoCon adapts them) in
+    # the peft layout, with a text-encoder part
+    "peft-locon": (SEED + 5, {"unet": (CONV_TARGETS + ["time_emb_proj"], 6), "text_encoder_2": (TE_TARGETS, 4)},
+                   "peft"),
+    # DoRA (peft use_dora=True: lora_magnitude_vector) on the UNet's linear layers and resnets' conv1
+    "peft-dora": (SEED + 6, {"unet": (UNET_TARGETS + ["conv1"], 8)}, "peft"),
 }
+DORA = {"peft-dora"}
+# the magnitudes peft initialises to ‖W + s·B·A‖ (rows) are scaled by 1 ± MAG_JITTER (seeded), so that
+# DoRA differs from the LoRA of the same factors at scale 1
+MAG_JITTER = 0.3
 
 
 def load_models():
@@ -104,13 +122,14 @@ def targeted(module, targets) -> int:
                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(n == t or n.endswith("." + t) for t in targets))
 
 
-def adapter(module, targets, alpha: int, seed: int):
-    """peft's LoRA layers on a copy of `module`: its state dict (get_peft_model_state_dict) and config."""
+def adapter(module, targets, alpha: int, seed: int, dora: bool = False):
+    """peft's LoRA layers (DoRA with `dora`) on a copy of `module`: its state dict
+    (get_peft_model_state_dict) and config."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     m = copy.deepcopy(module)
-    cfg = LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights=False, target_modules=targets)
+    cfg = LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights=False, target_modules=targets, use_dora=dora)
     torch.manual_seed(seed)
     # what diffusers' ModelMixin.add_adapter does (transformers 5.24's add_adapter refuses peft < 0.22)
     inject_adapter_in_model(cfg, m, adapter_name="default")
@@ -119,6 +138,10 @@ def adapter(module, targets, alpha: int, seed: int):
         for n, p in m.named_parameters():
             if ".lora_B." in n:
                 p.mul_(B_SCALE)
+        g = torch.Generator().manual_seed(seed + 1)
+        for n, p in m.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + MAG_JITTER * (2 * torch.rand(p.shape, generator=g) - 1))
     n_adapted = sum(1 for _, x in m.named_modules() if hasattr(x, "lora_A"))
     assert n_adapted == targeted(module, targets), (n_adapted, targeted(module, targets))
     meta = m.peft_config["default"].to_dict()  # as diffusers.training_utils._collate_lora_metadata
@@ -138,7 +161,7 @@ def make_file(name: str, models, out: Path):
     comps = dict(zip(("text_encoder", "text_encoder_2", "unet"), models[:3]))
     kwargs, made = {}, {}
     for i, (comp, (targets, alpha)) in enumerate(parts.items()):
-        sd, meta = adapter(comps[comp], targets, alpha, seed * 10 + i)
+        sd, meta = adapter(comps[comp], targets, alpha, seed * 10 + i, dora=name in DORA)
         made[comp] = sd
         kwargs[f"{comp}_lora_layers"] = sd
         kwargs[f"{comp}_lora_adapter_metadata"] = meta
@@ -233,13 +256,52 @@ def cases():
              loras=[lo("peft-te", 0.7), lo("kohya-te", -0.5)]),
         dict(name="lora_locon", scheduler="euler", prompt="an orange moon above a dark sea", steps=4,
              loras=[lo("kohya-locon", 1.0)]),
+        dict(name="lora_peft_locon", scheduler="euler", prompt="a grey cloud over a green hill", steps=4,
+             loras=[lo("peft-locon", 0.9)]),
+        dict(name="lora_locon_mixed", scheduler="euler-a", prompt="a blue kite in a red sky",
+             negative_prompt="blurry", steps=4, loras=[lo("kohya-locon", 0.6), lo("peft-te", 0.8), lo("peft-locon", -0.4)]),
+        dict(name="lora_dora", scheduler="euler", prompt="a white swan on a black lake", steps=4,
+             loras=[lo("peft-dora", 0.7)]),
+        # DoRA between two LoRAs: peft applies a DoRA adapter to what the adapters before it made
+        dict(name="lora_dora_mixed", scheduler="euler", prompt="a brown dog under a yellow sun", steps=4,
+             loras=[lo("peft-te", 0.5), lo("peft-dora", 0.8), lo("kohya-locon", 0.4)]),
     ]
+
+
+SHAPES_LORA = {"unet": (["to_q", "to_v", "conv1"], 2), "text_encoder": (["q_proj"], 2),
+               "text_encoder_2": (["q_proj"], 2)}
+
+
+def shapes_fixture(ckpt: Path, out: Path):
+    """shapes-te-conv.safetensors on the trained family's checkpoint (see the module doc)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    te, te2, unet, _vae = eb.load_checkpoint(ckpt, None)
+    comps = {"text_encoder": te, "text_encoder_2": te2, "unet": unet}
+    kwargs = {}
+    for i, (comp, (targets, alpha)) in enumerate(SHAPES_LORA.items()):
+        sd, meta = adapter(comps[comp], targets, alpha, (SEED + 9) * 10 + i)
+        kwargs[f"{comp}_lora_layers"] = sd
+        kwargs[f"{comp}_lora_adapter_metadata"] = meta
+    path = out / "shapes-te-conv.safetensors"
+    with tempfile.TemporaryDirectory() as tmp:
+        StableDiffusionXLPipeline.save_lora_weights(tmp, weight_name="lora.safetensors", **kwargs)
+        path.write_bytes((Path(tmp) / "lora.safetensors").read_bytes())
+    sorted_metadata(path)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(ckpt), torch_dtype=torch.float32)
+    pipe.load_lora_weights(str(path), adapter_name="x")
+    got = lora_counts(pipe)
+    want = {c: targeted(comps[c], SHAPES_LORA[c][0]) for c in got}
+    assert got == want, f"load_lora_weights adapted {got} modules, targeted {want}"
+    print(f"  {path.name}: load_lora_weights adapts {got} modules (all targeted), {path.stat().st_size} bytes")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lora-out", type=Path, default=LORA_DIR)
     ap.add_argument("--references", type=Path, default=REF_DIR)
+    ap.add_argument("--shapes-checkpoint", type=Path, metavar="DIR",
+                    help="only write shapes-te-conv.safetensors from the trained family's checkpoint")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     import diffusers
@@ -251,6 +313,8 @@ def main(argv=None):
     diffusers.utils.logging.set_verbosity_error()
     from safetensors.torch import load_file
 
+    if a.shapes_checkpoint:
+        return shapes_fixture(a.shapes_checkpoint, a.lora_out)
     models = load_models()
     a.lora_out.mkdir(parents=True, exist_ok=True)
     files = {name: make_file(name, models, a.lora_out) for name in LORAS}
@@ -259,7 +323,7 @@ def main(argv=None):
     loras = {f"tests/data/lora/{p.name}": p for p, _ in files.values()}
     about = ("diffusers reference runs of the LoRAs of tests/data/lora/ (peft layout with text-encoder parts, "
              "kohya layout from diffusers' convert_state_dict_to_kohya, text-encoder-only, two at once, kohya LoCon "
-             "with UNet convolutions) on the checkpoint tests/data/checkpoints/tiny-sdxl.safetensors as diffusers "
+             "with UNet convolutions, peft-layout LoRA on the convolutions, LoCon mixed with other layouts) on the checkpoint tests/data/checkpoints/tiny-sdxl.safetensors as diffusers "
              "loads it; LoRAs made with peft r=4, lora_alpha != r (tools/make_lora_fixtures.py)")
     eb.run_references(models, REPO / BUNDLES[0], REPO / BUNDLES[1], loras, {}, a.references, SEED,
                       cases=cases(), bundle_names=BUNDLES, about=about)

@@ -80,11 +80,12 @@ class Producer:
                negative_prompt: str | None = None, width: int = 128, height: int = 128, steps: int = 20,
                guidance: float = 5.0, seed: int = 0, scheduler: str = "euler", karras: bool = False,
                controlnets=(), loras=(), priority: int = 0, deadline_s: float | None = None,
-               result_ttl_s: int = 86400, queue: str | None = None) -> str:
+               result_ttl_s: int = 86400, queue: str | None = None, unet_only: bool = False) -> str:
         """Publishes a job; returns its id. `controlnets`: (model, image_bytes | 'redis:KEY', scale[, start, end])
         or dicts {"model", "image", "scale", "start", "end", "resize", "canny": (low, high)}; images are PNG, JPEG
         or WebP of any size, `resize` one of "resize" (default), "crop", "pad". `seed=-1`: the worker draws one
-        and records it as the job's `seed`. `loras`: (name, scale)."""
+        and records it as the job's `seed`. `loras`: (name, scale). `unet_only`: skip the parts of the LoRA files the
+        base bundle cannot take (the record's `lora_skipped` names them) instead of failing."""
         job_id = job_id or f"py-{uuid.uuid4()}"
         if not ID_RE.match(job_id):
             raise ValueError(f"job id {job_id!r} is not 1-128 characters of [A-Za-z0-9_.-]")
@@ -111,6 +112,8 @@ class Producer:
             "priority": priority, "deadline_ms": now_ms + int(deadline_s * 1000) if deadline_s else None,
             "result_ttl_s": result_ttl_s, "submitted_ms": now_ms,
         }
+        if unet_only:  # left out when false, as katz writes it
+            job["unet_only"] = True
         body = msgpack.packb(job, use_bin_type=True)
         # a record first, so a reader never finds a published job without one
         if not self.redis.hsetnx(job_key(job_id), "status", "queued"):
@@ -172,6 +175,8 @@ def main(argv=None) -> int:
                    help="how images of another size are brought to the job's (every ControlNet)")
     s.add_argument("--canny", default=None, help="LOW,HIGH: the canny preprocessor on every ControlNet's image")
     s.add_argument("--lora", action="append", default=[], help="NAME[:SCALE]")
+    s.add_argument("--unet-only", action="store_true",
+                   help="skip the parts of the LoRA files the base bundle cannot take instead of failing")
     s.add_argument("--wait", action="store_true")
     s.add_argument("--output")
     for name in ("status", "cancel"):
@@ -193,7 +198,8 @@ def main(argv=None) -> int:
                     "resize": a.control_resize,
                     "canny": tuple(float(v) for v in a.canny.split(",")) if a.canny else None})
     loras = [(n, float(s or 1.0)) for n, _, s in (x.partition(":") for x in a.lora)]
-    job_id = p.submit(a.prompt, a.base, width=w, height=h, steps=a.steps, seed=a.seed, controlnets=cns, loras=loras)
+    job_id = p.submit(a.prompt, a.base, width=w, height=h, steps=a.steps, seed=a.seed, controlnets=cns, loras=loras,
+                      unet_only=a.unet_only)
     print(job_id)
     if a.wait:
         rec = p.wait(job_id)

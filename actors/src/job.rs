@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use backon::{ExponentialBuilder, Retryable};
 use futures_util::future::BoxFuture;
+use katz_onnx::lora::LoraParts;
 use tracing::Instrument;
 
 use crate::error::{redis_transient, Action, JobError, Unavailable};
@@ -311,7 +312,10 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         } else {
             let started = deps
                 .lora
-                .merge(job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect())
+                .merge(
+                    job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect(),
+                    LoraParts::unet_only(job.unet_only),
+                )
                 .await?;
             (
                 Some(JobLoras {
@@ -393,6 +397,18 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                 ("lora_load_ms".into(), format!("{:.3}", st.load_ms)),
                 ("lora_ready_ms".into(), format!("{:.3}", st.ready_ms)),
             ]);
+            if !st.skipped.is_empty() {
+                // `unet_only`: what of each file the bundle could not take (a JSON object)
+                let skipped: serde_json::Map<String, serde_json::Value> = st
+                    .skipped
+                    .iter()
+                    .map(|(n, w)| (n.clone(), w.clone().into()))
+                    .collect();
+                fields.push((
+                    "lora_skipped".into(),
+                    serde_json::Value::Object(skipped).to_string(),
+                ));
+            }
         }
         store_retry(deps, || Finish {
             id: job.id.clone(),

@@ -223,6 +223,12 @@ pub struct Job {
     pub controlnets: Vec<ControlNetJob>,
     #[serde(default)]
     pub loras: Vec<LoraJob>,
+    /// Skip the parts of the LoRA files that the base bundle cannot take (text-encoder parts on a
+    /// bundle whose text encoders take no weights, convolution parts on one whose convolutions
+    /// take none) instead of failing the job; the record's `lora_skipped` names them. Left out of
+    /// the message when false (old jobs keep their digest).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub unet_only: bool,
     /// 0 (lowest) to [`MAX_PRIORITY`]; also set it as the AMQP message priority.
     #[serde(default)]
     pub priority: u8,
@@ -255,6 +261,7 @@ impl Job {
             karras: false,
             controlnets: vec![],
             loras: vec![],
+            unet_only: false,
             priority: 0,
             deadline_ms: None,
             result_ttl_s: DEFAULT_RESULT_TTL_S,

@@ -47,6 +47,12 @@ pub struct WeightsSpec {
     pub file: String,
     /// diffusers parameter name (= graph input name) → graph and shape.
     pub map: BTreeMap<String, WeightEntry>,
+    /// The graphs whose convolutions (LoCon targets: resnets' conv1/conv2/conv_shortcut, the
+    /// down/upsamplers' conv, conv_in, conv_out) take their weights as inputs: both UNet graphs in
+    /// CPU bundles, none in GPU bundles (their convolutions stay initializers, which ONNX Runtime's
+    /// NhwcConv fusion needs) or in bundles exported before; those refuse LoCon parts.
+    #[serde(default)]
+    pub conv_graphs: Vec<String>,
 }
 
 /// The graphs that give deterministic output (`exact` in `bundle.json`, GPU bundles): a fused
@@ -197,6 +203,22 @@ impl BaseBundle {
         }
         if manifest.text_encoders.len() != 2 {
             return Err(Error::bundle(&dir, "an SDXL bundle has two text encoders"));
+        }
+        // convolution weights only in the graphs the manifest says take them
+        let w = &manifest.weights;
+        if let Some((name, e)) = w
+            .map
+            .iter()
+            .find(|(_, e)| e.shape.len() == 4 && !w.conv_graphs.contains(&e.graph))
+        {
+            return Err(Error::bundle(
+                &dir,
+                format!(
+                    "weight `{name}` {:?} is a convolution of graph `{}`, which `weights.conv_graphs` ({:?}) \
+                     does not list",
+                    e.shape, e.graph, w.conv_graphs
+                ),
+            ));
         }
         let b = BaseBundle { dir, manifest };
         for f in b.files() {

@@ -9,7 +9,7 @@ use katz_actors::protocol::Seed;
 use katz_onnx::bundle::BaseBundle;
 use katz_onnx::conditioning::{Canny, Preprocess, ResizeMode};
 use katz_onnx::image::read_image;
-use katz_onnx::lora::PendingMerge;
+use katz_onnx::lora::{LoraParts, PendingMerge};
 use katz_onnx::pipeline::{LoraMode, LoraPlan, Pipeline, RunOptions};
 use katz_onnx::placement::Placement;
 use katz_onnx::request::{ControlRequest, LoraRequest, Request, ValidRequest};
@@ -222,9 +222,15 @@ pub struct GenerateArgs {
     /// Latent parallelism: the conditional guidance half on this second GPU (e.g. cuda:1).
     #[arg(long)]
     pub split_guidance: Option<katz_onnx::runtime::Device>,
-    /// A LoRA in the diffusers/peft safetensors layout: FILE[:SCALE] (repeatable).
+    /// A LoRA safetensors file (diffusers/peft or kohya layout; LoRA, LoCon, LoHa, LoKr):
+    /// FILE[:SCALE] (repeatable).
     #[arg(long = "lora")]
     pub loras: Vec<LoraSpec>,
+    /// Skip the parts of the LoRA files the bundle cannot take (text-encoder parts on a bundle
+    /// whose text encoders take no weights, convolution parts on one whose convolutions take
+    /// none) instead of failing; a warning names them.
+    #[arg(long)]
+    pub unet_only: bool,
     #[command(flatten)]
     pub lora: LoraArgs,
     #[arg(long, short)]
@@ -275,7 +281,17 @@ pub fn build_request(pipe: &mut Pipeline, a: &GenerateArgs) -> anyhow::Result<Va
     let mut loras = Vec::new();
     for l in &a.loras {
         loras.push(match lora_mode(a)? {
-            LoraMode::Sync => LoraRequest::loaded(pipe.lora(&l.file)?, l.scale),
+            LoraMode::Sync => {
+                let adapter = pipe.lora_with(&l.file, LoraParts::unet_only(a.unet_only))?;
+                if !adapter.untaken.is_empty() {
+                    eprintln!(
+                        "warning: LoRA {}: skipped what the bundle cannot take: {}",
+                        l.file.display(),
+                        adapter.untaken
+                    );
+                }
+                LoraRequest::loaded(adapter, l.scale)
+            }
             LoraMode::Async => LoraRequest::named(file_name(&l.file), l.scale),
         });
     }
@@ -346,7 +362,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         // read and merge on a thread of its own; the pipeline switches the result in by the bound
         let files = a.loras.iter().map(|l| (l.file.clone(), l.scale)).collect();
-        let mut pending = PendingMerge::spawn_loading(pipe.shared_weights(), files);
+        let parts = LoraParts::unet_only(a.unet_only);
+        let mut pending = PendingMerge::spawn_loading(pipe.shared_weights(), files, parts);
         let plan = LoraPlan::Async {
             pending: &mut pending,
             bound: cfg.bound_step(req.steps),

@@ -52,6 +52,11 @@ pub struct SubmitArgs {
     /// NAME[:SCALE]: a LoRA in the worker's store.
     #[arg(long = "lora")]
     pub loras: Vec<LoraSpec>,
+    /// Skip the parts of the LoRA files the base bundle cannot take (text-encoder parts on a
+    /// bundle whose text encoders take no weights, convolution parts on one whose convolutions
+    /// take none) instead of failing; the job's record names them (`lora_skipped`).
+    #[arg(long)]
+    pub unet_only: bool,
     /// 0 (lowest) to 10.
     #[arg(long, default_value_t = 0)]
     pub priority: u8,
@@ -122,6 +127,7 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     job.priority = a.priority;
     job.result_ttl_s = a.ttl_s;
     job.deadline_ms = a.deadline_s.map(|s| now_ms() + s * 1000);
+    job.unet_only = a.unet_only;
     let mut images = Vec::with_capacity(a.controlnets.len());
     for (i, c) in a.controlnets.iter().enumerate() {
         let bytes = std::fs::read(&c.image).with_context(|| format!("reading {}", c.image.display()))?;

@@ -44,7 +44,8 @@ pub fn test_options() -> SessionOptions {
 }
 
 /// Writes a LoRA in the kohya layout (`lora_unet_<module>.lora_down/lora_up/alpha`) with seeded
-/// random factors of rank `rank` for every UNet weight of the tiny base bundle; returns its path.
+/// random factors of rank `rank` for every UNet weight of the tiny base bundle (LoCon factors for
+/// its convolutions); returns its path.
 pub fn write_kohya_lora(path: &std::path::Path, rank: usize, seed: u64) -> PathBuf {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root().join("bundles/tiny-sdxl/bundle.json")).unwrap())
@@ -74,14 +75,15 @@ pub fn write_kohya_lora(path: &std::path::Path, rank: usize, seed: u64) -> PathB
         }
         let module = name.strip_suffix(".weight").unwrap().replace('.', "_");
         let key = format!("lora_unet_{module}");
-        let down: Vec<f32> = (0..rank * shape[1]).map(|_| rand()).collect();
+        // a convolution [out, in, kh, kw] (LoCon): down [r, in, kh, kw], up [out, r, 1, 1]
+        let (down_shape, up_shape) = match shape.as_slice() {
+            [o, i, kh, kw] => (vec![rank, *i, *kh, *kw], vec![*o, rank, 1, 1]),
+            _ => (vec![rank, shape[1]], vec![shape[0], rank]),
+        };
+        let down: Vec<f32> = (0..down_shape.iter().product()).map(|_| rand()).collect();
         let up: Vec<f32> = (0..shape[0] * rank).map(|_| rand()).collect();
-        tensors.push((
-            format!("{key}.lora_down.weight"),
-            vec![rank, shape[1]],
-            bytes(down),
-        ));
-        tensors.push((format!("{key}.lora_up.weight"), vec![shape[0], rank], bytes(up)));
+        tensors.push((format!("{key}.lora_down.weight"), down_shape, bytes(down)));
+        tensors.push((format!("{key}.lora_up.weight"), up_shape, bytes(up)));
         tensors.push((format!("{key}.alpha"), vec![], bytes(vec![rank as f32 / 2.0])));
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors

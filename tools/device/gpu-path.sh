@@ -117,7 +117,7 @@ export_bg() {
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 t0=\$(date +%s)
 python3 tools/export_bundle.py --config sdxl --random-init --gpu --out "$S/base" --no-references \\
-  --no-check --jobs "${EXPORT_JOBS:-3}" > "$S/export.log" 2>&1 && echo "export: \$(( \$(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
+  --no-check --jobs "${EXPORT_JOBS:-3}" --example-lora "$S/loras/lora0.safetensors" > "$S/export.log" 2>&1 && echo "export: \$(( \$(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
 EOS
   setsid bash /opt/export-run.sh </dev/null >/dev/null 2>&1 &
   echo $! > "$S/pid"
@@ -175,7 +175,7 @@ katz_bench() {  # name, then extra flags
   echo "== katz bench pipeline: $name"
   /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" --controlnet "$S/base-controlnet" \
     --loras "$S/loras/lora0.safetensors,$S/loras/lora1.safetensors" \
-    --size "${SIZE:-1024}" --steps "${STEPS:-50}" --baseline "$BASE" --unet-tflop 6.76 \
+    --size "${SIZE:-1024}" --steps "${STEPS:-50}" $([[ -f $BASE ]] && echo --baseline "$BASE") --unet-tflop 6.76 \
     ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} --out "$O/pipeline-$gpu-$name-$day.json" "$@" 2>&1 | grep -v " WARN " | tail -9
 }
 
@@ -603,6 +603,8 @@ im.save('$O/cond-1024.png')"
       --configs "${DIFFUSERS_CONFIGS:-0c0l,1c1l,3c2l}" --lora-dir "$S/loras" --out "$BASE" 2>&1 \
       | grep -vE "Warning|LoRA keys|float32" | tail -6
   fi
+  # without the diffusers run (which writes rank-64 LoRAs) the export's seeded rank-8 LoRA serves as both
+  [[ -f $S/loras/lora1.safetensors ]] || cp "$S/loras/lora0.safetensors" "$S/loras/lora1.safetensors"
   if [[ ${CN_BENCH:-1} == 1 ]]; then
     echo "== katz bench pipeline, static shapes + CUDA graphs (ControlNets inline, each on its bucket's CUDA graph)"
     KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph-cn --configs 0C/0L,1C/1L,3C/2L --static-shapes --cuda-graph
@@ -614,7 +616,7 @@ im.save('$O/cond-1024.png')"
     ready=$(ready_wait $pid 9187) || { echo "worker ($start) did not get ready"; tail -20 "$O/cn-worker-$start.log"; return 1; }
     echo "== worker with the ControlNet hosted, $start start: ready after $ready s"
     load_lines "$O/cn-worker-$start.log" 12
-    sed 's/\x1b\[[0-9;]*m//g' "$O/cn-worker-$start.log" | grep -E "ControlNet bucket captured" | cut -c1-300 | tail -2
+    sed 's/\x1b\[[0-9;]*m//g' "$O/cn-worker-$start.log" | grep -E "ControlNet bucket captured|no CUDA graph for this ControlNet" | cut -c1-300 | tail -3
     echo "config job, submitted→finished ms, pipeline ms, step ms, VAE ms"
     for cfg in 0c0l 1c1l 3c2l; do
       case $cfg in
@@ -642,6 +644,16 @@ im.save('$O/cond-1024.png')"
     -o "$O/cn-generate.png" >"$O/cn-generate.log" 2>&1 || tail -20 "$O/cn-generate.log"
   echo "generate: wall $(python3 -c "import time;print(f'{time.time()-$t0:.2f}')") s"
   sed 's/\x1b\[[0-9;]*m//g' "$O/cn-generate.log" | grep -E "pipeline total|per step|ControlNets|pipeline loaded|wrote" | cut -c1-300
+  echo "== worker without ControlNets, warm graph cache: ready time and one 0C/0L job"
+  worker_bg cn-none "$O/cn-worker-none.log"
+  ready=$(ready_wait $pid 9187) && echo "ready after $ready s" || echo "worker (no ControlNets) did not get ready"
+  load_lines "$O/cn-worker-none.log" 8
+  id=cn-none-$RANDOM
+  /opt/kb/katz submit --base "$name" --prompt "a photograph of an astronaut riding a horse" --size 1024x1024 \
+    --steps "${STEPS:-50}" --guidance 7.5 --seed 7 --queue "$q" --id "$id" --wait -o "$O/cn-none.png" >/dev/null 2>&1 \
+    || { echo "job $id failed"; /opt/kb/katz status "$id" | cut -c1-600; }
+  echo "none 0c0l 0 $(job_ms "$id")"
+  kill -TERM $pid; wait $pid 2>/dev/null
   rm -f "$O"/cn-*-[1-9].png
   return 0
 }

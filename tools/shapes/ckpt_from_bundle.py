@@ -72,6 +72,10 @@ def load_tensors(bundle: Path, cn_bundle: Path) -> dict[str, dict[str, np.ndarra
     manifest = json.loads((bundle / "bundle.json").read_text())
     for name, value in load_file(str(bundle / manifest["weights"]["file"])).items():
         out["unet"][f"weights:{name}"] = value
+    cn_manifest = json.loads((cn_bundle / "bundle.json").read_text())
+    if "weights" in cn_manifest:  # ControlNet bundles whose Linear weights are inputs
+        for name, value in load_file(str(cn_bundle / cn_manifest["weights"]["file"])).items():
+            out["controlnet"][f"weights:{name}"] = value
     return out
 
 
@@ -111,10 +115,17 @@ def build(tok_file: Path, seed: int):
     return {"text_encoder": te, "text_encoder_2": te2, "unet": unet, "vae": vae, "controlnet": cn}
 
 
-def export(ckpt: Path, out: Path):
+def export(ckpt: Path, out: Path, like: dict, like_cn: dict):
+    """The exporter on `ckpt`, with the graph inputs of the bundle whose manifest is `like`: the UNet's
+    LoCon targets as inputs only where it has `weights.conv_graphs`, the text encoders' weights only
+    where its weight map has them (bundles exported before keep them as initializers)."""
+    old = [*([] if "conv_graphs" in like["weights"] else ["--no-locon-inputs"]),
+           *([] if any(e["graph"].startswith("text_encoder") for e in like["weights"]["map"].values())
+             else ["--no-text-encoder-inputs"]),
+           *([] if "weights" in like_cn else ["--no-controlnet-inputs"])]
     subprocess.run([sys.executable, str(TOOLS / "export_bundle.py"), "--config", "tiny", "--checkpoint", str(ckpt),
-                    "--out", str(out / "b"), "--no-check", "--no-references"], check=True,
-                   stdout=subprocess.DEVNULL)
+                    "--out", str(out / "b"), "--no-check", "--no-references", *old],
+                   check=True, stdout=subprocess.DEVNULL)
     return out / "b", out / "b-controlnet"
 
 
@@ -161,6 +172,7 @@ def main(argv=None):
     loras = a.loras or a.bundle.parent / "loras"
     tok_file = a.bundle / "tokenizer.json"
     manifest = json.loads((a.bundle / "bundle.json").read_text())
+    cn_manifest = json.loads((cn_bundle / "bundle.json").read_text())
     committed = load_tensors(a.bundle, cn_bundle)
 
     with tempfile.TemporaryDirectory(prefix="ckpt-probe-") as tmp:
@@ -168,7 +180,7 @@ def main(argv=None):
         modules = build(tok_file, a.seed)
         distinct_values(modules, a.seed)
         save_checkpoint(modules, tok_file, manifest["scaling_factor"], tmp / "ckpt")
-        probe = load_tensors(*export(tmp / "ckpt", tmp))
+        probe = load_tensors(*export(tmp / "ckpt", tmp, manifest, cn_manifest))
         del probe["models"]
         want = committed
         for module, tensors in probe.items():
@@ -194,7 +206,7 @@ def main(argv=None):
 
     # check: exported again, the checkpoint gives the committed tensors
     with tempfile.TemporaryDirectory(prefix="ckpt-check-") as tmp:
-        again = load_tensors(*export(a.out, Path(tmp)))
+        again = load_tensors(*export(a.out, Path(tmp), manifest, cn_manifest))
     worst = 0.0
     for module, tensors in committed.items():
         if module == "models":

@@ -34,7 +34,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use katz_onnx::lora::{DeviceFactors, LoraAdapter, MergeSender, PendingMerge};
+use katz_onnx::lora::{DeviceFactors, LoraAdapter, LoraParts, MergeSender, PendingMerge};
 use katz_onnx::weights::Weights;
 use serde::Serialize;
 use tokio::sync::mpsc::{self, UnboundedSender, WeakUnboundedSender};
@@ -87,6 +87,8 @@ pub struct JobLoraStats {
     pub merge_ms: f64,
     /// Time from the merge request until the merged weights were ready.
     pub ready_ms: f64,
+    /// The parts of each adapter the job skipped (`unet_only`): adapter name → what was skipped.
+    pub skipped: Vec<(String, String)>,
 }
 
 /// How a job's adapters stood when it was admitted.
@@ -122,9 +124,10 @@ enum Command {
         reply: oneshot::Sender<Result<Admitted, JobError>>,
         span: Span,
     },
-    /// Starts merging a job's LoRAs.
+    /// Starts merging a job's LoRAs, using their `parts`.
     Merge {
         loras: Vec<(String, f32)>,
+        parts: LoraParts,
         reply: oneshot::Sender<MergeStarted>,
         span: Span,
     },
@@ -166,8 +169,9 @@ enum Command {
     },
     /// A merge succeeded in `merge_ms`.
     Merged { merge_ms: f64 },
-    /// Whether `name` has text-encoder layers (from its file's header, at admission).
-    TextLayers { name: String, has: bool },
+    /// Whether a job with `name` waits for its merge before its first step (from its file's
+    /// header, at admission: text-encoder keys, or convolution keys the bundle cannot take).
+    WaitsFirst { name: String, waits: bool },
 }
 
 /// How an adapter stands in the owner's state.
@@ -200,7 +204,7 @@ impl LoraManager {
             },
             device: Cache::new(cfg.device_cache_bytes, cfg.policy),
             fetching: HashMap::new(),
-            text_layers: HashMap::new(),
+            waits_first: HashMap::new(),
             prefetched: HashSet::new(),
             pending_loads: Arc::new(Semaphore::new(max_pending)),
             max_pending,
@@ -252,10 +256,13 @@ impl LoraManager {
         .await?
     }
 
-    /// Starts merging a job's LoRAs (name, scale); the merged set arrives through `pending`.
-    pub async fn merge(&self, loras: Vec<(String, f32)>) -> Result<MergeStarted, JobError> {
+    /// Starts merging a job's LoRAs (name, scale), using their `parts` (a job's `unet_only`:
+    /// [`LoraParts::Takeable`]); the merged set arrives through `pending`, or the error of a file
+    /// with parts the bundle cannot take under [`LoraParts::All`], before the job's first step.
+    pub async fn merge(&self, loras: Vec<(String, f32)>, parts: LoraParts) -> Result<MergeStarted, JobError> {
         self.ask(|reply| Command::Merge {
             loras,
+            parts,
             reply,
             span: Span::current(),
         })
@@ -306,10 +313,12 @@ struct Owner {
     device: Cache<Arc<DeviceFactors>>,
     /// Fetches in flight, with the jobs waiting for each.
     fetching: HashMap<String, Vec<oneshot::Sender<Fetched>>>,
-    /// Whether each LoRA read so far has text-encoder layers (kept after its adapter leaves the
-    /// cache): a job whose LoRAs are all known here learns it at once, and starts denoising
-    /// without waiting for their fetch unless they have such layers.
-    text_layers: HashMap<String, bool>,
+    /// Whether a job waits for each LoRA read so far before its first step (kept after its
+    /// adapter leaves the cache): text-encoder layers, or parts the bundle cannot take (the job
+    /// either fails on them or skips them, before any step). A job whose LoRAs are all known
+    /// here learns it at once, and starts denoising without waiting for their fetch unless one
+    /// of them waits.
+    waits_first: HashMap<String, bool>,
     /// LoRAs a prefetch fetched that no admitted job has counted as its load yet: the first job
     /// admitted with one counts it as a load (the prefetch was for it, or an earlier job), not a
     /// hit, so loads per request count every fetch.
@@ -347,16 +356,25 @@ impl Owner {
             Command::Admit { names, reply, span } => {
                 let Some(tx) = self.me.upgrade() else { return };
                 let (store, permits) = (self.store.clone(), self.pending_loads.clone());
+                let takes = Takes {
+                    conv: katz_onnx::lora::takes_conv(self.weights.map()),
+                    time_emb: katz_onnx::lora::takes_time_emb(self.weights.map()),
+                };
                 tokio::spawn(
                     async move {
-                        let _ = reply.send(admit(&tx, &store, &permits, &names).await);
+                        let _ = reply.send(admit(&tx, &store, &permits, &names, takes).await);
                     }
                     .instrument(span),
                 );
             }
-            Command::Merge { loras, reply, span } => {
+            Command::Merge {
+                loras,
+                parts,
+                reply,
+                span,
+            } => {
                 let _e = span.enter();
-                let started = self.merge(loras, &span);
+                let started = self.merge(loras, parts, &span);
                 let _ = reply.send(started);
             }
             Command::Stats { reply, span } => {
@@ -407,8 +425,8 @@ impl Owner {
                 self.counters.merges += 1;
                 self.counters.merge_ms_total += merge_ms;
             }
-            Command::TextLayers { name, has } => {
-                self.text_layers.insert(name, has);
+            Command::WaitsFirst { name, waits } => {
+                self.waits_first.insert(name, waits);
             }
         }
     }
@@ -472,7 +490,8 @@ impl Owner {
             c.fetch_errors += 1;
         }
         if let Ok(a) = &result {
-            self.text_layers.insert(name.clone(), a.has_text_encoder_layers());
+            self.waits_first
+                .insert(name.clone(), a.has_text_encoder_layers() || !a.untaken.is_empty());
             let evicted = self.host.insert(name.clone(), a.clone(), a.nbytes() as u64);
             if !evicted.is_empty() {
                 tracing::debug!(?evicted, "LoRA host cache evicted");
@@ -490,16 +509,19 @@ impl Owner {
 
     /// Takes each adapter from the host cache (a hit) or joins (or starts) its fetch (a load),
     /// and spawns the merge.
-    fn merge(&mut self, loras: Vec<(String, f32)>, span: &Span) -> MergeStarted {
+    fn merge(&mut self, loras: Vec<(String, f32)>, lora_parts: LoraParts, span: &Span) -> MergeStarted {
         let (merge_tx, pending) = PendingMerge::channel();
         // LoRAs read before: the job learns now whether it must wait for the merge (text-encoder
-        // layers) and otherwise denoises while they are fetched and merged
+        // layers, parts the bundle cannot take) and otherwise denoises while they are fetched
+        // and merged
         let known: Option<Vec<bool>> = loras
             .iter()
-            .map(|(n, _)| self.text_layers.get(n).copied())
+            .map(|(n, _)| self.waits_first.get(n).copied())
             .collect();
-        if let Some(k) = known {
-            merge_tx.text_encoders(k.into_iter().any(|t| t));
+        // where one waits, the merge itself says (MergeJob::run): the text-encoder notice, or
+        // the error of a part the bundle cannot take, comes before the first step
+        if known.is_some_and(|k| !k.iter().any(|w| *w)) {
+            merge_tx.text_encoders(false);
         }
         let (stats_tx, stats) = watch::channel(JobLoraStats::default());
         let mut parts = Vec::with_capacity(loras.len());
@@ -518,6 +540,7 @@ impl Owner {
             tx: self.me.upgrade(),
             weights: self.weights.clone(),
             parts,
+            lora_parts,
             stats: stats_tx,
         };
         tokio::spawn(
@@ -535,17 +558,26 @@ impl Owner {
 async fn load(store: &LoraStore, weights: Arc<Weights>, name: &str) -> Fetched {
     let bytes = store.fetch(name).await.map_err(Arc::new)?;
     let origin = name.to_string();
-    let adapter =
-        tokio::task::spawn_blocking(move || LoraAdapter::from_bytes(&bytes, &origin, weights.map()))
-            .await
-            .map_err(|e| {
-                Arc::new(JobError::Model(katz_onnx::Error::Lora {
-                    path: name.into(),
-                    message: format!("the parsing thread failed: {e}"),
-                }))
-            })?
-            .map_err(|e| Arc::new(JobError::Model(e)))?;
+    // every part the bundle can take; each job checks the rest against its own parts
+    let adapter = tokio::task::spawn_blocking(move || {
+        LoraAdapter::from_bytes_with(&bytes, &origin, weights.map(), LoraParts::Takeable)
+    })
+    .await
+    .map_err(|e| {
+        Arc::new(JobError::Model(katz_onnx::Error::Lora {
+            path: name.into(),
+            message: format!("the parsing thread failed: {e}"),
+        }))
+    })?
+    .map_err(|e| Arc::new(JobError::Model(e)))?;
     Ok(Arc::new(adapter))
+}
+
+/// Which LoCon parts the bundle's weights take (what a file's header is checked against).
+#[derive(Debug, Clone, Copy)]
+struct Takes {
+    conv: bool,
+    time_emb: bool,
 }
 
 /// The admission driver (a task of its own): one name after another, as the module doc draws.
@@ -554,6 +586,7 @@ async fn admit(
     store: &LoraStore,
     permits: &Arc<Semaphore>,
     names: &[String],
+    takes: Takes,
 ) -> Result<Admitted, JobError> {
     let mut out = Admitted::default();
     for name in names {
@@ -567,12 +600,14 @@ async fn admit(
             continue; // fetched by a prefetch for this job: its load, now done
         }
         store.check(name).await?;
-        // its header says whether the job must wait for its merge (text-encoder layers) before
-        // its first step; a header that does not parse fails the job here
-        let has = store.has_text_encoder_keys(name).await?;
-        tx.send(Command::TextLayers {
+        // its header says whether the job must wait for its merge before its first step
+        // (text-encoder keys, or convolution keys where the bundle's convolutions take no
+        // weights: the job fails on them or skips them before any step); a header that does not
+        // parse fails the job here
+        let h = store.header_parts(name).await?;
+        tx.send(Command::WaitsFirst {
             name: name.clone(),
-            has,
+            waits: h.text_encoder || (h.conv && !takes.conv) || (h.time_emb && !takes.time_emb),
         })
         .map_err(|_| stopped())?;
         if lookup(tx, name, false).await?.fetching {
@@ -644,6 +679,8 @@ struct MergeJob {
     tx: Option<UnboundedSender<Command>>,
     weights: Arc<Weights>,
     parts: Vec<(String, f32, Part)>,
+    /// The parts of the files the job uses.
+    lora_parts: LoraParts,
     stats: watch::Sender<JobLoraStats>,
 }
 
@@ -676,6 +713,13 @@ impl MergeJob {
                     s.loads += 1;
                 }
             });
+            // parts the bundle cannot take: the job's error (before any step), or skipped
+            adapter.check(self.lora_parts)?;
+            if !adapter.untaken.is_empty() {
+                tracing::info!(lora = %name, skipped = %adapter.untaken, "LoRA parts skipped (unet_only)");
+                let skipped = (name.clone(), adapter.untaken.to_string());
+                self.stats.send_modify(|s| s.skipped.push(skipped));
+            }
             loras.push((adapter, scale));
         }
         notice.text_encoders(loras.iter().any(|(a, _)| a.has_text_encoder_layers()));
@@ -826,8 +870,14 @@ mod tests {
         );
         assert_eq!((a.unwrap().loads, b.unwrap().loads), (1, 1));
         // two merges join the fetch still running
-        let m1 = mgr.merge(vec![("tiny-lora-a".into(), 1.0)]).await.unwrap();
-        let m2 = mgr.merge(vec![("tiny-lora-a".into(), 0.5)]).await.unwrap();
+        let m1 = mgr
+            .merge(vec![("tiny-lora-a".into(), 1.0)], LoraParts::All)
+            .await
+            .unwrap();
+        let m2 = mgr
+            .merge(vec![("tiny-lora-a".into(), 0.5)], LoraParts::All)
+            .await
+            .unwrap();
         let ((r1, s1), (r2, s2)) = (merged(m1).await, merged(m2).await);
         r1.unwrap();
         r2.unwrap();
@@ -858,7 +908,10 @@ mod tests {
         // `cut` has a good header, so it is admitted; its read fails, and the merge says so
         let a = mgr.admit(names(&["cut"])).await.unwrap();
         assert_eq!(a.loads, 1);
-        let m = mgr.merge(vec![("cut".into(), 1.0)]).await.unwrap();
+        let m = mgr
+            .merge(vec![("cut".into(), 1.0)], LoraParts::All)
+            .await
+            .unwrap();
         let (r, _) = merged(m).await;
         let e = r.unwrap_err();
         assert!(matches!(e, katz_onnx::Error::Lora { .. }), "{e}");
@@ -866,6 +919,60 @@ mod tests {
         let st = mgr.stats().await.unwrap();
         assert!(st.fetch_errors >= 1 && st.merges == 0, "{st:?}");
         assert_eq!(st.pending_loads, 0);
+    }
+
+    /// A file with parts the bundle cannot take (made by peft for the trained family, whose
+    /// bundle takes no text-encoder or convolution weights): a job without `unet_only` fails
+    /// naming them before its first step (its merge is waited for, fetched or cached); with it
+    /// they are skipped and the job's stats name them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unet_only_skips_the_parts_the_bundle_cannot_take_and_records_them() {
+        let dir = std::env::temp_dir().join(format!("katz-manager-unet-only-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(
+            root().join("tests/data/lora/shapes-te-conv.safetensors"),
+            dir.join("te-conv.safetensors"),
+        )
+        .unwrap();
+        let bundle =
+            BaseBundle::open(root().join("bundles/shapes/shapes-sdxl")).expect("the family's bundle");
+        let weights = Arc::new(Weights::load(&bundle, HashSet::new()).expect("its weights"));
+        let cfg = LoraConfig::new(dir.clone());
+        let mgr = LoraManager::spawn(&cfg, LoraStore::new(dir, None, Duration::ZERO), weights);
+        for round in ["fetched", "cached"] {
+            mgr.admit(names(&["te-conv"])).await.unwrap();
+            let m = mgr
+                .merge(vec![("te-conv".into(), 1.0)], LoraParts::All)
+                .await
+                .unwrap();
+            let mut pending = m.pending;
+            let e = tokio::task::spawn_blocking(move || pending.touches_text(Duration::from_secs(30)))
+                .await
+                .unwrap()
+                .expect_err("refused before the first step")
+                .to_string();
+            for want in [
+                "te-conv",
+                "adapt a text encoder",
+                "convolution LoRA factors",
+                "unet_only",
+            ] {
+                assert!(e.contains(want), "{round}: {want}: {e}");
+            }
+            let m = mgr
+                .merge(vec![("te-conv".into(), 0.5)], LoraParts::Takeable)
+                .await
+                .unwrap();
+            let (r, st) = merged(m).await;
+            r.unwrap_or_else(|e| panic!("{round}: {e}"));
+            assert_eq!(st.skipped.len(), 1, "{round}");
+            let (name, what) = &st.skipped[0];
+            assert_eq!(name, "te-conv");
+            assert!(
+                what.contains("text-encoder keys") && what.contains("convolution keys"),
+                "{round}: {what}"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -896,7 +1003,7 @@ mod tests {
         let e = mgr.admit(names(&["tiny-lora-a"])).await.unwrap_err();
         assert!(e.to_string().contains("LoRA manager"), "{e}");
         assert_eq!(e.action(), Action::Requeue);
-        assert!(mgr.merge(vec![]).await.is_err() && mgr.stats().await.is_err());
+        assert!(mgr.merge(vec![], LoraParts::All).await.is_err() && mgr.stats().await.is_err());
         mgr.prefetch(names(&["tiny-lora-a"])); // never fails
     }
 }

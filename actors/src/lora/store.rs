@@ -81,9 +81,9 @@ impl LoraStore {
         Err(self.unknown(name))
     }
 
-    /// Whether the adapter `name` has text-encoder parts, read from its safetensors header alone
-    /// (a few KB: its tensor names; no delay). A header that does not parse is the file's error.
-    pub async fn has_text_encoder_keys(&self, name: &str) -> Result<bool, JobError> {
+    /// What the adapter `name` holds, read from its safetensors header alone (a few KB: its
+    /// tensor names and shapes; no delay). A header that does not parse is the file's error.
+    pub async fn header_parts(&self, name: &str) -> Result<HeaderParts, JobError> {
         let path = self.path(name)?;
         let bad = |message: String| {
             JobError::Model(katz_onnx::Error::Lora {
@@ -101,8 +101,14 @@ impl LoraStore {
             },
             Err(e) => return Err(bad(format!("reading its header: {e}"))),
         };
-        let keys = header_keys(&header).map_err(bad)?;
-        Ok(keys.iter().any(|k| katz_onnx::lora::is_text_encoder_key(k)))
+        let tensors = header_tensors(&header).map_err(bad)?;
+        Ok(HeaderParts {
+            text_encoder: tensors
+                .iter()
+                .any(|(k, _)| katz_onnx::lora::is_text_encoder_key(k)),
+            conv: tensors.iter().any(|(_, dims)| *dims == 4),
+            time_emb: tensors.iter().any(|(k, _)| k.contains("time_emb_proj")),
+        })
     }
 
     /// The adapter's bytes (after the configured delay).
@@ -186,14 +192,32 @@ async fn read_header_redis(
     Ok(Some(h))
 }
 
-/// The tensor names of a safetensors header.
-fn header_keys(header: &[u8]) -> Result<Vec<String>, String> {
+/// What a LoRA file's header says about its parts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeaderParts {
+    /// Keys adapting a text encoder.
+    pub text_encoder: bool,
+    /// 4-D tensors: convolution factors (LoCon).
+    pub conv: bool,
+    /// Keys of the resnets' `time_emb_proj` (LoCon).
+    pub time_emb: bool,
+}
+
+/// The tensor names of a safetensors header, each with its number of dimensions.
+fn header_tensors(header: &[u8]) -> Result<Vec<(String, usize)>, String> {
     let v: serde_json::Value =
         serde_json::from_slice(header).map_err(|e| format!("not a safetensors file (its header: {e})"))?;
     let obj = v
         .as_object()
         .ok_or_else(|| "not a safetensors file (its header is not a JSON object)".to_string())?;
-    Ok(obj.keys().filter(|k| *k != "__metadata__").cloned().collect())
+    Ok(obj
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, t)| {
+            let dims = t.get("shape").and_then(|s| s.as_array()).map_or(0, |s| s.len());
+            (k.clone(), dims)
+        })
+        .collect())
 }
 
 #[cfg(test)]

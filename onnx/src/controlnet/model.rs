@@ -61,6 +61,8 @@ pub struct ControlNet {
     weights: Option<Arc<Weights>>,
     /// Fixed-shape sessions captured as CUDA graphs, one per shape bucket used so far.
     buckets: Vec<Bucket>,
+    /// Buckets whose graph could not be made (logged once): their jobs run on free shapes.
+    no_graph: Vec<FixedShape>,
     /// What the bucket sessions are made with: the options (with CUDA graphs on), the graph, the
     /// batch, the base's manifest (the residuals' shapes); `None`: no CUDA graphs here.
     graphs: Option<GraphSpec>,
@@ -188,6 +190,7 @@ impl ControlNet {
             kernels,
             weights,
             buckets: Vec::new(),
+            no_graph: Vec::new(),
             graphs,
         })
     }
@@ -227,8 +230,38 @@ impl ControlNet {
         if self.buckets.iter().any(|b| b.fixed == fixed) {
             return Ok(true);
         }
-        let (Some(k), Some(weights)) = (self.kernels.clone(), self.weights.clone()) else {
+        if self.no_graph.contains(&fixed) {
             return Ok(false);
+        }
+        match self.open_bucket(fixed) {
+            Ok(b) => {
+                self.buckets.push(b);
+                Ok(true)
+            }
+            Err(e) => {
+                // the free-shape session still serves this size: the job goes on without a graph
+                tracing::warn!(
+                    controlnet = %self.bundle.manifest.name,
+                    bucket = %format!("{width}x{height}"),
+                    error = %e,
+                    "no CUDA graph for this ControlNet in this bucket: its jobs run on free shapes"
+                );
+                self.no_graph.push(fixed);
+                Ok(false)
+            }
+        }
+    }
+
+    /// The bucket `fixed`'s session, opened, bound and captured (see [`ControlNet::prepare`]).
+    fn open_bucket(&self, fixed: FixedShape) -> Result<Bucket> {
+        let (width, height, batch) = (fixed.width, fixed.height, fixed.unet_batch);
+        let Some(g) = &self.graphs else {
+            return Err(Error::Gpu("no CUDA graphs here".into()));
+        };
+        let (Some(k), Some(weights)) = (self.kernels.clone(), self.weights.clone()) else {
+            return Err(Error::Gpu(
+                "a ControlNet's CUDA graph needs it and its weights on a GPU".into(),
+            ));
         };
         let t0 = std::time::Instant::now();
         let mut dims = crate::shapes::controlnet_dims(g.base.vae_scale_factor, fixed, batch);
@@ -262,12 +295,11 @@ impl ControlNet {
             mib,
             "ControlNet bucket captured"
         );
-        self.buckets.push(Bucket {
+        Ok(Bucket {
             fixed,
             graph,
             session,
-        });
-        Ok(true)
+        })
     }
 
     /// The GPU this ControlNet runs on (`None`: the CPU).

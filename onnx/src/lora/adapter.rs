@@ -5,8 +5,12 @@
 //!       ─ LoraLayout::detect ─▶ Peft | Kohya                     (layout.rs)
 //!       ─ sort_keys (KeyMap::place) ─▶ factors to convert | refused keys   (peft: layout.rs, kohya.rs)
 //!       ─ convert (f32, in parallel) ─▶ Collected: A, B, alpha by weight
-//!       ─ Refused::check ─▶ one error naming every key that cannot be used
-//!       ─ pair_factors (B·A must make the weight's shape) ─▶ LoraAdapter
+//!       ─ Refused::check ─▶ one error naming every key that cannot be used, or the parts
+//!                            the bundle cannot take (`Untaken`: text encoders, convolutions)
+//!       ─ pair_factors (B·A must make the weight's shape; convolutions: down [r, in, kh, kw],
+//!                       up [out, r, 1, 1] as [r, in·kh·kw] and [out, r]) ─▶ LoraAdapter
+//!       ─ LoraAdapter::check(LoraParts) ─▶ untaken parts: an error naming them (All), or
+//!                                           skipped and recorded (Takeable: a job's `unet_only`)
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -24,13 +28,22 @@ use crate::bundle::WeightEntry;
 use crate::dtype::to_f32;
 use crate::{Error, Result};
 
-/// One adapted weight: `ΔW = (alpha / rank) · B · A`.
+/// One adapted weight: `ΔW = (alpha / rank) · B · A`. For a convolution weight `[out, in, kh, kw]`
+/// `a` holds the down factor `[r, in, kh, kw]` as `[r, in·kh·kw]` and `b` the up factor
+/// `[out, r, 1, 1]` as `[out, r]` (the same memory): `B·A` is `ΔW` as `[out, in·kh·kw]`.
+///
+/// A DoRA layer (peft `use_dora`) has a `magnitude` m, one value per output row: at LoRA scale
+/// s it makes `W' = m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖` (row norms of the pristine `W`; peft's
+/// "column-wise" norm of `Wᵀ`), applied, as peft does, to what the job's adapters before it
+/// made (`merge.rs`). Not low-rank: it needs the pristine weight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraLayer {
     pub a: Vec<f32>,
     pub b: Vec<f32>,
     pub rank: usize,
     pub alpha: f32,
+    /// DoRA's magnitude vector (`[out]`), or `None` for a LoRA layer.
+    pub magnitude: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -40,27 +53,177 @@ pub struct LoraAdapter {
     pub layout: LoraLayout,
     /// By weight name of the bundle (`…to_q.weight`).
     pub layers: BTreeMap<String, LoraLayer>,
+    /// The file's parts this bundle cannot take (not in `layers`); see [`LoraAdapter::check`].
+    pub untaken: Untaken,
+}
+
+/// Which parts of a LoRA file a job uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraParts {
+    /// Every part: a part the bundle cannot take is an error naming its keys (the default).
+    #[default]
+    All,
+    /// The parts the bundle can take; the others (text-encoder parts on a bundle whose text
+    /// encoders take no weights, convolution parts on one whose convolutions take none) are
+    /// skipped and recorded: a job's `unet_only`.
+    Takeable,
+}
+
+impl LoraParts {
+    /// `unet_only` (a job's option) as parts.
+    pub fn unet_only(on: bool) -> Self {
+        if on {
+            LoraParts::Takeable
+        } else {
+            LoraParts::All
+        }
+    }
+}
+
+/// The parts of a LoRA file that a bundle cannot take: every key named, with why.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Untaken {
+    /// Keys adapting a text encoder whose weights the bundle does not take as inputs.
+    pub text_encoder: Vec<String>,
+    /// Convolution factors (`key [shape]`) where the bundle's convolutions take no weights.
+    pub conv: Vec<String>,
+    /// Factors of the resnets' `time_emb_proj` (LoCon) where the bundle does not take them.
+    pub time_emb: Vec<String>,
+}
+
+impl Untaken {
+    pub fn is_empty(&self) -> bool {
+        self.text_encoder.is_empty() && self.conv.is_empty() && self.time_emb.is_empty()
+    }
+
+    /// Why each part cannot be used (in errors).
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !self.text_encoder.is_empty() {
+            problems.push(format!(
+                "{} keys adapt a text encoder ({}): this bundle's text encoders take no LoRA weights \
+                 (it was exported before they did: export it again with tools/export.sh)",
+                self.text_encoder.len(),
+                some(&self.text_encoder)
+            ));
+        }
+        if !self.conv.is_empty() {
+            problems.push(format!(
+                "{} keys are convolution LoRA factors ({}): this bundle's convolutions take no LoRA \
+                 weights (GPU bundles keep them constant; a CPU bundle exported before they took them: \
+                 export it again with tools/export.sh)",
+                self.conv.len(),
+                some(&self.conv)
+            ));
+        }
+        if !self.time_emb.is_empty() {
+            problems.push(format!(
+                "{} keys adapt the resnets' time_emb_proj ({}): this bundle does not take those weights \
+                 (it was exported before they were inputs: export it again with tools/export.sh)",
+                self.time_emb.len(),
+                some(&self.time_emb)
+            ));
+        }
+        problems
+    }
+}
+
+impl std::fmt::Display for Untaken {
+    /// What was skipped, in a job's record: `264 text-encoder keys (…); 4 convolution keys (…)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if !self.text_encoder.is_empty() {
+            parts.push(format!(
+                "{} text-encoder keys ({})",
+                self.text_encoder.len(),
+                some(&self.text_encoder)
+            ));
+        }
+        if !self.conv.is_empty() {
+            parts.push(format!(
+                "{} convolution keys ({})",
+                self.conv.len(),
+                some(&self.conv)
+            ));
+        }
+        if !self.time_emb.is_empty() {
+            parts.push(format!(
+                "{} time_emb_proj keys ({})",
+                self.time_emb.len(),
+                some(&self.time_emb)
+            ));
+        }
+        f.write_str(&parts.join("; "))
+    }
 }
 
 impl LoraAdapter {
-    /// Reads a LoRA file and maps it onto `weights` (a bundle's weight map).
+    /// Reads a LoRA file and maps it onto `weights` (a bundle's weight map); a part the bundle
+    /// cannot take is an error naming it.
     pub fn load(path: &Path, weights: &BTreeMap<String, WeightEntry>) -> Result<Self> {
+        Self::load_with(path, weights, LoraParts::All)
+    }
+
+    /// [`LoraAdapter::load`] using `parts`: with [`LoraParts::Takeable`] the parts the bundle
+    /// cannot take are skipped (in `untaken`).
+    pub fn load_with(path: &Path, weights: &BTreeMap<String, WeightEntry>, parts: LoraParts) -> Result<Self> {
         if !path.is_file() {
             return Err(err(path, "no such file"));
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::parse(&bytes, path, weights)
+        let a = Self::parse(&bytes, path, weights)?;
+        a.check(parts)?;
+        Ok(a)
     }
 
     /// Maps the safetensors file in `bytes` onto `weights` (a bundle's weight map); `origin` (a
     /// name or path) is the adapter's `path`, names it in errors and gives its `name` (the stem).
+    /// A part the bundle cannot take is an error naming it.
     pub fn from_bytes(bytes: &[u8], origin: &str, weights: &BTreeMap<String, WeightEntry>) -> Result<Self> {
-        Self::parse(bytes, Path::new(origin), weights)
+        Self::from_bytes_with(bytes, origin, weights, LoraParts::All)
+    }
+
+    /// [`LoraAdapter::from_bytes`] using `parts`. A cache that serves jobs of either kind reads
+    /// with [`LoraParts::Takeable`] and checks each job's parts with [`LoraAdapter::check`].
+    pub fn from_bytes_with(
+        bytes: &[u8],
+        origin: &str,
+        weights: &BTreeMap<String, WeightEntry>,
+        parts: LoraParts,
+    ) -> Result<Self> {
+        let a = Self::parse(bytes, Path::new(origin), weights)?;
+        a.check(parts)?;
+        Ok(a)
+    }
+
+    /// Whether a job using `parts` can use this adapter: with [`LoraParts::All`], parts the
+    /// bundle cannot take are an error naming their keys; otherwise they are skipped (the
+    /// adapter's `untaken` says which).
+    pub fn check(&self, parts: LoraParts) -> Result<()> {
+        if parts == LoraParts::All && !self.untaken.is_empty() {
+            let mut problems = self.untaken.problems();
+            problems.push(
+                "a job with `unet_only` skips the parts the bundle cannot take (katz generate/submit --unet-only)"
+                    .into(),
+            );
+            return Err(err(&self.path, problems.join("; ")));
+        }
+        Ok(())
     }
 
     /// Bytes of the f32 factors held.
     pub fn nbytes(&self) -> usize {
-        4 * self.layers.values().map(|l| l.a.len() + l.b.len()).sum::<usize>()
+        let magnitudes = |l: &LoraLayer| l.magnitude.as_ref().map_or(0, Vec::len);
+        4 * self
+            .layers
+            .values()
+            .map(|l| l.a.len() + l.b.len() + magnitudes(l))
+            .sum::<usize>()
+    }
+
+    /// Whether it has DoRA layers (merged on the host only).
+    pub fn has_dora_layers(&self) -> bool {
+        self.layers.values().any(|l| l.magnitude.is_some())
     }
 
     /// Whether it adapts a text encoder's weights.
@@ -82,8 +245,8 @@ impl LoraAdapter {
         let map = KeyMap::new(layout, weights);
         let (todo, refused) = sort_keys(path, &map, &tensors)?;
         let got = convert(path, todo)?;
-        refused.check(path, &map, got.is_empty())?;
-        let layers = pair_factors(path, layout, got, weights, file_alpha)?;
+        let untaken = refused.check(path, &map, got.is_empty())?;
+        let layers = pair_factors(path, layout, got, weights, file_alpha, !untaken.is_empty())?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -93,6 +256,7 @@ impl LoraAdapter {
             name,
             layout,
             layers,
+            untaken,
         })
     }
 }
@@ -161,7 +325,7 @@ impl<'w> KeyMap<'w> {
     /// Where `key` (a tensor of shape `shape`) goes.
     fn place(&self, path: &Path, key: &str, shape: &[usize]) -> Result<Place> {
         match self {
-            KeyMap::Peft(weights) => Ok(peft_place(weights, key)),
+            KeyMap::Peft(weights) => Ok(peft_place(weights, key, shape)),
             KeyMap::Kohya(k) => k.place(path, key, shape),
         }
     }
@@ -200,10 +364,14 @@ fn sort_keys<'t, 'd>(
         }
         match map.place(path, key, t.shape())? {
             Place::Weight(weight, slot) => todo.push((key.as_str(), weight, slot, t)),
-            Place::TextEncoder => refused.text_encoder.push(key.clone()),
+            Place::TextEncoder => refused.untaken.text_encoder.push(key.clone()),
             Place::Conv(module) => {
-                refused.conv.push(format!("{key} {:?}", t.shape()));
-                refused.conv_modules.insert(module);
+                refused.untaken.conv.push(format!("{key} {:?}", t.shape()));
+                refused.untaken_modules.insert(module);
+            }
+            Place::TimeEmb(module) => {
+                refused.untaken.time_emb.push(key.clone());
+                refused.untaken_modules.insert(module);
             }
             Place::Unmatched => refused.unmatched.push(key.clone()),
         }
@@ -249,6 +417,8 @@ struct Collected {
     alpha: BTreeMap<String, f32>,
     /// LyCORIS (LoHa, LoKr) factors.
     ly: BTreeMap<String, BTreeMap<LySlot, Factor>>,
+    /// DoRA magnitude vectors.
+    magnitude: BTreeMap<String, Factor>,
 }
 
 impl Collected {
@@ -264,6 +434,7 @@ impl Collected {
         let dup = match slot {
             Slot::A => self.a.insert(weight.clone(), (shape, data)).is_some(),
             Slot::B => self.b.insert(weight.clone(), (shape, data)).is_some(),
+            Slot::Magnitude => self.magnitude.insert(weight.clone(), (shape, data)).is_some(),
             Slot::Ly(s) => self
                 .ly
                 .entry(weight.clone())
@@ -318,7 +489,8 @@ const OTHER_KINDS: [(&str, &[&str]); 3] = [
             ".lokr_t2",
         ],
     ),
-    ("DoRA", &[".dora_scale", ".lora_magnitude_vector"]),
+    // kohya's DoRA; peft's (`lora_magnitude_vector`) is read
+    ("DoRA", &[".dora_scale"]),
 ];
 
 /// The kind (LoHa, LoKr, DoRA) of a factor key of another adapter kind than LoRA, and its module.
@@ -339,29 +511,33 @@ struct Refused {
     /// Factors of other adapter kinds (LoHa, LoKr, DoRA), by kind, and their modules.
     other: BTreeMap<&'static str, Vec<String>>,
     other_modules: HashSet<String>,
-    /// Keys of a text encoder (kohya `lora_te…_`).
-    text_encoder: Vec<String>,
-    /// Convolution (not 2-D) factors, each with its shape, and their modules.
-    conv: Vec<String>,
-    conv_modules: HashSet<String>,
+    /// Parts the bundle cannot take (text encoders, convolutions): refused with the rest, or
+    /// left to the job's parts when nothing else is refused.
+    untaken: Untaken,
+    /// The modules of `untaken.conv` and `untaken.time_emb`.
+    untaken_modules: HashSet<String>,
     /// Keys that match no weight of the bundle.
     unmatched: Vec<String>,
 }
 
 impl Refused {
-    /// One error naming every refused key; `nothing_matched`: no key gave a factor.
-    fn check(mut self, path: &Path, map: &KeyMap<'_>, nothing_matched: bool) -> Result<()> {
-        // The alphas of refused convolution and other-kind layers are not reported again as
+    /// One error naming every refused key; `nothing_matched`: no key gave a factor. Where only
+    /// parts the bundle cannot take are left, they are returned (the job's parts decide).
+    fn check(mut self, path: &Path, map: &KeyMap<'_>, nothing_matched: bool) -> Result<Untaken> {
+        // The alphas of untaken (convolution, time_emb_proj) and other-kind layers are not reported again as
         // unmatched (nor are a DoRA file's plain LoRA factors placed: the file is refused).
-        let (conv_modules, other_modules) = (&self.conv_modules, &self.other_modules);
+        let (untaken_modules, other_modules) = (&self.untaken_modules, &self.other_modules);
         self.unmatched.retain(|k| {
-            !k.strip_suffix(".alpha")
-                .is_some_and(|m| conv_modules.contains(m) || other_modules.contains(m))
+            let module = k.strip_suffix(".alpha");
+            let module = module.map(|m| m.strip_prefix("unet.").unwrap_or(m));
+            !module.is_some_and(|m| untaken_modules.contains(m) || other_modules.contains(m))
         });
         let mut problems = Vec::new();
         for (kind, keys) in &self.other {
             let what = if *kind == "DoRA" {
-                "DoRA adapters are not supported".to_string()
+                "DoRA in the kohya naming is not supported (diffusers drops these scales for SDXL; \
+                 peft's `lora_magnitude_vector` is read)"
+                    .to_string()
             } else {
                 format!(
                     "{kind} files are read in the LyCORIS naming (`lora_unet_<module>.{}`, with `.alpha`), \
@@ -373,21 +549,6 @@ impl Refused {
                 "{} keys are {kind} factors ({}): {what}",
                 keys.len(),
                 some(keys)
-            ));
-        }
-        if !self.text_encoder.is_empty() {
-            problems.push(format!(
-                "{} keys adapt a text encoder ({}): this bundle's text encoders take no LoRA weights \
-                 (it was exported before they did: export it again with tools/export.sh)",
-                self.text_encoder.len(),
-                some(&self.text_encoder)
-            ));
-        }
-        if !self.conv.is_empty() {
-            problems.push(format!(
-                "{} keys are convolution LoRA factors ({}): only linear (2-D) LoRA layers are supported",
-                self.conv.len(),
-                some(&self.conv)
             ));
         }
         if !self.unmatched.is_empty() {
@@ -407,21 +568,41 @@ impl Refused {
             ));
         }
         if !problems.is_empty() {
+            // the parts the bundle cannot take are named too: one error says everything
+            problems.extend(self.untaken.problems());
             return Err(err(path, problems.join("; ")));
         }
-        Ok(())
+        Ok(self.untaken)
+    }
+}
+
+/// Whether `B·A` makes a weight of shape `target`: linear `[r, in]`, `[out, r]` onto
+/// `[out, in]`; convolution `[r, in, kh, kw]`, `[out, r, 1, 1]` onto `[out, in, kh, kw]` (kohya
+/// LoCon, peft's LoRA on `Conv2d`: the up factor is a 1×1 convolution).
+fn factors_fit(a: &[usize], b: &[usize], target: &[usize]) -> bool {
+    match (a, b, target) {
+        ([r, i], [o, r2], [to, ti]) => r == r2 && o == to && i == ti,
+        ([r, i, kh, kw], [o, r2, 1, 1], [to, ti, th, tw]) => {
+            r == r2 && o == to && i == ti && kh == th && kw == tw
+        }
+        _ => false,
     }
 }
 
 /// Pairs each weight's A with its B into layers, checking that `B·A` makes the weight's shape.
 /// Alpha: the module's `.alpha` key, else the file's metadata, else the rank (scale 1).
+/// `some_untaken`: the file has parts the bundle cannot take (so no layer at all is no error).
 fn pair_factors(
     path: &Path,
     layout: LoraLayout,
     mut got: Collected,
     weights: &BTreeMap<String, WeightEntry>,
     file_alpha: FileAlpha,
+    some_untaken: bool,
 ) -> Result<BTreeMap<String, LoraLayer>> {
+    if got.a.is_empty() && got.ly.is_empty() && got.b.is_empty() && some_untaken {
+        return Ok(BTreeMap::new());
+    }
     if got.a.is_empty() && got.ly.is_empty() {
         return Err(err(
             path,
@@ -436,13 +617,7 @@ fn pair_factors(
             .remove(&weight)
             .ok_or_else(|| err(path, format!("`{weight}` has {a_name} but no {b_name}")))?;
         let target = &weights[&weight].shape;
-        let ok = ashape.len() == 2
-            && bshape.len() == 2
-            && target.len() == 2
-            && ashape[0] == bshape[1]
-            && bshape[0] == target[0]
-            && ashape[1] == target[1];
-        if !ok {
+        if !factors_fit(&ashape, &bshape, target) {
             return Err(err(
                 path,
                 format!(
@@ -458,10 +633,42 @@ fn pair_factors(
             .copied()
             .or(file_alpha.of(&weight))
             .unwrap_or(rank as f32);
-        layers.insert(weight, LoraLayer { a, b, rank, alpha });
+        let magnitude = match got.magnitude.remove(&weight) {
+            // [out] (linear) or [1, out, 1, 1] (convolution), as peft stores it
+            Some((mshape, m)) if m.len() == target[0] && mshape.iter().filter(|&&d| d != 1).count() <= 1 => {
+                Some(m)
+            }
+            Some((mshape, _)) => {
+                return Err(err(
+                    path,
+                    format!(
+                        "`{weight}`: its DoRA magnitude {mshape:?} does not have the weight's {} rows \
+                         (a LoRA for another architecture?)",
+                        target[0]
+                    ),
+                ))
+            }
+            None => None,
+        };
+        layers.insert(
+            weight,
+            LoraLayer {
+                a,
+                b,
+                rank,
+                alpha,
+                magnitude,
+            },
+        );
     }
     if let Some(w) = got.b.keys().next() {
         return Err(err(path, format!("`{w}` has {b_name} but no {a_name}")));
+    }
+    if let Some(w) = got.magnitude.keys().next() {
+        return Err(err(
+            path,
+            format!("`{w}` has a DoRA magnitude (lora_magnitude_vector) but no {a_name}/{b_name}"),
+        ));
     }
     for (weight, factors) in std::mem::take(&mut got.ly) {
         if layers.contains_key(&weight) {
@@ -679,6 +886,12 @@ mod tests {
         for k in keys {
             assert!(m.contains(k), "{m}");
         }
+        // with `unet_only` the text-encoder part is skipped and recorded
+        let a = LoraAdapter::from_bytes_with(&serialize(&e, None), "t", &weight_map(), LoraParts::Takeable)
+            .unwrap();
+        assert_eq!(a.layers.len(), MODULES.len());
+        assert_eq!(a.untaken.text_encoder, keys.map(String::from).to_vec());
+        assert!(!a.has_text_encoder_layers());
         // A file of text-encoder keys only is refused too.
         let m = load_err(&[(keys[0].to_string(), vec![2, 6], vec![0.0; 12])]);
         assert!(m.contains("adapt a text encoder"), "{m}");
@@ -795,12 +1008,57 @@ mod tests {
             other_kind("lora_unet_a.dora_scale"),
             Some(("DoRA", "lora_unet_a"))
         );
-        assert_eq!(
-            other_kind("unet.a.lora_magnitude_vector.weight"),
-            Some(("DoRA", "unet.a"))
-        );
+        // peft's DoRA magnitudes are read, not refused
+        assert_eq!(other_kind("unet.a.lora_magnitude_vector.weight"), None);
         assert_eq!(other_kind("lora_unet_a.lora_down.weight"), None);
         assert_eq!(other_kind("unet.a.lora_A.weight"), None);
+    }
+
+    /// peft's DoRA: `lora_magnitude_vector` (`[out]`, or `[1, out, 1, 1]` for a convolution) beside
+    /// the factors becomes the layer's magnitude; one of another size, or one without factors, is
+    /// an error naming the weight; kohya's `dora_scale` is refused by kind.
+    #[test]
+    fn peft_dora_magnitudes_are_read_with_their_layers() {
+        let mut e = peft_entries(2);
+        let q_b = e
+            .iter()
+            .position(|x| x.0.ends_with("attn1.to_q.lora_B.weight"))
+            .unwrap();
+        let prefix = e[q_b].0.strip_suffix(".lora_B.weight").unwrap().to_string();
+        e.push((format!("{prefix}.lora_magnitude_vector"), vec![8], values(8, 40)));
+        let a = load(&e).unwrap();
+        let q = &a.layers[&format!("{Q}.weight")];
+        assert_eq!(q.magnitude.as_deref(), Some(values(8, 40).as_slice()));
+        assert!(a.has_dora_layers());
+        assert_eq!(a.layers.values().filter(|l| l.magnitude.is_some()).count(), 1);
+        // [1, out, 1, 1] as peft stores a convolution's
+        let mut c = e.clone();
+        c.last_mut().unwrap().1 = vec![1, 8, 1, 1];
+        assert!(load(&c).unwrap().has_dora_layers());
+        // of another size
+        let mut bad = e.clone();
+        let last = bad.last_mut().unwrap();
+        last.1 = vec![7];
+        last.2 = values(7, 41);
+        let m = load_err(&bad);
+        assert!(
+            m.contains(&format!("`{Q}.weight`")) && m.contains("DoRA magnitude [7]"),
+            "{m}"
+        );
+        // without factors
+        let mut alone = peft_entries(2);
+        alone.retain(|x| !x.0.contains("attn1.to_q."));
+        alone.push((format!("{prefix}.lora_magnitude_vector"), vec![8], values(8, 40)));
+        let m = load_err(&alone);
+        assert!(
+            m.contains("has a DoRA magnitude") && m.contains(&format!("`{Q}.weight`")),
+            "{m}"
+        );
+        // kohya's dora_scale
+        let mut k = kohya_entries(2);
+        k.push((format!("{}.dora_scale", kohya_name(Q)), vec![1, 6], values(6, 42)));
+        let m = load_err(&k);
+        assert!(m.contains("DoRA factors") && m.contains("dora_scale"), "{m}");
     }
 
     #[test]
@@ -818,24 +1076,203 @@ mod tests {
         );
     }
 
+    /// Kohya LoCon factors of `module` (down `[2, 4, kh, kw]`, up `[4, 2, 1, 1]`, alpha 1).
+    fn locon_entries(module: &str, kh: usize, kw: usize) -> Vec<Entry> {
+        let k = kohya_name(module);
+        vec![
+            (
+                format!("{k}.lora_down.weight"),
+                vec![2, 4, kh, kw],
+                values(8 * kh * kw, 21),
+            ),
+            (format!("{k}.lora_up.weight"), vec![4, 2, 1, 1], values(8, 22)),
+            (format!("{k}.alpha"), vec![], vec![1.0]),
+        ]
+    }
+
+    const CONV1: &str = "down_blocks.0.resnets.0.conv1";
+
     #[test]
-    fn kohya_conv_factors_are_refused() {
+    fn conv_factors_of_a_bundle_without_conv_weights_are_untaken() {
         let mut e = kohya_entries(2);
-        let k = kohya_name("down_blocks.0.resnets.0.conv1");
-        e.push((format!("{k}.lora_down.weight"), vec![2, 4, 3, 3], vec![0.0; 72]));
-        e.push((format!("{k}.lora_up.weight"), vec![4, 2, 1, 1], vec![0.0; 8]));
-        e.push((format!("{k}.alpha"), vec![], vec![1.0]));
+        let k = kohya_name(CONV1);
+        e.extend(locon_entries(CONV1, 3, 3));
         let m = load_err(&e);
         assert!(m.contains("2 keys are convolution LoRA factors"), "{m}");
         assert!(m.contains(&format!("{k}.lora_down.weight [2, 4, 3, 3]")), "{m}");
+        assert!(
+            m.contains("this bundle's convolutions take no LoRA weights") && m.contains("unet_only"),
+            "{m}"
+        );
         assert!(!m.contains("match no weight"), "{m}");
-        // 4-D factors of a module the bundle has are refused as well (1×1 included).
+        // the same file with `unet_only`: its linear layers, the convolution part recorded
+        let bytes = serialize(&e, None);
+        let a = LoraAdapter::from_bytes_with(&bytes, "m", &weight_map(), LoraParts::Takeable).unwrap();
+        assert_eq!(a.layers.len(), MODULES.len());
+        assert_eq!(a.untaken.conv.len(), 2);
+        assert!(a.untaken.text_encoder.is_empty());
+        assert!(
+            a.untaken.to_string().starts_with("2 convolution keys ("),
+            "{}",
+            a.untaken
+        );
+        assert!(a.check(LoraParts::All).is_err());
+        // a file of nothing else: no layers, no error
+        let a = LoraAdapter::from_bytes_with(
+            &serialize(&locon_entries(CONV1, 3, 3), None),
+            "c",
+            &weight_map(),
+            LoraParts::Takeable,
+        )
+        .unwrap();
+        assert!(a.layers.is_empty() && a.untaken.conv.len() == 2);
+        // a convolution factor onto a linear weight of the bundle does not fit it
         let mut e = kohya_entries(2);
         let down = format!("{}.lora_down.weight", kohya_name(PROJ_IN));
         let x = e.iter_mut().find(|x| x.0 == down).unwrap();
         x.1 = vec![2, 6, 1, 1];
         let m = load_err(&e);
-        assert!(m.contains("convolution") && m.contains(&down), "{m}");
+        assert!(
+            m.contains(&format!("`{PROJ_IN}.weight`")) && m.contains("does not make the weight's"),
+            "{m}"
+        );
+    }
+
+    /// A resnet's `time_emb_proj` (LoCon adapts it) on a bundle that does not take those weights:
+    /// untaken, in both layouts; on one that does, a layer.
+    #[test]
+    fn time_emb_proj_factors_of_a_bundle_without_them_are_untaken() {
+        const TEMB: &str = "down_blocks.0.resnets.0.time_emb_proj";
+        let temb = |p: &str, a: &str, b: &str| -> Vec<Entry> {
+            vec![
+                (format!("{p}.{a}"), vec![2, 6], values(12, 30)),
+                (format!("{p}.{b}"), vec![4, 2], values(8, 31)),
+                (format!("{p}.alpha"), vec![], vec![1.0]),
+            ]
+        };
+        let mut kohya = kohya_entries(2);
+        kohya.extend(temb(&kohya_name(TEMB), "lora_down.weight", "lora_up.weight"));
+        let mut peft = peft_entries(2);
+        peft.extend(temb(&format!("unet.{TEMB}"), "lora_A.weight", "lora_B.weight"));
+        for e in [&kohya, &peft] {
+            let m = load_err(e);
+            assert!(
+                m.contains("2 keys adapt the resnets' time_emb_proj") && !m.contains("match no weight"),
+                "{m}"
+            );
+            let bytes = serialize(e, None);
+            let a = LoraAdapter::from_bytes_with(&bytes, "t", &weight_map(), LoraParts::Takeable).unwrap();
+            assert_eq!((a.layers.len(), a.untaken.time_emb.len()), (MODULES.len(), 2));
+            assert!(
+                a.untaken.to_string().contains("2 time_emb_proj keys"),
+                "{}",
+                a.untaken
+            );
+            let mut w = weight_map();
+            w.insert(
+                format!("{TEMB}.weight"),
+                WeightEntry {
+                    graph: "unet_encoder".into(),
+                    shape: vec![4, 6],
+                },
+            );
+            let a = LoraAdapter::from_bytes(&bytes, "t", &w).unwrap();
+            assert_eq!(a.layers.len(), MODULES.len() + 1);
+        }
+    }
+
+    /// Hard problems and untaken parts in one file: one error names both, whatever the parts.
+    #[test]
+    fn untaken_parts_are_named_beside_other_problems() {
+        let mut e = kohya_entries(2);
+        e.extend(locon_entries(CONV1, 3, 3));
+        let key = "lora_unet_up_blocks_9_attentions_0_proj_in.lora_down.weight".to_string();
+        e.push((key.clone(), vec![2, 6], vec![0.0; 12]));
+        let bytes = serialize(&e, None);
+        let m = LoraAdapter::from_bytes_with(&bytes, "m", &weight_map(), LoraParts::Takeable)
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains(&key) && m.contains("convolution LoRA factors"), "{m}");
+    }
+
+    /// A weight map with a 3×3 and a 1×1 convolution beside the linear weights.
+    fn conv_weight_map() -> BTreeMap<String, WeightEntry> {
+        let mut w = weight_map();
+        for (m, s) in [(CONV1, vec![4, 4, 3, 3]), (SHORTCUT, vec![4, 4, 1, 1])] {
+            w.insert(
+                format!("{m}.weight"),
+                WeightEntry {
+                    graph: "unet_encoder".into(),
+                    shape: s,
+                },
+            );
+        }
+        w
+    }
+
+    const SHORTCUT: &str = "down_blocks.0.resnets.0.conv_shortcut";
+
+    /// LoCon factors onto convolution weights: the down factor as `[r, in·kh·kw]`, the up factor
+    /// as `[out, r]`, in both layouts alike.
+    #[test]
+    fn conv_factors_map_onto_conv_weights_in_both_layouts() {
+        let w = conv_weight_map();
+        let mut e = kohya_entries(2);
+        e.extend(locon_entries(CONV1, 3, 3));
+        e.extend(locon_entries(SHORTCUT, 1, 1));
+        let kohya = LoraAdapter::from_bytes(&serialize(&e, None), "k", &w).unwrap();
+        let l = &kohya.layers[&format!("{CONV1}.weight")];
+        assert_eq!(
+            (l.rank, l.alpha, l.a.len(), l.b.len()),
+            (2, 1.0, 2 * 4 * 9, 4 * 2)
+        );
+        assert_eq!(l.a, values(72, 21));
+        assert_eq!(kohya.layers[&format!("{SHORTCUT}.weight")].a.len(), 2 * 4);
+        assert!(kohya.untaken.is_empty());
+        // the peft layout: `unet.<module>.lora_A.weight` [r, in, kh, kw], `.lora_B.weight` [out, r, 1, 1]
+        let peft: Vec<Entry> = e
+            .iter()
+            .map(|(k, s, v)| {
+                let k = k
+                    .replace(".lora_down.weight", ".lora_A.weight")
+                    .replace(".lora_up.weight", ".lora_B.weight");
+                let module = MODULES
+                    .iter()
+                    .map(|m| m.0)
+                    .chain([CONV1, SHORTCUT])
+                    .find(|m| k.starts_with(&format!("{}.", kohya_name(m))))
+                    .unwrap();
+                (
+                    k.replacen(&kohya_name(module), &format!("unet.{module}"), 1),
+                    s.clone(),
+                    v.clone(),
+                )
+            })
+            .collect();
+        let p = LoraAdapter::from_bytes(&serialize(&peft, None), "k", &w).unwrap();
+        assert_eq!(p.layers, kohya.layers);
+        // a kernel of another size does not fit
+        let mut bad = kohya_entries(2);
+        bad.extend(locon_entries(CONV1, 1, 1));
+        let m = LoraAdapter::from_bytes(&serialize(&bad, None), "b", &w)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains(&format!("`{CONV1}.weight`"))
+                && m.contains("[4, 4, 3, 3]")
+                && m.contains("another architecture?"),
+            "{m}"
+        );
+        // on a bundle that takes convolutions, a convolution matching none of them is unmatched
+        let mut other = kohya_entries(2);
+        other.extend(locon_entries("down_blocks.0.resnets.1.conv1", 3, 3));
+        let m = LoraAdapter::from_bytes(&serialize(&other, None), "o", &w)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("match no weight") && m.contains("resnets_1_conv1"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -900,6 +1337,71 @@ mod tests {
         );
     }
 
+    /// Each bad input the issue lists gives an error naming the file and the problem (the
+    /// origin `mem/test-lora.safetensors` is in every message).
+    #[test]
+    fn bad_inputs_name_the_file_and_the_problem() {
+        let file = "mem/test-lora.safetensors";
+        let named = |m: &str, what: &str| {
+            assert!(m.contains(file) && m.contains(what), "want {what:?}: {m}");
+        };
+        // A and B of different ranks
+        let mut e = peft_entries(2);
+        let b = e
+            .iter_mut()
+            .find(|x| x.0.ends_with("attn1.to_q.lora_B.weight"))
+            .unwrap();
+        b.1 = vec![8, 3];
+        b.2 = vec![0.5; 24];
+        named(
+            &load_err(&e),
+            "lora_B [8, 3] · lora_A [2, 6] does not make the weight's [8, 6]",
+        );
+        // a LoRA for another architecture: none of its keys matches a weight of the bundle
+        let sd15 = vec![
+            (
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+                    .to_string(),
+                vec![2, 320],
+                vec![0.0; 640],
+            ),
+            (
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight"
+                    .to_string(),
+                vec![320, 2],
+                vec![0.0; 640],
+            ),
+        ];
+        named(&load_err(&sd15), "is the LoRA for another architecture?");
+        // NaN or ±inf in a factor
+        let mut e = kohya_entries(2);
+        e[1].2[3] = f32::NEG_INFINITY;
+        named(&load_err(&e), "non-finite values");
+        // duplicate keys: one factor with and without the `unet.` prefix
+        let mut e = peft_entries(2);
+        let k = e[0].0.strip_prefix("unet.").unwrap().to_string();
+        let dup = (k.clone(), e[0].1.clone(), e[0].2.clone());
+        e.push(dup);
+        named(
+            &load_err(&e),
+            &format!("a second key for the same factor of `{Q}.weight`"),
+        );
+        // a truncated file: the header says more bytes than the file has, or the data is cut
+        let bytes = serialize(&peft_entries(2), None);
+        let w = weight_map();
+        for cut in [bytes.len() / 2, 20, 4] {
+            let m = LoraAdapter::from_bytes(&bytes[..cut], file, &w)
+                .unwrap_err()
+                .to_string();
+            named(&m, "not a safetensors file");
+        }
+        // a corrupt header (not JSON)
+        let mut bad = bytes.clone();
+        bad[8] = b'#';
+        let m = LoraAdapter::from_bytes(&bad, file, &w).unwrap_err().to_string();
+        named(&m, "not a safetensors file");
+    }
+
     #[test]
     fn not_safetensors_and_no_file() {
         let w = weight_map();
@@ -949,8 +1451,13 @@ mod tests {
         let kohya = LoraAdapter::from_bytes(&serialize(&e, None), "tiny-lora-a-kohya", weights).unwrap();
         assert_eq!(kohya.layout(), LoraLayout::Kohya);
         assert_eq!(kohya.name, "tiny-lora-a-kohya");
-        // every UNet weight (the tiny LoRA has no text-encoder part)
-        let unet = weights.values().filter(|e| e.graph.starts_with("unet_")).count();
+        // every linear UNet weight but the LoCon targets (the tiny LoRA has no text-encoder part)
+        let unet = weights
+            .iter()
+            .filter(|(n, e)| {
+                e.graph.starts_with("unet_") && e.shape.len() == 2 && !n.contains("time_emb_proj")
+            })
+            .count();
         assert_eq!(peft.layers.len(), unet);
         assert!(peft.layers.values().all(|l| l.alpha == 8.0 && l.rank == 4));
         assert_eq!(

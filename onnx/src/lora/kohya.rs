@@ -29,6 +29,10 @@ pub(super) struct KohyaMap<'w> {
     lookup: HashMap<String, Option<&'w str>>,
     /// Whether the bundle's text encoders (`text_encoder`, `text_encoder_2`) take weights.
     text: [bool; 2],
+    /// Whether the bundle's convolutions take weights.
+    conv: bool,
+    /// Whether the bundle takes the resnets' `time_emb_proj` weights.
+    time_emb: bool,
 }
 
 /// The text encoder a kohya prefix adapts: `lora_te1_`/`lora_te_` the first, `lora_te2_` the second.
@@ -47,7 +51,15 @@ impl<'w> KohyaMap<'w> {
         let layers = sgm_layers(weights);
         let lookup = kohya_lookup(weights, layers.as_ref().ok().copied());
         let text = super::layout::TEXT_GRAPHS.map(|g| takes_text(weights, g));
-        KohyaMap { layers, lookup, text }
+        let conv = super::layout::takes_conv(weights);
+        let time_emb = super::layout::takes_time_emb(weights);
+        KohyaMap {
+            layers,
+            lookup,
+            text,
+            conv,
+            time_emb,
+        }
     }
 
     /// Where `key` (a tensor of shape `shape`) goes; a module name that fits two weights is an
@@ -58,17 +70,23 @@ impl<'w> KohyaMap<'w> {
         }
         let split = split_key(key, ".lora_down.weight", ".lora_up.weight")
             .or_else(|| super::layout::split_lycoris(key));
-        if let Some((m, Slot::A | Slot::B | Slot::Ly(_))) = split {
-            if shape.len() != 2 {
-                return Ok(Place::Conv(m.to_string()));
-            }
-        }
-        match split.and_then(|(m, slot)| Some((self.lookup.get(m)?, slot))) {
-            Some((Some(w), slot)) => Ok(Place::Weight(w.to_string(), slot)),
-            Some((None, _)) => Err(err(
+        let Some((m, slot)) = split else {
+            return Ok(Place::Unmatched);
+        };
+        match self.lookup.get(m) {
+            Some(Some(w)) => Ok(Place::Weight(w.to_string(), slot)),
+            Some(None) => Err(err(
                 path,
                 format!("`{key}`: its module name fits more than one weight of the bundle"),
             )),
+            // a convolution factor where the bundle's convolutions take no weights
+            None if shape.len() == 4 && !self.conv && !matches!(slot, Slot::Alpha) => {
+                Ok(Place::Conv(m.to_string()))
+            }
+            // a resnet's time_emb_proj (LoCon) where the bundle does not take those weights
+            None if m.ends_with("_time_emb_proj") && !self.time_emb && !matches!(slot, Slot::Alpha) => {
+                Ok(Place::TimeEmb(m.to_string()))
+            }
             None => Ok(Place::Unmatched),
         }
     }
@@ -460,8 +478,13 @@ mod tests {
         assert_eq!(sgm_layers(weights), Ok(2));
         let path = Path::new("../bundles/loras/tiny-lora-a.safetensors");
         let peft = LoraAdapter::load(path, weights).unwrap();
-        // every UNet weight (the tiny LoRA has no text-encoder part)
-        let unet = weights.values().filter(|e| e.graph.starts_with("unet_")).count();
+        // every linear UNet weight but the LoCon targets (the tiny LoRA has no text-encoder part)
+        let unet = weights
+            .iter()
+            .filter(|(n, e)| {
+                e.graph.starts_with("unet_") && e.shape.len() == 2 && !n.contains("time_emb_proj")
+            })
+            .count();
         assert_eq!(peft.layers.len(), unet);
 
         let bytes = std::fs::read(path).unwrap();

@@ -2,11 +2,13 @@
 //! and where a key can go ([`Place`]). Peft keys are placed here; kohya keys in `kohya.rs`.
 //!
 //! ```text
-//! keys ─ LoraLayout::detect ─▶ Peft (`[unet.]<module>.lora_A/lora_B.weight`, `<module>.alpha`)
+//! keys ─ LoraLayout::detect ─▶ Peft (`[unet.]<module>.lora_A/lora_B.weight`, `<module>.alpha`,
+//!                           │        DoRA's `<module>.lora_magnitude_vector`)
 //!                           └▶ Kohya (`lora_unet_…`/`lora_te…_…`, `.lora_down/.lora_up.weight`, `.alpha`)
 //!                           (a file with both: refused)
-//! key ─ split_key ─▶ module + Slot (A | B | alpha)
-//! peft key ─ peft_place ─▶ Place (kohya keys: kohya.rs)
+//! key ─ split_key / split_magnitude / split_lycoris ─▶ module + Slot (A | B | alpha | magnitude | LyCORIS)
+//! peft key ─ peft_place ─▶ Place: weight | text encoder | convolution (untaken) | unmatched
+//!                          (kohya keys: kohya.rs)
 //! ```
 
 use std::collections::BTreeMap;
@@ -81,6 +83,8 @@ pub(super) enum Slot {
     Alpha,
     /// A LyCORIS factor (LoHa, LoKr), kohya-named.
     Ly(LySlot),
+    /// DoRA's magnitude vector (peft `lora_magnitude_vector`): one value per output row.
+    Magnitude,
 }
 
 /// The LyCORIS factors katz reads: LoHa's `hada_w{1,2}_{a,b}` and LoKr's `lokr_w{1,2}` (full) or
@@ -124,6 +128,13 @@ pub(super) fn split_key<'k>(key: &'k str, a_suffix: &str, b_suffix: &str) -> Opt
     }
 }
 
+/// `<module>.lora_magnitude_vector[.weight]` (peft's DoRA) → module and [`Slot::Magnitude`].
+pub(super) fn split_magnitude(key: &str) -> Option<(&str, Slot)> {
+    let k = key.strip_suffix(".weight").unwrap_or(key);
+    k.strip_suffix(".lora_magnitude_vector")
+        .map(|m| (m, Slot::Magnitude))
+}
+
 /// `<module>.hada_w1_a` … `<module>.lokr_w2_b` → module and LyCORIS slot.
 pub(super) fn split_lycoris(key: &str) -> Option<(&str, Slot)> {
     LY_SUFFIXES
@@ -139,8 +150,12 @@ pub(super) enum Place {
     /// A key of a text encoder whose weights this bundle does not take as inputs (a bundle
     /// exported before its text encoders did): refused.
     TextEncoder,
-    /// A factor that is not 2-D (a convolution LoRA) of this module: refused.
+    /// A convolution factor (4-D) of this module, where the bundle's convolutions take no weights
+    /// (a GPU bundle, or one exported before they did): refused, or skipped with `unet_only`.
     Conv(String),
+    /// A factor of a resnet's `time_emb_proj` (adapted by LoCon), where the bundle does not take
+    /// those weights (exported before it did): refused, or skipped with `unet_only`.
+    TimeEmb(String),
     /// No weight of the bundle.
     Unmatched,
 }
@@ -165,6 +180,18 @@ pub(super) fn takes_text(weights: &BTreeMap<String, WeightEntry>, graph: &str) -
     weights.values().any(|e| e.graph == graph)
 }
 
+/// Whether the map holds convolution weights (`[out, in, kh, kw]`): the UNet's convolutions are
+/// graph inputs (CPU bundles exported since they took them; never GPU bundles).
+pub(crate) fn takes_conv(weights: &BTreeMap<String, WeightEntry>) -> bool {
+    weights.values().any(|e| e.shape.len() == 4)
+}
+
+/// Whether the map holds the resnets' `time_emb_proj` weights (bundles exported since LoCon's
+/// targets were inputs).
+pub(super) fn takes_time_emb(weights: &BTreeMap<String, WeightEntry>) -> bool {
+    weights.keys().any(|w| w.ends_with(".time_emb_proj.weight"))
+}
+
 /// A text-encoder module path with and without the `text_model.` level: transformers 5 names
 /// `CLIPTextModel`'s modules without it, `CLIPTextModelWithProjection`'s with it, and published
 /// LoRAs write it for both (diffusers drops it where the model has none).
@@ -178,10 +205,13 @@ pub(super) fn text_model_variants(module: &str) -> [String; 2] {
 /// Where a peft key goes: `[unet.]<module>.lora_A.weight`, `.lora_B.weight` or `.alpha` onto the
 /// bundle weight `<module>.weight`; `text_encoder[_2].<module>…` onto that text encoder's weight
 /// (with or without the `text_model.` level), or [`Place::TextEncoder`] when the bundle's text
-/// encoders take no weights.
-pub(super) fn peft_place(weights: &BTreeMap<String, WeightEntry>, key: &str) -> Place {
+/// encoders take no weights; a 4-D factor (`shape`) of a module the bundle does not take, on a
+/// bundle whose convolutions take no weights, is [`Place::Conv`]; a `time_emb_proj` factor on a
+/// bundle without those weights [`Place::TimeEmb`].
+pub(super) fn peft_place(weights: &BTreeMap<String, WeightEntry>, key: &str, shape: &[usize]) -> Place {
     let k = key.strip_prefix("unet.").unwrap_or(key);
-    let Some((m, slot)) = split_key(k, ".lora_A.weight", ".lora_B.weight") else {
+    let Some((m, slot)) = split_key(k, ".lora_A.weight", ".lora_B.weight").or_else(|| split_magnitude(k))
+    else {
         return Place::Unmatched;
     };
     if let Some((graph, module)) = text_part(m) {
@@ -197,6 +227,10 @@ pub(super) fn peft_place(weights: &BTreeMap<String, WeightEntry>, key: &str) -> 
     let w = format!("{m}.weight");
     if weights.contains_key(&w) {
         Place::Weight(w, slot)
+    } else if shape.len() == 4 && !takes_conv(weights) {
+        Place::Conv(m.to_string())
+    } else if m.ends_with(".time_emb_proj") && slot != Slot::Alpha && !takes_time_emb(weights) {
+        Place::TimeEmb(m.to_string())
     } else {
         Place::Unmatched
     }
@@ -224,7 +258,7 @@ mod tests {
                 shape: vec![2, 2],
             },
         )]);
-        let place = |k| peft_place(&w, k);
+        let place = |k| peft_place(&w, k, &[2, 2]);
         assert_eq!(
             place("unet.a.b.lora_A.weight"),
             Place::Weight("a.b.weight".into(), Slot::A)
@@ -238,6 +272,11 @@ mod tests {
             Place::Weight("a.b.weight".into(), Slot::Alpha)
         );
         assert_eq!(place("a.c.lora_A.weight"), Place::Unmatched);
+        // a convolution factor of a module this bundle (no conv weights) lacks
+        assert_eq!(
+            peft_place(&w, "unet.a.c.lora_A.weight", &[2, 2, 3, 3]),
+            Place::Conv("a.c".into())
+        );
     }
 
     fn entry(graph: &str) -> WeightEntry {
@@ -259,7 +298,7 @@ mod tests {
                 entry("text_encoder_2"),
             ),
         ]);
-        let place = |k| peft_place(&w, k);
+        let place = |k| peft_place(&w, k, &[2, 2]);
         let fc1 = "text_encoder.encoder.layers.0.mlp.fc1.weight";
         assert_eq!(
             place("text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight"),
@@ -284,7 +323,7 @@ mod tests {
     fn text_encoder_keys_of_a_bundle_without_text_weights_are_text_encoder_places() {
         let w = BTreeMap::from([("a.b.weight".to_string(), entry("unet_encoder"))]);
         assert_eq!(
-            peft_place(&w, "text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight"),
+            peft_place(&w, "text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight", &[2, 2]),
             Place::TextEncoder
         );
         assert_eq!(text_part("text_encoder_2.x.y"), Some(("text_encoder_2", "x.y")));

@@ -103,6 +103,7 @@ fn loha(
         b,
         rank: p,
         alpha: scale * p as f32,
+        magnitude: None,
     })
 }
 
@@ -196,6 +197,7 @@ fn lokr(
         b: b.1,
         rank: p,
         alpha: scale * p as f32,
+        magnitude: None,
     })
 }
 

@@ -26,12 +26,25 @@
 //! LyCORIS LoHa (`<module>.hada_w1_a` … `.hada_w2_b`) and LoKr (`<module>.lokr_w1[_a|_b]`,
 //! `.lokr_w2[_a|_b]`) factors in the kohya (LyCORIS) naming, with their `.alpha`, become exact
 //! low-rank layers (`lycoris.rs`), merged like any LoRA; in the peft layout (alphas in the peft
-//! config) and DoRA (`dora_scale`, `lora_magnitude_vector`) they are refused, naming the kind.
+//! config) they are refused, naming the kind.
+//!
+//! peft's DoRA (`<module>.lora_magnitude_vector`) gives a layer a magnitude per output row; such a
+//! layer is merged from the pristine weight on the host (`merge.rs`), as peft's forward applies it
+//! (GPU merges refuse it). kohya's `dora_scale` is refused, naming the kind (diffusers drops it).
 //!
 //! The text encoders' targetable weights (attention q/k/v/out projections, MLP fc1/fc2) are the
 //! bundle's weights `text_encoder[_2].<module>.weight`; a bundle exported before its text encoders
-//! took them as inputs refuses a file's text-encoder keys with an error naming them. Convolution
-//! LoRAs (4-D factors) are refused with an error naming them, never skipped.
+//! took them as inputs refuses a file's text-encoder keys with an error naming them.
+//!
+//! Convolution LoRAs (kohya LoCon, peft's LoRA on `Conv2d`: down `[r, in, kh, kw]`, up
+//! `[out, r, 1, 1]`) land on the UNet's convolution weights `[out, in, kh, kw]` where the bundle
+//! takes them as inputs (CPU bundles: `weights.conv_graphs`), merged as the matrices
+//! `[out, in·kh·kw]` they are in memory. A bundle without them (GPU bundles keep convolutions
+//! constant for ONNX Runtime's NhwcConv fusion) refuses a file's convolution keys, naming them.
+//!
+//! Parts a bundle cannot take (those text-encoder and convolution parts) are kept in the
+//! adapter's [`Untaken`]: a job with `unet_only` ([`LoraParts::Takeable`]) skips them and records
+//! them; otherwise ([`LoraParts::All`]) they are an error naming every key, before any step.
 //!
 //! A file is in one layout or the other; a file that mixes them is refused.
 //!
@@ -44,8 +57,9 @@
 //!   a peft key goes.
 //! * `kohya.rs` — kohya / SGM module names onto the bundle's weight names (`KohyaMap`).
 //! * `lycoris.rs` — LoHa and LoKr factors as exact low-rank layers.
-//! * `merge.rs` — `W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ` on the host ([`Weights::merge`]) and on the GPU
-//!   ([`Weights::upload_factors`] → [`DeviceFactors`], [`Weights::merge_on_device`]).
+//! * `merge.rs` — `W + Σ sᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ` on the host ([`Weights::merge`]; DoRA layers there
+//!   only) and on the GPU ([`Weights::upload_factors`] → [`DeviceFactors`],
+//!   [`Weights::merge_on_device`]).
 //! * `pending.rs` — [`PendingMerge`] / [`MergeSender`]: a merge in flight while a job denoises.
 //! * `fixtures.rs` (tests only) — safetensors files made in memory.
 //!
@@ -77,7 +91,7 @@ mod merge;
 mod pending;
 pub mod plan;
 
-pub use adapter::{LoraAdapter, LoraLayer};
+pub use adapter::{LoraAdapter, LoraLayer, LoraParts, Untaken};
 pub use layout::LoraLayout;
 pub use merge::DeviceFactors;
 pub use pending::{MergeSender, PendingMerge};
@@ -87,6 +101,18 @@ pub use plan::{LoraBound, LoraMode, LoraPlan};
 /// `lora_te…_`): what a store can tell from a file's header before reading it.
 pub fn is_text_encoder_key(key: &str) -> bool {
     layout::text_part(key).is_some() || layout::KOHYA_TE.iter().any(|p| key.starts_with(p))
+}
+
+/// Whether a bundle's weight map holds convolution weights (its UNet's convolutions take LoCon
+/// parts); a bundle without them refuses a file's convolution parts, or skips them (`unet_only`).
+pub fn takes_conv(weights: &std::collections::BTreeMap<String, crate::bundle::WeightEntry>) -> bool {
+    layout::takes_conv(weights)
+}
+
+/// Whether a bundle's weight map holds the resnets' `time_emb_proj` weights (which LoCon adapts);
+/// a bundle without them refuses such parts, or skips them (`unet_only`).
+pub fn takes_time_emb(weights: &std::collections::BTreeMap<String, crate::bundle::WeightEntry>) -> bool {
+    layout::takes_time_emb(weights)
 }
 
 /// Whether a bundle weight belongs to a text encoder (`text_encoder[_2].…`).

@@ -19,7 +19,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::adapter::LoraAdapter;
+use super::adapter::{LoraAdapter, LoraParts};
 use crate::weights::{MergedWeights, Weights};
 use crate::{Error, Result};
 
@@ -97,13 +97,24 @@ impl PendingMerge {
         rx
     }
 
-    /// Reads and parses LoRA files, then merges them, on a thread of its own: the whole of a
-    /// request's LoRA loading overlaps its first steps (without a service's caches).
-    pub fn spawn_loading(weights: Arc<Weights>, files: Vec<(std::path::PathBuf, f32)>) -> PendingMerge {
+    /// Reads and parses LoRA files (using their `parts`), then merges them, on a thread of its
+    /// own: the whole of a request's LoRA loading overlaps its first steps (without a service's
+    /// caches). Skipped parts are logged.
+    pub fn spawn_loading(
+        weights: Arc<Weights>,
+        files: Vec<(std::path::PathBuf, f32)>,
+        parts: LoraParts,
+    ) -> PendingMerge {
         PendingMerge::on_thread("lora-load", move |notice| {
             let loaded = files
                 .iter()
-                .map(|(p, s)| Ok((Arc::new(LoraAdapter::load(p, weights.map())?), *s)))
+                .map(|(p, s)| {
+                    let a = LoraAdapter::load_with(p, weights.map(), parts)?;
+                    if !a.untaken.is_empty() {
+                        tracing::warn!(lora = %p.display(), skipped = %a.untaken, "LoRA parts skipped (unet_only)");
+                    }
+                    Ok((Arc::new(a), *s))
+                })
                 .collect::<Result<Vec<_>>>()?;
             notice.text_encoders(touch_text(&loaded));
             weights.merge(&loaded).map(Arc::new)

@@ -52,7 +52,7 @@ use crate::controlnet::{
     ControlNet, ControlService, ControlSession, InlineControlNets, SessionInit, ThreadedControlNets,
 };
 use crate::device::{at, current, gpu_err};
-use crate::lora::LoraAdapter;
+use crate::lora::{LoraAdapter, LoraParts};
 use crate::noise::SeededNoise;
 use crate::request::{Accepts, ControlModel, ControlRequest, Limits, Request, ValidRequest};
 use crate::runtime::SessionOptions;
@@ -223,7 +223,17 @@ impl Pipeline {
 
     /// Reads a LoRA file against this bundle's weights.
     pub fn lora(&self, path: impl AsRef<Path>) -> Result<Arc<LoraAdapter>> {
-        Ok(Arc::new(LoraAdapter::load(path.as_ref(), self.weights.map())?))
+        self.lora_with(path, LoraParts::All)
+    }
+
+    /// Reads a LoRA file against this bundle's weights, using its `parts` (the adapter's
+    /// `untaken` says what was skipped).
+    pub fn lora_with(&self, path: impl AsRef<Path>, parts: LoraParts) -> Result<Arc<LoraAdapter>> {
+        Ok(Arc::new(LoraAdapter::load_with(
+            path.as_ref(),
+            self.weights.map(),
+            parts,
+        )?))
     }
 
     /// What this pipeline accepts, under the default [`Limits`] (a worker overlays its own).

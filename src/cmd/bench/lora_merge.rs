@@ -224,8 +224,12 @@ pub(super) fn touched(loras: &[Loaded], map: &BTreeMap<String, WeightEntry>) -> 
                 .get(name)
                 .with_context(|| format!("LoRA layer `{name}` is not a weight of the map"))?
                 .shape;
-            ensure!(shape.len() == 2, "`{name}` has shape {shape:?}, not [out, in]");
-            let (rows, cols) = (shape[0], shape[1]);
+            ensure!(
+                matches!(shape.len(), 2 | 4),
+                "`{name}` has shape {shape:?}, not [out, in] or [out, in, kh, kw]"
+            );
+            // a convolution merges as [out, in·kh·kw]
+            let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
             t.layers.insert(name.clone(), (rows, cols));
             t.factor_bytes += ((rows + cols) * layer.rank * 4) as u64;
             t.flops += 2 * (rows * cols * layer.rank) as u64;

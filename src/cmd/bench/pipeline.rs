@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use katz_onnx::lora::{LoraAdapter, PendingMerge};
+use katz_onnx::lora::{LoraAdapter, LoraParts, PendingMerge};
 use katz_onnx::pipeline::{Generated, LoraBound, LoraMode, LoraPlan, Pipeline, RunOptions};
 use katz_onnx::placement::{ControlNetPlace, Placement};
 use katz_onnx::request::{ControlRequest, LoraRequest, Request};
@@ -259,7 +259,11 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
                 LoraMode::Async => {
                     // read, parse and merge all overlap the first steps (no cache: cold every run)
                     let files = a.loras[..nl].iter().map(|p| (p.clone(), 0.7f32)).collect();
-                    let p = pending.insert(PendingMerge::spawn_loading(pipe.shared_weights(), files));
+                    let p = pending.insert(PendingMerge::spawn_loading(
+                        pipe.shared_weights(),
+                        files,
+                        LoraParts::All,
+                    ));
                     LoraPlan::Async {
                         pending: p,
                         bound: a.lora_bound.step_for(a.steps),
