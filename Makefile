@@ -1,11 +1,13 @@
 # The two commands of the README, and what they need.
 #   make demo    the embedded demo (tiny bundles, one ControlNet, one LoRA, CPU)
 #   make test    every test (unit, parity against diffusers, CLI, integration)
+#   make soak    MINUTES (5) at saturation on 2 workers, good and bad jobs, a worker killed every
+#                KILL_S (90) s: RSS per worker, jobs lost / duplicated / misjudged (tests/soak.rs)
 ORT_VERSION ?= 1.31.1
 ORT_LIB := .katz/ort/libonnxruntime.so.$(ORT_VERSION)
 CARGO ?= cargo
 
-.PHONY: demo test build services export pyenv test-export
+.PHONY: demo test build services export pyenv test-export soak
 
 $(ORT_LIB): tools/fetch-onnxruntime.sh
 	ORT_VERSION=$(ORT_VERSION) tools/fetch-onnxruntime.sh
@@ -25,6 +27,11 @@ pyenv:
 test: $(ORT_LIB) services pyenv
 	$(CARGO) test --release --workspace --all-targets
 	.katz/py/bin/python -m pytest -q tools/test_producer.py tools/test_compose.py tools/test_demo.py
+
+MINUTES ?= 5
+KILL_S ?= 90
+soak: $(ORT_LIB) services
+	KATZ_SOAK_MINUTES=$(MINUTES) KATZ_SOAK_KILL_S=$(KILL_S) $(CARGO) test --release --test soak -- --ignored --nocapture
 
 # Rebuilds the committed tiny bundles and parity references (torch + diffusers, in .venv-tools).
 export:

@@ -15,6 +15,7 @@ fn begin(id: &str, digest: &str) -> BeginJob {
         worker: "w".into(),
         total_steps: 4,
         queue_wait_ms: Some(3),
+        ttl_s: 60,
     }
 }
 
@@ -79,7 +80,9 @@ fn memory_and_redis_stores_decide_alike() {
             .expect("Redis on 127.0.0.1:6379");
         let client = redis::Client::open("redis://127.0.0.1:6379/").unwrap();
         let conn = client.get_multiplexed_async_connection().await.unwrap();
-        let r_log = scenario(redis_store.start(), (&ra, &rb), async |id: &str| {
+        let redis_store = redis_store.start();
+        let redis_store2 = redis_store.clone();
+        let r_log = scenario(redis_store, (&ra, &rb), async |id: &str| {
             let mut c = conn.clone();
             let _: () = c.set_ex(cancel_key(id), 1, 60).await.unwrap();
         })
@@ -112,6 +115,23 @@ fn memory_and_redis_stores_decide_alike() {
         }
         let r_b: String = c.hget(job_key(&rb), "status").await.unwrap();
         assert_eq!(r_b, mem.lock().unwrap().records[&job_key("twin-m-b")]["status"]);
+        // a producer's `queued` record without a TTL gets one when the job starts
+        let rc = format!("twin-r-c-{n}");
+        let _: () = c.hset(job_key(&rc), "status", "queued").await.unwrap();
+        let v = redis_store2.send(begin(&rc, "d9")).await.unwrap().unwrap();
+        assert_eq!(v, Begin::Run { attempts: 1 });
+        let ttl: i64 = c.ttl(job_key(&rc)).await.unwrap();
+        assert!((61..=60 + 86_400).contains(&ttl), "running record: ttl {ttl}");
+        let _: () = c.del(job_key(&rc)).await.unwrap();
+        // a job cancelled before it started: its record expires, the cancel key is gone
+        let ttl: i64 = c.ttl(job_key(&rb)).await.unwrap();
+        assert!(
+            (1..=60).contains(&ttl),
+            "record of a job cancelled before start: ttl {ttl}"
+        );
+        let cancel: bool = c.exists(cancel_key(&rb)).await.unwrap();
+        assert!(!cancel, "the cancel key is deleted once obeyed");
+        assert!(!mem.lock().unwrap().blobs.contains_key(&cancel_key("twin-m-b")));
         let _: () = c
             .del(&[
                 job_key(&ra),

@@ -48,7 +48,7 @@ import redis
 SCHEMA_VERSION = 1
 JOBS_EXCHANGE, DEAD_EXCHANGE, MAX_PRIORITY = "katz.jobs", "katz.dlx", 10
 DEFAULT_TTL_S = 86_400
-ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 SCHEDULERS = ("euler", "euler-a", "ddim", "dpm++2m")
 
 # The katz worker's begin script (actors/src/store/mod.rs), verbatim: conflict / done / cancelled /
@@ -141,7 +141,7 @@ def decode(body: bytes, max_bytes: int) -> dict:
     if "id" not in m or m["id"] is None:
         raise fail("message has no job `id`")
     if jid is None:
-        raise fail(f"job id {m['id']!r} is not 1-128 characters of [A-Za-z0-9_.:-]")
+        raise fail(f"job id {m['id']!r} is not 1-128 characters of [A-Za-z0-9_.-]")
     try:
         for k in ("base", "prompt", "width", "height", "steps", "guidance", "seed"):
             if k not in m:
@@ -421,6 +421,9 @@ class Worker:
                 if "inline" in c["image"]:
                     images.append(c["image"]["inline"])
                 else:
+                    if not c["image"]["redis_key"].startswith(f"katz:upload:{jid}:"):
+                        raise Rejected("invalid", f"conditioning image key `{c['image']['redis_key']}` is not one of "
+                                                  f"this job's uploads (`katz:upload:{jid}:<name>`)")
                     b = self.r.get(c["image"]["redis_key"])
                     if b is None:
                         raise Rejected("invalid", f"conditioning image key `{c['image']['redis_key']}` is not in Redis")

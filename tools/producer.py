@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import uuid
@@ -36,6 +37,15 @@ FINAL = {"done", "failed", "cancelled"}
 
 def jobs_queue(base: str) -> str:
     return f"katz.jobs.{base}"
+
+
+# job ids: no `:`, so no id names another job's keys (docs/protocol.md, "Job ids and keys")
+ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def upload_key(job_id: str, name: str) -> str:
+    """Where a job's conditioning image may be uploaded (the only keys a worker reads them from)."""
+    return f"katz:upload:{job_id}:{name}"
 
 
 def job_key(job_id: str) -> str:
@@ -77,6 +87,8 @@ class Producer:
         and records it as the job's `seed`. `loras`: (name, scale). `unet_only`: skip the parts of the LoRA files the
         base bundle cannot take (the record's `lora_skipped` names them) instead of failing."""
         job_id = job_id or f"py-{uuid.uuid4()}"
+        if not ID_RE.match(job_id):
+            raise ValueError(f"job id {job_id!r} is not 1-128 characters of [A-Za-z0-9_.-]")
         now_ms = int(time.time() * 1000)
         cns = []
         for c in controlnets:

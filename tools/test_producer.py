@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pika
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from producer import JobFailed, Producer  # noqa: E402
+from producer import JobFailed, Producer, upload_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KATZ = ROOT / "target" / "release" / "katz"
@@ -47,10 +48,11 @@ def test_submit_controlnet_and_lora_then_read_the_png(worker):
 
 def test_image_by_redis_key(worker):
     p = Producer()
-    key = f"katz:upload:py:{os.getpid()}"
+    job_id = f"py-{uuid.uuid4()}"
+    key = upload_key(job_id, "cond")
     p.redis.set(key, (ROOT / "bundles" / "examples" / "cond_b.png").read_bytes(), ex=600)
-    job_id = p.submit("a square", width=64, height=64, steps=2, queue=worker,
-                      controlnets=[("tiny-sdxl-controlnet", f"redis:{key}", 0.5)])
+    p.submit("a square", job_id=job_id, width=64, height=64, steps=2, queue=worker,
+             controlnets=[("tiny-sdxl-controlnet", f"redis:{key}", 0.5)])
     assert p.wait(job_id, timeout=120)["status"] == "done"
 
 

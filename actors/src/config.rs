@@ -28,6 +28,9 @@ use serde_with::{serde_as, DisplayFromStr};
 use crate::controlnet::{LocalMode, RemoteConfig, RemoteModel};
 use crate::lora::{LoraConfig, Policy};
 use crate::pipeline::Models;
+
+/// How many times a job may be started by default (see [`WorkerConfig::max_attempts`]).
+pub const DEFAULT_MAX_ATTEMPTS: u64 = 5;
 use crate::protocol::Limits;
 
 mod session;
@@ -80,6 +83,10 @@ pub struct WorkerConfig {
     pub max_message_bytes: usize,
     /// Largest width or height accepted.
     pub max_side: u32,
+    /// Times a job may be started (each start after the first is a requeue: Redis away, a worker
+    /// that died mid-job) before it is failed with `attempts`, so a job that keeps failing cannot
+    /// hold a worker's slot for ever.
+    pub max_attempts: u64,
     /// How long a finished job's result store is retried while Redis is away before the job goes
     /// back to the queue (not a TOML key).
     #[serde(skip)]
@@ -110,6 +117,7 @@ impl Default for WorkerConfig {
             name: None,
             max_message_bytes: limits.max_message_bytes,
             max_side: limits.max_side,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
             store_retry: Duration::from_secs(120),
             session: SessionConfig::default(),
             controlnet: ControlNetConfig::default(),
@@ -491,6 +499,7 @@ mod tests {
             name = "n"
             max_message_bytes = 100
             max_side = 64
+            max_attempts = 2
             device = "cuda:1"
             threads = 2
             shapes = "64x32, 96x64"
@@ -524,6 +533,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.concurrency, c.lookahead, c.max_side), (3, 0, 64));
+        assert_eq!(c.max_attempts, 2);
         assert_eq!(c.session.device, Device::Cuda(1));
         assert_eq!(c.session.shapes.to_string(), "64x32,96x64");
         assert_eq!(c.controlnet.controlnets, Some(vec![]));

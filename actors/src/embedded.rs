@@ -79,6 +79,7 @@ pub fn run_jobs(
             catalogue,
             worker: "embedded".into(),
             store_retry: Duration::from_secs(1),
+            max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
             pipeline,
             store: store.start(),
             running: Default::default(),

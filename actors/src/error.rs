@@ -27,8 +27,15 @@ pub enum JobError {
     Cancelled,
     #[error(transparent)]
     Model(#[from] katz_onnx::Error),
+    /// A Redis call failed: a transient fault (connection, loading, fail-over) requeues, a reply
+    /// error caused by the job (`WRONGTYPE`, an expire time Redis refuses) dead-letters it
+    /// ([`redis_transient`]).
     #[error("redis: {0}")]
     Store(#[from] redis::RedisError),
+    /// The job was started this many times (each a requeue after a transient fault or a worker
+    /// that died mid-job): it is failed rather than holding a worker's slot forever.
+    #[error("started {attempts} times (the most is {max}): giving up")]
+    Exhausted { attempts: u64, max: u64 },
     #[error("rabbitmq: {0}")]
     Broker(#[from] lapin::Error),
     /// An actor or service of this worker is gone or cannot serve: requeue for another worker.
@@ -39,6 +46,31 @@ pub enum JobError {
         #[source]
         reason: Unavailable,
     },
+}
+
+/// Whether a Redis error is a transient fault of the connection or the server (retry, requeue)
+/// rather than a reply refusing what the job asked for (a `WRONGTYPE` on a key the job named, an
+/// expire time out of range, a script error: fail the job).
+pub fn redis_transient(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind as K, ServerErrorKind as S};
+    match e.kind() {
+        K::Io | K::Parse | K::AuthenticationFailed | K::ClusterConnectionNotFound => true,
+        K::MasterNameNotFoundBySentinel | K::NoValidReplicasFoundBySentinel => true,
+        K::Server(
+            S::BusyLoading
+            | S::TryAgain
+            | S::ClusterDown
+            | S::MasterDown
+            | S::ReadOnly
+            | S::Moved
+            | S::Ask
+            | S::NoScript,
+        ) => true,
+        // replies with codes redis-rs does not name: out of memory and a busy script are the
+        // server's state; anything else (WRONGTYPE, ERR …) is the job's
+        K::Extension => matches!(e.code(), Some("OOM" | "BUSY" | "NOREPLICAS" | "LOADING")),
+        _ => e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout(),
+    }
 }
 
 /// Why an actor could not take a message.
@@ -61,7 +93,8 @@ impl JobError {
             JobError::Decode(_)
             | JobError::Invalid(_)
             | JobError::Conflict { .. }
-            | JobError::Deadline { .. } => Action::DeadLetter,
+            | JobError::Deadline { .. }
+            | JobError::Exhausted { .. } => Action::DeadLetter,
             JobError::Cancelled => Action::Ack,
             JobError::Model(e) => match e {
                 katz_onnx::Error::Cancelled { .. } => Action::Ack,
@@ -70,6 +103,7 @@ impl JobError {
                     katz_onnx::Disposition::Requeue => Action::Requeue,
                 },
             },
+            JobError::Store(e) if !redis_transient(e) => Action::DeadLetter,
             JobError::Store(_) | JobError::Broker(_) | JobError::Mailbox { .. } => Action::Requeue,
         }
     }
@@ -83,7 +117,9 @@ impl JobError {
             JobError::Deadline { .. } => "deadline",
             JobError::Cancelled => "cancelled",
             JobError::Model(e) => e.kind(),
+            JobError::Store(e) if !redis_transient(e) => "redis_refused",
             JobError::Store(_) => "redis",
+            JobError::Exhausted { .. } => "attempts",
             JobError::Broker(_) => "rabbitmq",
             JobError::Mailbox { .. } => "mailbox",
         }
@@ -97,10 +133,51 @@ impl JobError {
         }
     }
 
+    /// Whether another try of the same call may succeed (Redis away or busy); false for an error
+    /// that the job's own data caused.
+    pub fn is_transient_store(&self) -> bool {
+        matches!(self, JobError::Store(e) if redis_transient(e))
+    }
+
     pub fn is_cancel(&self) -> bool {
         matches!(
             self,
             JobError::Cancelled | JobError::Model(katz_onnx::Error::Cancelled { .. })
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str, detail: &str) -> redis::RedisError {
+        redis::make_extension_error(code.into(), Some(detail.into()))
+    }
+
+    #[test]
+    fn redis_errors_are_classified_by_cause() {
+        let io = redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+        let e = JobError::Store(io);
+        assert_eq!((e.action(), e.kind()), (Action::Requeue, "redis"));
+        assert!(e.is_transient_store());
+        for (code, detail) in [
+            (
+                "WRONGTYPE",
+                "Operation against a key holding the wrong kind of value",
+            ),
+            ("ERR", "invalid expire time in 'setex' command"),
+        ] {
+            let e = JobError::Store(server(code, detail));
+            assert_eq!(
+                (e.action(), e.kind()),
+                (Action::DeadLetter, "redis_refused"),
+                "{code}"
+            );
+            assert!(!e.is_transient_store());
+        }
+        assert!(redis_transient(&server("OOM", "command not allowed")));
+        let e = JobError::Exhausted { attempts: 6, max: 5 };
+        assert_eq!((e.action(), e.kind()), (Action::DeadLetter, "attempts"));
     }
 }

@@ -21,14 +21,14 @@ use futures_util::future::BoxFuture;
 use katz_onnx::lora::LoraParts;
 use tracing::Instrument;
 
-use crate::error::{Action, JobError, Unavailable};
+use crate::error::{redis_transient, Action, JobError, Unavailable};
 use crate::lora::{LoraConfig, LoraManager};
 use crate::metrics::metrics;
 use crate::pipeline::JobLoras;
 use crate::pipeline::{Catalogue, PipelineActor, RunJob};
 use crate::protocol::{decode, now_ms, ImageRef, Job, Limits, Status, DEFAULT_RESULT_TTL_S};
 use crate::store::{
-    Begin, BeginJob, CancelRequested, FetchBytes, Finish, NoteConflict, Progress, ResultStore,
+    Begin, BeginJob, CancelRequested, FailUndecoded, FetchBytes, Finish, NoteConflict, Progress, ResultStore,
 };
 
 /// A delivered message: its bytes, and how to tell the source what became of it.
@@ -49,6 +49,8 @@ pub struct JobDeps {
     pub worker: String,
     /// How long to keep retrying a result store while Redis is away before requeueing.
     pub store_retry: Duration,
+    /// Starts of one job (counted in its record) beyond which it fails with `attempts`.
+    pub max_attempts: u64,
     pub pipeline: Addr<PipelineActor>,
     pub store: Addr<ResultStore>,
     /// Job ids running in this process: a redelivery of one of them (after a reconnect) waits for
@@ -97,8 +99,9 @@ async fn claim<'a>(set: &'a Mutex<HashSet<String>>, id: &str) -> RunningGuard<'a
 }
 
 /// Sends a store message, retrying while Redis is away: every 100 ms, doubling up to 2 s, until
-/// `store_retry` has passed since the first try (then the last error is the answer). A closed
-/// store mailbox is not retried.
+/// `store_retry` has passed since the first try (then the last error is the answer). Only a
+/// transient Redis fault is retried: a reply that refuses the job's data (`WRONGTYPE`, an expire
+/// time out of range) and a closed store mailbox are answers at once.
 async fn store_retry<M, T>(deps: &JobDeps, make: impl Fn() -> M) -> Result<T, JobError>
 where
     M: Message<Result = Result<T, JobError>> + Send + 'static,
@@ -118,7 +121,7 @@ where
             .and_then(|r| r)
     };
     send.retry(backoff)
-        .when(|e| !matches!(e, JobError::Mailbox { .. }) && Instant::now() < deadline)
+        .when(|e| e.is_transient_store() && Instant::now() < deadline)
         .notify(|_, wait| tracing::warn!(retry_in = ?wait, "redis unavailable; retrying"))
         .await
 }
@@ -149,9 +152,22 @@ pub async fn process(d: &dyn Delivered, deps: &JobDeps) -> &'static str {
         Ok(j) => j,
         Err(e) => {
             tracing::warn!(id = ?e.id, error = %e.message, "rejecting a message");
-            let err = JobError::Decode(e.clone());
             if let Some(id) = &e.id {
-                let _ = store_retry(deps, || finish_failed(id, &err, DEFAULT_RESULT_TTL_S)).await;
+                let stored = store_retry(deps, || FailUndecoded {
+                    id: id.clone(),
+                    error: e.message.clone(),
+                    ttl_s: DEFAULT_RESULT_TTL_S,
+                })
+                .await;
+                if let Err(s) = stored {
+                    if s.action() == Action::Requeue {
+                        // the failed status is not stored yet: the message comes back for it
+                        tracing::warn!(error = %s, "the failed status could not be stored; requeueing");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        d.settle(Action::Requeue).await;
+                        return "requeued";
+                    }
+                }
             }
             d.settle(Action::DeadLetter).await;
             return "rejected";
@@ -193,14 +209,6 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         let digest = job
             .digest()
             .map_err(|e| JobError::Invalid(format!("the job cannot be encoded: {e}")))?;
-        if let Some(deadline) = job.deadline_ms {
-            let now = now_ms();
-            if now > deadline {
-                return Err(JobError::Deadline {
-                    late_ms: now - deadline,
-                });
-            }
-        }
         let begin = deps
             .store
             .send(BeginJob {
@@ -209,6 +217,7 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                 worker: deps.worker.clone(),
                 total_steps: job.steps,
                 queue_wait_ms,
+                ttl_s: ttl,
             })
             .await
             .map_err(JobError::mailbox(STORE))??;
@@ -216,7 +225,23 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             Begin::AlreadyDone => return Ok("duplicate"),
             Begin::Cancelled => return Ok("cancelled"),
             Begin::Conflict { stored } => return Err(JobError::Conflict { stored, this: digest }),
+            Begin::Run { attempts } if attempts > deps.max_attempts => {
+                return Err(JobError::Exhausted {
+                    attempts,
+                    max: deps.max_attempts,
+                })
+            }
             Begin::Run { attempts } => tracing::info!(attempts, "running"),
+        }
+        // after the begin: a late redelivery of a job already done is acked, and a late job under
+        // another job's id is a conflict, not a failed status written over that job's record
+        if let Some(deadline) = job.deadline_ms {
+            let now = now_ms();
+            if now > deadline {
+                return Err(JobError::Deadline {
+                    late_ms: now - deadline,
+                });
+            }
         }
         // LoRAs: known, fetching (a full queue of pending loads holds the job here), merging
         let admitted = if names.is_empty() {
@@ -226,13 +251,21 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         };
         // conditioning images, inline or from Redis
         let mut images = Vec::with_capacity(job.controlnets.len());
-        for c in &job.controlnets {
+        for (i, c) in job.controlnets.iter().enumerate() {
             images.push(match &c.image {
                 ImageRef::Inline(b) => b.clone(),
                 ImageRef::RedisKey(k) => store_retry(deps, || FetchBytes { key: k.clone() })
-                    .await?
+                    .await
+                    .map_err(|e| match e {
+                        JobError::Store(e) if !redis_transient(&e) => {
+                            JobError::Invalid(format!("ControlNet #{i}: conditioning image key `{k}`: {e}"))
+                        }
+                        e => e,
+                    })?
                     .ok_or_else(|| {
-                        JobError::Invalid(format!("conditioning image key `{k}` is not in Redis"))
+                        JobError::Invalid(format!(
+                            "ControlNet #{i}: conditioning image key `{k}` is not in Redis"
+                        ))
                     })?,
             });
         }
@@ -396,19 +429,25 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
             o
         }
         Err(e) => {
-            let action = e.action();
+            let mut action = e.action();
             tracing::warn!(error = %e, ?action, "job did not complete");
-            match (&e, action) {
+            let stored = match (&e, action) {
                 (JobError::Conflict { .. }, _) => {
-                    let _ = store_retry(deps, || NoteConflict {
+                    store_retry(deps, || NoteConflict {
                         id: job.id.clone(),
                         error: e.to_string(),
                     })
-                    .await;
+                    .await
                 }
-                (_, Action::Requeue) => {}
-                _ => {
-                    let _ = store_retry(deps, || finish_failed(&job.id, &e, ttl)).await;
+                (_, Action::Requeue) => Ok(()),
+                _ => store_retry(deps, || finish_failed(&job.id, &e, ttl)).await,
+            };
+            if let Err(s) = stored {
+                if s.action() == Action::Requeue {
+                    // the end is not stored yet (Redis away): the job comes back to store it;
+                    // its attempts bound it
+                    tracing::warn!(error = %s, "the job's end could not be stored; requeueing");
+                    action = Action::Requeue;
                 }
             }
             if action == Action::Requeue {
@@ -481,6 +520,7 @@ mod tests {
             catalogue: Arc::new(crate::pipeline::catalogue_for_tests()),
             worker: "test".into(),
             store_retry: Duration::from_millis(200),
+            max_attempts: 3,
             pipeline,
             store: store.start(),
             running: Default::default(),
@@ -522,6 +562,73 @@ mod tests {
             let d = Fake::new(b"not msgpack".to_vec());
             assert_eq!(process(&d, &deps).await, "rejected");
             assert_eq!(d.settled(), [Action::DeadLetter]);
+        });
+    }
+
+    #[test]
+    fn a_message_that_does_not_decode_leaves_another_jobs_record_as_it_is() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            mem.lock().unwrap().records.insert(
+                job_key("taken-id"),
+                HashMap::from([("digest".into(), "d1".into()), ("status".into(), "done".into())]),
+            );
+            let mut bad = job("taken-id");
+            bad.v = 99;
+            let d = Fake::of(&bad);
+            assert_eq!(process(&d, &deps).await, "rejected");
+            assert_eq!(d.settled(), [Action::DeadLetter]);
+            let r = record(&mem, "taken-id");
+            assert_eq!(r["status"], "done", "{r:?}");
+            assert!(r["conflict"].contains("schema version 99"), "{r:?}");
+            // a producer's queued record is the message's own: it fails
+            mem.lock().unwrap().records.insert(
+                job_key("queued-id"),
+                HashMap::from([("status".into(), "queued".into())]),
+            );
+            let mut bad = job("queued-id");
+            bad.v = 98;
+            assert_eq!(process(&Fake::of(&bad), &deps).await, "rejected");
+            assert_eq!(record(&mem, "queued-id")["status"], "failed");
+        });
+    }
+
+    #[test]
+    fn a_late_job_fails_with_deadline_but_never_over_another_jobs_record() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let mut late = job("late");
+            late.deadline_ms = Some(1);
+            let d = Fake::of(&late);
+            assert_eq!(process(&d, &deps).await, "failed");
+            assert_eq!(record(&mem, "late")["error_kind"], "deadline");
+            // the same id held by a finished job with other content: a conflict, record kept
+            let mut other = job("late-other");
+            other.deadline_ms = Some(1);
+            mem.lock().unwrap().records.insert(
+                job_key(&other.id),
+                HashMap::from([
+                    ("digest".into(), "someone-else".into()),
+                    ("status".into(), "done".into()),
+                ]),
+            );
+            assert_eq!(process(&Fake::of(&other), &deps).await, "failed");
+            let r = record(&mem, "late-other");
+            assert_eq!(r["status"], "done", "{r:?}");
+            assert!(r.contains_key("conflict"), "{r:?}");
+            // a late redelivery of a job already done: acked as a duplicate
+            let mut done = job("late-done");
+            done.deadline_ms = Some(1);
+            mem.lock().unwrap().records.insert(
+                job_key(&done.id),
+                HashMap::from([
+                    ("digest".into(), done.digest().unwrap()),
+                    ("status".into(), "done".into()),
+                ]),
+            );
+            let d = Fake::of(&done);
+            assert_eq!(process(&d, &deps).await, "duplicate");
+            assert_eq!(d.settled(), [Action::Ack]);
         });
     }
 
@@ -591,6 +698,27 @@ mod tests {
             assert_eq!(process(&d, &deps).await, "requeued");
             assert_eq!(d.settled(), [Action::Requeue]);
             assert_eq!(record(&mem, "no-pipeline")["status"], "running");
+        });
+    }
+
+    #[test]
+    fn a_job_requeued_again_and_again_fails_after_its_attempts() {
+        actix::System::new().block_on(async {
+            let (deps, mem, _stop) = deps(1);
+            let j = job("poisoned");
+            for n in 1..=3 {
+                let d = Fake::of(&j);
+                assert_eq!(process(&d, &deps).await, "requeued", "start {n}");
+            }
+            let d = Fake::of(&j);
+            assert_eq!(process(&d, &deps).await, "failed");
+            assert_eq!(d.settled(), [Action::DeadLetter]);
+            let r = record(&mem, "poisoned");
+            assert_eq!(
+                (r["status"].as_str(), r["error_kind"].as_str()),
+                ("failed", "attempts")
+            );
+            assert!(r["error"].contains("started 4 times (the most is 3)"), "{r:?}");
         });
     }
 

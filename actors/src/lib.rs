@@ -17,7 +17,8 @@
 //!
 //! A delivery is acked only after its result is stored; bad input is dead-lettered with a
 //! `failed` status naming the problem; a redelivered job whose result exists is acked without
-//! running again (idempotent by job id and content digest). See docs/protocol.md.
+//! running again (idempotent by job id and content digest). A Redis reply refusing the job's data
+//! fails it; a transient fault requeues it, at most `max_attempts` starts. See docs/protocol.md.
 //!
 //! ## Layout
 //!
@@ -27,7 +28,7 @@
 //! | `worker` | `run(cfg, shutdown)`: loads every pipeline, starts the actors and the consumer, drains on `shutdown` |
 //! | `consumer/` | `JobConsumer` (RabbitMQ: qos, deliveries, reconnects) |
 //! | `job` | `process`: one delivery from decode to ack (claim, LoRA prefetch, slot, BeginJob, images, the request check, LoRA admit/merge, RunJob, Finish); `JobDeps` |
-//! | `protocol` | the wire format (`Job`, decode of msgpack, version, id, priority), Redis keys, `Limits` |
+//! | `protocol` | the wire format (`Job`; decode: the strict shape in `wire`, version, id, priority, TTL, upload keys), Redis keys, `Limits` |
 //! | `pipeline/` | `PipelineActor` over a `LoadedPipeline`; `Models` (bundles, `Placement`, session options); `Catalogue` (a job → `ValidRequest`) |
 //! | `lora/` | `LoraManager` (a handle; one owner task), the store (dir, Redis), the caches |
 //! | `controlnet/` | `Router` (hosted or served ControlNets), `RemoteControlNets` (sessions on ControlNet workers over Redis or CUDA IPC), the ControlNet worker and its `SessionActor`, the wire format |

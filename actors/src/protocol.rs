@@ -9,6 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use katz_onnx::conditioning::{Canny, ResizeMode};
 use serde::{Deserialize, Serialize};
 
+pub mod wire;
+
 /// The job schema version this worker reads.
 pub const SCHEMA_VERSION: u32 = 1;
 /// Direct exchange that jobs are published to (routing key: base model name).
@@ -20,6 +22,8 @@ pub const DEAD_QUEUE: &str = "katz.jobs.dead";
 pub const MAX_PRIORITY: u8 = 10;
 /// Result TTL when a job gives none: one day.
 pub const DEFAULT_RESULT_TTL_S: u64 = 86_400;
+/// The longest result TTL a job may ask for: 365 days (a job's `result_ttl_s` is 1 to this).
+pub const MAX_RESULT_TTL_S: u64 = 365 * 86_400;
 
 /// The queue of a base model.
 pub fn jobs_queue(base: &str) -> String {
@@ -36,6 +40,11 @@ pub fn image_key(id: &str) -> String {
 /// Set (to anything) to ask for cancellation.
 pub fn cancel_key(id: &str) -> String {
     format!("katz:job:{id}:cancel")
+}
+/// The prefix of the Redis keys a job may read its conditioning images from (its own uploads):
+/// `katz:upload:<id>:`. Job ids hold no `:`, so no job's prefix is another's.
+pub fn upload_prefix(id: &str) -> String {
+    format!("katz:upload:{id}:")
 }
 /// Pub/sub channel of the job's progress events (JSON [`Event`]).
 pub fn events_channel(id: &str) -> String {
@@ -192,8 +201,8 @@ fn default_ttl() -> u64 {
 pub struct Job {
     /// Schema version: [`SCHEMA_VERSION`].
     pub v: u32,
-    /// Unique job id chosen by the producer (a UUID is a good choice); at most 128 bytes of
-    /// `[A-Za-z0-9_.:-]`.
+    /// Unique job id chosen by the producer (a UUID is a good choice); 1 to 128 bytes of
+    /// `[A-Za-z0-9_.-]` (no `:`, so no id names another job's keys: [`valid_id`]).
     pub id: String,
     /// Base model name (the bundle's `name`), also the routing key.
     pub base: String,
@@ -310,20 +319,15 @@ impl Default for Limits {
     }
 }
 
-#[derive(Deserialize)]
-struct Envelope {
-    #[serde(default)]
-    v: Option<u32>,
-    #[serde(default)]
-    id: Option<String>,
-}
-
-fn valid_id(id: &str) -> bool {
+/// Whether `id` may name a job: 1 to 128 bytes of `[A-Za-z0-9_.-]`. A `:` is not allowed: the
+/// job's keys are `katz:job:<id>`, `katz:job:<id>:image`, `katz:job:<id>:cancel`, so an id
+/// `<other>:cancel` would name another job's cancel key.
+pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 impl Limits {
@@ -339,11 +343,16 @@ impl Limits {
     }
 }
 
-/// Decodes a message (msgpack, schema version, job id, priority); every failure names the
-/// problem. The job's values are checked later, once, as a request.
+/// Decodes a message (the strict wire shape, schema version, job id, priority, result TTL,
+/// conditioning keys); every failure names the problem. The job's values are checked later,
+/// once, as a request.
 pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
-    let env: Option<Envelope> = rmp_serde::from_slice(bytes).ok();
-    let id = env.as_ref().and_then(|e| e.id.clone()).filter(|i| valid_id(i));
+    let shape = wire::check(bytes);
+    let id = match &shape {
+        Ok(s) => s.id.clone(),
+        Err(e) => e.shape.id.clone(),
+    }
+    .filter(|i| valid_id(i));
     let fail = |message: String| DecodeError {
         id: id.clone(),
         message,
@@ -355,23 +364,21 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
             limits.max_message_bytes
         )));
     }
-    let Some(env) = env else {
-        return Err(fail("message is not a msgpack map (see docs/protocol.md)".into()));
-    };
-    match env.v {
+    let shape = shape.map_err(|e| fail(e.message))?;
+    match shape.v {
         None => return Err(fail("message has no schema version `v`".into())),
-        Some(v) if v != SCHEMA_VERSION => {
+        Some(v) if v != SCHEMA_VERSION as u64 => {
             return Err(fail(format!(
                 "schema version {v} is not supported (this worker reads {SCHEMA_VERSION})"
             )))
         }
         _ => {}
     }
-    match &env.id {
-        None => return Err(fail("message has no job `id`".into())),
+    match &shape.id {
+        None => return Err(fail("message has no job `id` string".into())),
         Some(i) if !valid_id(i) => {
             return Err(fail(format!(
-                "job id {i:?} is not 1-128 characters of [A-Za-z0-9_.:-]"
+                "job id {i:?} is not 1-128 characters of [A-Za-z0-9_.-]"
             )))
         }
         _ => {}
@@ -379,6 +386,22 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
     let job: Job = rmp_serde::from_slice(bytes).map_err(|e| fail(format!("job does not decode: {e}")))?;
     if job.priority > MAX_PRIORITY {
         return Err(fail(format!("priority {} is over {MAX_PRIORITY}", job.priority)));
+    }
+    if !(1..=MAX_RESULT_TTL_S).contains(&job.result_ttl_s) {
+        return Err(fail(format!(
+            "result_ttl_s {} is out of range: 1 to {MAX_RESULT_TTL_S} (365 days)",
+            job.result_ttl_s
+        )));
+    }
+    let uploads = upload_prefix(&job.id);
+    for (i, c) in job.controlnets.iter().enumerate() {
+        if let ImageRef::RedisKey(k) = &c.image {
+            if !k.starts_with(&uploads) || k.len() == uploads.len() {
+                return Err(fail(format!(
+                    "ControlNet #{i}: conditioning image key `{k}` is not one of this job's uploads (`{uploads}<name>`)"
+                )));
+            }
+        }
     }
     Ok(job)
 }
@@ -595,5 +618,90 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.id.as_deref(), Some("j-5"));
         assert!(e.message.contains("missing field"), "{}", e.message);
+    }
+
+    #[test]
+    fn no_job_id_names_another_jobs_keys() {
+        let l = Limits::default();
+        for id in ["v:cancel", "d:image", "a:b", "", &"x".repeat(129), "a b", "a{b}"] {
+            let e = decode(&Job::new(id, "b", "p").encode().unwrap(), &l).unwrap_err();
+            assert!(
+                e.message.contains("is not 1-128 characters"),
+                "{id}: {}",
+                e.message
+            );
+            assert_eq!(e.id, None, "an invalid id gets no record");
+        }
+        for id in [
+            "0b7c1f9e-2a0d-4c1e-9a55-6f0d3e8a1b2c",
+            "job_1.2",
+            &"y".repeat(128),
+        ] {
+            assert!(
+                decode(&Job::new(id, "b", "p").encode().unwrap(), &l).is_ok(),
+                "{id}"
+            );
+        }
+        // with ids free of `:`, every key of one job differs from every key of any other
+        let keys = |id: &str| [job_key(id), image_key(id), cancel_key(id), upload_prefix(id)];
+        for (a, b) in [("v", "v.cancel"), ("d", "d-image"), ("a", "a_")] {
+            for ka in keys(a) {
+                for kb in keys(b) {
+                    assert!(ka != kb && !kb.starts_with(&upload_prefix(a)), "{ka} {kb}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn result_ttls_out_of_range_are_refused_naming_the_job() {
+        let l = Limits::default();
+        for ttl in [0, MAX_RESULT_TTL_S + 1, 1 << 63, u64::MAX] {
+            let mut j = Job::new("ttl", "b", "p");
+            j.result_ttl_s = ttl;
+            let e = decode(&j.encode().unwrap(), &l).unwrap_err();
+            assert_eq!(e.id.as_deref(), Some("ttl"));
+            assert!(e.message.contains("result_ttl_s"), "{}", e.message);
+        }
+        for ttl in [1, DEFAULT_RESULT_TTL_S, MAX_RESULT_TTL_S] {
+            let mut j = Job::new("ttl", "b", "p");
+            j.result_ttl_s = ttl;
+            assert!(decode(&j.encode().unwrap(), &l).is_ok());
+        }
+    }
+
+    #[test]
+    fn conditioning_keys_are_the_jobs_own_uploads() {
+        let l = Limits::default();
+        let with_key = |k: &str| {
+            let mut j = Job::new("j9", "b", "p");
+            j.controlnets.push(ControlNetJob {
+                model: "cn".into(),
+                image: ImageRef::RedisKey(k.into()),
+                resize: ResizeMode::Resize,
+                canny: None,
+                scale: 1.0,
+                start: 0.0,
+                end: 1.0,
+            });
+            decode(&j.encode().unwrap(), &l)
+        };
+        assert!(with_key("katz:upload:j9:0").is_ok());
+        for k in [
+            "katz:job:other:image",
+            "katz:job:j9:image",
+            "katz:upload:j9:",
+            "katz:upload:j90:0",
+            "katz:upload:other:0",
+            "secret",
+        ] {
+            let e = with_key(k).unwrap_err();
+            assert!(
+                e.message.contains("not one of this job's uploads"),
+                "{k}: {}",
+                e.message
+            );
+            assert_eq!(e.id.as_deref(), Some("j9"));
+        }
     }
 }

@@ -57,6 +57,10 @@ pub enum Error {
     /// answering within every retry): dead-letter.
     #[error("{0}")]
     ControlNet(String),
+    /// The job's numbers overflowed (latents or image not finite: a LoRA or ControlNet scale too
+    /// large, weights that blow up): no image is stored, the job fails.
+    #[error("{0}")]
+    NonFinite(String),
     /// A ControlNet's transport failed (Redis, RabbitMQ): not the job's fault, so it is requeued
     /// for a try that may find the transport back.
     #[error("{what}: {source}")]
@@ -103,6 +107,7 @@ impl Error {
             | Error::Scheduler(_)
             | Error::Tokenizer { .. }
             | Error::ControlNet(_)
+            | Error::NonFinite(_)
             | Error::Cancelled { .. } => Disposition::DeadLetter,
             Error::RuntimeMissing { .. }
             | Error::RuntimeLoad { .. }
@@ -131,6 +136,7 @@ impl Error {
             Error::Cancelled { .. } => "cancelled",
             Error::Gpu(_) => "gpu",
             Error::ControlNet(_) => "controlnet",
+            Error::NonFinite(_) => "non_finite",
             Error::ControlNetTransport { .. } => "controlnet_transport",
         }
     }

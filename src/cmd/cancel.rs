@@ -1,7 +1,9 @@
-//! `katz cancel ID`: a queued job is cancelled at once; a running one stops at its next step.
+//! `katz cancel ID`: a queued job is cancelled at once (its record then expires like any ended
+//! job's, after the default result TTL); a running one stops at its next step. The cancel key
+//! expires after a day if no worker takes the job.
 
 use clap::Args;
-use katz_actors::protocol::{cancel_key, job_key, now_ms};
+use katz_actors::protocol::{cancel_key, job_key, now_ms, DEFAULT_RESULT_TTL_S};
 
 use super::{block_on, RedisArgs};
 
@@ -10,6 +12,7 @@ redis.call('SET', KEYS[2], '1', 'EX', 86400)
 local st = redis.call('HGET', KEYS[1], 'status')
 if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_ms', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 return st or ''
 "#;
@@ -28,6 +31,7 @@ pub fn run(a: CancelArgs) -> anyhow::Result<()> {
             .key(job_key(&a.id))
             .key(cancel_key(&a.id))
             .arg(now_ms())
+            .arg(DEFAULT_RESULT_TTL_S)
             .invoke_async(&mut conn)
             .await?;
         match before.as_str() {

@@ -8,7 +8,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use katz_actors::protocol::{
-    image_key, job_key, jobs_queue, now_ms, ControlNetJob, ImageRef, Job, LoraJob, Seed, Status,
+    image_key, job_key, jobs_queue, now_ms, valid_id, ControlNetJob, ImageRef, Job, LoraJob, Seed, Status,
+    MAX_RESULT_TTL_S,
 };
 use katz_actors::topology;
 use redis::AsyncCommands;
@@ -103,6 +104,16 @@ pub fn run(a: SubmitArgs) -> anyhow::Result<()> {
 
 async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     let id = a.id.clone().unwrap_or_else(new_id);
+    // checked before anything is written: a worker would write no record for a bad id
+    if !valid_id(&id) {
+        bail!("job id `{id}` is not 1-128 characters of [A-Za-z0-9_.-] (docs/protocol.md)");
+    }
+    if !(1..=MAX_RESULT_TTL_S).contains(&a.ttl_s) {
+        bail!(
+            "--ttl-s {} is out of range: 1 to {MAX_RESULT_TTL_S} (365 days)",
+            a.ttl_s
+        );
+    }
     let mut redis = a.redis.connect().await?;
     let mut job = Job::new(&id, &a.base, &a.prompt);
     job.negative_prompt = a.negative_prompt.clone();

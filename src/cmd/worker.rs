@@ -90,6 +90,10 @@ pub struct WorkerArgs {
     /// Name written into each job's status [default: <hostname>-<pid>]
     #[arg(long, env = "KATZ_WORKER_NAME")]
     pub name: Option<String>,
+    /// Times a job may be started (requeued after Redis trouble or a worker that died) before it
+    /// fails with `attempts` [default: 5]
+    #[arg(long, env = "KATZ_MAX_ATTEMPTS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_attempts: Option<u64>,
     /// Largest message accepted; larger ones are dead-lettered [default: 33554432]
     #[arg(long, env = "KATZ_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -172,6 +176,7 @@ impl WorkerArgs {
             c.name = self.name;
         }
         set(&mut c.max_message_bytes, self.max_message_bytes);
+        set(&mut c.max_attempts, self.max_attempts);
         set(&mut c.max_side, self.max_side);
 
         let s = &mut c.session;
@@ -282,8 +287,11 @@ mod tests {
                 "--cuda-graph",
                 "--lora-switch",
                 "ready",
+                "--max-attempts",
+                "3",
             ],
         );
+        assert_eq!(c.max_attempts, 3);
         assert_eq!((c.concurrency, c.session.threads), (3, 1));
         assert_eq!(c.queue.as_deref(), Some("q"));
         assert_eq!(

@@ -4,8 +4,11 @@
 use std::path::PathBuf;
 
 mod bus;
+mod worker;
 #[allow(unused_imports)] // not every test uses the bus
 pub use bus::*;
+#[allow(unused_imports)]
+pub use worker::Worker;
 
 use katz_onnx::runtime::SessionOptions;
 

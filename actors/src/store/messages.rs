@@ -26,6 +26,9 @@ pub struct BeginJob {
     pub worker: String,
     pub total_steps: u32,
     pub queue_wait_ms: Option<u64>,
+    /// The job's `result_ttl_s`: a job cancelled before it started ends here, and its record
+    /// expires this long after.
+    pub ttl_s: u64,
 }
 
 #[derive(Message)]
@@ -46,6 +49,17 @@ pub struct Finish {
     pub error: Option<(String, String)>,
     /// `(field, value)` pairs added to the status hash (timings, worker …).
     pub fields: Vec<(String, String)>,
+    pub ttl_s: u64,
+}
+
+/// A message that did not decode names a job id: its record says `failed` (decode) only if no job
+/// began under that id (no record, the producer's `queued` one, or an earlier such failure);
+/// another job's record only gets a `conflict` note. Answers whether the status was written.
+#[derive(Message)]
+#[rtype(result = "Result<bool, JobError>")]
+pub struct FailUndecoded {
+    pub id: String,
+    pub error: String,
     pub ttl_s: u64,
 }
 

@@ -7,6 +7,9 @@
 //! forwarder ─Progress─▶         ──HSET step/total + PUBLISH katz:events:<id>
 //! job ──Finish───▶              ──SET katz:job:<id>:image, HSET status, EXPIRE, PUBLISH
 //! ```
+//!
+//! Every key a job's end writes expires: the record and image `result_ttl_s` after the end (also
+//! for a job cancelled before it started), and the cancel key is deleted once it is obeyed.
 
 pub mod messages;
 
@@ -25,21 +28,43 @@ pub use messages::*;
 /// Atomically decides what to do with a delivered job (see [`Begin`]).
 const BEGIN_LUA: &str = r#"
 local k, cancel = KEYS[1], KEYS[2]
-local digest, worker, now, total, wait = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local digest, worker, now, total, wait, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local d = redis.call('HGET', k, 'digest')
 local st = redis.call('HGET', k, 'status')
 if d and d ~= digest then return {'conflict', d} end
 if st == 'done' then return {'done', ''} end
 if st == 'cancelled' or redis.call('EXISTS', cancel) == 1 then
   redis.call('HSET', k, 'status', 'cancelled', 'digest', digest, 'finished_ms', now)
+  redis.call('EXPIRE', k, ttl)
+  redis.call('DEL', cancel)
   return {'cancelled', ''}
 end
 redis.call('HSET', k, 'status', 'running', 'digest', digest, 'worker', worker, 'started_ms', now,
   'step', 0, 'total', total)
 if wait ~= '' then redis.call('HSET', k, 'queue_wait_ms', wait) end
 redis.call('HDEL', k, 'error', 'error_kind')
+-- a record without a TTL (a producer's `queued` one) gets one while the job runs; its end sets
+-- the job's own
+if redis.call('TTL', k) < 0 then redis.call('EXPIRE', k, ttl + 86400) end
 local n = redis.call('HINCRBY', k, 'attempts', 1)
 return {'run', tostring(n)}
+"#;
+
+/// Fails a message that did not decode, unless its id is another job's (see [`FailUndecoded`]).
+const FAIL_UNDECODED_LUA: &str = r#"
+local k, events = KEYS[1], KEYS[2]
+local err, now, ttl, event = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local st = redis.call('HGET', k, 'status')
+local ours = st == false or st == 'queued'
+  or (st == 'failed' and redis.call('HGET', k, 'error_kind') == 'decode')
+if redis.call('HEXISTS', k, 'digest') == 1 or not ours then
+  redis.call('HSET', k, 'conflict', err)
+  return 0
+end
+redis.call('HSET', k, 'status', 'failed', 'error', err, 'error_kind', 'decode', 'finished_ms', now)
+redis.call('EXPIRE', k, ttl)
+redis.call('PUBLISH', events, event)
+return 1
 "#;
 
 /// Records and blobs of the in-memory store (embedded mode), by their Redis keys.
@@ -58,6 +83,30 @@ impl Memory {
         }
     }
 
+    /// The Rust twin of `FAIL_UNDECODED_LUA`.
+    fn fail_undecoded(&mut self, m: &FailUndecoded) -> bool {
+        let rec = self.records.entry(job_key(&m.id)).or_default();
+        let ours = match rec.get("status").map(String::as_str) {
+            None | Some("queued") => true,
+            Some("failed") => rec.get("error_kind").map(String::as_str) == Some("decode"),
+            Some(_) => false,
+        };
+        if rec.contains_key("digest") || !ours {
+            rec.insert("conflict".into(), m.error.clone());
+            return false;
+        }
+        for (k, v) in [
+            ("status", "failed".to_string()),
+            ("error", m.error.clone()),
+            ("error_kind", "decode".into()),
+            ("finished_ms", now_ms().to_string()),
+        ] {
+            rec.insert(k.into(), v);
+        }
+        self.publish(event(&m.id, Status::Failed, 0, 0, Some(m.error.clone())));
+        true
+    }
+
     /// The Rust twin of `BEGIN_LUA`.
     fn begin(&mut self, m: &BeginJob) -> Begin {
         let cancelled = self.blobs.contains_key(&cancel_key(&m.id));
@@ -70,7 +119,9 @@ impl Memory {
         }
         if cancelled || rec.get("status").map(String::as_str) == Some("cancelled") {
             rec.insert("status".into(), "cancelled".into());
+            rec.insert("digest".into(), m.digest.clone());
             rec.insert("finished_ms".into(), now_ms().to_string());
+            self.blobs.remove(&cancel_key(&m.id));
             return Begin::Cancelled;
         }
         let attempts = rec
@@ -194,6 +245,7 @@ impl Handler<BeginJob> for ResultStore {
                 .arg(now_ms())
                 .arg(m.total_steps)
                 .arg(m.queue_wait_ms.map(|w| w.to_string()).unwrap_or_default())
+                .arg(m.ttl_s)
                 .invoke_async(&mut conn)
                 .await?;
             Ok(match verdict.as_str() {
@@ -297,6 +349,30 @@ impl Handler<Finish> for ResultStore {
             pipe.publish(events_channel(&m.id), json(&e)).ignore();
             let _: () = pipe.query_async(&mut conn).await?;
             Ok(())
+        })
+    }
+}
+
+impl Handler<FailUndecoded> for ResultStore {
+    type Result = Reply<bool>;
+
+    fn handle(&mut self, m: FailUndecoded, _: &mut Context<Self>) -> Self::Result {
+        let (mut conn, _) = match with_memory(&self.backend, |mem| mem.fail_undecoded(&m)) {
+            Ok(v) => return Box::pin(async move { Ok(v) }),
+            Err(redis) => redis,
+        };
+        Box::pin(async move {
+            let e = event(&m.id, Status::Failed, 0, 0, Some(m.error.clone()));
+            let wrote: i64 = redis::Script::new(FAIL_UNDECODED_LUA)
+                .key(job_key(&m.id))
+                .key(events_channel(&m.id))
+                .arg(&m.error)
+                .arg(now_ms())
+                .arg(m.ttl_s)
+                .arg(json(&e))
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(wrote == 1)
         })
     }
 }

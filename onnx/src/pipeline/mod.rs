@@ -61,7 +61,7 @@ use crate::tensor::Tensor;
 use crate::text::{TextEncoders, TextWeights};
 use crate::unet::UnetSet;
 use crate::weights::Weights;
-use crate::Result;
+use crate::{Error, Result};
 
 pub use crate::lora::plan::{LoraBound, LoraMode, LoraPlan};
 pub use timings::Timings;
@@ -413,6 +413,7 @@ impl Pipeline {
         for s in sessions.iter_mut().chain(halves.iter_mut().flatten()) {
             s.close();
         }
+        finite(&latents.data, "the latents after the last step")?;
         let t0 = Instant::now();
         self.make_current()?;
         let image = self.decode(&latents).map_err(|e| at("VAE decode", e))?;
@@ -617,10 +618,42 @@ impl Pipeline {
         );
         let tiling = self.bundle.manifest.vae_tiling();
         let mut image = crate::vae::decode(&scaled, Some(&tiling), |x| crate::vae::run(&mut self.vae, x))?;
+        finite(&image.data, "the VAE's image")?;
         image
             .data
             .iter_mut()
             .for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
         Ok(image)
+    }
+}
+
+/// Fails a job whose numbers overflowed: the first value of `data` that is NaN or infinite is
+/// named (a clamp would turn it into a black or white pixel and store the image as `done`).
+fn finite(data: &[f32], what: &str) -> Result<()> {
+    match data.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::NonFinite(format!(
+            "{what} hold a non-finite value ({} at index {i} of {}): a LoRA or ControlNet scale too large, or weights that overflow",
+            data[i],
+            data.len()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod finite_tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_values_fail_the_job_naming_the_first() {
+        assert!(finite(&[0.0, -1.5, 3e38], "x").is_ok());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let e = finite(&[0.0, bad, 1.0], "the latents").unwrap_err();
+            assert!(e.to_string().contains("at index 1 of 3"), "{e}");
+            assert_eq!(
+                (e.disposition(), e.kind()),
+                (crate::Disposition::DeadLetter, "non_finite")
+            );
+        }
     }
 }
