@@ -247,3 +247,15 @@ pub fn write_json(path: &Path, v: &serde_json::Value) -> anyhow::Result<()> {
     println!("wrote {}", path.display());
     Ok(())
 }
+
+/// `--id-prefix`: job ids are PREFIX-<index>, so the prefix must keep them valid job ids
+/// (docs/protocol.md: 1-128 characters of `[A-Za-z0-9_.-]`).
+pub fn id_prefix(s: &str) -> Result<String, String> {
+    if katz_actors::protocol::valid_id(&format!("{s}-1000000")) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "job ids are PREFIX-<index>: the prefix must be at most 120 characters of [A-Za-z0-9_.-], got {s:?}"
+        ))
+    }
+}

@@ -75,7 +75,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub limit: Option<usize>,
     /// Job ids are PREFIX-<index>; the report reads them back by it.
-    #[arg(long, default_value = "replay")]
+    #[arg(long, default_value = "replay", value_parser = crate::cmd::id_prefix)]
     pub id_prefix: String,
     /// Queue [default: katz.jobs.<base>]
     #[arg(long)]

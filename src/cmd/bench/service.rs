@@ -85,7 +85,7 @@ pub struct ServiceBenchArgs {
     #[arg(long, default_value_t = 5.0)]
     pub guidance: f32,
     /// Job ids are PREFIX-<index> [default: bench-<unix ms>]
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cmd::id_prefix)]
     pub id_prefix: Option<String>,
     /// The system under test, as the table and JSON name it.
     #[arg(long, default_value = "katz")]
