@@ -259,3 +259,13 @@ pub fn id_prefix(s: &str) -> Result<String, String> {
         ))
     }
 }
+
+#[cfg(test)]
+mod id_prefix_tests {
+    #[test]
+    fn an_id_prefix_must_keep_job_ids_valid() {
+        assert_eq!(super::id_prefix("bench-1").unwrap(), "bench-1");
+        assert!(super::id_prefix("a:b").unwrap_err().contains("[A-Za-z0-9_.-]"));
+        assert!(super::id_prefix(&"x".repeat(121)).is_err());
+    }
+}
