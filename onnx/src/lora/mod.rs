@@ -53,6 +53,8 @@
 //! * `adapter.rs` — [`LoraAdapter`] and its [`LoraLayer`]s: reading a file (`load`, `from_bytes`)
 //!   step by step — keys placed by the layout's `KeyMap`, factors converted to f32, every refused
 //!   key gathered into one error, factors paired and their shapes checked.
+//! * `parts.rs` — what a job uses of a file ([`LoraParts`]), the parts a bundle cannot take
+//!   ([`Untaken`]) and the refused keys (`Refused`: other adapter kinds, unmatched), one error.
 //! * `layout.rs` — [`LoraLayout`]: which layout a file is in, the grammar of its keys, and where
 //!   a peft key goes.
 //! * `kohya.rs` — kohya / SGM module names onto the bundle's weight names (`KohyaMap`).
@@ -88,6 +90,7 @@ mod kohya;
 mod layout;
 mod lycoris;
 mod merge;
+mod parts;
 mod pending;
 pub mod plan;
 
