@@ -474,6 +474,7 @@ fn pair_factors(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lora::fixtures::values;
     use crate::lora::fixtures::{kohya_name, serialize, Entry};
 
     const Q: &str = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q";
@@ -495,22 +496,6 @@ mod tests {
                         shape: vec![o, i],
                     },
                 )
-            })
-            .collect()
-    }
-
-    /// Deterministic values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407)
-            | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
     }

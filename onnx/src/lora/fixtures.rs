@@ -31,3 +31,19 @@ pub(super) fn serialize(entries: &[Entry], metadata: Option<HashMap<String, Stri
         .collect();
     safetensors::serialize(views, metadata).unwrap()
 }
+
+/// Deterministic values in [-1, 1) (xorshift from `seed`).
+pub(super) fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

@@ -255,22 +255,7 @@ fn on_gpu(weights: &Weights) -> Result<&DeviceWeights> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407)
-            | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::lora::fixtures::values;
 
     /// `coeff·B·A` in f64.
     fn delta(f: &Factor<'_>, rows: usize, cols: usize) -> Vec<f64> {
