@@ -802,28 +802,18 @@ fn a_slow_lora_store_delays_the_first_step_in_sync_mode_only() {
 
 /// A `katz controlnet-worker` for the tiny ControlNet, killed when dropped.
 fn cn_worker(name: &str, extra: &[&str]) -> Worker {
-    let log = std::env::temp_dir().join(format!("katz-test-{}-{name}.log", std::process::id()));
-    let f = std::fs::File::create(&log).unwrap();
-    let child = Command::new(katz_bin())
-        .args([
-            "controlnet-worker",
-            "--bundle",
-            "bundles/tiny-sdxl-controlnet",
-            "--name",
-            name,
-            "--threads",
-            "1",
-            "--idle-s",
-            "10",
-        ])
-        .args(extra)
-        .env("KATZ_LOG", "info,ort=warn")
-        .current_dir(root())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .expect("controlnet worker starts");
-    Worker { child, log }
+    let args = [
+        "controlnet-worker",
+        "--bundle",
+        "bundles/tiny-sdxl-controlnet",
+        "--name",
+        name,
+        "--threads",
+        "1",
+        "--idle-s",
+        "10",
+    ];
+    Worker::spawn(&args, name, extra)
 }
 
 /// `katz generate` with the job's ControlNets in-process.

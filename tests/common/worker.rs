@@ -14,17 +14,23 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(queue: &str, name: &str, extra: &[&str]) -> Worker {
+        let args = ["worker", "--queue", queue, "--name", name, "--threads", "1"];
+        Worker::spawn(&args, name, extra)
+    }
+
+    /// `katz ARGS EXTRA` from the repository root, its output in a log named after `name`.
+    pub fn spawn(args: &[&str], name: &str, extra: &[&str]) -> Worker {
         let log = std::env::temp_dir().join(format!("katz-test-{}-{name}.log", std::process::id()));
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(katz_bin())
-            .args(["worker", "--queue", queue, "--name", name, "--threads", "1"])
+            .args(args)
             .args(extra)
             .env("KATZ_LOG", "info,ort=warn")
             .current_dir(root())
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .spawn()
-            .expect("worker starts");
+            .unwrap_or_else(|e| panic!("katz {} starts: {e}", args[0]));
         Worker { child, log }
     }
 
