@@ -888,6 +888,56 @@ fn remote_controlnets_give_the_in_process_image_for_1_2_3_controlnets() {
     });
 }
 
+/// `--controlnet-residuals f16` on an f32 ControlNet: the residuals come back rounded to fp16 (half
+/// the bytes through Redis), so the image is close to the in-process one but not the same.
+#[test]
+fn half_precision_residuals_round_an_f32_controlnet_slightly() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut bus = Bus::new("cn-half").await;
+        let q = format!("{}.cn", bus.queue);
+        let _a = cn_worker("cn-half", &["--queue", &q]);
+        let svc = format!("tiny-sdxl-controlnet@{q}");
+        let _w = Worker::start(
+            &bus.queue,
+            "w-cn-half",
+            &["--controlnet-service", &svc, "--controlnet-residuals", "f16"],
+        );
+        let mut j = job("cnh");
+        j.steps = 6;
+        j.seed = 9.into();
+        with_controlnets(&mut j, 1);
+        bus.publish(&j).await;
+        let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
+        assert_eq!(r["status"], "done", "{r:?}");
+        let png: Vec<u8> = bus.redis.get(image_key(&j.id)).await.unwrap();
+        let want = generate_with_controlnets(&j);
+        let e = katz_kernels::rel_err(&png_f32(&png), &png_f32(&want));
+        assert!(e <= 1e-2, "fp16 residuals vs in-process: relative error {e:.2e}");
+        // the ControlNet worker answered in fp16 (its log, escapes stripped)
+        let log: String = {
+            let raw = _a.log();
+            let mut out = String::with_capacity(raw.len());
+            let mut esc = false;
+            for c in raw.chars() {
+                match (esc, c) {
+                    (false, '\x1b') => esc = true,
+                    (true, 'm') => esc = false,
+                    (true, _) => {}
+                    (false, c) => out.push(c),
+                }
+            }
+            out
+        };
+        assert!(
+            log.lines()
+                .any(|l| l.contains("session started") && l.contains("half=true")),
+            "the ControlNet worker did not answer in fp16:\n{log}"
+        );
+        bus.cleanup().await;
+    });
+}
+
 async fn leftover_keys(bus: &mut Bus, job: &str) -> Vec<(String, i64)> {
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("katz:cn:{job}-*"))

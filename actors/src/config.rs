@@ -25,6 +25,7 @@ use katz_onnx::runtime::{BucketLoad, Device, SessionOptions};
 use serde::Deserialize;
 use serde_with::{serde_as, DisplayFromStr};
 
+use crate::controlnet::wire::Residuals;
 use crate::controlnet::{LocalMode, RemoteConfig, RemoteModel};
 use crate::lora::{LoraConfig, Policy};
 use crate::pipeline::Models;
@@ -193,6 +194,10 @@ pub struct ControlNetConfig {
     /// worker and ControlNet workers on GPUs of this host; tensors stay on the GPUs).
     #[serde_as(as = "DisplayFromStr")]
     pub controlnet_transport: Transport,
+    /// The precision remote ControlNets send residuals in: `auto` (fp16 where the ControlNet
+    /// computes in fp16, which is exact; f32 otherwise), `f16` (always: half the transport), `f32`.
+    #[serde_as(as = "DisplayFromStr")]
+    pub controlnet_residuals: Residuals,
 }
 
 impl Default for ControlNetConfig {
@@ -208,6 +213,7 @@ impl Default for ControlNetConfig {
             controlnet_step_timeout_ms: remote.step_timeout.as_millis() as u64,
             controlnet_retries: remote.retries,
             controlnet_transport: Transport::default(),
+            controlnet_residuals: remote.residuals,
         }
     }
 }
@@ -379,6 +385,7 @@ impl WorkerConfig {
         let mut remote = RemoteConfig::new(self.amqp.clone(), self.redis.clone());
         remote.step_timeout = Duration::from_millis(cn.controlnet_step_timeout_ms);
         remote.retries = cn.controlnet_retries;
+        remote.residuals = cn.controlnet_residuals;
         remote.ipc = match cn.controlnet_transport {
             Transport::Redis => false,
             Transport::CudaIpc if device.is_gpu() => true,
@@ -518,6 +525,7 @@ mod tests {
             controlnet_step_timeout_ms = 5
             controlnet_retries = 7
             controlnet_transport = "cuda-ipc"
+            controlnet_residuals = "f16"
             lora_mode = "sync"
             lora_bound = "4"
             lora_switch = "ready"
@@ -539,6 +547,7 @@ mod tests {
         assert_eq!(c.controlnet.controlnets, Some(vec![]));
         assert_eq!(c.controlnet.controlnet_services[1].queue, "q");
         assert_eq!(c.controlnet.controlnet_transport, Transport::CudaIpc);
+        assert_eq!(c.controlnet.controlnet_residuals, Residuals::F16);
         assert_eq!(c.lora.lora_switch, LoraSwitch::Ready);
         let mut c = c;
         c.locate_bundles(Path::new("/b"));

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use katz_actors::config::{ShapeList, Transport, WorkerConfig};
+use katz_actors::controlnet::wire::Residuals;
 use katz_actors::controlnet::{LocalMode, RemoteModel};
 use katz_actors::worker;
 use katz_onnx::runtime::{BucketLoad, Device, OtherSizes};
@@ -68,6 +69,11 @@ pub struct WorkerArgs {
     /// ControlNet workers on GPUs of this host; handles travel through Redis, tensors stay on the GPUs) [default: redis]
     #[arg(long, env = "KATZ_CONTROLNET_TRANSPORT")]
     pub controlnet_transport: Option<Transport>,
+    /// The precision remote ControlNets send residuals in: auto (fp16 where the ControlNet computes
+    /// in fp16, which is exact; f32 otherwise), f16 (always: half the transport, rounds an f32
+    /// ControlNet's residuals) or f32 [default: auto]
+    #[arg(long, env = "KATZ_CONTROLNET_RESIDUALS")]
+    pub controlnet_residuals: Option<Residuals>,
     /// Remote ControlNet sessions opened again after a timeout before the job fails [default: 2]
     #[arg(long, env = "KATZ_CONTROLNET_RETRIES")]
     pub controlnet_retries: Option<u32>,
@@ -222,6 +228,7 @@ impl WorkerArgs {
         );
         set(&mut cn.controlnet_retries, self.controlnet_retries);
         set(&mut cn.controlnet_transport, self.controlnet_transport);
+        set(&mut cn.controlnet_residuals, self.controlnet_residuals);
 
         self.lora.apply(&mut c.lora);
         self.lora_store.apply(&mut c.lora);

@@ -11,13 +11,19 @@
 //! residuals read in place (same GPU) or peer-copied by the pipeline
 //! ```
 //!
+//! In half precision (`IpcResiduals::f16`, the session's `residuals`) the worker converts its
+//! residuals to fp16 into the output buffer, and the base converts them back into an f32 buffer
+//! of its own GPU, the kernel reading across: half the bytes cross between GPUs, and the
+//! pipeline reads them in place. A ControlNet computing in fp16 loses nothing by it.
+//!
 //! Each side frees the buffers it owns when the session ends (or its process exits); mappings
 //! close on drop. A worker that cannot serve IPC (CPU model, other host) answers with an error,
 //! and the job fails naming it: nothing silently moves through the host instead.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaStream};
+use katz_kernels::cuda::GpuKernels;
 use katz_kernels::ipc::{handle_from_hex, handle_hex, IpcBuffer, IpcEvent, IpcMapping};
 use katz_onnx::controlnet::{BoundControlNet, ControlNet};
 use katz_onnx::device::DevRef;
@@ -38,6 +44,21 @@ fn context(device: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>)> {
     let ctx = CudaContext::new(device).map_err(|e| ipc_err("opening the GPU", e))?;
     let stream = ctx.new_stream().map_err(|e| ipc_err("a stream", e))?;
     Ok((ctx, stream))
+}
+
+/// The conversion kernels of GPU `device`, compiled (or loaded from the PTX cache) once per
+/// process and shared by its sessions.
+fn kernels(device: usize) -> Result<Arc<Mutex<GpuKernels>>> {
+    static KERNELS: Mutex<Vec<(usize, Arc<Mutex<GpuKernels>>)>> = Mutex::new(Vec::new());
+    let mut all = KERNELS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, k)) = all.iter().find(|(d, _)| *d == device) {
+        return Ok(k.clone());
+    }
+    let k = Arc::new(Mutex::new(
+        GpuKernels::new(device).map_err(|e| ipc_err("the fp16 kernels", e))?,
+    ));
+    all.push((device, k.clone()));
+    Ok(k)
 }
 
 /// Copies `bytes` between device addresses (either may be mapped from another process) on
@@ -85,6 +106,8 @@ pub struct BaseIpc {
     event: IpcEvent,
     out: Option<Opened<IpcMapping>>,
     out_event: Option<Opened<IpcEvent>>,
+    /// Half-precision answers, converted back to f32 on this GPU.
+    widened: Option<IpcBuffer>,
 }
 
 impl BaseIpc {
@@ -101,6 +124,7 @@ impl BaseIpc {
             event,
             out: None,
             out_event: None,
+            widened: None,
         })
     }
 
@@ -160,11 +184,39 @@ impl BaseIpc {
         let ev = opened(&mut self.out_event, &r.event, |h| {
             IpcEvent::open(&ctx, h).map_err(|e| ipc_err("opening the worker's event", e))
         })?;
-        ev.wait(&self.stream)
-            .map_err(|e| ipc_err("waiting for the residuals", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| ipc_err("waiting for the residuals", e))?;
+        let total: u64 = r.shapes.iter().map(|s| s.iter().product::<u64>()).sum();
+        let (base, device) = if r.f16 {
+            // fp16 in the worker's buffer: widened into an f32 buffer here, read across GPUs
+            let bytes = total as usize * 4;
+            if self.widened.as_ref().map(IpcBuffer::bytes) != Some(bytes) {
+                self.widened = Some(
+                    IpcBuffer::new(&self.ctx, bytes).map_err(|e| ipc_err("the f32 residual buffer", e))?,
+                );
+            }
+            let dst = self
+                .widened
+                .as_ref()
+                .ok_or_else(|| ipc_err("the f32 residual buffer", "not allocated"))?
+                .ptr();
+            let k = kernels(self.device)?;
+            let k = k.lock().unwrap_or_else(|p| p.into_inner());
+            ev.wait(&k.stream)
+                .map_err(|e| ipc_err("waiting for the residuals", e))?;
+            // SAFETY: the worker's buffer holds `total` fp16 values (its answer's shapes), ours
+            // `total` f32; the worker writes its buffer again only after the next step is sent
+            unsafe { k.from_f16_raw(base, dst, total as usize) }
+                .map_err(|e| ipc_err("widening the residuals", e))?;
+            k.synchronize()
+                .map_err(|e| ipc_err("widening the residuals", e))?;
+            (dst, self.device)
+        } else {
+            ev.wait(&self.stream)
+                .map_err(|e| ipc_err("waiting for the residuals", e))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| ipc_err("waiting for the residuals", e))?;
+            (base, r.device as usize)
+        };
         let mut off = 0u64;
         Ok(r.shapes
             .iter()
@@ -173,7 +225,7 @@ impl BaseIpc {
                 let d = DevRef {
                     ptr: base + off * 4,
                     shape,
-                    device: r.device as usize,
+                    device,
                 };
                 off += s.iter().product::<u64>();
                 d
@@ -203,6 +255,7 @@ impl WorkerIpc {
         cond: &Conditioning,
         image: &Tensor,
         m: &IpcStep,
+        half: bool,
     ) -> IpcResiduals {
         let fail = |e: Error| IpcResiduals {
             step: m.step,
@@ -211,6 +264,7 @@ impl WorkerIpc {
             buffer: String::new(),
             event: String::new(),
             shapes: vec![],
+            f16: false,
         };
         if slot.is_none() {
             let Some(device) = cn.gpu() else {
@@ -238,7 +292,7 @@ impl WorkerIpc {
             }
         }
         match slot.as_mut() {
-            Some(w) => w.step(cn, cond, image, m).unwrap_or_else(fail),
+            Some(w) => w.step(cn, cond, image, m, half).unwrap_or_else(fail),
             None => fail(ipc_err("the session", "no GPU side")),
         }
     }
@@ -249,6 +303,7 @@ impl WorkerIpc {
         cond: &Conditioning,
         image: &Tensor,
         m: &IpcStep,
+        half: bool,
     ) -> Result<IpcResiduals> {
         if m.host != self.host {
             return Err(ipc_err(
@@ -283,7 +338,8 @@ impl WorkerIpc {
             .as_mut()
             .ok_or_else(|| ipc_err("the ControlNet", "not bound"))?;
         let res = cn.run_bound(bound, &latent, &t)?;
-        let total: usize = res.iter().map(DevRef::len).sum::<usize>() * 4;
+        let width = if half { 2 } else { 4 };
+        let total: usize = res.iter().map(DevRef::len).sum::<usize>() * width;
         if self.out.as_ref().map(IpcBuffer::bytes) != Some(total) {
             self.out = Some(IpcBuffer::new(&self.ctx, total).map_err(|e| ipc_err("the residual buffer", e))?);
         }
@@ -292,17 +348,37 @@ impl WorkerIpc {
             .as_ref()
             .ok_or_else(|| ipc_err("the residual buffer", "not allocated"))?;
         let mut off = 0u64;
-        for r in &res {
-            // SAFETY: the residual is the ControlNet's live output; the buffer holds them all
-            unsafe { copy(&self.ctx, &self.stream, out.ptr() + off, r.ptr, r.len() * 4)? };
-            off += (r.len() * 4) as u64;
+        if half {
+            // narrowed on the kernels' stream, which the event then marks
+            let k = kernels(self.device)?;
+            let k = k.lock().unwrap_or_else(|p| p.into_inner());
+            for r in &res {
+                // SAFETY: the residual is the ControlNet's live output (f32), the buffer holds
+                // every residual as fp16
+                unsafe { k.to_f16_raw(r.ptr, out.ptr() + off, r.len()) }
+                    .map_err(|e| ipc_err("narrowing the residuals", e))?;
+                off += (r.len() * 2) as u64;
+            }
+            self.event
+                .record(&k.stream)
+                .map_err(|e| ipc_err("recording", e))?;
+            k.synchronize()
+                .map_err(|e| ipc_err("narrowing the residuals", e))?;
+        } else {
+            for r in &res {
+                // SAFETY: the residual is the ControlNet's live output; the buffer holds them all
+                unsafe { copy(&self.ctx, &self.stream, out.ptr() + off, r.ptr, r.len() * 4)? };
+                off += (r.len() * 4) as u64;
+            }
         }
-        self.event
-            .record(&self.stream)
-            .map_err(|e| ipc_err("recording", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| ipc_err("the residual copy", e))?;
+        if !half {
+            self.event
+                .record(&self.stream)
+                .map_err(|e| ipc_err("recording", e))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| ipc_err("the residual copy", e))?;
+        }
         Ok(IpcResiduals {
             step: m.step,
             error: None,
@@ -318,6 +394,7 @@ impl WorkerIpc {
                 .iter()
                 .map(|r| r.shape.iter().map(|&d| d as u64).collect())
                 .collect(),
+            f16: half,
         })
     }
 }

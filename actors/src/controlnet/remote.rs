@@ -26,7 +26,7 @@ use katz_onnx::tensor::Tensor;
 use katz_onnx::{Error, Result};
 
 use super::ipc::BaseIpc;
-use super::wire::{self, controlnet_queue, IpcResiduals, SessionOpen, WireError, SESSION_VERSION};
+use super::wire::{self, controlnet_queue, IpcResiduals, Residuals, SessionOpen, WireError, SESSION_VERSION};
 use crate::topology;
 
 /// How the base worker reaches remote ControlNets.
@@ -42,6 +42,8 @@ pub struct RemoteConfig {
     pub ttl: Duration,
     /// Steps by CUDA IPC (GPU base, ControlNet workers on GPUs of this host) instead of Redis.
     pub ipc: bool,
+    /// The precision residuals come back in (the worker's answer says which it used).
+    pub residuals: Residuals,
 }
 
 impl RemoteConfig {
@@ -53,6 +55,7 @@ impl RemoteConfig {
             retries: 2,
             ttl: Duration::from_secs(300),
             ipc: false,
+            residuals: Residuals::Auto,
         }
     }
 }
@@ -285,6 +288,7 @@ impl RemoteSession {
             model: self.model.clone(),
             job: self.job.clone(),
             ipc: self.cfg.ipc.then(wire::host_identity),
+            residuals: self.cfg.residuals,
         };
         self.publisher.publish(&self.model, &self.queue, &open)?;
         tracing::debug!(session = %self.id, model = %self.model, attempt = self.attempt, "ControlNet session opened");

@@ -9,7 +9,10 @@
 //! ```
 //!
 //! Tensors are raw little-endian f32 with a shape header:
-//! `b"KZT1" | u64 step | u32 count | count × (u32 ndim | ndim × u64 dim) | the data, in order`.
+//! `b"KZT1" | u64 step | u32 count | count × (u32 ndim | ndim × u64 dim) | the data, in order`;
+//! `b"KZH1"` is the same with IEEE fp16 data: residuals in half precision (`SessionOpen::residuals`),
+//! half the bytes. A ControlNet computing in fp16 (GPU bundles: fp16 inside, f32 at the edges)
+//! produces residuals that are fp16 values, so sending them so loses nothing.
 //!
 //! With the CUDA IPC transport (`SessionOpen::ipc`) the `in` and `out` lists carry `b"KZI1"` +
 //! msgpack [`IpcStep`] / [`IpcResiduals`] instead: IPC handles of device buffers and events, shapes,
@@ -81,6 +84,61 @@ pub struct SessionOpen {
     /// Steps travel by CUDA IPC (the base's host identity; a worker elsewhere refuses).
     #[serde(default)]
     pub ipc: Option<String>,
+    /// The precision the base asks the residuals in (absent from older bases: `auto`).
+    #[serde(default)]
+    pub residuals: Residuals,
+}
+
+/// The precision of a session's residuals on the way back (Redis payload or CUDA IPC buffer).
+/// The worker's answer says which it used, so either side may be older.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Residuals {
+    /// fp16 where that is exact (the ControlNet computes in fp16), else f32.
+    #[default]
+    Auto,
+    /// Always f32.
+    F32,
+    /// Always fp16: half the transport; rounds the residuals of an f32 ControlNet.
+    F16,
+}
+
+impl Residuals {
+    /// Whether a ControlNet that computes in fp16 (`fp16_compute`) answers in fp16.
+    pub fn half(self, fp16_compute: bool) -> bool {
+        match self {
+            Residuals::Auto => fp16_compute,
+            Residuals::F32 => false,
+            Residuals::F16 => true,
+        }
+    }
+}
+
+/// Not `auto`, `f32` or `f16`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}`: residual precision must be auto, f32 or f16")]
+pub struct BadResiduals(pub String);
+
+impl std::str::FromStr for Residuals {
+    type Err = BadResiduals;
+    fn from_str(s: &str) -> Result<Self, BadResiduals> {
+        match s {
+            "auto" => Ok(Residuals::Auto),
+            "f32" => Ok(Residuals::F32),
+            "f16" => Ok(Residuals::F16),
+            _ => Err(BadResiduals(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Residuals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Residuals::Auto => "auto",
+            Residuals::F32 => "f32",
+            Residuals::F16 => "f16",
+        })
+    }
 }
 
 /// Prefix of the CUDA IPC transport's step messages.
@@ -111,6 +169,9 @@ pub struct IpcResiduals {
     pub buffer: String,
     pub event: String,
     pub shapes: Vec<Vec<u64>>,
+    /// The buffer holds IEEE fp16 values (absent from older workers: f32).
+    #[serde(default)]
+    pub f16: bool,
 }
 
 /// `KZI1` + msgpack of `m`.
@@ -155,12 +216,19 @@ impl SessionOpen {
 }
 
 const MAGIC: &[u8; 4] = b"KZT1";
+const MAGIC_F16: &[u8; 4] = b"KZH1";
 
-/// Encodes `tensors` for step `step`.
+/// Encodes `tensors` for step `step` (f32).
 pub fn encode(step: u64, tensors: &[&Tensor]) -> Vec<u8> {
-    let data: usize = tensors.iter().map(|t| t.data.len() * 4).sum();
+    encode_as(step, tensors, false)
+}
+
+/// Encodes `tensors` for step `step`, their values as IEEE fp16 when `half` (rounded to nearest).
+pub fn encode_as(step: u64, tensors: &[&Tensor], half: bool) -> Vec<u8> {
+    let width = if half { 2 } else { 4 };
+    let data: usize = tensors.iter().map(|t| t.data.len() * width).sum();
     let mut out = Vec::with_capacity(16 + tensors.len() * 40 + data);
-    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(if half { MAGIC_F16 } else { MAGIC });
     out.extend_from_slice(&step.to_le_bytes());
     out.extend_from_slice(&(tensors.len() as u32).to_le_bytes());
     for t in tensors {
@@ -170,8 +238,14 @@ pub fn encode(step: u64, tensors: &[&Tensor]) -> Vec<u8> {
         }
     }
     for t in tensors {
-        for v in &t.data {
-            out.extend_from_slice(&v.to_le_bytes());
+        if half {
+            for v in &t.data {
+                out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+        } else {
+            for v in &t.data {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
         }
     }
     out
@@ -209,12 +283,14 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes what [`encode`] wrote: the step and the tensors.
+/// Decodes what [`encode`] or [`encode_as`] wrote: the step and the tensors (as f32).
 pub fn decode(bytes: &[u8]) -> Result<(u64, Vec<Tensor>), WireError> {
     let mut r = Reader { bytes, at: 0 };
-    if r.take(4)? != MAGIC {
-        return Err(WireError::Magic);
-    }
+    let half = match r.take(4)? {
+        m if m == MAGIC => false,
+        m if m == MAGIC_F16 => true,
+        _ => return Err(WireError::Magic),
+    };
     let step = r.u64()?;
     let count = r.u32()? as usize;
     if count > 64 {
@@ -234,12 +310,21 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, Vec<Tensor>), WireError> {
     }
     let mut tensors = Vec::with_capacity(count);
     for shape in shapes {
-        let n: usize = shape.iter().product();
-        let raw = r.take(n.checked_mul(4).ok_or(WireError::Overflow)?)?;
-        let data = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or(WireError::Overflow)?;
+        let width = if half { 2 } else { 4 };
+        let raw = r.take(n.checked_mul(width).ok_or(WireError::Overflow)?)?;
+        let data = if half {
+            raw.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        } else {
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
         tensors.push(Tensor::new(shape, data));
     }
     if r.at != bytes.len() {
@@ -278,6 +363,7 @@ mod tests {
             model: "m".into(),
             job: "j".into(),
             ipc: None,
+            residuals: Residuals::Auto,
         };
         assert_eq!(SessionOpen::decode(&open.encode().unwrap()).unwrap(), open);
         assert!(SessionOpen::decode(b"\x01").is_err());
@@ -297,6 +383,52 @@ mod tests {
         })
         .unwrap();
         assert_eq!(SessionOpen::decode(&old).unwrap(), open);
+    }
+
+    #[test]
+    fn half_payloads_take_half_the_bytes_and_keep_fp16_values() {
+        // values an fp16 ControlNet produces (fp16 numbers, cast to f32 at its outputs) come back exact
+        let vals: Vec<f32> = [0.0f32, -1.5, 3.140625, 65504.0, 6.1035156e-5, -0.000_122_07]
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
+        let a = Tensor::new(vec![2, 3], vals.clone());
+        let full = encode(5, &[&a]);
+        let halfp = encode_as(5, &[&a], true);
+        assert_eq!(full.len() - halfp.len(), 6 * 2);
+        assert_eq!(&halfp[..4], b"KZH1");
+        let (step, back) = decode(&halfp).unwrap();
+        assert_eq!((step, back[0].data.clone()), (5, vals));
+        // other f32 values are rounded to the nearest fp16
+        let b = Tensor::new(vec![1], vec![0.1]);
+        let (_, back) = decode(&encode_as(0, &[&b], true)).unwrap();
+        assert!((back[0].data[0] - 0.1).abs() < 1e-4 && back[0].data[0] != 0.1);
+        assert!(decode(&halfp[..halfp.len() - 1]).is_err());
+        // the precision a worker answers in
+        assert!(Residuals::Auto.half(true) && !Residuals::Auto.half(false));
+        assert!(Residuals::F16.half(false) && !Residuals::F32.half(true));
+        assert_eq!("f16".parse::<Residuals>().unwrap(), Residuals::F16);
+        assert!("bf16".parse::<Residuals>().is_err());
+        // an IPC answer of an older worker (no f16 field) reads as f32
+        #[derive(Serialize)]
+        struct OldAnswer {
+            step: u64,
+            error: Option<String>,
+            device: u32,
+            buffer: String,
+            event: String,
+            shapes: Vec<Vec<u64>>,
+        }
+        let old = encode_ipc(&OldAnswer {
+            step: 1,
+            error: None,
+            device: 0,
+            buffer: String::new(),
+            event: String::new(),
+            shapes: vec![vec![1]],
+        })
+        .unwrap();
+        assert!(!decode_ipc::<IpcResiduals>(&old).unwrap().unwrap().f16);
     }
 
     #[test]

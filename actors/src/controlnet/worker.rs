@@ -5,7 +5,8 @@
 //!    ─RunSession─▶ SessionActor (SyncArbiter thread, its own ControlNet session):
 //!        GET katz:cn:<s>:init (gone: the base abandoned it → done) → cond, image
 //!        loop: BLPOP katz:cn:<s>:in (idle timeout) → empty: closed → done
-//!              residuals(latent_in, t) → RPUSH katz:cn:<s>:out + EXPIRE
+//!              residuals(latent_in, t) → RPUSH katz:cn:<s>:out + EXPIRE (f32, or fp16 when
+//!              the open asks so: `auto` where the ControlNet computes in fp16, lossless)
 //!              (a CUDA IPC step: map the base's latent, run on this GPU, answer with the
 //!              handles of the residual buffer — super::ipc)
 //!    ◀── done: ack the open (a worker killed mid-session leaves it unacked: redelivered, and the
@@ -131,7 +132,9 @@ impl Handler<RunSession> for SessionActor {
             pooled,
             time_ids,
         };
-        tracing::info!(model = %cn.name(), ipc = m.open.ipc.is_some(), "session started");
+        // residuals in fp16 where the base asks and (for `auto`) where that is exact
+        let half = m.open.residuals.half(cn.computes_fp16());
+        tracing::info!(model = %cn.name(), ipc = m.open.ipc.is_some(), half, "session started");
         let mut steps = 0;
         // the CUDA IPC side (mappings, the residual buffer), freed when the session ends
         let mut ipc: Option<WorkerIpc> = None;
@@ -151,7 +154,7 @@ impl Handler<RunSession> for SessionActor {
             let t0 = Instant::now();
             if let Some(m) = wire::decode_ipc::<IpcStep>(&payload) {
                 let m = m?;
-                let r = WorkerIpc::serve(&mut ipc, cn, &cond, &image, &m);
+                let r = WorkerIpc::serve(&mut ipc, cn, &cond, &image, &m, half);
                 if let Some(e) = &r.error {
                     tracing::warn!(step = m.step, error = %e, "CUDA IPC step refused");
                 }
@@ -177,7 +180,7 @@ impl Handler<RunSession> for SessionActor {
                 .residuals(&latent_in, &timestep, &cond, &image)
                 .map_err(|source| SessionError::Step { step, source })?;
             let refs: Vec<&Tensor> = res.iter().collect();
-            reply(self.ttl, &mut conn, s, wire::encode(step, &refs))?;
+            reply(self.ttl, &mut conn, s, wire::encode_as(step, &refs, half))?;
             steps += 1;
             tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1e3, "residuals sent");
         }

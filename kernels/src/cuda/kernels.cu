@@ -6,6 +6,7 @@
 //   axpy      dst += s · src                                       (ControlNet residual sums)
 //   scale     out[k·n + i] = s · src[i], k < copies                (scheduler input scale, CFG batch)
 //   euler     one Euler step, ε-prediction                         (diffusers' arithmetic)
+//   to_f16 / from_f16   f32 ⇄ IEEE fp16 bit patterns               (half-precision residual transport)
 //   lora_merge_{naive,tiled,mma}_{f32,f16}: out = W + Σ cᵢ·Bᵢ·Aᵢ over every layer of a LoRA set
 //             in one launch (the argument layout is described at "LoRA merge" below)
 //
@@ -54,6 +55,16 @@ __device__ __forceinline__ float h2f(unsigned short h) {
 }
 __device__ __forceinline__ unsigned short f2h(float f) {
     unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+// fp16 <-> f32 of whole buffers: ControlNet residuals in half precision across processes
+// (CUDA IPC), half the bytes; rounding to nearest, as the half crate on the host
+extern "C" __global__ void to_f16(const float* src, unsigned short* dst, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) dst[i] = f2h(src[i]);
+}
+extern "C" __global__ void from_f16(const unsigned short* src, float* dst, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) dst[i] = h2f(src[i]);
 }
 __device__ __forceinline__ float load1(const float* p, unsigned long long i) { return p[i]; }
 __device__ __forceinline__ float load1(const unsigned short* p, unsigned long long i) { return h2f(p[i]); }

@@ -237,6 +237,8 @@ pub struct GpuKernels {
     axpy: CudaFunction,
     scale: CudaFunction,
     euler: CudaFunction,
+    /// `[to_f16, from_f16]`
+    convert: [CudaFunction; 2],
     /// `[naive f32, naive f16, tiled f32, tiled f16, mma f32, mma f16]`
     lora_merge: [CudaFunction; 6],
     /// Compute capability 8.0 or newer: the tensor-core merge runs.
@@ -276,6 +278,7 @@ impl GpuKernels {
             axpy: m.load_function("axpy")?,
             scale: m.load_function("scale")?,
             euler: m.load_function("euler")?,
+            convert: [m.load_function("to_f16")?, m.load_function("from_f16")?],
             lora_merge: [
                 m.load_function("lora_merge_naive_f32")?,
                 m.load_function("lora_merge_naive_f16")?,
@@ -514,6 +517,7 @@ impl GpuKernels {
             axpy: self.axpy.clone(),
             scale: self.scale.clone(),
             euler: self.euler.clone(),
+            convert: self.convert.clone(),
             lora_merge: self.lora_merge.clone(),
             has_mma: self.has_mma,
         })
@@ -546,6 +550,34 @@ impl GpuKernels {
         let mut b = self.stream.launch_builder(&self.combine);
         b.arg(&pred).arg(&g).arg(out).arg(&n32);
         unsafe { b.launch(cfg(n32 as usize)) }?;
+        Ok(())
+    }
+
+    /// `dst[i] = fp16(src[i])` for `n` values at raw addresses (`dst`: IEEE fp16 bit patterns,
+    /// rounded to nearest); `src` may be on another GPU with peer access.
+    ///
+    /// # Safety
+    /// `src` must address `n` live f32 and `dst` `n` live u16, unchanged until this stream is
+    /// synchronised.
+    pub unsafe fn to_f16_raw(&self, src: u64, dst: u64, n: usize) -> Result<(), GpuError> {
+        let n64 = n as u64;
+        let mut b = self.stream.launch_builder(&self.convert[0]);
+        b.arg(&src).arg(&dst).arg(&n64);
+        unsafe { b.launch(cfg(n)) }?;
+        Ok(())
+    }
+
+    /// `dst[i] = f32(src[i])` for `n` fp16 values at raw addresses; `src` may be on another GPU
+    /// (peer access, or a CUDA IPC mapping): the copy across moves half the bytes of an f32 one.
+    ///
+    /// # Safety
+    /// `src` must address `n` live u16 and `dst` `n` live f32, unchanged until this stream is
+    /// synchronised.
+    pub unsafe fn from_f16_raw(&self, src: u64, dst: u64, n: usize) -> Result<(), GpuError> {
+        let n64 = n as u64;
+        let mut b = self.stream.launch_builder(&self.convert[1]);
+        b.arg(&src).arg(&dst).arg(&n64);
+        unsafe { b.launch(cfg(n)) }?;
         Ok(())
     }
 

@@ -50,6 +50,27 @@ fn combine_axpy_scale_match_the_cpu() {
 
 #[test]
 #[ignore = "needs a GPU: tools/device/gpu-tests.sh"]
+fn fp16_conversions_match_the_half_crate() {
+    let k = gpu();
+    let s = &k.stream;
+    let n = 3 * 64 * 64 + 7;
+    let x: Vec<f32> = random(n, 11).iter().map(|v| v * 300.0).collect();
+    let d_x = s.clone_htod(&x).unwrap();
+    let d_h = s.alloc_zeros::<u16>(n).unwrap();
+    let d_back = s.alloc_zeros::<f32>(n).unwrap();
+    let (px, ph, pb) = (d_x.device_ptr(s).0, d_h.device_ptr(s).0, d_back.device_ptr(s).0);
+    unsafe {
+        k.to_f16_raw(px, ph, n).unwrap();
+        k.from_f16_raw(ph, pb, n).unwrap();
+    }
+    let want: Vec<u16> = x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+    assert_eq!(s.clone_dtoh(&d_h).unwrap(), want);
+    let back: Vec<f32> = want.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect();
+    assert_eq!(s.clone_dtoh(&d_back).unwrap(), back);
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/device/gpu-tests.sh"]
 fn euler_step_matches_the_f64_reference() {
     let k = gpu();
     let s = &k.stream;

@@ -423,6 +423,12 @@ impl ControlNet {
         &self.bundle.manifest.name
     }
 
+    /// Whether its graph computes in fp16 (GPU bundles: fp16 inside, f32 at the edges), so that
+    /// its residuals are fp16 values and travel as such without loss.
+    pub fn computes_fp16(&self) -> bool {
+        self.bundle.manifest.compute != "fp32"
+    }
+
     /// Down residuals in skip order, then the mid residual.
     pub fn residuals(
         &mut self,
