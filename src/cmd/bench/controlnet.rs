@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use katz_actors::controlnet::wire::Residuals;
 use katz_actors::controlnet::{RemoteConfig, RemoteControlNets};
 use katz_onnx::controlnet::ControlService;
 use katz_onnx::image::read_conditioning;
@@ -58,6 +59,10 @@ pub struct ControlNetBenchArgs {
     /// Timed runs per configuration (after one warm-up).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// The precision the service modes ask residuals in: auto (fp16 where the ControlNet computes
+    /// in fp16), f16 or f32.
+    #[arg(long, default_value_t = Residuals::Auto)]
+    pub residuals: Residuals,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp: String,
     #[arg(long, default_value = "redis://127.0.0.1:6379/")]
@@ -228,6 +233,8 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
     let mut remote: Option<RemoteControlNets> = None;
     let mut remote_ipc: Option<RemoteControlNets> = None;
     let mut rows = Vec::new();
+    // each count's image in the first mode, which the other modes' images are compared with
+    let mut reference: Vec<(usize, Tensor)> = Vec::new();
     if a.modes.iter().any(|m| m == "ipc") && !a.device.device.is_gpu() {
         bail!(
             "mode ipc needs the pipeline on a GPU (--device cuda:N) and the worker on one (--worker-device)"
@@ -238,6 +245,7 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
             let mut cfg = RemoteConfig::new(a.amqp.clone(), a.redis.clone());
             cfg.step_timeout = Duration::from_secs(30);
             cfg.ipc = true;
+            cfg.residuals = a.residuals;
             remote_ipc = Some(RemoteControlNets::new(
                 cfg,
                 vec![setup.model.parse().map_err(anyhow::Error::msg)?],
@@ -280,6 +288,7 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
         if mode == "redis" && remote.is_none() {
             let mut cfg = RemoteConfig::new(a.amqp.clone(), a.redis.clone());
             cfg.step_timeout = Duration::from_secs(30);
+            cfg.residuals = a.residuals;
             remote = Some(RemoteControlNets::new(
                 cfg,
                 vec![setup.model.parse().map_err(anyhow::Error::msg)?],
@@ -291,6 +300,7 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
             let req = request(&mut pipe, &bundles, &setup, n, &a, served)?;
             let mut times = Vec::new();
             let mut steady = Vec::new();
+            let mut image: Option<Tensor> = None;
             for r in 0..=a.repeat {
                 let mut inline;
                 let mut threaded;
@@ -325,6 +335,9 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
                     opts = opts.control(c);
                 }
                 let out = pipe.run(&req, opts)?;
+                if image.is_none() {
+                    image = Some(out.image.clone());
+                }
                 if r > 0 {
                     times.push(loop_ms(&out));
                     steady.push(clock.steady_ms());
@@ -332,6 +345,15 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
             }
             let med = upper_median(&mut times);
             let st = upper_median(&mut steady);
+            // the image against the first mode's for this count (fp16 residuals, other kernels)
+            let vs_first = match (&image, reference.iter().find(|(k, _)| *k == n)) {
+                (Some(img), Some((_, want))) => Some(katz_kernels::rel_err(&img.data, &want.data)),
+                (Some(img), None) => {
+                    reference.push((n, img.clone()));
+                    None
+                }
+                _ => None,
+            };
             // what a job pays once (session open, buffers, mappings), spread over its steps
             let setup_ms = (med - st) * a.steps as f64;
             let theirs = baseline
@@ -340,13 +362,17 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
             let vs = theirs
                 .map(|d| format!("  diffusers {d:.2} ms/step → {:.2}×", st / d))
                 .unwrap_or_default();
+            let err = vs_first
+                .map(|e| format!("  image vs {}: rel. error {e:.1e}", a.modes[0]))
+                .unwrap_or_default();
             println!(
                 "  {mode:<9} {n} ControlNet(s)  {st:>8.2} ms/step steady, {med:>8.2} with the job's setup \
-                 (+{setup_ms:.0} ms per job; runs {times:.2?}){vs}"
+                 (+{setup_ms:.0} ms per job; runs {times:.2?}){vs}{err}"
             );
             rows.push(json!({"mode": mode, "controlnets": n, "ms_per_step_steady": st,
                              "ms_per_step_median": med, "setup_ms_per_job": setup_ms, "runs": times,
-                             "steady_runs": steady, "diffusers_ms_per_step": theirs}));
+                             "steady_runs": steady, "diffusers_ms_per_step": theirs,
+                             "image_rel_err_vs_first_mode": vs_first}));
         }
     }
     // the Redis transport alone: this run's payloads and SDXL 1024² batch 2's
@@ -366,6 +392,7 @@ pub fn run(a: ControlNetBenchArgs) -> anyhow::Result<()> {
             "size": a.size, "steps": a.steps, "guidance": a.guidance,
             "device": a.device.device.to_string(),
             "worker_device": a.worker_device.map(|d| d.to_string()),
+            "residuals": a.residuals.to_string(),
             "rows": rows, "redis_transport": transport, "diffusers": baseline,
         });
         write_json(out, &doc)?;
