@@ -7,7 +7,7 @@
 //!    ready? ─yes─▶ load it, optimisations off ──fails──▶ entry refused: this graph loads
 //!                                                        uncached from now on
 //!           └─no──▶ load the source graph, level 3, ONNX Runtime writes the optimized graph into
-//!                   DIR/.staging-<pid>-<n>/ ─▶ renamed to DIR/<stem>-<key>/ (atomic: a
+//!                   DIR/.staging-<host>-<pid>-<n>/ ─▶ renamed to DIR/<stem>-<key>/ (atomic: a
 //!                   concurrent writer of the same entry keeps the first one)
 //! ```
 //!
@@ -72,7 +72,8 @@ impl Entry {
         Some(Entry {
             refused,
             ready: dir.join(format!("{stem}-{key:016x}")),
-            staging: dir.join(format!(".staging-{}-{n}", std::process::id())),
+            // host and pid: containers sharing a cache volume all run as pid 1
+            staging: dir.join(format!(".staging-{}-{}-{n}", host(), std::process::id())),
         })
     }
 
@@ -248,4 +249,16 @@ mod tests {
         assert!(!b.is_ready());
         std::fs::remove_dir_all(&d).unwrap();
     }
+}
+
+/// This host's name (a container's own), for staging names that no other process shares.
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+                .collect()
+        })
+        .unwrap_or_default()
 }
