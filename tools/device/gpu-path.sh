@@ -50,7 +50,8 @@
 #                                           CUDA graphs (the reference), then `katz worker` cold (empty graph
 #                                           cache) and warm: ready time, bucket memory, first vs steady 0C/0L
 #                                           job, the same job twice (PNG bytes), a bucket's first use; the
-#                                           ready time with every bucket at load; `katz generate` on the warm cache
+#                                           ready time with every bucket at load (FAST_ALL=0 skips it); `katz
+#                                           generate` on the warm cache (FAST_GENERATE=0 skips it)
 #   bash tools/device/gpu-path.sh cnpath    ControlNet jobs on GPU 0: diffusers 0C/0L, 1C/1L, 3C/2L (CN_DIFFUSERS=0 skips
 #                                           it once the LoRAs exist), `bench pipeline` static + CUDA graphs, then
 #                                           `katz worker` hosting the ControlNet (cold, warm): ready time, the same
@@ -571,12 +572,15 @@ fastpath() {  # the worker at the fast path's speed on GPU 0 (see the header)
     fi
     kill -TERM $pid; wait $pid 2>/dev/null
   done
-  echo "== worker, warm start, every bucket captured at load (--bucket-load all)"
-  worker_bg fast-all "$O/worker-all.log" --bucket-load all
-  ready=$(ready_wait $pid 9187) && echo "ready after $ready s" || echo "worker (all) did not get ready"
-  sed 's/\x1b\[[0-9;]*m//g' "$O/worker-all.log" | grep -E "pipeline loaded|warmed up|models loaded|rror" | cut -c1-400 | tail -4
-  kill -TERM $pid; wait $pid 2>/dev/null
+  if [[ ${FAST_ALL:-1} == 1 ]]; then
+    echo "== worker, warm start, every bucket captured at load (--bucket-load all)"
+    worker_bg fast-all "$O/worker-all.log" --bucket-load all
+    ready=$(ready_wait $pid 9187) && echo "ready after $ready s" || echo "worker (all) did not get ready"
+    sed 's/\x1b\[[0-9;]*m//g' "$O/worker-all.log" | grep -E "pipeline loaded|warmed up|models loaded|rror" | cut -c1-400 | tail -4
+    kill -TERM $pid; wait $pid 2>/dev/null
+  fi
   cmp -s "$O/fast-cold-0.png" "$O/fast-warm-0.png" && echo "cold and warm workers: the same PNG" || echo "cold and warm workers: PNGs DIFFER"
+  [[ ${FAST_GENERATE:-1} == 1 ]] || { rm -f "$O"/fast-*-[1-9]*.png; return 0; }
   echo "== katz generate 0C/0L, fresh process, warm graph cache"
   local t0=$(date +%s.%N)
   KATZ_CACHE_DIR=$cache KATZ_LOG=info /opt/kb/katz generate --device cuda:0 --bundle "$S/base" --prompt "a photograph of an astronaut riding a horse" \
