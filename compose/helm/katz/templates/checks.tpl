@@ -1,6 +1,6 @@
 {{- /*
 Values the templates rely on, checked once: a bad value stops the render naming it.
-Included by NOTES.txt's first line and by secret.yaml (so `helm template` checks too).
+Included at the top of every template (and NOTES.txt), so whichever renders first stops on it.
 */ -}}
 {{- define "katz.checks" -}}
 {{- $v := .Values -}}
@@ -20,7 +20,7 @@ Included by NOTES.txt's first line and by secret.yaml (so `helm template` checks
 {{- $seen := dict -}}
 {{- range $kind := list "models" "controlnets" -}}
 {{- range $e := (default (list) (index $v $kind)) -}}
-{{- $m := merge (deepCopy $e) (deepCopy $v.defaults) -}}
+{{- $m := deepCopy $v.defaults -}}{{- range $k, $x := $e -}}{{- $_ := set $m $k $x -}}{{- end -}}
 {{- if not (regexMatch "^[A-Za-z0-9_.-]{1,128}$" (toString $m.name)) -}}
 {{- fail (printf "%s: name %q must be a bundle name (letters, digits, _ . -)" $kind (toString $m.name)) -}}
 {{- end -}}
