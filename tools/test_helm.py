@@ -149,8 +149,12 @@ def test_notes_say_how_to_submit_a_job():
     r = helm("install", RELEASE, str(CHART), "--dry-run=client", "-n", "katz", "-f", str(TESTS / "gpu-values.yaml"))
     notes = r.stdout.split("NOTES:", 1)[1]
     assert "katz submit --base sdxl" in notes and "exec deploy/katz-worker-sdxl" in notes
-    assert "sdxl-controlnet-depth scales to zero" in notes
     assert "katz.controlnet.sdxl-controlnet-openpose" in notes
+    # ControlNets at zero whose base keeps the default step timeout are pointed out
+    assert "scales to zero" not in notes  # the example raises the timeout on both bases
+    r = helm("install", RELEASE, str(CHART), "--dry-run=client", "--set", "controlnets[0].minReplicas=0",
+             "--set", "controlnets[0].name=cn", "--set", "controlnets[0].bundle=cn", "--set", "controlnets[0].base=tiny-sdxl")
+    assert "ControlNet cn scales to zero" in r.stdout.split("NOTES:", 1)[1]
 
 
 @pytest.mark.parametrize(
