@@ -222,6 +222,9 @@ def check_invariants(docs: list[dict], values: dict) -> list[str]:
         c = _container(dep)
         env = _env(c)
         where = f"Deployment {name} ({q})"
+        names = [e["name"] for e in c.get("env", [])]
+        if len(names) != len(set(names)):
+            problems.append(f"{where}: an environment variable is set twice: {sorted(names)}")
         if c.get("args") != want["args"]:
             problems.append(f"{where}: args {c.get('args')} ≠ {want['args']}")
         for k, v in want["env"].items():
@@ -258,6 +261,8 @@ def check_invariants(docs: list[dict], values: dict) -> list[str]:
             if ref.get("key") != key or "value" in (env.get(var) or {}):
                 problems.append(f"{where}: {var} is not read from a Secret's {key}")
             secret_names.add(ref.get("name"))
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: mounts a service account token it has no use for")
         if not values["keda"]["enabled"] and dep["spec"].get("replicas") != m["minReplicas"]:
             problems.append(f"{where}: replicas {dep['spec'].get('replicas')} ≠ minReplicas without KEDA")
         if values["keda"]["enabled"] and "replicas" in dep["spec"]:

@@ -118,6 +118,22 @@ def test_gpu_example_scales_each_model_on_its_own_queue(crds):
         assert d_annotations(deps[name])["prometheus.io/port"] == "9187"
 
 
+def test_env_given_wins_once_and_cpu_pods_get_their_cores_as_threads():
+    docs = render(None)
+    deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    env = deps["katz-worker-tiny-sdxl"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "KATZ_THREADS", "value": "2"} in env  # defaults.cpuResources.requests.cpu
+    f = TESTS / "gpu-values.yaml"
+    docs = render(None, "models[0].name=tiny-sdxl", "models[0].bundle=tiny-sdxl", "models[0].env.KATZ_THREADS=3",
+                  "models[0].env.KATZ_CONCURRENCY=2")
+    c = [d for d in docs if d["metadata"]["name"] == "katz-worker-tiny-sdxl"][0]["spec"]["template"]["spec"]["containers"][0]
+    names = [e["name"] for e in c["env"]]
+    assert len(names) == len(set(names)), names
+    assert {"name": "KATZ_THREADS", "value": "3"} in c["env"] and {"name": "KATZ_CONCURRENCY", "value": "2"} in c["env"]
+    gpu = [d for d in render(f) if d["kind"] == "Deployment"]
+    assert all("KATZ_THREADS" not in str(d) for d in gpu)
+
+
 def d_annotations(dep):
     return dep["spec"]["template"]["metadata"]["annotations"]
 
@@ -173,6 +189,7 @@ def test_notes_say_how_to_submit_a_job():
         ({"models": [{"name": "a:b", "bundle": "a"}], "controlnets": []}, "must be a bundle name"),
         ({"models": [{"name": "m"}], "controlnets": []}, "models[m].bundle is required"),
         ({"rabbitmq": {"url": ""}}, "rabbitmq.url (or secret.existingSecret) is required"),
+        ({"defaults": {"env": {"KATZ_AMQP": "amqp://x"}}}, "KATZ_AMQP is set by the chart"),
     ],
 )
 def test_bad_values_are_refused_naming_the_problem(overlay, message, tmp_path):

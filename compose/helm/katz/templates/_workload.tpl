@@ -63,6 +63,12 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       terminationGracePeriodSeconds: {{ add $drain $v.graceMarginSeconds }}
+      # workers talk to RabbitMQ and Redis only, never to the Kubernetes API
+      automountServiceAccountToken: false
+      {{- with $v.podSecurityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       {{- if eq $v.bundles.source "initContainer" }}
       initContainers:
         - name: bundles
@@ -76,6 +82,10 @@ spec:
       containers:
         - name: {{ .component }}
           image: "{{ $v.image.repository }}:{{ ternary $v.image.gpuTag $v.image.cpuTag (eq (toString $m.gpu) "true") }}"
+          {{- with $v.securityContext }}
+          securityContext:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
           imagePullPolicy: {{ $v.image.pullPolicy }}
           args:
             {{- toYaml .args | nindent 12 }}
@@ -89,14 +99,24 @@ spec:
             - name: KATZ_WORKER_NAME
               valueFrom:
                 fieldRef: { fieldPath: metadata.name }
-            - name: KATZ_METRICS_ADDR
-              value: {{ printf "0.0.0.0:%v" $v.metricsPort | quote }}
-            - name: KATZ_DEVICE
-              value: {{ ternary "cuda:0" "cpu" (eq (toString $m.gpu) "true") | quote }}
-            - name: KATZ_CONCURRENCY
-              value: {{ $m.concurrency | toString | quote }}
-            {{- toYaml .env | nindent 12 }}
-            {{- range $k := keys $m.env | sortAlpha }}
+            {{- $gpu := eq (toString $m.gpu) "true" }}
+            {{- $res := deepCopy (default (ternary $m.gpuResources $m.cpuResources $gpu) $m.resources) }}
+            {{- $opts := list
+              (dict "name" "KATZ_METRICS_ADDR" "value" (printf "0.0.0.0:%v" $v.metricsPort))
+              (dict "name" "KATZ_DEVICE" "value" (ternary "cuda:0" "cpu" $gpu))
+              (dict "name" "KATZ_CONCURRENCY" "value" (toString $m.concurrency)) }}
+            {{- $cpu := toString (dig "requests" "cpu" "" $res) }}
+            {{- if and (not $gpu) (regexMatch "^[1-9][0-9]*$" $cpu) }}
+            {{- /* ONNX Runtime's threads: the cores the pod asked for, not all of the node's */}}
+            {{- $opts = append $opts (dict "name" "KATZ_THREADS" "value" $cpu) }}
+            {{- end }}
+            {{- range $e := concat $opts .env }}
+            {{- if not (hasKey (default (dict) $m.env) $e.name) }}
+            - name: {{ $e.name }}
+              value: {{ $e.value | quote }}
+            {{- end }}
+            {{- end }}
+            {{- range $k := keys (default (dict) $m.env) | sortAlpha }}
             - name: {{ $k }}
               value: {{ index $m.env $k | toString | quote }}
             {{- end }}
@@ -122,19 +142,24 @@ spec:
                 # ones in flight, stores and acks them, and exits (the grace period bounds it).
                 command: ["/bin/sh", "-c", "kill -TERM 1; while kill -0 1 2>/dev/null; do sleep 1; done"]
           resources:
-            {{- $res := deepCopy (default (ternary $m.gpuResources $m.cpuResources (eq (toString $m.gpu) "true")) $m.resources) }}
-            {{- if eq (toString $m.gpu) "true" }}
+            {{- if $gpu }}
             {{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" 1) (default (dict) $res.limits)) }}
             {{- end }}
             {{- toYaml $res | nindent 12 }}
-          {{- if ne $v.bundles.source "image" }}
+          {{- if or (ne $v.bundles.source "image") $v.extraVolumeMounts }}
           volumeMounts:
+            {{- if ne $v.bundles.source "image" }}
             - name: bundles
               mountPath: {{ $v.bundles.mountPath }}
               readOnly: true
+            {{- end }}
+            {{- with $v.extraVolumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
           {{- end }}
-      {{- if ne $v.bundles.source "image" }}
+      {{- if or (ne $v.bundles.source "image") $v.extraVolumes }}
       volumes:
+        {{- if ne $v.bundles.source "image" }}
         - name: bundles
           {{- if eq $v.bundles.source "pvc" }}
           persistentVolumeClaim:
@@ -148,6 +173,10 @@ spec:
           emptyDir:
             sizeLimit: {{ $v.bundles.initContainer.sizeLimit }}
           {{- end }}
+        {{- end }}
+        {{- with $v.extraVolumes }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
       {{- end }}
       {{- with $m.nodeSelector }}
       nodeSelector:

@@ -32,6 +32,11 @@ Included at the top of every template (and NOTES.txt), so whichever renders firs
 {{- if or (lt (int $m.maxReplicas) 1) (gt (int $m.minReplicas) (int $m.maxReplicas)) (lt (int $m.minReplicas) 0) -}}
 {{- fail (printf "%s[%s]: need 0 ≤ minReplicas ≤ maxReplicas, maxReplicas ≥ 1" $kind $m.name) -}}
 {{- end -}}
+{{- range $k := list "KATZ_AMQP" "KATZ_REDIS" "KATZ_QUEUE" -}}
+{{- if hasKey (default (dict) $m.env) $k -}}
+{{- fail (printf "%s[%s].env: %s is set by the chart (the URLs from the Secret, the queue from the name)" $kind $m.name $k) -}}
+{{- end -}}
+{{- end -}}
 {{- if lt (int $m.queueLength) 1 -}}
 {{- fail (printf "%s[%s]: queueLength must be ≥ 1" $kind $m.name) -}}
 {{- end -}}
