@@ -1,13 +1,15 @@
 # The two commands of the README, and what they need.
 #   make demo    the embedded demo (tiny bundles, one ControlNet, one LoRA, CPU)
 #   make test    every test (unit, parity against diffusers, CLI, integration)
+#   make test-helm  the Helm chart compose/helm/katz rendered by helm and checked against the
+#                Kubernetes and KEDA schemas (tools/test-helm.sh installs what it needs)
 #   make soak    MINUTES (5) at saturation on 2 workers, good and bad jobs, a worker killed every
 #                KILL_S (90) s: RSS per worker, jobs lost / duplicated / misjudged (tests/soak.rs)
 ORT_VERSION ?= 1.31.1
 ORT_LIB := .katz/ort/libonnxruntime.so.$(ORT_VERSION)
 CARGO ?= cargo
 
-.PHONY: demo test build services export pyenv test-export soak
+.PHONY: demo test build services export pyenv test-export soak test-helm
 
 $(ORT_LIB): tools/fetch-onnxruntime.sh
 	ORT_VERSION=$(ORT_VERSION) tools/fetch-onnxruntime.sh
@@ -43,3 +45,8 @@ test-export:
 	tools/export.sh --help >/dev/null
 	.venv-tools/bin/pip install -q pytest==9.2.0
 	.venv-tools/bin/python -m pytest -q tools/test_checkpoints.py
+
+# The Helm chart (compose/helm/katz): helm template with the default and example values, the
+# manifests validated against Kubernetes' and KEDA's schemas, and the chart's invariants.
+test-helm:
+	tools/test-helm.sh
