@@ -11,7 +11,7 @@
 # Needs: docker with the compose v2 plugin (`docker compose version`, v2.20+) and BuildKit, and
 # .katz/py (tools/py-env.sh, made here when missing). Base images are pulled, or made here as
 # stand-ins (tools/compose-images.sh: needs root and debootstrap).
-# env: KATZ_TEST_AMQP_PORT (25672), KATZ_TEST_REDIS_PORT (26379), KATZ_TEST_UI_PORT (25673),
+# env: KATZ_TEST_AMQP_PORT (35672), KATZ_TEST_REDIS_PORT (36379), KATZ_TEST_UI_PORT (35673),
 #      KATZ_TEST_JOBS (12), KATZ_TEST_STEPS (150), KATZ_TEST_KEEP=1 (leave the stack up),
 #      KATZ_BUILD_EXTRA_CA (extra CA PEM for the image build; default: this host's CA bundle)
 set -uo pipefail
@@ -19,9 +19,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 project=katz-test
 file=compose/docker-compose.yml
-amqp_port=${KATZ_TEST_AMQP_PORT:-25672}
-redis_port=${KATZ_TEST_REDIS_PORT:-26379}
-ui_port=${KATZ_TEST_UI_PORT:-25673}
+amqp_port=${KATZ_TEST_AMQP_PORT:-35672}
+redis_port=${KATZ_TEST_REDIS_PORT:-36379}
+ui_port=${KATZ_TEST_UI_PORT:-35673}
 t_start=$(date +%s)
 summary=()
 failed=0
