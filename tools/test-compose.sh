@@ -45,7 +45,8 @@ finish() {
 }
 
 env_file=$(mktemp /tmp/katz-test-compose.XXXXXX.env)
-dc() { docker compose -p $project -f $file --env-file "$env_file" --profile cpu --profile cn "$@"; }
+dc_cmd=(docker compose -p $project -f $file --env-file "$env_file" --profile cpu --profile cn)
+dc() { "${dc_cmd[@]}" "$@"; }
 teardown() {
   if [[ ${KATZ_TEST_KEEP:-0} == 1 ]]; then stamp "KATZ_TEST_KEEP=1: the stack stays up (env file $env_file)"; return; fi
   dc down -v --remove-orphans >/dev/null 2>&1
@@ -88,7 +89,7 @@ export KATZ_BUILD_EXTRA_CA=${KATZ_BUILD_EXTRA_CA:-$([[ -f /etc/ssl/certs/ca-cert
 amqp_url="amqp://katz:$KATZ_RABBITMQ_PASSWORD@127.0.0.1:$amqp_port/%2f"
 redis_url="redis://:$KATZ_REDIS_PASSWORD@127.0.0.1:$redis_port/"
 
-build() { nice -n 10 dc build worker 2>&1 | tail -5; return "${PIPESTATUS[0]}"; }
+build() { nice -n 10 "${dc_cmd[@]}" build worker 2>&1 | tail -5; return "${PIPESTATUS[0]}"; }
 step "build katz:cpu (docker compose build)" build || finish
 
 demo() { # the image's working directory is writable: `docker run katz:cpu demo` writes demo.png there
