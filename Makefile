@@ -5,11 +5,13 @@
 #                Kubernetes and KEDA schemas (tools/test-helm.sh installs what it needs)
 #   make soak    MINUTES (5) at saturation on 2 workers, good and bad jobs, a worker killed every
 #                KILL_S (90) s: RSS per worker, jobs lost / duplicated / misjudged (tests/soak.rs)
+#   make test-compose  the docker-compose stack for real: builds the images, runs jobs through
+#                it with workers restarted mid-job, tears it down (needs Docker; not in make test)
 ORT_VERSION ?= 1.31.1
 ORT_LIB := .katz/ort/libonnxruntime.so.$(ORT_VERSION)
 CARGO ?= cargo
 
-.PHONY: demo test build services export pyenv test-export soak test-helm
+.PHONY: demo test build services export pyenv test-export soak test-helm test-compose
 
 $(ORT_LIB): tools/fetch-onnxruntime.sh
 	ORT_VERSION=$(ORT_VERSION) tools/fetch-onnxruntime.sh
@@ -34,6 +36,9 @@ MINUTES ?= 5
 KILL_S ?= 90
 soak: $(ORT_LIB) services
 	KATZ_SOAK_MINUTES=$(MINUTES) KATZ_SOAK_KILL_S=$(KILL_S) $(CARGO) test --release --test soak -- --ignored --nocapture
+
+test-compose:
+	bash tools/test-compose.sh
 
 # Rebuilds the committed tiny bundles and parity references (torch + diffusers, in .venv-tools).
 export:
