@@ -72,9 +72,7 @@ impl<'a> MakeWriter<'a> for Scrubbed {
 
 /// Installs the process's subscriber; `default_filter` applies where `KATZ_LOG` is unset.
 pub fn init(default_filter: &str, secrets: Secrets) -> Result<(), String> {
-    let format: LogFormat = std::env::var("KATZ_LOG_FORMAT")
-        .unwrap_or_default()
-        .parse()?;
+    let format: LogFormat = std::env::var("KATZ_LOG_FORMAT").unwrap_or_default().parse()?;
     let filter = EnvFilter::try_from_env("KATZ_LOG").unwrap_or_else(|_| default_filter.into());
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let writer = Scrubbed { secrets };
@@ -97,6 +95,9 @@ mod tests {
         assert_eq!("".parse::<LogFormat>(), Ok(LogFormat::Text));
         assert_eq!("text".parse::<LogFormat>(), Ok(LogFormat::Text));
         assert_eq!(" JSON".parse::<LogFormat>(), Ok(LogFormat::Json));
-        assert!("xml".parse::<LogFormat>().unwrap_err().contains("`text` or `json`"));
+        assert!("xml"
+            .parse::<LogFormat>()
+            .unwrap_err()
+            .contains("`text` or `json`"));
     }
 }

@@ -97,7 +97,15 @@ fn a_wrong_amqp_password_is_never_printed_and_json_logs_are_one_object_a_line() 
     let w = Proc::spawn(
         "badlogin",
         &[
-            "worker", "--amqp", BAD_AMQP, "--queue", &queue, "--name", "ops-badlogin", "--threads", "1",
+            "worker",
+            "--amqp",
+            BAD_AMQP,
+            "--queue",
+            &queue,
+            "--name",
+            "ops-badlogin",
+            "--threads",
+            "1",
         ],
         &[("KATZ_LOG_FORMAT", "json"), ("KATZ_LOG", "info,ort=warn")],
     );
@@ -113,12 +121,18 @@ fn a_wrong_amqp_password_is_never_printed_and_json_logs_are_one_object_a_line() 
         assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
         if v["fields"]["message"] == "cannot reach RabbitMQ" {
             let error = v["fields"]["error"].as_str().unwrap_or_default();
-            assert!(error.contains("ACCESS_REFUSED") || error.contains("refused"), "{line}");
+            assert!(
+                error.contains("ACCESS_REFUSED") || error.contains("refused"),
+                "{line}"
+            );
             refused += 1;
         }
     }
     assert!(refused >= 2, "{log}");
-    println!("{} JSON lines, {refused} refused logins, no password", log.lines().count());
+    println!(
+        "{} JSON lines, {refused} refused logins, no password",
+        log.lines().count()
+    );
 }
 
 #[test]
@@ -168,19 +182,34 @@ fn the_controlnet_worker_answers_probes_and_metrics_from_loading_to_sessions_ser
         let bad = Proc::spawn(
             "cn-badlogin",
             &[
-                "controlnet-worker", "--bundle", "bundles/tiny-sdxl-controlnet", "--amqp", BAD_AMQP,
-                "--queue", &cn_queue, "--threads", "1", "--metrics-addr", &cn_addr.to_string(),
+                "controlnet-worker",
+                "--bundle",
+                "bundles/tiny-sdxl-controlnet",
+                "--amqp",
+                BAD_AMQP,
+                "--queue",
+                &cn_queue,
+                "--threads",
+                "1",
+                "--metrics-addr",
+                &cn_addr.to_string(),
             ],
             &[("KATZ_LOG", "info,ort=warn")],
         );
-        wait_for("/healthz of the ControlNet worker", Duration::from_secs(60), || {
-            get(cn_addr, "/healthz").is_some_and(|(c, _)| c == 200)
-        });
+        wait_for(
+            "/healthz of the ControlNet worker",
+            Duration::from_secs(60),
+            || get(cn_addr, "/healthz").is_some_and(|(c, _)| c == 200),
+        );
         wait_for("a refused login logged", Duration::from_secs(60), || {
             bad.log().contains("cannot reach RabbitMQ")
         });
         let (code, body) = get(cn_addr, "/readyz").unwrap();
-        assert_eq!((code, body.trim()), (503, "loading"), "not ready without RabbitMQ");
+        assert_eq!(
+            (code, body.trim()),
+            (503, "loading"),
+            "not ready without RabbitMQ"
+        );
         assert_clean("katz controlnet-worker", &bad.log());
         drop(bad);
 
@@ -188,8 +217,17 @@ fn the_controlnet_worker_answers_probes_and_metrics_from_loading_to_sessions_ser
         let cn = Proc::spawn(
             "cn",
             &[
-                "controlnet-worker", "--bundle", "bundles/tiny-sdxl-controlnet", "--queue", &cn_queue,
-                "--threads", "1", "--metrics-addr", &cn_addr.to_string(), "--name", "ops-cn",
+                "controlnet-worker",
+                "--bundle",
+                "bundles/tiny-sdxl-controlnet",
+                "--queue",
+                &cn_queue,
+                "--threads",
+                "1",
+                "--metrics-addr",
+                &cn_addr.to_string(),
+                "--name",
+                "ops-cn",
             ],
             &[("KATZ_LOG", "info,ort=warn")],
         );
@@ -210,8 +248,17 @@ fn the_controlnet_worker_answers_probes_and_metrics_from_loading_to_sessions_ser
         let base = Proc::spawn(
             "base",
             &[
-                "worker", "--queue", &bus.queue, "--name", "ops-base", "--threads", "1",
-                "--controlnet-service", &service, "--metrics-addr", &base_addr.to_string(),
+                "worker",
+                "--queue",
+                &bus.queue,
+                "--name",
+                "ops-base",
+                "--threads",
+                "1",
+                "--controlnet-service",
+                &service,
+                "--metrics-addr",
+                &base_addr.to_string(),
             ],
             &[("KATZ_LOG", "info,ort=warn")],
         );
@@ -226,7 +273,9 @@ fn the_controlnet_worker_answers_probes_and_metrics_from_loading_to_sessions_ser
         let mut m = String::new();
         wait_for("a closed session counted", Duration::from_secs(20), || {
             m = get(cn_addr, "/metrics").map(|(_, b)| b).unwrap_or_default();
-            m.contains(&format!("katz_controlnet_sessions_total{{model=\"{model}\",end=\"closed\"}} 1"))
+            m.contains(&format!(
+                "katz_controlnet_sessions_total{{model=\"{model}\",end=\"closed\"}} 1"
+            ))
         });
         for want in [
             format!("katz_controlnet_steps_total{{model=\"{model}\"}} 3"),
@@ -268,9 +317,11 @@ fn the_controlnet_worker_answers_probes_and_metrics_from_loading_to_sessions_ser
         // SIGTERM: the ControlNet worker stops
         unsafe { libc::kill(cn.child.id() as i32, libc::SIGTERM) };
         let mut cn = cn;
-        wait_for("the ControlNet worker exits on SIGTERM", Duration::from_secs(30), || {
-            matches!(cn.child.try_wait(), Ok(Some(_)))
-        });
+        wait_for(
+            "the ControlNet worker exits on SIGTERM",
+            Duration::from_secs(30),
+            || matches!(cn.child.try_wait(), Ok(Some(_))),
+        );
         assert_clean("katz controlnet-worker", &cn.log());
         drop(base);
         bus.cleanup().await;

@@ -235,7 +235,11 @@ mod tests {
             JobError::Model(katz_onnx::Error::controlnet_transport("x", io())),
         ];
         for e in &errors {
-            assert!(ERROR_KINDS.contains(&e.kind()), "{} is not in ERROR_KINDS", e.kind());
+            assert!(
+                ERROR_KINDS.contains(&e.kind()),
+                "{} is not in ERROR_KINDS",
+                e.kind()
+            );
         }
         assert!(ERROR_KINDS.contains(&"decode"));
     }

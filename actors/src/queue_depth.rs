@@ -46,7 +46,7 @@ pub async fn poll(p: QueuePoll) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::debug!(
-                        error = %redact::error(&e, &[&p.amqp]),
+                        error = %redact::error(&e, &[p.amqp.as_str()]),
                         "queue depth: cannot reach RabbitMQ"
                     );
                     None

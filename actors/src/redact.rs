@@ -66,7 +66,11 @@ fn percent_decode(s: &str) -> Result<String, std::string::FromUtf8Error> {
     let mut i = 0;
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
-        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 out.push((h * 16 + l) as u8);
                 i += 3;
@@ -133,7 +137,10 @@ mod tests {
             url("amqp://guest:WRONGPASS@127.0.0.1:5672/%2f"),
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
-        assert_eq!(url("redis://:s3cret@10.0.0.1:6379/0"), "redis://:***@10.0.0.1:6379/0");
+        assert_eq!(
+            url("redis://:s3cret@10.0.0.1:6379/0"),
+            "redis://:***@10.0.0.1:6379/0"
+        );
         assert_eq!(url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
         assert_eq!(url("amqp://user@host/%2f"), "amqp://user@host/%2f");
         // what Url refuses is masked by hand
@@ -144,9 +151,15 @@ mod tests {
     #[test]
     fn passwords_are_scrubbed_from_other_text_raw_and_decoded() {
         let s = Secrets::of(["amqp://guest:p%40ss@h/%2f", "redis://:other@h:1/", "redis://h/"]);
-        assert_eq!(s.scrub("login p@ss failed; p%40ss; other"), "login *** failed; ***; ***");
+        assert_eq!(
+            s.scrub("login p@ss failed; p%40ss; other"),
+            "login *** failed; ***; ***"
+        );
         assert_eq!(s.scrub("nothing here"), "nothing here");
         let io = std::io::Error::other("refused for guest:p@ss");
-        assert_eq!(error(&io, &["amqp://guest:p%40ss@h/%2f"]), "refused for guest:***");
+        assert_eq!(
+            error(&io, &["amqp://guest:p%40ss@h/%2f"]),
+            "refused for guest:***"
+        );
     }
 }

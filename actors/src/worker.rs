@@ -100,7 +100,11 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
                 .await
                 .map_err(|source| WorkerError::Metrics { addr, source })?;
             tracing::info!(%addr, "metrics on /metrics, probes on /readyz and /healthz");
-            actix::spawn(crate::metrics::serve(listener, health.clone(), crate::metrics::render));
+            actix::spawn(crate::metrics::serve(
+                listener,
+                health.clone(),
+                crate::metrics::render,
+            ));
         }
         crate::metrics::metrics().start(&base);
         // the job queue and the queues of the ControlNet workers this worker's sessions go to

@@ -125,7 +125,7 @@ impl JobConsumer {
                 ctx.add_stream(consumer);
             }
             Err(e) => {
-                let error = crate::redact::error(&e, &[&act.cfg.amqp]);
+                let error = crate::redact::error(&e, &[act.cfg.amqp.as_str()]);
                 tracing::warn!(%error, retry_in = ?act.backoff, "cannot reach RabbitMQ");
                 if act.cfg.health.get() == State::Ready {
                     act.cfg.health.set(State::Reconnecting);

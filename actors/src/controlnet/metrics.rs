@@ -201,7 +201,10 @@ mod tests {
         m.step("cn", 0.004);
         m.step("cn", 0.006);
         let s = m.render();
-        assert!(s.contains("katz_controlnet_sessions_active{model=\"cn\"} 1"), "{s}");
+        assert!(
+            s.contains("katz_controlnet_sessions_active{model=\"cn\"} 1"),
+            "{s}"
+        );
         m.session_ended("cn", "closed");
         m.error("cn", "redis");
         let s = m.render();

@@ -89,7 +89,8 @@ impl Publisher {
                         let ch = conn.create_channel().await?;
                         Ok::<_, lapin::Error>((conn, ch))
                     });
-                    let (conn, ch) = made.map_err(|e| transport(format!("RabbitMQ at {}", crate::redact::url(&uri)), e))?;
+                    let (conn, ch) =
+                        made.map_err(|e| transport(format!("RabbitMQ at {}", crate::redact::url(&uri)), e))?;
                     *amqp = Some((conn, ch.clone()));
                     ch
                 }

@@ -36,8 +36,8 @@ use lapin::types::FieldTable;
 
 use super::ipc::WorkerIpc;
 use super::metrics::controlnet_metrics;
-use crate::health::{Health, State};
 use super::wire::{self, controlnet_queue, IpcStep, SessionOpen, WireError};
+use crate::health::{Health, State};
 use crate::topology;
 
 #[derive(Debug, Clone)]
@@ -321,7 +321,7 @@ pub fn run(
             let (_conn, _ch, mut consumer) = match connected {
                 Ok(c) => c,
                 Err(e) => {
-                    let error = crate::redact::error(&e, &[&cfg.amqp]);
+                    let error = crate::redact::error(&e, &[cfg.amqp.as_str()]);
                     tracing::warn!(%error, retry_in = ?backoff, "cannot reach RabbitMQ");
                     // as the base worker: `loading` until the first connection, then `reconnecting`
                     if health.get() == State::Ready {
