@@ -105,8 +105,12 @@ host_if() { # host_if NS ADDR END: veth END (bridge side) ↔ eth0 in NS
 host_if "$NS_SVC" "$SVC" to-svc || exit 1
 host_if "$NS_BASE" "$BASE" to-base || exit 1
 host_if "$NS_CN" "$CN" to-cn || exit 1
-check "base reaches svc over the bridge (ping)" quiet in_ns "$NS_BASE" ping -c 1 -W 2 "$SVC"
-check "cn reaches svc over the bridge (ping)" quiet in_ns "$NS_CN" ping -c 1 -W 2 "$SVC"
+pings() { # pings NS: svc answers a ping from NS within 10 s (the links take a moment to come up)
+  for _ in $(seq 1 10); do quiet in_ns "$1" ping -c 1 -W 1 "$SVC" && return 0; done
+  return 1
+}
+check "base reaches svc over the bridge (ping)" pings "$NS_BASE"
+check "cn reaches svc over the bridge (ping)" pings "$NS_CN"
 
 # ---- services inside svc ----
 in_ns "$NS_SVC" redis-server --port 6379 --bind "$SVC" --protected-mode no --save "" --appendonly no \
