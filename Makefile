@@ -3,6 +3,8 @@
 #   make test    every test (unit, parity against diffusers, CLI, integration)
 #   make test-helm  the Helm chart compose/helm/katz rendered by helm and checked against the
 #                Kubernetes and KEDA schemas (tools/test-helm.sh installs what it needs)
+#   make test-netns  base worker, ControlNet worker and RabbitMQ + Redis on three network
+#                namespaces; the ControlNet host's link cut mid-session (root; tools/test-netns.sh)
 #   make soak    MINUTES (5) at saturation on 2 workers, good and bad jobs, a worker killed every
 #                KILL_S (90) s: RSS per worker, jobs lost / duplicated / misjudged (tests/soak.rs)
 #   make test-compose  the docker-compose stack for real: builds the images, runs jobs through
@@ -11,7 +13,7 @@ ORT_VERSION ?= 1.31.1
 ORT_LIB := .katz/ort/libonnxruntime.so.$(ORT_VERSION)
 CARGO ?= cargo
 
-.PHONY: demo test build services export pyenv test-export soak test-helm test-compose
+.PHONY: demo test build services export pyenv test-export soak test-helm test-compose test-netns
 
 $(ORT_LIB): tools/fetch-onnxruntime.sh
 	ORT_VERSION=$(ORT_VERSION) tools/fetch-onnxruntime.sh
@@ -31,6 +33,10 @@ pyenv:
 test: $(ORT_LIB) services pyenv
 	$(CARGO) test --release --workspace --all-targets
 	.katz/py/bin/python -m pytest -q tools/test_producer.py tools/test_compose.py tools/test_demo.py
+
+# Needs root and network namespaces (CI machines may lack them), so `make test` leaves it out.
+test-netns: build
+	tools/test-netns.sh
 
 MINUTES ?= 5
 KILL_S ?= 90

@@ -22,6 +22,8 @@
 //!               bundles_dir, write_json)
 //!   bench/      one file per bench (lora_merge + lora_merge_gpu, lora: lora-bound and
 //!               lora-cache, controlnet, pipeline), stats.rs what they share; mod.rs dispatches
+//! logging.rs    the log subscriber: text or JSON (KATZ_LOG_FORMAT), KATZ_LOG's filter, colours
+//!               only on a terminal, broker passwords scrubbed from every line
 //! workload/     offline research on the Katz trace: its published statistics, requests and
 //!               traces drawn from them, the trace format, LoRA cache replay and calibration
 //!               (used by `katz trace` and `katz bench lora-cache`; nothing in the service)
@@ -30,6 +32,7 @@
 //! The service itself is the katz-actors crate, the models katz-onnx, the kernels katz-kernels.
 
 mod cmd;
+mod logging;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -79,12 +82,11 @@ fn main() -> std::process::ExitCode {
         Command::Worker(_) | Command::ControlnetWorker(_) => "warn,katz_actors=info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KATZ_LOG").unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let secrets = logging::secrets();
+    if let Err(e) = logging::init(default_filter, secrets.clone()) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Generate(a) => cmd::generate::run(a),
@@ -100,7 +102,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // no password of a URL the process was given reaches the terminal
+            eprintln!("error: {}", secrets.scrub(&format!("{e:#}")));
             std::process::ExitCode::FAILURE
         }
     }

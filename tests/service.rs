@@ -428,7 +428,10 @@ fn metrics_endpoint_reports_jobs() {
             .unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).await.unwrap();
-        assert!(body.contains("katz_jobs_total{outcome=\"done\"} 1"), "{body}");
+        assert!(
+            body.contains("katz_jobs_total{model=\"tiny-sdxl\",outcome=\"done\"} 1"),
+            "{body}"
+        );
         for m in [
             "katz_queue_wait_seconds_count 1",
             "katz_job_latency_seconds_count 1",

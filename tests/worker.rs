@@ -182,6 +182,7 @@ fn a_remote_controlnet_session_runs_in_process_and_both_workers_stop() {
             queue: Some(q.clone()),
             idle_timeout: Duration::from_secs(10),
             ttl: Duration::from_secs(60),
+            metrics_addr: None,
         };
         let mut cn = InProcess::spawn("cn-inproc", move |stop| {
             cn_worker::run(cn_cfg, async move {

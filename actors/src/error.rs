@@ -73,6 +73,36 @@ pub fn redis_transient(e: &redis::RedisError) -> bool {
     }
 }
 
+/// Every `error_kind` a job can fail with ([`JobError::kind`], the model's kinds included): the
+/// label values of `katz_job_errors_total`, each there at 0 from the worker's start.
+pub const ERROR_KINDS: &[&str] = &[
+    // the job's own
+    "decode",
+    "invalid",
+    "conflict",
+    "deadline",
+    "attempts",
+    "redis",
+    "redis_refused",
+    "rabbitmq",
+    "mailbox",
+    // the model's (katz_onnx::Error::kind)
+    "runtime",
+    "onnxruntime",
+    "device",
+    "bundle",
+    "io",
+    "tokenizer",
+    "lora",
+    "image",
+    "invalid_request",
+    "scheduler",
+    "gpu",
+    "controlnet",
+    "controlnet_transport",
+    "non_finite",
+];
+
 /// Why an actor could not take a message.
 #[derive(Debug, thiserror::Error)]
 pub enum Unavailable {
@@ -179,5 +209,38 @@ mod tests {
         assert!(redis_transient(&server("OOM", "command not allowed")));
         let e = JobError::Exhausted { attempts: 6, max: 5 };
         assert_eq!((e.action(), e.kind()), (Action::DeadLetter, "attempts"));
+    }
+
+    #[test]
+    fn every_error_kind_is_a_listed_metric_label() {
+        let io = || std::io::Error::other("x");
+        let errors = [
+            JobError::Invalid("x".into()),
+            JobError::Conflict {
+                stored: "a".into(),
+                this: "b".into(),
+            },
+            JobError::Deadline { late_ms: 1 },
+            JobError::Exhausted { attempts: 2, max: 1 },
+            JobError::Store(redis::RedisError::from(io())),
+            JobError::Store(server("WRONGTYPE", "x")),
+            JobError::Broker(lapin::Error::from(io())),
+            JobError::Mailbox {
+                actor: "x",
+                reason: Unavailable::Stopped,
+            },
+            JobError::Model(katz_onnx::Error::InvalidRequest("x".into())),
+            JobError::Model(katz_onnx::Error::ControlNet("x".into())),
+            JobError::Model(katz_onnx::Error::Gpu("x".into())),
+            JobError::Model(katz_onnx::Error::controlnet_transport("x", io())),
+        ];
+        for e in &errors {
+            assert!(
+                ERROR_KINDS.contains(&e.kind()),
+                "{} is not in ERROR_KINDS",
+                e.kind()
+            );
+        }
+        assert!(ERROR_KINDS.contains(&"decode"));
     }
 }

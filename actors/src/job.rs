@@ -152,6 +152,7 @@ pub async fn process(d: &dyn Delivered, deps: &JobDeps) -> &'static str {
         Ok(j) => j,
         Err(e) => {
             tracing::warn!(id = ?e.id, error = %e.message, "rejecting a message");
+            metrics().error(&deps.catalogue.base, "decode");
             if let Some(id) = &e.id {
                 let stored = store_retry(deps, || FailUndecoded {
                     id: id.clone(),
@@ -430,7 +431,10 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
         }
         Err(e) => {
             let mut action = e.action();
-            tracing::warn!(error = %e, ?action, "job did not complete");
+            tracing::warn!(error = %e, error_kind = e.kind(), ?action, "job did not complete");
+            if !e.is_cancel() {
+                metrics().error(&deps.catalogue.base, e.kind());
+            }
             let stored = match (&e, action) {
                 (JobError::Conflict { .. }, _) => {
                     store_retry(deps, || NoteConflict {

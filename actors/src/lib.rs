@@ -35,6 +35,8 @@
 //! | `store/` | `ResultStore` (Redis through Lua, or the in-memory twin) |
 //! | `embedded` | jobs through the same actors without a broker (`katz demo`) |
 //! | `metrics` | Prometheus registry and its HTTP endpoint (with the `/readyz`, `/healthz` probes) |
+//! | `redact` | passwords of AMQP / Redis URLs masked before they reach an error or a log line |
+//! | `queue_depth` | the queue gauges: a passive declare of each queue a process consumes or serves, every few seconds |
 //! | `health` | the worker's state (loading, ready, reconnecting, stopping, stopped) and its Redis heartbeat |
 //! | `topology`, `error` | queues and exchanges; `JobError` with its ack / requeue / dead-letter action |
 //!
@@ -66,6 +68,8 @@ pub mod lora;
 pub mod metrics;
 pub mod pipeline;
 pub mod protocol;
+pub mod queue_depth;
+pub mod redact;
 pub mod store;
 pub mod topology;
 pub mod worker;

@@ -100,8 +100,23 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
                 .await
                 .map_err(|source| WorkerError::Metrics { addr, source })?;
             tracing::info!(%addr, "metrics on /metrics, probes on /readyz and /healthz");
-            actix::spawn(crate::metrics::serve(listener, health.clone()));
+            actix::spawn(crate::metrics::serve(
+                listener,
+                health.clone(),
+                crate::metrics::render,
+            ));
         }
+        crate::metrics::metrics().start(&base);
+        // the job queue and the queues of the ControlNet workers this worker's sessions go to
+        let mut queues = vec![queue.clone()];
+        queues.extend(models.controlnet_services.iter().map(|m| m.queue.clone()));
+        actix::spawn(crate::queue_depth::poll(crate::queue_depth::QueuePoll {
+            amqp: cfg.amqp.clone(),
+            name: format!("{worker_name}-queue-depth"),
+            queues,
+            every: crate::queue_depth::EVERY,
+            gauges: crate::metrics::metrics().queues.clone(),
+        }));
         // Load every pipeline before taking any job, each on its model thread: a bad bundle
         // fails the start, loudly.
         let (loaded_tx, mut loaded_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -238,7 +253,7 @@ async fn connect_redis(url: &str) -> Result<ResultStore, WorkerError> {
         .notify(|e, wait| tracing::warn!(error = %e, retry_in = ?wait, "cannot reach Redis"))
         .await
         .map_err(|source| WorkerError::Redis {
-            url: url.into(),
+            url: crate::redact::url(url),
             source,
         })
 }

@@ -1,6 +1,7 @@
 //! `katz controlnet-worker`: serves one ControlNet model's sessions for base workers anywhere
 //! (queue `katz.controlnet.<model>`; tensors through Redis). Start as many as the load needs.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -29,6 +30,10 @@ pub struct ControlNetWorkerArgs {
     /// A session with no step for this long ends, in seconds.
     #[arg(long, env = "KATZ_CONTROLNET_IDLE_S", default_value_t = 60)]
     pub idle_s: u64,
+    /// Serve Prometheus metrics (/metrics) and the probes (/readyz, /healthz) on this address
+    /// (e.g. 127.0.0.1:9188).
+    #[arg(long, env = "KATZ_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     pub amqp: AmqpArgs,
     #[command(flatten)]
@@ -59,6 +64,7 @@ pub fn run(a: ControlNetWorkerArgs) -> anyhow::Result<()> {
             queue: a.queue,
             idle_timeout: Duration::from_secs(a.idle_s.max(1)),
             ttl: Duration::from_secs(300),
+            metrics_addr: a.metrics_addr,
         },
         super::terminated(),
     )?;

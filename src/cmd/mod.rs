@@ -20,6 +20,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use katz_actors::config::{GraphCache, SessionConfig, ShapeList, DEFAULT_AMQP_URL, DEFAULT_REDIS_URL};
+use katz_actors::redact;
 use katz_onnx::pipeline::{Generated, Observer};
 use katz_onnx::runtime::{ConvSearch, Device, SessionOptions};
 use katz_onnx::tensor::Tensor;
@@ -42,12 +43,12 @@ pub struct RedisArgs {
 
 impl RedisArgs {
     pub async fn connect(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        let client =
-            redis::Client::open(self.redis.as_str()).with_context(|| format!("redis URL {}", self.redis))?;
+        let client = redis::Client::open(self.redis.as_str())
+            .with_context(|| format!("redis URL {}", redact::url(&self.redis)))?;
         client
             .get_multiplexed_async_connection()
             .await
-            .with_context(|| format!("connecting to Redis at {}", self.redis))
+            .with_context(|| format!("connecting to Redis at {}", redact::url(&self.redis)))
     }
 }
 

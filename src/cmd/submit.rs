@@ -168,7 +168,7 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     let queue = a.queue.clone().unwrap_or_else(|| jobs_queue(&a.base));
     let conn = topology::connect(&a.amqp.amqp, "katz-submit")
         .await
-        .with_context(|| format!("connecting to {}", a.amqp.amqp))?;
+        .with_context(|| format!("connecting to {}", katz_actors::redact::url(&a.amqp.amqp)))?;
     let channel = conn.create_channel().await?;
     topology::declare(&channel, &queue).await?;
     topology::publish(&channel, &queue, &job.encode()?, job.priority, &id).await?;

@@ -100,7 +100,7 @@ impl Publisher {
     pub async fn connect(amqp: &str, name: &str) -> anyhow::Result<Self> {
         let conn = topology::connect(amqp, name)
             .await
-            .with_context(|| format!("connecting to {amqp}"))?;
+            .with_context(|| format!("connecting to {}", katz_actors::redact::url(amqp)))?;
         let channel = conn.create_channel().await?;
         Ok(Publisher {
             conn,

@@ -125,7 +125,8 @@ impl JobConsumer {
                 ctx.add_stream(consumer);
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?act.backoff, "cannot reach RabbitMQ");
+                let error = crate::redact::error(&e, &[act.cfg.amqp.as_str()]);
+                tracing::warn!(%error, retry_in = ?act.backoff, "cannot reach RabbitMQ");
                 if act.cfg.health.get() == State::Ready {
                     act.cfg.health.set(State::Reconnecting);
                 }
@@ -178,7 +179,7 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for JobConsumer {
                 ctx.spawn(job.into_actor(self).map(|outcome, act, ctx| {
                     act.in_flight -= 1;
                     metrics().in_flight.dec();
-                    metrics().outcome(outcome);
+                    metrics().outcome(&act.deps.catalogue.base, outcome);
                     act.maybe_finish(ctx);
                 }));
             }

@@ -11,6 +11,7 @@
 //! ```
 
 pub mod ipc;
+pub mod metrics;
 pub mod remote;
 pub mod wire;
 pub mod worker;

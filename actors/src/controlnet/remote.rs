@@ -92,7 +92,8 @@ impl Publisher {
                         let ch = conn.create_channel().await?;
                         Ok::<_, lapin::Error>((conn, ch))
                     });
-                    let (conn, ch) = made.map_err(|e| transport(format!("RabbitMQ at {uri}"), e))?;
+                    let (conn, ch) =
+                        made.map_err(|e| transport(format!("RabbitMQ at {}", crate::redact::url(&uri)), e))?;
                     *amqp = Some((conn, ch.clone()));
                     ch
                 }
@@ -164,7 +165,7 @@ pub struct RemoteControlNets {
 impl RemoteControlNets {
     pub fn new(cfg: RemoteConfig, models: Vec<RemoteModel>, rt: tokio::runtime::Handle) -> Result<Self> {
         let redis = redis::Client::open(cfg.redis.as_str())
-            .map_err(|e| transport(format!("Redis URL {}", cfg.redis), e))?;
+            .map_err(|e| transport(format!("Redis URL {}", crate::redact::url(&cfg.redis)), e))?;
         Ok(RemoteControlNets {
             publisher: Publisher {
                 uri: cfg.amqp.clone(),
@@ -244,7 +245,7 @@ impl ControlService for RemoteControlNets {
         let conn = self
             .redis
             .get_connection()
-            .map_err(|e| transport(format!("Redis at {}", self.cfg.redis), e))?;
+            .map_err(|e| transport(format!("Redis at {}", crate::redact::url(&self.cfg.redis)), e))?;
         let mut s = RemoteSession {
             publisher: self.publisher.clone(),
             retried: self.retried.clone(),

@@ -14,8 +14,13 @@
 //! ```
 //! Shutdown (the future `run` is given; `katz controlnet-worker` passes SIGTERM/SIGINT): no new
 //! sessions; running ones end (the base closes them), then `run` returns.
+//!
+//! Operability, as the base worker's: with `metrics_addr`, `GET /readyz` (200 `ready` while it
+//! consumes; 503 `loading`, `reconnecting`, `stopping`), `GET /healthz` and `GET /metrics`
+//! (super::metrics: sessions, steps, step time, errors, its queue's depth, the build).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -31,7 +36,9 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, Basi
 use lapin::types::FieldTable;
 
 use super::ipc::WorkerIpc;
+use super::metrics::controlnet_metrics;
 use super::wire::{self, controlnet_queue, IpcStep, SessionOpen, WireError};
+use crate::health::{Health, State};
 use crate::topology;
 
 #[derive(Debug, Clone)]
@@ -51,6 +58,8 @@ pub struct ControlNetWorkerConfig {
     pub idle_timeout: Duration,
     /// Lifetime of the residual lists.
     pub ttl: Duration,
+    /// Serve `/metrics`, `/readyz` and `/healthz` here.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +68,11 @@ pub enum ControlNetWorkerError {
     Model(#[from] katz_onnx::Error),
     #[error("runtime: {0}")]
     Io(#[from] std::io::Error),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Why a session ended before its base closed it.
@@ -76,6 +90,18 @@ pub enum SessionError {
         #[source]
         source: katz_onnx::Error,
     },
+}
+
+impl SessionError {
+    /// The `error_kind` label of `katz_controlnet_errors_total` (super::metrics::ERROR_KINDS).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SessionError::NoModel => "no_model",
+            SessionError::Redis(_) => "redis",
+            SessionError::Wire(_) => "wire",
+            SessionError::Step { .. } => "step",
+        }
+    }
 }
 
 /// Runs one session to its end on a model thread.
@@ -160,6 +186,7 @@ impl Handler<RunSession> for SessionActor {
                 }
                 reply(self.ttl, &mut conn, s, wire::encode_ipc(&r)?)?;
                 steps += 1;
+                controlnet_metrics().step(cn.name(), t0.elapsed().as_secs_f64());
                 tracing::debug!(
                     step = m.step,
                     ms = t0.elapsed().as_secs_f64() * 1e3,
@@ -182,6 +209,7 @@ impl Handler<RunSession> for SessionActor {
             let refs: Vec<&Tensor> = res.iter().collect();
             reply(self.ttl, &mut conn, s, wire::encode_as(step, &refs, half))?;
             steps += 1;
+            controlnet_metrics().step(cn.name(), t0.elapsed().as_secs_f64());
             tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1e3, "residuals sent");
         }
     }
@@ -209,29 +237,17 @@ fn reply(
 
 /// Runs a ControlNet worker until `shutdown` resolves, then waits for the sessions running (the
 /// base closes them) and returns. Blocks the calling thread (its own runtime and actix system).
+/// With `metrics_addr`, the probes and metrics answer from the start (`loading` while the models
+/// load).
 pub fn run(
     cfg: ControlNetWorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ControlNetWorkerError> {
-    let base = BaseBundle::open(&cfg.base)?;
+    let health = Health::new();
     let n = cfg.concurrency.max(1);
-    let mut models: Vec<ControlNet> = Vec::with_capacity(n);
-    for _ in 0..n {
-        // the sessions share one copy of the weights the graph takes as inputs
-        let shared = models.first().and_then(ControlNet::weights);
-        models.push(ControlNet::load_sharing(
-            ControlNetBundle::open(&cfg.bundle)?,
-            &base,
-            &cfg.session,
-            2,
-            shared,
-        )?);
-    }
-    let model = models[0].name().to_string();
-    let queue = cfg.queue.clone().unwrap_or_else(|| controlnet_queue(&model));
-    let redis = redis::Client::open(cfg.redis.as_str())
-        .map_err(|e| katz_onnx::Error::controlnet_transport(format!("Redis URL {}", cfg.redis), e))?;
-    let pool = Mutex::new(models);
+    let redis = redis::Client::open(cfg.redis.as_str()).map_err(|e| {
+        katz_onnx::Error::controlnet_transport(format!("Redis URL {}", crate::redact::url(&cfg.redis)), e)
+    })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -239,6 +255,43 @@ pub fn run(
     let sys = actix::System::with_tokio_rt(move || rt);
     let (idle, ttl) = (cfg.idle_timeout, cfg.ttl);
     sys.block_on(async move {
+        if let Some(addr) = cfg.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ControlNetWorkerError::Metrics { addr, source })?;
+            tracing::info!(%addr, "metrics on /metrics, probes on /readyz and /healthz");
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                health.clone(),
+                super::metrics::render,
+            ));
+        }
+        // the models load on this thread; the probes answer `loading` meanwhile
+        let base = BaseBundle::open(&cfg.base)?;
+        let mut models: Vec<ControlNet> = Vec::with_capacity(n);
+        for _ in 0..n {
+            // the sessions share one copy of the weights the graph takes as inputs
+            let shared = models.first().and_then(ControlNet::weights);
+            models.push(ControlNet::load_sharing(
+                ControlNetBundle::open(&cfg.bundle)?,
+                &base,
+                &cfg.session,
+                2,
+                shared,
+            )?);
+        }
+        let model = models[0].name().to_string();
+        let queue = cfg.queue.clone().unwrap_or_else(|| controlnet_queue(&model));
+        let m = controlnet_metrics();
+        m.start(&model);
+        tokio::spawn(crate::queue_depth::poll(crate::queue_depth::QueuePoll {
+            amqp: cfg.amqp.clone(),
+            name: format!("{}-queue-depth", cfg.name),
+            queues: vec![queue.clone()],
+            every: crate::queue_depth::EVERY,
+            gauges: m.queues.clone(),
+        }));
+        let pool = Mutex::new(models);
         let sessions = SyncArbiter::start(n, move || SessionActor {
             cn: pool.lock().ok().and_then(|mut p| p.pop()),
             redis: redis.clone(),
@@ -271,7 +324,12 @@ pub fn run(
             let (_conn, _ch, mut consumer) = match connected {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach RabbitMQ");
+                    let error = crate::redact::error(&e, &[cfg.amqp.as_str()]);
+                    tracing::warn!(%error, retry_in = ?backoff, "cannot reach RabbitMQ");
+                    // as the base worker: `loading` until the first connection, then `reconnecting`
+                    if health.get() == State::Ready {
+                        health.set(State::Reconnecting);
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = &mut shutdown => break 'outer,
@@ -281,6 +339,8 @@ pub fn run(
                 }
             };
             backoff = Duration::from_millis(200);
+            tracing::info!(%queue, prefetch = n, "consuming");
+            health.set_unless_stopping(State::Ready);
             loop {
                 tokio::select! {
                     _ = &mut shutdown => { tracing::info!("shutdown: no new sessions"); break 'outer; }
@@ -290,36 +350,66 @@ pub fn run(
                                 Ok(o) if o.model == model => o,
                                 Ok(o) => {
                                     tracing::warn!(model = %o.model, "session for another model; dead-lettering");
+                                    m.error(&model, "bad_request");
                                     let _ = d.reject(BasicRejectOptions { requeue: false }).await;
                                     continue;
                                 }
                                 Err(e) => {
                                     tracing::warn!(error = %e, "bad session-open message; dead-lettering");
+                                    m.error(&model, "bad_request");
                                     let _ = d.reject(BasicRejectOptions { requeue: false }).await;
                                     continue;
                                 }
                             };
                             let (sessions, permit) = (sessions.clone(), running.clone().acquire_owned().await);
+                            let model = model.clone();
                             tokio::spawn(async move {
                                 let _permit = permit;
-                                match sessions.send(RunSession { open }).await {
-                                    Ok(Ok(end)) => tracing::debug!(?end, "session ended"),
-                                    Ok(Err(e)) => tracing::warn!(error = %e, "session failed"),
-                                    Err(e) => tracing::warn!(error = %e, "session thread unavailable"),
-                                }
+                                m.session_started(&model);
+                                let end = match sessions.send(RunSession { open }).await {
+                                    Ok(Ok(end)) => {
+                                        tracing::debug!(?end, "session ended");
+                                        match end {
+                                            SessionEnd::Closed { .. } => "closed",
+                                            SessionEnd::Idle { .. } => "idle",
+                                            SessionEnd::Abandoned => "abandoned",
+                                        }
+                                    }
+                                    Ok(Err(e)) => {
+                                        tracing::warn!(error = %e, error_kind = e.kind(), "session failed");
+                                        m.error(&model, e.kind());
+                                        "failed"
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "session thread unavailable");
+                                        m.error(&model, "mailbox");
+                                        "failed"
+                                    }
+                                };
+                                m.session_ended(&model, end);
                                 let _ = d.ack(BasicAckOptions::default()).await;
                             });
                         }
-                        Some(Err(e)) => { tracing::warn!(error = %e, "consumer error"); break; }
-                        None => { tracing::warn!("lost the RabbitMQ consumer; reconnecting"); break; }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "consumer error");
+                            health.set_unless_stopping(State::Reconnecting);
+                            break;
+                        }
+                        None => {
+                            tracing::warn!("lost the RabbitMQ consumer; reconnecting");
+                            health.set_unless_stopping(State::Reconnecting);
+                            break;
+                        }
                     }
                 }
             }
         }
+        health.set(State::Stopping);
         // drain: wait for the sessions running now (the base closes them)
         let _ = running.acquire_many(n as u32).await;
+        health.set(State::Stopped);
         tracing::info!("drained; stopping");
-        Ok::<_, std::io::Error>(())
+        Ok::<_, ControlNetWorkerError>(())
     })?;
     Ok(())
 }
