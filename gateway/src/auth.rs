@@ -78,7 +78,7 @@ impl Tenants {
         let d = digest(key.as_bytes());
         let mut found: Option<&Entry> = None;
         for e in &self.entries {
-            if bool::from(e.digest.ct_eq(&d)) {
+            if bool::from(e.digest[..].ct_eq(&d[..])) {
                 found = Some(e);
             }
         }

@@ -141,7 +141,7 @@ async fn follow(st: State, mut f: Follow) {
 }
 
 /// The SSE answer for job `id` (its ownership already checked).
-pub fn stream(st: State, id: String) -> Sse<ReceiverStream<Result<Event, Infallible>>> {
+pub fn stream(st: State, id: String) -> impl axum::response::IntoResponse {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(follow(
         st,

@@ -85,11 +85,10 @@ pub struct ControlNetRequest {
 /// A conditioning image: PNG, JPEG or WebP bytes in base64, or the name of a part of a
 /// multipart body holding them.
 #[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
 #[allow(dead_code)]
 pub enum ImageRequest {
-    #[schema(rename = "base64")]
     Base64(String),
-    #[schema(rename = "upload")]
     Upload(String),
 }
 

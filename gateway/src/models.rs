@@ -65,7 +65,7 @@ impl Worker {
 }
 
 /// Every worker with a heartbeat key (live or not), sorted by name.
-pub async fn workers<C: redis::aio::ConnectionLike + Send>(conn: &mut C) -> Result<Vec<Worker>, ApiError> {
+pub async fn workers<C: redis::aio::ConnectionLike + Send + Sync>(conn: &mut C) -> Result<Vec<Worker>, ApiError> {
     let mut keys: Vec<String> = Vec::new();
     {
         let mut it: redis::AsyncIter<String> = conn.scan_match("katz:worker:*").await?;

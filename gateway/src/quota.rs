@@ -94,7 +94,8 @@ pub struct Reserve<'a> {
 /// Admits the job under the tenant's concurrency quota and writes its `queued` record, in one
 /// step; returns the tenant's jobs not yet ended, this one included.
 pub async fn reserve<C: redis::aio::ConnectionLike>(conn: &mut C, r: Reserve<'_>) -> Result<u32, ApiError> {
-    let mut s = redis::Script::new(RESERVE_LUA).prepare_invoke();
+    let script = redis::Script::new(RESERVE_LUA);
+    let mut s = script.prepare_invoke();
     s.key(active_key(r.tenant))
         .key(katz_actors::protocol::job_key(r.id))
         .arg(r.max_active)
