@@ -310,16 +310,26 @@ fn gateway_end_to_end() {
             b["controlnets"][0]["image"] = json!({"upload": "edges"});
             b.to_string()
         };
-        let form = reqwest::multipart::Form::new()
-            .part("job", reqwest::multipart::Part::text(job_part).mime_str("application/json").unwrap())
-            .part(
-                "edges",
-                reqwest::multipart::Part::bytes(
-                    std::fs::read(root().join("bundles/shapes/examples/red-circle-above-blue-square-edges.png")).unwrap(),
-                )
-                .file_name("edges.png"),
-            );
-        let r = api.http.post(api.url("/v1/jobs")).bearer_auth(ACME).multipart(form).send().await.unwrap();
+        let edges = std::fs::read(root().join("bundles/shapes/examples/red-circle-above-blue-square-edges.png")).unwrap();
+        let boundary = "katz-test-boundary-7d1c";
+        let mut form = Vec::new();
+        form.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"job\"\r\nContent-Type: application/json\r\n\r\n{job_part}\r\n").as_bytes(),
+        );
+        form.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"edges\"; filename=\"edges.png\"\r\nContent-Type: image/png\r\n\r\n").as_bytes(),
+        );
+        form.extend_from_slice(&edges);
+        form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let r = api
+            .http
+            .post(api.url("/v1/jobs"))
+            .bearer_auth(ACME)
+            .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+            .body(form)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 202);
         let mid = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
         assert_eq!(api.wait_final(ACME, &mid, Duration::from_secs(60)).await["status"], "done");
