@@ -79,7 +79,12 @@ impl Api {
         format!("{}{path}", self.base)
     }
     async fn get(&self, key: &str, path: &str) -> reqwest::Response {
-        self.http.get(self.url(path)).bearer_auth(key).send().await.unwrap()
+        self.http
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
     }
     async fn post(&self, key: &str, body: &Value) -> reqwest::Response {
         self.http
@@ -98,7 +103,11 @@ impl Api {
         v["id"].as_str().unwrap().to_string()
     }
     async fn job(&self, key: &str, id: &str) -> Value {
-        self.get(key, &format!("/v1/jobs/{id}")).await.json().await.unwrap()
+        self.get(key, &format!("/v1/jobs/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap()
     }
     async fn wait_final(&self, key: &str, id: &str, within: Duration) -> Value {
         let t0 = Instant::now();
@@ -121,13 +130,19 @@ async fn code(r: reqwest::Response) -> (u16, String, Option<String>) {
         .get("retry-after")
         .map(|v| v.to_str().unwrap().to_string());
     let v: Value = r.json().await.expect("a JSON error body");
-    let c = v["error"]["code"].as_str().unwrap_or_else(|| panic!("no error.code: {v}"));
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    let c = v["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.code: {v}"));
+    assert!(
+        v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
     (status, c.to_string(), retry)
 }
 
 fn edges_b64() -> String {
-    let png = std::fs::read(root().join("bundles/shapes/examples/red-circle-above-blue-square-edges.png")).unwrap();
+    let png =
+        std::fs::read(root().join("bundles/shapes/examples/red-circle-above-blue-square-edges.png")).unwrap();
     base64::engine::general_purpose::STANDARD.encode(png)
 }
 
@@ -149,7 +164,10 @@ fn plain_body(steps: u32) -> Value {
 async fn sse(api: &Api, key: &str, id: &str, within: Duration) -> Vec<(String, Value)> {
     let r = api.get(key, &format!("/v1/jobs/{id}/events")).await;
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let mut stream = r.bytes_stream();
     let mut buf = String::new();
     let mut out = Vec::new();
@@ -183,21 +201,32 @@ async fn sse(api: &Api, key: &str, id: &str, within: Duration) -> Vec<(String, V
 }
 
 /// A webhook receiver on `port`: every request's Katz-Signature header and body.
-async fn receiver(port: u16) -> (tokio::task::JoinHandle<()>, tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+async fn receiver(
+    port: u16,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let app = axum::Router::new().route(
         "/hook",
         axum::routing::post(move |h: axum::http::HeaderMap, body: axum::body::Bytes| {
             let tx = tx.clone();
             async move {
-                let sig = h.get("katz-signature").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+                let sig = h
+                    .get("katz-signature")
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default();
                 let _ = tx.send((sig, body.to_vec()));
                 "ok"
             }
         }),
     );
     let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-    (tokio::spawn(async move { axum::serve(l, app).await.unwrap() }), rx)
+    (
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() }),
+        rx,
+    )
 }
 
 fn verify(sig: &str, body: &[u8], secret: &str) -> bool {
@@ -207,11 +236,18 @@ fn verify(sig: &str, body: &[u8], secret: &str) -> bool {
             parts.insert(k, v);
         }
     }
-    let (Some(t), Some(v1)) = (parts.get("t"), parts.get("v1")) else { return false };
+    let (Some(t), Some(v1)) = (parts.get("t"), parts.get("v1")) else {
+        return false;
+    };
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{t}.").as_bytes());
     mac.update(body);
-    let want: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let want: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     want == *v1
 }
 

@@ -181,8 +181,7 @@ async fn write(redis: &mut ConnectionManager, b: &Beat, h: &Health) -> redis::Re
         ("ready_after_ms", ready),
         (
             "controlnets",
-            serde_json::to_string(b.controlnets.get().map(Vec::as_slice).unwrap_or(&[]))
-                .unwrap_or_default(),
+            serde_json::to_string(b.controlnets.get().map(Vec::as_slice).unwrap_or(&[])).unwrap_or_default(),
         ),
         (
             "loras",
@@ -253,7 +252,12 @@ mod tests {
     fn the_lora_store_lists_its_plain_names() {
         let dir = std::env::temp_dir().join(format!("katz-list-loras-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for f in ["b.safetensors", "a.safetensors", "notes.txt", "bad name.safetensors"] {
+        for f in [
+            "b.safetensors",
+            "a.safetensors",
+            "notes.txt",
+            "bad name.safetensors",
+        ] {
             std::fs::write(dir.join(f), b"").unwrap();
         }
         assert_eq!(list_loras(&dir), vec!["a".to_string(), "b".to_string()]);

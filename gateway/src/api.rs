@@ -113,7 +113,10 @@ fn hex_sha256(b: &[u8]) -> String {
 }
 
 /// The body as JSON, and a multipart body's other parts by name.
-async fn read_body(req: Request, limit: usize) -> Result<(serde_json::Value, HashMap<String, Vec<u8>>), ApiError> {
+async fn read_body(
+    req: Request,
+    limit: usize,
+) -> Result<(serde_json::Value, HashMap<String, Vec<u8>>), ApiError> {
     let ctype = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -146,10 +149,14 @@ async fn read_body(req: Request, limit: usize) -> Result<(serde_json::Value, Has
                 parts.insert(name, bytes.to_vec());
             }
         }
-        let job = job.ok_or_else(|| ApiError::BadRequest("the multipart body has no `job` part (the job's JSON)".into()))?;
+        let job = job.ok_or_else(|| {
+            ApiError::BadRequest("the multipart body has no `job` part (the job's JSON)".into())
+        })?;
         return Ok((job, parts));
     }
-    if !(ctype.starts_with("application/json") || (ctype.starts_with("application/") && ctype.contains("+json"))) {
+    if !(ctype.starts_with("application/json")
+        || (ctype.starts_with("application/") && ctype.contains("+json")))
+    {
         return Err(ApiError::UnsupportedMediaType(
             "send the job as `application/json`, or as `multipart/form-data` with a `job` part".into(),
         ));
@@ -157,7 +164,8 @@ async fn read_body(req: Request, limit: usize) -> Result<(serde_json::Value, Has
     let bytes = Bytes::from_request(req, &())
         .await
         .map_err(|e| from_rejection(e.status(), e.body_text(), limit))?;
-    let v = serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("the body is not JSON: {e}")))?;
+    let v = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not JSON: {e}")))?;
     Ok((v, HashMap::new()))
 }
 
@@ -182,7 +190,10 @@ async fn read_body(req: Request, limit: usize) -> Result<(serde_json::Value, Has
         (status = 503, description = "Redis or RabbitMQ away: nothing was queued", body = ErrorBody),
     )
 )]
-async fn submit(axum::extract::State(st): axum::extract::State<State>, req: Request) -> Result<Response, ApiError> {
+async fn submit(
+    axum::extract::State(st): axum::extract::State<State>,
+    req: Request,
+) -> Result<Response, ApiError> {
     let tenant = st.tenants.from_headers(req.headers())?;
     let idem = match req.headers().get("idempotency-key") {
         None => None,
@@ -284,7 +295,9 @@ async fn enqueue(st: &State, tenant: &Tenant, p: &jobs::Prepared, queue: &str) -
     let mut r = st.redis();
     let job = &p.job;
     let ttl = job.result_ttl_s + QUEUE_ALLOWANCE_S;
-    let uploads: Vec<String> = (0..p.images.len()).map(|i| format!("{}{i}", upload_prefix(&job.id))).collect();
+    let uploads: Vec<String> = (0..p.images.len())
+        .map(|i| format!("{}{i}", upload_prefix(&job.id)))
+        .collect();
     for (k, bytes) in uploads.iter().zip(&p.images) {
         let _: () = r.set_ex(k, bytes.as_slice(), ttl).await?;
     }
@@ -515,7 +528,11 @@ async fn healthz(axum::extract::State(st): axum::extract::State<State>) -> Respo
         redis,
         rabbitmq,
     };
-    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(h)).into_response()
 }
 
@@ -523,7 +540,9 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
-async fn operator_page(axum::extract::State(st): axum::extract::State<State>) -> Result<Html<String>, ApiError> {
+async fn operator_page(
+    axum::extract::State(st): axum::extract::State<State>,
+) -> Result<Html<String>, ApiError> {
     if !st.cfg.operator_page {
         return Err(ApiError::NotFound("the operator page is off".into()));
     }

@@ -137,7 +137,10 @@ mod tests {
         let t = tenants();
         let a = t.authenticate("acme-key-0000000001").unwrap();
         assert_eq!(a.name, "acme");
-        assert!(matches!(t.authenticate("acme-old-0000000001"), Err(ApiError::RevokedKey)));
+        assert!(matches!(
+            t.authenticate("acme-old-0000000001"),
+            Err(ApiError::RevokedKey)
+        ));
         assert!(matches!(t.authenticate("nope"), Err(ApiError::UnknownKey)));
         assert!(a.owns("acme.1234"));
         // a tenant whose name extends another's owns none of its jobs, and the reverse

@@ -114,15 +114,9 @@ impl Default for TenantConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: {source}")]
-    Toml {
-        path: String,
-        source: toml::de::Error,
-    },
+    Toml { path: String, source: toml::de::Error },
     #[error("{0}")]
     Invalid(String),
 }
@@ -200,12 +194,19 @@ mod tests {
         let t = &c.tenants["acme"];
         assert_eq!((t.max_active, t.burst, t.max_priority), (2, 20, 5));
         c.check().unwrap();
-        assert!(toml::from_str::<GatewayConfig>("lisen = \"x\"").is_err(), "unknown keys are refused");
+        assert!(
+            toml::from_str::<GatewayConfig>("lisen = \"x\"").is_err(),
+            "unknown keys are refused"
+        );
     }
 
     #[test]
     fn bad_tenants_are_refused() {
-        for (name, key) in [("a.b", "k123456789012345678"), ("ok", "short"), ("", "k123456789012345678")] {
+        for (name, key) in [
+            ("a.b", "k123456789012345678"),
+            ("ok", "short"),
+            ("", "k123456789012345678"),
+        ] {
             let mut c = GatewayConfig::default();
             c.tenants.insert(
                 name.into(),

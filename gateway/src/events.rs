@@ -79,7 +79,11 @@ impl Follow {
             }
         }
         let ended = Status::parse(&view.status).is_some_and(Status::is_final);
-        if ended && !self.send("end", serde_json::to_value(&view).unwrap_or_default()).await {
+        if ended
+            && !self
+                .send("end", serde_json::to_value(&view).unwrap_or_default())
+                .await
+        {
             return None;
         }
         Some(ended)
@@ -95,7 +99,10 @@ async fn follow(st: State, mut f: Follow) {
     };
     let Some(ps) = sub.await else {
         let _ = f
-            .send("error", json!({"error": {"code": "unavailable", "message": "redis is away"}}))
+            .send(
+                "error",
+                json!({"error": {"code": "unavailable", "message": "redis is away"}}),
+            )
             .await;
         return;
     };
@@ -107,7 +114,10 @@ async fn follow(st: State, mut f: Follow) {
     };
     let Some(rec) = read(&st, &f.id).await else { return };
     let view = JobView::from_record(&f.id, rec.clone());
-    if !f.send("status", serde_json::to_value(&view).unwrap_or_default()).await {
+    if !f
+        .send("status", serde_json::to_value(&view).unwrap_or_default())
+        .await
+    {
         return;
     }
     if f.record(&st, rec).await != Some(false) {

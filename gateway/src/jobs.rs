@@ -155,18 +155,20 @@ pub fn into_job(
             let c = c
                 .as_object_mut()
                 .ok_or_else(|| bad(format!("controlnets[{i}] is not an object")))?;
-            let img = c
-                .get("image")
-                .and_then(Value::as_object)
-                .ok_or_else(|| bad(format!("controlnets[{i}].image: an object {{\"base64\"}} or {{\"upload\"}} is required")))?;
+            let img = c.get("image").and_then(Value::as_object).ok_or_else(|| {
+                bad(format!(
+                    "controlnets[{i}].image: an object {{\"base64\"}} or {{\"upload\"}} is required"
+                ))
+            })?;
             let bytes = match (img.get("base64"), img.get("upload")) {
                 (Some(Value::String(b)), None) => base64::engine::general_purpose::STANDARD
                     .decode(b.trim())
                     .map_err(|e| bad(format!("controlnets[{i}].image.base64 is not base64: {e}")))?,
-                (None, Some(Value::String(name))) => parts
-                    .get(name)
-                    .cloned()
-                    .ok_or_else(|| bad(format!("controlnets[{i}].image.upload: no part `{name}` in the multipart body")))?,
+                (None, Some(Value::String(name))) => parts.get(name).cloned().ok_or_else(|| {
+                    bad(format!(
+                        "controlnets[{i}].image.upload: no part `{name}` in the multipart body"
+                    ))
+                })?,
                 _ => {
                     return Err(bad(format!(
                         "controlnets[{i}].image: exactly one of `base64` (a string) or `upload` (a part name)"
@@ -201,7 +203,9 @@ pub fn into_job(
         }
     })?;
     // the worker's own decode: priority, TTL, upload keys
-    let bytes = job.encode().map_err(|e| bad(format!("the job does not encode: {e}")))?;
+    let bytes = job
+        .encode()
+        .map_err(|e| bad(format!("the job does not encode: {e}")))?;
     let job = protocol::decode(&bytes, &Limits::default()).map_err(|e| ApiError::Invalid(e.message))?;
     Ok(Prepared {
         job,
@@ -322,7 +326,12 @@ mod tests {
         assert_eq!(p.request_digest, q.request_digest);
         let mut other = body();
         other["prompt"] = "q".into();
-        assert_ne!(into_job(other, &HashMap::new(), "t.3", 60).unwrap().request_digest, p.request_digest);
+        assert_ne!(
+            into_job(other, &HashMap::new(), "t.3", 60)
+                .unwrap()
+                .request_digest,
+            p.request_digest
+        );
     }
 
     #[test]
@@ -354,7 +363,10 @@ mod tests {
         let mut documented: Vec<&String> = schema["properties"].as_object().unwrap().keys().collect();
         documented.retain(|k| k.as_str() != "webhook_url");
         for k in &documented {
-            assert!(job.get(k.as_str()).is_some() || *k == "unet_only", "`{k}` is no protocol field");
+            assert!(
+                job.get(k.as_str()).is_some() || *k == "unet_only",
+                "`{k}` is no protocol field"
+            );
         }
         for k in job.as_object().unwrap().keys() {
             assert!(

@@ -65,7 +65,9 @@ impl Worker {
 }
 
 /// Every worker with a heartbeat key (live or not), sorted by name.
-pub async fn workers<C: redis::aio::ConnectionLike + Send + Sync>(conn: &mut C) -> Result<Vec<Worker>, ApiError> {
+pub async fn workers<C: redis::aio::ConnectionLike + Send + Sync>(
+    conn: &mut C,
+) -> Result<Vec<Worker>, ApiError> {
     let mut keys: Vec<String> = Vec::new();
     {
         let mut it: redis::AsyncIter<String> = conn.scan_match("katz:worker:*").await?;
@@ -148,9 +150,10 @@ impl Catalog {
         }
         let serves = |w: &Worker| {
             job.controlnets.iter().all(|c| w.controlnets.contains(&c.model))
-                && job.loras.iter().all(|l| {
-                    w.loras.contains(&l.name) || (w.lora_redis && redis_loras.contains(&l.name))
-                })
+                && job
+                    .loras
+                    .iter()
+                    .all(|l| w.loras.contains(&l.name) || (w.lora_redis && redis_loras.contains(&l.name)))
         };
         if let Some(w) = of_base.iter().find(|w| serves(w)) {
             return Ok(w.queue.clone());
@@ -218,7 +221,9 @@ mod tests {
         });
         let e = c.route(&j, &BTreeSet::new()).unwrap_err().to_string();
         assert!(e.contains("LoRA `nope`"), "{e}");
-        let e = c.route(&Job::new("t.2", "gone", "p"), &BTreeSet::new()).unwrap_err();
+        let e = c
+            .route(&Job::new("t.2", "gone", "p"), &BTreeSet::new())
+            .unwrap_err();
         assert!(matches!(e, ApiError::UnknownModel(_)));
     }
 }

@@ -56,7 +56,9 @@ pub async fn render(st: &State) -> Result<String, crate::error::ApiError> {
     );
     // queue depths
     let queues: BTreeSet<String> = live.iter().map(|w| w.queue.clone()).collect();
-    h.push_str("<h2>Queues</h2><table id=\"queues\"><tr><th>queue</th><th>ready</th><th>dead letters</th></tr>");
+    h.push_str(
+        "<h2>Queues</h2><table id=\"queues\"><tr><th>queue</th><th>ready</th><th>dead letters</th></tr>",
+    );
     for q in &queues {
         let depth = st.broker.depth(q).await;
         let dead = st.broker.depth(&katz_actors::topology::dead_queue(q)).await;
@@ -138,6 +140,9 @@ pub async fn render(st: &State) -> Result<String, crate::error::ApiError> {
 mod tests {
     #[test]
     fn text_is_escaped() {
-        assert_eq!(super::esc("<a href='x'>&\"</a>"), "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;");
+        assert_eq!(
+            super::esc("<a href='x'>&\"</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
+        );
     }
 }

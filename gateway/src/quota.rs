@@ -121,7 +121,11 @@ pub async fn reserve<C: redis::aio::ConnectionLike>(conn: &mut C, r: Reserve<'_>
 }
 
 /// Takes the job out of its tenant's active set (after a publish that failed).
-pub async fn release<C: redis::aio::ConnectionLike>(conn: &mut C, tenant: &str, id: &str) -> redis::RedisResult<()> {
+pub async fn release<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    tenant: &str,
+    id: &str,
+) -> redis::RedisResult<()> {
     redis::pipe()
         .zrem(active_key(tenant), id)
         .ignore()

@@ -138,7 +138,12 @@ async fn one(st: &State, http: &reqwest::Client, id: &str) -> redis::RedisResult
     let mut view = JobView::from_record(id, rec);
     view.webhook_status = None;
     view.webhook_attempts = None;
-    for k in ["webhook_status", "webhook_attempts", "webhook_error", "webhook_url"] {
+    for k in [
+        "webhook_status",
+        "webhook_attempts",
+        "webhook_error",
+        "webhook_url",
+    ] {
         view.record.remove(k);
     }
     let body = serde_json::to_vec(&view).unwrap_or_default();
@@ -192,7 +197,8 @@ async fn one(st: &State, http: &reqwest::Client, id: &str) -> redis::RedisResult
             if give_up {
                 p.zrem(DUE, id).ignore();
             } else {
-                p.zadd(DUE, id, now_ms() + backoff(&st.cfg.webhooks, attempts)).ignore();
+                p.zadd(DUE, id, now_ms() + backoff(&st.cfg.webhooks, attempts))
+                    .ignore();
             }
             let _: () = p.query_async(&mut r).await?;
         }

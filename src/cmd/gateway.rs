@@ -29,10 +29,20 @@ pub struct GatewayArgs {
     #[arg(long, env = "KATZ_REDIS")]
     pub redis: Option<String>,
     /// API keys as TENANT=KEY, comma-separated (added to the file's tenants, with their defaults).
-    #[arg(long, env = "KATZ_GATEWAY_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "KATZ_GATEWAY_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub keys: Vec<String>,
     /// Revoked API keys as TENANT=KEY, comma-separated.
-    #[arg(long, env = "KATZ_GATEWAY_REVOKED_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "KATZ_GATEWAY_REVOKED_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub revoked_keys: Vec<String>,
 }
 
