@@ -226,7 +226,8 @@ impl BaseBundle {
             ));
         }
         if let Some(p) = &manifest.preview_rgb {
-            crate::preview::Projection::new(p, manifest.latent_channels).map_err(|m| Error::bundle(&dir, m))?;
+            crate::preview::Projection::new(p, manifest.latent_channels)
+                .map_err(|m| Error::bundle(&dir, m))?;
         }
         let b = BaseBundle { dir, manifest };
         for f in b.files() {

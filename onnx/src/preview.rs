@@ -177,7 +177,9 @@ mod tests {
 
     fn latents(c: usize, h: usize, w: usize) -> Tensor {
         // varied values, never all zeros
-        let data = (0..c * h * w).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        let data = (0..c * h * w)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
         Tensor::new(vec![1, c, h, w], data)
     }
 
@@ -199,7 +201,10 @@ mod tests {
                     }
                     let want = (((v + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).round();
                     let got = img.rgb[(y * w + x) * 3 + k] as f64;
-                    assert!((got - want).abs() <= 1.0, "pixel {x},{y} channel {k}: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() <= 1.0,
+                        "pixel {x},{y} channel {k}: {got} vs {want}"
+                    );
                 }
             }
         }
@@ -272,7 +277,10 @@ mod tests {
                 project.as_secs_f64() * 1e6,
                 png.as_secs_f64() * 1e6
             );
-            assert!(project + png < std::time::Duration::from_millis(50), "{project:?} + {png:?}");
+            assert!(
+                project + png < std::time::Duration::from_millis(50),
+                "{project:?} + {png:?}"
+            );
         }
     }
 

@@ -382,7 +382,12 @@ mod tests {
             every: 5,
             projection: Projection::sdxl(),
         };
-        let due = |total| (0..total).filter(|&i| p.due(i, total)).map(|i| i + 1).collect::<Vec<_>>();
+        let due = |total| {
+            (0..total)
+                .filter(|&i| p.due(i, total))
+                .map(|i| i + 1)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(due(20), vec![5, 10, 15]);
         assert_eq!(due(21), vec![5, 10, 15, 20]);
         assert_eq!(due(4), Vec::<usize>::new());
