@@ -269,6 +269,8 @@ fn gateway_end_to_end() {
                 "bundles/shapes/shapes-sdxl-controlnet",
                 "--lora-dir",
                 "bundles/shapes/loras",
+                "--preview-every",
+                "3",
             ],
         );
         let port = free_port();
@@ -340,6 +342,19 @@ fn gateway_end_to_end() {
         assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 128, "width");
         let previews: Vec<&Value> = events.iter().filter(|(n, _)| n == "preview").map(|(_, d)| d).collect();
         println!("previews over SSE: {}", previews.len());
+        assert!(!previews.is_empty(), "preview events: {events:?}");
+        for p in &previews {
+            let b = base64::engine::general_purpose::STANDARD
+                .decode(p["png_base64"].as_str().expect("the preview's PNG"))
+                .unwrap();
+            assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n");
+            assert_eq!(p["url"], json!(format!("/v1/jobs/{id}/preview")));
+        }
+        let steps_seen: Vec<u64> = previews.iter().map(|p| p["step"].as_u64().unwrap()).collect();
+        assert!(steps_seen.windows(2).all(|w| w[0] < w[1]), "{steps_seen:?}");
+        let pv = api.get(ACME, &format!("/v1/jobs/{id}/preview")).await;
+        assert_eq!(pv.status(), 200);
+        assert_eq!(&pv.bytes().await.unwrap()[..8], b"\x89PNG\r\n\x1a\n");
 
         println!("== multipart: the image as a part");
         let job_part = {
