@@ -5,6 +5,8 @@
 #                Kubernetes and KEDA schemas (tools/test-helm.sh installs what it needs)
 #   make test-netns  base worker, ControlNet worker and RabbitMQ + Redis on three network
 #                namespaces; the ControlNet host's link cut mid-session (root; tools/test-netns.sh)
+#   make test-gateway-fuzz   schemathesis against a running gateway's /openapi.json: no 5xx (not
+#                in make test: its own venv, minutes of requests)
 #   make soak    MINUTES (5) at saturation on 2 workers, good and bad jobs, a worker killed every
 #                KILL_S (90) s: RSS per worker, jobs lost / duplicated / misjudged (tests/soak.rs)
 #   make test-compose  the docker-compose stack for real: builds the images, runs jobs through
@@ -13,7 +15,7 @@ ORT_VERSION ?= 1.31.1
 ORT_LIB := .katz/ort/libonnxruntime.so.$(ORT_VERSION)
 CARGO ?= cargo
 
-.PHONY: demo test build services export pyenv test-export soak test-helm test-compose test-netns
+.PHONY: demo test build services export pyenv test-export soak test-helm test-compose test-netns test-gateway-fuzz
 
 $(ORT_LIB): tools/fetch-onnxruntime.sh
 	ORT_VERSION=$(ORT_VERSION) tools/fetch-onnxruntime.sh
@@ -37,6 +39,10 @@ test: $(ORT_LIB) services pyenv
 # Needs root and network namespaces (CI machines may lack them), so `make test` leaves it out.
 test-netns: build
 	tools/test-netns.sh
+
+test-gateway-fuzz: services
+	$(CARGO) build --release -p katz
+	tools/gateway-fuzz.sh
 
 MINUTES ?= 5
 KILL_S ?= 90

@@ -7,6 +7,7 @@
 //! katz controlnet-worker   one ControlNet model's sessions for base workers (ControlNet-as-a-Service)
 //! katz submit      publish a job; --wait follows it and writes the image
 //! katz status ID   a job's record;   katz cancel ID   stop it
+//! katz gateway     the HTTP API (katz-gateway): jobs, SSE progress, webhooks, models, operator page
 //! katz bench …     measurements (lora-merge: LoRA merge time vs the memory-bound floor)
 //! katz trace …     request traces in the Katz format: gen, stats, cache, replay
 //! katz report      latency, throughput and LoRA cache figures of runs, from Redis
@@ -66,6 +67,8 @@ enum Command {
     Status(cmd::status::StatusArgs),
     /// Ask a job to stop (before it starts, or at its next step).
     Cancel(cmd::cancel::CancelArgs),
+    /// Serve the HTTP API: jobs, progress events, webhooks, models, an operator page.
+    Gateway(cmd::gateway::GatewayArgs),
     /// Measure one building block (katz bench lora-merge …).
     Bench(cmd::bench::BenchArgs),
     /// Request traces in the Katz authors' format: draw one, read its statistics, replay caches.
@@ -80,6 +83,7 @@ fn main() -> std::process::ExitCode {
     // the worker logs its jobs; the one-shot commands only warnings (KATZ_LOG overrides both)
     let default_filter = match cli.command {
         Command::Worker(_) | Command::ControlnetWorker(_) => "warn,katz_actors=info",
+        Command::Gateway(_) => "warn,katz_gateway=info",
         _ => "warn",
     };
     let secrets = logging::secrets();
@@ -95,6 +99,7 @@ fn main() -> std::process::ExitCode {
         Command::Submit(a) => cmd::submit::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Cancel(a) => cmd::cancel::run(a),
+        Command::Gateway(a) => cmd::gateway::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Trace(a) => cmd::trace::run(a),
         Command::Report(a) => cmd::report::run(a),

@@ -136,7 +136,7 @@ impl Observer for Collect {
         self.0.push(latents.clone());
         Ok(())
     }
-    fn wants_latents(&self) -> bool {
+    fn wants_latents(&self, _: usize) -> bool {
         true
     }
 }

@@ -92,6 +92,10 @@ pub struct WorkerConfig {
     /// back to the queue (not a TOML key).
     #[serde(skip)]
     pub store_retry: Duration,
+    /// Publish a preview of the running job after every this many steps (a PNG at latent
+    /// resolution in `katz:job:<id>:preview`, `preview_step` in its record and event; not after
+    /// the last step); 0: no previews.
+    pub preview_every: u32,
     /// Where and how the ONNX Runtime sessions run.
     #[serde(flatten)]
     pub session: SessionConfig,
@@ -120,6 +124,7 @@ impl Default for WorkerConfig {
             max_side: limits.max_side,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             store_retry: Duration::from_secs(120),
+            preview_every: 0,
             session: SessionConfig::default(),
             controlnet: ControlNetConfig::default(),
             lora: LoraSection::default(),
@@ -419,6 +424,7 @@ impl WorkerConfig {
                 ..self.session.options(&placement, self.bundle.as_deref())
             },
             warm_up: self.session.warm_up(),
+            preview_every: self.preview_every,
             controlnet_mode,
             controlnet_services: cn.controlnet_services.clone(),
             remote: Some(remote),

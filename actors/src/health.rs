@@ -6,15 +6,17 @@
 //!
 //! Health (shared)  ◀─set─ worker::run, JobConsumer
 //!   ├─▶ metrics server: GET /readyz → 200 "ready" | 503 "<state>";  GET /healthz → 200
-//!   └─▶ heartbeat task: HSET katz:worker:<name> status … heartbeat_ms … ; EXPIRE 3 × period
+//!   └─▶ heartbeat task: HSET katz:worker:<name> status … heartbeat_ms … controlnets loras ;
+//!                       EXPIRE 3 × period
 //! ```
 //!
 //! A worker loads every pipeline before it consumes, so `ready` means: models loaded, queue
 //! declared, deliveries flowing. The heartbeat's key expires when the worker is gone without a
 //! word (a crash, a lost host); a worker that stops cleanly writes `stopped` last.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
@@ -135,6 +137,31 @@ pub struct Beat {
     pub concurrency: usize,
     /// How often the key is written; it expires after three periods without a write.
     pub every: Duration,
+    /// The ControlNets a job may name (hosted here or served by ControlNet workers): known once
+    /// the pipelines are loaded, written as the JSON array `controlnets` from then on.
+    pub controlnets: Arc<OnceLock<Vec<String>>>,
+    /// The LoRA store's directory: its `<name>.safetensors` files, listed at every beat, are the
+    /// JSON array `loras` (a LoRA added to the directory shows at the next beat).
+    pub lora_dir: Option<PathBuf>,
+    /// The LoRA store also reads Redis `katz:lora:<name>` (field `lora_redis` = `1`): those
+    /// names are served too, though not listed.
+    pub lora_redis: bool,
+}
+
+/// The LoRA names of a store directory (`<name>.safetensors`), sorted; none if it cannot be read.
+pub fn list_loras(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stem = name.strip_suffix(".safetensors")?;
+            katz_onnx::request::plain_name(stem).then(|| stem.to_string())
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 async fn write(redis: &mut ConnectionManager, b: &Beat, h: &Health) -> redis::RedisResult<()> {
@@ -152,6 +179,16 @@ async fn write(redis: &mut ConnectionManager, b: &Beat, h: &Health) -> redis::Re
         ("pid", std::process::id().to_string()),
         ("heartbeat_ms", now_ms().to_string()),
         ("ready_after_ms", ready),
+        (
+            "controlnets",
+            serde_json::to_string(b.controlnets.get().map(Vec::as_slice).unwrap_or(&[])).unwrap_or_default(),
+        ),
+        (
+            "loras",
+            serde_json::to_string(&b.lora_dir.as_deref().map(list_loras).unwrap_or_default())
+                .unwrap_or_default(),
+        ),
+        ("lora_redis", if b.lora_redis { "1" } else { "0" }.to_string()),
     ];
     let ttl = (3 * b.every.as_secs()).max(3) as i64;
     redis::pipe()
@@ -209,5 +246,22 @@ mod tests {
         h.set_unless_stopping(State::Ready);
         assert_eq!(h.get(), State::Stopping, "a reconnect does not undo a shutdown");
         assert_eq!(h.clone().get().as_str(), "stopping");
+    }
+
+    #[test]
+    fn the_lora_store_lists_its_plain_names() {
+        let dir = std::env::temp_dir().join(format!("katz-list-loras-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [
+            "b.safetensors",
+            "a.safetensors",
+            "notes.txt",
+            "bad name.safetensors",
+        ] {
+            std::fs::write(dir.join(f), b"").unwrap();
+        }
+        assert_eq!(list_loras(&dir), vec!["a".to_string(), "b".to_string()]);
+        assert!(list_loras(&dir.join("absent")).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,7 +6,8 @@
 //!   ─BeginJob─▶ run | already done | cancelled | conflict
 //!   Admit(LoRAs: check, bounded pending loads) ─▶ Merge(LoRAs) ─▶ PendingMerge ─┐
 //!   images (inline | Redis key) ─▶ RunJob ◀─────────────────────────────────────┘
-//!   RunJob ─▶ PipelineActor ── StepDone ─▶ Progress (+ cancel flag)
+//!   RunJob ─▶ PipelineActor ── StepDone ─▶ Progress (+ cancel flag; + a step preview's PNG,
+//!                                          encoded here, off the model thread)
 //!   Finish(done, PNG) with retries ─▶ settle(Ack)        failure ─▶ Finish(failed) ─▶ settle(action)
 //! ```
 
@@ -29,6 +30,7 @@ use crate::pipeline::{Catalogue, PipelineActor, RunJob};
 use crate::protocol::{decode, now_ms, ImageRef, Job, Limits, Status, DEFAULT_RESULT_TTL_S};
 use crate::store::{
     Begin, BeginJob, CancelRequested, FailUndecoded, FetchBytes, Finish, NoteConflict, Progress, ResultStore,
+    StepPreview,
 };
 
 /// A delivered message: its bytes, and how to tell the source what became of it.
@@ -292,11 +294,29 @@ async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
                 async move {
                     while let Some(s) = rx.recv().await {
                         metrics().step.observe(s.step_ms / 1e3);
+                        // a step preview's PNG is encoded here, off the model thread and the
+                        // event loop; one that fails to encode is left out
+                        let preview = match s.preview {
+                            Some(img) => match tokio::task::spawn_blocking(move || img.png()).await {
+                                Ok(Ok(png)) => Some(StepPreview {
+                                    step: s.step,
+                                    png,
+                                    ttl_s: ttl,
+                                }),
+                                Ok(Err(e)) => {
+                                    tracing::warn!(error = %e, step = s.step, "preview not encoded");
+                                    None
+                                }
+                                Err(_) => None,
+                            },
+                            None => None,
+                        };
                         let _ = store
                             .send(Progress {
                                 id: id.clone(),
                                 step: s.step,
                                 total: s.total,
+                                preview,
                             })
                             .await;
                         if let Ok(Ok(true)) = store.send(CancelRequested { id: id.clone() }).await {

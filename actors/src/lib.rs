@@ -28,6 +28,7 @@
 //! | `worker` | `run(cfg, shutdown)`: loads every pipeline, starts the actors and the consumer, drains on `shutdown` |
 //! | `consumer/` | `JobConsumer` (RabbitMQ: qos, deliveries, reconnects) |
 //! | `job` | `process`: one delivery from decode to ack (claim, LoRA prefetch, slot, BeginJob, images, the request check, LoRA admit/merge, RunJob, Finish); `JobDeps` |
+//! | `producer` | what a producer does in Redis besides publishing: `cancel` (`katz cancel`, the gateway) |
 //! | `protocol` | the wire format (`Job`; decode: the strict shape in `wire`, version, id, priority, TTL, upload keys), Redis keys, `Limits` |
 //! | `pipeline/` | `PipelineActor` over a `LoadedPipeline`; `Models` (bundles, `Placement`, session options); `Catalogue` (a job → `ValidRequest`) |
 //! | `lora/` | `LoraManager` (a handle; one owner task), the store (dir, Redis), the caches |
@@ -67,6 +68,7 @@ pub mod job;
 pub mod lora;
 pub mod metrics;
 pub mod pipeline;
+pub mod producer;
 pub mod protocol;
 pub mod queue_depth;
 pub mod redact;

@@ -37,6 +37,10 @@ pub fn job_key(id: &str) -> String {
 pub fn image_key(id: &str) -> String {
     format!("katz:job:{id}:image")
 }
+/// The PNG of the running job's latest step preview (`katz worker --preview-every`).
+pub fn preview_key(id: &str) -> String {
+    format!("katz:job:{id}:preview")
+}
 /// Set (to anything) to ask for cancellation.
 pub fn cancel_key(id: &str) -> String {
     format!("katz:job:{id}:cancel")
@@ -455,6 +459,9 @@ pub struct Event {
     pub total: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The step whose preview `katz:job:<id>:preview` now holds (events that bring one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_step: Option<u32>,
 }
 
 #[cfg(test)]

@@ -73,6 +73,7 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
         .enable_all()
         .build()?;
     let sys = actix::System::with_tokio_rt(move || rt);
+    let controlnets_served = Arc::new(std::sync::OnceLock::new());
     let result: Result<(), WorkerError> = sys.block_on(async move {
         let beat = Beat {
             worker: worker_name.clone(),
@@ -81,6 +82,9 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
             device: models.session.device.to_string(),
             concurrency: n,
             every: HEARTBEAT,
+            controlnets: controlnets_served.clone(),
+            lora_dir: Some(models.lora.dir.clone()),
+            lora_redis: models.lora.redis.is_some(),
         };
         let heartbeat = match redis::Client::open(cfg.redis.as_str()) {
             Ok(c) => match redis::aio::ConnectionManager::new(c).await {
@@ -145,6 +149,7 @@ pub fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), 
         let Some(Loaded { weights, catalogue }) = first else {
             unreachable!("n ≥ 1 pipelines reported")
         };
+        let _ = controlnets_served.set(catalogue.controlnets.keys().cloned().collect());
         tracing::info!(
             ms = started.elapsed().as_millis() as u64,
             pipelines = n,

@@ -112,6 +112,11 @@ pub struct BaseManifest {
     /// Deterministic twins of the fused graphs (GPU bundles whose GroupNorm is fused).
     #[serde(default)]
     pub exact: ExactGraphs,
+    /// The latent → RGB projection of step previews, fitted to this bundle's VAE
+    /// (`tools/fit_preview_projection.py`); absent: SDXL's factors for 4 latent channels
+    /// (crate::preview).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_rgb: Option<crate::preview::PreviewRgb>,
 }
 
 impl BaseManifest {
@@ -219,6 +224,10 @@ impl BaseBundle {
                     e.shape, e.graph, w.conv_graphs
                 ),
             ));
+        }
+        if let Some(p) = &manifest.preview_rgb {
+            crate::preview::Projection::new(p, manifest.latent_channels)
+                .map_err(|m| Error::bundle(&dir, m))?;
         }
         let b = BaseBundle { dir, manifest };
         for f in b.files() {

@@ -36,6 +36,7 @@
 //! | `device` | tensors in GPU memory (`DevTensor`, `DevRef`) and how they meet ONNX Runtime |
 //! | `bundle` | bundle manifests and their checks |
 //! | `vae` | the VAE decode: whole, or diffusers' tiled decode for large images |
+//! | `preview` | step previews: latents → RGB at latent resolution by a linear projection (the bundle's `preview_rgb`, or SDXL's factors) → PNG |
 //! | `conditioning` | conditioning images of any size: resize / crop / pad to the request's size, the canny preprocessor |
 //! | `image`, `noise`, `tensor`, `threads`, `quality`, `error` | PNG in/out, seeded noise, host tensors, lasting threads, image metrics, the error type |
 //!
@@ -53,6 +54,7 @@ pub mod lora;
 pub mod noise;
 pub mod pipeline;
 pub mod placement;
+pub mod preview;
 pub mod quality;
 pub mod request;
 pub mod runtime;

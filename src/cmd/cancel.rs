@@ -3,19 +3,9 @@
 //! expires after a day if no worker takes the job.
 
 use clap::Args;
-use katz_actors::protocol::{cancel_key, job_key, now_ms, DEFAULT_RESULT_TTL_S};
+use katz_actors::protocol::DEFAULT_RESULT_TTL_S;
 
 use super::{block_on, RedisArgs};
-
-const CANCEL_LUA: &str = r#"
-redis.call('SET', KEYS[2], '1', 'EX', 86400)
-local st = redis.call('HGET', KEYS[1], 'status')
-if st == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_ms', ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-return st or ''
-"#;
 
 #[derive(Args, Debug, Clone)]
 pub struct CancelArgs {
@@ -27,13 +17,7 @@ pub struct CancelArgs {
 pub fn run(a: CancelArgs) -> anyhow::Result<()> {
     block_on(async {
         let mut conn = a.redis.connect().await?;
-        let before: String = redis::Script::new(CANCEL_LUA)
-            .key(job_key(&a.id))
-            .key(cancel_key(&a.id))
-            .arg(now_ms())
-            .arg(DEFAULT_RESULT_TTL_S)
-            .invoke_async(&mut conn)
-            .await?;
+        let before = katz_actors::producer::cancel(&mut conn, &a.id, DEFAULT_RESULT_TTL_S).await?;
         match before.as_str() {
             "" => println!("cancel recorded for `{}` (no status yet: it will not run)", a.id),
             "queued" => println!("`{}` was queued: cancelled", a.id),

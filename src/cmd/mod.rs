@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cancel;
 pub mod controlnet_worker;
 pub mod demo;
+pub mod gateway;
 pub mod generate;
 pub mod lora_args;
 pub mod report;

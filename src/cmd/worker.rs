@@ -106,6 +106,10 @@ pub struct WorkerArgs {
     /// Largest width or height accepted [default: 2048]
     #[arg(long, env = "KATZ_MAX_SIDE")]
     pub max_side: Option<u32>,
+    /// Publish a preview of the running job after every N steps: a PNG at latent resolution in
+    /// katz:job:<id>:preview, `preview_step` in its record and events; 0: none [default: 0]
+    #[arg(long, env = "KATZ_PREVIEW_EVERY", value_name = "N")]
+    pub preview_every: Option<u32>,
     #[command(flatten)]
     pub session: SessionArgs,
     #[command(flatten)]
@@ -184,6 +188,7 @@ impl WorkerArgs {
         set(&mut c.max_message_bytes, self.max_message_bytes);
         set(&mut c.max_attempts, self.max_attempts);
         set(&mut c.max_side, self.max_side);
+        set(&mut c.preview_every, self.preview_every);
 
         let s = &mut c.session;
         set(&mut s.threads, self.session.threads);
@@ -296,9 +301,12 @@ mod tests {
                 "ready",
                 "--max-attempts",
                 "3",
+                "--preview-every",
+                "5",
             ],
         );
         assert_eq!(c.max_attempts, 3);
+        assert_eq!(c.preview_every, 5);
         assert_eq!((c.concurrency, c.session.threads), (3, 1));
         assert_eq!(c.queue.as_deref(), Some("q"));
         assert_eq!(

@@ -7,17 +7,20 @@ use std::time::Duration;
 use actix::Message;
 use katz_onnx::lora::PendingMerge;
 use katz_onnx::pipeline::Timings;
+use katz_onnx::preview::PreviewImage;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::JobError;
 use katz_onnx::request::ValidRequest;
 
 /// A step finished (sent from the model thread to the job's forwarder).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepDone {
     pub step: u32,
     pub total: u32,
     pub step_ms: f64,
+    /// This step's preview, projected on the model thread; the forwarder encodes the PNG.
+    pub preview: Option<PreviewImage>,
 }
 
 /// Runs one job to a PNG: its request, checked by the consumer against this worker's

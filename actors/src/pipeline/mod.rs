@@ -6,6 +6,7 @@
 //!      ▲                                                          │ Pipeline::run → encode PNG
 //!      └──────────── JobOutput{png, timings} ◀────────────────────┘
 //!                    StepDone ──▶ progress channel (forwarded to Redis by the consumer)
+//!                    (+ every `preview_every` steps: the latents projected to an RGB preview)
 //! ```
 //!
 //! The consumer makes the [`katz_onnx::request::ValidRequest`] with this worker's
@@ -29,6 +30,7 @@ use actix::prelude::*;
 use katz_onnx::image::encode_png;
 use katz_onnx::pipeline::{LoraPlan, Observer, Pipeline, RunOptions};
 use katz_onnx::placement::Placement;
+use katz_onnx::preview::Projection;
 use katz_onnx::request::{ControlModel, ServiceId};
 use katz_onnx::runtime::SessionOptions;
 use katz_onnx::tensor::Tensor;
@@ -59,6 +61,9 @@ pub struct Models {
     pub placement: Placement,
     /// Run every shape bucket once at load (`Pipeline::warm_up`), before the worker takes jobs.
     pub warm_up: bool,
+    /// A preview of the running job after every this many steps (0: none); see
+    /// [`katz_onnx::preview`].
+    pub preview_every: u32,
 }
 
 impl Models {
@@ -78,6 +83,7 @@ impl Models {
             remote: None,
             placement: Placement::on(session.device),
             warm_up: false,
+            preview_every: 0,
             session,
         }
     }
@@ -121,6 +127,23 @@ pub struct LoadedPipeline {
     /// Made on the first job (it needs the worker's tokio runtime).
     remote: Option<RemoteControlNets>,
     rt: Option<tokio::runtime::Handle>,
+    /// Step previews: every how many steps, and the bundle's projection.
+    preview: Option<Previews>,
+}
+
+/// A job's previews: after step `k` (1-based) with `k % every == 0`, but not after the last.
+#[derive(Debug, Clone)]
+struct Previews {
+    every: u32,
+    projection: Projection,
+}
+
+impl Previews {
+    /// Whether the step `step` (0-based) of `total` gets a preview.
+    fn due(&self, step: usize, total: usize) -> bool {
+        let k = step + 1;
+        k < total && k % self.every as usize == 0
+    }
 }
 
 impl LoadedPipeline {
@@ -151,7 +174,23 @@ impl LoadedPipeline {
                 "ControlNet services are named but no RabbitMQ/Redis to reach them".into(),
             ));
         }
+        let preview = match models.preview_every {
+            0 => None,
+            every => match Projection::for_bundle(&pipe.bundle.manifest) {
+                Some(projection) => Some(Previews { every, projection }),
+                None => {
+                    // once per model thread, at load; the jobs run without previews
+                    tracing::warn!(
+                        bundle = %pipe.bundle.manifest.name,
+                        latent_channels = pipe.bundle.manifest.latent_channels,
+                        "no previews for this bundle: it has no preview_rgb and its latents are not SDXL's 4 channels"
+                    );
+                    None
+                }
+            },
+        };
         Ok(LoadedPipeline {
+            preview,
             pipe,
             controlnets,
             mode: models.controlnet_mode,
@@ -200,26 +239,47 @@ impl Actor for PipelineActor {
     type Context = SyncContext<Self>;
 }
 
-/// Forwards steps to the consumer and stops the job when cancellation was asked for.
-struct JobObserver {
+/// Forwards steps (and their previews) to the consumer and stops the job when cancellation was
+/// asked for.
+struct JobObserver<'a> {
     tx: UnboundedSender<StepDone>,
     cancel: Arc<AtomicBool>,
     last: Instant,
+    preview: Option<&'a Previews>,
+    total: usize,
 }
 
-impl Observer for JobObserver {
-    fn on_step(&mut self, step: usize, total: usize, _latents: &Tensor) -> katz_onnx::Result<()> {
+impl Observer for JobObserver<'_> {
+    fn on_step(&mut self, step: usize, total: usize, latents: &Tensor) -> katz_onnx::Result<()> {
         let step_ms = self.last.elapsed().as_secs_f64() * 1e3;
+        // a preview's time counts in the next step's
         self.last = Instant::now();
+        // the projection is the only preview work on the model thread (the PNG is encoded by
+        // the forwarder); a preview that cannot be made is left out, the job goes on
+        let preview = match self.preview {
+            Some(p) if p.due(step, total) && !latents.is_empty() => match p.projection.project(latents) {
+                Ok(img) => Some(img),
+                Err(e) => {
+                    tracing::warn!(error = %e, step = step + 1, "no preview for this step");
+                    None
+                }
+            },
+            _ => None,
+        };
         let _ = self.tx.send(StepDone {
             step: step as u32 + 1,
             total: total as u32,
             step_ms,
+            preview,
         });
         if self.cancel.load(Ordering::Relaxed) && step + 1 < total {
             return Err(katz_onnx::Error::Cancelled { step: step + 1 });
         }
         Ok(())
+    }
+
+    fn wants_latents(&self, step: usize) -> bool {
+        self.preview.is_some_and(|p| p.due(step, self.total))
     }
 }
 
@@ -266,6 +326,8 @@ impl LoadedPipeline {
             tx: m.progress,
             cancel: m.cancel,
             last: Instant::now(),
+            preview: self.preview.as_ref(),
+            total: req.steps,
         };
         let mut lora = m.loras;
         let plan = match lora.as_mut() {
@@ -312,6 +374,26 @@ pub(crate) fn catalogue_for_tests() -> Catalogue {
 mod tests {
     use super::*;
     use crate::protocol::Job;
+
+    /// Previews after steps N, 2N, … (1-based), never after the last.
+    #[test]
+    fn previews_are_due_every_n_steps_but_not_after_the_last() {
+        let p = Previews {
+            every: 5,
+            projection: Projection::sdxl(),
+        };
+        let due = |total| {
+            (0..total)
+                .filter(|&i| p.due(i, total))
+                .map(|i| i + 1)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(due(20), vec![5, 10, 15]);
+        assert_eq!(due(21), vec![5, 10, 15, 20]);
+        assert_eq!(due(4), Vec::<usize>::new());
+        let every_step = Previews { every: 1, ..p };
+        assert_eq!((0..3).filter(|&i| every_step.due(i, 3)).count(), 2);
+    }
 
     /// A model thread that found no preloaded pipeline answers with a requeue, not a panic.
     #[test]

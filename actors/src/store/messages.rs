@@ -37,6 +37,18 @@ pub struct Progress {
     pub id: String,
     pub step: u32,
     pub total: u32,
+    /// This step's preview, stored with the progress in the same transaction.
+    pub preview: Option<StepPreview>,
+}
+
+/// A step preview (`katz worker --preview-every`): the PNG for `katz:job:<id>:preview` and the
+/// record's `preview_step`.
+#[derive(Debug, Clone)]
+pub struct StepPreview {
+    pub step: u32,
+    pub png: Vec<u8>,
+    /// The job's `result_ttl_s`, which the preview key gets.
+    pub ttl_s: u64,
 }
 
 /// The job's end: `done` with its image, or `failed` / `cancelled` with an error.

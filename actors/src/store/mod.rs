@@ -5,6 +5,7 @@
 //! ```text
 //! job ──BeginJob──▶ ResultStore ──EVAL begin.lua──▶ katz:job:<id> (digest, status, attempts)
 //! forwarder ─Progress─▶         ──HSET step/total + PUBLISH katz:events:<id>
+//!           (+ StepPreview)      (+ SET katz:job:<id>:preview EX ttl, HSET preview_step: MULTI)
 //! job ──Finish───▶              ──SET katz:job:<id>:image, HSET status, EXPIRE, PUBLISH
 //! ```
 //!
@@ -22,7 +23,7 @@ use redis::AsyncCommands;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::JobError;
-use crate::protocol::{cancel_key, events_channel, image_key, job_key, now_ms, Event, Status};
+use crate::protocol::{cancel_key, events_channel, image_key, job_key, now_ms, preview_key, Event, Status};
 pub use messages::*;
 
 /// Atomically decides what to do with a delivered job (see [`Begin`]).
@@ -200,6 +201,7 @@ fn event(id: &str, status: Status, step: u32, total: u32, error: Option<String>)
         step,
         total,
         error,
+        preview_step: None,
     }
 }
 
@@ -272,19 +274,39 @@ impl Handler<Progress> for ResultStore {
     type Result = Reply<()>;
 
     fn handle(&mut self, m: Progress, _: &mut Context<Self>) -> Self::Result {
-        let e = event(&m.id, Status::Running, m.step, m.total, None);
+        let e = Event {
+            preview_step: m.preview.as_ref().map(|p| p.step),
+            ..event(&m.id, Status::Running, m.step, m.total, None)
+        };
         let (mut conn, _) = match with_memory(&self.backend, |mem| {
+            if let Some(p) = &m.preview {
+                mem.blobs.insert(preview_key(&m.id), p.png.clone());
+            }
             let rec = mem.records.entry(job_key(&m.id)).or_default();
             rec.insert("step".into(), m.step.to_string());
             rec.insert("total".into(), m.total.to_string());
+            if let Some(p) = &m.preview {
+                rec.insert("preview_step".into(), p.step.to_string());
+            }
             mem.publish(e.clone());
         }) {
             Ok(()) => return Box::pin(async { Ok(()) }),
             Err(redis) => redis,
         };
         Box::pin(async move {
-            let _: () = redis::pipe()
-                .hset_multiple(job_key(&m.id), &[("step", m.step), ("total", m.total)])
+            // one round trip; with a preview, one transaction: a reader who sees `preview_step`
+            // (or its event) finds that step's PNG
+            let mut pipe = redis::pipe();
+            let key = job_key(&m.id);
+            if let Some(p) = &m.preview {
+                pipe.atomic()
+                    .set_ex(preview_key(&m.id), p.png.as_slice(), p.ttl_s)
+                    .ignore()
+                    .hset(&key, "preview_step", p.step)
+                    .ignore();
+            }
+            let _: () = pipe
+                .hset_multiple(&key, &[("step", m.step), ("total", m.total)])
                 .ignore()
                 .publish(events_channel(&m.id), json(&e))
                 .ignore()
@@ -345,6 +367,8 @@ impl Handler<Finish> for ResultStore {
             }
             pipe.hset_multiple(&key, &fields).ignore();
             pipe.expire(&key, m.ttl_s as i64).ignore();
+            // a step preview lives as long as the record (no-op without one)
+            pipe.expire(preview_key(&m.id), m.ttl_s as i64).ignore();
             pipe.del(cancel_key(&m.id)).ignore();
             pipe.publish(events_channel(&m.id), json(&e)).ignore();
             let _: () = pipe.query_async(&mut conn).await?;

@@ -148,7 +148,7 @@ pub(super) fn run(p: GpuParts<'_>, job: &mut Job<'_, '_>, host_latents: Tensor) 
         k.synchronize().map_err(g)?;
         unet.end_step();
         job.t.scheduler += t0.elapsed();
-        if job.obs.wants_latents() {
+        if job.obs.wants_latents(i) {
             let host = latents.download(&k)?;
             job.stepped(i, &host)?;
         } else {

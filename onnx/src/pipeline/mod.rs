@@ -76,9 +76,9 @@ pub trait Observer {
     fn on_step(&mut self, _step: usize, _total: usize, _latents: &Tensor) -> Result<()> {
         Ok(())
     }
-    /// Whether `on_step` reads the latents. On a GPU they stay on the device unless this says
-    /// so; `on_step` then gets an empty tensor.
-    fn wants_latents(&self) -> bool {
+    /// Whether `on_step` reads the latents of step `step` (0-based). On a GPU they stay on the
+    /// device unless this says so; `on_step` then gets an empty tensor.
+    fn wants_latents(&self, _step: usize) -> bool {
         false
     }
 }

@@ -264,7 +264,7 @@ pub(super) fn run(
         uu.end_step();
         uc.end_step();
         job.t.scheduler += t0.elapsed();
-        if job.obs.wants_latents() {
+        if job.obs.wants_latents(i) {
             let host = latents.download(&k0)?;
             job.stepped(i, &host)?;
         } else {
