@@ -142,7 +142,7 @@ impl Previews {
     /// Whether the step `step` (0-based) of `total` gets a preview.
     fn due(&self, step: usize, total: usize) -> bool {
         let k = step + 1;
-        k < total && k % self.every as usize == 0
+        k < total && k.is_multiple_of(self.every as usize)
     }
 }
 
