@@ -255,6 +255,15 @@ fn verify(sig: &str, body: &[u8], secret: &str) -> bool {
 fn gateway_end_to_end() {
     rt().block_on(async {
         let mut bus = Bus::new("gateway").await;
+        // the tenants' quota buckets, counters and idempotency keys of an earlier run start afresh
+        for t in ["acme", "beta", "tight", "slow"] {
+            for pat in [format!("katz:tenant:{t}:*"), format!("katz:idem:{t}:*")] {
+                let keys: Vec<String> = redis::cmd("KEYS").arg(&pat).query_async(&mut bus.redis).await.unwrap();
+                if !keys.is_empty() {
+                    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut bus.redis).await.unwrap();
+                }
+            }
+        }
         let dir = std::env::temp_dir().join(format!("katz-gateway-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = config(&dir);
@@ -292,9 +301,12 @@ fn gateway_end_to_end() {
             } else {
                 Value::Null
             };
+            // (a worker of an earlier run, killed, is listed until its heartbeat expires: wait
+            // for this run's queue)
             let served = models["base_models"]
                 .as_array()
                 .and_then(|b| b.iter().find(|m| m["name"] == "shapes-sdxl"))
+                .filter(|m| m["queues"].as_array().is_some_and(|q| q.contains(&json!(bus.queue))))
                 .cloned();
             if let Some(m) = served {
                 println!("models: {m}");
