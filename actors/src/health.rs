@@ -256,7 +256,7 @@ mod tests {
             "b.safetensors",
             "a.safetensors",
             "notes.txt",
-            "bad name.safetensors",
+            "bad..name.safetensors",
         ] {
             std::fs::write(dir.join(f), b"").unwrap();
         }
