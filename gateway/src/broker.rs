@@ -57,7 +57,9 @@ impl Broker {
     async fn try_publish(&self, queue: &str, payload: &[u8], priority: u8, id: &str) -> Result<(), String> {
         let channel = {
             let mut g = self.live().await.map_err(|e| e.to_string())?;
-            let live = g.as_mut().expect("connected above");
+            let Some(live) = g.as_mut() else {
+                return Err("no RabbitMQ connection".into());
+            };
             if !live.declared.contains(queue) {
                 topology::declare(&live.channel, queue)
                     .await

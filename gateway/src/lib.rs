@@ -87,6 +87,8 @@ pub enum GatewayError {
     Redis { url: String, source: redis::RedisError },
     #[error("serving HTTP: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the webhook HTTP client: {0}")]
+    WebhookClient(#[source] reqwest::Error),
 }
 
 /// Serves on `listener` until `shutdown` resolves; the webhook dispatcher runs beside.
@@ -117,7 +119,8 @@ pub async fn run(
         shutdown: stop_rx,
         cfg,
     }));
-    let webhooks = tokio::spawn(webhook::dispatch(st.clone()));
+    let http = webhook::client(&st.cfg.webhooks).map_err(GatewayError::WebhookClient)?;
+    let webhooks = tokio::spawn(webhook::dispatch(st.clone(), http));
     let addr = listener.local_addr()?;
     tracing::info!(%addr, tenants = st.cfg.tenants.len(), "gateway listening");
     let app = api::router(st.clone());
