@@ -450,7 +450,7 @@ async fn get_preview(
 ) -> Result<Response, ApiError> {
     let (_, id) = owned(&st, &headers, id)?;
     record(&st, &id).await?;
-    let bytes: Option<Vec<u8>> = st.redis().get(crate::events::preview_key(&id)).await?;
+    let bytes: Option<Vec<u8>> = st.redis().get(katz_actors::protocol::preview_key(&id)).await?;
     bytes
         .map(png)
         .ok_or_else(|| ApiError::NotFound(format!("job `{id}` has no preview (yet)")))

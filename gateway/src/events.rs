@@ -25,15 +25,13 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use katz_actors::protocol::{events_channel, job_key, Status};
 
+use katz_actors::protocol::preview_key;
+
 use crate::jobs::JobView;
 use crate::State;
 
 /// How often the record is read besides the events.
 const POLL: Duration = Duration::from_secs(1);
-
-pub fn preview_key(id: &str) -> String {
-    format!("katz:job:{id}:preview")
-}
 
 struct Follow {
     id: String,

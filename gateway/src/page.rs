@@ -15,9 +15,9 @@ use redis::AsyncCommands;
 
 use katz_actors::protocol::{image_key, job_key, now_ms};
 
-use crate::events::preview_key;
 use crate::models::{self, Catalog};
 use crate::State;
+use katz_actors::protocol::preview_key;
 
 /// The jobs submitted last, newest highest.
 pub const RECENT: &str = "katz:gateway:recent";
