@@ -120,8 +120,8 @@ pub struct BaseManifest {
 }
 
 impl BaseManifest {
-    /// The tiles of the VAE's tiled decode (diffusers' `enable_tiling()` sizes): latents larger
-    /// than one tile in either side decode tiled.
+    /// The tiles of the VAE's tiled decode (diffusers' `enable_tiling()` sizes): latents of more
+    /// than one tile's area decode tiled.
     pub fn vae_tiling(&self) -> crate::vae::Tiling {
         let sample = self
             .vae_sample_size

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! latent [B, C, h, w]  (already divided by the scaling factor)
-//!   │  h, w ≤ tile_latent ─────────────────────────────────▶ decode(latent) ─▶ image
+//!   │  h·w ≤ tile_latent² ─────────────────────────────────▶ decode(latent) ─▶ image
 //!   │  else: tiles of tile_latent², a stride of tile_latent·(1 − overlap)
 //!   ▼
 //! tile (i, j) ─▶ decode ─▶ [B, 3, ≤ tile_sample, ≤ tile_sample]
@@ -33,7 +33,7 @@ pub struct Tiling {
     /// diffusers' `tile_sample_min_size`: a tile's image side (the VAE's `sample_size`).
     pub tile_sample: usize,
     /// diffusers' `tile_latent_min_size`: a tile's latent side (`tile_sample / vae_scale_factor`);
-    /// latents larger than this in either side are decoded tiled.
+    /// latents of more than one tile's area are decoded tiled.
     pub tile_latent: usize,
     /// diffusers' `tile_overlap_factor`.
     pub overlap: f32,
@@ -49,9 +49,12 @@ impl Tiling {
         }
     }
 
-    /// Whether a latent of `h × w` is decoded tiled (diffusers: either side > `tile_latent`).
+    /// Whether a latent of `h × w` is decoded tiled: when it has more than one tile's area.
+    /// (diffusers' `enable_tiling()` tiles when either side is longer than a tile; katz decodes
+    /// whole every image of at most the VAE's native pixel count — SDXL's 1152×896 or 1536×640
+    /// as diffusers' untiled default does — and tiles only what is larger, where the memory goes.)
     pub fn applies(&self, h: usize, w: usize) -> bool {
-        h > self.tile_latent || w > self.tile_latent
+        h * w > self.tile_latent * self.tile_latent
     }
 
     fn stride(&self) -> usize {
@@ -260,7 +263,11 @@ mod tests {
         let t = Tiling::new(1024, 8);
         assert_eq!((t.tile_latent, t.stride(), t.blend()), (128, 96, 256));
         assert!(!t.applies(128, 128), "1024² is decoded whole");
-        assert!(t.applies(256, 256) && t.applies(128, 136));
+        // SDXL's other buckets have no more pixels than 1024²: whole, as diffusers decodes them
+        for (w, h) in [(1152, 896), (896, 1152), (1216, 832), (1344, 768), (1536, 640), (640, 1536)] {
+            assert!(!t.applies(h / 8, w / 8), "{w}×{h} is decoded whole");
+        }
+        assert!(t.applies(256, 256) && t.applies(128, 136) && t.applies(144, 144));
     }
 
     #[test]
