@@ -2,9 +2,13 @@
 //! unset) or as JSON lines (`KATZ_LOG_FORMAT=json`), filtered by `KATZ_LOG`; every line is
 //! scrubbed of the passwords of the broker URLs the process was given.
 //!
+//! Spans also go to an OpenTelemetry collector when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
+//! (`otlp.rs`), through their own filter, so exported steps need no debug logging.
+//!
 //! ```text
-//! tracing events ─EnvFilter(KATZ_LOG | default)─▶ fmt: text | json ─▶ Scrubbed(stderr) ─▶ fd 2
-//!                            passwords of every URL in argv and the environment ─┘
+//! tracing ─┬─EnvFilter(KATZ_LOG | default)─▶ fmt: text | json ─▶ Scrubbed(stderr) ─▶ fd 2
+//!          │                  passwords of every URL in argv and the environment ─┘
+//!          └─Targets(KATZ_TRACE | default)─▶ OTLP export (only with an endpoint)
 //! ```
 
 use std::io::{IsTerminal, Write};
@@ -70,20 +74,61 @@ impl<'a> MakeWriter<'a> for Scrubbed {
     }
 }
 
-/// Installs the process's subscriber; `default_filter` applies where `KATZ_LOG` is unset.
-pub fn init(default_filter: &str, secrets: Secrets) -> Result<(), String> {
+/// What must outlive the process's work: the trace export, flushed when dropped.
+#[must_use = "dropping the guard ends the trace export"]
+pub struct Guard(Option<crate::otlp::Export>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(export) = self.0.take() {
+            export.shutdown();
+        }
+    }
+}
+
+/// Installs the process's subscriber; `default_filter` applies where `KATZ_LOG` is unset;
+/// `command` names the service in exported traces (`katz-<command>`).
+pub fn init(default_filter: &str, command: &str, secrets: Secrets) -> Result<Guard, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, Registry};
+
     let format: LogFormat = std::env::var("KATZ_LOG_FORMAT").unwrap_or_default().parse()?;
     let filter = EnvFilter::try_from_env("KATZ_LOG").unwrap_or_else(|_| default_filter.into());
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let writer = Scrubbed { secrets };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match format {
-        LogFormat::Text => builder.with_ansi(ansi).init(),
-        LogFormat::Json => builder.json().with_ansi(false).init(),
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_ansi(ansi)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(writer)
+            .with_ansi(false)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let (export, otel) = match crate::otlp::OtlpConfig::from_env(command)? {
+        crate::otlp::OtlpConfig::Off => (None, None),
+        crate::otlp::OtlpConfig::Http { service, filter, .. } => {
+            let (export, layer) = crate::otlp::Export::start::<Registry>(&service)?;
+            (Some(export), Some(layer.with_filter(filter).boxed()))
+        }
+    };
+    let mut layers = vec![fmt];
+    layers.extend(otel);
+    tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .map_err(|e| format!("the log subscriber: {e}"))?;
+    if let Ok(crate::otlp::OtlpConfig::Http { endpoint, service, .. }) =
+        crate::otlp::OtlpConfig::from_env(command)
+    {
+        tracing::info!(%endpoint, %service, "exporting traces over OTLP/HTTP");
     }
-    Ok(())
+    Ok(Guard(export))
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@
 //!               lora-cache, controlnet, pipeline), stats.rs what they share; mod.rs dispatches
 //! logging.rs    the log subscriber: text or JSON (KATZ_LOG_FORMAT), KATZ_LOG's filter, colours
 //!               only on a terminal, broker passwords scrubbed from every line
+//! otlp.rs       OpenTelemetry trace export of the job, session and step spans (OTEL_* variables)
 //! workload/     offline research on the Katz trace: its published statistics, requests and
 //!               traces drawn from them, the trace format, LoRA cache replay and calibration
 //!               (used by `katz trace` and `katz bench lora-cache`; nothing in the service)
@@ -34,6 +35,7 @@
 
 mod cmd;
 mod logging;
+mod otlp;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -87,10 +89,23 @@ fn main() -> std::process::ExitCode {
         _ => "warn",
     };
     let secrets = logging::secrets();
-    if let Err(e) = logging::init(default_filter, secrets.clone()) {
-        eprintln!("error: {e}");
-        return std::process::ExitCode::FAILURE;
-    }
+    let command = match &cli.command {
+        Command::Worker(_) => "worker",
+        Command::ControlnetWorker(_) => "controlnet-worker",
+        Command::Gateway(_) => "gateway",
+        Command::Demo(_) => "demo",
+        Command::Generate(_) => "generate",
+        Command::Bench(_) => "bench",
+        _ => "cli",
+    };
+    // held to the end of main: dropping it flushes the trace export
+    let _logging = match logging::init(default_filter, command, secrets.clone()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {}", secrets.scrub(&e));
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Generate(a) => cmd::generate::run(a),

@@ -327,3 +327,151 @@ fn the_controlnet_worker_answers_probes_and_metrics_from_loading_to_sessions_ser
         bus.cleanup().await;
     });
 }
+
+/// The OpenTelemetry collector of the test venv (rotel, from PyPI: tools/requirements-test.txt).
+fn collector_bin() -> std::path::PathBuf {
+    let lib = root().join(".katz/py/lib");
+    let found = std::fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("site-packages/rotel/rotel-agent"))
+        .find(|p| p.exists());
+    found.unwrap_or_else(|| panic!("no rotel-agent under {}: run `make pyenv`", lib.display()))
+}
+
+/// One span of the collector's detailed debug log.
+#[derive(Debug, Default, Clone)]
+struct Exported {
+    service: String,
+    trace: String,
+    parent: String,
+    id: String,
+    name: String,
+    status: String,
+    attrs: Vec<(String, String)>,
+}
+
+impl Exported {
+    fn attr(&self, k: &str) -> Option<&str> {
+        self.attrs.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str())
+    }
+}
+
+/// The spans in rotel's `--debug-log traces --debug-log-verbosity detailed` output.
+fn exported_spans(log: &str) -> Vec<Exported> {
+    let mut out: Vec<Exported> = vec![];
+    let (mut service, mut in_resource, mut in_span) = (String::new(), false, false);
+    for line in log.lines() {
+        let t = line.trim();
+        let field = |k: &str| t.strip_prefix(k).map(|r| r.trim_start().trim_start_matches(':').trim().to_string());
+        if t.starts_with("ResourceSpans #") {
+            (in_resource, in_span) = (true, false);
+        } else if t.starts_with("ScopeSpans #") {
+            in_resource = false;
+        } else if t.starts_with("Span #") {
+            in_span = true;
+            out.push(Exported { service: service.clone(), ..Default::default() });
+        } else if let Some(kv) = t.strip_prefix("-> ") {
+            let Some((k, v)) = kv.split_once(": ") else { continue };
+            let v = v.trim();
+            let v = v.strip_prefix("Str(").or_else(|| v.strip_prefix("Int(")).and_then(|v| v.strip_suffix(')')).unwrap_or(v);
+            if in_resource && k == "service.name" {
+                service = v.to_string();
+            } else if in_span {
+                if let Some(s) = out.last_mut() {
+                    s.attrs.push((k.to_string(), v.to_string()));
+                }
+            }
+        } else if let (true, Some(s)) = (in_span, out.last_mut()) {
+            if let Some(v) = field("Trace ID") {
+                s.trace = v;
+            } else if let Some(v) = field("Parent ID") {
+                s.parent = v;
+            } else if let Some(v) = field("ID") {
+                s.id = v;
+            } else if let Some(v) = field("Name") {
+                s.name = v;
+            } else if let Some(v) = field("Status code") {
+                s.status = v;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn job_and_step_spans_reach_an_opentelemetry_collector() {
+    let _g = serial();
+    // a protocol katz cannot speak is refused at start, naming the variable
+    let out = Command::new(katz_bin())
+        .args(["status", "nothing"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && err.contains("http/protobuf"), "{err}");
+
+    // a real collector (OTLP/HTTP and gRPC receivers), printing every span it receives
+    let http = free_addr();
+    let grpc = free_addr();
+    let log = std::env::temp_dir().join(format!("katz-ops-{}-collector.log", std::process::id()));
+    let mut collector = Command::new(collector_bin())
+        .args(["start", "--otlp-http-endpoint", &http.to_string()])
+        .args(["--otlp-grpc-endpoint", &grpc.to_string()])
+        .args(["--exporter", "blackhole", "--debug-log", "traces"])
+        .args(["--debug-log-verbosity", "detailed"])
+        .env("NO_COLOR", "1")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the collector starts");
+    wait_for("the collector's OTLP/HTTP port", Duration::from_secs(30), || {
+        TcpStream::connect_timeout(&http, Duration::from_secs(1)).is_ok()
+    });
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    rt().block_on(async {
+        let mut bus = Bus::new("ops-otlp").await;
+        let endpoint = format!("http://{http}");
+        let w = Proc::spawn(
+            "otlp-worker",
+            &["worker", "--queue", &bus.queue, "--name", "ops-otlp", "--threads", "1"],
+            &[
+                ("KATZ_LOG", "info,ort=warn"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ],
+        );
+        let mut j = job("ops-otlp");
+        j.steps = 3;
+        bus.publish(&j).await;
+        let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
+        assert_eq!(r["status"], "done", "{r:?}\n{}", w.log());
+        assert!(w.log().contains("exporting traces over OTLP/HTTP"), "{}", w.log());
+
+        let mut spans = vec![];
+        wait_for("the job's spans at the collector", Duration::from_secs(30), || {
+            spans = exported_spans(&read());
+            let job = spans.iter().find(|s| s.name == "job" && s.attr("id") == Some(&j.id));
+            job.is_some_and(|job| {
+                spans.iter().filter(|s| s.name == "step" && s.parent == job.id).count() == 3
+            })
+        });
+        let job = spans.iter().find(|s| s.name == "job" && s.attr("id") == Some(&j.id)).unwrap();
+        assert_eq!(job.service, "katz-worker", "{job:?}");
+        assert_eq!(job.attr("outcome"), Some("done"), "{job:?}");
+        assert_eq!(job.attr("steps"), Some("3"), "{job:?}");
+        assert_eq!(job.parent, "", "a job is a trace's root: {job:?}");
+        let steps: Vec<&Exported> = spans.iter().filter(|s| s.parent == job.id).collect();
+        assert!(steps.iter().all(|s| s.name == "step" && s.trace == job.trace), "{steps:?}");
+        let mut i: Vec<&str> = steps.iter().filter_map(|s| s.attr("i")).collect();
+        i.sort();
+        assert_eq!(i, ["0", "1", "2"], "{steps:?}");
+        drop(w);
+    });
+    let _ = collector.kill();
+    let _ = collector.wait();
+}

@@ -176,8 +176,23 @@ pub async fn process(d: &dyn Delivered, deps: &JobDeps) -> &'static str {
             return "rejected";
         }
     };
-    let span = tracing::info_span!("job", id = %job.id, base = %job.base, steps = job.steps);
-    run(d, job, deps).instrument(span).await
+    let span = tracing::info_span!(
+        "job",
+        id = %job.id,
+        base = %job.base,
+        steps = job.steps,
+        controlnets = job.controlnets.len(),
+        loras = job.loras.len(),
+        outcome = tracing::field::Empty,
+        // read by the OpenTelemetry export: a failed job is a span with an error status
+        otel.status_code = tracing::field::Empty,
+    );
+    let outcome = run(d, job, deps).instrument(span.clone()).await;
+    span.record("outcome", outcome);
+    if outcome == "failed" {
+        span.record("otel.status_code", "ERROR");
+    }
+    outcome
 }
 
 async fn run(d: &dyn Delivered, job: Job, deps: &JobDeps) -> &'static str {
