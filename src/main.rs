@@ -44,7 +44,14 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "katz",
     version,
-    about = "Serves diffusion-model workflows with many adapters"
+    about = "Serves diffusion-model workflows with many adapters",
+    after_help = "Environment read by every command:\n  \
+        KATZ_LOG                      log filter (tracing's EnvFilter syntax)\n  \
+        KATZ_LOG_FORMAT               text (default) or json\n  \
+        OTEL_EXPORTER_OTLP_ENDPOINT   an OpenTelemetry collector (http://host:4318): traces of jobs and steps\n  \
+        KATZ_TRACE                    which spans are exported (default: jobs, sessions, steps, warnings)\n  \
+        OTEL_SERVICE_NAME             the exported service (default katz-<command>)\n\
+        docs/operations.md has the rest."
 )]
 struct Cli {
     #[command(subcommand)]

@@ -24,7 +24,7 @@ use tracing_subscriber::filter::Targets;
 pub const DEFAULT_TRACE_FILTER: &str = "warn,katz_actors=info,katz_onnx=debug,katz=info";
 
 /// What the environment asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum OtlpConfig {
     /// No endpoint (or export disabled): nothing is exported.
     Off,
