@@ -7,7 +7,11 @@ arithmetic is that of the real model) in PyTorch fp16 with SDPA, diffusers' Mult
 
 Per configuration: text encoders, UNet step (batch 2, median of 20 timed calls of the UNet
 alone), ControlNet step (batch 2), VAE decode, LoRA load + fuse, and the end-to-end pipeline call
-(LoRA loading included, as a serving system pays it per request). Needs torch with CUDA,
+(LoRA loading included, as a serving system pays it per request). `--compile reduce-overhead`
+(comma-separated torch.compile modes; `channels-last:` before a mode puts the UNet in
+channels_last first) also times the UNet step under torch.compile — the peer a performance-minded
+team runs — with its compile time, under "compiled" in the JSON; `--configs none` skips the
+pipelines. Needs torch with CUDA,
 transformers, peft and diffusers (the GPU host carries diffusers as a wheel:
 tools/device/bench-diffusers.sh).
 """
@@ -36,6 +40,30 @@ def sync_time(fn, n=1):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return out, times
+
+
+def compiled_step(unet, mode, x, t, ehs, added):
+    """The UNet step (batch 2) under torch.compile(mode): compile time (the first call), then the
+    median of 20 calls after 5 warm ones. `channels-last:<mode>` converts the UNet first (and back
+    after)."""
+    channels_last = mode.startswith("channels-last:")
+    m = mode.split(":", 1)[1] if channels_last else mode
+    torch._dynamo.reset()
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    fn = torch.compile(unet, mode=m, fullgraph=False)
+    _, first = sync_time(lambda: fn(x, t, ehs, added_cond_kwargs=added), 1)
+    sync_time(lambda: fn(x, t, ehs, added_cond_kwargs=added), 5)
+    _, ts = sync_time(lambda: fn(x, t, ehs, added_cond_kwargs=added), 20)
+    if channels_last:
+        unet.to(memory_format=torch.contiguous_format)
+    r = {"unet_step_ms_batch2": round(statistics.median(ts) * 1e3, 2), "compile_s": round(first[0], 1),
+         "min_ms": round(min(ts) * 1e3, 2)}
+    print(f"  torch.compile({mode}): {r['unet_step_ms_batch2']} ms a step, compiled in {r['compile_s']} s", flush=True)
+    del fn
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return r
 
 
 def build(cfg, n_controlnets, dtype, device, seed):
@@ -77,6 +105,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path)
     ap.add_argument("--lora-dir", type=Path, help="where to write the LoRA files (katz's benchmark reads the same ones)")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--compile", default="", help="torch.compile modes for the UNet step: reduce-overhead,"
+                    "max-autotune,default; prefix one with channels-last: (none by default)")
     a = ap.parse_args(argv)
 
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
@@ -85,8 +115,8 @@ def main(argv=None):
 
     dev, dtype = "cuda", torch.float16
     torch.backends.cuda.matmul.allow_tf32 = True
-    configs = [(c, int(c[0]), int(c[2])) for c in a.configs.split(",")]
-    max_cn = max(c[1] for c in configs)
+    configs = [] if a.configs in ("", "none") else [(c, int(c[0]), int(c[2])) for c in a.configs.split(",")]
+    max_cn = max((c[1] for c in configs), default=0)
     cfg = eb.sdxl_config()
     t0 = time.perf_counter()
     tok, te, te2, unet, vae, cns = build(cfg, max_cn, dtype, dev, a.seed)
@@ -112,6 +142,9 @@ def main(argv=None):
             _, ct = sync_time(lambda: cns[0](x, t, ehs, controlnet_cond=cond_img, added_cond_kwargs=added,
                                             return_dict=False), 20)
             cn_ms = statistics.median(ct) * 1e3
+        compiled = {}
+        for mode in [m for m in a.compile.split(",") if m]:
+            compiled[mode] = compiled_step(unet, mode, x, t, ehs, added)
         lat = torch.randn(1, 4, h, h, device=dev, dtype=dtype)
         sync_time(lambda: vae.decode(lat / vae.config.scaling_factor), 2)
         _, vt = sync_time(lambda: vae.decode(lat / vae.config.scaling_factor), 5)
@@ -126,7 +159,7 @@ def main(argv=None):
                "guidance": a.guidance, "dtype": "float16", "build_s": round(build_s, 1),
                "unet_step_ms_batch2": round(statistics.median(ut) * 1e3, 2),
                "controlnet_step_ms_batch2": None if cn_ms is None else round(cn_ms, 2),
-               "vae_decode_ms": round(statistics.median(vt) * 1e3, 2), "configs": {}}
+               "vae_decode_ms": round(statistics.median(vt) * 1e3, 2), "compiled": compiled, "configs": {}}
     for name, n_cn, n_lora in configs:
         common = dict(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet,
                       scheduler=sched, force_zeros_for_empty_prompt=True, add_watermarker=False)
@@ -180,6 +213,9 @@ def main(argv=None):
     print(f"diffusers baseline on {results['machine']} ({a.size}², {a.steps} Euler steps, fp16, SDPA)")
     print(f"  UNet step (batch 2, median of 20): {results['unet_step_ms_batch2']} ms;"
           f" ControlNet step: {results['controlnet_step_ms_batch2']} ms; VAE decode: {results['vae_decode_ms']} ms")
+    for mode, r in compiled.items():
+        print(f"  UNet step under torch.compile({mode}): {r['unet_step_ms_batch2']} ms"
+              f" (compile {r['compile_s']} s, first call included)")
     print(f"  {'config':<7} {'text enc':>9} {'LoRA load+fuse':>15} {'per step':>9} {'end-to-end':>11}")
     for name, r in results["configs"].items():
         print(f"  {name:<7} {r['text_encoders_ms']:>7.1f}ms {r['lora_load_fuse_ms']:>13.1f}ms "

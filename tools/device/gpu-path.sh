@@ -67,6 +67,10 @@
 #   bash tools/device/gpu-path.sh determinism  the same 1024² job twice and from another load on the
 #                                           SDXL --gpu bundle: its deterministic graphs must repeat the PNG;
 #                                           the fused GroupNorm's differences counted (tests/gpu.rs)
+#   bash tools/device/gpu-path.sh peer      the compiled peer: diffusers' UNet step eager and under torch.compile
+#                                           (PEER_MODES, default reduce-overhead) with compile times, then `katz bench
+#                                           pipeline` 0C/0L static + CUDA graphs against it; the 2 × rank-64 LoRA merge
+#                                           over the SDXL bundle with each merge kernel (MERGE_KERNELS), fp16 weights
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -722,6 +726,22 @@ determinism() {  # the same job twice on the fp16 SDXL bundle: deterministic gra
     | grep -E "^test |test result|panicked|identical|DIFFERENT|differ|rror" | head -20
 }
 
+peer() {  # the compiled peer and the LoRA merge kernels, GPU 0 (see the header)
+  bench_setup || return 1
+  echo "== diffusers UNet step, eager and under torch.compile (${PEER_MODES:-reduce-overhead}), GPU 0"
+  CUDA_VISIBLE_DEVICES=0 python3 tools/bench_diffusers.py --size "${SIZE:-1024}" --steps "${STEPS:-50}" \
+    --configs none --compile "${PEER_MODES:-reduce-overhead}" --lora-dir "$S/loras" --out "$BASE" 2>&1 \
+    | grep -vE "Warning|warn\(|LoRA keys|float32" | tail -8
+  KATZ_GRAPH_CACHE=none katz_bench 1gpu-graph --configs 0C/0L --static-shapes --cuda-graph
+  local k
+  for k in ${MERGE_KERNELS:-tiled mma mma-f16}; do
+    echo "== LoRA merge, 2 × rank 64 over the SDXL bundle, fp16 weights, kernel $k"
+    /opt/kb/katz bench lora-merge --device cuda:0 --bundle "$S/base" --dtype f16 --kernel "$k" \
+      --lora "$S/loras/lora0.safetensors:0.8" --lora "$S/loras/lora1.safetensors:-0.6" \
+      --out "$O/lora-merge-$k-$gpu-$day.json" 2>&1 | grep -v " WARN " | tail -6
+  done
+}
+
 results() {  # $OUT takes at most 8 files: the run's results travel as one tarball
   [[ -n ${OUT:-} && -d ${OUT:-} ]] || return 0
   local f=$(cd "$O" && ls -d *.json *.svg *.md *.txt *.log 2>/dev/null)
@@ -751,6 +771,7 @@ case ${1:-all} in
   cnpath) cnpath ;;
   vae) vae ;;
   determinism) determinism ;;
+  peer) peer ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|ready|cnpath|vae|determinism|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|peer|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|ready|cnpath|vae|determinism|all"; exit 2 ;;
 esac

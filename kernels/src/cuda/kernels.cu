@@ -427,6 +427,169 @@ __device__ __forceinline__ void merge_mma(const unsigned long long* layer_ptrs, 
 #endif
 }
 
+// fp16 tensor cores (sm_80+): mma.sync m16n8k16 on fp16 operands with f32 accumulation, on tiles
+// of TM×HN (8 warps as 4×2, each 32×32 of 2×4 mma tiles: few enough registers for two blocks per
+// SM, so one block's W/out traffic overlaps the other's arithmetic). The f32 factors are rounded
+// to fp16 as they are staged: exact where they are fp16 values (fp16 LoRA files), about 2^-12
+// relative otherwise. The coefficients stay out of the fp16 operands: a layer's factors are taken
+// one after the other and the accumulator holds Σ (coeff_f / coeff_cur)·B_f·A_f, rescaled in f32
+// when the factor changes, times coeff_cur at the end. Chunks of HK ranks: B's [TM × HK] as
+// Hb[row][k], A's [HK × HN] transposed as Ha[col][k], fp16 pairs along k with a padded stride
+// (fragment reads free of bank conflicts). The next chunk is loaded (into registers, as fp16
+// pairs) while this one multiplies.
+#define HK 32
+#define HN 64
+#define HS (HK / 2 + 4)  // row stride in 32-bit words (fp16 pairs)
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void mma_f16(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
+// this thread's 8 pairs of B and 4 pairs of A of chunk (f, k0), as fp16 pairs, zeros outside
+__device__ __forceinline__ void load_h16_chunk(unsigned int (&vb)[8], unsigned int (&va)[4], const unsigned long long* factor_ptrs,
+                                               const unsigned int* ranks, unsigned int f, unsigned int k0,
+                                               unsigned int r0, unsigned int c0, unsigned int rows,
+                                               unsigned int cols, int tid) {
+    const float* B = (const float*)factor_ptrs[2 * f];
+    const float* A = (const float*)factor_ptrs[2 * f + 1];
+    const unsigned int rank = ranks[f];
+#pragma unroll
+    for (int u = 0; u < (TM * HK / 2) / 256; u++) {
+        const int p = tid + 256 * u;                  // pair p of TM × HK/2, k fastest
+        const unsigned int r = r0 + p / (HK / 2), k = k0 + 2 * (p % (HK / 2));
+        const bool okr = r < rows;
+        const unsigned long long i = (unsigned long long)r * rank + k;
+        vb[u] = f2h2(okr && k < rank ? B[i] : 0.0f, okr && k + 1 < rank ? B[i + 1] : 0.0f);
+    }
+#pragma unroll
+    for (int u = 0; u < (HN * HK / 2) / 256; u++) {
+        const int p = tid + 256 * u;                  // pair p of HK/2 × HN, columns fastest
+        const unsigned int c = c0 + p % HN, k = k0 + 2 * (p / HN);
+        const bool okc = c < cols;
+        const unsigned long long i = (unsigned long long)k * cols + c;
+        va[u] = f2h2(okc && k < rank ? A[i] : 0.0f, okc && k + 1 < rank ? A[i + cols] : 0.0f);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void merge_h16(const unsigned long long* layer_ptrs, const unsigned int* dims,
+                                          const unsigned long long* offsets, int n_layers,
+                                          const unsigned long long* factor_ptrs, const unsigned int* ranks,
+                                          const float* coeffs) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ unsigned int Hb[TM][HS], Ha[HN][HS];
+    const unsigned long long tile = blockIdx.x;
+    const int l = find_layer(offsets, n_layers, tile);
+    const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
+    const unsigned int t = (unsigned int)(tile - offsets[l]);
+    const unsigned int tiles_c = (cols + HN - 1) / HN;
+    const unsigned int r0 = (t / tiles_c) * TM, c0 = (t % tiles_c) * HN;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 1, wn = warp & 1, g = lane >> 2, t4 = lane & 3;
+
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+
+    // the factors with a coefficient (a zero one adds nothing, and could not be divided by)
+    unsigned int f = f0;
+    while (f < f0 + nf && coeffs[f] == 0.0f) f++;
+    float cur = f < f0 + nf ? coeffs[f] : 0.0f;
+    unsigned int k0 = 0;
+    unsigned int vb[(TM * HK / 2) / 256], va[(HN * HK / 2) / 256];
+    if (f < f0 + nf) load_h16_chunk(vb, va, factor_ptrs, ranks, f, k0, r0, c0, rows, cols, tid);
+    while (f < f0 + nf) {
+        __syncthreads();  // every warp is done with the previous chunk
+#pragma unroll
+        for (int u = 0; u < (TM * HK / 2) / 256; u++) {
+            const int p = tid + 256 * u;
+            Hb[p / (HK / 2)][p % (HK / 2)] = vb[u];
+        }
+#pragma unroll
+        for (int u = 0; u < (HN * HK / 2) / 256; u++) {
+            const int p = tid + 256 * u;
+            Ha[p % HN][p / HN] = va[u];
+        }
+        __syncthreads();
+        // the next chunk: the same factor's next ranks, or the next factor with a coefficient
+        unsigned int fn = f, kn = k0 + HK;
+        if (kn >= ranks[f]) {
+            kn = 0;
+            fn = f + 1;
+            while (fn < f0 + nf && coeffs[fn] == 0.0f) fn++;
+        }
+        if (fn < f0 + nf) load_h16_chunk(vb, va, factor_ptrs, ranks, fn, kn, r0, c0, rows, cols, tid);
+#pragma unroll
+        for (int kb = 0; kb < HK / 2; kb += 8) {  // k-steps of 16 (8 words)
+            unsigned int bf[4][2];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const int col = wn * 32 + nt * 8 + g;
+                bf[nt][0] = Ha[col][kb + t4];
+                bf[nt][1] = Ha[col][kb + t4 + 4];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                const int row = wm * 32 + mt * 16 + g;
+                const unsigned int af[4] = {Hb[row][kb + t4], Hb[row + 8][kb + t4], Hb[row][kb + t4 + 4],
+                                            Hb[row + 8][kb + t4 + 4]};
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) mma_f16(acc[mt][nt], af, bf[nt][0], bf[nt][1]);
+            }
+        }
+        if (fn != f && fn < f0 + nf) {  // the accumulator in units of the next coefficient
+            const float q = cur / coeffs[fn];
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) acc[i][j][e] *= q;
+            cur = coeffs[fn];
+        }
+        f = fn;
+        k0 = kn;
+    }
+
+    const T* W = (const T*)layer_ptrs[2 * l];
+    T* O = (T*)layer_ptrs[2 * l + 1];
+    const bool vec = (cols % 2 == 0) &&
+                     (((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % (2 * sizeof(T))) == 0);
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const unsigned int r = r0 + wm * 32 + mt * 16 + g + 8 * h;
+            if (r >= rows) continue;
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const unsigned int c = c0 + wn * 32 + nt * 8 + 2 * t4;
+                if (c >= cols) continue;
+                const unsigned long long e = (unsigned long long)r * cols + c;
+                const float d0 = cur * acc[mt][nt][2 * h], d1 = cur * acc[mt][nt][2 * h + 1];
+                if (vec) {
+                    float2 w = load2(W, e);
+                    w.x += d0; w.y += d1;
+                    store2(O, e, w);
+                } else {
+                    store1(O, e, load1(W, e) + d0);
+                    if (c + 1 < cols) store1(O, e + 1, load1(W, e + 1) + d1);
+                }
+            }
+        }
+    }
+#else
+    __trap();  // the host launches this kernel only on sm_80 and newer
+#endif
+}
+
 #define MERGE_ARGS const unsigned long long* layer_ptrs, const unsigned int* dims, \
     const unsigned long long* offsets, int n_layers, const unsigned long long* factor_ptrs, \
     const unsigned int* ranks, const float* coeffs, unsigned long long total
@@ -447,4 +610,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_mma_f32(MERGE_AR
 }
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_mma_f16(MERGE_ARGS) {
     merge_mma<unsigned short>(layer_ptrs, dims, offsets, n_layers, factor_ptrs, ranks, coeffs);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_h16_f32(MERGE_ARGS) {
+    merge_h16<float>(layer_ptrs, dims, offsets, n_layers, factor_ptrs, ranks, coeffs);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_h16_f16(MERGE_ARGS) {
+    merge_h16<unsigned short>(layer_ptrs, dims, offsets, n_layers, factor_ptrs, ranks, coeffs);
 }

@@ -144,11 +144,15 @@ pub enum MergeKernel {
     /// The tiles of `Tiled` on tensor cores: TF32 `mma.sync` in the 3×TF32 split (about f32
     /// accuracy), f32 accumulation. Needs compute capability 8.0 or newer.
     Mma,
+    /// Tensor cores on fp16 operands (`mma.sync` m16n8k16), f32 accumulation, 128×64 tiles: the
+    /// factors are rounded to fp16 as they are read (exact for fp16 LoRA files, about 2^-12
+    /// relative otherwise), the coefficients applied in f32. Needs compute capability 8.0 or newer.
+    MmaF16,
 }
 
 /// A merge kernel name other than `tiled` / `naive` / `mma`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}`: expected tiled, naive or mma")]
+#[error("`{0}`: expected tiled, naive, mma or mma-f16")]
 pub struct UnknownMergeKernel(pub String);
 
 impl std::str::FromStr for MergeKernel {
@@ -158,6 +162,7 @@ impl std::str::FromStr for MergeKernel {
             "tiled" => Ok(MergeKernel::Tiled),
             "naive" => Ok(MergeKernel::Naive),
             "mma" => Ok(MergeKernel::Mma),
+            "mma-f16" => Ok(MergeKernel::MmaF16),
             _ => Err(UnknownMergeKernel(s.to_string())),
         }
     }
@@ -169,6 +174,7 @@ impl std::fmt::Display for MergeKernel {
             MergeKernel::Tiled => "tiled",
             MergeKernel::Naive => "naive",
             MergeKernel::Mma => "mma",
+            MergeKernel::MmaF16 => "mma-f16",
         })
     }
 }
@@ -229,6 +235,8 @@ fn ptx_for(opts: cudarc::nvrtc::CompileOptions) -> Result<cudarc::nvrtc::Ptx, Gp
 
 /// Output tile of the tiled merge kernel (`TM`×`TN` in the CUDA source).
 const MERGE_TILE: usize = 128;
+/// The column width of the fp16 tensor-core kernel's tiles (kernels.cu `HN`).
+const MERGE_TILE_F16_COLS: usize = 64;
 
 pub struct GpuKernels {
     pub ctx: Arc<CudaContext>,
@@ -240,7 +248,7 @@ pub struct GpuKernels {
     /// `[to_f16, from_f16]`
     convert: [CudaFunction; 2],
     /// `[naive f32, naive f16, tiled f32, tiled f16, mma f32, mma f16]`
-    lora_merge: [CudaFunction; 6],
+    lora_merge: [CudaFunction; 8],
     /// Compute capability 8.0 or newer: the tensor-core merge runs.
     has_mma: bool,
 }
@@ -286,6 +294,8 @@ impl GpuKernels {
                 m.load_function("lora_merge_tiled_f16")?,
                 m.load_function("lora_merge_mma_f32")?,
                 m.load_function("lora_merge_mma_f16")?,
+                m.load_function("lora_merge_h16_f32")?,
+                m.load_function("lora_merge_h16_f16")?,
             ],
             has_mma,
             ctx,
@@ -386,10 +396,10 @@ impl GpuKernels {
         if layers.is_empty() {
             return Ok(());
         }
-        if kernel == MergeKernel::Mma && !self.has_mma {
-            return Err(GpuError::Unsupported(
-                "lora_merge: the mma kernel needs compute capability 8.0 or newer".into(),
-            ));
+        if matches!(kernel, MergeKernel::Mma | MergeKernel::MmaF16) && !self.has_mma {
+            return Err(GpuError::Unsupported(format!(
+                "lora_merge: the {kernel} kernel needs compute capability 8.0 or newer"
+            )));
         }
         let s = &self.stream;
         let shape = |m: String| GpuError::Shape(format!("lora_merge: {m}"));
@@ -453,6 +463,9 @@ impl GpuKernels {
                 MergeKernel::Tiled | MergeKernel::Mma => {
                     (l.rows.div_ceil(MERGE_TILE) * l.cols.div_ceil(MERGE_TILE)) as u64
                 }
+                MergeKernel::MmaF16 => {
+                    (l.rows.div_ceil(MERGE_TILE) * l.cols.div_ceil(MERGE_TILE_F16_COLS)) as u64
+                }
             };
         }
         if total == 0 {
@@ -469,11 +482,15 @@ impl GpuKernels {
                 (total.div_ceil(256)).min(65_535 * 8),
                 &self.lora_merge[T::F16 as usize],
             ),
-            MergeKernel::Tiled | MergeKernel::Mma => {
+            MergeKernel::Tiled | MergeKernel::Mma | MergeKernel::MmaF16 => {
                 if total > i32::MAX as u64 {
                     return Err(shape(format!("{total} tiles are more than one launch takes")));
                 }
-                let first = if kernel == MergeKernel::Tiled { 2 } else { 4 };
+                let first = match kernel {
+                    MergeKernel::Tiled => 2,
+                    MergeKernel::Mma => 4,
+                    _ => 6,
+                };
                 (total, &self.lora_merge[first + T::F16 as usize])
             }
         };

@@ -64,7 +64,8 @@ pub struct LoraMergeArgs {
     /// Weight type on the GPU (factors and accumulation are f32 either way); the CPU merges f32.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Dtype,
-    /// Merge kernel on the GPU: tiled (CUDA cores), mma (tensor cores, 3×TF32) or naive.
+    /// Merge kernel on the GPU: tiled (CUDA cores), mma (tensor cores, 3×TF32), mma-f16 (tensor
+    /// cores, fp16 operands: exact for fp16 LoRA factors) or naive.
     #[arg(long, default_value = "tiled")]
     pub kernel: MergeKernel,
     /// Timed merges (after one warm-up).

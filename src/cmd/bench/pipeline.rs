@@ -419,6 +419,23 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
             "diffusers in the same sitting: UNet step (batch 2) {} ms, ControlNet step {} ms, VAE {} ms",
             b["unet_step_ms_batch2"], b["controlnet_step_ms_batch2"], b["vae_decode_ms"]
         );
+        // the compiled peer (torch.compile), where the baseline timed it
+        let katz_step = rows
+            .iter()
+            .filter_map(|r| r["unet_step_ms"].as_f64())
+            .fold(f64::NAN, f64::min);
+        if let Some(modes) = b["compiled"].as_object() {
+            for (mode, r) in modes {
+                if let Some(peer) = r["unet_step_ms_batch2"].as_f64() {
+                    println!(
+                        "diffusers under torch.compile({mode}) in the same sitting: UNet step {peer:.2} ms \
+                         (compiled in {} s); katz's UNet step {katz_step:.2} ms = {:.3}× of it",
+                        r["compile_s"],
+                        katz_step / peer
+                    );
+                }
+            }
+        }
     }
     let report = json!({
         "bench": "pipeline", "machine": machine, "device": a.device.device.to_string(),
