@@ -71,6 +71,9 @@
 #                                           (PEER_MODES, default reduce-overhead) with compile times, then `katz bench
 #                                           pipeline` 0C/0L static + CUDA graphs against it; the 2 × rank-64 LoRA merge
 #                                           over the SDXL bundle with each merge kernel (MERGE_KERNELS), fp16 weights
+#   bash tools/device/gpu-path.sh ncu       Nsight Compute: every kernel of a 3-step static-shape 0C/0L run timed
+#                                           (gpu__time_duration), then tools/ncu_step_summary.py: one UNet step by
+#                                           kernel family ($O/ncu.csv.gz)
 #   bash tools/device/gpu-path.sh all       tests, bench, multi (export waited for)
 #
 # Here, once (C = .gpu-carry, ignored by git):
@@ -742,6 +745,16 @@ peer() {  # the compiled peer and the LoRA merge kernels, GPU 0 (see the header)
   done
 }
 
+ncu_step() {  # one UNet step's kernels under Nsight Compute, GPU 0 (see the header)
+  bench_setup || return 1
+  KATZ_GRAPH_CACHE=none timeout "${NCU_TIMEOUT_S:-280}" /usr/local/cuda/bin/ncu --metrics gpu__time_duration.sum --csv \
+    --print-units base --launch-count "${NCU_KERNELS:-8000}" --log-file "$O/ncu.csv" /opt/kb/katz bench pipeline \
+    --device cuda:0 --bundle "$S/base" --configs 0C/0L --size "${SIZE:-1024}" --steps 3 --repeat 1 --static-shapes \
+    >"$O/ncu-bench.log" 2>&1
+  gzip -f "$O/ncu.csv" && python3 tools/ncu_step_summary.py "$O/ncu.csv.gz"
+  [[ -n ${OUT:-} ]] && cp "$O/ncu.csv.gz" "$OUT/"
+}
+
 results() {  # $OUT takes at most 8 files: the run's results travel as one tarball
   [[ -n ${OUT:-} && -d ${OUT:-} ]] || return 0
   local f=$(cd "$O" && ls -d *.json *.svg *.md *.txt *.log 2>/dev/null)
@@ -772,6 +785,7 @@ case ${1:-all} in
   vae) vae ;;
   determinism) determinism ;;
   peer) peer ;;
+  ncu) ncu_step ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|peer|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|ready|cnpath|vae|determinism|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|peer|ncu|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|ready|cnpath|vae|determinism|all"; exit 2 ;;
 esac
