@@ -33,6 +33,8 @@ pyenv:
 	tools/py-env.sh >/dev/null
 
 test: $(ORT_LIB) services pyenv
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { echo "make test: the gateway test drives Chromium headless: apt-get install chromium" >&2; exit 1; }
 	$(CARGO) test --release --workspace --all-targets
 	.katz/py/bin/python -m pytest -q tools/test_producer.py tools/test_compose.py tools/test_demo.py
 
