@@ -369,6 +369,8 @@ fn exported_spans(log: &str) -> Vec<Exported> {
             (in_resource, in_span) = (true, false);
         } else if t.starts_with("ScopeSpans #") {
             in_resource = false;
+        } else if t.starts_with("Events:") || t.starts_with("Links:") {
+            in_span = false; // the span's own fields end where its events and links start
         } else if t.starts_with("Span #") {
             in_span = true;
             out.push(Exported { service: service.clone(), ..Default::default() });
@@ -436,41 +438,82 @@ fn job_and_step_spans_reach_an_opentelemetry_collector() {
     rt().block_on(async {
         let mut bus = Bus::new("ops-otlp").await;
         let endpoint = format!("http://{http}");
+        let otel = [
+            ("KATZ_LOG", "info,ort=warn"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ];
+        // the ControlNet as a service of its own: its session joins the job's trace
+        let cn_queue = format!("{}.cn", bus.queue);
+        let cn = Proc::spawn(
+            "otlp-cn",
+            &[
+                "controlnet-worker",
+                "--bundle",
+                "bundles/tiny-sdxl-controlnet",
+                "--queue",
+                &cn_queue,
+                "--threads",
+                "1",
+            ],
+            &otel,
+        );
+        let service = format!("tiny-sdxl-controlnet@{cn_queue}");
         let w = Proc::spawn(
             "otlp-worker",
-            &["worker", "--queue", &bus.queue, "--name", "ops-otlp", "--threads", "1"],
             &[
-                ("KATZ_LOG", "info,ort=warn"),
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-                ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+                "worker",
+                "--queue",
+                &bus.queue,
+                "--name",
+                "ops-otlp",
+                "--threads",
+                "1",
+                "--controlnet-service",
+                &service,
             ],
+            &otel,
         );
         let mut j = job("ops-otlp");
+        with_controlnets(&mut j, 1);
         j.steps = 3;
         bus.publish(&j).await;
         let r = bus.wait_final(&j.id, Duration::from_secs(120)).await;
-        assert_eq!(r["status"], "done", "{r:?}\n{}", w.log());
+        assert_eq!(r["status"], "done", "{r:?}\n{}\n{}", w.log(), cn.log());
         assert!(w.log().contains("exporting traces over OTLP/HTTP"), "{}", w.log());
 
         let mut spans = vec![];
-        wait_for("the job's spans at the collector", Duration::from_secs(30), || {
+        wait_for("the job's and its session's spans at the collector", Duration::from_secs(30), || {
             spans = exported_spans(&read());
             let job = spans.iter().find(|s| s.name == "job" && s.attr("id") == Some(&j.id));
             job.is_some_and(|job| {
                 spans.iter().filter(|s| s.name == "step" && s.parent == job.id).count() == 3
+                    && spans.iter().any(|s| s.name == "session" && s.attr("job") == Some(&j.id))
             })
         });
         let job = spans.iter().find(|s| s.name == "job" && s.attr("id") == Some(&j.id)).unwrap();
         assert_eq!(job.service, "katz-worker", "{job:?}");
         assert_eq!(job.attr("outcome"), Some("done"), "{job:?}");
         assert_eq!(job.attr("steps"), Some("3"), "{job:?}");
+        assert_eq!(job.attr("controlnets"), Some("1"), "{job:?}");
         assert_eq!(job.parent, "", "a job is a trace's root: {job:?}");
-        let steps: Vec<&Exported> = spans.iter().filter(|s| s.parent == job.id).collect();
-        assert!(steps.iter().all(|s| s.name == "step" && s.trace == job.trace), "{steps:?}");
+        let steps: Vec<&Exported> =
+            spans.iter().filter(|s| s.parent == job.id && s.name == "step").collect();
+        assert!(steps.iter().all(|s| s.trace == job.trace), "{steps:?}");
         let mut i: Vec<&str> = steps.iter().filter_map(|s| s.attr("i")).collect();
         i.sort();
         assert_eq!(i, ["0", "1", "2"], "{steps:?}");
+        // the session, exported by the other process, is in the job's trace, under one of its spans
+        let session = spans.iter().find(|s| s.name == "session" && s.attr("job") == Some(&j.id)).unwrap();
+        assert_eq!(session.service, "katz-controlnet-worker", "{session:?}");
+        assert_eq!(session.trace, job.trace, "the session is not in the job's trace: {session:?}");
+        let in_trace: Vec<&str> = spans.iter().filter(|s| s.trace == job.trace).map(|s| s.id.as_str()).collect();
+        assert!(
+            session.parent != "" && in_trace.contains(&session.parent.as_str()),
+            "the session's parent is not a span of the job: {session:?}"
+        );
         drop(w);
+        drop(cn);
     });
     let _ = collector.kill();
     let _ = collector.wait();

@@ -38,6 +38,7 @@
 //! | `metrics` | Prometheus registry and its HTTP endpoint (with the `/readyz`, `/healthz` probes) |
 //! | `redact` | passwords of AMQP / Redis URLs masked before they reach an error or a log line |
 //! | `queue_depth` | the queue gauges: a passive declare of each queue a process consumes or serves, every few seconds |
+//! | `trace_context` | a job's trace across processes: the `traceparent` a ControlNet session open carries |
 //! | `health` | the worker's state (loading, ready, reconnecting, stopping, stopped) and its Redis heartbeat |
 //! | `topology`, `error` | queues and exchanges; `JobError` with its ack / requeue / dead-letter action |
 //!
@@ -74,6 +75,7 @@ pub mod queue_depth;
 pub mod redact;
 pub mod store;
 pub mod topology;
+pub mod trace_context;
 pub mod worker;
 
 pub use error::{Action, JobError};

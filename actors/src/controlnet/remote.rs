@@ -290,6 +290,7 @@ impl RemoteSession {
             job: self.job.clone(),
             ipc: self.cfg.ipc.then(wire::host_identity),
             residuals: self.cfg.residuals,
+            traceparent: crate::trace_context::traceparent(),
         };
         self.publisher.publish(&self.model, &self.queue, &open)?;
         tracing::debug!(session = %self.id, model = %self.model, attempt = self.attempt, "ControlNet session opened");

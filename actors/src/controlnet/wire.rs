@@ -87,6 +87,10 @@ pub struct SessionOpen {
     /// The precision the base asks the residuals in (absent from older bases: `auto`).
     #[serde(default)]
     pub residuals: Residuals,
+    /// The W3C `traceparent` of the base's span (where traces are exported): the session's span
+    /// joins the job's trace.
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 /// The precision of a session's residuals on the way back (Redis payload or CUDA IPC buffer).
@@ -364,6 +368,7 @@ mod tests {
             job: "j".into(),
             ipc: None,
             residuals: Residuals::Auto,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         };
         assert_eq!(SessionOpen::decode(&open.encode().unwrap()).unwrap(), open);
         assert!(SessionOpen::decode(b"\x01").is_err());

@@ -136,7 +136,11 @@ impl Handler<RunSession> for SessionActor {
 
     fn handle(&mut self, m: RunSession, _: &mut SyncContext<Self>) -> Self::Result {
         let s = &m.open.session;
-        let _span = tracing::info_span!("session", session = %s, job = %m.open.job).entered();
+        let span = tracing::info_span!("session", session = %s, job = %m.open.job, model = %m.open.model);
+        if let Some(tp) = &m.open.traceparent {
+            crate::trace_context::set_remote_parent(&span, tp);
+        }
+        let _span = span.entered();
         let Some(cn) = self.cn.as_mut() else {
             return Err(SessionError::NoModel);
         };
