@@ -590,6 +590,229 @@ __device__ __forceinline__ void merge_h16(const unsigned long long* layer_ptrs, 
 #endif
 }
 
+// Packed fp16 factors: a pass before the merge writes each layer's factors as fp16 into
+// scratch, k-contiguous for both operands — Bp[row][K] and Ap[col][K] (A transposed) — with each
+// factor's segment of ranks padded to a multiple of PK (zeros), so the merge copies whole chunks
+// into shared memory by cp.async and reads no f32 factor again. A pack job is one factor's B or A
+// of one layer; blocks of 32×8 threads move 32×32 tiles (A through shared memory, transposed).
+#define PK 32
+// one job: src, dst (the packed matrix's first row), n (rows of B / cols of A), rank, kpad, kseg,
+// transposed (A), cols (A's row length)
+#define PACK_FIELDS 8
+extern "C" __global__ void __launch_bounds__(256) pack_factors_f16(const unsigned long long* jobs,
+                                                                  const unsigned long long* tile_offsets,
+                                                                  int n_jobs) {
+    __shared__ float T[32][33];
+    const unsigned long long tile = blockIdx.x;
+    const int j = find_layer(tile_offsets, n_jobs, tile);
+    const unsigned long long* d = jobs + PACK_FIELDS * j;
+    const float* src = (const float*)d[0];
+    unsigned short* dst = (unsigned short*)d[1];
+    const unsigned int n = (unsigned int)d[2], rank = (unsigned int)d[3], kpad = (unsigned int)d[4],
+                       kseg = (unsigned int)d[5], cols = (unsigned int)d[7];
+    const bool transposed = d[6] != 0;
+    const unsigned int seg = (rank + PK - 1) / PK * PK;  // the padded segment
+    const unsigned int t = (unsigned int)(tile - tile_offsets[j]);
+    const unsigned int tiles_k = seg / 32;
+    const unsigned int o0 = (t / tiles_k) * 32, k0 = (t % tiles_k) * 32;  // outer (row / col), k
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    if (!transposed) {  // B [n][rank] → Bp[o][kseg + k], both along k
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const unsigned int o = o0 + ty + 8 * i, k = k0 + tx;
+            if (o >= n) continue;
+            const float v = k < rank ? src[(unsigned long long)o * rank + k] : 0.0f;
+            dst[(unsigned long long)o * kpad + kseg + k] = f2h(v);
+        }
+    } else {  // A [rank][cols] → Ap[c][kseg + k]: read along c, write along k
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const unsigned int k = k0 + ty + 8 * i, c = o0 + tx;
+            T[ty + 8 * i][tx] = (k < rank && c < n) ? src[(unsigned long long)k * cols + c] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const unsigned int c = o0 + ty + 8 * i, k = k0 + tx;
+            if (c < n) dst[(unsigned long long)c * kpad + kseg + k] = f2h(T[tx][ty + 8 * i]);
+        }
+    }
+}
+
+// The merge on packed factors: tiles of TM×TN, 8 warps as 2×4 (64×32 each, 4×4 mma m16n8k16
+// tiles), chunks of PK ranks double-buffered in shared memory by cp.async (16 bytes a copy; rows
+// padded to PS halves: 16-byte aligned, fragment reads free of bank conflicts). Coefficients as in
+// merge_h16: the accumulator in units of the current factor's, rescaled in f32 between factors.
+#define PS (PK + 8)
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+    unsigned int d;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(d) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+#endif
+
+// chunk at packed rank k of the layer into stage (Bs, As): 128 rows of Bp and 128 rows of Ap,
+// 32 halves (64 bytes, 4 copies) each; rows past the layer are zero-filled
+__device__ __forceinline__ void stage_packed(unsigned short (*Bs)[PS], unsigned short (*As)[PS],
+                                             const unsigned short* Bp, const unsigned short* Ap,
+                                             unsigned int kpad, unsigned int k, unsigned int r0,
+                                             unsigned int c0, unsigned int rows, unsigned int cols, int tid) {
+#if __CUDA_ARCH__ >= 800
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        const int e = tid + 256 * u;  // 512 copies of B: row e / 4, quarter e % 4
+        const unsigned int r = e >> 2, q = (e & 3) * 8;
+        const bool ok = r0 + r < rows;
+        cp_async16(&Bs[r][q], ok ? Bp + (unsigned long long)(r0 + r) * kpad + k + q : Bp, ok);
+    }
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        const int e = tid + 256 * u;
+        const unsigned int c = e >> 2, q = (e & 3) * 8;
+        const bool ok = c0 + c < cols;
+        cp_async16(&As[c][q], ok ? Ap + (unsigned long long)(c0 + c) * kpad + k + q : Ap, ok);
+    }
+    stage_commit();
+#endif
+}
+
+// layer_ptrs: W, out per layer; dims: rows, cols, f0, nf; packed: Bp, Ap per layer; kpads per
+// layer; ranks and coeffs per factor
+template <typename T>
+__device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptrs, const unsigned int* dims,
+                                             const unsigned long long* offsets, int n_layers,
+                                             const unsigned long long* packed, const unsigned int* kpads,
+                                             const unsigned int* ranks, const float* coeffs) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ __align__(16) unsigned short Bs[2][TM][PS];
+    __shared__ __align__(16) unsigned short As[2][TN][PS];
+    const unsigned long long tile = blockIdx.x;
+    const int l = find_layer(offsets, n_layers, tile);
+    const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
+    const unsigned int kpad = kpads[l];
+    const unsigned short* Bp = (const unsigned short*)packed[2 * l];
+    const unsigned short* Ap = (const unsigned short*)packed[2 * l + 1];
+    const unsigned int t = (unsigned int)(tile - offsets[l]);
+    const unsigned int tiles_c = (cols + TN - 1) / TN;
+    const unsigned int r0 = (t / tiles_c) * TM, c0 = (t % tiles_c) * TN;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 2, wn = warp & 3, g = lane >> 2, t4 = lane & 3;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+
+    // chunks in order: (factor f, packed rank k), factors with a zero coefficient skipped
+    unsigned int f = f0, k = 0, seg_end = 0;
+    while (f < f0 + nf) {  // the first factor with a coefficient, and its packed segment
+        seg_end = k + (ranks[f] + PK - 1) / PK * PK;
+        if (coeffs[f] != 0.0f) break;
+        k = seg_end;
+        f++;
+    }
+    float cur = f < f0 + nf ? coeffs[f] : 0.0f;
+    int buf = 0;
+    if (f < f0 + nf) stage_packed(Bs[0], As[0], Bp, Ap, kpad, k, r0, c0, rows, cols, tid);
+    while (f < f0 + nf) {
+        // the next chunk
+        unsigned int fn = f, kn = k + PK, segn = seg_end;
+        if (kn >= seg_end) {
+            fn = f + 1;
+            while (fn < f0 + nf) {
+                segn = kn + (ranks[fn] + PK - 1) / PK * PK;
+                if (coeffs[fn] != 0.0f) break;
+                kn = segn;
+                fn++;
+            }
+        }
+        const bool more = fn < f0 + nf;
+        if (more) stage_packed(Bs[buf ^ 1], As[buf ^ 1], Bp, Ap, kpad, kn, r0, c0, rows, cols, tid);
+        stage_wait(!more);
+        __syncthreads();
+        const unsigned int (*Hb)[PS / 2] = (const unsigned int (*)[PS / 2])Bs[buf];
+        const unsigned int (*Ha)[PS / 2] = (const unsigned int (*)[PS / 2])As[buf];
+#pragma unroll
+        for (int kb = 0; kb < PK / 2; kb += 8) {  // k-steps of 16 (8 words)
+            unsigned int bf[4][2];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const int col = wn * 32 + nt * 8 + g;
+                bf[nt][0] = Ha[col][kb + t4];
+                bf[nt][1] = Ha[col][kb + t4 + 4];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                const int row = wm * 64 + mt * 16 + g;
+                const unsigned int af[4] = {Hb[row][kb + t4], Hb[row + 8][kb + t4], Hb[row][kb + t4 + 4],
+                                            Hb[row + 8][kb + t4 + 4]};
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) mma_f16(acc[mt][nt], af, bf[nt][0], bf[nt][1]);
+            }
+        }
+        __syncthreads();  // everyone is done with `buf` before the next prefetch lands in it
+        if (fn != f && more) {  // the accumulator in units of the next coefficient
+            const float q = cur / coeffs[fn];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) acc[i][j][e] *= q;
+            cur = coeffs[fn];
+        }
+        f = fn;
+        k = kn;
+        seg_end = segn;
+        buf ^= 1;
+    }
+
+    const T* W = (const T*)layer_ptrs[2 * l];
+    T* O = (T*)layer_ptrs[2 * l + 1];
+    const bool vec = (cols % 2 == 0) &&
+                     (((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % (2 * sizeof(T))) == 0);
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const unsigned int r = r0 + wm * 64 + mt * 16 + g + 8 * h;
+            if (r >= rows) continue;
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const unsigned int c = c0 + wn * 32 + nt * 8 + 2 * t4;
+                if (c >= cols) continue;
+                const unsigned long long e = (unsigned long long)r * cols + c;
+                const float d0 = cur * acc[mt][nt][2 * h], d1 = cur * acc[mt][nt][2 * h + 1];
+                if (vec) {
+                    float2 w = load2(W, e);
+                    w.x += d0; w.y += d1;
+                    store2(O, e, w);
+                } else {
+                    store1(O, e, load1(W, e) + d0);
+                    if (c + 1 < cols) store1(O, e + 1, load1(W, e + 1) + d1);
+                }
+            }
+        }
+    }
+#else
+    __trap();  // the host launches this kernel only on sm_80 and newer
+#endif
+}
+
+#define PACKED_ARGS const unsigned long long* layer_ptrs, const unsigned int* dims, \
+    const unsigned long long* offsets, int n_layers, const unsigned long long* packed, \
+    const unsigned int* kpads, const unsigned int* ranks, const float* coeffs
+extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_packed_f32(PACKED_ARGS) {
+    merge_packed<float>(layer_ptrs, dims, offsets, n_layers, packed, kpads, ranks, coeffs);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_packed_f16(PACKED_ARGS) {
+    merge_packed<unsigned short>(layer_ptrs, dims, offsets, n_layers, packed, kpads, ranks, coeffs);
+}
+
 #define MERGE_ARGS const unsigned long long* layer_ptrs, const unsigned int* dims, \
     const unsigned long long* offsets, int n_layers, const unsigned long long* factor_ptrs, \
     const unsigned int* ranks, const float* coeffs, unsigned long long total

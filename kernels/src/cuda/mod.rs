@@ -148,11 +148,16 @@ pub enum MergeKernel {
     /// factors are rounded to fp16 as they are read (exact for fp16 LoRA files, about 2^-12
     /// relative otherwise), the coefficients applied in f32. Needs compute capability 8.0 or newer.
     MmaF16,
+    /// `MmaF16` on factors packed first: one pass writes every layer's factors as fp16 into
+    /// scratch (k-contiguous, each factor's ranks padded to 32), then 128×128 tiles copy their
+    /// chunks into shared memory by cp.async, double-buffered. Same numbers as `MmaF16`; scratch of
+    /// (rows + cols) × padded rank fp16 values per layer for the merge's duration.
+    MmaF16Packed,
 }
 
 /// A merge kernel name other than `tiled` / `naive` / `mma`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}`: expected tiled, naive, mma or mma-f16")]
+#[error("`{0}`: expected tiled, naive, mma, mma-f16 or mma-f16-packed")]
 pub struct UnknownMergeKernel(pub String);
 
 impl std::str::FromStr for MergeKernel {
@@ -163,6 +168,7 @@ impl std::str::FromStr for MergeKernel {
             "naive" => Ok(MergeKernel::Naive),
             "mma" => Ok(MergeKernel::Mma),
             "mma-f16" => Ok(MergeKernel::MmaF16),
+            "mma-f16-packed" => Ok(MergeKernel::MmaF16Packed),
             _ => Err(UnknownMergeKernel(s.to_string())),
         }
     }
@@ -175,6 +181,7 @@ impl std::fmt::Display for MergeKernel {
             MergeKernel::Naive => "naive",
             MergeKernel::Mma => "mma",
             MergeKernel::MmaF16 => "mma-f16",
+            MergeKernel::MmaF16Packed => "mma-f16-packed",
         })
     }
 }
@@ -249,6 +256,9 @@ pub struct GpuKernels {
     convert: [CudaFunction; 2],
     /// `[naive f32, naive f16, tiled f32, tiled f16, mma f32, mma f16]`
     lora_merge: [CudaFunction; 8],
+    /// `pack_factors_f16`, then `[packed f32, packed f16]` ([`MergeKernel::MmaF16Packed`])
+    pack: CudaFunction,
+    lora_merge_packed: [CudaFunction; 2],
     /// Compute capability 8.0 or newer: the tensor-core merge runs.
     has_mma: bool,
 }
@@ -296,6 +306,11 @@ impl GpuKernels {
                 m.load_function("lora_merge_mma_f16")?,
                 m.load_function("lora_merge_h16_f32")?,
                 m.load_function("lora_merge_h16_f16")?,
+            ],
+            pack: m.load_function("pack_factors_f16")?,
+            lora_merge_packed: [
+                m.load_function("lora_merge_packed_f32")?,
+                m.load_function("lora_merge_packed_f16")?,
             ],
             has_mma,
             ctx,
@@ -396,7 +411,11 @@ impl GpuKernels {
         if layers.is_empty() {
             return Ok(());
         }
-        if matches!(kernel, MergeKernel::Mma | MergeKernel::MmaF16) && !self.has_mma {
+        if matches!(
+            kernel,
+            MergeKernel::Mma | MergeKernel::MmaF16 | MergeKernel::MmaF16Packed
+        ) && !self.has_mma
+        {
             return Err(GpuError::Unsupported(format!(
                 "lora_merge: the {kernel} kernel needs compute capability 8.0 or newer"
             )));
@@ -460,7 +479,7 @@ impl GpuKernels {
             offsets.push(total);
             total += match kernel {
                 MergeKernel::Naive => n as u64,
-                MergeKernel::Tiled | MergeKernel::Mma => {
+                MergeKernel::Tiled | MergeKernel::Mma | MergeKernel::MmaF16Packed => {
                     (l.rows.div_ceil(MERGE_TILE) * l.cols.div_ceil(MERGE_TILE)) as u64
                 }
                 MergeKernel::MmaF16 => {
@@ -482,6 +501,19 @@ impl GpuKernels {
                 (total.div_ceil(256)).min(65_535 * 8),
                 &self.lora_merge[T::F16 as usize],
             ),
+            MergeKernel::MmaF16Packed => {
+                // (the weights' guards are held until both launches are queued)
+                return self.lora_merge_packed_with(
+                    layers,
+                    &dims,
+                    &offsets,
+                    total,
+                    &ranks,
+                    &coeffs,
+                    &layer_ptrs,
+                    guards,
+                );
+            }
             MergeKernel::Tiled | MergeKernel::Mma | MergeKernel::MmaF16 => {
                 if total > i32::MAX as u64 {
                     return Err(shape(format!("{total} tiles are more than one launch takes")));
@@ -520,6 +552,123 @@ impl GpuKernels {
         Ok(())
     }
 
+    /// [`MergeKernel::MmaF16Packed`]: packs the factors into fp16 scratch, then merges from it
+    /// (both launches on this object's stream; the scratch is freed in stream order).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_merge_packed_with<'g, T: MergeElem>(
+        &'g self,
+        layers: &'g [GpuMergeLayer<'g, T>],
+        dims: &[u32],
+        offsets: &[u64],
+        total: u64,
+        ranks: &[u32],
+        coeffs: &[f32],
+        layer_ptrs: &[u64],
+        mut guards: Vec<cudarc::driver::SyncOnDrop<'g>>,
+    ) -> Result<(), GpuError> {
+        const PK: usize = 32;
+        let s = &self.stream;
+        let shape = |m: String| GpuError::Shape(format!("lora_merge: {m}"));
+        if total > i32::MAX as u64 {
+            return Err(shape(format!("{total} tiles are more than one launch takes")));
+        }
+        // each layer's padded rank and where its packed B and Aᵀ start in the scratch (fp16 values)
+        let mut kpads = Vec::with_capacity(layers.len());
+        let mut starts = Vec::with_capacity(layers.len());
+        let mut scratch_len = 0usize;
+        for l in layers {
+            let kpad: usize = l
+                .factors
+                .iter()
+                .filter(|f| f.rank > 0)
+                .map(|f| f.rank.div_ceil(PK) * PK)
+                .sum();
+            if kpad > u32::MAX as usize {
+                return Err(shape(format!("a padded rank of {kpad} is too large")));
+            }
+            starts.push(scratch_len);
+            kpads.push(kpad as u32);
+            scratch_len += (l.rows + l.cols) * kpad;
+        }
+        // SAFETY: every value a merge reads is written by the pack launch before it, in stream order
+        let scratch = unsafe { s.alloc::<u16>(scratch_len.max(1)) }?;
+        let (base, scratch_guard) = scratch.device_ptr(s);
+        let (mut jobs, mut tile_offsets, mut packed) = (Vec::new(), Vec::new(), Vec::new());
+        let mut tiles: u64 = 0;
+        for ((l, &start), &kpad) in layers.iter().zip(&starts).zip(&kpads) {
+            let bp = base + 2 * start as u64;
+            let ap = bp + 2 * (l.rows * kpad as usize) as u64;
+            packed.extend([bp, ap]);
+            let mut kseg = 0u64;
+            for f in l.factors.iter().filter(|f| f.rank > 0) {
+                let seg = f.rank.div_ceil(PK) * PK;
+                let (b, gb) = f.b.device_ptr(s);
+                let (a, ga) = f.a.device_ptr(s);
+                guards.push(gb);
+                guards.push(ga);
+                for (src, dst, n, transposed) in [(b, bp, l.rows, 0u64), (a, ap, l.cols, 1)] {
+                    jobs.extend([
+                        src,
+                        dst,
+                        n as u64,
+                        f.rank as u64,
+                        kpad as u64,
+                        kseg,
+                        transposed,
+                        l.cols as u64,
+                    ]);
+                    tile_offsets.push(tiles);
+                    tiles += (n.div_ceil(32) * (seg / 32)) as u64;
+                }
+                kseg += seg as u64;
+            }
+        }
+        if tiles > 0 {
+            if tiles > i32::MAX as u64 {
+                return Err(shape(format!(
+                    "{tiles} pack tiles are more than one launch takes"
+                )));
+            }
+            let d_jobs = s.clone_htod(&jobs)?;
+            let d_tile_offsets = s.clone_htod(&tile_offsets)?;
+            let n_jobs = tile_offsets.len() as i32;
+            let mut b = s.launch_builder(&self.pack);
+            b.arg(&d_jobs).arg(&d_tile_offsets).arg(&n_jobs);
+            let launch = LaunchConfig {
+                grid_dim: (tiles as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(launch) }?;
+        }
+        let d_layer_ptrs = s.clone_htod(layer_ptrs)?;
+        let d_dims = s.clone_htod(dims)?;
+        let d_offsets = s.clone_htod(offsets)?;
+        let d_packed = s.clone_htod(&packed)?;
+        let d_kpads = s.clone_htod(&kpads)?;
+        let d_ranks = s.clone_htod(ranks)?;
+        let d_coeffs = s.clone_htod(coeffs)?;
+        let n_layers = layers.len() as i32;
+        let mut b = s.launch_builder(&self.lora_merge_packed[T::F16 as usize]);
+        b.arg(&d_layer_ptrs)
+            .arg(&d_dims)
+            .arg(&d_offsets)
+            .arg(&n_layers)
+            .arg(&d_packed)
+            .arg(&d_kpads)
+            .arg(&d_ranks)
+            .arg(&d_coeffs);
+        let launch = LaunchConfig {
+            grid_dim: (total as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(launch) }?;
+        drop(guards);
+        drop(scratch_guard);
+        Ok(())
+    }
+
     pub fn synchronize(&self) -> Result<(), GpuError> {
         Ok(self.stream.synchronize()?)
     }
@@ -536,6 +685,8 @@ impl GpuKernels {
             euler: self.euler.clone(),
             convert: self.convert.clone(),
             lora_merge: self.lora_merge.clone(),
+            pack: self.pack.clone(),
+            lora_merge_packed: self.lora_merge_packed.clone(),
             has_mma: self.has_mma,
         })
     }

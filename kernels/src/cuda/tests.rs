@@ -202,6 +202,9 @@ fn the_kernels_compile_where_nvrtc_is_present() {
         "lora_merge_mma_f16",
         "lora_merge_h16_f32",
         "lora_merge_h16_f16",
+        "pack_factors_f16",
+        "lora_merge_packed_f32",
+        "lora_merge_packed_f16",
     ] {
         assert!(text.contains(name), "{name} missing from the PTX");
     }
@@ -437,63 +440,99 @@ fn the_fp16_tensor_core_merge_matches_the_f64_reference() {
     use half::f16;
     let k = gpu();
     let mut cases = merge_cases();
-    cases.push(Case { rows: 200, cols: 130, factors: vec![(16, 0.0), (8, 0.7)] });
-    cases.push(Case { rows: 130, cols: 200, factors: vec![(8, -0.7), (16, 0.0)] });
+    cases.push(Case {
+        rows: 200,
+        cols: 130,
+        factors: vec![(16, 0.0), (8, 0.7)],
+    });
+    cases.push(Case {
+        rows: 130,
+        cols: 200,
+        factors: vec![(8, -0.7), (16, 0.0)],
+    });
     let h = |x: f32| f16::from_f32(x).to_f32();
     let exact: Vec<HostLayer> = host_layers(&cases, 9)
         .into_iter()
         .map(|(base, fs)| {
             let fs = fs
                 .into_iter()
-                .map(|(b, a)| (b.iter().map(|&x| h(x)).collect(), a.iter().map(|&x| h(x)).collect()))
+                .map(|(b, a)| {
+                    (
+                        b.iter().map(|&x| h(x)).collect(),
+                        a.iter().map(|&x| h(x)).collect(),
+                    )
+                })
                 .collect();
             (base, fs)
         })
         .collect();
-    // f32 weights
-    let got = gpu_merge::<f32>(&k, &cases, &exact, MergeKernel::MmaF16, |x| x, |x| x);
-    for ((c, (base, fs)), out) in cases.iter().zip(&exact).zip(&got) {
-        let (want, _) = reference(c, base, fs);
-        let err = rel_err64(out, &want);
-        eprintln!("mma-f16 f32 {}×{} (fp16 factors): relative error {err:.2e}", c.rows, c.cols);
-        assert!(err < 1e-5, "mma-f16 f32 {}×{}: relative error {err:.2e}", c.rows, c.cols);
-    }
-    // fp16 weights: each element the reference rounded to fp16, give or take one fp16 step
-    let exact16: Vec<HostLayer> = exact
-        .iter()
-        .map(|(base, fs)| (base.iter().map(|&x| h(x)).collect(), fs.clone()))
-        .collect();
-    let got = gpu_merge::<u16>(
-        &k,
-        &cases,
-        &exact16,
-        MergeKernel::MmaF16,
-        |x| f16::from_f32(x).to_bits(),
-        |b| f16::from_bits(b).to_f32(),
-    );
-    for ((c, (base, fs)), out) in cases.iter().zip(&exact16).zip(&got) {
-        let (want, mag) = reference(c, base, fs);
-        for (i, ((&o, &w), &m)) in out.iter().zip(&want).zip(&mag).enumerate() {
-            let rounded = f16::from_f64(w);
-            let step = (f16::from_bits(rounded.to_bits() + 1).to_f64() - rounded.to_f64()).abs();
+    for kernel in [MergeKernel::MmaF16, MergeKernel::MmaF16Packed] {
+        // f32 weights
+        let got = gpu_merge::<f32>(&k, &cases, &exact, kernel, |x| x, |x| x);
+        for ((c, (base, fs)), out) in cases.iter().zip(&exact).zip(&got) {
+            let (want, _) = reference(c, base, fs);
+            let err = rel_err64(out, &want);
+            eprintln!(
+                "{kernel} f32 {}×{} (fp16 factors): relative error {err:.2e}",
+                c.rows, c.cols
+            );
             assert!(
-                (o as f64 - w).abs() <= step + 1e-5 * m,
-                "mma-f16 f16 {}×{} element {i}: {o} vs {w} (magnitude {m})",
+                err < 1e-5,
+                "{kernel} f32 {}×{}: relative error {err:.2e}",
                 c.rows,
                 c.cols
             );
         }
-        if c.factors.iter().any(|f| f.1 != 0.0) {
-            assert!(rel_err(out, base) > 1e-2, "mma-f16 {}×{}: output is the base", c.rows, c.cols);
+        // fp16 weights: each element the reference rounded to fp16, give or take one fp16 step
+        let exact16: Vec<HostLayer> = exact
+            .iter()
+            .map(|(base, fs)| (base.iter().map(|&x| h(x)).collect(), fs.clone()))
+            .collect();
+        let got = gpu_merge::<u16>(
+            &k,
+            &cases,
+            &exact16,
+            kernel,
+            |x| f16::from_f32(x).to_bits(),
+            |b| f16::from_bits(b).to_f32(),
+        );
+        for ((c, (base, fs)), out) in cases.iter().zip(&exact16).zip(&got) {
+            let (want, mag) = reference(c, base, fs);
+            for (i, ((&o, &w), &m)) in out.iter().zip(&want).zip(&mag).enumerate() {
+                let rounded = f16::from_f64(w);
+                let step = (f16::from_bits(rounded.to_bits() + 1).to_f64() - rounded.to_f64()).abs();
+                assert!(
+                    (o as f64 - w).abs() <= step + 1e-5 * m,
+                    "{kernel} f16 {}×{} element {i}: {o} vs {w} (magnitude {m})",
+                    c.rows,
+                    c.cols
+                );
+            }
+            if c.factors.iter().any(|f| f.1 != 0.0) {
+                assert!(
+                    rel_err(out, base) > 1e-2,
+                    "{kernel} {}×{}: output is the base",
+                    c.rows,
+                    c.cols
+                );
+            }
         }
-    }
-    // f32 factors: rounded to fp16 on the way in, the result within fp16's precision of ΔW
-    let host = host_layers(&cases, 10);
-    let got = gpu_merge::<f32>(&k, &cases, &host, MergeKernel::MmaF16, |x| x, |x| x);
-    for ((c, (base, fs)), out) in cases.iter().zip(&host).zip(&got) {
-        let (want, _) = reference(c, base, fs);
-        let err = rel_err64(out, &want);
-        eprintln!("mma-f16 f32 {}×{} (f32 factors): relative error {err:.2e}", c.rows, c.cols);
-        assert!(err < 1e-3, "mma-f16 f32 {}×{} (f32 factors): relative error {err:.2e}", c.rows, c.cols);
+        // f32 factors: rounded to fp16 on the way in, the result within fp16's precision of ΔW
+        let host = host_layers(&cases, 10);
+        let got = gpu_merge::<f32>(&k, &cases, &host, kernel, |x| x, |x| x);
+        for ((c, (base, fs)), out) in cases.iter().zip(&host).zip(&got) {
+            let (want, _) = reference(c, base, fs);
+            let err = rel_err64(out, &want);
+            eprintln!(
+                "{kernel} f32 {}×{} (f32 factors): relative error {err:.2e}",
+                c.rows, c.cols
+            );
+            assert!(
+                err < 1e-3,
+                "{kernel} f32 {}×{} (f32 factors): relative error {err:.2e}",
+                c.rows,
+                c.cols
+            );
+        }
     }
 }

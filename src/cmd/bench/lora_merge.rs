@@ -65,7 +65,8 @@ pub struct LoraMergeArgs {
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Dtype,
     /// Merge kernel on the GPU: tiled (CUDA cores), mma (tensor cores, 3×TF32), mma-f16 (tensor
-    /// cores, fp16 operands: exact for fp16 LoRA factors) or naive.
+    /// cores, fp16 operands: exact for fp16 LoRA factors), mma-f16-packed (the same on factors
+    /// packed into fp16 first) or naive.
     #[arg(long, default_value = "tiled")]
     pub kernel: MergeKernel,
     /// Timed merges (after one warm-up).
