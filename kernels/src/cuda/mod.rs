@@ -10,8 +10,10 @@
 //!   euler      sample ← sample + (sample − (sample − σ·ε))/σ · (σ' − σ)   (diffusers' Euler, ε-prediction)
 //!   lora_merge every layer of a LoRA set in ONE launch:  out = W + Σ cᵢ · Bᵢ·Aᵢ
 //!              W/out f32 ([`GpuKernels::lora_merge`]) or fp16 ([`GpuKernels::lora_merge_f16`],
-//!              bit patterns in u16); factors f32; f32 accumulation; tiled (default), naive, or
-//!              mma (tensor cores, 3×TF32, sm_80+)
+//!              bit patterns in u16); factors f32; f32 accumulation; tiled (f32 weights, and
+//!              fp16 before sm_80), naive, mma (tensor cores, 3×TF32, sm_80+), mma-f16 (fp16
+//!              tensor cores, sm_80+: fp16 weights' default) or mma-f16-packed (the factors
+//!              packed into fp16 scratch first)
 //! ```
 //!
 //! cudarc loads libcuda and libnvrtc at run time, so this module builds everywhere; where no
@@ -395,9 +397,12 @@ impl GpuKernels {
         self.lora_merge_with(layers, MergeKernel::Tiled)
     }
 
-    /// Merges every layer of a LoRA set (fp16 weights as u16 bit patterns) in one launch.
+    /// Merges every layer of a LoRA set (fp16 weights as u16 bit patterns) in one launch: on fp16
+    /// tensor cores where the GPU has them ([`MergeKernel::MmaF16`]: the result is fp16 anyway,
+    /// and fp16 LoRA factors are exact), else [`MergeKernel::Tiled`].
     pub fn lora_merge_f16(&self, layers: &[GpuMergeLayer<'_, u16>]) -> Result<(), GpuError> {
-        self.lora_merge_with(layers, MergeKernel::Tiled)
+        let kernel = if self.has_mma { MergeKernel::MmaF16 } else { MergeKernel::Tiled };
+        self.lora_merge_with(layers, kernel)
     }
 
     /// Merges every layer of a LoRA set in one launch of `kernel` on this object's stream:
