@@ -123,8 +123,9 @@ pub fn init(default_filter: &str, command: &str, secrets: Secrets) -> Result<Gua
         .with(layers)
         .try_init()
         .map_err(|e| format!("the log subscriber: {e}"))?;
-    if let Ok(crate::otlp::OtlpConfig::Http { endpoint, service, .. }) =
-        crate::otlp::OtlpConfig::from_env(command)
+    if let Ok(crate::otlp::OtlpConfig::Http {
+        endpoint, service, ..
+    }) = crate::otlp::OtlpConfig::from_env(command)
     {
         tracing::info!(%endpoint, %service, "exporting traces over OTLP/HTTP");
     }

@@ -41,20 +41,16 @@ pub enum OtlpConfig {
 
 impl OtlpConfig {
     /// Reads the configuration from `var` (the process environment in [`OtlpConfig::from_env`]).
-    pub fn from_vars(
-        command: &str,
-        var: impl Fn(&str) -> Option<String>,
-    ) -> Result<OtlpConfig, String> {
+    pub fn from_vars(command: &str, var: impl Fn(&str) -> Option<String>) -> Result<OtlpConfig, String> {
         let set = |k: &str| var(k).filter(|v| !v.trim().is_empty());
         if set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
             return Ok(OtlpConfig::Off);
         }
-        let endpoint = match set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"))
-        {
-            Some(e) => e,
-            None => return Ok(OtlpConfig::Off),
-        };
+        let endpoint =
+            match set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT")) {
+                Some(e) => e,
+                None => return Ok(OtlpConfig::Off),
+            };
         match set("OTEL_TRACES_EXPORTER").as_deref().map(str::trim) {
             None | Some("otlp") => {}
             Some("none") => return Ok(OtlpConfig::Off),
@@ -64,7 +60,10 @@ impl OtlpConfig {
                 ))
             }
         }
-        for k in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
+        for k in [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ] {
             if let Some(p) = set(k) {
                 if p.trim() != "http/protobuf" {
                     return Err(format!(
@@ -88,7 +87,11 @@ impl OtlpConfig {
             .parse()
             .map_err(|e| format!("KATZ_TRACE: {e}"))?;
         let service = set("OTEL_SERVICE_NAME").unwrap_or_else(|| format!("katz-{command}"));
-        Ok(OtlpConfig::Http { endpoint, service, filter })
+        Ok(OtlpConfig::Http {
+            endpoint,
+            service,
+            filter,
+        })
     }
 
     /// [`OtlpConfig::from_vars`] over the process environment.
@@ -106,7 +109,13 @@ impl Export {
     /// Builds the exporter and the `tracing` layer for `config` (`Http` only).
     pub fn start<S>(
         service: &str,
-    ) -> Result<(Export, tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>), String>
+    ) -> Result<
+        (
+            Export,
+            tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>,
+        ),
+        String,
+    >
     where
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
@@ -126,7 +135,10 @@ impl Export {
             .with_resource(resource)
             .build();
         let tracer = provider.tracer("katz");
-        Ok((Export { provider }, tracing_opentelemetry::layer().with_tracer(tracer)))
+        Ok((
+            Export { provider },
+            tracing_opentelemetry::layer().with_tracer(tracer),
+        ))
     }
 
     /// Sends what is still batched and stops the export thread.
@@ -143,8 +155,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn read(vars: &[(&str, &str)]) -> Result<OtlpConfig, String> {
-        let m: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         OtlpConfig::from_vars("worker", |k| m.get(k).cloned())
     }
 
@@ -154,18 +165,23 @@ mod tests {
         assert_eq!(read(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")]), Ok(OtlpConfig::Off));
         let on = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")];
         assert!(matches!(read(&on), Ok(OtlpConfig::Http { .. })));
+        assert_eq!(read(&[on[0], ("OTEL_SDK_DISABLED", "TRUE")]), Ok(OtlpConfig::Off));
         assert_eq!(
-            read(&[on[0], ("OTEL_SDK_DISABLED", "TRUE")]),
+            read(&[on[0], ("OTEL_TRACES_EXPORTER", "none")]),
             Ok(OtlpConfig::Off)
         );
-        assert_eq!(read(&[on[0], ("OTEL_TRACES_EXPORTER", "none")]), Ok(OtlpConfig::Off));
     }
 
     #[test]
     fn the_service_name_defaults_to_the_command() {
-        let on = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:4318/v1/traces");
+        let on = (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://127.0.0.1:4318/v1/traces",
+        );
         match read(&[on]).unwrap() {
-            OtlpConfig::Http { service, endpoint, .. } => {
+            OtlpConfig::Http {
+                service, endpoint, ..
+            } => {
                 assert_eq!(service, "katz-worker");
                 assert_eq!(endpoint, on.1);
             }
@@ -191,8 +207,14 @@ mod tests {
         .is_ok());
         let tls = read(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318")]).unwrap_err();
         assert!(tls.contains("TLS"));
-        assert!(read(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector")]).unwrap_err().contains("not a URL"));
-        assert!(read(&[on, ("OTEL_TRACES_EXPORTER", "zipkin")]).unwrap_err().contains("otlp"));
-        assert!(read(&[on, ("KATZ_TRACE", "katz=loud")]).unwrap_err().contains("KATZ_TRACE"));
+        assert!(read(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector")])
+            .unwrap_err()
+            .contains("not a URL"));
+        assert!(read(&[on, ("OTEL_TRACES_EXPORTER", "zipkin")])
+            .unwrap_err()
+            .contains("otlp"));
+        assert!(read(&[on, ("KATZ_TRACE", "katz=loud")])
+            .unwrap_err()
+            .contains("KATZ_TRACE"));
     }
 }

@@ -364,7 +364,10 @@ fn exported_spans(log: &str) -> Vec<Exported> {
     let (mut service, mut in_resource, mut in_span) = (String::new(), false, false);
     for line in log.lines() {
         let t = line.trim();
-        let field = |k: &str| t.strip_prefix(k).map(|r| r.trim_start().trim_start_matches(':').trim().to_string());
+        let field = |k: &str| {
+            t.strip_prefix(k)
+                .map(|r| r.trim_start().trim_start_matches(':').trim().to_string())
+        };
         if t.starts_with("ResourceSpans #") {
             (in_resource, in_span) = (true, false);
         } else if t.starts_with("ScopeSpans #") {
@@ -373,11 +376,20 @@ fn exported_spans(log: &str) -> Vec<Exported> {
             in_span = false; // the span's own fields end where its events and links start
         } else if t.starts_with("Span #") {
             in_span = true;
-            out.push(Exported { service: service.clone(), ..Default::default() });
+            out.push(Exported {
+                service: service.clone(),
+                ..Default::default()
+            });
         } else if let Some(kv) = t.strip_prefix("-> ") {
-            let Some((k, v)) = kv.split_once(": ") else { continue };
+            let Some((k, v)) = kv.split_once(": ") else {
+                continue;
+            };
             let v = v.trim();
-            let v = v.strip_prefix("Str(").or_else(|| v.strip_prefix("Int(")).and_then(|v| v.strip_suffix(')')).unwrap_or(v);
+            let v = v
+                .strip_prefix("Str(")
+                .or_else(|| v.strip_prefix("Int("))
+                .and_then(|v| v.strip_suffix(')'))
+                .unwrap_or(v);
             if in_resource && k == "service.name" {
                 service = v.to_string();
             } else if in_span {
@@ -414,7 +426,10 @@ fn job_and_step_spans_reach_an_opentelemetry_collector() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && err.contains("http/protobuf"), "{err}");
+    assert!(
+        err.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && err.contains("http/protobuf"),
+        "{err}"
+    );
 
     // a real collector (OTLP/HTTP and gRPC receivers), printing every span it receives
     let http = free_addr();
@@ -483,31 +498,58 @@ fn job_and_step_spans_reach_an_opentelemetry_collector() {
         assert!(w.log().contains("exporting traces over OTLP/HTTP"), "{}", w.log());
 
         let mut spans = vec![];
-        wait_for("the job's and its session's spans at the collector", Duration::from_secs(30), || {
-            spans = exported_spans(&read());
-            let job = spans.iter().find(|s| s.name == "job" && s.attr("id") == Some(&j.id));
-            job.is_some_and(|job| {
-                spans.iter().filter(|s| s.name == "step" && s.parent == job.id).count() == 3
-                    && spans.iter().any(|s| s.name == "session" && s.attr("job") == Some(&j.id))
-            })
-        });
-        let job = spans.iter().find(|s| s.name == "job" && s.attr("id") == Some(&j.id)).unwrap();
+        wait_for(
+            "the job's and its session's spans at the collector",
+            Duration::from_secs(30),
+            || {
+                spans = exported_spans(&read());
+                let job = spans
+                    .iter()
+                    .find(|s| s.name == "job" && s.attr("id") == Some(&j.id));
+                job.is_some_and(|job| {
+                    spans
+                        .iter()
+                        .filter(|s| s.name == "step" && s.parent == job.id)
+                        .count()
+                        == 3
+                        && spans
+                            .iter()
+                            .any(|s| s.name == "session" && s.attr("job") == Some(&j.id))
+                })
+            },
+        );
+        let job = spans
+            .iter()
+            .find(|s| s.name == "job" && s.attr("id") == Some(&j.id))
+            .unwrap();
         assert_eq!(job.service, "katz-worker", "{job:?}");
         assert_eq!(job.attr("outcome"), Some("done"), "{job:?}");
         assert_eq!(job.attr("steps"), Some("3"), "{job:?}");
         assert_eq!(job.attr("controlnets"), Some("1"), "{job:?}");
         assert_eq!(job.parent, "", "a job is a trace's root: {job:?}");
-        let steps: Vec<&Exported> =
-            spans.iter().filter(|s| s.parent == job.id && s.name == "step").collect();
+        let steps: Vec<&Exported> = spans
+            .iter()
+            .filter(|s| s.parent == job.id && s.name == "step")
+            .collect();
         assert!(steps.iter().all(|s| s.trace == job.trace), "{steps:?}");
         let mut i: Vec<&str> = steps.iter().filter_map(|s| s.attr("i")).collect();
         i.sort();
         assert_eq!(i, ["0", "1", "2"], "{steps:?}");
         // the session, exported by the other process, is in the job's trace, under one of its spans
-        let session = spans.iter().find(|s| s.name == "session" && s.attr("job") == Some(&j.id)).unwrap();
+        let session = spans
+            .iter()
+            .find(|s| s.name == "session" && s.attr("job") == Some(&j.id))
+            .unwrap();
         assert_eq!(session.service, "katz-controlnet-worker", "{session:?}");
-        assert_eq!(session.trace, job.trace, "the session is not in the job's trace: {session:?}");
-        let in_trace: Vec<&str> = spans.iter().filter(|s| s.trace == job.trace).map(|s| s.id.as_str()).collect();
+        assert_eq!(
+            session.trace, job.trace,
+            "the session is not in the job's trace: {session:?}"
+        );
+        let in_trace: Vec<&str> = spans
+            .iter()
+            .filter(|s| s.trace == job.trace)
+            .map(|s| s.id.as_str())
+            .collect();
         assert!(
             session.parent != "" && in_trace.contains(&session.parent.as_str()),
             "the session's parent is not a span of the job: {session:?}"

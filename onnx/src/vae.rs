@@ -264,7 +264,14 @@ mod tests {
         assert_eq!((t.tile_latent, t.stride(), t.blend()), (128, 96, 256));
         assert!(!t.applies(128, 128), "1024² is decoded whole");
         // SDXL's other buckets have no more pixels than 1024²: whole, as diffusers decodes them
-        for (w, h) in [(1152, 896), (896, 1152), (1216, 832), (1344, 768), (1536, 640), (640, 1536)] {
+        for (w, h) in [
+            (1152, 896),
+            (896, 1152),
+            (1216, 832),
+            (1344, 768),
+            (1536, 640),
+            (640, 1536),
+        ] {
             assert!(!t.applies(h / 8, w / 8), "{w}×{h} is decoded whole");
         }
         assert!(t.applies(256, 256) && t.applies(128, 136) && t.applies(144, 144));

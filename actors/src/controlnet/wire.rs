@@ -387,7 +387,10 @@ mod tests {
             job: "j".into(),
         })
         .unwrap();
-        let without = SessionOpen { traceparent: None, ..open };
+        let without = SessionOpen {
+            traceparent: None,
+            ..open
+        };
         assert_eq!(SessionOpen::decode(&old).unwrap(), without);
     }
 

@@ -401,7 +401,11 @@ impl GpuKernels {
     /// tensor cores where the GPU has them ([`MergeKernel::MmaF16`]: the result is fp16 anyway,
     /// and fp16 LoRA factors are exact), else [`MergeKernel::Tiled`].
     pub fn lora_merge_f16(&self, layers: &[GpuMergeLayer<'_, u16>]) -> Result<(), GpuError> {
-        let kernel = if self.has_mma { MergeKernel::MmaF16 } else { MergeKernel::Tiled };
+        let kernel = if self.has_mma {
+            MergeKernel::MmaF16
+        } else {
+            MergeKernel::Tiled
+        };
         self.lora_merge_with(layers, kernel)
     }
 
