@@ -294,6 +294,53 @@ __device__ __forceinline__ void store2(float* p, unsigned long long i, float2 v)
 __device__ __forceinline__ void store2(unsigned short* p, unsigned long long i, float2 v) {
     *(unsigned int*)(p + i) = f2h2(v.x, v.y);
 }
+
+// out = W + scale·acc over one warp's MT×4 mma tiles of 16×8 (m16n8 accumulator layout): rows
+// row0 + mt·16 + g (+8), columns col0 + nt·8 + 2·t4 (+1) of layer l, clipped to the layer
+template <typename T, int MT>
+__device__ __forceinline__ void add_to_weights(const float (&acc)[MT][4][4], float scale,
+                                               const unsigned long long* layer_ptrs, int l, unsigned int rows,
+                                               unsigned int cols, unsigned int row0, unsigned int col0, int g,
+                                               int t4) {
+    const T* W = (const T*)layer_ptrs[2 * l];
+    T* O = (T*)layer_ptrs[2 * l + 1];
+    const bool vec = (cols % 2 == 0) &&
+                     (((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % (2 * sizeof(T))) == 0);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const unsigned int r = row0 + mt * 16 + g + 8 * h;
+            if (r >= rows) continue;
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const unsigned int c = col0 + nt * 8 + 2 * t4;
+                if (c >= cols) continue;
+                const unsigned long long e = (unsigned long long)r * cols + c;
+                const float d0 = scale * acc[mt][nt][2 * h], d1 = scale * acc[mt][nt][2 * h + 1];
+                if (vec) {
+                    float2 w = load2(W, e);
+                    w.x += d0; w.y += d1;
+                    store2(O, e, w);
+                } else {
+                    store1(O, e, load1(W, e) + d0);
+                    if (c + 1 < cols) store1(O, e + 1, load1(W, e + 1) + d1);
+                }
+            }
+        }
+    }
+}
+
+// acc ·= q (the accumulator moved to another factor's coefficient)
+template <int MT>
+__device__ __forceinline__ void scale_acc(float (&acc)[MT][4][4], float q) {
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] *= q;
+}
 #endif
 
 // Lb[i][kk] = B[r0+i, k0+kk], La[kk][j] = A[k0+kk, c0+j] of factor f (zeros outside)
@@ -395,33 +442,7 @@ __device__ __forceinline__ void merge_mma(const unsigned long long* layer_ptrs, 
         }
     }
 
-    const T* W = (const T*)layer_ptrs[2 * l];
-    T* O = (T*)layer_ptrs[2 * l + 1];
-    const bool vec = (cols % 2 == 0) &&
-                     (((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % (2 * sizeof(T))) == 0);
-#pragma unroll
-    for (int mt = 0; mt < 4; mt++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const unsigned int r = r0 + wm * 64 + mt * 16 + g + 8 * h;
-            if (r >= rows) continue;
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                const unsigned int c = c0 + wn * 32 + nt * 8 + 2 * t4;
-                if (c >= cols) continue;
-                const unsigned long long e = (unsigned long long)r * cols + c;
-                const float d0 = acc[mt][nt][2 * h], d1 = acc[mt][nt][2 * h + 1];
-                if (vec) {
-                    float2 w = load2(W, e);
-                    w.x += d0; w.y += d1;
-                    store2(O, e, w);
-                } else {
-                    store1(O, e, load1(W, e) + d0);
-                    if (c + 1 < cols) store1(O, e + 1, load1(W, e + 1) + d1);
-                }
-            }
-        }
-    }
+    add_to_weights<T, 4>(acc, 1.0f, layer_ptrs, l, rows, cols, r0 + wm * 64, c0 + wn * 32, g, t4);
 #else
     __trap();  // the host launches this kernel only on sm_80 and newer
 #endif
@@ -445,6 +466,32 @@ __device__ __forceinline__ void mma_f16(float* d, const unsigned int* a, unsigne
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// one staged chunk of KW words (fp16 pairs along k) on a warp's MT×4 tiles: the A operand from
+// rows row0 + mt·16 + g (+8) of Hb, the B operand from rows (columns of the output) col0 + nt·8 + g
+// of Ha, both with a row stride of SW words; k-steps of 16 (8 words)
+template <int MT, int KW, int SW>
+__device__ __forceinline__ void mma_chunk(float (&acc)[MT][4][4], const unsigned int* Hb, const unsigned int* Ha,
+                                          int row0, int col0, int g, int t4) {
+#pragma unroll
+    for (int kb = 0; kb < KW; kb += 8) {
+        unsigned int bf[4][2];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+            const int col = col0 + nt * 8 + g;
+            bf[nt][0] = Ha[col * SW + kb + t4];
+            bf[nt][1] = Ha[col * SW + kb + t4 + 4];
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            const int row = row0 + mt * 16 + g;
+            const unsigned int af[4] = {Hb[row * SW + kb + t4], Hb[(row + 8) * SW + kb + t4],
+                                        Hb[row * SW + kb + t4 + 4], Hb[(row + 8) * SW + kb + t4 + 4]};
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) mma_f16(acc[mt][nt], af, bf[nt][0], bf[nt][1]);
+        }
+    }
 }
 #endif
 
@@ -526,65 +573,16 @@ __device__ __forceinline__ void merge_h16(const unsigned long long* layer_ptrs, 
             while (fn < f0 + nf && coeffs[fn] == 0.0f) fn++;
         }
         if (fn < f0 + nf) load_h16_chunk(vb, va, factor_ptrs, ranks, fn, kn, r0, c0, rows, cols, tid);
-#pragma unroll
-        for (int kb = 0; kb < HK / 2; kb += 8) {  // k-steps of 16 (8 words)
-            unsigned int bf[4][2];
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                const int col = wn * 32 + nt * 8 + g;
-                bf[nt][0] = Ha[col][kb + t4];
-                bf[nt][1] = Ha[col][kb + t4 + 4];
-            }
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++) {
-                const int row = wm * 32 + mt * 16 + g;
-                const unsigned int af[4] = {Hb[row][kb + t4], Hb[row + 8][kb + t4], Hb[row][kb + t4 + 4],
-                                            Hb[row + 8][kb + t4 + 4]};
-#pragma unroll
-                for (int nt = 0; nt < 4; nt++) mma_f16(acc[mt][nt], af, bf[nt][0], bf[nt][1]);
-            }
-        }
+        mma_chunk<2, HK / 2, HS>(acc, &Hb[0][0], &Ha[0][0], wm * 32, wn * 32, g, t4);
         if (fn != f && fn < f0 + nf) {  // the accumulator in units of the next coefficient
-            const float q = cur / coeffs[fn];
-#pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int j = 0; j < 4; j++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) acc[i][j][e] *= q;
+            scale_acc(acc, cur / coeffs[fn]);
             cur = coeffs[fn];
         }
         f = fn;
         k0 = kn;
     }
 
-    const T* W = (const T*)layer_ptrs[2 * l];
-    T* O = (T*)layer_ptrs[2 * l + 1];
-    const bool vec = (cols % 2 == 0) &&
-                     (((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % (2 * sizeof(T))) == 0);
-#pragma unroll
-    for (int mt = 0; mt < 2; mt++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const unsigned int r = r0 + wm * 32 + mt * 16 + g + 8 * h;
-            if (r >= rows) continue;
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                const unsigned int c = c0 + wn * 32 + nt * 8 + 2 * t4;
-                if (c >= cols) continue;
-                const unsigned long long e = (unsigned long long)r * cols + c;
-                const float d0 = cur * acc[mt][nt][2 * h], d1 = cur * acc[mt][nt][2 * h + 1];
-                if (vec) {
-                    float2 w = load2(W, e);
-                    w.x += d0; w.y += d1;
-                    store2(O, e, w);
-                } else {
-                    store1(O, e, load1(W, e) + d0);
-                    if (c + 1 < cols) store1(O, e + 1, load1(W, e + 1) + d1);
-                }
-            }
-        }
-    }
+    add_to_weights<T, 2>(acc, cur, layer_ptrs, l, rows, cols, r0 + wm * 32, c0 + wn * 32, g, t4);
 #else
     __trap();  // the host launches this kernel only on sm_80 and newer
 #endif
@@ -734,35 +732,11 @@ __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptr
         if (more) stage_packed(Bs[buf ^ 1], As[buf ^ 1], Bp, Ap, kpad, kn, r0, c0, rows, cols, tid);
         stage_wait(!more);
         __syncthreads();
-        const unsigned int (*Hb)[PS / 2] = (const unsigned int (*)[PS / 2])Bs[buf];
-        const unsigned int (*Ha)[PS / 2] = (const unsigned int (*)[PS / 2])As[buf];
-#pragma unroll
-        for (int kb = 0; kb < PK / 2; kb += 8) {  // k-steps of 16 (8 words)
-            unsigned int bf[4][2];
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                const int col = wn * 32 + nt * 8 + g;
-                bf[nt][0] = Ha[col][kb + t4];
-                bf[nt][1] = Ha[col][kb + t4 + 4];
-            }
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++) {
-                const int row = wm * 64 + mt * 16 + g;
-                const unsigned int af[4] = {Hb[row][kb + t4], Hb[row + 8][kb + t4], Hb[row][kb + t4 + 4],
-                                            Hb[row + 8][kb + t4 + 4]};
-#pragma unroll
-                for (int nt = 0; nt < 4; nt++) mma_f16(acc[mt][nt], af, bf[nt][0], bf[nt][1]);
-            }
-        }
+        mma_chunk<4, PK / 2, PS / 2>(acc, (const unsigned int*)&Bs[buf][0][0], (const unsigned int*)&As[buf][0][0],
+                                     wm * 64, wn * 32, g, t4);
         __syncthreads();  // everyone is done with `buf` before the next prefetch lands in it
         if (fn != f && more) {  // the accumulator in units of the next coefficient
-            const float q = cur / coeffs[fn];
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-#pragma unroll
-                for (int j = 0; j < 4; j++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) acc[i][j][e] *= q;
+            scale_acc(acc, cur / coeffs[fn]);
             cur = coeffs[fn];
         }
         f = fn;
@@ -771,33 +745,7 @@ __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptr
         buf ^= 1;
     }
 
-    const T* W = (const T*)layer_ptrs[2 * l];
-    T* O = (T*)layer_ptrs[2 * l + 1];
-    const bool vec = (cols % 2 == 0) &&
-                     (((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % (2 * sizeof(T))) == 0);
-#pragma unroll
-    for (int mt = 0; mt < 4; mt++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const unsigned int r = r0 + wm * 64 + mt * 16 + g + 8 * h;
-            if (r >= rows) continue;
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                const unsigned int c = c0 + wn * 32 + nt * 8 + 2 * t4;
-                if (c >= cols) continue;
-                const unsigned long long e = (unsigned long long)r * cols + c;
-                const float d0 = cur * acc[mt][nt][2 * h], d1 = cur * acc[mt][nt][2 * h + 1];
-                if (vec) {
-                    float2 w = load2(W, e);
-                    w.x += d0; w.y += d1;
-                    store2(O, e, w);
-                } else {
-                    store1(O, e, load1(W, e) + d0);
-                    if (c + 1 < cols) store1(O, e + 1, load1(W, e + 1) + d1);
-                }
-            }
-        }
-    }
+    add_to_weights<T, 4>(acc, cur, layer_ptrs, l, rows, cols, r0 + wm * 64, c0 + wn * 32, g, t4);
 #else
     __trap();  // the host launches this kernel only on sm_80 and newer
 #endif

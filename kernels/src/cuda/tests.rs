@@ -3,6 +3,7 @@
 //! `#[ignore]`d ones need one: `tools/device/gpu-tests.sh`.
 
 use super::*;
+use cudarc::driver::DevicePtr;
 use crate::lora::{merge_into, Factor};
 use crate::{guidance, rel_err, residual, testutil::random};
 

@@ -1,0 +1,425 @@
+//! LoRA merges on the GPU: `out = W + Σ coeff · B · A` over every touched layer of a LoRA set in
+//! one launch (the packed kernel: a pack launch, then the merge), f32 accumulation.
+//!
+//! ```text
+//! layers + factors ─ Plan::new: check shapes, device pointers, tile offsets per layer
+//!   ─ Plan::upload: pointers, dims, offsets, ranks, coefficients to the device
+//!   ─ one launch of the chosen kernel (kernels.cu: naive, tiled, mma, h16, packed)
+//! ```
+
+use cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop, ValidAsZeroBits,
+};
+
+use std::sync::Arc;
+
+use super::{GpuError, GpuKernels};
+
+/// One LoRA factor of a layer on the device: `coeff · B · A`.
+pub struct GpuFactor<'a> {
+    /// `[rows, rank]` row-major.
+    pub b: &'a CudaSlice<f32>,
+    /// `[rank, cols]` row-major.
+    pub a: &'a CudaSlice<f32>,
+    pub rank: usize,
+    /// `scale · alpha / rank`.
+    pub coeff: f32,
+}
+
+/// One layer to merge: `out = base + Σ factors` (`base` and `out` may be the same buffer).
+/// `T` is `f32`, or `u16` holding fp16 bit patterns (see [`MergeElem`]).
+pub struct GpuMergeLayer<'a, T = f32> {
+    pub base: &'a CudaSlice<T>,
+    pub out: &'a CudaSlice<T>,
+    pub rows: usize,
+    pub cols: usize,
+    pub factors: Vec<GpuFactor<'a>>,
+}
+
+/// Element types a merge reads and writes: `f32`, or `u16` for IEEE fp16 bit patterns (cudarc's
+/// f16 feature is off; the kernel converts with PTX `cvt`).
+pub trait MergeElem: DeviceRepr + ValidAsZeroBits {
+    const F16: bool;
+}
+
+impl MergeElem for f32 {
+    const F16: bool = false;
+}
+
+impl MergeElem for u16 {
+    const F16: bool = true;
+}
+
+/// Which merge kernel runs (all give the same result up to f32 summation order and, for the fp16
+/// tensor-core ones, f32 factors rounded to fp16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MergeKernel {
+    /// 128×128 tiles per block, factors staged in shared memory, 8×8 outputs per thread.
+    #[default]
+    Tiled,
+    /// One thread per element, each a rank-long dot product (the first version; kept to compare).
+    Naive,
+    /// The tiles of `Tiled` on tensor cores: TF32 `mma.sync` in the 3×TF32 split (about f32
+    /// accuracy), f32 accumulation. Needs compute capability 8.0 or newer.
+    Mma,
+    /// Tensor cores on fp16 operands (`mma.sync` m16n8k16), f32 accumulation, 128×64 tiles: the
+    /// factors are rounded to fp16 as they are read (exact for fp16 LoRA files, about 2^-12
+    /// relative otherwise), the coefficients applied in f32. Needs compute capability 8.0 or newer.
+    MmaF16,
+    /// `MmaF16` on factors packed first: one pass writes every layer's factors as fp16 into
+    /// scratch (k-contiguous, each factor's ranks padded to 32), then 128×128 tiles copy their
+    /// chunks into shared memory by cp.async, double-buffered. Same numbers as `MmaF16`; scratch of
+    /// (rows + cols) × padded rank fp16 values per layer for the merge's duration.
+    MmaF16Packed,
+}
+
+/// Every kernel and its name on the command line.
+const KERNEL_NAMES: [(MergeKernel, &str); 5] = [
+    (MergeKernel::Tiled, "tiled"),
+    (MergeKernel::Naive, "naive"),
+    (MergeKernel::Mma, "mma"),
+    (MergeKernel::MmaF16, "mma-f16"),
+    (MergeKernel::MmaF16Packed, "mma-f16-packed"),
+];
+
+/// A merge kernel name none of [`MergeKernel`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}`: expected tiled, naive, mma, mma-f16 or mma-f16-packed")]
+pub struct UnknownMergeKernel(pub String);
+
+impl std::str::FromStr for MergeKernel {
+    type Err = UnknownMergeKernel;
+    fn from_str(s: &str) -> Result<Self, UnknownMergeKernel> {
+        KERNEL_NAMES
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(k, _)| *k)
+            .ok_or_else(|| UnknownMergeKernel(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for MergeKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = KERNEL_NAMES
+            .iter()
+            .find(|(k, _)| k == self)
+            .map_or("?", |(_, n)| n);
+        f.write_str(name)
+    }
+}
+
+impl MergeKernel {
+    /// Whether it runs on tensor cores (compute capability 8.0 or newer).
+    fn needs_mma(self) -> bool {
+        matches!(
+            self,
+            MergeKernel::Mma | MergeKernel::MmaF16 | MergeKernel::MmaF16Packed
+        )
+    }
+
+    /// What one thread block (naive: one thread) of it covers of a `rows × cols` layer.
+    fn units(self, rows: usize, cols: usize) -> u64 {
+        let tiles = |tc: usize| (rows.div_ceil(MERGE_TILE) * cols.div_ceil(tc)) as u64;
+        match self {
+            MergeKernel::Naive => (rows * cols) as u64,
+            MergeKernel::Tiled | MergeKernel::Mma | MergeKernel::MmaF16Packed => tiles(MERGE_TILE),
+            MergeKernel::MmaF16 => tiles(MERGE_TILE_F16_COLS),
+        }
+    }
+}
+
+/// Output tile of the tiled merge kernels (`TM`×`TN` in the CUDA source).
+const MERGE_TILE: usize = 128;
+/// The column width of the fp16 tensor-core kernel's tiles (kernels.cu `HN`).
+const MERGE_TILE_F16_COLS: usize = 64;
+/// The packed kernel's rank chunk: each factor's ranks padded to it (kernels.cu `PK`).
+const PACK_RANKS: usize = 32;
+
+/// A launch of `blocks` blocks of 256 threads.
+fn grid(blocks: u64) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn shape(m: String) -> GpuError {
+    GpuError::Shape(format!("lora_merge: {m}"))
+}
+
+/// What every merge kernel reads, checked: the layers' device pointers and shapes, where each
+/// layer's blocks start, and the factors with a rank. The guards keep the buffers' stream order
+/// until the launches are queued.
+struct Plan<'g> {
+    layer_ptrs: Vec<u64>,
+    /// rows, cols, first factor, factor count, per layer
+    dims: Vec<u32>,
+    offsets: Vec<u64>,
+    total: u64,
+    factor_ptrs: Vec<u64>,
+    ranks: Vec<u32>,
+    coeffs: Vec<f32>,
+    guards: Vec<SyncOnDrop<'g>>,
+}
+
+/// A plan's arrays on the device.
+struct Uploaded {
+    layer_ptrs: CudaSlice<u64>,
+    dims: CudaSlice<u32>,
+    offsets: CudaSlice<u64>,
+    n_layers: i32,
+    ranks: CudaSlice<u32>,
+    coeffs: CudaSlice<f32>,
+}
+
+impl<'g> Plan<'g> {
+    fn new<T: MergeElem>(
+        s: &'g Arc<CudaStream>,
+        layers: &'g [GpuMergeLayer<'g, T>],
+        kernel: MergeKernel,
+    ) -> Result<Plan<'g>, GpuError> {
+        let mut p = Plan {
+            layer_ptrs: Vec::new(),
+            dims: Vec::new(),
+            offsets: Vec::new(),
+            total: 0,
+            factor_ptrs: Vec::new(),
+            ranks: Vec::new(),
+            coeffs: Vec::new(),
+            guards: Vec::new(),
+        };
+        for l in layers {
+            let n = l
+                .rows
+                .checked_mul(l.cols)
+                .ok_or_else(|| shape(format!("{}×{} overflows", l.rows, l.cols)))?;
+            if l.base.len() != n || l.out.len() != n {
+                return Err(shape(format!(
+                    "layer {}×{} has buffers {} / {}",
+                    l.rows,
+                    l.cols,
+                    l.base.len(),
+                    l.out.len()
+                )));
+            }
+            if l.rows > u32::MAX as usize || l.cols > u32::MAX as usize {
+                return Err(shape(format!("layer {}×{} is too large", l.rows, l.cols)));
+            }
+            let (wp, gw) = l.base.device_ptr(s);
+            let (op, go) = l.out.device_ptr(s);
+            p.guards.extend([gw, go]);
+            p.layer_ptrs.extend([wp, op]);
+            let first = p.ranks.len() as u32;
+            for f in &l.factors {
+                if f.b.len() != l.rows * f.rank || f.a.len() != f.rank * l.cols {
+                    return Err(shape(format!(
+                        "factor of rank {} does not fit {}×{} (B {}, A {})",
+                        f.rank,
+                        l.rows,
+                        l.cols,
+                        f.b.len(),
+                        f.a.len()
+                    )));
+                }
+                if f.rank == 0 {
+                    continue; // adds nothing
+                }
+                if f.rank > u32::MAX as usize {
+                    return Err(shape(format!("rank {} is too large", f.rank)));
+                }
+                let (bp, gb) = f.b.device_ptr(s);
+                let (ap, ga) = f.a.device_ptr(s);
+                p.guards.extend([gb, ga]);
+                p.factor_ptrs.extend([bp, ap]);
+                p.ranks.push(f.rank as u32);
+                p.coeffs.push(f.coeff);
+            }
+            p.dims
+                .extend([l.rows as u32, l.cols as u32, first, p.ranks.len() as u32 - first]);
+            p.offsets.push(p.total);
+            p.total += kernel.units(l.rows, l.cols);
+        }
+        if p.factor_ptrs.is_empty() {
+            // keep the arrays non-empty for the launch
+            p.factor_ptrs.extend([0u64, 0]);
+            p.ranks.push(0);
+            p.coeffs.push(0.0);
+        }
+        Ok(p)
+    }
+
+    fn upload(&self, s: &Arc<CudaStream>) -> Result<Uploaded, GpuError> {
+        Ok(Uploaded {
+            layer_ptrs: s.clone_htod(&self.layer_ptrs)?,
+            dims: s.clone_htod(&self.dims)?,
+            offsets: s.clone_htod(&self.offsets)?,
+            n_layers: self.offsets.len() as i32,
+            ranks: s.clone_htod(&self.ranks)?,
+            coeffs: s.clone_htod(&self.coeffs)?,
+        })
+    }
+}
+
+impl GpuKernels {
+    /// Merges every layer of a LoRA set (f32 weights) in one launch on this object's stream.
+    pub fn lora_merge(&self, layers: &[GpuMergeLayer<'_, f32>]) -> Result<(), GpuError> {
+        self.lora_merge_with(layers, MergeKernel::Tiled)
+    }
+
+    /// Merges every layer of a LoRA set (fp16 weights as u16 bit patterns) in one launch: on fp16
+    /// tensor cores where the GPU has them ([`MergeKernel::MmaF16`]: the result is fp16 anyway,
+    /// and fp16 LoRA factors are exact), else [`MergeKernel::Tiled`].
+    pub fn lora_merge_f16(&self, layers: &[GpuMergeLayer<'_, u16>]) -> Result<(), GpuError> {
+        let kernel = if self.has_mma {
+            MergeKernel::MmaF16
+        } else {
+            MergeKernel::Tiled
+        };
+        self.lora_merge_with(layers, kernel)
+    }
+
+    /// Merges every layer of a LoRA set in one launch of `kernel` on this object's stream:
+    /// `out = base + Σ coeff·B·A`, accumulated in f32. Returns once the launch is queued (the
+    /// small metadata arrays are copied first); [`Self::synchronize`] waits for the result.
+    pub fn lora_merge_with<T: MergeElem>(
+        &self,
+        layers: &[GpuMergeLayer<'_, T>],
+        kernel: MergeKernel,
+    ) -> Result<(), GpuError> {
+        if layers.is_empty() {
+            return Ok(());
+        }
+        if kernel.needs_mma() && !self.has_mma {
+            return Err(GpuError::Unsupported(format!(
+                "lora_merge: the {kernel} kernel needs compute capability 8.0 or newer"
+            )));
+        }
+        let s = &self.stream;
+        let plan = Plan::new(s, layers, kernel)?;
+        let total = plan.total;
+        if total == 0 {
+            return Ok(());
+        }
+        let blocks = match kernel {
+            MergeKernel::Naive => total.div_ceil(256).min(65_535 * 8),
+            _ if total > i32::MAX as u64 => {
+                return Err(shape(format!("{total} tiles are more than one launch takes")));
+            }
+            _ => total,
+        };
+        let func = match kernel {
+            MergeKernel::Naive => &self.lora_merge[T::F16 as usize],
+            MergeKernel::Tiled => &self.lora_merge[2 + T::F16 as usize],
+            MergeKernel::Mma => &self.lora_merge[4 + T::F16 as usize],
+            MergeKernel::MmaF16 => &self.lora_merge[6 + T::F16 as usize],
+            MergeKernel::MmaF16Packed => return self.lora_merge_packed(layers, plan),
+        };
+        let d = plan.upload(s)?;
+        let factor_ptrs = s.clone_htod(&plan.factor_ptrs)?;
+        let mut b = s.launch_builder(func);
+        b.arg(&d.layer_ptrs)
+            .arg(&d.dims)
+            .arg(&d.offsets)
+            .arg(&d.n_layers)
+            .arg(&factor_ptrs)
+            .arg(&d.ranks)
+            .arg(&d.coeffs)
+            .arg(&total);
+        unsafe { b.launch(grid(blocks)) }?;
+        drop(plan);
+        Ok(())
+    }
+
+    /// [`MergeKernel::MmaF16Packed`]: packs the factors into fp16 scratch, then merges from it
+    /// (both launches on this object's stream; the scratch is freed in stream order).
+    fn lora_merge_packed<'g, T: MergeElem>(
+        &'g self,
+        layers: &'g [GpuMergeLayer<'g, T>],
+        mut plan: Plan<'g>,
+    ) -> Result<(), GpuError> {
+        let s = &self.stream;
+        // each layer's padded rank and where its packed B and Aᵀ start in the scratch (fp16 values)
+        let padded = |rank: usize| rank.div_ceil(PACK_RANKS) * PACK_RANKS;
+        let mut kpads = Vec::with_capacity(layers.len());
+        let mut starts = Vec::with_capacity(layers.len());
+        let mut scratch_len = 0usize;
+        for l in layers {
+            let kpad: usize = l
+                .factors
+                .iter()
+                .filter(|f| f.rank > 0)
+                .map(|f| padded(f.rank))
+                .sum();
+            if kpad > u32::MAX as usize {
+                return Err(shape(format!("a padded rank of {kpad} is too large")));
+            }
+            starts.push(scratch_len);
+            kpads.push(kpad as u32);
+            scratch_len += (l.rows + l.cols) * kpad;
+        }
+        // SAFETY: every value a merge reads is written by the pack launch before it, in stream order
+        let scratch = unsafe { s.alloc::<u16>(scratch_len.max(1)) }?;
+        let (base, scratch_guard) = scratch.device_ptr(s);
+        // pack jobs (kernels.cu PACK_FIELDS): src, dst, n, rank, kpad, kseg, transposed, cols
+        let (mut jobs, mut tile_offsets, mut packed) = (Vec::new(), Vec::new(), Vec::new());
+        let mut tiles: u64 = 0;
+        for ((l, &start), &kpad) in layers.iter().zip(&starts).zip(&kpads) {
+            let bp = base + 2 * start as u64;
+            let ap = bp + 2 * (l.rows * kpad as usize) as u64;
+            packed.extend([bp, ap]);
+            let mut kseg = 0u64;
+            for f in l.factors.iter().filter(|f| f.rank > 0) {
+                let seg = padded(f.rank);
+                let (b, gb) = f.b.device_ptr(s);
+                let (a, ga) = f.a.device_ptr(s);
+                plan.guards.extend([gb, ga]);
+                for (src, dst, n, transposed) in [(b, bp, l.rows, 0u64), (a, ap, l.cols, 1)] {
+                    let row = [
+                        src,
+                        dst,
+                        n as u64,
+                        f.rank as u64,
+                        kpad as u64,
+                        kseg,
+                        transposed,
+                        l.cols as u64,
+                    ];
+                    jobs.extend(row);
+                    tile_offsets.push(tiles);
+                    tiles += (n.div_ceil(32) * (seg / 32)) as u64;
+                }
+                kseg += seg as u64;
+            }
+        }
+        if tiles > 0 {
+            if tiles > i32::MAX as u64 {
+                return Err(shape(format!(
+                    "{tiles} pack tiles are more than one launch takes"
+                )));
+            }
+            let d_jobs = s.clone_htod(&jobs)?;
+            let d_tile_offsets = s.clone_htod(&tile_offsets)?;
+            let n_jobs = tile_offsets.len() as i32;
+            let mut b = s.launch_builder(&self.pack);
+            b.arg(&d_jobs).arg(&d_tile_offsets).arg(&n_jobs);
+            unsafe { b.launch(grid(tiles)) }?;
+        }
+        let d = plan.upload(s)?;
+        let d_packed = s.clone_htod(&packed)?;
+        let d_kpads = s.clone_htod(&kpads)?;
+        let mut b = s.launch_builder(&self.lora_merge_packed[T::F16 as usize]);
+        b.arg(&d.layer_ptrs)
+            .arg(&d.dims)
+            .arg(&d.offsets)
+            .arg(&d.n_layers)
+            .arg(&d_packed)
+            .arg(&d_kpads)
+            .arg(&d.ranks)
+            .arg(&d.coeffs);
+        unsafe { b.launch(grid(plan.total)) }?;
+        drop(plan);
+        drop(scratch_guard);
+        Ok(())
+    }
+}
