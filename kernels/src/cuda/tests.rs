@@ -3,9 +3,9 @@
 //! `#[ignore]`d ones need one: `tools/device/gpu-tests.sh`.
 
 use super::*;
-use cudarc::driver::DevicePtr;
 use crate::lora::{merge_into, Factor};
 use crate::{guidance, rel_err, residual, testutil::random};
+use cudarc::driver::DevicePtr;
 
 #[test]
 fn without_cuda_new_is_an_error_not_a_panic() {
@@ -409,19 +409,7 @@ fn f16_merge_kernels_match_the_f64_reference() {
                 c.rows,
                 c.cols
             );
-            // every element is the reference rounded to fp16, give or take one fp16 step, plus
-            // the f32 summation error (it matters where W and ΔW nearly cancel and the fp16 step
-            // is tiny)
-            for (i, ((&o, &w), &m)) in out.iter().zip(&want).zip(&mag).enumerate() {
-                let rounded = f16::from_f64(w);
-                let step = (f16::from_bits(rounded.to_bits() + 1).to_f64() - rounded.to_f64()).abs();
-                assert!(
-                    (o as f64 - w).abs() <= step + 1e-5 * m,
-                    "{kernel} f16 {}×{} element {i}: {o} vs {w} (magnitude {m})",
-                    c.rows,
-                    c.cols
-                );
-            }
+            assert_within_an_fp16_step(&format!("{kernel} f16"), c, out, &want, &mag);
             assert!(
                 rel_err(out, base) > 1e-2,
                 "{kernel} {}×{}: output is the base",
@@ -432,9 +420,40 @@ fn f16_merge_kernels_match_the_f64_reference() {
     }
 }
 
-/// The fp16 tensor-core kernel on factors that are fp16 values (as an fp16 LoRA file's are): the
-/// products are exact and the sums f32, so it meets the other kernels' bounds; a zero coefficient
-/// before or after another factor adds nothing. On f32 factors it rounds them to fp16 (stated).
+/// Every element is the reference rounded to fp16, give or take one fp16 step, plus the f32
+/// summation error (it matters where W and ΔW nearly cancel and the fp16 step is tiny).
+fn assert_within_an_fp16_step(what: &str, c: &Case, out: &[f32], want: &[f64], mag: &[f64]) {
+    use half::f16;
+    for (i, ((&o, &w), &m)) in out.iter().zip(want).zip(mag).enumerate() {
+        let rounded = f16::from_f64(w);
+        let step = (f16::from_bits(rounded.to_bits() + 1).to_f64() - rounded.to_f64()).abs();
+        assert!(
+            (o as f64 - w).abs() <= step + 1e-5 * m,
+            "{what} {}×{} element {i}: {o} vs {w} (magnitude {m})",
+            c.rows,
+            c.cols
+        );
+    }
+}
+
+/// Each layer's output within `tol` (relative) of its f64 reference; the errors are printed.
+fn assert_near_reference(what: &str, cases: &[Case], host: &[HostLayer], got: &[Vec<f32>], tol: f64) {
+    for ((c, (base, fs)), out) in cases.iter().zip(host).zip(got) {
+        let (want, _) = reference(c, base, fs);
+        let err = rel_err64(out, &want);
+        eprintln!("{what} {}×{}: relative error {err:.2e}", c.rows, c.cols);
+        assert!(
+            err < tol,
+            "{what} {}×{}: relative error {err:.2e}",
+            c.rows,
+            c.cols
+        );
+    }
+}
+
+/// The fp16 tensor-core kernels on factors that are fp16 values (as an fp16 LoRA file's are): the
+/// products are exact and the sums f32, so they meet the other kernels' bounds; a zero coefficient
+/// before or after another factor adds nothing. On f32 factors they round them to fp16 (stated).
 #[test]
 #[ignore = "needs a GPU: tools/device/gpu-tests.sh"]
 fn the_fp16_tensor_core_merge_matches_the_f64_reference() {
@@ -452,43 +471,23 @@ fn the_fp16_tensor_core_merge_matches_the_f64_reference() {
         factors: vec![(8, -0.7), (16, 0.0)],
     });
     let h = |x: f32| f16::from_f32(x).to_f32();
+    let round = |v: &[f32]| v.iter().map(|&x| h(x)).collect::<Vec<f32>>();
     let exact: Vec<HostLayer> = host_layers(&cases, 9)
         .into_iter()
-        .map(|(base, fs)| {
-            let fs = fs
-                .into_iter()
-                .map(|(b, a)| {
-                    (
-                        b.iter().map(|&x| h(x)).collect(),
-                        a.iter().map(|&x| h(x)).collect(),
-                    )
-                })
-                .collect();
-            (base, fs)
-        })
+        .map(|(base, fs)| (base, fs.iter().map(|(b, a)| (round(b), round(a))).collect()))
         .collect();
+    // fp16 weights too: the reference starts from the weights the GPU sees
+    let exact16: Vec<HostLayer> = exact.iter().map(|(base, fs)| (round(base), fs.clone())).collect();
+    let host = host_layers(&cases, 10);
     for kernel in [MergeKernel::MmaF16, MergeKernel::MmaF16Packed] {
-        // f32 weights
         let got = gpu_merge::<f32>(&k, &cases, &exact, kernel, |x| x, |x| x);
-        for ((c, (base, fs)), out) in cases.iter().zip(&exact).zip(&got) {
-            let (want, _) = reference(c, base, fs);
-            let err = rel_err64(out, &want);
-            eprintln!(
-                "{kernel} f32 {}×{} (fp16 factors): relative error {err:.2e}",
-                c.rows, c.cols
-            );
-            assert!(
-                err < 1e-5,
-                "{kernel} f32 {}×{}: relative error {err:.2e}",
-                c.rows,
-                c.cols
-            );
-        }
-        // fp16 weights: each element the reference rounded to fp16, give or take one fp16 step
-        let exact16: Vec<HostLayer> = exact
-            .iter()
-            .map(|(base, fs)| (base.iter().map(|&x| h(x)).collect(), fs.clone()))
-            .collect();
+        assert_near_reference(
+            &format!("{kernel} f32 (fp16 factors)"),
+            &cases,
+            &exact,
+            &got,
+            1e-5,
+        );
         let got = gpu_merge::<u16>(
             &k,
             &cases,
@@ -499,16 +498,7 @@ fn the_fp16_tensor_core_merge_matches_the_f64_reference() {
         );
         for ((c, (base, fs)), out) in cases.iter().zip(&exact16).zip(&got) {
             let (want, mag) = reference(c, base, fs);
-            for (i, ((&o, &w), &m)) in out.iter().zip(&want).zip(&mag).enumerate() {
-                let rounded = f16::from_f64(w);
-                let step = (f16::from_bits(rounded.to_bits() + 1).to_f64() - rounded.to_f64()).abs();
-                assert!(
-                    (o as f64 - w).abs() <= step + 1e-5 * m,
-                    "{kernel} f16 {}×{} element {i}: {o} vs {w} (magnitude {m})",
-                    c.rows,
-                    c.cols
-                );
-            }
+            assert_within_an_fp16_step(&format!("{kernel} f16"), c, out, &want, &mag);
             if c.factors.iter().any(|f| f.1 != 0.0) {
                 assert!(
                     rel_err(out, base) > 1e-2,
@@ -519,21 +509,7 @@ fn the_fp16_tensor_core_merge_matches_the_f64_reference() {
             }
         }
         // f32 factors: rounded to fp16 on the way in, the result within fp16's precision of ΔW
-        let host = host_layers(&cases, 10);
         let got = gpu_merge::<f32>(&k, &cases, &host, kernel, |x| x, |x| x);
-        for ((c, (base, fs)), out) in cases.iter().zip(&host).zip(&got) {
-            let (want, _) = reference(c, base, fs);
-            let err = rel_err64(out, &want);
-            eprintln!(
-                "{kernel} f32 {}×{} (f32 factors): relative error {err:.2e}",
-                c.rows, c.cols
-            );
-            assert!(
-                err < 1e-3,
-                "{kernel} f32 {}×{} (f32 factors): relative error {err:.2e}",
-                c.rows,
-                c.cols
-            );
-        }
+        assert_near_reference(&format!("{kernel} f32 (f32 factors)"), &cases, &host, &got, 1e-3);
     }
 }
