@@ -401,8 +401,12 @@ async fn get_job(
     Ok(Json(JobView::from_record(&id, rec)))
 }
 
-fn png(bytes: Vec<u8>) -> Response {
-    ([(header::CONTENT_TYPE, "image/png")], bytes).into_response()
+/// The PNG stored under `key`, or a 404 saying `missing`.
+async fn stored_png(st: &State, key: String, missing: String) -> Result<Response, ApiError> {
+    let bytes: Option<Vec<u8>> = st.redis().get(key).await?;
+    bytes
+        .map(|b| ([(header::CONTENT_TYPE, "image/png")], b).into_response())
+        .ok_or(ApiError::NotFound(missing))
 }
 
 /// The PNG of a done job.
@@ -427,10 +431,7 @@ async fn get_image(
     if status != "done" {
         return Err(ApiError::NotReady(format!("job `{id}` is {status}: no image")));
     }
-    let bytes: Option<Vec<u8>> = st.redis().get(image_key(&id)).await?;
-    bytes
-        .map(png)
-        .ok_or_else(|| ApiError::NotFound(format!("the image of `{id}` expired")))
+    stored_png(&st, image_key(&id), format!("the image of `{id}` expired")).await
 }
 
 /// The latest preview of a job (when its worker stores previews).
@@ -450,10 +451,8 @@ async fn get_preview(
 ) -> Result<Response, ApiError> {
     let (_, id) = owned(&st, &headers, id)?;
     record(&st, &id).await?;
-    let bytes: Option<Vec<u8>> = st.redis().get(katz_actors::protocol::preview_key(&id)).await?;
-    bytes
-        .map(png)
-        .ok_or_else(|| ApiError::NotFound(format!("job `{id}` has no preview (yet)")))
+    let key = katz_actors::protocol::preview_key(&id);
+    stored_png(&st, key, format!("job `{id}` has no preview (yet)")).await
 }
 
 /// What `DELETE /v1/jobs/{id}` answers.
