@@ -84,6 +84,18 @@ impl Drop for Proc {
     }
 }
 
+/// `katz ARGS` with `env` (text logs), which must fail: its stderr.
+fn katz_fails(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(katz_bin())
+        .args(args)
+        .env_remove("KATZ_LOG_FORMAT")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "katz {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Text a person or a log shipper reads: no password, no ANSI escape.
 fn assert_clean(what: &str, out: &str) {
     assert!(!out.contains(WRONG), "{what} prints the password:\n{out}");
@@ -139,34 +151,17 @@ fn a_wrong_amqp_password_is_never_printed_and_json_logs_are_one_object_a_line() 
 fn a_password_in_a_redis_or_amqp_url_is_masked_in_command_errors() {
     let _g = serial();
     // Redis without a password refuses AUTH: the error names the URL, masked
-    let out = Command::new(katz_bin())
-        .args(["status", "no-such-job", "--redis"])
-        .arg(format!("redis://:{WRONG}@127.0.0.1:6379/"))
-        .env_remove("KATZ_LOG_FORMAT")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let url = format!("redis://:{WRONG}@127.0.0.1:6379/");
+    let err = katz_fails(&["status", "no-such-job", "--redis", &url], &[]);
     assert_clean("katz status", &err);
     assert!(err.contains("redis://:***@127.0.0.1:6379/"), "{err}");
     // a refused AMQP login in a one-shot command
-    let out = Command::new(katz_bin())
-        .args(["submit", "--prompt", "x", "--amqp", BAD_AMQP])
-        .env_remove("KATZ_LOG_FORMAT")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = katz_fails(&["submit", "--prompt", "x", "--amqp", BAD_AMQP], &[]);
     assert_clean("katz submit", &err);
     assert!(err.contains("amqp://guest:***@127.0.0.1:5672/%2f"), "{err}");
     // an unknown log format stops the command at start
-    let out = Command::new(katz_bin())
-        .args(["status", "x"])
-        .env("KATZ_LOG_FORMAT", "xml")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("KATZ_LOG_FORMAT"));
+    let err = katz_fails(&["status", "x"], &[("KATZ_LOG_FORMAT", "xml")]);
+    assert!(err.contains("KATZ_LOG_FORMAT"));
 }
 
 #[test]
@@ -418,14 +413,13 @@ fn exported_spans(log: &str) -> Vec<Exported> {
 fn job_and_step_spans_reach_an_opentelemetry_collector() {
     let _g = serial();
     // a protocol katz cannot speak is refused at start, naming the variable
-    let out = Command::new(katz_bin())
-        .args(["status", "nothing"])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = katz_fails(
+        &["status", "nothing"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ],
+    );
     assert!(
         err.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && err.contains("http/protobuf"),
         "{err}"
