@@ -110,11 +110,19 @@ pub fn init(default_filter: &str, command: &str, secrets: Secrets) -> Result<Gua
             .with_filter(filter)
             .boxed(),
     };
-    let (export, otel) = match crate::otlp::OtlpConfig::from_env(command)? {
-        crate::otlp::OtlpConfig::Off => (None, None),
-        crate::otlp::OtlpConfig::Http { service, filter, .. } => {
+    let (export, otel, exporting) = match crate::otlp::OtlpConfig::from_env(command)? {
+        crate::otlp::OtlpConfig::Off => (None, None, None),
+        crate::otlp::OtlpConfig::Http {
+            endpoint,
+            service,
+            filter,
+        } => {
             let (export, layer) = crate::otlp::Export::start::<Registry>(&service)?;
-            (Some(export), Some(layer.with_filter(filter).boxed()))
+            (
+                Some(export),
+                Some(layer.with_filter(filter).boxed()),
+                Some((endpoint, service)),
+            )
         }
     };
     let mut layers = vec![fmt];
@@ -123,10 +131,7 @@ pub fn init(default_filter: &str, command: &str, secrets: Secrets) -> Result<Gua
         .with(layers)
         .try_init()
         .map_err(|e| format!("the log subscriber: {e}"))?;
-    if let Ok(crate::otlp::OtlpConfig::Http {
-        endpoint, service, ..
-    }) = crate::otlp::OtlpConfig::from_env(command)
-    {
+    if let Some((endpoint, service)) = exporting {
         tracing::info!(%endpoint, %service, "exporting traces over OTLP/HTTP");
     }
     Ok(Guard(export))

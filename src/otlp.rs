@@ -106,7 +106,8 @@ pub struct Export {
 }
 
 impl Export {
-    /// Builds the exporter and the `tracing` layer for `config` (`Http` only).
+    /// Builds the exporter (it reads the `OTEL_EXPORTER_OTLP_*` variables) and the `tracing`
+    /// layer that feeds it, exporting as `service`.
     pub fn start<S>(
         service: &str,
     ) -> Result<
