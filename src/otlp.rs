@@ -23,8 +23,9 @@ use tracing_subscriber::filter::Targets;
 /// their denoising steps (debug), and warnings from anywhere.
 pub const DEFAULT_TRACE_FILTER: &str = "warn,katz_actors=info,katz_onnx=debug,katz=info";
 
-/// What the environment asks for.
+/// What the environment asks for (read once per process: the filter's size does not matter).
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum OtlpConfig {
     /// No endpoint (or export disabled): nothing is exported.
     Off,

@@ -545,7 +545,7 @@ fn job_and_step_spans_reach_an_opentelemetry_collector() {
             .map(|s| s.id.as_str())
             .collect();
         assert!(
-            session.parent != "" && in_trace.contains(&session.parent.as_str()),
+            !session.parent.is_empty() && in_trace.contains(&session.parent.as_str()),
             "the session's parent is not a span of the job: {session:?}"
         );
         drop(w);
