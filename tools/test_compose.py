@@ -179,7 +179,19 @@ def test_build_context_holds_sources_and_committed_bundles_only():
     for a in allowed:
         if a.startswith("bundles/"):
             assert any(t.startswith(a + "/") for t in tracked), f"{a}: not a committed bundle"
-    # every crate of the workspace and the ONNX Runtime fetch are in
-    for need in ("Cargo.toml", "Cargo.lock", "src", "onnx", "kernels", "actors", "vendor",
-                 "tools/fetch-onnxruntime.sh", "bundles/shapes"):
+    # every crate of the workspace (read from Cargo.toml) and the ONNX Runtime fetch are in,
+    # and each Dockerfile copies every crate
+    members = [m for m in workspace_members() if m != "."]
+    for need in ("Cargo.toml", "Cargo.lock", "src", "vendor", "tools/fetch-onnxruntime.sh", "bundles/shapes", *members):
         assert need in allowed, need
+    for f in ("Dockerfile", "Dockerfile.gpu"):
+        text = (ROOT / "compose" / f).read_text()
+        for m in members:
+            assert f"COPY {m}/ {m}/" in text, f"{f} does not copy the workspace member {m}"
+
+
+def workspace_members():
+    text = (ROOT / "Cargo.toml").read_text()
+    block = re.search(r"^members\s*=\s*\[(.*?)\]", text, re.S | re.M)
+    assert block, "no workspace members in Cargo.toml"
+    return re.findall(r'"([^"]+)"', block.group(1))
