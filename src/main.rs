@@ -50,7 +50,8 @@ use clap::{Parser, Subcommand};
         KATZ_LOG_FORMAT               text (default) or json\n  \
         OTEL_EXPORTER_OTLP_ENDPOINT   an OpenTelemetry collector (http://host:4318): traces of jobs and steps\n  \
         KATZ_TRACE                    which spans are exported (default: jobs, sessions, steps, warnings)\n  \
-        OTEL_SERVICE_NAME             the exported service (default katz-<command>)\n\
+        OTEL_SERVICE_NAME             the exported service (default katz-<command>)\n  \
+        KATZ_CUDA_OPTIONS             more CUDA-provider options for every GPU session (prefer_nhwc=1,…)\n\
         docs/operations.md has the rest."
 )]
 struct Cli {

@@ -71,6 +71,9 @@
 #                                           (PEER_MODES, default reduce-overhead) with compile times, then `katz bench
 #                                           pipeline` 0C/0L static + CUDA graphs against it; the 2 × rank-64 LoRA merge
 #                                           over the SDXL bundle with each merge kernel (MERGE_KERNELS), fp16 weights
+#   bash tools/device/gpu-path.sh knobs     the graphed 0C/0L run (static shapes, CUDA graphs) once per set of CUDA-provider
+#                                           options in KNOBS (sets split by ';', '-' for katz's own; default
+#                                           "-;prefer_nhwc=1;fuse_conv_bias=1"), through KATZ_CUDA_OPTIONS
 #   bash tools/device/gpu-path.sh ncu       Nsight Compute: every kernel of a 3-step static-shape 0C/0L run timed
 #                                           (gpu__time_duration), then tools/ncu_step_summary.py: one UNet step by
 #                                           kernel family ($O/ncu.csv.gz)
@@ -745,6 +748,17 @@ peer() {  # the compiled peer and the LoRA merge kernels, GPU 0 (see the header)
   done
 }
 
+knobs() {  # the graphed 0C/0L UNet step under CUDA-provider option sets, GPU 0 (see the header)
+  bench_setup || return 1
+  local set name
+  while read -r set; do
+    [[ -z $set ]] && continue
+    name=$(echo "$set" | tr ',=' '+-')
+    echo "== CUDA provider options: ${set}"
+    KATZ_CUDA_OPTIONS=${set#-} KATZ_GRAPH_CACHE=none katz_bench "knob-$name" --configs 0C/0L --static-shapes --cuda-graph
+  done < <(echo "${KNOBS:--;prefer_nhwc=1;fuse_conv_bias=1}" | tr ';' '\n')
+}
+
 ncu_step() {  # one UNet step's kernels under Nsight Compute, GPU 0 (see the header)
   bench_setup || return 1
   KATZ_GRAPH_CACHE=none timeout "${NCU_TIMEOUT_S:-280}" /usr/local/cuda/bin/ncu --metrics gpu__time_duration.sum --csv \
@@ -784,6 +798,7 @@ case ${1:-all} in
   cnpath) cnpath ;;
   vae) vae ;;
   determinism) determinism ;;
+  knobs) knobs ;;
   peer) peer ;;
   ncu) ncu_step ;;
   all) tests; bench; bench_multi ;;

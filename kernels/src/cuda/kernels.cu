@@ -296,7 +296,10 @@ __device__ __forceinline__ void store2(unsigned short* p, unsigned long long i, 
 }
 
 // out = W + scale·acc over one warp's MT×4 mma tiles of 16×8 (m16n8 accumulator layout): rows
-// row0 + mt·16 + g (+8), columns col0 + nt·8 + 2·t4 (+1) of layer l, clipped to the layer
+// row0 + mt·16 + g (+8), columns col0 + nt·8 + 2·t4 (+1) of layer l, clipped to the layer. The
+// weights of G row tiles are all loaded before any is stored (W and out may be one buffer, so the
+// compiler could not reorder them): one memory latency per group of two row tiles instead of one
+// per pair (a group holds 32 registers).
 template <typename T, int MT>
 __device__ __forceinline__ void add_to_weights(const float (&acc)[MT][4][4], float scale,
                                                const unsigned long long* layer_ptrs, int l, unsigned int rows,
@@ -306,28 +309,47 @@ __device__ __forceinline__ void add_to_weights(const float (&acc)[MT][4][4], flo
     T* O = (T*)layer_ptrs[2 * l + 1];
     const bool vec = (cols % 2 == 0) &&
                      (((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % (2 * sizeof(T))) == 0);
+    constexpr int G = MT < 2 ? MT : 2;
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
+    for (int m0 = 0; m0 < MT; m0 += G) {
+        float2 w[G][2][4];
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const unsigned int r = row0 + mt * 16 + g + 8 * h;
-            if (r >= rows) continue;
+        for (int mt = 0; mt < G; mt++)
 #pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                const unsigned int c = col0 + nt * 8 + 2 * t4;
-                if (c >= cols) continue;
-                const unsigned long long e = (unsigned long long)r * cols + c;
-                const float d0 = scale * acc[mt][nt][2 * h], d1 = scale * acc[mt][nt][2 * h + 1];
-                if (vec) {
-                    float2 w = load2(W, e);
-                    w.x += d0; w.y += d1;
-                    store2(O, e, w);
-                } else {
-                    store1(O, e, load1(W, e) + d0);
-                    if (c + 1 < cols) store1(O, e + 1, load1(W, e + 1) + d1);
+            for (int h = 0; h < 2; h++) {
+                const unsigned int r = row0 + (m0 + mt) * 16 + g + 8 * h;
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) {
+                    const unsigned int c = col0 + nt * 8 + 2 * t4;
+                    const unsigned long long e = (unsigned long long)r * cols + c;
+                    w[mt][h][nt] = make_float2(0.0f, 0.0f);
+                    if (r >= rows || c >= cols) continue;
+                    if (vec) w[mt][h][nt] = load2(W, e);
+                    else w[mt][h][nt] = make_float2(load1(W, e), c + 1 < cols ? load1(W, e + 1) : 0.0f);
                 }
             }
-        }
+#pragma unroll
+        for (int mt = 0; mt < G; mt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const unsigned int r = row0 + (m0 + mt) * 16 + g + 8 * h;
+                if (r >= rows) continue;
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) {
+                    const unsigned int c = col0 + nt * 8 + 2 * t4;
+                    if (c >= cols) continue;
+                    const unsigned long long e = (unsigned long long)r * cols + c;
+                    float2 v = w[mt][h][nt];
+                    v.x += scale * acc[m0 + mt][nt][2 * h];
+                    v.y += scale * acc[m0 + mt][nt][2 * h + 1];
+                    if (vec) {
+                        store2(O, e, v);
+                    } else {
+                        store1(O, e, v.x);
+                        if (c + 1 < cols) store1(O, e + 1, v.y);
+                    }
+                }
+            }
     }
 }
 
@@ -675,13 +697,45 @@ __device__ __forceinline__ void stage_packed(unsigned short (*Bs)[PS], unsigned 
 #endif
 }
 
+// The fp16 weight tile of the packed merge, staged in dynamic shared memory (WS halves a row,
+// 16-byte aligned) while the factors multiply: its DRAM read overlaps the tensor-core work, and
+// the sum leaves through shared memory in whole 16-byte rows. Host: MERGE_WS_BYTES of dynamic
+// shared memory for the fp16 kernel.
+#define WS (TN + 8)
+extern __shared__ __align__(16) unsigned short merge_dyn[];
+
+// this block's TM×TN tile of W (fp16, cols a multiple of 8, 16-byte aligned) into Ws, zeros
+// outside the layer: one cp.async group
+__device__ __forceinline__ void stage_weights(unsigned short* Ws, const unsigned short* W, unsigned int r0,
+                                              unsigned int c0, unsigned int rows, unsigned int cols, int tid) {
+#if __CUDA_ARCH__ >= 800
+#pragma unroll
+    for (int u = 0; u < (TM * TN / 8) / 256; u++) {
+        const int e = tid + 256 * u;  // row e / (TN/8), 8 halves at (e % (TN/8)) · 8
+        const unsigned int r = e / (TN / 8), q = (e % (TN / 8)) * 8;
+        const bool ok = r0 + r < rows && c0 + q < cols;
+        cp_async16(Ws + r * WS + q, ok ? W + (unsigned long long)(r0 + r) * cols + c0 + q : W, ok);
+    }
+    stage_commit();
+#endif
+}
+
+// waits until at most n (0, 1 or 2) of this thread's cp.async groups are pending
+__device__ __forceinline__ void stage_wait_n(int n) {
+#if __CUDA_ARCH__ >= 800
+    if (n == 0) asm volatile("cp.async.wait_group 0;" ::: "memory");
+    else if (n == 1) asm volatile("cp.async.wait_group 1;" ::: "memory");
+    else asm volatile("cp.async.wait_group 2;" ::: "memory");
+#endif
+}
+
 // layer_ptrs: W, out per layer; dims: rows, cols, f0, nf; packed: Bp, Ap per layer; kpads per
 // layer; ranks and coeffs per factor
 template <typename T>
 __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptrs, const unsigned int* dims,
                                              const unsigned long long* offsets, int n_layers,
                                              const unsigned long long* packed, const unsigned int* kpads,
-                                             const unsigned int* ranks, const float* coeffs) {
+                                             const unsigned int* ranks, const float* coeffs, int stage_w) {
 #if __CUDA_ARCH__ >= 800
     __shared__ __align__(16) unsigned short Bs[2][TM][PS];
     __shared__ __align__(16) unsigned short As[2][TN][PS];
@@ -716,6 +770,11 @@ __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptr
     float cur = f < f0 + nf ? coeffs[f] : 0.0f;
     int buf = 0;
     if (f < f0 + nf) stage_packed(Bs[0], As[0], Bp, Ap, kpad, k, r0, c0, rows, cols, tid);
+    // the weight tile behind the first chunk (a group of its own, waited for at the end)
+    const bool wstaged = sizeof(T) == 2 && stage_w && cols % 8 == 0 &&
+                         ((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % 16) == 0;
+    if (wstaged) stage_weights(merge_dyn, (const unsigned short*)layer_ptrs[2 * l], r0, c0, rows, cols, tid);
+    bool first = true;
     while (f < f0 + nf) {
         // the next chunk
         unsigned int fn = f, kn = k + PK, segn = seg_end;
@@ -730,7 +789,9 @@ __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptr
         }
         const bool more = fn < f0 + nf;
         if (more) stage_packed(Bs[buf ^ 1], As[buf ^ 1], Bp, Ap, kpad, kn, r0, c0, rows, cols, tid);
-        stage_wait(!more);
+        // this chunk landed: pending may stay the next chunk and, the first time, the weights
+        stage_wait_n(more ? (first && wstaged ? 2 : 1) : 0);
+        first = false;
         __syncthreads();
         mma_chunk<4, PK / 2, PS / 2>(acc, (const unsigned int*)&Bs[buf][0][0], (const unsigned int*)&As[buf][0][0],
                                      wm * 64, wn * 32, g, t4);
@@ -745,7 +806,36 @@ __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptr
         buf ^= 1;
     }
 
-    add_to_weights<T, 4>(acc, cur, layer_ptrs, l, rows, cols, r0 + wm * 64, c0 + wn * 32, g, t4);
+    if (!wstaged) {
+        add_to_weights<T, 4>(acc, cur, layer_ptrs, l, rows, cols, r0 + wm * 64, c0 + wn * 32, g, t4);
+        return;
+    }
+    stage_wait_n(0);
+    __syncthreads();  // every thread's part of the weight tile is in shared memory
+    unsigned short* Ws = merge_dyn;
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = wm * 64 + mt * 16 + g + 8 * h;
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                unsigned int* p = (unsigned int*)(Ws + r * WS + wn * 32 + nt * 8 + 2 * t4);
+                const unsigned int u = *p;
+                const float x = h2f((unsigned short)(u & 0xffffu)) + cur * acc[mt][nt][2 * h];
+                const float y = h2f((unsigned short)(u >> 16)) + cur * acc[mt][nt][2 * h + 1];
+                *p = f2h2(x, y);
+            }
+        }
+    __syncthreads();
+    unsigned short* O = (unsigned short*)layer_ptrs[2 * l + 1];
+#pragma unroll
+    for (int u = 0; u < (TM * TN / 8) / 256; u++) {  // whole 16-byte pieces of rows out
+        const int e = tid + 256 * u;
+        const unsigned int r = e / (TN / 8), q = (e % (TN / 8)) * 8;
+        if (r0 + r < rows && c0 + q < cols)
+            *(uint4*)(O + (unsigned long long)(r0 + r) * cols + c0 + q) = *(const uint4*)(Ws + r * WS + q);
+    }
 #else
     __trap();  // the host launches this kernel only on sm_80 and newer
 #endif
@@ -753,12 +843,12 @@ __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptr
 
 #define PACKED_ARGS const unsigned long long* layer_ptrs, const unsigned int* dims, \
     const unsigned long long* offsets, int n_layers, const unsigned long long* packed, \
-    const unsigned int* kpads, const unsigned int* ranks, const float* coeffs
+    const unsigned int* kpads, const unsigned int* ranks, const float* coeffs, int stage_w
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_packed_f32(PACKED_ARGS) {
-    merge_packed<float>(layer_ptrs, dims, offsets, n_layers, packed, kpads, ranks, coeffs);
+    merge_packed<float>(layer_ptrs, dims, offsets, n_layers, packed, kpads, ranks, coeffs, stage_w);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_packed_f16(PACKED_ARGS) {
-    merge_packed<unsigned short>(layer_ptrs, dims, offsets, n_layers, packed, kpads, ranks, coeffs);
+    merge_packed<unsigned short>(layer_ptrs, dims, offsets, n_layers, packed, kpads, ranks, coeffs, stage_w);
 }
 
 #define MERGE_ARGS const unsigned long long* layer_ptrs, const unsigned int* dims, \

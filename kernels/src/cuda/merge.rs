@@ -134,6 +134,9 @@ const MERGE_TILE: usize = 128;
 const MERGE_TILE_F16_COLS: usize = 64;
 /// The packed kernel's rank chunk: each factor's ranks padded to it (kernels.cu `PK`).
 const PACK_RANKS: usize = 32;
+/// The fp16 packed kernel's weight tile in dynamic shared memory: `TM` rows of `TN + 8` halves
+/// (kernels.cu `WS`), beside its 40 KiB of static shared memory.
+pub(super) const MERGE_WS_BYTES: u32 = (MERGE_TILE * (MERGE_TILE + 8) * 2) as u32;
 
 /// A launch of `blocks` blocks of 256 threads.
 fn grid(blocks: u64) -> LaunchConfig {
@@ -408,6 +411,8 @@ impl GpuKernels {
         let d = plan.upload(s)?;
         let d_packed = s.clone_htod(&packed)?;
         let d_kpads = s.clone_htod(&kpads)?;
+        // fp16 weights: each tile's weights staged in shared memory while the factors multiply
+        let stage_w = T::F16 as i32;
         let mut b = s.launch_builder(&self.lora_merge_packed[T::F16 as usize]);
         b.arg(&d.layer_ptrs)
             .arg(&d.dims)
@@ -416,8 +421,13 @@ impl GpuKernels {
             .arg(&d_packed)
             .arg(&d_kpads)
             .arg(&d.ranks)
-            .arg(&d.coeffs);
-        unsafe { b.launch(grid(plan.total)) }?;
+            .arg(&d.coeffs)
+            .arg(&stage_w);
+        let cfg = LaunchConfig {
+            shared_mem_bytes: if T::F16 { MERGE_WS_BYTES } else { 0 },
+            ..grid(plan.total)
+        };
+        unsafe { b.launch(cfg) }?;
         drop(plan);
         drop(scratch_guard);
         Ok(())

@@ -27,7 +27,9 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 mod merge;
+mod upload;
 pub use merge::{GpuFactor, GpuMergeLayer, MergeElem, MergeKernel, UnknownMergeKernel};
+pub use upload::{PinnedUpload, PINNED_CHUNK};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -201,6 +203,14 @@ impl GpuKernels {
         };
         let ptx = ptx_for(opts)?;
         let m = ctx.load_module(ptx)?;
+        let packed_f16 = m.load_function("lora_merge_packed_f16")?;
+        if has_mma {
+            // its weight tile lives in dynamic shared memory, past the default 48 KiB in all
+            packed_f16.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                merge::MERGE_WS_BYTES as i32,
+            )?;
+        }
         Ok(GpuKernels {
             combine: m.load_function("combine")?,
             axpy: m.load_function("axpy")?,
@@ -220,7 +230,7 @@ impl GpuKernels {
             pack: m.load_function("pack_factors_f16")?,
             lora_merge_packed: [
                 m.load_function("lora_merge_packed_f32")?,
-                m.load_function("lora_merge_packed_f16")?,
+                packed_f16,
             ],
             has_mma,
             ctx,

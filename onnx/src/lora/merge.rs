@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
-use katz_kernels::cuda::{GpuFactor, GpuMergeLayer};
+use katz_kernels::cuda::{GpuFactor, GpuMergeLayer, PinnedUpload, PINNED_CHUNK};
 use katz_kernels::lora::{merge_into, Factor};
 
 use super::adapter::{LoraAdapter, LoraLayer};
@@ -111,20 +111,18 @@ impl Weights {
                     .into(),
             });
         }
-        let s = &on_gpu(self)?.kernels.stream;
+        let k = &on_gpu(self)?.kernels;
         let _gpu = crate::device::beside_capture();
+        let bytes: usize = lora.layers.values().map(|l| 4 * (l.a.len() + l.b.len())).sum();
+        // through page-locked chunks: a cold LoRA crosses at PCIe speed
+        let mut up = PinnedUpload::new(&k.ctx, &k.stream, bytes.clamp(1, PINNED_CHUNK)).map_err(gpu_err)?;
         let mut layers = HashMap::new();
-        let mut bytes = 0;
         for (name, l) in &lora.layers {
-            bytes += 4 * (l.a.len() + l.b.len());
-            layers.insert(
-                name.clone(),
-                (
-                    s.clone_htod(&l.b).map_err(gpu_err)?,
-                    s.clone_htod(&l.a).map_err(gpu_err)?,
-                ),
-            );
+            let b = up.upload_f32(&l.b).map_err(gpu_err)?;
+            let a = up.upload_f32(&l.a).map_err(gpu_err)?;
+            layers.insert(name.clone(), (b, a));
         }
+        up.finish().map_err(gpu_err)?;
         Ok(DeviceFactors { layers, bytes })
     }
 

@@ -178,6 +178,11 @@ fn key(
         Device::TensorRt(_) => "tensorrt",
     };
     put(provider);
+    if opts.device.is_gpu() {
+        for (k, v) in super::cuda_options().unwrap_or_default() {
+            put(&format!("{k}={v}"));
+        }
+    }
     put(if cuda_graph { "graph" } else { "nograph" });
     Ok(h.finish())
 }

@@ -187,6 +187,35 @@ pub struct SessionOptions {
     pub cache: Option<PathBuf>,
 }
 
+/// `KATZ_CUDA_OPTIONS`: more options of ONNX Runtime's CUDA provider for every CUDA session, as
+/// `key=value[,key=value…]` with ONNX Runtime's own names (`prefer_nhwc=1,fuse_conv_bias=1`); they
+/// override katz's. ONNX Runtime refuses a key it does not know, so a typo fails the load. Read
+/// once; part of the optimized-graph cache's key.
+pub const CUDA_OPTIONS_ENV: &str = "KATZ_CUDA_OPTIONS";
+
+/// The parsed `KATZ_CUDA_OPTIONS` (empty when unset), or what is wrong with it.
+pub fn cuda_options() -> std::result::Result<&'static [(String, String)], String> {
+    static PARSED: std::sync::OnceLock<std::result::Result<Vec<(String, String)>, String>> =
+        std::sync::OnceLock::new();
+    PARSED
+        .get_or_init(|| parse_cuda_options(&std::env::var(CUDA_OPTIONS_ENV).unwrap_or_default()))
+        .as_deref()
+        .map_err(|m| format!("{CUDA_OPTIONS_ENV}: {m}"))
+}
+
+fn parse_cuda_options(s: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(format!("`{p}` is not key=value")),
+        })
+        .collect()
+}
+
 /// How cuDNN picks a convolution's algorithm (the CUDA provider's `cudnn_conv_algo_search`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvSearch {
@@ -473,14 +502,25 @@ fn build(
         ConvSearch::Heuristic => ort::ep::cuda::ConvAlgorithmSearch::Heuristic,
         ConvSearch::Exhaustive => ort::ep::cuda::ConvAlgorithmSearch::Exhaustive,
     };
+    let extra = if opts.device.is_gpu() {
+        cuda_options().map_err(|message| Error::DeviceUnavailable {
+            device: opts.device.to_string(),
+            message,
+        })?
+    } else {
+        &[]
+    };
     let cuda = |id: i32, graph: bool| {
-        ort::ep::CUDA::default()
+        use ort::ep::ArbitrarilyConfigurableExecutionProvider;
+        let mut ep = ort::ep::CUDA::default()
             .with_device_id(id)
             .with_cuda_graph(graph)
             .with_tf32(!opts.exact_fp32)
-            .with_conv_algorithm_search(search)
-            .build()
-            .error_on_failure()
+            .with_conv_algorithm_search(search);
+        for (k, v) in extra {
+            ep = ep.with_arbitrary_config(k, v);
+        }
+        ep.build().error_on_failure()
     };
     let providers = match opts.device {
         Device::Cpu => vec![],
@@ -503,4 +543,24 @@ fn build(
     }
     b.commit_from_file(path)
         .map_err(|e| Error::bundle(path, format!("ONNX Runtime cannot load it: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cuda_options;
+
+    #[test]
+    fn cuda_options_are_key_value_pairs() {
+        assert_eq!(parse_cuda_options(""), Ok(vec![]));
+        assert_eq!(
+            parse_cuda_options(" prefer_nhwc=1, fuse_conv_bias = 1 ,"),
+            Ok(vec![
+                ("prefer_nhwc".into(), "1".into()),
+                ("fuse_conv_bias".into(), "1".into())
+            ])
+        );
+        let e = parse_cuda_options("prefer_nhwc").unwrap_err();
+        assert!(e.contains("`prefer_nhwc` is not key=value"), "{e}");
+        assert!(parse_cuda_options("=1").is_err());
+    }
 }

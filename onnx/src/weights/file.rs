@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{DevicePtrMut, PinnedHostSlice};
-use katz_kernels::cuda::GpuKernels;
+use cudarc::driver::DevicePtrMut;
+use katz_kernels::cuda::{GpuKernels, PinnedUpload, PINNED_CHUNK};
 use safetensors::{Dtype, SafeTensors};
 
 use super::{DevBuf, DeviceWeights, HostData};
@@ -31,8 +31,6 @@ use crate::{Error, Result};
 
 /// Threads that stream a GPU set (each with its own stream and two pinned chunks).
 const UPLOAD_THREADS: usize = 8;
-/// Bytes per pinned chunk.
-const CHUNK: usize = 16 << 20;
 
 /// Where one weight lies in the file.
 struct Slot {
@@ -228,46 +226,17 @@ impl WeightFile {
         k.ctx.bind_to_thread().map_err(gpu_err)?;
         let stream = k.ctx.new_stream().map_err(gpu_err)?;
         let largest = group.iter().map(|(_, b)| b.bytes()).max().unwrap_or(0);
-        let chunk = largest.clamp(1, CHUNK);
-        // SAFETY: each chunk's bytes are written before they are copied from
-        let mut pinned: [PinnedHostSlice<u8>; 2] = unsafe {
-            [
-                k.ctx.alloc_pinned::<u8>(chunk).map_err(gpu_err)?,
-                k.ctx.alloc_pinned::<u8>(chunk).map_err(gpu_err)?,
-            ]
-        };
-        let mut in_flight: [Option<cudarc::driver::CudaEvent>; 2] = [None, None];
-        let mut turn = 0;
+        let mut up = PinnedUpload::new(&k.ctx, &stream, largest.clamp(1, PINNED_CHUNK)).map_err(gpu_err)?;
         for (name, buf) in &mut group {
             let src = self.device_bytes(name, half.contains(name.as_str()))?;
             let dst = match buf {
                 DevBuf::F16(b) => b.device_ptr_mut(&stream).0,
                 DevBuf::F32(b) => b.device_ptr_mut(&stream).0,
             };
-            for (i, piece) in src.chunks(chunk).enumerate() {
-                // the chunk's previous copy must be done before it is written again
-                if let Some(e) = in_flight[turn].take() {
-                    e.synchronize().map_err(gpu_err)?;
-                }
-                let p = &mut pinned[turn];
-                let host =
-                    unsafe { std::slice::from_raw_parts_mut(p.as_mut_ptr().map_err(gpu_err)?, piece.len()) };
-                host.copy_from_slice(piece);
-                // SAFETY: `dst` holds the weight's bytes; the piece lies inside it; the pinned
-                // chunk is not written again before the event below completes
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(
-                        dst + (i * chunk) as u64,
-                        &*host,
-                        stream.cu_stream(),
-                    )
-                }
-                .map_err(gpu_err)?;
-                in_flight[turn] = Some(stream.record_event(None).map_err(gpu_err)?);
-                turn ^= 1;
-            }
+            // SAFETY: `dst` holds the weight's bytes, as many as `src`
+            unsafe { up.copy_to(&src, dst) }.map_err(gpu_err)?;
         }
-        stream.synchronize().map_err(gpu_err)?;
+        up.finish().map_err(gpu_err)?;
         Ok(group)
     }
 }
