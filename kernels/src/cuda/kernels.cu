@@ -610,11 +610,12 @@ __device__ __forceinline__ void merge_h16(const unsigned long long* layer_ptrs, 
 #endif
 }
 
-// Packed fp16 factors: a pass before the merge writes each layer's factors as fp16 into
-// scratch, k-contiguous for both operands — Bp[row][K] and Ap[col][K] (A transposed) — with each
-// factor's segment of ranks padded to a multiple of PK (zeros), so the merge copies whole chunks
-// into shared memory by cp.async and reads no f32 factor again. A pack job is one factor's B or A
-// of one layer; blocks of 32×8 threads move 32×32 tiles (A through shared memory, transposed).
+// Packed fp16 factors: each factor's B and A as fp16, k-contiguous for both operands — Bp[row][seg]
+// and Ap[col][seg] (A transposed) — with its ranks padded to seg, a multiple of PK (zeros), so the
+// merge copies whole chunks into shared memory by cp.async and reads no f32 factor. A worker packs
+// a LoRA once, when it is uploaded; a merge of unpacked factors packs them into scratch first. A
+// pack job is one factor's B or A; blocks of 32×8 threads move 32×32 tiles (A through shared
+// memory, transposed).
 #define PK 32
 // one job: src, dst (the packed matrix's first row), n (rows of B / cols of A), rank, kpad, kseg,
 // transposed (A), cols (A's row length)
@@ -729,22 +730,19 @@ __device__ __forceinline__ void stage_wait_n(int n) {
 #endif
 }
 
-// layer_ptrs: W, out per layer; dims: rows, cols, f0, nf; packed: Bp, Ap per layer; kpads per
-// layer; ranks and coeffs per factor
+// layer_ptrs: W, out per layer; dims: rows, cols, f0, nf; packed: Bp, Ap per factor; ranks and
+// coeffs per factor
 template <typename T>
 __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptrs, const unsigned int* dims,
                                              const unsigned long long* offsets, int n_layers,
-                                             const unsigned long long* packed, const unsigned int* kpads,
-                                             const unsigned int* ranks, const float* coeffs, int stage_w) {
+                                             const unsigned long long* packed, const unsigned int* ranks,
+                                             const float* coeffs, int stage_w) {
 #if __CUDA_ARCH__ >= 800
     __shared__ __align__(16) unsigned short Bs[2][TM][PS];
     __shared__ __align__(16) unsigned short As[2][TN][PS];
     const unsigned long long tile = blockIdx.x;
     const int l = find_layer(offsets, n_layers, tile);
     const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
-    const unsigned int kpad = kpads[l];
-    const unsigned short* Bp = (const unsigned short*)packed[2 * l];
-    const unsigned short* Ap = (const unsigned short*)packed[2 * l + 1];
     const unsigned int t = (unsigned int)(tile - offsets[l]);
     const unsigned int tiles_c = (cols + TN - 1) / TN;
     const unsigned int r0 = (t / tiles_c) * TM, c0 = (t % tiles_c) * TN;
@@ -760,35 +758,29 @@ __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptr
             for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
 
     // chunks in order: (factor f, packed rank k), factors with a zero coefficient skipped
-    unsigned int f = f0, k = 0, seg_end = 0;
-    while (f < f0 + nf) {  // the first factor with a coefficient, and its packed segment
-        seg_end = k + (ranks[f] + PK - 1) / PK * PK;
-        if (coeffs[f] != 0.0f) break;
-        k = seg_end;
-        f++;
-    }
+#define SEG(f) ((ranks[f] + PK - 1) / PK * PK)
+#define STAGE(b, f, k) stage_packed(Bs[b], As[b], (const unsigned short*)packed[2 * (f)], \
+                                    (const unsigned short*)packed[2 * (f) + 1], SEG(f), k, r0, c0, rows, cols, tid)
+    unsigned int f = f0, k = 0;
+    while (f < f0 + nf && coeffs[f] == 0.0f) f++;
     float cur = f < f0 + nf ? coeffs[f] : 0.0f;
     int buf = 0;
-    if (f < f0 + nf) stage_packed(Bs[0], As[0], Bp, Ap, kpad, k, r0, c0, rows, cols, tid);
+    if (f < f0 + nf) STAGE(0, f, 0);
     // the weight tile behind the first chunk (a group of its own, waited for at the end)
     const bool wstaged = sizeof(T) == 2 && stage_w && cols % 8 == 0 &&
                          ((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % 16) == 0;
     if (wstaged) stage_weights(merge_dyn, (const unsigned short*)layer_ptrs[2 * l], r0, c0, rows, cols, tid);
     bool first = true;
     while (f < f0 + nf) {
-        // the next chunk
-        unsigned int fn = f, kn = k + PK, segn = seg_end;
-        if (kn >= seg_end) {
+        // the next chunk: this factor's next ranks, or the next factor with a coefficient
+        unsigned int fn = f, kn = k + PK;
+        if (kn >= SEG(f)) {
+            kn = 0;
             fn = f + 1;
-            while (fn < f0 + nf) {
-                segn = kn + (ranks[fn] + PK - 1) / PK * PK;
-                if (coeffs[fn] != 0.0f) break;
-                kn = segn;
-                fn++;
-            }
+            while (fn < f0 + nf && coeffs[fn] == 0.0f) fn++;
         }
         const bool more = fn < f0 + nf;
-        if (more) stage_packed(Bs[buf ^ 1], As[buf ^ 1], Bp, Ap, kpad, kn, r0, c0, rows, cols, tid);
+        if (more) STAGE(buf ^ 1, fn, kn);
         // this chunk landed: pending may stay the next chunk and, the first time, the weights
         stage_wait_n(more ? (first && wstaged ? 2 : 1) : 0);
         first = false;
@@ -802,9 +794,10 @@ __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptr
         }
         f = fn;
         k = kn;
-        seg_end = segn;
         buf ^= 1;
     }
+#undef STAGE
+#undef SEG
 
     if (!wstaged) {
         add_to_weights<T, 4>(acc, cur, layer_ptrs, l, rows, cols, r0 + wm * 64, c0 + wn * 32, g, t4);
@@ -843,12 +836,12 @@ __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptr
 
 #define PACKED_ARGS const unsigned long long* layer_ptrs, const unsigned int* dims, \
     const unsigned long long* offsets, int n_layers, const unsigned long long* packed, \
-    const unsigned int* kpads, const unsigned int* ranks, const float* coeffs, int stage_w
+    const unsigned int* ranks, const float* coeffs, int stage_w
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_packed_f32(PACKED_ARGS) {
-    merge_packed<float>(layer_ptrs, dims, offsets, n_layers, packed, kpads, ranks, coeffs, stage_w);
+    merge_packed<float>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_packed_f16(PACKED_ARGS) {
-    merge_packed<unsigned short>(layer_ptrs, dims, offsets, n_layers, packed, kpads, ranks, coeffs, stage_w);
+    merge_packed<unsigned short>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
 }
 
 #define MERGE_ARGS const unsigned long long* layer_ptrs, const unsigned int* dims, \

@@ -24,6 +24,37 @@ pub struct GpuFactor<'a> {
     pub rank: usize,
     /// `scale · alpha / rank`.
     pub coeff: f32,
+    /// The same factor packed for [`MergeKernel::MmaF16Packed`] ([`GpuKernels::pack_factors_f16`]):
+    /// that kernel then reads it and packs nothing; the other kernels ignore it.
+    pub packed: Option<&'a PackedFactor>,
+}
+
+/// A factor as the packed fp16 merge reads it: `B` as `[rows][seg]` and `Aᵀ` as `[cols][seg]`,
+/// fp16 bit patterns, the rank padded with zeros to `seg` (a multiple of 32). Half the bytes of
+/// the f32 factor; made once per LoRA where a worker keeps its factors on the GPU.
+pub struct PackedFactor {
+    pub b: CudaSlice<u16>,
+    pub a: CudaSlice<u16>,
+    pub rows: usize,
+    pub cols: usize,
+    pub rank: usize,
+}
+
+impl PackedFactor {
+    /// The padded rank.
+    pub fn seg(&self) -> usize {
+        padded(self.rank)
+    }
+
+    /// Device bytes it holds.
+    pub fn bytes(&self) -> usize {
+        2 * (self.b.len() + self.a.len())
+    }
+}
+
+/// A rank padded to the packed kernel's chunk.
+fn padded(rank: usize) -> usize {
+    rank.div_ceil(PACK_RANKS) * PACK_RANKS
 }
 
 /// One layer to merge: `out = base + Σ factors` (`base` and `out` may be the same buffer).
@@ -334,83 +365,111 @@ impl GpuKernels {
         Ok(())
     }
 
-    /// [`MergeKernel::MmaF16Packed`]: packs the factors into fp16 scratch, then merges from it
-    /// (both launches on this object's stream; the scratch is freed in stream order).
+    /// Packs factors for [`MergeKernel::MmaF16Packed`] in one launch: `(B, A, rows, cols, rank)`
+    /// each, f32 on this object's device; the packed copies are ready in stream order.
+    pub fn pack_factors_f16(
+        &self,
+        factors: &[(&CudaSlice<f32>, &CudaSlice<f32>, usize, usize, usize)],
+    ) -> Result<Vec<PackedFactor>, GpuError> {
+        if !self.has_mma {
+            return Err(GpuError::Unsupported(
+                "pack_factors_f16: the packed merge needs compute capability 8.0 or newer".into(),
+            ));
+        }
+        let s = &self.stream;
+        let mut out = Vec::with_capacity(factors.len());
+        for &(b, a, rows, cols, rank) in factors {
+            if b.len() != rows * rank || a.len() != rank * cols || rank == 0 {
+                return Err(shape(format!(
+                    "pack: factor of rank {rank} does not fit {rows}×{cols} (B {}, A {})",
+                    b.len(),
+                    a.len()
+                )));
+            }
+            let seg = padded(rank);
+            // SAFETY: the pack launch below writes every element, padding included
+            let (pb, pa) = unsafe { (s.alloc::<u16>(rows * seg)?, s.alloc::<u16>(cols * seg)?) };
+            out.push(PackedFactor {
+                b: pb,
+                a: pa,
+                rows,
+                cols,
+                rank,
+            });
+        }
+        let mut jobs = PackJobs::default();
+        let mut guards = Vec::new();
+        for (&(b, a, rows, cols, rank), p) in factors.iter().zip(&out) {
+            let (src_b, g1) = b.device_ptr(s);
+            let (src_a, g2) = a.device_ptr(s);
+            let (dst_b, g3) = p.b.device_ptr(s);
+            let (dst_a, g4) = p.a.device_ptr(s);
+            guards.extend([g1, g2, g3, g4]);
+            jobs.add(src_b, src_a, dst_b, dst_a, rows, cols, rank);
+        }
+        jobs.launch(self)?;
+        drop(guards);
+        Ok(out)
+    }
+
+    /// [`MergeKernel::MmaF16Packed`]: the factors' packed copies where the caller has them, the
+    /// others packed into scratch first (one launch), then the merge (both on this object's
+    /// stream; the scratch is freed in stream order).
     fn lora_merge_packed<'g, T: MergeElem>(
         &'g self,
         layers: &'g [GpuMergeLayer<'g, T>],
         mut plan: Plan<'g>,
     ) -> Result<(), GpuError> {
         let s = &self.stream;
-        // each layer's padded rank and where its packed B and Aᵀ start in the scratch (fp16 values)
-        let padded = |rank: usize| rank.div_ceil(PACK_RANKS) * PACK_RANKS;
-        let mut kpads = Vec::with_capacity(layers.len());
-        let mut starts = Vec::with_capacity(layers.len());
-        let mut scratch_len = 0usize;
-        for l in layers {
-            let kpad: usize = l
-                .factors
-                .iter()
-                .filter(|f| f.rank > 0)
-                .map(|f| padded(f.rank))
-                .sum();
-            if kpad > u32::MAX as usize {
-                return Err(shape(format!("a padded rank of {kpad} is too large")));
+        // the factors in the plan's order (rank > 0), and the scratch the unpacked ones need
+        let factors: Vec<(&GpuFactor<'_>, usize, usize)> = layers
+            .iter()
+            .flat_map(|l| l.factors.iter().filter(|f| f.rank > 0).map(move |f| (f, l.rows, l.cols)))
+            .collect();
+        for (f, rows, cols) in &factors {
+            if let Some(p) = f.packed {
+                if p.rank != f.rank || p.rows != *rows || p.cols != *cols {
+                    return Err(shape(format!(
+                        "packed factor {}×{} of rank {} given for {rows}×{cols} of rank {}",
+                        p.rows, p.cols, p.rank, f.rank
+                    )));
+                }
             }
-            starts.push(scratch_len);
-            kpads.push(kpad as u32);
-            scratch_len += (l.rows + l.cols) * kpad;
         }
+        let scratch_len: usize = factors
+            .iter()
+            .filter(|(f, ..)| f.packed.is_none())
+            .map(|(f, rows, cols)| (rows + cols) * padded(f.rank))
+            .sum();
         // SAFETY: every value a merge reads is written by the pack launch before it, in stream order
         let scratch = unsafe { s.alloc::<u16>(scratch_len.max(1)) }?;
         let (base, scratch_guard) = scratch.device_ptr(s);
-        // pack jobs (kernels.cu PACK_FIELDS): src, dst, n, rank, kpad, kseg, transposed, cols
-        let (mut jobs, mut tile_offsets, mut packed) = (Vec::new(), Vec::new(), Vec::new());
-        let mut tiles: u64 = 0;
-        for ((l, &start), &kpad) in layers.iter().zip(&starts).zip(&kpads) {
-            let bp = base + 2 * start as u64;
-            let ap = bp + 2 * (l.rows * kpad as usize) as u64;
-            packed.extend([bp, ap]);
-            let mut kseg = 0u64;
-            for f in l.factors.iter().filter(|f| f.rank > 0) {
-                let seg = padded(f.rank);
-                let (b, gb) = f.b.device_ptr(s);
-                let (a, ga) = f.a.device_ptr(s);
+        let mut jobs = PackJobs::default();
+        let mut packed = Vec::with_capacity(2 * factors.len());
+        let mut at = base;
+        for (f, rows, cols) in &factors {
+            if let Some(p) = f.packed {
+                let (b, gb) = p.b.device_ptr(s);
+                let (a, ga) = p.a.device_ptr(s);
                 plan.guards.extend([gb, ga]);
-                for (src, dst, n, transposed) in [(b, bp, l.rows, 0u64), (a, ap, l.cols, 1)] {
-                    let row = [
-                        src,
-                        dst,
-                        n as u64,
-                        f.rank as u64,
-                        kpad as u64,
-                        kseg,
-                        transposed,
-                        l.cols as u64,
-                    ];
-                    jobs.extend(row);
-                    tile_offsets.push(tiles);
-                    tiles += (n.div_ceil(32) * (seg / 32)) as u64;
-                }
-                kseg += seg as u64;
+                packed.extend([b, a]);
+                continue;
             }
+            let seg = padded(f.rank) as u64;
+            let (bp, ap) = (at, at + 2 * *rows as u64 * seg);
+            at = ap + 2 * *cols as u64 * seg;
+            let (b, gb) = f.b.device_ptr(s);
+            let (a, ga) = f.a.device_ptr(s);
+            plan.guards.extend([gb, ga]);
+            jobs.add(b, a, bp, ap, *rows, *cols, f.rank);
+            packed.extend([bp, ap]);
         }
-        if tiles > 0 {
-            if tiles > i32::MAX as u64 {
-                return Err(shape(format!(
-                    "{tiles} pack tiles are more than one launch takes"
-                )));
-            }
-            let d_jobs = s.clone_htod(&jobs)?;
-            let d_tile_offsets = s.clone_htod(&tile_offsets)?;
-            let n_jobs = tile_offsets.len() as i32;
-            let mut b = s.launch_builder(&self.pack);
-            b.arg(&d_jobs).arg(&d_tile_offsets).arg(&n_jobs);
-            unsafe { b.launch(grid(tiles)) }?;
+        if packed.is_empty() {
+            packed.extend([0u64, 0]); // keep the array non-empty for the launch
         }
+        jobs.launch(self)?;
         let d = plan.upload(s)?;
         let d_packed = s.clone_htod(&packed)?;
-        let d_kpads = s.clone_htod(&kpads)?;
         // fp16 weights: each tile's weights staged in shared memory while the factors multiply
         let stage_w = T::F16 as i32;
         let mut b = s.launch_builder(&self.lora_merge_packed[T::F16 as usize]);
@@ -419,7 +478,6 @@ impl GpuKernels {
             .arg(&d.offsets)
             .arg(&d.n_layers)
             .arg(&d_packed)
-            .arg(&d_kpads)
             .arg(&d.ranks)
             .arg(&d.coeffs)
             .arg(&stage_w);
@@ -430,6 +488,56 @@ impl GpuKernels {
         unsafe { b.launch(cfg) }?;
         drop(plan);
         drop(scratch_guard);
+        Ok(())
+    }
+}
+
+/// Pack jobs (kernels.cu `PACK_FIELDS`: src, dst, n, rank, kpad, kseg, transposed, cols), each
+/// factor's B and A into their own `[n][seg]` matrices, and where each job's tiles start.
+#[derive(Default)]
+struct PackJobs {
+    jobs: Vec<u64>,
+    tile_offsets: Vec<u64>,
+    tiles: u64,
+}
+
+impl PackJobs {
+    #[allow(clippy::too_many_arguments)]
+    fn add(&mut self, src_b: u64, src_a: u64, dst_b: u64, dst_a: u64, rows: usize, cols: usize, rank: usize) {
+        let seg = padded(rank);
+        for (src, dst, n, transposed) in [(src_b, dst_b, rows, 0u64), (src_a, dst_a, cols, 1)] {
+            self.jobs.extend([
+                src,
+                dst,
+                n as u64,
+                rank as u64,
+                seg as u64,
+                0,
+                transposed,
+                cols as u64,
+            ]);
+            self.tile_offsets.push(self.tiles);
+            self.tiles += (n.div_ceil(32) * (seg / 32)) as u64;
+        }
+    }
+
+    fn launch(&self, k: &GpuKernels) -> Result<(), GpuError> {
+        if self.tiles == 0 {
+            return Ok(());
+        }
+        if self.tiles > i32::MAX as u64 {
+            return Err(shape(format!(
+                "{} pack tiles are more than one launch takes",
+                self.tiles
+            )));
+        }
+        let s = &k.stream;
+        let d_jobs = s.clone_htod(&self.jobs)?;
+        let d_tile_offsets = s.clone_htod(&self.tile_offsets)?;
+        let n_jobs = self.tile_offsets.len() as i32;
+        let mut b = s.launch_builder(&k.pack);
+        b.arg(&d_jobs).arg(&d_tile_offsets).arg(&n_jobs);
+        unsafe { b.launch(grid(self.tiles)) }?;
         Ok(())
     }
 }

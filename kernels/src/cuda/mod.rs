@@ -28,7 +28,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 
 mod merge;
 mod upload;
-pub use merge::{GpuFactor, GpuMergeLayer, MergeElem, MergeKernel, UnknownMergeKernel};
+pub use merge::{GpuFactor, GpuMergeLayer, MergeElem, MergeKernel, PackedFactor, UnknownMergeKernel};
 pub use upload::{PinnedUpload, PINNED_CHUNK};
 
 #[derive(Debug, thiserror::Error)]

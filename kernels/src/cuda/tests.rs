@@ -152,6 +152,7 @@ fn one_launch_merges_many_layers_like_the_cpu() {
                         a,
                         rank: *r,
                         coeff: *c,
+                        packed: None,
                     })
                     .collect(),
             },
@@ -297,6 +298,19 @@ fn gpu_merge<T: MergeElem + Copy>(
     to_t: impl Fn(f32) -> T,
     from_t: impl Fn(T) -> f32,
 ) -> Vec<Vec<f32>> {
+    gpu_merge_with(k, cases, host, kernel, false, to_t, from_t)
+}
+
+/// [`gpu_merge`], the factors packed first (`pack_factors_f16`) where `prepack` is set.
+fn gpu_merge_with<T: MergeElem + Copy>(
+    k: &GpuKernels,
+    cases: &[Case],
+    host: &[HostLayer],
+    kernel: MergeKernel,
+    prepack: bool,
+    to_t: impl Fn(f32) -> T,
+    from_t: impl Fn(T) -> f32,
+) -> Vec<Vec<f32>> {
     let s = &k.stream;
     type Dev<T> = (CudaSlice<T>, CudaSlice<T>, Vec<(CudaSlice<f32>, CudaSlice<f32>)>);
     let dev: Vec<Dev<T>> = host
@@ -312,10 +326,26 @@ fn gpu_merge<T: MergeElem + Copy>(
             )
         })
         .collect();
+    let packed: Vec<Vec<PackedFactor>> = cases
+        .iter()
+        .zip(&dev)
+        .map(|(c, (_, _, fs))| {
+            if !prepack {
+                return Vec::new();
+            }
+            let items: Vec<_> = fs
+                .iter()
+                .zip(&c.factors)
+                .map(|((b, a), &(rank, _))| (b, a, c.rows, c.cols, rank))
+                .collect();
+            k.pack_factors_f16(&items).unwrap()
+        })
+        .collect();
     let layers: Vec<GpuMergeLayer<'_, T>> = cases
         .iter()
         .zip(&dev)
-        .map(|(c, (base, out, fs))| GpuMergeLayer {
+        .zip(&packed)
+        .map(|((c, (base, out, fs)), p)| GpuMergeLayer {
             base,
             out,
             rows: c.rows,
@@ -323,7 +353,14 @@ fn gpu_merge<T: MergeElem + Copy>(
             factors: fs
                 .iter()
                 .zip(&c.factors)
-                .map(|((b, a), &(rank, coeff))| GpuFactor { b, a, rank, coeff })
+                .enumerate()
+                .map(|(j, ((b, a), &(rank, coeff)))| GpuFactor {
+                    b,
+                    a,
+                    rank,
+                    coeff,
+                    packed: p.get(j),
+                })
                 .collect(),
         })
         .collect();
@@ -479,26 +516,33 @@ fn the_fp16_tensor_core_merge_matches_the_f64_reference() {
     // fp16 weights too: the reference starts from the weights the GPU sees
     let exact16: Vec<HostLayer> = exact.iter().map(|(base, fs)| (round(base), fs.clone())).collect();
     let host = host_layers(&cases, 10);
-    for kernel in [MergeKernel::MmaF16, MergeKernel::MmaF16Packed] {
-        let got = gpu_merge::<f32>(&k, &cases, &exact, kernel, |x| x, |x| x);
+    // the packed kernel twice: packing in the merge, and on factors packed beforehand
+    for (kernel, pre) in [
+        (MergeKernel::MmaF16, false),
+        (MergeKernel::MmaF16Packed, false),
+        (MergeKernel::MmaF16Packed, true),
+    ] {
+        let tag = if pre { " (packed before)" } else { "" };
+        let got = gpu_merge_with::<f32>(&k, &cases, &exact, kernel, pre, |x| x, |x| x);
         assert_near_reference(
-            &format!("{kernel} f32 (fp16 factors)"),
+            &format!("{kernel}{tag} f32 (fp16 factors)"),
             &cases,
             &exact,
             &got,
             1e-5,
         );
-        let got = gpu_merge::<u16>(
+        let got = gpu_merge_with::<u16>(
             &k,
             &cases,
             &exact16,
             kernel,
+            pre,
             |x| f16::from_f32(x).to_bits(),
             |b| f16::from_bits(b).to_f32(),
         );
         for ((c, (base, fs)), out) in cases.iter().zip(&exact16).zip(&got) {
             let (want, mag) = reference(c, base, fs);
-            assert_within_an_fp16_step(&format!("{kernel} f16"), c, out, &want, &mag);
+            assert_within_an_fp16_step(&format!("{kernel}{tag} f16"), c, out, &want, &mag);
             if c.factors.iter().any(|f| f.1 != 0.0) {
                 assert!(
                     rel_err(out, base) > 1e-2,
@@ -509,7 +553,7 @@ fn the_fp16_tensor_core_merge_matches_the_f64_reference() {
             }
         }
         // f32 factors: rounded to fp16 on the way in, the result within fp16's precision of ΔW
-        let got = gpu_merge::<f32>(&k, &cases, &host, kernel, |x| x, |x| x);
-        assert_near_reference(&format!("{kernel} f32 (f32 factors)"), &cases, &host, &got, 1e-3);
+        let got = gpu_merge_with::<f32>(&k, &cases, &host, kernel, pre, |x| x, |x| x);
+        assert_near_reference(&format!("{kernel}{tag} f32 (f32 factors)"), &cases, &host, &got, 1e-3);
     }
 }

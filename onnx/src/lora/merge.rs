@@ -154,6 +154,7 @@ impl Weights {
                     a,
                     rank: layer.rank,
                     coeff: coeff(layer, *scale),
+                    packed: None,
                 });
             }
         }

@@ -310,6 +310,8 @@ pub(super) enum On {
         /// (b) factors to the device: from the parsed vectors, and from page-locked memory.
         upload: Duration,
         upload_pinned: Duration,
+        /// The packed kernel's factors packed once (fp16, k-contiguous), as a worker keeps them.
+        pack: Option<Duration>,
         spot_check_rel_err: f64,
     },
 }
@@ -362,10 +364,17 @@ fn report(a: &LoraMergeArgs, m: &Measured, weights_from: String) -> Value {
         On::Gpu {
             upload,
             upload_pinned,
+            pack,
             spot_check_rel_err,
         } => {
-            r["factors"] = json!("f32 on the device, f32 accumulation");
+            r["factors"] = json!(match pack {
+                Some(_) => "f32 on the device, packed once into fp16 (pack_factors_f16, not in the merge time), f32 accumulation",
+                None => "f32 on the device, f32 accumulation",
+            });
             r["timings_ms"]["upload_factors_h2d"] = json!(round3(ms(upload)));
+            if let Some(p) = pack {
+                r["timings_ms"]["pack_factors_f16"] = json!(round3(ms(p)));
+            }
             r["timings_ms"]["upload_factors_h2d_pinned"] = json!(round3(ms(upload_pinned)));
             r["timings_ms"]["total_cold"] = json!(round3(ms(m.parse) + ms(upload) + m.median));
             r["timing_method"] = json!("host clock around each step with a stream synchronize; a merge is one launch plus its small \

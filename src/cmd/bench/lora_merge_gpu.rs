@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use katz_kernels::cuda::{GpuFactor, GpuKernels, GpuMergeLayer, MergeElem, PinnedUpload, PINNED_CHUNK};
+use katz_kernels::cuda::{
+    GpuFactor, GpuKernels, GpuMergeLayer, MergeElem, MergeKernel, PackedFactor, PinnedUpload, PINNED_CHUNK,
+};
 use katz_onnx::bundle::WeightEntry;
 
 use super::lora_merge::{load_loras, read_files, touched, Loaded, LoraMergeArgs, Measured, On, Touched};
@@ -140,6 +142,39 @@ pub(super) fn gpu_bench<T: HostElem>(
     let upload = t0.elapsed();
     let upload_pinned = upload_pinned(&k, &loras)?;
 
+    // the packed kernel reads factors packed once per LoRA, as a worker keeps them: packed here,
+    // timed apart from the merges
+    let t0 = Instant::now();
+    let packed: Vec<BTreeMap<String, PackedFactor>> = if a.kernel == MergeKernel::MmaF16Packed {
+        loras
+            .iter()
+            .zip(&factors)
+            .map(|(l, dev)| {
+                let names: Vec<&String> = l
+                    .adapter
+                    .layers
+                    .iter()
+                    .filter(|(n, x)| x.rank > 0 && t.layers.contains_key(*n))
+                    .map(|(n, _)| n)
+                    .collect();
+                let items: Vec<_> = names
+                    .iter()
+                    .map(|n| {
+                        let (b, a_) = &dev[*n];
+                        let (rows, cols) = t.layers[*n];
+                        (b, a_, rows, cols, l.adapter.layers[*n].rank)
+                    })
+                    .collect();
+                let p = k.pack_factors_f16(&items).context("packing the factors")?;
+                Ok(names.into_iter().cloned().zip(p).collect())
+            })
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        loras.iter().map(|_| BTreeMap::new()).collect()
+    };
+    s.synchronize()?;
+    let pack = (a.kernel == MergeKernel::MmaF16Packed).then(|| t0.elapsed());
+
     let layers: Vec<GpuMergeLayer<'_, T>> = t
         .layers
         .iter()
@@ -148,7 +183,8 @@ pub(super) fn gpu_bench<T: HostElem>(
             let factors = loras
                 .iter()
                 .zip(&factors)
-                .filter_map(|(l, dev)| {
+                .zip(&packed)
+                .filter_map(|((l, dev), p)| {
                     let layer = l.adapter.layers.get(name)?;
                     let (b, a_) = &dev[name];
                     Some(GpuFactor {
@@ -156,6 +192,7 @@ pub(super) fn gpu_bench<T: HostElem>(
                         a: a_,
                         rank: layer.rank,
                         coeff: l.scale * layer.alpha / layer.rank as f32,
+                        packed: p.get(name),
                     })
                 })
                 .collect();
@@ -206,6 +243,7 @@ pub(super) fn gpu_bench<T: HostElem>(
         on: On::Gpu {
             upload,
             upload_pinned,
+            pack,
             spot_check_rel_err: check,
         },
     })
