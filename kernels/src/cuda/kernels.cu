@@ -721,12 +721,53 @@ __device__ __forceinline__ void stage_weights(unsigned short* Ws, const unsigned
 #endif
 }
 
-// waits until at most n (0, 1 or 2) of this thread's cp.async groups are pending
+// waits until at most n (0 to 3) of this thread's cp.async groups are pending
 __device__ __forceinline__ void stage_wait_n(int n) {
 #if __CUDA_ARCH__ >= 800
     if (n == 0) asm volatile("cp.async.wait_group 0;" ::: "memory");
     else if (n == 1) asm volatile("cp.async.wait_group 1;" ::: "memory");
-    else asm volatile("cp.async.wait_group 2;" ::: "memory");
+    else if (n == 2) asm volatile("cp.async.wait_group 2;" ::: "memory");
+    else asm volatile("cp.async.wait_group 3;" ::: "memory");
+#endif
+}
+
+// out = W + cur·acc for a packed merge's TM×TN tile (8 warps as 2×4, 64×32 each): through the
+// weight tile staged in Ws (its cp.async group not yet waited for), or from global memory
+template <typename T>
+__device__ __forceinline__ void packed_epilogue(const float (&acc)[4][4][4], float cur,
+                                                const unsigned long long* layer_ptrs, int l, unsigned int rows,
+                                                unsigned int cols, unsigned int r0, unsigned int c0, int wm, int wn,
+                                                int g, int t4, int tid, bool wstaged, unsigned short* Ws) {
+#if __CUDA_ARCH__ >= 800
+    if (!wstaged) {
+        add_to_weights<T, 4>(acc, cur, layer_ptrs, l, rows, cols, r0 + wm * 64, c0 + wn * 32, g, t4);
+        return;
+    }
+    stage_wait_n(0);
+    __syncthreads();  // every thread's part of the weight tile is in shared memory
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = wm * 64 + mt * 16 + g + 8 * h;
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                unsigned int* p = (unsigned int*)(Ws + r * WS + wn * 32 + nt * 8 + 2 * t4);
+                const unsigned int u = *p;
+                const float x = h2f((unsigned short)(u & 0xffffu)) + cur * acc[mt][nt][2 * h];
+                const float y = h2f((unsigned short)(u >> 16)) + cur * acc[mt][nt][2 * h + 1];
+                *p = f2h2(x, y);
+            }
+        }
+    __syncthreads();
+    unsigned short* O = (unsigned short*)layer_ptrs[2 * l + 1];
+#pragma unroll
+    for (int u = 0; u < (TM * TN / 8) / 256; u++) {  // whole 16-byte pieces of rows out
+        const int e = tid + 256 * u;
+        const unsigned int r = e / (TN / 8), q = (e % (TN / 8)) * 8;
+        if (r0 + r < rows && c0 + q < cols)
+            *(uint4*)(O + (unsigned long long)(r0 + r) * cols + c0 + q) = *(const uint4*)(Ws + r * WS + q);
+    }
 #endif
 }
 
@@ -799,36 +840,105 @@ __device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptr
 #undef STAGE
 #undef SEG
 
-    if (!wstaged) {
-        add_to_weights<T, 4>(acc, cur, layer_ptrs, l, rows, cols, r0 + wm * 64, c0 + wn * 32, g, t4);
-        return;
+    packed_epilogue<T>(acc, cur, layer_ptrs, l, rows, cols, r0, c0, wm, wn, g, t4, tid, wstaged, merge_dyn);
+#else
+    __trap();  // the host launches this kernel only on sm_80 and newer
+#endif
+}
+
+// The packed merge with NST chunks in flight instead of two: a ring of NST chunk stages and the
+// weight tile, all in dynamic shared memory (host: MERGE_PIPE_BYTES, or MERGE_PIPE_F32_BYTES for
+// f32 weights, which are not staged). Chunks are issued NST - 1 ahead, so the L2 latency of a
+// chunk hides behind the tensor-core work on the ones before it; one cp.async group per chunk
+// (empty past the last, to keep the count uniform), the weight tile's group after the first
+// NST - 1 chunks. Same arithmetic, same order, same result as merge_packed.
+#define NST 3
+#define STAGE_HALVES (2 * TM * PS)
+template <typename T>
+__device__ __forceinline__ void merge_pipelined(const unsigned long long* layer_ptrs, const unsigned int* dims,
+                                                const unsigned long long* offsets, int n_layers,
+                                                const unsigned long long* packed, const unsigned int* ranks,
+                                                const float* coeffs, int stage_w) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned long long tile = blockIdx.x;
+    const int l = find_layer(offsets, n_layers, tile);
+    const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
+    const unsigned int t = (unsigned int)(tile - offsets[l]);
+    const unsigned int tiles_c = (cols + TN - 1) / TN;
+    const unsigned int r0 = (t / tiles_c) * TM, c0 = (t % tiles_c) * TN;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 2, wn = warp & 3, g = lane >> 2, t4 = lane & 3;
+    unsigned short* Ws = merge_dyn + NST * STAGE_HALVES;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+
+#define SEG(f) ((ranks[f] + PK - 1) / PK * PK)
+#define BS(st) ((unsigned short (*)[PS])(merge_dyn + (st) * STAGE_HALVES))
+#define AS(st) ((unsigned short (*)[PS])(merge_dyn + (st) * STAGE_HALVES + TM * PS))
+    // the chunk after (f, k): this factor's next ranks, or the next factor with a coefficient
+#define ADVANCE(f, k)                                              \
+    do {                                                           \
+        k += PK;                                                   \
+        if (k >= SEG(f)) {                                         \
+            k = 0;                                                 \
+            f++;                                                   \
+            while (f < f0 + nf && coeffs[f] == 0.0f) f++;          \
+        }                                                          \
+    } while (0)
+#define ISSUE(st, f, k)                                                                                  \
+    do {                                                                                                 \
+        if (f < f0 + nf)                                                                                 \
+            stage_packed(BS(st), AS(st), (const unsigned short*)packed[2 * (f)],                          \
+                         (const unsigned short*)packed[2 * (f) + 1], SEG(f), k, r0, c0, rows, cols, tid); \
+        else                                                                                             \
+            stage_commit();                                                                              \
+    } while (0)
+    unsigned int fc = f0;  // the chunk computed next
+    while (fc < f0 + nf && coeffs[fc] == 0.0f) fc++;
+    unsigned int kc = 0;
+    float cur = fc < f0 + nf ? coeffs[fc] : 0.0f;
+    unsigned int fi = fc, ki = 0;  // the chunk issued next
+#pragma unroll
+    for (int st = 0; st < NST - 1; st++) {
+        ISSUE(st, fi, ki);
+        if (fi < f0 + nf) ADVANCE(fi, ki);
     }
-    stage_wait_n(0);
-    __syncthreads();  // every thread's part of the weight tile is in shared memory
-    unsigned short* Ws = merge_dyn;
-#pragma unroll
-    for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int r = wm * 64 + mt * 16 + g + 8 * h;
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                unsigned int* p = (unsigned int*)(Ws + r * WS + wn * 32 + nt * 8 + 2 * t4);
-                const unsigned int u = *p;
-                const float x = h2f((unsigned short)(u & 0xffffu)) + cur * acc[mt][nt][2 * h];
-                const float y = h2f((unsigned short)(u >> 16)) + cur * acc[mt][nt][2 * h + 1];
-                *p = f2h2(x, y);
-            }
+    const bool wstaged = sizeof(T) == 2 && stage_w && cols % 8 == 0 &&
+                         ((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % 16) == 0;
+    if (wstaged) stage_weights(Ws, (const unsigned short*)layer_ptrs[2 * l], r0, c0, rows, cols, tid);
+    int i = 0;
+    while (fc < f0 + nf) {
+        ISSUE((i + NST - 1) % NST, fi, ki);  // into the stage computed in the last iteration
+        if (fi < f0 + nf) ADVANCE(fi, ki);
+        // chunk i landed: younger groups may stay pending, NST - 1 chunks and, for the first
+        // NST - 1 chunks, the weight tile
+        stage_wait_n(NST - 1 + (wstaged && i < NST - 1 ? 1 : 0));
+        __syncthreads();
+        mma_chunk<4, PK / 2, PS / 2>(acc, (const unsigned int*)BS(i % NST), (const unsigned int*)AS(i % NST),
+                                     wm * 64, wn * 32, g, t4);
+        __syncthreads();  // every warp is done with stage i % NST before it is issued into again
+        unsigned int fn = fc, kn = kc;
+        ADVANCE(fn, kn);
+        if (fn != fc && fn < f0 + nf) {  // the accumulator in units of the next coefficient
+            scale_acc(acc, cur / coeffs[fn]);
+            cur = coeffs[fn];
         }
-    __syncthreads();
-    unsigned short* O = (unsigned short*)layer_ptrs[2 * l + 1];
-#pragma unroll
-    for (int u = 0; u < (TM * TN / 8) / 256; u++) {  // whole 16-byte pieces of rows out
-        const int e = tid + 256 * u;
-        const unsigned int r = e / (TN / 8), q = (e % (TN / 8)) * 8;
-        if (r0 + r < rows && c0 + q < cols)
-            *(uint4*)(O + (unsigned long long)(r0 + r) * cols + c0 + q) = *(const uint4*)(Ws + r * WS + q);
+        fc = fn;
+        kc = kn;
+        i++;
     }
+#undef ISSUE
+#undef ADVANCE
+#undef AS
+#undef BS
+#undef SEG
+    packed_epilogue<T>(acc, cur, layer_ptrs, l, rows, cols, r0, c0, wm, wn, g, t4, tid, wstaged, Ws);
 #else
     __trap();  // the host launches this kernel only on sm_80 and newer
 #endif
@@ -870,4 +980,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_h16_f32(MERGE_AR
 }
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_h16_f16(MERGE_ARGS) {
     merge_h16<unsigned short>(layer_ptrs, dims, offsets, n_layers, factor_ptrs, ranks, coeffs);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_pipelined_f32(PACKED_ARGS) {
+    merge_pipelined<float>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_pipelined_f16(PACKED_ARGS) {
+    merge_pipelined<unsigned short>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
 }

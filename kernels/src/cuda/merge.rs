@@ -102,20 +102,25 @@ pub enum MergeKernel {
     /// chunks into shared memory by cp.async, double-buffered. Same numbers as `MmaF16`; scratch of
     /// (rows + cols) × padded rank fp16 values per layer for the merge's duration.
     MmaF16Packed,
+    /// `MmaF16Packed` with three chunks in flight instead of two (a ring of chunk stages and the
+    /// weight tile in dynamic shared memory, 94 KiB a block): the L2 latency of a chunk hides
+    /// behind the work on the ones before it. Same numbers.
+    MmaF16Pipelined,
 }
 
 /// Every kernel and its name on the command line.
-const KERNEL_NAMES: [(MergeKernel, &str); 5] = [
+const KERNEL_NAMES: [(MergeKernel, &str); 6] = [
     (MergeKernel::Tiled, "tiled"),
     (MergeKernel::Naive, "naive"),
     (MergeKernel::Mma, "mma"),
     (MergeKernel::MmaF16, "mma-f16"),
     (MergeKernel::MmaF16Packed, "mma-f16-packed"),
+    (MergeKernel::MmaF16Pipelined, "mma-f16-pipelined"),
 ];
 
 /// A merge kernel name none of [`MergeKernel`]'s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}`: expected tiled, naive, mma, mma-f16 or mma-f16-packed")]
+#[error("`{0}`: expected tiled, naive, mma, mma-f16, mma-f16-packed or mma-f16-pipelined")]
 pub struct UnknownMergeKernel(pub String);
 
 impl std::str::FromStr for MergeKernel {
@@ -144,7 +149,10 @@ impl MergeKernel {
     fn needs_mma(self) -> bool {
         matches!(
             self,
-            MergeKernel::Mma | MergeKernel::MmaF16 | MergeKernel::MmaF16Packed
+            MergeKernel::Mma
+                | MergeKernel::MmaF16
+                | MergeKernel::MmaF16Packed
+                | MergeKernel::MmaF16Pipelined
         )
     }
 
@@ -153,7 +161,10 @@ impl MergeKernel {
         let tiles = |tc: usize| (rows.div_ceil(MERGE_TILE) * cols.div_ceil(tc)) as u64;
         match self {
             MergeKernel::Naive => (rows * cols) as u64,
-            MergeKernel::Tiled | MergeKernel::Mma | MergeKernel::MmaF16Packed => tiles(MERGE_TILE),
+            MergeKernel::Tiled
+            | MergeKernel::Mma
+            | MergeKernel::MmaF16Packed
+            | MergeKernel::MmaF16Pipelined => tiles(MERGE_TILE),
             MergeKernel::MmaF16 => tiles(MERGE_TILE_F16_COLS),
         }
     }
@@ -168,6 +179,10 @@ const PACK_RANKS: usize = 32;
 /// The fp16 packed kernel's weight tile in dynamic shared memory: `TM` rows of `TN + 8` halves
 /// (kernels.cu `WS`), beside its 40 KiB of static shared memory.
 pub(super) const MERGE_WS_BYTES: u32 = (MERGE_TILE * (MERGE_TILE + 8) * 2) as u32;
+/// The pipelined kernel's dynamic shared memory: three chunk stages (128 rows of B and of Aᵀ, 40
+/// halves each: kernels.cu `NST`, `STAGE_HALVES`), then the weight tile for fp16 weights.
+pub(super) const MERGE_PIPE_F32_BYTES: u32 = (3 * 2 * MERGE_TILE * (PACK_RANKS + 8) * 2) as u32;
+pub(super) const MERGE_PIPE_BYTES: u32 = MERGE_PIPE_F32_BYTES + MERGE_WS_BYTES;
 
 /// A launch of `blocks` blocks of 256 threads.
 fn grid(blocks: u64) -> LaunchConfig {
@@ -347,7 +362,9 @@ impl GpuKernels {
             MergeKernel::Tiled => &self.lora_merge[2 + T::F16 as usize],
             MergeKernel::Mma => &self.lora_merge[4 + T::F16 as usize],
             MergeKernel::MmaF16 => &self.lora_merge[6 + T::F16 as usize],
-            MergeKernel::MmaF16Packed => return self.lora_merge_packed(layers, plan),
+            MergeKernel::MmaF16Packed | MergeKernel::MmaF16Pipelined => {
+                return self.lora_merge_packed(layers, plan, kernel)
+            }
         };
         let d = plan.upload(s)?;
         let factor_ptrs = s.clone_htod(&plan.factor_ptrs)?;
@@ -419,6 +436,7 @@ impl GpuKernels {
         &'g self,
         layers: &'g [GpuMergeLayer<'g, T>],
         mut plan: Plan<'g>,
+        kernel: MergeKernel,
     ) -> Result<(), GpuError> {
         let s = &self.stream;
         // the factors in the plan's order (rank > 0), and the scratch the unpacked ones need
@@ -472,7 +490,13 @@ impl GpuKernels {
         let d_packed = s.clone_htod(&packed)?;
         // fp16 weights: each tile's weights staged in shared memory while the factors multiply
         let stage_w = T::F16 as i32;
-        let mut b = s.launch_builder(&self.lora_merge_packed[T::F16 as usize]);
+        let (func, smem) = match (kernel, T::F16) {
+            (MergeKernel::MmaF16Pipelined, true) => (&self.lora_merge_pipelined[1], MERGE_PIPE_BYTES),
+            (MergeKernel::MmaF16Pipelined, false) => (&self.lora_merge_pipelined[0], MERGE_PIPE_F32_BYTES),
+            (_, true) => (&self.lora_merge_packed[1], MERGE_WS_BYTES),
+            (_, false) => (&self.lora_merge_packed[0], 0),
+        };
+        let mut b = s.launch_builder(func);
         b.arg(&d.layer_ptrs)
             .arg(&d.dims)
             .arg(&d.offsets)
@@ -482,7 +506,7 @@ impl GpuKernels {
             .arg(&d.coeffs)
             .arg(&stage_w);
         let cfg = LaunchConfig {
-            shared_mem_bytes: if T::F16 { MERGE_WS_BYTES } else { 0 },
+            shared_mem_bytes: smem,
             ..grid(plan.total)
         };
         unsafe { b.launch(cfg) }?;

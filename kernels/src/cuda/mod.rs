@@ -12,8 +12,9 @@
 //!              W/out f32 ([`GpuKernels::lora_merge`]) or fp16 ([`GpuKernels::lora_merge_f16`],
 //!              bit patterns in u16); factors f32; f32 accumulation; tiled (f32 weights, and
 //!              fp16 before sm_80), naive, mma (tensor cores, 3×TF32, sm_80+), mma-f16 (fp16
-//!              tensor cores, sm_80+: fp16 weights' default) or mma-f16-packed (the factors
-//!              packed into fp16 scratch first)
+//!              tensor cores, sm_80+: fp16 weights' default), mma-f16-packed (the factors
+//!              packed into fp16 once: `pack_factors_f16`, or into scratch by the merge) or
+//!              mma-f16-pipelined (the same, three chunks in flight)
 //! ```
 //!
 //! cudarc loads libcuda and libnvrtc at run time, so this module builds everywhere; where no
@@ -171,6 +172,8 @@ pub struct GpuKernels {
     /// `pack_factors_f16`, then `[packed f32, packed f16]` ([`MergeKernel::MmaF16Packed`])
     pack: CudaFunction,
     lora_merge_packed: [CudaFunction; 2],
+    /// `[pipelined f32, pipelined f16]` ([`MergeKernel::MmaF16Pipelined`])
+    lora_merge_pipelined: [CudaFunction; 2],
     /// Compute capability 8.0 or newer: the tensor-core merge runs.
     has_mma: bool,
 }
@@ -204,12 +207,16 @@ impl GpuKernels {
         let ptx = ptx_for(opts)?;
         let m = ctx.load_module(ptx)?;
         let packed_f16 = m.load_function("lora_merge_packed_f16")?;
+        let pipelined = [
+            m.load_function("lora_merge_pipelined_f32")?,
+            m.load_function("lora_merge_pipelined_f16")?,
+        ];
         if has_mma {
-            // its weight tile lives in dynamic shared memory, past the default 48 KiB in all
-            packed_f16.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                merge::MERGE_WS_BYTES as i32,
-            )?;
+            // their stages and weight tiles live in dynamic shared memory, past the default 48 KiB
+            let max = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            packed_f16.set_attribute(max, merge::MERGE_WS_BYTES as i32)?;
+            pipelined[0].set_attribute(max, merge::MERGE_PIPE_F32_BYTES as i32)?;
+            pipelined[1].set_attribute(max, merge::MERGE_PIPE_BYTES as i32)?;
         }
         Ok(GpuKernels {
             combine: m.load_function("combine")?,
@@ -232,6 +239,7 @@ impl GpuKernels {
                 m.load_function("lora_merge_packed_f32")?,
                 packed_f16,
             ],
+            lora_merge_pipelined: pipelined,
             has_mma,
             ctx,
             stream,
@@ -328,6 +336,7 @@ impl GpuKernels {
             lora_merge: self.lora_merge.clone(),
             pack: self.pack.clone(),
             lora_merge_packed: self.lora_merge_packed.clone(),
+            lora_merge_pipelined: self.lora_merge_pipelined.clone(),
             has_mma: self.has_mma,
         })
     }

@@ -521,6 +521,8 @@ fn the_fp16_tensor_core_merge_matches_the_f64_reference() {
         (MergeKernel::MmaF16, false),
         (MergeKernel::MmaF16Packed, false),
         (MergeKernel::MmaF16Packed, true),
+        (MergeKernel::MmaF16Pipelined, false),
+        (MergeKernel::MmaF16Pipelined, true),
     ] {
         let tag = if pre { " (packed before)" } else { "" };
         let got = gpu_merge_with::<f32>(&k, &cases, &exact, kernel, pre, |x| x, |x| x);

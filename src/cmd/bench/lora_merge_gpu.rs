@@ -145,7 +145,8 @@ pub(super) fn gpu_bench<T: HostElem>(
     // the packed kernel reads factors packed once per LoRA, as a worker keeps them: packed here,
     // timed apart from the merges
     let t0 = Instant::now();
-    let packed: Vec<BTreeMap<String, PackedFactor>> = if a.kernel == MergeKernel::MmaF16Packed {
+    let prepack = matches!(a.kernel, MergeKernel::MmaF16Packed | MergeKernel::MmaF16Pipelined);
+    let packed: Vec<BTreeMap<String, PackedFactor>> = if prepack {
         loras
             .iter()
             .zip(&factors)
@@ -173,7 +174,7 @@ pub(super) fn gpu_bench<T: HostElem>(
         loras.iter().map(|_| BTreeMap::new()).collect()
     };
     s.synchronize()?;
-    let pack = (a.kernel == MergeKernel::MmaF16Packed).then(|| t0.elapsed());
+    let pack = prepack.then(|| t0.elapsed());
 
     let layers: Vec<GpuMergeLayer<'_, T>> = t
         .layers
