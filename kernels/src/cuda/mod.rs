@@ -246,6 +246,11 @@ impl GpuKernels {
         })
     }
 
+    /// Whether this GPU has the tensor cores the mma merges need (compute capability 8.0+).
+    pub fn has_tensor_cores(&self) -> bool {
+        self.has_mma
+    }
+
     /// `out = uncond + g·(cond − uncond)` of a `[uncond; cond]` prediction.
     pub fn combine(&self, pred: &CudaSlice<f32>, g: f32, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
         let n = out.len();
