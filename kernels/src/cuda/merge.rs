@@ -52,6 +52,9 @@ impl PackedFactor {
     }
 }
 
+/// A factor for [`GpuKernels::pack_factors_f16`]: `(B, A, rows, cols, rank)`, f32 on the device.
+pub type FactorToPack<'a> = (&'a CudaSlice<f32>, &'a CudaSlice<f32>, usize, usize, usize);
+
 /// A rank padded to the packed kernel's chunk.
 fn padded(rank: usize) -> usize {
     rank.div_ceil(PACK_RANKS) * PACK_RANKS
@@ -149,10 +152,7 @@ impl MergeKernel {
     fn needs_mma(self) -> bool {
         matches!(
             self,
-            MergeKernel::Mma
-                | MergeKernel::MmaF16
-                | MergeKernel::MmaF16Packed
-                | MergeKernel::MmaF16Pipelined
+            MergeKernel::Mma | MergeKernel::MmaF16 | MergeKernel::MmaF16Packed | MergeKernel::MmaF16Pipelined
         )
     }
 
@@ -384,10 +384,7 @@ impl GpuKernels {
 
     /// Packs factors for [`MergeKernel::MmaF16Packed`] in one launch: `(B, A, rows, cols, rank)`
     /// each, f32 on this object's device; the packed copies are ready in stream order.
-    pub fn pack_factors_f16(
-        &self,
-        factors: &[(&CudaSlice<f32>, &CudaSlice<f32>, usize, usize, usize)],
-    ) -> Result<Vec<PackedFactor>, GpuError> {
+    pub fn pack_factors_f16(&self, factors: &[FactorToPack<'_>]) -> Result<Vec<PackedFactor>, GpuError> {
         if !self.has_mma {
             return Err(GpuError::Unsupported(
                 "pack_factors_f16: the packed merge needs compute capability 8.0 or newer".into(),
@@ -442,7 +439,12 @@ impl GpuKernels {
         // the factors in the plan's order (rank > 0), and the scratch the unpacked ones need
         let factors: Vec<(&GpuFactor<'_>, usize, usize)> = layers
             .iter()
-            .flat_map(|l| l.factors.iter().filter(|f| f.rank > 0).map(move |f| (f, l.rows, l.cols)))
+            .flat_map(|l| {
+                l.factors
+                    .iter()
+                    .filter(|f| f.rank > 0)
+                    .map(move |f| (f, l.rows, l.cols))
+            })
             .collect();
         for (f, rows, cols) in &factors {
             if let Some(p) = f.packed {

@@ -29,7 +29,9 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 
 mod merge;
 mod upload;
-pub use merge::{GpuFactor, GpuMergeLayer, MergeElem, MergeKernel, PackedFactor, UnknownMergeKernel};
+pub use merge::{
+    FactorToPack, GpuFactor, GpuMergeLayer, MergeElem, MergeKernel, PackedFactor, UnknownMergeKernel,
+};
 pub use upload::{PinnedUpload, PINNED_CHUNK};
 
 #[derive(Debug, thiserror::Error)]
@@ -213,7 +215,8 @@ impl GpuKernels {
         ];
         if has_mma {
             // their stages and weight tiles live in dynamic shared memory, past the default 48 KiB
-            let max = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            let max =
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
             packed_f16.set_attribute(max, merge::MERGE_WS_BYTES as i32)?;
             pipelined[0].set_attribute(max, merge::MERGE_PIPE_F32_BYTES as i32)?;
             pipelined[1].set_attribute(max, merge::MERGE_PIPE_BYTES as i32)?;
@@ -235,10 +238,7 @@ impl GpuKernels {
                 m.load_function("lora_merge_h16_f16")?,
             ],
             pack: m.load_function("pack_factors_f16")?,
-            lora_merge_packed: [
-                m.load_function("lora_merge_packed_f32")?,
-                packed_f16,
-            ],
+            lora_merge_packed: [m.load_function("lora_merge_packed_f32")?, packed_f16],
             lora_merge_pipelined: pipelined,
             has_mma,
             ctx,

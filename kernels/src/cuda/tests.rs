@@ -556,6 +556,12 @@ fn the_fp16_tensor_core_merge_matches_the_f64_reference() {
         }
         // f32 factors: rounded to fp16 on the way in, the result within fp16's precision of ΔW
         let got = gpu_merge_with::<f32>(&k, &cases, &host, kernel, pre, |x| x, |x| x);
-        assert_near_reference(&format!("{kernel}{tag} f32 (f32 factors)"), &cases, &host, &got, 1e-3);
+        assert_near_reference(
+            &format!("{kernel}{tag} f32 (f32 factors)"),
+            &cases,
+            &host,
+            &got,
+            1e-3,
+        );
     }
 }

@@ -1,6 +1,7 @@
-//! Host → device copies through page-locked memory. A copy from pageable memory is staged by the
-//! driver at a fraction of PCIe speed; here two pinned chunks take turns: one fills (a memcpy on
-//! the host) while the other's asynchronous copy runs.
+//! Host → device copies of large buffers (a bundle's weights) through page-locked memory: two
+//! pinned chunks take turns, one filling (a memcpy on the host) while the other's asynchronous
+//! copy runs, so the host copy and the transfer overlap. The host copy bounds it: for many small
+//! buffers it is no faster than the driver's own staging (docs/measurements.md, run N).
 //!
 //! ```text
 //! host bytes ─copy─▶ pinned chunk [turn] ─async copy (stream)─▶ device
@@ -9,7 +10,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, PinnedHostSlice};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, PinnedHostSlice};
 
 use super::GpuError;
 
@@ -42,7 +43,11 @@ impl PinnedUpload {
     ///
     /// # Safety
     /// `dst` must be valid for `src.len()` bytes on this upload's stream.
-    pub unsafe fn copy_to(&mut self, src: &[u8], dst: cudarc::driver::sys::CUdeviceptr) -> Result<(), GpuError> {
+    pub unsafe fn copy_to(
+        &mut self,
+        src: &[u8],
+        dst: cudarc::driver::sys::CUdeviceptr,
+    ) -> Result<(), GpuError> {
         let chunk = self.chunks[0].len();
         for (i, piece) in src.chunks(chunk).enumerate() {
             // the chunk's previous copy must be done before it is written again
@@ -55,23 +60,16 @@ impl PinnedUpload {
             // SAFETY: the piece lies inside `dst` (the caller's promise); the pinned chunk is not
             // written again before the event below completes
             unsafe {
-                cudarc::driver::result::memcpy_htod_async(dst + (i * chunk) as u64, &*host, self.stream.cu_stream())
+                cudarc::driver::result::memcpy_htod_async(
+                    dst + (i * chunk) as u64,
+                    &*host,
+                    self.stream.cu_stream(),
+                )
             }?;
             self.in_flight[self.turn] = Some(self.stream.record_event(None)?);
             self.turn ^= 1;
         }
         Ok(())
-    }
-
-    /// A new device buffer holding `v` (allocated and filled on the stream).
-    pub fn upload_f32(&mut self, v: &[f32]) -> Result<CudaSlice<f32>, GpuError> {
-        // SAFETY: every element is written by the copy below, in stream order
-        let mut d = unsafe { self.stream.alloc::<f32>(v.len().max(1)) }?;
-        let dst = d.device_ptr_mut(&self.stream).0;
-        let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) };
-        // SAFETY: `d` holds `v.len()` f32 values
-        unsafe { self.copy_to(bytes, dst) }?;
-        Ok(d)
     }
 
     /// Waits for every queued copy (the chunks may then be dropped).

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
-use katz_kernels::cuda::{GpuFactor, GpuMergeLayer, MergeKernel, PackedFactor, PinnedUpload, PINNED_CHUNK};
+use katz_kernels::cuda::{GpuFactor, GpuMergeLayer, MergeKernel, PackedFactor};
 use katz_kernels::lora::{merge_into, Factor};
 
 use super::adapter::{LoraAdapter, LoraLayer};
@@ -118,15 +118,14 @@ impl Weights {
         let k = &dev.kernels;
         let _gpu = crate::device::beside_capture();
         let mut bytes: usize = lora.layers.values().map(|l| 4 * (l.a.len() + l.b.len())).sum();
-        // through page-locked chunks: a cold LoRA crosses at PCIe speed
-        let mut up = PinnedUpload::new(&k.ctx, &k.stream, bytes.clamp(1, PINNED_CHUNK)).map_err(gpu_err)?;
+        // one copy per factor from the parsed vectors: through two pinned chunks it was no faster
+        // (the host copy into them is the limit, docs/measurements.md run N)
         let mut layers = HashMap::new();
         for (name, l) in &lora.layers {
-            let b = up.upload_f32(&l.b).map_err(gpu_err)?;
-            let a = up.upload_f32(&l.a).map_err(gpu_err)?;
+            let b = k.stream.clone_htod(&l.b).map_err(gpu_err)?;
+            let a = k.stream.clone_htod(&l.a).map_err(gpu_err)?;
             layers.insert(name.clone(), (b, a));
         }
-        up.finish().map_err(gpu_err)?;
         // the fp16 layers' factors packed once for the packed merge (tensor cores only)
         let mut packed = HashMap::new();
         if k.has_tensor_cores() {
@@ -146,7 +145,11 @@ impl Weights {
             bytes += p.iter().map(PackedFactor::bytes).sum::<usize>();
             packed = names.into_iter().zip(p).collect();
         }
-        Ok(DeviceFactors { layers, packed, bytes })
+        Ok(DeviceFactors {
+            layers,
+            packed,
+            bytes,
+        })
     }
 
     /// Merges on the GPU: every touched layer in one launch into fresh device buffers; returns
@@ -217,7 +220,8 @@ impl Weights {
         // fp16 on tensor cores: the packed merge (factors packed at upload; 2.2× the speed of
         // the unpacked one over SDXL, docs/gpu.md)
         if k.has_tensor_cores() {
-            k.lora_merge_with(&l16, MergeKernel::MmaF16Packed).map_err(gpu_err)?;
+            k.lora_merge_with(&l16, MergeKernel::MmaF16Packed)
+                .map_err(gpu_err)?;
         } else {
             k.lora_merge_f16(&l16).map_err(gpu_err)?;
         }

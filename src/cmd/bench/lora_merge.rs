@@ -379,9 +379,9 @@ fn report(a: &LoraMergeArgs, m: &Measured, weights_from: String) -> Value {
             r["timings_ms"]["upload_factors_h2d_pinned"] = json!(round3(ms(upload_pinned)));
             r["timings_ms"]["total_cold"] = json!(round3(ms(m.parse) + ms(upload) + m.median));
             r["timing_method"] = json!("host clock around each step with a stream synchronize; a merge is one launch plus its small \
-            metadata copies; upload_factors_h2d: as a worker uploads a cold LoRA, each factor through two page-locked chunks in turn \
-            (allocating them included); upload_factors_h2d_pinned: all factors in one copy from page-locked memory \
-            already allocated (the PCIe rate); read_files_again: the LoRA files read once more (OS page cache as (a) left it)");
+            metadata copies; upload_factors_h2d: as a worker uploads a cold LoRA, one copy per factor from the parsed (pageable) \
+            vectors; upload_factors_h2d_pinned: all factors in one copy from page-locked memory already allocated \
+            (the PCIe rate); read_files_again: the LoRA files read once more (OS page cache as (a) left it)");
             r["merge_tflop_s"] = json!(round3(t.flops as f64 / (m.median / 1e3) / 1e12));
             r["spot_check_rel_err"] = json!(spot_check_rel_err);
         }

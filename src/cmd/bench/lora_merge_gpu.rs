@@ -13,9 +13,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use katz_kernels::cuda::{
-    GpuFactor, GpuKernels, GpuMergeLayer, MergeElem, MergeKernel, PackedFactor, PinnedUpload, PINNED_CHUNK,
-};
+use katz_kernels::cuda::{GpuFactor, GpuKernels, GpuMergeLayer, MergeElem, MergeKernel, PackedFactor};
 use katz_onnx::bundle::WeightEntry;
 
 use super::lora_merge::{load_loras, read_files, touched, Loaded, LoraMergeArgs, Measured, On, Touched};
@@ -120,25 +118,23 @@ pub(super) fn gpu_bench<T: HostElem>(
     drop(pool);
     s.synchronize()?;
 
-    // (b) factors to the device, as a worker uploads a cold LoRA: through two pinned chunks
+    // (b) factors to the device, as a worker uploads a cold LoRA: one copy per factor
     let t0 = Instant::now();
     let mut factors = Vec::new();
     for l in &loras {
-        let bytes: usize = l.adapter.layers.values().map(|x| 4 * (x.a.len() + x.b.len())).sum();
-        let mut up = PinnedUpload::new(&k.ctx, &s, bytes.clamp(1, PINNED_CHUNK))?;
         let mut per_layer = BTreeMap::new();
         for (name, layer) in &l.adapter.layers {
-            let b = up
-                .upload_f32(&layer.b)
+            let b = s
+                .clone_htod(&layer.b)
                 .with_context(|| format!("uploading B of `{name}`"))?;
-            let a_ = up
-                .upload_f32(&layer.a)
+            let a_ = s
+                .clone_htod(&layer.a)
                 .with_context(|| format!("uploading A of `{name}`"))?;
             per_layer.insert(name.clone(), (b, a_));
         }
-        up.finish()?;
         factors.push(per_layer);
     }
+    s.synchronize()?;
     let upload = t0.elapsed();
     let upload_pinned = upload_pinned(&k, &loras)?;
 
