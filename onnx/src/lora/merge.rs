@@ -6,8 +6,10 @@
 //! ```text
 //! host: [(LoraAdapter, scale)] ─▶ Weights::merge ─ katz_kernels::lora::merge_into per layer ─▶ MergedWeights (host)
 //! GPU:  LoraAdapter ─upload_factors (once; the LoraManager caches them)─▶ DeviceFactors
-//!       [(LoraAdapter, DeviceFactors, scale)] ─▶ Weights::merge_on_device ─ one launch
-//!       (GpuKernels::lora_merge_f16 / lora_merge) ─▶ MergedWeights (device)
+//!       (f32 factors; with tensor cores also the fp16 layers' factors packed, pack_factors_f16)
+//!       [(LoraAdapter, DeviceFactors, scale)] ─▶ Weights::merge_on_device ─ one launch per
+//!       weight type (fp16: the packed kernel, or lora_merge_f16 without tensor cores; f32:
+//!       lora_merge) ─▶ MergedWeights (device)
 //! ```
 //!
 //! These are methods of [`Weights`] (whose buffers they read), written here beside the rest of
