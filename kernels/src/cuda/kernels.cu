@@ -155,13 +155,17 @@ __device__ __forceinline__ void stage_commit() {
     asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
 }
-// waits for this thread's copies, all of them (all = true) or all but the last committed group
-__device__ __forceinline__ void stage_wait(bool all) {
+// waits until at most n (0 to 3) of this thread's cp.async groups are pending
+__device__ __forceinline__ void stage_wait_n(int n) {
 #if __CUDA_ARCH__ >= 800
-    if (all) asm volatile("cp.async.wait_group 0;" ::: "memory");
-    else asm volatile("cp.async.wait_group 1;" ::: "memory");
+    if (n == 0) asm volatile("cp.async.wait_group 0;" ::: "memory");
+    else if (n == 1) asm volatile("cp.async.wait_group 1;" ::: "memory");
+    else if (n == 2) asm volatile("cp.async.wait_group 2;" ::: "memory");
+    else asm volatile("cp.async.wait_group 3;" ::: "memory");
 #endif
 }
+// waits for this thread's copies, all of them (all = true) or all but the last committed group
+__device__ __forceinline__ void stage_wait(bool all) { stage_wait_n(all ? 0 : 1); }
 
 // Bs[kk][i] = B[r0+i, k0+kk], As[kk][j] = A[k0+kk, c0+j] of factor f (zeros outside)
 __device__ __forceinline__ void stage_chunk(float (*Bs)[SLD], float (*As)[SLD], const unsigned long long* factor_ptrs,
@@ -698,10 +702,9 @@ __device__ __forceinline__ void stage_packed(unsigned short (*Bs)[PS], unsigned 
 #endif
 }
 
-// The fp16 weight tile of the packed merge, staged in dynamic shared memory (WS halves a row,
-// 16-byte aligned) while the factors multiply: its DRAM read overlaps the tensor-core work, and
-// the sum leaves through shared memory in whole 16-byte rows. Host: MERGE_WS_BYTES of dynamic
-// shared memory for the fp16 kernel.
+// The fp16 weight tile of a packed merge, staged in dynamic shared memory past the chunk stages
+// (WS halves a row, 16-byte aligned) while the factors multiply: its DRAM read overlaps the
+// tensor-core work, and the sum leaves through shared memory in whole 16-byte rows.
 #define WS (TN + 8)
 extern __shared__ __align__(16) unsigned short merge_dyn[];
 
@@ -718,16 +721,6 @@ __device__ __forceinline__ void stage_weights(unsigned short* Ws, const unsigned
         cp_async16(Ws + r * WS + q, ok ? W + (unsigned long long)(r0 + r) * cols + c0 + q : W, ok);
     }
     stage_commit();
-#endif
-}
-
-// waits until at most n (0 to 3) of this thread's cp.async groups are pending
-__device__ __forceinline__ void stage_wait_n(int n) {
-#if __CUDA_ARCH__ >= 800
-    if (n == 0) asm volatile("cp.async.wait_group 0;" ::: "memory");
-    else if (n == 1) asm volatile("cp.async.wait_group 1;" ::: "memory");
-    else if (n == 2) asm volatile("cp.async.wait_group 2;" ::: "memory");
-    else asm volatile("cp.async.wait_group 3;" ::: "memory");
 #endif
 }
 
@@ -771,91 +764,18 @@ __device__ __forceinline__ void packed_epilogue(const float (&acc)[4][4][4], flo
 #endif
 }
 
-// layer_ptrs: W, out per layer; dims: rows, cols, f0, nf; packed: Bp, Ap per factor; ranks and
-// coeffs per factor
-template <typename T>
-__device__ __forceinline__ void merge_packed(const unsigned long long* layer_ptrs, const unsigned int* dims,
-                                             const unsigned long long* offsets, int n_layers,
-                                             const unsigned long long* packed, const unsigned int* ranks,
-                                             const float* coeffs, int stage_w) {
-#if __CUDA_ARCH__ >= 800
-    __shared__ __align__(16) unsigned short Bs[2][TM][PS];
-    __shared__ __align__(16) unsigned short As[2][TN][PS];
-    const unsigned long long tile = blockIdx.x;
-    const int l = find_layer(offsets, n_layers, tile);
-    const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
-    const unsigned int t = (unsigned int)(tile - offsets[l]);
-    const unsigned int tiles_c = (cols + TN - 1) / TN;
-    const unsigned int r0 = (t / tiles_c) * TM, c0 = (t % tiles_c) * TN;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp >> 2, wn = warp & 3, g = lane >> 2, t4 = lane & 3;
-
-    float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
-
-    // chunks in order: (factor f, packed rank k), factors with a zero coefficient skipped
-#define SEG(f) ((ranks[f] + PK - 1) / PK * PK)
-#define STAGE(b, f, k) stage_packed(Bs[b], As[b], (const unsigned short*)packed[2 * (f)], \
-                                    (const unsigned short*)packed[2 * (f) + 1], SEG(f), k, r0, c0, rows, cols, tid)
-    unsigned int f = f0, k = 0;
-    while (f < f0 + nf && coeffs[f] == 0.0f) f++;
-    float cur = f < f0 + nf ? coeffs[f] : 0.0f;
-    int buf = 0;
-    if (f < f0 + nf) STAGE(0, f, 0);
-    // the weight tile behind the first chunk (a group of its own, waited for at the end)
-    const bool wstaged = sizeof(T) == 2 && stage_w && cols % 8 == 0 &&
-                         ((layer_ptrs[2 * l] | layer_ptrs[2 * l + 1]) % 16) == 0;
-    if (wstaged) stage_weights(merge_dyn, (const unsigned short*)layer_ptrs[2 * l], r0, c0, rows, cols, tid);
-    bool first = true;
-    while (f < f0 + nf) {
-        // the next chunk: this factor's next ranks, or the next factor with a coefficient
-        unsigned int fn = f, kn = k + PK;
-        if (kn >= SEG(f)) {
-            kn = 0;
-            fn = f + 1;
-            while (fn < f0 + nf && coeffs[fn] == 0.0f) fn++;
-        }
-        const bool more = fn < f0 + nf;
-        if (more) STAGE(buf ^ 1, fn, kn);
-        // this chunk landed: pending may stay the next chunk and, the first time, the weights
-        stage_wait_n(more ? (first && wstaged ? 2 : 1) : 0);
-        first = false;
-        __syncthreads();
-        mma_chunk<4, PK / 2, PS / 2>(acc, (const unsigned int*)&Bs[buf][0][0], (const unsigned int*)&As[buf][0][0],
-                                     wm * 64, wn * 32, g, t4);
-        __syncthreads();  // everyone is done with `buf` before the next prefetch lands in it
-        if (fn != f && more) {  // the accumulator in units of the next coefficient
-            scale_acc(acc, cur / coeffs[fn]);
-            cur = coeffs[fn];
-        }
-        f = fn;
-        k = kn;
-        buf ^= 1;
-    }
-#undef STAGE
-#undef SEG
-
-    packed_epilogue<T>(acc, cur, layer_ptrs, l, rows, cols, r0, c0, wm, wn, g, t4, tid, wstaged, merge_dyn);
-#else
-    __trap();  // the host launches this kernel only on sm_80 and newer
-#endif
-}
-
-// The packed merge with NST chunks in flight instead of two: a ring of NST chunk stages and the
-// weight tile, all in dynamic shared memory (host: MERGE_PIPE_BYTES, or MERGE_PIPE_F32_BYTES for
-// f32 weights, which are not staged). Chunks are issued NST - 1 ahead, so the L2 latency of a
-// chunk hides behind the tensor-core work on the ones before it; one cp.async group per chunk
-// (empty past the last, to keep the count uniform), the weight tile's group after the first
-// NST - 1 chunks. Same arithmetic, same order, same result as merge_packed.
-#define NST 3
+// The merge on packed factors: tiles of TM×TN, 8 warps as 2×4 (64×32 each, 4×4 mma m16n8k16
+// tiles), chunks of PK ranks in a ring of NST stages in dynamic shared memory (rows padded to PS
+// halves: 16-byte aligned, fragment reads free of bank conflicts), then the fp16 weight tile
+// (host: chunk_smem_bytes). Chunks are issued NST - 1 ahead by cp.async, so the L2 latency of a
+// chunk hides behind the tensor-core work on the ones before it: one group per chunk (empty past
+// the last, to keep the count uniform), the weight tile's group after the first NST - 1 chunks.
+// Coefficients as in merge_h16: the accumulator in units of the current factor's, rescaled in f32
+// between factors. layer_ptrs: W, out per layer; dims: rows, cols, f0, nf; packed: Bp, Ap per
+// factor; ranks and coeffs per factor. NST = 2: mma-f16-packed; 3: mma-f16-pipelined.
 #define STAGE_HALVES (2 * TM * PS)
-template <typename T>
-__device__ __forceinline__ void merge_pipelined(const unsigned long long* layer_ptrs, const unsigned int* dims,
+template <typename T, int NST>
+__device__ __forceinline__ void merge_chunks(const unsigned long long* layer_ptrs, const unsigned int* dims,
                                                 const unsigned long long* offsets, int n_layers,
                                                 const unsigned long long* packed, const unsigned int* ranks,
                                                 const float* coeffs, int stage_w) {
@@ -948,10 +868,10 @@ __device__ __forceinline__ void merge_pipelined(const unsigned long long* layer_
     const unsigned long long* offsets, int n_layers, const unsigned long long* packed, \
     const unsigned int* ranks, const float* coeffs, int stage_w
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_packed_f32(PACKED_ARGS) {
-    merge_packed<float>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
+    merge_chunks<float, 2>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_packed_f16(PACKED_ARGS) {
-    merge_packed<unsigned short>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
+    merge_chunks<unsigned short, 2>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
 }
 
 #define MERGE_ARGS const unsigned long long* layer_ptrs, const unsigned int* dims, \
@@ -982,8 +902,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_h16_f16(MERGE_AR
     merge_h16<unsigned short>(layer_ptrs, dims, offsets, n_layers, factor_ptrs, ranks, coeffs);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_pipelined_f32(PACKED_ARGS) {
-    merge_pipelined<float>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
+    merge_chunks<float, 3>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_pipelined_f16(PACKED_ARGS) {
-    merge_pipelined<unsigned short>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
+    merge_chunks<unsigned short, 3>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
 }

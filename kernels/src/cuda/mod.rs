@@ -208,18 +208,23 @@ impl GpuKernels {
         };
         let ptx = ptx_for(opts)?;
         let m = ctx.load_module(ptx)?;
-        let packed_f16 = m.load_function("lora_merge_packed_f16")?;
+        let packed = [
+            m.load_function("lora_merge_packed_f32")?,
+            m.load_function("lora_merge_packed_f16")?,
+        ];
         let pipelined = [
             m.load_function("lora_merge_pipelined_f32")?,
             m.load_function("lora_merge_pipelined_f16")?,
         ];
         if has_mma {
-            // their stages and weight tiles live in dynamic shared memory, past the default 48 KiB
+            // their chunk stages and weight tiles live in dynamic shared memory, past 48 KiB
             let max =
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            packed_f16.set_attribute(max, merge::MERGE_WS_BYTES as i32)?;
-            pipelined[0].set_attribute(max, merge::MERGE_PIPE_F32_BYTES as i32)?;
-            pipelined[1].set_attribute(max, merge::MERGE_PIPE_BYTES as i32)?;
+            for (funcs, stages) in [(&packed, 2), (&pipelined, 3)] {
+                for (f, f16) in funcs.iter().zip([false, true]) {
+                    f.set_attribute(max, merge::chunk_smem_bytes(stages, f16) as i32)?;
+                }
+            }
         }
         Ok(GpuKernels {
             combine: m.load_function("combine")?,
@@ -238,7 +243,7 @@ impl GpuKernels {
                 m.load_function("lora_merge_h16_f16")?,
             ],
             pack: m.load_function("pack_factors_f16")?,
-            lora_merge_packed: [m.load_function("lora_merge_packed_f32")?, packed_f16],
+            lora_merge_packed: packed,
             lora_merge_pipelined: pipelined,
             has_mma,
             ctx,

@@ -8,8 +8,8 @@
 //! GPU:  LoraAdapter ─upload_factors (once; the LoraManager caches them)─▶ DeviceFactors
 //!       (f32 factors; with tensor cores also the fp16 layers' factors packed, pack_factors_f16)
 //!       [(LoraAdapter, DeviceFactors, scale)] ─▶ Weights::merge_on_device ─ one launch per
-//!       weight type (fp16: the packed kernel, or lora_merge_f16 without tensor cores; f32:
-//!       lora_merge) ─▶ MergedWeights (device)
+//!       weight type (fp16: lora_merge_f16, the packed kernel on tensor cores; f32: lora_merge)
+//!       ─▶ MergedWeights (device)
 //! ```
 //!
 //! These are methods of [`Weights`] (whose buffers they read), written here beside the rest of
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
-use katz_kernels::cuda::{GpuFactor, GpuMergeLayer, MergeKernel, PackedFactor};
+use katz_kernels::cuda::{GpuFactor, GpuMergeLayer, PackedFactor};
 use katz_kernels::lora::{merge_into, Factor};
 
 use super::adapter::{LoraAdapter, LoraLayer};
@@ -219,14 +219,8 @@ impl Weights {
                 _ => unreachable!("outputs take their base's type"),
             }
         }
-        // fp16 on tensor cores: the packed merge (factors packed at upload; 2.2× the speed of
-        // the unpacked one over SDXL, docs/gpu.md)
-        if k.has_tensor_cores() {
-            k.lora_merge_with(&l16, MergeKernel::MmaF16Packed)
-                .map_err(gpu_err)?;
-        } else {
-            k.lora_merge_f16(&l16).map_err(gpu_err)?;
-        }
+        // fp16: the packed merge on tensor cores, its factors packed at upload
+        k.lora_merge_f16(&l16).map_err(gpu_err)?;
         k.lora_merge(&l32).map_err(gpu_err)?;
         k.synchronize().map_err(gpu_err)?;
         drop((l16, l32));
