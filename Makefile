@@ -58,12 +58,13 @@ test-compose:
 export:
 	tools/export.sh
 
-# The exporter's checkpoint inputs (tools/test_checkpoints.py) in .venv-tools, which make test does
+# The exporter's checkpoint inputs and fp8 rewrite (tools/test_checkpoints.py, tools/test_fp8_rewrite.py) in
+# .venv-tools, which make test does
 # not build (torch + diffusers); pytest is not among its pins, so it is added here.
 test-export:
 	tools/export.sh --help >/dev/null
 	.venv-tools/bin/pip install -q pytest==9.2.0
-	.venv-tools/bin/python -m pytest -q tools/test_checkpoints.py
+	.venv-tools/bin/python -m pytest -q tools/test_checkpoints.py tools/test_fp8_rewrite.py
 
 # The Helm chart (compose/helm/katz): helm template with the default and example values, the
 # manifests validated against Kubernetes' and KEDA's schemas, and the chart's invariants.

@@ -16,7 +16,8 @@ Data flow:
         ├─▶ text_encoder[_2].onnx          (penultimate hidden states, pooled/projected)
         ├─▶ unet_encoder.onnx / unet_decoder.onnx   split after the mid block; the
         │      LoRA-targetable Linear weights (and, but for --gpu, LoCon's convolutions
-        │      and time_emb_proj) become graph inputs ─▶ weights.safetensors
+        │      and time_emb_proj) become graph inputs ─▶ weights.safetensors; --gpu --fp8: their
+        │      GEMMs in fp8 too, activation ranges calibrated ─▶ unet_*.fp8.onnx (tools/fp8_rewrite.py)
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
         ├─▶ controlnet.onnx               --controlnet-checkpoint, CHECKPOINT/controlnet/ or
@@ -785,6 +786,76 @@ def check_graph(path: Path, module, args, input_names, output_names, tol=1e-4):
     print(f"  {path.name}: ONNX Runtime vs PyTorch, worst relative error {worst:.1e}")
 
 
+FP8_PROMPTS = ("a red circle above a blue square", "a green star on a white background")
+
+
+def prompt_conditioning(te, te2, tok, prompts) -> list[tuple]:
+    """SDXL's conditioning of each prompt as a CFG batch [uncond; cond]: encoder_hidden_states (both
+    text encoders' penultimate hidden states side by side) and text_embeds (the second's projected
+    pooled output), the unconditional half zeros (force_zeros_for_empty_prompt)."""
+    eos = tok.token_to_id("<|endoftext|>")
+    out = []
+    for p in prompts:
+        ids = tok.encode(p).ids[:MAX_LEN]
+        ids = torch.tensor([ids + [eos] * (MAX_LEN - len(ids))])
+        with torch.no_grad():
+            h1, _ = TextEncoder(te, False)(ids)
+            h2, pooled = TextEncoder(te2, True)(ids)
+        ehs = torch.cat([h1, h2], -1)
+        out.append((torch.cat([torch.zeros_like(ehs), ehs]), torch.cat([torch.zeros_like(pooled), pooled])))
+    return out
+
+
+def fp8_calibrate(unet, weight_names, size: tuple[int, int], device: str, cond=None, seed: int = 0,
+                  timesteps=(999, 750, 500, 250, 20)) -> dict[str, float]:
+    """The fp8 activation ranges: max |input| of each nn.Linear whose weight is in `weight_names`,
+    over UNet forwards of CFG batches (`cond`: [(encoder_hidden_states, text_embeds)] of batch 2,
+    default seeded random) at timesteps spread over the schedule, seeded random latents of `size`
+    (height, width) pixels. On CUDA under fp16 autocast; the UNet is back on the CPU afterwards."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    if cond is None:
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        cond = [(torch.randn(2, MAX_LEN, cfg.cross_attention_dim, generator=g), torch.randn(2, pooled, generator=g))]
+    amax, hooks = {}, []
+    for name in weight_names:
+        m = unet.get_submodule(name.rsplit(".", 1)[0])
+        if isinstance(m, nn.Linear):
+            def hook(_m, args, name=name):
+                x = args[0].detach().abs().max().float()
+                amax[name] = torch.maximum(amax[name], x) if name in amax else x
+            hooks.append(m.register_forward_pre_hook(hook))
+    H, W = size
+    time_ids = torch.tensor([[H, W, 0, 0, H, W]] * 2, dtype=torch.float32, device=device)
+    unet.to(device)
+    try:
+        with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=device == "cuda"):
+            for ehs, text_embeds in cond:
+                for t in timesteps:
+                    lat = torch.randn(1, cfg.in_channels, H // 8, W // 8, generator=g).repeat(2, 1, 1, 1)
+                    unet(lat.to(device), torch.tensor([float(t)] * 2, device=device), ehs.to(device),
+                         added_cond_kwargs={"text_embeds": text_embeds.to(device), "time_ids": time_ids})
+    finally:
+        for h in hooks:
+            h.remove()
+        unet.to("cpu")
+    return {n: float(v) for n, v in amax.items()}
+
+
+def fp8_graphs(out: Path, cfg: dict, tok, te, te2, unet, weight_names, seed: int):
+    """--fp8: calibrates the UNet's activation ranges on two prompts (fp8_amax.json) and writes the
+    fp8 UNet graphs and the manifest's `fp8` entry (tools/fp8_rewrite.py)."""
+    import fp8_rewrite
+
+    cuda = torch.cuda.is_available()
+    size = tuple(cfg["default_size"]) if cuda else tuple(min(s, 256) for s in cfg["default_size"])
+    amax = fp8_calibrate(unet, weight_names, size, "cuda" if cuda else "cpu",
+                         prompt_conditioning(te, te2, tok, FP8_PROMPTS), seed)
+    (out / "fp8_amax.json").write_text(json.dumps(amax, indent=1) + "\n")
+    print(f"  fp8: {len(amax)} activation ranges calibrated at {size[0]}x{size[1]} on {'CUDA' if cuda else 'CPU'}")
+    fp8_rewrite.rewrite_bundle(out)
+
+
 def bs(*dims):  # dynamic axis names for batch/latent/image dims
     return {i: d for i, d in enumerate(dims) if d}
 
@@ -796,7 +867,7 @@ def spatial(name):  # a 4-D tensor whose batch and spatial dims vary (named per 
 def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Path, check_size: int,
                   attention: str = "sdpa", gpu: bool = False, vae_choice: str = "auto", controlnet: Path | None = None,
                   configs: Path | None = None, controlnet_configs: Path | None = None, locon: bool = True,
-                  te_inputs: bool = True, cn_inputs: bool = True):
+                  te_inputs: bool = True, cn_inputs: bool = True, fp8: bool = False):
     out.mkdir(parents=True, exist_ok=True)
     # the tokenizers: a directory's own, or for a single file (which carries none) the config directory's
     tok_dir = None if checkpoint is None else (checkpoint if Path(checkpoint).is_dir() else configs)
@@ -974,6 +1045,8 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     fused_results(jobs)  # waits for the fusions; a failed one raises here
     for f in [*out.glob("*.fp32.onnx*"), out / "vae_mid.onnx", out / "vae_up.onnx"]:
         f.unlink(missing_ok=True)  # the fusions' sources
+    if fp8:
+        fp8_graphs(out, cfg, tok, te, te2, unet, weights["unet_encoder"] + weights["unet_decoder"], seed)
     cn_manifest = {
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
         "dtype": "float16" if gpu else "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",
@@ -1234,6 +1307,9 @@ def main(argv=None):
     ap.add_argument("--no-controlnet-inputs", action="store_true",
                     help="keep every ControlNet weight inside its graph, as ControlNet bundles exported before their "
                          "Linear weights were inputs (tools/shapes/ckpt_from_bundle.py probes those)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="with --gpu: also calibrate the UNet's activation ranges (fp8_amax.json) and write fp8 "
+                         "UNet graphs (unet_*.fp8.onnx, tools/fp8_rewrite.py) and the manifest's fp8 entry")
     ap.add_argument("--example-lora", type=Path, metavar="FILE",
                     help="also write a seeded rank-8 LoRA (diffusers/peft layout) for this bundle's UNet")
     a = ap.parse_args(argv)
@@ -1261,6 +1337,8 @@ def main(argv=None):
               + (f"; ControlNet {a.controlnet_checkpoint}: {cn_layout.kind}" if a.controlnet_checkpoint else ""))
     elif a.controlnet_checkpoint or a.references:
         ap.error("--controlnet-checkpoint and --references go with --checkpoint")
+    if a.fp8 and not a.gpu:
+        ap.error("--fp8 goes with --gpu")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = tiny_config() if a.config == "tiny" else sdxl_config()
     if a.name:
@@ -1281,7 +1359,7 @@ def main(argv=None):
         tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check, a.attention, a.gpu,
                                        a.vae_precision, a.controlnet_checkpoint, configs, a.controlnet_config,
                                        locon=not a.no_locon_inputs, te_inputs=not a.no_text_encoder_inputs,
-                                       cn_inputs=not a.no_controlnet_inputs)
+                                       cn_inputs=not a.no_controlnet_inputs, fp8=a.fp8)
     finally:
         if FUSER is not None:
             FUSER.shutdown()

@@ -18,6 +18,8 @@ edge maps of the synthetic shapes dataset (tools/shapes), and scored:
     --gpu cuda:0        fp32 bundle on a GPU  the CPU image
     --fp16-bundle DIR   fp16 GPU bundle       the fp32 GPU image (needs --gpu)
     --split cuda:1      split guidance        the one-GPU image (needs --gpu)
+    --fp8               fp8 GEMMs (--precision fp8; the fp16 bundle exported with --fp8)
+                        base, ControlNet, LoRA  the fp16 GPU image of the same job (needs --fp16-bundle)
     --service           ControlNet service    the in-process ControlNet image
 
     python3 tools/quality_report.py --bundle B --controlnet CN --lora-dir DIR --out docs/quality/RUN
@@ -127,6 +129,8 @@ def main(argv=None):
     ap.add_argument("--fp16-bundle", type=Path, help="the same checkpoint exported with --gpu (fp16; needs --gpu)")
     ap.add_argument("--fp16-controlnet", type=Path, help="its ControlNet bundle (default: FP16_BUNDLE-controlnet)")
     ap.add_argument("--split", help="split guidance onto this second GPU (needs --gpu)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="also --precision fp8 on the fp16 bundle (exported with --fp8), against its fp16 images")
     ap.add_argument("--service", action="store_true", help="ControlNet through a real worker + controlnet-worker")
     ap.add_argument("--katz", type=Path, default=REPO / "target" / "release" / "katz")
     ap.add_argument("--judge", type=Path, help="judge weights (default tools/shapes/judge.pt)")
@@ -135,6 +139,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if (a.fp16_bundle or a.split) and not a.gpu:
         ap.error("--fp16-bundle and --split need --gpu")
+    if a.fp8 and not a.fp16_bundle:
+        ap.error("--fp8 needs --fp16-bundle (a bundle exported with --gpu --fp8)")
 
     env = dict(os.environ)
     ort = REPO / ".katz" / "ort" / "libonnxruntime.so.1.31.1"
@@ -190,6 +196,13 @@ def main(argv=None):
             fcn = a.fp16_controlnet or a.fp16_bundle.parent / (a.fp16_bundle.name + "-controlnet")
             variant("gpu-fp16", lambda i: [], bundle=a.fp16_bundle, device=a.gpu)
             variant("gpu-fp16-controlnet", cn(fcn), bundle=a.fp16_bundle, device=a.gpu)
+            if a.fp8:
+                fp8 = lambda extra: (lambda i: ["--precision", "fp8", *extra(i)])  # noqa: E731
+                variant("gpu-fp8", fp8(lambda i: []), bundle=a.fp16_bundle, device=a.gpu)
+                variant("gpu-fp8-controlnet", fp8(cn(fcn)), bundle=a.fp16_bundle, device=a.gpu)
+                for st in a.styles:
+                    variant(f"gpu-fp16-lora-{st}", lora(st, "sync"), bundle=a.fp16_bundle, device=a.gpu)
+                    variant(f"gpu-fp8-lora-{st}", fp8(lora(st, "sync")), bundle=a.fp16_bundle, device=a.gpu)
         if a.split:
             variant("gpu-split", lambda i: ["--split-guidance", a.split], device=a.gpu)
             variant("gpu-split-controlnet", lambda i: ["--split-guidance", a.split, *cn(a.controlnet)(i)],
@@ -208,7 +221,9 @@ def main(argv=None):
     ref_of = {f"lora-{st}-async-K{k}": f"lora-{st}-sync" for st in a.styles for k in bounds}
     ref_of.update({"gpu-fp32": "base", "gpu-fp32-controlnet": "controlnet", "gpu-fp16": "gpu-fp32",
                    "gpu-fp16-controlnet": "gpu-fp32-controlnet", "gpu-split": "gpu-fp32",
-                   "gpu-split-controlnet": "gpu-fp32-controlnet", "service-controlnet": "controlnet"})
+                   "gpu-split-controlnet": "gpu-fp32-controlnet", "service-controlnet": "controlnet",
+                   "gpu-fp8": "gpu-fp16", "gpu-fp8-controlnet": "gpu-fp16-controlnet"})
+    ref_of.update({f"gpu-fp8-lora-{st}": f"gpu-fp16-lora-{st}" for st in a.styles})
     for name, ims in imgs.items():
         acc = J.prompt_accuracy(ims, caps, jn)
         row = {"variant": name, "prompt_accuracy": acc["prompt_accuracy"], "colours": acc["colours"],
@@ -218,7 +233,7 @@ def main(argv=None):
             row["controlnet_iou"] = float(np.mean([shapes.edge_iou(shapes.edge_map(im), s.edges)
                                                     for im, s in zip(ims, samples)]))
         for st in a.styles:
-            if name.startswith(f"lora-{st}") or name == "base":
+            if name.startswith(f"lora-{st}") or name.endswith(f"lora-{st}") or name == "base":
                 row[f"style_{st}"] = float(np.mean([shapes.style_score(im, st) for im in ims]))
         ref = ref_of.get(name)
         if ref in imgs:

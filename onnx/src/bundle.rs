@@ -71,6 +71,23 @@ pub struct ExactGraphs {
     pub vae_decoder: Option<String>,
 }
 
+/// The fp8 graphs of a GPU bundle (`fp8` in `bundle.json`, written by `tools/fp8_rewrite.py`):
+/// the fused fp16 UNet graphs with their GEMMs against the LoRA-targetable weights in fp8
+/// (crate::fp8), and what the rewrite did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Fp8Graphs {
+    pub unet_encoder: String,
+    pub unet_decoder: String,
+    /// The calibrated activation ranges the scales came from.
+    #[serde(default)]
+    pub amax: Option<String>,
+    /// GEMMs made fp8, and GEMMs left fp16 (shapes cuBLASLt's fp8 kernels do not take).
+    #[serde(default)]
+    pub rewritten: Option<usize>,
+    #[serde(default)]
+    pub skipped: Option<usize>,
+}
+
 fn fp32() -> String {
     "fp32".into()
 }
@@ -112,6 +129,9 @@ pub struct BaseManifest {
     /// Deterministic twins of the fused graphs (GPU bundles whose GroupNorm is fused).
     #[serde(default)]
     pub exact: ExactGraphs,
+    /// fp8 twins of the UNet graphs (`--precision fp8`), in GPU bundles exported with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp8: Option<Fp8Graphs>,
     /// The latent → RGB projection of step previews, fitted to this bundle's VAE
     /// (`tools/fit_preview_projection.py`); absent: SDXL's factors for 4 latent channels
     /// (crate::preview).
@@ -260,12 +280,19 @@ impl BaseBundle {
                 .flatten()
                 .cloned(),
         );
+        if let Some(g) = &m.fp8 {
+            f.extend([g.unet_encoder.clone(), g.unet_decoder.clone()]);
+        }
         f
     }
 
-    /// The UNet encoder and decoder graphs a pipeline runs: with `deterministic`, their twins
-    /// without fused GroupNorm where the bundle has them.
-    pub fn unet_graphs(&self, deterministic: bool) -> [PathBuf; 2] {
+    /// The UNet encoder and decoder graphs a pipeline runs: the fp8 ones with `fp8` (where the
+    /// bundle has them: checked at load), else with `deterministic` their twins without fused
+    /// GroupNorm where the bundle has them.
+    pub fn unet_graphs(&self, deterministic: bool, fp8: bool) -> [PathBuf; 2] {
+        if let Some(g) = self.manifest.fp8.as_ref().filter(|_| fp8) {
+            return [self.path(&g.unet_encoder), self.path(&g.unet_decoder)];
+        }
         let (u, x) = (&self.manifest.unet, &self.manifest.exact);
         let pick = |graph: &String, twin: &Option<String>| match twin {
             Some(t) if deterministic => self.path(t),

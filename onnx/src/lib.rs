@@ -33,6 +33,7 @@
 //! | `scheduler/` | Euler, Euler ancestral, DDIM, DPM++ 2M (one file each behind one trait) |
 //! | `text` | tokenizers and the two text encoders → conditioning |
 //! | `runtime` | loading ONNX Runtime, `Device`, `SessionOptions`, sessions with execution providers |
+//! | `fp8` | `--precision fp8`: the `katz` ONNX Runtime operators of fp8 graphs (quantize, fp8 GEMM via cuBLASLt), their weight copies and when they are made again |
 //! | `device` | tensors in GPU memory (`DevTensor`, `DevRef`) and how they meet ONNX Runtime |
 //! | `bundle` | bundle manifests and their checks |
 //! | `vae` | the VAE decode: whole, or diffusers' tiled decode for large images |
@@ -49,6 +50,7 @@ pub mod controlnet;
 pub mod device;
 pub(crate) mod dtype;
 pub mod error;
+pub mod fp8;
 pub mod image;
 pub mod lora;
 pub mod noise;

@@ -23,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use katz_actors::config::{GraphCache, SessionConfig, ShapeList, DEFAULT_AMQP_URL, DEFAULT_REDIS_URL};
 use katz_actors::redact;
 use katz_onnx::pipeline::{Generated, Observer};
-use katz_onnx::runtime::{ConvSearch, Device, SessionOptions};
+use katz_onnx::runtime::{ConvSearch, Device, Precision, SessionOptions};
 use katz_onnx::tensor::Tensor;
 
 /// RabbitMQ.
@@ -88,6 +88,10 @@ pub struct RuntimeArgs {
     /// for fp16 GPU bundles]
     #[arg(long, env = "KATZ_DETERMINISTIC", num_args = 0..=1, default_missing_value = "true")]
     pub deterministic: Option<bool>,
+    /// The UNet's precision: bundle (its own graphs) or fp8 (its GEMMs in fp8 on cuda:N of
+    /// compute capability 8.9+: a GPU bundle with fp8 graphs) [default: bundle]
+    #[arg(long, env = "KATZ_PRECISION")]
+    pub precision: Option<Precision>,
     /// Where optimized graphs are kept between runs: a directory, `none` or `auto` [default:
     /// auto: on a GPU, $KATZ_CACHE_DIR, else $XDG_CACHE_HOME/katz/graphs or ~/.cache/katz/graphs]
     #[arg(long, env = "KATZ_GRAPH_CACHE")]
@@ -102,6 +106,9 @@ impl RuntimeArgs {
         }
         if self.deterministic.is_some() {
             s.deterministic = self.deterministic;
+        }
+        if let Some(p) = self.precision {
+            s.precision = p;
         }
         if let Some(g) = &self.graph_cache {
             s.graph_cache = g.clone();

@@ -74,6 +74,11 @@
 #   bash tools/device/gpu-path.sh knobs     the graphed 0C/0L run (static shapes, CUDA graphs) once per set of CUDA-provider
 #                                           options in KNOBS (sets split by ';', '-' for katz's own; default
 #                                           "-;prefer_nhwc=1;fuse_conv_bias=1"), through KATZ_CUDA_OPTIONS
+#   bash tools/device/gpu-path.sh fp8       the graphed step (static shapes, CUDA graphs; FP8_CONFIGS, default 0C/0L,3C/2L)
+#                                           with --precision bundle and fp8 back to back, GPU 0; then three jobs (the
+#                                           last with two LoRAs) generated in both: fp8's relative difference and SSIM
+#                                           against fp16 ($O/fp8-deviation.json); the export makes the fp8 graphs
+#                                           (EXPORT_FP8= leaves them out)
 #   bash tools/device/gpu-path.sh ncu       Nsight Compute: every kernel of a 3-step static-shape 0C/0L run timed
 #                                           (gpu__time_duration), then tools/ncu_step_summary.py: one UNet step by
 #                                           kernel family ($O/ncu.csv.gz)
@@ -127,7 +132,7 @@ export_bg() {
   cat > /opt/export-run.sh <<EOS
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 t0=\$(date +%s)
-python3 tools/export_bundle.py --config sdxl --random-init --gpu --out "$S/base" --no-references \\
+python3 tools/export_bundle.py --config sdxl --random-init --gpu ${EXPORT_FP8---fp8} --out "$S/base" --no-references \\
   --no-check --jobs "${EXPORT_JOBS:-3}" --example-lora "$S/loras/lora0.safetensors" > "$S/export.log" 2>&1 && echo "export: \$(( \$(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
 EOS
   setsid bash /opt/export-run.sh </dev/null >/dev/null 2>&1 &
@@ -421,12 +426,12 @@ quality() {  # the trained family's quality report on GPUs: the trained family's
     [[ -f $ck/unet/config.json ]] || { echo "no checkpoint in $ck"; return 1; }
   fi
   mkdir -p $q
-  [[ -f $q/fp16/bundle.json ]] || python3 tools/export_bundle.py --config tiny --checkpoint "$ck" --gpu \
+  [[ -f $q/fp16/bundle.json ]] || python3 tools/export_bundle.py --config tiny --checkpoint "$ck" --gpu --fp8 \
     --no-check --out $q/fp16 2>&1 | grep -vE "Warning|^ |TracerWarning" | tail -3
   CUDA_VISIBLE_DEVICES=${QUALITY_GPUS:-0,1} python3 tools/quality_report.py --bundle bundles/shapes/shapes-sdxl \
     --controlnet bundles/shapes/shapes-sdxl-controlnet --lora-dir bundles/shapes/loras \
     --out "${OUT:-/tmp}/quality" --katz /opt/kb/katz --jobs "${QUALITY_JOBS:-6}" \
-    --gpu cuda:0 --fp16-bundle $q/fp16 --fp16-controlnet $q/fp16-controlnet --split cuda:1 \
+    --gpu cuda:0 --fp16-bundle $q/fp16 --fp16-controlnet $q/fp16-controlnet --fp8 ${QUALITY_SPLIT---split cuda:1} \
     ${QUALITY_ARGS:---bounds= --styles pastel} 2>&1 | tail -30
 }
 
@@ -759,6 +764,37 @@ knobs() {  # the graphed 0C/0L UNet step under CUDA-provider option sets, GPU 0 
   done < <(echo "${KNOBS:--;prefer_nhwc=1;fuse_conv_bias=1}" | tr ';' '\n')
 }
 
+fp8() {  # fp8 GEMMs against fp16 in one sitting, GPU 0 (see the header)
+  bench_setup || return 1
+  local p
+  for p in bundle fp8; do
+    KATZ_GRAPH_CACHE=none katz_bench "1gpu-graph-$p" --configs "${FP8_CONFIGS:-0C/0L,3C/2L}" --static-shapes --cuda-graph \
+      --precision "$p"
+  done
+  echo "== the same jobs in fp16 and fp8: image deviation (katz generate, ${SIZE:-1024}², ${STEPS:-50} steps)"
+  local i l
+  for i in 0 1 2; do
+    l=(); (( i == 2 )) && l=(--lora "$S/loras/lora0.safetensors:0.8" --lora "$S/loras/lora1.safetensors:-0.6")
+    for p in bundle fp8; do
+      /opt/kb/katz generate --device cuda:0 --bundle "$S/base" --prompt "a red cube on a blue sphere, $i" --seed "$i" \
+        --size "${SIZE:-1024}x${SIZE:-1024}" --steps "${STEPS:-50}" --precision "$p" "${l[@]}" --output "$O/fp8-$i-$p.png" \
+        2>&1 | grep -vE " WARN |^\s*$" | tail -2
+    done
+  done
+  python3 - "$O" <<'EOF'
+import json, sys
+sys.path.insert(0, "tools")
+from quality_report import read, rel_diff, ssim
+o = sys.argv[1]
+rows = []
+for i in range(3):
+    a, b = read(f"{o}/fp8-{i}-bundle.png"), read(f"{o}/fp8-{i}-fp8.png")
+    rows.append({"job": i, "loras": 2 if i == 2 else 0, "rel_diff": rel_diff(b, a), "ssim": ssim(b, a)})
+    print(f"  job {i} ({rows[-1]['loras']} LoRAs): fp8 vs fp16 relative difference {rows[-1]['rel_diff']:.4f}, SSIM {rows[-1]['ssim']:.4f}")
+json.dump(rows, open(f"{o}/fp8-deviation.json", "w"), indent=1)
+EOF
+}
+
 ncu_step() {  # one UNet step's kernels under Nsight Compute, GPU 0 (see the header)
   bench_setup || return 1
   KATZ_GRAPH_CACHE=none timeout "${NCU_TIMEOUT_S:-280}" /usr/local/cuda/bin/ncu --metrics gpu__time_duration.sum --csv \
@@ -801,6 +837,7 @@ case ${1:-all} in
   knobs) knobs ;;
   peer) peer ;;
   ncu) ncu_step ;;
+  fp8) fp8 ;;
   all) tests; bench; bench_multi ;;
   *) echo "usage: $0 stage|tests|export|bench|baseline|peer|ncu|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|ready|cnpath|vae|determinism|all"; exit 2 ;;
 esac

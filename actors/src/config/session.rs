@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use katz_onnx::error::ParseError;
 use katz_onnx::placement::Placement;
-use katz_onnx::runtime::{BucketLoad, ConvSearch, Device, FixedShape, OtherSizes, SessionOptions};
+use katz_onnx::runtime::{BucketLoad, ConvSearch, Device, FixedShape, OtherSizes, Precision, SessionOptions};
 use katz_onnx::shapes::SDXL_BUCKETS;
 use serde::Deserialize;
 use serde_with::{serde_as, DisplayFromStr};
@@ -53,6 +53,11 @@ pub struct SessionConfig {
     /// per VAE decode on an H200) [default: on, except for fp16 GPU bundles, whose fused kernels
     /// leave about 8% of pixel values 1/255 apart between two runs].
     pub deterministic: Option<bool>,
+    /// The UNet's precision: `bundle` (the bundle's own graphs: fp16 in a GPU bundle) or `fp8`
+    /// (the GEMMs against the LoRA-targetable weights in fp8 e4m3: a GPU bundle exported with
+    /// fp8 graphs, `cuda:N` of compute capability 8.9+; not with `deterministic`).
+    #[serde_as(as = "DisplayFromStr")]
+    pub precision: Precision,
     /// Where optimized graphs are kept between starts: a directory, `none`, or `auto` [default:
     /// `auto`: on a GPU, `$KATZ_CACHE_DIR`, else `$XDG_CACHE_HOME/katz/graphs`, else
     /// `~/.cache/katz/graphs`; none on the CPU].
@@ -97,6 +102,7 @@ impl SessionConfig {
             exact_fp32: self.exact_fp32,
             conv_search: self.conv_search,
             deterministic: self.deterministic.unwrap_or_else(|| default_deterministic(base)),
+            precision: self.precision,
             cache: match &self.graph_cache {
                 GraphCache::Off => None,
                 GraphCache::Dir(d) => Some(d.clone()),

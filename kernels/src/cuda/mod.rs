@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
+pub mod fp8;
 mod merge;
 mod upload;
 pub use merge::{
@@ -109,8 +110,9 @@ pub fn cuda_available() -> bool {
 /// Where compiled kernels are kept between processes ([`cache_ptx_in`]); none: compiled once
 /// per process.
 static PTX_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-/// The kernels compiled in this process, by target architecture.
-static PTX: std::sync::Mutex<Vec<(Option<&'static str>, String)>> = std::sync::Mutex::new(Vec::new());
+/// The kernels compiled in this process, by source and target architecture.
+type Compiled = (&'static str, Option<&'static str>, String);
+static PTX: std::sync::Mutex<Vec<Compiled>> = std::sync::Mutex::new(Vec::new());
 
 /// Keeps the kernels' PTX in `dir` (the first call's directory counts), so that a restart loads
 /// them instead of compiling them again (NVRTC: about a second). Entries are named after a hash
@@ -121,15 +123,21 @@ pub fn cache_ptx_in(dir: impl Into<std::path::PathBuf>) {
 
 /// The kernels' PTX for `opts.arch`: compiled in this process before, kept in the cache
 /// directory, or compiled now (and kept).
-fn ptx_for(opts: cudarc::nvrtc::CompileOptions) -> Result<cudarc::nvrtc::Ptx, GpuError> {
+fn ptx_for(
+    source: &'static str,
+    opts: cudarc::nvrtc::CompileOptions,
+) -> Result<cudarc::nvrtc::Ptx, GpuError> {
     use std::hash::Hasher;
     let arch = opts.arch;
     let mut done = PTX.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, src)) = done.iter().find(|(a, _)| *a == arch) {
+    if let Some((_, _, src)) = done
+        .iter()
+        .find(|(s, a, _)| std::ptr::eq(*s, source) && *a == arch)
+    {
         return Ok(cudarc::nvrtc::Ptx::from_src(src.clone()));
     }
     let mut h = fnv::FnvHasher::default();
-    h.write(SOURCE.as_bytes());
+    h.write(source.as_bytes());
     h.write(arch.unwrap_or("default").as_bytes());
     let file = PTX_DIR.get().map(|d| {
         d.join(format!(
@@ -142,7 +150,7 @@ fn ptx_for(opts: cudarc::nvrtc::CompileOptions) -> Result<cudarc::nvrtc::Ptx, Gp
     let src = match kept {
         Some(src) if src.contains(".entry") => src,
         _ => {
-            let src = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)?.to_src();
+            let src = cudarc::nvrtc::compile_ptx_with_opts(source, opts)?.to_src();
             if let Some(f) = &file {
                 // written beside, then renamed: a reader never sees half a file
                 let tmp = f.with_extension(format!("tmp{}", std::process::id()));
@@ -156,7 +164,7 @@ fn ptx_for(opts: cudarc::nvrtc::CompileOptions) -> Result<cudarc::nvrtc::Ptx, Gp
             src
         }
     };
-    done.push((arch, src.clone()));
+    done.push((source, arch, src.clone()));
     Ok(cudarc::nvrtc::Ptx::from_src(src))
 }
 
@@ -206,7 +214,7 @@ impl GpuKernels {
             arch: has_mma.then_some("compute_80"),
             ..Default::default()
         };
-        let ptx = ptx_for(opts)?;
+        let ptx = ptx_for(SOURCE, opts)?;
         let m = ctx.load_module(ptx)?;
         let packed = [
             m.load_function("lora_merge_packed_f32")?,

@@ -60,6 +60,9 @@ impl Pipeline {
                  fused graphs (export it again): two runs of a job can differ in the last bit of some pixels"
             );
         }
+        if opts.precision == crate::runtime::Precision::Fp8 {
+            check_fp8(&bundle, &opts)?;
+        }
         if opts.cuda_graph && (opts.buckets.is_empty() || !matches!(opts.device, Device::Cuda(_))) {
             return Err(Error::InvalidRequest(format!(
                 "CUDA graphs need shape buckets (--shapes) and the CUDA provider (cuda:N), got {}{}",
@@ -308,4 +311,23 @@ fn first_runs(
         "text encoders and VAE ran once"
     );
     Ok(())
+}
+
+/// `--precision fp8`: a GPU bundle with fp8 graphs, on `cuda:N` of compute capability 8.9+,
+/// without deterministic output (the fp8 graphs are the fused ones); else the reason.
+fn check_fp8(bundle: &BaseBundle, opts: &SessionOptions) -> Result<()> {
+    let refuse = |why: String| Err(Error::InvalidRequest(format!("fp8 precision: {why}")));
+    let Device::Cuda(gpu) = opts.device else {
+        return refuse(format!("it runs on cuda:N only, got {}", opts.device));
+    };
+    if bundle.manifest.fp8.is_none() {
+        return refuse(format!(
+            "{} has no fp8 graphs (export it with --gpu --fp8, or run tools/fp8_rewrite.py on it)",
+            bundle.dir.display()
+        ));
+    }
+    if opts.deterministic {
+        return refuse("its graphs have no deterministic twins: run it with --deterministic false".into());
+    }
+    crate::fp8::check_gpu(gpu as usize).or_else(refuse)
 }

@@ -181,6 +181,8 @@ pub struct SessionOptions {
     pub conv_search: ConvSearch,
     /// ONNX Runtime's deterministic compute (kernels without atomics where it has a choice).
     pub deterministic: bool,
+    /// The UNet's precision: the bundle's own graphs, or its fp8 graphs (crate::fp8).
+    pub precision: Precision,
     /// A directory for optimized graphs: a session made once is saved there after ONNX Runtime's
     /// graph optimisations and later sessions of the same graph, shapes and provider load the
     /// saved one with the optimisations off (crate::runtime::cache). None: no cache.
@@ -244,6 +246,37 @@ impl std::fmt::Display for ConvSearch {
         f.write_str(match self {
             ConvSearch::Heuristic => "heuristic",
             ConvSearch::Exhaustive => "exhaustive",
+        })
+    }
+}
+
+/// The precision the UNet computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// The bundle's own graphs: fp32 (CPU bundles) or fp16 (GPU bundles).
+    #[default]
+    Bundle,
+    /// The GEMMs against the LoRA-targetable weights in fp8 (e4m3, per-tensor scales), the
+    /// rest fp16: a GPU bundle's fp8 graphs, on `cuda:N` of compute capability 8.9+ (crate::fp8).
+    Fp8,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = ParseError;
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
+        match s {
+            "bundle" => Ok(Precision::Bundle),
+            "fp8" => Ok(Precision::Fp8),
+            _ => Err(ParseError(format!("`{s}`: expected bundle or fp8"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Bundle => "bundle",
+            Precision::Fp8 => "fp8",
         })
     }
 }
@@ -533,6 +566,12 @@ fn build(
             cuda(id, false),
         ],
     };
+    if opts.precision == Precision::Fp8 && matches!(opts.device, Device::Cuda(_)) {
+        // the fp8 graphs' operators (other graphs of the pipeline do not use them)
+        b = b
+            .with_operators(crate::fp8::domain()?)
+            .map_err(ort::Error::from)?;
+    }
     if !providers.is_empty() {
         b = b
             .with_execution_providers(providers)

@@ -265,7 +265,8 @@ impl UnetSet {
                 dims: unet_dims(bundle, *f)?,
             });
         }
-        let spec = Arc::new(pair_spec(bundle, opts.deterministic));
+        let fp8 = opts.precision == crate::runtime::Precision::Fp8;
+        let spec = Arc::new(pair_spec(bundle, opts.deterministic, fp8));
         // graph capture is for the buckets; the free-shape pair has CPU shape nodes
         let graph = |f: &Option<FixedShape>| opts.cuda_graph && f.is_some();
         let mut sessions: Vec<Option<Result<(Session, Session)>>> = (0..wanted.len()).map(|_| None).collect();
@@ -514,7 +515,7 @@ fn capture_one(
 }
 
 /// The manifest's paths and input/output names of the UNet pair.
-fn pair_spec(bundle: &BaseBundle, deterministic: bool) -> PairSpec {
+fn pair_spec(bundle: &BaseBundle, deterministic: bool, fp8: bool) -> PairSpec {
     let m = &bundle.manifest;
     let weight_inputs = |graph: &str| -> Vec<String> {
         m.weights
@@ -540,7 +541,7 @@ fn pair_spec(bundle: &BaseBundle, deterministic: bool) -> PairSpec {
     let mut dec_in: Vec<String> = vec!["emb".into(), "encoder_hidden_states".into(), "mid".into()];
     dec_in.extend(skips.iter().cloned());
     dec_in.extend(weight_inputs("unet_decoder"));
-    let [enc_path, dec_path] = bundle.unet_graphs(deterministic);
+    let [enc_path, dec_path] = bundle.unet_graphs(deterministic, fp8);
     PairSpec {
         enc_path,
         dec_path,

@@ -135,6 +135,16 @@ impl WeightSlot {
             // SAFETY: as above; the merge is complete (its merge stream was synchronised)
             unsafe { k.copy_raw(dst.ptr(k), src.ptr(&src_dev.kernels), src.bytes()) }.map_err(gpu_err)?;
         }
+        // a graph replays without running the fp8 operators: their weight copies of what was
+        // written are made again now (nothing to do without fp8 graphs)
+        let written: Vec<u64> = st
+            .merged
+            .union(&now)
+            .filter_map(|n| self.bufs.get(n))
+            .map(|b| b.ptr(k))
+            .collect();
+        // SAFETY: the stream is this GPU's; the copies above are queued on it before
+        unsafe { crate::fp8::refresh(k.ordinal(), k.stream.cu_stream() as u64, &written) }?;
         k.synchronize().map_err(gpu_err)?;
         st.merged = now;
         st.holds = merged.id();

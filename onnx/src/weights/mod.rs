@@ -251,6 +251,7 @@ impl Weights {
             out.insert(name.clone(), b.copy_on(&sdev.kernels, k)?);
         }
         k.synchronize().map_err(gpu_err)?;
+        crate::fp8::weights_changed();
         Ok(MergedWeights {
             id: merged.id, // the same merge, on another GPU
             merged: HashMap::new(),
@@ -368,6 +369,8 @@ impl Drop for MergedWeights {
 /// A fresh [`MergedWeights::id`].
 fn next_merge_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    // new buffers, possibly where a dropped set's were: fp8 weight copies are made again
+    crate::fp8::weights_changed();
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 

@@ -171,6 +171,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         opts.other_sizes = katz_onnx::runtime::OtherSizes::Refuse;
     }
     opts.cuda_graph = a.cuda_graph;
+    let precision = opts.precision.to_string();
     let mut pipe =
         Pipeline::load(&a.bundle, opts).with_context(|| format!("loading {}", a.bundle.display()))?;
     // ControlNet j runs where entry j mod len says (none: on the pipeline's device)
@@ -443,7 +444,7 @@ pub fn run(a: PipelineBenchArgs) -> anyhow::Result<()> {
         "controlnet_mode": a.controlnet_mode, "controlnet_devices": places,
         "split_guidance": a.split_guidance.map(|d| d.to_string()),
         "static_shapes": a.static_shapes,
-        "cuda_graph": a.cuda_graph,
+        "cuda_graph": a.cuda_graph, "precision": precision,
         "lora_mode": a.lora_mode.to_string(), "lora_bound": a.lora_bound.to_string(),
         "unet_tflop_per_step": unet_tflop, "peak_tflops": a.peak_tflops, "load_s": load_s,
         "configs": rows, "diffusers": baseline,

@@ -1,0 +1,344 @@
+//! fp8 precision (`--precision fp8`): the UNet's GEMMs against LoRA-targetable weights in OCP
+//! e4m3 on GPUs of compute capability 8.9+, through two ONNX Runtime custom operators on the
+//! CUDA provider (domain `katz`) that an fp8 bundle's graphs use (`tools/fp8_rewrite.py` makes
+//! them from the fp16 graphs, with activation scales calibrated at export).
+//!
+//! ```text
+//!  X (fp16) ─katz.Fp8Quantize(scale)─▶ X8 (e4m3 bytes) ─┐     once per activation (Q, K, V share it)
+//!  W (fp16 graph input: pristine, merged, or a CUDA-graph weight slot)
+//!     ─(first run, new weights epoch, or refresh)─▶ W8 + s_w (kept by the operator)
+//!                                                     └─katz.Fp8MatMul(x_scale)─▶ Y (fp16) = s_x·s_w · X8·W8ᵀ
+//! ```
+//!
+//! The weights stay fp16 graph inputs, so LoRA merges, merged sets and CUDA-graph weight slots
+//! work as in fp16; each `Fp8MatMul` keeps its own quantized copy of its weight and makes it
+//! again when the weight it is bound to may have changed:
+//! * a new merged set (fresh buffers, possibly at a freed set's addresses) bumps the weights
+//!   epoch ([`weights_changed`]); an operator whose copy is older quantizes at its next run;
+//! * a CUDA graph replays without calling the operators, so the weight slot, after it copies a
+//!   merge in, asks every copy made from the buffers it wrote to be made again ([`refresh`]).
+//!
+//! Nothing here falls back: a GPU below 8.9, a missing libcublasLt or an unaligned shape fails the
+//! run with the reason.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+use katz_kernels::cuda::fp8::{Fp8Gemm, Fp8Kernels};
+use katz_kernels::cuda::GpuError;
+use ort::operator::{
+    BoxedKernel, ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput,
+    OperatorOutput,
+};
+use ort::value::{DynTensorValueType, TensorElementType};
+
+/// The custom operators' domain in fp8 graphs.
+pub const DOMAIN: &str = "katz";
+
+static EPOCH: AtomicU64 = AtomicU64::new(1);
+
+/// Weights bound to the graphs may have changed place or content (a new merged set): every
+/// fp8 weight copy is made again at its operator's next run.
+pub fn weights_changed() {
+    EPOCH.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The fp8 kernels of each GPU, made on first use.
+fn kernels(ordinal: usize) -> Result<Arc<Fp8Kernels>, GpuError> {
+    static ALL: OnceLock<Mutex<HashMap<usize, Arc<Fp8Kernels>>>> = OnceLock::new();
+    let mut all = ALL
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(k) = all.get(&ordinal) {
+        return Ok(k.clone());
+    }
+    let k = Arc::new(Fp8Kernels::new(ordinal)?);
+    all.insert(ordinal, k.clone());
+    Ok(k)
+}
+
+/// Whether GPU `ordinal` runs fp8 graphs, or why not.
+pub fn check_gpu(ordinal: usize) -> Result<(), String> {
+    kernels(ordinal).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// A quantized weight: where it came from, and where its copy and scale live.
+#[derive(Clone, Copy)]
+struct Copy8 {
+    ordinal: usize,
+    src: u64,
+    len: usize,
+    w8: u64,
+    scale: u64,
+    amax: u64,
+}
+
+/// Every fp8 weight copy of the process, by its source buffer's address ([`refresh`]).
+fn copies() -> std::sync::MutexGuard<'static, Vec<Copy8>> {
+    static ALL: Mutex<Vec<Copy8>> = Mutex::new(Vec::new());
+    ALL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Makes again, on `stream` of GPU `ordinal`, every fp8 copy of the buffers at `written`
+/// (a CUDA-graph weight slot's, after it copied weights in); the caller synchronises `stream`.
+///
+/// # Safety
+/// `stream` is a stream of GPU `ordinal`'s primary context; the buffers hold their new values
+/// once `stream`'s earlier work is done.
+pub unsafe fn refresh(ordinal: usize, stream: u64, written: &[u64]) -> crate::Result<()> {
+    let list: Vec<Copy8> = copies()
+        .iter()
+        .filter(|c| c.ordinal == ordinal && written.contains(&c.src))
+        .copied()
+        .collect();
+    if list.is_empty() {
+        return Ok(());
+    }
+    let fk = kernels(ordinal).map_err(crate::device::gpu_err)?;
+    for c in list {
+        // SAFETY: the copy's buffers live as long as their operator, which is registered while
+        // it lives (it deregisters on drop)
+        unsafe { fk.quantize_weight(stream as _, c.src, c.len, c.amax, c.w8, c.scale) }
+            .map_err(crate::device::gpu_err)?;
+    }
+    Ok(())
+}
+
+fn ort_err(e: impl std::fmt::Display) -> ort::Error {
+    ort::Error::new(format!("fp8: {e}"))
+}
+
+/// The GPU whose memory `ptr` is in.
+fn device_of(ptr: u64) -> ort::Result<usize> {
+    use cudarc::driver::sys;
+    let mut ordinal: i32 = -1;
+    // SAFETY: a pointer attribute query writes one int
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            &mut ordinal as *mut i32 as *mut std::ffi::c_void,
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            ptr,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS || ordinal < 0 {
+        return Err(ort_err(format!("input at {ptr:#x} is not in GPU memory ({r:?})")));
+    }
+    Ok(ordinal as usize)
+}
+
+fn stream_of(ctx: &ComputeContext) -> ort::Result<cudarc::driver::sys::CUstream> {
+    ctx.stream()?
+        .map(|s| s.as_ptr() as cudarc::driver::sys::CUstream)
+        .ok_or_else(|| ort_err("no CUDA stream: the fp8 operators run on the CUDA provider only"))
+}
+
+/// `katz.Fp8Quantize`: `X8 = e4m3(X / scale)`.
+struct Quantize;
+
+impl Operator for Quantize {
+    type Kernel<'attr> = BoxedKernel<'attr>;
+
+    fn name(&self) -> &str {
+        "Fp8Quantize"
+    }
+
+    fn execution_provider_type(&self) -> Option<&str> {
+        Some("CUDAExecutionProvider")
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [OperatorInput::required(TensorElementType::Float16)]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Uint8)]
+    }
+
+    fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
+        let scale: f32 = kctx
+            .get("scale")
+            .ok_or_else(|| ort_err("Fp8Quantize without a `scale`"))?;
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(ort_err(format!("Fp8Quantize scale {scale}")));
+        }
+        let mut fk: Option<Arc<Fp8Kernels>> = None;
+        Ok(Box::new(move |ctx: &ComputeContext| {
+            let x = ctx
+                .input(0)?
+                .ok_or_else(|| ort_err("Fp8Quantize: no input"))?
+                .downcast::<DynTensorValueType>()?;
+            let shape: Vec<i64> = x.shape().to_vec();
+            let n: usize = shape.iter().map(|&d| d as usize).product();
+            let xp = x.data_ptr() as u64;
+            let stream = stream_of(ctx)?;
+            let mut y = ctx
+                .output(0, shape)?
+                .ok_or_else(|| ort_err("Fp8Quantize: no output"))?
+                .downcast::<DynTensorValueType>()?;
+            let yp = y.data_ptr_mut() as u64;
+            if n == 0 {
+                return Ok(());
+            }
+            if fk.is_none() {
+                fk = Some(kernels(device_of(xp)?).map_err(ort_err)?);
+            }
+            let k = fk.as_ref().expect("set above");
+            // SAFETY: ONNX Runtime's input and output buffers of n elements, on its stream
+            unsafe { k.quantize_x(stream, xp, n, scale, yp) }.map_err(ort_err)
+        }))
+    }
+}
+
+/// `katz.Fp8MatMul`: `Y = (x_scale · X8) · fp8(W)ᵀ`, W fp16 `[n, k]`.
+struct MatMul;
+
+impl Operator for MatMul {
+    type Kernel<'attr> = MatMulKernel;
+
+    fn name(&self) -> &str {
+        "Fp8MatMul"
+    }
+
+    fn execution_provider_type(&self) -> Option<&str> {
+        Some("CUDAExecutionProvider")
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Uint8),
+            OperatorInput::required(TensorElementType::Float16),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float16)]
+    }
+
+    fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
+        let x_scale: f32 = kctx
+            .get("x_scale")
+            .ok_or_else(|| ort_err("Fp8MatMul without an `x_scale`"))?;
+        if !(x_scale.is_finite() && x_scale > 0.0) {
+            return Err(ort_err(format!("Fp8MatMul x_scale {x_scale}")));
+        }
+        Ok(MatMulKernel { x_scale, state: None })
+    }
+}
+
+/// One `Fp8MatMul` node's state: its weight's fp8 copy and its GEMM plan.
+struct MatMulKernel {
+    x_scale: f32,
+    state: Option<MatMulState>,
+}
+
+struct MatMulState {
+    fk: Arc<Fp8Kernels>,
+    x_scale: CudaSlice<f32>,
+    w8: CudaSlice<u8>,
+    w_scale: CudaSlice<f32>,
+    amax: CudaSlice<f32>,
+    /// The weight buffer and weights epoch the copy was made from.
+    from: (u64, u64),
+    gemm: Option<Fp8Gemm>,
+}
+
+impl MatMulState {
+    fn ptrs(&self) -> [u64; 4] {
+        let s = self.fk.ctx.default_stream();
+        let p = [
+            self.x_scale.device_ptr(&s).0,
+            self.w8.device_ptr(&s).0,
+            self.w_scale.device_ptr(&s).0,
+            self.amax.device_ptr(&s).0,
+        ];
+        p
+    }
+}
+
+impl Drop for MatMulKernel {
+    fn drop(&mut self) {
+        if let Some(st) = &self.state {
+            let w8 = st.ptrs()[1];
+            copies().retain(|c| c.w8 != w8);
+        }
+    }
+}
+
+impl Kernel for MatMulKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let x = ctx
+            .input(0)?
+            .ok_or_else(|| ort_err("Fp8MatMul: no X8"))?
+            .downcast::<DynTensorValueType>()?;
+        let w = ctx
+            .input(1)?
+            .ok_or_else(|| ort_err("Fp8MatMul: no W"))?
+            .downcast::<DynTensorValueType>()?;
+        let xs: Vec<i64> = x.shape().to_vec();
+        let ws: Vec<i64> = w.shape().to_vec();
+        if ws.len() != 2 || xs.is_empty() || xs[xs.len() - 1] != ws[1] {
+            return Err(ort_err(format!("Fp8MatMul: X {xs:?} · W {ws:?}ᵀ do not fit")));
+        }
+        let (n, k) = (ws[0] as usize, ws[1] as usize);
+        let m: usize = xs[..xs.len() - 1].iter().map(|&d| d as usize).product();
+        let (xp, wp) = (x.data_ptr() as u64, w.data_ptr() as u64);
+        let stream = stream_of(ctx)?;
+        let mut out_shape = xs.clone();
+        let last = out_shape.len() - 1;
+        out_shape[last] = n as i64;
+        let mut y = ctx
+            .output(0, out_shape)?
+            .ok_or_else(|| ort_err("Fp8MatMul: no output"))?
+            .downcast::<DynTensorValueType>()?;
+        let yp = y.data_ptr_mut() as u64;
+        if self.state.is_none() {
+            let fk = kernels(device_of(wp)?).map_err(ort_err)?;
+            let mut x_scale = fk.alloc::<f32>(1).map_err(ort_err)?;
+            fk.ctx.default_stream().memcpy_htod(&[self.x_scale], &mut x_scale).map_err(ort_err)?;
+            fk.ctx.default_stream().synchronize().map_err(ort_err)?;
+            self.state = Some(MatMulState {
+                x_scale,
+                w8: fk.alloc::<u8>(n * k).map_err(ort_err)?,
+                w_scale: fk.alloc::<f32>(1).map_err(ort_err)?,
+                amax: fk.alloc::<f32>(1).map_err(ort_err)?,
+                from: (0, 0),
+                gemm: None,
+                fk,
+            });
+        }
+        let st = self.state.as_mut().expect("set above");
+        let [xs_p, w8_p, ws_p, amax_p] = st.ptrs();
+        if st.w8.len() != n * k {
+            return Err(ort_err(format!("Fp8MatMul: the weight changed shape to {ws:?}")));
+        }
+        let epoch = EPOCH.load(Ordering::Relaxed);
+        if st.from != (wp, epoch) {
+            // SAFETY: W is ONNX Runtime's input of n·k fp16 values; the copy is this node's
+            unsafe { st.fk.quantize_weight(stream, wp, n * k, amax_p, w8_p, ws_p) }.map_err(ort_err)?;
+            let ordinal = st.fk.ctx.ordinal();
+            let mut all = copies();
+            all.retain(|c| c.w8 != w8_p);
+            all.push(Copy8 { ordinal, src: wp, len: n * k, w8: w8_p, scale: ws_p, amax: amax_p });
+            st.from = (wp, epoch);
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        if st.gemm.as_ref().map(Fp8Gemm::shape) != Some((m, n, k)) {
+            st.gemm = Some(Fp8Gemm::plan(&st.fk, m, n, k).map_err(ort_err)?);
+        }
+        let gemm = st.gemm.as_ref().expect("set above");
+        // SAFETY: X8 is m·k bytes, Y m·n fp16 (ONNX Runtime's buffers), the copy and scales this
+        // node's; all on ONNX Runtime's stream
+        unsafe { gemm.run(&st.fk, stream, xp, w8_p, yp, xs_p, ws_p) }.map_err(ort_err)
+    }
+}
+
+/// The `katz` operator domain, for a session of a graph that has fp8 nodes (the session keeps
+/// it).
+pub fn domain() -> ort::Result<OperatorDomain> {
+    OperatorDomain::new(DOMAIN)?.add(Quantize)?.add(MatMul)
+}
