@@ -423,6 +423,14 @@ fn gpu_placement_flags_are_refused_clearly_where_they_cannot_apply() {
         &katz(&["worker", "--controlnet-transport", "carrier-pigeon"]),
         "must be redis or cuda-ipc",
     );
+    fails_with(
+        &generate(&["--precision", "fp8"], &d.join("x.png")),
+        "fp8 precision: it runs on cuda:N only, got cpu",
+    );
+    fails_with(
+        &generate(&["--precision", "fp4"], &d.join("x.png")),
+        "expected bundle or fp8",
+    );
     assert!(!d.join("x.png").exists());
 }
 
