@@ -236,33 +236,47 @@ struct MatMulKernel {
 
 struct MatMulState {
     fk: Arc<Fp8Kernels>,
-    x_scale: CudaSlice<f32>,
-    w8: CudaSlice<u8>,
-    w_scale: CudaSlice<f32>,
-    amax: CudaSlice<f32>,
+    /// `[x_scale, w8, w_scale, amax]`: the buffers below, their addresses taken once (a run that
+    /// is being captured into a CUDA graph makes no cudarc calls).
+    ptrs: [u64; 4],
+    /// The weight's element count (its copy's bytes).
+    len: usize,
+    _bufs: (CudaSlice<f32>, CudaSlice<u8>, CudaSlice<f32>, CudaSlice<f32>),
     /// The weight buffer and weights epoch the copy was made from.
     from: (u64, u64),
     gemm: Option<Fp8Gemm>,
 }
 
 impl MatMulState {
-    fn ptrs(&self) -> [u64; 4] {
-        let s = self.fk.ctx.default_stream();
-        let p = [
-            self.x_scale.device_ptr(&s).0,
-            self.w8.device_ptr(&s).0,
-            self.w_scale.device_ptr(&s).0,
-            self.amax.device_ptr(&s).0,
+    /// The buffers of a weight of `len` elements on `fk`'s GPU, `x_scale` written into its own.
+    fn new(fk: Arc<Fp8Kernels>, len: usize, x_scale: f32) -> Result<Self, GpuError> {
+        let mut xs = fk.alloc::<f32>(1)?;
+        let s = fk.ctx.default_stream();
+        s.memcpy_htod(&[x_scale], &mut xs)?;
+        s.synchronize()?;
+        let (w8, ws, amax) = (fk.alloc::<u8>(len)?, fk.alloc::<f32>(1)?, fk.alloc::<f32>(1)?);
+        let ptrs = [
+            xs.device_ptr(&s).0,
+            w8.device_ptr(&s).0,
+            ws.device_ptr(&s).0,
+            amax.device_ptr(&s).0,
         ];
-        p
+        s.synchronize()?;
+        Ok(MatMulState {
+            fk,
+            ptrs,
+            len,
+            _bufs: (xs, w8, ws, amax),
+            from: (0, 0),
+            gemm: None,
+        })
     }
 }
 
 impl Drop for MatMulKernel {
     fn drop(&mut self) {
         if let Some(st) = &self.state {
-            let w8 = st.ptrs()[1];
-            copies().retain(|c| c.w8 != w8);
+            copies().retain(|c| c.w8 != st.ptrs[1]);
         }
     }
 }
@@ -295,23 +309,13 @@ impl Kernel for MatMulKernel {
             .downcast::<DynTensorValueType>()?;
         let yp = y.data_ptr_mut() as u64;
         if self.state.is_none() {
+            // the first run of a session: never one being captured into a CUDA graph
             let fk = kernels(device_of(wp)?).map_err(ort_err)?;
-            let mut x_scale = fk.alloc::<f32>(1).map_err(ort_err)?;
-            fk.ctx.default_stream().memcpy_htod(&[self.x_scale], &mut x_scale).map_err(ort_err)?;
-            fk.ctx.default_stream().synchronize().map_err(ort_err)?;
-            self.state = Some(MatMulState {
-                x_scale,
-                w8: fk.alloc::<u8>(n * k).map_err(ort_err)?,
-                w_scale: fk.alloc::<f32>(1).map_err(ort_err)?,
-                amax: fk.alloc::<f32>(1).map_err(ort_err)?,
-                from: (0, 0),
-                gemm: None,
-                fk,
-            });
+            self.state = Some(MatMulState::new(fk, n * k, self.x_scale).map_err(ort_err)?);
         }
         let st = self.state.as_mut().expect("set above");
-        let [xs_p, w8_p, ws_p, amax_p] = st.ptrs();
-        if st.w8.len() != n * k {
+        let [xs_p, w8_p, ws_p, amax_p] = st.ptrs;
+        if st.len != n * k {
             return Err(ort_err(format!("Fp8MatMul: the weight changed shape to {ws:?}")));
         }
         let epoch = EPOCH.load(Ordering::Relaxed);

@@ -48,8 +48,8 @@ pub struct Fp8Kernels {
     quant_w: CudaFunction,
     quant_x: CudaFunction,
     handle: ltsys::cublasLtHandle_t,
-    /// One workspace per stream that runs GEMMs (two streams never share one).
-    workspaces: Mutex<HashMap<usize, CudaSlice<u8>>>,
+    /// One workspace per stream that runs GEMMs (two streams never share one), with its address.
+    workspaces: Mutex<HashMap<usize, (CudaSlice<u8>, u64)>>,
 }
 
 // SAFETY: the cuBLASLt handle is thread-safe for use with different streams (cuBLASLt docs);
@@ -185,14 +185,15 @@ impl Fp8Kernels {
     fn workspace(&self, stream: CUstream) -> Result<u64, GpuError> {
         use cudarc::driver::DevicePtr;
         let mut w = self.workspaces.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = w.get(&(stream as usize)) {
-            let s = self.ctx.default_stream();
-            return Ok(b.device_ptr(&s).0);
+        if let Some((_, p)) = w.get(&(stream as usize)) {
+            // no cudarc call here: this may run while the stream is captured into a CUDA graph
+            return Ok(*p);
         }
         let b = self.alloc::<u8>(WORKSPACE)?;
         let s = self.ctx.default_stream();
         let p = b.device_ptr(&s).0;
-        w.insert(stream as usize, b);
+        s.synchronize()?;
+        w.insert(stream as usize, (b, p));
         Ok(p)
     }
 }
