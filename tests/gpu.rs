@@ -669,3 +669,68 @@ fn an_fp16_bundle_repeats_itself_with_its_deterministic_graphs() {
         "the deterministic graphs did not repeat themselves"
     );
 }
+
+/// fp8 graphs against the fp16 graphs of the same bundle (`KATZ_GPU_BUNDLE`, exported with
+/// `--gpu --fp8`), and with CUDA graphs against without, across LoRA merges: a job with
+/// `KATZ_GPU_LORA`, then without, then with it again (`gpu-path.sh fp8` runs it).
+#[test]
+#[ignore = "needs a GPU of compute capability 8.9+ and an fp8 --gpu bundle: tools/device/gpu-path.sh fp8"]
+fn fp8_graphs_follow_the_fp16_image_and_every_lora_switch() {
+    use katz_onnx::runtime::Precision;
+    let base = fp16_bundle();
+    let lora = std::env::var_os("KATZ_GPU_LORA").expect("KATZ_GPU_LORA: a LoRA file of the bundle's UNet");
+    let bundle = katz_onnx::bundle::BaseBundle::open(&base).unwrap();
+    assert!(bundle.manifest.fp8.is_some(), "{} has no fp8 graphs", base.display());
+    let [w, h] = bundle.manifest.default_size;
+    let make = |precision: Precision, cuda_graph: bool| {
+        let o = SessionOptions {
+            buckets: vec![katz_onnx::runtime::FixedShape::parse(&format!("{w}x{h}"), 2).unwrap()],
+            other_sizes: katz_onnx::runtime::OtherSizes::Refuse,
+            cuda_graph,
+            deterministic: false,
+            precision,
+            ..opts(gpu())
+        };
+        Pipeline::load(&base, o).unwrap()
+    };
+    let job = |p: &mut Pipeline, with_lora: bool| {
+        let loras = if with_lora {
+            vec![LoraRequest::loaded(p.lora(std::path::PathBuf::from(&lora)).unwrap(), 1.0)]
+        } else {
+            vec![]
+        };
+        let r = Request {
+            prompt: "a photograph of an astronaut riding a horse".into(),
+            negative_prompt: None,
+            width: w,
+            height: h,
+            steps: 4,
+            guidance: 7.5,
+            scheduler: SchedulerKind::Euler,
+            karras: false,
+            seed: 5,
+            controlnets: vec![],
+            loras,
+        };
+        generate(p, &r, &mut NoObserver).unwrap().image
+    };
+    let order = [true, false, true];
+    let mut fp16 = make(Precision::Bundle, false);
+    let want: Vec<Tensor> = order.iter().map(|&l| job(&mut fp16, l)).collect();
+    drop(fp16);
+    let lora_moves = rel_err(&want[0].data, &want[1].data);
+    for graph in [false, true] {
+        let mut fp8 = make(Precision::Fp8, graph);
+        for (i, &l) in order.iter().enumerate() {
+            let got = job(&mut fp8, l);
+            let e = rel_err(&got.data, &want[i].data);
+            // the fp16 image of the other LoRA state: what stale fp8 weights would give
+            let wrong = rel_err(&got.data, &want[if l { 1 } else { 0 }].data);
+            println!(
+                "fp8 (CUDA graphs {graph}), job {i} (LoRA {l}): relative error {e:.4} against fp16, \
+                 {wrong:.4} against the other LoRA state (the LoRA moves fp16 by {lora_moves:.4})"
+            );
+            assert!(e < 0.1 && e < wrong, "job {i}: {e} against fp16, {wrong} against the other state");
+        }
+    }
+}
