@@ -766,6 +766,11 @@ knobs() {  # the graphed 0C/0L UNet step under CUDA-provider option sets, GPU 0 
 
 fp8() {  # fp8 GEMMs against fp16 in one sitting, GPU 0 (see the header)
   bench_setup || return 1
+  [[ -f $S/loras/lora1.safetensors ]] || { echo "no rank-64 LoRA files: run 'peer' or 'bench' first"; return 1; }
+  echo "== fp8 against fp16 across LoRA switches, with and without CUDA graphs (tests/gpu.rs)"
+  KATZ_TEST_DEVICE=cuda:0 KATZ_GPU_BUNDLE=$S/base KATZ_GPU_LORA=$S/loras/lora0.safetensors /opt/kb/gpu --ignored \
+    --exact fp8_graphs_follow_the_fp16_image_and_every_lora_switch --nocapture 2>&1 \
+    | grep -E "^test |test result|panicked|relative|rror" | head -12
   local p
   for p in bundle fp8; do
     KATZ_GRAPH_CACHE=none katz_bench "1gpu-graph-$p" --configs "${FP8_CONFIGS:-0C/0L,3C/2L}" --static-shapes --cuda-graph \
