@@ -74,10 +74,11 @@
 #   bash tools/device/gpu-path.sh knobs     the graphed 0C/0L run (static shapes, CUDA graphs) once per set of CUDA-provider
 #                                           options in KNOBS (sets split by ';', '-' for katz's own; default
 #                                           "-;prefer_nhwc=1;fuse_conv_bias=1"), through KATZ_CUDA_OPTIONS
-#   bash tools/device/gpu-path.sh fp8       the graphed step (static shapes, CUDA graphs; FP8_CONFIGS, default 0C/0L,3C/2L)
-#                                           with --precision bundle and fp8 back to back, GPU 0; then three jobs (the
-#                                           last with two LoRAs) generated in both: fp8's relative difference and SSIM
-#                                           against fp16 ($O/fp8-deviation.json); the export makes the fp8 graphs
+#   bash tools/device/gpu-path.sh fp8       the fp8 GPU test (tests/gpu.rs); the graphed step (static shapes, CUDA
+#                                           graphs; FP8_CONFIGS, default 0C/0L,1C/1L) with --precision bundle and fp8
+#                                           back to back, GPU 0; then two jobs (the second with a LoRA) generated in
+#                                           both: fp8's relative difference and SSIM against fp16 ($O/fp8-deviation.json);
+#                                           the export makes the fp8 graphs
 #                                           (EXPORT_FP8= leaves them out)
 #   bash tools/device/gpu-path.sh ncu       Nsight Compute: every kernel of a 3-step static-shape 0C/0L run timed
 #                                           (gpu__time_duration), then tools/ncu_step_summary.py: one UNet step by
@@ -766,20 +767,23 @@ knobs() {  # the graphed 0C/0L UNet step under CUDA-provider option sets, GPU 0 
 
 fp8() {  # fp8 GEMMs against fp16 in one sitting, GPU 0 (see the header)
   bench_setup || return 1
-  [[ -f $S/loras/lora1.safetensors ]] || { echo "no rank-64 LoRA files: run 'peer' or 'bench' first"; return 1; }
   echo "== fp8 against fp16 across LoRA switches, with and without CUDA graphs (tests/gpu.rs)"
   KATZ_TEST_DEVICE=cuda:0 KATZ_GPU_BUNDLE=$S/base KATZ_GPU_LORA=$S/loras/lora0.safetensors /opt/kb/gpu --ignored \
     --exact fp8_graphs_follow_the_fp16_image_and_every_lora_switch --nocapture 2>&1 \
     | grep -E "^test |test result|panicked|relative|rror" | head -12
   local p
-  for p in bundle fp8; do
-    KATZ_GRAPH_CACHE=none katz_bench "1gpu-graph-$p" --configs "${FP8_CONFIGS:-0C/0L,3C/2L}" --static-shapes --cuda-graph \
-      --precision "$p"
+  for p in bundle fp8; do  # the export's own LoRA (lora0); peer or bench add lora1 (rank 64)
+    echo "== katz bench pipeline: 1gpu-graph-$p"
+    KATZ_GRAPH_CACHE=none /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" --controlnet "$S/base-controlnet" \
+      --loras "$(ls "$S"/loras/lora[01].safetensors | paste -sd,)" --size "${SIZE:-1024}" --steps "${STEPS:-50}" \
+      $([[ -f $BASE ]] && echo --baseline "$BASE") --unet-tflop 6.76 ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} \
+      --configs "${FP8_CONFIGS:-0C/0L,1C/1L}" --static-shapes --cuda-graph --precision "$p" \
+      --out "$O/pipeline-$gpu-1gpu-graph-$p-$day.json" 2>&1 | grep -v " WARN " | tail -8
   done
   echo "== the same jobs in fp16 and fp8: image deviation (katz generate, ${SIZE:-1024}², ${STEPS:-50} steps)"
   local i l
-  for i in 0 1 2; do
-    l=(); (( i == 2 )) && l=(--lora "$S/loras/lora0.safetensors:0.8" --lora "$S/loras/lora1.safetensors:-0.6")
+  for i in 0 1; do
+    l=(); (( i == 1 )) && l=(--lora "$S/loras/lora0.safetensors:1.0")
     for p in bundle fp8; do
       /opt/kb/katz generate --device cuda:0 --bundle "$S/base" --prompt "a red cube on a blue sphere, $i" --seed "$i" \
         --size "${SIZE:-1024}x${SIZE:-1024}" --steps "${STEPS:-50}" --precision "$p" "${l[@]}" --output "$O/fp8-$i-$p.png" \
@@ -792,9 +796,9 @@ sys.path.insert(0, "tools")
 from quality_report import read, rel_diff, ssim
 o = sys.argv[1]
 rows = []
-for i in range(3):
+for i in range(2):
     a, b = read(f"{o}/fp8-{i}-bundle.png"), read(f"{o}/fp8-{i}-fp8.png")
-    rows.append({"job": i, "loras": 2 if i == 2 else 0, "rel_diff": rel_diff(b, a), "ssim": ssim(b, a)})
+    rows.append({"job": i, "loras": i, "rel_diff": rel_diff(b, a), "ssim": ssim(b, a)})
     print(f"  job {i} ({rows[-1]['loras']} LoRAs): fp8 vs fp16 relative difference {rows[-1]['rel_diff']:.4f}, SSIM {rows[-1]['ssim']:.4f}")
 json.dump(rows, open(f"{o}/fp8-deviation.json", "w"), indent=1)
 EOF
