@@ -767,10 +767,6 @@ knobs() {  # the graphed 0C/0L UNet step under CUDA-provider option sets, GPU 0 
 
 fp8() {  # fp8 GEMMs against fp16 in one sitting, GPU 0 (see the header)
   bench_setup || return 1
-  echo "== fp8 against fp16 across LoRA switches, with and without CUDA graphs (tests/gpu.rs)"
-  KATZ_TEST_DEVICE=cuda:0 KATZ_GPU_BUNDLE=$S/base KATZ_GPU_LORA=$S/loras/lora0.safetensors /opt/kb/gpu --ignored \
-    --exact fp8_graphs_follow_the_fp16_image_and_every_lora_switch --nocapture 2>&1 \
-    | grep -E "^test |test result|panicked|relative|rror" | head -12
   local p
   for p in bundle fp8; do  # the export's own LoRA (lora0); peer or bench add lora1 (rank 64)
     echo "== katz bench pipeline: 1gpu-graph-$p"
@@ -802,6 +798,10 @@ for i in range(2):
     print(f"  job {i} ({rows[-1]['loras']} LoRAs): fp8 vs fp16 relative difference {rows[-1]['rel_diff']:.4f}, SSIM {rows[-1]['ssim']:.4f}")
 json.dump(rows, open(f"{o}/fp8-deviation.json", "w"), indent=1)
 EOF
+  echo "== fp8 against fp16 across LoRA switches, with and without CUDA graphs (tests/gpu.rs)"
+  KATZ_TEST_DEVICE=cuda:0 KATZ_GPU_BUNDLE=$S/base KATZ_GPU_LORA=$S/loras/lora0.safetensors /opt/kb/gpu --ignored \
+    --exact fp8_graphs_follow_the_fp16_image_and_every_lora_switch --nocapture 2>&1 \
+    | grep -E "^test |test result|panicked|relative|rror" | head -12
 }
 
 ncu_step() {  # one UNet step's kernels under Nsight Compute, GPU 0 (see the header)
