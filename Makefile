@@ -58,9 +58,9 @@ test-compose:
 export:
 	tools/export.sh
 
-# The exporter's checkpoint inputs and fp8 rewrite (tools/test_checkpoints.py, tools/test_fp8_rewrite.py) in
-# .venv-tools, which make test does
-# not build (torch + diffusers); pytest is not among its pins, so it is added here.
+# The exporter's checkpoint inputs and its fp8 rewrite (tools/test_checkpoints.py,
+# tools/test_fp8_rewrite.py) in .venv-tools, which make test does not build (torch + diffusers);
+# pytest is not among its pins, so it is added here.
 test-export:
 	tools/export.sh --help >/dev/null
 	.venv-tools/bin/pip install -q pytest==9.2.0

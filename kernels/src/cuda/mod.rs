@@ -15,6 +15,8 @@
 //!              tensor cores, sm_80+: fp16 weights' default), mma-f16-packed (the factors
 //!              packed into fp16 once: `pack_factors_f16`, or into scratch by the merge) or
 //!              mma-f16-pipelined (the same, three chunks in flight)
+//! Fp8Kernels::new(ordinal) ── fp8.cu (compute_89) + cuBLASLt: e4m3 quantization of weights and
+//!              activations, Fp8Gemm (fp8 GEMMs, fp16 out) on a caller's stream (fp8.rs)
 //! ```
 //!
 //! cudarc loads libcuda and libnvrtc at run time, so this module builds everywhere; where no
