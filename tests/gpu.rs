@@ -680,7 +680,11 @@ fn fp8_graphs_follow_the_fp16_image_and_every_lora_switch() {
     let base = fp16_bundle();
     let lora = std::env::var_os("KATZ_GPU_LORA").expect("KATZ_GPU_LORA: a LoRA file of the bundle's UNet");
     let bundle = katz_onnx::bundle::BaseBundle::open(&base).unwrap();
-    assert!(bundle.manifest.fp8.is_some(), "{} has no fp8 graphs", base.display());
+    assert!(
+        bundle.manifest.fp8.is_some(),
+        "{} has no fp8 graphs",
+        base.display()
+    );
     let [w, h] = bundle.manifest.default_size;
     let make = |precision: Precision, cuda_graph: bool| {
         let o = SessionOptions {
@@ -695,7 +699,10 @@ fn fp8_graphs_follow_the_fp16_image_and_every_lora_switch() {
     };
     let job = |p: &mut Pipeline, with_lora: bool| {
         let loras = if with_lora {
-            vec![LoraRequest::loaded(p.lora(std::path::PathBuf::from(&lora)).unwrap(), 1.0)]
+            vec![LoraRequest::loaded(
+                p.lora(std::path::PathBuf::from(&lora)).unwrap(),
+                1.0,
+            )]
         } else {
             vec![]
         };
@@ -730,7 +737,10 @@ fn fp8_graphs_follow_the_fp16_image_and_every_lora_switch() {
                 "fp8 (CUDA graphs {graph}), job {i} (LoRA {l}): relative error {e:.4} against fp16, \
                  {wrong:.4} against the other LoRA state (the LoRA moves fp16 by {lora_moves:.4})"
             );
-            assert!(e < 0.1 && e < wrong, "job {i}: {e} against fp16, {wrong} against the other state");
+            assert!(
+                e < 0.1 && e < wrong,
+                "job {i}: {e} against fp16, {wrong} against the other state"
+            );
         }
     }
 }

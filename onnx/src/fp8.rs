@@ -325,7 +325,14 @@ impl Kernel for MatMulKernel {
             let ordinal = st.fk.ctx.ordinal();
             let mut all = copies();
             all.retain(|c| c.w8 != w8_p);
-            all.push(Copy8 { ordinal, src: wp, len: n * k, w8: w8_p, scale: ws_p, amax: amax_p });
+            all.push(Copy8 {
+                ordinal,
+                src: wp,
+                len: n * k,
+                w8: w8_p,
+                scale: ws_p,
+                amax: amax_p,
+            });
             st.from = (wp, epoch);
         }
         if m == 0 {

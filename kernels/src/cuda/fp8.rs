@@ -74,7 +74,9 @@ impl Fp8Kernels {
     /// cores) or without libcublasLt.
     pub fn new(ordinal: usize) -> Result<Self, GpuError> {
         if !super::cuda_available() {
-            return Err(GpuError::NoCuda("libcuda/libnvrtc not loadable or no device".into()));
+            return Err(GpuError::NoCuda(
+                "libcuda/libnvrtc not loadable or no device".into(),
+            ));
         }
         let ctx = CudaContext::new(ordinal)?;
         let (major, minor) = ctx.compute_capability()?;
@@ -141,7 +143,14 @@ impl Fp8Kernels {
             &mut pn as *mut u64 as *mut c_void,
             &mut pa as *mut u64 as *mut c_void,
         ];
-        cudarc::driver::result::launch_kernel(self.amax.cu_function(), grid(n), (256, 1, 1), 0, stream, &mut args)?;
+        cudarc::driver::result::launch_kernel(
+            self.amax.cu_function(),
+            grid(n),
+            (256, 1, 1),
+            0,
+            stream,
+            &mut args,
+        )?;
         let (mut pw, mut pn, mut pa, mut po, mut ps) = (w, n64, amax, w8, scale);
         let mut args = [
             &mut pw as *mut u64 as *mut c_void,
@@ -150,7 +159,14 @@ impl Fp8Kernels {
             &mut po as *mut u64 as *mut c_void,
             &mut ps as *mut u64 as *mut c_void,
         ];
-        cudarc::driver::result::launch_kernel(self.quant_w.cu_function(), grid(n / 2), (256, 1, 1), 0, stream, &mut args)?;
+        cudarc::driver::result::launch_kernel(
+            self.quant_w.cu_function(),
+            grid(n / 2),
+            (256, 1, 1),
+            0,
+            stream,
+            &mut args,
+        )?;
         Ok(())
     }
 
@@ -167,7 +183,9 @@ impl Fp8Kernels {
         x8: u64,
     ) -> Result<(), GpuError> {
         if !n.is_multiple_of(8) {
-            return Err(GpuError::Shape(format!("fp8 activation of {n} values: not a multiple of 8")));
+            return Err(GpuError::Shape(format!(
+                "fp8 activation of {n} values: not a multiple of 8"
+            )));
         }
         let (mut px, mut pn, mut inv, mut po) = (x, n as u64, 1.0f32 / scale, x8);
         let mut args = [
@@ -176,7 +194,14 @@ impl Fp8Kernels {
             &mut inv as *mut f32 as *mut c_void,
             &mut po as *mut u64 as *mut c_void,
         ];
-        cudarc::driver::result::launch_kernel(self.quant_x.cu_function(), grid(n / 8), (256, 1, 1), 0, stream, &mut args)?;
+        cudarc::driver::result::launch_kernel(
+            self.quant_x.cu_function(),
+            grid(n / 8),
+            (256, 1, 1),
+            0,
+            stream,
+            &mut args,
+        )?;
         Ok(())
     }
 
@@ -230,7 +255,9 @@ impl Fp8Gemm {
         use ltsys::cublasLtMatmulDescAttributes_t as D;
         use ltsys::cudaDataType_t as T;
         if !k.is_multiple_of(16) || !n.is_multiple_of(16) {
-            return Err(GpuError::Shape(format!("fp8 GEMM {m}×{k} · {n}×{k}ᵀ: k and n must be multiples of 16")));
+            return Err(GpuError::Shape(format!(
+                "fp8 GEMM {m}×{k} · {n}×{k}ᵀ: k and n must be multiples of 16"
+            )));
         }
         fk.ctx.bind_to_thread()?;
         let e = lt_fail;
@@ -250,14 +277,26 @@ impl Fp8Gemm {
         let fast: i8 = 1;
         // SAFETY: the descriptor lives; the sizes are those of the values passed
         unsafe {
-            lt::set_matmul_desc_attribute(desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const _ as *const c_void, std::mem::size_of_val(&ta))
-                .map_err(e("transa"))?;
-            lt::set_matmul_desc_attribute(desc, D::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast as *const _ as *const c_void, 1)
-                .map_err(e("fast accumulation"))?;
+            lt::set_matmul_desc_attribute(
+                desc,
+                D::CUBLASLT_MATMUL_DESC_TRANSA,
+                &ta as *const _ as *const c_void,
+                std::mem::size_of_val(&ta),
+            )
+            .map_err(e("transa"))?;
+            lt::set_matmul_desc_attribute(
+                desc,
+                D::CUBLASLT_MATMUL_DESC_FAST_ACCUM,
+                &fast as *const _ as *const c_void,
+                1,
+            )
+            .map_err(e("fast accumulation"))?;
         }
         plan.layouts = [
-            lt::create_matrix_layout(T::CUDA_R_8F_E4M3, k as u64, n as u64, k as i64).map_err(e("layout A"))?,
-            lt::create_matrix_layout(T::CUDA_R_8F_E4M3, k as u64, m as u64, k as i64).map_err(e("layout B"))?,
+            lt::create_matrix_layout(T::CUDA_R_8F_E4M3, k as u64, n as u64, k as i64)
+                .map_err(e("layout A"))?,
+            lt::create_matrix_layout(T::CUDA_R_8F_E4M3, k as u64, m as u64, k as i64)
+                .map_err(e("layout B"))?,
             lt::create_matrix_layout(T::CUDA_R_16F, n as u64, m as u64, n as i64).map_err(e("layout D"))?,
         ];
         let pref = lt::create_matmul_pref().map_err(e("preference"))?;
@@ -306,10 +345,20 @@ impl Fp8Gemm {
         let e = lt_fail;
         let ws = fk.workspace(stream)?;
         let (a_scale, b_scale) = (w_scale as *const c_void, x_scale as *const c_void);
-        lt::set_matmul_desc_attribute(self.desc, D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale as *const _ as *const c_void, 8)
-            .map_err(e("A scale"))?;
-        lt::set_matmul_desc_attribute(self.desc, D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale as *const _ as *const c_void, 8)
-            .map_err(e("B scale"))?;
+        lt::set_matmul_desc_attribute(
+            self.desc,
+            D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+            &a_scale as *const _ as *const c_void,
+            8,
+        )
+        .map_err(e("A scale"))?;
+        lt::set_matmul_desc_attribute(
+            self.desc,
+            D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+            &b_scale as *const _ as *const c_void,
+            8,
+        )
+        .map_err(e("B scale"))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let [a, b, d] = self.layouts;
         lt::matmul(

@@ -772,7 +772,8 @@ __device__ __forceinline__ void packed_epilogue(const float (&acc)[4][4][4], flo
 // the last, to keep the count uniform), the weight tile's group after the first NST - 1 chunks.
 // Coefficients as in merge_h16: the accumulator in units of the current factor's, rescaled in f32
 // between factors. layer_ptrs: W, out per layer; dims: rows, cols, f0, nf; packed: Bp, Ap per
-// factor; ranks and coeffs per factor. NST = 2: mma-f16-packed; 3: mma-f16-pipelined.
+// factor; ranks and coeffs per factor. NST = 2 (mma-f16-packed): three stages measured slower
+// (6.79 against 5.90 ms for two rank-64 LoRAs over SDXL on an H100, docs/measurements.md run O).
 #define STAGE_HALVES (2 * TM * PS)
 template <typename T, int NST>
 __device__ __forceinline__ void merge_chunks(const unsigned long long* layer_ptrs, const unsigned int* dims,
@@ -900,10 +901,4 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_h16_f32(MERGE_AR
 }
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_h16_f16(MERGE_ARGS) {
     merge_h16<unsigned short>(layer_ptrs, dims, offsets, n_layers, factor_ptrs, ranks, coeffs);
-}
-extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_pipelined_f32(PACKED_ARGS) {
-    merge_chunks<float, 3>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
-}
-extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_pipelined_f16(PACKED_ARGS) {
-    merge_chunks<unsigned short, 3>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
 }

@@ -105,25 +105,20 @@ pub enum MergeKernel {
     /// chunks into shared memory by cp.async, double-buffered. Same numbers as `MmaF16`; scratch of
     /// (rows + cols) × padded rank fp16 values per layer for the merge's duration.
     MmaF16Packed,
-    /// `MmaF16Packed` with three chunks in flight instead of two (a ring of chunk stages and the
-    /// weight tile in dynamic shared memory, 94 KiB a block): the L2 latency of a chunk hides
-    /// behind the work on the ones before it. Same numbers.
-    MmaF16Pipelined,
 }
 
 /// Every kernel and its name on the command line.
-const KERNEL_NAMES: [(MergeKernel, &str); 6] = [
+const KERNEL_NAMES: [(MergeKernel, &str); 5] = [
     (MergeKernel::Tiled, "tiled"),
     (MergeKernel::Naive, "naive"),
     (MergeKernel::Mma, "mma"),
     (MergeKernel::MmaF16, "mma-f16"),
     (MergeKernel::MmaF16Packed, "mma-f16-packed"),
-    (MergeKernel::MmaF16Pipelined, "mma-f16-pipelined"),
 ];
 
 /// A merge kernel name none of [`MergeKernel`]'s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}`: expected tiled, naive, mma, mma-f16, mma-f16-packed or mma-f16-pipelined")]
+#[error("`{0}`: expected tiled, naive, mma, mma-f16 or mma-f16-packed")]
 pub struct UnknownMergeKernel(pub String);
 
 impl std::str::FromStr for MergeKernel {
@@ -152,7 +147,7 @@ impl MergeKernel {
     fn needs_mma(self) -> bool {
         matches!(
             self,
-            MergeKernel::Mma | MergeKernel::MmaF16 | MergeKernel::MmaF16Packed | MergeKernel::MmaF16Pipelined
+            MergeKernel::Mma | MergeKernel::MmaF16 | MergeKernel::MmaF16Packed
         )
     }
 
@@ -161,10 +156,7 @@ impl MergeKernel {
         let tiles = |tc: usize| (rows.div_ceil(MERGE_TILE) * cols.div_ceil(tc)) as u64;
         match self {
             MergeKernel::Naive => (rows * cols) as u64,
-            MergeKernel::Tiled
-            | MergeKernel::Mma
-            | MergeKernel::MmaF16Packed
-            | MergeKernel::MmaF16Pipelined => tiles(MERGE_TILE),
+            MergeKernel::Tiled | MergeKernel::Mma | MergeKernel::MmaF16Packed => tiles(MERGE_TILE),
             MergeKernel::MmaF16 => tiles(MERGE_TILE_F16_COLS),
         }
     }
@@ -369,9 +361,7 @@ impl GpuKernels {
             MergeKernel::Tiled => &self.lora_merge[2 + T::F16 as usize],
             MergeKernel::Mma => &self.lora_merge[4 + T::F16 as usize],
             MergeKernel::MmaF16 => &self.lora_merge[6 + T::F16 as usize],
-            MergeKernel::MmaF16Packed | MergeKernel::MmaF16Pipelined => {
-                return self.lora_merge_packed(layers, plan, kernel)
-            }
+            MergeKernel::MmaF16Packed => return self.lora_merge_packed(layers, plan),
         };
         let d = plan.upload(s)?;
         let factor_ptrs = s.clone_htod(&plan.factor_ptrs)?;
@@ -440,7 +430,6 @@ impl GpuKernels {
         &'g self,
         layers: &'g [GpuMergeLayer<'g, T>],
         mut plan: Plan<'g>,
-        kernel: MergeKernel,
     ) -> Result<(), GpuError> {
         let s = &self.stream;
         // the factors in the plan's order (rank > 0), and the scratch the unpacked ones need
@@ -499,11 +488,10 @@ impl GpuKernels {
         let d_packed = s.clone_htod(&packed)?;
         // fp16 weights: each tile's weights staged in shared memory while the factors multiply
         let stage_w = T::F16 as i32;
-        let (funcs, stages) = match kernel {
-            MergeKernel::MmaF16Pipelined => (&self.lora_merge_pipelined, 3),
-            _ => (&self.lora_merge_packed, 2),
-        };
-        let (func, smem) = (&funcs[T::F16 as usize], chunk_smem_bytes(stages, T::F16));
+        let (func, smem) = (
+            &self.lora_merge_packed[T::F16 as usize],
+            chunk_smem_bytes(2, T::F16),
+        );
         let mut b = s.launch_builder(func);
         b.arg(&d.layer_ptrs)
             .arg(&d.dims)

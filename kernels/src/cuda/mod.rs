@@ -12,9 +12,8 @@
 //!              W/out f32 ([`GpuKernels::lora_merge`]) or fp16 ([`GpuKernels::lora_merge_f16`],
 //!              bit patterns in u16); factors f32; f32 accumulation; tiled (f32 weights, and
 //!              fp16 before sm_80), naive, mma (tensor cores, 3×TF32, sm_80+), mma-f16 (fp16
-//!              tensor cores, sm_80+: fp16 weights' default), mma-f16-packed (the factors
-//!              packed into fp16 once: `pack_factors_f16`, or into scratch by the merge) or
-//!              mma-f16-pipelined (the same, three chunks in flight)
+//!              tensor cores, sm_80+: fp16 weights' default) or mma-f16-packed (the factors
+//!              packed into fp16 once: `pack_factors_f16`, or into scratch by the merge)
 //! Fp8Kernels::new(ordinal) ── fp8.cu (compute_89) + cuBLASLt: e4m3 quantization of weights and
 //!              activations, Fp8Gemm (fp8 GEMMs, fp16 out) on a caller's stream (fp8.rs)
 //! ```
@@ -184,8 +183,6 @@ pub struct GpuKernels {
     /// `pack_factors_f16`, then `[packed f32, packed f16]` ([`MergeKernel::MmaF16Packed`])
     pack: CudaFunction,
     lora_merge_packed: [CudaFunction; 2],
-    /// `[pipelined f32, pipelined f16]` ([`MergeKernel::MmaF16Pipelined`])
-    lora_merge_pipelined: [CudaFunction; 2],
     /// Compute capability 8.0 or newer: the tensor-core merge runs.
     has_mma: bool,
 }
@@ -222,18 +219,12 @@ impl GpuKernels {
             m.load_function("lora_merge_packed_f32")?,
             m.load_function("lora_merge_packed_f16")?,
         ];
-        let pipelined = [
-            m.load_function("lora_merge_pipelined_f32")?,
-            m.load_function("lora_merge_pipelined_f16")?,
-        ];
         if has_mma {
             // their chunk stages and weight tiles live in dynamic shared memory, past 48 KiB
             let max =
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            for (funcs, stages) in [(&packed, 2), (&pipelined, 3)] {
-                for (f, f16) in funcs.iter().zip([false, true]) {
-                    f.set_attribute(max, merge::chunk_smem_bytes(stages, f16) as i32)?;
-                }
+            for (f, f16) in packed.iter().zip([false, true]) {
+                f.set_attribute(max, merge::chunk_smem_bytes(2, f16) as i32)?;
             }
         }
         Ok(GpuKernels {
@@ -254,7 +245,6 @@ impl GpuKernels {
             ],
             pack: m.load_function("pack_factors_f16")?,
             lora_merge_packed: packed,
-            lora_merge_pipelined: pipelined,
             has_mma,
             ctx,
             stream,
@@ -356,7 +346,6 @@ impl GpuKernels {
             lora_merge: self.lora_merge.clone(),
             pack: self.pack.clone(),
             lora_merge_packed: self.lora_merge_packed.clone(),
-            lora_merge_pipelined: self.lora_merge_pipelined.clone(),
             has_mma: self.has_mma,
         })
     }

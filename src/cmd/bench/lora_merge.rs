@@ -66,8 +66,7 @@ pub struct LoraMergeArgs {
     pub dtype: Dtype,
     /// Merge kernel on the GPU: tiled (CUDA cores), mma (tensor cores, 3×TF32), mma-f16 (tensor
     /// cores, fp16 operands: exact for fp16 LoRA factors), mma-f16-packed (the same on factors
-    /// packed into fp16 once, at upload), mma-f16-pipelined (packed, three chunks in flight) or
-    /// naive.
+    /// packed into fp16 once, at upload) or naive.
     #[arg(long, default_value = "tiled")]
     pub kernel: MergeKernel,
     /// Timed merges (after one warm-up).
