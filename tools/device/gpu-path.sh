@@ -416,15 +416,17 @@ split() {  # latent parallelism: the split-vs-one-GPU parity test, then one GPU,
 
 quality() {  # the trained family's quality report on GPUs: the trained family's checkpoint (TINY_CKPT, default
              # /opt/tiny-ckpt; rebuilt from bundles/shapes by tools/shapes/ckpt_from_bundle.py when
-             # absent) exported fp16 (--gpu), then tools/quality_report.py on the committed fp32
+             # absent: it failed there in run O, so build it here into .gpu-carry/tiny-ckpt, 14 MB,
+             # and carry it) exported fp16 + fp8 (--gpu --fp8), then tools/quality_report.py on the committed fp32
              # bundles with --gpu cuda:0 --fp16-bundle --split cuda:1 (QUALITY_GPUS picks the two
              # cards, e.g. 2,3 beside another run); the report and its images go to $OUT/quality
   setup
   local ck=${TINY_CKPT:-/opt/tiny-ckpt} q=/tmp/trained
   if [[ ! -f $ck/unet/config.json ]]; then
     echo "== the trained checkpoint, rebuilt from bundles/shapes"
-    python3 tools/shapes/ckpt_from_bundle.py --out "$ck" 2>&1 | grep -E "^checkpoint|rror|differ" | tail -3
-    [[ -f $ck/unet/config.json ]] || { echo "no checkpoint in $ck"; return 1; }
+    python3 tools/shapes/ckpt_from_bundle.py --out "$ck" > /tmp/ckpt.log 2>&1
+    grep -E "^checkpoint|rror|differ" /tmp/ckpt.log | tail -3
+    [[ -f $ck/unet/config.json ]] || { echo "no checkpoint in $ck:"; grep -v Warning /tmp/ckpt.log | tail -8; return 1; }
   fi
   mkdir -p $q
   [[ -f $q/fp16/bundle.json ]] || python3 tools/export_bundle.py --config tiny --checkpoint "$ck" --gpu --fp8 \
