@@ -182,10 +182,10 @@ impl Operator for Quantize {
             if n == 0 {
                 return Ok(());
             }
-            if fk.is_none() {
-                fk = Some(kernels(device_of(xp)?).map_err(ort_err)?);
-            }
-            let k = fk.as_ref().expect("set above");
+            let k = match fk.as_ref() {
+                Some(k) => k,
+                None => fk.insert(kernels(device_of(xp)?).map_err(ort_err)?),
+            };
             // SAFETY: ONNX Runtime's input and output buffers of n elements, on its stream
             unsafe { k.quantize_x(stream, xp, n, scale, yp) }.map_err(ort_err)
         }))
@@ -308,12 +308,15 @@ impl Kernel for MatMulKernel {
             .ok_or_else(|| ort_err("Fp8MatMul: no output"))?
             .downcast::<DynTensorValueType>()?;
         let yp = y.data_ptr_mut() as u64;
-        if self.state.is_none() {
-            // the first run of a session: never one being captured into a CUDA graph
-            let fk = kernels(device_of(wp)?).map_err(ort_err)?;
-            self.state = Some(MatMulState::new(fk, n * k, self.x_scale).map_err(ort_err)?);
-        }
-        let st = self.state.as_mut().expect("set above");
+        let st = match self.state {
+            Some(ref mut st) => st,
+            None => {
+                // the first run of a session: never one being captured into a CUDA graph
+                let fk = kernels(device_of(wp)?).map_err(ort_err)?;
+                self.state
+                    .insert(MatMulState::new(fk, n * k, self.x_scale).map_err(ort_err)?)
+            }
+        };
         let [xs_p, w8_p, ws_p, amax_p] = st.ptrs;
         if st.len != n * k {
             return Err(ort_err(format!("Fp8MatMul: the weight changed shape to {ws:?}")));
@@ -338,10 +341,10 @@ impl Kernel for MatMulKernel {
         if m == 0 {
             return Ok(());
         }
-        if st.gemm.as_ref().map(Fp8Gemm::shape) != Some((m, n, k)) {
-            st.gemm = Some(Fp8Gemm::plan(&st.fk, m, n, k).map_err(ort_err)?);
-        }
-        let gemm = st.gemm.as_ref().expect("set above");
+        let gemm = match st.gemm {
+            Some(ref g) if g.shape() == (m, n, k) => g,
+            _ => st.gemm.insert(Fp8Gemm::plan(&st.fk, m, n, k).map_err(ort_err)?),
+        };
         // SAFETY: X8 is m·k bytes, Y m·n fp16 (ONNX Runtime's buffers), the copy and scales this
         // node's; all on ONNX Runtime's stream
         unsafe { gemm.run(&st.fk, stream, xp, w8_p, yp, xs_p, ws_p) }.map_err(ort_err)
