@@ -416,13 +416,19 @@ split() {  # latent parallelism: the split-vs-one-GPU parity test, then one GPU,
 
 quality() {  # the trained family's quality report on GPUs: the trained family's checkpoint (TINY_CKPT, default
              # /opt/tiny-ckpt; rebuilt from bundles/shapes by tools/shapes/ckpt_from_bundle.py when
-             # absent: it failed there in run O, so build it here into .gpu-carry/tiny-ckpt, 14 MB,
-             # and carry it) exported fp16 + fp8 (--gpu --fp8), then tools/quality_report.py on the committed fp32
-             # bundles with --gpu cuda:0 --fp16-bundle --split cuda:1 (QUALITY_GPUS picks the two
-             # cards, e.g. 2,3 beside another run); the report and its images go to $OUT/quality
+             # absent) exported fp16 + fp8 (--gpu --fp8), or that export carried in $C/trained (fp16,
+             # fp16-controlnet: ckpt_from_bundle.py failed on the GPU machine in run O; made here with
+             # ckpt_from_bundle.py --out CK, then export_bundle.py --config tiny --checkpoint CK --gpu
+             # --fp8 --no-check --out $C/trained/fp16, 10 MB), then tools/quality_report.py on the
+             # committed fp32 bundles with --gpu cuda:0 --fp16-bundle --fp8 --split cuda:1 (QUALITY_SPLIT=
+             # drops the split on one GPU; QUALITY_GPUS picks the cards, e.g. 2,3 beside another run);
+             # the report and its images go to $OUT/quality
   setup
   local ck=${TINY_CKPT:-/opt/tiny-ckpt} q=/tmp/trained
-  if [[ ! -f $ck/unet/config.json ]]; then
+  if [[ -f $C/trained/fp16/bundle.json && ! -f $q/fp16/bundle.json ]]; then
+    mkdir -p $q && cp -r "$C"/trained/* $q/ && echo "the trained family's fp16 + fp8 export: carried"
+  fi
+  if [[ ! -f $q/fp16/bundle.json && ! -f $ck/unet/config.json ]]; then
     echo "== the trained checkpoint, rebuilt from bundles/shapes"
     python3 tools/shapes/ckpt_from_bundle.py --out "$ck" > /tmp/ckpt.log 2>&1
     grep -E "^checkpoint|rror|differ" /tmp/ckpt.log | tail -3
