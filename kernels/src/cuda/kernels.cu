@@ -679,10 +679,10 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) 
 
 // chunk at packed rank k of the layer into stage (Bs, As): 128 rows of Bp and 128 rows of Ap,
 // 32 halves (64 bytes, 4 copies) each; rows past the layer are zero-filled
-__device__ __forceinline__ void stage_packed(unsigned short (*Bs)[PS], unsigned short (*As)[PS],
-                                             const unsigned short* Bp, const unsigned short* Ap,
-                                             unsigned int kpad, unsigned int k, unsigned int r0,
-                                             unsigned int c0, unsigned int rows, unsigned int cols, int tid) {
+__device__ __forceinline__ void issue_chunk(unsigned short (*Bs)[PS], unsigned short (*As)[PS],
+                                            const unsigned short* Bp, const unsigned short* Ap,
+                                            unsigned int kpad, unsigned int k, unsigned int r0,
+                                            unsigned int c0, unsigned int rows, unsigned int cols, int tid) {
 #if __CUDA_ARCH__ >= 800
 #pragma unroll
     for (int u = 0; u < 2; u++) {
@@ -698,8 +698,15 @@ __device__ __forceinline__ void stage_packed(unsigned short (*Bs)[PS], unsigned 
         const bool ok = c0 + c < cols;
         cp_async16(&As[c][q], ok ? Ap + (unsigned long long)(c0 + c) * kpad + k + q : Ap, ok);
     }
-    stage_commit();
 #endif
+}
+// the same, as one cp.async group of its own
+__device__ __forceinline__ void stage_packed(unsigned short (*Bs)[PS], unsigned short (*As)[PS],
+                                             const unsigned short* Bp, const unsigned short* Ap,
+                                             unsigned int kpad, unsigned int k, unsigned int r0,
+                                             unsigned int c0, unsigned int rows, unsigned int cols, int tid) {
+    issue_chunk(Bs, As, Bp, Ap, kpad, k, r0, c0, rows, cols, tid);
+    stage_commit();
 }
 
 // The fp16 weight tile of a packed merge, staged in dynamic shared memory past the chunk stages
@@ -710,17 +717,57 @@ extern __shared__ __align__(16) unsigned short merge_dyn[];
 
 // this block's TM×TN tile of W (fp16, cols a multiple of 8, 16-byte aligned) into Ws, zeros
 // outside the layer: one cp.async group
-__device__ __forceinline__ void stage_weights(unsigned short* Ws, const unsigned short* W, unsigned int r0,
-                                              unsigned int c0, unsigned int rows, unsigned int cols, int tid) {
+// Rows are copied in 8 bands of 16 (band u: rows 16u … 16u + 15); [u0, u1) picks bands, no commit.
+#define W_BANDS ((TM * TN / 8) / 256)
+__device__ __forceinline__ void issue_weight_bands(unsigned short* Ws, const unsigned short* W, unsigned int r0,
+                                                   unsigned int c0, unsigned int rows, unsigned int cols, int tid,
+                                                   int u0, int u1) {
 #if __CUDA_ARCH__ >= 800
 #pragma unroll
-    for (int u = 0; u < (TM * TN / 8) / 256; u++) {
+    for (int u = 0; u < W_BANDS; u++) {
+        if (u < u0 || u >= u1) continue;
         const int e = tid + 256 * u;  // row e / (TN/8), 8 halves at (e % (TN/8)) · 8
         const unsigned int r = e / (TN / 8), q = (e % (TN / 8)) * 8;
         const bool ok = r0 + r < rows && c0 + q < cols;
         cp_async16(Ws + r * WS + q, ok ? W + (unsigned long long)(r0 + r) * cols + c0 + q : W, ok);
     }
+#endif
+}
+__device__ __forceinline__ void stage_weights(unsigned short* Ws, const unsigned short* W, unsigned int r0,
+                                              unsigned int c0, unsigned int rows, unsigned int cols, int tid) {
+    issue_weight_bands(Ws, W, r0, c0, rows, cols, tid, 0, W_BANDS);
     stage_commit();
+}
+
+// out = Ws + cur·acc (Ws: the tile's weights, complete and visible to every thread), through Ws
+// in place, then out in whole 16-byte pieces of rows
+__device__ __forceinline__ void epilogue_staged(const float (&acc)[4][4][4], float cur, unsigned short* O,
+                                                unsigned int rows, unsigned int cols, unsigned int r0,
+                                                unsigned int c0, int wm, int wn, int g, int t4, int tid,
+                                                unsigned short* Ws) {
+#if __CUDA_ARCH__ >= 800
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = wm * 64 + mt * 16 + g + 8 * h;
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                unsigned int* p = (unsigned int*)(Ws + r * WS + wn * 32 + nt * 8 + 2 * t4);
+                const unsigned int u = *p;
+                const float x = h2f((unsigned short)(u & 0xffffu)) + cur * acc[mt][nt][2 * h];
+                const float y = h2f((unsigned short)(u >> 16)) + cur * acc[mt][nt][2 * h + 1];
+                *p = f2h2(x, y);
+            }
+        }
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < (TM * TN / 8) / 256; u++) {  // whole 16-byte pieces of rows out
+        const int e = tid + 256 * u;
+        const unsigned int r = e / (TN / 8), q = (e % (TN / 8)) * 8;
+        if (r0 + r < rows && c0 + q < cols)
+            *(uint4*)(O + (unsigned long long)(r0 + r) * cols + c0 + q) = *(const uint4*)(Ws + r * WS + q);
+    }
 #endif
 }
 
@@ -738,29 +785,7 @@ __device__ __forceinline__ void packed_epilogue(const float (&acc)[4][4][4], flo
     }
     stage_wait_n(0);
     __syncthreads();  // every thread's part of the weight tile is in shared memory
-#pragma unroll
-    for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int r = wm * 64 + mt * 16 + g + 8 * h;
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                unsigned int* p = (unsigned int*)(Ws + r * WS + wn * 32 + nt * 8 + 2 * t4);
-                const unsigned int u = *p;
-                const float x = h2f((unsigned short)(u & 0xffffu)) + cur * acc[mt][nt][2 * h];
-                const float y = h2f((unsigned short)(u >> 16)) + cur * acc[mt][nt][2 * h + 1];
-                *p = f2h2(x, y);
-            }
-        }
-    __syncthreads();
-    unsigned short* O = (unsigned short*)layer_ptrs[2 * l + 1];
-#pragma unroll
-    for (int u = 0; u < (TM * TN / 8) / 256; u++) {  // whole 16-byte pieces of rows out
-        const int e = tid + 256 * u;
-        const unsigned int r = e / (TN / 8), q = (e % (TN / 8)) * 8;
-        if (r0 + r < rows && c0 + q < cols)
-            *(uint4*)(O + (unsigned long long)(r0 + r) * cols + c0 + q) = *(const uint4*)(Ws + r * WS + q);
-    }
+    epilogue_staged(acc, cur, (unsigned short*)layer_ptrs[2 * l + 1], rows, cols, r0, c0, wm, wn, g, t4, tid, Ws);
 #endif
 }
 
@@ -873,6 +898,170 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_packed_f32(PACKE
 }
 extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_packed_f16(PACKED_ARGS) {
     merge_chunks<unsigned short, 2>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, stage_w);
+}
+
+// The persistent packed merge (mma-f16-persistent): two blocks per SM walk the tiles (tile +=
+// gridDim.x) with two weight buffers. While a tile's chunks multiply, the next tile's weights
+// load into the other buffer, one band of rows with each chunk (in that chunk's cp.async group),
+// and the next tile's first chunk with this tile's last: a tile's DRAM read overlaps the
+// tensor-core work of the tile before it instead of following it (in mma-f16-packed, the merge
+// time is the memory time plus the chunk time). Same numbers as mma-f16-packed; f32 weights go
+// through global memory as there. Dynamic shared memory: two chunk stages, then (fp16) two
+// weight tiles (host: persistent_smem_bytes).
+struct PackedTile {
+    int l;
+    unsigned int rows, cols, f0, nf, r0, c0;
+    bool staged;  // the weights go through shared memory
+};
+
+__device__ __forceinline__ bool packed_tile(PackedTile& p, const unsigned long long* layer_ptrs,
+                                            const unsigned int* dims, const unsigned long long* offsets,
+                                            int n_layers, unsigned long long tile, unsigned long long total,
+                                            bool f16) {
+    if (tile >= total) return false;
+    p.l = find_layer(offsets, n_layers, tile);
+    p.rows = dims[4 * p.l];
+    p.cols = dims[4 * p.l + 1];
+    p.f0 = dims[4 * p.l + 2];
+    p.nf = dims[4 * p.l + 3];
+    const unsigned int t = (unsigned int)(tile - offsets[p.l]);
+    const unsigned int tiles_c = (p.cols + TN - 1) / TN;
+    p.r0 = (t / tiles_c) * TM;
+    p.c0 = (t % tiles_c) * TN;
+    p.staged = f16 && p.cols % 8 == 0 && ((layer_ptrs[2 * p.l] | layer_ptrs[2 * p.l + 1]) % 16) == 0;
+    return true;
+}
+
+template <typename T>
+__device__ __forceinline__ void merge_persistent(const unsigned long long* layer_ptrs, const unsigned int* dims,
+                                                 const unsigned long long* offsets, int n_layers,
+                                                 const unsigned long long* packed, const unsigned int* ranks,
+                                                 const float* coeffs, unsigned long long total) {
+#if __CUDA_ARCH__ >= 800
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 2, wn = warp & 3, g = lane >> 2, t4 = lane & 3;
+    const bool f16 = sizeof(T) == 2;
+    unsigned short* wbuf = merge_dyn + 2 * STAGE_HALVES;  // two tiles of TM × WS halves
+#define SEG(f) ((ranks[f] + PK - 1) / PK * PK)
+#define BS(st) ((unsigned short (*)[PS])(merge_dyn + (st) * STAGE_HALVES))
+#define AS(st) ((unsigned short (*)[PS])(merge_dyn + (st) * STAGE_HALVES + TM * PS))
+#define SKIP(f, p) while ((f) < (p).f0 + (p).nf && (coeffs[f] == 0.0f || ranks[f] == 0)) (f)++
+#define ADVANCE(f, k, p)           \
+    do {                           \
+        k += PK;                   \
+        if (k >= SEG(f)) {         \
+            k = 0;                 \
+            f++;                   \
+            SKIP(f, p);            \
+        }                          \
+    } while (0)
+#define ISSUE(st, f, k, p)                                                                                  \
+    issue_chunk(BS(st), AS(st), (const unsigned short*)packed[2 * (f)], (const unsigned short*)packed[2 * (f) + 1], \
+                SEG(f), k, (p).r0, (p).c0, (p).rows, (p).cols, tid)
+    unsigned long long tile = blockIdx.x;
+    PackedTile cur, nxt;
+    if (!packed_tile(cur, layer_ptrs, dims, offsets, n_layers, tile, total, f16)) return;
+    int b = 0, st = 0;  // cur's weight buffer; the stage of the chunk computed next
+    {  // cur's weights and first chunk: one group
+        if (cur.staged)
+            issue_weight_bands(wbuf, (const unsigned short*)layer_ptrs[2 * cur.l], cur.r0, cur.c0, cur.rows,
+                               cur.cols, tid, 0, W_BANDS);
+        unsigned int f = cur.f0;
+        SKIP(f, cur);
+        if (f < cur.f0 + cur.nf) ISSUE(0, f, 0u, cur);
+        stage_commit();
+    }
+    float acc[4][4][4];
+    for (;;) {
+        const bool more = packed_tile(nxt, layer_ptrs, dims, offsets, n_layers, tile + gridDim.x, total, f16);
+        unsigned short* wnext = wbuf + (b ^ 1) * TM * WS;
+        // cur's chunks: how many, and the first
+        unsigned int n = 0;
+        for (unsigned int f = cur.f0; f < cur.f0 + cur.nf; f++)
+            if (coeffs[f] != 0.0f) n += SEG(f) / PK;  // (SEG is 0 for a rank of 0)
+        unsigned int fc = cur.f0, kc = 0;
+        SKIP(fc, cur);
+        float c = fc < cur.f0 + cur.nf ? coeffs[fc] : 0.0f;
+        unsigned int fi = fc, ki = 0;  // the chunk issued next (after the first, issued already)
+        if (n > 0) ADVANCE(fi, ki, cur);
+        unsigned int fx = 0;  // nxt's first chunk
+        if (more) {
+            fx = nxt.f0;
+            SKIP(fx, nxt);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+        for (unsigned int i = 0; i < n; i++) {
+            // into the other stage: cur's next chunk, or after its last nxt's first; and a band of
+            // nxt's weights
+            if (i + 1 < n) {
+                ISSUE(st ^ 1, fi, ki, cur);
+                ADVANCE(fi, ki, cur);
+            } else if (more && fx < nxt.f0 + nxt.nf) {
+                ISSUE(st ^ 1, fx, 0u, nxt);
+            }
+            if (more && nxt.staged)
+                issue_weight_bands(wnext, (const unsigned short*)layer_ptrs[2 * nxt.l], nxt.r0, nxt.c0, nxt.rows,
+                                   nxt.cols, tid, (int)(i * W_BANDS / n), (int)((i + 1) * W_BANDS / n));
+            stage_commit();
+            stage_wait_n(1);  // chunk i (and every older group: cur's weights among them) is in
+            __syncthreads();
+            mma_chunk<4, PK / 2, PS / 2>(acc, (const unsigned int*)BS(st), (const unsigned int*)AS(st), wm * 64,
+                                         wn * 32, g, t4);
+            __syncthreads();  // stage st is free for the next issue
+            st ^= 1;
+            unsigned int fn = fc, kn = kc;
+            ADVANCE(fn, kn, cur);
+            if (fn != fc && fn < cur.f0 + cur.nf) {  // the accumulator in units of the next coefficient
+                scale_acc(acc, c / coeffs[fn]);
+                c = coeffs[fn];
+            }
+            fc = fn;
+            kc = kn;
+        }
+        if (n == 0) {  // nothing multiplies here: nxt's weights and first chunk now
+            if (more && nxt.staged)
+                issue_weight_bands(wnext, (const unsigned short*)layer_ptrs[2 * nxt.l], nxt.r0, nxt.c0, nxt.rows,
+                                   nxt.cols, tid, 0, W_BANDS);
+            if (more && fx < nxt.f0 + nxt.nf) ISSUE(st, fx, 0u, nxt);
+            stage_commit();
+            stage_wait_n(1);  // cur's weights are in
+            __syncthreads();
+        }
+        if (cur.staged)
+            epilogue_staged(acc, c, (unsigned short*)layer_ptrs[2 * cur.l + 1], cur.rows, cur.cols, cur.r0, cur.c0,
+                            wm, wn, g, t4, tid, wbuf + b * TM * WS);
+        else
+            add_to_weights<T, 4>(acc, c, layer_ptrs, cur.l, cur.rows, cur.cols, cur.r0 + wm * 64, cur.c0 + wn * 32,
+                                 g, t4);
+        __syncthreads();  // cur's weight buffer is free: nxt's successor loads into it
+        if (!more) break;
+        cur = nxt;
+        tile += gridDim.x;
+        b ^= 1;
+    }
+    stage_wait_n(0);
+#undef ISSUE
+#undef ADVANCE
+#undef SKIP
+#undef AS
+#undef BS
+#undef SEG
+#else
+    __trap();  // the host launches this kernel only on sm_80 and newer
+#endif
+}
+
+#define PERSISTENT_ARGS PACKED_ARGS, unsigned long long total
+extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_persistent_f32(PERSISTENT_ARGS) {
+    merge_persistent<float>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, total);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_persistent_f16(PERSISTENT_ARGS) {
+    merge_persistent<unsigned short>(layer_ptrs, dims, offsets, n_layers, packed, ranks, coeffs, total);
 }
 
 #define MERGE_ARGS const unsigned long long* layer_ptrs, const unsigned int* dims, \

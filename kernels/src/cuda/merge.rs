@@ -105,20 +105,25 @@ pub enum MergeKernel {
     /// chunks into shared memory by cp.async, double-buffered. Same numbers as `MmaF16`; scratch of
     /// (rows + cols) × padded rank fp16 values per layer for the merge's duration.
     MmaF16Packed,
+    /// `MmaF16Packed` in persistent blocks (two per SM walk the tiles) with two weight buffers:
+    /// the next tile's weights and first chunk load while a tile multiplies, so a tile's DRAM
+    /// read overlaps the tensor-core work before it. Same numbers.
+    MmaF16Persistent,
 }
 
 /// Every kernel and its name on the command line.
-const KERNEL_NAMES: [(MergeKernel, &str); 5] = [
+const KERNEL_NAMES: [(MergeKernel, &str); 6] = [
     (MergeKernel::Tiled, "tiled"),
     (MergeKernel::Naive, "naive"),
     (MergeKernel::Mma, "mma"),
     (MergeKernel::MmaF16, "mma-f16"),
     (MergeKernel::MmaF16Packed, "mma-f16-packed"),
+    (MergeKernel::MmaF16Persistent, "mma-f16-persistent"),
 ];
 
 /// A merge kernel name none of [`MergeKernel`]'s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}`: expected tiled, naive, mma, mma-f16 or mma-f16-packed")]
+#[error("`{0}`: expected tiled, naive, mma, mma-f16, mma-f16-packed or mma-f16-persistent")]
 pub struct UnknownMergeKernel(pub String);
 
 impl std::str::FromStr for MergeKernel {
@@ -147,7 +152,10 @@ impl MergeKernel {
     fn needs_mma(self) -> bool {
         matches!(
             self,
-            MergeKernel::Mma | MergeKernel::MmaF16 | MergeKernel::MmaF16Packed
+            MergeKernel::Mma
+                | MergeKernel::MmaF16
+                | MergeKernel::MmaF16Packed
+                | MergeKernel::MmaF16Persistent
         )
     }
 
@@ -156,7 +164,10 @@ impl MergeKernel {
         let tiles = |tc: usize| (rows.div_ceil(MERGE_TILE) * cols.div_ceil(tc)) as u64;
         match self {
             MergeKernel::Naive => (rows * cols) as u64,
-            MergeKernel::Tiled | MergeKernel::Mma | MergeKernel::MmaF16Packed => tiles(MERGE_TILE),
+            MergeKernel::Tiled
+            | MergeKernel::Mma
+            | MergeKernel::MmaF16Packed
+            | MergeKernel::MmaF16Persistent => tiles(MERGE_TILE),
             MergeKernel::MmaF16 => tiles(MERGE_TILE_F16_COLS),
         }
     }
@@ -175,6 +186,12 @@ pub(super) fn chunk_smem_bytes(stages: usize, f16: bool) -> u32 {
     let stage = 2 * MERGE_TILE * (PACK_RANKS + 8) * 2;
     let weights = if f16 { MERGE_TILE * (MERGE_TILE + 8) * 2 } else { 0 };
     (stages * stage + weights) as u32
+}
+
+/// Dynamic shared memory of the persistent merge: two chunk stages, then, for fp16 weights, two
+/// weight tiles (kernels.cu `merge_persistent`).
+pub(super) fn persistent_smem_bytes(f16: bool) -> u32 {
+    chunk_smem_bytes(2, f16) + if f16 { chunk_smem_bytes(0, true) } else { 0 }
 }
 
 /// A launch of `blocks` blocks of 256 threads.
@@ -361,7 +378,9 @@ impl GpuKernels {
             MergeKernel::Tiled => &self.lora_merge[2 + T::F16 as usize],
             MergeKernel::Mma => &self.lora_merge[4 + T::F16 as usize],
             MergeKernel::MmaF16 => &self.lora_merge[6 + T::F16 as usize],
-            MergeKernel::MmaF16Packed => return self.lora_merge_packed(layers, plan),
+            MergeKernel::MmaF16Packed | MergeKernel::MmaF16Persistent => {
+                return self.lora_merge_packed(layers, plan, kernel == MergeKernel::MmaF16Persistent)
+            }
         };
         let d = plan.upload(s)?;
         let factor_ptrs = s.clone_htod(&plan.factor_ptrs)?;
@@ -430,6 +449,7 @@ impl GpuKernels {
         &'g self,
         layers: &'g [GpuMergeLayer<'g, T>],
         mut plan: Plan<'g>,
+        persistent: bool,
     ) -> Result<(), GpuError> {
         let s = &self.stream;
         // the factors in the plan's order (rank > 0), and the scratch the unpacked ones need
@@ -488,10 +508,21 @@ impl GpuKernels {
         let d_packed = s.clone_htod(&packed)?;
         // fp16 weights: each tile's weights staged in shared memory while the factors multiply
         let stage_w = T::F16 as i32;
-        let (func, smem) = (
-            &self.lora_merge_packed[T::F16 as usize],
-            chunk_smem_bytes(2, T::F16),
-        );
+        let (func, smem, blocks) = if persistent {
+            // two blocks per SM walk every tile
+            let blocks = plan.total.min(2 * self.sms as u64);
+            (
+                &self.lora_merge_persistent[T::F16 as usize],
+                persistent_smem_bytes(T::F16),
+                blocks,
+            )
+        } else {
+            (
+                &self.lora_merge_packed[T::F16 as usize],
+                chunk_smem_bytes(2, T::F16),
+                plan.total,
+            )
+        };
         let mut b = s.launch_builder(func);
         b.arg(&d.layer_ptrs)
             .arg(&d.dims)
@@ -501,9 +532,12 @@ impl GpuKernels {
             .arg(&d.ranks)
             .arg(&d.coeffs)
             .arg(&stage_w);
+        if persistent {
+            b.arg(&plan.total);
+        }
         let cfg = LaunchConfig {
             shared_mem_bytes: smem,
-            ..grid(plan.total)
+            ..grid(blocks)
         };
         unsafe { b.launch(cfg) }?;
         drop(plan);

@@ -12,8 +12,10 @@
 //!              W/out f32 ([`GpuKernels::lora_merge`]) or fp16 ([`GpuKernels::lora_merge_f16`],
 //!              bit patterns in u16); factors f32; f32 accumulation; tiled (f32 weights, and
 //!              fp16 before sm_80), naive, mma (tensor cores, 3×TF32, sm_80+), mma-f16 (fp16
-//!              tensor cores, sm_80+: fp16 weights' default) or mma-f16-packed (the factors
-//!              packed into fp16 once: `pack_factors_f16`, or into scratch by the merge)
+//!              tensor cores, sm_80+: fp16 weights' default), mma-f16-packed (the factors
+//!              packed into fp16 once: `pack_factors_f16`, or into scratch by the merge) or
+//!              mma-f16-persistent (the same in persistent blocks, the next tile's weights
+//!              loading while a tile multiplies)
 //! Fp8Kernels::new(ordinal) ── fp8.cu (compute_89) + cuBLASLt: e4m3 quantization of weights and
 //!              activations, Fp8Gemm (fp8 GEMMs, fp16 out) on a caller's stream (fp8.rs)
 //! ```
@@ -183,6 +185,10 @@ pub struct GpuKernels {
     /// `pack_factors_f16`, then `[packed f32, packed f16]` ([`MergeKernel::MmaF16Packed`])
     pack: CudaFunction,
     lora_merge_packed: [CudaFunction; 2],
+    /// `[persistent f32, persistent f16]` ([`MergeKernel::MmaF16Persistent`]), and the SM count
+    /// that sizes its grid
+    lora_merge_persistent: [CudaFunction; 2],
+    sms: u32,
     /// Compute capability 8.0 or newer: the tensor-core merge runs.
     has_mma: bool,
 }
@@ -219,14 +225,22 @@ impl GpuKernels {
             m.load_function("lora_merge_packed_f32")?,
             m.load_function("lora_merge_packed_f16")?,
         ];
+        let persistent = [
+            m.load_function("lora_merge_persistent_f32")?,
+            m.load_function("lora_merge_persistent_f16")?,
+        ];
         if has_mma {
             // their chunk stages and weight tiles live in dynamic shared memory, past 48 KiB
             let max =
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            for (f, f16) in packed.iter().zip([false, true]) {
-                f.set_attribute(max, merge::chunk_smem_bytes(2, f16) as i32)?;
+            for (i, f16) in [false, true].into_iter().enumerate() {
+                packed[i].set_attribute(max, merge::chunk_smem_bytes(2, f16) as i32)?;
+                persistent[i].set_attribute(max, merge::persistent_smem_bytes(f16) as i32)?;
             }
         }
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as u32;
         Ok(GpuKernels {
             combine: m.load_function("combine")?,
             axpy: m.load_function("axpy")?,
@@ -245,6 +259,8 @@ impl GpuKernels {
             ],
             pack: m.load_function("pack_factors_f16")?,
             lora_merge_packed: packed,
+            lora_merge_persistent: persistent,
+            sms,
             has_mma,
             ctx,
             stream,
@@ -346,6 +362,8 @@ impl GpuKernels {
             lora_merge: self.lora_merge.clone(),
             pack: self.pack.clone(),
             lora_merge_packed: self.lora_merge_packed.clone(),
+            lora_merge_persistent: self.lora_merge_persistent.clone(),
+            sms: self.sms,
             has_mma: self.has_mma,
         })
     }

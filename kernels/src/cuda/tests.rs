@@ -507,6 +507,13 @@ fn the_fp16_tensor_core_merge_matches_the_f64_reference() {
         cols: 200,
         factors: vec![(8, -0.7), (16, 0.0)],
     });
+    // more tiles than two per SM (288 with the rest): the persistent kernel's blocks walk several
+    // tiles each, the next one's weights and first chunk loading while one multiplies
+    cases.push(Case {
+        rows: 2048,
+        cols: 2304,
+        factors: vec![(64, 0.8), (64, -0.6)],
+    });
     let h = |x: f32| f16::from_f32(x).to_f32();
     let round = |v: &[f32]| v.iter().map(|&x| h(x)).collect::<Vec<f32>>();
     let exact: Vec<HostLayer> = host_layers(&cases, 9)
@@ -521,6 +528,8 @@ fn the_fp16_tensor_core_merge_matches_the_f64_reference() {
         (MergeKernel::MmaF16, false),
         (MergeKernel::MmaF16Packed, false),
         (MergeKernel::MmaF16Packed, true),
+        (MergeKernel::MmaF16Persistent, false),
+        (MergeKernel::MmaF16Persistent, true),
     ] {
         let tag = if pre { " (packed before)" } else { "" };
         let got = gpu_merge_with::<f32>(&k, &cases, &exact, kernel, pre, |x| x, |x| x);

@@ -66,7 +66,8 @@ pub struct LoraMergeArgs {
     pub dtype: Dtype,
     /// Merge kernel on the GPU: tiled (CUDA cores), mma (tensor cores, 3×TF32), mma-f16 (tensor
     /// cores, fp16 operands: exact for fp16 LoRA factors), mma-f16-packed (the same on factors
-    /// packed into fp16 once, at upload) or naive.
+    /// packed into fp16 once, at upload), mma-f16-persistent (packed, persistent blocks that
+    /// load the next tile's weights while a tile multiplies) or naive.
     #[arg(long, default_value = "tiled")]
     pub kernel: MergeKernel,
     /// Timed merges (after one warm-up).

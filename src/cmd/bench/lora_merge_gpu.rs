@@ -141,7 +141,10 @@ pub(super) fn gpu_bench<T: HostElem>(
     // the packed kernel reads factors packed once per LoRA, as a worker keeps them: packed here,
     // timed apart from the merges
     let t0 = Instant::now();
-    let prepack = a.kernel == MergeKernel::MmaF16Packed;
+    let prepack = matches!(
+        a.kernel,
+        MergeKernel::MmaF16Packed | MergeKernel::MmaF16Persistent
+    );
     let packed: Vec<BTreeMap<String, PackedFactor>> = if prepack {
         loras
             .iter()
