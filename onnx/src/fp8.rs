@@ -239,9 +239,7 @@ struct MatMulState {
     /// `[x_scale, w8, w_scale, amax]`: the buffers below, their addresses taken once (a run that
     /// is being captured into a CUDA graph makes no cudarc calls).
     ptrs: [u64; 4],
-    /// The weight's element count (its copy's bytes).
-    len: usize,
-    _bufs: (CudaSlice<f32>, CudaSlice<u8>, CudaSlice<f32>, CudaSlice<f32>),
+    bufs: (CudaSlice<f32>, CudaSlice<u8>, CudaSlice<f32>, CudaSlice<f32>),
     /// The weight buffer and weights epoch the copy was made from.
     from: (u64, u64),
     gemm: Option<Fp8Gemm>,
@@ -265,8 +263,7 @@ impl MatMulState {
         Ok(MatMulState {
             fk,
             ptrs,
-            len,
-            _bufs: (xs, w8, ws, amax),
+            bufs: (xs, w8, ws, amax),
             from: (0, 0),
             gemm: None,
         })
@@ -318,7 +315,7 @@ impl Kernel for MatMulKernel {
             }
         };
         let [xs_p, w8_p, ws_p, amax_p] = st.ptrs;
-        if st.len != n * k {
+        if st.bufs.1.len() != n * k {
             return Err(ort_err(format!("Fp8MatMul: the weight changed shape to {ws:?}")));
         }
         let epoch = EPOCH.load(Ordering::Relaxed);

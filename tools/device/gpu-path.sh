@@ -187,11 +187,11 @@ export_wait() {
   du -sh "$S"/* 2>/dev/null | head
 }
 
-katz_bench() {  # name, then extra flags
+katz_bench() {  # name, then extra flags (BENCH_LORAS: other LoRA files, comma-separated)
   local name=$1; shift
   echo "== katz bench pipeline: $name"
   /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" --controlnet "$S/base-controlnet" \
-    --loras "$S/loras/lora0.safetensors,$S/loras/lora1.safetensors" \
+    --loras "${BENCH_LORAS:-$S/loras/lora0.safetensors,$S/loras/lora1.safetensors}" \
     --size "${SIZE:-1024}" --steps "${STEPS:-50}" $([[ -f $BASE ]] && echo --baseline "$BASE") --unet-tflop 6.76 \
     ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} --out "$O/pipeline-$gpu-$name-$day.json" "$@" 2>&1 | grep -v " WARN " | tail -9
 }
@@ -777,12 +777,8 @@ fp8() {  # fp8 GEMMs against fp16 in one sitting, GPU 0 (see the header)
   bench_setup || return 1
   local p
   for p in bundle fp8; do  # the export's own LoRA (lora0); peer or bench add lora1 (rank 64)
-    echo "== katz bench pipeline: 1gpu-graph-$p"
-    KATZ_GRAPH_CACHE=none /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" --controlnet "$S/base-controlnet" \
-      --loras "$(ls "$S"/loras/lora[01].safetensors | paste -sd,)" --size "${SIZE:-1024}" --steps "${STEPS:-50}" \
-      $([[ -f $BASE ]] && echo --baseline "$BASE") --unet-tflop 6.76 ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} \
-      --configs "${FP8_CONFIGS:-0C/0L,1C/1L}" --static-shapes --cuda-graph --precision "$p" \
-      --out "$O/pipeline-$gpu-1gpu-graph-$p-$day.json" 2>&1 | grep -v " WARN " | tail -8
+    BENCH_LORAS=$(ls "$S"/loras/lora[01].safetensors | paste -sd,) KATZ_GRAPH_CACHE=none \
+      katz_bench "1gpu-graph-$p" --configs "${FP8_CONFIGS:-0C/0L,1C/1L}" --static-shapes --cuda-graph --precision "$p"
   done
   echo "== the same jobs in fp16 and fp8: image deviation (katz generate, ${SIZE:-1024}², ${STEPS:-50} steps)"
   local i l

@@ -64,9 +64,25 @@ impl Drop for Fp8Kernels {
     }
 }
 
-/// A launch configuration: `n` items, 256 threads a block, at most 4 blocks per SM's worth.
-fn grid(n: usize) -> (u32, u32, u32) {
-    ((n.div_ceil(256)).clamp(1, 132 * 8) as u32, 1, 1)
+/// A kernel argument as the driver takes it: the address of its value.
+fn arg<T>(v: &mut T) -> *mut c_void {
+    v as *mut T as *mut c_void
+}
+
+/// Launches `f` on the raw `stream` over `items` (256 threads a block, grid-stride loops, at most
+/// 1056 blocks).
+///
+/// # Safety
+/// `args` match `f`'s parameters; the memory they name stays valid until `stream` has run it.
+unsafe fn launch(
+    f: &CudaFunction,
+    items: usize,
+    stream: CUstream,
+    args: &mut [*mut c_void],
+) -> Result<(), GpuError> {
+    let blocks = items.div_ceil(256).clamp(1, 132 * 8) as u32;
+    cudarc::driver::result::launch_kernel(f.cu_function(), (blocks, 1, 1), (256, 1, 1), 0, stream, args)?;
+    Ok(())
 }
 
 impl Fp8Kernels {
@@ -136,37 +152,21 @@ impl Fp8Kernels {
         }
         self.ctx.bind_to_thread()?;
         cudarc::driver::result::memset_d8_async(amax, 0, 4, stream)?;
-        let n64 = n as u64;
-        let (mut pw, mut pn, mut pa) = (w, n64, amax);
-        let mut args = [
-            &mut pw as *mut u64 as *mut c_void,
-            &mut pn as *mut u64 as *mut c_void,
-            &mut pa as *mut u64 as *mut c_void,
-        ];
-        cudarc::driver::result::launch_kernel(
-            self.amax.cu_function(),
-            grid(n),
-            (256, 1, 1),
-            0,
+        let (mut pw, mut pn, mut pa, mut po, mut ps) = (w, n as u64, amax, w8, scale);
+        launch(
+            &self.amax,
+            n,
             stream,
-            &mut args,
+            &mut [arg(&mut pw), arg(&mut pn), arg(&mut pa)],
         )?;
-        let (mut pw, mut pn, mut pa, mut po, mut ps) = (w, n64, amax, w8, scale);
-        let mut args = [
-            &mut pw as *mut u64 as *mut c_void,
-            &mut pn as *mut u64 as *mut c_void,
-            &mut pa as *mut u64 as *mut c_void,
-            &mut po as *mut u64 as *mut c_void,
-            &mut ps as *mut u64 as *mut c_void,
+        let args = &mut [
+            arg(&mut pw),
+            arg(&mut pn),
+            arg(&mut pa),
+            arg(&mut po),
+            arg(&mut ps),
         ];
-        cudarc::driver::result::launch_kernel(
-            self.quant_w.cu_function(),
-            grid(n / 2),
-            (256, 1, 1),
-            0,
-            stream,
-            &mut args,
-        )?;
+        launch(&self.quant_w, n / 2, stream, args)?;
         Ok(())
     }
 
@@ -188,19 +188,11 @@ impl Fp8Kernels {
             )));
         }
         let (mut px, mut pn, mut inv, mut po) = (x, n as u64, 1.0f32 / scale, x8);
-        let mut args = [
-            &mut px as *mut u64 as *mut c_void,
-            &mut pn as *mut u64 as *mut c_void,
-            &mut inv as *mut f32 as *mut c_void,
-            &mut po as *mut u64 as *mut c_void,
-        ];
-        cudarc::driver::result::launch_kernel(
-            self.quant_x.cu_function(),
-            grid(n / 8),
-            (256, 1, 1),
-            0,
+        launch(
+            &self.quant_x,
+            n / 8,
             stream,
-            &mut args,
+            &mut [arg(&mut px), arg(&mut pn), arg(&mut inv), arg(&mut po)],
         )?;
         Ok(())
     }
@@ -380,5 +372,90 @@ impl Fp8Gemm {
             stream as ltsys::cudaStream_t,
         )
         .map_err(e("fp8 matmul"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fp8 kernels against known encodings and an f64 GEMM (`#[ignore]`d: they need a GPU of
+    //! compute capability 8.9+, `tools/device/gpu-tests.sh`).
+    use super::*;
+    use crate::{rel_err, testutil::random};
+    use cudarc::driver::DevicePtr;
+
+    #[test]
+    #[ignore = "needs a GPU of compute capability 8.9+: tools/device/gpu-tests.sh"]
+    fn fp8_quantize_and_gemm_match_f64() {
+        let fk = Fp8Kernels::new(0).expect("an fp8 GPU");
+        let s = fk.ctx.default_stream();
+        let stream = s.cu_stream();
+        let ptr = |b: &CudaSlice<u16>| b.device_ptr(&s).0;
+        let ptr8 = |b: &CudaSlice<u8>| b.device_ptr(&s).0;
+        let ptrf = |b: &CudaSlice<f32>| b.device_ptr(&s).0;
+        let h = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect() };
+
+        // known encodings (OCP e4m3fn): 1 → 0x38, 0.5 → 0x30, −2 → 0xC0, 448 → 0x7E, 500 saturates
+        // to 448, 0 → 0x00, 1.0625 rounds to even (1.0) → 0x38
+        let known = [1.0f32, 0.5, -2.0, 448.0, 500.0, 0.0, 1.0625, -448.0];
+        let x = s.clone_htod(&h(&known)).unwrap();
+        let x8 = s.alloc_zeros::<u8>(8).unwrap();
+        unsafe { fk.quantize_x(stream, ptr(&x), 8, 1.0, ptr8(&x8)) }.unwrap();
+        s.synchronize().unwrap();
+        assert_eq!(
+            s.clone_dtoh(&x8).unwrap(),
+            vec![0x38, 0x30, 0xC0, 0x7E, 0x7E, 0x00, 0x38, 0xFE]
+        );
+
+        // Y = X·Wᵀ at SDXL's shapes, against f64 on the fp16 inputs
+        let (m, n, k) = (256usize, 640usize, 1280usize);
+        let xs: Vec<f32> = random(m * k, 21).iter().map(|v| v * 3.0).collect();
+        let ws: Vec<f32> = random(n * k, 22).iter().map(|v| v * 0.05).collect();
+        let (xh, wh) = (h(&xs), h(&ws));
+        let f = |b: u16| half::f16::from_bits(b).to_f64();
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let acc: f64 = (0..k).map(|q| f(xh[i * k + q]) * f(wh[j * k + q])).sum();
+                want[i * n + j] = acc as f32;
+            }
+        }
+        let amax_x = xh.iter().map(|&b| f(b).abs()).fold(0.0, f64::max) as f32;
+        let x_scale = amax_x / E4M3_MAX;
+        let (dx, dw) = (s.clone_htod(&xh).unwrap(), s.clone_htod(&wh).unwrap());
+        let (dx8, dw8) = (
+            s.alloc_zeros::<u8>(m * k).unwrap(),
+            s.alloc_zeros::<u8>(n * k).unwrap(),
+        );
+        let dxs = s.clone_htod(&[x_scale]).unwrap();
+        let (dws, damax) = (s.alloc_zeros::<f32>(1).unwrap(), s.alloc_zeros::<f32>(1).unwrap());
+        let dy = s.alloc_zeros::<u16>(m * n).unwrap();
+        let gemm = Fp8Gemm::plan(&fk, m, n, k).unwrap();
+        unsafe {
+            fk.quantize_weight(stream, ptr(&dw), n * k, ptrf(&damax), ptr8(&dw8), ptrf(&dws))
+                .unwrap();
+            fk.quantize_x(stream, ptr(&dx), m * k, x_scale, ptr8(&dx8))
+                .unwrap();
+            gemm.run(
+                &fk,
+                stream,
+                ptr8(&dx8),
+                ptr8(&dw8),
+                ptr(&dy),
+                ptrf(&dxs),
+                ptrf(&dws),
+            )
+            .unwrap();
+        }
+        s.synchronize().unwrap();
+        let w_scale = s.clone_dtoh(&dws).unwrap()[0];
+        let amax_w = wh.iter().map(|&b| f(b).abs()).fold(0.0, f64::max) as f32;
+        assert!(
+            (w_scale - amax_w / 448.0).abs() <= 1e-6 * amax_w,
+            "weight scale {w_scale}"
+        );
+        let got: Vec<f32> = s.clone_dtoh(&dy).unwrap().iter().map(|&b| f(b) as f32).collect();
+        let err = rel_err(&got, &want);
+        eprintln!("fp8 GEMM {m}×{k}·{n}×{k}ᵀ: relative error {err:.4} against f64");
+        assert!(err < 0.06 && err > 1e-4, "fp8 GEMM relative error {err}");
     }
 }
