@@ -12,7 +12,10 @@ W is a float16 graph input [N, K] (PyTorch's out × in); Fp8MatMul quantizes it 
 a LoRA merged into the weight input needs no re-quantization here. The activation scale is
 amax / 448, amax the calibrated max |X| of the Linear layer (fp8_amax.json, keyed by weight name);
 one Fp8Quantize per activation tensor (the Q, K, V projections share theirs: the largest amax of
-its readers). Kept in fp16, and counted: K or N not a multiple of 16 (cuBLASLt's fp8 alignment), no
+its readers). Where that tensor is an output that nothing else reads of a `com.microsoft.BiasSplitGelu`
+(the feed-forward's GEGLU) or of a layer norm (`com.microsoft.SkipLayerNormalization`, ONNX
+`LayerNormalization`), the two become one `katz.Fp8BiasSplitGelu` or `katz.Fp8LayerNorm`: the
+activation quantized as it is made, one pass over it instead of two and half the bytes out. Kept in fp16, and counted: K or N not a multiple of 16 (cuBLASLt's fp8 alignment), no
 calibrated amax (or amax ≤ 0), a weight that is not float16, other uses of a weight input.
 
 Writes unet_encoder.fp8.onnx / unet_decoder.fp8.onnx beside the graphs (external data over 2 GB)
@@ -155,11 +158,77 @@ def rewrite(model: onnx.ModelProto, amax: dict, weight_inputs: set) -> tuple[onn
     dropped = {id(t) for t in detached if t.output[0] not in read}
     g.ClearField("node")
     g.node.extend(n for n in nodes if id(n) not in dropped)
+    fused = _fuse_producers(g, unique)
     if plan and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    stats = {"rewritten": len(plan), "quantize": len(quantized), "transposes_removed": len(dropped),
+    stats = {"rewritten": len(plan), "quantize": len(quantized) - sum(fused.values()),
+             "geglu_fused": fused["Fp8BiasSplitGelu"], "layer_norm_fused": fused["Fp8LayerNorm"],
+             "transposes_removed": len(dropped),
              "skipped": {k: sorted(v) for k, v in skipped.items()}}
     return model, stats
+
+
+# the default epsilon of each layer norm operator (ONNX Runtime's SkipLayerNormalization, ONNX's
+# LayerNormalization) where the node has none
+LN_EPSILON = {"SkipLayerNormalization": 1e-12, "LayerNormalization": 1e-5}
+
+
+def _fused(p, q, readers, unique):
+    """The katz node computing producer `p` and the Fp8Quantize `q` of its output in one, or None
+    where they cannot be one (other readers of p's outputs than those the fused node gives)."""
+    x, scale = q.input[0], _attrs(q)["scale"]
+    if p.op_type == "BiasSplitGelu" and p.domain == "com.microsoft":
+        return helper.make_node("Fp8BiasSplitGelu", list(p.input), [q.output[0]], domain=DOMAIN,
+                                name=unique(f"{p.name or x}/Fp8BiasSplitGelu"), scale=scale)
+    if p.op_type not in LN_EPSILON or x != p.output[0]:
+        return None
+    a = _attrs(p)
+    if p.op_type == "SkipLayerNormalization" and p.domain == "com.microsoft":
+        ins = list(p.input) + [""] * (5 - len(p.input))  # X, skip, gamma, beta, bias
+        extra, keep = list(p.output[1:3]), list(p.output[3:4])  # mean, inv std; the sum
+    elif p.op_type == "LayerNormalization" and p.domain in ("", "ai.onnx") and a.get("axis", -1) == -1:
+        ins = [p.input[0], "", p.input[1], p.input[2] if len(p.input) > 2 else "", ""]
+        extra, keep = list(p.output[1:3]), []
+    else:
+        return None
+    if any(o and readers[o] for o in extra):
+        return None
+    while ins and not ins[-1]:
+        ins.pop()
+    outs = [q.output[0]] + [o for o in keep if o]
+    return helper.make_node("Fp8LayerNorm", ins, outs, domain=DOMAIN, name=unique(f"{p.name or x}/Fp8LayerNorm"),
+                            scale=scale, epsilon=float(a.get("epsilon", LN_EPSILON[p.op_type])))
+
+
+def _fuse_producers(g, unique) -> collections.Counter:
+    """Fp8Quantize nodes whose input is a GEGLU's (BiasSplitGelu) or a layer norm's output that
+    nothing else reads: each pair becomes one katz node that quantizes as it computes (in place);
+    returns how many of each kind."""
+    readers = collections.Counter(i for n in g.node for i in n.input)
+    readers.update(o.name for o in g.output)
+    producer = {o: n for n in g.node for o in n.output}
+    replace, drop, gone = {}, set(), set()
+    for q in g.node:
+        if q.op_type != "Fp8Quantize" or q.domain != DOMAIN:
+            continue
+        x = q.input[0]
+        p = producer.get(x)
+        if p is None or readers[x] != 1:
+            continue
+        fused = _fused(p, q, readers, unique)
+        if fused is None:
+            continue
+        replace[id(q)] = fused
+        drop.add(id(p))
+        gone.add(x)
+    if replace:
+        nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
+        g.ClearField("node")
+        g.node.extend(nodes)
+        keep = [v for v in g.value_info if v.name not in gone]
+        g.ClearField("value_info")
+        g.value_info.extend(keep)
+    return collections.Counter(n.op_type for n in replace.values())
 
 
 def n_skipped(stats: dict) -> int:
@@ -192,6 +261,7 @@ def rewrite_bundle(bundle: Path) -> dict:
         entry[gname] = dest.name
         why = "; ".join(f"{k}: {len(v)}" for k, v in stats["skipped"].items()) or "none"
         print(f"  {dest.name}: {stats['rewritten']} GEMMs fp8, {stats['quantize']} quantize nodes, "
+              f"{stats['geglu_fused']} GEGLUs and {stats['layer_norm_fused']} layer norms quantized as they are made, "
               f"skipped {n_skipped(stats)} ({why})")
     entry.update(amax="fp8_amax.json", rewritten=total["rewritten"], skipped=total["skipped"])
     manifest["fp8"] = entry

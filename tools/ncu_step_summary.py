@@ -23,6 +23,8 @@ def family(n):
         return "convolution (cuDNN implicit GEMM)"
     if "nvjet" in n or "gemm" in n.lower() or "cutlass" in n or "splitK" in n:
         return "GEMM (cuBLASLt)"
+    if "fp8_quantize" in n or "fp8_amax" in n:
+        return "fp8 quantize (katz)"
     if "LayerNorm" in n:
         return "LayerNorm (+skip)"
     if "GroupNorm" in n:

@@ -73,7 +73,55 @@ class FusedMatMul(OpRun):
         return ((alpha * (a.astype(np.float32) @ b.astype(np.float32))).astype(a.dtype),)
 
 
-OPS = [Fp8Quantize, Fp8MatMul, FusedMatMul]
+def geglu(x, bias):
+    """com.microsoft.BiasSplitGelu: [left | right] + bias → left · gelu(right) (erf GELU)"""
+    from math import erf, sqrt
+    y = (x + bias).astype(np.float32)
+    h = y.shape[-1] // 2
+    r = y[..., h:]
+    return y[..., :h] * (r * 0.5 * (np.vectorize(erf)(r / sqrt(2)) + 1.0))
+
+
+class BiasSplitGelu(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, x, bias):
+        return (geglu(x, bias).astype(x.dtype),)
+
+
+class Fp8BiasSplitGelu(OpRun):
+    op_domain = "katz"
+
+    def _run(self, x, bias, scale=None):
+        return (fp8_bits(geglu(x, bias).astype(np.float16).astype(np.float32) / np.float32(scale)),)
+
+
+def layer_norm(x, gamma, beta, eps):
+    x = x.astype(np.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gamma.astype(np.float32) + (0 if beta is None else beta.astype(np.float32))
+
+
+class SkipLayerNormalization(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, x, skip, gamma, beta=None, bias=None, epsilon=1e-12):
+        s = x + (0 if bias is None else bias) + skip
+        stat = np.zeros(s.shape[:-1] + (1,), np.float32)  # mean, inv std: unread here
+        return layer_norm(s, gamma, beta, epsilon).astype(x.dtype), stat, stat, s.astype(x.dtype)
+
+
+class Fp8LayerNorm(OpRun):
+    op_domain = "katz"
+
+    def _run(self, x, skip=None, gamma=None, beta=None, bias=None, epsilon=None, scale=None):
+        s = x + (0 if bias is None else bias) + (0 if skip is None else skip)
+        y = layer_norm(s, gamma, beta, epsilon).astype(np.float16).astype(np.float32)
+        return fp8_bits(y / np.float32(scale)), s.astype(x.dtype)
+
+
+OPS = [Fp8Quantize, Fp8MatMul, FusedMatMul, BiasSplitGelu, Fp8BiasSplitGelu, SkipLayerNormalization, Fp8LayerNorm]
 
 
 def test_encoding():
@@ -195,6 +243,127 @@ def test_small_numerics(small):
             assert err == 0, name  # kept in fp16
         else:
             assert 1e-3 < err < 0.08, (name, err)  # e4m3's 3 mantissa bits: about 5% on random data
+
+
+def ff_graph(extra_reader: bool) -> onnx.ModelProto:
+    """A feed-forward as ONNX Runtime's fusions leave it: FusedMatMul → BiasSplitGelu → MatMul of a
+    transposed weight (and, with `extra_reader`, the GEGLU's output also a graph output)."""
+    f16 = TensorProto.FLOAT16
+    n = [helper.make_node("FusedMatMul", ["x", "ff.0.weight"], ["h"], domain="com.microsoft", name="ff0",
+                          transB=1, alpha=1.0),
+         helper.make_node("BiasSplitGelu", ["h", "b0"], ["gg"], domain="com.microsoft", name="geglu"),
+         helper.make_node("Transpose", ["ff.2.weight"], ["w2t"], name="ff2/Transpose", perm=[1, 0]),
+         helper.make_node("MatMul", ["gg", "w2t"], ["y"], name="ff2")]
+    inputs = [helper.make_tensor_value_info("x", f16, ["batch", S, D]),
+              helper.make_tensor_value_info("ff.0.weight", f16, [4 * D, D]),
+              helper.make_tensor_value_info("ff.2.weight", f16, [D, 2 * D])]
+    b0 = onnx.numpy_helper.from_array(np.random.default_rng(3).standard_normal(4 * D).astype(np.float16), "b0")
+    outs = [helper.make_tensor_value_info("y", f16, ["batch", S, D])]
+    if extra_reader:
+        outs.append(helper.make_tensor_value_info("gg", f16, ["batch", S, 2 * D]))
+    g = helper.make_graph(n, "ff", inputs, outs, [b0],
+                          value_info=[helper.make_tensor_value_info("gg", f16, ["batch", S, 2 * D])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def ff_feeds(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((2, S, D)).astype(np.float16),
+            "ff.0.weight": (rng.standard_normal((4 * D, D)) / np.sqrt(D)).astype(np.float16),
+            "ff.2.weight": (rng.standard_normal((D, 2 * D)) / np.sqrt(2 * D)).astype(np.float16)}
+
+
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_geglu_quantized_as_it_is_made(extra_reader):
+    orig = ff_graph(extra_reader)
+    res = ReferenceEvaluator(orig, new_ops=OPS).run(None, ff_feeds(7), intermediate=True)
+    amax = {"ff.0.weight": float(np.abs(res["x"]).max()), "ff.2.weight": float(np.abs(res["gg"]).max())}
+    m, stats = fp8_rewrite.rewrite(ff_graph(extra_reader), amax, {"ff.0.weight", "ff.2.weight"})
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    assert stats["rewritten"] == 2
+    if extra_reader:  # the fp16 GEGLU is read elsewhere: kept, and quantized apart
+        assert stats["geglu_fused"] == 0 and stats["quantize"] == 2
+        assert ops["BiasSplitGelu"] == 1 and ops["Fp8Quantize"] == 2 and ops["Fp8BiasSplitGelu"] == 0
+    else:
+        assert stats["geglu_fused"] == 1 and stats["quantize"] == 1
+        assert ops["BiasSplitGelu"] == 0 and ops["Fp8Quantize"] == 1 and ops["Fp8BiasSplitGelu"] == 1
+        fused = next(n for n in m.graph.node if n.op_type == "Fp8BiasSplitGelu")
+        assert list(fused.input) == ["h", "b0"] and fused.domain == "katz"
+        assert helper.get_attribute_value(fused.attribute[0]) == pytest.approx(amax["ff.2.weight"] / 448, rel=1e-6)
+        assert "gg" not in {v.name for v in m.graph.value_info}
+    onnx.checker.check_model(m, full_check=True)
+    f = ff_feeds(11)
+    want = ReferenceEvaluator(orig, new_ops=OPS).run(["y"], f)[0].astype(np.float32)
+    got = ReferenceEvaluator(m, new_ops=OPS).run(["y"], f)[0].astype(np.float32)
+    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert 1e-3 < err < 0.08, err
+
+
+def ln_graph(skip: bool) -> onnx.ModelProto:
+    """A block's norm as ONNX Runtime's fusions leave it: SkipLayerNormalization (its sum the next
+    residual, a graph output here) or LayerNormalization, read by the Q, K, V projections."""
+    f16 = TensorProto.FLOAT16
+    if skip:
+        n = [helper.make_node("SkipLayerNormalization", ["x", "r", "gamma", "beta", "bias"], ["ln", "", "", "sum"],
+                              domain="com.microsoft", name="norm", epsilon=1e-5)]
+    else:
+        n = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="norm", axis=-1, epsilon=1e-5)]
+    outs = [helper.make_tensor_value_info("sum", f16, ["batch", S, D])] if skip else []
+    for p in "qkv":
+        w = f"attn.to_{p}.weight"
+        n.append(helper.make_node("Transpose", [w], [w + "_t"], name=w + "/Transpose", perm=[1, 0]))
+        n.append(helper.make_node("MatMul", ["ln", w + "_t"], [p], name=w + "/MatMul"))
+        outs.append(helper.make_tensor_value_info(p, f16, ["batch", S, D]))
+    rng = np.random.default_rng(5)
+    inits = [onnx.numpy_helper.from_array((rng.standard_normal(D) * k + o).astype(np.float16), name)
+             for name, k, o in (("gamma", 0.3, 1.0), ("beta", 0.1, 0.0), ("bias", 0.5, 0.0))]
+    inputs = [helper.make_tensor_value_info("x", f16, ["batch", S, D]), helper.make_tensor_value_info("r", f16, ["batch", S, D])]
+    inputs += [helper.make_tensor_value_info(f"attn.to_{p}.weight", f16, [D, D]) for p in "qkv"]
+    g = helper.make_graph(n, "ln", inputs, outs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_layer_norm_quantized_as_it_is_made(skip):
+    f = feeds(seed=7)
+    f = {"x": f["x"], "r": feeds(seed=8)["x"], **{k: v for k, v in f.items() if k.startswith("attn.to_") and k[8] in "qkv"}}
+    orig = ln_graph(skip)
+    res = ReferenceEvaluator(orig, new_ops=OPS).run(None, f, intermediate=True)
+    amax = {f"attn.to_{p}.weight": float(np.abs(res["ln"].astype(np.float32)).max()) for p in "qkv"}
+    m, stats = fp8_rewrite.rewrite(ln_graph(skip), amax, set(amax))
+    assert stats["rewritten"] == 3 and stats["layer_norm_fused"] == 1 and stats["quantize"] == 0
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    assert ops["Fp8LayerNorm"] == 1 and ops["Fp8Quantize"] == 0 and ops["Fp8MatMul"] == 3
+    assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 0
+    ln = next(n for n in m.graph.node if n.op_type == "Fp8LayerNorm")
+    a = {x.name: helper.get_attribute_value(x) for x in ln.attribute}
+    assert a["epsilon"] == pytest.approx(1e-5) and a["scale"] == pytest.approx(amax["attn.to_q.weight"] / 448, rel=1e-6)
+    if skip:
+        assert list(ln.input) == ["x", "r", "gamma", "beta", "bias"] and list(ln.output)[1:] == ["sum"]
+    else:
+        assert list(ln.input) == ["x", "", "gamma", "beta"] and len(ln.output) == 1
+    onnx.checker.check_model(m, full_check=True)
+    g = feeds(batch=3, seed=11)
+    g = {"x": g["x"], "r": feeds(batch=3, seed=12)["x"], **{k: f[k] for k in f if k.startswith("attn")}}
+    want = ReferenceEvaluator(orig, new_ops=OPS).run(None, g)
+    got = ReferenceEvaluator(m, new_ops=OPS).run(None, g)
+    for name, w, o in zip([o.name for o in orig.graph.output], want, got):
+        w, o = w.astype(np.float32), o.astype(np.float32)
+        err = float(np.linalg.norm(o - w) / np.linalg.norm(w))
+        if name == "sum":
+            assert err == 0  # the residual stays fp16
+        else:
+            assert 1e-3 < err < 0.08, (name, err)
+
+
+def test_layer_norm_kept_where_its_statistics_are_read():
+    m = ln_graph(True)
+    norm = m.graph.node[0]
+    norm.output[1] = "mean"
+    m.graph.output.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, None))
+    amax = {f"attn.to_{p}.weight": 4.0 for p in "qkv"}
+    m, stats = fp8_rewrite.rewrite(m, amax, set(amax))
+    assert stats["layer_norm_fused"] == 0 and stats["quantize"] == 1
 
 
 def test_no_amax_rewrites_nothing():

@@ -1,10 +1,12 @@
 //! fp8 precision (`--precision fp8`): the UNet's GEMMs against LoRA-targetable weights in OCP
-//! e4m3 on GPUs of compute capability 8.9+, through two ONNX Runtime custom operators on the
+//! e4m3 on GPUs of compute capability 8.9+, through ONNX Runtime custom operators on the
 //! CUDA provider (domain `katz`) that an fp8 bundle's graphs use (`tools/fp8_rewrite.py` makes
 //! them from the fp16 graphs, with activation scales calibrated at export).
 //!
 //! ```text
 //!  X (fp16) ─katz.Fp8Quantize(scale)─▶ X8 (e4m3 bytes) ─┐     once per activation (Q, K, V share it)
+//!  (or [X_l | X_r] ─katz.Fp8BiasSplitGelu(scale)─▶ X8: the feed-forward's GEGLU, quantized as it is made;
+//!   or X, skip ─katz.Fp8LayerNorm(scale)─▶ X8, sum: a (skip) layer norm, quantized as it is made)
 //!  W (fp16 graph input: pristine, merged, or a CUDA-graph weight slot)
 //!     ─(first run, new weights epoch, or refresh)─▶ W8 + s_w (kept by the operator)
 //!                                                     └─katz.Fp8MatMul(x_scale)─▶ Y (fp16) = s_x·s_w · X8·W8ᵀ
@@ -26,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaSlice, DevicePtr};
-use katz_kernels::cuda::fp8::{Fp8Gemm, Fp8Kernels};
+use katz_kernels::cuda::fp8::{Fp8Gemm, Fp8Kernels, LayerNormArgs};
 use katz_kernels::cuda::GpuError;
 use ort::operator::{
     BoxedKernel, ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput,
@@ -192,6 +194,209 @@ impl Operator for Quantize {
     }
 }
 
+/// `katz.Fp8BiasSplitGelu`: `X8 = e4m3(BiasSplitGelu(X, bias) / scale)`, X fp16 `[.., 2h]`,
+/// bias fp16 `[2h]`, X8 `[.., h]`: the feed-forward's GEGLU and the quantize of its output in one
+/// kernel (the fp8 rewrite fuses them where nothing else reads the GEGLU's fp16 output).
+struct Geglu;
+
+impl Operator for Geglu {
+    type Kernel<'attr> = BoxedKernel<'attr>;
+
+    fn name(&self) -> &str {
+        "Fp8BiasSplitGelu"
+    }
+
+    fn execution_provider_type(&self) -> Option<&str> {
+        Some("CUDAExecutionProvider")
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float16),
+            OperatorInput::required(TensorElementType::Float16),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Uint8)]
+    }
+
+    fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
+        let scale: f32 = kctx
+            .get("scale")
+            .ok_or_else(|| ort_err("Fp8BiasSplitGelu without a `scale`"))?;
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(ort_err(format!("Fp8BiasSplitGelu scale {scale}")));
+        }
+        let mut fk: Option<Arc<Fp8Kernels>> = None;
+        Ok(Box::new(move |ctx: &ComputeContext| {
+            let x = ctx
+                .input(0)?
+                .ok_or_else(|| ort_err("Fp8BiasSplitGelu: no input"))?
+                .downcast::<DynTensorValueType>()?;
+            let b = ctx
+                .input(1)?
+                .ok_or_else(|| ort_err("Fp8BiasSplitGelu: no bias"))?
+                .downcast::<DynTensorValueType>()?;
+            let mut shape: Vec<i64> = x.shape().to_vec();
+            let width = shape.last().copied().unwrap_or(0);
+            if b.shape().to_vec() != [width] || width % 16 != 0 {
+                return Err(ort_err(format!(
+                    "Fp8BiasSplitGelu: input {shape:?} and bias {:?} (the width must be the bias's, a multiple of 16)",
+                    b.shape()
+                )));
+            }
+            let h = (width / 2) as usize;
+            let rows: usize = shape[..shape.len() - 1].iter().map(|&d| d as usize).product();
+            let last = shape.len() - 1;
+            shape[last] = h as i64;
+            let (xp, bp) = (x.data_ptr() as u64, b.data_ptr() as u64);
+            let stream = stream_of(ctx)?;
+            let mut y = ctx
+                .output(0, shape)?
+                .ok_or_else(|| ort_err("Fp8BiasSplitGelu: no output"))?
+                .downcast::<DynTensorValueType>()?;
+            let yp = y.data_ptr_mut() as u64;
+            if rows == 0 {
+                return Ok(());
+            }
+            let k = match fk.as_ref() {
+                Some(k) => k,
+                None => fk.insert(kernels(device_of(xp)?).map_err(ort_err)?),
+            };
+            // SAFETY: ONNX Runtime's buffers: rows·2h and 2h fp16 values in, rows·h bytes out,
+            // on its stream
+            unsafe { k.geglu(stream, xp, bp, rows, h, scale, yp) }.map_err(ort_err)
+        }))
+    }
+}
+
+/// Input `i` of a node, `None` where the node leaves it out (an empty name or fewer inputs).
+fn opt_input(ctx: &ComputeContext, i: usize) -> ort::Result<Option<(u64, Vec<i64>)>> {
+    if i >= ctx.num_inputs()? {
+        return Ok(None);
+    }
+    Ok(match ctx.input(i)? {
+        Some(v) => {
+            let t = v.downcast::<DynTensorValueType>()?;
+            Some((t.data_ptr() as u64, t.shape().to_vec()))
+        }
+        None => None,
+    })
+}
+
+/// `katz.Fp8LayerNorm`: ONNX Runtime's `SkipLayerNormalization` (inputs `X, skip, gamma, beta,
+/// bias`; skip, beta and bias optional, so a plain `LayerNormalization` too) with its normalised
+/// output quantized as it is made: outputs `X8` (e4m3 of `LN(sum)·γ+β` over `scale`) and,
+/// where the node names it, `sum = X + bias + skip` (fp16), the residual stream's next value.
+struct LayerNorm;
+
+impl Operator for LayerNorm {
+    type Kernel<'attr> = BoxedKernel<'attr>;
+
+    fn name(&self) -> &str {
+        "Fp8LayerNorm"
+    }
+
+    fn execution_provider_type(&self) -> Option<&str> {
+        Some("CUDAExecutionProvider")
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float16),
+            OperatorInput::optional(TensorElementType::Float16),
+            OperatorInput::required(TensorElementType::Float16),
+            OperatorInput::optional(TensorElementType::Float16),
+            OperatorInput::optional(TensorElementType::Float16),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [
+            OperatorOutput::required(TensorElementType::Uint8),
+            OperatorOutput::optional(TensorElementType::Float16),
+        ]
+    }
+
+    fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
+        let scale: f32 = kctx
+            .get("scale")
+            .ok_or_else(|| ort_err("Fp8LayerNorm without a `scale`"))?;
+        let epsilon: f32 = kctx
+            .get("epsilon")
+            .ok_or_else(|| ort_err("Fp8LayerNorm without an `epsilon`"))?;
+        if !(scale.is_finite() && scale > 0.0 && epsilon.is_finite() && epsilon >= 0.0) {
+            return Err(ort_err(format!("Fp8LayerNorm scale {scale}, epsilon {epsilon}")));
+        }
+        let mut fk: Option<Arc<Fp8Kernels>> = None;
+        Ok(Box::new(move |ctx: &ComputeContext| {
+            let (xp, shape) = opt_input(ctx, 0)?.ok_or_else(|| ort_err("Fp8LayerNorm: no input"))?;
+            let (gp, gshape) = opt_input(ctx, 2)?.ok_or_else(|| ort_err("Fp8LayerNorm: no gamma"))?;
+            let width = shape.last().copied().unwrap_or(0);
+            let row_of = |what: &str, v: Option<(u64, Vec<i64>)>| -> ort::Result<u64> {
+                match v {
+                    Some((p, s)) if s == [width] => Ok(p),
+                    Some((_, s)) => Err(ort_err(format!("Fp8LayerNorm: {what} {s:?} for input {shape:?}"))),
+                    None => Ok(0),
+                }
+            };
+            if gshape != [width] {
+                return Err(ort_err(format!(
+                    "Fp8LayerNorm: gamma {gshape:?} for input {shape:?}"
+                )));
+            }
+            let bp = row_of("beta", opt_input(ctx, 3)?)?;
+            let biasp = row_of("bias", opt_input(ctx, 4)?)?;
+            let skp = match opt_input(ctx, 1)? {
+                Some((p, s)) if s == shape => p,
+                Some((_, s)) => return Err(ort_err(format!("Fp8LayerNorm: skip {s:?} for input {shape:?}"))),
+                None => 0,
+            };
+            let rows: usize = shape[..shape.len().saturating_sub(1)]
+                .iter()
+                .map(|&d| d as usize)
+                .product();
+            let stream = stream_of(ctx)?;
+            let x8 = ctx
+                .output(0, shape.clone())?
+                .ok_or_else(|| ort_err("Fp8LayerNorm: no output"))?
+                .downcast::<DynTensorValueType>()?
+                .data_ptr_mut() as u64;
+            let sum = if ctx.num_outputs()? > 1 {
+                match ctx.output(1, shape.clone())? {
+                    Some(v) => v.downcast::<DynTensorValueType>()?.data_ptr_mut() as u64,
+                    None => 0,
+                }
+            } else {
+                0
+            };
+            if rows == 0 {
+                return Ok(());
+            }
+            let k = match fk.as_ref() {
+                Some(k) => k,
+                None => fk.insert(kernels(device_of(xp)?).map_err(ort_err)?),
+            };
+            let args = LayerNormArgs {
+                x: xp,
+                skip: skp,
+                bias: biasp,
+                gamma: gp,
+                beta: bp,
+                rows,
+                width: width as usize,
+                epsilon,
+                scale,
+                x8,
+                sum,
+            };
+            // SAFETY: ONNX Runtime's buffers of the shapes checked above, on its stream
+            unsafe { k.layer_norm(stream, &args) }.map_err(ort_err)
+        }))
+    }
+}
+
 /// `katz.Fp8MatMul`: `Y = (x_scale · X8) · fp8(W)ᵀ`, W fp16 `[n, k]`.
 struct MatMul;
 
@@ -351,5 +556,9 @@ impl Kernel for MatMulKernel {
 /// The `katz` operator domain, for a session of a graph that has fp8 nodes (the session keeps
 /// it).
 pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(Quantize)?.add(MatMul)
+    OperatorDomain::new(DOMAIN)?
+        .add(Quantize)?
+        .add(MatMul)?
+        .add(Geglu)?
+        .add(LayerNorm)
 }

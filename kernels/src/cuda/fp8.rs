@@ -6,6 +6,9 @@
 //! Fp8Kernels::new(ordinal)  ── fp8.cu (NVRTC, compute_89) ── cuBLASLt handle
 //!   quantize_weight  W (fp16 [n, k]) ─amax─▶ s_w = amax/448 ─▶ W8 (e4m3), s_w left on the device
 //!   quantize_x       X (fp16) · 1/s_x ─▶ X8 (e4m3)              (s_x calibrated when the graph was made)
+//!   geglu            [X_l | X_r] + bias ─GEGLU─▶ · 1/s_x ─▶ X8   (BiasSplitGelu and its quantize, one pass)
+//!   layer_norm       X (+ bias) (+ skip) ─▶ sum; LN(sum)·γ+β · 1/s_x ─▶ X8   (SkipLayerNormalization and
+//!                    its quantize, one pass)
 //!   Fp8Gemm::run     Y[m, n] = s_x·s_w · X8[m, k] · W8[n, k]ᵀ   (cuBLASLt, fp16 out)
 //! ```
 //!
@@ -47,6 +50,8 @@ pub struct Fp8Kernels {
     amax: CudaFunction,
     quant_w: CudaFunction,
     quant_x: CudaFunction,
+    geglu: CudaFunction,
+    layer_norm: CudaFunction,
     handle: ltsys::cublasLtHandle_t,
     /// One workspace per stream that runs GEMMs (two streams never share one), with its address.
     workspaces: Mutex<HashMap<usize, (CudaSlice<u8>, u64)>>,
@@ -116,6 +121,8 @@ impl Fp8Kernels {
             amax: m.load_function("fp8_amax_f16")?,
             quant_w: m.load_function("fp8_quantize_w")?,
             quant_x: m.load_function("fp8_quantize_x")?,
+            geglu: m.load_function("fp8_geglu")?,
+            layer_norm: m.load_function("fp8_layer_norm")?,
             handle,
             workspaces: Mutex::new(HashMap::new()),
             ctx,
@@ -197,6 +204,91 @@ impl Fp8Kernels {
         Ok(())
     }
 
+    /// X8 = e4m3(GEGLU(x + bias) / scale): ONNX Runtime's BiasSplitGelu (`rows` rows of
+    /// `[left | right]`, `2·h` fp16 values each; `left · gelu(right)`, the bias added in fp16, the
+    /// product rounded to fp16) and the quantize of its output in one pass. `bias`: `2·h` fp16
+    /// values, `x8`: `rows · h` bytes; `h` a multiple of 8.
+    ///
+    /// # Safety
+    /// As [`Fp8Kernels::quantize_weight`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn geglu(
+        &self,
+        stream: CUstream,
+        x: u64,
+        bias: u64,
+        rows: usize,
+        h: usize,
+        scale: f32,
+        x8: u64,
+    ) -> Result<(), GpuError> {
+        if h == 0 || !h.is_multiple_of(8) || h / 8 > u32::MAX as usize {
+            return Err(GpuError::Shape(format!(
+                "fp8 GEGLU of width {h}: not a positive multiple of 8"
+            )));
+        }
+        let (mut px, mut pb, mut pr, mut ph8) = (x, bias, rows as u64, (h / 8) as u32);
+        let (mut inv, mut po) = (1.0f32 / scale, x8);
+        let args = &mut [
+            arg(&mut px),
+            arg(&mut pb),
+            arg(&mut pr),
+            arg(&mut ph8),
+            arg(&mut inv),
+            arg(&mut po),
+        ];
+        launch(&self.geglu, rows * h / 8, stream, args)?;
+        Ok(())
+    }
+
+    /// X8 = e4m3(fp16(LN(sum)·γ + β) / scale) with sum = fp16(fp16(x + bias) + skip) (written to
+    /// `ln.sum` where given): ONNX Runtime's SkipLayerNormalization, or LayerNormalization without
+    /// skip and bias, and the quantize of its output in one pass; statistics in f32 over rows of
+    /// `ln.width` fp16 values (a multiple of 8, at most 8192).
+    ///
+    /// # Safety
+    /// As [`Fp8Kernels::quantize_weight`]; the buffers of `ln` hold `rows · width` values (x, skip,
+    /// sum; x8 bytes) or `width` (bias, gamma, beta).
+    pub unsafe fn layer_norm(&self, stream: CUstream, ln: &LayerNormArgs) -> Result<(), GpuError> {
+        let w = ln.width;
+        if w == 0 || !w.is_multiple_of(8) || w > 8 * 1024 {
+            return Err(GpuError::Shape(format!(
+                "fp8 layer norm of width {w}: not a positive multiple of 8 up to 8192"
+            )));
+        }
+        if ln.rows > i32::MAX as usize {
+            return Err(GpuError::Shape(format!("fp8 layer norm of {} rows", ln.rows)));
+        }
+        if ln.rows == 0 {
+            return Ok(());
+        }
+        let threads = (w / 8).div_ceil(32) * 32;
+        let (mut px, mut ps, mut pb, mut pg, mut pbeta) = (ln.x, ln.skip, ln.bias, ln.gamma, ln.beta);
+        let (mut ld, mut eps, mut inv) = (w as u32, ln.epsilon, 1.0f32 / ln.scale);
+        let (mut po, mut psum) = (ln.x8, ln.sum);
+        let args = &mut [
+            arg(&mut px),
+            arg(&mut ps),
+            arg(&mut pb),
+            arg(&mut pg),
+            arg(&mut pbeta),
+            arg(&mut ld),
+            arg(&mut eps),
+            arg(&mut inv),
+            arg(&mut po),
+            arg(&mut psum),
+        ];
+        cudarc::driver::result::launch_kernel(
+            self.layer_norm.cu_function(),
+            (ln.rows as u32, 1, 1),
+            (threads as u32, 1, 1),
+            0,
+            stream,
+            args,
+        )?;
+        Ok(())
+    }
+
     /// The workspace of `stream`, made on its first GEMM (not while a graph is captured: the
     /// first run of a session is never captured).
     fn workspace(&self, stream: CUstream) -> Result<u64, GpuError> {
@@ -213,6 +305,23 @@ impl Fp8Kernels {
         w.insert(stream as usize, (b, p));
         Ok(p)
     }
+}
+
+/// The buffers and sizes of [`Fp8Kernels::layer_norm`]: device addresses, 0 for an absent one
+/// (`skip`, `bias`, `beta`, `sum`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LayerNormArgs {
+    pub x: u64,
+    pub skip: u64,
+    pub bias: u64,
+    pub gamma: u64,
+    pub beta: u64,
+    pub rows: usize,
+    pub width: usize,
+    pub epsilon: f32,
+    pub scale: f32,
+    pub x8: u64,
+    pub sum: u64,
 }
 
 /// One GEMM shape's cuBLASLt plan: `Y[m, n] = s_x·s_w · X8[m, k] · W8[n, k]ᵀ`, fp16 out.
@@ -457,5 +566,195 @@ mod tests {
         let err = rel_err(&got, &want);
         eprintln!("fp8 GEMM {m}×{k}·{n}×{k}ᵀ: relative error {err:.4} against f64");
         assert!(err < 0.06 && err > 1e-4, "fp8 GEMM relative error {err}");
+    }
+
+    #[test]
+    #[ignore = "needs a GPU of compute capability 8.9+: tools/device/gpu-tests.sh"]
+    fn fp8_layer_norm_is_skip_layer_norm_then_quantize() {
+        let fk = Fp8Kernels::new(0).expect("an fp8 GPU");
+        let s = fk.ctx.default_stream();
+        let stream = s.cu_stream();
+        let ptr = |b: &CudaSlice<u16>| b.device_ptr(&s).0;
+        let ptr8 = |b: &CudaSlice<u8>| b.device_ptr(&s).0;
+        let h16 = |x: f64| half::f16::from_f64(x);
+        let f = |b: u16| half::f16::from_bits(b).to_f64();
+        let hv = |n: usize, seed: u64, k: f64, off: f64| -> Vec<u16> {
+            random(n, seed)
+                .iter()
+                .map(|v| h16(*v as f64 * k + off).to_bits())
+                .collect()
+        };
+        // SDXL's two widths (and one not a multiple of 32 threads), with and without skip and bias
+        for (rows, w, skip, bias) in [
+            (33usize, 1280usize, true, true),
+            (17, 640, true, false),
+            (9, 200, false, false),
+        ] {
+            let (x, sk, bi) = (
+                hv(rows * w, 41, 3.0, 0.5),
+                hv(rows * w, 42, 2.0, 0.0),
+                hv(w, 43, 1.0, 0.0),
+            );
+            let (ga, be) = (hv(w, 44, 0.5, 1.0), hv(w, 45, 0.2, 0.0));
+            let mut sum = vec![0u16; rows * w];
+            let mut normed = vec![0u16; rows * w];
+            for r in 0..rows {
+                let row: Vec<f64> = (0..w)
+                    .map(|c| {
+                        let mut v = f(x[r * w + c]);
+                        if bias {
+                            v = h16(v + f(bi[c])).to_f64();
+                        }
+                        if skip {
+                            v = h16(v + f(sk[r * w + c])).to_f64();
+                        }
+                        v
+                    })
+                    .collect();
+                let mean = row.iter().sum::<f64>() / w as f64;
+                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / w as f64;
+                let rstd = 1.0 / (var + 1e-5).sqrt();
+                for c in 0..w {
+                    sum[r * w + c] = h16(row[c]).to_bits();
+                    normed[r * w + c] = h16((row[c] - mean) * rstd * f(ga[c]) + f(be[c])).to_bits();
+                }
+            }
+            let amax = normed.iter().map(|&b| f(b).abs()).fold(0.0, f64::max) as f32;
+            let scale = amax / E4M3_MAX;
+            let up = |v: &[u16]| s.clone_htod(v).unwrap();
+            let (dx, dsk, dbi, dga, dbe, dnormed) = (up(&x), up(&sk), up(&bi), up(&ga), up(&be), up(&normed));
+            let dsum = s.alloc_zeros::<u16>(rows * w).unwrap();
+            let (got8, want8) = (
+                s.alloc_zeros::<u8>(rows * w).unwrap(),
+                s.alloc_zeros::<u8>(rows * w).unwrap(),
+            );
+            let args = LayerNormArgs {
+                x: ptr(&dx),
+                skip: if skip { ptr(&dsk) } else { 0 },
+                bias: if bias { ptr(&dbi) } else { 0 },
+                gamma: ptr(&dga),
+                beta: ptr(&dbe),
+                rows,
+                width: w,
+                epsilon: 1e-5,
+                scale,
+                x8: ptr8(&got8),
+                sum: ptr(&dsum),
+            };
+            unsafe {
+                fk.layer_norm(stream, &args).unwrap();
+                fk.quantize_x(stream, ptr(&dnormed), rows * w, scale, ptr8(&want8))
+                    .unwrap();
+            }
+            s.synchronize().unwrap();
+            assert_eq!(s.clone_dtoh(&dsum).unwrap(), sum, "the sum output ({w} wide)");
+            let (got, want) = (s.clone_dtoh(&got8).unwrap(), s.clone_dtoh(&want8).unwrap());
+            let differ: Vec<(u8, u8)> = got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a != b)
+                .map(|(a, b)| (*a, *b))
+                .collect();
+            eprintln!(
+                "fp8 layer norm {rows}×{w}: {} of {} codes differ from the two-step result",
+                differ.len(),
+                got.len()
+            );
+            // f32 statistics against f64 move an fp16 output by an ulp now and then
+            assert!(differ.len() * 200 <= got.len(), "{} codes differ", differ.len());
+            assert!(differ.iter().all(|&(a, b)| near(a, b)), "{differ:?}");
+        }
+        let bad = LayerNormArgs {
+            width: 12,
+            rows: 1,
+            ..Default::default()
+        };
+        assert!(
+            unsafe { fk.layer_norm(stream, &bad) }.is_err(),
+            "a width not a multiple of 8 is refused"
+        );
+    }
+
+    /// Whether two e4m3 codes are at most one step apart (±0 counting as one value).
+    fn near(a: u8, b: u8) -> bool {
+        let (ma, mb) = (a & 0x7f, b & 0x7f);
+        ma.abs_diff(mb) <= 1 && ((a ^ b) & 0x80 == 0 || ma + mb <= 1)
+    }
+
+    /// erf to about 1.5e-7 (Abramowitz & Stegun 7.1.26): far below an fp16 step
+    fn erf(x: f64) -> f64 {
+        let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+        let p = t
+            * (0.254_829_592
+                + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+        (1.0 - p * (-x * x).exp()).copysign(x)
+    }
+
+    #[test]
+    #[ignore = "needs a GPU of compute capability 8.9+: tools/device/gpu-tests.sh"]
+    fn fp8_geglu_is_bias_split_gelu_then_quantize() {
+        let fk = Fp8Kernels::new(0).expect("an fp8 GPU");
+        let s = fk.ctx.default_stream();
+        let stream = s.cu_stream();
+        let ptr = |b: &CudaSlice<u16>| b.device_ptr(&s).0;
+        let ptr8 = |b: &CudaSlice<u8>| b.device_ptr(&s).0;
+        let h16 = |x: f64| half::f16::from_f64(x);
+        // SDXL's widest feed-forward (h = 5120) over a few rows, and an odd row count
+        let (rows, h) = (37usize, 5120usize);
+        let xs: Vec<u16> = random(rows * 2 * h, 31)
+            .iter()
+            .map(|v| h16(*v as f64 * 4.0).to_bits())
+            .collect();
+        let bs: Vec<u16> = random(2 * h, 32)
+            .iter()
+            .map(|v| h16(*v as f64).to_bits())
+            .collect();
+        let f = |b: u16| half::f16::from_bits(b).to_f64();
+        // BiasSplitGelu as ONNX Runtime computes it, in f64 where it computes in f32
+        let mut want = vec![0u16; rows * h];
+        for r in 0..rows {
+            for c in 0..h {
+                let l = h16(f(xs[r * 2 * h + c]) + f(bs[c])).to_f64();
+                let x = h16(f(xs[r * 2 * h + h + c]) + f(bs[h + c])).to_f64();
+                let gelu = x * 0.5 * (erf(x / std::f64::consts::SQRT_2) + 1.0);
+                want[r * h + c] = h16(l * gelu).to_bits();
+            }
+        }
+        let amax = want.iter().map(|&b| f(b).abs()).fold(0.0, f64::max) as f32;
+        let scale = amax / E4M3_MAX;
+        let (dx, db, dwant) = (
+            s.clone_htod(&xs).unwrap(),
+            s.clone_htod(&bs).unwrap(),
+            s.clone_htod(&want).unwrap(),
+        );
+        let (got8, want8) = (
+            s.alloc_zeros::<u8>(rows * h).unwrap(),
+            s.alloc_zeros::<u8>(rows * h).unwrap(),
+        );
+        unsafe {
+            fk.geglu(stream, ptr(&dx), ptr(&db), rows, h, scale, ptr8(&got8))
+                .unwrap();
+            fk.quantize_x(stream, ptr(&dwant), rows * h, scale, ptr8(&want8))
+                .unwrap();
+        }
+        s.synchronize().unwrap();
+        let (got, want) = (s.clone_dtoh(&got8).unwrap(), s.clone_dtoh(&want8).unwrap());
+        // erff on the GPU and erf here may differ in the last bit of the fp16 product, which
+        // moves an fp8 code by at most one
+        let differ: Vec<(u8, u8)> = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| (*a, *b))
+            .collect();
+        eprintln!(
+            "fp8 GEGLU {rows}×{h}: {} of {} codes differ from the two-step result",
+            differ.len(),
+            got.len()
+        );
+        assert!(differ.len() * 1000 <= got.len(), "{} codes differ", differ.len());
+        assert!(differ.iter().all(|&(a, b)| near(a, b)), "{differ:?}");
+        let bad = unsafe { fk.geglu(stream, ptr(&dx), ptr(&db), rows, 12, scale, ptr8(&got8)) };
+        assert!(bad.is_err(), "a width not a multiple of 8 is refused");
     }
 }
