@@ -815,7 +815,7 @@ ncu_step() {  # one UNet step's kernels under Nsight Compute, GPU 0 (see the hea
     --device cuda:0 --bundle "$S/base" --configs 0C/0L --size "${SIZE:-1024}" --steps 3 --repeat 1 --static-shapes \
     >"$O/ncu-bench.log" 2>&1
   gzip -f "$O/ncu.csv" && python3 tools/ncu_step_summary.py "$O/ncu.csv.gz"
-  [[ -n ${OUT:-} ]] && cp "$O/ncu.csv.gz" "$OUT/"
+  [[ -n ${OUT:-} ]] && cp "$O/ncu.csv.gz" "$OUT/ncu${NCU_TAG:-}.csv.gz"
 }
 
 results() {  # $OUT takes at most 8 files: the run's results travel as one tarball
