@@ -397,13 +397,18 @@ def check_fp8_graph(bundle: Path, gname: str, weights: set):
     for w in weights:
         assert [n.op_type for n in readers[w]] == ["Fp8MatMul"], w
     fp8 = [n for n in m.graph.node if n.op_type == "Fp8MatMul"]
-    quant = [n for n in m.graph.node if n.op_type == "Fp8Quantize"]
+    quant = [n for n in m.graph.node if n.op_type in ("Fp8Quantize", "Fp8LayerNorm", "Fp8BiasSplitGelu")]
+    norms = [n for n in quant if n.op_type == "Fp8LayerNorm"]
     assert len(fp8) == len(weights)
-    assert len({q.input[0] for q in quant}) == len(quant)  # one per activation
+    assert len({q.output[0] for q in quant}) == len(quant)  # one per activation
     assert len(quant) < len(fp8)  # Q/K/V and the cross-attention K/V share theirs
-    assert all(helper.get_attribute_value(q.attribute[0]) > 0 for q in quant)
-    # all else as it was: the source's other nodes, the graph's inputs and outputs
-    gone = {"MatMul": len(weights), "Transpose": len(weights)}
+    assert norms  # the transformers' norms quantize as they normalise
+    assert all({a.name: helper.get_attribute_value(a) for a in q.attribute}["scale"] > 0 for q in quant)
+    # all else as it was: the source's other nodes (less the norms now fused), inputs and outputs
+    skip_ln = sum(1 for n in norms if len(n.input) > 1 and n.input[1])
+    gone = {"MatMul": len(weights), "Transpose": len(weights), "SkipLayerNormalization": skip_ln,
+            "LayerNormalization": len(norms) - skip_ln,
+            "BiasSplitGelu": sum(1 for n in quant if n.op_type == "Fp8BiasSplitGelu")}
     before = collections.Counter(n.op_type for n in src.graph.node)
     after = collections.Counter(n.op_type for n in m.graph.node if n.domain != "katz")
     assert after == before - collections.Counter(gone)
