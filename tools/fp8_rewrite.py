@@ -2,7 +2,7 @@
 """Rewrites a GPU bundle's UNet graphs for fp8 GEMMs: every GEMM against a LoRA-targetable weight
 input becomes `katz.Fp8Quantize` → `katz.Fp8MatMul` (the service's CUDA custom ops).
 
-    python tools/fp8_rewrite.py BUNDLE_DIR        (needs BUNDLE_DIR/fp8_amax.json: export_bundle.py --gpu --fp8)
+    python tools/fp8_rewrite.py BUNDLE_DIR [--no-fuse]   (needs BUNDLE_DIR/fp8_amax.json: export_bundle.py --gpu --fp8)
 
     X ─▶ MatMul(X, Transpose(W, perm=[1,0]))              X ─▶ Fp8Quantize(scale) ─▶ X8 (uint8, e4m3fn bits)
     X ─▶ com.microsoft.FusedMatMul(X, W, transB=1)   ⇒    X8, W ─▶ Fp8MatMul(x_scale) ─▶ Y (fp16)
@@ -85,9 +85,10 @@ def _uses(node, producer: dict, weights: set) -> list:
     return out
 
 
-def rewrite(model: onnx.ModelProto, amax: dict, weight_inputs: set) -> tuple[onnx.ModelProto, dict]:
+def rewrite(model: onnx.ModelProto, amax: dict, weight_inputs: set, fuse: bool = True) -> tuple[onnx.ModelProto, dict]:
     """Turns every GEMM X @ Wᵀ against a weight input W in `weight_inputs` into Fp8Quantize →
-    Fp8MatMul (in place; returns the model and stats: rewritten, quantize, skipped {reason: [W]})."""
+    Fp8MatMul (in place; returns the model and stats: rewritten, quantize, skipped {reason: [W]});
+    with `fuse`, the layer norms and GEGLUs whose output is quantized quantize it themselves."""
     g = model.graph
     weights = set(weight_inputs) & {i.name for i in g.input}
     shapes = _weight_shape(model)
@@ -158,7 +159,7 @@ def rewrite(model: onnx.ModelProto, amax: dict, weight_inputs: set) -> tuple[onn
     dropped = {id(t) for t in detached if t.output[0] not in read}
     g.ClearField("node")
     g.node.extend(n for n in nodes if id(n) not in dropped)
-    fused = _fuse_producers(g, unique)
+    fused = _fuse_producers(g, unique) if fuse else collections.Counter()
     if plan and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     stats = {"rewritten": len(plan), "quantize": len(quantized) - sum(fused.values()),
@@ -240,9 +241,10 @@ def _tensor_bytes(model) -> int:
         len(a.t.raw_data) for n in model.graph.node for a in n.attribute if a.HasField("t"))
 
 
-def rewrite_bundle(bundle: Path) -> dict:
+def rewrite_bundle(bundle: Path, fuse: bool = True) -> dict:
     """Writes the bundle's fp8 UNet graphs from its fused ones and fp8_amax.json, and the
-    manifest's `fp8` entry; returns that entry."""
+    manifest's `fp8` entry; returns that entry. `fuse=False`: every quantize a kernel of its own
+    (the graphs before the norms and GEGLUs quantized their outputs themselves; for comparison)."""
     manifest = json.loads((bundle / "bundle.json").read_text())
     amax = json.loads((bundle / "fp8_amax.json").read_text())
     wmap = manifest["weights"]["map"]
@@ -251,7 +253,7 @@ def rewrite_bundle(bundle: Path) -> dict:
         src = bundle / manifest["unet"][key]
         dest = bundle / f"{gname}.fp8.onnx"
         model = onnx.load(str(src))  # with its external data
-        model, stats = rewrite(model, amax, {n for n, v in wmap.items() if v["graph"] == gname})
+        model, stats = rewrite(model, amax, {n for n, v in wmap.items() if v["graph"] == gname}, fuse)
         total.update(rewritten=stats["rewritten"], skipped=n_skipped(stats))
         data = dest.parent / (dest.name + ".data")
         data.unlink(missing_ok=True)  # onnx appends to an existing data file
@@ -272,11 +274,13 @@ def rewrite_bundle(bundle: Path) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path, help="a GPU bundle directory with fp8_amax.json")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="leave every quantize a kernel of its own (no Fp8LayerNorm / Fp8BiasSplitGelu): for comparison")
     a = ap.parse_args(argv)
     for f in ("bundle.json", "fp8_amax.json"):
         if not (a.bundle / f).exists():
             ap.error(f"{a.bundle / f}: not found")
-    rewrite_bundle(a.bundle)
+    rewrite_bundle(a.bundle, fuse=not a.no_fuse)
 
 
 if __name__ == "__main__":

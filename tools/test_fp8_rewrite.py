@@ -356,6 +356,13 @@ def test_layer_norm_quantized_as_it_is_made(skip):
             assert 1e-3 < err < 0.08, (name, err)
 
 
+def test_no_fuse_keeps_every_quantize():
+    amax = {f"attn.to_{p}.weight": 4.0 for p in "qkv"}
+    m, stats = fp8_rewrite.rewrite(ln_graph(True), amax, set(amax), fuse=False)
+    assert stats["layer_norm_fused"] == 0 and stats["quantize"] == 1
+    assert collections.Counter(n.op_type for n in m.graph.node)["SkipLayerNormalization"] == 1
+
+
 def test_layer_norm_kept_where_its_statistics_are_read():
     m = ln_graph(True)
     norm = m.graph.node[0]

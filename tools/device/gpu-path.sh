@@ -79,7 +79,8 @@
 #                                           back to back, GPU 0; then two jobs (the second with a LoRA) generated in
 #                                           both: fp8's relative difference and SSIM against fp16 ($O/fp8-deviation.json);
 #                                           the export makes the fp8 graphs
-#                                           (EXPORT_FP8= leaves them out)
+#                                           (EXPORT_FP8= leaves them out); FP8_UNFUSED=1 also benches fp8
+#                                           graphs rewritten --no-fuse (every quantize a kernel of its own)
 #   bash tools/device/gpu-path.sh ncu       Nsight Compute: every kernel of a 3-step static-shape 0C/0L run timed
 #                                           (gpu__time_duration), then tools/ncu_step_summary.py: one UNet step by
 #                                           kernel family ($O/ncu.csv.gz)
@@ -187,10 +188,10 @@ export_wait() {
   du -sh "$S"/* 2>/dev/null | head
 }
 
-katz_bench() {  # name, then extra flags (BENCH_LORAS: other LoRA files, comma-separated)
+katz_bench() {  # name, then extra flags (BENCH_LORAS: other LoRA files, comma-separated; BENCH_BUNDLE: another bundle)
   local name=$1; shift
   echo "== katz bench pipeline: $name"
-  /opt/kb/katz bench pipeline --device cuda:0 --bundle "$S/base" --controlnet "$S/base-controlnet" \
+  /opt/kb/katz bench pipeline --device cuda:0 --bundle "${BENCH_BUNDLE:-$S/base}" --controlnet "$S/base-controlnet" \
     --loras "${BENCH_LORAS:-$S/loras/lora0.safetensors,$S/loras/lora1.safetensors}" \
     --size "${SIZE:-1024}" --steps "${STEPS:-50}" $([[ -f $BASE ]] && echo --baseline "$BASE") --unet-tflop 6.76 \
     ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} --out "$O/pipeline-$gpu-$name-$day.json" "$@" 2>&1 | grep -v " WARN " | tail -9
@@ -773,13 +774,27 @@ knobs() {  # the graphed 0C/0L UNet step under CUDA-provider option sets, GPU 0 
   done < <(echo "${KNOBS:--;prefer_nhwc=1;fuse_conv_bias=1}" | tr ';' '\n')
 }
 
+fp8_unfused() {  # $S/base-unfused: the SDXL bundle (hard links) with its fp8 graphs rewritten --no-fuse
+  local u=$S/base-unfused
+  [[ -f $u/bundle.json ]] && return 0
+  rm -rf "$u" && cp -al "$S/base" "$u" || return 1
+  # the files the rewrite writes must not be links into the bundle it came from
+  rm -f "$u"/bundle.json "$u"/unet_*.fp8.onnx* && cp "$S/base/bundle.json" "$u/" || return 1
+  python3 tools/fp8_rewrite.py --no-fuse "$u" | tail -2
+}
+
 fp8() {  # fp8 GEMMs against fp16 in one sitting, GPU 0 (see the header)
   bench_setup || return 1
-  local p
-  for p in bundle fp8; do  # the export's own LoRA (lora0); peer or bench add lora1 (rank 64)
-    BENCH_LORAS=$(ls "$S"/loras/lora[01].safetensors | paste -sd,) KATZ_GRAPH_CACHE=none \
+  local p loras
+  loras=$(ls "$S"/loras/lora[01].safetensors | paste -sd,)  # the export's own LoRA (lora0); peer or bench add lora1
+  for p in bundle fp8; do
+    BENCH_LORAS=$loras KATZ_GRAPH_CACHE=none \
       katz_bench "1gpu-graph-$p" --configs "${FP8_CONFIGS:-0C/0L,1C/1L}" --static-shapes --cuda-graph --precision "$p"
   done
+  if [[ ${FP8_UNFUSED:-0} == 1 ]] && fp8_unfused; then  # every quantize a kernel of its own, for comparison
+    BENCH_BUNDLE=$S/base-unfused BENCH_LORAS=$loras KATZ_GRAPH_CACHE=none \
+      katz_bench "1gpu-graph-fp8-unfused" --configs "${FP8_CONFIGS:-0C/0L,1C/1L}" --static-shapes --cuda-graph --precision fp8
+  fi
   echo "== the same jobs in fp16 and fp8: image deviation (katz generate, ${SIZE:-1024}², ${STEPS:-50} steps)"
   local i l
   for i in 0 1; do
