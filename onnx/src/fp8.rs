@@ -131,6 +131,26 @@ fn device_of(ptr: u64) -> ort::Result<usize> {
     Ok(ordinal as usize)
 }
 
+/// A float attribute of a node that must be finite and positive (a scale).
+fn positive_attr(kctx: &KernelContext<'_>, op: &str, name: &str) -> ort::Result<f32> {
+    let v: f32 = kctx
+        .get(name)
+        .ok_or_else(|| ort_err(format!("{op} without `{name}`")))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(ort_err(format!("{op} {name} {v}")));
+    }
+    Ok(v)
+}
+
+/// The fp8 kernels of the GPU that `ptr` is on, looked up at an operator's first run and kept in
+/// `fk` (a run being captured into a CUDA graph makes no lookups).
+fn kernels_at(fk: &mut Option<Arc<Fp8Kernels>>, ptr: u64) -> ort::Result<&Arc<Fp8Kernels>> {
+    match fk {
+        Some(k) => Ok(k),
+        None => Ok(fk.insert(kernels(device_of(ptr)?).map_err(ort_err)?)),
+    }
+}
+
 fn stream_of(ctx: &ComputeContext) -> ort::Result<cudarc::driver::sys::CUstream> {
     ctx.stream()?
         .map(|s| s.as_ptr() as cudarc::driver::sys::CUstream)
@@ -160,12 +180,7 @@ impl Operator for Quantize {
     }
 
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
-        let scale: f32 = kctx
-            .get("scale")
-            .ok_or_else(|| ort_err("Fp8Quantize without a `scale`"))?;
-        if !(scale.is_finite() && scale > 0.0) {
-            return Err(ort_err(format!("Fp8Quantize scale {scale}")));
-        }
+        let scale = positive_attr(kctx, "Fp8Quantize", "scale")?;
         let mut fk: Option<Arc<Fp8Kernels>> = None;
         Ok(Box::new(move |ctx: &ComputeContext| {
             let x = ctx
@@ -184,10 +199,7 @@ impl Operator for Quantize {
             if n == 0 {
                 return Ok(());
             }
-            let k = match fk.as_ref() {
-                Some(k) => k,
-                None => fk.insert(kernels(device_of(xp)?).map_err(ort_err)?),
-            };
+            let k = kernels_at(&mut fk, xp)?;
             // SAFETY: ONNX Runtime's input and output buffers of n elements, on its stream
             unsafe { k.quantize_x(stream, xp, n, scale, yp) }.map_err(ort_err)
         }))
@@ -222,12 +234,7 @@ impl Operator for Geglu {
     }
 
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
-        let scale: f32 = kctx
-            .get("scale")
-            .ok_or_else(|| ort_err("Fp8BiasSplitGelu without a `scale`"))?;
-        if !(scale.is_finite() && scale > 0.0) {
-            return Err(ort_err(format!("Fp8BiasSplitGelu scale {scale}")));
-        }
+        let scale = positive_attr(kctx, "Fp8BiasSplitGelu", "scale")?;
         let mut fk: Option<Arc<Fp8Kernels>> = None;
         Ok(Box::new(move |ctx: &ComputeContext| {
             let x = ctx
@@ -260,10 +267,7 @@ impl Operator for Geglu {
             if rows == 0 {
                 return Ok(());
             }
-            let k = match fk.as_ref() {
-                Some(k) => k,
-                None => fk.insert(kernels(device_of(xp)?).map_err(ort_err)?),
-            };
+            let k = kernels_at(&mut fk, xp)?;
             // SAFETY: ONNX Runtime's buffers: rows·2h and 2h fp16 values in, rows·h bytes out,
             // on its stream
             unsafe { k.geglu(stream, xp, bp, rows, h, scale, yp) }.map_err(ort_err)
@@ -320,14 +324,12 @@ impl Operator for LayerNorm {
     }
 
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
-        let scale: f32 = kctx
-            .get("scale")
-            .ok_or_else(|| ort_err("Fp8LayerNorm without a `scale`"))?;
+        let scale = positive_attr(kctx, "Fp8LayerNorm", "scale")?;
         let epsilon: f32 = kctx
             .get("epsilon")
             .ok_or_else(|| ort_err("Fp8LayerNorm without an `epsilon`"))?;
-        if !(scale.is_finite() && scale > 0.0 && epsilon.is_finite() && epsilon >= 0.0) {
-            return Err(ort_err(format!("Fp8LayerNorm scale {scale}, epsilon {epsilon}")));
+        if !(epsilon.is_finite() && epsilon >= 0.0) {
+            return Err(ort_err(format!("Fp8LayerNorm epsilon {epsilon}")));
         }
         let mut fk: Option<Arc<Fp8Kernels>> = None;
         Ok(Box::new(move |ctx: &ComputeContext| {
@@ -374,10 +376,7 @@ impl Operator for LayerNorm {
             if rows == 0 {
                 return Ok(());
             }
-            let k = match fk.as_ref() {
-                Some(k) => k,
-                None => fk.insert(kernels(device_of(xp)?).map_err(ort_err)?),
-            };
+            let k = kernels_at(&mut fk, xp)?;
             let args = LayerNormArgs {
                 x: xp,
                 skip: skp,
@@ -423,12 +422,7 @@ impl Operator for MatMul {
     }
 
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
-        let x_scale: f32 = kctx
-            .get("x_scale")
-            .ok_or_else(|| ort_err("Fp8MatMul without an `x_scale`"))?;
-        if !(x_scale.is_finite() && x_scale > 0.0) {
-            return Err(ort_err(format!("Fp8MatMul x_scale {x_scale}")));
-        }
+        let x_scale = positive_attr(kctx, "Fp8MatMul", "x_scale")?;
         Ok(MatMulKernel { x_scale, state: None })
     }
 }

@@ -140,6 +140,29 @@ __device__ __forceinline__ void merge_naive(const unsigned long long* layer_ptrs
 #define KC 8
 #define SLD (TM + 4)
 
+// where merge tile `tile` lies: its layer, the layer's dims (rows, cols, first factor, factor
+// count) and the tile's first row and column, for tiles TM rows by TW columns
+struct TileAt {
+    int l;
+    unsigned int rows, cols, f0, nf, r0, c0;
+};
+
+template <unsigned int TW>
+__device__ __forceinline__ TileAt tile_at(const unsigned int* dims, const unsigned long long* offsets, int n_layers,
+                                          unsigned long long tile) {
+    TileAt p;
+    p.l = find_layer(offsets, n_layers, tile);
+    p.rows = dims[4 * p.l];
+    p.cols = dims[4 * p.l + 1];
+    p.f0 = dims[4 * p.l + 2];
+    p.nf = dims[4 * p.l + 3];
+    const unsigned int t = (unsigned int)(tile - offsets[p.l]);
+    const unsigned int tiles_c = (p.cols + TW - 1) / TW;
+    p.r0 = (t / tiles_c) * TM;
+    p.c0 = (t % tiles_c) * TW;
+    return p;
+}
+
 // 4-byte copy global → shared, zero-filled where !ok: asynchronous (cp.async) on sm_80+
 __device__ __forceinline__ void stage4(float* dst, const float* src, bool ok) {
 #if __CUDA_ARCH__ >= 800
@@ -199,12 +222,9 @@ __device__ __forceinline__ void merge_tiled(const unsigned long long* layer_ptrs
                                             const float* coeffs) {
     __shared__ __align__(16) float Bs[2][KC][SLD];
     __shared__ __align__(16) float As[2][KC][SLD];
-    const unsigned long long tile = blockIdx.x;
-    const int l = find_layer(offsets, n_layers, tile);
-    const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
-    const unsigned int t = (unsigned int)(tile - offsets[l]);
-    const unsigned int tiles_c = (cols + TN - 1) / TN;
-    const unsigned int r0 = (t / tiles_c) * TM, c0 = (t % tiles_c) * TN;
+    const TileAt at = tile_at<TN>(dims, offsets, n_layers, blockIdx.x);
+    const int l = at.l;
+    const unsigned int rows = at.rows, cols = at.cols, f0 = at.f0, nf = at.nf, r0 = at.r0, c0 = at.c0;
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
 
     float acc[8][8];
@@ -403,12 +423,9 @@ __device__ __forceinline__ void merge_mma(const unsigned long long* layer_ptrs, 
     __shared__ unsigned int Bh[TM][MBS], Bl[TM][MBS];
     __shared__ unsigned int Ah[MK][MAS], Al[MK][MAS];
     __shared__ float Lb[TM][MK], La[MK][TN];
-    const unsigned long long tile = blockIdx.x;
-    const int l = find_layer(offsets, n_layers, tile);
-    const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
-    const unsigned int t = (unsigned int)(tile - offsets[l]);
-    const unsigned int tiles_c = (cols + TN - 1) / TN;
-    const unsigned int r0 = (t / tiles_c) * TM, c0 = (t % tiles_c) * TN;
+    const TileAt at = tile_at<TN>(dims, offsets, n_layers, blockIdx.x);
+    const int l = at.l;
+    const unsigned int rows = at.rows, cols = at.cols, f0 = at.f0, nf = at.nf, r0 = at.r0, c0 = at.c0;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 2, wn = warp & 3, g = lane >> 2, t4 = lane & 3;
 
@@ -554,12 +571,9 @@ __device__ __forceinline__ void merge_h16(const unsigned long long* layer_ptrs, 
                                           const float* coeffs) {
 #if __CUDA_ARCH__ >= 800
     __shared__ unsigned int Hb[TM][HS], Ha[HN][HS];
-    const unsigned long long tile = blockIdx.x;
-    const int l = find_layer(offsets, n_layers, tile);
-    const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
-    const unsigned int t = (unsigned int)(tile - offsets[l]);
-    const unsigned int tiles_c = (cols + HN - 1) / HN;
-    const unsigned int r0 = (t / tiles_c) * TM, c0 = (t % tiles_c) * HN;
+    const TileAt at = tile_at<HN>(dims, offsets, n_layers, blockIdx.x);
+    const int l = at.l;
+    const unsigned int rows = at.rows, cols = at.cols, f0 = at.f0, nf = at.nf, r0 = at.r0, c0 = at.c0;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 1, wn = warp & 1, g = lane >> 2, t4 = lane & 3;
 
@@ -806,12 +820,9 @@ __device__ __forceinline__ void merge_chunks(const unsigned long long* layer_ptr
                                                 const unsigned long long* packed, const unsigned int* ranks,
                                                 const float* coeffs, int stage_w) {
 #if __CUDA_ARCH__ >= 800
-    const unsigned long long tile = blockIdx.x;
-    const int l = find_layer(offsets, n_layers, tile);
-    const unsigned int rows = dims[4 * l], cols = dims[4 * l + 1], f0 = dims[4 * l + 2], nf = dims[4 * l + 3];
-    const unsigned int t = (unsigned int)(tile - offsets[l]);
-    const unsigned int tiles_c = (cols + TN - 1) / TN;
-    const unsigned int r0 = (t / tiles_c) * TM, c0 = (t % tiles_c) * TN;
+    const TileAt at = tile_at<TN>(dims, offsets, n_layers, blockIdx.x);
+    const int l = at.l;
+    const unsigned int rows = at.rows, cols = at.cols, f0 = at.f0, nf = at.nf, r0 = at.r0, c0 = at.c0;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 2, wn = warp & 3, g = lane >> 2, t4 = lane & 3;
     unsigned short* Ws = merge_dyn + NST * STAGE_HALVES;
@@ -908,9 +919,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_merge_packed_f16(PACKE
 // time is the memory time plus the chunk time). Same numbers as mma-f16-packed; f32 weights go
 // through global memory as there. Dynamic shared memory: two chunk stages, then (fp16) two
 // weight tiles (host: persistent_smem_bytes).
-struct PackedTile {
-    int l;
-    unsigned int rows, cols, f0, nf, r0, c0;
+struct PackedTile : TileAt {
     bool staged;  // the weights go through shared memory
 };
 
@@ -919,15 +928,7 @@ __device__ __forceinline__ bool packed_tile(PackedTile& p, const unsigned long l
                                             int n_layers, unsigned long long tile, unsigned long long total,
                                             bool f16) {
     if (tile >= total) return false;
-    p.l = find_layer(offsets, n_layers, tile);
-    p.rows = dims[4 * p.l];
-    p.cols = dims[4 * p.l + 1];
-    p.f0 = dims[4 * p.l + 2];
-    p.nf = dims[4 * p.l + 3];
-    const unsigned int t = (unsigned int)(tile - offsets[p.l]);
-    const unsigned int tiles_c = (p.cols + TN - 1) / TN;
-    p.r0 = (t / tiles_c) * TM;
-    p.c0 = (t % tiles_c) * TN;
+    static_cast<TileAt&>(p) = tile_at<TN>(dims, offsets, n_layers, tile);
     p.staged = f16 && p.cols % 8 == 0 && ((layer_ptrs[2 * p.l] | layer_ptrs[2 * p.l + 1]) % 16) == 0;
     return true;
 }
