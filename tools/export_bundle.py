@@ -18,6 +18,8 @@ Data flow:
         │      LoRA-targetable Linear weights (and, but for --gpu, LoCon's convolutions
         │      and time_emb_proj) become graph inputs ─▶ weights.safetensors; --gpu --fp8: their
         │      GEMMs in fp8 too, activation ranges calibrated ─▶ unet_*.fp8.onnx (tools/fp8_rewrite.py)
+        │      what they compute from the conditioning and weights alone ─▶ unet_prelude.onnx,
+        │      run once per job (tools/job_prelude.py; --no-prelude keeps the pair whole)
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
         ├─▶ controlnet.onnx               --controlnet-checkpoint, CHECKPOINT/controlnet/ or
@@ -867,7 +869,8 @@ def spatial(name):  # a 4-D tensor whose batch and spatial dims vary (named per 
 def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Path, check_size: int,
                   attention: str = "sdpa", gpu: bool = False, vae_choice: str = "auto", controlnet: Path | None = None,
                   configs: Path | None = None, controlnet_configs: Path | None = None, locon: bool = True,
-                  te_inputs: bool = True, cn_inputs: bool = True, fp8: bool = False):
+                  te_inputs: bool = True, cn_inputs: bool = True, fp8: bool = False,
+                  prelude: bool = True):
     out.mkdir(parents=True, exist_ok=True)
     # the tokenizers: a directory's own, or for a single file (which carries none) the config directory's
     tok_dir = None if checkpoint is None else (checkpoint if Path(checkpoint).is_dir() else configs)
@@ -1045,6 +1048,9 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     fused_results(jobs)  # waits for the fusions; a failed one raises here
     for f in [*out.glob("*.fp32.onnx*"), out / "vae_mid.onnx", out / "vae_up.onnx"]:
         f.unlink(missing_ok=True)  # the fusions' sources
+    if prelude:  # before the fp8 rewrite: its graphs are made from the hoisted ones
+        import job_prelude
+        job_prelude.hoist_bundle(out)
     if fp8:
         fp8_graphs(out, cfg, tok, te, te2, unet, weights["unet_encoder"] + weights["unet_decoder"], seed)
     cn_manifest = {
@@ -1307,6 +1313,10 @@ def main(argv=None):
     ap.add_argument("--no-controlnet-inputs", action="store_true",
                     help="keep every ControlNet weight inside its graph, as ControlNet bundles exported before their "
                          "Linear weights were inputs (tools/shapes/ckpt_from_bundle.py probes those)")
+    ap.add_argument("--no-prelude", action="store_true",
+                    help="keep the UNet pair whole: without it, what the step graphs compute from the "
+                         "conditioning and weights alone (cross-attention keys and values, the added "
+                         "embedding) moves into unet_prelude.onnx, run once per job (tools/job_prelude.py)")
     ap.add_argument("--fp8", action="store_true",
                     help="with --gpu: also calibrate the UNet's activation ranges (fp8_amax.json) and write fp8 "
                          "UNet graphs (unet_*.fp8.onnx, tools/fp8_rewrite.py) and the manifest's fp8 entry")
@@ -1359,7 +1369,8 @@ def main(argv=None):
         tok, models, _ = export_bundle(cfg, out, a.seed, a.checkpoint, cn_out, check, a.attention, a.gpu,
                                        a.vae_precision, a.controlnet_checkpoint, configs, a.controlnet_config,
                                        locon=not a.no_locon_inputs, te_inputs=not a.no_text_encoder_inputs,
-                                       cn_inputs=not a.no_controlnet_inputs, fp8=a.fp8)
+                                       cn_inputs=not a.no_controlnet_inputs, fp8=a.fp8,
+                                       prelude=not a.no_prelude)
     finally:
         if FUSER is not None:
             FUSER.shutdown()

@@ -30,6 +30,11 @@ pub struct UnetSpec {
     /// Number of skip tensors between encoder and decoder (= ControlNet down residuals).
     pub skips: usize,
     pub emb_dim: usize,
+    /// What the step graphs compute from the conditioning and weights alone, as a graph run once
+    /// per job (crate::unet::prelude; `tools/job_prelude.py`): the step graphs then take its
+    /// outputs as inputs named `job.<graph>.<tensor>`. Absent in bundles exported before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prelude: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -283,7 +288,13 @@ impl BaseBundle {
         if let Some(g) = &m.fp8 {
             f.extend([g.unet_encoder.clone(), g.unet_decoder.clone()]);
         }
+        f.extend(m.unet.prelude.clone());
         f
+    }
+
+    /// The UNet prelude graph, where the bundle has one.
+    pub fn unet_prelude(&self) -> Option<PathBuf> {
+        self.manifest.unet.prelude.as_ref().map(|p| self.path(p))
     }
 
     /// The UNet encoder and decoder graphs a pipeline runs: the fp8 ones with `fp8` (where the

@@ -33,6 +33,8 @@ use super::timings::StepPath;
 pub(super) struct GpuParts<'p> {
     pub unet_encoder: &'p mut Session,
     pub unet_decoder: &'p mut Session,
+    /// The pair's prelude, where its graphs take the prelude's outputs.
+    pub unet_prelude: Option<&'p mut Session>,
     pub weights: &'p Weights,
     pub graph: Option<&'p mut GraphedUnet>,
     pub k: Arc<GpuKernels>,
@@ -44,6 +46,7 @@ pub(super) fn run(p: GpuParts<'_>, job: &mut Job<'_, '_>, host_latents: Tensor) 
     let GpuParts {
         unet_encoder,
         unet_decoder,
+        mut unet_prelude,
         weights,
         graph,
         k,
@@ -63,6 +66,7 @@ pub(super) fn run(p: GpuParts<'_>, job: &mut Job<'_, '_>, host_latents: Tensor) 
     let mut unet = JobUnet::open(
         graph,
         (unet_encoder, unet_decoder),
+        unet_prelude.as_deref_mut(),
         weights,
         skips,
         job.cond,
@@ -79,7 +83,7 @@ pub(super) fn run(p: GpuParts<'_>, job: &mut Job<'_, '_>, host_latents: Tensor) 
         let _step = tracing::debug_span!("step", i, t = ts).entered();
         if let Some(m) = job.poll_lora(i)? {
             current(&k)?;
-            unet.switch_weights(weights, &m, weights)?;
+            unet.switch_weights(weights, &m, weights, unet_prelude.as_deref_mut())?;
         }
         let t0 = Instant::now();
         k.scale(

@@ -18,6 +18,7 @@ use crate::request::{ControlModel, ValidRequest};
 use crate::shapes::skip_names;
 use crate::tensor::Tensor;
 use crate::text::Conditioning;
+use crate::unet::prelude::{self, JobConsts};
 use crate::weights::{MergedWeights, Weights};
 use crate::{Error, Result};
 
@@ -28,6 +29,8 @@ use super::timings::StepPath;
 pub(super) struct HostParts<'p> {
     pub unet_encoder: &'p mut Session,
     pub unet_decoder: &'p mut Session,
+    /// The pair's prelude, where its graphs take the prelude's outputs.
+    pub unet_prelude: Option<&'p mut Session>,
     pub weights: &'p Weights,
     pub controlnets: &'p [Arc<Mutex<ControlNet>>],
     pub skips: usize,
@@ -40,9 +43,18 @@ pub(super) fn run(p: &mut HostParts<'_>, job: &mut Job<'_, '_>, mut latents: Ten
     let b = if cfg { 2 } else { 1 };
     let mut guided = Tensor::zeros(latents.shape.clone());
     let timesteps = job.sched.timesteps().to_vec();
+    // the prelude's outputs, made again when the job's weights change (a LoRA switch)
+    let mut consts: Option<JobConsts> = None;
     for (i, &ts) in timesteps.iter().enumerate() {
         let _step = tracing::debug_span!("step", i, t = ts).entered();
         job.poll_lora(i)?;
+        if let Some(session) = p.unet_prelude.as_deref_mut() {
+            if consts.as_ref().is_none_or(|c| c.merged != job.merged.id()) {
+                let t0 = Instant::now();
+                consts = Some(prelude::run_host(session, p.weights, job.cond, &job.merged)?);
+                job.t.unet_encoder += t0.elapsed();
+            }
+        }
         let scale_in = job.sched.input_scale(i);
         let mut latent_in = if cfg {
             Tensor::concat0(&[&latents, &latents])
@@ -63,7 +75,8 @@ pub(super) fn run(p: &mut HostParts<'_>, job: &mut Job<'_, '_>, mut latents: Ten
         job.t.controlnet += t0.elapsed();
 
         let t0 = Instant::now();
-        let (emb, mut mid, mut skips) = run_encoder(p, &latent_in, &timestep, job.cond, &job.merged)?;
+        let (emb, mut mid, mut skips) =
+            run_encoder(p, &latent_in, &timestep, job.cond, &job.merged, consts.as_ref())?;
         let encoder_end = Instant::now();
         job.t.unet_encoder += encoder_end - t0;
         let t0 = Instant::now();
@@ -87,7 +100,7 @@ pub(super) fn run(p: &mut HostParts<'_>, job: &mut Job<'_, '_>, mut latents: Ten
         sc.path.finish(job.t, encoder_end, Instant::now());
         job.t.controlnet += t0.elapsed();
         let t0 = Instant::now();
-        let pred = run_decoder(p, &emb, job.cond, &mid, &skips, &job.merged)?;
+        let pred = run_decoder(p, &emb, job.cond, &mid, &skips, &job.merged, consts.as_ref())?;
         job.t.unet_decoder += t0.elapsed();
 
         let t0 = Instant::now();
@@ -109,6 +122,7 @@ fn run_encoder(
     timestep: &Tensor,
     cond: &Conditioning,
     merged: &MergedWeights,
+    consts: Option<&JobConsts>,
 ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
     let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
         ("sample".into(), latent_in.view()?.into()),
@@ -119,6 +133,9 @@ fn run_encoder(
     ];
     for name in p.weights.inputs_of("unet_encoder") {
         inputs.push((Cow::Borrowed(name.as_str()), merged.get(p.weights, name)?.into()));
+    }
+    for (name, v) in consts.iter().flat_map(|c| c.of("unet_encoder")) {
+        inputs.push((Cow::Borrowed(name), v.into()));
     }
     let out = p.unet_encoder.run(inputs)?;
     let emb = Tensor::from_output(&out, "emb")?;
@@ -137,6 +154,7 @@ fn run_decoder(
     mid: &Tensor,
     skips: &[Tensor],
     merged: &MergedWeights,
+    consts: Option<&JobConsts>,
 ) -> Result<Tensor> {
     let names = skip_names(skips.len());
     let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
@@ -149,6 +167,9 @@ fn run_decoder(
     }
     for name in p.weights.inputs_of("unet_decoder") {
         inputs.push((Cow::Borrowed(name.as_str()), merged.get(p.weights, name)?.into()));
+    }
+    for (name, v) in consts.iter().flat_map(|c| c.of("unet_decoder")) {
+        inputs.push((Cow::Borrowed(name), v.into()));
     }
     let out = p.unet_decoder.run(inputs)?;
     Tensor::from_output(&out, "noise_pred")

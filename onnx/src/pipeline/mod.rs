@@ -387,6 +387,7 @@ impl Pipeline {
                 let parts = device_loop::GpuParts {
                     unet_encoder: &mut unet.encoder,
                     unet_decoder: &mut unet.decoder,
+                    unet_prelude: unet.prelude.as_mut(),
                     weights: &self.weights,
                     graph: unet.graph.as_mut(),
                     k,
@@ -401,6 +402,7 @@ impl Pipeline {
                 let mut parts = host_loop::HostParts {
                     unet_encoder: &mut unet.encoder,
                     unet_decoder: &mut unet.decoder,
+                    unet_prelude: unet.prelude.as_mut(),
                     weights: &self.weights,
                     controlnets: &self.controlnets,
                     skips,

@@ -40,6 +40,7 @@ pub(super) fn run(
     let GpuParts {
         unet_encoder,
         unet_decoder,
+        mut unet_prelude,
         weights,
         graph,
         k: k0,
@@ -70,6 +71,7 @@ pub(super) fn run(
     let mut uu = JobUnet::open(
         graph,
         (unet_encoder, unet_decoder),
+        unet_prelude.as_deref_mut(),
         weights,
         skips,
         &cond_u,
@@ -82,6 +84,7 @@ pub(super) fn run(
     let mut uc = JobUnet::open(
         hb.graph.as_mut(),
         (&hb.encoder, &hb.decoder),
+        hb.prelude.as_mut(),
         h_weights,
         skips,
         &cond_c,
@@ -100,10 +103,10 @@ pub(super) fn run(
         let _step = tracing::debug_span!("step", i, t = ts, split = true).entered();
         if let Some(m) = job.poll_lora(i)? {
             current(&k0)?;
-            uu.switch_weights(weights, &m, weights)
+            uu.switch_weights(weights, &m, weights, unet_prelude.as_deref_mut())
                 .map_err(|e| at("switching the unconditional half's weights", e))?;
             current(&k1)?;
-            uc.switch_weights(h_weights, &m, weights)
+            uc.switch_weights(h_weights, &m, weights, hb.prelude.as_mut())
                 .map_err(|e| at("switching the conditional half's weights", e))?;
         }
         let t0 = Instant::now();

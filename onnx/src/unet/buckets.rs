@@ -39,6 +39,7 @@ use crate::weights::Weights;
 use crate::{Error, Result};
 
 use super::graphed::{GraphedUnet, WeightSlot};
+use super::prelude;
 
 /// The UNet pair of one shape bucket (`fixed`), or of free shapes (`fixed: None`).
 pub(crate) struct UnetShape {
@@ -49,6 +50,9 @@ pub(crate) struct UnetShape {
     pub graph: Option<GraphedUnet>,
     pub encoder: Session,
     pub decoder: Session,
+    /// The UNet prelude (free shapes, never graphed), where the pair takes its outputs
+    /// (super::prelude): run once per job and LoRA switch.
+    pub prelude: Option<Session>,
     /// The free dimensions of the encoder and decoder (empty for free shapes).
     dims: [Vec<(String, i64)>; 2],
     /// GPU memory this bucket took as it loaded (sessions, bindings, capture), in bytes.
@@ -70,6 +74,7 @@ pub(crate) struct UnetSet {
 struct PairSpec {
     enc_path: PathBuf,
     dec_path: PathBuf,
+    prelude_path: Option<PathBuf>,
     enc_in: Vec<String>,
     enc_out: Vec<String>,
     dec_in: Vec<String>,
@@ -77,19 +82,56 @@ struct PairSpec {
 
 impl PairSpec {
     /// A pair's sessions, fixed to `dims` (free shapes when empty), checked against the manifest.
-    fn open(
-        &self,
-        opts: &SessionOptions,
-        dims: &[Vec<(String, i64)>; 2],
-        graph: bool,
-    ) -> Result<(Session, Session)> {
+    fn open(&self, opts: &SessionOptions, dims: &[Vec<(String, i64)>; 2], graph: bool) -> Result<Pair> {
         let e = runtime::unet_session(&self.enc_path, opts, &dims[0], graph)?;
         let d = runtime::unet_session(&self.dec_path, opts, &dims[1], graph)?;
-        check_io(&self.enc_path, &e, &self.enc_in, &self.enc_out)?;
-        check_io(&self.dec_path, &d, &self.dec_in, &["noise_pred".into()])?;
-        Ok((e, d))
+        // the inputs the prelude makes are checked against its outputs, the rest against the manifest
+        let job_inputs = |s: &Session| -> Vec<String> {
+            s.inputs()
+                .iter()
+                .map(|o| o.name().to_string())
+                .filter(|n| n.starts_with(prelude::PREFIX))
+                .collect()
+        };
+        let (ej, dj) = (job_inputs(&e), job_inputs(&d));
+        check_io(
+            &self.enc_path,
+            &e,
+            &[self.enc_in.clone(), ej.clone()].concat(),
+            &self.enc_out,
+        )?;
+        check_io(
+            &self.dec_path,
+            &d,
+            &[self.dec_in.clone(), dj.clone()].concat(),
+            &["noise_pred".into()],
+        )?;
+        if ej.is_empty() && dj.is_empty() {
+            return Ok(Pair(e, d, None));
+        }
+        let path = self.prelude_path.as_ref().ok_or_else(|| {
+            Error::bundle(
+                &self.enc_path,
+                format!(
+                    "the UNet graphs take inputs the prelude makes ({}), and the manifest names no prelude",
+                    ej.iter().chain(&dj).next().map(String::as_str).unwrap_or("")
+                ),
+            )
+        })?;
+        let p = runtime::unet_session(path, opts, &[], false)?;
+        let made: Vec<&str> = p.outputs().iter().map(|o| o.name()).collect();
+        if let Some(missing) = ej.iter().chain(&dj).find(|n| !made.contains(&n.as_str())) {
+            return Err(Error::bundle(
+                path,
+                format!("the prelude does not make {missing}, which the UNet graphs take"),
+            ));
+        }
+        Ok(Pair(e, d, Some(p)))
     }
 }
+
+/// A pair's encoder and decoder sessions, and its prelude's where it takes one.
+struct Pair(Session, Session, Option<Session>);
 
 /// A bucket not opened at load.
 struct Later {
@@ -105,7 +147,7 @@ struct Opening {
     /// The bucket the opener works on now.
     busy: Option<FixedShape>,
     /// Opened, not yet taken by a job.
-    done: Vec<(Later, Result<(Session, Session)>)>,
+    done: Vec<(Later, Result<Pair>)>,
     /// The set is dropped: the opener stops after its current pair.
     stop: bool,
     /// Jobs running on the set now, and since when none has (see [`OPEN_AFTER_IDLE`]).
@@ -148,7 +190,7 @@ impl Deferred {
     /// The pair of the bucket `want` picks: opened by the background thread (waiting for it
     /// when it is at work on that very bucket), or opened here if the thread has not reached
     /// it. None: no such bucket was left for later (or it was taken).
-    fn take(&self, want: &impl Fn(&FixedShape) -> bool) -> Option<(Later, Result<(Session, Session)>)> {
+    fn take(&self, want: &impl Fn(&FixedShape) -> bool) -> Option<(Later, Result<Pair>)> {
         let (lock, cv) = &*self.state;
         let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -269,7 +311,7 @@ impl UnetSet {
         let spec = Arc::new(pair_spec(bundle, opts.deterministic, fp8));
         // graph capture is for the buckets; the free-shape pair has CPU shape nodes
         let graph = |f: &Option<FixedShape>| opts.cuda_graph && f.is_some();
-        let mut sessions: Vec<Option<Result<(Session, Session)>>> = (0..wanted.len()).map(|_| None).collect();
+        let mut sessions: Vec<Option<Result<Pair>>> = (0..wanted.len()).map(|_| None).collect();
         for chunk in (0..wanted.len()).collect::<Vec<_>>().chunks(OPEN_AT_ONCE) {
             std::thread::scope(|s| {
                 let handles: Vec<_> = chunk
@@ -288,12 +330,13 @@ impl UnetSet {
         }
         let mut shapes = Vec::with_capacity(wanted.len());
         for ((fixed, d), s) in wanted.into_iter().zip(dims).zip(sessions) {
-            let (encoder, decoder) =
+            let Pair(encoder, decoder, prelude) =
                 s.unwrap_or_else(|| Err(Error::Gpu("a UNet session was not made".into())))?;
             shapes.push(UnetShape {
                 fixed,
                 encoder,
                 decoder,
+                prelude,
                 graph: None,
                 dims: d,
                 memory: None,
@@ -372,12 +415,13 @@ impl UnetSet {
         let Some((later, pair)) = taken else {
             return Ok(());
         };
-        let (encoder, decoder) = pair?;
+        let Pair(encoder, decoder, prelude) = pair?;
         let opened_ms = t0.elapsed().as_millis() as u64;
         let mut shape = UnetShape {
             fixed: Some(later.fixed),
             encoder,
             decoder,
+            prelude,
             graph: None,
             dims: later.dims,
             memory: None,
@@ -545,6 +589,7 @@ fn pair_spec(bundle: &BaseBundle, deterministic: bool, fp8: bool) -> PairSpec {
     PairSpec {
         enc_path,
         dec_path,
+        prelude_path: bundle.unet_prelude(),
         enc_in,
         enc_out,
         dec_in,

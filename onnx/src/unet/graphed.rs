@@ -35,6 +35,8 @@ use ort::value::{DynValue, Tensor as OrtTensor, ValueType};
 use crate::device::{cuda_memory, gpu_err, ort_ref, DevRef, DevTensor};
 use crate::text::Conditioning;
 use crate::weights::{DevBuf, MergedWeights, Weights};
+
+use super::prelude;
 use crate::{Error, Result};
 
 /// The UNet encoder and decoder of one GPU, bound once to lasting buffers for CUDA graphs.
@@ -52,6 +54,9 @@ pub(crate) struct GraphedUnet {
     noise_pred: DevRef,
     /// The weights the graphs read (shared by the buckets of one GPU).
     slot: Arc<WeightSlot>,
+    /// The inputs the prelude makes (`job.<graph>.<tensor>`), lasting buffers its outputs are
+    /// copied into once per job and LoRA switch ([`GraphedUnet::set_job_consts`]).
+    job: Vec<(String, DevBuf, Vec<usize>)>,
     k: Arc<GpuKernels>,
 }
 
@@ -202,6 +207,49 @@ pub(crate) fn outlet_shape(
         .collect()
 }
 
+/// Whether prelude input `o` is f16 (else f32), and its shape, free dimensions from `known`.
+fn job_input(o: &ort::value::Outlet, known: &[(String, i64)]) -> Result<(bool, Vec<usize>)> {
+    let ValueType::Tensor {
+        ty,
+        shape,
+        dimension_symbols,
+    } = o.dtype()
+    else {
+        return Err(Error::Gpu(format!("CUDA graph: {} is not a tensor", o.name())));
+    };
+    let half = match ty {
+        ort::value::TensorElementType::Float16 => true,
+        ort::value::TensorElementType::Float32 => false,
+        other => {
+            return Err(Error::Gpu(format!(
+                "CUDA graph: the prelude's {} is {other:?}",
+                o.name()
+            )))
+        }
+    };
+    let dims = shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            if d >= 0 {
+                return Ok(d as usize);
+            }
+            let sym = dimension_symbols.get(i).map(String::as_str).unwrap_or("");
+            known
+                .iter()
+                .find(|(n, _)| n == sym)
+                .map(|&(_, v)| v as usize)
+                .ok_or_else(|| {
+                    Error::Gpu(format!(
+                        "CUDA graph: dimension {i} (`{sym}`) of {} is not fixed by the static shapes",
+                        o.name()
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((half, dims))
+}
+
 /// Binds the f32 device buffer at `ptr` as input `name` (in place, no copy).
 pub(crate) fn bind_dev(
     b: &mut IoBinding,
@@ -298,6 +346,25 @@ impl GraphedUnet {
             enc_out.push(r);
         }
         let noise_pred = bind_out(&mut dec, &dec_alloc, "noise_pred", &sample.shape, device)?;
+        let mut job = Vec::new();
+        for (b, session) in [(&mut enc, enc_session), (&mut dec, dec_session)] {
+            for o in session
+                .inputs()
+                .iter()
+                .filter(|o| o.name().starts_with(prelude::PREFIX))
+            {
+                let (half, shape) = job_input(o, &known)?;
+                let n = shape.iter().product::<usize>().max(1);
+                let buf = if half {
+                    DevBuf::F16(k.stream.alloc_zeros::<u16>(n).map_err(gpu_err)?)
+                } else {
+                    DevBuf::F32(k.stream.alloc_zeros::<f32>(n).map_err(gpu_err)?)
+                };
+                // SAFETY: the buffer lives in `job`, dropped after the bindings (field order)
+                unsafe { buf.bind(b, o.name(), &shape, &k, device as i32)? };
+                job.push((o.name().to_string(), buf, shape));
+            }
+        }
         Ok(GraphedUnet {
             enc,
             dec,
@@ -307,6 +374,7 @@ impl GraphedUnet {
             enc_out,
             noise_pred,
             slot,
+            job,
             k,
         })
     }
@@ -351,6 +419,60 @@ impl GraphedUnet {
     /// Puts `merged` (made on `merged_on`'s GPU) in the weight slot (see [`WeightSlot`]).
     pub fn set_weights(&mut self, own: &Weights, merged: &MergedWeights, merged_on: &Weights) -> Result<()> {
         self.slot.set(&self.k, own, merged, merged_on)
+    }
+
+    /// Runs the prelude on the conditioning and the weights in the slot (after
+    /// [`GraphedUnet::set_conditioning`] and [`GraphedUnet::set_weights`]) and copies its outputs
+    /// into the buffers the graphs read. Nothing to do for graphs without a prelude.
+    pub fn set_job_consts(&mut self, prelude: Option<&mut Session>, own: &Weights) -> Result<()> {
+        if self.job.is_empty() {
+            return Ok(());
+        }
+        let session = prelude.ok_or_else(|| {
+            Error::Gpu("the UNet graphs take the prelude's outputs, and it is not loaded".into())
+        })?;
+        let device = self.k.ordinal();
+        let (cond, slot, k) = (&self.cond, &self.slot, &self.k);
+        let consts = prelude::run_device(session, device as i32, 0, |b, names| {
+            for name in names {
+                match ["encoder_hidden_states", "text_embeds", "time_ids"]
+                    .iter()
+                    .position(|c| c == name)
+                {
+                    Some(i) => bind_dev(b, name, cond[i].ptr(k), &cond[i].shape, device)?,
+                    None => {
+                        let buf = slot.bufs.get(name).ok_or_else(|| {
+                            Error::Gpu(format!("the prelude reads {name}, which the weight slot lacks"))
+                        })?;
+                        let shape = &own
+                            .map()
+                            .get(name)
+                            .ok_or_else(|| {
+                                Error::Gpu(format!("the prelude reads {name}, which is no weight"))
+                            })?
+                            .shape;
+                        // SAFETY: the slot outlives this run
+                        unsafe { buf.bind(b, name, shape, k, device as i32)? };
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        for (name, v) in &consts.values {
+            let Some((_, dst, _)) = self.job.iter().find(|(n, _, _)| n == name) else {
+                continue; // an output only the other bucket's graphs read: none such today
+            };
+            let (src, bytes) = prelude::raw(v)?;
+            if bytes != dst.bytes() {
+                return Err(Error::Gpu(format!(
+                    "the prelude's {name} has {bytes} bytes, the CUDA graph's buffer {}",
+                    dst.bytes()
+                )));
+            }
+            // SAFETY: sizes checked; the values live until the synchronise below
+            unsafe { self.k.copy_raw(dst.ptr(&self.k), src, bytes) }.map_err(gpu_err)?;
+        }
+        self.k.synchronize().map_err(gpu_err)
     }
 
     /// Runs the encoder at timestep `t` on the current `sample`; its outputs' addresses.

@@ -8,6 +8,7 @@
 //! per step:  sample_mut() ◀─ scale kernel;  encode(t) ─▶ emb, mid, skips (residuals added in place)
 //!            decode() ─▶ noise_pred;  end_step() releases the step's outputs
 //! at a LoRA switch:  switch_weights(merged)
+//! once per job and LoRA switch, where the pair has a prelude: prelude ─▶ job.* inputs
 //! ```
 //!
 //! ## Layout
@@ -16,10 +17,13 @@
 //! - `graphed.rs`: `GraphedUnet`, the UNet pair bound once to lasting buffers and captured as CUDA
 //!   graphs when the pipeline loads; `WeightSlot`, the weights those graphs read (one per GPU).
 //! - `buckets.rs`: `UnetSet`, a device's UNet pairs by shape bucket (and one of free shapes).
+//! - `prelude.rs`: the UNet prelude, what the pair computes from the job's constants alone (the
+//!   text tokens' cross-attention keys and values), run once per job and LoRA switch.
 
 pub(crate) mod bound;
 pub(crate) mod buckets;
 pub(crate) mod graphed;
+pub(crate) mod prelude;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -69,16 +73,52 @@ pub(crate) struct BoundJob {
     pred: Option<DynValue>,
     /// A merge copied over from another GPU's set (split guidance), kept while it is bound.
     merged_copy: Option<Arc<MergedWeights>>,
+    /// The job's conditioning, for the prelude's runs at LoRA switches.
+    cond: Conditioning,
+    /// The prelude's outputs for the weights bound now (bound as the graphs' inputs).
+    consts: Option<prelude::JobConsts>,
+}
+
+impl BoundJob {
+    /// Runs the prelude for the weights `merged` (over `own`) and binds its outputs; nothing to
+    /// do without a prelude.
+    fn set_job_consts(
+        &mut self,
+        prelude: Option<&mut Session>,
+        own: &Weights,
+        merged: &MergedWeights,
+    ) -> Result<()> {
+        let Some(session) = prelude else {
+            return Ok(());
+        };
+        let device = self.k.ordinal() as i32;
+        let cond = &self.cond;
+        let consts = prelude::run_device(session, device, merged.id(), |b, names| {
+            prelude::bind_job_inputs(b, names, own, cond, merged)
+        })?;
+        for (graph, b) in [
+            ("unet_encoder", &mut self.bu.enc),
+            ("unet_decoder", &mut self.bu.dec),
+        ] {
+            for (name, v) in consts.of(graph) {
+                b.bind_input(name, v)?;
+            }
+        }
+        self.consts = Some(consts);
+        Ok(())
+    }
 }
 
 impl<'g> JobUnet<'g> {
     /// The UNet pair `sessions` on `k`'s GPU for a job: the pipeline's `graph` when it has one
     /// (the job's conditioning and weights copied in), else bound for this job. `own` is this
     /// GPU's pristine set; `merged.0` was merged from `merged.1` (this set, or another GPU's).
+    /// `prelude`: the pair's prelude session, where its graphs take the prelude's outputs.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         graph: Option<&'g mut GraphedUnet>,
         sessions: (&Session, &Session),
+        mut prelude: Option<&mut Session>,
         own: &Weights,
         skips: usize,
         cond: &Conditioning,
@@ -95,6 +135,7 @@ impl<'g> JobUnet<'g> {
             }
             g.set_conditioning(cond)?;
             g.set_weights(own, merged.0, merged.1)?;
+            g.set_job_consts(prelude, own)?;
             return Ok(JobUnet::Graphed(g));
         }
         let bu = bind_unet(
@@ -113,9 +154,13 @@ impl<'g> JobUnet<'g> {
             enc_vals: Vec::new(),
             pred: None,
             merged_copy: None,
+            cond: cond.clone(),
+            consts: None,
         }));
         if !merged.0.is_empty() {
-            unet.switch_weights(own, merged.0, merged.1)?;
+            unet.switch_weights(own, merged.0, merged.1, prelude.as_deref_mut())?;
+        } else if let JobUnet::Bound(j) = &mut unet {
+            j.set_job_consts(prelude, own, merged.0)?;
         }
         Ok(unet)
     }
@@ -134,19 +179,28 @@ impl<'g> JobUnet<'g> {
         }
     }
 
-    /// Switches to `merged` (made from `merged_on`'s weights) at a step boundary.
+    /// Switches to `merged` (made from `merged_on`'s weights) at a step boundary, and runs the
+    /// prelude (`prelude`, where the graphs take its outputs) on them.
     pub(crate) fn switch_weights(
         &mut self,
         own: &Weights,
         merged: &MergedWeights,
         merged_on: &Weights,
+        prelude: Option<&mut Session>,
     ) -> Result<()> {
         match self {
-            JobUnet::Graphed(g) => g.set_weights(own, merged, merged_on),
-            JobUnet::Bound(j) if std::ptr::eq(own, merged_on) => rebind_weights(own, &mut j.bu, merged),
+            JobUnet::Graphed(g) => {
+                g.set_weights(own, merged, merged_on)?;
+                g.set_job_consts(prelude, own)
+            }
+            JobUnet::Bound(j) if std::ptr::eq(own, merged_on) => {
+                rebind_weights(own, &mut j.bu, merged)?;
+                j.set_job_consts(prelude, own, merged)
+            }
             JobUnet::Bound(j) => {
                 let copy = Arc::new(own.copy_merged_from(merged, merged_on)?);
                 rebind_weights(own, &mut j.bu, &copy)?;
+                j.set_job_consts(prelude, own, &copy)?;
                 j.merged_copy = Some(copy);
                 Ok(())
             }

@@ -1,0 +1,131 @@
+"""The UNet prelude (tools/job_prelude.py) on the committed tiny bundle, on the CPU:
+
+    .katz/py/bin/python -m pytest -q tools/test_job_prelude.py          (run by `make test`)
+
+  - the hoist moves every cross-attention key and value GEMM of the text tokens out of the step
+    graphs, and the prelude's outputs are exactly the step graphs' new inputs;
+  - prelude + step graphs give the same emb, mid, skips and noise prediction as the whole step
+    graphs (ONNX Runtime, CPU, fp32: bit for bit);
+  - `katz generate` on the hoisted bundle (the host loop runs the prelude once per job) writes the
+    same PNG as on the bundle it came from, with and without a LoRA.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import job_prelude  # noqa: E402
+
+TINY = ROOT / "bundles" / "tiny-sdxl"
+KATZ = Path(os.environ.get("KATZ_BIN", ROOT / "target" / "release" / "katz"))
+LORA = ROOT / "bundles" / "loras" / "tiny-lora-a.safetensors"
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file (F32 and F16 only: the tiny bundle's weights)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    base, out = 8 + n, {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        dt = {"F32": np.float32, "F16": np.float16}[e["dtype"]]
+        a, b = e["data_offsets"]
+        out[name] = np.frombuffer(raw[base + a:base + b], dtype=dt).reshape(e["shape"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def hoisted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prelude") / "tiny-sdxl"
+    shutil.copytree(TINY, out)
+    assert job_prelude.hoist_bundle(out) is not None
+    return out
+
+
+def test_the_text_keys_and_values_leave_the_step_graphs(hoisted):
+    manifest = json.loads((hoisted / "bundle.json").read_text())
+    assert manifest["unet"]["prelude"] == "unet_prelude.onnx"
+    prelude = onnx.load(str(hoisted / "unet_prelude.onnx"))
+    outs = {o.name for o in prelude.graph.output}
+    made = set()
+    for g in ("unet_encoder", "unet_decoder"):
+        step = onnx.load(str(hoisted / f"{g}.onnx"))
+        job_inputs = {i.name for i in step.graph.input if i.name.startswith(job_prelude.PREFIX)}
+        assert job_inputs and all(n.startswith(f"job.{g}.") for n in job_inputs)
+        made |= job_inputs
+        # every original input is still declared (the service binds them as before)
+        whole = onnx.load(str(TINY / f"{g}.onnx"))
+        assert {i.name for i in whole.graph.input} <= {i.name for i in step.graph.input}
+        # no step node reads a cross-attention key or value weight any more
+        read = {i for n in step.graph.node for i in n.input}
+        kv = [i.name for i in whole.graph.input if ".attn2.to_k." in i.name or ".attn2.to_v." in i.name]
+        assert kv and not (set(kv) & read)
+        assert len(step.graph.node) < len(whole.graph.node)
+    assert outs == made
+
+
+def test_prelude_and_step_graphs_equal_the_whole_graphs(hoisted):
+    w = read_safetensors(TINY / "weights.safetensors")
+    rng = np.random.default_rng(0)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+
+    def session(p):
+        return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+
+    def feed(s, known):
+        f = {}
+        for i in s.get_inputs():
+            if i.name in known:
+                f[i.name] = known[i.name]
+            elif i.name in w:
+                f[i.name] = w[i.name]
+            else:
+                shape = [2, 4, 16, 16] if i.name == "sample" else [d if isinstance(d, int) else 2 for d in i.shape]
+                f[i.name] = rng.standard_normal(shape).astype(np.float32)
+                known[i.name] = f[i.name]
+        return f
+
+    known = {"timestep": np.array([500.0, 500.0], np.float32)}
+    enc, dec = session(TINY / "unet_encoder.onnx"), session(TINY / "unet_decoder.onnx")
+    enc_names = [o.name for o in enc.get_outputs()]
+    whole = dict(zip(enc_names, enc.run(None, feed(enc, known))))
+    whole["noise_pred"] = dec.run(None, feed(dec, {**known, **whole}))[0]
+
+    pre = session(hoisted / "unet_prelude.onnx")
+    consts = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, feed(pre, dict(known)))))
+    enc2, dec2 = session(hoisted / "unet_encoder.onnx"), session(hoisted / "unet_decoder.onnx")
+    split = dict(zip(enc_names, enc2.run(None, feed(enc2, {**known, **consts}))))
+    split["noise_pred"] = dec2.run(None, feed(dec2, {**known, **consts, **split}))[0]
+    for name, v in whole.items():
+        np.testing.assert_array_equal(split[name], v, err_msg=name)
+
+
+@pytest.mark.skipif(not KATZ.exists(), reason=f"{KATZ} not built (cargo build --release)")
+@pytest.mark.parametrize("lora", [False, True])
+def test_generate_writes_the_same_png_from_the_hoisted_bundle(hoisted, tmp_path, lora):
+    pngs = []
+    for bundle in (TINY, hoisted):
+        out = tmp_path / f"{bundle.parent.name}.png"
+        args = [str(KATZ), "generate", "--bundle", str(bundle), "--prompt", "a red circle", "--seed", "7",
+                "--steps", "4", "--output", str(out)]
+        if lora:
+            args += ["--lora", f"{LORA}:0.8"]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        pngs.append(out.read_bytes())
+    assert pngs[0] == pngs[1]
