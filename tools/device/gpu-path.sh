@@ -81,6 +81,10 @@
 #                                           the export makes the fp8 graphs
 #                                           (EXPORT_FP8= leaves them out); FP8_UNFUSED=1 also benches fp8
 #                                           graphs rewritten --no-fuse (every quantize a kernel of its own)
+#   bash tools/device/gpu-path.sh prelude   the UNet prelude: $S/base-prelude made from an SDXL bundle exported with
+#                                           EXPORT_ARGS=--no-prelude (tools/job_prelude.py, fp8 graphs again), the graphed
+#                                           step of both (PRELUDE_PRECISIONS, default "bundle fp8"), then the same jobs
+#                                           from both (CUDA graph and bound; one with a LoRA): relative difference, SSIM
 #   bash tools/device/gpu-path.sh ncu       Nsight Compute: every kernel of a 3-step static-shape 0C/0L run timed
 #                                           (gpu__time_duration), then tools/ncu_step_summary.py: one UNet step by
 #                                           kernel family ($O/ncu.csv.gz)
@@ -134,7 +138,7 @@ export_bg() {
   cat > /opt/export-run.sh <<EOS
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 t0=\$(date +%s)
-python3 tools/export_bundle.py --config sdxl --random-init --gpu ${EXPORT_FP8---fp8} --out "$S/base" --no-references \\
+python3 tools/export_bundle.py --config sdxl --random-init --gpu ${EXPORT_FP8---fp8} ${EXPORT_ARGS:-} --out "$S/base" --no-references \\
   --no-check --jobs "${EXPORT_JOBS:-3}" --example-lora "$S/loras/lora0.safetensors" > "$S/export.log" 2>&1 && echo "export: \$(( \$(date +%s) - t0 )) s" >> "$S/export.log" && touch "$S/done"
 EOS
   setsid bash /opt/export-run.sh </dev/null >/dev/null 2>&1 &
@@ -783,6 +787,57 @@ fp8_unfused() {  # $S/base-unfused: the SDXL bundle (hard links) with its fp8 gr
   python3 tools/fp8_rewrite.py --no-fuse "$u" | tail -2
 }
 
+prelude_bundle() {  # $S/base-prelude: the SDXL bundle (hard links) with its UNet pair hoisted, fp8 graphs made again
+  local u=$S/base-prelude
+  [[ -f $u/unet_prelude.onnx ]] && return 0
+  if grep -q '"prelude"' "$S/base/bundle.json"; then echo "the SDXL bundle has its prelude (export it with EXPORT_ARGS=--no-prelude to compare)"; return 1; fi
+  rm -rf "$u" && cp -al "$S/base" "$u" || return 1
+  # the files the hoist and the rewrite write must not be links into the bundle they came from
+  rm -f "$u"/bundle.json "$u"/unet_encoder.onnx* "$u"/unet_decoder.onnx* "$u"/unet_*.fp8.onnx* || return 1
+  cp "$S/base/bundle.json" "$S"/base/unet_encoder.onnx* "$S"/base/unet_decoder.onnx* "$u/" || return 1
+  local t0=$(date +%s)
+  python3 tools/job_prelude.py "$u" || return 1
+  [[ -f $u/fp8_amax.json ]] && { python3 tools/fp8_rewrite.py "$u" | tail -2; }
+  echo "hoisted in $(( $(date +%s) - t0 )) s"
+}
+
+prelude() {  # the UNet prelude against the whole pair, GPU 0 (see the header)
+  bench_setup || return 1
+  prelude_bundle || return 1
+  local loras p b
+  loras=$(ls "$S"/loras/lora[01].safetensors | paste -sd,)
+  for p in ${PRELUDE_PRECISIONS:-bundle fp8}; do
+    for b in base base-prelude; do
+      BENCH_BUNDLE=$S/$b BENCH_LORAS=$loras KATZ_GRAPH_CACHE=none \
+        katz_bench "1gpu-graph-$p-$b" --configs "${PRELUDE_CONFIGS:-0C/0L}" --static-shapes --cuda-graph --precision "$p"
+    done
+  done
+  echo "== the same jobs from both bundles (katz generate, ${SIZE:-1024}², ${STEPS:-50} steps; a LoRA switches the weights)"
+  local i l g
+  for g in graph bound; do
+    for i in 0 1; do
+      l=(); (( i == 1 )) && l=(--lora "$S/loras/lora0.safetensors:1.0")
+      for b in base base-prelude; do
+        /opt/kb/katz generate --device cuda:0 --bundle "$S/$b" --prompt "a red cube on a blue sphere, $i" --seed "$i" \
+          --size "${SIZE:-1024}x${SIZE:-1024}" --steps "${STEPS:-50}" "${l[@]}" $([[ $g == bound ]] && echo --cuda-graph false) \
+          --output "$O/prelude-$g-$i-$b.png" 2>&1 | grep -vE " WARN |^\s*$" | tail -1
+      done
+    done
+  done
+  python3 - "$O" <<'EOF2'
+import json, sys
+sys.path.insert(0, "tools")
+from quality_report import read, rel_diff, ssim
+o, rows = sys.argv[1], []
+for g in ("graph", "bound"):
+    for i in range(2):
+        a, b = read(f"{o}/prelude-{g}-{i}-base.png"), read(f"{o}/prelude-{g}-{i}-base-prelude.png")
+        rows.append({"path": g, "job": i, "loras": i, "rel_diff": rel_diff(b, a), "ssim": ssim(b, a)})
+        print(f"  {g}, job {i} ({i} LoRAs): prelude vs whole relative difference {rows[-1]['rel_diff']:.5f}, SSIM {rows[-1]['ssim']:.5f}")
+json.dump(rows, open(f"{o}/prelude-deviation.json", "w"), indent=1)
+EOF2
+}
+
 fp8() {  # fp8 GEMMs against fp16 in one sitting, GPU 0 (see the header)
   bench_setup || return 1
   local p loras
@@ -866,6 +921,7 @@ case ${1:-all} in
   peer) peer ;;
   ncu) ncu_step ;;
   fp8) fp8 ;;
+  prelude) prelude ;;
   all) tests; bench; bench_multi ;;
   *) echo "usage: $0 stage|tests|export|bench|baseline|peer|ncu|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|ready|cnpath|vae|determinism|all"; exit 2 ;;
 esac
