@@ -815,7 +815,7 @@ prelude() {  # the UNet prelude against the whole pair, GPU 0 (see the header)
   echo "== the same jobs from both bundles (katz generate, ${SIZE:-1024}², ${STEPS:-50} steps; a LoRA switches the weights)"
   local i l g
   for g in graph bound; do
-    for i in 0 1; do
+    for i in ${PRELUDE_JOBS:-0 1}; do
       l=(); (( i == 1 )) && l=(--lora "$S/loras/lora0.safetensors:1.0")
       for b in base base-prelude; do
         /opt/kb/katz generate --device cuda:0 --bundle "$S/$b" --prompt "a red cube on a blue sphere, $i" --seed "$i" \
@@ -825,12 +825,14 @@ prelude() {  # the UNet prelude against the whole pair, GPU 0 (see the header)
     done
   done
   python3 - "$O" <<'EOF2'
-import json, sys
+import json, os, sys
 sys.path.insert(0, "tools")
 from quality_report import read, rel_diff, ssim
 o, rows = sys.argv[1], []
 for g in ("graph", "bound"):
     for i in range(2):
+        if not os.path.exists(f"{o}/prelude-{g}-{i}-base-prelude.png"):
+            continue
         a, b = read(f"{o}/prelude-{g}-{i}-base.png"), read(f"{o}/prelude-{g}-{i}-base-prelude.png")
         rows.append({"path": g, "job": i, "loras": i, "rel_diff": rel_diff(b, a), "ssim": ssim(b, a)})
         print(f"  {g}, job {i} ({i} LoRAs): prelude vs whole relative difference {rows[-1]['rel_diff']:.5f}, SSIM {rows[-1]['ssim']:.5f}")
