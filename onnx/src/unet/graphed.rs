@@ -186,6 +186,12 @@ pub(crate) fn outlet_shape(
             "CUDA graph: {name} is {ty:?}; the step buffers are f32"
         )));
     }
+    resolve(name, shape, dimension_symbols, known)
+}
+
+/// The dimensions of `shape` (input or output `name`), the free ones (-1, named by `symbols`)
+/// from `known`.
+fn resolve(name: &str, shape: &[i64], symbols: &[String], known: &[(String, i64)]) -> Result<Vec<usize>> {
     shape
         .iter()
         .enumerate()
@@ -193,7 +199,7 @@ pub(crate) fn outlet_shape(
             if d >= 0 {
                 return Ok(d as usize);
             }
-            let sym = dimension_symbols.get(i).map(String::as_str).unwrap_or("");
+            let sym = symbols.get(i).map(String::as_str).unwrap_or("");
             known
                 .iter()
                 .find(|(n, _)| n == sym)
@@ -227,26 +233,7 @@ fn job_input(o: &ort::value::Outlet, known: &[(String, i64)]) -> Result<(bool, V
             )))
         }
     };
-    let dims = shape
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| {
-            if d >= 0 {
-                return Ok(d as usize);
-            }
-            let sym = dimension_symbols.get(i).map(String::as_str).unwrap_or("");
-            known
-                .iter()
-                .find(|(n, _)| n == sym)
-                .map(|&(_, v)| v as usize)
-                .ok_or_else(|| {
-                    Error::Gpu(format!(
-                        "CUDA graph: dimension {i} (`{sym}`) of {} is not fixed by the static shapes",
-                        o.name()
-                    ))
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let dims = resolve(o.name(), shape, dimension_symbols, known)?;
     Ok((half, dims))
 }
 
