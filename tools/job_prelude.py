@@ -69,10 +69,16 @@ def _plan(g: onnx.GraphProto):
             continue
         ancestors.add(k)
         todo.extend(i for i in g.node[k].input if i)
+    # the step nodes still needed (from the graph's outputs back, through the nodes not hoisted):
+    # a shape computation whose only readers moved into the prelude goes with them
+    need, live = {o.name for o in g.output}, set()
+    for k in reversed(range(len(g.node))):
+        n = g.node[k]
+        if k not in hoisted and any(o in need for o in n.output):
+            live.add(k)
+            need.update(i for i in n.input if i)
     made = {o for k in hoisted for o in g.node[k].output}
-    read_by_step = {i for k, n in enumerate(g.node) if k not in hoisted for i in n.input}
-    read_by_step |= {o.name for o in g.output}
-    cuts = [o for k in sorted(hoisted) for o in g.node[k].output if o in made & read_by_step]
+    cuts = [o for k in sorted(hoisted) for o in g.node[k].output if o in made & need]
     return hoisted, ancestors, cuts
 
 
