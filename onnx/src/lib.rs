@@ -4,6 +4,8 @@
 //!  Request ─ValidRequest::new(&Accepts)─▶ ValidRequest ─▶ Pipeline::run(&req, RunOptions)
 //!                                                          │ text::TextEncoders ─▶ (prompt_embeds, pooled, time_ids)
 //!                                                          ▼
+//!  (embeds, pooled, time_ids), weights ─▶ unet prelude (once per job and LoRA switch, where the
+//!                                          bundle has one) ─▶ job.* inputs of the UNet pair
 //!  noise ─▶ latents ─▶ for each step i (scheduler::Scheduler), one loop (host | device | split):
 //!             latent_in = [latents; latents] · input_scale(i)
 //!             unet_encoder(latent_in, t, embeds, weights) ─▶ emb, mid, skips
@@ -25,7 +27,7 @@
 //! | `request` | `Request`, `ControlRequest { model: ControlModel, prep }`, `Limits`, `Accepts`, `ValidRequest::new` — every check of a request, once |
 //! | `placement` | `Placement`: where the base, the second guidance half and each ControlNet run; peer access |
 //! | `pipeline/` | `Pipeline::load` / `place` / `run`; the host, device and split loops; `Timings` |
-//! | `unet/` | the UNet pair bound to a job on a GPU (`bound`), and bound once for CUDA graphs (`graphed`) |
+//! | `unet/` | the UNet pair bound to a job on a GPU (`bound`), and bound once for CUDA graphs (`graphed`); the prelude of job constants (`prelude`) |
 //! | `controlnet/` | the ControlNet seam (`ControlService`, `ControlSession`), the model, inline and threaded sessions |
 //! | `lora/` | LoRA files → adapters, merges, pending (asynchronous) merges, the switching plan |
 //! | `weights` | the pristine weights (host and device) and merged sets |
