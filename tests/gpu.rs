@@ -97,6 +97,14 @@ fn two_gpus() -> usize {
     count
 }
 
+/// The tiny base bundle: `KATZ_GPU_TINY` (gpu-path.sh runs the tests again on a copy with a
+/// UNet prelude), else bundles/tiny-sdxl.
+fn tiny() -> std::path::PathBuf {
+    std::env::var_os("KATZ_GPU_TINY")
+        .map(Into::into)
+        .unwrap_or_else(|| root().join("bundles/tiny-sdxl"))
+}
+
 fn cn_dir() -> std::path::PathBuf {
     root().join("bundles/tiny-sdxl-controlnet")
 }
@@ -104,8 +112,8 @@ fn cn_dir() -> std::path::PathBuf {
 #[test]
 #[ignore = "needs a GPU: tools/device/gpu-path.sh tests"]
 fn the_device_loop_matches_the_host_loop_for_0_to_3_controlnets_euler_and_euler_a() {
-    let mut cpu = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cpu)).unwrap();
-    let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(gpu())).unwrap();
+    let mut cpu = Pipeline::load(tiny(), opts(Device::Cpu)).unwrap();
+    let mut dev = Pipeline::load(tiny(), opts(gpu())).unwrap();
     let (mc, md) = (
         cpu.controlnet(cn_dir()).unwrap(),
         dev.controlnet(cn_dir()).unwrap(),
@@ -154,7 +162,7 @@ impl ControlSession for HostSession {
 #[test]
 #[ignore = "needs a GPU: tools/device/gpu-path.sh tests"]
 fn device_threaded_and_host_path_sessions_equal_the_inline_device_loop() {
-    let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(gpu())).unwrap();
+    let mut dev = Pipeline::load(tiny(), opts(gpu())).unwrap();
     let m = dev.controlnet(cn_dir()).unwrap();
     for n in 1..=3 {
         let r = request(&vec![m; n], SchedulerKind::Euler, false, &dev);
@@ -191,7 +199,7 @@ fn device_threaded_and_host_path_sessions_equal_the_inline_device_loop() {
 #[ignore = "needs two GPUs: tools/device/gpu-path.sh tests on a multi-GPU kind"]
 fn controlnets_on_other_gpus_equal_controlnets_on_the_pipelines_gpu() {
     let count = two_gpus();
-    let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cuda(0))).unwrap();
+    let mut dev = Pipeline::load(tiny(), opts(Device::Cuda(0))).unwrap();
     let local = dev.controlnet(cn_dir()).unwrap();
     let others = Placement {
         base: Device::Cuda(0),
@@ -226,7 +234,7 @@ fn controlnets_on_other_gpus_equal_controlnets_on_the_pipelines_gpu() {
 #[ignore = "needs two GPUs: tools/device/gpu-path.sh on a multi-GPU kind"]
 fn split_guidance_gives_the_one_gpu_image_with_controlnets_and_loras() {
     two_gpus();
-    let mut dev = Pipeline::load(root().join("bundles/tiny-sdxl"), opts(Device::Cuda(0))).unwrap();
+    let mut dev = Pipeline::load(tiny(), opts(Device::Cuda(0))).unwrap();
     let m0 = dev.controlnet(cn_dir()).unwrap();
     let on_1 = Placement {
         controlnets: vec![ControlNetPlace::One(Device::Cuda(1))],
@@ -327,7 +335,7 @@ fn job_with(dev: &mut Pipeline, r: &Request, bound: Option<usize>) -> Tensor {
 #[test]
 #[ignore = "needs a GPU: tools/device/gpu-path.sh tests"]
 fn cuda_graphs_give_the_ungraphed_image_across_jobs_loras_and_controlnets() {
-    let base = root().join("bundles/tiny-sdxl");
+    let base = tiny();
     let mut plain = Pipeline::load(&base, fixed(gpu(), 2, false)).unwrap();
     let mut graphed = Pipeline::load(&base, fixed(gpu(), 2, true)).unwrap();
     let (mp, mg) = (
@@ -375,11 +383,44 @@ fn cuda_graphs_give_the_ungraphed_image_across_jobs_loras_and_controlnets() {
     assert!(matches!(err, katz_onnx::Error::InvalidRequest(_)), "{err}");
 }
 
+/// The tiny bundle with a UNet prelude (`KATZ_GPU_PRELUDE`: tools/job_prelude.py on a copy of
+/// bundles/tiny-sdxl) against the whole pair, bound and under CUDA graphs: pristine, a LoRA merged
+/// before step 0, a LoRA switched in mid-job (the prelude runs again on the merged weights).
+#[test]
+#[ignore = "needs a GPU and a hoisted tiny bundle: tools/device/gpu-path.sh tests"]
+fn the_prelude_gives_the_whole_pairs_image_bound_and_graphed() {
+    let hoisted: std::path::PathBuf = std::env::var_os("KATZ_GPU_PRELUDE")
+        .expect("KATZ_GPU_PRELUDE must name bundles/tiny-sdxl hoisted by tools/job_prelude.py")
+        .into();
+    let manifest = std::fs::read_to_string(hoisted.join("bundle.json")).unwrap();
+    assert!(
+        manifest.contains("\"prelude\""),
+        "{} has no prelude",
+        hoisted.display()
+    );
+    let base = root().join("bundles/tiny-sdxl");
+    for graph in [false, true] {
+        let mut whole = Pipeline::load(&base, fixed(gpu(), 2, graph)).unwrap();
+        let mut split = Pipeline::load(&hoisted, fixed(gpu(), 2, graph)).unwrap();
+        for (lora, bound) in [(false, None), (true, None), (true, Some(2)), (false, None)] {
+            let (rw, rs) = (
+                request(&[], SchedulerKind::Euler, lora, &whole),
+                request(&[], SchedulerKind::Euler, lora, &split),
+            );
+            let want = job_with(&mut whole, &rw, bound);
+            let got = job_with(&mut split, &rs, bound);
+            let e = rel_err(&got.data, &want.data);
+            println!("prelude, CUDA graph {graph}, LoRA {lora}, bound {bound:?}: relative error {e:.2e}");
+            assert!(e < 1e-5, "graph {graph}, LoRA {lora}, bound {bound:?}: {e}");
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs two GPUs: tools/device/gpu-path.sh on a multi-GPU kind"]
 fn split_guidance_with_cuda_graphs_gives_the_one_gpu_image() {
     two_gpus();
-    let base = root().join("bundles/tiny-sdxl");
+    let base = tiny();
     let mut single = Pipeline::load(&base, opts(Device::Cuda(0))).unwrap();
     let mut split = Pipeline::load(&base, fixed(Device::Cuda(0), 1, true)).unwrap();
     split.place(&split_on_1(), &[] as &[std::path::PathBuf]).unwrap();
@@ -411,7 +452,7 @@ fn split_guidance_with_cuda_graphs_gives_the_one_gpu_image() {
 fn controlnets_per_guidance_half_give_the_one_gpu_image() {
     let count = katz_kernels::cuda::device_count();
     assert!(count >= 4, "this test needs four GPUs, found {count}");
-    let base = root().join("bundles/tiny-sdxl");
+    let base = tiny();
     let mut single = Pipeline::load(&base, opts(Device::Cuda(0))).unwrap();
     let ms = single.controlnet(cn_dir()).unwrap();
     for static_shapes in [false, true] {
@@ -467,7 +508,7 @@ fn controlnets_per_guidance_half_give_the_one_gpu_image() {
 #[ignore = "needs a GPU: tools/device/gpu-path.sh tests"]
 fn shape_buckets_with_cuda_graphs_give_the_dynamic_image_in_every_bucket() {
     use katz_onnx::runtime::{FixedShape, OtherSizes};
-    let base = root().join("bundles/tiny-sdxl");
+    let base = tiny();
     let mut dynamic = Pipeline::load(&base, opts(gpu())).unwrap();
     let mut o = opts(gpu());
     o.buckets = vec![
@@ -528,7 +569,7 @@ fn shape_buckets_with_cuda_graphs_give_the_dynamic_image_in_every_bucket() {
 fn the_same_job_twice_gives_a_byte_identical_png() {
     use katz_onnx::image::encode_png;
     use katz_onnx::runtime::ConvSearch;
-    let base = root().join("bundles/tiny-sdxl");
+    let base = tiny();
     let png = |p: &mut Pipeline, lora: bool, n: usize| {
         let m = p.controlnet(cn_dir()).unwrap();
         let r = request(&vec![m; n], SchedulerKind::Euler, lora, p);

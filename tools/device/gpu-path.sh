@@ -6,7 +6,8 @@
 #                                           binaries, wheels); start the SDXL export in the
 #                                           background once the wheels are there
 #   bash tools/device/gpu-path.sh tests     GPU tests: kernels vs CPU, device loop vs host loop,
-#                                           parity with diffusers on cuda:0, ControlNet sessions
+#                                           parity with diffusers on cuda:0, ControlNet sessions; the
+#                                           device tests again on the tiny bundle with a UNet prelude
 #   bash tools/device/gpu-path.sh export    the full-size SDXL --gpu bundle + ControlNet, in the
 #                                           foreground (--no-check, fusions in 3 processes); run it
 #                                           in the call that carries the wheels: a background
@@ -172,6 +173,10 @@ tests() {
   fi
   echo "== device loop vs host loop (tests/gpu.rs)"
   /opt/kb/gpu --ignored --test-threads 1 --nocapture --skip an_fp16_bundle ${GPU_TEST_ARGS:-} 2>&1 | grep -E "^test |test result|panicked|relative|ControlNets|identical|DIFFERENT|error" | head -70
+  echo "== the UNet prelude: tests/gpu.rs again on bundles/tiny-sdxl hoisted (tools/job_prelude.py)"
+  rm -rf /tmp/tiny-prelude && cp -r bundles/tiny-sdxl /tmp/tiny-prelude && python3 tools/job_prelude.py /tmp/tiny-prelude | tail -2
+  KATZ_GPU_PRELUDE=/tmp/tiny-prelude KATZ_GPU_TINY=/tmp/tiny-prelude /opt/kb/gpu --ignored --test-threads 1 --nocapture \
+    --skip an_fp16_bundle --skip fp8_graphs ${GPU_TEST_ARGS:-} 2>&1 | grep -E "^test |test result|panicked|prelude|relative|error" | head -40
   for t in parity controlnet pipeline vae; do
     [[ -x /opt/kb/$t ]] || continue
     echo "== $t (cuda:0)"
