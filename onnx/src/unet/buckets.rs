@@ -126,6 +126,12 @@ impl PairSpec {
                 format!("the prelude does not make {missing}, which the UNet graphs take"),
             ));
         }
+        tracing::debug!(
+            prelude = %path.display(),
+            encoder_inputs = ej.len(),
+            decoder_inputs = dj.len(),
+            "UNet prelude: these step inputs are computed once per job"
+        );
         Ok(Pair(e, d, Some(p)))
     }
 }
