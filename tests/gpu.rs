@@ -105,8 +105,11 @@ fn tiny() -> std::path::PathBuf {
         .unwrap_or_else(|| root().join("bundles/tiny-sdxl"))
 }
 
+/// The tiny ControlNet: `KATZ_GPU_TINY_CN` (a copy with a prelude), else bundles/tiny-sdxl-controlnet.
 fn cn_dir() -> std::path::PathBuf {
-    root().join("bundles/tiny-sdxl-controlnet")
+    std::env::var_os("KATZ_GPU_TINY_CN")
+        .map(Into::into)
+        .unwrap_or_else(|| root().join("bundles/tiny-sdxl-controlnet"))
 }
 
 #[test]
@@ -383,35 +386,57 @@ fn cuda_graphs_give_the_ungraphed_image_across_jobs_loras_and_controlnets() {
     assert!(matches!(err, katz_onnx::Error::InvalidRequest(_)), "{err}");
 }
 
-/// The tiny bundle with a UNet prelude (`KATZ_GPU_PRELUDE`: tools/job_prelude.py on a copy of
-/// bundles/tiny-sdxl) against the whole pair, bound and under CUDA graphs: pristine, a LoRA merged
-/// before step 0, a LoRA switched in mid-job (the prelude runs again on the merged weights).
+/// The tiny bundle and ControlNet with their preludes (`KATZ_GPU_PRELUDE`, `KATZ_GPU_PRELUDE_CN`:
+/// tools/job_prelude.py on copies of bundles/tiny-sdxl and bundles/tiny-sdxl-controlnet) against
+/// the whole graphs, bound and under CUDA graphs: pristine, a LoRA merged before step 0, a LoRA
+/// switched in mid-job (the UNet's prelude runs again on the merged weights), a ControlNet.
 #[test]
-#[ignore = "needs a GPU and a hoisted tiny bundle: tools/device/gpu-path.sh tests"]
-fn the_prelude_gives_the_whole_pairs_image_bound_and_graphed() {
-    let hoisted: std::path::PathBuf = std::env::var_os("KATZ_GPU_PRELUDE")
-        .expect("KATZ_GPU_PRELUDE must name bundles/tiny-sdxl hoisted by tools/job_prelude.py")
-        .into();
-    let manifest = std::fs::read_to_string(hoisted.join("bundle.json")).unwrap();
-    assert!(
-        manifest.contains("\"prelude\""),
-        "{} has no prelude",
-        hoisted.display()
+#[ignore = "needs a GPU and hoisted tiny bundles: tools/device/gpu-path.sh tests"]
+fn the_prelude_gives_the_whole_graphs_image_bound_and_graphed() {
+    let env = |k: &str| -> std::path::PathBuf {
+        std::env::var_os(k)
+            .unwrap_or_else(|| panic!("{k} must name a tiny bundle hoisted by tools/job_prelude.py"))
+            .into()
+    };
+    let (hoisted, hoisted_cn) = (env("KATZ_GPU_PRELUDE"), env("KATZ_GPU_PRELUDE_CN"));
+    for dir in [&hoisted, &hoisted_cn] {
+        let manifest = std::fs::read_to_string(dir.join("bundle.json")).unwrap();
+        assert!(
+            manifest.contains("\"prelude\""),
+            "{} has no prelude",
+            dir.display()
+        );
+    }
+    let (base, cn) = (
+        root().join("bundles/tiny-sdxl"),
+        root().join("bundles/tiny-sdxl-controlnet"),
     );
-    let base = root().join("bundles/tiny-sdxl");
     for graph in [false, true] {
         let mut whole = Pipeline::load(&base, fixed(gpu(), 2, graph)).unwrap();
         let mut split = Pipeline::load(&hoisted, fixed(gpu(), 2, graph)).unwrap();
-        for (lora, bound) in [(false, None), (true, None), (true, Some(2)), (false, None)] {
+        let (mw, ms) = (
+            whole.controlnet(&cn).unwrap(),
+            split.controlnet(&hoisted_cn).unwrap(),
+        );
+        for (lora, bound, n) in [
+            (false, None, 0),
+            (true, None, 0),
+            (true, Some(2), 0),
+            (false, None, 1),
+            (true, Some(2), 1),
+        ] {
             let (rw, rs) = (
-                request(&[], SchedulerKind::Euler, lora, &whole),
-                request(&[], SchedulerKind::Euler, lora, &split),
+                request(&vec![mw; n], SchedulerKind::Euler, lora, &whole),
+                request(&vec![ms; n], SchedulerKind::Euler, lora, &split),
             );
             let want = job_with(&mut whole, &rw, bound);
             let got = job_with(&mut split, &rs, bound);
             let e = rel_err(&got.data, &want.data);
-            println!("prelude, CUDA graph {graph}, LoRA {lora}, bound {bound:?}: relative error {e:.2e}");
-            assert!(e < 1e-5, "graph {graph}, LoRA {lora}, bound {bound:?}: {e}");
+            println!("prelude, CUDA graph {graph}, LoRA {lora}, bound {bound:?}, {n} ControlNets: relative error {e:.2e}");
+            assert!(
+                e < 1e-5,
+                "graph {graph}, LoRA {lora}, bound {bound:?}, {n} ControlNets: {e}"
+            );
         }
     }
 }

@@ -23,7 +23,8 @@ Data flow:
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
         ├─▶ controlnet.onnx               --controlnet-checkpoint, CHECKPOINT/controlnet/ or
-        │                                   ControlNetModel.from_unet(unet)
+        │                                   ControlNetModel.from_unet(unet); what it computes from
+        │                                   the conditioning, image and weights alone ─▶ controlnet_prelude.onnx
         └─▶ parity references: StableDiffusionXL[ControlNet]Pipeline on the same weights,
                explicit noise, per-step latents and the final image ─▶ tests/data/parity/
 
@@ -1062,6 +1063,9 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
         cn_manifest["weights"] = {"file": "weights.safetensors",
                                   "map": {n: {"graph": "controlnet", "shape": list(cparams[n].shape)} for n in cn_w}}
     (cn_out / "bundle.json").write_text(json.dumps(cn_manifest, indent=1) + "\n")
+    if prelude:  # its text keys and values, and its image's embedding, once per job
+        import job_prelude
+        job_prelude.hoist_controlnet_bundle(cn_out)
     return tok, (te, te2, unet, vae, cn), weights
 
 
@@ -1314,9 +1318,10 @@ def main(argv=None):
                     help="keep every ControlNet weight inside its graph, as ControlNet bundles exported before their "
                          "Linear weights were inputs (tools/shapes/ckpt_from_bundle.py probes those)")
     ap.add_argument("--no-prelude", action="store_true",
-                    help="keep the UNet pair whole: without it, what the step graphs compute from the "
-                         "conditioning and weights alone (cross-attention keys and values, the added "
-                         "embedding) moves into unet_prelude.onnx, run once per job (tools/job_prelude.py)")
+                    help="keep the UNet pair and the ControlNet whole: without it, what their step graphs compute "
+                         "from the conditioning, image and weights alone (cross-attention keys and values, "
+                         "the added embedding, the ControlNet's image embedding) moves into "
+                         "unet_prelude.onnx / controlnet_prelude.onnx, run once per job (tools/job_prelude.py)")
     ap.add_argument("--fp8", action="store_true",
                     help="with --gpu: also calibrate the UNet's activation ranges (fp8_amax.json) and write fp8 "
                          "UNet graphs (unet_*.fp8.onnx, tools/fp8_rewrite.py) and the manifest's fp8 entry")

@@ -32,6 +32,8 @@ import onnx
 from onnx import helper
 
 CONDITIONING = ("encoder_hidden_states", "text_embeds", "time_ids")
+# a ControlNet's conditioning image is the job's too (its embedding convolutions run at full size)
+CONTROLNET_CONDITIONING = CONDITIONING + ("controlnet_cond",)
 STEP_INPUTS = ("sample", "timestep", "emb", "mid")
 NOT_HOISTED = {"Shape", "Size", "If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike",
                "RandomUniformLike", "Multinomial", "Dropout"}
@@ -43,11 +45,11 @@ def _is_step_input(name: str) -> bool:
     return name in STEP_INPUTS or name.startswith("skip_")
 
 
-def _plan(g: onnx.GraphProto):
+def _plan(g: onnx.GraphProto, conditioning=CONDITIONING):
     """(hoisted nodes, their constant ancestors, cut tensors) of graph `g`, by node index."""
     inputs = {i.name for i in g.input}
     const = {t.name for t in g.initializer} | {i for i in inputs if not _is_step_input(i)}
-    from_cond = {i for i in inputs if i in CONDITIONING}
+    from_cond = {i for i in inputs if i in conditioning}
     hoisted, producer = set(), {}
     for k, n in enumerate(g.node):
         for o in n.output:
@@ -95,14 +97,15 @@ def _types(model: onnx.ModelProto) -> dict:
     return {v.name: v.type for v in [*g.value_info, *g.input, *g.output]}
 
 
-def hoist(models: dict[str, onnx.ModelProto]) -> tuple[onnx.ModelProto, dict]:
+def hoist(models: dict[str, onnx.ModelProto], conditioning=CONDITIONING,
+          name: str = "unet_prelude") -> tuple[onnx.ModelProto, dict]:
     """Rewrites the step graphs `models` ({graph name: model}, in place) and returns the prelude
     and stats {graph: {"hoisted": n, "cuts": n}}."""
     nodes, inits, ins, outs, stats = [], {}, {}, [], {}
     opsets = {}
     for gname, model in models.items():
         g = model.graph
-        hoisted, ancestors, cuts = _plan(g)
+        hoisted, ancestors, cuts = _plan(g, conditioning)
         stats[gname] = {"hoisted": len(hoisted), "cuts": len(cuts)}
         if not hoisted:
             continue
@@ -163,7 +166,7 @@ def hoist(models: dict[str, onnx.ModelProto]) -> tuple[onnx.ModelProto, dict]:
             g.input.append(helper.make_value_info(rename(t), types[t]))
         _prune(g)
     prelude = helper.make_model(
-        helper.make_graph(nodes, "unet_prelude", list(ins.values()), outs, list(inits.values())),
+        helper.make_graph(nodes, name, list(ins.values()), outs, list(inits.values())),
         opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
     )
     prelude.ir_version = max(m.ir_version for m in models.values())
@@ -237,11 +240,34 @@ def hoist_bundle(bundle: Path) -> dict | None:
     return stats
 
 
+def hoist_controlnet_bundle(bundle: Path) -> dict | None:
+    """The same for a ControlNet bundle (its conditioning image among the job's constants):
+    controlnet_prelude.onnx and the manifest's `prelude`; the stats, or None."""
+    manifest_path = bundle / "bundle.json"
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("prelude"):
+        return None
+    path = bundle / manifest["graph"]
+    models = {"controlnet": onnx.load(str(path))}
+    prelude, stats = hoist(models, CONTROLNET_CONDITIONING, "controlnet_prelude")
+    if not stats["controlnet"]["hoisted"]:
+        return None
+    _save(models["controlnet"], path)
+    _save(prelude, bundle / "controlnet_prelude.onnx")
+    manifest["prelude"] = "controlnet_prelude.onnx"
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    s = stats["controlnet"]
+    print(f"  controlnet: {s['hoisted']} nodes into the prelude (once per job), {s['cuts']} tensors handed over")
+    return stats
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", type=Path)
+    ap.add_argument("bundle", type=Path, help="a base bundle (its UNet pair) or a ControlNet bundle")
     a = ap.parse_args(argv)
-    if hoist_bundle(a.bundle) is None:
+    kind = json.loads((a.bundle / "bundle.json").read_text()).get("kind")
+    done = hoist_controlnet_bundle(a.bundle) if kind == "controlnet" else hoist_bundle(a.bundle)
+    if done is None:
         print(f"{a.bundle}: nothing to hoist (or its prelude exists)")
     return 0
 

@@ -7,7 +7,9 @@
   - prelude + step graphs give the same emb, mid, skips and noise prediction as the whole step
     graphs (ONNX Runtime, CPU, fp32: bit for bit);
   - `katz generate` on the hoisted bundle (the host loop runs the prelude once per job) writes the
-    same PNG as on the bundle it came from, with and without a LoRA.
+    same PNG as on the bundle it came from, with and without a LoRA;
+  - the same for the tiny ControlNet, whose image embedding (convolutions) moves too: its step
+    outputs bit-identical, and the same PNG with the hoisted ControlNet as with the whole one.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import job_prelude  # noqa: E402
 
 TINY = ROOT / "bundles" / "tiny-sdxl"
+TINY_CN = ROOT / "bundles" / "tiny-sdxl-controlnet"
+COND = ROOT / "bundles" / "examples" / "cond_a.png"
 KATZ = Path(os.environ.get("KATZ_BIN", ROOT / "target" / "release" / "katz"))
 LORA = ROOT / "bundles" / "loras" / "tiny-lora-a.safetensors"
 
@@ -53,6 +57,14 @@ def hoisted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prelude") / "tiny-sdxl"
     shutil.copytree(TINY, out)
     assert job_prelude.hoist_bundle(out) is not None
+    return out
+
+
+@pytest.fixture(scope="module")
+def hoisted_cn(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prelude-cn") / "tiny-sdxl-controlnet"
+    shutil.copytree(TINY_CN, out)
+    assert job_prelude.hoist_controlnet_bundle(out) is not None
     return out
 
 
@@ -125,6 +137,66 @@ def test_generate_writes_the_same_png_from_the_hoisted_bundle(hoisted, tmp_path,
                 "--steps", "4", "--output", str(out)]
         if lora:
             args += ["--lora", f"{LORA}:0.8"]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        pngs.append(out.read_bytes())
+    assert pngs[0] == pngs[1]
+
+
+def test_the_controlnet_image_embedding_leaves_its_step_graph(hoisted_cn):
+    manifest = json.loads((hoisted_cn / "bundle.json").read_text())
+    assert manifest["prelude"] == "controlnet_prelude.onnx"
+    prelude = onnx.load(str(hoisted_cn / "controlnet_prelude.onnx"))
+    step = onnx.load(str(hoisted_cn / "controlnet.onnx"))
+    whole = onnx.load(str(TINY_CN / "controlnet.onnx"))
+    convs = lambda m: sum(n.op_type == "Conv" for n in m.graph.node)  # noqa: E731
+    assert convs(prelude) > 0 and convs(step) == convs(whole) - convs(prelude)
+    job_inputs = {i.name for i in step.graph.input if i.name.startswith("job.controlnet.")}
+    assert job_inputs == {o.name for o in prelude.graph.output}
+
+
+def test_controlnet_prelude_and_step_graph_equal_the_whole_graph(hoisted_cn):
+    w = read_safetensors(TINY_CN / "weights.safetensors") if (TINY_CN / "weights.safetensors").exists() else {}
+    rng = np.random.default_rng(1)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+
+    def session(p):
+        return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+
+    def feed(s, known):
+        f = {}
+        for i in s.get_inputs():
+            if i.name in known:
+                f[i.name] = known[i.name]
+            elif i.name in w:
+                f[i.name] = w[i.name]
+            else:
+                shape = {"sample": [2, 4, 16, 16], "controlnet_cond": [2, 3, 128, 128]}.get(
+                    i.name, [d if isinstance(d, int) else 2 for d in i.shape])
+                f[i.name] = rng.standard_normal(shape).astype(np.float32)
+                known[i.name] = f[i.name]
+        return f
+
+    known = {"timestep": np.array([500.0, 500.0], np.float32)}
+    whole = session(TINY_CN / "controlnet.onnx")
+    names = [o.name for o in whole.get_outputs()]
+    want = whole.run(None, feed(whole, known))
+    pre = session(hoisted_cn / "controlnet_prelude.onnx")
+    consts = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, feed(pre, dict(known)))))
+    step = session(hoisted_cn / "controlnet.onnx")
+    got = step.run(None, feed(step, {**known, **consts}))
+    for n, a, b in zip(names, want, got):
+        np.testing.assert_array_equal(b, a, err_msg=n)
+
+
+@pytest.mark.skipif(not KATZ.exists(), reason=f"{KATZ} not built (cargo build --release)")
+def test_generate_writes_the_same_png_with_the_hoisted_controlnet(hoisted, hoisted_cn, tmp_path):
+    pngs = []
+    for base, cn in ((TINY, TINY_CN), (hoisted, hoisted_cn)):
+        out = tmp_path / f"{cn.parent.name}.png"
+        args = [str(KATZ), "generate", "--bundle", str(base), "--prompt", "a red circle", "--seed", "3",
+                "--steps", "4", "--controlnet", f"{cn}={COND}:0.7", "--output", str(out)]
         r = subprocess.run(args, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         pngs.append(out.read_bytes())

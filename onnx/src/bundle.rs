@@ -176,6 +176,11 @@ pub struct ControlNetManifest {
     /// shapes, or of the only bucket).
     #[serde(default)]
     pub weights: Option<WeightsSpec>,
+    /// What the graph computes from the job's constants alone (conditioning, image, weights), as
+    /// a graph run once per job (`tools/job_prelude.py`; crate::unet::prelude): the graph then
+    /// takes its outputs as inputs named `job.controlnet.<tensor>`. Absent in older bundles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prelude: Option<String>,
 }
 
 fn read_manifest<T: serde::de::DeserializeOwned>(dir: &Path, kind: &str) -> Result<T> {
@@ -345,7 +350,11 @@ impl ControlNetBundle {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let manifest: ControlNetManifest = read_manifest(&dir, "controlnet")?;
-        let files = [Some(&manifest.graph), manifest.weights.as_ref().map(|w| &w.file)];
+        let files = [
+            Some(&manifest.graph),
+            manifest.weights.as_ref().map(|w| &w.file),
+            manifest.prelude.as_ref(),
+        ];
         for f in files.into_iter().flatten() {
             if !dir.join(f).is_file() {
                 return Err(Error::bundle(

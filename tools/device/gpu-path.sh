@@ -174,8 +174,10 @@ tests() {
   echo "== device loop vs host loop (tests/gpu.rs)"
   /opt/kb/gpu --ignored --test-threads 1 --nocapture --skip an_fp16_bundle --skip fp8_graphs --skip the_prelude_gives ${GPU_TEST_ARGS:-} 2>&1 | grep -E "^test |test result|panicked|relative|ControlNets|identical|DIFFERENT|error" | head -70
   echo "== the UNet prelude: tests/gpu.rs again on bundles/tiny-sdxl hoisted (tools/job_prelude.py)"
-  rm -rf /tmp/tiny-prelude && cp -r bundles/tiny-sdxl /tmp/tiny-prelude && python3 tools/job_prelude.py /tmp/tiny-prelude | tail -2
-  KATZ_GPU_PRELUDE=/tmp/tiny-prelude KATZ_GPU_TINY=/tmp/tiny-prelude /opt/kb/gpu --ignored --test-threads 1 --nocapture \
+  rm -rf /tmp/tiny-prelude /tmp/tiny-prelude-cn && cp -r bundles/tiny-sdxl /tmp/tiny-prelude && cp -r bundles/tiny-sdxl-controlnet /tmp/tiny-prelude-cn
+  python3 tools/job_prelude.py /tmp/tiny-prelude | tail -2 && python3 tools/job_prelude.py /tmp/tiny-prelude-cn | tail -1
+  KATZ_GPU_PRELUDE=/tmp/tiny-prelude KATZ_GPU_TINY=/tmp/tiny-prelude KATZ_GPU_PRELUDE_CN=/tmp/tiny-prelude-cn KATZ_GPU_TINY_CN=/tmp/tiny-prelude-cn \
+    /opt/kb/gpu --ignored --test-threads 1 --nocapture \
     --skip an_fp16_bundle --skip fp8_graphs ${GPU_TEST_ARGS:-} 2>&1 | grep -E "^test |test result|panicked|prelude|relative|error" | head -40
   for t in parity controlnet pipeline vae; do
     [[ -x /opt/kb/$t ]] || continue

@@ -7,6 +7,8 @@
 //!   sample, timestep ──┐   embeds, pooled, time_ids, image ──┐   weights (the ControlNet's one copy,
 //!     (each step)      ▼     (once per job)                   ▼    shared by every bucket's graph)
 //!                   controlnet (replayed) ─▶ down_0 … down_8, mid  (lasting buffers: the step's residuals)
+//!   with a prelude: embeds, pooled, time_ids, image, weights ─▶ prelude (once per job, at upload)
+//!                   ─▶ job.controlnet.* copied into lasting buffers the graph reads, at the job's turn
 //! ```
 //!
 //! The ControlNet's LoRA-targetable weights are graph inputs (ControlNet bundles with `weights`),
@@ -23,7 +25,8 @@ use crate::device::{cuda_memory, gpu_err, DevRef, DevTensor};
 use crate::tensor::Tensor;
 use crate::text::Conditioning;
 use crate::unet::graphed::{bind_dev, bind_out, outlet_shape};
-use crate::weights::{MergedWeights, Weights};
+use crate::unet::prelude::{self, JobConsts};
+use crate::weights::{DevBuf, MergedWeights, Weights};
 use crate::{Error, Result};
 
 /// A ControlNet's fixed-shape session of one bucket, bound to lasting buffers for CUDA graphs.
@@ -39,6 +42,9 @@ pub(crate) struct GraphedControlNet {
     outputs: Vec<DevRef>,
     /// The weights bound in place (kept alive as long as the binding).
     _weights: Arc<Weights>,
+    /// The inputs the prelude makes (`job.controlnet.<tensor>`): lasting buffers its outputs for
+    /// a session's job are copied into when that session's turn comes.
+    job: Vec<(String, DevBuf)>,
     k: Arc<GpuKernels>,
     /// [`GraphInputs::id`] of the inputs in the buffers now (0: none).
     holds: u64,
@@ -49,6 +55,8 @@ pub(crate) struct GraphedControlNet {
 pub(crate) struct GraphInputs {
     id: u64,
     tensors: Vec<DevTensor>,
+    /// The prelude's outputs for this job (ONNX Runtime's device buffers).
+    consts: Option<JobConsts>,
 }
 
 fn next_id() -> u64 {
@@ -68,6 +76,7 @@ impl GraphedControlNet {
         k: Arc<GpuKernels>,
         outputs: &[String],
         known: &[(String, i64)],
+        prelude: Option<&mut Session>,
     ) -> Result<Self> {
         let device = k.ordinal();
         match weights.device() {
@@ -109,6 +118,46 @@ impl GraphedControlNet {
             // in place from the device copy, which `_weights` keeps alive
             weights.bind_input(&mut binding, name, &pristine)?;
         }
+        // the prelude's outputs: their shapes from a run on the (zero) inputs of this bucket
+        let mut job = Vec::new();
+        let wanted: Vec<String> = ins
+            .iter()
+            .map(|o| o.name().to_string())
+            .filter(|n| n.starts_with(prelude::PREFIX))
+            .collect();
+        if !wanted.is_empty() {
+            let session = prelude.ok_or_else(|| {
+                Error::Gpu("the ControlNet's graph takes the prelude's outputs, and it is not loaded".into())
+            })?;
+            let probe = run_prelude(session, &k, &weights, [&cond[0], &cond[1], &cond[2], &image])?;
+            for name in wanted {
+                let v = probe
+                    .values
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| Error::Gpu(format!("the ControlNet's prelude gave no {name}")))?;
+                let t = v.downcast_ref::<ort::value::DynTensorValueType>()?;
+                let shape: Vec<usize> = t.shape().iter().map(|&d| d.max(0) as usize).collect();
+                let n = shape.iter().product::<usize>().max(1);
+                let buf = match *t.data_type() {
+                    ort::value::TensorElementType::Float16 => {
+                        DevBuf::F16(k.stream.alloc_zeros::<u16>(n).map_err(gpu_err)?)
+                    }
+                    ort::value::TensorElementType::Float32 => {
+                        DevBuf::F32(k.stream.alloc_zeros::<f32>(n).map_err(gpu_err)?)
+                    }
+                    other => {
+                        return Err(Error::Gpu(format!(
+                            "the ControlNet's prelude gave {name} of {other:?}"
+                        )))
+                    }
+                };
+                // SAFETY: the buffer lives in `job`, dropped after the binding (field order)
+                unsafe { buf.bind(&mut binding, &name, &shape, &k, device as i32)? };
+                job.push((name, buf));
+            }
+        }
         let alloc = Allocator::new(session, cuda_memory(device as i32)?)?;
         let mut outs = Vec::with_capacity(outputs.len());
         for name in outputs {
@@ -123,6 +172,7 @@ impl GraphedControlNet {
             image,
             outputs: outs,
             _weights: weights,
+            job,
             k,
             holds: 0,
         })
@@ -149,7 +199,12 @@ impl GraphedControlNet {
     /// A job's conditioning and image in device memory of this GPU, for [`GraphedControlNet::step`]
     /// (their shapes must be the captured ones). Each session keeps its own: sessions of one
     /// ControlNet in one job (the same model with two images) take turns on the graph.
-    pub fn upload_inputs(&self, c: &Conditioning, image: &Tensor) -> Result<GraphInputs> {
+    pub fn upload_inputs(
+        &self,
+        c: &Conditioning,
+        image: &Tensor,
+        prelude: Option<&mut Session>,
+    ) -> Result<GraphInputs> {
         let srcs = [
             (&c.prompt_embeds, "prompt embeddings"),
             (&c.pooled, "pooled embeddings"),
@@ -168,9 +223,24 @@ impl GraphedControlNet {
             up.push(DevTensor::upload(&self.k, src)?);
         }
         self.k.synchronize().map_err(gpu_err)?;
+        let consts = match (self.job.is_empty(), prelude) {
+            (true, _) => None,
+            (false, None) => {
+                return Err(Error::Gpu(
+                    "the ControlNet's graph takes the prelude's outputs, and it is not loaded".into(),
+                ))
+            }
+            (false, Some(session)) => Some(run_prelude(
+                session,
+                &self.k,
+                &self._weights,
+                [&up[0], &up[1], &up[2], &up[3]],
+            )?),
+        };
         Ok(GraphInputs {
             id: next_id(),
             tensors: up,
+            consts,
         })
     }
 
@@ -184,6 +254,23 @@ impl GraphedControlNet {
         for (dst, src) in [a, b, d, &self.image].into_iter().zip(&inputs.tensors) {
             // SAFETY: same length (checked at upload); both live on this GPU until the synchronise
             unsafe { k.copy_raw(dst.ptr(&k), src.ptr(&k), src.len() * 4) }.map_err(gpu_err)?;
+        }
+        for (name, dst) in &self.job {
+            let v = inputs
+                .consts
+                .as_ref()
+                .and_then(|c| c.values.iter().find(|(n, _)| n == name))
+                .map(|(_, v)| v)
+                .ok_or_else(|| Error::Gpu(format!("this job has no {name} from the ControlNet's prelude")))?;
+            let (src, bytes) = prelude::raw(v)?;
+            if bytes != dst.bytes() {
+                return Err(Error::InvalidRequest(format!(
+                    "the ControlNet's CUDA graph was captured for {name} of {} bytes, this job has {bytes}",
+                    dst.bytes()
+                )));
+            }
+            // SAFETY: sizes checked; `inputs` keeps the source alive, and the step synchronises
+            unsafe { k.copy_raw(dst.ptr(&k), src, bytes) }.map_err(gpu_err)?;
         }
         self.holds = inputs.id;
         Ok(())
@@ -216,4 +303,29 @@ impl GraphedControlNet {
         self.binding.synchronize_outputs()?;
         Ok(self.outputs.clone())
     }
+}
+
+/// Runs the ControlNet's prelude on conditioning and image already on `k`'s GPU (`tensors`:
+/// prompt embeddings, pooled, time ids, image) and its pristine weights; outputs on the device.
+fn run_prelude(
+    session: &mut Session,
+    k: &GpuKernels,
+    weights: &Weights,
+    tensors: [&DevTensor; 4],
+) -> Result<JobConsts> {
+    let device = k.ordinal();
+    let pristine = MergedWeights::default();
+    prelude::run_device(session, device as i32, 0, |b, names| {
+        for name in names {
+            let i = COND
+                .iter()
+                .position(|c| c == name)
+                .or((name == "controlnet_cond").then_some(3));
+            match i {
+                Some(i) => bind_dev(b, name, tensors[i].ptr(k), &tensors[i].shape, device)?,
+                None => weights.bind_input(b, name, &pristine)?,
+            }
+        }
+        Ok(())
+    })
 }

@@ -35,6 +35,7 @@ use crate::device::{capturing, current, free_memory, kernels_for, DevRef, DevTen
 use crate::runtime::{self, FixedShape, SessionOptions};
 use crate::tensor::Tensor;
 use crate::text::Conditioning;
+use crate::unet::prelude::{self, JobConsts, JobInputs};
 use crate::weights::{MergedWeights, Weights};
 use crate::{Error, Result};
 
@@ -53,6 +54,9 @@ const INPUTS: [&str; 6] = [
 pub struct ControlNet {
     pub bundle: ControlNetBundle,
     session: Session,
+    /// The bundle's prelude (free shapes, never graphed), where the graph takes its outputs:
+    /// run once per job (crate::unet::prelude).
+    prelude: Option<Session>,
     outputs: Vec<String>,
     /// Step kernels (copies across GPUs) on this ControlNet's GPU, when it runs on one.
     kernels: Option<Arc<GpuKernels>>,
@@ -103,6 +107,8 @@ struct FreeBinding {
     sample: Option<DevTensor>,
     /// The last step's residuals (ONNX Runtime's buffers, kept alive until the next step).
     held: Vec<DynValue>,
+    /// The prelude's outputs for this job, bound as the graph's inputs.
+    _consts: Option<JobConsts>,
 }
 
 impl ControlNet {
@@ -153,7 +159,35 @@ impl ControlNet {
         if let Some(spec) = &spec {
             inputs.extend(spec.map.keys().cloned());
         }
-        check_io(&path, &session, &inputs, &outputs)?;
+        // the inputs the prelude makes are checked against its outputs, the rest against the manifest
+        let job_inputs: Vec<String> = session
+            .inputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .filter(|n| n.starts_with(prelude::PREFIX))
+            .collect();
+        check_io(&path, &session, &[inputs, job_inputs.clone()].concat(), &outputs)?;
+        let prelude = match (&bundle.manifest.prelude, job_inputs.first()) {
+            (_, None) => None,
+            (None, Some(first)) => return Err(Error::bundle(
+                &path,
+                format!(
+                    "the graph takes inputs the prelude makes ({first}), and the manifest names no prelude"
+                ),
+            )),
+            (Some(p), Some(_)) => {
+                let ppath = bundle.dir.join(p);
+                let s = runtime::session_with_dims(&ppath, opts, &[])?;
+                let made: Vec<&str> = s.outputs().iter().map(|o| o.name()).collect();
+                if let Some(missing) = job_inputs.iter().find(|n| !made.contains(&n.as_str())) {
+                    return Err(Error::bundle(
+                        &ppath,
+                        format!("the prelude does not make {missing}, which the ControlNet's graph takes"),
+                    ));
+                }
+                Some(s)
+            }
+        };
         let weights = match (&spec, shared) {
             (None, _) => None,
             (Some(spec), Some(w)) if w.map() == &spec.map => Some(w),
@@ -186,6 +220,7 @@ impl ControlNet {
         Ok(ControlNet {
             bundle,
             session,
+            prelude,
             outputs,
             kernels,
             weights,
@@ -233,7 +268,10 @@ impl ControlNet {
         if self.no_graph.contains(&fixed) {
             return Ok(false);
         }
-        match self.open_bucket(fixed) {
+        let mut prelude = self.prelude.take();
+        let opened = self.open_bucket(fixed, prelude.as_mut());
+        self.prelude = prelude;
+        match opened {
             Ok(b) => {
                 self.buckets.push(b);
                 Ok(true)
@@ -253,7 +291,7 @@ impl ControlNet {
     }
 
     /// The bucket `fixed`'s session, opened, bound and captured (see [`ControlNet::prepare`]).
-    fn open_bucket(&self, fixed: FixedShape) -> Result<Bucket> {
+    fn open_bucket(&self, fixed: FixedShape, prelude: Option<&mut Session>) -> Result<Bucket> {
         let (width, height, batch) = (fixed.width, fixed.height, fixed.unet_batch);
         let Some(g) = &self.graphs else {
             return Err(Error::Gpu("no CUDA graphs here".into()));
@@ -277,7 +315,7 @@ impl ControlNet {
         let before = free_memory(&k);
         let mut session = runtime::unet_session(&g.path, &g.opts, &session_dims, true)?;
         let opened_ms = t0.elapsed().as_millis() as u64;
-        let mut graph = GraphedControlNet::new(&session, weights, k.clone(), &self.outputs, &dims)?;
+        let mut graph = GraphedControlNet::new(&session, weights, k.clone(), &self.outputs, &dims, prelude)?;
         graph.capture(&mut session).map_err(|e| {
             Error::Gpu(format!(
                 "ControlNet {}, bucket {width}x{height}: capturing its CUDA graph: {e}",
@@ -314,7 +352,9 @@ impl ControlNet {
     pub fn bind(&mut self, cond: &Conditioning, image: &Tensor, graphs: bool) -> Result<BoundControlNet> {
         if graphs {
             if let Some(i) = self.buckets.iter().position(|b| b.graph.fits(image)) {
-                let inputs = self.buckets[i].graph.upload_inputs(cond, image)?;
+                let inputs = self.buckets[i]
+                    .graph
+                    .upload_inputs(cond, image, self.prelude.as_mut())?;
                 return Ok(BoundControlNet {
                     how: Bound::Graph(i, inputs),
                 });
@@ -333,6 +373,26 @@ impl ControlNet {
         binding.bind_input("time_ids", &*cond.time_ids.view()?)?;
         binding.bind_input("controlnet_cond", &*image.view()?)?;
         self.bind_weights(&mut binding)?;
+        let consts = match self.prelude.as_mut() {
+            Some(session) => {
+                let (weights, job) = (
+                    self.weights.as_deref(),
+                    JobInputs {
+                        cond,
+                        image: Some(image),
+                    },
+                );
+                let pristine = MergedWeights::default();
+                let c = prelude::run_device(session, kernels.ordinal() as i32, 0, |b, names| {
+                    prelude::bind_job_inputs(b, names, weights, job, &pristine)
+                })?;
+                for (name, v) in c.of(GRAPH) {
+                    binding.bind_input(name, v)?;
+                }
+                Some(c)
+            }
+            None => None,
+        };
         for o in &self.outputs {
             binding.bind_output_to_device(o.as_str(), &dev)?;
         }
@@ -342,6 +402,7 @@ impl ControlNet {
                 kernels,
                 sample: None,
                 held: Vec::new(),
+                _consts: consts,
             })),
         })
     }
@@ -437,7 +498,7 @@ impl ControlNet {
         cond: &Conditioning,
         image: &Tensor,
     ) -> Result<Vec<Tensor>> {
-        if self.weights.is_none() {
+        if self.weights.is_none() && self.prelude.is_none() {
             let out = self.session.run(ort::inputs![
                 "sample" => sample.view()?,
                 "timestep" => timestep.view()?,
@@ -464,6 +525,22 @@ impl ControlNet {
         b.bind_input("time_ids", &*cond.time_ids.view()?)?;
         b.bind_input("controlnet_cond", &*image.view()?)?;
         self.bind_weights(&mut b)?;
+        // the prelude runs with every call here (the host path keeps no job state)
+        let consts = match self.prelude.as_mut() {
+            Some(session) => Some(prelude::run_host(
+                session,
+                self.weights.as_deref(),
+                JobInputs {
+                    cond,
+                    image: Some(image),
+                },
+                &MergedWeights::default(),
+            )?),
+            None => None,
+        };
+        for (name, v) in consts.iter().flat_map(|c| c.of(GRAPH)) {
+            b.bind_input(name, v)?;
+        }
         let host = MemoryInfo::new(
             AllocationDevice::CPU,
             0,

@@ -51,7 +51,12 @@ pub(super) fn run(p: &mut HostParts<'_>, job: &mut Job<'_, '_>, mut latents: Ten
         if let Some(session) = p.unet_prelude.as_deref_mut() {
             if consts.as_ref().is_none_or(|c| c.merged != job.merged.id()) {
                 let t0 = Instant::now();
-                consts = Some(prelude::run_host(session, p.weights, job.cond, &job.merged)?);
+                consts = Some(prelude::run_host(
+                    session,
+                    Some(p.weights),
+                    prelude::JobInputs::of(job.cond),
+                    &job.merged,
+                )?);
                 job.t.unet_encoder += t0.elapsed();
             }
         }

@@ -94,7 +94,7 @@ impl BoundJob {
         let device = self.k.ordinal() as i32;
         let cond = &self.cond;
         let consts = prelude::run_device(session, device, merged.id(), |b, names| {
-            prelude::bind_job_inputs(b, names, own, cond, merged)
+            prelude::bind_job_inputs(b, names, Some(own), prelude::JobInputs::of(cond), merged)
         })?;
         for (graph, b) in [
             ("unet_encoder", &mut self.bu.enc),

@@ -1,6 +1,8 @@
-//! The UNet prelude (`unet.prelude` in the manifest, made at export by `tools/job_prelude.py`):
-//! what the step graphs would compute from the job's constants alone, run once per job and
-//! again after each LoRA switch instead of at every step.
+//! The prelude of a step graph (`unet.prelude` in a base bundle's manifest, `prelude` in a
+//! ControlNet's; made at export by `tools/job_prelude.py`): what the step graphs would compute
+//! from the job's constants alone, run once per job (and, for the UNet, again after each LoRA
+//! switch) instead of at every step. A ControlNet's image is one of its job's constants: its
+//! embedding convolutions move into the prelude too.
 //!
 //! ```text
 //! conditioning (embeds, pooled, time_ids) ─┐
@@ -20,6 +22,7 @@ use ort::memory::MemoryInfo;
 use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::{DynTensorValueType, DynValue};
 
+use crate::tensor::Tensor;
 use crate::text::Conditioning;
 use crate::weights::{MergedWeights, Weights};
 use crate::{Error, Result};
@@ -30,7 +33,7 @@ pub(crate) const PREFIX: &str = "job.";
 /// The step graph (`unet_encoder`, `unet_decoder`) that prelude output `name` feeds.
 pub(crate) fn graph_of(name: &str) -> Option<&str> {
     let rest = name.strip_prefix(PREFIX)?;
-    ["unet_encoder", "unet_decoder"]
+    ["unet_encoder", "unet_decoder", "controlnet"]
         .into_iter()
         .find(|g| rest.strip_prefix(g).is_some_and(|r| r.starts_with('.')))
 }
@@ -52,13 +55,28 @@ impl JobConsts {
     }
 }
 
-/// The conditioning tensor a prelude input names, if it is one.
-fn conditioning<'c>(cond: &'c Conditioning, name: &str) -> Option<&'c crate::tensor::Tensor> {
-    match name {
-        "encoder_hidden_states" => Some(&cond.prompt_embeds),
-        "text_embeds" => Some(&cond.pooled),
-        "time_ids" => Some(&cond.time_ids),
-        _ => None,
+/// What a job gives a prelude besides weights: the conditioning, and a ControlNet's image.
+#[derive(Clone, Copy)]
+pub(crate) struct JobInputs<'a> {
+    pub cond: &'a Conditioning,
+    /// `controlnet_cond` (ControlNet preludes).
+    pub image: Option<&'a Tensor>,
+}
+
+impl<'a> JobInputs<'a> {
+    pub(crate) fn of(cond: &'a Conditioning) -> Self {
+        JobInputs { cond, image: None }
+    }
+
+    /// The tensor a prelude input names, if it is not a weight.
+    pub(crate) fn get(&self, name: &str) -> Option<&'a Tensor> {
+        match name {
+            "encoder_hidden_states" => Some(&self.cond.prompt_embeds),
+            "text_embeds" => Some(&self.cond.pooled),
+            "time_ids" => Some(&self.cond.time_ids),
+            "controlnet_cond" => self.image,
+            _ => None,
+        }
     }
 }
 
@@ -80,16 +98,21 @@ fn collect(mut out: ort::session::SessionOutputs<'_>) -> Result<Vec<(String, Dyn
 /// pristine `weights`).
 pub(crate) fn run_host(
     session: &mut Session,
-    weights: &Weights,
-    cond: &Conditioning,
+    weights: Option<&Weights>,
+    job: JobInputs<'_>,
     merged: &MergedWeights,
 ) -> Result<JobConsts> {
     let names: Vec<String> = session.inputs().iter().map(|o| o.name().to_string()).collect();
     let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(names.len());
     for name in &names {
-        let v: SessionInputValue<'_> = match conditioning(cond, name) {
-            Some(t) => t.view()?.into(),
-            None => merged.get(weights, name)?.into(),
+        let v: SessionInputValue<'_> = match (job.get(name), weights) {
+            (Some(t), _) => t.view()?.into(),
+            (None, Some(w)) => merged.get(w, name)?.into(),
+            (None, None) => {
+                return Err(Error::Gpu(format!(
+                    "the prelude reads {name}, which is no weight here"
+                )))
+            }
         };
         inputs.push((Cow::Owned(name.clone()), v));
     }
@@ -126,14 +149,19 @@ pub(crate) fn run_device(
 pub(crate) fn bind_job_inputs(
     b: &mut IoBinding,
     names: &[String],
-    weights: &Weights,
-    cond: &Conditioning,
+    weights: Option<&Weights>,
+    job: JobInputs<'_>,
     merged: &MergedWeights,
 ) -> Result<()> {
     for name in names {
-        match conditioning(cond, name) {
-            Some(t) => b.bind_input(name.as_str(), &*t.view()?)?,
-            None => weights.bind_input(b, name, merged)?,
+        match (job.get(name), weights) {
+            (Some(t), _) => b.bind_input(name.as_str(), &*t.view()?)?,
+            (None, Some(w)) => w.bind_input(b, name, merged)?,
+            (None, None) => {
+                return Err(Error::Gpu(format!(
+                    "the prelude reads {name}, which is no weight here"
+                )))
+            }
         }
     }
     Ok(())
@@ -163,6 +191,10 @@ mod tests {
             Some("unet_encoder")
         );
         assert_eq!(graph_of("job.unet_decoder.x"), Some("unet_decoder"));
+        assert_eq!(
+            graph_of("job.controlnet./cn/conv_out/Conv_output_0"),
+            Some("controlnet")
+        );
         assert_eq!(graph_of("job.unet_decoderx"), None);
         assert_eq!(graph_of("encoder_hidden_states"), None);
     }
