@@ -891,7 +891,7 @@ ncu_step() {  # one UNet step's kernels under Nsight Compute, GPU 0 (see the hea
   bench_setup || return 1
   KATZ_GRAPH_CACHE=none timeout "${NCU_TIMEOUT_S:-280}" /usr/local/cuda/bin/ncu --metrics gpu__time_duration.sum --csv \
     --print-units base --launch-count "${NCU_KERNELS:-8000}" --log-file "$O/ncu.csv" /opt/kb/katz bench pipeline \
-    --device cuda:0 --bundle "$S/base" --configs 0C/0L --size "${SIZE:-1024}" --steps 3 --repeat 1 --static-shapes \
+    --device cuda:0 --bundle "${BENCH_BUNDLE:-$S/base}" --configs 0C/0L --size "${SIZE:-1024}" --steps 3 --repeat 1 --static-shapes \
     >"$O/ncu-bench.log" 2>&1
   gzip -f "$O/ncu.csv" && python3 tools/ncu_step_summary.py "$O/ncu.csv.gz"
   [[ -n ${OUT:-} ]] && cp "$O/ncu.csv.gz" "$OUT/ncu${NCU_TAG:-}.csv.gz"
