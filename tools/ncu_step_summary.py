@@ -60,8 +60,14 @@ def main():
     for i in att[1:]:
         (clusters[-1].append(i) if i - clusters[-1][-1] <= 60 else clusters.append([i]))
     sizes = [len(c) for c in clusters]
-    # a step: the cluster sizes repeat with a period of 3 (encoder down, encoder mid/up, decoder)
-    starts = [clusters[k][0] for k in range(len(clusters) - 3) if sizes[k:k + 3] == sizes[3:6] or sizes[k:k + 3] == sizes[0:3]]
+    # a step: the cluster sizes repeat with a period of 3 (encoder down, encoder mid/up, decoder),
+    # or of 1 where nothing long parts them (a UNet prelude took the text K/V GEMMs out of the step)
+    starts = []
+    for period in (3, 1):
+        starts = [clusters[k][0] for k in range(0, len(clusters) - period, period)
+                  if sizes[k:k + period] == sizes[period:2 * period]]
+        if len(starts) >= 2:
+            break
     if len(starts) < 2:
         sys.exit(f"no repeating step found (attention clusters {sizes})")
     steps = list(zip(starts, starts[1:]))
