@@ -169,12 +169,14 @@ impl ControlNet {
         check_io(&path, &session, &[inputs, job_inputs.clone()].concat(), &outputs)?;
         let prelude = match (&bundle.manifest.prelude, job_inputs.first()) {
             (_, None) => None,
-            (None, Some(first)) => return Err(Error::bundle(
-                &path,
-                format!(
+            (None, Some(first)) => {
+                return Err(Error::bundle(
+                    &path,
+                    format!(
                     "the graph takes inputs the prelude makes ({first}), and the manifest names no prelude"
                 ),
-            )),
+                ))
+            }
             (Some(p), Some(_)) => {
                 let ppath = bundle.dir.join(p);
                 let s = runtime::session_with_dims(&ppath, opts, &[])?;
