@@ -52,6 +52,34 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def feeder(weights: dict, seed: int, shapes: dict):
+    """feed(session, known): the session's inputs from `known`, else `weights`, else seeded random
+    values (shapes from `shapes`, free dimensions 2), which join `known` so that every session of
+    one comparison sees the same ones."""
+    rng = np.random.default_rng(seed)
+
+    def feed(s, known):
+        f = {}
+        for i in s.get_inputs():
+            if i.name in known:
+                f[i.name] = known[i.name]
+            elif i.name in weights:
+                f[i.name] = weights[i.name]
+            else:
+                shape = shapes.get(i.name, [d if isinstance(d, int) else 2 for d in i.shape])
+                f[i.name] = rng.standard_normal(shape).astype(np.float32)
+                known[i.name] = f[i.name]
+        return f
+
+    return feed
+
+
 @pytest.fixture(scope="module")
 def hoisted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prelude") / "tiny-sdxl"
@@ -91,27 +119,7 @@ def test_the_text_keys_and_values_leave_the_step_graphs(hoisted):
 
 
 def test_prelude_and_step_graphs_equal_the_whole_graphs(hoisted):
-    w = read_safetensors(TINY / "weights.safetensors")
-    rng = np.random.default_rng(0)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-
-    def session(p):
-        return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-
-    def feed(s, known):
-        f = {}
-        for i in s.get_inputs():
-            if i.name in known:
-                f[i.name] = known[i.name]
-            elif i.name in w:
-                f[i.name] = w[i.name]
-            else:
-                shape = [2, 4, 16, 16] if i.name == "sample" else [d if isinstance(d, int) else 2 for d in i.shape]
-                f[i.name] = rng.standard_normal(shape).astype(np.float32)
-                known[i.name] = f[i.name]
-        return f
-
+    feed = feeder(read_safetensors(TINY / "weights.safetensors"), 0, {"sample": [2, 4, 16, 16]})
     known = {"timestep": np.array([500.0, 500.0], np.float32)}
     enc, dec = session(TINY / "unet_encoder.onnx"), session(TINY / "unet_decoder.onnx")
     enc_names = [o.name for o in enc.get_outputs()]
@@ -157,27 +165,7 @@ def test_the_controlnet_image_embedding_leaves_its_step_graph(hoisted_cn):
 
 def test_controlnet_prelude_and_step_graph_equal_the_whole_graph(hoisted_cn):
     w = read_safetensors(TINY_CN / "weights.safetensors") if (TINY_CN / "weights.safetensors").exists() else {}
-    rng = np.random.default_rng(1)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-
-    def session(p):
-        return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-
-    def feed(s, known):
-        f = {}
-        for i in s.get_inputs():
-            if i.name in known:
-                f[i.name] = known[i.name]
-            elif i.name in w:
-                f[i.name] = w[i.name]
-            else:
-                shape = {"sample": [2, 4, 16, 16], "controlnet_cond": [2, 3, 128, 128]}.get(
-                    i.name, [d if isinstance(d, int) else 2 for d in i.shape])
-                f[i.name] = rng.standard_normal(shape).astype(np.float32)
-                known[i.name] = f[i.name]
-        return f
-
+    feed = feeder(w, 1, {"sample": [2, 4, 16, 16], "controlnet_cond": [2, 3, 128, 128]})
     known = {"timestep": np.array([500.0, 500.0], np.float32)}
     whole = session(TINY_CN / "controlnet.onnx")
     names = [o.name for o in whole.get_outputs()]

@@ -120,11 +120,7 @@ impl GraphedControlNet {
         }
         // the prelude's outputs: their shapes from a run on the (zero) inputs of this bucket
         let mut job = Vec::new();
-        let wanted: Vec<String> = ins
-            .iter()
-            .map(|o| o.name().to_string())
-            .filter(|n| n.starts_with(prelude::PREFIX))
-            .collect();
+        let wanted = prelude::job_inputs(session);
         if !wanted.is_empty() {
             let session = prelude.ok_or_else(|| {
                 Error::Gpu("the ControlNet's graph takes the prelude's outputs, and it is not loaded".into())
@@ -139,20 +135,7 @@ impl GraphedControlNet {
                     .ok_or_else(|| Error::Gpu(format!("the ControlNet's prelude gave no {name}")))?;
                 let t = v.downcast_ref::<ort::value::DynTensorValueType>()?;
                 let shape: Vec<usize> = t.shape().iter().map(|&d| d.max(0) as usize).collect();
-                let n = shape.iter().product::<usize>().max(1);
-                let buf = match *t.data_type() {
-                    ort::value::TensorElementType::Float16 => {
-                        DevBuf::F16(k.stream.alloc_zeros::<u16>(n).map_err(gpu_err)?)
-                    }
-                    ort::value::TensorElementType::Float32 => {
-                        DevBuf::F32(k.stream.alloc_zeros::<f32>(n).map_err(gpu_err)?)
-                    }
-                    other => {
-                        return Err(Error::Gpu(format!(
-                            "the ControlNet's prelude gave {name} of {other:?}"
-                        )))
-                    }
-                };
+                let buf = prelude::lasting(&k, *t.data_type(), shape.iter().product(), &name)?;
                 // SAFETY: the buffer lives in `job`, dropped after the binding (field order)
                 unsafe { buf.bind(&mut binding, &name, &shape, &k, device as i32)? };
                 job.push((name, buf));
@@ -255,22 +238,13 @@ impl GraphedControlNet {
             // SAFETY: same length (checked at upload); both live on this GPU until the synchronise
             unsafe { k.copy_raw(dst.ptr(&k), src.ptr(&k), src.len() * 4) }.map_err(gpu_err)?;
         }
-        for (name, dst) in &self.job {
-            let v = inputs
-                .consts
-                .as_ref()
-                .and_then(|c| c.values.iter().find(|(n, _)| n == name))
-                .map(|(_, v)| v)
-                .ok_or_else(|| Error::Gpu(format!("this job has no {name} from the ControlNet's prelude")))?;
-            let (src, bytes) = prelude::raw(v)?;
-            if bytes != dst.bytes() {
-                return Err(Error::InvalidRequest(format!(
-                    "the ControlNet's CUDA graph was captured for {name} of {} bytes, this job has {bytes}",
-                    dst.bytes()
-                )));
-            }
-            // SAFETY: sizes checked; `inputs` keeps the source alive, and the step synchronises
-            unsafe { k.copy_raw(dst.ptr(&k), src, bytes) }.map_err(gpu_err)?;
+        if let Some(consts) = &inputs.consts {
+            // `inputs` keeps the values alive; the step synchronises before it returns
+            prelude::copy_into(&k, consts, self.job.iter().map(|(n, b)| (n.as_str(), b)))?;
+        } else if !self.job.is_empty() {
+            return Err(Error::Gpu(
+                "this job has no outputs of the ControlNet's prelude".into(),
+            ));
         }
         self.holds = inputs.id;
         Ok(())

@@ -160,12 +160,7 @@ impl ControlNet {
             inputs.extend(spec.map.keys().cloned());
         }
         // the inputs the prelude makes are checked against its outputs, the rest against the manifest
-        let job_inputs: Vec<String> = session
-            .inputs()
-            .iter()
-            .map(|o| o.name().to_string())
-            .filter(|n| n.starts_with(prelude::PREFIX))
-            .collect();
+        let job_inputs = prelude::job_inputs(&session);
         check_io(&path, &session, &[inputs, job_inputs.clone()].concat(), &outputs)?;
         let prelude = match (&bundle.manifest.prelude, job_inputs.first()) {
             (_, None) => None,

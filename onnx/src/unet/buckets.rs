@@ -86,14 +86,7 @@ impl PairSpec {
         let e = runtime::unet_session(&self.enc_path, opts, &dims[0], graph)?;
         let d = runtime::unet_session(&self.dec_path, opts, &dims[1], graph)?;
         // the inputs the prelude makes are checked against its outputs, the rest against the manifest
-        let job_inputs = |s: &Session| -> Vec<String> {
-            s.inputs()
-                .iter()
-                .map(|o| o.name().to_string())
-                .filter(|n| n.starts_with(prelude::PREFIX))
-                .collect()
-        };
-        let (ej, dj) = (job_inputs(&e), job_inputs(&d));
+        let (ej, dj) = (prelude::job_inputs(&e), prelude::job_inputs(&d));
         check_io(
             &self.enc_path,
             &e,

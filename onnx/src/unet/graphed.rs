@@ -173,6 +173,22 @@ pub(crate) fn outlet_shape(
         .iter()
         .find(|o| o.name() == name)
         .ok_or_else(|| Error::Gpu(format!("CUDA graph: the graph has no {name}")))?;
+    let (ty, dims) = outlet_dims(o, known)?;
+    if ty != ort::value::TensorElementType::Float32 {
+        return Err(Error::Gpu(format!(
+            "CUDA graph: {name} is {ty:?}; the step buffers are f32"
+        )));
+    }
+    Ok(dims)
+}
+
+/// The element type and dimensions of outlet `o`, its free dimensions (named by its symbols)
+/// from `known`.
+fn outlet_dims(
+    o: &ort::value::Outlet,
+    known: &[(String, i64)],
+) -> Result<(ort::value::TensorElementType, Vec<usize>)> {
+    let name = o.name();
     let ValueType::Tensor {
         ty,
         shape,
@@ -181,25 +197,14 @@ pub(crate) fn outlet_shape(
     else {
         return Err(Error::Gpu(format!("CUDA graph: {name} is not a tensor")));
     };
-    if *ty != ort::value::TensorElementType::Float32 {
-        return Err(Error::Gpu(format!(
-            "CUDA graph: {name} is {ty:?}; the step buffers are f32"
-        )));
-    }
-    resolve(name, shape, dimension_symbols, known)
-}
-
-/// The dimensions of `shape` (input or output `name`), the free ones (-1, named by `symbols`)
-/// from `known`.
-fn resolve(name: &str, shape: &[i64], symbols: &[String], known: &[(String, i64)]) -> Result<Vec<usize>> {
-    shape
+    let dims = shape
         .iter()
         .enumerate()
         .map(|(i, &d)| {
             if d >= 0 {
                 return Ok(d as usize);
             }
-            let sym = symbols.get(i).map(String::as_str).unwrap_or("");
+            let sym = dimension_symbols.get(i).map(String::as_str).unwrap_or("");
             known
                 .iter()
                 .find(|(n, _)| n == sym)
@@ -210,31 +215,8 @@ fn resolve(name: &str, shape: &[i64], symbols: &[String], known: &[(String, i64)
                     ))
                 })
         })
-        .collect()
-}
-
-/// Whether prelude input `o` is f16 (else f32), and its shape, free dimensions from `known`.
-fn job_input(o: &ort::value::Outlet, known: &[(String, i64)]) -> Result<(bool, Vec<usize>)> {
-    let ValueType::Tensor {
-        ty,
-        shape,
-        dimension_symbols,
-    } = o.dtype()
-    else {
-        return Err(Error::Gpu(format!("CUDA graph: {} is not a tensor", o.name())));
-    };
-    let half = match ty {
-        ort::value::TensorElementType::Float16 => true,
-        ort::value::TensorElementType::Float32 => false,
-        other => {
-            return Err(Error::Gpu(format!(
-                "CUDA graph: the prelude's {} is {other:?}",
-                o.name()
-            )))
-        }
-    };
-    let dims = resolve(o.name(), shape, dimension_symbols, known)?;
-    Ok((half, dims))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((*ty, dims))
 }
 
 /// Binds the f32 device buffer at `ptr` as input `name` (in place, no copy).
@@ -340,13 +322,8 @@ impl GraphedUnet {
                 .iter()
                 .filter(|o| o.name().starts_with(prelude::PREFIX))
             {
-                let (half, shape) = job_input(o, &known)?;
-                let n = shape.iter().product::<usize>().max(1);
-                let buf = if half {
-                    DevBuf::F16(k.stream.alloc_zeros::<u16>(n).map_err(gpu_err)?)
-                } else {
-                    DevBuf::F32(k.stream.alloc_zeros::<f32>(n).map_err(gpu_err)?)
-                };
+                let (ty, shape) = outlet_dims(o, &known)?;
+                let buf = prelude::lasting(&k, ty, shape.iter().product(), o.name())?;
                 // SAFETY: the buffer lives in `job`, dropped after the bindings (field order)
                 unsafe { buf.bind(b, o.name(), &shape, &k, device as i32)? };
                 job.push((o.name().to_string(), buf, shape));
@@ -445,20 +422,7 @@ impl GraphedUnet {
             }
             Ok(())
         })?;
-        for (name, v) in &consts.values {
-            let Some((_, dst, _)) = self.job.iter().find(|(n, _, _)| n == name) else {
-                continue; // an output only the other bucket's graphs read: none such today
-            };
-            let (src, bytes) = prelude::raw(v)?;
-            if bytes != dst.bytes() {
-                return Err(Error::Gpu(format!(
-                    "the prelude's {name} has {bytes} bytes, the CUDA graph's buffer {}",
-                    dst.bytes()
-                )));
-            }
-            // SAFETY: sizes checked; the values live until the synchronise below
-            unsafe { self.k.copy_raw(dst.ptr(&self.k), src, bytes) }.map_err(gpu_err)?;
-        }
+        prelude::copy_into(&self.k, &consts, self.job.iter().map(|(n, b, _)| (n.as_str(), b)))?;
         self.k.synchronize().map_err(gpu_err)
     }
 

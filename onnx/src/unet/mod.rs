@@ -73,8 +73,8 @@ pub(crate) struct BoundJob {
     pred: Option<DynValue>,
     /// A merge copied over from another GPU's set (split guidance), kept while it is bound.
     merged_copy: Option<Arc<MergedWeights>>,
-    /// The job's conditioning, for the prelude's runs at LoRA switches.
-    cond: Conditioning,
+    /// The job's conditioning, for the prelude's runs at LoRA switches (pairs with a prelude).
+    cond: Option<Conditioning>,
     /// The prelude's outputs for the weights bound now (bound as the graphs' inputs).
     consts: Option<prelude::JobConsts>,
 }
@@ -92,7 +92,10 @@ impl BoundJob {
             return Ok(());
         };
         let device = self.k.ordinal() as i32;
-        let cond = &self.cond;
+        let cond = self
+            .cond
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("the job kept no conditioning for the UNet prelude".into()))?;
         let consts = prelude::run_device(session, device, merged.id(), |b, names| {
             prelude::bind_job_inputs(b, names, Some(own), prelude::JobInputs::of(cond), merged)
         })?;
@@ -154,7 +157,7 @@ impl<'g> JobUnet<'g> {
             enc_vals: Vec::new(),
             pred: None,
             merged_copy: None,
-            cond: cond.clone(),
+            cond: prelude.is_some().then(|| cond.clone()),
             consts: None,
         }));
         if !merged.0.is_empty() {

@@ -18,13 +18,15 @@
 
 use std::borrow::Cow;
 
+use katz_kernels::cuda::GpuKernels;
 use ort::memory::MemoryInfo;
 use ort::session::{IoBinding, Session, SessionInputValue};
-use ort::value::{DynTensorValueType, DynValue};
+use ort::value::{DynTensorValueType, DynValue, TensorElementType};
 
+use crate::device::gpu_err;
 use crate::tensor::Tensor;
 use crate::text::Conditioning;
-use crate::weights::{MergedWeights, Weights};
+use crate::weights::{DevBuf, MergedWeights, Weights};
 use crate::{Error, Result};
 
 /// The prefix of a step graph input that the prelude makes.
@@ -36,6 +38,58 @@ pub(crate) fn graph_of(name: &str) -> Option<&str> {
     ["unet_encoder", "unet_decoder", "controlnet"]
         .into_iter()
         .find(|g| rest.strip_prefix(g).is_some_and(|r| r.starts_with('.')))
+}
+
+/// The inputs of `session` that a prelude makes.
+pub(crate) fn job_inputs(session: &Session) -> Vec<String> {
+    session
+        .inputs()
+        .iter()
+        .map(|o| o.name().to_string())
+        .filter(|n| n.starts_with(PREFIX))
+        .collect()
+}
+
+/// A zeroed lasting buffer of `n` elements on `k`'s GPU for a prelude output of type `ty`
+/// (f16 or f32), which a CUDA graph reads in place.
+pub(crate) fn lasting(k: &GpuKernels, ty: TensorElementType, n: usize, name: &str) -> Result<DevBuf> {
+    let n = n.max(1);
+    Ok(match ty {
+        TensorElementType::Float16 => DevBuf::F16(k.stream.alloc_zeros::<u16>(n).map_err(gpu_err)?),
+        TensorElementType::Float32 => DevBuf::F32(k.stream.alloc_zeros::<f32>(n).map_err(gpu_err)?),
+        other => {
+            return Err(Error::Gpu(format!(
+                "the prelude's {name} is {other:?}; f16 or f32 expected"
+            )))
+        }
+    })
+}
+
+/// Copies the prelude's outputs `consts` into the lasting buffers `bufs` (by name), queued on
+/// `k`'s stream: synchronise `k` before `consts` is dropped or the buffers are read.
+pub(crate) fn copy_into<'a>(
+    k: &GpuKernels,
+    consts: &JobConsts,
+    bufs: impl IntoIterator<Item = (&'a str, &'a DevBuf)>,
+) -> Result<()> {
+    for (name, dst) in bufs {
+        let v = consts
+            .values
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| Error::Gpu(format!("the prelude gave no {name}")))?;
+        let (src, bytes) = raw(v)?;
+        if bytes != dst.bytes() {
+            return Err(Error::Gpu(format!(
+                "the prelude's {name} has {bytes} bytes, the CUDA graph's buffer {}",
+                dst.bytes()
+            )));
+        }
+        // SAFETY: sizes checked; the caller keeps `consts` alive until `k` synchronises
+        unsafe { k.copy_raw(dst.ptr(k), src, bytes) }.map_err(gpu_err)?;
+    }
+    Ok(())
 }
 
 /// The prelude's outputs for one job and weight set: (input name, value) of each.
@@ -172,9 +226,9 @@ pub(crate) fn raw(v: &DynValue) -> Result<(u64, usize)> {
     let t = v.downcast_ref::<DynTensorValueType>()?;
     let n: usize = t.shape().iter().map(|&d| d.max(0) as usize).product();
     let size = match *t.data_type() {
-        ort::value::TensorElementType::Float16 | ort::value::TensorElementType::Bfloat16 => 2,
-        ort::value::TensorElementType::Float32 | ort::value::TensorElementType::Int32 => 4,
-        ort::value::TensorElementType::Int64 | ort::value::TensorElementType::Float64 => 8,
+        TensorElementType::Float16 | TensorElementType::Bfloat16 => 2,
+        TensorElementType::Float32 | TensorElementType::Int32 => 4,
+        TensorElementType::Int64 | TensorElementType::Float64 => 8,
         other => return Err(Error::Gpu(format!("a UNet prelude output of {other:?}"))),
     };
     Ok((t.data_ptr() as u64, n * size))
