@@ -36,7 +36,7 @@ test: $(ORT_LIB) services pyenv
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { echo "make test: the gateway test drives Chromium headless: apt-get install chromium" >&2; exit 1; }
 	$(CARGO) test --release --workspace --all-targets
-	.katz/py/bin/python -m pytest -q tools/test_producer.py tools/test_compose.py tools/test_demo.py tools/test_job_prelude.py
+	.katz/py/bin/python -m pytest -q tools/test_producer.py tools/test_compose.py tools/test_demo.py tools/test_job_prelude.py tools/test_step_rewrite.py
 
 # Needs root and network namespaces (CI machines may lack them), so `make test` leaves it out.
 test-netns: build

@@ -19,7 +19,9 @@ Data flow:
         │      and time_emb_proj) become graph inputs ─▶ weights.safetensors; --gpu --fp8: their
         │      GEMMs in fp8 too, activation ranges calibrated ─▶ unet_*.fp8.onnx (tools/fp8_rewrite.py)
         │      what they compute from the conditioning and weights alone ─▶ unet_prelude.onnx,
-        │      run once per job (tools/job_prelude.py; --no-prelude keeps the pair whole)
+        │      run once per job (tools/job_prelude.py; --no-prelude keeps the pair whole);
+        │      --gpu: katz's GEGLU and convolution biases folded into the group norms after them
+        │      (tools/step_rewrite.py; --no-step-rewrite keeps ONNX Runtime's graphs)
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
         ├─▶ controlnet.onnx               --controlnet-checkpoint, CHECKPOINT/controlnet/ or
@@ -871,7 +873,7 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
                   attention: str = "sdpa", gpu: bool = False, vae_choice: str = "auto", controlnet: Path | None = None,
                   configs: Path | None = None, controlnet_configs: Path | None = None, locon: bool = True,
                   te_inputs: bool = True, cn_inputs: bool = True, fp8: bool = False,
-                  prelude: bool = True):
+                  prelude: bool = True, step_rewrite: bool = True):
     out.mkdir(parents=True, exist_ok=True)
     # the tokenizers: a directory's own, or for a single file (which carries none) the config directory's
     tok_dir = None if checkpoint is None else (checkpoint if Path(checkpoint).is_dir() else configs)
@@ -1054,6 +1056,10 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
         job_prelude.hoist_bundle(out)
     if fp8:
         fp8_graphs(out, cfg, tok, te, te2, unet, weights["unet_encoder"] + weights["unet_decoder"], seed)
+    if gpu and step_rewrite:  # after the fp8 graphs: their rewrite reads ONNX Runtime's GEGLU
+        import step_rewrite as sr
+        for f, c in sr.rewrite_bundle(out).items():
+            print(f"  {f}: {c['BiasSplitGelu']} GEGLUs katz's, {c['conv biases']} convolution biases folded")
     cn_manifest = {
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
         "dtype": "float16" if gpu else "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",
@@ -1066,6 +1072,10 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     if prelude:  # its text keys and values, and its image's embedding, once per job
         import job_prelude
         job_prelude.hoist_controlnet_bundle(cn_out)
+    if gpu and step_rewrite:
+        import step_rewrite as sr
+        for f, c in sr.rewrite_bundle(cn_out).items():
+            print(f"  {f}: {c['BiasSplitGelu']} GEGLUs katz's, {c['conv biases']} convolution biases folded")
     return tok, (te, te2, unet, vae, cn), weights
 
 
@@ -1322,6 +1332,10 @@ def main(argv=None):
                          "from the conditioning, image and weights alone (cross-attention keys and values, "
                          "the added embedding, the ControlNet's image embedding) moves into "
                          "unet_prelude.onnx / controlnet_prelude.onnx, run once per job (tools/job_prelude.py)")
+    ap.add_argument("--no-step-rewrite", action="store_true",
+                    help="with --gpu: keep ONNX Runtime's operators where katz has faster ones, and the "
+                         "convolution biases in the convolutions (tools/step_rewrite.py: katz's GEGLU, "
+                         "biases folded into the group norms after them)")
     ap.add_argument("--fp8", action="store_true",
                     help="with --gpu: also calibrate the UNet's activation ranges (fp8_amax.json) and write fp8 "
                          "UNet graphs (unet_*.fp8.onnx, tools/fp8_rewrite.py) and the manifest's fp8 entry")
@@ -1375,7 +1389,7 @@ def main(argv=None):
                                        a.vae_precision, a.controlnet_checkpoint, configs, a.controlnet_config,
                                        locon=not a.no_locon_inputs, te_inputs=not a.no_text_encoder_inputs,
                                        cn_inputs=not a.no_controlnet_inputs, fp8=a.fp8,
-                                       prelude=not a.no_prelude)
+                                       prelude=not a.no_prelude, step_rewrite=not a.no_step_rewrite)
     finally:
         if FUSER is not None:
             FUSER.shutdown()

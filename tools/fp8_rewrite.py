@@ -178,7 +178,7 @@ def _fused(p, q, readers, unique):
     """The katz node computing producer `p` and the Fp8Quantize `q` of its output in one, or None
     where they cannot be one (other readers of p's outputs than those the fused node gives)."""
     x, scale = q.input[0], _attrs(q)["scale"]
-    if p.op_type == "BiasSplitGelu" and p.domain == "com.microsoft":
+    if p.op_type == "BiasSplitGelu" and p.domain in ("com.microsoft", DOMAIN):  # ONNX Runtime's or katz's twin
         return helper.make_node("Fp8BiasSplitGelu", list(p.input), [q.output[0]], domain=DOMAIN,
                                 name=unique(f"{p.name or x}/Fp8BiasSplitGelu"), scale=scale)
     if p.op_type not in LN_EPSILON or x != p.output[0]:

@@ -30,14 +30,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use katz_kernels::cuda::fp8::{Fp8Gemm, Fp8Kernels, LayerNormArgs};
 use katz_kernels::cuda::GpuError;
+
+use crate::ops::{device_of, ort_err, stream_of};
 use ort::operator::{
     BoxedKernel, ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput,
     OperatorOutput,
 };
 use ort::value::{DynTensorValueType, TensorElementType};
-
-/// The custom operators' domain in fp8 graphs.
-pub const DOMAIN: &str = "katz";
 
 static EPOCH: AtomicU64 = AtomicU64::new(1);
 
@@ -109,28 +108,6 @@ pub unsafe fn refresh(ordinal: usize, stream: u64, written: &[u64]) -> crate::Re
     Ok(())
 }
 
-fn ort_err(e: impl std::fmt::Display) -> ort::Error {
-    ort::Error::new(format!("fp8: {e}"))
-}
-
-/// The GPU whose memory `ptr` is in.
-fn device_of(ptr: u64) -> ort::Result<usize> {
-    use cudarc::driver::sys;
-    let mut ordinal: i32 = -1;
-    // SAFETY: a pointer attribute query writes one int
-    let r = unsafe {
-        sys::cuPointerGetAttribute(
-            &mut ordinal as *mut i32 as *mut std::ffi::c_void,
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-            ptr,
-        )
-    };
-    if r != sys::CUresult::CUDA_SUCCESS || ordinal < 0 {
-        return Err(ort_err(format!("input at {ptr:#x} is not in GPU memory ({r:?})")));
-    }
-    Ok(ordinal as usize)
-}
-
 /// A float attribute of a node that must be finite and positive (a scale).
 fn positive_attr(kctx: &KernelContext<'_>, op: &str, name: &str) -> ort::Result<f32> {
     let v: f32 = kctx
@@ -149,12 +126,6 @@ fn kernels_at(fk: &mut Option<Arc<Fp8Kernels>>, ptr: u64) -> ort::Result<&Arc<Fp
         Some(k) => Ok(k),
         None => Ok(fk.insert(kernels(device_of(ptr)?).map_err(ort_err)?)),
     }
-}
-
-fn stream_of(ctx: &ComputeContext) -> ort::Result<cudarc::driver::sys::CUstream> {
-    ctx.stream()?
-        .map(|s| s.as_ptr() as cudarc::driver::sys::CUstream)
-        .ok_or_else(|| ort_err("no CUDA stream: the fp8 operators run on the CUDA provider only"))
 }
 
 /// `katz.Fp8Quantize`: `X8 = e4m3(X / scale)`.
@@ -547,12 +518,7 @@ impl Kernel for MatMulKernel {
     }
 }
 
-/// The `katz` operator domain, for a session of a graph that has fp8 nodes (the session keeps
-/// it).
-pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?
-        .add(Quantize)?
-        .add(MatMul)?
-        .add(Geglu)?
-        .add(LayerNorm)
+/// `domain` with the fp8 operators added (the `katz` domain: crate::ops).
+pub(crate) fn add_operators(domain: OperatorDomain) -> ort::Result<OperatorDomain> {
+    domain.add(Quantize)?.add(MatMul)?.add(Geglu)?.add(LayerNorm)
 }

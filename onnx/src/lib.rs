@@ -35,7 +35,8 @@
 //! | `scheduler/` | Euler, Euler ancestral, DDIM, DPM++ 2M (one file each behind one trait) |
 //! | `text` | tokenizers and the two text encoders → conditioning |
 //! | `runtime` | loading ONNX Runtime, `Device`, `SessionOptions`, sessions with execution providers |
-//! | `fp8` | `--precision fp8`: the `katz` ONNX Runtime operators of fp8 graphs (quantize, fp8 GEMM via cuBLASLt), their weight copies and when they are made again |
+//! | `ops` | katz's own ONNX Runtime operators (domain `katz`, CUDA only), registered in every GPU session: the fp16 GEGLU of GPU bundles' step graphs, and the fp8 operators of `fp8` |
+//! | `fp8` | `--precision fp8`: the `katz` operators of fp8 graphs (quantize, fp8 GEMM via cuBLASLt), their weight copies and when they are made again |
 //! | `device` | tensors in GPU memory (`DevTensor`, `DevRef`) and how they meet ONNX Runtime |
 //! | `bundle` | bundle manifests and their checks |
 //! | `vae` | the VAE decode: whole, or diffusers' tiled decode for large images |
@@ -56,6 +57,7 @@ pub mod fp8;
 pub mod image;
 pub mod lora;
 pub mod noise;
+pub mod ops;
 pub mod pipeline;
 pub mod placement;
 pub mod preview;

@@ -86,6 +86,12 @@
 #                                           EXPORT_ARGS=--no-prelude (tools/job_prelude.py, fp8 graphs again), the graphed
 #                                           step of both (PRELUDE_PRECISIONS, default "bundle fp8"), then the same jobs
 #                                           from both (CUDA graph and bound; one with a LoRA): relative difference, SSIM
+#   bash tools/device/gpu-path.sh rewrite   the step rewrite (katz's GEGLU, convolution biases folded): $S/base-rewrite and
+#                                           $S/base-controlnet-rewrite made from bundles exported with
+#                                           EXPORT_ARGS=--no-step-rewrite (tools/step_rewrite.py), the graphed step of both
+#                                           (REWRITE_PRECISIONS, default "bundle fp8"; REWRITE_CONFIGS, default 0C/0L,1C/1L),
+#                                           then the same jobs from both (CUDA graph and bound; one with a LoRA, one with
+#                                           a ControlNet): relative difference, SSIM
 #   bash tools/device/gpu-path.sh ncu       Nsight Compute: every kernel of a 3-step static-shape 0C/0L run timed
 #                                           (gpu__time_duration), then tools/ncu_step_summary.py: one UNet step by
 #                                           kernel family ($O/ncu.csv.gz)
@@ -202,7 +208,7 @@ export_wait() {
 katz_bench() {  # name, then extra flags (BENCH_LORAS: other LoRA files, comma-separated; BENCH_BUNDLE: another bundle)
   local name=$1; shift
   echo "== katz bench pipeline: $name"
-  /opt/kb/katz bench pipeline --device cuda:0 --bundle "${BENCH_BUNDLE:-$S/base}" --controlnet "$S/base-controlnet" \
+  /opt/kb/katz bench pipeline --device cuda:0 --bundle "${BENCH_BUNDLE:-$S/base}" --controlnet "${BENCH_CN:-$S/base-controlnet}" \
     --loras "${BENCH_LORAS:-$S/loras/lora0.safetensors,$S/loras/lora1.safetensors}" \
     --size "${SIZE:-1024}" --steps "${STEPS:-50}" $([[ -f $BASE ]] && echo --baseline "$BASE") --unet-tflop 6.76 \
     ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} --out "$O/pipeline-$gpu-$name-$day.json" "$@" 2>&1 | grep -v " WARN " | tail -9
@@ -847,6 +853,57 @@ json.dump(rows, open(f"{o}/prelude-deviation.json", "w"), indent=1)
 EOF2
 }
 
+rewritten() {  # $2: bundle $1 (hard links) with its step graphs rewritten (tools/step_rewrite.py)
+  local src=$1 u=$2 g
+  [[ -f $u/.rewritten ]] && return 0
+  rm -rf "$u" && cp -al "$src" "$u" || return 1
+  # the graph files the rewrite writes must not be links into the bundle they came from (their
+  # external data files stay links: the rewrite leaves them as they are)
+  for g in "$u"/*.onnx; do cp --remove-destination "$src/$(basename "$g")" "$g" || return 1; done
+  python3 tools/step_rewrite.py "$u" && touch "$u/.rewritten"
+}
+
+rewrite() {  # the step rewrite against ONNX Runtime's graphs, GPU 0 (see the header)
+  bench_setup || return 1
+  rewritten "$S/base" "$S/base-rewrite" && rewritten "$S/base-controlnet" "$S/base-controlnet-rewrite" || return 1
+  local loras p b
+  loras=$(ls "$S"/loras/lora[01].safetensors | paste -sd,)
+  for p in ${REWRITE_PRECISIONS:-bundle fp8}; do
+    for b in base base-rewrite; do
+      BENCH_BUNDLE=$S/$b BENCH_CN=$S/${b/base/base-controlnet} BENCH_LORAS=$loras KATZ_GRAPH_CACHE=none \
+        katz_bench "1gpu-graph-$p-$b" --configs "${REWRITE_CONFIGS:-0C/0L,1C/1L}" --static-shapes --cuda-graph --precision "$p"
+    done
+  done
+  echo "== the same jobs from both (katz generate, ${SIZE:-1024}², ${STEPS:-50} steps; job 1 with a LoRA, job 2 with a ControlNet)"
+  local i g extra
+  for g in graph bound; do
+    for i in ${REWRITE_JOBS:-0 1 2}; do
+      for b in base base-rewrite; do
+        extra=()
+        (( i == 1 )) && extra=(--lora "$S/loras/lora0.safetensors:1.0")
+        (( i == 2 )) && extra=(--controlnet "$S/${b/base/base-controlnet}=bundles/examples/edges-128.png")
+        /opt/kb/katz generate --device cuda:0 --bundle "$S/$b" --prompt "a red cube on a blue sphere, $i" --seed "$i" \
+          --size "${SIZE:-1024}x${SIZE:-1024}" --steps "${STEPS:-50}" "${extra[@]}" $([[ $g == bound ]] && echo --cuda-graph false) \
+          --output "$O/rewrite-$g-$i-$b.png" 2>&1 | grep -vE " WARN |^\s*$" | tail -1
+      done
+    done
+  done
+  python3 - "$O" <<'EOF2'
+import json, os, sys
+sys.path.insert(0, "tools")
+from quality_report import read, rel_diff, ssim
+o, rows = sys.argv[1], []
+for g in ("graph", "bound"):
+    for i in range(3):
+        if not os.path.exists(f"{o}/rewrite-{g}-{i}-base-rewrite.png"):
+            continue
+        a, b = read(f"{o}/rewrite-{g}-{i}-base.png"), read(f"{o}/rewrite-{g}-{i}-base-rewrite.png")
+        rows.append({"path": g, "job": i, "rel_diff": rel_diff(b, a), "ssim": ssim(b, a)})
+        print(f"  {g}, job {i}: rewritten vs ONNX Runtime's graphs relative difference {rows[-1]['rel_diff']:.5f}, SSIM {rows[-1]['ssim']:.5f}")
+json.dump(rows, open(f"{o}/rewrite-deviation.json", "w"), indent=1)
+EOF2
+}
+
 fp8() {  # fp8 GEMMs against fp16 in one sitting, GPU 0 (see the header)
   bench_setup || return 1
   local p loras
@@ -931,6 +988,7 @@ case ${1:-all} in
   ncu) ncu_step ;;
   fp8) fp8 ;;
   prelude) prelude ;;
+  rewrite) rewrite ;;
   all) tests; bench; bench_multi ;;
-  *) echo "usage: $0 stage|tests|export|bench|baseline|peer|ncu|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|ready|cnpath|vae|determinism|all"; exit 2 ;;
+  *) echo "usage: $0 stage|tests|export|bench|baseline|peer|ncu|rewrite|prelude|fp8|knobs|multi|split|service|servicebench|profile|workload|quality|graphs|placement|eight|fastpath|ready|cnpath|vae|determinism|all"; exit 2 ;;
 esac

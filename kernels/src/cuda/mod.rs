@@ -18,6 +18,8 @@
 //!              loading while a tile multiplies)
 //! Fp8Kernels::new(ordinal) ── fp8.cu (compute_89) + cuBLASLt: e4m3 quantization of weights and
 //!              activations, Fp8Gemm (fp8 GEMMs, fp16 out) on a caller's stream (fp8.rs)
+//! FusedKernels::new(ordinal) ── fused.cu: fp16 kernels of katz's own ONNX Runtime operators,
+//!              faster twins of ONNX Runtime's (the GEGLU) on a caller's stream (fused.rs)
 //! ```
 //!
 //! cudarc loads libcuda and libnvrtc at run time, so this module builds everywhere; where no
@@ -31,6 +33,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 pub mod fp8;
+pub mod fused;
 mod merge;
 mod upload;
 pub use merge::{

@@ -566,10 +566,10 @@ fn build(
             cuda(id, false),
         ],
     };
-    if opts.precision == Precision::Fp8 && matches!(opts.device, Device::Cuda(_)) {
-        // the fp8 graphs' operators (other graphs of the pipeline do not use them)
+    if opts.device.is_gpu() {
+        // katz's own operators (crate::ops): GPU bundles' step graphs and fp8 graphs name them
         b = b
-            .with_operators(crate::fp8::domain()?)
+            .with_operators(crate::ops::domain()?)
             .map_err(ort::Error::from)?;
     }
     if !providers.is_empty() {

@@ -1,0 +1,108 @@
+//! katz's own fp16 kernels for operators of the UNet step whose ONNX Runtime kernels leave
+//! memory bandwidth unused (the step graphs name them as `katz` operators: tools/katz_ops.py).
+//!
+//! ```text
+//! FusedKernels::new(ordinal) ── fused.cu (NVRTC)
+//!   geglu   [X_l | X_r] + bias ─GEGLU─▶ Y (fp16)   (BiasSplitGelu, the same values, 16-byte loads and stores)
+//! ```
+//!
+//! Every launch goes on a stream the caller names by its raw handle (ONNX Runtime's compute stream,
+//! inside its custom operators) and allocates nothing, so it may be captured into a CUDA graph.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{CudaContext, CudaFunction};
+
+use super::{ptx_for, GpuError};
+
+/// The CUDA C of the fused fp16 kernels.
+const SOURCE: &str = include_str!("fused.cu");
+
+/// The fused fp16 kernels of one GPU.
+pub struct FusedKernels {
+    pub ctx: Arc<CudaContext>,
+    geglu: CudaFunction,
+    /// Blocks a grid-stride launch fills the GPU with.
+    blocks: u32,
+}
+
+impl FusedKernels {
+    /// The kernels for GPU `ordinal` (any GPU the driver runs: no tensor cores needed).
+    pub fn new(ordinal: usize) -> Result<Self, GpuError> {
+        if !super::cuda_available() {
+            return Err(GpuError::NoCuda(
+                "libcuda/libnvrtc not loadable or no device".into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let m = ctx.load_module(ptx_for(SOURCE, Default::default())?)?;
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as u32;
+        Ok(FusedKernels {
+            geglu: m.load_function("geglu_f16")?,
+            blocks: sms * 8,
+            ctx,
+        })
+    }
+
+    /// Y = GEGLU(x + bias): ONNX Runtime's BiasSplitGelu, value for value. `x`: `rows` rows of
+    /// `[left | right]`, `2·h` fp16 values each; `bias`: `2·h` fp16 values; `y`: `rows · h` fp16
+    /// values, `left · gelu(right)` with the bias added in fp16 and the product rounded to fp16;
+    /// `h` a multiple of 8. All three 16-byte aligned (ONNX Runtime's buffers are).
+    ///
+    /// # Safety
+    /// Device pointers of this GPU, valid for the sizes named, until `stream` has run the work.
+    pub unsafe fn geglu(
+        &self,
+        stream: CUstream,
+        x: u64,
+        bias: u64,
+        rows: usize,
+        h: usize,
+        y: u64,
+    ) -> Result<(), GpuError> {
+        let items = rows.saturating_mul(h / 8);
+        if h == 0 || !h.is_multiple_of(8) || items >= 1 << 31 {
+            return Err(GpuError::Shape(format!(
+                "GEGLU of {rows} rows of width {h}: the width must be a positive multiple of 8, \
+                 rows × width / 8 under 2^31"
+            )));
+        }
+        if !(x | bias | y).is_multiple_of(16) {
+            return Err(GpuError::Shape("GEGLU buffers not 16-byte aligned".into()));
+        }
+        if items == 0 {
+            return Ok(());
+        }
+        let (mut px, mut pb, mut pr, mut ph8, mut py) = (x, bias, rows as u32, (h / 8) as u32, y);
+        let args: &mut [*mut c_void] = &mut [
+            arg(&mut px),
+            arg(&mut pb),
+            arg(&mut pr),
+            arg(&mut ph8),
+            arg(&mut py),
+        ];
+        let blocks = (items.div_ceil(256) as u32).clamp(1, self.blocks);
+        cudarc::driver::result::launch_kernel(
+            self.geglu.cu_function(),
+            (blocks, 1, 1),
+            (256, 1, 1),
+            0,
+            stream,
+            args,
+        )?;
+        Ok(())
+    }
+}
+
+/// A kernel argument as the driver takes it: the address of its value.
+fn arg<T>(v: &mut T) -> *mut c_void {
+    v as *mut T as *mut c_void
+}
+
+#[cfg(test)]
+#[path = "fused_tests.rs"]
+mod tests;

@@ -1,0 +1,72 @@
+//! The fused fp16 kernels (fused.rs) against their ONNX Runtime twins computed here (`#[ignore]`d:
+//! they need a GPU, `tools/device/gpu-tests.sh`).
+use super::*;
+use crate::testutil::random;
+use cudarc::driver::{CudaSlice, DevicePtr};
+
+/// erf to about 1.5e-7 (Abramowitz & Stegun 7.1.26): far below an fp16 step
+fn erf(x: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let p = t
+        * (0.254_829_592
+            + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    (1.0 - p * (-x * x).exp()).copysign(x)
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/device/gpu-tests.sh"]
+fn geglu_is_bias_split_gelu() {
+    let fk = FusedKernels::new(0).expect("a GPU");
+    let s = fk.ctx.default_stream();
+    let stream = s.cu_stream();
+    let at = |b: &CudaSlice<u16>| b.device_ptr(&s).0;
+    let h16 = |x: f64| half::f16::from_f64(x);
+    let f = |b: u16| half::f16::from_bits(b).to_f64();
+    // SDXL's two feed-forward widths (h = 5120 and 2560) over an odd row count
+    for (rows, h) in [(37usize, 5120usize), (19, 2560)] {
+        let xs: Vec<u16> = random(rows * 2 * h, 41)
+            .iter()
+            .map(|v| h16(*v as f64 * 4.0).to_bits())
+            .collect();
+        let bs: Vec<u16> = random(2 * h, 42)
+            .iter()
+            .map(|v| h16(*v as f64).to_bits())
+            .collect();
+        // BiasSplitGelu as ONNX Runtime computes it, in f64 where it computes in f32
+        let mut want = vec![0u16; rows * h];
+        for r in 0..rows {
+            for c in 0..h {
+                let l = h16(f(xs[r * 2 * h + c]) + f(bs[c])).to_f64();
+                let x = h16(f(xs[r * 2 * h + h + c]) + f(bs[h + c])).to_f64();
+                let gelu = x * 0.5 * (erf(x / std::f64::consts::SQRT_2) + 1.0);
+                want[r * h + c] = h16(l * gelu).to_bits();
+            }
+        }
+        let (dx, db) = (s.clone_htod(&xs).unwrap(), s.clone_htod(&bs).unwrap());
+        let dy = s.alloc_zeros::<u16>(rows * h).unwrap();
+        unsafe { fk.geglu(stream, at(&dx), at(&db), rows, h, at(&dy)) }.unwrap();
+        s.synchronize().unwrap();
+        let got = s.clone_dtoh(&dy).unwrap();
+        // erff on the GPU and erf here may differ in the last bit of the f32 product, which
+        // moves the fp16 result by at most one step
+        let differ: Vec<(u16, u16)> = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| (*a, *b))
+            .collect();
+        eprintln!(
+            "GEGLU {rows}×{h}: {} of {} values differ from the reference",
+            differ.len(),
+            got.len()
+        );
+        assert!(differ.len() * 1000 <= got.len(), "{} values differ", differ.len());
+        assert!(
+            differ.iter().all(|&(a, b)| (a as i32 - b as i32).abs() <= 1),
+            "{differ:?}"
+        );
+    }
+    let d = s.alloc_zeros::<u16>(64).unwrap();
+    let bad = unsafe { fk.geglu(stream, at(&d), at(&d), 2, 12, at(&d)) };
+    assert!(bad.is_err(), "a width not a multiple of 8 is refused");
+}
