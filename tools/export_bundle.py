@@ -20,7 +20,7 @@ Data flow:
         │      GEMMs in fp8 too, activation ranges calibrated ─▶ unet_*.fp8.onnx (tools/fp8_rewrite.py)
         │      what they compute from the conditioning and weights alone ─▶ unet_prelude.onnx,
         │      run once per job (tools/job_prelude.py; --no-prelude keeps the pair whole);
-        │      --gpu: katz's GEGLU and convolution biases folded into the group norms after them
+        │      --gpu: katz's GEGLU and layer norms, convolution biases folded into the group norms after them
         │      (tools/step_rewrite.py; --no-step-rewrite keeps ONNX Runtime's graphs)
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
@@ -1059,7 +1059,8 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     if gpu and step_rewrite:  # after the fp8 graphs: their rewrite reads ONNX Runtime's GEGLU
         import step_rewrite as sr
         for f, c in sr.rewrite_bundle(out).items():
-            print(f"  {f}: {c['BiasSplitGelu']} GEGLUs katz's, {c['conv biases']} convolution biases folded")
+            print(f"  {f}: {c['BiasSplitGelu']} GEGLUs and {c['LayerNorm']} layer norms katz's, "
+                  f"{c['conv biases']} convolution biases folded")
     cn_manifest = {
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
         "dtype": "float16" if gpu else "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",
@@ -1075,7 +1076,8 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     if gpu and step_rewrite:
         import step_rewrite as sr
         for f, c in sr.rewrite_bundle(cn_out).items():
-            print(f"  {f}: {c['BiasSplitGelu']} GEGLUs katz's, {c['conv biases']} convolution biases folded")
+            print(f"  {f}: {c['BiasSplitGelu']} GEGLUs and {c['LayerNorm']} layer norms katz's, "
+                  f"{c['conv biases']} convolution biases folded")
     return tok, (te, te2, unet, vae, cn), weights
 
 

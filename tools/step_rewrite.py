@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rewrites a GPU bundle's step graphs so that each UNet (and ControlNet) step moves fewer bytes,
-with the same arithmetic: run at export on --gpu bundles (tools/export_bundle.py; --no-step-rewrite
-leaves the graphs as ONNX Runtime's fusion tool made them).
+with the same arithmetic up to fp16 rounding: run at export on --gpu bundles (tools/export_bundle.py;
+--no-step-rewrite leaves the graphs as ONNX Runtime's fusion tool made them).
 
     python tools/step_rewrite.py BUNDLE_DIR       (a --gpu base or ControlNet bundle; in place)
 
@@ -9,7 +9,15 @@ leaves the graphs as ONNX Runtime's fusion tool made them).
    service's own CUDA operators (domain `katz`, onnx/src/ops.rs): the feed-forward's GEGLU, the same
    values, with 16-byte loads and stores where ONNX Runtime's kernel moves one fp16 value a load
    (kernels/src/cuda/fused.cu).
-2. Convolution biases into the group norm after them: a convolution (`com.microsoft.NhwcConv`)
+2. katz's layer norm: an fp16 LayerNormalization over the last axis ⇒ katz.LayerNorm (the same
+   normalisation in one pass, statistics in f32; ONNX Runtime's kernel for it reads one fp16 value
+   at a time), with the bias add before it folded in where it reads `Add(bias, X)` (the transformer's
+   proj_in): katz.LayerNorm(X, bias) ─▶ LN(X + bias), and X + bias as its second output for the
+   other readers of the sum (the residual):
+
+        X ─Add(bias)─▶ s ─LayerNormalization─▶ y    ⇒    X ─katz.LayerNorm(bias)─▶ y, s
+
+3. Convolution biases into the group norm after them: a convolution (`com.microsoft.NhwcConv`)
    whose output only a `com.microsoft.SkipGroupNorm` reads adds its bias in a pass of its own over
    the output (ONNX Runtime's cuDNN convolution adds it with cudnnAddTensor); SkipGroupNorm adds
    an optional per-channel bias to `X + skip` as it reads them. The bias moves there (the two
@@ -36,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 DOMAIN = "katz"
@@ -54,6 +62,53 @@ def katz_twins(model: onnx.ModelProto) -> int:
             done += 1
     if done and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    return done
+
+
+def layer_norms(model: onnx.ModelProto) -> int:
+    """Makes each fp16 LayerNormalization over the last axis katz's (in place), with the bias add
+    before it folded in where it reads `Add(bias, X)` of a [C] initializer; how many."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+    fp16 = TensorProto.FLOAT16
+    done, drop, at = 0, set(), {}
+    for ln in g.node:
+        if ln.domain not in ("", "ai.onnx") or ln.op_type != "LayerNormalization" or len(ln.output) != 1:
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in ln.attribute}
+        scale = inits.get(ln.input[1])
+        if a.get("axis", -1) != -1 or scale is None or scale.data_type != fp16 or len(scale.dims) != 1:
+            continue
+        c = scale.dims[0]
+        beta = ln.input[2] if len(ln.input) > 2 else ""
+        x, bias, sum_out = ln.input[0], "", ""
+        add = producer.get(x)
+        if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx") and x not in outputs:
+            consts = [i for i in add.input if i in inits and inits[i].data_type == fp16 and list(inits[i].dims) == [c]]
+            others = [i for i in add.input if i not in consts]
+            if len(consts) == 1 and len(others) == 1:
+                x, bias, sum_out = others[0], consts[0], add.output[0]
+                drop.add(id(add))
+        node = helper.make_node("LayerNorm", [x, "", ln.input[1], beta, bias], [ln.output[0]] + ([sum_out] if sum_out else []),
+                                domain=DOMAIN, name=(ln.name or ln.output[0]) + "/katz",
+                                epsilon=float(a.get("epsilon", 1e-5)))
+        # where the Add was (its output's readers come after it), else where the norm was
+        at[id(add) if sum_out else id(ln)] = node
+        drop.add(id(ln))
+        done += 1
+    if done:
+        nodes = []
+        for n in g.node:
+            if id(n) in at:
+                nodes.append(at[id(n)])
+            elif id(n) not in drop:
+                nodes.append(n)
+        del g.node[:]
+        g.node.extend(nodes)
+        if not any(o.domain == DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return done
 
 
@@ -121,8 +176,9 @@ def fold_conv_biases(model: onnx.ModelProto, base: Path | None = None) -> int:
 
 
 def rewrite(model: onnx.ModelProto, base: Path | None = None) -> dict:
-    """Both rewrites (in place); {"BiasSplitGelu": n, "conv biases": n}."""
-    return {"BiasSplitGelu": katz_twins(model), "conv biases": fold_conv_biases(model, base)}
+    """The three rewrites (in place); {"BiasSplitGelu": n, "LayerNorm": n, "conv biases": n}."""
+    return {"BiasSplitGelu": katz_twins(model), "LayerNorm": layer_norms(model),
+            "conv biases": fold_conv_biases(model, base)}
 
 
 def _graphs(bundle: Path) -> list[Path]:
@@ -157,8 +213,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     done = rewrite_bundle(a.bundle)
     for f, c in done.items():
-        print(f"  {f}: {c['BiasSplitGelu']} BiasSplitGelu → katz.BiasSplitGelu, "
-              f"{c['conv biases']} convolution biases into the SkipGroupNorm after them")
+        print(f"  {f}: {c['BiasSplitGelu']} BiasSplitGelu → katz.BiasSplitGelu, {c['LayerNorm']} LayerNormalization "
+              f"→ katz.LayerNorm, {c['conv biases']} convolution biases into the SkipGroupNorm after them")
     if not done:
         print(f"{a.bundle}: nothing to rewrite (or rewritten before)")
     return 0

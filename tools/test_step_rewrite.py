@@ -5,6 +5,8 @@ images, `tools/device/gpu-path.sh rewrite`):
     .katz/py/bin/python -m pytest -q tools/test_step_rewrite.py          (run by `make test`)
 
   - BiasSplitGelu becomes katz's twin (same inputs and outputs) and the graph imports the katz domain;
+  - a layer norm over the last axis becomes katz's, with the bias add before it folded in (its sum
+    still made for the residual's readers); one over another axis is left alone;
   - a convolution read only by a SkipGroupNorm gives it its bias; two such convolutions give the
     sum of theirs (read from external data where the weights live there); a convolution with other
     readers, a SkipGroupNorm with a bias of its own and a plain GroupNorm are left alone;
@@ -65,13 +67,24 @@ def _graph() -> onnx.ModelProto:
     conv(5, "s", "c5")
     sgn("sgn3", "c5", "s", ["y3"], bias=init("b6", (C,)))
     nodes.append(helper.make_node("BiasSplitGelu", ["f", init("fb", (2 * 2560,))], ["ge"], domain=MS))
+    # proj_in: X·W, + bias, then the layer norm; the sum is also the residual (read on)
+    nodes.append(helper.make_node("Add", [init("pb", (C,)), "p"], ["ps"]))
+    nodes.append(helper.make_node("LayerNormalization", ["ps", init("lg", (C,)), init("lb", (C,))], ["pn"],
+                                  name="ln1", axis=-1, epsilon=1e-5))
+    nodes.append(helper.make_node("Add", ["pn", "ps"], ["res"]))
+    # a plain one (no bias add before it), and one over another axis (left to ONNX Runtime)
+    nodes.append(helper.make_node("LayerNormalization", ["res", "lg", "lb"], ["pn2"], name="ln2", epsilon=1e-6))
+    nodes.append(helper.make_node("LayerNormalization", ["p", "lg2", "lb2"], ["pn3"], name="ln3", axis=1))
+    init("lg2", (16,))
+    init("lb2", (16,))
     h = TensorProto.FLOAT16
     graph = helper.make_graph(
         nodes, "step",
         [helper.make_tensor_value_info("x", h, [2, 8, 8, C]), helper.make_tensor_value_info("temb", h, [2, 1, 1, C]),
-         helper.make_tensor_value_info("f", h, [2, 16, 2 * 2560])],
+         helper.make_tensor_value_info("f", h, [2, 16, 2 * 2560]), helper.make_tensor_value_info("p", h, [2, 16, C])],
         [helper.make_tensor_value_info(n, h, [2, 8, 8, C]) for n in ("y", "s", "y2", "gn", "y3")]
-        + [helper.make_tensor_value_info("t4", h, [2, C, 8, 8]), helper.make_tensor_value_info("ge", h, [2, 16, 2560])],
+        + [helper.make_tensor_value_info("t4", h, [2, C, 8, 8]), helper.make_tensor_value_info("ge", h, [2, 16, 2560])]
+        + [helper.make_tensor_value_info(n, h, [2, 16, C]) for n in ("pn2", "pn3")],
         inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
 
@@ -87,7 +100,7 @@ def _init(m, name, base=None):
 def test_the_geglu_becomes_katz_twin_and_biases_fold():
     m = _graph()
     b1, b2, b3 = (numpy_helper.to_array(t) for t in m.graph.initializer if t.name in ("b1", "b2", "b3"))
-    assert step_rewrite.rewrite(m) == {"BiasSplitGelu": 1, "conv biases": 3}
+    assert step_rewrite.rewrite(m) == {"BiasSplitGelu": 1, "LayerNorm": 2, "conv biases": 3}
     geglu = next(n for n in m.graph.node if n.op_type == "BiasSplitGelu")
     assert (geglu.domain, list(geglu.input), list(geglu.output)) == ("katz", ["f", "fb"], ["ge"])
     assert any(o.domain == "katz" and o.version == 1 for o in m.opset_import)
@@ -97,10 +110,17 @@ def test_the_geglu_becomes_katz_twin_and_biases_fold():
     np.testing.assert_array_equal(_init(m, s1), (b1.astype(np.float32) + b2.astype(np.float32)).astype(np.float16))
     assert _node(m, "sgn2").input[4] == "b3" and np.array_equal(_init(m, "b3"), b3)
     assert _node(m, "sgn3").input[4] == "b6"  # its own bias stays, and conv5 keeps its
+    # the bias add folds into katz's layer norm, whose second output is the sum the residual reads
+    ln = [n for n in m.graph.node if n.op_type == "LayerNorm"]
+    assert [(n.domain, list(n.input), list(n.output)) for n in ln] == [
+        ("katz", ["p", "", "lg", "lb", "pb"], ["pn", "ps"]), ("katz", ["res", "", "lg", "lb", ""], ["pn2"])]
+    assert [helper.get_attribute_value(n.attribute[0]) for n in ln] == [np.float32(1e-5), np.float32(1e-6)]
+    assert not any(n.op_type == "Add" and "pb" in n.input for n in m.graph.node), "the bias add is gone"
+    assert [n.name for n in m.graph.node if n.op_type == "LayerNormalization"] == ["ln3"]
     names = {t.name for t in m.graph.initializer}
     assert "b1" not in names and "b2" not in names, "the summed biases are gone"
     onnx.checker.check_model(m)
-    assert step_rewrite.rewrite(m) == {"BiasSplitGelu": 0, "conv biases": 0}
+    assert step_rewrite.rewrite(m) == {"BiasSplitGelu": 0, "LayerNorm": 0, "conv biases": 0}
 
 
 def test_a_bundle_is_rewritten_in_place_with_its_external_data(tmp_path):

@@ -31,7 +31,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use katz_kernels::cuda::fp8::{Fp8Gemm, Fp8Kernels, LayerNormArgs};
 use katz_kernels::cuda::GpuError;
 
-use crate::ops::{device_of, ort_err, stream_of};
+use crate::ops::{device_of, opt_input, ort_err, stream_of};
 use ort::operator::{
     BoxedKernel, ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput,
     OperatorOutput,
@@ -244,20 +244,6 @@ impl Operator for Geglu {
             unsafe { k.geglu(stream, xp, bp, rows, h, scale, yp) }.map_err(ort_err)
         }))
     }
-}
-
-/// Input `i` of a node, `None` where the node leaves it out (an empty name or fewer inputs).
-fn opt_input(ctx: &ComputeContext, i: usize) -> ort::Result<Option<(u64, Vec<i64>)>> {
-    if i >= ctx.num_inputs()? {
-        return Ok(None);
-    }
-    Ok(match ctx.input(i)? {
-        Some(v) => {
-            let t = v.downcast::<DynTensorValueType>()?;
-            Some((t.data_ptr() as u64, t.shape().to_vec()))
-        }
-        None => None,
-    })
 }
 
 /// `katz.Fp8LayerNorm`: ONNX Runtime's `SkipLayerNormalization` (inputs `X, skip, gamma, beta,

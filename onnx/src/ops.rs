@@ -6,6 +6,9 @@
 //!  fp16 step graphs (tools/katz_ops.py at export):
 //!    [X_l | X_r], bias ─katz.BiasSplitGelu─▶ Y (fp16)      com.microsoft.BiasSplitGelu's values,
 //!                                                           16-byte loads (kernels::cuda::fused)
+//!    X, bias ─katz.LayerNorm─▶ Y, sum (fp16)              LayerNormalization with the bias add
+//!                                                           before it, one pass (its ONNX Runtime
+//!                                                           kernel reads fp16 a value at a time)
 //!  fp8 graphs (tools/fp8_rewrite.py, `--precision fp8`): the operators of `fp8`
 //!    katz.Fp8Quantize, katz.Fp8MatMul, katz.Fp8BiasSplitGelu, katz.Fp8LayerNorm
 //! ```
@@ -18,7 +21,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use katz_kernels::cuda::fused::FusedKernels;
+use katz_kernels::cuda::fused::{FusedKernels, NormArgs};
 use katz_kernels::cuda::GpuError;
 use ort::operator::{
     BoxedKernel, ComputeContext, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput,
@@ -30,7 +33,7 @@ pub const DOMAIN: &str = "katz";
 
 /// The `katz` operator domain, for a session on the CUDA provider (the session keeps it).
 pub fn domain() -> ort::Result<OperatorDomain> {
-    crate::fp8::add_operators(OperatorDomain::new(DOMAIN)?.add(BiasSplitGelu)?)
+    crate::fp8::add_operators(OperatorDomain::new(DOMAIN)?.add(BiasSplitGelu)?.add(LayerNorm)?)
 }
 
 pub(crate) fn ort_err(e: impl std::fmt::Display) -> ort::Error {
@@ -62,6 +65,20 @@ pub(crate) fn stream_of(ctx: &ComputeContext) -> ort::Result<cudarc::driver::sys
         .ok_or_else(|| ort_err("no CUDA stream: katz's operators run on the CUDA provider only"))
 }
 
+/// Input `i` of a node, `None` where the node leaves it out (an empty name or fewer inputs).
+pub(crate) fn opt_input(ctx: &ComputeContext, i: usize) -> ort::Result<Option<(u64, Vec<i64>)>> {
+    if i >= ctx.num_inputs()? {
+        return Ok(None);
+    }
+    Ok(match ctx.input(i)? {
+        Some(v) => {
+            let t = v.downcast::<DynTensorValueType>()?;
+            Some((t.data_ptr() as u64, t.shape().to_vec()))
+        }
+        None => None,
+    })
+}
+
 /// The fused fp16 kernels of each GPU, made on first use.
 fn fused(ordinal: usize) -> Result<Arc<FusedKernels>, GpuError> {
     static ALL: OnceLock<Mutex<HashMap<usize, Arc<FusedKernels>>>> = OnceLock::new();
@@ -75,6 +92,15 @@ fn fused(ordinal: usize) -> Result<Arc<FusedKernels>, GpuError> {
     let k = Arc::new(FusedKernels::new(ordinal)?);
     all.insert(ordinal, k.clone());
     Ok(k)
+}
+
+/// The fused kernels of the GPU that `ptr` is on, looked up at an operator's first run and kept in
+/// `fk` (a run being captured into a CUDA graph makes no lookups).
+fn fused_at(fk: &mut Option<Arc<FusedKernels>>, ptr: u64) -> ort::Result<&Arc<FusedKernels>> {
+    match fk {
+        Some(k) => Ok(k),
+        None => Ok(fk.insert(fused(device_of(ptr)?).map_err(ort_err)?)),
+    }
 }
 
 /// `katz.BiasSplitGelu`: `Y = BiasSplitGelu(X, bias)` as ONNX Runtime's `com.microsoft`
@@ -137,12 +163,114 @@ impl Operator for BiasSplitGelu {
             if rows == 0 {
                 return Ok(());
             }
-            let k = match fk {
-                Some(ref k) => k,
-                None => fk.insert(fused(device_of(xp)?).map_err(ort_err)?),
-            };
+            let k = fused_at(&mut fk, xp)?;
             // SAFETY: ONNX Runtime's buffers: rows·2h and 2h fp16 values in, rows·h out, on its stream
             unsafe { k.geglu(stream, xp, bp, rows, h, yp) }.map_err(ort_err)
+        }))
+    }
+}
+
+/// `katz.LayerNorm`: a layer norm over the last axis with inputs `X, skip, gamma, beta, bias`
+/// (SkipLayerNormalization's order; skip, beta and bias optional) and outputs `Y = LN(sum)·γ + β`
+/// and, where the node names it, `sum = X + bias + skip`, all fp16: ONNX Runtime's
+/// LayerNormalization with the bias add before it folded in (the step rewrite's), in one pass.
+struct LayerNorm;
+
+impl Operator for LayerNorm {
+    type Kernel<'attr> = BoxedKernel<'attr>;
+
+    fn name(&self) -> &str {
+        "LayerNorm"
+    }
+
+    fn execution_provider_type(&self) -> Option<&str> {
+        Some("CUDAExecutionProvider")
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float16),
+            OperatorInput::optional(TensorElementType::Float16),
+            OperatorInput::required(TensorElementType::Float16),
+            OperatorInput::optional(TensorElementType::Float16),
+            OperatorInput::optional(TensorElementType::Float16),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [
+            OperatorOutput::required(TensorElementType::Float16),
+            OperatorOutput::optional(TensorElementType::Float16),
+        ]
+    }
+
+    fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
+        let epsilon: f32 = kctx
+            .get("epsilon")
+            .ok_or_else(|| ort_err("LayerNorm without an `epsilon`"))?;
+        if !(epsilon.is_finite() && epsilon >= 0.0) {
+            return Err(ort_err(format!("LayerNorm epsilon {epsilon}")));
+        }
+        let mut fk: Option<Arc<FusedKernels>> = None;
+        Ok(Box::new(move |ctx: &ComputeContext| {
+            let (xp, shape) = opt_input(ctx, 0)?.ok_or_else(|| ort_err("LayerNorm: no input"))?;
+            let (gp, gshape) = opt_input(ctx, 2)?.ok_or_else(|| ort_err("LayerNorm: no gamma"))?;
+            let width = shape.last().copied().unwrap_or(0);
+            let row_of = |what: &str, v: Option<(u64, Vec<i64>)>| -> ort::Result<u64> {
+                match v {
+                    Some((p, s)) if s == [width] => Ok(p),
+                    Some((_, s)) => Err(ort_err(format!("LayerNorm: {what} {s:?} for input {shape:?}"))),
+                    None => Ok(0),
+                }
+            };
+            if gshape != [width] {
+                return Err(ort_err(format!(
+                    "LayerNorm: gamma {gshape:?} for input {shape:?}"
+                )));
+            }
+            let beta = row_of("beta", opt_input(ctx, 3)?)?;
+            let bias = row_of("bias", opt_input(ctx, 4)?)?;
+            let skip = match opt_input(ctx, 1)? {
+                Some((p, s)) if s == shape => p,
+                Some((_, s)) => return Err(ort_err(format!("LayerNorm: skip {s:?} for input {shape:?}"))),
+                None => 0,
+            };
+            let rows: usize = shape[..shape.len().saturating_sub(1)]
+                .iter()
+                .map(|&d| d as usize)
+                .product();
+            let stream = stream_of(ctx)?;
+            let y = ctx
+                .output(0, shape.clone())?
+                .ok_or_else(|| ort_err("LayerNorm: no output"))?
+                .downcast::<DynTensorValueType>()?
+                .data_ptr_mut() as u64;
+            let sum = if ctx.num_outputs()? > 1 {
+                match ctx.output(1, shape.clone())? {
+                    Some(v) => v.downcast::<DynTensorValueType>()?.data_ptr_mut() as u64,
+                    None => 0,
+                }
+            } else {
+                0
+            };
+            if rows == 0 {
+                return Ok(());
+            }
+            let k = fused_at(&mut fk, xp)?;
+            let args = NormArgs {
+                x: xp,
+                skip,
+                bias,
+                gamma: gp,
+                beta,
+                rows,
+                width: width as usize,
+                epsilon,
+                y,
+                sum,
+            };
+            // SAFETY: ONNX Runtime's buffers of the shapes checked above, on its stream
+            unsafe { k.layer_norm(stream, &args) }.map_err(ort_err)
         }))
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! FusedKernels::new(ordinal) ── fused.cu (NVRTC)
-//!   geglu   [X_l | X_r] + bias ─GEGLU─▶ Y (fp16)   (BiasSplitGelu, the same values, 16-byte loads and stores)
+//!   geglu       [X_l | X_r] + bias ─GEGLU─▶ Y (fp16)   (BiasSplitGelu, the same values, 16-byte loads and stores)
+//!   layer_norm  X (+ bias) (+ skip) ─▶ sum; LN(sum)·γ + β ─▶ Y (fp16)   (LayerNormalization with the bias add
+//!               before it, or SkipLayerNormalization: one pass, one block per row)
 //! ```
 //!
 //! Every launch goes on a stream the caller names by its raw handle (ONNX Runtime's compute stream,
@@ -24,6 +26,7 @@ const SOURCE: &str = include_str!("fused.cu");
 pub struct FusedKernels {
     pub ctx: Arc<CudaContext>,
     geglu: CudaFunction,
+    layer_norm: CudaFunction,
     /// Blocks a grid-stride launch fills the GPU with.
     blocks: u32,
 }
@@ -43,6 +46,7 @@ impl FusedKernels {
             as u32;
         Ok(FusedKernels {
             geglu: m.load_function("geglu_f16")?,
+            layer_norm: m.load_function("layer_norm_f16")?,
             blocks: sms * 8,
             ctx,
         })
@@ -90,6 +94,72 @@ impl FusedKernels {
             self.geglu.cu_function(),
             (blocks, 1, 1),
             (256, 1, 1),
+            0,
+            stream,
+            args,
+        )?;
+        Ok(())
+    }
+}
+
+/// The buffers and sizes of [`FusedKernels::layer_norm`]: device addresses, 0 for an absent one
+/// (`skip`, `bias`, `beta`, `sum`), all fp16 and 16-byte aligned.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NormArgs {
+    pub x: u64,
+    pub skip: u64,
+    pub bias: u64,
+    pub gamma: u64,
+    pub beta: u64,
+    pub rows: usize,
+    pub width: usize,
+    pub epsilon: f32,
+    pub y: u64,
+    pub sum: u64,
+}
+
+impl FusedKernels {
+    /// Y = fp16(LN(sum)·γ + β) with sum = fp16(fp16(x + bias) + skip) (written to `sum` where
+    /// given): ONNX Runtime's LayerNormalization over the last axis with the bias add before it, or
+    /// its SkipLayerNormalization; statistics in f32 over rows of `width` fp16 values (a positive
+    /// multiple of 8, at most 8192).
+    ///
+    /// # Safety
+    /// As [`FusedKernels::geglu`]; the buffers of `n` hold `rows · width` values (x, skip, y, sum)
+    /// or `width` (bias, gamma, beta).
+    pub unsafe fn layer_norm(&self, stream: CUstream, n: &NormArgs) -> Result<(), GpuError> {
+        let w = n.width;
+        if w == 0 || !w.is_multiple_of(8) || w > 8 * 1024 || n.rows > i32::MAX as usize {
+            return Err(GpuError::Shape(format!(
+                "layer norm of {} rows of width {w}: the width must be a positive multiple of 8 up to 8192",
+                n.rows
+            )));
+        }
+        let all = n.x | n.skip | n.bias | n.gamma | n.beta | n.y | n.sum;
+        if !all.is_multiple_of(16) {
+            return Err(GpuError::Shape("layer norm buffers not 16-byte aligned".into()));
+        }
+        if n.rows == 0 {
+            return Ok(());
+        }
+        let threads = (w / 8).div_ceil(32) * 32;
+        let (mut px, mut ps, mut pb, mut pg, mut pbeta) = (n.x, n.skip, n.bias, n.gamma, n.beta);
+        let (mut ld, mut eps, mut py, mut psum) = (w as u32, n.epsilon, n.y, n.sum);
+        let args: &mut [*mut c_void] = &mut [
+            arg(&mut px),
+            arg(&mut ps),
+            arg(&mut pb),
+            arg(&mut pg),
+            arg(&mut pbeta),
+            arg(&mut ld),
+            arg(&mut eps),
+            arg(&mut py),
+            arg(&mut psum),
+        ];
+        cudarc::driver::result::launch_kernel(
+            self.layer_norm.cu_function(),
+            (n.rows as u32, 1, 1),
+            (threads as u32, 1, 1),
             0,
             stream,
             args,

@@ -70,3 +70,103 @@ fn geglu_is_bias_split_gelu() {
     let bad = unsafe { fk.geglu(stream, at(&d), at(&d), 2, 12, at(&d)) };
     assert!(bad.is_err(), "a width not a multiple of 8 is refused");
 }
+
+#[test]
+#[ignore = "needs a GPU: tools/device/gpu-tests.sh"]
+fn layer_norm_is_the_bias_add_then_layer_norm() {
+    let fk = FusedKernels::new(0).expect("a GPU");
+    let s = fk.ctx.default_stream();
+    let stream = s.cu_stream();
+    let at = |b: &CudaSlice<u16>| b.device_ptr(&s).0;
+    let h16 = |x: f64| half::f16::from_f64(x);
+    let f = |b: u16| half::f16::from_bits(b).to_f64();
+    let hv = |n: usize, seed: u64, k: f64, off: f64| -> Vec<u16> {
+        random(n, seed)
+            .iter()
+            .map(|v| h16(*v as f64 * k + off).to_bits())
+            .collect()
+    };
+    // SDXL's two widths (and one not a multiple of 32 threads), with and without skip and bias
+    for (rows, w, skip, bias) in [
+        (33usize, 1280usize, false, true),
+        (17, 640, true, true),
+        (9, 200, false, false),
+    ] {
+        let (x, sk, bi) = (
+            hv(rows * w, 51, 3.0, 0.5),
+            hv(rows * w, 52, 2.0, 0.0),
+            hv(w, 53, 1.0, 0.0),
+        );
+        let (ga, be) = (hv(w, 54, 0.5, 1.0), hv(w, 55, 0.2, 0.0));
+        let (mut sum, mut want) = (vec![0u16; rows * w], vec![0u16; rows * w]);
+        for r in 0..rows {
+            let row: Vec<f64> = (0..w)
+                .map(|c| {
+                    let mut v = f(x[r * w + c]);
+                    if bias {
+                        v = h16(v + f(bi[c])).to_f64();
+                    }
+                    if skip {
+                        v = h16(v + f(sk[r * w + c])).to_f64();
+                    }
+                    v
+                })
+                .collect();
+            let mean = row.iter().sum::<f64>() / w as f64;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / w as f64;
+            let rstd = 1.0 / (var + 1e-5).sqrt();
+            for c in 0..w {
+                sum[r * w + c] = h16(row[c]).to_bits();
+                want[r * w + c] = h16((row[c] - mean) * rstd * f(ga[c]) + f(be[c])).to_bits();
+            }
+        }
+        let up = |v: &[u16]| s.clone_htod(v).unwrap();
+        let (dx, dsk, dbi, dga, dbe) = (up(&x), up(&sk), up(&bi), up(&ga), up(&be));
+        let (dy, dsum) = (
+            s.alloc_zeros::<u16>(rows * w).unwrap(),
+            s.alloc_zeros::<u16>(rows * w).unwrap(),
+        );
+        let args = NormArgs {
+            x: at(&dx),
+            skip: if skip { at(&dsk) } else { 0 },
+            bias: if bias { at(&dbi) } else { 0 },
+            gamma: at(&dga),
+            beta: at(&dbe),
+            rows,
+            width: w,
+            epsilon: 1e-5,
+            y: at(&dy),
+            sum: at(&dsum),
+        };
+        unsafe { fk.layer_norm(stream, &args) }.unwrap();
+        s.synchronize().unwrap();
+        assert_eq!(s.clone_dtoh(&dsum).unwrap(), sum, "the sum output ({w} wide)");
+        let got = s.clone_dtoh(&dy).unwrap();
+        // f32 statistics against f64 move an fp16 output by an ulp now and then
+        let differ = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a != b)
+            .inspect(|(a, b)| {
+                let (ga, wb) = (f(**a), f(**b));
+                // one fp16 step at the value's magnitude
+                let ulp = wb.abs().max(6.1e-5) * (2f64).powi(-10);
+                assert!((ga - wb).abs() <= 1.01 * ulp, "{ga} vs {wb}");
+            })
+            .count();
+        eprintln!(
+            "layer norm {rows}×{w}: {differ} of {} values an ulp off",
+            got.len()
+        );
+        assert!(differ * 100 <= got.len(), "{differ} values differ");
+    }
+    let bad = NormArgs {
+        width: 12,
+        rows: 1,
+        ..Default::default()
+    };
+    assert!(
+        unsafe { fk.layer_norm(stream, &bad) }.is_err(),
+        "a width not a multiple of 8 is refused"
+    );
+}
