@@ -90,8 +90,9 @@
 #                                           $S/base-controlnet-rewrite made from bundles exported with
 #                                           EXPORT_ARGS=--no-step-rewrite (tools/step_rewrite.py), the graphed step of both
 #                                           (REWRITE_PRECISIONS, default "bundle fp8"; REWRITE_CONFIGS, default 0C/0L,1C/1L),
-#                                           then the same jobs from both (CUDA graph and bound; one with a LoRA, one with
-#                                           a ControlNet): relative difference, SSIM
+#                                           then the same jobs from both (REWRITE_PATHS, default "graph bound": CUDA graph
+#                                           and bound; REWRITE_JOBS, default "0 1 2": plain, with a LoRA, with a
+#                                           ControlNet): relative difference, SSIM
 #   bash tools/device/gpu-path.sh ncu       Nsight Compute: every kernel of a 3-step static-shape 0C/0L run timed
 #                                           (gpu__time_duration), then tools/ncu_step_summary.py: one UNet step by
 #                                           kernel family ($O/ncu.csv.gz)
@@ -876,7 +877,7 @@ rewrite() {  # the step rewrite against ONNX Runtime's graphs, GPU 0 (see the he
   done
   echo "== the same jobs from both (katz generate, ${SIZE:-1024}², ${STEPS:-50} steps; job 1 with a LoRA, job 2 with a ControlNet)"
   local i g extra
-  for g in graph bound; do
+  for g in ${REWRITE_PATHS:-graph bound}; do
     for i in ${REWRITE_JOBS:-0 1 2}; do
       for b in base base-rewrite; do
         extra=()
