@@ -4,15 +4,6 @@ use super::*;
 use crate::testutil::random;
 use cudarc::driver::{CudaSlice, DevicePtr};
 
-/// erf to about 1.5e-7 (Abramowitz & Stegun 7.1.26): far below an fp16 step
-fn erf(x: f64) -> f64 {
-    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
-    let p = t
-        * (0.254_829_592
-            + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
-    (1.0 - p * (-x * x).exp()).copysign(x)
-}
-
 #[test]
 #[ignore = "needs a GPU: tools/device/gpu-tests.sh"]
 fn geglu_is_bias_split_gelu() {
@@ -32,14 +23,19 @@ fn geglu_is_bias_split_gelu() {
             .iter()
             .map(|v| h16(*v as f64).to_bits())
             .collect();
-        // BiasSplitGelu as ONNX Runtime computes it, in f64 where it computes in f32
-        let mut want = vec![0u16; rows * h];
+        // BiasSplitGelu's formula, in f32 as it computes it, erf correctly rounded; and the
+        // tolerance of each value: one fp16 step of the result, plus what an erf off by a few f32
+        // ulps moves it by (where 1 + erf cancels, for negative x, that is many fp16 steps of a
+        // tiny result: erff's own error, the same in ONNX Runtime's kernel)
+        let mut want = vec![(0f64, 0f64); rows * h];
         for r in 0..rows {
             for c in 0..h {
-                let l = h16(f(xs[r * 2 * h + c]) + f(bs[c])).to_f64();
-                let x = h16(f(xs[r * 2 * h + h + c]) + f(bs[h + c])).to_f64();
-                let gelu = x * 0.5 * (erf(x / std::f64::consts::SQRT_2) + 1.0);
-                want[r * h + c] = h16(l * gelu).to_bits();
+                let l = h16(f(xs[r * 2 * h + c]) + f(bs[c])).to_f64() as f32;
+                let x = h16(f(xs[r * 2 * h + h + c]) + f(bs[h + c])).to_f64() as f32;
+                let erf = libm::erf((x / std::f32::consts::SQRT_2) as f64) as f32;
+                let y = half::f16::from_f32(l * (x * 0.5 * (erf + 1.0))).to_f64();
+                let tol = y.abs().max(6.1e-5) * (2f64).powi(-10) + 1e-6 * (l as f64 * x as f64).abs();
+                want[r * h + c] = (y, tol);
             }
         }
         let (dx, db) = (s.clone_htod(&xs).unwrap(), s.clone_htod(&bs).unwrap());
@@ -47,23 +43,20 @@ fn geglu_is_bias_split_gelu() {
         unsafe { fk.geglu(stream, at(&dx), at(&db), rows, h, at(&dy)) }.unwrap();
         s.synchronize().unwrap();
         let got = s.clone_dtoh(&dy).unwrap();
-        // erff on the GPU and erf here may differ in the last bit of the f32 product, which
-        // moves the fp16 result by at most one step
-        let differ: Vec<(u16, u16)> = got
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a != b)
-            .map(|(a, b)| (*a, *b))
-            .collect();
+        let mut differ = 0;
+        for (i, (&g, &(y, tol))) in got.iter().zip(&want).enumerate() {
+            if f(g) != y {
+                differ += 1;
+                assert!(
+                    (f(g) - y).abs() <= tol,
+                    "value {i}: {} against {y} (± {tol})",
+                    f(g)
+                );
+            }
+        }
         eprintln!(
-            "GEGLU {rows}×{h}: {} of {} values differ from the reference",
-            differ.len(),
+            "GEGLU {rows}×{h}: {differ} of {} values differ from the f32 formula, each within its tolerance",
             got.len()
-        );
-        assert!(differ.len() * 1000 <= got.len(), "{} values differ", differ.len());
-        assert!(
-            differ.iter().all(|&(a, b)| (a as i32 - b as i32).abs() <= 1),
-            "{differ:?}"
         );
     }
     let d = s.alloc_zeros::<u16>(64).unwrap();
