@@ -25,11 +25,11 @@ def family(n):
         return "GEMM (cuBLASLt)"
     if "fp8_quantize" in n or "fp8_amax" in n:
         return "fp8 quantize (katz)"
-    if "LayerNorm" in n:
+    if "LayerNorm" in n or n.startswith("layer_norm_f16"):  # ONNX Runtime's, katz's (step rewrite)
         return "LayerNorm (+skip)"
     if "GroupNorm" in n:
         return "GroupNorm (+skip, SiLU)"
-    if "Gelu" in n:
+    if "Gelu" in n or n.startswith("geglu_f16"):
         return "BiasSplitGelu"
     if "ranspose" in n:
         return "Transpose"

@@ -6,8 +6,8 @@ with the same arithmetic up to fp16 rounding: run at export on --gpu bundles (to
     python tools/step_rewrite.py BUNDLE_DIR       (a --gpu base or ControlNet bundle; in place)
 
 1. katz's GEGLU: com.microsoft.BiasSplitGelu(X, bias) ⇒ katz.BiasSplitGelu(X, bias), one of the
-   service's own CUDA operators (domain `katz`, onnx/src/ops.rs): the feed-forward's GEGLU, the same
-   values, with 16-byte loads and stores where ONNX Runtime's kernel moves one fp16 value a load
+   service's own CUDA operators (domain `katz`, onnx/src/ops.rs): the feed-forward's GEGLU by the
+   same f32 formula, with 16-byte loads and stores where ONNX Runtime's kernel moves one fp16 value a load
    (kernels/src/cuda/fused.cu).
 2. katz's layer norm: an fp16 LayerNormalization over the last axis ⇒ katz.LayerNorm (the same
    normalisation in one pass, statistics in f32; ONNX Runtime's kernel for it reads one fp16 value
@@ -48,7 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 DOMAIN = "katz"
-# ONNX Runtime's operator → katz's twin (same inputs, outputs and values)
+# ONNX Runtime's operator → katz's twin (same inputs, outputs and formula)
 TWINS = {("com.microsoft", "BiasSplitGelu"): "BiasSplitGelu"}
 
 

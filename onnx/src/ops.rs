@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  fp16 step graphs (tools/katz_ops.py at export):
-//!    [X_l | X_r], bias ─katz.BiasSplitGelu─▶ Y (fp16)      com.microsoft.BiasSplitGelu's values,
+//!    [X_l | X_r], bias ─katz.BiasSplitGelu─▶ Y (fp16)      com.microsoft.BiasSplitGelu's formula,
 //!                                                           16-byte loads (kernels::cuda::fused)
 //!    X, bias ─katz.LayerNorm─▶ Y, sum (fp16)              LayerNormalization with the bias add
 //!                                                           before it, one pass (its ONNX Runtime
@@ -103,7 +103,7 @@ fn fused_at(fk: &mut Option<Arc<FusedKernels>>, ptr: u64) -> ort::Result<&Arc<Fu
     }
 }
 
-/// `katz.BiasSplitGelu`: `Y = BiasSplitGelu(X, bias)` as ONNX Runtime's `com.microsoft`
+/// `katz.BiasSplitGelu`: `Y = BiasSplitGelu(X, bias)` by ONNX Runtime's `com.microsoft`
 /// operator computes it (X fp16 `[.., 2h]`, bias fp16 `[2h]`, Y fp16 `[.., h]`: `(X_l + b_l) ·
 /// gelu(X_r + b_r)`), through 16-byte loads and stores.
 struct BiasSplitGelu;

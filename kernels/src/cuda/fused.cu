@@ -3,7 +3,7 @@
 // katz's instead (tools/katz_ops.py). Compiled at run time with NVRTC; no headers, fp16 through PTX.
 //
 //   geglu_f16   out = fp16((x_l + b_l) · gelu(x_r + b_r)): ONNX Runtime's BiasSplitGelu (the
-//               feed-forward's GEGLU: x = [x_l | x_r] per row, erf GELU), value for value, with
+//               feed-forward's GEGLU: x = [x_l | x_r] per row, erf GELU), its formula in f32, with
 //               16-byte loads and stores (ONNX Runtime's kernel moves one fp16 value a load)
 //   layer_norm_f16  sum = fp16(x + bias) (+ skip, in fp16); out = fp16(LN(sum)·γ + β), statistics in
 //               f32, one block per row: ONNX Runtime's LayerNormalization (its generic fp16 kernel is

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! FusedKernels::new(ordinal) ── fused.cu (NVRTC)
-//!   geglu       [X_l | X_r] + bias ─GEGLU─▶ Y (fp16)   (BiasSplitGelu, the same values, 16-byte loads and stores)
+//!   geglu       [X_l | X_r] + bias ─GEGLU─▶ Y (fp16)   (BiasSplitGelu's formula, 16-byte loads and stores)
 //!   layer_norm  X (+ bias) (+ skip) ─▶ sum; LN(sum)·γ + β ─▶ Y (fp16)   (LayerNormalization with the bias add
 //!               before it, or SkipLayerNormalization: one pass, one block per row)
 //! ```
@@ -52,7 +52,8 @@ impl FusedKernels {
         })
     }
 
-    /// Y = GEGLU(x + bias): ONNX Runtime's BiasSplitGelu, value for value. `x`: `rows` rows of
+    /// Y = GEGLU(x + bias): ONNX Runtime's BiasSplitGelu, its formula in f32 (values
+    /// may differ in the last fp16 bit where the compilers' fused multiply-adds do). `x`: `rows` rows of
     /// `[left | right]`, `2·h` fp16 values each; `bias`: `2·h` fp16 values; `y`: `rows · h` fp16
     /// values, `left · gelu(right)` with the bias added in fp16 and the product rounded to fp16;
     /// `h` a multiple of 8. All three 16-byte aligned (ONNX Runtime's buffers are).
