@@ -16,12 +16,13 @@ Data flow:
         ├─▶ text_encoder[_2].onnx          (penultimate hidden states, pooled/projected)
         ├─▶ unet_encoder.onnx / unet_decoder.onnx   split after the mid block; the
         │      LoRA-targetable Linear weights (and, but for --gpu, LoCon's convolutions
-        │      and time_emb_proj) become graph inputs ─▶ weights.safetensors; --gpu --fp8: their
-        │      GEMMs in fp8 too, activation ranges calibrated ─▶ unet_*.fp8.onnx (tools/fp8_rewrite.py)
+        │      and time_emb_proj) become graph inputs ─▶ weights.safetensors;
         │      what they compute from the conditioning and weights alone ─▶ unet_prelude.onnx,
         │      run once per job (tools/job_prelude.py; --no-prelude keeps the pair whole);
         │      --gpu: katz's GEGLU and layer norms, convolution biases folded into the group norms after them
-        │      (tools/step_rewrite.py; --no-step-rewrite keeps ONNX Runtime's graphs)
+        │      (tools/step_rewrite.py; --no-step-rewrite keeps ONNX Runtime's graphs);
+        │      --gpu --fp8: then their GEMMs in fp8 too, activation ranges calibrated ─▶ unet_*.fp8.onnx
+        │      (tools/fp8_rewrite.py)
         ├─▶ vae_decoder.onnx               --gpu: fused, fp16 or fp16-upcast (--vae-precision,
         │                                   default auto: an activation probe decides)
         ├─▶ controlnet.onnx               --controlnet-checkpoint, CHECKPOINT/controlnet/ or
@@ -1054,13 +1055,13 @@ def export_bundle(cfg, out: Path, seed: int, checkpoint: Path | None, cn_out: Pa
     if prelude:  # before the fp8 rewrite: its graphs are made from the hoisted ones
         import job_prelude
         job_prelude.hoist_bundle(out)
-    if fp8:
-        fp8_graphs(out, cfg, tok, te, te2, unet, weights["unet_encoder"] + weights["unet_decoder"], seed)
-    if gpu and step_rewrite:  # after the fp8 graphs: their rewrite reads ONNX Runtime's GEGLU
+    if gpu and step_rewrite:  # before the fp8 rewrite: its graphs are made from the rewritten ones
         import step_rewrite as sr
         for f, c in sr.rewrite_bundle(out).items():
             print(f"  {f}: {c['BiasSplitGelu']} GEGLUs and {c['LayerNorm']} layer norms katz's, "
                   f"{c['conv biases']} convolution biases folded")
+    if fp8:
+        fp8_graphs(out, cfg, tok, te, te2, unet, weights["unet_encoder"] + weights["unet_decoder"], seed)
     cn_manifest = {
         "format": 1, "kind": "controlnet", "name": cn_out.name, "architecture": "sdxl", "signature": signature,
         "dtype": "float16" if gpu else "float32", "compute": "fp16-cuda" if gpu else "fp32", "graph": "controlnet.onnx",

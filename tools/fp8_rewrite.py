@@ -171,7 +171,7 @@ def rewrite(model: onnx.ModelProto, amax: dict, weight_inputs: set, fuse: bool =
 
 # the default epsilon of each layer norm operator (ONNX Runtime's SkipLayerNormalization, ONNX's
 # LayerNormalization) where the node has none
-LN_EPSILON = {"SkipLayerNormalization": 1e-12, "LayerNormalization": 1e-5}
+LN_EPSILON = {"SkipLayerNormalization": 1e-12, "LayerNormalization": 1e-5, "LayerNorm": 1e-5}
 
 
 def _fused(p, q, readers, unique):
@@ -190,6 +190,9 @@ def _fused(p, q, readers, unique):
     elif p.op_type == "LayerNormalization" and p.domain in ("", "ai.onnx") and a.get("axis", -1) == -1:
         ins = [p.input[0], "", p.input[1], p.input[2] if len(p.input) > 2 else "", ""]
         extra, keep = list(p.output[1:3]), []
+    elif p.op_type == "LayerNorm" and p.domain == DOMAIN:  # katz's (tools/step_rewrite.py): the same inputs
+        ins = list(p.input) + [""] * (5 - len(p.input))
+        extra, keep = [], list(p.output[1:2])  # the sum
     else:
         return None
     if any(o and readers[o] for o in extra):

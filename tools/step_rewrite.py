@@ -30,7 +30,8 @@ with the same arithmetic up to fp16 rounding: run at export on --gpu bundles (to
    add): the same sums, rounded once instead of after each add.
 
 A base bundle's UNet step graphs (with their deterministic twins, which have no SkipGroupNorm, and
-the fp8 graphs) and a ControlNet bundle's graph are rewritten; preludes, text encoders and the VAE
+the fp8 graphs of a bundle exported before: the exporter now makes them from the rewritten pair)
+and a ControlNet bundle's graph are rewritten; preludes, text encoders and the VAE
 are not (they run once per job or image). The bundles run on the CUDA provider only, as GPU bundles
 do. `rewrite()` is the same on an in-memory model.
 """
@@ -82,6 +83,8 @@ def layer_norms(model: onnx.ModelProto) -> int:
         if a.get("axis", -1) != -1 or scale is None or scale.data_type != fp16 or len(scale.dims) != 1:
             continue
         c = scale.dims[0]
+        if c % 8 or c > 8192:  # katz's kernel: 8 values a thread, one block a row
+            continue
         beta = ln.input[2] if len(ln.input) > 2 else ""
         x, bias, sum_out = ln.input[0], "", ""
         add = producer.get(x)

@@ -413,13 +413,17 @@ def check_fp8_graph(bundle: Path, gname: str, weights: set):
     assert norms  # the transformers' norms quantize as they normalise
     assert all({a.name: helper.get_attribute_value(a) for a in q.attribute}["scale"] > 0 for q in quant)
     # all else as it was: the source's other nodes (less the norms now fused), inputs and outputs
+    # (the source is the step rewrite's: its GEGLUs and plain layer norms are katz's already, and
+    # those the fp8 rewrite fused are katz nodes on both sides)
     skip_ln = sum(1 for n in norms if len(n.input) > 1 and n.input[1])
-    gone = {"MatMul": len(weights), "Transpose": len(weights), "SkipLayerNormalization": skip_ln,
-            "LayerNormalization": len(norms) - skip_ln,
-            "BiasSplitGelu": sum(1 for n in quant if n.op_type == "Fp8BiasSplitGelu")}
-    before = collections.Counter(n.op_type for n in src.graph.node)
+    gone = {"MatMul": len(weights), "Transpose": len(weights), "SkipLayerNormalization": skip_ln}
+    before = collections.Counter(n.op_type for n in src.graph.node if n.domain != "katz")
     after = collections.Counter(n.op_type for n in m.graph.node if n.domain != "katz")
     assert after == before - collections.Counter(gone)
+    katz_src = collections.Counter(n.op_type for n in src.graph.node if n.domain == "katz")
+    katz_m = collections.Counter(n.op_type for n in m.graph.node if n.domain == "katz")
+    assert katz_m["LayerNorm"] + len(norms) - skip_ln == katz_src["LayerNorm"]
+    assert katz_m["BiasSplitGelu"] + katz_m["Fp8BiasSplitGelu"] == katz_src["BiasSplitGelu"]
     assert m.graph.input == src.graph.input and m.graph.output == src.graph.output
     onnx.checker.check_model(m)
     onnx.shape_inference.infer_shapes(m, strict_mode=True)
@@ -453,3 +457,21 @@ def test_fp8_needs_gpu_flag():
     r = subprocess.run([sys.executable, str(TOOLS / "export_bundle.py"), "--config", "tiny", "--fp8",
                         "--out", "/nonexistent"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "--fp8 goes with --gpu" in r.stderr
+
+
+def test_katz_layer_norm_of_the_step_rewrite_is_quantized_as_it_is_made():
+    """katz.LayerNorm (tools/step_rewrite.py: the bias add before it folded in, the sum its second
+    output) fuses with its quantize as ONNX Runtime's layer norms do, keeping the sum."""
+    m = ln_graph(False)
+    norm = m.graph.node[0]
+    m.graph.node.remove(norm)
+    m.graph.node.insert(0, helper.make_node("LayerNorm", ["x", "", "gamma", "beta", "bias"], ["ln", "sum"], domain="katz",
+                                            name="norm", epsilon=1e-6))
+    m.graph.output.append(helper.make_tensor_value_info("sum", TensorProto.FLOAT16, ["batch", S, D]))
+    amax = {f"attn.to_{p}.weight": 4.0 for p in "qkv"}
+    m, stats = fp8_rewrite.rewrite(m, amax, set(amax))
+    assert stats["layer_norm_fused"] == 1 and stats["quantize"] == 0
+    ln = next(n for n in m.graph.node if n.op_type == "Fp8LayerNorm")
+    assert list(ln.input) == ["x", "", "gamma", "beta", "bias"] and list(ln.output)[1:] == ["sum"]
+    assert {x.name: helper.get_attribute_value(x) for x in ln.attribute}["epsilon"] == pytest.approx(1e-6)
+    assert not any(n.op_type == "LayerNorm" for n in m.graph.node)

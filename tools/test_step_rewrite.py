@@ -6,7 +6,8 @@ images, `tools/device/gpu-path.sh rewrite`):
 
   - BiasSplitGelu becomes katz's twin (same inputs and outputs) and the graph imports the katz domain;
   - a layer norm over the last axis becomes katz's, with the bias add before it folded in (its sum
-    still made for the residual's readers); one over another axis is left alone;
+    still made for the residual's readers); one over another axis or of a width katz's kernel does
+    not take is left alone;
   - a convolution read only by a SkipGroupNorm gives it its bias; two such convolutions give the
     sum of theirs (read from external data where the weights live there); a convolution with other
     readers, a SkipGroupNorm with a bias of its own and a plain GroupNorm are left alone;
@@ -75,16 +76,20 @@ def _graph() -> onnx.ModelProto:
     # a plain one (no bias add before it), and one over another axis (left to ONNX Runtime)
     nodes.append(helper.make_node("LayerNormalization", ["res", "lg", "lb"], ["pn2"], name="ln2", epsilon=1e-6))
     nodes.append(helper.make_node("LayerNormalization", ["p", "lg2", "lb2"], ["pn3"], name="ln3", axis=1))
+    # and one katz's kernel does not take (a width not a multiple of 8)
+    nodes.append(helper.make_node("LayerNormalization", ["q", init("lg3", (12,)), "lg3"], ["pn4"], name="ln4"))
     init("lg2", (16,))
     init("lb2", (16,))
     h = TensorProto.FLOAT16
     graph = helper.make_graph(
         nodes, "step",
         [helper.make_tensor_value_info("x", h, [2, 8, 8, C]), helper.make_tensor_value_info("temb", h, [2, 1, 1, C]),
-         helper.make_tensor_value_info("f", h, [2, 16, 2 * 2560]), helper.make_tensor_value_info("p", h, [2, 16, C])],
+         helper.make_tensor_value_info("f", h, [2, 16, 2 * 2560]), helper.make_tensor_value_info("p", h, [2, 16, C]),
+         helper.make_tensor_value_info("q", h, [2, 16, 12])],
         [helper.make_tensor_value_info(n, h, [2, 8, 8, C]) for n in ("y", "s", "y2", "gn", "y3")]
         + [helper.make_tensor_value_info("t4", h, [2, C, 8, 8]), helper.make_tensor_value_info("ge", h, [2, 16, 2560])]
-        + [helper.make_tensor_value_info(n, h, [2, 16, C]) for n in ("pn2", "pn3")],
+        + [helper.make_tensor_value_info(n, h, [2, 16, C]) for n in ("pn2", "pn3")]
+        + [helper.make_tensor_value_info("pn4", h, [2, 16, 12])],
         inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
 
@@ -116,7 +121,7 @@ def test_the_geglu_becomes_katz_twin_and_biases_fold():
         ("katz", ["p", "", "lg", "lb", "pb"], ["pn", "ps"]), ("katz", ["res", "", "lg", "lb", ""], ["pn2"])]
     assert [helper.get_attribute_value(n.attribute[0]) for n in ln] == [np.float32(1e-5), np.float32(1e-6)]
     assert not any(n.op_type == "Add" and "pb" in n.input for n in m.graph.node), "the bias add is gone"
-    assert [n.name for n in m.graph.node if n.op_type == "LayerNormalization"] == ["ln3"]
+    assert [n.name for n in m.graph.node if n.op_type == "LayerNormalization"] == ["ln3", "ln4"]
     names = {t.name for t in m.graph.initializer}
     assert "b1" not in names and "b2" not in names, "the summed biases are gone"
     onnx.checker.check_model(m)
