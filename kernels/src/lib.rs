@@ -63,4 +63,51 @@ pub(crate) mod testutil {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
+
+    /// `n` fp16 bit patterns of `k · u + off`, u uniform in [-1, 1).
+    pub fn half_values(n: usize, seed: u64, k: f64, off: f64) -> Vec<u16> {
+        random(n, seed)
+            .iter()
+            .map(|v| half::f16::from_f64(*v as f64 * k + off).to_bits())
+            .collect()
+    }
+
+    /// A layer norm as ONNX Runtime's SkipLayerNormalization computes it, in f64 where it computes
+    /// in f32: per row of `w` fp16 values, sum = fp16(fp16(x + bias) + skip) (each optional), then
+    /// fp16(LN(sum)·γ + β) with epsilon 1e-5. Returns (sum, normed) as fp16 bit patterns.
+    pub fn layer_norm_ref(
+        x: &[u16],
+        skip: Option<&[u16]>,
+        bias: Option<&[u16]>,
+        gamma: &[u16],
+        beta: &[u16],
+        w: usize,
+    ) -> (Vec<u16>, Vec<u16>) {
+        let h16 = half::f16::from_f64;
+        let f = |b: u16| half::f16::from_bits(b).to_f64();
+        let rows = x.len() / w;
+        let (mut sum, mut normed) = (vec![0u16; rows * w], vec![0u16; rows * w]);
+        for r in 0..rows {
+            let row: Vec<f64> = (0..w)
+                .map(|c| {
+                    let mut v = f(x[r * w + c]);
+                    if let Some(b) = bias {
+                        v = h16(v + f(b[c])).to_f64();
+                    }
+                    if let Some(s) = skip {
+                        v = h16(v + f(s[r * w + c])).to_f64();
+                    }
+                    v
+                })
+                .collect();
+            let mean = row.iter().sum::<f64>() / w as f64;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / w as f64;
+            let rstd = 1.0 / (var + 1e-5).sqrt();
+            for c in 0..w {
+                sum[r * w + c] = h16(row[c]).to_bits();
+                normed[r * w + c] = h16((row[c] - mean) * rstd * f(gamma[c]) + f(beta[c])).to_bits();
+            }
+        }
+        (sum, normed)
+    }
 }

@@ -31,7 +31,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use katz_kernels::cuda::fp8::{Fp8Gemm, Fp8Kernels, LayerNormArgs};
 use katz_kernels::cuda::GpuError;
 
-use crate::ops::{device_of, opt_input, ort_err, stream_of};
+use crate::ops::{device_of, geglu_node, norm_epsilon, norm_inputs, norm_node, ort_err, stream_of};
 use ort::operator::{
     BoxedKernel, ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput,
     OperatorOutput,
@@ -208,40 +208,15 @@ impl Operator for Geglu {
         let scale = positive_attr(kctx, "Fp8BiasSplitGelu", "scale")?;
         let mut fk: Option<Arc<Fp8Kernels>> = None;
         Ok(Box::new(move |ctx: &ComputeContext| {
-            let x = ctx
-                .input(0)?
-                .ok_or_else(|| ort_err("Fp8BiasSplitGelu: no input"))?
-                .downcast::<DynTensorValueType>()?;
-            let b = ctx
-                .input(1)?
-                .ok_or_else(|| ort_err("Fp8BiasSplitGelu: no bias"))?
-                .downcast::<DynTensorValueType>()?;
-            let mut shape: Vec<i64> = x.shape().to_vec();
-            let width = shape.last().copied().unwrap_or(0);
-            if b.shape().to_vec() != [width] || width % 16 != 0 {
-                return Err(ort_err(format!(
-                    "Fp8BiasSplitGelu: input {shape:?} and bias {:?} (the width must be the bias's, a multiple of 16)",
-                    b.shape()
-                )));
-            }
-            let h = (width / 2) as usize;
-            let rows: usize = shape[..shape.len() - 1].iter().map(|&d| d as usize).product();
-            let last = shape.len() - 1;
-            shape[last] = h as i64;
-            let (xp, bp) = (x.data_ptr() as u64, b.data_ptr() as u64);
             let stream = stream_of(ctx)?;
-            let mut y = ctx
-                .output(0, shape)?
-                .ok_or_else(|| ort_err("Fp8BiasSplitGelu: no output"))?
-                .downcast::<DynTensorValueType>()?;
-            let yp = y.data_ptr_mut() as u64;
-            if rows == 0 {
+            let g = geglu_node(ctx, "Fp8BiasSplitGelu")?;
+            if g.rows == 0 {
                 return Ok(());
             }
-            let k = kernels_at(&mut fk, xp)?;
+            let k = kernels_at(&mut fk, g.x)?;
             // SAFETY: ONNX Runtime's buffers: rows·2h and 2h fp16 values in, rows·h bytes out,
             // on its stream
-            unsafe { k.geglu(stream, xp, bp, rows, h, scale, yp) }.map_err(ort_err)
+            unsafe { k.geglu(stream, g.x, g.bias, g.rows, g.h, scale, g.y) }.map_err(ort_err)
         }))
     }
 }
@@ -264,13 +239,7 @@ impl Operator for LayerNorm {
     }
 
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
-        [
-            OperatorInput::required(TensorElementType::Float16),
-            OperatorInput::optional(TensorElementType::Float16),
-            OperatorInput::required(TensorElementType::Float16),
-            OperatorInput::optional(TensorElementType::Float16),
-            OperatorInput::optional(TensorElementType::Float16),
-        ]
+        norm_inputs()
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
@@ -282,72 +251,29 @@ impl Operator for LayerNorm {
 
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
         let scale = positive_attr(kctx, "Fp8LayerNorm", "scale")?;
-        let epsilon: f32 = kctx
-            .get("epsilon")
-            .ok_or_else(|| ort_err("Fp8LayerNorm without an `epsilon`"))?;
-        if !(epsilon.is_finite() && epsilon >= 0.0) {
-            return Err(ort_err(format!("Fp8LayerNorm epsilon {epsilon}")));
-        }
+        let epsilon = norm_epsilon(kctx, "Fp8LayerNorm")?;
         let mut fk: Option<Arc<Fp8Kernels>> = None;
         Ok(Box::new(move |ctx: &ComputeContext| {
-            let (xp, shape) = opt_input(ctx, 0)?.ok_or_else(|| ort_err("Fp8LayerNorm: no input"))?;
-            let (gp, gshape) = opt_input(ctx, 2)?.ok_or_else(|| ort_err("Fp8LayerNorm: no gamma"))?;
-            let width = shape.last().copied().unwrap_or(0);
-            let row_of = |what: &str, v: Option<(u64, Vec<i64>)>| -> ort::Result<u64> {
-                match v {
-                    Some((p, s)) if s == [width] => Ok(p),
-                    Some((_, s)) => Err(ort_err(format!("Fp8LayerNorm: {what} {s:?} for input {shape:?}"))),
-                    None => Ok(0),
-                }
-            };
-            if gshape != [width] {
-                return Err(ort_err(format!(
-                    "Fp8LayerNorm: gamma {gshape:?} for input {shape:?}"
-                )));
-            }
-            let bp = row_of("beta", opt_input(ctx, 3)?)?;
-            let biasp = row_of("bias", opt_input(ctx, 4)?)?;
-            let skp = match opt_input(ctx, 1)? {
-                Some((p, s)) if s == shape => p,
-                Some((_, s)) => return Err(ort_err(format!("Fp8LayerNorm: skip {s:?} for input {shape:?}"))),
-                None => 0,
-            };
-            let rows: usize = shape[..shape.len().saturating_sub(1)]
-                .iter()
-                .map(|&d| d as usize)
-                .product();
             let stream = stream_of(ctx)?;
-            let x8 = ctx
-                .output(0, shape.clone())?
-                .ok_or_else(|| ort_err("Fp8LayerNorm: no output"))?
-                .downcast::<DynTensorValueType>()?
-                .data_ptr_mut() as u64;
-            let sum = if ctx.num_outputs()? > 1 {
-                match ctx.output(1, shape.clone())? {
-                    Some(v) => v.downcast::<DynTensorValueType>()?.data_ptr_mut() as u64,
-                    None => 0,
-                }
-            } else {
-                0
-            };
-            if rows == 0 {
+            let n = norm_node(ctx, "Fp8LayerNorm")?;
+            if n.rows == 0 {
                 return Ok(());
             }
-            let k = kernels_at(&mut fk, xp)?;
+            let k = kernels_at(&mut fk, n.x)?;
             let args = LayerNormArgs {
-                x: xp,
-                skip: skp,
-                bias: biasp,
-                gamma: gp,
-                beta: bp,
-                rows,
-                width: width as usize,
+                x: n.x,
+                skip: n.skip,
+                bias: n.bias,
+                gamma: n.gamma,
+                beta: n.beta,
+                rows: n.rows,
+                width: n.width,
                 epsilon,
                 scale,
-                x8,
-                sum,
+                x8: n.y,
+                sum: n.sum,
             };
-            // SAFETY: ONNX Runtime's buffers of the shapes checked above, on its stream
+            // SAFETY: ONNX Runtime's buffers of the shapes norm_node checked, on its stream
             unsafe { k.layer_norm(stream, &args) }.map_err(ort_err)
         }))
     }

@@ -79,6 +79,128 @@ pub(crate) fn opt_input(ctx: &ComputeContext, i: usize) -> ort::Result<Option<(u
     })
 }
 
+/// A GEGLU node's buffers as katz.BiasSplitGelu and katz.Fp8BiasSplitGelu take them: X `[.., 2h]`
+/// and bias `[2h]` in (the width a multiple of 16), Y `[.., h]` out (made here), `rows` rows of X.
+pub(crate) struct GegluNode {
+    pub x: u64,
+    pub bias: u64,
+    pub y: u64,
+    pub rows: usize,
+    pub h: usize,
+}
+
+/// The buffers of GEGLU node `op` in this run (its output made).
+pub(crate) fn geglu_node(ctx: &ComputeContext, op: &str) -> ort::Result<GegluNode> {
+    let (x, mut shape) = opt_input(ctx, 0)?.ok_or_else(|| ort_err(format!("{op}: no input")))?;
+    let (bias, bshape) = opt_input(ctx, 1)?.ok_or_else(|| ort_err(format!("{op}: no bias")))?;
+    let width = shape.last().copied().unwrap_or(0);
+    if bshape != [width] || width == 0 || width % 16 != 0 {
+        return Err(ort_err(format!(
+            "{op}: input {shape:?} and bias {bshape:?} (the width must be the bias's, a positive multiple of 16)"
+        )));
+    }
+    let h = (width / 2) as usize;
+    let rows: usize = shape[..shape.len() - 1].iter().map(|&d| d as usize).product();
+    let last = shape.len() - 1;
+    shape[last] = h as i64;
+    let y = ctx
+        .output(0, shape)?
+        .ok_or_else(|| ort_err(format!("{op}: no output")))?
+        .downcast::<DynTensorValueType>()?
+        .data_ptr_mut() as u64;
+    Ok(GegluNode { x, bias, y, rows, h })
+}
+
+/// A layer norm node's buffers as katz.LayerNorm and katz.Fp8LayerNorm take them (inputs `X, skip,
+/// gamma, beta, bias`, SkipLayerNormalization's order; outputs `Y` and, where the node names it,
+/// `sum = X + bias + skip`): device addresses, 0 for an absent one, each checked against X's shape;
+/// the outputs made with X's shape.
+pub(crate) struct NormNode {
+    pub x: u64,
+    pub skip: u64,
+    pub gamma: u64,
+    pub beta: u64,
+    pub bias: u64,
+    pub y: u64,
+    pub sum: u64,
+    pub rows: usize,
+    pub width: usize,
+}
+
+/// A layer norm node's `epsilon` attribute (finite, not negative).
+pub(crate) fn norm_epsilon(kctx: &KernelContext<'_>, op: &str) -> ort::Result<f32> {
+    let epsilon: f32 = kctx
+        .get("epsilon")
+        .ok_or_else(|| ort_err(format!("{op} without an `epsilon`")))?;
+    if !(epsilon.is_finite() && epsilon >= 0.0) {
+        return Err(ort_err(format!("{op} epsilon {epsilon}")));
+    }
+    Ok(epsilon)
+}
+
+/// A layer norm node's inputs: `X, skip, gamma, beta, bias`, fp16, skip, beta and bias optional.
+pub(crate) fn norm_inputs() -> [OperatorInput; 5] {
+    [
+        OperatorInput::required(TensorElementType::Float16),
+        OperatorInput::optional(TensorElementType::Float16),
+        OperatorInput::required(TensorElementType::Float16),
+        OperatorInput::optional(TensorElementType::Float16),
+        OperatorInput::optional(TensorElementType::Float16),
+    ]
+}
+
+/// The buffers of layer norm node `op` in this run (its outputs made).
+pub(crate) fn norm_node(ctx: &ComputeContext, op: &str) -> ort::Result<NormNode> {
+    let (x, shape) = opt_input(ctx, 0)?.ok_or_else(|| ort_err(format!("{op}: no input")))?;
+    let (gamma, gshape) = opt_input(ctx, 2)?.ok_or_else(|| ort_err(format!("{op}: no gamma")))?;
+    let width = shape.last().copied().unwrap_or(0);
+    let row_of = |what: &str, v: Option<(u64, Vec<i64>)>| -> ort::Result<u64> {
+        match v {
+            Some((p, s)) if s == [width] => Ok(p),
+            Some((_, s)) => Err(ort_err(format!("{op}: {what} {s:?} for input {shape:?}"))),
+            None => Ok(0),
+        }
+    };
+    if gshape != [width] {
+        return Err(ort_err(format!("{op}: gamma {gshape:?} for input {shape:?}")));
+    }
+    let beta = row_of("beta", opt_input(ctx, 3)?)?;
+    let bias = row_of("bias", opt_input(ctx, 4)?)?;
+    let skip = match opt_input(ctx, 1)? {
+        Some((p, s)) if s == shape => p,
+        Some((_, s)) => return Err(ort_err(format!("{op}: skip {s:?} for input {shape:?}"))),
+        None => 0,
+    };
+    let rows: usize = shape[..shape.len().saturating_sub(1)]
+        .iter()
+        .map(|&d| d as usize)
+        .product();
+    let y = ctx
+        .output(0, shape.clone())?
+        .ok_or_else(|| ort_err(format!("{op}: no output")))?
+        .downcast::<DynTensorValueType>()?
+        .data_ptr_mut() as u64;
+    let sum = if ctx.num_outputs()? > 1 {
+        match ctx.output(1, shape.clone())? {
+            Some(v) => v.downcast::<DynTensorValueType>()?.data_ptr_mut() as u64,
+            None => 0,
+        }
+    } else {
+        0
+    };
+    Ok(NormNode {
+        x,
+        skip,
+        gamma,
+        beta,
+        bias,
+        y,
+        sum,
+        rows,
+        width: width as usize,
+    })
+}
+
 /// The fused fp16 kernels of each GPU, made on first use.
 fn fused(ordinal: usize) -> Result<Arc<FusedKernels>, GpuError> {
     static ALL: OnceLock<Mutex<HashMap<usize, Arc<FusedKernels>>>> = OnceLock::new();
@@ -133,39 +255,14 @@ impl Operator for BiasSplitGelu {
     fn create_kernel<'attr>(&self, _: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
         let mut fk: Option<Arc<FusedKernels>> = None;
         Ok(Box::new(move |ctx: &ComputeContext| {
-            let x = ctx
-                .input(0)?
-                .ok_or_else(|| ort_err("BiasSplitGelu: no input"))?
-                .downcast::<DynTensorValueType>()?;
-            let b = ctx
-                .input(1)?
-                .ok_or_else(|| ort_err("BiasSplitGelu: no bias"))?
-                .downcast::<DynTensorValueType>()?;
-            let mut shape: Vec<i64> = x.shape().to_vec();
-            let width = shape.last().copied().unwrap_or(0);
-            if b.shape().to_vec() != [width] || width % 16 != 0 {
-                return Err(ort_err(format!(
-                    "BiasSplitGelu: input {shape:?} and bias {:?} (the width must be the bias's, a multiple of 16)",
-                    b.shape()
-                )));
-            }
-            let h = (width / 2) as usize;
-            let rows: usize = shape[..shape.len() - 1].iter().map(|&d| d as usize).product();
-            let last = shape.len() - 1;
-            shape[last] = h as i64;
-            let (xp, bp) = (x.data_ptr() as u64, b.data_ptr() as u64);
             let stream = stream_of(ctx)?;
-            let mut y = ctx
-                .output(0, shape)?
-                .ok_or_else(|| ort_err("BiasSplitGelu: no output"))?
-                .downcast::<DynTensorValueType>()?;
-            let yp = y.data_ptr_mut() as u64;
-            if rows == 0 {
+            let g = geglu_node(ctx, "BiasSplitGelu")?;
+            if g.rows == 0 {
                 return Ok(());
             }
-            let k = fused_at(&mut fk, xp)?;
+            let k = fused_at(&mut fk, g.x)?;
             // SAFETY: ONNX Runtime's buffers: rows·2h and 2h fp16 values in, rows·h out, on its stream
-            unsafe { k.geglu(stream, xp, bp, rows, h, yp) }.map_err(ort_err)
+            unsafe { k.geglu(stream, g.x, g.bias, g.rows, g.h, g.y) }.map_err(ort_err)
         }))
     }
 }
@@ -188,13 +285,7 @@ impl Operator for LayerNorm {
     }
 
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
-        [
-            OperatorInput::required(TensorElementType::Float16),
-            OperatorInput::optional(TensorElementType::Float16),
-            OperatorInput::required(TensorElementType::Float16),
-            OperatorInput::optional(TensorElementType::Float16),
-            OperatorInput::optional(TensorElementType::Float16),
-        ]
+        norm_inputs()
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
@@ -205,71 +296,28 @@ impl Operator for LayerNorm {
     }
 
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
-        let epsilon: f32 = kctx
-            .get("epsilon")
-            .ok_or_else(|| ort_err("LayerNorm without an `epsilon`"))?;
-        if !(epsilon.is_finite() && epsilon >= 0.0) {
-            return Err(ort_err(format!("LayerNorm epsilon {epsilon}")));
-        }
+        let epsilon = norm_epsilon(kctx, "LayerNorm")?;
         let mut fk: Option<Arc<FusedKernels>> = None;
         Ok(Box::new(move |ctx: &ComputeContext| {
-            let (xp, shape) = opt_input(ctx, 0)?.ok_or_else(|| ort_err("LayerNorm: no input"))?;
-            let (gp, gshape) = opt_input(ctx, 2)?.ok_or_else(|| ort_err("LayerNorm: no gamma"))?;
-            let width = shape.last().copied().unwrap_or(0);
-            let row_of = |what: &str, v: Option<(u64, Vec<i64>)>| -> ort::Result<u64> {
-                match v {
-                    Some((p, s)) if s == [width] => Ok(p),
-                    Some((_, s)) => Err(ort_err(format!("LayerNorm: {what} {s:?} for input {shape:?}"))),
-                    None => Ok(0),
-                }
-            };
-            if gshape != [width] {
-                return Err(ort_err(format!(
-                    "LayerNorm: gamma {gshape:?} for input {shape:?}"
-                )));
-            }
-            let beta = row_of("beta", opt_input(ctx, 3)?)?;
-            let bias = row_of("bias", opt_input(ctx, 4)?)?;
-            let skip = match opt_input(ctx, 1)? {
-                Some((p, s)) if s == shape => p,
-                Some((_, s)) => return Err(ort_err(format!("LayerNorm: skip {s:?} for input {shape:?}"))),
-                None => 0,
-            };
-            let rows: usize = shape[..shape.len().saturating_sub(1)]
-                .iter()
-                .map(|&d| d as usize)
-                .product();
             let stream = stream_of(ctx)?;
-            let y = ctx
-                .output(0, shape.clone())?
-                .ok_or_else(|| ort_err("LayerNorm: no output"))?
-                .downcast::<DynTensorValueType>()?
-                .data_ptr_mut() as u64;
-            let sum = if ctx.num_outputs()? > 1 {
-                match ctx.output(1, shape.clone())? {
-                    Some(v) => v.downcast::<DynTensorValueType>()?.data_ptr_mut() as u64,
-                    None => 0,
-                }
-            } else {
-                0
-            };
-            if rows == 0 {
+            let n = norm_node(ctx, "LayerNorm")?;
+            if n.rows == 0 {
                 return Ok(());
             }
-            let k = fused_at(&mut fk, xp)?;
+            let k = fused_at(&mut fk, n.x)?;
             let args = NormArgs {
-                x: xp,
-                skip,
-                bias,
-                gamma: gp,
-                beta,
-                rows,
-                width: width as usize,
+                x: n.x,
+                skip: n.skip,
+                bias: n.bias,
+                gamma: n.gamma,
+                beta: n.beta,
+                rows: n.rows,
+                width: n.width,
                 epsilon,
-                y,
-                sum,
+                y: n.y,
+                sum: n.sum,
             };
-            // SAFETY: ONNX Runtime's buffers of the shapes checked above, on its stream
+            // SAFETY: ONNX Runtime's buffers of the shapes norm_node checked, on its stream
             unsafe { k.layer_norm(stream, &args) }.map_err(ort_err)
         }))
     }

@@ -1,5 +1,5 @@
 // The fp8 kernels of katz-kernels (`Fp8Kernels` in fp8.rs), compiled at run time with NVRTC for
-// compute_89 or newer (the e4m3 conversions are sm_89+ PTX); no headers, fp16 through PTX.
+// compute_89 or newer (the e4m3 conversions are sm_89+ PTX), half.cu in front.
 //
 //   fp8_amax_f16       amax ← max(amax, max |x|)                  (a weight's per-tensor range)
 //   fp8_quantize_w     out = e4m3(w / s), s = max(amax, tiny) / 448; scale_out = s
@@ -14,19 +14,6 @@
 //                      in fp8); statistics in f32, one block per row
 //
 // e4m3 is OCP float8 e4m3fn (ONNX's FLOAT8E4M3FN): round to nearest even, saturated to ±448.
-
-static __device__ __forceinline__ float h2f(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-// rounded to fp16 and back, as a value stored in an fp16 tensor
-static __device__ __forceinline__ float round_f16(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h2f(h);
-}
 
 // two floats to two e4m3 bytes: a in the high byte, b in the low one
 static __device__ __forceinline__ unsigned short f2_e4m3x2(float a, float b) {
@@ -81,13 +68,6 @@ extern "C" __global__ void fp8_quantize_x(const uint4* x, unsigned long long n, 
     }
 }
 
-// one GEGLU value as BiasSplitGelu makes it: the bias added in fp16, the product rounded to fp16
-static __device__ __forceinline__ float geglu1(unsigned short xl, unsigned short bl, unsigned short xr,
-                                               unsigned short br) {
-    float l = round_f16(h2f(xl) + h2f(bl)), r = round_f16(h2f(xr) + h2f(br));
-    return round_f16(l * (r * 0.5f * (erff(r / 1.41421356237f) + 1.0f)));
-}
-
 // x: rows × 2·h halves ([left | right] per row), bias: 2·h halves, out: rows × h bytes; h a
 // multiple of 8, h8 = h / 8: eight values a thread and iteration (16-byte loads, 8-byte stores)
 extern "C" __global__ void fp8_geglu(const uint4* x, const uint4* bias, unsigned long long rows, unsigned int h8,
@@ -102,10 +82,10 @@ extern "C" __global__ void fp8_geglu(const uint4* x, const uint4* bias, unsigned
         unsigned int blv[4] = {bl.x, bl.y, bl.z, bl.w}, brv[4] = {br.x, br.y, br.z, br.w};
         unsigned short q[4];
         for (int k = 0; k < 4; k++) {
-            float lo = geglu1((unsigned short)(lv[k] & 0xffff), (unsigned short)(blv[k] & 0xffff),
-                              (unsigned short)(rv[k] & 0xffff), (unsigned short)(brv[k] & 0xffff));
-            float hi = geglu1((unsigned short)(lv[k] >> 16), (unsigned short)(blv[k] >> 16),
-                              (unsigned short)(rv[k] >> 16), (unsigned short)(brv[k] >> 16));
+            float lo = round_f16(geglu_value((unsigned short)(lv[k] & 0xffff), (unsigned short)(blv[k] & 0xffff),
+                                             (unsigned short)(rv[k] & 0xffff), (unsigned short)(brv[k] & 0xffff)));
+            float hi = round_f16(geglu_value((unsigned short)(lv[k] >> 16), (unsigned short)(blv[k] >> 16),
+                                             (unsigned short)(rv[k] >> 16), (unsigned short)(brv[k] >> 16)));
             q[k] = f2_e4m3x2(hi * inv_scale, lo * inv_scale);
         }
         uint2 o;
@@ -115,83 +95,24 @@ extern "C" __global__ void fp8_geglu(const uint4* x, const uint4* bias, unsigned
     }
 }
 
-static __device__ __forceinline__ void unpack8(uint4 v, float* f) {
-    unsigned int w[4] = {v.x, v.y, v.z, v.w};
-    for (int k = 0; k < 4; k++) {
-        f[2 * k] = h2f((unsigned short)(w[k] & 0xffff));
-        f[2 * k + 1] = h2f((unsigned short)(w[k] >> 16));
+// a row's normalised values out as e4m3: each rounded to fp16 first (the value an fp16 norm
+// would have stored), then quantized
+struct StoreE4m3 {
+    uint2* out;
+    float inv_scale;
+    __device__ void operator()(unsigned long long at, const float* y) const {
+        unsigned short q[4];
+        for (int k = 0; k < 4; k++) q[k] = f2_e4m3x2(round_f16(y[2 * k + 1]) * inv_scale, round_f16(y[2 * k]) * inv_scale);
+        uint2 o;
+        o.x = q[0] | ((unsigned int)q[1] << 16);
+        o.y = q[2] | ((unsigned int)q[3] << 16);
+        out[at] = o;
     }
-}
+};
 
-static __device__ __forceinline__ unsigned short f2h(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
-// the sum over the block (≤ 1024 threads, a multiple of 32); every thread gets it
-static __device__ __forceinline__ float block_sum(float v, float* red) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int warps = blockDim.x >> 5;
-    __syncthreads();  // red is reused by the next call
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-    __syncthreads();
-    v = (threadIdx.x & 31) < warps ? red[threadIdx.x & 31] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// one block per row of ld halves (ld a multiple of 8, ld / 8 ≤ blockDim.x ≤ 1024, blockDim.x a
-// multiple of 32); skip, bias, beta and sum may be null
+// one block per row (half.cu's layer_norm_row); skip, bias, beta and sum may be null
 extern "C" __global__ void fp8_layer_norm(const uint4* x, const uint4* skip, const uint4* bias, const uint4* gamma,
                                           const uint4* beta, unsigned int ld, float epsilon, float inv_scale,
                                           uint2* out, uint4* sum) {
-    __shared__ float red[32];
-    unsigned int l8 = ld >> 3, c = threadIdx.x;
-    unsigned long long at = (unsigned long long)blockIdx.x * l8 + c;
-    bool live = c < l8;
-    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (live) {
-        unpack8(x[at], v);
-        if (bias) {
-            float b[8];
-            unpack8(bias[c], b);
-            for (int k = 0; k < 8; k++) v[k] = round_f16(v[k] + b[k]);
-        }
-        if (skip) {
-            float s[8];
-            unpack8(skip[at], s);
-            for (int k = 0; k < 8; k++) v[k] = round_f16(v[k] + s[k]);
-        }
-        if (sum) {
-            uint4 o;
-            o.x = f2h(v[0]) | ((unsigned int)f2h(v[1]) << 16);
-            o.y = f2h(v[2]) | ((unsigned int)f2h(v[3]) << 16);
-            o.z = f2h(v[4]) | ((unsigned int)f2h(v[5]) << 16);
-            o.w = f2h(v[6]) | ((unsigned int)f2h(v[7]) << 16);
-            sum[at] = o;
-        }
-    }
-    float t = 0.f;
-    for (int k = 0; k < 8; k++) t += v[k];
-    float mean = block_sum(t, red) / (float)ld;
-    t = 0.f;
-    if (live) {
-        for (int k = 0; k < 8; k++) t += (v[k] - mean) * (v[k] - mean);
-    }
-    float rstd = rsqrtf(block_sum(t, red) / (float)ld + epsilon);
-    if (!live) return;
-    float g[8], b[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    unpack8(gamma[c], g);
-    if (beta) unpack8(beta[c], b);
-    unsigned short q[4];
-    for (int k = 0; k < 4; k++) {
-        float lo = round_f16((v[2 * k] - mean) * rstd * g[2 * k] + b[2 * k]);
-        float hi = round_f16((v[2 * k + 1] - mean) * rstd * g[2 * k + 1] + b[2 * k + 1]);
-        q[k] = f2_e4m3x2(hi * inv_scale, lo * inv_scale);
-    }
-    uint2 o;
-    o.x = q[0] | ((unsigned int)q[1] << 16);
-    o.y = q[2] | ((unsigned int)q[3] << 16);
-    out[at] = o;
+    layer_norm_row(x, skip, bias, gamma, beta, ld, epsilon, sum, StoreE4m3{out, inv_scale});
 }

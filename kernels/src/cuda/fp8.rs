@@ -27,7 +27,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice};
 use super::{ptx_for, GpuError};
 
 /// The CUDA C of the fp8 kernels.
-const SOURCE: &str = include_str!("fp8.cu");
+pub(super) const SOURCE: &str = concat!(include_str!("half.cu"), include_str!("fp8.cu"));
 
 /// The largest finite e4m3 value.
 pub const E4M3_MAX: f32 = 448.0;

@@ -1,7 +1,10 @@
 //! The fp8 kernels (fp8.rs) against known encodings and an f64 GEMM (`#[ignore]`d: they need a GPU of
 //! compute capability 8.9+, `tools/device/gpu-tests.sh`).
 use super::*;
-use crate::{rel_err, testutil::random};
+use crate::{
+    rel_err,
+    testutil::{half_values, layer_norm_ref, random},
+};
 use cudarc::driver::{CudaStream, DevicePtr};
 
 /// The fp8 kernels of GPU 0 and its default stream.
@@ -98,14 +101,7 @@ fn fp8_layer_norm_is_skip_layer_norm_then_quantize() {
     let stream = s.cu_stream();
     let ptr = |b: &CudaSlice<u16>| at(&s, b);
     let ptr8 = |b: &CudaSlice<u8>| at(&s, b);
-    let h16 = |x: f64| half::f16::from_f64(x);
     let f = |b: u16| half::f16::from_bits(b).to_f64();
-    let hv = |n: usize, seed: u64, k: f64, off: f64| -> Vec<u16> {
-        random(n, seed)
-            .iter()
-            .map(|v| h16(*v as f64 * k + off).to_bits())
-            .collect()
-    };
     // SDXL's two widths (and one not a multiple of 32 threads), with and without skip and bias
     for (rows, w, skip, bias) in [
         (33usize, 1280usize, true, true),
@@ -113,34 +109,12 @@ fn fp8_layer_norm_is_skip_layer_norm_then_quantize() {
         (9, 200, false, false),
     ] {
         let (x, sk, bi) = (
-            hv(rows * w, 41, 3.0, 0.5),
-            hv(rows * w, 42, 2.0, 0.0),
-            hv(w, 43, 1.0, 0.0),
+            half_values(rows * w, 41, 3.0, 0.5),
+            half_values(rows * w, 42, 2.0, 0.0),
+            half_values(w, 43, 1.0, 0.0),
         );
-        let (ga, be) = (hv(w, 44, 0.5, 1.0), hv(w, 45, 0.2, 0.0));
-        let mut sum = vec![0u16; rows * w];
-        let mut normed = vec![0u16; rows * w];
-        for r in 0..rows {
-            let row: Vec<f64> = (0..w)
-                .map(|c| {
-                    let mut v = f(x[r * w + c]);
-                    if bias {
-                        v = h16(v + f(bi[c])).to_f64();
-                    }
-                    if skip {
-                        v = h16(v + f(sk[r * w + c])).to_f64();
-                    }
-                    v
-                })
-                .collect();
-            let mean = row.iter().sum::<f64>() / w as f64;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / w as f64;
-            let rstd = 1.0 / (var + 1e-5).sqrt();
-            for c in 0..w {
-                sum[r * w + c] = h16(row[c]).to_bits();
-                normed[r * w + c] = h16((row[c] - mean) * rstd * f(ga[c]) + f(be[c])).to_bits();
-            }
-        }
+        let (ga, be) = (half_values(w, 44, 0.5, 1.0), half_values(w, 45, 0.2, 0.0));
+        let (sum, normed) = layer_norm_ref(&x, skip.then_some(&sk[..]), bias.then_some(&bi[..]), &ga, &be, w);
         let amax = normed.iter().map(|&b| f(b).abs()).fold(0.0, f64::max) as f32;
         let scale = amax / E4M3_MAX;
         let up = |v: &[u16]| s.clone_htod(v).unwrap();

@@ -20,7 +20,7 @@ use cudarc::driver::{CudaContext, CudaFunction};
 use super::{ptx_for, GpuError};
 
 /// The CUDA C of the fused fp16 kernels.
-const SOURCE: &str = include_str!("fused.cu");
+const SOURCE: &str = concat!(include_str!("half.cu"), include_str!("fused.cu"));
 
 /// The fused fp16 kernels of one GPU.
 pub struct FusedKernels {

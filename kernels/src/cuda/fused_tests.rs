@@ -1,7 +1,7 @@
 //! The fused fp16 kernels (fused.rs) against their ONNX Runtime twins computed here (`#[ignore]`d:
 //! they need a GPU, `tools/device/gpu-tests.sh`).
 use super::*;
-use crate::testutil::random;
+use crate::testutil::{half_values, layer_norm_ref, random};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 #[test]
@@ -71,14 +71,7 @@ fn layer_norm_is_the_bias_add_then_layer_norm() {
     let s = fk.ctx.default_stream();
     let stream = s.cu_stream();
     let at = |b: &CudaSlice<u16>| b.device_ptr(&s).0;
-    let h16 = |x: f64| half::f16::from_f64(x);
     let f = |b: u16| half::f16::from_bits(b).to_f64();
-    let hv = |n: usize, seed: u64, k: f64, off: f64| -> Vec<u16> {
-        random(n, seed)
-            .iter()
-            .map(|v| h16(*v as f64 * k + off).to_bits())
-            .collect()
-    };
     // SDXL's two widths (and one not a multiple of 32 threads), with and without skip and bias
     for (rows, w, skip, bias) in [
         (33usize, 1280usize, false, true),
@@ -86,33 +79,12 @@ fn layer_norm_is_the_bias_add_then_layer_norm() {
         (9, 200, false, false),
     ] {
         let (x, sk, bi) = (
-            hv(rows * w, 51, 3.0, 0.5),
-            hv(rows * w, 52, 2.0, 0.0),
-            hv(w, 53, 1.0, 0.0),
+            half_values(rows * w, 51, 3.0, 0.5),
+            half_values(rows * w, 52, 2.0, 0.0),
+            half_values(w, 53, 1.0, 0.0),
         );
-        let (ga, be) = (hv(w, 54, 0.5, 1.0), hv(w, 55, 0.2, 0.0));
-        let (mut sum, mut want) = (vec![0u16; rows * w], vec![0u16; rows * w]);
-        for r in 0..rows {
-            let row: Vec<f64> = (0..w)
-                .map(|c| {
-                    let mut v = f(x[r * w + c]);
-                    if bias {
-                        v = h16(v + f(bi[c])).to_f64();
-                    }
-                    if skip {
-                        v = h16(v + f(sk[r * w + c])).to_f64();
-                    }
-                    v
-                })
-                .collect();
-            let mean = row.iter().sum::<f64>() / w as f64;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / w as f64;
-            let rstd = 1.0 / (var + 1e-5).sqrt();
-            for c in 0..w {
-                sum[r * w + c] = h16(row[c]).to_bits();
-                want[r * w + c] = h16((row[c] - mean) * rstd * f(ga[c]) + f(be[c])).to_bits();
-            }
-        }
+        let (ga, be) = (half_values(w, 54, 0.5, 1.0), half_values(w, 55, 0.2, 0.0));
+        let (sum, want) = layer_norm_ref(&x, skip.then_some(&sk[..]), bias.then_some(&bi[..]), &ga, &be, w);
         let up = |v: &[u16]| s.clone_htod(v).unwrap();
         let (dx, dsk, dbi, dga, dbe) = (up(&x), up(&sk), up(&bi), up(&ga), up(&be));
         let (dy, dsum) = (
@@ -162,4 +134,34 @@ fn layer_norm_is_the_bias_add_then_layer_norm() {
         unsafe { fk.layer_norm(stream, &bad) }.is_err(),
         "a width not a multiple of 8 is refused"
     );
+}
+
+#[test]
+fn the_fused_and_fp8_kernels_compile_where_nvrtc_is_present() {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("skipped: libnvrtc is not loadable here");
+        return;
+    }
+    // half.cu in front of each: the default target (FusedKernels::new), compute_89 (Fp8Kernels::new)
+    let fused = cudarc::nvrtc::compile_ptx(SOURCE).unwrap_or_else(|e| panic!("NVRTC, fused.cu: {e}"));
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some("compute_89"),
+        ..Default::default()
+    };
+    let fp8 = cudarc::nvrtc::compile_ptx_with_opts(super::super::fp8::SOURCE, opts)
+        .unwrap_or_else(|e| panic!("NVRTC, fp8.cu: {e}"));
+    let (fused, fp8) = (fused.to_src(), fp8.to_src());
+    for name in ["geglu_f16", "layer_norm_f16"] {
+        assert!(fused.contains(&format!(".entry {name}")), "{name}");
+    }
+    for name in [
+        "fp8_amax_f16",
+        "fp8_quantize_w",
+        "fp8_quantize_x",
+        "fp8_geglu",
+        "fp8_layer_norm",
+    ] {
+        assert!(fp8.contains(&format!(".entry {name}")), "{name}");
+    }
 }
