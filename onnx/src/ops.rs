@@ -3,7 +3,7 @@
 //! ONNX Runtime operator does the work.
 //!
 //! ```text
-//!  fp16 step graphs (tools/katz_ops.py at export):
+//!  fp16 step graphs (tools/step_rewrite.py at export):
 //!    [X_l | X_r], bias ─katz.BiasSplitGelu─▶ Y (fp16)      com.microsoft.BiasSplitGelu's formula,
 //!                                                           16-byte loads (kernels::cuda::fused)
 //!    X, bias ─katz.LayerNorm─▶ Y, sum (fp16)              LayerNormalization with the bias add

@@ -1,5 +1,5 @@
 //! katz's own fp16 kernels for operators of the UNet step whose ONNX Runtime kernels leave
-//! memory bandwidth unused (the step graphs name them as `katz` operators: tools/katz_ops.py).
+//! memory bandwidth unused (the step graphs name them as `katz` operators: tools/step_rewrite.py).
 //!
 //! ```text
 //! FusedKernels::new(ordinal) ── fused.cu (NVRTC)
