@@ -171,8 +171,8 @@ def fold_conv_biases(model: onnx.ModelProto, base: Path | None = None) -> int:
             del c.input[2]
             done += 1
     # biases nothing reads any more (summed into a new one)
-    read = {t for n in g.node for t in n.input}
-    keep = [t for t in g.initializer if t.name in read or t.name in {i.name for i in g.input}]
+    read = {t for n in g.node for t in n.input} | {i.name for i in g.input}
+    keep = [t for t in g.initializer if t.name in read]
     del g.initializer[:]
     g.initializer.extend(keep)
     return done

@@ -72,6 +72,19 @@ pub(crate) mod testutil {
             .collect()
     }
 
+    /// The five fp16 inputs of a layer norm test, `rows` rows of `w` from seeds `seed..seed + 5`:
+    /// (x, skip, bias, gamma, beta).
+    pub type NormInputs = (Vec<u16>, Vec<u16>, Vec<u16>, Vec<u16>, Vec<u16>);
+    pub fn norm_inputs(rows: usize, w: usize, seed: u64) -> NormInputs {
+        (
+            half_values(rows * w, seed, 3.0, 0.5),
+            half_values(rows * w, seed + 1, 2.0, 0.0),
+            half_values(w, seed + 2, 1.0, 0.0),
+            half_values(w, seed + 3, 0.5, 1.0),
+            half_values(w, seed + 4, 0.2, 0.0),
+        )
+    }
+
     /// A layer norm as ONNX Runtime's SkipLayerNormalization computes it, in f64 where it computes
     /// in f32: per row of `w` fp16 values, sum = fp16(fp16(x + bias) + skip) (each optional), then
     /// fp16(LN(sum)·γ + β) with epsilon 1e-5. Returns (sum, normed) as fp16 bit patterns.

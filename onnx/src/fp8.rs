@@ -23,15 +23,14 @@
 //! Nothing here falls back: a GPU below 8.9, a missing libcublasLt or an unaligned shape fails the
 //! run with the reason.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 use katz_kernels::cuda::fp8::{Fp8Gemm, Fp8Kernels, LayerNormArgs};
 use katz_kernels::cuda::GpuError;
 
-use crate::ops::{device_of, geglu_node, norm_epsilon, norm_inputs, norm_node, ort_err, stream_of};
+use crate::ops::{device_of, geglu_node, norm_epsilon, norm_inputs, norm_node, ort_err, stream_of, PerGpu};
 use ort::operator::{
     BoxedKernel, ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput,
     OperatorOutput,
@@ -46,24 +45,12 @@ pub fn weights_changed() {
     EPOCH.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The fp8 kernels of each GPU, made on first use.
-fn kernels(ordinal: usize) -> Result<Arc<Fp8Kernels>, GpuError> {
-    static ALL: OnceLock<Mutex<HashMap<usize, Arc<Fp8Kernels>>>> = OnceLock::new();
-    let mut all = ALL
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(k) = all.get(&ordinal) {
-        return Ok(k.clone());
-    }
-    let k = Arc::new(Fp8Kernels::new(ordinal)?);
-    all.insert(ordinal, k.clone());
-    Ok(k)
-}
+/// The fp8 kernels of each GPU.
+static KERNELS: PerGpu<Fp8Kernels> = PerGpu::new(Fp8Kernels::new);
 
 /// Whether GPU `ordinal` runs fp8 graphs, or why not.
 pub fn check_gpu(ordinal: usize) -> Result<(), String> {
-    kernels(ordinal).map(|_| ()).map_err(|e| e.to_string())
+    KERNELS.get(ordinal).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// A quantized weight: where it came from, and where its copy and scale live.
@@ -98,7 +85,7 @@ pub unsafe fn refresh(ordinal: usize, stream: u64, written: &[u64]) -> crate::Re
     if list.is_empty() {
         return Ok(());
     }
-    let fk = kernels(ordinal).map_err(crate::device::gpu_err)?;
+    let fk = KERNELS.get(ordinal).map_err(crate::device::gpu_err)?;
     for c in list {
         // SAFETY: the copy's buffers live as long as their operator, which is registered while
         // it lives (it deregisters on drop)
@@ -117,15 +104,6 @@ fn positive_attr(kctx: &KernelContext<'_>, op: &str, name: &str) -> ort::Result<
         return Err(ort_err(format!("{op} {name} {v}")));
     }
     Ok(v)
-}
-
-/// The fp8 kernels of the GPU that `ptr` is on, looked up at an operator's first run and kept in
-/// `fk` (a run being captured into a CUDA graph makes no lookups).
-fn kernels_at(fk: &mut Option<Arc<Fp8Kernels>>, ptr: u64) -> ort::Result<&Arc<Fp8Kernels>> {
-    match fk {
-        Some(k) => Ok(k),
-        None => Ok(fk.insert(kernels(device_of(ptr)?).map_err(ort_err)?)),
-    }
 }
 
 /// `katz.Fp8Quantize`: `X8 = e4m3(X / scale)`.
@@ -170,7 +148,7 @@ impl Operator for Quantize {
             if n == 0 {
                 return Ok(());
             }
-            let k = kernels_at(&mut fk, xp)?;
+            let k = KERNELS.at(&mut fk, xp)?;
             // SAFETY: ONNX Runtime's input and output buffers of n elements, on its stream
             unsafe { k.quantize_x(stream, xp, n, scale, yp) }.map_err(ort_err)
         }))
@@ -213,7 +191,7 @@ impl Operator for Geglu {
             if g.rows == 0 {
                 return Ok(());
             }
-            let k = kernels_at(&mut fk, g.x)?;
+            let k = KERNELS.at(&mut fk, g.x)?;
             // SAFETY: ONNX Runtime's buffers: rows·2h and 2h fp16 values in, rows·h bytes out,
             // on its stream
             unsafe { k.geglu(stream, g.x, g.bias, g.rows, g.h, scale, g.y) }.map_err(ort_err)
@@ -259,7 +237,7 @@ impl Operator for LayerNorm {
             if n.rows == 0 {
                 return Ok(());
             }
-            let k = kernels_at(&mut fk, n.x)?;
+            let k = KERNELS.at(&mut fk, n.x)?;
             let args = LayerNormArgs {
                 x: n.x,
                 skip: n.skip,
@@ -391,7 +369,7 @@ impl Kernel for MatMulKernel {
             Some(ref mut st) => st,
             None => {
                 // the first run of a session: never one being captured into a CUDA graph
-                let fk = kernels(device_of(wp)?).map_err(ort_err)?;
+                let fk = KERNELS.get(device_of(wp)?).map_err(ort_err)?;
                 self.state
                     .insert(MatMulState::new(fk, n * k, self.x_scale).map_err(ort_err)?)
             }

@@ -201,29 +201,48 @@ pub(crate) fn norm_node(ctx: &ComputeContext, op: &str) -> ort::Result<NormNode>
     })
 }
 
-/// The fused fp16 kernels of each GPU, made on first use.
-fn fused(ordinal: usize) -> Result<Arc<FusedKernels>, GpuError> {
-    static ALL: OnceLock<Mutex<HashMap<usize, Arc<FusedKernels>>>> = OnceLock::new();
-    let mut all = ALL
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(k) = all.get(&ordinal) {
-        return Ok(k.clone());
-    }
-    let k = Arc::new(FusedKernels::new(ordinal)?);
-    all.insert(ordinal, k.clone());
-    Ok(k)
+/// One set of kernels `K` per GPU, made on first use by `make` (NVRTC compiles them) and kept for
+/// the process: the fused fp16 kernels here, the fp8 kernels in `fp8`.
+pub(crate) struct PerGpu<K> {
+    all: OnceLock<Mutex<HashMap<usize, Arc<K>>>>,
+    make: fn(usize) -> Result<K, GpuError>,
 }
 
-/// The fused kernels of the GPU that `ptr` is on, looked up at an operator's first run and kept in
-/// `fk` (a run being captured into a CUDA graph makes no lookups).
-fn fused_at(fk: &mut Option<Arc<FusedKernels>>, ptr: u64) -> ort::Result<&Arc<FusedKernels>> {
-    match fk {
-        Some(k) => Ok(k),
-        None => Ok(fk.insert(fused(device_of(ptr)?).map_err(ort_err)?)),
+impl<K> PerGpu<K> {
+    pub(crate) const fn new(make: fn(usize) -> Result<K, GpuError>) -> Self {
+        PerGpu {
+            all: OnceLock::new(),
+            make,
+        }
+    }
+
+    /// GPU `ordinal`'s kernels.
+    pub(crate) fn get(&self, ordinal: usize) -> Result<Arc<K>, GpuError> {
+        let mut all = self
+            .all
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = all.get(&ordinal) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new((self.make)(ordinal)?);
+        all.insert(ordinal, k.clone());
+        Ok(k)
+    }
+
+    /// The kernels of the GPU that `ptr` is on, looked up at an operator's first run and kept in
+    /// `slot` (a run being captured into a CUDA graph makes no lookups).
+    pub(crate) fn at<'a>(&self, slot: &'a mut Option<Arc<K>>, ptr: u64) -> ort::Result<&'a Arc<K>> {
+        match slot {
+            Some(k) => Ok(k),
+            None => Ok(slot.insert(self.get(device_of(ptr)?).map_err(ort_err)?)),
+        }
     }
 }
+
+/// The fused fp16 kernels of each GPU.
+static FUSED: PerGpu<FusedKernels> = PerGpu::new(FusedKernels::new);
 
 /// `katz.BiasSplitGelu`: `Y = BiasSplitGelu(X, bias)` by ONNX Runtime's `com.microsoft`
 /// operator computes it (X fp16 `[.., 2h]`, bias fp16 `[2h]`, Y fp16 `[.., h]`: `(X_l + b_l) ·
@@ -260,7 +279,7 @@ impl Operator for BiasSplitGelu {
             if g.rows == 0 {
                 return Ok(());
             }
-            let k = fused_at(&mut fk, g.x)?;
+            let k = FUSED.at(&mut fk, g.x)?;
             // SAFETY: ONNX Runtime's buffers: rows·2h and 2h fp16 values in, rows·h out, on its stream
             unsafe { k.geglu(stream, g.x, g.bias, g.rows, g.h, g.y) }.map_err(ort_err)
         }))
@@ -304,7 +323,7 @@ impl Operator for LayerNorm {
             if n.rows == 0 {
                 return Ok(());
             }
-            let k = fused_at(&mut fk, n.x)?;
+            let k = FUSED.at(&mut fk, n.x)?;
             let args = NormArgs {
                 x: n.x,
                 skip: n.skip,

@@ -801,6 +801,40 @@ fp8_unfused() {  # $S/base-unfused: the SDXL bundle (hard links) with its fp8 gr
   python3 tools/fp8_rewrite.py --no-fuse "$u" | tail -2
 }
 
+same_jobs() {  # name, variant, loops, jobs: each job from $S/base and $S/<variant> (katz generate on the CUDA-graph
+  # and/or bound loop; job 0 plain, 1 with a LoRA, 2 with the bundle's ControlNet, $S/base-controlnet<suffix>),
+  # then relative difference and SSIM of each pair → $O/<name>-deviation.json
+  local name=$1 v=$2 g i b extra
+  for g in $3; do
+    for i in $4; do
+      for b in base "$v"; do
+        extra=()
+        (( i == 1 )) && extra=(--lora "$S/loras/lora0.safetensors:1.0")
+        (( i == 2 )) && extra=(--controlnet "$S/${b/base/base-controlnet}=bundles/examples/edges-128.png")
+        /opt/kb/katz generate --device cuda:0 --bundle "$S/$b" --prompt "a red cube on a blue sphere, $i" --seed "$i" \
+          --size "${SIZE:-1024}x${SIZE:-1024}" --steps "${STEPS:-50}" "${extra[@]}" $([[ $g == bound ]] && echo --cuda-graph false) \
+          --output "$O/$name-$g-$i-$b.png" 2>&1 | grep -vE " WARN |^\s*$" | tail -1
+      done
+    done
+  done
+  python3 - "$O" "$name" "$v" <<'EOF2'
+import json, os, sys
+sys.path.insert(0, "tools")
+from quality_report import read, rel_diff, ssim
+o, name, v = sys.argv[1:4]
+rows = []
+for g in ("graph", "bound"):
+    for i in range(3):
+        if not os.path.exists(f"{o}/{name}-{g}-{i}-{v}.png"):
+            continue
+        a, b = read(f"{o}/{name}-{g}-{i}-base.png"), read(f"{o}/{name}-{g}-{i}-{v}.png")
+        rows.append({"path": g, "job": i, "loras": int(i == 1), "controlnets": int(i == 2),
+                     "rel_diff": rel_diff(b, a), "ssim": ssim(b, a)})
+        print(f"  {g}, job {i}: {v} vs base relative difference {rows[-1]['rel_diff']:.5f}, SSIM {rows[-1]['ssim']:.5f}")
+json.dump(rows, open(f"{o}/{name}-deviation.json", "w"), indent=1)
+EOF2
+}
+
 prelude_bundle() {  # $S/base-prelude: the SDXL bundle (hard links) with its UNet pair hoisted, fp8 graphs made again
   local u=$S/base-prelude
   [[ -f $u/unet_prelude.onnx ]] && return 0
@@ -827,31 +861,7 @@ prelude() {  # the UNet prelude against the whole pair, GPU 0 (see the header)
     done
   done
   echo "== the same jobs from both bundles (katz generate, ${SIZE:-1024}², ${STEPS:-50} steps; a LoRA switches the weights)"
-  local i l g
-  for g in graph bound; do
-    for i in ${PRELUDE_JOBS:-0 1}; do
-      l=(); (( i == 1 )) && l=(--lora "$S/loras/lora0.safetensors:1.0")
-      for b in base base-prelude; do
-        /opt/kb/katz generate --device cuda:0 --bundle "$S/$b" --prompt "a red cube on a blue sphere, $i" --seed "$i" \
-          --size "${SIZE:-1024}x${SIZE:-1024}" --steps "${STEPS:-50}" "${l[@]}" $([[ $g == bound ]] && echo --cuda-graph false) \
-          --output "$O/prelude-$g-$i-$b.png" 2>&1 | grep -vE " WARN |^\s*$" | tail -1
-      done
-    done
-  done
-  python3 - "$O" <<'EOF2'
-import json, os, sys
-sys.path.insert(0, "tools")
-from quality_report import read, rel_diff, ssim
-o, rows = sys.argv[1], []
-for g in ("graph", "bound"):
-    for i in range(2):
-        if not os.path.exists(f"{o}/prelude-{g}-{i}-base-prelude.png"):
-            continue
-        a, b = read(f"{o}/prelude-{g}-{i}-base.png"), read(f"{o}/prelude-{g}-{i}-base-prelude.png")
-        rows.append({"path": g, "job": i, "loras": i, "rel_diff": rel_diff(b, a), "ssim": ssim(b, a)})
-        print(f"  {g}, job {i} ({i} LoRAs): prelude vs whole relative difference {rows[-1]['rel_diff']:.5f}, SSIM {rows[-1]['ssim']:.5f}")
-json.dump(rows, open(f"{o}/prelude-deviation.json", "w"), indent=1)
-EOF2
+  same_jobs prelude base-prelude "graph bound" "${PRELUDE_JOBS:-0 1}"
 }
 
 rewritten() {  # $2: bundle $1 (hard links) with its step graphs rewritten (tools/step_rewrite.py)
@@ -876,33 +886,7 @@ rewrite() {  # the step rewrite against ONNX Runtime's graphs, GPU 0 (see the he
     done
   done
   echo "== the same jobs from both (katz generate, ${SIZE:-1024}², ${STEPS:-50} steps; job 1 with a LoRA, job 2 with a ControlNet)"
-  local i g extra
-  for g in ${REWRITE_PATHS:-graph bound}; do
-    for i in ${REWRITE_JOBS:-0 1 2}; do
-      for b in base base-rewrite; do
-        extra=()
-        (( i == 1 )) && extra=(--lora "$S/loras/lora0.safetensors:1.0")
-        (( i == 2 )) && extra=(--controlnet "$S/${b/base/base-controlnet}=bundles/examples/edges-128.png")
-        /opt/kb/katz generate --device cuda:0 --bundle "$S/$b" --prompt "a red cube on a blue sphere, $i" --seed "$i" \
-          --size "${SIZE:-1024}x${SIZE:-1024}" --steps "${STEPS:-50}" "${extra[@]}" $([[ $g == bound ]] && echo --cuda-graph false) \
-          --output "$O/rewrite-$g-$i-$b.png" 2>&1 | grep -vE " WARN |^\s*$" | tail -1
-      done
-    done
-  done
-  python3 - "$O" <<'EOF2'
-import json, os, sys
-sys.path.insert(0, "tools")
-from quality_report import read, rel_diff, ssim
-o, rows = sys.argv[1], []
-for g in ("graph", "bound"):
-    for i in range(3):
-        if not os.path.exists(f"{o}/rewrite-{g}-{i}-base-rewrite.png"):
-            continue
-        a, b = read(f"{o}/rewrite-{g}-{i}-base.png"), read(f"{o}/rewrite-{g}-{i}-base-rewrite.png")
-        rows.append({"path": g, "job": i, "rel_diff": rel_diff(b, a), "ssim": ssim(b, a)})
-        print(f"  {g}, job {i}: rewritten vs ONNX Runtime's graphs relative difference {rows[-1]['rel_diff']:.5f}, SSIM {rows[-1]['ssim']:.5f}")
-json.dump(rows, open(f"{o}/rewrite-deviation.json", "w"), indent=1)
-EOF2
+  same_jobs rewrite base-rewrite "${REWRITE_PATHS:-graph bound}" "${REWRITE_JOBS:-0 1 2}"
 }
 
 fp8() {  # fp8 GEMMs against fp16 in one sitting, GPU 0 (see the header)

@@ -24,7 +24,7 @@ use cudarc::cublaslt::{result as lt, sys as ltsys};
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice};
 
-use super::{ptx_for, GpuError};
+use super::{arg, launch_layer_norm, ptx_for, GpuError};
 
 /// The CUDA C of the fp8 kernels.
 pub(super) const SOURCE: &str = concat!(include_str!("half.cu"), include_str!("fp8.cu"));
@@ -67,11 +67,6 @@ impl Drop for Fp8Kernels {
         // SAFETY: made by create_handle, destroyed once
         let _ = unsafe { lt::destroy_handle(self.handle) };
     }
-}
-
-/// A kernel argument as the driver takes it: the address of its value.
-fn arg<T>(v: &mut T) -> *mut c_void {
-    v as *mut T as *mut c_void
 }
 
 /// Launches `f` on the raw `stream` over `items` (256 threads a block, grid-stride loops, at most
@@ -250,21 +245,8 @@ impl Fp8Kernels {
     /// As [`Fp8Kernels::quantize_weight`]; the buffers of `ln` hold `rows · width` values (x, skip,
     /// sum; x8 bytes) or `width` (bias, gamma, beta).
     pub unsafe fn layer_norm(&self, stream: CUstream, ln: &LayerNormArgs) -> Result<(), GpuError> {
-        let w = ln.width;
-        if w == 0 || !w.is_multiple_of(8) || w > 8 * 1024 {
-            return Err(GpuError::Shape(format!(
-                "fp8 layer norm of width {w}: not a positive multiple of 8 up to 8192"
-            )));
-        }
-        if ln.rows > i32::MAX as usize {
-            return Err(GpuError::Shape(format!("fp8 layer norm of {} rows", ln.rows)));
-        }
-        if ln.rows == 0 {
-            return Ok(());
-        }
-        let threads = (w / 8).div_ceil(32) * 32;
         let (mut px, mut ps, mut pb, mut pg, mut pbeta) = (ln.x, ln.skip, ln.bias, ln.gamma, ln.beta);
-        let (mut ld, mut eps, mut inv) = (w as u32, ln.epsilon, 1.0f32 / ln.scale);
+        let (mut ld, mut eps, mut inv) = (ln.width as u32, ln.epsilon, 1.0f32 / ln.scale);
         let (mut po, mut psum) = (ln.x8, ln.sum);
         let args = &mut [
             arg(&mut px),
@@ -278,15 +260,14 @@ impl Fp8Kernels {
             arg(&mut po),
             arg(&mut psum),
         ];
-        cudarc::driver::result::launch_kernel(
-            self.layer_norm.cu_function(),
-            (ln.rows as u32, 1, 1),
-            (threads as u32, 1, 1),
-            0,
+        launch_layer_norm(
+            &self.layer_norm,
+            "fp8 layer norm",
+            ln.rows,
+            ln.width,
             stream,
             args,
-        )?;
-        Ok(())
+        )
     }
 
     /// The workspace of `stream`, made on its first GEMM (not while a graph is captured: the

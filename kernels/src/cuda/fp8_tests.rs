@@ -3,7 +3,7 @@
 use super::*;
 use crate::{
     rel_err,
-    testutil::{half_values, layer_norm_ref, random},
+    testutil::{layer_norm_ref, norm_inputs, random},
 };
 use cudarc::driver::{CudaStream, DevicePtr};
 
@@ -108,12 +108,7 @@ fn fp8_layer_norm_is_skip_layer_norm_then_quantize() {
         (17, 640, true, false),
         (9, 200, false, false),
     ] {
-        let (x, sk, bi) = (
-            half_values(rows * w, 41, 3.0, 0.5),
-            half_values(rows * w, 42, 2.0, 0.0),
-            half_values(w, 43, 1.0, 0.0),
-        );
-        let (ga, be) = (half_values(w, 44, 0.5, 1.0), half_values(w, 45, 0.2, 0.0));
+        let (x, sk, bi, ga, be) = norm_inputs(rows, w, 41);
         let (sum, normed) = layer_norm_ref(&x, skip.then_some(&sk[..]), bias.then_some(&bi[..]), &ga, &be, w);
         let amax = normed.iter().map(|&b| f(b).abs()).fold(0.0, f64::max) as f32;
         let scale = amax / E4M3_MAX;

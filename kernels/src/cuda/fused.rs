@@ -17,7 +17,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaContext, CudaFunction};
 
-use super::{ptx_for, GpuError};
+use super::{arg, launch_layer_norm, ptx_for, GpuError};
 
 /// The CUDA C of the fused fp16 kernels.
 const SOURCE: &str = concat!(include_str!("half.cu"), include_str!("fused.cu"));
@@ -129,23 +129,12 @@ impl FusedKernels {
     /// As [`FusedKernels::geglu`]; the buffers of `n` hold `rows · width` values (x, skip, y, sum)
     /// or `width` (bias, gamma, beta).
     pub unsafe fn layer_norm(&self, stream: CUstream, n: &NormArgs) -> Result<(), GpuError> {
-        let w = n.width;
-        if w == 0 || !w.is_multiple_of(8) || w > 8 * 1024 || n.rows > i32::MAX as usize {
-            return Err(GpuError::Shape(format!(
-                "layer norm of {} rows of width {w}: the width must be a positive multiple of 8 up to 8192",
-                n.rows
-            )));
-        }
         let all = n.x | n.skip | n.bias | n.gamma | n.beta | n.y | n.sum;
         if !all.is_multiple_of(16) {
             return Err(GpuError::Shape("layer norm buffers not 16-byte aligned".into()));
         }
-        if n.rows == 0 {
-            return Ok(());
-        }
-        let threads = (w / 8).div_ceil(32) * 32;
         let (mut px, mut ps, mut pb, mut pg, mut pbeta) = (n.x, n.skip, n.bias, n.gamma, n.beta);
-        let (mut ld, mut eps, mut py, mut psum) = (w as u32, n.epsilon, n.y, n.sum);
+        let (mut ld, mut eps, mut py, mut psum) = (n.width as u32, n.epsilon, n.y, n.sum);
         let args: &mut [*mut c_void] = &mut [
             arg(&mut px),
             arg(&mut ps),
@@ -157,21 +146,8 @@ impl FusedKernels {
             arg(&mut py),
             arg(&mut psum),
         ];
-        cudarc::driver::result::launch_kernel(
-            self.layer_norm.cu_function(),
-            (n.rows as u32, 1, 1),
-            (threads as u32, 1, 1),
-            0,
-            stream,
-            args,
-        )?;
-        Ok(())
+        launch_layer_norm(&self.layer_norm, "layer norm", n.rows, n.width, stream, args)
     }
-}
-
-/// A kernel argument as the driver takes it: the address of its value.
-fn arg<T>(v: &mut T) -> *mut c_void {
-    v as *mut T as *mut c_void
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The fused fp16 kernels (fused.rs) against their ONNX Runtime twins computed here (`#[ignore]`d:
 //! they need a GPU, `tools/device/gpu-tests.sh`).
 use super::*;
-use crate::testutil::{half_values, layer_norm_ref, random};
+use crate::testutil::{layer_norm_ref, norm_inputs, random};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 #[test]
@@ -78,12 +78,7 @@ fn layer_norm_is_the_bias_add_then_layer_norm() {
         (17, 640, true, true),
         (9, 200, false, false),
     ] {
-        let (x, sk, bi) = (
-            half_values(rows * w, 51, 3.0, 0.5),
-            half_values(rows * w, 52, 2.0, 0.0),
-            half_values(w, 53, 1.0, 0.0),
-        );
-        let (ga, be) = (half_values(w, 54, 0.5, 1.0), half_values(w, 55, 0.2, 0.0));
+        let (x, sk, bi, ga, be) = norm_inputs(rows, w, 51);
         let (sum, want) = layer_norm_ref(&x, skip.then_some(&sk[..]), bias.then_some(&bi[..]), &ga, &be, w);
         let up = |v: &[u16]| s.clone_htod(v).unwrap();
         let (dx, dsk, dbi, dga, dbe) = (up(&x), up(&sk), up(&bi), up(&ga), up(&be));

@@ -174,6 +174,45 @@ fn ptx_for(
     Ok(cudarc::nvrtc::Ptx::from_src(src))
 }
 
+/// A kernel argument as the driver takes it: the address of its value.
+pub(crate) fn arg<T>(v: &mut T) -> *mut std::ffi::c_void {
+    v as *mut T as *mut std::ffi::c_void
+}
+
+/// Launches a layer norm kernel of half.cu (`layer_norm_row`: one block per row of `width` fp16
+/// values, 8 a thread) on the raw `stream`, after checking the shape it takes: a width that is a
+/// positive multiple of 8 up to 8192, at most 2^31 - 1 rows. `what` names it in the error.
+///
+/// # Safety
+/// `args` match `f`'s parameters; the memory they name stays valid until `stream` has run it.
+pub(crate) unsafe fn launch_layer_norm(
+    f: &CudaFunction,
+    what: &str,
+    rows: usize,
+    width: usize,
+    stream: cudarc::driver::sys::CUstream,
+    args: &mut [*mut std::ffi::c_void],
+) -> Result<(), GpuError> {
+    if width == 0 || !width.is_multiple_of(8) || width > 8 * 1024 || rows > i32::MAX as usize {
+        return Err(GpuError::Shape(format!(
+            "{what} of {rows} rows of width {width}: the width must be a positive multiple of 8 up to 8192"
+        )));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let threads = (width / 8).div_ceil(32) * 32;
+    cudarc::driver::result::launch_kernel(
+        f.cu_function(),
+        (rows as u32, 1, 1),
+        (threads as u32, 1, 1),
+        0,
+        stream,
+        args,
+    )?;
+    Ok(())
+}
+
 pub struct GpuKernels {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
